@@ -1,0 +1,76 @@
+"""The backend interface and the name registry.
+
+A backend answers capability questions (`supports`, like ggml's supports_op) and turns a slice plus its
+weights into a `Runner`. Runners are called with the named inputs of slices/spec.py and return the named
+outputs. Heavy runtimes (onnxruntime, rknnlite) are imported inside their own module, only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from exo_rknpu.errors import BackendUnavailableError, UnsupportedSliceError
+from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.slices.spec import Buckets, SliceSpec
+
+
+class Runner(Protocol):
+    """A prepared slice."""
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs as named in slices/spec.py (float32, token ids int64), shapes from one bucket."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Something that can run slices."""
+
+    name: str
+    static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
+
+    def supports(self, spec: SliceSpec) -> bool:
+        """Can this backend run this slice at all?"""
+        ...
+
+    def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> Runner:
+        """Build (or load) what runs `spec` for every bucket in `buckets`."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    module: str
+    cls: str
+    summary: str
+
+
+# name -> where it lives; imported on demand so `import exo_rknpu` never needs a runtime.
+BACKENDS: dict[str, BackendInfo] = {
+    "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (float32)"),
+    "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (float32)"),
+    "npu": BackendInfo("npu", "exo_rknpu.backends.npu", "NpuBackend", "RK3588 NPU via rknn-toolkit-lite2 (board only)"),
+}
+
+
+def get_backend(name: str, **options) -> Backend:
+    """Instantiate a backend by name; unknown names list the known ones."""
+    info = BACKENDS.get(name)
+    if info is None:
+        raise BackendUnavailableError(f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}")
+    try:
+        module = importlib.import_module(info.module)
+    except ImportError as e:
+        raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {e}") from e
+    return getattr(module, info.cls)(**options)
+
+
+def require_support(backend: Backend, spec: SliceSpec) -> None:
+    if not backend.supports(spec):
+        raise UnsupportedSliceError(f"backend {backend.name!r} does not support slice {spec.name!r}")

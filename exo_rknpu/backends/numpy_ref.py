@@ -1,0 +1,32 @@
+"""The numpy backend: evaluates slices/graph.py eagerly. Slow, readable, the oracle for every other backend."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.slices.graph import NumpyOps, run_slice
+from exo_rknpu.slices.spec import Buckets, SliceSpec
+
+
+class NumpyRunner:
+    def __init__(self, spec: SliceSpec, weights: ShardWeights) -> None:
+        self.spec, self.weights, self.ops = spec, weights, NumpyOps()
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = run_slice(self.ops, self.spec, self.weights, inputs)
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+    def close(self) -> None:
+        pass
+
+
+class NumpyBackend:
+    name = "numpy"
+    static_shapes = False
+
+    def supports(self, spec: SliceSpec) -> bool:
+        return spec.blocks == ("attn", "mlp")
+
+    def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NumpyRunner:
+        return NumpyRunner(spec, weights)

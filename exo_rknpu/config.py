@@ -1,0 +1,43 @@
+"""Settings. This is the only module that reads environment variables, and only when asked."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_home() -> Path:
+    """Root of the user cache: models, compiled slices, the toolkit environment.
+
+    EXO_RKNPU_HOME overrides it; otherwise $XDG_CACHE_HOME/exo-rknpu or ~/.cache/exo-rknpu.
+    """
+    env = os.environ.get("EXO_RKNPU_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "exo-rknpu"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where things live under the cache home."""
+
+    home: Path
+
+    @classmethod
+    def from_env(cls) -> "Paths":
+        return cls(default_home())
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def compiled(self) -> Path:
+        return self.home / "compiled"
+
+    @property
+    def toolkit(self) -> Path:
+        return self.home / "toolkit"

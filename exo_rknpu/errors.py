@@ -1,0 +1,49 @@
+"""Exception types. Each message says what is wrong and, where there is one, what to run."""
+
+
+class ExoRknpuError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class UnsupportedModelError(ExoRknpuError, ValueError):
+    """The model's architecture (or a feature of it) is not supported."""
+
+
+class UnknownModelError(ExoRknpuError, ValueError):
+    """A model name is neither a path nor a known alias."""
+
+
+class WeightsError(ExoRknpuError, ValueError):
+    """A weights file is missing, corrupt, truncated or lacks a tensor."""
+
+
+class LayerRangeError(ExoRknpuError, ValueError):
+    """A layer range is empty or lies outside the model."""
+
+
+class TensorContractError(ExoRknpuError, ValueError):
+    """An input tensor has the wrong kind, rank, width or dtype for this shard."""
+
+
+class ContextOverflowError(ExoRknpuError, ValueError):
+    """A request would grow past the largest context bucket."""
+
+
+class BackendUnavailableError(ExoRknpuError, RuntimeError):
+    """A backend cannot run here (missing runtime, wrong machine, missing driver)."""
+
+
+class UnsupportedSliceError(ExoRknpuError, ValueError):
+    """A backend was asked to run a slice it does not support."""
+
+
+class ToolkitMissingError(ExoRknpuError, RuntimeError):
+    """The rknn-toolkit2 environment is missing or broken."""
+
+
+class ArtifactError(ExoRknpuError, ValueError):
+    """A compiled artefact or manifest is missing, corrupt, or does not match the model/platform."""
+
+
+class CompileError(ExoRknpuError, RuntimeError):
+    """The RKNN compiler failed, or a compiled slice failed verification."""

@@ -1,0 +1,1 @@
+"""Model layer: configs, layer ranges, partial weight loading, tokenizers. numpy + stdlib only."""

@@ -1,0 +1,352 @@
+"""Hugging Face folder reader: config.json -> ModelArgs, safetensors -> ShardWeights for one layer range.
+
+Only the safetensors files that hold tensors of the requested range are opened, and tensors are
+read one at a time, so a node holding layers 10-19 never touches the bytes of layers 0-9.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from exo_rknpu.errors import UnsupportedModelError, WeightsError
+from exo_rknpu.model import registry
+from exo_rknpu.model.base import LayerRange, ModelArgs, RopeScaling
+from exo_rknpu.model.weights import LayerWeights, ShardWeights
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object; WeightsError naming the file if it is missing or malformed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"{path} not found: a Hugging Face model folder needs it") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} should hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of an HF model folder, as a dict."""
+    return read_json(Path(folder) / "config.json")
+
+
+def _first_id(value: Any) -> int | None:
+    """eos_token_id may be an int or a list of ints (llama3, qwen2 generation configs): take the first."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def all_ids(value: Any) -> list[int]:
+    """Every id of an int-or-list token id field."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [] if value is None else [int(value)]
+
+
+def _rope_settings(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and llama3 scaling from either the transformers-4 or transformers-5 config layout.
+
+    transformers 5 writes `rope_parameters: {rope_type, rope_theta, ...}` and drops top-level rope_theta;
+    transformers 4 writes top-level `rope_theta` plus an optional `rope_scaling` dict.
+    """
+    params: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        block = cfg.get(key)
+        if isinstance(block, Mapping):
+            params.update(block)
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise UnsupportedModelError(
+            f"rope scaling type {rope_type!r} is not supported; supported: plain RoPE and 'llama3'"
+        )
+    try:
+        scaling = RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise UnsupportedModelError(f"llama3 rope scaling lacks {e.args[0]!r} in config.json") from None
+    return float(theta), scaling
+
+
+def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
+    """Normalise an HF config dict into ModelArgs (llama / qwen2 families)."""
+    family = registry.canonical_family(cfg.get("model_type"), cfg)
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        layers = int(cfg["num_hidden_layers"])
+        ffn = int(cfg["intermediate_size"])
+        vocab = int(cfg["vocab_size"])
+    except KeyError as e:
+        raise WeightsError(f"config.json lacks {e.args[0]!r}") from None
+    theta, scaling = _rope_settings(cfg)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    # qwen2 always has q/k/v biases; llama has them only when attention_bias says so.
+    bias = registry.has_attention_bias(family) or bool(cfg.get("attention_bias", False))
+    return ModelArgs(
+        architecture=family,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+        vocab_size=vocab,
+        head_dim=int(head_dim),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bias,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        bos_token_id=_first_id(cfg.get("bos_token_id")),
+        eos_token_id=_first_id(cfg.get("eos_token_id")),
+    )
+
+
+def load_hf_args(folder: Path) -> ModelArgs:
+    """ModelArgs of an HF model folder."""
+    return args_from_config(read_config(Path(folder)))
+
+
+# --------------------------------------------------------------------------- tensor location
+
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """tensor name -> file name (relative to folder), from the index or the single file's header."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.exists():
+        wm = read_json(index).get("weight_map")
+        if not isinstance(wm, dict):
+            raise WeightsError(f"{index} has no 'weight_map' object")
+        return {str(k): str(v) for k, v in wm.items()}
+    single = folder / SINGLE_FILE
+    if not single.exists():
+        raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}: is this a Hugging Face model folder?")
+    _, header = read_header(single)
+    return {name: SINGLE_FILE for name in header if name != "__metadata__"}
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, header dict) of a safetensors file, parsed by hand (8-byte LE length + JSON)."""
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise WeightsError(f"{path} is truncated or not a safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > 100_000_000:
+                raise WeightsError(f"{path} is corrupt or not a safetensors file (header length {n})")
+            raw = f.read(n)
+        if len(raw) != n:
+            raise WeightsError(f"{path} is truncated (header cut short)")
+        header = json.loads(raw)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {path} is missing; re-download the model") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path} is corrupt or not a safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is corrupt: header is not a JSON object")
+    return 8 + n, header
+
+
+# --------------------------------------------------------------------------- dtype widening
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32: bf16 is the top half of an fp32 word."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _read_raw_bf16(path: Path, header_len: int, info: Mapping[str, Any]) -> np.ndarray:
+    """Read one BF16 tensor's bytes straight from the file (numpy has no bfloat16) and widen it."""
+    begin, end = info["data_offsets"]
+    shape = tuple(int(d) for d in info["shape"])
+    with open(path, "rb") as f:
+        f.seek(header_len + begin)
+        buf = f.read(end - begin)
+    if len(buf) != end - begin or len(buf) != 2 * int(np.prod(shape, dtype=np.int64)):
+        raise WeightsError(f"{path} is truncated or corrupt (tensor bytes do not match its shape)")
+    return bf16_to_f32(np.frombuffer(buf, dtype="<u2")).reshape(shape)
+
+
+class _SafetensorsFile:
+    """One open safetensors file; yields float32 tensors one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header_len, self.header = read_header(path)
+        try:
+            self._cm = safe_open(str(path), "numpy")
+            self._f = self._cm.__enter__()
+        except SafetensorError as e:
+            raise WeightsError(f"{path} is corrupt or truncated: {e}; re-download the model") from None
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header.get(name)
+        if info is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        try:
+            if info.get("dtype") == "BF16":
+                return _read_raw_bf16(self.path, self.header_len, info)
+            a = self._f.get_tensor(name)
+        except SafetensorError as e:
+            raise WeightsError(f"cannot read {name!r} from {self.path}: {e}") from None
+        if a.dtype != np.float32:
+            if not np.issubdtype(a.dtype, np.floating):
+                raise WeightsError(f"tensor {name!r} in {self.path} has dtype {a.dtype}; expected a float type")
+            a = a.astype(np.float32)
+        return a
+
+
+class TensorSource:
+    """Opens the files of an HF folder lazily, once each, and remembers which ones it opened."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.map = weight_map(self.folder)
+        self.opened: dict[str, _SafetensorsFile] = {}
+
+    def __enter__(self) -> "TensorSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.opened.values():
+            f.close()
+        self.opened.clear()
+
+    def has(self, name: str) -> bool:
+        return name in self.map
+
+    def get(self, name: str) -> np.ndarray:
+        fname = self.map.get(name)
+        if fname is None:
+            where = INDEX_FILE if (self.folder / INDEX_FILE).exists() else SINGLE_FILE
+            raise WeightsError(f"tensor {name!r} is missing from {self.folder / where}")
+        f = self.opened.get(fname)
+        if f is None:
+            f = self.opened[fname] = _SafetensorsFile(self.folder / fname)
+        return f.get(name)
+
+
+# --------------------------------------------------------------------------- shard loading
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """LayerWeights field -> shape, in HF [out, in] layout."""
+    h, f, hd = args.hidden_size, args.intermediate_size, args.head_dim
+    q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    return {
+        "input_norm": (h,),
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "post_norm": (h,),
+        "gate_proj": (f, h),
+        "up_proj": (f, h),
+        "down_proj": (h, f),
+        "q_bias": (q,),
+        "k_bias": (kv,),
+        "v_bias": (kv,),
+    }
+
+
+def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...], where: object) -> np.ndarray:
+    """Raise WeightsError if a tensor's shape disagrees with the config."""
+    if tuple(a.shape) != tuple(shape):
+        raise WeightsError(
+            f"tensor {name!r} in {where} has shape {tuple(a.shape)}, but the config implies {tuple(shape)}"
+        )
+    return a
+
+
+def layer_fields(args: ModelArgs) -> list[str]:
+    """LayerWeights fields this model has (biases only with attention_bias)."""
+    fields = list(registry.HF_LAYER_TENSORS)
+    if args.attention_bias:
+        fields += list(registry.HF_BIAS_TENSORS)
+    return fields
+
+
+def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
+    """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it)."""
+    folder = Path(folder)
+    args = args or load_hf_args(folder)
+    shapes = expected_shapes(args)
+    vh = (args.vocab_size, args.hidden_size)
+    with TensorSource(folder) as src:
+        layers: dict[int, LayerWeights] = {}
+        for i in layer_range.layers:
+            kw = {}
+            for field in layer_fields(args):
+                name = registry.hf_layer_name(i, field)
+                kw[field] = check_shape(name, src.get(name), shapes[field], folder)
+            layers[i] = LayerWeights(**kw)
+        embed = norm = head = None
+        if layer_range.is_first:
+            embed = check_shape(registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder)
+        if layer_range.is_last:
+            norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
+            if args.tie_word_embeddings:
+                # Tied: the head *is* the embedding; never keep two copies.
+                head = embed if embed is not None else check_shape(
+                    registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder
+                )
+            else:
+                head = check_shape(registry.HF_HEAD, src.get(registry.HF_HEAD), vh, folder)
+    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+                        final_norm=norm, lm_head=head)
+
+
+def source_digest(folder: Path) -> bytes:
+    """Cheap identity of the weights: the tensor table (names, dtypes, shapes, offsets) of a single file,
+    or the index's weight_map for sharded checkpoints (so no file outside a range is opened).
+    Does not hash tensor bytes; use LayerWeights.digest() for content identity."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    index = folder / INDEX_FILE
+    if index.exists():
+        h.update(b"index:")
+        h.update(json.dumps(weight_map(folder), sort_keys=True).encode())
+    else:
+        _, header = read_header(folder / SINGLE_FILE)
+        header.pop("__metadata__", None)
+        h.update(b"single:")
+        h.update(json.dumps(header, sort_keys=True).encode())
+    return h.digest()
+
+
+def files_for(folder: Path, names: Iterable[str]) -> set[str]:
+    """Which files hold the given tensors (helper for tests and diagnostics)."""
+    wm = weight_map(folder)
+    return {wm[n] for n in names if n in wm}

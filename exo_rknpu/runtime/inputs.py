@@ -1,0 +1,28 @@
+"""Building the per-call inputs of layer slices: rotary tables and the attention mask."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.rope import cos_sin
+from exo_rknpu.slices.spec import MASK_VALUE
+
+
+def attention_mask(seq: int, real: int, ctx: int, n_past: int) -> np.ndarray:
+    """Additive mask [1,1,seq,ctx+seq]: row i sees cached positions < n_past and new positions <= i.
+
+    Padded rows (i >= real) follow the same causal rule; their outputs are discarded.
+    """
+    m = np.full((seq, ctx + seq), MASK_VALUE, np.float32)
+    m[:, :n_past] = 0.0
+    causal = np.tril(np.ones((seq, seq), bool))
+    m[:, ctx:][causal] = 0.0
+    return m[None, None]
+
+
+def layer_inputs(args: ModelArgs, hidden: np.ndarray, real: int, n_past: int, ctx: int) -> dict[str, np.ndarray]:
+    """Everything but the cache for a chunk of `hidden` [1,S,H] whose first `real` rows are tokens at n_past..."""
+    seq = hidden.shape[1]
+    cos, sin = cos_sin(args, np.arange(n_past, n_past + seq))
+    return {"hidden": hidden, "cos": cos, "sin": sin, "mask": attention_mask(seq, real, ctx, n_past)}

@@ -1,0 +1,187 @@
+"""Run one shard (a layer range) of a model: embed on the first shard, layer slices, head on the last.
+
+This is the only place that knows how a call is cut into bucket-shaped chunks and how the KV cache moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+
+from exo_rknpu.backends.base import Backend, Runner, require_support
+from exo_rknpu.errors import TensorContractError
+from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.runtime.cache import KVCache
+from exo_rknpu.runtime.inputs import layer_inputs
+from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
+from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices
+
+log = logging.getLogger(__name__)
+
+SliceObserver = Callable[[SliceSpec, dict[str, np.ndarray], dict[str, np.ndarray]], None]
+HIDDEN_DTYPES = (np.float16, np.float32)
+
+
+@dataclass
+class ShardStats:
+    """Cumulative time per slice name (seconds) and call counts: what `bench` reports."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, dt: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+
+class ShardRunner:
+    """Layers [start, stop) of a model on a backend, with per-request KV caches.
+
+    `backends` maps slice names to backends; `placement` resolution happens before this (runtime/placement.py),
+    so a single backend for every slice is just {name: backend for each slice}.
+    """
+
+    def __init__(
+        self,
+        weights: ShardWeights,
+        backend: Backend | Callable[[SliceSpec], Backend],
+        buckets: Buckets = Buckets(),
+        layers_per_slice: int | None = None,
+        limits: RequestLimits = RequestLimits(),
+        on_slice: SliceObserver | None = None,
+    ) -> None:
+        self.weights, self.args, self.buckets = weights, weights.args, buckets
+        lr = weights.layer_range
+        self.layer_range = lr
+        self.specs = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
+        pick = backend if callable(backend) and not hasattr(backend, "prepare") else (lambda _s: backend)
+        self.backends: dict[str, Backend] = {s.name: pick(s) for s in self.specs}
+        self.runners: dict[str, Runner] = {}
+        try:
+            for s in self.specs:
+                require_support(self.backends[s.name], s)
+                self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
+        except BaseException:
+            self.close()
+            raise
+        self.requests = RequestStore(limits)
+        self.on_slice = on_slice
+        self.stats = ShardStats()
+
+    @property
+    def layer_specs(self) -> list[SliceSpec]:
+        return [s for s in self.specs if s.kind == "layers"]
+
+    # -- public -------------------------------------------------------------------------------
+    def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all") -> np.ndarray:
+        """Token ids [1,seq] (first shard) or hidden states [1,seq,H] -> hidden states [1,seq,H] float32, or
+        logits [1,seq,V] (last shard; [1,1,V] with logits="last"). Advances the request's position by seq.
+
+        On any error the request's position is left where it was, so a retry or the next request is unaffected.
+        """
+        x = self._check_input(x)
+        seq = x.shape[1]
+        state = self.requests.get(request_id)
+        self.buckets.context_for(state.pos + seq)  # raises ContextOverflowError before touching anything
+        start_pos = state.pos
+        try:
+            outs = []
+            done = 0
+            for real, bucket in self.buckets.chunks(seq):
+                outs.append(self._chunk(state, x[:, done : done + real], real, bucket))
+                done += real
+            out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+        except BaseException:
+            state.pos = start_pos  # cache rows past pos are never read: rolling back pos undoes the call
+            if start_pos == 0:
+                self.requests.drop(request_id)
+            raise
+        self.requests.enforce(keep=request_id)
+        if self.layer_range.is_last:
+            return self._head(out if logits == "all" else out[:, -1:])
+        return out
+
+    def drop(self, request_id: str) -> None:
+        """Forget a request's cache."""
+        self.requests.drop(request_id)
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+        self.runners.clear()
+        if hasattr(self, "requests"):
+            self.requests.clear()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        lr, a = self.layer_range, self.args
+        x = np.asarray(x)
+        if lr.is_first:
+            if not np.issubdtype(x.dtype, np.integer):
+                raise TensorContractError(
+                    f"shard {lr} is the first shard and takes token ids (integers) of shape (1, seq); "
+                    f"got {x.dtype} {x.shape}"
+                )
+            if x.ndim == 1:
+                x = x[None]
+            if x.ndim != 2 or x.shape[0] != 1 or x.shape[1] == 0:
+                raise TensorContractError(f"token ids must have shape (1, seq) with seq >= 1; got {x.shape}")
+            if x.min() < 0 or x.max() >= a.vocab_size:
+                raise TensorContractError(f"token id out of range [0, {a.vocab_size}): min {x.min()}, max {x.max()}")
+            return x.astype(np.int64)
+        if np.issubdtype(x.dtype, np.integer):
+            raise TensorContractError(
+                f"shard {lr} does not start at layer 0, so it takes hidden states (1, seq, {a.hidden_size}) "
+                f"as float16/float32, not token ids ({x.dtype} {x.shape}); token ids go to the first shard"
+            )
+        if x.dtype not in HIDDEN_DTYPES:
+            raise TensorContractError(f"hidden states must be float16 or float32; got {x.dtype} (bfloat16 is not accepted)")
+        if x.ndim != 3 or x.shape[0] != 1 or x.shape[1] == 0 or x.shape[2] != a.hidden_size:
+            raise TensorContractError(
+                f"hidden states must have shape (1, seq, {a.hidden_size}) for this model; got {x.shape}"
+            )
+        return x.astype(np.float32)  # copies: arrays from the wire are read-only
+
+    def _run(self, spec: SliceSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t = time.perf_counter()
+        outputs = self.runners[spec.name].run(inputs)
+        self.stats.add(spec.name, time.perf_counter() - t)
+        if self.on_slice is not None:
+            self.on_slice(spec, inputs, outputs)
+        return outputs
+
+    def _chunk(self, state: RequestState, x: np.ndarray, real: int, bucket: int) -> np.ndarray:
+        a = self.args
+        pad = bucket - real
+        if self.layer_range.is_first:
+            ids = np.pad(x, ((0, 0), (0, pad))) if pad else x
+            h = self._run(self.specs[0], {"token_ids": ids})["hidden"]
+        else:
+            h = np.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+        capacity = self.buckets.context_for(state.pos + real)
+        if not state.caches:
+            state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim) for s in self.layer_specs]
+        for spec, cache in zip(self.layer_specs, state.caches):
+            cache.grow(capacity)
+            inputs = layer_inputs(a, h, real, state.pos, cache.capacity)
+            inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
+            out = self._run(spec, inputs)
+            cache.write(state.pos, out["k_new"], out["v_new"], real)
+            h = out["hidden_out"]
+        state.pos += real
+        return h[:, :real]
+
+    def _head(self, h: np.ndarray) -> np.ndarray:
+        head = self.specs[-1]
+        out = []
+        for i, (real, bucket) in enumerate(self.buckets.chunks(h.shape[1])):
+            done = sum(r for r, _ in self.buckets.chunks(h.shape[1])[:i])
+            chunk = h[:, done : done + real]
+            if bucket > real:
+                chunk = np.pad(chunk, ((0, 0), (0, bucket - real), (0, 0)))
+            out.append(self._run(head, {"hidden": chunk})["logits"][:, :real])
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=1)

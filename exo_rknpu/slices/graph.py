@@ -1,0 +1,145 @@
+"""The one definition of every slice, written once against an `Ops` interface.
+
+`NumpyOps` evaluates it eagerly (the reference backend); `OnnxOps` (slices/onnx_export.py) records the same
+calls as an ONNX graph, which onnxruntime runs and the RKNN compiler turns into NPU code. Keeping a single
+definition is what makes every backend compute the same thing.
+The op pattern follows what rknn-toolkit2 fuses: Pow/ReduceMean/Add/Sqrt/Div/Mul -> exNorm,
+MatMul/Mul/Add/Softmax/MatMul -> exSDPAttention, Sigmoid*x -> exSwish, constant-B MatMul -> 1x1 Conv.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.weights import LayerWeights, ShardWeights
+from exo_rknpu.slices.spec import SliceSpec
+
+T = Any  # a numpy array (eager) or a symbolic ONNX value
+
+
+class Ops(Protocol):
+    """The operations slices are written in. Weights are numpy arrays in HF layout."""
+
+    def linear(self, x: T, w: np.ndarray, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
+    def rms_norm(self, x: T, w: np.ndarray, eps: float) -> T: ...
+    def add(self, a: T, b: T) -> T: ...
+    def mul(self, a: T, b: T) -> T: ...
+    def silu(self, x: T) -> T: ...
+    def split_heads(self, x: T, n_heads: int, head_dim: int) -> T: ...  # [1,S,n*hd] -> [1,n,S,hd]
+    def merge_heads(self, x: T, n_heads: int, head_dim: int) -> T: ...  # [1,n,S,hd] -> [1,S,n*hd]
+    def rotate_half(self, x: T, head_dim: int) -> T: ...  # cat(-x2, x1) on the last axis
+    def concat(self, xs: list[T], axis: int) -> T: ...
+    def take_layer(self, x: T, i: int) -> T: ...  # x[i:i+1] on axis 0
+    def repeat_kv(self, x: T, n_kv: int, n_rep: int, head_dim: int) -> T: ...  # [1,kv,L,hd] -> [1,kv*n_rep,L,hd]; head h uses kv h // n_rep
+    def attention(self, q: T, k: T, v: T, mask: T, scale: float) -> T: ...  # softmax(q k^T * scale + mask) v
+    def embed(self, table: np.ndarray, ids: T) -> T: ...
+
+
+def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
+    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position."""
+    return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
+
+
+def attention_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: T, mask: T, past_k: T, past_v: T) -> tuple[T, T, T]:
+    """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new) with k/v of shape [1,kv,S,hd]."""
+    hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
+    h = ops.rms_norm(x, w.input_norm, a.rms_norm_eps)
+    q = ops.split_heads(ops.linear(h, w.q_proj, w.q_bias), nh, hd)
+    k = ops.split_heads(ops.linear(h, w.k_proj, w.k_bias), nkv, hd)
+    v = ops.split_heads(ops.linear(h, w.v_proj, w.v_bias), nkv, hd)
+    q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
+    keys = ops.repeat_kv(ops.concat([past_k, k], axis=2), nkv, a.n_rep, hd)
+    values = ops.repeat_kv(ops.concat([past_v, v], axis=2), nkv, a.n_rep, hd)
+    o = ops.merge_heads(ops.attention(q, keys, values, mask, hd**-0.5), nh, hd)
+    return ops.add(x, ops.linear(o, w.o_proj)), k, v
+
+
+def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
+    """x + down(silu(gate(norm(x))) * up(norm(x)))."""
+    h = ops.rms_norm(x, w.post_norm, a.rms_norm_eps)
+    return ops.add(x, ops.linear(ops.mul(ops.silu(ops.linear(h, w.gate_proj)), ops.linear(h, w.up_proj)), w.down_proj))
+
+
+def layers_slice(ops: Ops, a: ModelArgs, ws: list[LayerWeights], hidden: T, cos: T, sin: T, mask: T, past_k: T, past_v: T) -> tuple[T, T, T]:
+    """A group of consecutive decoder layers; past_k/past_v hold one cache row per layer on axis 0."""
+    ks, vs = [], []
+    x = hidden
+    for i, w in enumerate(ws):
+        x, k, v = attention_block(ops, a, w, x, cos, sin, mask, ops.take_layer(past_k, i), ops.take_layer(past_v, i))
+        x = mlp_block(ops, a, w, x)
+        ks.append(k)
+        vs.append(v)
+    k_new = ks[0] if len(ks) == 1 else ops.concat(ks, axis=0)
+    v_new = vs[0] if len(vs) == 1 else ops.concat(vs, axis=0)
+    return x, k_new, v_new
+
+
+def head_slice(ops: Ops, a: ModelArgs, final_norm: np.ndarray, lm_head: np.ndarray, hidden: T) -> T:
+    """Final norm then logits."""
+    return ops.linear(ops.rms_norm(hidden, final_norm, a.rms_norm_eps), lm_head)
+
+
+def run_slice(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str, T]) -> dict[str, T]:
+    """Apply `spec` to named inputs with `ops`; returns named outputs (see slices/spec.py for names)."""
+    a = weights.args
+    if spec.kind == "embed":
+        assert weights.embed_tokens is not None, "embed slice needs the embedding (first shard)"
+        return {"hidden": ops.embed(weights.embed_tokens, inputs["token_ids"])}
+    if spec.kind == "head":
+        assert weights.final_norm is not None and weights.lm_head is not None, "head slice needs norm + lm_head (last shard)"
+        return {"logits": head_slice(ops, a, weights.final_norm, weights.lm_head, inputs["hidden"])}
+    if spec.blocks != ("attn", "mlp"):
+        raise NotImplementedError(f"slices of single blocks ({spec.blocks}) are not built yet")
+    ws = [weights.layers[i] for i in range(spec.start, spec.stop)]
+    x, k, v = layers_slice(ops, a, ws, *(inputs[n] for n in ("hidden", "cos", "sin", "mask", "past_k", "past_v")))
+    return {"hidden_out": x, "k_new": k, "v_new": v}
+
+
+class NumpyOps:
+    """Eager float32 numpy: the readable reference."""
+
+    def linear(self, x, w, b=None):
+        y = x @ w.T
+        return y if b is None else y + b
+
+    def rms_norm(self, x, w, eps):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w
+
+    def add(self, a, b):
+        return a + b
+
+    def mul(self, a, b):
+        return a * b
+
+    def silu(self, x):
+        return x / (np.float32(1) + np.exp(-x))
+
+    def split_heads(self, x, n_heads, head_dim):
+        return x.reshape(1, -1, n_heads, head_dim).transpose(0, 2, 1, 3)
+
+    def merge_heads(self, x, n_heads, head_dim):
+        return x.transpose(0, 2, 1, 3).reshape(1, -1, n_heads * head_dim)
+
+    def rotate_half(self, x, head_dim):
+        half = head_dim // 2
+        return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+    def concat(self, xs, axis):
+        return np.concatenate(xs, axis=axis)
+
+    def take_layer(self, x, i):
+        return x[i : i + 1]
+
+    def repeat_kv(self, x, n_kv, n_rep, head_dim):
+        return x if n_rep == 1 else np.repeat(x, n_rep, axis=1)
+
+    def attention(self, q, k, v, mask, scale):
+        s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale) + mask
+        s = np.exp(s - s.max(axis=-1, keepdims=True))
+        return (s / s.sum(axis=-1, keepdims=True)) @ v
+
+    def embed(self, table, ids):
+        return table[ids]

@@ -1,0 +1,169 @@
+"""Record a slice (slices/graph.py) as an ONNX graph, built directly with onnx.helper: no torch, no tracing.
+
+Shapes are symbolic ("S", "C") by default so one onnxruntime session serves every bucket; the compiler asks
+for concrete (seq, ctx) to get the static graphs the NPU needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.slices.graph import run_slice
+from exo_rknpu.slices.spec import SliceSpec
+
+OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and in current onnxruntime
+IR_VERSION = 8
+
+
+@dataclass
+class _Graph:
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    consts: dict[tuple, str] = field(default_factory=dict)
+    weight_names: dict[int, str] = field(default_factory=dict)
+    counter: int = 0
+
+    def fresh(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}_{self.counter}"
+
+
+class OnnxOps:
+    """Symbolic ops: each call appends nodes and returns the output value's name."""
+
+    def __init__(self, weight_dtype: np.dtype = np.dtype(np.float32)) -> None:
+        self.g = _Graph()
+        self.weight_dtype = np.dtype(weight_dtype)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.g.fresh(op.lower())
+        self.g.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def _const(self, value: np.ndarray, prefix: str = "c") -> str:
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self.g.consts:
+            name = self.g.fresh(prefix)
+            self.g.initializers.append(numpy_helper.from_array(value, name))
+            self.g.consts[key] = name
+        return self.g.consts[key]
+
+    def _weight(self, w: np.ndarray, transpose: bool = False) -> str:
+        # Same array object -> same initializer (a tied embedding/head is stored once per layout).
+        key = id(w) * 2 + int(transpose)
+        if key not in self.g.weight_names:
+            arr = np.ascontiguousarray(w.T if transpose else w, dtype=np.float32)
+            name = self.g.fresh("w")
+            self.g.initializers.append(numpy_helper.from_array(arr, name))
+            self.g.weight_names[key] = name
+        return self.g.weight_names[key]
+
+    def _shape(self, dims: list[int]) -> str:
+        return self._const(np.array(dims, dtype=np.int64), "shape")
+
+    # -- Ops ------------------------------------------------------------------------------
+    def linear(self, x, w, b=None):
+        y = self._node("MatMul", [x, self._weight(w, transpose=True)])
+        return y if b is None else self._node("Add", [y, self._weight(b)])
+
+    def rms_norm(self, x, w, eps):
+        sq = self._node("Pow", [x, self._const(np.array(2.0, np.float32))])
+        mean = self._node("ReduceMean", [sq], axes=[-1], keepdims=1)
+        rms = self._node("Sqrt", [self._node("Add", [mean, self._const(np.array(eps, np.float32))])])
+        return self._node("Mul", [self._node("Div", [x, rms]), self._weight(w)])
+
+    def add(self, a, b):
+        return self._node("Add", [a, b])
+
+    def mul(self, a, b):
+        return self._node("Mul", [a, b])
+
+    def silu(self, x):
+        return self._node("Mul", [x, self._node("Sigmoid", [x])])
+
+    def split_heads(self, x, n_heads, head_dim):
+        return self._node("Transpose", [self._node("Reshape", [x, self._shape([1, -1, n_heads, head_dim])])], perm=[0, 2, 1, 3])
+
+    def merge_heads(self, x, n_heads, head_dim):
+        t = self._node("Transpose", [x], perm=[0, 2, 1, 3])
+        return self._node("Reshape", [t, self._shape([1, -1, n_heads * head_dim])])
+
+    def rotate_half(self, x, head_dim):
+        half = head_dim // 2
+        axes = self._const(np.array([-1], np.int64))
+        x1 = self._node("Slice", [x, self._const(np.array([0], np.int64)), self._const(np.array([half], np.int64)), axes])
+        x2 = self._node("Slice", [x, self._const(np.array([half], np.int64)), self._const(np.array([head_dim], np.int64)), axes])
+        return self._node("Concat", [self._node("Neg", [x2]), x1], axis=-1)
+
+    def concat(self, xs, axis):
+        return self._node("Concat", list(xs), axis=axis)
+
+    def take_layer(self, x, i):
+        return self._node(
+            "Slice",
+            [x, self._const(np.array([i], np.int64)), self._const(np.array([i + 1], np.int64)), self._const(np.array([0], np.int64))],
+        )
+
+    def repeat_kv(self, x, n_kv, n_rep, head_dim):
+        if n_rep == 1:
+            return x
+        # [1,kv,L,hd] -> [1,kv,1,L,hd] -> expand [1,kv,rep,L,hd] -> [1,kv*rep,L,hd]; the HF pattern the compiler maps to Gather/Conv.
+        u = self._node("Unsqueeze", [x, self._const(np.array([2], np.int64))])
+        shape = self._node("Shape", [u])
+        reps = self._const(np.array([1, 1, n_rep, 1, 1], np.int64))
+        e = self._node("Expand", [u, self._node("Mul", [shape, reps])])
+        return self._node("Reshape", [e, self._shape([1, n_kv * n_rep, -1, head_dim])])
+
+    def attention(self, q, k, v, mask, scale):
+        kt = self._node("Transpose", [k], perm=[0, 1, 3, 2])
+        s = self._node("Mul", [self._node("MatMul", [q, kt]), self._const(np.array(scale, np.float32))])
+        p = self._node("Softmax", [self._node("Add", [s, mask])], axis=-1)
+        return self._node("MatMul", [p, v])
+
+    def embed(self, table, ids):
+        return self._node("Gather", [self._weight(table), ids], axis=0)
+
+
+def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def build_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
+    """ONNX model of `spec`. seq/ctx None -> symbolic dims "S"/"C" (one graph for all buckets)."""
+    a = weights.args
+    ops = OnnxOps()
+    S: int | str = seq if seq is not None else "S"
+    C: int | str = ctx if ctx is not None else "C"
+    CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
+    H, hd, kv, n = a.hidden_size, a.head_dim, a.num_key_value_heads, spec.n_layers
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    if spec.kind == "embed":
+        ins = [("token_ids", (1, S), i64)]
+        outs = [("hidden", (1, S, H), f32)]
+    elif spec.kind == "head":
+        ins = [("hidden", (1, S, H), f32)]
+        outs = [("logits", (1, S, a.vocab_size), f32)]
+    else:
+        ins = [("hidden", (1, S, H), f32), ("cos", (1, 1, S, hd), f32), ("sin", (1, 1, S, hd), f32),
+               ("mask", (1, 1, S, CS), f32), ("past_k", (n, kv, C, hd), f32), ("past_v", (n, kv, C, hd), f32)]
+        outs = [("hidden_out", (1, S, H), f32), ("k_new", (n, kv, S, hd), f32), ("v_new", (n, kv, S, hd), f32)]
+    results = run_slice(ops, spec, weights, {name: name for name, _, _ in ins})
+    # Give outputs their public names with Identity nodes (an input may not double as an output).
+    for name, _, _ in outs:
+        ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
+    graph = helper.make_graph(
+        ops.g.nodes,
+        f"exo_rknpu_{spec.name}",
+        [_value_info(*i) for i in ins],
+        [_value_info(*o) for o in outs],
+        initializer=ops.g.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="exo-rknpu")
+    model.ir_version = IR_VERSION
+    return model
