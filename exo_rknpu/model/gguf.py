@@ -7,12 +7,14 @@ GGUF's [in, out] dims -> HF [out, in], and (llama only) undoing llama.cpp's Q/K 
 from __future__ import annotations
 
 import hashlib
-from functools import cached_property
+import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
@@ -22,27 +24,114 @@ from exo_rknpu.model.hf import check_shape, expected_shapes, layer_fields
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 
+_MAGIC = b"GGUF"
+# GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the GGUF tensor table. `dims` are GGUF order (innermost first)."""
+
+    name: str
+    dims: tuple[int, ...]
+    qtype: GGMLQuantizationType
+    offset: int  # absolute file offset of the data
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        n = int(np.prod(self.dims, dtype=np.int64))
+        return n // block * size
+
+
+class _Cursor:
+    """Bounds-checked little-endian reader over the file's bytes (a truncated file raises WeightsError)."""
+
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        if n < 0 or start + n > len(self.buf):
+            raise WeightsError(f"{self.path} is truncated or corrupt (metadata runs past the end of the file)")
+        self.pos += n
+        return start
+
+    def scalar(self, fmt: str) -> Any:
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        start = self.take(n)
+        return self.buf[start : start + n].decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype in _NP_TYPES:
+                dt = np.dtype(_NP_TYPES[etype])
+                start = self.take(count * dt.itemsize)
+                return np.frombuffer(self.buf, dtype=dt, count=count, offset=start).tolist()
+            return [self.value(etype) for _ in range(count)]
+        raise WeightsError(f"{self.path} is corrupt (unknown metadata value type {vtype})")
+
+
 class GGUFFile:
-    """A parsed GGUF file: metadata fields and a tensor table (data is memory-mapped, read on demand)."""
+    """A GGUF file's metadata and tensor table, parsed directly (gguf.GGUFReader takes seconds on a
+    49k-token vocabulary; this takes tens of milliseconds). Tensor bytes are read on demand."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightsError(f"GGUF file {self.path} not found")
+        self.size = self.path.stat().st_size
         try:
-            self.reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the reader raises ValueError/struct.error/IndexError/... on bad bytes
-            raise WeightsError(
-                f"{self.path} is truncated or not a valid GGUF file ({type(e).__name__}: {e}); re-download it"
-            ) from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                self.metadata, self.tensors = self._parse(_Cursor(buf, self.path))
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise WeightsError(f"{self.path} is not a readable GGUF file ({e}); re-download it") from None
+
+    def _parse(self, c: _Cursor) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+        start = c.take(4)
+        if c.buf[start : start + 4] != _MAGIC:
+            raise WeightsError(f"{self.path} is not a GGUF file (bad magic)")
+        version = c.scalar("<I")
+        if version not in (2, 3):
+            raise WeightsError(f"{self.path}: GGUF version {version} is not supported (need 2 or 3, little-endian)")
+        n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = c.string()
+            meta[key] = c.value(c.scalar("<I"))
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
+        for _ in range(n_tensors):
+            name = c.string()
+            n_dims = c.scalar("<I")
+            dims = tuple(int(c.scalar("<Q")) for _ in range(n_dims))
+            raw.append((name, dims, c.scalar("<I"), c.scalar("<Q")))
+        align = int(meta.get("general.alignment", 32))
+        data_start = (c.pos + align - 1) // align * align
+        tensors: dict[str, TensorInfo] = {}
+        for name, dims, qtype, offset in raw:
+            try:
+                qt = GGMLQuantizationType(qtype)
+            except ValueError:
+                raise WeightsError(f"{self.path}: tensor {name!r} has unknown type {qtype}") from None
+            info = TensorInfo(name, dims, qt, data_start + offset)
+            if info.offset + info.nbytes > self.size:
+                raise WeightsError(f"{self.path} is truncated (tensor {name!r} runs past the end); re-download it")
+            tensors[name] = info
+        return meta, tensors
 
     def get(self, key: str, default: Any = None) -> Any:
         """Metadata value (strings decoded, arrays as lists), or `default` if the key is absent."""
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.metadata.get(key, default)
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -50,7 +139,7 @@ class GGUFFile:
             raise WeightsError(f"{self.path} lacks metadata key {key!r}")
         return value
 
-    @cached_property
+    @property
     def architecture(self) -> str:
         return str(self.require("general.architecture"))
 
@@ -59,26 +148,26 @@ class GGUFFile:
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            buf = f.read(t.nbytes)
+        if len(buf) != t.nbytes:
+            raise WeightsError(f"{self.path} is truncated (tensor {name!r} cut short); re-download it")
+        shape = tuple(reversed(t.dims))
+        block, size = GGML_QUANT_SIZES[t.qtype]
+        rows = np.frombuffer(buf, dtype=np.uint8).reshape(*shape[:-1], shape[-1] // block * size)
         try:
-            a = dequantize(t.data, t.tensor_type)
+            a = dequantize(rows, t.qtype)
         except NotImplementedError as e:
-            raise UnsupportedModelError(
-                f"tensor {name!r} in {self.path} uses quantization {t.tensor_type.name}, which gguf cannot dequantize: {e}"
-            ) from None
-        except (ValueError, OSError) as e:
-            raise WeightsError(f"cannot read tensor {name!r} from {self.path}: {e}") from None
-        shape = tuple(int(d) for d in reversed(t.shape))
-        a = a.reshape(shape)
-        if a.dtype != np.float32 or np.may_share_memory(a, t.data):
-            # F32 tensors come back as views of the memory map: copy so weights outlive the file.
-            a = np.array(a, dtype=np.float32)
-        return a
+            raise UnsupportedModelError(f"tensor {name!r} in {self.path}: {e}") from None
+        # F32 comes back as a read-only view of `buf`; make every result an owned, writable float32 array.
+        return np.array(a.reshape(shape), dtype=np.float32)
 
     def digest(self) -> bytes:
         """Cheap identity: the tensor table (name, dims, type, offset) -- no tensor bytes are hashed."""
         h = hashlib.sha256()
-        for t in self.reader.tensors:
-            h.update(f"{t.name}:{list(map(int, t.shape))}:{t.tensor_type.name}:{int(t.data_offset)};".encode())
+        for t in self.tensors.values():
+            h.update(f"{t.name}:{list(t.dims)}:{t.qtype.name}:{t.offset};".encode())
         return h.digest()
 
 
@@ -98,6 +187,11 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _f32(v: Any) -> float:
+    """GGUF stores these as float32: 1e-5 reads back as 9.99999974e-06. Take the shortest float32 repr."""
+    return float(str(np.float32(v)))
 
 
 def args_from_gguf(g: GGUFFile) -> ModelArgs:
@@ -131,8 +225,8 @@ def args_from_gguf(g: GGUFFile) -> ModelArgs:
         num_key_value_heads=int(g.get(k("attention.head_count_kv")) or heads),
         vocab_size=vocab,
         head_dim=head_dim,
-        rms_norm_eps=float(g.get(k("attention.layer_norm_rms_epsilon"), 1e-5)),
-        rope_theta=float(g.get(k("rope.freq_base"), 10000.0)),
+        rms_norm_eps=_f32(g.get(k("attention.layer_norm_rms_epsilon"), 1e-5)),
+        rope_theta=_f32(g.get(k("rope.freq_base"), 10000.0)),
         rope_scaling=None,
         tie_word_embeddings=registry.GGUF_HEAD not in g.tensors,
         attention_bias=registry.has_attention_bias(family) or "blk.0.attn_q.bias" in g.tensors,

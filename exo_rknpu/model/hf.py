@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -345,8 +345,3 @@ def source_digest(folder: Path) -> bytes:
         h.update(json.dumps(header, sort_keys=True).encode())
     return h.digest()
 
-
-def files_for(folder: Path, names: Iterable[str]) -> set[str]:
-    """Which files hold the given tensors (helper for tests and diagnostics)."""
-    wm = weight_map(folder)
-    return {wm[n] for n in names if n in wm}

@@ -95,14 +95,14 @@ class ShardRunner:
                 outs.append(self._chunk(state, x[:, done : done + real], real, bucket))
                 done += real
             out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+            if self.layer_range.is_last:
+                out = self._head(out if logits == "all" else out[:, -1:])
         except BaseException:
             state.pos = start_pos  # cache rows past pos are never read: rolling back pos undoes the call
             if start_pos == 0:
                 self.requests.drop(request_id)
             raise
         self.requests.enforce(keep=request_id)
-        if self.layer_range.is_last:
-            return self._head(out if logits == "all" else out[:, -1:])
         return out
 
     def drop(self, request_id: str) -> None:
@@ -176,11 +176,10 @@ class ShardRunner:
         return h[:, :real]
 
     def _head(self, h: np.ndarray) -> np.ndarray:
-        head = self.specs[-1]
-        out = []
-        for i, (real, bucket) in enumerate(self.buckets.chunks(h.shape[1])):
-            done = sum(r for r, _ in self.buckets.chunks(h.shape[1])[:i])
+        head, out, done = self.specs[-1], [], 0
+        for real, bucket in self.buckets.chunks(h.shape[1]):
             chunk = h[:, done : done + real]
+            done += real
             if bucket > real:
                 chunk = np.pad(chunk, ((0, 0), (0, bucket - real), (0, 0)))
             out.append(self._run(head, {"hidden": chunk})["logits"][:, :real])

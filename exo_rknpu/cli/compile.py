@@ -1,0 +1,53 @@
+"""`exo-rknpu compile`: layer-range slices -> .rknn files + manifests, through the content-addressed cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("compile", help="compile a layer range to RKNN (.rknn) slices for the NPU")
+    p.add_argument("--model", required=True, help="model alias (e.g. smollm2-135m), HF folder or .gguf")
+    p.add_argument("--layers", required=True, help="layer range A-B (inclusive), e.g. 4-5")
+    p.add_argument("--platform", default="rk3588")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "w8a8"])
+    p.add_argument("--verify", action="store_true", help="run each new slice in the simulator on real activations vs onnxruntime")
+    p.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/exo-rknpu/compiled)")
+    p.add_argument("--seq", type=_ints, default=None, help="seq buckets, e.g. 1,16,64")
+    p.add_argument("--context", type=_ints, default=None, help="context buckets, e.g. 256,512,1024,2048")
+    p.add_argument("--min-cos", type=float, default=None, help="fail --verify below this cosine (default 0.9999 for fp16, none for w8a8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results on the last line of stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exo_rknpu.compiler.compile import compile_range
+    from exo_rknpu.slices.spec import Buckets
+
+    d = Buckets()
+    buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
+    results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
+                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos)
+    built = [r for r in results if r.status == "built"]
+    for r in results:
+        extra = ""
+        if r.verify:
+            extra = " " + " ".join(f"{k}={v:.6f}" for k, v in r.verify.items() if k.startswith("cos"))
+        if r.cpu_ops or r.fallbacks:
+            extra += f" CPU-placed: {r.cpu_ops + r.fallbacks}"
+        if not args.json:
+            print(f"{r.name}: {r.status} {r.seconds:.1f}s {', '.join(Path(f).name for f in r.files)}{extra}")
+    if args.json:
+        print(json.dumps({"model": args.model, "layers": args.layers, "dtype": args.dtype, "platform": args.platform,
+                          "built": [r.name for r in built], "reused": [r.name for r in results if r.status == "reused"],
+                          "slices": [r.to_dict() for r in results]}))
+    return 0

@@ -1,0 +1,51 @@
+"""`exo-rknpu` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from exo_rknpu import __version__
+from exo_rknpu.errors import ExoRknpuError
+
+# Subcommand modules under exo_rknpu.cli; each defines add_parser(subparsers) and sets func=run.
+SUBCOMMANDS = ["generate", "bench", "compile", "toolkit", "inspect", "doctor", "node"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exo-rknpu", description="Layer-range LLM slices for RK3588 NPUs and CPUs, as exo nodes.")
+    parser.add_argument("--version", action="version", version=f"exo-rknpu {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"exo_rknpu.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"exo_rknpu.cli.{name}":
+                continue  # subcommand not part of this build
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ExoRknpuError as e:
+        print(f"exo-rknpu: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("exo-rknpu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Runs INSIDE the rknn-toolkit2 venv (python -m exo_rknpu.compiler.worker JOB.json), started by compile.py.
+
+Imports only the standard library, numpy, rknn and exo_rknpu.backends.rknn_io (numpy-only). Everything it
+needs comes in the job file; everything it produces goes to files named there:
+
+  job = {"result": path, "builds": [{
+      "name", "kind", "onnx", "out" (where to write the .rknn), "log", "workdir", "platform",
+      "dtype": "fp16" | "w8a8",
+      "dynamic_input": [[shape per input] per bucket] | null,   # null: static ONNX shapes
+      "calib": [[abs .npy path per input] per sample],          # w8a8 only
+      "verify": [[inputs .npz, outputs .npz to write], ...],
+      "out_shapes": [{output name: shape}, ...] (one per verify sample)}]}
+
+Native compiler output (the verbose layer table and warnings) is written to fd 1/2 by librknnc, so each build
+redirects those file descriptors into its log file; the parent parses it (compiler/buildlog.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _redirect(path: str):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    saved = (os.dup(1), os.dup(2))
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return saved
+
+
+def _restore(saved) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    os.close(saved[0])
+    os.close(saved[1])
+
+
+def _check(ret, what: str) -> None:
+    if ret != 0:
+        raise RuntimeError(f"{what} returned {ret}")
+
+
+def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str) -> list[str]:
+    """Keep everything but the linear layers (Conv after rknn's matmul->conv rewrite) in float16."""
+    import onnx  # the toolkit venv has onnx (a toolkit dependency); the .model file of step 1 is ONNX
+
+    m = onnx.load(model_path)
+    keep = [n.output[0] for n in m.graph.node if n.op_type not in ("Conv", "exDataConvert")]
+    text = open(cfg_path).read()
+    head = "custom_quantize_layers: {}\n"
+    if head not in text:
+        raise RuntimeError(f"unexpected hybrid quantization config format in {cfg_path}")
+    body = "custom_quantize_layers:\n" + "".join(f"    '{n}': float16\n" for n in keep) if keep else head
+    with open(out_path, "w") as f:
+        f.write(text.replace(head, body, 1))
+    return keep
+
+
+def build_one(b: dict) -> dict:
+    import numpy as np
+    from rknn.api import RKNN
+
+    from exo_rknpu.backends import rknn_io
+
+    os.makedirs(b["workdir"], exist_ok=True)
+    os.chdir(b["workdir"])  # hybrid_quantization_step1 writes its files into the cwd
+    res: dict = {"name": b["name"], "ok": False}
+    t0 = time.monotonic()
+    saved = _redirect(b["log"])
+    try:
+        rk = RKNN(verbose=True)
+        cfg: dict = {"target_platform": b["platform"]}
+        if b.get("dynamic_input"):
+            cfg["dynamic_input"] = b["dynamic_input"]
+        _check(rk.config(**cfg), "config")
+        _check(rk.load_onnx(b["onnx"]), "load_onnx")
+        if b["dtype"] == "fp16":
+            _check(rk.build(do_quantization=False), "build")
+        elif b["dtype"] == "w8a8":
+            ds = os.path.join(b["workdir"], "dataset.txt")
+            with open(ds, "w") as f:  # absolute paths: relative ones resolve against the dataset's folder
+                f.write("".join(" ".join(sample) + "\n" for sample in b["calib"]))
+            _check(rk.hybrid_quantization_step1(dataset=ds), "hybrid_quantization_step1")
+            stem = os.path.splitext(os.path.basename(b["onnx"]))[0]
+            keep = _hybrid_cfg(f"{stem}.model", f"{stem}.quantization.cfg", "hybrid.cfg")
+            res["fp16_tensors"] = len(keep)
+            rk.release()
+            rk = RKNN(verbose=True)
+            _check(rk.hybrid_quantization_step2(model_input=f"{stem}.model", data_input=f"{stem}.data",
+                                                model_quantization_cfg="hybrid.cfg"), "hybrid_quantization_step2")
+        else:
+            raise ValueError(f"unknown dtype {b['dtype']!r}")
+        res["build_s"] = time.monotonic() - t0
+        _check(rk.export_rknn(b["out"]), "export_rknn")
+        if b.get("verify"):
+            _check(rk.init_runtime(), "init_runtime (simulator)")
+            t1 = time.monotonic()
+            for (inp, outp), shapes in zip(b["verify"], b["out_shapes"]):
+                with np.load(inp) as z:
+                    arrays, fmt = rknn_io.pack_inputs(b["kind"], {k: z[k] for k in z.files})
+                outs = rk.inference(inputs=arrays, data_format=fmt)
+                if outs is None:
+                    raise RuntimeError("simulator inference returned None (see the log)")
+                named = rknn_io.unpack_outputs(b["kind"], outs, shapes)
+                np.savez(outp, **named)
+            res["sim_s"] = time.monotonic() - t1
+        rk.release()
+        res["ok"] = True
+    except BaseException as e:  # reported to the parent, which raises CompileError with the log's tail
+        res["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    finally:
+        _restore(saved)
+    res["total_s"] = time.monotonic() - t0
+    return res
+
+
+def main(job_path: str) -> int:
+    with open(job_path) as f:
+        job = json.load(f)
+    results = []
+    for b in job["builds"]:
+        results.append(build_one(b))
+        tmp = job["result"] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"results": results}, f)
+        os.replace(tmp, job["result"])
+        if not results[-1]["ok"]:
+            break
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

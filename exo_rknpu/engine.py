@@ -1,0 +1,249 @@
+"""The async engine core behind the exo adapter: one loaded shard, per-request caches, one worker thread.
+
+Nothing here imports exo. `exo_rknpu/exo/` converts exo's Shard into (model_id, LayerRange) and calls
+`ShardEngine.ensure` / `ShardEngine.forward`; everything blocking (loading weights, preparing slices, running
+them) happens on a dedicated single-thread executor, so the asyncio loop that serves gRPC health checks and
+the HTTP API never waits on numpy, onnxruntime or the NPU.
+
+Ordering guarantee: every blocking job goes through the same single-thread executor in submission order, so a
+shard's runner is closed only after every forward that was submitted against it has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from exo_rknpu.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    ExoRknpuError,
+    TensorContractError,
+    ToolkitMissingError,
+)
+from exo_rknpu.model.base import LayerRange, ModelArgs
+from exo_rknpu.model.tokenizer import Tokenizer
+from exo_rknpu.model.zoo import ModelSource
+from exo_rknpu.runtime.requests import RequestLimits
+from exo_rknpu.runtime.shard import ShardRunner
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+HiddenDtype = Literal["float32", "float16"]
+HIDDEN_DTYPES: tuple[str, ...] = ("float32", "float16")
+
+# (model_id, layer_range) -> where the model's files are (may download; async so exo's downloader fits).
+SourceProvider = Callable[[str, LayerRange], Awaitable[ModelSource]]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How shards are run.
+
+    hidden_dtype: dtype of the hidden states handed to the next node. float32 (default) keeps a neighbour
+    bit-identical to an unsplit run on the same backend; float16 halves the bytes on the wire.
+    logits: "all" returns (1, seq, vocab) as exo's engines do; "last" returns only (1, 1, vocab) (less work
+    on long prompts; exo samples only the last row anyway).
+    """
+
+    backend: str = "onnx"
+    hidden_dtype: HiddenDtype = "float32"
+    limits: RequestLimits = RequestLimits()
+    max_context: int | None = None
+    layers_per_slice: int | None = None
+    logits: Literal["all", "last"] = "all"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    label: str = ""  # who is speaking in error messages (exo: the node id)
+
+    def __post_init__(self) -> None:
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden_dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}")
+        if self.logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {self.logits!r}")
+
+
+@dataclass(frozen=True)
+class ShardKey:
+    model_id: str
+    layer_range: LayerRange
+
+    def __str__(self) -> str:
+        return f"{self.model_id} layers {self.layer_range} of {self.layer_range.n_layers}"
+
+
+@dataclass
+class LoadedShard:
+    key: ShardKey
+    source: ModelSource
+    args: ModelArgs
+    runner: ShardRunner
+    tokenizer: Tokenizer
+
+
+def compile_hint(model: str, layer_range: LayerRange) -> str:
+    return f"exo-rknpu compile --model {model} --layers {layer_range}"
+
+
+def _model_ref(src: ModelSource | None) -> str | None:
+    """How `exo-rknpu compile --model` should name this model: its alias if it has one, else its path."""
+    if src is None:
+        return None
+    from exo_rknpu.model.zoo import ZOO
+
+    return src.name if src.name in ZOO else str(src.path)
+
+
+def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
+    """Default loader: only `layer_range`'s weights, prepared on the configured backend (blocking)."""
+    from exo_rknpu.runtime.session import default_buckets, open_shard
+    from exo_rknpu.model.loader import load_args
+
+    return open_shard(
+        src,
+        layer_range,
+        backend=config.backend,
+        buckets=default_buckets(load_args(src), config.max_context),
+        layers_per_slice=config.layers_per_slice,
+        limits=config.limits,
+        backend_options=config.backend_options,
+    )
+
+
+def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,
+                   runner_factory: Callable[[ModelSource, LayerRange, EngineConfig], ShardRunner],
+                   tokenizers: dict[str, Tokenizer]) -> LoadedShard:
+    from exo_rknpu.model.loader import load_args, load_tokenizer
+
+    args = load_args(src)
+    if args.num_hidden_layers != key.layer_range.n_layers:
+        raise ExoRknpuError(
+            f"{key.model_id}: the ring believes the model has {key.layer_range.n_layers} layers, but {src.path} "
+            f"has {args.num_hidden_layers}; the model card is wrong"
+        )
+    tok = tokenizers.get(key.model_id) or load_tokenizer(src)
+    runner = runner_factory(src, key.layer_range, config)
+    return LoadedShard(key=key, source=src, args=args, runner=runner, tokenizer=tok)
+
+
+class ShardEngine:
+    """Holds at most one loaded shard; loads, swaps and runs it off the event loop."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        source_provider: SourceProvider,
+        runner_factory: Callable[[ModelSource, LayerRange, EngineConfig], ShardRunner] = open_runner,
+    ) -> None:
+        self.config = config
+        self.source_provider = source_provider
+        self.runner_factory = runner_factory
+        self.current: LoadedShard | None = None
+        self.loads = 0  # number of shard loads done (tests check idempotence with it)
+        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-rknpu-engine")
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the engine's single worker thread (submitted before this coroutine yields)."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _prefix(self, key: ShardKey) -> str:
+        who = f"[{self.config.label}] " if self.config.label else ""
+        return f"{who}{key} on backend {self.config.backend!r}: "
+
+    def _wrap(self, e: ExoRknpuError, key: ShardKey, model_ref: str | None = None) -> ExoRknpuError:
+        """Same exception type, with which node / model / layers / backend in front, and a hint where one helps."""
+        msg = f"{self._prefix(key)}{e}"
+        if isinstance(e, TensorContractError) and not key.layer_range.is_first:
+            msg += (f" (hidden states come from the node that runs layers 0-{key.layer_range.start - 1}; "
+                    f"check that every node serves the same model and sends float16/float32)")
+        if (self.config.backend == "npu" and isinstance(e, (ArtifactError, ToolkitMissingError, BackendUnavailableError))
+                and "exo-rknpu compile" not in msg):
+            msg += f"; compile the slices with: {compile_hint(model_ref or key.model_id, key.layer_range)}"
+        try:
+            wrapped = type(e)(msg)
+        except Exception:  # an exception type with a different constructor
+            wrapped = ExoRknpuError(msg)
+        wrapped.__cause__ = e
+        return wrapped
+
+    # ------------------------------------------------------------------ shards
+
+    async def ensure(self, model_id: str, layer_range: LayerRange) -> LoadedShard:
+        """Load `layer_range` of `model_id` unless it is already loaded. Safe under concurrent calls.
+
+        A change of shard releases the old runner (and with it every request's KV cache) before the new
+        weights are loaded, so a board never holds both.
+        """
+        key = ShardKey(model_id, layer_range)
+        cur = self.current
+        if cur is not None and cur.key == key:
+            return cur
+        async with self._lock:
+            cur = self.current
+            if cur is not None and cur.key == key:
+                return cur
+            if cur is not None:
+                self.current = None
+                log.info("releasing %s to load %s", cur.key, key)
+                await self.run_blocking(cur.runner.close)
+                if cur.key.model_id != model_id:
+                    self._tokenizers.pop(cur.key.model_id, None)
+            src: ModelSource | None = None
+            try:
+                src = await self.source_provider(model_id, layer_range)
+                loaded = await self.run_blocking(_load_blocking, src, key, self.config, self.runner_factory,
+                                                 self._tokenizers)
+            except ExoRknpuError as e:
+                raise self._wrap(e, key, _model_ref(src)) from e
+            self._tokenizers[model_id] = loaded.tokenizer
+            self.current = loaded
+            self.loads += 1
+            log.info("loaded %s from %s", key, src.path)
+            return loaded
+
+    async def forward(self, request_id: str, model_id: str, layer_range: LayerRange, x: np.ndarray) -> np.ndarray:
+        """Token ids (1, seq) on the first shard, hidden states (1, seq, H) elsewhere -> hidden states in the
+        configured dtype, or float32 logits on the last shard. The request's KV cache advances by seq."""
+        loaded = await self.ensure(model_id, layer_range)
+        try:
+            # Submitted right after ensure() returned, with no await in between: no swap can slip in.
+            out = await self.run_blocking(loaded.runner.forward, request_id, x, self.config.logits)
+        except ExoRknpuError as e:
+            raise self._wrap(e, loaded.key) from e
+        if not layer_range.is_last and self.config.hidden_dtype == "float16":
+            out = out.astype(np.float16)
+        return np.ascontiguousarray(out)
+
+    def drop(self, request_id: str) -> None:
+        cur = self.current
+        if cur is not None:
+            self._executor.submit(cur.runner.drop, request_id)
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            cur, self.current = self.current, None
+            if cur is not None:
+                await self.run_blocking(cur.runner.close)
+        self.close()
+
+    def close(self) -> None:
+        """Release the shard and stop the worker thread (pending jobs finish first)."""
+        cur, self.current = self.current, None
+        if not self._closed:
+            self._closed = True
+            if cur is not None:
+                self._executor.submit(cur.runner.close)
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,105 @@
+"""What this node tells exo's partitioner: board, chip, memory usable for weights, and TOPS.
+
+exo's RingMemoryWeightedPartitioningStrategy splits layers in proportion to `memory` (MB) alone; FLOPS are only
+displayed. So `memory` here is the RAM this node can actually give to weights: MemAvailable minus the KV-cache
+budget (RequestLimits.max_bytes) and a fixed reserve for the runtime. On the RK3588 the NPU works out of the same
+system RAM, so there is no separate NPU memory to add.
+
+Nothing here imports exo at module import; `to_exo()` builds exo's DeviceCapabilities.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUNTIME_RESERVE_MB = 512  # python, onnxruntime / rknnlite, gRPC buffers
+RK3588_NPU_INT8_TOPS = 6.0  # Rockchip's figure: 3 NPU cores x 2 TOPS int8
+RK3588_NPU_FP16_TFLOPS = 1.5  # int8/4, the RKNPU2 fp16 rate commonly quoted; not measured by us
+
+
+@dataclass(frozen=True)
+class NodeCapabilities:
+    model: str  # board
+    chip: str
+    memory: int  # MB usable for weights
+    fp32: float = 0.0  # TFLOPS (display only in exo)
+    fp16: float = 0.0
+    int8: float = 0.0
+
+    def to_exo(self) -> Any:
+        from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+
+        return DeviceCapabilities(model=self.model, chip=self.chip, memory=int(self.memory),
+                                  flops=DeviceFlops(fp32=self.fp32, fp16=self.fp16, int8=self.int8))
+
+
+def _read_dt(proc_root: Path, name: str) -> str:
+    """A device-tree string property (NUL-separated list) as text, '' if absent."""
+    try:
+        raw = (proc_root / "proc/device-tree" / name).read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\x00", b"\n").decode("utf-8", "replace").strip()
+
+
+def rockchip_soc(proc_root: Path = Path("/")) -> str | None:
+    """'RK3588' / 'RK3588S' if the device tree's compatible list names one, else None."""
+    compat = _read_dt(proc_root, "compatible").lower().split("\n")
+    for c in compat:
+        if c.startswith("rockchip,rk35"):
+            return c.split(",", 1)[1].upper()
+    return None
+
+
+def mem_available_mb(proc_root: Path = Path("/")) -> int:
+    """MemAvailable (MB) from /proc/meminfo; MemTotal if the kernel lacks it; 0 if unreadable."""
+    values: dict[str, int] = {}
+    try:
+        for line in (proc_root / "proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                values[key.strip()] = int(parts[0])  # kB
+    except (OSError, ValueError):
+        return 0
+    kb = values.get("MemAvailable", values.get("MemTotal", 0))
+    return kb // 1024
+
+
+def usable_memory_mb(available_mb: int, kv_budget_bytes: int, reserve_mb: int = RUNTIME_RESERVE_MB) -> int:
+    """Memory left for weights; at least 1 MB (exo divides by the ring's total memory)."""
+    return max(1, available_mb - kv_budget_bytes // (1 << 20) - reserve_mb)
+
+
+def detect(backend: str, kv_budget_bytes: int, memory_mb: int | None = None,
+           proc_root: Path = Path("/")) -> NodeCapabilities:
+    """This machine's capabilities as exo should see them."""
+    memory = memory_mb if memory_mb is not None else usable_memory_mb(mem_available_mb(proc_root), kv_budget_bytes)
+    memory = max(1, int(memory))
+    soc = rockchip_soc(proc_root)
+    board = _read_dt(proc_root, "model").split("\n")[0]
+    if soc is not None:
+        npu = soc.startswith("RK3588")
+        return NodeCapabilities(
+            model=f"{board or 'Rockchip board'} (exo-rknpu, {backend})",
+            chip=f"Rockchip {soc}",
+            memory=memory,
+            fp16=RK3588_NPU_FP16_TFLOPS if npu else 0.0,
+            int8=RK3588_NPU_INT8_TOPS if npu else 0.0,
+        )
+    cpu = _cpu_name(proc_root) or platform.machine() or "unknown CPU"
+    return NodeCapabilities(model=f"{board or platform.system() + ' ' + platform.machine()} (exo-rknpu, {backend})",
+                            chip=cpu, memory=memory)
+
+
+def _cpu_name(proc_root: Path) -> str:
+    try:
+        for line in (proc_root / "proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

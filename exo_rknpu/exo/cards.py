@@ -1,0 +1,57 @@
+"""The models an exo-rknpu node serves, as exo model cards, and where each one's files come from.
+
+* `smollm2-135m`: the bundled GGUF (resolved locally by exo_rknpu.model.zoo, no Hugging Face access). Its
+  "repo" in exo's card is the marker `exo-rknpu/smollm2-135m`; the launcher teaches exo's API to build the
+  tokenizer for it locally.
+* `llama-3.2-1b` / `llama-3.2-3b`: the same Hugging Face repos exo's tinygrad engine uses, fetched through
+  exo's shard downloader (only the shard's layer files when the repo has a safetensors index).
+
+`--model-dir DIR` overrides any of them: DIR/<model_id> (an HF folder or a .gguf) is used as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from exo_rknpu.errors import UnknownModelError
+
+
+@dataclass(frozen=True)
+class ExoCard:
+    model_id: str
+    n_layers: int
+    repo: str  # the value in exo's model_cards[model_id]["repo"]["RKNPUInferenceEngine"]
+    pretty_name: str
+    zoo_alias: str | None = None  # resolved by exo_rknpu.model.zoo instead of exo's downloader
+
+
+CARDS: dict[str, ExoCard] = {
+    "smollm2-135m": ExoCard("smollm2-135m", 30, "exo-rknpu/smollm2-135m", "SmolLM2 135M Instruct (exo-rknpu)",
+                            zoo_alias="smollm2-135m"),
+    "llama-3.2-1b": ExoCard("llama-3.2-1b", 16, "unsloth/Llama-3.2-1B-Instruct", "Llama 3.2 1B"),
+    "llama-3.2-3b": ExoCard("llama-3.2-3b", 28, "unsloth/Llama-3.2-3B-Instruct", "Llama 3.2 3B"),
+}
+
+
+def get_card(model_id: str) -> ExoCard:
+    card = CARDS.get(model_id)
+    if card is None:
+        raise UnknownModelError(
+            f"model {model_id!r} has no exo-rknpu card; this node serves: {', '.join(sorted(CARDS))}"
+        )
+    return card
+
+
+def card_for_repo(repo: str) -> ExoCard | None:
+    return next((c for c in CARDS.values() if c.repo == repo), None)
+
+
+def local_override(card: ExoCard, model_dir: Path | None) -> Path | None:
+    """model_dir/<model_id> (folder) or model_dir/<model_id>.gguf, if present."""
+    if model_dir is None:
+        return None
+    for cand in (Path(model_dir) / card.model_id, Path(model_dir) / f"{card.model_id}.gguf"):
+        if cand.exists():
+            return cand
+    return None

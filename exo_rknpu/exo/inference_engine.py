@@ -1,0 +1,131 @@
+"""RKNPUInferenceEngine: legacy exo's InferenceEngine, backed by exo_rknpu.engine.ShardEngine.
+
+Contract (exo 5f18faec, see docs/exo.md):
+* infer_tensor: token ids (1, seq) on the first shard, hidden states (1, seq, H) float16/float32 (read-only
+  arrays from gRPC) elsewhere -> hidden states (1, seq, H) in the configured dtype, or float32 logits
+  (1, seq, vocab) on the last shard; returns inference_state None (all state stays here, per request_id).
+* sample(x, temp, top_p) -> exactly one int64 token, shape (1,).
+* ensure_shard: idempotent and lock-protected; a new shard releases the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from exo.inference.inference_engine import InferenceEngine
+from exo.inference.shard import Shard
+
+from exo_rknpu.engine import ShardEngine
+from exo_rknpu.errors import ExoRknpuError, TensorContractError
+from exo_rknpu.exo import ENGINE_CLASS, options as node_options
+from exo_rknpu.exo.api_tokenizer import encode_prompt
+from exo_rknpu.exo.cards import get_card, local_override
+from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.exo.shards import range_to_shard, shard_to_range
+from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.zoo import ModelSource, resolve_model
+from exo_rknpu.runtime.sampling import SamplingParams, sample_row
+
+log = logging.getLogger(__name__)
+
+MAX_RECORDED_FAILURES = 256
+
+
+class RKNPUInferenceEngine(InferenceEngine):
+    def __init__(self, shard_downloader=None, options: NodeOptions | None = None) -> None:
+        self.options = options or node_options.current()
+        self.shard_downloader = shard_downloader
+        self.shard: Optional[Shard] = None
+        self.tokenizer = None  # exo_rknpu Tokenizer: eos_token_id, decode (Node and exo's TUI use these)
+        self.session = {}  # exo's ABC has a class-level dict shared by every engine; keep ours separate
+        self.core = ShardEngine(self.options.engine, self._source)
+        self._rng = np.random.default_rng()
+        self._failures: OrderedDict[str, str] = OrderedDict()
+
+    # ------------------------------------------------------------------ model files
+
+    async def _source(self, model_id: str, layer_range: LayerRange) -> ModelSource:
+        card = get_card(model_id)
+        if card.n_layers != layer_range.n_layers:
+            raise ExoRknpuError(
+                f"exo asked for {model_id} with {layer_range.n_layers} layers; its card says {card.n_layers}"
+            )
+        override = local_override(card, self.options.model_dir)
+        if override is not None:
+            return await self.core.run_blocking(resolve_model, str(override))
+        if card.zoo_alias is not None:
+            return await self.core.run_blocking(resolve_model, card.zoo_alias)
+        if self.shard_downloader is None:
+            raise ExoRknpuError(f"{model_id} must be downloaded but this engine has no shard downloader; "
+                                f"put it at --model-dir DIR as DIR/{model_id}")
+        # exo's downloader: only the files holding this shard's layers when the repo has a safetensors index.
+        path = await self.shard_downloader.ensure_shard(range_to_shard(model_id, layer_range), ENGINE_CLASS)
+        return await self.core.run_blocking(resolve_model, str(Path(path)))
+
+    # ------------------------------------------------------------------ failures (for the launcher)
+
+    def _record_failure(self, request_id: str, e: BaseException) -> None:
+        self._failures[request_id] = f"{type(e).__name__}: {e}"
+        while len(self._failures) > MAX_RECORDED_FAILURES:
+            self._failures.popitem(last=False)
+
+    def take_failure(self, request_id: str) -> str | None:
+        """The error that made infer_tensor fail for this request (once), or None."""
+        return self._failures.pop(request_id, None)
+
+    # ------------------------------------------------------------------ exo's interface
+
+    async def ensure_shard(self, shard: Shard) -> None:
+        loaded = await self.core.ensure(shard.model_id, shard_to_range(shard))
+        self.shard, self.tokenizer = shard, loaded.tokenizer
+
+    async def load_checkpoint(self, shard: Shard, path: str) -> None:
+        # Training checkpoints are not supported; loading the shard is what exo needs before inference.
+        await self.ensure_shard(shard)
+
+    async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
+        await self.ensure_shard(shard)
+        ids = encode_prompt(self.tokenizer, prompt)
+        if not ids:
+            raise TensorContractError(f"the prompt for {shard.model_id} encodes to no tokens")
+        return np.asarray(ids, dtype=np.int64)
+
+    async def decode(self, shard: Shard, tokens: np.ndarray) -> str:
+        await self.ensure_shard(shard)
+        return self.tokenizer.decode([int(t) for t in np.asarray(tokens).reshape(-1)])
+
+    async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
+        """Logits (1, seq, vocab) (or (1, vocab)) -> one token id, int64, shape (1,)."""
+        x = np.asarray(x)
+        if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] >= 1:
+            row = x[0, -1]
+        elif x.ndim == 2 and x.shape[0] >= 1:
+            row = x[-1]
+        else:
+            raise TensorContractError(f"sample() takes logits of shape (1, seq, vocab) or (1, vocab); got {x.shape}")
+        if not np.issubdtype(row.dtype, np.floating):
+            raise TensorContractError(f"sample() takes float logits; got {row.dtype} (is this node the last shard?)")
+        params = SamplingParams(temperature=float(temp), top_p=float(top_p))
+        if params.temperature == 0:
+            token = int(np.argmax(row))
+        else:
+            token = await self.core.run_blocking(sample_row, row.astype(np.float64), params, self._rng)
+        return np.array([token], dtype=np.int64)
+
+    async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
+                           inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        try:
+            layer_range = shard_to_range(shard)
+            out = await self.core.forward(request_id, shard.model_id, layer_range, input_data)
+        except Exception as e:
+            self._record_failure(request_id, e)
+            log.error("request %s failed on %s: %s", request_id, shard, e)
+            raise
+        loaded = self.core.current
+        if loaded is not None:
+            self.shard, self.tokenizer = shard, loaded.tokenizer
+        return out, None

@@ -1,0 +1,173 @@
+"""Parts of the exo adapter that do not import exo: shard conversion, capabilities, cards, API tokenizer, argv."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exo_rknpu.errors import LayerRangeError, UnknownModelError
+from exo_rknpu.exo.api_tokenizer import ExoApiTokenizer, encode_prompt
+from exo_rknpu.exo.capabilities import (
+    RK3588_NPU_INT8_TOPS,
+    detect,
+    mem_available_mb,
+    rockchip_soc,
+    usable_memory_mb,
+)
+from exo_rknpu.exo.cards import CARDS, card_for_repo, get_card, local_override
+from exo_rknpu.exo.launcher import _FailureMarker, RequestFailed, exo_argv
+from exo_rknpu.exo.shards import shard_to_range
+from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.loader import load_tokenizer
+from exo_rknpu.model.zoo import resolve_model
+
+
+@dataclass(frozen=True)
+class FakeShard:  # the fields of exo's Shard (inclusive ends)
+    model_id: str
+    start_layer: int
+    end_layer: int
+    n_layers: int
+
+
+# ---------------------------------------------------------------- Shard <-> LayerRange
+
+@pytest.mark.parametrize("start,end,n,expect", [
+    (0, 29, 30, LayerRange(0, 30, 30)),
+    (0, 14, 30, LayerRange(0, 15, 30)),
+    (15, 29, 30, LayerRange(15, 30, 30)),
+    (7, 7, 16, LayerRange(7, 8, 16)),
+])
+def test_shard_to_range(start, end, n, expect):
+    lr = shard_to_range(FakeShard("m", start, end, n))
+    assert lr == expect
+    assert lr.is_first == (start == 0) and lr.is_last == (end == n - 1)  # exo's is_first_layer / is_last_layer
+    assert len(lr) == end - start + 1  # exo's get_layer_count
+
+
+@pytest.mark.parametrize("start,end,n", [(0, 30, 30), (-1, 3, 30), (5, 4, 30), (0, 0, 0), (3, 40, 16)])
+def test_shard_outside_the_model_is_rejected(start, end, n):
+    with pytest.raises(LayerRangeError, match="outside the model|empty"):
+        shard_to_range(FakeShard("smollm2-135m", start, end, n))
+
+
+def test_exo_base_shard_is_a_single_layer():
+    # The API's "base shard" Shard(model, 0, 0, n) is never run, but it is a valid one-layer range.
+    assert shard_to_range(FakeShard("m", 0, 0, 30)) == LayerRange(0, 1, 30)
+
+
+# ---------------------------------------------------------------- capabilities
+
+def fake_root(tmp_path: Path, compatible: bytes | None, model: bytes | None, avail_kb: int = 8_000_000) -> Path:
+    dt = tmp_path / "proc/device-tree"
+    dt.mkdir(parents=True)
+    if compatible is not None:
+        (dt / "compatible").write_bytes(compatible)
+    if model is not None:
+        (dt / "model").write_bytes(model)
+    (tmp_path / "proc/meminfo").write_text(f"MemTotal: 16000000 kB\nMemFree: 1000 kB\nMemAvailable: {avail_kb} kB\n")
+    (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nmodel name\t: Test CPU 3000\n")
+    return tmp_path
+
+
+def test_rk3588_board_report(tmp_path):
+    root = fake_root(tmp_path, b"radxa,rock-5b\x00rockchip,rk3588\x00", b"Radxa ROCK 5B\x00")
+    caps = detect("npu", kv_budget_bytes=1 << 30, proc_root=root)
+    assert caps.chip == "Rockchip RK3588"
+    assert caps.model.startswith("Radxa ROCK 5B") and "npu" in caps.model
+    assert caps.int8 == RK3588_NPU_INT8_TOPS == 6.0
+    assert caps.memory == 8_000_000 // 1024 - 1024 - 512  # MemAvailable - KV budget - reserve
+
+
+def test_rk3588s_and_other_rockchips(tmp_path):
+    root = fake_root(tmp_path, b"orangepi,orangepi-5\x00rockchip,rk3588s\x00", b"Orange Pi 5\x00")
+    assert rockchip_soc(root) == "RK3588S"
+    assert detect("onnx", 0, proc_root=root).int8 == 6.0
+
+
+def test_non_rockchip_report_is_sane(tmp_path):
+    root = fake_root(tmp_path, None, None, avail_kb=4_000_000)
+    caps = detect("onnx", kv_budget_bytes=0, proc_root=root)
+    assert caps.chip == "Test CPU 3000" and "exo-rknpu, onnx" in caps.model
+    assert caps.int8 == caps.fp16 == caps.fp32 == 0.0
+    assert caps.memory == 4_000_000 // 1024 - 512
+    assert rockchip_soc(root) is None
+
+
+def test_memory_override_and_floor(tmp_path):
+    root = fake_root(tmp_path, None, None, avail_kb=100)
+    assert detect("numpy", 2 << 30, proc_root=root).memory == 1  # never 0: exo divides by the total
+    assert detect("numpy", 2 << 30, memory_mb=3000, proc_root=root).memory == 3000
+    assert usable_memory_mb(10_000, 1 << 30) == 10_000 - 1024 - 512
+    assert mem_available_mb(tmp_path / "nowhere") == 0
+
+
+# ---------------------------------------------------------------- cards
+
+def test_cards():
+    assert get_card("smollm2-135m").n_layers == 30 and get_card("smollm2-135m").zoo_alias == "smollm2-135m"
+    # the same Hugging Face repos as exo's tinygrad engine uses
+    assert get_card("llama-3.2-1b").repo == "unsloth/Llama-3.2-1B-Instruct" and get_card("llama-3.2-1b").n_layers == 16
+    assert get_card("llama-3.2-3b").repo == "unsloth/Llama-3.2-3B-Instruct" and get_card("llama-3.2-3b").n_layers == 28
+    assert card_for_repo("exo-rknpu/smollm2-135m") is CARDS["smollm2-135m"] and card_for_repo("x/y") is None
+    with pytest.raises(UnknownModelError, match="smollm2-135m"):
+        get_card("qwen-2.5-0.5b")
+
+
+def test_local_override(tmp_path):
+    card = get_card("llama-3.2-1b")
+    assert local_override(card, None) is None and local_override(card, tmp_path) is None
+    (tmp_path / "llama-3.2-1b").mkdir()
+    assert local_override(card, tmp_path) == tmp_path / "llama-3.2-1b"
+
+
+# ---------------------------------------------------------------- API tokenizer
+
+def test_api_tokenizer_renders_encodes_and_decodes(tiny_llama):
+    tok = load_tokenizer(resolve_model(str(tiny_llama)))
+    api_tok = ExoApiTokenizer(tok)
+    conv = [{"role": "user", "content": "The capital of France?"}]
+    text = api_tok.apply_chat_template(conversation=conv, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nThe capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = api_tok.encode(text)
+    assert ids[0] == tok.backend.token_to_id("<|im_start|>")  # special tokens kept whole, no BOS added twice
+    assert api_tok.decode(ids) == "user\nThe capital of France?\nassistant\n"  # specials skipped
+    assert api_tok.apply_chat_template(conversation=conv, tokenize=True) == ids
+    assert api_tok.eos_token_id == tok.eos_token_id == 2
+    parts = [{"role": "user", "content": [{"type": "text", "text": "The capital of France?"}]}]
+    assert api_tok.apply_chat_template(conversation=parts) == text
+    assert encode_prompt(tok, "hello") == tok.encode("hello")
+
+
+# ---------------------------------------------------------------- launcher helpers
+
+def test_exo_argv():
+    assert exo_argv(["--", "--disable-tui"]) == ["exo", "--disable-tui", "--inference-engine", "rknpu"]
+    assert exo_argv(["--inference-engine", "rknpu"]) == ["exo", "--inference-engine", "rknpu"]
+    with pytest.raises(ValueError, match="tinygrad"):
+        exo_argv(["--inference-engine=tinygrad"])
+
+
+def test_failure_marker_fails_exos_unpacking():
+    with pytest.raises(RequestFailed, match="boom"):
+        tokens, is_finished = _FailureMarker("boom")  # what exo's API does with a queue item
+
+
+def test_node_cli_parses_and_reports_missing_exo(monkeypatch, capsys):
+    from exo_rknpu.cli import main as cli_main
+    import exo_rknpu.exo as adapter
+
+    parser = cli_main.build_parser()
+    args = parser.parse_args(["node", "--api-host", "127.0.0.1", "--backend", "numpy", "--hidden-dtype", "float16",
+                              "--", "--node-id", "a", "--disable-tui"])
+    assert args.exo_args[-3:] == ["--node-id", "a", "--disable-tui"]
+    from exo_rknpu.cli.node import build_options
+
+    opts = build_options(args)
+    assert opts.api_host == "127.0.0.1" and opts.engine.backend == "numpy" and opts.engine.hidden_dtype == "float16"
+    monkeypatch.setattr(adapter, "exo_importable", lambda: (False, "legacy exo is not importable (test)"))
+    assert args.func(args) == 2
+    assert "not importable" in capsys.readouterr().err

@@ -1,0 +1,92 @@
+"""The core invariants, on tiny random llama and qwen2 models, on both CPU backends.
+
+* split equivalence: [0,n) gives the same tokens as any cut into consecutive shards;
+* the onnx backend computes what the numpy reference computes (NMSE <= 1e-9 on logits);
+* cache continuity: chunked prefill and prefill-then-decode equal one uncached pass;
+* requests keep separate caches, bounded by count and memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.loader import load_shard
+from exo_rknpu.model.zoo import resolve_model
+from exo_rknpu.runtime.requests import RequestLimits
+from exo_rknpu.runtime.sampling import Sampler
+from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.slices.spec import Buckets
+from helpers import SMALL_BUCKETS, greedy, nmse, ring
+
+PROMPT = [5, 17, 42, 7, 99, 3, 250, 11, 64, 8, 31]  # 11 tokens: crosses the 8-token prefill bucket
+
+ONNX_VS_NUMPY_NMSE = 1e-9  # both float32; differences are summation order only
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+def test_split_gives_the_same_tokens_as_unsplit(model, backend, request):
+    path = request.getfixturevalue(model)
+    n = 5 if model == "tiny_llama" else 3
+    splits = {
+        5: ["0-1,2-4", "0-0,1-3,4-4", "0-0,1-1,2-2,3-3,4-4"],
+        3: ["0-0,1-2", "0-0,1-1,2-2"],
+    }[n]
+    expected = greedy(ring(path, None, backend), PROMPT, 10)
+    for split in splits:
+        assert greedy(ring(path, split, backend), PROMPT, 10) == expected, split
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+def test_onnx_matches_the_numpy_reference(model, request):
+    path = request.getfixturevalue(model)
+    logits = {}
+    for backend in ("numpy", "onnx"):
+        r = ring(path, "0-0,1-2" if model == "tiny_qwen2" else "0-2,3-4", backend)
+        logits[backend] = np.concatenate([r.forward("a", np.array([PROMPT]), logits="all"), r.forward("a", np.array([[9]]), logits="all")], axis=1)
+    assert nmse(logits["onnx"], logits["numpy"]) <= ONNX_VS_NUMPY_NMSE
+    assert np.array_equal(logits["onnx"].argmax(-1), logits["numpy"].argmax(-1))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+def test_chunked_prefill_and_decode_equal_one_uncached_pass(tiny_llama, backend):
+    src = resolve_model(str(tiny_llama))
+    one_shot = open_shard(src, LayerRange.full(5), backend, Buckets(seq=(1, 16), context=(32,)))
+    reference = one_shot.forward("x", np.array([PROMPT + [4, 2]]))  # one 16-bucket call, no cache reuse
+    chunked = open_shard(src, LayerRange.full(5), backend, Buckets(seq=(1, 4), context=(8, 16, 32)), layers_per_slice=2)
+    parts = [chunked.forward("y", np.array([PROMPT])), chunked.forward("y", np.array([[4]])), chunked.forward("y", np.array([[2]]))]
+    assert nmse(np.concatenate(parts, axis=1), reference) <= 1e-10
+
+
+def test_interleaved_requests_keep_separate_caches(tiny_qwen2):
+    r = ring(tiny_qwen2, "0-0,1-2", "onnx")
+    alone_a = greedy(r, PROMPT, 6, "a0")
+    alone_b = greedy(r, PROMPT[:4], 6, "b0")
+    gen_a = r.generate("a", PROMPT, 6, Sampler())
+    gen_b = r.generate("b", PROMPT[:4], 6, Sampler())
+    got_a, got_b = [], []
+    for ta, tb in zip(gen_a, gen_b):  # strictly alternating steps on the same shards
+        got_a.append(ta)
+        got_b.append(tb)
+    assert got_a == alone_a and got_b == alone_b
+
+
+def test_live_requests_are_bounded_by_count_and_memory(tiny_llama):
+    src = resolve_model(str(tiny_llama))
+    shard = open_shard(src, LayerRange(0, 3, 5), "numpy", SMALL_BUCKETS, limits=RequestLimits(max_requests=2))
+    for rid in ("a", "b", "c"):
+        shard.forward(rid, np.array([PROMPT]))
+    assert "a" not in shard.requests and "b" in shard.requests and "c" in shard.requests
+    one = shard.requests.get("c").nbytes
+    tight = open_shard(src, LayerRange(0, 3, 5), "numpy", SMALL_BUCKETS, limits=RequestLimits(max_requests=8, max_bytes=one + 1))
+    tight.forward("a", np.array([PROMPT]))
+    tight.forward("b", np.array([PROMPT]))
+    assert len(tight.requests) == 1 and "b" in tight.requests
+
+
+def test_weights_are_shared_not_copied_between_layer_groupings(tiny_llama):
+    src = resolve_model(str(tiny_llama))
+    w = load_shard(src, LayerRange(1, 4, 5))
+    assert sorted(w.layers) == [1, 2, 3] and w.embed_tokens is None and w.lm_head is None

@@ -1,0 +1,119 @@
+"""Compile + verify in the rknn-toolkit2 simulator. Skipped (with the command to run) when the toolkit is absent;
+.ci/run installs it with `exo-rknpu toolkit install`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from exo_rknpu.compiler import toolkit
+from exo_rknpu.compiler.cache import SliceCache
+from exo_rknpu.compiler.compile import compile_range
+from exo_rknpu.errors import ArtifactError, CompileError
+from exo_rknpu.slices.spec import Buckets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiny_models import make_tiny_hf  # noqa: E402
+
+_st = toolkit.status()
+pytestmark = [pytest.mark.toolkit,
+              pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")]
+
+BUCKETS = Buckets(seq=(1, 16), context=(64, 128))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "m", n_layers=4)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rknn-cache")
+
+
+@pytest.fixture(scope="module")
+def first(tiny, cache_dir):
+    return compile_range(str(tiny), "0-1", buckets=BUCKETS, verify=True, cache_dir=cache_dir, progress=False)
+
+
+def test_tiny_slices_compile_and_verify(first, cache_dir):
+    assert [r.name for r in first] == ["layers.0", "layers.1"]  # the embedding stays on the host
+    for r in first:
+        assert r.status == "built" and not r.cpu_ops and not r.fallbacks
+        for k in ("cos_hidden_out", "cos_k_new", "cos_v_new"):
+            assert r.verify[k] >= 0.9999, (r.name, k, r.verify[k])
+        m = json.loads((Path(r.folder) / "manifest.json").read_text())
+        assert m["dtype"] == "fp16" and m["platform"] == "rk3588" and m["toolkit_version"] == "2.5.0"
+        assert m["layers"] == [int(r.name.split(".")[1])]
+        shapes = m["files"][0]["shapes"]
+        assert {(s["seq"], s["ctx"]) for s in shapes} == {(1, 64), (16, 64), (1, 128), (16, 128)}  # one file, dynamic_input
+        assert len(m["files"][0]["sha256"]) == 64 and m["files"][0]["bytes"] == Path(r.files[0]).stat().st_size
+
+
+def test_cache_reuses_finished_slices(first, tiny, cache_dir):
+    again = compile_range(str(tiny), "1-2", buckets=BUCKETS, verify=False, cache_dir=cache_dir, progress=False)
+    assert [(r.name, r.status) for r in again] == [("layers.1", "reused"), ("layers.2", "built")]
+
+
+def test_interrupted_compile_resumes(first, tiny, cache_dir):
+    class Stop(Exception):
+        pass
+
+    with pytest.raises(Stop):  # the run dies after committing layers.3, before the head
+        compile_range(str(tiny), "2-3", buckets=BUCKETS, cache_dir=cache_dir, progress=False,
+                      on_built=lambda r: (_ for _ in ()).throw(Stop(r.name)) if r.name == "layers.3" else None)
+    assert not any((cache_dir / "tmp").glob("*/manifest.json"))  # nothing half-done looks finished
+    done = compile_range(str(tiny), "2-3", buckets=BUCKETS, cache_dir=cache_dir, progress=False)
+    assert [(r.name, r.status) for r in done] == [("layers.2", "reused"), ("layers.3", "reused"), ("head", "built")]
+
+
+def test_tampered_rknn_and_manifest_are_refused(first, tiny, cache_dir):
+    from exo_rknpu.backends.npu import NpuBackend
+    from exo_rknpu.model.base import LayerRange
+    from exo_rknpu.model.loader import load_shard, resolve_model
+    from exo_rknpu.slices.spec import SliceSpec
+
+    src = resolve_model(str(tiny))
+    ws = load_shard(src, LayerRange(0, 2, 4))
+    be = NpuBackend(cache_dir=cache_dir, check_board=False)
+    spec = SliceSpec("layers", 0, 1)
+    folder, _ = be.locate(spec, ws, BUCKETS)  # intact: accepted
+    rknn = next(folder.glob("*.rknn"))
+    data = bytearray(rknn.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rknn.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        be.locate(spec, ws, BUCKETS)
+    # the compiler never reuses the damaged entry: it rebuilds it
+    again = compile_range(str(tiny), "0-0", buckets=BUCKETS, cache_dir=cache_dir, progress=False)
+    assert again[0].status == "built"
+    folder, _ = be.locate(spec, ws, BUCKETS)
+    mp = folder / "manifest.json"
+    m = json.loads(mp.read_text())
+    m["model_fingerprint"] = "0" * 64
+    mp.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="another model"):
+        be.locate(spec, ws, BUCKETS)
+    with pytest.raises(ArtifactError, match="lacks buckets"):
+        m["model_fingerprint"] = ws.fingerprint
+        mp.write_text(json.dumps(m))
+        be.locate(spec, ws, Buckets(seq=(1, 16), context=(64, 128, 256)))
+
+
+def test_bad_dtype_is_a_clear_error(tiny, cache_dir):
+    with pytest.raises(CompileError, match="fp16, w8a8"):
+        compile_range(str(tiny), "0-0", dtype="int4", cache_dir=cache_dir, progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_two_layers_compile_and_verify(tmp_path):
+    res = compile_range("smollm2-135m", "4-5", buckets=Buckets(seq=(1, 16), context=(256,)), verify=True,
+                        cache_dir=tmp_path, progress=False)
+    assert [r.name for r in res] == ["layers.4", "layers.5"]
+    for r in res:
+        assert not r.cpu_ops and not r.fallbacks
+        assert min(v for k, v in r.verify.items() if k.startswith("cos_") and k != "cos_delta") >= 0.9999

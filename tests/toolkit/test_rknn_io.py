@@ -1,0 +1,97 @@
+"""Marshalling, build-log parsing, manifests and the npu backend's refusals: no toolkit needed."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+
+from exo_rknpu.backends import rknn_io
+from exo_rknpu.backends.base import get_backend
+from exo_rknpu.compiler.buildlog import parse_build_log
+from exo_rknpu.compiler.calibration import repad
+from exo_rknpu.errors import BackendUnavailableError
+from exo_rknpu.slices.spec import LAYER_INPUTS, LAYER_OUTPUTS, MASK_VALUE
+
+
+def test_names_match_slice_spec():
+    assert rknn_io.SLICE_INPUTS["layers"] == LAYER_INPUTS
+    assert rknn_io.SLICE_OUTPUTS["layers"] == LAYER_OUTPUTS
+
+
+def test_pack_orders_casts_and_checks_shapes():
+    inputs = {n: np.ones((1, 1, 2, 4), np.float64) for n in LAYER_INPUTS}
+    inputs["hidden"] = np.arange(8, dtype=np.float16).reshape(1, 2, 4)
+    arrays, fmt = rknn_io.pack_inputs("layers", inputs)
+    assert fmt == ["nchw"] * 6
+    assert [a.dtype for a in arrays] == [np.float32] * 6
+    assert np.array_equal(arrays[0], inputs["hidden"].astype(np.float32))
+    with pytest.raises(rknn_io.MarshalError, match="missing"):
+        rknn_io.pack_inputs("layers", {"hidden": inputs["hidden"]})
+    shapes = {n: a.shape for n, a in inputs.items()} | {"mask": (1, 1, 2, 9)}
+    with pytest.raises(rknn_io.MarshalError, match="'mask' has shape"):
+        rknn_io.pack_inputs("layers", inputs, shapes)
+    ids, _ = rknn_io.pack_inputs("embed", {"token_ids": np.array([[1, 2]], np.int32)})
+    assert ids[0].dtype == np.int64
+
+
+def test_unpack_reshapes_and_copies():
+    buf = np.arange(6, dtype=np.float32)
+    out = rknn_io.unpack_outputs("head", [buf], {"logits": (1, 2, 3)})
+    assert out["logits"].shape == (1, 2, 3)
+    buf[:] = -1  # RKNNLite reuse_outputs overwrites its buffers: the result must not change
+    assert out["logits"][0, 0, 1] == 1.0
+    with pytest.raises(rknn_io.MarshalError, match="expected shape"):
+        rknn_io.unpack_outputs("head", [buf], {"logits": (1, 2, 4)})
+
+
+def test_repad_is_exact_for_attention():
+    from exo_rknpu.slices.graph import NumpyOps
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 3, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 16 + 3, 8)).astype(np.float32)
+    mask = np.zeros((1, 1, 3, 19), np.float32)
+    mask[..., 5:16] = MASK_VALUE  # 5 cached positions in a context of 16
+    inp = {"past_k": k[:, :, :16], "past_v": k[:, :, :16], "mask": mask}
+    big = repad(inp, 32)
+    assert big["past_k"].shape == (1, 2, 32, 8) and big["mask"].shape == (1, 1, 3, 35)
+    ops = NumpyOps()
+    a = ops.attention(q, np.concatenate([inp["past_k"], k[:, :, 16:]], 2), np.concatenate([inp["past_v"], k[:, :, 16:]], 2), mask, 0.3)
+    b = ops.attention(q, np.concatenate([big["past_k"], k[:, :, 16:]], 2), np.concatenate([big["past_v"], k[:, :, 16:]], 2), big["mask"], 0.3)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+LOG = """D RKNN: [23:58:22.810] ----------------------------------------------------------------------------------------------------
+D RKNN: [23:58:22.810]                                                         Network Layer Information Table
+D RKNN: [23:58:22.810] ----------------------------------------------------------------------------------------------------
+D RKNN: [23:58:22.810] ID   OpType             DataType Target InputShape                               OutputShape            Cycles(DDR/NPU/Total)    RW(KB)       FullName
+D RKNN: [23:58:22.810] ----------------------------------------------------------------------------------------------------
+D RKNN: [23:58:22.810] 0    InputOperator      FLOAT16  CPU    \\                                        (1,1,576)              0/0/0                    0            InputOperator:hidden
+D RKNN: [23:58:22.810] 12   exNorm             FLOAT16  NPU    (1,576,1,1),(1,576,1,1),(1,576,1,1)      (1,576,1,1)            0/0/0                    3            exNorm:reducemean_7_2rmsn
+D RKNN: [23:58:22.810] 13   Conv               FLOAT16  NPU    (1,576,1,1),(576,576,1,1)                (1,576,1,1)            28150/10368/28150        649          Conv:matmul_15#2
+D RKNN: [23:58:22.810] 37   Transpose          FLOAT16  CPU    (1,9,257,64)                             (9,64,1,257)           0/0/100                  514          Transpose:transpose_60
+D RKNN: [23:58:22.810] 47   OutputOperator     FLOAT16  CPU    (1,1,576)                                \\                      0/0/0                    1            OutputOperator:hidden_out
+D RKNN: [23:58:22.810] ----------------------------------------------------------------------------------------------------
+W RKNN: [00:01:02.000] Warning: Transpose will fallback to CPU, because input shape has exceeded the max limit, height(2176) * width(64) = 139264, required product no larger than 8192!
+D RKNN: [23:58:22.853] Total Internal Memory Size: 3029.06KB
+D RKNN: [23:58:22.853] Total Weight Memory Size: 6920.25KB
+"""
+
+
+def test_build_log_reports_cpu_ops_and_fallbacks():
+    r = parse_build_log(LOG)
+    assert r.tables == 1 and r.ops == 5
+    assert r.cpu_ops == ["Transpose:transpose_60"]  # Input/Output operators are always on the CPU: not reported
+    assert len(r.fallbacks) == 1 and "Transpose will fallback to CPU" in r.fallbacks[0]
+    assert r.cycles == [28250] and r.weight_kb == 6920.25 and not r.on_npu
+    clean = parse_build_log(LOG.replace("Transpose          FLOAT16  CPU", "Transpose          FLOAT16  NPU").replace("will fallback to CPU", "ok"))
+    assert clean.on_npu
+
+
+@pytest.mark.skipif(platform.machine() == "aarch64", reason="checks the refusal on machines without an NPU")
+def test_npu_backend_says_what_is_missing():
+    with pytest.raises(BackendUnavailableError, match="not aarch64") as e:
+        get_backend("npu")
+    assert "librknnrt" in str(e.value) and "rknn-toolkit-lite2" in str(e.value)

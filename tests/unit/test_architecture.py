@@ -1,0 +1,56 @@
+"""The dependency direction of the package: model -> slices -> backends -> runtime -> compiler -> engine -> exo -> cli.
+
+Each module may import only from its own layer or layers to its left; only exo_rknpu/exo imports exo.
+"""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "exo_rknpu"
+ORDER = ["errors", "config", "model", "slices", "backends", "runtime", "compiler", "engine", "exo", "cli"]
+SHARED = {"errors", "config", "__init__"}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+    return out
+
+
+def test_imports_point_one_way():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        mine = layer_of(".".join(rel.parts))
+        if mine in SHARED:
+            continue
+        for mod in imports(path):
+            if not mod.startswith("exo_rknpu."):
+                continue
+            theirs = layer_of(mod)
+            if theirs in SHARED:
+                continue
+            if ORDER.index(theirs) > ORDER.index(mine):
+                bad.append(f"{rel} imports {mod}")
+    assert not bad, "imports against the dependency direction:\n" + "\n".join(bad)
+
+
+def test_only_the_exo_adapter_imports_exo():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] == "exo":
+            continue
+        for mod in imports(path):
+            if mod == "exo" or mod.startswith("exo."):
+                bad.append(f"{rel} imports {mod}")
+    assert not bad, "\n".join(bad)
