@@ -45,7 +45,7 @@ class OrtBackend:
         return spec.blocks == ("attn", "mlp")
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner:
-        model = build_onnx(spec, weights)
+        model = build_onnx(spec, weights, attention_form="split")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

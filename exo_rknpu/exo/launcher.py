@@ -18,6 +18,7 @@ Patches, all applied before `exo.main` is imported (it parses argv and builds th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -178,6 +179,8 @@ def attach_failure_handler(node: Any, api: Any) -> None:
         if not isinstance(data, dict) or data.get("type") != FAILURE_STATUS:
             return
         rid = data.get("request_id") or request_id
+        if data.get("node_id") != node.id:
+            print(f"[exo-rknpu] request {rid} failed on another node: {data.get('error')}", flush=True)
         node.outstanding_requests.pop(rid, None)
         api.token_queues[rid].put_nowait(_FailureMarker(str(data.get("error"))))
 
@@ -192,27 +195,34 @@ def _api_tokenizer(name_or_path: str) -> Any:
     return ExoApiTokenizer(load_tokenizer(resolve_model(name_or_path)))
 
 
+def _arg_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def exo_argv(exo_args: list[str]) -> list[str]:
     """exo's argv: EXO_ARGS unchanged, plus `--inference-engine rknpu` unless already there (another value is an error)."""
     args = list(exo_args)
     if args and args[0] == "--":
         args = args[1:]
-    for i, a in enumerate(args):
-        value = None
-        if a == "--inference-engine" and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith("--inference-engine="):
-            value = a.split("=", 1)[1]
-        if value is not None:
-            if value != ENGINE_NAME:
-                raise ValueError(f"exo-rknpu node runs the {ENGINE_NAME!r} engine; remove --inference-engine {value}")
-            return ["exo", *args]
+    value = _arg_value(args, "--inference-engine")
+    if value is not None:
+        if value != ENGINE_NAME:
+            raise ValueError(f"exo-rknpu node runs the {ENGINE_NAME!r} engine; remove --inference-engine {value}")
+        return ["exo", *args]
     return ["exo", *args, "--inference-engine", ENGINE_NAME]
 
 
 def run_node(options: NodeOptions, exo_args: list[str]) -> int:
     """Patch exo, hand it EXO_ARGS, and run it until it exits."""
     argv = exo_argv(exo_args)
+    node_id = _arg_value(argv, "--node-id")
+    if node_id and not options.engine.label:
+        options = dataclasses.replace(options, engine=dataclasses.replace(options.engine, label=f"node {node_id}"))
     install_patches(options)
     sys.argv = argv
     try:

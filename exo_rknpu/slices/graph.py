@@ -33,8 +33,13 @@ class Ops(Protocol):
     def rotate_half(self, x: T, head_dim: int) -> T: ...  # cat(-x2, x1) on the last axis
     def concat(self, xs: list[T], axis: int) -> T: ...
     def take_layer(self, x: T, i: int) -> T: ...  # x[i:i+1] on axis 0
-    def repeat_kv(self, x: T, n_kv: int, n_rep: int, head_dim: int) -> T: ...  # [1,kv,L,hd] -> [1,kv*n_rep,L,hd]; head h uses kv h // n_rep
-    def attention(self, q: T, k: T, v: T, mask: T, scale: float) -> T: ...  # softmax(q k^T * scale + mask) v
+    def attention(self, q: T, past_k: T, k: T, past_v: T, v: T, mask: T, scale: float, n_rep: int) -> T:
+        """softmax(q K^T * scale + mask) V over K = [past_k, k], V = [past_v, v] (axis 2); q head h uses kv head h // n_rep.
+
+        q [1,nh,S,hd]; past [1,kv,C,hd]; k, v [1,kv,S,hd]; mask [1,1,S,C+S]; returns [1,nh,S,hd].
+        """
+        ...
+
     def embed(self, table: np.ndarray, ids: T) -> T: ...
 
 
@@ -51,9 +56,7 @@ def attention_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: 
     k = ops.split_heads(ops.linear(h, w.k_proj, w.k_bias), nkv, hd)
     v = ops.split_heads(ops.linear(h, w.v_proj, w.v_bias), nkv, hd)
     q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
-    keys = ops.repeat_kv(ops.concat([past_k, k], axis=2), nkv, a.n_rep, hd)
-    values = ops.repeat_kv(ops.concat([past_v, v], axis=2), nkv, a.n_rep, hd)
-    o = ops.merge_heads(ops.attention(q, keys, values, mask, hd**-0.5), nh, hd)
+    o = ops.merge_heads(ops.attention(q, past_k, k, past_v, v, mask, hd**-0.5, a.n_rep), nh, hd)
     return ops.add(x, ops.linear(o, w.o_proj)), k, v
 
 
@@ -133,10 +136,9 @@ class NumpyOps:
     def take_layer(self, x, i):
         return x[i : i + 1]
 
-    def repeat_kv(self, x, n_kv, n_rep, head_dim):
-        return x if n_rep == 1 else np.repeat(x, n_rep, axis=1)
-
-    def attention(self, q, k, v, mask, scale):
+    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep):
+        k = np.repeat(np.concatenate([past_k, k], axis=2), n_rep, axis=1)
+        v = np.repeat(np.concatenate([past_v, v], axis=2), n_rep, axis=1)
         s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale) + mask
         s = np.exp(s - s.max(axis=-1, keepdims=True))
         return (s / s.sum(axis=-1, keepdims=True)) @ v

@@ -18,6 +18,8 @@ from exo_rknpu.slices.spec import SliceSpec
 
 OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and in current onnxruntime
 IR_VERSION = 8
+# "sdpa": the op pattern the RKNN compiler fuses (copies the cache: concat + repeat); "split": no cache copy, for CPUs.
+ATTENTION_FORMS = ("sdpa", "split")
 
 
 @dataclass
@@ -36,9 +38,11 @@ class _Graph:
 class OnnxOps:
     """Symbolic ops: each call appends nodes and returns the output value's name."""
 
-    def __init__(self, weight_dtype: np.dtype = np.dtype(np.float32)) -> None:
+    def __init__(self, attention_form: str = "sdpa") -> None:
+        if attention_form not in ATTENTION_FORMS:
+            raise ValueError(f"attention_form must be one of {ATTENTION_FORMS}")
         self.g = _Graph()
-        self.weight_dtype = np.dtype(weight_dtype)
+        self.attention_form = attention_form
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, op: str, inputs: list[str], **attrs) -> str:
@@ -110,21 +114,51 @@ class OnnxOps:
             [x, self._const(np.array([i], np.int64)), self._const(np.array([i + 1], np.int64)), self._const(np.array([0], np.int64))],
         )
 
-    def repeat_kv(self, x, n_kv, n_rep, head_dim):
-        if n_rep == 1:
-            return x
-        # [1,kv,L,hd] -> [1,kv,1,L,hd] -> expand [1,kv,rep,L,hd] -> [1,kv*rep,L,hd]; the HF pattern the compiler maps to Gather/Conv.
+    def _repeat_kv(self, x, n_rep):
+        # [1,kv,L,hd] -> [1,kv,1,L,hd] -> expand [1,kv,rep,L,hd] -> [1,kv*rep,L,hd]: the HF pattern the compiler maps to Gather/Conv.
         u = self._node("Unsqueeze", [x, self._const(np.array([2], np.int64))])
-        shape = self._node("Shape", [u])
-        reps = self._const(np.array([1, 1, n_rep, 1, 1], np.int64))
-        e = self._node("Expand", [u, self._node("Mul", [shape, reps])])
-        return self._node("Reshape", [e, self._shape([1, n_kv * n_rep, -1, head_dim])])
+        e = self._node("Expand", [u, self._node("Mul", [self._node("Shape", [u]), self._const(np.array([1, 1, n_rep, 1, 1], np.int64))])])
+        shape = self._node("Shape", [x])
+        dims = self._node("Concat", [self._const(np.array([1, -1], np.int64)), self._node("Slice", [shape, *self._range(2, 4)])], axis=0)
+        return self._node("Reshape", [e, dims])
 
-    def attention(self, q, k, v, mask, scale):
-        kt = self._node("Transpose", [k], perm=[0, 1, 3, 2])
+    def _range(self, start: int, stop: int) -> list[str]:
+        return [self._const(np.array([start], np.int64)), self._const(np.array([stop], np.int64))]
+
+    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep):
+        if self.attention_form == "sdpa":
+            return self._attention_sdpa(q, past_k, k, past_v, v, mask, scale, n_rep)
+        return self._attention_split(q, past_k, k, past_v, v, mask, scale, n_rep)
+
+    def _attention_sdpa(self, q, past_k, k, past_v, v, mask, scale, n_rep):
+        """Concat + repeat + MatMul/Mul/Add/Softmax/MatMul: the pattern rknn-toolkit2 fuses into exSDPAttention."""
+        keys, values = self._node("Concat", [past_k, k], axis=2), self._node("Concat", [past_v, v], axis=2)
+        if n_rep > 1:
+            keys, values = self._repeat_kv(keys, n_rep), self._repeat_kv(values, n_rep)
+        kt = self._node("Transpose", [keys], perm=[0, 1, 3, 2])
         s = self._node("Mul", [self._node("MatMul", [q, kt]), self._const(np.array(scale, np.float32))])
         p = self._node("Softmax", [self._node("Add", [s, mask])], axis=-1)
-        return self._node("MatMul", [p, v])
+        return self._node("MatMul", [p, values])
+
+    def _attention_split(self, q, past_k, k, past_v, v, mask, scale, n_rep):
+        """Same maths without copying the cache: query heads folded onto their kv head ([1,kv,rep*S,hd]),
+        scores against past and new keys computed separately and concatenated (small), values likewise."""
+        qs = self._node("Shape", [q])  # [1, nh, S, hd]
+        kv_shape = self._node("Shape", [k])  # [1, kv, S, hd]
+        folded = self._node("Concat", [self._node("Slice", [kv_shape, *self._range(0, 2)]), self._const(np.array([-1], np.int64)),
+                                       self._node("Slice", [qs, *self._range(3, 4)])], axis=0)
+        qf = self._node("Mul", [self._node("Reshape", [q, folded]), self._const(np.array(scale, np.float32))])
+        s_past = self._node("MatMul", [qf, self._node("Transpose", [past_k], perm=[0, 1, 3, 2])])
+        s_new = self._node("MatMul", [qf, self._node("Transpose", [k], perm=[0, 1, 3, 2])])
+        m = mask if n_rep == 1 else self._node("Tile", [mask, self._const(np.array([1, 1, n_rep, 1], np.int64))])
+        p = self._node("Softmax", [self._node("Add", [self._node("Concat", [s_past, s_new], axis=-1), m])], axis=-1)
+        c = self._node("Shape", [past_k])
+        p_past = self._node("Slice", [p, self._const(np.array([0], np.int64)), self._node("Slice", [c, *self._range(2, 3)]),
+                                      self._const(np.array([-1], np.int64))])
+        p_new = self._node("Slice", [p, self._node("Slice", [c, *self._range(2, 3)]), self._const(np.array([2**62], np.int64)),
+                                     self._const(np.array([-1], np.int64))])
+        o = self._node("Add", [self._node("MatMul", [p_past, past_v]), self._node("MatMul", [p_new, v])])
+        return self._node("Reshape", [o, qs])
 
     def embed(self, table, ids):
         return self._node("Gather", [self._weight(table), ids], axis=0)
@@ -134,10 +168,15 @@ def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
-def build_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
-    """ONNX model of `spec`. seq/ctx None -> symbolic dims "S"/"C" (one graph for all buckets)."""
+def build_onnx(
+    spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None, attention_form: str = "sdpa"
+) -> onnx.ModelProto:
+    """ONNX model of `spec`. seq/ctx None -> symbolic dims "S"/"C" (one graph for all buckets).
+
+    attention_form picks how `Ops.attention` is written out (same maths): "sdpa" for the NPU compiler, "split" for CPUs.
+    """
     a = weights.args
-    ops = OnnxOps()
+    ops = OnnxOps(attention_form)
     S: int | str = seq if seq is not None else "S"
     C: int | str = ctx if ctx is not None else "C"
     CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"

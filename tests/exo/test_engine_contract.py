@@ -21,7 +21,7 @@ import pytest
 from exo_helpers import needs_exo
 from tiny_models import make_tiny_hf
 
-pytestmark = needs_exo
+pytestmark = [needs_exo, pytest.mark.exo]
 
 N = 16
 MODEL = "llama-3.2-1b"

@@ -13,7 +13,7 @@ import pytest
 from exo_helpers import needs_exo
 from tiny_models import make_tiny_hf
 
-pytestmark = needs_exo
+pytestmark = [needs_exo, pytest.mark.exo]
 
 SCRIPT = textwrap.dedent(
     r"""

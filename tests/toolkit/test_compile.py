@@ -115,5 +115,8 @@ def test_smollm2_two_layers_compile_and_verify(tmp_path):
                         cache_dir=tmp_path, progress=False)
     assert [r.name for r in res] == ["layers.4", "layers.5"]
     for r in res:
-        assert not r.cpu_ops and not r.fallbacks
+        # Known compiler limit, reported by the placement check: with seq > 1 the K transpose of [heads, C+S, 64]
+        # exceeds H*W <= 8192 and falls back to the CPU (seq 1, decode, stays on the NPU). See docs/compiler.md.
+        assert not r.cpu_ops
+        assert r.fallbacks and all("Transpose will fallback to CPU" in f and "(272)" in f for f in r.fallbacks)
         assert min(v for k, v in r.verify.items() if k.startswith("cos_") and k != "cos_delta") >= 0.9999

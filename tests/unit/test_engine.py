@@ -269,3 +269,32 @@ def test_unknown_backend_is_a_clear_error(tiny):
 
     with pytest.raises(BackendUnavailableError, match="known backends"):
         asyncio.run(go())
+
+
+@pytest.mark.slow
+async def test_smollm2_split_equals_full_exactly():
+    """The bundled model, split at exo's pp = n // 2 (inclusive ends 0-15 / 16-29), numpy backend, float32 wire."""
+    src = resolve_model("smollm2-135m")
+
+    async def source(model_id, lr):
+        return src
+
+    n, pp = 30, 15
+    e1 = ShardEngine(EngineConfig(backend="numpy", logits="last"), source)
+    e2 = ShardEngine(EngineConfig(backend="numpy", logits="last"), source)
+    try:
+        loaded = await e1.ensure("smollm2-135m", LayerRange.full(n))
+        ids = np.array([loaded.tokenizer.encode("The capital of France is")], dtype=np.int64)
+        ref = await e1.forward("A", "smollm2-135m", LayerRange.full(n), ids)
+        tok = np.array([[int(np.argmax(ref[0, -1]))]], dtype=np.int64)
+        assert loaded.tokenizer.decode(tok[0].tolist()) == " Paris"
+        ref_next = await e1.forward("A", "smollm2-135m", LayerRange.full(n), tok)
+
+        first, second = LayerRange(0, pp + 1, n), LayerRange(pp + 1, n, n)
+        out = await e2.forward("B", "smollm2-135m", second, await e1.forward("B", "smollm2-135m", first, ids))
+        out_next = await e2.forward("B", "smollm2-135m", second, await e1.forward("B", "smollm2-135m", first, tok))
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(out_next, ref_next)
+    finally:
+        e1.close()
+        e2.close()
