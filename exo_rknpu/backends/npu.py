@@ -1,6 +1,6 @@
 """Board backend `npu`: compiled .rknn slices on the RK3588 NPU through rknn-toolkit-lite2 (RKNNLite).
 
-prepare() finds the slice in the compiled cache (compiler/cache.py index), refuses a manifest that does not
+prepare() finds the slice in the compiled cache (slices/artifacts.py index), refuses a manifest that does not
 match the model fingerprint, the weights, the platform or its files' sha256 (ArtifactError with the reason),
 loads one RKNNLite context per file and calls init_runtime(core_mask=...). The KV cache stays on the host
 (the runtime passes past_k/past_v each call); inputs/outputs go through backends/rknn_io.py, the same code
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from exo_rknpu.backends import rknn_io
-from exo_rknpu.compiler import cache as cc
+from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.weights import ShardWeights

@@ -8,7 +8,7 @@ import numpy as np
 
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.onnx_export import build_onnx
+from exo_rknpu.slices.onnx_export import build_onnx, per_layer_cache_names
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 try:
@@ -19,11 +19,17 @@ except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but 
 
 
 class OrtRunner:
-    def __init__(self, session: "ort.InferenceSession") -> None:
+    def __init__(self, session: "ort.InferenceSession", n_cache_layers: int) -> None:
         self.session = session
         self.output_names = [o.name for o in session.get_outputs()]
+        self.n_cache_layers = n_cache_layers
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.n_cache_layers:
+            inputs = dict(inputs)
+            for name in ("past_k", "past_v"):
+                stacked = inputs.pop(name)  # [n,kv,C,hd]: stacked[i] is a contiguous view, handed over without a copy
+                inputs.update({n: stacked[i : i + 1] for i, n in enumerate(per_layer_cache_names(name, self.n_cache_layers))})
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
     def close(self) -> None:
@@ -45,11 +51,11 @@ class OrtBackend:
         return spec.blocks == ("attn", "mlp")
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner:
-        model = build_onnx(spec, weights, attention_form="split")
+        model = build_onnx(spec, weights, attention_form="split", per_layer_cache=True)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return OrtRunner(session)
+        return OrtRunner(session, spec.n_layers)

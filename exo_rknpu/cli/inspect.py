@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
 
 
 def _summary(folder: Path) -> dict:
-    from exo_rknpu.compiler import manifest as mf
+    from exo_rknpu.slices import manifest as mf
     from exo_rknpu.errors import ArtifactError
 
     m = mf.read_manifest(folder)

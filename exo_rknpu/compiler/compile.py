@@ -20,8 +20,8 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from exo_rknpu.backends import rknn_io
-from exo_rknpu.compiler import cache as cc
-from exo_rknpu.compiler import manifest as mf
+from exo_rknpu.slices import artifacts as cc
+from exo_rknpu.slices import manifest as mf
 from exo_rknpu.compiler import toolkit
 from exo_rknpu.compiler.buildlog import parse_build_log
 from exo_rknpu.compiler.calibration import CALIBRATION_TEXT, capture, repad, text_digest

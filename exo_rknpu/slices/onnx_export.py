@@ -43,6 +43,7 @@ class OnnxOps:
             raise ValueError(f"attention_form must be one of {ATTENTION_FORMS}")
         self.g = _Graph()
         self.attention_form = attention_form
+        self.n_layers = 0  # layers in the slice being recorded (set by build_onnx)
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, op: str, inputs: list[str], **attrs) -> str:
@@ -109,6 +110,10 @@ class OnnxOps:
         return self._node("Concat", list(xs), axis=axis)
 
     def take_layer(self, x, i):
+        if isinstance(x, list):  # per-layer cache inputs: nothing to copy
+            return x[i]
+        if self.n_layers == 1:
+            return x
         return self._node(
             "Slice",
             [x, self._const(np.array([i], np.int64)), self._const(np.array([i + 1], np.int64)), self._const(np.array([0], np.int64))],
@@ -168,15 +173,28 @@ def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
+def per_layer_cache_names(name: str, n: int) -> list[str]:
+    """Input names of a per-layer cache: past_k -> past_k.0, past_k.1, ..."""
+    return [f"{name}.{i}" for i in range(n)]
+
+
 def build_onnx(
-    spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None, attention_form: str = "sdpa"
+    spec: SliceSpec,
+    weights: ShardWeights,
+    seq: int | None = None,
+    ctx: int | None = None,
+    attention_form: str = "sdpa",
+    per_layer_cache: bool = False,
 ) -> onnx.ModelProto:
     """ONNX model of `spec`. seq/ctx None -> symbolic dims "S"/"C" (one graph for all buckets).
 
     attention_form picks how `Ops.attention` is written out (same maths): "sdpa" for the NPU compiler, "split" for CPUs.
+    per_layer_cache replaces past_k/past_v [n,kv,C,hd] by n inputs past_k.i [1,kv,C,hd]: runtimes without views
+    (onnxruntime) would otherwise copy the whole cache to slice out each layer.
     """
     a = weights.args
     ops = OnnxOps(attention_form)
+    ops.n_layers = spec.n_layers
     S: int | str = seq if seq is not None else "S"
     C: int | str = ctx if ctx is not None else "C"
     CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
@@ -192,7 +210,14 @@ def build_onnx(
         ins = [("hidden", (1, S, H), f32), ("cos", (1, 1, S, hd), f32), ("sin", (1, 1, S, hd), f32),
                ("mask", (1, 1, S, CS), f32), ("past_k", (n, kv, C, hd), f32), ("past_v", (n, kv, C, hd), f32)]
         outs = [("hidden_out", (1, S, H), f32), ("k_new", (n, kv, S, hd), f32), ("v_new", (n, kv, S, hd), f32)]
-    results = run_slice(ops, spec, weights, {name: name for name, _, _ in ins})
+    names: dict[str, object] = {name: name for name, _, _ in ins}
+    if per_layer_cache and spec.kind == "layers":
+        kept = [i for i in ins if i[0] not in ("past_k", "past_v")]
+        for cache in ("past_k", "past_v"):
+            names[cache] = per_layer_cache_names(cache, n)
+            kept += [(nm, (1, kv, C, hd), f32) for nm in names[cache]]  # type: ignore[union-attr]
+        ins = kept
+    results = run_slice(ops, spec, weights, names)
     # Give outputs their public names with Identity nodes (an input may not double as an output).
     for name, _, _ in outs:
         ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exo_rknpu.compiler import toolkit
-from exo_rknpu.compiler.cache import SliceCache
+from exo_rknpu.slices.artifacts import SliceCache
 from exo_rknpu.compiler.compile import compile_range
 from exo_rknpu.errors import ArtifactError, CompileError
 from exo_rknpu.slices.spec import Buckets

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from exo_rknpu.compiler import manifest as mf
+from exo_rknpu.slices import manifest as mf
 from exo_rknpu.errors import ArtifactError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, SliceSpec
