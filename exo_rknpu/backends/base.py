@@ -56,6 +56,7 @@ BACKENDS: dict[str, BackendInfo] = {
     "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (float32)"),
     "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (float32)"),
     "npu": BackendInfo("npu", "exo_rknpu.backends.npu", "NpuBackend", "RK3588 NPU via rknn-toolkit-lite2 (board only)"),
+    "rknn-sim": BackendInfo("rknn-sim", "exo_rknpu.backends.rknn_sim", "RknnSimBackend", "rknn-toolkit2 simulator (toolkit venv)"),
 }
 
 

@@ -20,9 +20,19 @@ from exo_rknpu.runtime.session import default_buckets, open_shard
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by commands that run a model."""
     p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file, or alias (default: smollm2-135m)")
-    p.add_argument("--backend", default="onnx", help="numpy | onnx | npu (default: onnx)")
+    p.add_argument("--backend", default="onnx", help="numpy | onnx | npu | rknn-sim (default: onnx)")
+    p.add_argument("--backend-dtype", choices=["fp16", "w8a8"], default=None,
+                   help="compiled dtype for npu / rknn-sim (default: fp16)")
     p.add_argument("--max-context", type=int, default=None, help="largest context bucket (default: 2048 or the model's limit)")
     p.add_argument("--layers-per-slice", type=int, default=None, help="layers per graph (default: the whole shard in one graph)")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """Backend options from add_model_args' flags."""
+    dtype = getattr(args, "backend_dtype", None)
+    if dtype and args.backend not in ("npu", "rknn-sim"):
+        raise SystemExit(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
+    return {"dtype": dtype} if dtype else {}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = args.prompt
     prompt_ids = tok.encode(text)
-    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice) for r in ranges]
+    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=backend_options(args)) for r in ranges]
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

@@ -34,6 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-mb", type=int, default=None,
                    help="memory to report to exo's partitioner (default: MemAvailable minus the KV budget and a reserve)")
     p.add_argument("--layers-per-slice", type=int, default=None, help="layers per graph (default: the whole shard in one graph)")
+    p.add_argument("--logits", choices=["all", "last"], default="all",
+                   help="last shard returns logits for every position (all, exo's contract) or only the last one "
+                        "(last: exo samples only that row; saves the head's work and memory on long prompts)")
+    p.add_argument("--npu-dtype", default="fp16", help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
+    p.add_argument("--npu-core-mask", default="auto", help="npu backend: NPU cores, auto | 0 | 1 | 2 | 0_1 | 0_1_2 | all")
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
     p.set_defaults(func=run)
 
@@ -49,6 +54,8 @@ def build_options(args: argparse.Namespace):
         limits=RequestLimits(max_requests=args.max_requests, max_bytes=args.max_kv_mb << 20),
         max_context=args.max_context,
         layers_per_slice=args.layers_per_slice,
+        logits=args.logits,
+        backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb)
 

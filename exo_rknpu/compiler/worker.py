@@ -65,19 +65,20 @@ def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str) -> list[str]:
     return keep
 
 
-def build_one(b: dict) -> dict:
-    import numpy as np
+def build_rknn(b: dict, res: dict):
+    """config + load_onnx + build (fp16) or hybrid quantization (w8a8) of build spec `b`: the one recipe used by
+    the compiler (build_one below) and by the rknn-sim backend's worker (backends/rknn_sim_worker.py).
+
+    Changes the cwd to b["workdir"] (hybrid_quantization_step1 writes there). Returns the RKNN object, built and
+    ready for export_rknn / init_runtime; fills res["build_s"] (and res["fp16_tensors"] for w8a8).
+    """
     from rknn.api import RKNN
 
-    from exo_rknpu.backends import rknn_io
-
-    os.makedirs(b["workdir"], exist_ok=True)
-    os.chdir(b["workdir"])  # hybrid_quantization_step1 writes its files into the cwd
-    res: dict = {"name": b["name"], "ok": False}
     t0 = time.monotonic()
-    saved = _redirect(b["log"])
+    os.makedirs(b["workdir"], exist_ok=True)
+    os.chdir(b["workdir"])
+    rk = RKNN(verbose=True)
     try:
-        rk = RKNN(verbose=True)
         cfg: dict = {"target_platform": b["platform"]}
         if b.get("dynamic_input"):
             cfg["dynamic_input"] = b["dynamic_input"]
@@ -99,7 +100,23 @@ def build_one(b: dict) -> dict:
                                                 model_quantization_cfg="hybrid.cfg"), "hybrid_quantization_step2")
         else:
             raise ValueError(f"unknown dtype {b['dtype']!r}")
-        res["build_s"] = time.monotonic() - t0
+    except BaseException:
+        rk.release()
+        raise
+    res["build_s"] = time.monotonic() - t0
+    return rk
+
+
+def build_one(b: dict) -> dict:
+    import numpy as np
+
+    from exo_rknpu.backends import rknn_io
+
+    res: dict = {"name": b["name"], "ok": False}
+    t0 = time.monotonic()
+    saved = _redirect(b["log"])
+    try:
+        rk = build_rknn(b, res)
         _check(rk.export_rknn(b["out"]), "export_rknn")
         if b.get("verify"):
             _check(rk.init_runtime(), "init_runtime (simulator)")
@@ -124,7 +141,23 @@ def build_one(b: dict) -> dict:
     return res
 
 
+def exit_with_parent(interval: float = 1.0) -> None:
+    """Daemon thread: end this process (os._exit) as soon as its parent is gone, so no orphan keeps building."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(job_path: str) -> int:
+    exit_with_parent()
     with open(job_path) as f:
         job = json.load(f)
     results = []

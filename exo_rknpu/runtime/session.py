@@ -6,11 +6,14 @@ from exo_rknpu.backends.base import get_backend
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
 from exo_rknpu.model.zoo import ModelSource
+from exo_rknpu.runtime.placement import fallback_placement
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
-from exo_rknpu.slices.spec import Buckets
+from exo_rknpu.slices.spec import Buckets, plan_slices
 
 DEFAULT_MAX_CONTEXT = 2048
+# Slices a backend cannot run (the npu/rknn-sim embedding lookup) go to this one.
+FALLBACK_BACKEND = "onnx"
 
 
 def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
@@ -29,11 +32,26 @@ def open_shard(
     on_slice: SliceObserver | None = None,
     backend_options: dict | None = None,
 ) -> ShardRunner:
-    """Load only `layer_range`'s weights from `src` and prepare its slices on `backend`."""
+    """Load only `layer_range`'s weights from `src` and prepare its slices on `backend`.
+
+    Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
+    that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
+    rknn-sim is given the model source, which w8a8 needs for calibration.
+    """
     weights = load_shard(src, layer_range)
+    opts = dict(backend_options or {})
+    if backend == "rknn-sim":
+        opts.setdefault("model", src)
+    primary = get_backend(backend, **opts)
+    if layers_per_slice is None:
+        layers_per_slice = getattr(primary, "layers_per_slice", None)
+    placed = primary
+    lr = weights.layer_range
+    if any(not primary.supports(s) for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)):
+        placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
     return ShardRunner(
         weights,
-        get_backend(backend, **(backend_options or {})),
+        placed,
         buckets or default_buckets(weights.args),
         layers_per_slice=layers_per_slice,
         limits=limits,

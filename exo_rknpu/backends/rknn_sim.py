@@ -1,0 +1,367 @@
+"""Backend `rknn-sim`: slices run in the rknn-toolkit2 simulator, through a long-lived worker in the toolkit venv.
+
+The simulator cannot run a .rknn loaded from disk, so each slice is built in the worker with the compiler's own
+recipe (compiler/worker.py::build_rknn) and then `init_runtime()` + `inference` serve every call:
+
+- fp16: one build per slice from the symbolic ONNX with `dynamic_input` listing every bucket shape, as
+  `exo-rknpu compile` does (built in prepare());
+- w8a8: one static build per (seq, ctx) bucket with the compiler's calibration (real activations of
+  compiler/calibration.py::CALIBRATION_TEXT, captured on the CPU) and hybrid policy. Built on first use of the
+  bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
+
+Inputs and outputs go through backends/rknn_io.py, the same marshalling as the board's `npu` backend. The
+embedding stays on the host (`supports` says no), like `npu`: place it on another backend
+(runtime/placement.py::fallback_placement; runtime/session.py does it for you).
+
+The worker exits when its stdin closes or this process dies; a worker that dies or stops answering raises
+SimulatorWorkerError (with the tail of its log) instead of hanging. Nothing here imports rknn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exo_rknpu.backends import rknn_io
+from exo_rknpu.backends.rknn_sim_worker import _LEN
+from exo_rknpu.config import Paths
+from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedSliceError
+from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.slices.spec import Buckets, SliceSpec
+
+DTYPES = ("fp16", "w8a8")
+
+
+class SimulatorWorkerError(BackendUnavailableError):
+    """The simulator worker process died, timed out, or could not start."""
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class SimWorker:
+    """One `python -m exo_rknpu.backends.rknn_sim_worker` process and its request/response pipe."""
+
+    def __init__(self, python: Path, workdir: Path, start_timeout: float = 180.0) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / "worker.log"
+        pkg_root = Path(__file__).resolve().parent.parent.parent
+        env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(python), "-m", "exo_rknpu.backends.rknn_sim_worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=str(workdir), bufsize=0)
+        self._finalizer = weakref.finalize(self, _kill, self.proc)
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        hello, _ = self._read(time.monotonic() + start_timeout, "start-up")
+        self.pid = int(hello["pid"])
+
+    # -- framing (the worker side is rknn_sim_worker.send/recv) ---------------------------------------------
+    def _fail(self, what: str) -> SimulatorWorkerError:
+        _kill(self.proc)
+        code = self.proc.returncode
+        how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}")
+        try:
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
+        except OSError:
+            tail = ""
+        return SimulatorWorkerError(f"the rknn-sim worker (pid {self.proc.pid}) {what}; it {how}. "
+                                    f"Last lines of {self.log_path}:\n{tail}")
+
+    def _read_exact(self, n: int, deadline: float, what: str) -> bytes:
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        while len(self._buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._fail(f"did not answer {what} in time (timeout); the simulator may be stuck")
+            ready, _, _ = select.select([fd], [], [], min(left, 5.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, max(1 << 16, n - len(self._buf)))
+            if not chunk:
+                raise self._fail(f"died during {what}")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _read(self, deadline: float, what: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+        size = _LEN.unpack(self._read_exact(_LEN.size, deadline, what))[0]
+        header = json.loads(self._read_exact(size, deadline, what))
+        arrays = []
+        for spec in header.get("arrays", []):
+            dt = np.dtype(spec["dtype"])
+            raw = self._read_exact(int(np.prod(spec["shape"], dtype=np.int64)) * dt.itemsize, deadline, what)
+            arrays.append(np.frombuffer(raw, dt).reshape(spec["shape"]))
+        return header, arrays
+
+    def request(self, header: dict[str, Any], arrays: list[np.ndarray] | None = None, timeout: float = 300.0,
+                what: str | None = None) -> tuple[dict[str, Any], list[np.ndarray]]:
+        what = what or header.get("op", "a request")
+        arrays = [np.ascontiguousarray(a) for a in (arrays or [])]
+        head = dict(header, arrays=[{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays])
+        body = json.dumps(head).encode()
+        with self._lock:
+            if self.proc.poll() is not None:
+                raise self._fail(f"is not running (before {what})")
+            try:
+                self.proc.stdin.write(_LEN.pack(len(body)) + body)  # type: ignore[union-attr]
+                for a in arrays:
+                    self.proc.stdin.write(memoryview(a).cast("B"))  # type: ignore[union-attr]
+                self.proc.stdin.flush()  # type: ignore[union-attr]
+            except (BrokenPipeError, OSError):
+                raise self._fail(f"died before {what}") from None
+            return self._read(time.monotonic() + timeout, what)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                with self._lock:
+                    body = json.dumps({"op": "exit"}).encode()
+                    self.proc.stdin.write(_LEN.pack(len(body)) + body)  # type: ignore[union-attr]
+                    self.proc.stdin.close()  # type: ignore[union-attr]
+                self.proc.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                pass
+        self._finalizer()
+        self._log.close()
+
+
+class SimRunner:
+    """One slice: a built model per shape set in the worker (fp16: one for all; w8a8: one per bucket, lazily)."""
+
+    def __init__(self, backend: "RknnSimBackend", spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> None:
+        from exo_rknpu.compiler.compile import _bucket_shapes
+
+        self.backend, self.spec, self.weights, self.buckets = backend, spec, weights, buckets
+        self.names = rknn_io.SLICE_INPUTS[spec.kind]
+        self.shapes = {self._key(sh["inputs"]): sh for sh in _bucket_shapes(spec, weights, buckets)}
+        self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
+        self.build_info: dict[str, dict[str, Any]] = {}
+        self.samples: dict[int, list[dict[str, np.ndarray]]] | None = None
+        backend._open_runners += 1
+        self._closed = False
+        try:
+            if backend.dtype == "fp16":
+                self._build(list(self.shapes.values()))
+            else:
+                self.samples = backend.calibration_for(spec, weights, buckets)
+        except BaseException:
+            self.close()
+            raise
+
+    def _key(self, shapes: dict[str, Any]) -> tuple:
+        return tuple(tuple(shapes[n]) for n in self.names)
+
+    def _build(self, group: list[dict[str, Any]]) -> None:
+        from exo_rknpu.compiler.calibration import repad
+        from exo_rknpu.slices.onnx_export import build_onnx
+        import onnx
+
+        be, spec = self.backend, self.spec
+        tag = f"{spec.name}" + ("" if len(group) > 1 else f".s{group[0]['seq']}" + (f".c{group[0]['ctx']}" if group[0]["ctx"] else ""))
+        work = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=be.workdir))
+        src = work / f"{tag}.onnx"
+        if len(group) > 1:  # the compiler's fp16 recipe: symbolic ONNX + dynamic_input listing every bucket
+            model = build_onnx(spec, self.weights)
+            dyn = [[sh["inputs"][n] for n in self.names] for sh in group]
+        else:
+            sh = group[0]
+            model = build_onnx(spec, self.weights, seq=sh["seq"], ctx=sh["ctx"] or self.buckets.context[0])
+            dyn = None
+        onnx.save(model, str(src))
+        b: dict[str, Any] = {"name": f"{spec.name}/{tag}", "kind": spec.kind, "onnx": str(src), "log": str(work / "build.log"),
+                             "workdir": str(work / "wd"), "platform": be.platform, "dtype": be.dtype, "dynamic_input": dyn}
+        if be.dtype == "w8a8":
+            sh = group[0]
+            calib = [repad(s, sh["ctx"]) if spec.kind == "layers" else s for s in (self.samples or {}).get(sh["seq"], [])]
+            if not calib:
+                raise CompileError(f"no calibration activations for {spec.name} at seq {sh['seq']}; "
+                                   f"the calibration text is too short for this bucket")
+            b["calib"] = []
+            for i, s in enumerate(calib):
+                paths = []
+                for n in self.names:
+                    p = work / f"calib-{i}-{n}.npy"
+                    np.save(p, s[n])
+                    paths.append(str(p.resolve()))
+                b["calib"].append(paths)
+        mid = f"{tag}-{uuid.uuid4().hex[:6]}"
+        t = time.monotonic()
+        res, _ = be.worker().request({"op": "build", "id": mid, "build": b}, timeout=be.build_timeout, what=f"the build of {tag}")
+        if not res.get("ok"):
+            try:
+                tail = "\n".join(Path(b["log"]).read_text(errors="replace").splitlines()[-12:])
+            except OSError:
+                tail = ""
+            raise CompileError(f"rknn-sim: building {tag} ({be.dtype}) failed: {res.get('error')}\n{tail}")
+        res["seconds"] = time.monotonic() - t
+        self.build_info[tag] = res
+        be.builds.append({"name": tag, **{k: v for k, v in res.items() if k != "arrays"}})
+        if not be.keep_files:
+            shutil.rmtree(work / "wd", ignore_errors=True)
+            src.unlink(missing_ok=True)
+        for sh in group:
+            self.models[self._key(sh["inputs"])] = mid
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = tuple(tuple(np.shape(inputs[n])) if n in inputs else () for n in self.names)
+        sh = self.shapes.get(key)
+        if sh is None:
+            raise UnsupportedSliceError(f"rknn-sim slice {self.spec.name} was prepared for bucket shapes "
+                                        f"{[dict(zip(self.names, k)) for k in self.shapes]}, not {dict(zip(self.names, key))}")
+        if key not in self.models:
+            self._build([sh])
+        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"])
+        _, outs = self.backend.worker().request({"op": "run", "id": self.models[key], "data_format": fmt}, arrays,
+                                                timeout=self.backend.run_timeout, what=f"inference of {self.spec.name}")
+        if not outs:
+            raise SimulatorWorkerError(f"rknn-sim: inference of {self.spec.name} failed in the simulator (see {self.backend.workdir}/worker.log)")
+        return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])
+
+    def close(self) -> None:
+        w = self.backend._worker
+        if w is not None and w.alive():
+            for mid in set(self.models.values()):
+                try:
+                    w.request({"op": "release", "id": mid}, timeout=60)
+                except SimulatorWorkerError:
+                    break
+        self.models.clear()
+        if not self._closed:
+            self._closed = True
+            self.backend._runner_closed()
+
+
+class RknnSimBackend:
+    """rknn-toolkit2 simulator (x86 or aarch64 host with the toolkit venv): numerics of compiled slices, no board.
+
+    dtype: "fp16" or "w8a8". For w8a8, calibration activations come from `calibration` ({slice name: {seq:
+    [inputs]}}, as compiler/calibration.py::capture returns) or are captured from `model` (alias, path or
+    ModelSource: the CPU runs layers 0..stop over `calib_text`, as `exo-rknpu compile --dtype w8a8` does).
+    """
+
+    name = "rknn-sim"
+    static_shapes = True
+    layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
+
+    def __init__(self, dtype: str = "fp16", platform: str = "rk3588", model: Any = None,
+                 calibration: dict[str, dict[int, list[dict[str, np.ndarray]]]] | None = None, calib_text: str | None = None,
+                 paths: Paths | None = None, build_timeout: float = 1800.0, run_timeout: float = 300.0,
+                 start_timeout: float = 180.0, workdir: str | Path | None = None, keep_files: bool = False) -> None:
+        from exo_rknpu.compiler import toolkit
+
+        if dtype not in DTYPES:
+            raise BackendUnavailableError(f"rknn-sim: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if platform != "rk3588":
+            raise BackendUnavailableError(f"rknn-sim: unsupported platform {platform!r}; supported: rk3588")
+        self.python, self.versions = toolkit.require(paths)  # ToolkitMissingError: "... run: exo-rknpu toolkit install"
+        self.dtype, self.platform, self.model, self.calibration = dtype, platform, model, calibration
+        self.calib_text = calib_text
+        self.build_timeout, self.run_timeout, self.start_timeout = build_timeout, run_timeout, start_timeout
+        self.keep_files = keep_files
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="exo-rknpu-sim-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._own_workdir and not keep_files:
+            weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
+        self._worker: SimWorker | None = None
+        self._wlock = threading.Lock()
+        self._calib_lock = threading.Lock()
+        self.builds: list[dict[str, Any]] = []  # one entry per build: name, build_s, init_s, seconds
+        self._open_runners = 0
+
+    # -- worker ---------------------------------------------------------------------------------------------
+    def worker(self) -> SimWorker:
+        """The running worker (started on first use). A dead worker is not restarted: its models are gone."""
+        with self._wlock:
+            if self._worker is None:
+                self._worker = SimWorker(self.python, self.workdir, self.start_timeout)
+            return self._worker
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker.pid if self._worker is not None else None
+
+    def close(self) -> None:
+        """Stop the worker and delete its scratch files (models built in it are lost; a later prepare starts anew)."""
+        with self._wlock:
+            w, self._worker = self._worker, None
+        if w is not None:
+            w.close()
+        if self._own_workdir and not self.keep_files:
+            for p in self.workdir.iterdir() if self.workdir.exists() else []:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def _runner_closed(self) -> None:
+        self._open_runners -= 1
+        if self._open_runners <= 0:  # ShardRunner.close() closes runners, not backends: the last one stops the worker
+            self.close()
+
+    # -- Backend --------------------------------------------------------------------------------------------
+    def supports(self, spec: SliceSpec) -> bool:
+        return spec.kind in ("layers", "head")  # the embedding lookup stays on the host, as on the board
+
+    def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> SimRunner:
+        if not self.supports(spec):
+            raise UnsupportedSliceError(f"rknn-sim does not run slice {spec.name!r} (the embedding stays on the host)")
+        if self.dtype == "w8a8" and spec.kind == "layers" and spec.n_layers != 1:
+            raise UnsupportedSliceError(f"rknn-sim w8a8 calibrates one decoder layer per slice; got {spec.name}: "
+                                        f"use --layers-per-slice 1")
+        return SimRunner(self, spec, weights, buckets)
+
+    # -- w8a8 calibration -----------------------------------------------------------------------------------
+    def calibration_for(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> dict[int, list[dict[str, np.ndarray]]]:
+        with self._calib_lock:
+            if self.calibration is None or spec.name not in self.calibration:
+                if self.model is None:
+                    raise BackendUnavailableError(
+                        "rknn-sim w8a8 needs calibration activations: pass model=<alias or path> (get_backend('rknn-sim', "
+                        "dtype='w8a8', model=...)), or calibration={slice: {seq: [inputs]}} from compiler.calibration.capture")
+                self.calibration = {**(self.calibration or {}), **self._capture(weights, buckets)}
+            if spec.name not in self.calibration:
+                raise CompileError(f"no calibration activations captured for {spec.name}")
+            return self.calibration[spec.name]
+
+    def _capture(self, weights: ShardWeights, buckets: Buckets) -> dict[str, dict[int, list[dict[str, np.ndarray]]]]:
+        """Activations of every layer and the head over the calibration text (the compiler's capture)."""
+        from exo_rknpu.compiler.calibration import CALIBRATION_TEXT, capture
+        from exo_rknpu.model.base import LayerRange
+        from exo_rknpu.model.loader import load_shard, load_tokenizer, resolve_model
+        from exo_rknpu.slices.spec import plan_slices
+
+        src = resolve_model(self.model) if isinstance(self.model, (str, Path)) else self.model
+        n = weights.args.num_hidden_layers
+        full = load_shard(src, LayerRange(0, n, n))
+        if full.fingerprint != weights.fingerprint:
+            raise BackendUnavailableError(f"rknn-sim: model={self.model!r} is not the model whose shard is being prepared "
+                                          f"(fingerprint {full.fingerprint[:12]}… vs {weights.fingerprint[:12]}…)")
+        targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed"]
+        ids = load_tokenizer(src).encode(self.calib_text or CALIBRATION_TEXT)
+        return capture(full, targets, buckets, ids)
