@@ -17,7 +17,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("compile", help="compile a layer range to RKNN (.rknn) slices for the NPU")
     p.add_argument("--model", required=True, help="model alias (e.g. smollm2-135m), HF folder or .gguf")
-    p.add_argument("--layers", required=True, help="layer range A-B (inclusive), e.g. 4-5")
+    p.add_argument("--layers", default=None, help="layer range A-B (inclusive), e.g. 4-5 (required unless --agreement)")
     p.add_argument("--platform", default="rk3588")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "w8a8"])
     p.add_argument("--verify", action="store_true", help="run each new slice in the simulator on real activations vs onnxruntime")
@@ -26,6 +26,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--context", type=_ints, default=None, help="context buckets, e.g. 256,512,1024,2048")
     p.add_argument("--min-cos", type=float, default=None, help="fail --verify below this cosine (default 0.9999 for fp16, none for w8a8)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results on the last line of stdout")
+    p.add_argument("--agreement", action="store_true",
+                   help="instead of compiling: greedy top-1 agreement of the whole model in the simulator (--dtype) vs "
+                        "fp32 onnxruntime, teacher-forced over the held-out text, with per-layer figures")
+    p.add_argument("--fp16-layers", default=None, help="with --agreement: slices kept in fp16, e.g. 0,29,head or 0-2")
+    p.add_argument("--agreement-seq", type=int, default=64, help="with --agreement: tokens per call (64 = prefill chunks, 1 = decode)")
+    p.add_argument("--agreement-tokens", type=int, default=None, help="with --agreement: use only the first N held-out tokens")
     p.set_defaults(func=run)
 
 
@@ -33,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from exo_rknpu.compiler.compile import compile_range
     from exo_rknpu.slices.spec import Buckets
 
+    if args.agreement:
+        return _agreement(args)
+    if not args.layers:
+        raise SystemExit("exo-rknpu compile: --layers A-B is required (or use --agreement)")
     d = Buckets()
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
     results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
@@ -50,4 +60,25 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"model": args.model, "layers": args.layers, "dtype": args.dtype, "platform": args.platform,
                           "built": [r.name for r in built], "reused": [r.name for r in results if r.status == "reused"],
                           "slices": [r.to_dict() for r in results]}))
+    return 0
+
+
+def _agreement(args: argparse.Namespace) -> int:
+    from exo_rknpu.compiler.agreement import measure_agreement, parse_fp16_slices
+    from exo_rknpu.model.loader import load_args, resolve_model
+
+    n = load_args(resolve_model(args.model)).num_hidden_layers
+    try:
+        keep = parse_fp16_slices(args.fp16_layers, n)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    r = measure_agreement(args.model, args.dtype, seq=args.agreement_seq, max_tokens=args.agreement_tokens, fp16_slices=keep)
+    if not args.json:
+        for name, f in r["layers"].items():
+            print(f"{name} [{f.pop('dtype')}]: " + " ".join(f"{k}={v:.6f}" for k, v in f.items()))
+        print(f"top-1 agreement {r['top1_agreement'] * 100:.2f}% ({r['agree']}/{r['tokens']} tokens, {r['dtype']}, head {r['head_dtype']}"
+              f"{', fp16: ' + ','.join(r['fp16_slices']) if r['fp16_slices'] else ''}); cos logits {r['cos_logits']:.6f}; "
+              f"{r['builds']} builds in {r['build_seconds']:.0f} s, simulation {r['sim_seconds']:.0f} s, total {r['total_seconds']:.0f} s")
+    else:
+        print(json.dumps(r))
     return 0

@@ -27,6 +27,7 @@ from exo_rknpu.compiler.buildlog import parse_build_log
 from exo_rknpu.compiler.calibration import CALIBRATION_TEXT, capture, repad, text_digest
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import CompileError
+from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices
@@ -253,7 +254,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
         files = []
         for fname, group in groups:
             p = stage / fname
-            files.append({"file": fname, "sha256": mf.sha256_file(p), "bytes": p.stat().st_size, "shapes": group})
+            files.append({"file": fname, "sha256": sha256_file(p), "bytes": p.stat().st_size, "shapes": group})
         manifest = {
             "format": mf.FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "slice": cc.spec_dict(spec), "layers": list(range(spec.start, spec.stop)) if spec.kind == "layers" else [],

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from exo_rknpu.config import Paths
+from exo_rknpu.fileio import atomic_write_text, sha256_file
 from exo_rknpu.errors import UnknownModelError, WeightsError
 
 Progress = Callable[[str], None]
@@ -100,14 +101,6 @@ def _source_for_path(path: Path) -> ModelSource:
 # ---------------------------------------------------------------------- cache
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stamp(file: Path) -> Path:
     return file.with_name(file.name + ".sha256")
 
@@ -126,15 +119,8 @@ def _is_verified(file: Path, entry: ZooEntry) -> bool:
         return True
     if sha256_file(file) != entry.sha256:
         return False
-    _atomic_write_text(stamp, expected_stamp)
+    atomic_write_text(stamp, expected_stamp)
     return True
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def ensure_cached(entry: ZooEntry, folder: Path, progress: Progress, download: Downloader | None = None) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 
 from exo_rknpu.slices import manifest as mf
 from exo_rknpu.errors import ArtifactError
+from exo_rknpu.fileio import atomic_write_text
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
@@ -110,7 +111,7 @@ class SliceCache:
     def _index(self, m: dict[str, Any]) -> None:
         d = self.root / "index" / m["model_fingerprint"] / f"{m['dtype']}-{m['platform']}"
         d.mkdir(parents=True, exist_ok=True)
-        mf.atomic_write_text(d / f"{m['slice']['name']}.json", json.dumps({"key": m["key"]}))
+        atomic_write_text(d / f"{m['slice']['name']}.json", json.dumps({"key": m["key"]}))
 
     def find(self, fingerprint: str, dtype: str, platform: str, slice_name: str) -> tuple[Path, dict[str, Any]]:
         """Locate and check a slice by model/dtype/platform/name; ArtifactError explains what is missing or wrong."""

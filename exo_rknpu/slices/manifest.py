@@ -13,34 +13,15 @@ Fields (format 1):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from exo_rknpu.errors import ArtifactError
+from exo_rknpu.fileio import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + fsync + os.replace: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

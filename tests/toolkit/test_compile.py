@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from exo_rknpu.compiler import toolkit
-from exo_rknpu.slices.artifacts import SliceCache
 from exo_rknpu.compiler.compile import compile_range
 from exo_rknpu.errors import ArtifactError, CompileError
 from exo_rknpu.slices.spec import Buckets
@@ -59,14 +62,45 @@ def test_cache_reuses_finished_slices(first, tiny, cache_dir):
     assert [(r.name, r.status) for r in again] == [("layers.1", "reused"), ("layers.2", "built")]
 
 
-def test_interrupted_compile_resumes(first, tiny, cache_dir):
-    class Stop(Exception):
-        pass
+def _compile_workers() -> list[int]:
+    """pids of this process's compiler workers (python -m exo_rknpu.compiler.worker)."""
+    me, out = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().split(") ")[-1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and b"exo_rknpu.compiler.worker" in cmd:
+            out.append(int(d.name))
+    return out
 
-    with pytest.raises(Stop):  # the run dies after committing layers.3, before the head
-        compile_range(str(tiny), "2-3", buckets=BUCKETS, cache_dir=cache_dir, progress=False,
-                      on_built=lambda r: (_ for _ in ()).throw(Stop(r.name)) if r.name == "layers.3" else None)
-    assert not any((cache_dir / "tmp").glob("*/manifest.json"))  # nothing half-done looks finished
+
+def test_interrupted_compile_resumes(first, tiny, cache_dir):
+    """The compiler's worker process is killed in the middle of building the head: the run fails with a clear
+    error, leaves nothing that looks finished, and the next run reuses what was committed and builds the rest."""
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            for pid in _compile_workers():
+                job = next((cache_dir / "tmp").glob("work-*/head.rknn.log"), None)
+                if job is not None and job.stat().st_size > 0:  # the head's build has started writing its log
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    with pytest.raises(CompileError, match="head"):
+        compile_range(str(tiny), "2-3", buckets=BUCKETS, cache_dir=cache_dir, progress=False)
+    t.join(5)
+    assert killed, "the head build finished before it could be interrupted"
+    assert not any((cache_dir / "tmp").rglob("manifest.json"))  # nothing half-done looks finished
+    assert not list((cache_dir / "tmp").glob("build-*"))  # the dead build's staging folder is gone
     done = compile_range(str(tiny), "2-3", buckets=BUCKETS, cache_dir=cache_dir, progress=False)
     assert [(r.name, r.status) for r in done] == [("layers.2", "reused"), ("layers.3", "reused"), ("head", "built")]
 

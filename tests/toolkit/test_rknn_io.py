@@ -96,3 +96,50 @@ def test_npu_backend_says_what_is_missing():
     with pytest.raises(BackendUnavailableError, match="not aarch64") as e:
         get_backend("npu")
     assert "librknnrt" in str(e.value) and "rknn-toolkit-lite2" in str(e.value)
+
+
+def test_rknn_sim_without_toolkit_names_the_install_command(tmp_path):
+    from exo_rknpu.config import Paths
+    from exo_rknpu.errors import ToolkitMissingError
+
+    with pytest.raises(ToolkitMissingError, match="exo-rknpu toolkit install"):
+        get_backend("rknn-sim", paths=Paths(tmp_path))
+    with pytest.raises(BackendUnavailableError, match="fp16, w8a8"):
+        get_backend("rknn-sim", dtype="int4", paths=Paths(tmp_path))
+
+
+def test_fallback_placement_puts_unsupported_slices_on_the_fallback():
+    from exo_rknpu.runtime.placement import fallback_placement
+    from exo_rknpu.slices.spec import SliceSpec
+
+    class OnlyLayers:
+        name = "only-layers"
+
+        def supports(self, spec):
+            return spec.kind == "layers"
+
+    primary, fallback = OnlyLayers(), get_backend("numpy")
+    place = fallback_placement(primary, fallback)
+    assert place(SliceSpec("embed")) is fallback
+    assert place(SliceSpec("layers", 0, 1)) is primary
+    assert place(SliceSpec("head")) is fallback
+
+
+def test_sim_worker_framing_round_trips_arrays():
+    import io
+
+    from exo_rknpu.backends.rknn_sim_worker import recv, send
+
+    buf = io.BytesIO()
+    arrays = [np.arange(6, dtype=np.float32).reshape(1, 2, 3), np.array([[7, 8]], np.int64), np.zeros((0, 4), np.float16)]
+    send(buf, {"op": "run", "id": "x"}, arrays)
+    send(buf, {"op": "exit"})
+    buf.seek(0)
+    head, got = recv(buf)
+    assert head["op"] == "run" and [a.dtype for a in got] == [a.dtype for a in arrays]
+    for a, b in zip(got, arrays):
+        assert np.array_equal(a, b) and a.shape == b.shape
+    assert recv(buf)[0]["op"] == "exit"
+    assert recv(buf) is None  # end of stream
+    # a truncated stream (worker died mid-message) reads as the end, never as a short array
+    assert recv(io.BytesIO(b"\x05\x00")) is None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "exo_rknpu"
 ORDER = ["errors", "config", "model", "slices", "backends", "runtime", "compiler", "engine", "exo", "cli"]
-SHARED = {"errors", "config", "__init__"}
+SHARED = {"errors", "config", "fileio", "__init__"}
 
 
 def layer_of(module: str) -> str:

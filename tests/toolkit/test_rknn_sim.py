@@ -1,0 +1,119 @@
+"""The rknn-sim backend: slices in the rknn-toolkit2 simulator through a worker process in the toolkit venv.
+Skipped (with the command to run) when the toolkit is absent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exo_rknpu.backends.rknn_io import cosine
+from exo_rknpu.compiler import toolkit
+from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.loader import load_shard, resolve_model
+from exo_rknpu.runtime.pipeline import LocalRing
+from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.slices.spec import Buckets, SliceSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiny_models import make_tiny_hf  # noqa: E402
+
+_st = toolkit.status()
+pytestmark = [pytest.mark.toolkit,
+              pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")]
+
+BUCKETS = Buckets(seq=(1, 16), context=(64, 128))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny-sim") / "m", n_layers=4)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _greedy(ring: LocalRing, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and the logits of every step (prefill 7 tokens crosses to seq bucket 16, then decode)."""
+    toks, logits = [], []
+    x = np.asarray([prompt], np.int64)
+    for _ in range(n):
+        lg = ring.forward("r", x)
+        logits.append(lg[0, -1])
+        toks.append(int(lg[0, -1].argmax()))
+        x = np.asarray([[toks[-1]]], np.int64)
+    ring.drop("r")
+    return toks, logits
+
+
+def test_two_shards_match_onnx_fp16(tiny):
+    src = resolve_model(str(tiny))
+    sim = [open_shard(src, LayerRange(0, 2, 4), "rknn-sim", BUCKETS), open_shard(src, LayerRange(2, 4, 4), "rknn-sim", BUCKETS)]
+    ref = LocalRing([open_shard(src, LayerRange(0, 2, 4), "onnx", BUCKETS), open_shard(src, LayerRange(2, 4, 4), "onnx", BUCKETS)])
+    try:
+        # open_shard put the embedding on onnx (the simulator, like the board, leaves it on the host), one graph per layer
+        kinds = {n: b.name for n, b in sim[0].backends.items()}
+        assert kinds == {"embed": "onnx", "layers.0": "rknn-sim", "layers.1": "rknn-sim"}
+        assert set(sim[1].backends) == {"layers.2", "layers.3", "head"} and sim[1].backends["head"].name == "rknn-sim"
+        workers = [sim[0].backends["layers.0"].worker_pid, sim[1].backends["layers.2"].worker_pid]
+        assert all(_alive(p) for p in workers)
+        prompt = [5, 9, 13, 17, 21, 25, 29]
+        got_toks, got_logits = _greedy(LocalRing(sim), prompt, 6)
+        want_toks, want_logits = _greedy(ref, prompt, 6)
+        assert got_toks == want_toks
+        for g, w in zip(got_logits, want_logits):
+            assert cosine(g, w) >= 0.9999
+    finally:
+        for s in sim:
+            s.close()
+        ref.close()
+    deadline = time.monotonic() + 20  # closing the shards stops the workers
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
+
+
+def test_killed_worker_is_a_clear_error_not_a_hang(tiny):
+    from exo_rknpu.backends.rknn_sim import RknnSimBackend, SimulatorWorkerError
+
+    ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4))
+    be = RknnSimBackend(run_timeout=60)
+    runner = be.prepare(SliceSpec("head"), ws, Buckets(seq=(1,), context=(64,)))
+    try:
+        h = np.random.default_rng(0).standard_normal((1, 1, ws.args.hidden_size)).astype(np.float32)
+        assert runner.run({"hidden": h})["logits"].shape == (1, 1, ws.args.vocab_size)
+        os.kill(be.worker_pid, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(SimulatorWorkerError, match="killed by signal SIGKILL"):
+            runner.run({"hidden": h})
+        assert time.monotonic() - t < 30
+    finally:
+        runner.close()
+        be.close()
+
+
+def test_worker_dies_with_its_parent(tmp_path):
+    code = ("import sys, os\n"
+            "from exo_rknpu.backends.rknn_sim import RknnSimBackend\n"
+            "be = RknnSimBackend()\n"
+            "print(be.worker().pid, flush=True)\n"
+            "os._exit(0)\n")  # no cleanup at all: the worker must notice on its own
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(Path(__file__).resolve().parents[2]))
+    assert p.returncode == 0, p.stderr
+    pid = int(p.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), f"rknn-sim worker {pid} outlived its parent"
