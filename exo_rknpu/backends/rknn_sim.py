@@ -6,8 +6,8 @@ recipe (compiler/worker.py::build_rknn) and then `init_runtime()` + `inference` 
 - fp16: one build per slice from the symbolic ONNX with `dynamic_input` listing every bucket shape, as
   `exo-rknpu compile` does (built in prepare());
 - w8a8: one static build per (seq, ctx) bucket with the compiler's calibration (real activations of
-  compiler/calibration.py::CALIBRATION_TEXT, captured on the CPU) and hybrid policy. Built on first use of the
-  bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
+  compiler/calibration.py::CALIBRATION_TEXT, captured on the CPU; the caller passes a `calibration` callable, since
+  capture needs the runtime, which sits above the backends) and hybrid policy. Built on first use of the bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
 
 Inputs and outputs go through backends/rknn_io.py, the same marshalling as the board's `npu` backend. The
 embedding stays on the host (`supports` says no), like `npu`: place it on another backend
@@ -31,14 +31,14 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from exo_rknpu.backends import rknn_io
 from exo_rknpu.backends.rknn_sim_worker import _LEN
 from exo_rknpu.config import Paths
-from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedSliceError
+from exo_rknpu.errors import BackendUnavailableError, CompileError, ToolkitMissingError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
@@ -47,6 +47,34 @@ DTYPES = ("fp16", "w8a8")
 
 class SimulatorWorkerError(BackendUnavailableError):
     """The simulator worker process died, timed out, or could not start."""
+
+
+# (spec, weights, buckets, seq, ctx) -> calibration inputs for that bucket; compiler/calibration.py::ModelCalibration
+Calibration = Callable[[SliceSpec, ShardWeights, Buckets, int, "int | None"], list]
+
+# Where `exo-rknpu toolkit install` (compiler/toolkit.py) puts the venv and the stamp it writes last.
+_TOOLKIT_STAMP = "exo-rknpu-toolkit.json"
+
+
+def toolkit_python(paths: Paths | None = None) -> Path:
+    """The toolkit venv's python; ToolkitMissingError (naming the install command) if the install is absent or unfinished."""
+    vdir = (paths or Paths.from_env()).toolkit / "venv"
+    py = vdir / "bin" / "python"
+    if not py.exists() or not (vdir / _TOOLKIT_STAMP).exists():
+        raise ToolkitMissingError(f"the rknn-toolkit2 environment is not usable: no finished toolkit install at {vdir}; "
+                                  f"run: exo-rknpu toolkit install")
+    return py
+
+
+def bucket_shapes(spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> list[dict[str, Any]]:
+    """The shape sets a slice is compiled for (as compiler/compile.py lists them): layers every (seq, ctx), head every seq."""
+    out = []
+    for ctx in (buckets.context if spec.kind == "layers" else (buckets.context[0],)):
+        for seq in buckets.seq:
+            out.append({"seq": seq, "ctx": ctx if spec.kind == "layers" else None,
+                        "inputs": {k: list(v) for k, v in spec.input_shapes(weights.args, seq, ctx).items()},
+                        "outputs": {k: list(v) for k, v in spec.output_shapes(weights.args, seq).items()}})
+    return out
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -71,7 +99,7 @@ class SimWorker:
         env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([str(python), "-m", "exo_rknpu.backends.rknn_sim_worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(python), "-m", "exo_rknpu.compiler.worker", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=str(workdir), bufsize=0)
         self._finalizer = weakref.finalize(self, _kill, self.proc)
         self._lock = threading.Lock()
@@ -157,21 +185,16 @@ class SimRunner:
     """One slice: a built model per shape set in the worker (fp16: one for all; w8a8: one per bucket, lazily)."""
 
     def __init__(self, backend: "RknnSimBackend", spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> None:
-        from exo_rknpu.compiler.compile import _bucket_shapes
-
         self.backend, self.spec, self.weights, self.buckets = backend, spec, weights, buckets
         self.names = rknn_io.SLICE_INPUTS[spec.kind]
-        self.shapes = {self._key(sh["inputs"]): sh for sh in _bucket_shapes(spec, weights, buckets)}
+        self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights, buckets)}
         self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
         self.build_info: dict[str, dict[str, Any]] = {}
-        self.samples: dict[int, list[dict[str, np.ndarray]]] | None = None
         backend._open_runners += 1
         self._closed = False
         try:
             if backend.dtype == "fp16":
                 self._build(list(self.shapes.values()))
-            else:
-                self.samples = backend.calibration_for(spec, weights, buckets)
         except BaseException:
             self.close()
             raise
@@ -180,7 +203,6 @@ class SimRunner:
         return tuple(tuple(shapes[n]) for n in self.names)
 
     def _build(self, group: list[dict[str, Any]]) -> None:
-        from exo_rknpu.compiler.calibration import repad
         from exo_rknpu.slices.onnx_export import build_onnx
         import onnx
 
@@ -200,11 +222,11 @@ class SimRunner:
                              "workdir": str(work / "wd"), "platform": be.platform, "dtype": be.dtype, "dynamic_input": dyn}
         if be.dtype == "w8a8":
             sh = group[0]
-            calib = [repad(s, sh["ctx"]) if spec.kind == "layers" else s for s in (self.samples or {}).get(sh["seq"], [])]
+            calib = be.calibration(spec, self.weights, self.buckets, sh["seq"], sh["ctx"])
             if not calib:
                 raise CompileError(f"no calibration activations for {spec.name} at seq {sh['seq']}; "
                                    f"the calibration text is too short for this bucket")
-            b["calib"] = []
+            b["calib"], b["quant_policy"], b["quantized_algorithm"] = [], be.quant_policy, be.quantized_algorithm
             for i, s in enumerate(calib):
                 paths = []
                 for n in self.names:
@@ -239,10 +261,11 @@ class SimRunner:
         if key not in self.models:
             self._build([sh])
         arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"])
-        _, outs = self.backend.worker().request({"op": "run", "id": self.models[key], "data_format": fmt}, arrays,
-                                                timeout=self.backend.run_timeout, what=f"inference of {self.spec.name}")
-        if not outs:
-            raise SimulatorWorkerError(f"rknn-sim: inference of {self.spec.name} failed in the simulator (see {self.backend.workdir}/worker.log)")
+        head, outs = self.backend.worker().request({"op": "run", "id": self.models[key], "data_format": fmt}, arrays,
+                                                   timeout=self.backend.run_timeout, what=f"inference of {self.spec.name}")
+        if not head.get("ok"):
+            raise SimulatorWorkerError(f"rknn-sim: inference of {self.spec.name} failed in the simulator: {head.get('error')} "
+                                       f"(see {self.backend.workdir}/worker.log)")
         return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])
 
     def close(self) -> None:
@@ -262,28 +285,33 @@ class SimRunner:
 class RknnSimBackend:
     """rknn-toolkit2 simulator (x86 or aarch64 host with the toolkit venv): numerics of compiled slices, no board.
 
-    dtype: "fp16" or "w8a8". For w8a8, calibration activations come from `calibration` ({slice name: {seq:
-    [inputs]}}, as compiler/calibration.py::capture returns) or are captured from `model` (alias, path or
-    ModelSource: the CPU runs layers 0..stop over `calib_text`, as `exo-rknpu compile --dtype w8a8` does).
+    dtype: "fp16" or "w8a8". quant_policy / quantized_algorithm: the w8a8 hybrid policy and rknn's range algorithm
+    (None: the compiler's defaults, compiler/worker.py). w8a8 needs `calibration`, a callable
+    (spec, weights, buckets, seq, ctx) -> inputs, e.g. compiler/calibration.py::ModelCalibration(model), which
+    captures real activations over the calibration text exactly as `exo-rknpu compile --dtype w8a8` does.
     """
 
     name = "rknn-sim"
     static_shapes = True
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
 
-    def __init__(self, dtype: str = "fp16", platform: str = "rk3588", model: Any = None,
-                 calibration: dict[str, dict[int, list[dict[str, np.ndarray]]]] | None = None, calib_text: str | None = None,
-                 paths: Paths | None = None, build_timeout: float = 1800.0, run_timeout: float = 300.0,
-                 start_timeout: float = 180.0, workdir: str | Path | None = None, keep_files: bool = False) -> None:
-        from exo_rknpu.compiler import toolkit
-
+    def __init__(self, dtype: str = "fp16", platform: str = "rk3588", calibration: Calibration | None = None,
+                 paths: Paths | None = None, python: str | Path | None = None, build_timeout: float = 1800.0,
+                 run_timeout: float = 300.0, start_timeout: float = 180.0, workdir: str | Path | None = None,
+                 keep_files: bool = False, quant_policy: str | None = None, quantized_algorithm: str | None = None) -> None:
         if dtype not in DTYPES:
             raise BackendUnavailableError(f"rknn-sim: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if platform != "rk3588":
             raise BackendUnavailableError(f"rknn-sim: unsupported platform {platform!r}; supported: rk3588")
-        self.python, self.versions = toolkit.require(paths)  # ToolkitMissingError: "... run: exo-rknpu toolkit install"
-        self.dtype, self.platform, self.model, self.calibration = dtype, platform, model, calibration
-        self.calib_text = calib_text
+        if quantized_algorithm not in (None, "normal", "mmse", "kl_divergence"):
+            raise BackendUnavailableError(f"rknn-sim: unknown quantized_algorithm {quantized_algorithm!r}; choose normal, mmse or kl_divergence")
+        self.python = Path(python) if python else toolkit_python(paths)  # ToolkitMissingError names the install command
+        self.dtype, self.platform, self.calibration = dtype, platform, calibration
+        self.quant_policy, self.quantized_algorithm = quant_policy, quantized_algorithm  # None: the compiler's defaults
+        if dtype == "w8a8" and calibration is None:
+            raise BackendUnavailableError(
+                "rknn-sim w8a8 needs calibration activations: pass calibration=compiler.calibration.ModelCalibration(model) "
+                "(`exo-rknpu generate --backend rknn-sim --backend-dtype w8a8` does)")
         self.build_timeout, self.run_timeout, self.start_timeout = build_timeout, run_timeout, start_timeout
         self.keep_files = keep_files
         self._own_workdir = workdir is None
@@ -293,8 +321,7 @@ class RknnSimBackend:
             weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
         self._worker: SimWorker | None = None
         self._wlock = threading.Lock()
-        self._calib_lock = threading.Lock()
-        self.builds: list[dict[str, Any]] = []  # one entry per build: name, build_s, init_s, seconds
+        self.builds: list[dict[str, Any]] = []  # one entry per build: name, build_s, init_s, seconds, quant_policy
         self._open_runners = 0
 
     # -- worker ---------------------------------------------------------------------------------------------
@@ -336,32 +363,3 @@ class RknnSimBackend:
                                         f"use --layers-per-slice 1")
         return SimRunner(self, spec, weights, buckets)
 
-    # -- w8a8 calibration -----------------------------------------------------------------------------------
-    def calibration_for(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> dict[int, list[dict[str, np.ndarray]]]:
-        with self._calib_lock:
-            if self.calibration is None or spec.name not in self.calibration:
-                if self.model is None:
-                    raise BackendUnavailableError(
-                        "rknn-sim w8a8 needs calibration activations: pass model=<alias or path> (get_backend('rknn-sim', "
-                        "dtype='w8a8', model=...)), or calibration={slice: {seq: [inputs]}} from compiler.calibration.capture")
-                self.calibration = {**(self.calibration or {}), **self._capture(weights, buckets)}
-            if spec.name not in self.calibration:
-                raise CompileError(f"no calibration activations captured for {spec.name}")
-            return self.calibration[spec.name]
-
-    def _capture(self, weights: ShardWeights, buckets: Buckets) -> dict[str, dict[int, list[dict[str, np.ndarray]]]]:
-        """Activations of every layer and the head over the calibration text (the compiler's capture)."""
-        from exo_rknpu.compiler.calibration import CALIBRATION_TEXT, capture
-        from exo_rknpu.model.base import LayerRange
-        from exo_rknpu.model.loader import load_shard, load_tokenizer, resolve_model
-        from exo_rknpu.slices.spec import plan_slices
-
-        src = resolve_model(self.model) if isinstance(self.model, (str, Path)) else self.model
-        n = weights.args.num_hidden_layers
-        full = load_shard(src, LayerRange(0, n, n))
-        if full.fingerprint != weights.fingerprint:
-            raise BackendUnavailableError(f"rknn-sim: model={self.model!r} is not the model whose shard is being prepared "
-                                          f"(fingerprint {full.fingerprint[:12]}… vs {weights.fingerprint[:12]}…)")
-        targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed"]
-        ids = load_tokenizer(src).encode(self.calib_text or CALIBRATION_TEXT)
-        return capture(full, targets, buckets, ids)

@@ -1,10 +1,10 @@
 """Runs INSIDE the rknn-toolkit2 venv: the long-lived simulator process of the `rknn-sim` backend.
 
-    python -m exo_rknpu.backends.rknn_sim_worker
+    python -m exo_rknpu.compiler.worker --serve      (compiler/worker.py::serve_simulator calls `serve` below)
 
-Started by backends/rknn_sim.py with stdin/stdout as pipes and stderr going to a log file. Imports only the
-standard library, numpy, rknn, exo_rknpu.backends.rknn_io and exo_rknpu.compiler.worker (whose `build_rknn` is
-the compiler's own build recipe, so the simulator runs exactly what `exo-rknpu compile` would export).
+Started by backends/rknn_sim.py with stdin/stdout as pipes and stderr going to a log file. The build step is the
+compiler's own recipe (compiler/worker.py::build_rknn), handed to `serve`, so the simulator runs exactly what
+`exo-rknpu compile` would export. This module imports only the standard library and numpy.
 
 The protocol's messages (both directions) are framed by `send`/`recv` below: a 4-byte little-endian length, a
 JSON header, then the raw C-order bytes of each array listed in header["arrays"] ([{dtype, shape}]). Raw bytes
@@ -24,10 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
-import time
-import traceback
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 _LEN = struct.Struct("<I")
 
@@ -76,9 +73,9 @@ def recv(f: BinaryIO) -> tuple[dict[str, Any], list] | None:
     return header, arrays
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> None:
-    from exo_rknpu.compiler import worker
-
+def serve(inp: BinaryIO, out: BinaryIO, build: Callable[[dict], tuple[Any, dict]]) -> None:
+    """Answer requests until "exit" or end of input. `build(spec) -> (RKNN ready for inference, result dict)` is
+    the compiler's recipe (compiler/worker.py::build_for_simulator), passed in so this module stays below it."""
     models: dict[str, Any] = {}
     send(out, {"ok": True, "op": "ready", "pid": os.getpid()})
     while True:
@@ -94,23 +91,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             if op == "ping":
                 send(out, {"ok": True, "pid": os.getpid()})
             elif op == "build":
-                b = req["build"]
-                res: dict[str, Any] = {"ok": True}
-                saved = worker._redirect(b["log"])
-                try:
-                    rk = worker.build_rknn(b, res)
-                    t = time.monotonic()
-                    try:
-                        worker._check(rk.init_runtime(), "init_runtime (simulator)")
-                    except BaseException:
-                        rk.release()
-                        raise
-                    res["init_s"] = time.monotonic() - t
-                except BaseException:
-                    traceback.print_exc()
-                    raise
-                finally:
-                    worker._restore(saved)
+                rk, res = build(req["build"])
                 old = models.pop(req["id"], None)
                 if old is not None:
                     old.release()
@@ -135,17 +116,3 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             send(out, {"ok": False, "error": f"{type(e).__name__}: {e}"})
     for rk in models.values():
         rk.release()
-
-
-def main() -> int:
-    from exo_rknpu.compiler.worker import exit_with_parent
-
-    exit_with_parent()
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stderr is the worker log: native compiler/simulator output goes there, never into the protocol
-    serve(sys.stdin.buffer, out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
                    help="instead of compiling: greedy top-1 agreement of the whole model in the simulator (--dtype) vs "
                         "fp32 onnxruntime, teacher-forced over the held-out text, with per-layer figures")
     p.add_argument("--fp16-layers", default=None, help="with --agreement: slices kept in fp16, e.g. 0,29,head or 0-2")
+    p.add_argument("--quant-policy", default=None, help="with --agreement: w8a8 hybrid policy to measure (linear | linear-fp16-down | mlp-gate-up; default: the compiler's)")
+    p.add_argument("--quant-algorithm", default=None, choices=["normal", "mmse", "kl_divergence"],
+                   help="with --agreement: rknn's activation range algorithm for w8a8 (default: normal, as the compiler)")
     p.add_argument("--agreement-seq", type=int, default=64, help="with --agreement: tokens per call (64 = prefill chunks, 1 = decode)")
     p.add_argument("--agreement-tokens", type=int, default=None, help="with --agreement: use only the first N held-out tokens")
     p.set_defaults(func=run)
@@ -72,12 +75,13 @@ def _agreement(args: argparse.Namespace) -> int:
         keep = parse_fp16_slices(args.fp16_layers, n)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    r = measure_agreement(args.model, args.dtype, seq=args.agreement_seq, max_tokens=args.agreement_tokens, fp16_slices=keep)
+    r = measure_agreement(args.model, args.dtype, seq=args.agreement_seq, max_tokens=args.agreement_tokens, fp16_slices=keep,
+                          quant_policy=args.quant_policy, quantized_algorithm=args.quant_algorithm)
     if not args.json:
         for name, f in r["layers"].items():
             print(f"{name} [{f.pop('dtype')}]: " + " ".join(f"{k}={v:.6f}" for k, v in f.items()))
         print(f"top-1 agreement {r['top1_agreement'] * 100:.2f}% ({r['agree']}/{r['tokens']} tokens, {r['dtype']}, head {r['head_dtype']}"
-              f"{', fp16: ' + ','.join(r['fp16_slices']) if r['fp16_slices'] else ''}); cos logits {r['cos_logits']:.6f}; "
+              f"{', policy ' + r['quant_policy'] if r['quant_policy'] else ''}{', fp16: ' + ','.join(r['fp16_slices']) if r['fp16_slices'] else ''}); cos logits {r['cos_logits']:.6f}; "
               f"{r['builds']} builds in {r['build_seconds']:.0f} s, simulation {r['sim_seconds']:.0f} s, total {r['total_seconds']:.0f} s")
     else:
         print(json.dumps(r))

@@ -27,12 +27,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-per-slice", type=int, default=None, help="layers per graph (default: the whole shard in one graph)")
 
 
-def backend_options(args: argparse.Namespace) -> dict:
-    """Backend options from add_model_args' flags."""
+def backend_options(args: argparse.Namespace, src=None) -> dict:
+    """Backend options from add_model_args' flags (rknn-sim w8a8 also gets the compiler's calibration of `src`)."""
     dtype = getattr(args, "backend_dtype", None)
     if dtype and args.backend not in ("npu", "rknn-sim"):
         raise SystemExit(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
-    return {"dtype": dtype} if dtype else {}
+    opts: dict = {"dtype": dtype} if dtype else {}
+    if args.backend == "rknn-sim" and dtype == "w8a8":
+        from exo_rknpu.compiler.calibration import ModelCalibration
+
+        opts["calibration"] = ModelCalibration(src if src is not None else args.model)
+    return opts
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = args.prompt
     prompt_ids = tok.encode(text)
-    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=backend_options(args)) for r in ranges]
+    opts = backend_options(args, src)  # one calibration object: captured once, shared by the shards
+    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts) for r in ranges]
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

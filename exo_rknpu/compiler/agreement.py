@@ -53,10 +53,11 @@ def parse_fp16_slices(text: str | None, n_layers: int) -> set[str]:
 def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text: str = HELDOUT_TEXT,
                       calib_text: str = CALIBRATION_TEXT, seq: int = 64, max_tokens: int | None = None,
                       fp16_slices: set[str] | frozenset[str] = frozenset(), per_layer: bool = True,
+                      quant_policy: str | None = None, quantized_algorithm: str | None = None,
                       log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:
     """Greedy top-1 agreement of the simulated model (`dtype`, with `fp16_slices` in fp16) vs fp32 onnxruntime."""
     from exo_rknpu.backends.rknn_sim import RknnSimBackend
-    from exo_rknpu.model.loader import load_shard, load_tokenizer, resolve_model
+    from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
     from exo_rknpu.runtime.placement import fallback_placement
 
     t0 = time.monotonic()
@@ -66,8 +67,7 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
     if max_tokens:
         ids = ids[:max_tokens]
     n_tok = len(ids)
-    full = load_shard(src, LayerRange.full(load_shard_args(src).num_hidden_layers))
-    n = full.args.num_hidden_layers
+    full = load_shard(src, LayerRange.full(load_args(src).num_hidden_layers))
     ctx = 256
     while ctx < n_tok:
         ctx *= 2
@@ -89,7 +89,11 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         ref.close()
     log(f"fp32 reference: {n_tok} tokens in {time.monotonic() - t0:.0f} s")
 
-    main = RknnSimBackend(dtype=dtype, model=src, calib_text=calib_text)
+    from exo_rknpu.compiler.calibration import ModelCalibration
+    from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
+
+    calib = ModelCalibration(src, calib_text) if dtype == "w8a8" else None
+    main = RknnSimBackend(dtype=dtype, calibration=calib, quant_policy=quant_policy, quantized_algorithm=quantized_algorithm)
     keep = RknnSimBackend(dtype="fp16") if (fp16_slices and dtype != "fp16") else None
 
     def place(spec: SliceSpec):
@@ -141,7 +145,8 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         layers[name] = {k: round(min(f[k] for f in figs), 6) for k in figs[0]}
         layers[name]["dtype"] = "fp16" if name in fp16_slices else dtype
     result = {
-        "model": src.name, "dtype": dtype, "fp16_slices": sorted(fp16_slices), "tokens": n_tok, "seq": seq,
+        "model": src.name, "dtype": dtype, "quant_policy": (quant_policy or DEFAULT_QUANT_POLICY) if dtype == "w8a8" else None,
+        "quantized_algorithm": (quantized_algorithm or "normal") if dtype == "w8a8" else None, "fp16_slices": sorted(fp16_slices), "tokens": n_tok, "seq": seq,
         "context": ctx, "top1_agreement": round(agree, 4), "agree": int((a == b).sum()),
         "cos_logits": round(rknn_io.cosine(sim_logits, ref_logits), 6),
         "head_dtype": "fp16" if "head" in fp16_slices else dtype,
@@ -150,12 +155,6 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         "sim_seconds": round(run_s, 1), "total_seconds": round(time.monotonic() - t0, 1),
     }
     return result
-
-
-def load_shard_args(src):
-    from exo_rknpu.model.loader import load_args
-
-    return load_args(src)
 
 
 def _feed(runner: ShardRunner, x: np.ndarray, seq: int, state: dict[str, int] | None = None) -> np.ndarray:

@@ -112,3 +112,35 @@ def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, toke
     finally:
         runner.close()
     return got
+
+
+class ModelCalibration:
+    """Calibration activations for backends that quantize (rknn-sim w8a8), as the compiler captures them.
+
+    A callable `(spec, weights, buckets, seq, ctx) -> [inputs, ...]`: on first use it runs the whole model
+    (numpy, CPU) over `text` for `buckets` — the same `capture` as `exo-rknpu compile --dtype w8a8` — and hands out
+    the samples of one slice at one bucket (repadded to `ctx`). Lives here, above the backends, because capture
+    needs the runtime; the backend only receives the callable.
+    """
+
+    def __init__(self, model, text: str = CALIBRATION_TEXT) -> None:
+        self.model, self.text = model, text
+        self._got: dict[tuple, dict[str, dict[int, list[dict[str, np.ndarray]]]]] = {}
+
+    def __call__(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets, seq: int, ctx: int | None) -> list[dict[str, np.ndarray]]:
+        from exo_rknpu.model.base import LayerRange
+        from exo_rknpu.model.loader import load_shard, load_tokenizer, resolve_model
+        from exo_rknpu.slices.spec import plan_slices
+
+        key = (buckets.seq, buckets.context)
+        if key not in self._got:
+            src = resolve_model(self.model) if isinstance(self.model, str) else self.model
+            n = weights.args.num_hidden_layers
+            full = load_shard(src, LayerRange(0, n, n))
+            if full.fingerprint != weights.fingerprint:
+                raise ValueError(f"calibration model {self.model!r} is not the model being run "
+                                 f"(fingerprint {full.fingerprint[:12]}… vs {weights.fingerprint[:12]}…)")
+            targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed"]
+            self._got[key] = capture(full, targets, buckets, load_tokenizer(src).encode(self.text))
+        got = self._got[key].get(spec.name, {}).get(seq, [])
+        return [repad(s, ctx) if (spec.kind == "layers" and ctx) else s for s in got]

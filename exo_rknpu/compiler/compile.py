@@ -83,14 +83,9 @@ class Progress:
 
 
 def _bucket_shapes(spec: SliceSpec, ws: ShardWeights, buckets: Buckets) -> list[dict[str, Any]]:
-    out = []
-    ctxs = buckets.context if spec.kind == "layers" else (buckets.context[0],)
-    for ctx in ctxs:
-        for seq in buckets.seq:
-            out.append({"seq": seq, "ctx": ctx if spec.kind == "layers" else None,
-                        "inputs": {k: list(v) for k, v in spec.input_shapes(ws.args, seq, ctx).items()},
-                        "outputs": {k: list(v) for k, v in spec.output_shapes(ws.args, seq).items()}})
-    return out
+    from exo_rknpu.backends.rknn_sim import bucket_shapes  # one definition, shared with the simulator backend
+
+    return bucket_shapes(spec, ws, buckets)
 
 
 def _ort_reference(spec: SliceSpec, ws: ShardWeights, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -265,7 +260,11 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             "verify": verify_figs,
         }
         if dtype == "w8a8":
-            manifest["quantization"] = {"policy": "hybrid: linear layers (Conv) w8a8, every other op float16",
+            from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
+
+            manifest["quantization"] = {"policy": f"hybrid {DEFAULT_QUANT_POLICY}: linear layers w8a8"
+                                        + (" except the MLP down-projection" if DEFAULT_QUANT_POLICY == "linear-fp16-down" else "")
+                                        + ", every other op float16",
                                         "calibration_sha256": calib_digest,
                                         "samples_per_bucket": {str(k): len(v) for k, v in (samples or {}).items()}}
         import shutil

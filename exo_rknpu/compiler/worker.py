@@ -49,12 +49,45 @@ def _check(ret, what: str) -> None:
         raise RuntimeError(f"{what} returned {ret}")
 
 
-def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str) -> list[str]:
-    """Keep everything but the linear layers (Conv after rknn's matmul->conv rewrite) in float16."""
+# w8a8 hybrid policies (which ops stay int8; every other op is float16). See docs/compiler.md for the figures.
+#   "linear":           every linear layer (rknn's Conv from a MatMul, named matmul_*) in int8
+#   "linear-fp16-down": the same, but the MLP down-projection (the linear layer fed by the gate*up product,
+#                       whose input carries the model's outlier activations) stays float16
+#   "mlp-gate-up":      only the MLP gate and up projections (the Convs whose output feeds the SiLU/Mul) in int8
+# Other Convs the compiler makes (e.g. repeat_kv's Gather->Conv over the KV cache) are never quantized.
+QUANT_POLICIES = ("linear", "linear-fp16-down", "mlp-gate-up")
+DEFAULT_QUANT_POLICY = "linear-fp16-down"
+
+
+def _int8_convs(m, policy: str) -> set[str]:
+    """Names of the Conv nodes quantized to int8 under `policy` (step 1's .model graph)."""
+    if policy not in QUANT_POLICIES:
+        raise ValueError(f"unknown quantization policy {policy!r}; choose one of {', '.join(QUANT_POLICIES)}")
+    producer = {o: n for n in m.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = set()
+    for n in m.graph.node:
+        if n.op_type != "Conv" or not n.name.startswith("matmul"):
+            continue
+        src = producer.get(n.input[0])
+        if policy in ("linear-fp16-down", "mlp-gate-up") and src is not None and src.op_type == "Mul":
+            continue  # down_proj: its input is silu(gate) * up
+        if policy == "mlp-gate-up" and not any(c.op_type in ("Mul", "exSwish", "Sigmoid") for c in consumers.get(n.output[0], [])):
+            continue  # q/k/v (-> Reshape) and o_proj (-> Add): float16
+        out.add(n.name)
+    return out
+
+
+def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str, policy: str = DEFAULT_QUANT_POLICY) -> list[str]:
+    """Write step 2's config: every op output float16 except the int8 linear layers that `policy` picks."""
     import onnx  # the toolkit venv has onnx (a toolkit dependency); the .model file of step 1 is ONNX
 
     m = onnx.load(model_path)
-    keep = [n.output[0] for n in m.graph.node if n.op_type not in ("Conv", "exDataConvert")]
+    int8 = _int8_convs(m, policy)
+    keep = [n.output[0] for n in m.graph.node if n.op_type != "exDataConvert" and n.name not in int8]
     text = open(cfg_path).read()
     head = "custom_quantize_layers: {}\n"
     if head not in text:
@@ -82,6 +115,8 @@ def build_rknn(b: dict, res: dict):
         cfg: dict = {"target_platform": b["platform"]}
         if b.get("dynamic_input"):
             cfg["dynamic_input"] = b["dynamic_input"]
+        if b["dtype"] == "w8a8" and b.get("quantized_algorithm"):
+            cfg["quantized_algorithm"] = b["quantized_algorithm"]  # rknn: normal (min/max, default) | mmse | kl_divergence
         _check(rk.config(**cfg), "config")
         _check(rk.load_onnx(b["onnx"]), "load_onnx")
         if b["dtype"] == "fp16":
@@ -92,8 +127,9 @@ def build_rknn(b: dict, res: dict):
                 f.write("".join(" ".join(sample) + "\n" for sample in b["calib"]))
             _check(rk.hybrid_quantization_step1(dataset=ds), "hybrid_quantization_step1")
             stem = os.path.splitext(os.path.basename(b["onnx"]))[0]
-            keep = _hybrid_cfg(f"{stem}.model", f"{stem}.quantization.cfg", "hybrid.cfg")
-            res["fp16_tensors"] = len(keep)
+            policy = b.get("quant_policy") or DEFAULT_QUANT_POLICY
+            keep = _hybrid_cfg(f"{stem}.model", f"{stem}.quantization.cfg", "hybrid.cfg", policy)
+            res["fp16_tensors"], res["quant_policy"] = len(keep), policy
             rk.release()
             rk = RKNN(verbose=True)
             _check(rk.hybrid_quantization_step2(model_input=f"{stem}.model", data_input=f"{stem}.data",
@@ -172,5 +208,38 @@ def main(job_path: str) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
+def build_for_simulator(b: dict) -> tuple:
+    """The rknn-sim worker's build step: the compiler's recipe, then init_runtime() (simulator); logs to b["log"]."""
+    res: dict = {"ok": True}
+    saved = _redirect(b["log"])
+    try:
+        rk = build_rknn(b, res)
+        t = time.monotonic()
+        try:
+            _check(rk.init_runtime(), "init_runtime (simulator)")
+        except BaseException:
+            rk.release()
+            raise
+        res["init_s"] = time.monotonic() - t
+        res.setdefault("quant_policy", None)
+        return rk, res
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        _restore(saved)
+
+
+def serve_simulator() -> int:
+    """`python -m exo_rknpu.compiler.worker --serve`: the long-lived process of the rknn-sim backend."""
+    from exo_rknpu.backends import rknn_sim_worker
+
+    exit_with_parent()
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stderr is the worker log: native compiler/simulator output goes there, never into the protocol
+    rknn_sim_worker.serve(sys.stdin.buffer, out, build_for_simulator)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(serve_simulator() if sys.argv[1:] == ["--serve"] else main(sys.argv[1]))

@@ -36,13 +36,9 @@ def open_shard(
 
     Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
-    rknn-sim is given the model source, which w8a8 needs for calibration.
     """
     weights = load_shard(src, layer_range)
-    opts = dict(backend_options or {})
-    if backend == "rknn-sim":
-        opts.setdefault("model", src)
-    primary = get_backend(backend, **opts)
+    primary = get_backend(backend, **(backend_options or {}))
     if layers_per_slice is None:
         layers_per_slice = getattr(primary, "layers_per_slice", None)
     placed = primary

@@ -106,7 +106,7 @@ def test_killed_worker_is_a_clear_error_not_a_hang(tiny):
 def test_worker_dies_with_its_parent(tmp_path):
     code = ("import sys, os\n"
             "from exo_rknpu.backends.rknn_sim import RknnSimBackend\n"
-            "be = RknnSimBackend()\n"
+            f"be = RknnSimBackend(workdir={str(tmp_path)!r})\n"
             "print(be.worker().pid, flush=True)\n"
             "os._exit(0)\n")  # no cleanup at all: the worker must notice on its own
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -117,3 +117,30 @@ def test_worker_dies_with_its_parent(tmp_path):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(pid), f"rknn-sim worker {pid} outlived its parent"
+
+
+def test_w8a8_builds_each_bucket_on_first_use_with_the_compiler_policy(tiny):
+    from exo_rknpu.compiler.calibration import ModelCalibration
+    from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
+
+    src = resolve_model(str(tiny))
+    b = Buckets(seq=(1, 16), context=(64,))
+    sim = open_shard(src, LayerRange(0, 4, 4), "rknn-sim", b,
+                     backend_options={"dtype": "w8a8", "calibration": ModelCalibration(src)})
+    ref = open_shard(src, LayerRange(0, 4, 4), "onnx", b)
+    try:
+        be = sim.backends["layers.0"]
+        assert be.dtype == "w8a8" and be.builds == []  # each bucket is calibrated and built when first used
+        ids = np.asarray([[5, 9, 13, 17, 21, 25, 29]], np.int64)
+        got, want = sim.forward("r", ids), ref.forward("r", ids)
+        assert sorted(x["name"] for x in be.builds) == ["head.s16", "layers.0.s16.c64", "layers.1.s16.c64",
+                                                        "layers.2.s16.c64", "layers.3.s16.c64"]
+        assert all(x["quant_policy"] == DEFAULT_QUANT_POLICY for x in be.builds)
+        step = np.asarray([[int(want[0, -1].argmax())]], np.int64)
+        got1, want1 = sim.forward("r", step), ref.forward("r", step)
+        assert len(be.builds) == 10  # + the 5 decode (seq 1) files
+        # int8 is lossy: a loose bound that still catches a broken calibration or marshalling (random-weight model)
+        assert cosine(got, want) >= 0.95 and cosine(got1, want1) >= 0.95
+    finally:
+        sim.close()
+        ref.close()
