@@ -103,6 +103,9 @@ class NpuRunner:
 
 class NpuBackend:
     name = "npu"
+    # "dim" (transposed cache) removes rknn's CPU Transposes in prefill buckets, but rknn-toolkit2 2.5.0 crashes
+    # building it with dynamic_input (docs/compiler.md), so compiled slices keep the "seq" layout for now.
+    kv_layout = "seq"
     static_shapes = True
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", cache_dir: str | Path | None = None,

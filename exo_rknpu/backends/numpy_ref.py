@@ -23,6 +23,7 @@ class NumpyRunner:
 
 class NumpyBackend:
     name = "numpy"
+    kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
 
     def supports(self, spec: SliceSpec) -> bool:

@@ -40,6 +40,7 @@ class OrtBackend:
     """One session per slice with symbolic S/C dims, so every bucket shares one graph and one copy of weights."""
 
     name = "onnx"
+    kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
 
     def __init__(self, threads: int | None = None) -> None:
@@ -51,7 +52,9 @@ class OrtBackend:
         return spec.blocks == ("attn", "mlp")
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner:
-        model = build_onnx(spec, weights, attention_form="split", per_layer_cache=True)
+        # the split form avoids copying the cache; a transposed ("dim") cache is written in the NPU's sdpa form
+        form = "split" if spec.kv_layout == "seq" else "sdpa"
+        model = build_onnx(spec, weights, attention_form=form, per_layer_cache=True)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

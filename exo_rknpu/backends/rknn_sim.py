@@ -292,6 +292,9 @@ class RknnSimBackend:
     """
 
     name = "rknn-sim"
+    # "dim" (transposed cache) removes rknn's CPU Transposes in prefill buckets, but rknn-toolkit2 2.5.0 crashes
+    # building it with dynamic_input (docs/compiler.md), so compiled slices keep the "seq" layout for now.
+    kv_layout = "seq"
     static_shapes = True
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
 

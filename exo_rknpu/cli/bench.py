@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from exo_rknpu.cli.generate import add_model_args, progress
+from exo_rknpu.cli.generate import add_model_args, backend_options, progress
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.zoo import ModelSource, resolve_model
@@ -52,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _ours(src: ModelSource, backend: str, split: str | None, args: argparse.Namespace, prompt_ids: list[int]) -> BenchResult:
     margs = load_args(src)
     ranges = parse_split(split, margs.num_hidden_layers) if split else [LayerRange.full(margs.num_hidden_layers)]
-    opts = {"threads": args.threads} if (backend == "onnx" and args.threads) else {}
+    opts = backend_options(argparse.Namespace(**{**vars(args), "backend": backend}), src)
+    if backend == "onnx" and args.threads:
+        opts["threads"] = args.threads
     shards = [open_shard(src, r, backend, default_buckets(margs, args.max_context), args.layers_per_slice, backend_options=opts) for r in ranges]
     ring = LocalRing(shards)
     best: BenchResult | None = None

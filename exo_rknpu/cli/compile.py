@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/exo-rknpu/compiled)")
     p.add_argument("--seq", type=_ints, default=None, help="seq buckets, e.g. 1,16,64")
     p.add_argument("--context", type=_ints, default=None, help="context buckets, e.g. 256,512,1024,2048")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="context buckets doubling from 256 up to this (default: what generate/node use, 2048 or the model's limit)")
     p.add_argument("--min-cos", type=float, default=None, help="fail --verify below this cosine (default 0.9999 for fp16, none for w8a8)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results on the last line of stdout")
     p.add_argument("--agreement", action="store_true",
@@ -46,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
         return _agreement(args)
     if not args.layers:
         raise SystemExit("exo-rknpu compile: --layers A-B is required (or use --agreement)")
-    d = Buckets()
+    # The runtime (generate, node) picks buckets with default_buckets; compile the same ones unless told otherwise.
+    from exo_rknpu.model.loader import load_args
+    from exo_rknpu.model.zoo import resolve_model
+    from exo_rknpu.runtime.session import default_buckets
+
+    d = default_buckets(load_args(resolve_model(args.model)), args.max_context)
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
     results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
                             verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos)

@@ -54,8 +54,12 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
                       calib_text: str = CALIBRATION_TEXT, seq: int = 64, max_tokens: int | None = None,
                       fp16_slices: set[str] | frozenset[str] = frozenset(), per_layer: bool = True,
                       quant_policy: str | None = None, quantized_algorithm: str | None = None,
+                      smooth_alpha: float | dict[str, float] | None | str = "default",
                       log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:
-    """Greedy top-1 agreement of the simulated model (`dtype`, with `fp16_slices` in fp16) vs fp32 onnxruntime."""
+    """Greedy top-1 agreement of the simulated model (`dtype`, with `fp16_slices` in fp16) vs fp32 onnxruntime.
+
+    w8a8: the int8 slices are built from SmoothQuant-smoothed weights (compiler/smoothing.py, as the compiler
+    does) with `smooth_alpha` ("default": the compiler's DEFAULT_SMOOTH_ALPHA; None: no smoothing)."""
     from exo_rknpu.backends.rknn_sim import RknnSimBackend
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
     from exo_rknpu.runtime.placement import fallback_placement
@@ -92,6 +96,20 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
     from exo_rknpu.compiler.calibration import ModelCalibration
     from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
 
+    from exo_rknpu.compiler import smoothing
+    from exo_rknpu.compiler.compile import DEFAULT_SMOOTH_ALPHA
+    from exo_rknpu.slices.spec import plan_slices
+
+    if smooth_alpha == "default":
+        smooth_alpha = DEFAULT_SMOOTH_ALPHA
+    sim_weights = full
+    if dtype == "w8a8" and smooth_alpha is not None:
+        # the int8 slices only: fp16-kept slices run the original weights, as the compiler builds fp16
+        n = full.args.num_hidden_layers
+        targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed" and s.name not in fp16_slices]
+        stats = smoothing.calibration_stats(full, targets, tok.encode(calib_text))
+        sim_weights = smoothing.smooth_shard(full, stats, smooth_alpha)
+        log(f"smoothing (alpha {smooth_alpha}) of {len(stats)} slices in {time.monotonic() - t0:.0f} s")
     calib = ModelCalibration(src, calib_text) if dtype == "w8a8" else None
     main = RknnSimBackend(dtype=dtype, calibration=calib, quant_policy=quant_policy, quantized_algorithm=quantized_algorithm)
     keep = RknnSimBackend(dtype="fp16") if (fp16_slices and dtype != "fp16") else None
@@ -118,13 +136,14 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
             want = r.run(inputs)
             f["cos_delta"] = rknn_io.cosine((out["hidden_out"] - inputs["hidden"])[:, rows], (want["hidden_out"] - inputs["hidden"])[:, rows])
             f["cos_hidden_out"] = rknn_io.cosine(out["hidden_out"][:, rows], want["hidden_out"][:, rows])
-            f["cos_k_new"] = rknn_io.cosine(out["k_new"][:, :, rows], want["k_new"][:, :, rows])
-            f["cos_v_new"] = rknn_io.cosine(out["v_new"][:, :, rows], want["v_new"][:, :, rows])
+            pos = (slice(None),) * (2 if spec.kv_layout == "seq" else 3) + (rows,)  # the new positions' axis
+            f["cos_k_new"] = rknn_io.cosine(out["k_new"][pos], want["k_new"][pos])
+            f["cos_v_new"] = rknn_io.cosine(out["v_new"][pos], want["v_new"][pos])
         f["cos_hidden_acc"] = rknn_io.cosine(out["hidden_out"][:, rows], ref_hidden[spec.name][i][:, rows])
         layer_figs.setdefault(spec.name, []).append(f)
 
     t1 = time.monotonic()
-    sim = ShardRunner(full, place, buckets, layers_per_slice=1, on_slice=on_sim)
+    sim = ShardRunner(sim_weights, place, buckets, layers_per_slice=1, on_slice=on_sim)
     try:
         log(f"simulator ready ({dtype}{', fp16: ' + ','.join(sorted(fp16_slices)) if fp16_slices else ''}) in {time.monotonic() - t1:.0f} s")
         t2 = time.monotonic()
@@ -146,7 +165,8 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         layers[name]["dtype"] = "fp16" if name in fp16_slices else dtype
     result = {
         "model": src.name, "dtype": dtype, "quant_policy": (quant_policy or DEFAULT_QUANT_POLICY) if dtype == "w8a8" else None,
-        "quantized_algorithm": (quantized_algorithm or "normal") if dtype == "w8a8" else None, "fp16_slices": sorted(fp16_slices), "tokens": n_tok, "seq": seq,
+        "quantized_algorithm": (quantized_algorithm or "normal") if dtype == "w8a8" else None,
+        "smooth_alpha": smooth_alpha if dtype == "w8a8" else None, "fp16_slices": sorted(fp16_slices), "tokens": n_tok, "seq": seq,
         "context": ctx, "top1_agreement": round(agree, 4), "agree": int((a == b).sum()),
         "cos_logits": round(rknn_io.cosine(sim_logits, ref_logits), 6),
         "head_dtype": "fp16" if "head" in fp16_slices else dtype,

@@ -14,7 +14,7 @@ import numpy as np
 from exo_rknpu.backends.base import get_backend
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.spec import MASK_VALUE, Buckets, SliceSpec
+from exo_rknpu.slices.spec import MASK_VALUE, Buckets, SliceSpec, to_kv_layout
 
 # Calibration text (never used to measure accuracy). Plain prose on mixed topics.
 CALIBRATION_TEXT = (
@@ -143,4 +143,4 @@ class ModelCalibration:
             targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed"]
             self._got[key] = capture(full, targets, buckets, load_tokenizer(src).encode(self.text))
         got = self._got[key].get(spec.name, {}).get(seq, [])
-        return [repad(s, ctx) if (spec.kind == "layers" and ctx) else s for s in got]
+        return [to_kv_layout(repad(s, ctx), spec.kv_layout) if (spec.kind == "layers" and ctx) else s for s in got]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -30,12 +30,16 @@ from exo_rknpu.errors import CompileError
 from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices
+from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices, to_kv_layout
+from exo_rknpu.backends.npu import NpuBackend
 
 DTYPES = ("fp16", "w8a8")
 PLATFORMS = ("rk3588",)
 FP16_MIN_COS = 0.9999
 EMBED_ON_HOST = True  # the embedding is a table lookup: done on the host CPU, not compiled (see docs)
+# w8a8: SmoothQuant-style smoothing (compiler/smoothing.py) of the weights the int8 build sees; None = off.
+# Measured end to end in docs/compiler.md (quantization section).
+DEFAULT_SMOOTH_ALPHA: float | None = 0.5
 
 
 @dataclass
@@ -139,8 +143,12 @@ def _run_worker(py: Path, job: dict[str, Any], workdir: Path) -> list[dict[str, 
 
 def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype: str, platform: str, key: str,
                   cache: cc.SliceCache, py: Path, tk_version: str, samples: dict[int, list[dict[str, np.ndarray]]] | None,
-                  verify: bool, calib_digest: str, min_cos: float | None) -> tuple[Path, dict[str, Any]]:
-    """Build one slice into a staging folder, verify it in the simulator, commit it to the cache."""
+                  verify: bool, calib_digest: str, min_cos: float | None, build_ws: ShardWeights | None = None,
+                  smoothing: str = "") -> tuple[Path, dict[str, Any]]:
+    """Build one slice into a staging folder, verify it in the simulator, commit it to the cache.
+
+    `build_ws`: the weights the .rknn is built from when they differ from `ws` (w8a8: smoothed, an equivalent
+    transform described by `smoothing`); the manifest's weights digest and the verify reference use `ws`."""
     from exo_rknpu.slices.onnx_export import build_onnx
     import onnx
 
@@ -155,11 +163,15 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
 
         def sample_for(sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
             got = (samples or {}).get(sh["seq"], [])
-            return [repad(s, sh["ctx"]) if spec.kind == "layers" else s for s in got]
+            return [to_kv_layout(repad(s, sh["ctx"]), spec.kv_layout) if spec.kind == "layers" else s for s in got]
 
         if dtype == "fp16":
             onnx_path = work / f"{spec.name}.onnx"
-            onnx.save(build_onnx(spec, ws), str(onnx_path))  # symbolic S/C: one file, dynamic_input lists the buckets
+            if len(shapes) == 1:  # one shape: a static graph (dynamic_input needs at least two shape sets)
+                only = shapes[0]
+                onnx.save(build_onnx(spec, ws, seq=only["seq"], ctx=only["ctx"] or buckets.context[0]), str(onnx_path))
+            else:  # symbolic S/C: one file, dynamic_input lists the buckets
+                onnx.save(build_onnx(spec, ws), str(onnx_path))
             groups = [(f"{spec.name}.rknn", shapes)]
         else:
             groups = [(f"{spec.name}.s{sh['seq']}" + (f".c{sh['ctx']}" if sh["ctx"] else "") + ".rknn", [sh]) for sh in shapes]
@@ -170,7 +182,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             else:
                 sh = group[0]
                 src = work / f"{fname[:-5]}.onnx"
-                onnx.save(build_onnx(spec, ws, seq=sh["seq"], ctx=sh["ctx"] or buckets.context[0]), str(src))
+                onnx.save(build_onnx(spec, build_ws or ws, seq=sh["seq"], ctx=sh["ctx"] or buckets.context[0]), str(src))
                 dyn = None
             b: dict[str, Any] = {"name": f"{spec.name}/{fname}", "kind": spec.kind, "onnx": str(src), "out": str(stage / fname),
                                  "log": str(work / f"{fname}.log"), "workdir": str(work / f"wd-{fname}"), "platform": platform,
@@ -231,7 +243,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                     f = _figures(spec, sample, ref, got)
                     figs.append(f)
                     seq = sample[names[0]].shape[1]
-                    ctx = sample["past_k"].shape[2] if spec.kind == "layers" else 0
+                    ctx = sample["mask"].shape[3] - seq if spec.kind == "layers" else 0
                     per_bucket[f"s{seq}c{ctx}"] = _merge([per_bucket.get(f"s{seq}c{ctx}", f), f])
                     vi += 1
             if not figs:
@@ -266,6 +278,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                                         + (" except the MLP down-projection" if DEFAULT_QUANT_POLICY == "linear-fp16-down" else "")
                                         + ", every other op float16",
                                         "calibration_sha256": calib_digest,
+                                        "smoothing": smoothing or None,
                                         "samples_per_bucket": {str(k): len(v) for k, v in (samples or {}).items()}}
         import shutil
 
@@ -283,8 +296,13 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
 def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: str = "fp16", buckets: Buckets | None = None,
                   verify: bool = False, cache_dir: Path | None = None, paths: Paths | None = None,
                   progress: bool = True, min_cos: float | None = None, calib_text: str = CALIBRATION_TEXT,
-                  on_built: Callable[[SliceResult], None] | None = None) -> list[SliceResult]:
-    """Compile every slice layer range `layers` ("A-B") of `model` needs; reuse what the cache already holds."""
+                  on_built: Callable[[SliceResult], None] | None = None,
+                  smooth_alpha: float | dict[str, float] | None = DEFAULT_SMOOTH_ALPHA) -> list[SliceResult]:
+    """Compile every slice layer range `layers` ("A-B") of `model` needs; reuse what the cache already holds.
+
+    w8a8 builds use SmoothQuant-smoothed weights (`smooth_alpha`, None = off; compiler/smoothing.py)."""
+    from exo_rknpu.compiler import smoothing as sm
+
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
 
     if dtype not in DTYPES:
@@ -297,22 +315,29 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     args = load_args(src)
     lr = LayerRange.parse(layers, args.num_hidden_layers)
     ws = load_shard(src, lr)
-    specs = [s for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
+    specs = [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s  # compiled for the npu backend's cache layout
+             for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
     exporter = cc.exporter_version()
     tk_status = toolkit.status(paths)
     tk_version = tk_status.versions.get("rknn", toolkit.TOOLKIT_VERSION)
     calib_digest = text_digest(calib_text)
+    smoothing = sm.describe(smooth_alpha if not isinstance(smooth_alpha, dict) else None) if dtype == "w8a8" else ""
+    if dtype == "w8a8" and isinstance(smooth_alpha, dict):
+        smoothing = "smoothquant:alpha=" + ",".join(f"{k}={v:g}" for k, v in sorted(smooth_alpha.items())) + f":v={sm.version()}"
+    # the transform and its alpha are part of what a w8a8 build is made from (the fp16 key ignores calibration)
+    keyed_calib = calib_digest + (f";{smoothing}" if smoothing else "")
     keys = {s.name: cc.cache_key(weights_digest=cc.slice_digest(s, ws), fingerprint=ws.fingerprint, spec=s, buckets=buckets,
                                  dtype=dtype, platform=platform, toolkit_version=tk_version, exporter=exporter,
-                                 calibration=calib_digest) for s in specs}
+                                 calibration=keyed_calib) for s in specs}
     found = {s.name: cache.lookup(keys[s.name]) for s in specs}
     todo = [s for s in specs if found[s.name] is None]
     bar = Progress(len(specs), enabled=progress)
     bar.remaining_builds = len(todo)
     samples: dict[str, dict[int, list[dict[str, np.ndarray]]]] = {}
     py = None
+    build_ws: ShardWeights | None = None
     if todo:
         py, _ = toolkit.require(paths)
         if verify or dtype == "w8a8":
@@ -320,6 +345,8 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
             tok = load_tokenizer(src)
             ids = tok.encode(calib_text)
             samples = capture(full, todo, buckets, ids)
+            if dtype == "w8a8" and smoothing:
+                build_ws = sm.smooth_shard(ws, sm.calibration_stats(full, todo, ids), smooth_alpha)  # type: ignore[arg-type]
     results = []
     for s in specs:
         bar.start(s.name)
@@ -329,7 +356,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
         else:
             folder, m = compile_slice(s, ws, buckets=buckets, dtype=dtype, platform=platform, key=keys[s.name], cache=cache,
                                       py=py, tk_version=tk_version, samples=samples.get(s.name), verify=verify,
-                                      calib_digest=calib_digest, min_cos=min_cos)
+                                      calib_digest=calib_digest, min_cos=min_cos, build_ws=build_ws, smoothing=smoothing)
             status = "built"
         r = SliceResult(s.name, keys[s.name], status, str(folder), [str(folder / f["file"]) for f in m["files"]],
                         round(time.monotonic() - t, 2), m["build"].get("cpu_ops", []), m["build"].get("fallbacks", []),

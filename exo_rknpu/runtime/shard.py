@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -57,9 +57,13 @@ class ShardRunner:
         self.weights, self.args, self.buckets = weights, weights.args, buckets
         lr = weights.layer_range
         self.layer_range = lr
-        self.specs = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
         pick = backend if callable(backend) and not hasattr(backend, "prepare") else (lambda _s: backend)
-        self.backends: dict[str, Backend] = {s.name: pick(s) for s in self.specs}
+        self.backends: dict[str, Backend] = {}
+        self.specs: list[SliceSpec] = []
+        for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice):
+            b = self.backends[s.name] = pick(s)
+            # the backend chooses how its layer slices lay out the KV cache (the NPU wants it transposed)
+            self.specs.append(replace(s, kv_layout=getattr(b, "kv_layout", "seq")) if s.kind == "layers" else s)
         self.runners: dict[str, Runner] = {}
         try:
             for s in self.specs:
@@ -164,7 +168,7 @@ class ShardRunner:
             h = np.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
         capacity = self.buckets.context_for(state.pos + real)
         if not state.caches:
-            state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim) for s in self.layer_specs]
+            state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout) for s in self.layer_specs]
         for spec, cache in zip(self.layer_specs, state.caches):
             cache.grow(capacity)
             inputs = layer_inputs(a, h, real, state.pos, cache.capacity)

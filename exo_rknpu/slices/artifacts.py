@@ -55,7 +55,8 @@ def slice_digest(spec: SliceSpec, weights: ShardWeights) -> str:
 
 
 def spec_dict(spec: SliceSpec) -> dict[str, Any]:
-    return {"name": spec.name, "kind": spec.kind, "start": spec.start, "stop": spec.stop, "blocks": list(spec.blocks)}
+    return {"name": spec.name, "kind": spec.kind, "start": spec.start, "stop": spec.stop, "blocks": list(spec.blocks),
+            "kv_layout": spec.kv_layout}
 
 
 def cache_key(*, weights_digest: str, fingerprint: str, spec: SliceSpec, buckets: Buckets, dtype: str,

@@ -33,12 +33,15 @@ class Ops(Protocol):
     def rotate_half(self, x: T, head_dim: int) -> T: ...  # cat(-x2, x1) on the last axis
     def concat(self, xs: list[T], axis: int) -> T: ...
     def take_layer(self, x: T, i: int) -> T: ...  # x[i:i+1] on axis 0
-    def attention(self, q: T, past_k: T, k: T, past_v: T, v: T, mask: T, scale: float, n_rep: int) -> T:
-        """softmax(q K^T * scale + mask) V over K = [past_k, k], V = [past_v, v] (axis 2); q head h uses kv head h // n_rep.
+    def attention(self, q: T, past_k: T, k: T, past_v: T, v: T, mask: T, scale: float, n_rep: int, kv_layout: str = "seq") -> T:
+        """softmax(q K^T * scale + mask) V over K = [past_k, k], V = [past_v, v]; q head h uses kv head h // n_rep.
 
-        q [1,nh,S,hd]; past [1,kv,C,hd]; k, v [1,kv,S,hd]; mask [1,1,S,C+S]; returns [1,nh,S,hd].
+        q [1,nh,S,hd]; k, v [1,kv,S,hd]; mask [1,1,S,C+S]; past [1,kv,C,hd] ("seq") or [1,kv,hd,C] ("dim");
+        returns [1,nh,S,hd].
         """
         ...
+
+    def swap_last(self, x: T) -> T: ...  # transpose of the last two axes
 
     def embed(self, table: np.ndarray, ids: T) -> T: ...
 
@@ -48,15 +51,19 @@ def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
-def attention_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: T, mask: T, past_k: T, past_v: T) -> tuple[T, T, T]:
-    """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new) with k/v of shape [1,kv,S,hd]."""
+def attention_block(
+    ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: T, mask: T, past_k: T, past_v: T, kv_layout: str = "seq"
+) -> tuple[T, T, T]:
+    """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new) with k/v in the cache layout."""
     hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
     h = ops.rms_norm(x, w.input_norm, a.rms_norm_eps)
     q = ops.split_heads(ops.linear(h, w.q_proj, w.q_bias), nh, hd)
     k = ops.split_heads(ops.linear(h, w.k_proj, w.k_bias), nkv, hd)
     v = ops.split_heads(ops.linear(h, w.v_proj, w.v_bias), nkv, hd)
     q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
-    o = ops.merge_heads(ops.attention(q, past_k, k, past_v, v, mask, hd**-0.5, a.n_rep), nh, hd)
+    o = ops.merge_heads(ops.attention(q, past_k, k, past_v, v, mask, hd**-0.5, a.n_rep, kv_layout), nh, hd)
+    if kv_layout == "dim":
+        k, v = ops.swap_last(k), ops.swap_last(v)
     return ops.add(x, ops.linear(o, w.o_proj)), k, v
 
 
@@ -66,12 +73,14 @@ def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
     return ops.add(x, ops.linear(ops.mul(ops.silu(ops.linear(h, w.gate_proj)), ops.linear(h, w.up_proj)), w.down_proj))
 
 
-def layers_slice(ops: Ops, a: ModelArgs, ws: list[LayerWeights], hidden: T, cos: T, sin: T, mask: T, past_k: T, past_v: T) -> tuple[T, T, T]:
+def layers_slice(
+    ops: Ops, a: ModelArgs, ws: list[LayerWeights], hidden: T, cos: T, sin: T, mask: T, past_k: T, past_v: T, kv_layout: str = "seq"
+) -> tuple[T, T, T]:
     """A group of consecutive decoder layers; past_k/past_v hold one cache row per layer on axis 0."""
     ks, vs = [], []
     x = hidden
     for i, w in enumerate(ws):
-        x, k, v = attention_block(ops, a, w, x, cos, sin, mask, ops.take_layer(past_k, i), ops.take_layer(past_v, i))
+        x, k, v = attention_block(ops, a, w, x, cos, sin, mask, ops.take_layer(past_k, i), ops.take_layer(past_v, i), kv_layout)
         x = mlp_block(ops, a, w, x)
         ks.append(k)
         vs.append(v)
@@ -97,7 +106,7 @@ def run_slice(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str
     if spec.blocks != ("attn", "mlp"):
         raise NotImplementedError(f"slices of single blocks ({spec.blocks}) are not built yet")
     ws = [weights.layers[i] for i in range(spec.start, spec.stop)]
-    x, k, v = layers_slice(ops, a, ws, *(inputs[n] for n in ("hidden", "cos", "sin", "mask", "past_k", "past_v")))
+    x, k, v = layers_slice(ops, a, ws, *(inputs[n] for n in ("hidden", "cos", "sin", "mask", "past_k", "past_v")), spec.kv_layout)
     return {"hidden_out": x, "k_new": k, "v_new": v}
 
 
@@ -136,7 +145,12 @@ class NumpyOps:
     def take_layer(self, x, i):
         return x[i : i + 1]
 
-    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep):
+    def swap_last(self, x):
+        return np.swapaxes(x, -1, -2)
+
+    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep, kv_layout="seq"):
+        if kv_layout == "dim":
+            past_k, past_v = self.swap_last(past_k), self.swap_last(past_v)
         k = np.repeat(np.concatenate([past_k, k], axis=2), n_rep, axis=1)
         v = np.repeat(np.concatenate([past_v, v], axis=2), n_rep, axis=1)
         s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale) + mask

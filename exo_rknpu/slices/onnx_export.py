@@ -130,10 +130,28 @@ class OnnxOps:
     def _range(self, start: int, stop: int) -> list[str]:
         return [self._const(np.array([start], np.int64)), self._const(np.array([stop], np.int64))]
 
-    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep):
+    def swap_last(self, x):
+        return self._node("Transpose", [x], perm=[0, 1, 3, 2])
+
+    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep, kv_layout="seq"):
+        if kv_layout == "dim":
+            if self.attention_form != "sdpa":
+                raise ValueError("the transposed ('dim') cache layout is written for the sdpa attention form (NPU)")
+            return self._attention_sdpa_dim(q, past_k, k, past_v, v, mask, scale, n_rep)
         if self.attention_form == "sdpa":
             return self._attention_sdpa(q, past_k, k, past_v, v, mask, scale, n_rep)
         return self._attention_split(q, past_k, k, past_v, v, mask, scale, n_rep)
+
+    def _attention_sdpa_dim(self, q, past_kt, k, past_vt, v, mask, scale, n_rep):
+        """sdpa over a transposed cache [1,kv,hd,C]: only the new S rows are transposed, so no Transpose of a
+        [C+S, hd] tensor is left for rknn to put on the CPU; the compiler still fuses exSDPAttention."""
+        keys_t = self._node("Concat", [past_kt, self.swap_last(k)], axis=3)
+        values_t = self._node("Concat", [past_vt, self.swap_last(v)], axis=3)
+        if n_rep > 1:
+            keys_t, values_t = self._repeat_kv(keys_t, n_rep), self._repeat_kv(values_t, n_rep)
+        s = self._node("Mul", [self._node("MatMul", [q, keys_t]), self._const(np.array(scale, np.float32))])
+        p = self._node("Softmax", [self._node("Add", [s, mask])], axis=-1)
+        return self._node("MatMul", [p, self.swap_last(values_t)])
 
     def _attention_sdpa(self, q, past_k, k, past_v, v, mask, scale, n_rep):
         """Concat + repeat + MatMul/Mul/Add/Softmax/MatMul: the pattern rknn-toolkit2 fuses into exSDPAttention."""
@@ -207,15 +225,17 @@ def build_onnx(
         ins = [("hidden", (1, S, H), f32)]
         outs = [("logits", (1, S, a.vocab_size), f32)]
     else:
+        dim = spec.kv_layout == "dim"
+        cache, new = ((n, kv, hd, C), (n, kv, hd, S)) if dim else ((n, kv, C, hd), (n, kv, S, hd))
         ins = [("hidden", (1, S, H), f32), ("cos", (1, 1, S, hd), f32), ("sin", (1, 1, S, hd), f32),
-               ("mask", (1, 1, S, CS), f32), ("past_k", (n, kv, C, hd), f32), ("past_v", (n, kv, C, hd), f32)]
-        outs = [("hidden_out", (1, S, H), f32), ("k_new", (n, kv, S, hd), f32), ("v_new", (n, kv, S, hd), f32)]
+               ("mask", (1, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
+        outs = [("hidden_out", (1, S, H), f32), ("k_new", new, f32), ("v_new", new, f32)]
     names: dict[str, object] = {name: name for name, _, _ in ins}
     if per_layer_cache and spec.kind == "layers":
         kept = [i for i in ins if i[0] not in ("past_k", "past_v")]
-        for cache in ("past_k", "past_v"):
-            names[cache] = per_layer_cache_names(cache, n)
-            kept += [(nm, (1, kv, C, hd), f32) for nm in names[cache]]  # type: ignore[union-attr]
+        for cache_name in ("past_k", "past_v"):
+            names[cache_name] = per_layer_cache_names(cache_name, n)
+            kept += [(nm, (1, *cache[1:]), f32) for nm in names[cache_name]]  # type: ignore[union-attr]
         ins = kept
     results = run_slice(ops, spec, weights, names)
     # Give outputs their public names with Identity nodes (an input may not double as an output).

@@ -10,6 +10,10 @@ The KV cache is an explicit input/output of layer slices, because the NPU only r
   head slice:           hidden [1,S,H] -> logits [1,S,V]
 
 S is a prefill/decode bucket, C a context bucket. The host owns the cache and writes k_new/v_new into it.
+
+kv_layout "dim" stores the cache transposed, past_k/past_v [n,kv,hd,C] and k_new/v_new [n,kv,hd,S]: the NPU's
+attention kernel wants keys and values that way, and rknn-toolkit2 puts a Transpose of a [C+S, hd] tensor on the
+CPU once C+S times hd passes 8192 (measured: every prefill bucket of a 64-wide head). CPUs use "seq".
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from exo_rknpu.model.base import ModelArgs
 
 SliceKind = Literal["embed", "layers", "head"]
 Block = Literal["attn", "mlp"]
+KVLayout = Literal["seq", "dim"]  # cache rows [.., C, hd] or transposed [.., hd, C]
 
 # Value used for masked attention positions: finite so fp16 graphs never see inf - inf.
 MASK_VALUE = -1e4
@@ -97,6 +102,7 @@ class SliceSpec:
     start: int = 0
     stop: int = 0
     blocks: tuple[Block, ...] = ("attn", "mlp")
+    kv_layout: KVLayout = "seq"
 
     @property
     def name(self) -> str:
@@ -118,13 +124,14 @@ class SliceSpec:
         if self.kind == "head":
             return {"hidden": (1, seq, H)}
         n = self.n_layers
+        cache = (n, kv, ctx, hd) if self.kv_layout == "seq" else (n, kv, hd, ctx)
         return {
             "hidden": (1, seq, H),
             "cos": (1, 1, seq, hd),
             "sin": (1, 1, seq, hd),
             "mask": (1, 1, seq, ctx + seq),
-            "past_k": (n, kv, ctx, hd),
-            "past_v": (n, kv, ctx, hd),
+            "past_k": cache,
+            "past_v": cache,
         }
 
     def output_shapes(self, args: ModelArgs, seq: int) -> dict[str, tuple[int, ...]]:
@@ -134,7 +141,18 @@ class SliceSpec:
         if self.kind == "head":
             return {"logits": (1, seq, args.vocab_size)}
         n = self.n_layers
-        return {"hidden_out": (1, seq, H), "k_new": (n, kv, seq, hd), "v_new": (n, kv, seq, hd)}
+        new = (n, kv, seq, hd) if self.kv_layout == "seq" else (n, kv, hd, seq)
+        return {"hidden_out": (1, seq, H), "k_new": new, "v_new": new}
+
+
+def to_kv_layout(inputs: dict, layout: KVLayout) -> dict:
+    """A layer slice's inputs (seq layout, as the CPU backends see them) in `layout`: past_k/past_v transposed for "dim"."""
+    if layout == "seq" or "past_k" not in inputs:
+        return inputs
+    out = dict(inputs)
+    for name in ("past_k", "past_v"):
+        out[name] = inputs[name].swapaxes(-1, -2).copy()
+    return out
 
 
 def plan_slices(start: int, stop: int, first: bool, last: bool, layers_per_slice: int | None) -> list[SliceSpec]:

@@ -1,0 +1,151 @@
+"""SmoothQuant-style smoothing (compiler/smoothing.py): exact fp32 equivalence, outlier reduction, and its place
+in the w8a8 compile path (cache key, manifest). The numpy tests need no toolkit; the compile test skips without it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exo_rknpu.compiler import smoothing as sm
+from exo_rknpu.compiler import toolkit
+from exo_rknpu.compiler.calibration import CALIBRATION_TEXT
+from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
+from exo_rknpu.slices.graph import NumpyOps, run_slice
+from exo_rknpu.slices.spec import Buckets, plan_slices
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tiny_models import make_tiny_hf  # noqa: E402
+
+TEXT = ("The capital of France is Paris. The capital of Germany is Berlin. Once upon a time there was a tiny model "
+        "that ran on a Rockchip board with an NPU, split into layer ranges across three nodes. ") * 3
+
+
+def _with_outliers(ws):
+    """Give every layer massive activations on a few channels (like smollm2): scale some norm weights up."""
+    layers = {}
+    for i, lw in ws.layers.items():
+        inorm, pnorm, up = lw.input_norm.copy(), lw.post_norm.copy(), lw.up_proj.copy()
+        inorm[[3, 17]] *= 60.0
+        pnorm[[5]] *= 80.0
+        up[[7, 40]] *= 50.0  # rows of up: channels of the down-projection input
+        layers[i] = replace(lw, input_norm=inorm, post_norm=pnorm, up_proj=up)
+    fn = ws.final_norm.copy()
+    fn[[2]] *= 40.0
+    return replace(ws, layers=layers, final_norm=fn)
+
+
+def _setup(path: Path):
+    src = resolve_model(str(path))
+    n = load_args(src).num_hidden_layers
+    full = _with_outliers(load_shard(src, LayerRange.full(n)))
+    targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed"]
+    ids = load_tokenizer(src).encode(TEXT)
+    return full, targets, ids
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True)])  # qwen2: q/k/v biases, tied head
+def test_smoothing_is_exactly_equivalent_in_fp32(tmp_path, arch, tied):
+    from exo_rknpu.compiler.calibration import capture
+
+    full, targets, ids = _setup(make_tiny_hf(tmp_path / "m", arch=arch, n_layers=3, tied=tied, seed=3))
+    stats = sm.calibration_stats(full, targets, ids, seq=16)
+    assert set(stats) == {t.name for t in targets}
+    smooth = sm.smooth_shard(full, stats, alpha=0.5)
+    # the transform really changed the weights (and not the host's embedding table, even when the head is tied)
+    for i, lw in full.layers.items():
+        s = smooth.layers[i]
+        assert not np.allclose(s.input_norm, lw.input_norm) and not np.allclose(s.post_norm, lw.post_norm)
+        assert not np.allclose(s.down_proj, lw.down_proj) and not np.allclose(s.q_proj, lw.q_proj)
+        assert s.o_proj is lw.o_proj  # o_proj is not smoothed (it would change the cached V)
+    assert not np.allclose(smooth.lm_head, full.lm_head)
+    assert smooth.embed_tokens is full.embed_tokens and smooth.fingerprint == full.fingerprint
+    if tied:
+        assert np.array_equal(full.lm_head, full.embed_tokens)
+    # same function: every slice on real inputs (prefill and decode), numpy fp32
+    got = capture(full, targets, Buckets(seq=(1, 16), context=(64,)), ids, per_bucket=2)
+    ops = NumpyOps()
+    checked = 0
+    for t in targets:
+        for seq, samples in got[t.name].items():
+            for inputs in samples:
+                ref, out = run_slice(ops, t, full, inputs), run_slice(ops, t, smooth, inputs)
+                for k in ref:
+                    assert _rel(out[k], ref[k]) <= 1e-5, (t.name, seq, k, _rel(out[k], ref[k]))
+                checked += 1
+    assert checked == len(targets) * 4
+
+
+def test_smoothing_shrinks_the_outlier_ratio(tmp_path):
+    full, targets, ids = _setup(make_tiny_hf(tmp_path / "m", arch="llama", n_layers=2, seed=4))
+    before = sm.calibration_stats(full, targets, ids, seq=16)
+    smooth = sm.smooth_shard(full, before, alpha=0.5)
+    after = sm.calibration_stats(smooth, targets, ids, seq=16)
+    for name in before:
+        for g in ("qkv", "gate_up", "down") if name != "head" else ("head",):
+            r0, r1 = sm.outlier_ratio(before[name][g]), sm.outlier_ratio(after[name][g])
+            assert r0 > 10 and r1 < r0 / 3, (name, g, r0, r1)  # injected outliers were there, and are gone mostly
+    # alpha = 0 only rescales by the weights (activations keep their outliers); alpha=1 flattens them completely
+    flat = sm.calibration_stats(sm.smooth_shard(full, before, alpha=1.0), targets, ids, seq=16)
+    assert sm.outlier_ratio(flat["layers.0"]["down"]) < 1.5
+
+
+def test_smoothing_factors_formula():
+    x = np.array([100.0, 1.0, 0.0, 4.0], np.float32)
+    w = [np.array([[1.0, 4.0, 2.0, 0.0]], np.float32), np.array([[-0.25, 1.0, 1.0, 0.0]], np.float32)]
+    s = sm.smoothing_factors(x, w, 0.5)
+    np.testing.assert_allclose(s, [10.0, 0.5, 1.0, 1.0], rtol=1e-6)  # sqrt(100)/sqrt(1), 1/sqrt(4); zeros -> 1
+
+
+def test_describe_changes_with_alpha():
+    assert sm.describe(None) == ""
+    assert sm.describe(0.5) != sm.describe(0.7) and "alpha=0.5" in sm.describe(0.5)
+
+
+SMOLLM = Path.home() / ".cache" / "exo-rknpu" / "models" / "smollm2-135m"
+
+
+@pytest.mark.skipif(not SMOLLM.exists(), reason="smollm2-135m is not downloaded")
+def test_smollm2_massive_activations_are_flattened():
+    src = resolve_model("smollm2-135m")
+    n = 3  # layers 0-2: layer 2's down-projection input carries the model's massive activations
+    full = load_shard(src, LayerRange(0, n, load_args(src).num_hidden_layers))
+    targets = [s for s in plan_slices(0, n, True, False, 1) if s.kind != "embed"]
+    ids = load_tokenizer(src).encode(CALIBRATION_TEXT)
+    before = sm.calibration_stats(full, targets, ids)
+    after = sm.calibration_stats(sm.smooth_shard(full, before, alpha=0.5), targets, ids)
+    r0, r1 = sm.outlier_ratio(before["layers.2"]["down"]), sm.outlier_ratio(after["layers.2"]["down"])
+    assert r0 > 100 and r1 < r0 / 3, (r0, r1)  # measured: 128 -> 31 at alpha 0.5
+
+
+_st = toolkit.status()
+
+
+@pytest.mark.toolkit
+@pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")
+def test_w8a8_compile_uses_smoothing_in_key_and_manifest(tmp_path):
+    from exo_rknpu.compiler.compile import compile_range
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=5)
+    b = Buckets(seq=(1,), context=(64,))
+    kw = dict(buckets=b, dtype="w8a8", verify=True, cache_dir=tmp_path / "c", progress=False)
+    smooth = compile_range(str(tiny), "0-0", smooth_alpha=0.5, **kw)
+    plain = compile_range(str(tiny), "0-0", smooth_alpha=None, **kw)
+    assert smooth[0].status == plain[0].status == "built" and smooth[0].key != plain[0].key
+    again = compile_range(str(tiny), "0-0", smooth_alpha=0.5, **kw)
+    assert again[0].status == "reused" and again[0].key == smooth[0].key
+    ms = json.loads((Path(smooth[0].folder) / "manifest.json").read_text())
+    mp = json.loads((Path(plain[0].folder) / "manifest.json").read_text())
+    assert "alpha=0.5" in ms["quantization"]["smoothing"] and mp["quantization"]["smoothing"] is None
+    assert ms["weights_digest"] == mp["weights_digest"]  # the digest names the model's weights, not the transform
+    # verify compares against the original (unsmoothed) slice: the smoothed int8 build computes the same function
+    assert smooth[0].verify["cos_hidden_out"] >= 0.999 and smooth[0].verify["cos_delta"] >= 0.99, smooth[0].verify
