@@ -103,8 +103,8 @@ class NpuRunner:
 
 class NpuBackend:
     name = "npu"
-    # "dim" (transposed cache) removes rknn's CPU Transposes in prefill buckets, but rknn-toolkit2 2.5.0 crashes
-    # building it with dynamic_input (docs/compiler.md), so compiled slices keep the "seq" layout for now.
+    # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
+    # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
     static_shapes = True
 

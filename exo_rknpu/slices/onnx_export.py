@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
 from exo_rknpu.slices.spec import SliceSpec
@@ -44,6 +45,7 @@ class OnnxOps:
         self.g = _Graph()
         self.attention_form = attention_form
         self.n_layers = 0  # layers in the slice being recorded (set by build_onnx)
+        self.args: ModelArgs | None = None  # the model's hyper-parameters (set by build_onnx)
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, op: str, inputs: list[str], **attrs) -> str:
@@ -143,15 +145,19 @@ class OnnxOps:
         return self._attention_split(q, past_k, k, past_v, v, mask, scale, n_rep)
 
     def _attention_sdpa_dim(self, q, past_kt, k, past_vt, v, mask, scale, n_rep):
-        """sdpa over a transposed cache [1,kv,hd,C]: only the new S rows are transposed, so no Transpose of a
-        [C+S, hd] tensor is left for rknn to put on the CPU; the compiler still fuses exSDPAttention."""
-        keys_t = self._node("Concat", [past_kt, self.swap_last(k)], axis=3)
+        """sdpa over a transposed cache [1,kv,hd,C]. Only the new S rows are transposed, and query heads are folded
+        onto their kv head ([1,kv,rep*S,hd], mask tiled) instead of repeating the cache: no Transpose or copy of a
+        [C+S, hd] tensor is left for rknn to put on the CPU, and it still fuses exSDPAttention (measured: 0 CPU
+        fallbacks at every bucket of smollm2 up to ctx 2048, where the "seq" form has one per prefill bucket)."""
+        a = self.args
+        keys_t = self._node("Concat", [past_kt, self.swap_last(k)], axis=3)  # [1,kv,hd,C+S]
         values_t = self._node("Concat", [past_vt, self.swap_last(v)], axis=3)
-        if n_rep > 1:
-            keys_t, values_t = self._repeat_kv(keys_t, n_rep), self._repeat_kv(values_t, n_rep)
-        s = self._node("Mul", [self._node("MatMul", [q, keys_t]), self._const(np.array(scale, np.float32))])
-        p = self._node("Softmax", [self._node("Add", [s, mask])], axis=-1)
-        return self._node("MatMul", [p, self.swap_last(values_t)])
+        qf = self._node("Reshape", [q, self._shape([1, a.num_key_value_heads, -1, a.head_dim])])  # [1,kv,rep*S,hd]
+        m = mask if n_rep == 1 else self._node("Tile", [mask, self._const(np.array([1, 1, n_rep, 1], np.int64))])
+        s = self._node("Mul", [self._node("MatMul", [qf, keys_t]), self._const(np.array(scale, np.float32))])
+        p = self._node("Softmax", [self._node("Add", [s, m])], axis=-1)
+        o = self._node("MatMul", [p, self.swap_last(values_t)])  # [1,kv,rep*S,hd]
+        return self._node("Reshape", [o, self._shape([1, a.num_attention_heads, -1, a.head_dim])])
 
     def _attention_sdpa(self, q, past_k, k, past_v, v, mask, scale, n_rep):
         """Concat + repeat + MatMul/Mul/Add/Softmax/MatMul: the pattern rknn-toolkit2 fuses into exSDPAttention."""
@@ -212,7 +218,7 @@ def build_onnx(
     """
     a = weights.args
     ops = OnnxOps(attention_form)
-    ops.n_layers = spec.n_layers
+    ops.n_layers, ops.args = spec.n_layers, a
     S: int | str = seq if seq is not None else "S"
     C: int | str = ctx if ctx is not None else "C"
     CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
