@@ -32,12 +32,21 @@ def add_parser(subparsers) -> None:
                    help="instead of compiling: greedy top-1 agreement of the whole model in the simulator (--dtype) vs "
                         "fp32 onnxruntime, teacher-forced over the held-out text, with per-layer figures")
     p.add_argument("--fp16-layers", default=None, help="with --agreement: slices kept in fp16, e.g. 0,29,head or 0-2")
-    p.add_argument("--quant-policy", default=None, help="with --agreement: w8a8 hybrid policy to measure (linear | linear-fp16-down | mlp-gate-up; default: the compiler's)")
+    p.add_argument("--quant-policy", default=None, help="with --agreement: w8a8 hybrid policy to measure (linear | linear-fp16-down | linear-fp16-gate-down | mlp-gate-up; default: the compiler's)")
+    p.add_argument("--smooth-alpha", type=float, default=None,
+                   help="w8a8: SmoothQuant-style smoothing strength (default: the compiler's, 0.7; 0 turns smoothing off)")
     p.add_argument("--quant-algorithm", default=None, choices=["normal", "mmse", "kl_divergence"],
                    help="with --agreement: rknn's activation range algorithm for w8a8 (default: normal, as the compiler)")
     p.add_argument("--agreement-seq", type=int, default=64, help="with --agreement: tokens per call (64 = prefill chunks, 1 = decode)")
     p.add_argument("--agreement-tokens", type=int, default=None, help="with --agreement: use only the first N held-out tokens")
     p.set_defaults(func=run)
+
+
+def _smoothing(args: argparse.Namespace) -> dict:
+    """--smooth-alpha as keyword arguments: absent -> the compiler's default, 0 -> off."""
+    if args.smooth_alpha is None:
+        return {}
+    return {"smooth_alpha": args.smooth_alpha or None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     d = default_buckets(load_args(resolve_model(args.model)), args.max_context)
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
     results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
-                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos)
+                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, **_smoothing(args))
     built = [r for r in results if r.status == "built"]
     for r in results:
         extra = ""
@@ -83,7 +92,7 @@ def _agreement(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     r = measure_agreement(args.model, args.dtype, seq=args.agreement_seq, max_tokens=args.agreement_tokens, fp16_slices=keep,
-                          quant_policy=args.quant_policy, quantized_algorithm=args.quant_algorithm)
+                          quant_policy=args.quant_policy, quantized_algorithm=args.quant_algorithm, **_smoothing(args))
     if not args.json:
         for name, f in r["layers"].items():
             print(f"{name} [{f.pop('dtype')}]: " + " ".join(f"{k}={v:.6f}" for k, v in f.items()))

@@ -24,6 +24,7 @@ from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.slices import manifest as mf
 from exo_rknpu.compiler import toolkit
 from exo_rknpu.compiler.buildlog import parse_build_log
+from exo_rknpu.compiler import smoothing as _smoothing
 from exo_rknpu.compiler.calibration import CALIBRATION_TEXT, capture, repad, text_digest
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import CompileError
@@ -39,7 +40,7 @@ FP16_MIN_COS = 0.9999
 EMBED_ON_HOST = True  # the embedding is a table lookup: done on the host CPU, not compiled (see docs)
 # w8a8: SmoothQuant-style smoothing (compiler/smoothing.py) of the weights the int8 build sees; None = off.
 # Measured end to end in docs/compiler.md (quantization section).
-DEFAULT_SMOOTH_ALPHA: float | None = 0.5
+DEFAULT_SMOOTH_ALPHA: float | None = _smoothing.DEFAULT_ALPHA
 
 
 @dataclass
@@ -275,7 +276,8 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
 
             manifest["quantization"] = {"policy": f"hybrid {DEFAULT_QUANT_POLICY}: linear layers w8a8"
-                                        + (" except the MLP down-projection" if DEFAULT_QUANT_POLICY == "linear-fp16-down" else "")
+                                        + {"linear-fp16-down": " except the MLP down-projection",
+                                           "linear-fp16-gate-down": " except the MLP gate and down projections"}.get(DEFAULT_QUANT_POLICY, "")
                                         + ", every other op float16",
                                         "calibration_sha256": calib_digest,
                                         "smoothing": smoothing or None,
@@ -323,9 +325,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     tk_status = toolkit.status(paths)
     tk_version = tk_status.versions.get("rknn", toolkit.TOOLKIT_VERSION)
     calib_digest = text_digest(calib_text)
-    smoothing = sm.describe(smooth_alpha if not isinstance(smooth_alpha, dict) else None) if dtype == "w8a8" else ""
-    if dtype == "w8a8" and isinstance(smooth_alpha, dict):
-        smoothing = "smoothquant:alpha=" + ",".join(f"{k}={v:g}" for k, v in sorted(smooth_alpha.items())) + f":v={sm.version()}"
+    smoothing = sm.describe(smooth_alpha) if dtype == "w8a8" else ""
     # the transform and its alpha are part of what a w8a8 build is made from (the fp16 key ignores calibration)
     keyed_calib = calib_digest + (f";{smoothing}" if smoothing else "")
     keys = {s.name: cc.cache_key(weights_digest=cc.slice_digest(s, ws), fingerprint=ws.fingerprint, spec=s, buckets=buckets,

@@ -7,7 +7,9 @@ op that is itself per-channel linear, x_j / s_j with W[:, j] * s_j leaves y unch
 
 - q/k/v inputs  = RMSNorm(x) * input_norm : input_norm / s, columns of q_proj, k_proj, v_proj * s
 - gate/up inputs = RMSNorm(x) * post_norm : post_norm / s,  columns of gate_proj, up_proj * s
-- down input    = silu(gate) * up         : rows of up_proj / s, columns of down_proj * s
+- down input    = silu(gate) * up         : rows of up_proj / s, columns of down_proj * s (s from up_proj's
+                                            output by default: rknn quantizes an int8 Conv's output per tensor,
+                                            and up's output carries the outliers; down_proj itself stays fp16)
 - head          = RMSNorm(x) * final_norm : final_norm / s, columns of lm_head * s (an untied copy: the host's
                                             embedding table is left alone)
 
@@ -33,7 +35,10 @@ from exo_rknpu.model.weights import LayerWeights, ShardWeights
 from exo_rknpu.slices.graph import NumpyOps, head_slice, layers_slice
 from exo_rknpu.slices.spec import SliceSpec
 
-DEFAULT_ALPHA = 0.5
+DEFAULT_ALPHA = 0.7
+# what the "down" group flattens: "up_out" (up_proj's output; measured better while down_proj stays fp16) or
+# "down" (the down-projection's input silu(gate) * up, the textbook choice when down_proj is int8 too)
+DOWN_BASIS = "up_out"
 # which linear inputs get smoothed: "qkv" (input_norm), "gate_up" (post_norm), "down" (up_proj rows), "head"
 GROUPS = ("qkv", "gate_up", "down", "head")
 _EPS = 1e-5
@@ -44,24 +49,34 @@ def version() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def describe(alpha: float | None, groups: tuple[str, ...] = GROUPS) -> str:
+def describe(alpha: float | dict[str, float] | None, groups: tuple[str, ...] = GROUPS, down_basis: str = DOWN_BASIS) -> str:
     """A stable text for the cache key / manifest: '' when smoothing is off."""
     if alpha is None:
         return ""
-    return f"smoothquant:alpha={alpha:g}:groups={','.join(groups)}:v={version()}"
+    a = ",".join(f"{k}={v:g}" for k, v in sorted(alpha.items())) if isinstance(alpha, dict) else f"{alpha:g}"
+    return f"smoothquant:alpha={a}:groups={','.join(groups)}:down={down_basis}:v={version()}"
+
+
+def _chmax(x: np.ndarray) -> np.ndarray:
+    return np.abs(np.asarray(x, np.float32)).reshape(-1, x.shape[-1]).max(axis=0)
 
 
 class RecordingOps(NumpyOps):
-    """NumpyOps that records max|x| per input channel of every `linear`, keyed by the weight array's id."""
+    """NumpyOps that records max|x| per channel of the input (`absmax`) and output (`out_absmax`) of every
+    `linear`, keyed by the weight array's id."""
 
     def __init__(self) -> None:
         self.absmax: dict[int, np.ndarray] = {}
+        self.out_absmax: dict[int, np.ndarray] = {}
 
     def linear(self, x, w, b=None):
-        m = np.abs(np.asarray(x, np.float32)).reshape(-1, x.shape[-1]).max(axis=0)
         k = id(w)
+        m = _chmax(x)
         self.absmax[k] = m if k not in self.absmax else np.maximum(self.absmax[k], m)
-        return super().linear(x, w, b)
+        y = super().linear(x, w, b)
+        m = _chmax(y)
+        self.out_absmax[k] = m if k not in self.out_absmax else np.maximum(self.out_absmax[k], m)
+        return y
 
 
 def _layer_keys(lw: LayerWeights) -> dict[str, int]:
@@ -73,7 +88,8 @@ def activation_absmax(ws: ShardWeights, samples: dict[str, list[dict[str, np.nda
     """Per-channel max|x| of each linear's input, from real slice inputs.
 
     `samples`: {slice name: [inputs, ...]} (the compiler's captures, e.g. compiler/calibration.py::capture).
-    Returns {"layers.N": {"qkv", "gate_up", "down", "o": [channels]}, "head": {"head": [H]}} for the slices given.
+    Returns {"layers.N": {"qkv", "gate_up", "down", "o", "up_out": [channels]}, "head": {"head": [H]}} for the
+    slices given ("up_out": up_proj's output, the other factor of the down-projection input).
     """
     a = ws.args
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -92,6 +108,7 @@ def activation_absmax(ws: ShardWeights, samples: dict[str, list[dict[str, np.nda
         for s in lst:
             layers_slice(ops, a, [lw], *(s[n] for n in ("hidden", "cos", "sin", "mask", "past_k", "past_v")))
         out[name] = {g: ops.absmax[k] for g, k in _layer_keys(lw).items()}
+        out[name]["up_out"] = ops.out_absmax[id(lw.up_proj)]
     return out
 
 
@@ -110,7 +127,7 @@ def _alpha(alpha: float | dict[str, float], group: str) -> float:
 
 
 def smooth_layer(lw: LayerWeights, act_absmax: dict[str, np.ndarray], alpha: float | dict[str, float] = DEFAULT_ALPHA,
-                 groups: tuple[str, ...] = GROUPS) -> LayerWeights:
+                 groups: tuple[str, ...] = GROUPS, down_basis: str = DOWN_BASIS) -> LayerWeights:
     """The smoothed layer (new arrays; `lw` is not modified). Same fp32 function up to rounding.
     `alpha`: one migration strength, or one per group ({"qkv": .., "gate_up": .., "down": ..})."""
     f32 = np.float32
@@ -126,7 +143,9 @@ def smooth_layer(lw: LayerWeights, act_absmax: dict[str, np.ndarray], alpha: flo
         new["gate_proj"] = (lw.gate_proj * s[None, :]).astype(f32)
         new["up_proj"] = (lw.up_proj * s[None, :]).astype(f32)
     if "down" in groups:
-        s = smoothing_factors(act_absmax["down"], [lw.down_proj], _alpha(alpha, "down"))
+        # basis "up_out": flatten up_proj's own output (rknn quantizes an int8 Conv's output per tensor too, and the
+        # down-projection stays fp16 by default); "down": the down-projection's input silu(gate) * up
+        s = smoothing_factors(act_absmax[down_basis], [lw.down_proj], _alpha(alpha, "down"))
         up = new.get("up_proj", lw.up_proj)
         new["up_proj"] = (up / s[:, None]).astype(f32)
         new["down_proj"] = (lw.down_proj * s[None, :]).astype(f32)
@@ -141,14 +160,14 @@ def smooth_head(final_norm: np.ndarray, lm_head: np.ndarray, act_absmax: np.ndar
 
 
 def smooth_shard(ws: ShardWeights, stats: dict[str, dict[str, np.ndarray]], alpha: float | dict[str, float] = DEFAULT_ALPHA,
-                 groups: tuple[str, ...] = GROUPS) -> ShardWeights:
+                 groups: tuple[str, ...] = GROUPS, down_basis: str = DOWN_BASIS) -> ShardWeights:
     """A ShardWeights whose layers (and head) with statistics in `stats` are smoothed; same fingerprint,
     same embedding. Layers without statistics are left as they are."""
     layers = dict(ws.layers)
     for i, lw in ws.layers.items():
         st = stats.get(f"layers.{i}")
         if st is not None:
-            layers[i] = smooth_layer(lw, st, alpha, groups)
+            layers[i] = smooth_layer(lw, st, alpha, groups, down_basis)
     final_norm, lm_head = ws.final_norm, ws.lm_head
     if "head" in groups and "head" in stats and final_norm is not None and lm_head is not None:
         final_norm, lm_head = smooth_head(final_norm, lm_head, stats["head"]["head"], _alpha(alpha, "head"))

@@ -54,9 +54,11 @@ def _check(ret, what: str) -> None:
 #   "linear-fp16-down": the same, but the MLP down-projection (the linear layer fed by the gate*up product,
 #                       whose input carries the model's outlier activations) stays float16
 #   "mlp-gate-up":      only the MLP gate and up projections (the Convs whose output feeds the SiLU/Mul) in int8
+#   "linear-fp16-gate-down": like "linear-fp16-down", and the MLP gate projection (the Conv feeding the SiLU) also
+#                       stays float16: its output carries outliers that no weight transform can move (SiLU follows)
 # Other Convs the compiler makes (e.g. repeat_kv's Gather->Conv over the KV cache) are never quantized.
-QUANT_POLICIES = ("linear", "linear-fp16-down", "mlp-gate-up")
-DEFAULT_QUANT_POLICY = "linear-fp16-down"
+QUANT_POLICIES = ("linear", "linear-fp16-down", "mlp-gate-up", "linear-fp16-gate-down")
+DEFAULT_QUANT_POLICY = "linear-fp16-gate-down"  # with smoothing (compiler/smoothing.py); see docs/compiler.md
 
 
 def _int8_convs(m, policy: str) -> set[str]:
@@ -73,8 +75,10 @@ def _int8_convs(m, policy: str) -> set[str]:
         if n.op_type != "Conv" or not n.name.startswith("matmul"):
             continue
         src = producer.get(n.input[0])
-        if policy in ("linear-fp16-down", "mlp-gate-up") and src is not None and src.op_type == "Mul":
+        if policy in ("linear-fp16-down", "mlp-gate-up", "linear-fp16-gate-down") and src is not None and src.op_type == "Mul":
             continue  # down_proj: its input is silu(gate) * up
+        if policy == "linear-fp16-gate-down" and any(c.op_type in ("exSwish", "Sigmoid") for c in consumers.get(n.output[0], [])):
+            continue  # gate_proj: its output goes through the SiLU
         if policy == "mlp-gate-up" and not any(c.op_type in ("Mul", "exSwish", "Sigmoid") for c in consumers.get(n.output[0], [])):
             continue  # q/k/v (-> Reshape) and o_proj (-> Add): float16
         out.add(n.name)
