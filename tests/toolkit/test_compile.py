@@ -6,31 +6,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from exo_rknpu.compiler import toolkit
 from exo_rknpu.compiler.compile import compile_range
 from exo_rknpu.errors import ArtifactError, CompileError
 from exo_rknpu.slices.spec import Buckets
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tiny_models import make_tiny_hf  # noqa: E402
+from toolkit_common import BUCKETS, NEEDS_TOOLKIT
 
-_st = toolkit.status()
-pytestmark = [pytest.mark.toolkit,
-              pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")]
-
-BUCKETS = Buckets(seq=(1, 16), context=(64, 128))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "m", n_layers=4)
+pytestmark = NEEDS_TOOLKIT
 
 
 @pytest.fixture(scope="module")

@@ -14,26 +14,15 @@ import numpy as np
 import pytest
 
 from exo_rknpu.backends.rknn_io import cosine
-from exo_rknpu.compiler import toolkit
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_shard, resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.session import open_shard
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tiny_models import make_tiny_hf  # noqa: E402
+from toolkit_common import BUCKETS, NEEDS_TOOLKIT
 
-_st = toolkit.status()
-pytestmark = [pytest.mark.toolkit,
-              pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")]
-
-BUCKETS = Buckets(seq=(1, 16), context=(64, 128))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_hf(tmp_path_factory.mktemp("tiny-sim") / "m", n_layers=4)
+pytestmark = NEEDS_TOOLKIT
 
 
 def _alive(pid: int) -> bool:
