@@ -9,7 +9,6 @@ the simulator verification uses.
 
 from __future__ import annotations
 
-import os
 import platform as _platform
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,16 @@ import numpy as np
 
 from exo_rknpu.backends import rknn_io
 from exo_rknpu.slices import artifacts as cc
-from exo_rknpu.config import Paths
+from exo_rknpu.config import Paths, librknnrt_path
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
-LIBRKNNRT = Path("/usr/lib/librknnrt.so")
 DEVICE_TREE = Path("/proc/device-tree/compatible")
 CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}
 
 
-def board_problems(librknnrt: Path = LIBRKNNRT, machine: str | None = None) -> list[str]:
+def board_problems(librknnrt: Path | None = None, machine: str | None = None) -> list[str]:
     """What stops the NPU backend on this machine (empty when nothing does)."""
     problems = []
     machine = machine or _platform.machine()
@@ -38,7 +36,7 @@ def board_problems(librknnrt: Path = LIBRKNNRT, machine: str | None = None) -> l
         import rknnlite.api  # noqa: F401
     except ImportError:
         problems.append("rknn-toolkit-lite2 is not installed (pip install 'exo-rknpu[board]' on the board; aarch64 wheels only)")
-    lib = Path(os.environ.get("LIBRKNNRT_PATH", librknnrt))
+    lib = librknnrt or librknnrt_path()
     if not lib.exists():
         problems.append(f"no {lib}: install Rockchip's librknnrt.so (rknpu2 runtime) on the board")
     drv = npu_driver_version()

@@ -52,16 +52,12 @@ class SimulatorWorkerError(BackendUnavailableError):
 # (spec, weights, buckets, seq, ctx) -> calibration inputs for that bucket; compiler/calibration.py::ModelCalibration
 Calibration = Callable[[SliceSpec, ShardWeights, Buckets, int, "int | None"], list]
 
-# Where `exo-rknpu toolkit install` (compiler/toolkit.py) puts the venv and the stamp it writes last.
-_TOOLKIT_STAMP = "exo-rknpu-toolkit.json"
-
-
 def toolkit_python(paths: Paths | None = None) -> Path:
     """The toolkit venv's python; ToolkitMissingError (naming the install command) if the install is absent or unfinished."""
-    vdir = (paths or Paths.from_env()).toolkit / "venv"
-    py = vdir / "bin" / "python"
-    if not py.exists() or not (vdir / _TOOLKIT_STAMP).exists():
-        raise ToolkitMissingError(f"the rknn-toolkit2 environment is not usable: no finished toolkit install at {vdir}; "
+    p = paths or Paths.from_env()
+    py = p.toolkit_python
+    if not py.exists() or not p.toolkit_stamp.exists():
+        raise ToolkitMissingError(f"the rknn-toolkit2 environment is not usable: no finished toolkit install at {p.toolkit_venv}; "
                                   f"run: exo-rknpu toolkit install")
     return py
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import platform
 from pathlib import Path
+
+from exo_rknpu.config import librknnrt_path
 
 
 def add_parser(subparsers) -> None:
@@ -33,10 +34,10 @@ def _librknnrt_version(lib: Path) -> str | None:
 
 
 def collect() -> dict:
-    from exo_rknpu.backends.npu import LIBRKNNRT, board_problems, npu_driver_version
+    from exo_rknpu.backends.npu import board_problems, npu_driver_version
     from exo_rknpu.compiler import toolkit
 
-    lib = Path(os.environ.get("LIBRKNNRT_PATH", LIBRKNNRT))
+    lib = librknnrt_path()
     info: dict = {"machine": platform.machine(), "soc": _read("/proc/device-tree/compatible"),
                   "npu_driver": npu_driver_version(), "librknnrt": _librknnrt_version(lib) if lib.exists() else None}
     try:

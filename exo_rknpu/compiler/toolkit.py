@@ -42,7 +42,7 @@ TOOLKIT_DEPS = [
     "setuptools<80.1.0",
 ]
 INSTALL_HINT = "run: exo-rknpu toolkit install"
-STAMP = "exo-rknpu-toolkit.json"  # written last by install: its presence means the install finished
+STAMP = Paths(Path()).toolkit_stamp.name  # written last by install: its presence means the install finished
 
 # Printed by the probe inside the venv; it must import what the worker imports.
 _PROBE = (
@@ -67,11 +67,11 @@ class ToolkitStatus:
 
 
 def venv_dir(paths: Paths | None = None) -> Path:
-    return (paths or Paths.from_env()).toolkit / "venv"
+    return (paths or Paths.from_env()).toolkit_venv
 
 
 def venv_python(paths: Paths | None = None) -> Path:
-    return venv_dir(paths) / "bin" / "python"
+    return (paths or Paths.from_env()).toolkit_python
 
 
 def _run(cmd: list[str], log: Callable[[str], None], timeout: float = 1800) -> None:
