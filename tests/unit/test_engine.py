@@ -33,6 +33,20 @@ def make_engine(tiny, **cfg) -> ShardEngine:
     return ShardEngine(EngineConfig(label=cfg.pop("label", "node-a"), **cfg), source)
 
 
+@pytest.fixture
+def make(tiny):
+    """make(**config) -> a ShardEngine on the tiny model, closed when the test ends."""
+    made: list[ShardEngine] = []
+
+    def _make(**cfg) -> ShardEngine:
+        made.append(make_engine(tiny, **cfg))
+        return made[-1]
+
+    yield _make
+    for e in made:
+        e.close()
+
+
 def full() -> LayerRange:
     return LayerRange.full(N_LAYERS)
 
@@ -81,39 +95,30 @@ async def test_split_vs_full_float16_wire(tiny):
     assert not np.array_equal(resp_full, resp2)  # the option really changed the wire dtype
 
 
-async def test_ensure_is_idempotent_under_concurrency(tiny):
-    e = make_engine(tiny)
-    try:
-        results = await asyncio.gather(*(e.ensure("tiny", full()) for _ in range(5)))
-        assert e.loads == 1 and all(r is results[0] for r in results)
-        assert (await e.ensure("tiny", full())) is results[0] and e.loads == 1
-    finally:
-        e.close()
+async def test_ensure_is_idempotent_under_concurrency(make):
+    e = make()
+    results = await asyncio.gather(*(e.ensure("tiny", full()) for _ in range(5)))
+    assert e.loads == 1 and all(r is results[0] for r in results)
+    assert (await e.ensure("tiny", full())) is results[0] and e.loads == 1
 
 
-async def test_shard_change_releases_old_runner_and_its_caches(tiny):
-    e = make_engine(tiny)
-    try:
-        first = await e.ensure("tiny", LayerRange(0, 2, N_LAYERS))
-        await e.forward("r1", "tiny", LayerRange(0, 2, N_LAYERS), PROMPT)
-        assert "r1" in first.runner.requests
-        second = await e.ensure("tiny", LayerRange(2, 4, N_LAYERS))
-        assert second is not first and e.current is second
-        assert first.runner.runners == {} and len(first.runner.requests) == 0  # closed
-        assert second.runner.layer_range == LayerRange(2, 4, N_LAYERS)
-    finally:
-        e.close()
+async def test_shard_change_releases_old_runner_and_its_caches(make):
+    e = make()
+    first = await e.ensure("tiny", LayerRange(0, 2, N_LAYERS))
+    await e.forward("r1", "tiny", LayerRange(0, 2, N_LAYERS), PROMPT)
+    assert "r1" in first.runner.requests
+    second = await e.ensure("tiny", LayerRange(2, 4, N_LAYERS))
+    assert second is not first and e.current is second
+    assert first.runner.runners == {} and len(first.runner.requests) == 0  # closed
+    assert second.runner.layer_range == LayerRange(2, 4, N_LAYERS)
 
 
-async def test_request_caches_are_bounded(tiny):
-    e = make_engine(tiny, limits=RequestLimits(max_requests=2))
-    try:
-        for rid in ("r1", "r2", "r3"):
-            await e.forward(rid, "tiny", full(), PROMPT)
-        reqs = e.current.runner.requests
-        assert len(reqs) == 2 and "r1" not in reqs and "r3" in reqs
-    finally:
-        e.close()
+async def test_request_caches_are_bounded(make):
+    e = make(limits=RequestLimits(max_requests=2))
+    for rid in ("r1", "r2", "r3"):
+        await e.forward(rid, "tiny", full(), PROMPT)
+    reqs = e.current.runner.requests
+    assert len(reqs) == 2 and "r1" not in reqs and "r3" in reqs
 
 
 async def test_output_dtypes(tiny):
@@ -131,70 +136,52 @@ async def test_output_dtypes(tiny):
         e16.close()
 
 
-async def test_read_only_float16_input_is_accepted(tiny):
-    e = make_engine(tiny)
-    try:
-        h = np.frombuffer(np.ones((1, 3, HIDDEN), np.float16).tobytes(), np.float16).reshape(1, 3, HIDDEN)
-        assert not h.flags.writeable  # what exo's gRPC server hands over
-        out = await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), h)
-        assert out.shape == (1, 3, 320) and np.isfinite(out).all()
-    finally:
-        e.close()
+async def test_read_only_float16_input_is_accepted(make):
+    e = make()
+    h = np.frombuffer(np.ones((1, 3, HIDDEN), np.float16).tobytes(), np.float16).reshape(1, 3, HIDDEN)
+    assert not h.flags.writeable  # what exo's gRPC server hands over
+    out = await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), h)
+    assert out.shape == (1, 3, 320) and np.isfinite(out).all()
 
 
-async def test_wrong_width_says_who_and_what(tiny):
-    e = make_engine(tiny, label="rk-2")
-    try:
-        with pytest.raises(TensorContractError) as ei:
-            await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), np.zeros((1, 3, 576), np.float32))
-        msg = str(ei.value)
-        assert "[rk-2]" in msg and "layers 2-3" in msg and f"(1, seq, {HIDDEN})" in msg
-        assert "layers 0-1" in msg  # which node sent it
-        # The engine still works after the bad input.
-        out = await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), np.zeros((1, 3, HIDDEN), np.float32))
-        assert out.shape == (1, 3, 320)
-    finally:
-        e.close()
+async def test_wrong_width_says_who_and_what(make):
+    e = make(label="rk-2")
+    with pytest.raises(TensorContractError) as ei:
+        await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), np.zeros((1, 3, 576), np.float32))
+    msg = str(ei.value)
+    assert "[rk-2]" in msg and "layers 2-3" in msg and f"(1, seq, {HIDDEN})" in msg
+    assert "layers 0-1" in msg  # which node sent it
+    # The engine still works after the bad input.
+    out = await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), np.zeros((1, 3, HIDDEN), np.float32))
+    assert out.shape == (1, 3, 320)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((1, 3, HIDDEN), np.float64), np.zeros((1, 3), np.int64)])
-async def test_wrong_dtype_or_kind_is_rejected(tiny, bad):
-    e = make_engine(tiny)
-    try:
-        with pytest.raises(TensorContractError, match="layers 2-3"):
-            await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), bad)
-    finally:
-        e.close()
+async def test_wrong_dtype_or_kind_is_rejected(make, bad):
+    e = make()
+    with pytest.raises(TensorContractError, match="layers 2-3"):
+        await e.forward("r", "tiny", LayerRange(2, 4, N_LAYERS), bad)
 
 
-async def test_first_shard_rejects_hidden_states(tiny):
-    e = make_engine(tiny)
-    try:
-        with pytest.raises(TensorContractError, match="token ids"):
-            await e.forward("r", "tiny", LayerRange(0, 2, N_LAYERS), np.zeros((1, 3, HIDDEN), np.float32))
-    finally:
-        e.close()
+async def test_first_shard_rejects_hidden_states(make):
+    e = make()
+    with pytest.raises(TensorContractError, match="token ids"):
+        await e.forward("r", "tiny", LayerRange(0, 2, N_LAYERS), np.zeros((1, 3, HIDDEN), np.float32))
 
 
-async def test_card_layer_count_mismatch(tiny):
-    e = make_engine(tiny)
-    try:
-        with pytest.raises(ExoRknpuError, match="has 4"):
-            await e.ensure("tiny", LayerRange(0, 3, 6))
-        assert e.current is None
-    finally:
-        e.close()
+async def test_card_layer_count_mismatch(make):
+    e = make()
+    with pytest.raises(ExoRknpuError, match="has 4"):
+        await e.ensure("tiny", LayerRange(0, 3, 6))
+    assert e.current is None
 
 
-async def test_npu_without_slices_names_the_compile_command(tiny):
-    e = make_engine(tiny, backend="npu")
-    try:
-        with pytest.raises(ExoRknpuError) as ei:
-            await e.ensure("tiny", LayerRange(0, 2, N_LAYERS))
-        msg = str(ei.value)
-        assert f"exo-rknpu compile --model {tiny} --layers 0-1" in msg, msg
-    finally:
-        e.close()
+async def test_npu_without_slices_names_the_compile_command(make, tiny):
+    e = make(backend="npu")
+    with pytest.raises(ExoRknpuError) as ei:
+        await e.ensure("tiny", LayerRange(0, 2, N_LAYERS))
+    msg = str(ei.value)
+    assert f"exo-rknpu compile --model {tiny} --layers 0-1" in msg, msg
 
 
 async def test_blocking_work_runs_on_one_worker_thread_and_the_loop_stays_responsive(tiny):
