@@ -33,6 +33,8 @@ class Backend(Protocol):
 
     name: str
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
+    needs_layer_weights: bool  # False: runs decoder layers from compiled files; the loader skips their tensors
+    float_weights: bool  # True: builds from float32 weights (a compiler's input); --weights auto loads fp32 for it
 
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all?"""
@@ -53,8 +55,8 @@ class BackendInfo:
 
 # name -> where it lives; imported on demand so `import exo_rknpu` never needs a runtime.
 BACKENDS: dict[str, BackendInfo] = {
-    "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (float32)"),
-    "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (float32)"),
+    "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (widens compact weights on the fly)"),
+    "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (MatMulNBits int4/int8 weights)"),
     "npu": BackendInfo("npu", "exo_rknpu.backends.npu", "NpuBackend", "RK3588 NPU via rknn-toolkit-lite2 (board only)"),
     "rknn-sim": BackendInfo("rknn-sim", "exo_rknpu.backends.rknn_sim", "RknnSimBackend", "rknn-toolkit2 simulator (toolkit venv)"),
 }

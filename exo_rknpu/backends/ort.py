@@ -1,4 +1,10 @@
-"""The onnx backend: onnxruntime on the CPU, running the ONNX graphs built by slices/onnx_export.py."""
+"""The onnx backend: onnxruntime on the CPU, running the ONNX graphs built by slices/onnx_export.py.
+
+Linear weights arrive compact (QTensor) and run through onnxruntime's weight-only kernel MatMulNBits; the proto
+holds the graph only, and weights are handed over as OrtValues (`add_external_initializers`), so no protobuf size
+limit applies. onnxruntime packs each weight into its kernel's layout when the session is created; the shard then
+drops its own copy (ShardRunner releases the weights after prepare), so the packed copy is the one that stays.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,10 @@ import os
 
 import numpy as np
 
+from exo_rknpu.backends.numpy_ref import NumpyRunner
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.onnx_export import build_onnx, per_layer_cache_names
+from exo_rknpu.slices.onnx_export import build_onnx_compact, per_layer_cache_names
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 try:
@@ -18,47 +25,71 @@ except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but 
     _IMPORT_ERROR = e
 
 
+def default_threads() -> int:
+    """Threads for onnxruntime's intra-op pool: every core the process may use (decode is memory-bound and a
+    pool larger than the cores only adds spinning); inter-op parallelism stays at 1 (the graph is a chain)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 class OrtRunner:
     def __init__(self, session: "ort.InferenceSession", n_cache_layers: int) -> None:
         self.session = session
         self.output_names = [o.name for o in session.get_outputs()]
         self.n_cache_layers = n_cache_layers
+        self.cache_names = {name: per_layer_cache_names(name, n_cache_layers) for name in ("past_k", "past_v")}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.n_cache_layers:
             inputs = dict(inputs)
-            for name in ("past_k", "past_v"):
+            for name, names in self.cache_names.items():
                 stacked = inputs.pop(name)  # [n,kv,C,hd]: stacked[i] is a contiguous view, handed over without a copy
-                inputs.update({n: stacked[i : i + 1] for i, n in enumerate(per_layer_cache_names(name, self.n_cache_layers))})
+                inputs.update({n: stacked[i : i + 1] for i, n in enumerate(names)})
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
 
 
+def session_options(threads: int) -> "ort.SessionOptions":
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
 class OrtBackend:
-    """One session per slice with symbolic S/C dims, so every bucket shares one graph and one copy of weights."""
+    """One session per layer slice with symbolic S/C dims, so every bucket shares one graph and one copy of weights.
+
+    The embedding is looked up on the host from its compact rows (only the gathered rows are widened).
+    """
 
     name = "onnx"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
+    needs_layer_weights = True
+    float_weights = False
 
     def __init__(self, threads: int | None = None) -> None:
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
-        self.threads = threads or (os.cpu_count() or 1)
+        self.threads = threads or default_threads()
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")
 
-    def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner:
+    def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
+        if spec.kind == "embed":
+            return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
         # the split form avoids copying the cache; a transposed ("dim") cache is written in the NPU's sdpa form
         form = "split" if spec.kv_layout == "seq" else "sdpa"
-        model = build_onnx(spec, weights, attention_form=form, per_layer_cache=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
+        opts = session_options(self.threads)
+        if external:
+            opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return OrtRunner(session, spec.n_layers)

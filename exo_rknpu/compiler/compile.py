@@ -316,7 +316,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     src = resolve_model(model, paths)
     args = load_args(src)
     lr = LayerRange.parse(layers, args.num_hidden_layers)
-    ws = load_shard(src, lr)
+    ws = load_shard(src, lr, weights="fp32")
     specs = [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s  # compiled for the npu backend's cache layout
              for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
     cache = cc.SliceCache(cache_dir or paths.compiled)
@@ -341,7 +341,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     if todo:
         py, _ = toolkit.require(paths)
         if verify or dtype == "w8a8":
-            full = ws if lr.is_first else load_shard(src, LayerRange(0, lr.stop, args.num_hidden_layers))
+            full = ws if lr.is_first else load_shard(src, LayerRange(0, lr.stop, args.num_hidden_layers), weights="fp32")
             tok = load_tokenizer(src)
             ids = tok.encode(calib_text)
             samples = capture(full, todo, buckets, ids)

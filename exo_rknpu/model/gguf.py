@@ -11,7 +11,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -20,13 +20,17 @@ from gguf.quants import dequantize
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.hf import check_shape, expected_shapes, layer_fields
+from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
+from exo_rknpu.model.quant import QTensor, Weight, compact, from_gguf_blocks, resolve_bits
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 
 _MAGIC = b"GGUF"
 # GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# What --weights auto keeps each GGUF type as: Q4_0/Q8_0 map exactly; other 4-bit types are re-quantized to int4,
+# 5/6-bit and float types to int8 (never fewer bits than stored).
+AUTO_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 8}
 _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
@@ -163,6 +167,28 @@ class GGUFFile:
         # F32 comes back as a read-only view of `buf`; make every result an owned, writable float32 array.
         return np.array(a.reshape(shape), dtype=np.float32)
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes as uint8 rows [*shape[:-1], row bytes] (a read-only view of the mapped file)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        shape = tuple(reversed(t.dims))
+        block, size = GGML_QUANT_SIZES[t.qtype]
+        return np.memmap(self.path, np.uint8, "r", t.offset, (*shape[:-1], shape[-1] // block * size))
+
+    def linear(self, name: str, mode: str) -> Weight:
+        """A [out, in] matrix in the form `mode` asks for (see quant.py): Q4_0/Q8_0 blocks are mapped when the mode
+        keeps their width, every other type is widened (one tensor at a time) and quantized, or kept float32."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        qname = t.qtype.name
+        bits = resolve_bits(mode, AUTO_BITS.get(qname, 8))
+        shape = tuple(reversed(t.dims))
+        if len(shape) == 2 and (qname, bits) in (("Q4_0", 4), ("Q8_0", 8)):
+            return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
+        return compact(self.tensor(name), bits, f"{qname} -> int{bits}" if bits else "")
+
     def digest(self) -> bytes:
         """Cheap identity: the tensor table (name, dims, type, offset) -- no tensor bytes are hashed."""
         h = hashlib.sha256()
@@ -241,37 +267,47 @@ def load_gguf_args(path: Path) -> ModelArgs:
     return args_from_gguf(GGUFFile(path))
 
 
-def _layer(g: GGUFFile, args: ModelArgs, i: int) -> LayerWeights:
+def _layer(g: GGUFFile, args: ModelArgs, i: int, weights: str = "fp32") -> LayerWeights:
     shapes = expected_shapes(args)
     # llama.cpp permutes Q/K rows only for the llama family (qwen2 is converted without it).
     heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads,
              "q_bias": args.num_attention_heads, "k_bias": args.num_key_value_heads}
-    kw: dict[str, np.ndarray] = {}
+    kw: dict[str, Weight] = {}
     for field in layer_fields(args):
         name = registry.gguf_layer_name(i, field)
-        a = check_shape(name, g.tensor(name), shapes[field], g.path)
+        a = g.linear(name, weights) if field in LINEAR_FIELDS else g.tensor(name)
+        check_shape(name, a, shapes[field], g.path)
         if args.architecture == "llama" and field in heads:
-            a = unpermute_qk(a, heads[field])
+            if isinstance(a, QTensor):  # rows are output features: permute whole rows, codes untouched
+                a = a.take_rows(unpermute_qk(np.arange(a.shape[0]), heads[field]))
+            else:
+                a = unpermute_qk(a, heads[field])
         kw[field] = a
     return LayerWeights(**kw)
 
 
-def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from a GGUF file. `fingerprint` is left empty (the loader sets it)."""
+def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
+                    weights: str = "fp32", layers: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
+    """Load only what `layer_range` needs from a GGUF file, linear weights in the form `weights` asks for
+    (quant.py). `layers=False` skips the decoder layers. `fingerprint` is left empty (the loader sets it)."""
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     args = args or args_from_gguf(g)
     vh = (args.vocab_size, args.hidden_size)
-    layers = {i: _layer(g, args, i) for i in layer_range.layers}
+    loaded: dict[int, LayerWeights] = {}
+    for i in layer_range.layers if layers else ():
+        loaded[i] = _layer(g, args, i, weights)
+        if progress is not None:
+            progress(i)
     embed = norm = head = None
     if layer_range.is_first:
-        embed = check_shape(registry.GGUF_EMBED, g.tensor(registry.GGUF_EMBED), vh, g.path)
+        embed = check_shape(registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path)
     if layer_range.is_last:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
             head = embed if embed is not None else check_shape(
-                registry.GGUF_EMBED, g.tensor(registry.GGUF_EMBED), vh, g.path
+                registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path
             )
         else:
-            head = check_shape(registry.GGUF_HEAD, g.tensor(registry.GGUF_HEAD), vh, g.path)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+            head = check_shape(registry.GGUF_HEAD, g.linear(registry.GGUF_HEAD, weights), vh, g.path)
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)

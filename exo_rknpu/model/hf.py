@@ -11,7 +11,7 @@ import json
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs, RopeScaling
+from exo_rknpu.model.quant import Weight, compact, resolve_bits
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 SINGLE_FILE = "model.safetensors"
@@ -281,7 +282,13 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     }
 
 
-def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...], where: object) -> np.ndarray:
+# LayerWeights fields that are linear weights [out, in] (compact under --weights int4/int8); the rest stay float32.
+LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What --weights auto means for Hugging Face float checkpoints.
+HF_AUTO_BITS = 8
+
+
+def check_shape(name: str, a: Any, shape: tuple[int, ...], where: object) -> np.ndarray:
     """Raise WeightsError if a tensor's shape disagrees with the config."""
     if tuple(a.shape) != tuple(shape):
         raise WeightsError(
@@ -298,33 +305,41 @@ def layer_fields(args: ModelArgs) -> list[str]:
     return fields
 
 
-def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it)."""
+def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, weights: str = "fp32",
+                  layers: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
+    """Load only what `layer_range` needs from an HF folder, linear weights in the form `weights` asks for
+    (quant.py; auto = int8). Each tensor is widened to float32 alone and quantized before the next is read.
+    `layers=False` skips the decoder layers. `fingerprint` is left empty (the loader sets it)."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
     vh = (args.vocab_size, args.hidden_size)
+    bits = resolve_bits(weights, HF_AUTO_BITS)
+
+    def linear(name: str, shape: tuple[int, ...]) -> Weight:
+        return compact(check_shape(name, src.get(name), shape, folder), bits)
+
     with TensorSource(folder) as src:
-        layers: dict[int, LayerWeights] = {}
-        for i in layer_range.layers:
-            kw = {}
+        loaded: dict[int, LayerWeights] = {}
+        for i in layer_range.layers if layers else ():
+            kw: dict[str, Weight] = {}
             for field in layer_fields(args):
                 name = registry.hf_layer_name(i, field)
-                kw[field] = check_shape(name, src.get(name), shapes[field], folder)
-            layers[i] = LayerWeights(**kw)
+                kw[field] = linear(name, shapes[field]) if field in LINEAR_FIELDS else check_shape(name, src.get(name), shapes[field], folder)
+            loaded[i] = LayerWeights(**kw)
+            if progress is not None:
+                progress(i)
         embed = norm = head = None
         if layer_range.is_first:
-            embed = check_shape(registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder)
+            embed = linear(registry.HF_EMBED, vh)
         if layer_range.is_last:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
             if args.tie_word_embeddings:
                 # Tied: the head *is* the embedding; never keep two copies.
-                head = embed if embed is not None else check_shape(
-                    registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder
-                )
+                head = embed if embed is not None else linear(registry.HF_EMBED, vh)
             else:
-                head = check_shape(registry.HF_HEAD, src.get(registry.HF_HEAD), vh, folder)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+                head = linear(registry.HF_HEAD, vh)
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)
 
 

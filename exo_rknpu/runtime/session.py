@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from exo_rknpu.backends.base import get_backend
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
+from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.placement import fallback_placement
 from exo_rknpu.runtime.requests import RequestLimits
@@ -31,25 +34,33 @@ def open_shard(
     limits: RequestLimits = RequestLimits(),
     on_slice: SliceObserver | None = None,
     backend_options: dict | None = None,
+    weights: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> ShardRunner:
-    """Load only `layer_range`'s weights from `src` and prepare its slices on `backend`.
+    """Load only `layer_range`'s weights from `src` (in the form `weights` asks: auto | int4 | int8 | fp32) and
+    prepare its slices on `backend`; `progress` gets one-line messages while that takes time.
 
     Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
     """
-    weights = load_shard(src, layer_range)
+    check_mode(weights)
     primary = get_backend(backend, **(backend_options or {}))
+    if weights == "auto" and getattr(primary, "float_weights", False):
+        weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
+    shard = load_shard(src, layer_range, weights, layers=getattr(primary, "needs_layer_weights", True), progress=progress)
     if layers_per_slice is None:
         layers_per_slice = getattr(primary, "layers_per_slice", None)
     placed = primary
-    lr = weights.layer_range
+    lr = shard.layer_range
     if any(not primary.supports(s) for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)):
         placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
     return ShardRunner(
-        weights,
+        shard,
         placed,
-        buckets or default_buckets(weights.args),
+        buckets or default_buckets(shard.args),
         layers_per_slice=layers_per_slice,
         limits=limits,
         on_slice=on_slice,
+        progress=progress,
+        release_weights=True,
     )

@@ -53,8 +53,12 @@ class ShardRunner:
         layers_per_slice: int | None = None,
         limits: RequestLimits = RequestLimits(),
         on_slice: SliceObserver | None = None,
+        progress: Callable[[str], None] | None = None,
+        release_weights: bool = False,
     ) -> None:
-        self.weights, self.args, self.buckets = weights, weights.args, buckets
+        """`release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
+        slice is prepared (open_shard sets it; callers that reuse a ShardWeights leave it off)."""
+        self.args, self.buckets, self.fingerprint = weights.args, buckets, weights.fingerprint
         lr = weights.layer_range
         self.layer_range = lr
         pick = backend if callable(backend) and not hasattr(backend, "prepare") else (lambda _s: backend)
@@ -66,9 +70,17 @@ class ShardRunner:
             self.specs.append(replace(s, kv_layout=getattr(b, "kv_layout", "seq")) if s.kind == "layers" else s)
         self.runners: dict[str, Runner] = {}
         try:
-            for s in self.specs:
+            for n, s in enumerate(self.specs):
                 require_support(self.backends[s.name], s)
+                t = time.monotonic()
                 self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
+                if release_weights and s.kind == "layers":
+                    # the runner holds what it needs (a session's packed copy, or the tensors themselves):
+                    # let go of this slice's layers so the next slice never sees two copies of them
+                    for i in range(s.start, s.stop):
+                        weights.layers.pop(i, None)
+                if progress is not None and (time.monotonic() - t > 1.0 or n == len(self.specs) - 1):
+                    progress(f"prepared slice {s.name} on {self.backends[s.name].name} ({n + 1}/{len(self.specs)})")
         except BaseException:
             self.close()
             raise

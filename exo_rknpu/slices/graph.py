@@ -9,11 +9,13 @@ MatMul/Mul/Add/Softmax/MatMul -> exSDPAttention, Sigmoid*x -> exSwish, constant-
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.quant import QTensor, Weight
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 from exo_rknpu.slices.spec import SliceSpec
 
@@ -21,9 +23,9 @@ T = Any  # a numpy array (eager) or a symbolic ONNX value
 
 
 class Ops(Protocol):
-    """The operations slices are written in. Weights are numpy arrays in HF layout."""
+    """The operations slices are written in. Weights are in HF layout: float32 arrays, or QTensors for linears."""
 
-    def linear(self, x: T, w: np.ndarray, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
+    def linear(self, x: T, w: Weight, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
     def rms_norm(self, x: T, w: np.ndarray, eps: float) -> T: ...
     def add(self, a: T, b: T) -> T: ...
     def mul(self, a: T, b: T) -> T: ...
@@ -43,7 +45,7 @@ class Ops(Protocol):
 
     def swap_last(self, x: T) -> T: ...  # transpose of the last two axes
 
-    def embed(self, table: np.ndarray, ids: T) -> T: ...
+    def embed(self, table: Weight, ids: T) -> T: ...
 
 
 def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
@@ -89,7 +91,7 @@ def layers_slice(
     return x, k_new, v_new
 
 
-def head_slice(ops: Ops, a: ModelArgs, final_norm: np.ndarray, lm_head: np.ndarray, hidden: T) -> T:
+def head_slice(ops: Ops, a: ModelArgs, final_norm: np.ndarray, lm_head: Weight, hidden: T) -> T:
     """Final norm then logits."""
     return ops.linear(ops.rms_norm(hidden, final_norm, a.rms_norm_eps), lm_head)
 
@@ -110,11 +112,20 @@ def run_slice(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str
     return {"hidden_out": x, "k_new": k, "v_new": v}
 
 
+def slice_weights(spec: SliceSpec, weights: ShardWeights) -> ShardWeights:
+    """Only the tensors `spec` reads (its layers; or the embedding; or final norm + head): what a runner may keep."""
+    layers = {i: weights.layers[i] for i in range(spec.start, spec.stop)} if spec.kind == "layers" else {}
+    return replace(weights, layers=layers,
+                   embed_tokens=weights.embed_tokens if spec.kind == "embed" else None,
+                   final_norm=weights.final_norm if spec.kind == "head" else None,
+                   lm_head=weights.lm_head if spec.kind == "head" else None)
+
+
 class NumpyOps:
     """Eager float32 numpy: the readable reference."""
 
     def linear(self, x, w, b=None):
-        y = x @ w.T
+        y = w.matmul_t(x) if isinstance(w, QTensor) else x @ w.T  # compact weights widen a few rows at a time
         return y if b is None else y + b
 
     def rms_norm(self, x, w, eps):
@@ -158,4 +169,4 @@ class NumpyOps:
         return (s / s.sum(axis=-1, keepdims=True)) @ v
 
     def embed(self, table, ids):
-        return table[ids]
+        return table.rows(ids) if isinstance(table, QTensor) else table[ids]

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
 from exo_rknpu.slices.spec import SliceSpec
@@ -21,6 +22,12 @@ OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and
 IR_VERSION = 8
 # "sdpa": the op pattern the RKNN compiler fuses (copies the cache: concat + repeat); "split": no cache copy, for CPUs.
 ATTENTION_FORMS = ("sdpa", "split")
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
+# MatMulNBits accuracy_level 4: activations quantized to int8 per block inside the kernel. Measured on onnxruntime
+# 1.32 (x86): 8-bit weights at level 0 take a dequantize-everything fallback (~70x slower); 4-bit runs ~2x faster.
+MATMUL_NBITS_ACCURACY = 4
+EXTERNAL_MIN_BYTES = 1 << 16  # tensors at least this big are handed over outside the protobuf (no 2 GiB limit)
+MEMORY_LOCATION = "in-memory"  # external-data location of initializers handed to onnxruntime as OrtValues
 
 
 @dataclass
@@ -29,6 +36,7 @@ class _Graph:
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     consts: dict[tuple, str] = field(default_factory=dict)
     weight_names: dict[int, str] = field(default_factory=dict)
+    external: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> array kept out of the proto
     counter: int = 0
 
     def fresh(self, prefix: str) -> str:
@@ -39,11 +47,14 @@ class _Graph:
 class OnnxOps:
     """Symbolic ops: each call appends nodes and returns the output value's name."""
 
-    def __init__(self, attention_form: str = "sdpa") -> None:
+    def __init__(self, attention_form: str = "sdpa", compact: bool = False) -> None:
         if attention_form not in ATTENTION_FORMS:
             raise ValueError(f"attention_form must be one of {ATTENTION_FORMS}")
         self.g = _Graph()
         self.attention_form = attention_form
+        # compact: QTensors become MatMulNBits and big tensors stay outside the proto (onnxruntime);
+        # otherwise every weight is a float32 initializer inside the proto (the NPU compiler's input)
+        self.compact = compact
         self.n_layers = 0  # layers in the slice being recorded (set by build_onnx)
         self.args: ModelArgs | None = None  # the model's hyper-parameters (set by build_onnx)
 
@@ -61,22 +72,48 @@ class OnnxOps:
             self.g.consts[key] = name
         return self.g.consts[key]
 
-    def _weight(self, w: np.ndarray, transpose: bool = False) -> str:
+    def _weight(self, w: np.ndarray | QTensor, transpose: bool = False) -> str:
         # Same array object -> same initializer (a tied embedding/head is stored once per layout).
         key = id(w) * 2 + int(transpose)
         if key not in self.g.weight_names:
+            if isinstance(w, QTensor):  # a float graph of compact weights (the compiler's input)
+                w = w.dequantize()
             arr = np.ascontiguousarray(w.T if transpose else w, dtype=np.float32)
-            name = self.g.fresh("w")
-            self.g.initializers.append(numpy_helper.from_array(arr, name))
-            self.g.weight_names[key] = name
+            self.g.weight_names[key] = self._initializer(arr, "w")
         return self.g.weight_names[key]
+
+    def _initializer(self, arr: np.ndarray, prefix: str) -> str:
+        name = self.g.fresh(prefix)
+        if self.compact and arr.nbytes >= EXTERNAL_MIN_BYTES:
+            self.g.initializers.append(external_tensor(name, arr, MEMORY_LOCATION))
+            self.g.external[name] = arr
+        else:
+            self.g.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def _matmul_nbits(self, x: str, w: QTensor) -> str:
+        """x @ w.T with onnxruntime's weight-only kernel: the QTensor's arrays are its inputs as they are."""
+        key = id(w) * 2
+        if key not in self.g.weight_names:
+            names = [self._initializer(w.blocks, "qb"), self._initializer(w.scales, "qs")]
+            if w.zero_points is not None:
+                names.append(self._initializer(w.zero_points, "qz"))
+            self.g.weight_names[key] = ",".join(names)
+        out = self.g.fresh("matmulnbits")
+        self.g.nodes.append(helper.make_node(
+            "MatMulNBits", [x, *self.g.weight_names[key].split(",")], [out], name=out, domain=MS_DOMAIN,
+            K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=w.block_size, accuracy_level=MATMUL_NBITS_ACCURACY))
+        return out
 
     def _shape(self, dims: list[int]) -> str:
         return self._const(np.array(dims, dtype=np.int64), "shape")
 
     # -- Ops ------------------------------------------------------------------------------
     def linear(self, x, w, b=None):
-        y = self._node("MatMul", [x, self._weight(w, transpose=True)])
+        if self.compact and isinstance(w, QTensor):
+            y = self._matmul_nbits(x, w)
+        else:
+            y = self._node("MatMul", [x, self._weight(w, transpose=True)])
         return y if b is None else self._node("Add", [y, self._weight(b)])
 
     def rms_norm(self, x, w, eps):
@@ -193,6 +230,16 @@ class OnnxOps:
         return self._node("Gather", [self._weight(table), ids], axis=0)
 
 
+def external_tensor(name: str, arr: np.ndarray, location: str, offset: int = 0) -> onnx.TensorProto:
+    """An initializer whose bytes live outside the proto: at `offset` of file `location`, or handed over in memory."""
+    t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=list(arr.shape))
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(arr.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
 def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
@@ -210,6 +257,30 @@ def build_onnx(
     attention_form: str = "sdpa",
     per_layer_cache: bool = False,
 ) -> onnx.ModelProto:
+    """ONNX model of `spec` with every weight a float32 initializer inside the proto (QTensors widened): the form
+    the NPU compiler reads. See build_onnx_compact for onnxruntime's form."""
+    return _build(spec, weights, seq, ctx, attention_form, per_layer_cache, compact=False)[0]
+
+
+def build_onnx_compact(
+    spec: SliceSpec, weights: ShardWeights, attention_form: str = "split", per_layer_cache: bool = True
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """onnxruntime's form of `spec`: QTensor linears as MatMulNBits (com.microsoft), symbolic shapes, and every
+    tensor over EXTERNAL_MIN_BYTES left out of the proto as an external initializer (location MEMORY_LOCATION).
+    Returns the model and {initializer name: array}; the arrays are the weights' own (no copy)."""
+    model, ops = _build(spec, weights, None, None, attention_form, per_layer_cache, compact=True)
+    return model, ops.g.external
+
+
+def _build(
+    spec: SliceSpec,
+    weights: ShardWeights,
+    seq: int | None,
+    ctx: int | None,
+    attention_form: str,
+    per_layer_cache: bool,
+    compact: bool,
+) -> tuple[onnx.ModelProto, OnnxOps]:
     """ONNX model of `spec`. seq/ctx None -> symbolic dims "S"/"C" (one graph for all buckets).
 
     attention_form picks how `Ops.attention` is written out (same maths): "sdpa" for the NPU compiler, "split" for CPUs.
@@ -217,7 +288,7 @@ def build_onnx(
     (onnxruntime) would otherwise copy the whole cache to slice out each layer.
     """
     a = weights.args
-    ops = OnnxOps(attention_form)
+    ops = OnnxOps(attention_form, compact)
     ops.n_layers, ops.args = spec.n_layers, a
     S: int | str = seq if seq is not None else "S"
     C: int | str = ctx if ctx is not None else "C"
@@ -254,6 +325,7 @@ def build_onnx(
         [_value_info(*o) for o in outs],
         initializer=ops.g.initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="exo-rknpu")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if compact else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="exo-rknpu")
     model.ir_version = IR_VERSION
-    return model
+    return model, ops

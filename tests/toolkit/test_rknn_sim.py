@@ -76,7 +76,7 @@ def test_two_shards_match_onnx_fp16(tiny):
 def test_killed_worker_is_a_clear_error_not_a_hang(tiny):
     from exo_rknpu.backends.rknn_sim import RknnSimBackend, SimulatorWorkerError
 
-    ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4))
+    ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4), weights="fp32")
     be = RknnSimBackend(run_timeout=60)
     runner = be.prepare(SliceSpec("head"), ws, Buckets(seq=(1,), context=(64,)))
     try:
