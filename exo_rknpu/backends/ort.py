@@ -9,13 +9,17 @@ drops its own copy (ShardRunner releases the weights after prepare), so the pack
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from exo_rknpu.backends.numpy_ref import NumpyRunner
+from exo_rknpu.backends.prepared import PreparedCache, prepared_key
+from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.onnx_export import build_onnx_compact, per_layer_cache_names
+from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
+from exo_rknpu.slices.onnx_export import MATMUL_NBITS_ACCURACY, build_onnx_compact, per_layer_cache_names
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 try:
@@ -74,10 +78,12 @@ class OrtBackend:
     needs_layer_weights = True
     float_weights = False
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
         self.threads = threads or default_threads()
+        # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
+        self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")
@@ -87,9 +93,21 @@ class OrtBackend:
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
         # the split form avoids copying the cache; a transposed ("dim") cache is written in the NPU's sdpa form
         form = "split" if spec.kv_layout == "seq" else "sdpa"
-        model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
         opts = session_options(self.threads)
-        if external:
-            opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        model_file = None
+        if self.cache is not None:
+            key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
+                               exporter=exporter_version(), accuracy=MATMUL_NBITS_ACCURACY, onnxruntime=ort.__version__)
+            model_file = self.cache.lookup(key)
+        if model_file is None:
+            model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
+            if self.cache is None:
+                if external:
+                    opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
+                session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                return OrtRunner(session, spec.n_layers)
+            model_file = self.cache.store(key, model, external)
+            del model, external
+        # onnxruntime maps weights.bin and packs each weight for its kernel
+        session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
         return OrtRunner(session, spec.n_layers)

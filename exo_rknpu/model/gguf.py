@@ -21,7 +21,7 @@ from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
-from exo_rknpu.model.quant import QTensor, Weight, compact, from_gguf_blocks, resolve_bits
+from exo_rknpu.model.quant import QTensor, Weight, compact, from_gguf_blocks, q4_1_to_int4, resolve_bits
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 
@@ -187,6 +187,8 @@ class GGUFFile:
         shape = tuple(reversed(t.dims))
         if len(shape) == 2 and (qname, bits) in (("Q4_0", 4), ("Q8_0", 8)):
             return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
+        if len(shape) == 2 and (qname, bits) == ("Q4_1", 4):
+            return q4_1_to_int4(self.raw(name), shape)  # type: ignore[arg-type]
         return compact(self.tensor(name), bits, f"{qname} -> int{bits}" if bits else "")
 
     def digest(self) -> bytes:

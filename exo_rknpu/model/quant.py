@@ -171,6 +171,37 @@ def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -
     raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
 
 
+def q4_1_to_int4(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
+    """GGUF Q4_1 rows -> int4 with an integer zero point, keeping each block's codes and scale.
+
+    Q4_1 block: fp16 d, fp16 m, 16 bytes of codes q (as Q4_0); value = d*q + m = d*(q - (-m/d)). MatMulNBits'
+    fast kernels take integer zero points only (float ones run a dequantize-everything fallback, measured ~50x
+    slower), so the zero point is rounded: z = round(-m/d). Every element of a block moves by the same
+    d*(z + m/d), at most d/2 (half of the block's own step). Blocks where z falls outside 0..15 (all values of
+    one sign) or d == 0 are re-quantized from their values by `quantize`'s rule instead.
+    """
+    n, k = shape
+    b = raw.reshape(n, k // 32, 20)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = b[..., 4:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.rint(-m / d)
+    bad = ~((d > 0) & (z >= 0) & (z <= 15))
+    z = np.where(bad, 0, z).astype(np.uint8)
+    if bad.any():  # rare: re-quantize just these blocks from their values
+        r, c = np.nonzero(bad)
+        values = codes[r, c].astype(np.float32) * d[r, c, None] + m[r, c, None]
+        fixed = quantize(values, 4, 32)
+        codes[r, c] = np.stack([fixed.blocks[:, 0] & 15, fixed.blocks[:, 0] >> 4], axis=-1).reshape(len(r), 32)
+        d[r, c] = fixed.scales[:, 0]
+        z[r, c] = fixed.zero_points[:, 0] & 15
+    nb = k // 32
+    zp = pack4(np.pad(z, ((0, 0), (0, nb % 2))))
+    return QTensor(4, (n, k), 32, pack4(codes), d, zp, "Q4_1 -> int4 (codes and scales kept, zero point rounded)")
+
+
 def check_mode(mode: str) -> str:
     """Validate a --weights value (one-line error for anything else)."""
     if mode not in WEIGHT_MODES:
