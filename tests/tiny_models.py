@@ -231,13 +231,22 @@ def read_hf_tensors(dir: Path) -> dict[str, np.ndarray]:
         return {name: src.get(name) for name in src.map}
 
 
-def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
+def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str | None = None) -> Path:
     """Write a GGUF holding exactly the weights and tokenizer of the tiny HF model in `hf_dir`.
 
     F32 tensors, llama.cpp names, and (llama only) llama.cpp's Q/K row permutation applied, so the
-    loader's un-permute is exercised. A tied model gets no output.weight.
+    loader's un-permute is exercised. A tied model gets no output.weight. qtype (e.g. "Q4_0", "Q8_0", "Q4_1")
+    stores the matrices (embedding, linears, head) quantized by gguf's own quantizer; norms and biases stay F32.
     """
     import gguf
+    from gguf.quants import quantize as gguf_quantize
+
+    def add(name: str, a: np.ndarray) -> None:
+        if qtype is not None and a.ndim == 2:
+            t = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf_quantize(np.ascontiguousarray(a), t), raw_dtype=t)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(a))
 
     from exo_rknpu.model.gguf import permute_qk
 
@@ -293,7 +302,7 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
     }
-    writer.add_tensor("token_embd.weight", w["model.embed_tokens.weight"])
+    add("token_embd.weight", w["model.embed_tokens.weight"])
     for i in range(cfg["num_hidden_layers"]):
         for hf_suffix, gg_suffix in names.items():
             a = w.get(f"model.layers.{i}.{hf_suffix}")
@@ -302,10 +311,10 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
             if arch == "llama" and hf_suffix.startswith(("self_attn.q_proj", "self_attn.k_proj")):
                 heads = cfg["num_attention_heads"] if "q_proj" in hf_suffix else cfg["num_key_value_heads"]
                 a = permute_qk(a, heads)
-            writer.add_tensor(f"blk.{i}.{gg_suffix}", np.ascontiguousarray(a))
-    writer.add_tensor("output_norm.weight", w["model.norm.weight"])
+            add(f"blk.{i}.{gg_suffix}", a)
+    add("output_norm.weight", w["model.norm.weight"])
     if "lm_head.weight" in w:
-        writer.add_tensor("output.weight", w["lm_head.weight"])
+        add("output.weight", w["lm_head.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -10,6 +10,7 @@ import uuid
 
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.loader import load_args, load_tokenizer
+from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import IncrementalDecoder
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing, Timings
@@ -25,6 +26,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compiled dtype for npu / rknn-sim (default: fp16)")
     p.add_argument("--max-context", type=int, default=None, help="largest context bucket (default: 2048 or the model's limit)")
     p.add_argument("--layers-per-slice", type=int, default=None, help="layers per graph (default: the whole shard in one graph)")
+    add_weights_arg(p)
+
+
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """--weights: the form linear weights are kept in (model/quant.py)."""
+    p.add_argument("--weights", default="auto", type=weights_mode,
+                   help="auto | int4 | int8 | fp32: form of the linear weights (default auto: GGUF as stored, "
+                        "Q4_0/Q8_0 mapped exactly, other GGUF types to int4/int8; Hugging Face float weights to int8)")
+
+
+def weights_mode(value: str) -> str:
+    """argparse type for --weights: an unknown value is a one-line usage error before anything loads."""
+    try:
+        return check_mode(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def backend_options(args: argparse.Namespace, src=None) -> dict:
@@ -76,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         text = args.prompt
     prompt_ids = tok.encode(text)
     opts = backend_options(args, src)  # one calibration object: captured once, shared by the shards
-    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts) for r in ranges]
+    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts, weights=args.weights,
+                         progress=progress) for r in ranges]
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

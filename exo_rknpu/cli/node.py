@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from exo_rknpu.cli.generate import add_weights_arg
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.runtime.requests import RequestLimits
 
@@ -39,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(last: exo samples only that row; saves the head's work and memory on long prompts)")
     p.add_argument("--npu-dtype", default="fp16", help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
     p.add_argument("--npu-core-mask", default="auto", help="npu backend: NPU cores, auto | 0 | 1 | 2 | 0_1 | 0_1_2 | all")
+    add_weights_arg(p)
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
     p.set_defaults(func=run)
 
@@ -55,6 +57,7 @@ def build_options(args: argparse.Namespace):
         max_context=args.max_context,
         layers_per_slice=args.layers_per_slice,
         logits=args.logits,
+        weights=args.weights,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb)

@@ -26,7 +26,7 @@ MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
 # MatMulNBits accuracy_level 4: activations quantized to int8 per block inside the kernel. Measured on onnxruntime
 # 1.32 (x86): 8-bit weights at level 0 take a dequantize-everything fallback (~70x slower); 4-bit runs ~2x faster.
 MATMUL_NBITS_ACCURACY = 4
-EXTERNAL_MIN_BYTES = 1 << 16  # tensors at least this big are handed over outside the protobuf (no 2 GiB limit)
+EXTERNAL_MIN_BYTES = 1 << 10  # tensors at least this big are handed over outside the protobuf (no 2 GiB limit)
 MEMORY_LOCATION = "in-memory"  # external-data location of initializers handed to onnxruntime as OrtValues
 
 

@@ -28,7 +28,7 @@ def test_greedy_capital_of_france_is_paris_when_split(smollm2, backend, split):
     assert load_tokenizer(smollm2).encode(PROMPT) == PROMPT_IDS
     from exo_rknpu.slices.spec import Buckets
 
-    r = ring(smollm2.path, split, backend, Buckets(seq=(1, 16), context=(256,)))
+    r = ring(smollm2.path, split, backend, Buckets(seq=(1, 16), context=(256,)), weights="auto")  # the default
     assert greedy(r, PROMPT_IDS, 4) == [7042, 30, 198, 198]  # " Paris.\n\n"
 
 
