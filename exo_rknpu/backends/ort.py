@@ -39,22 +39,41 @@ def default_threads() -> int:
 
 
 class OrtRunner:
-    def __init__(self, session: "ort.InferenceSession", n_cache_layers: int) -> None:
-        self.session = session
-        self.output_names = [o.name for o in session.get_outputs()]
+    """A session, or a prepared model file whose session opens on the first call.
+
+    Opening late matters for memory: by then the shard has released its own copy of the weights (ShardRunner
+    drops each slice's layers after prepare), so onnxruntime's packed copy is never made next to it.
+    """
+
+    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1) -> None:
+        self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
+        self.model_file = session if isinstance(session, Path) else None
+        self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
+        self.threads = threads
         self.n_cache_layers = n_cache_layers
         self.cache_names = {name: per_layer_cache_names(name, n_cache_layers) for name in ("past_k", "past_v")}
 
+    def _open(self) -> "ort.InferenceSession":
+        if self.session is None:
+            if self.model_file is None:
+                raise RuntimeError("this onnx runner is closed")
+            # onnxruntime maps weights.bin and packs each weight for its kernel
+            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads),
+                                                providers=["CPUExecutionProvider"])
+            self.output_names = [o.name for o in self.session.get_outputs()]
+        return self.session
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._open()
         if self.n_cache_layers:
             inputs = dict(inputs)
             for name, names in self.cache_names.items():
                 stacked = inputs.pop(name)  # [n,kv,C,hd]: stacked[i] is a contiguous view, handed over without a copy
                 inputs.update({n: stacked[i : i + 1] for i, n in enumerate(names)})
-        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+        return dict(zip(self.output_names, session.run(None, inputs)))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = self.model_file = None
 
 
 def session_options(threads: int) -> "ort.SessionOptions":
@@ -107,7 +126,4 @@ class OrtBackend:
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 return OrtRunner(session, spec.n_layers)
             model_file = self.cache.store(key, model, external)
-            del model, external
-        # onnxruntime maps weights.bin and packs each weight for its kernel
-        session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
-        return OrtRunner(session, spec.n_layers)
+        return OrtRunner(model_file, spec.n_layers, self.threads)
