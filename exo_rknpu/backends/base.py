@@ -35,6 +35,7 @@ class Backend(Protocol):
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
     needs_layer_weights: bool  # False: runs decoder layers from compiled files; the loader skips their tensors
     float_weights: bool  # True: builds from float32 weights (a compiler's input); --weights auto loads fp32 for it
+    max_slice_bytes: int | None  # layers per slice chosen to keep each slice's weights under this (None: no limit)
 
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all?"""

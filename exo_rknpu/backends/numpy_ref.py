@@ -28,6 +28,7 @@ class NumpyBackend:
     static_shapes = False
     needs_layer_weights = True
     float_weights = False  # widens compact weights on the fly
+    max_slice_bytes = None
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")

@@ -294,6 +294,7 @@ class RknnSimBackend:
     static_shapes = True
     needs_layer_weights = True
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
+    max_slice_bytes = None
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", calibration: Calibration | None = None,

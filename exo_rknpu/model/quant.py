@@ -171,35 +171,69 @@ def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -
     raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
 
 
-def q4_1_to_int4(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
-    """GGUF Q4_1 rows -> int4 with an integer zero point, keeping each block's codes and scale.
-
-    Q4_1 block: fp16 d, fp16 m, 16 bytes of codes q (as Q4_0); value = d*q + m = d*(q - (-m/d)). MatMulNBits'
-    fast kernels take integer zero points only (float ones run a dequantize-everything fallback, measured ~50x
-    slower), so the zero point is rounded: z = round(-m/d). Every element of a block moves by the same
-    d*(z + m/d), at most d/2 (half of the block's own step). Blocks where z falls outside 0..15 (all values of
-    one sign) or d == 0 are re-quantized from their values by `quantize`'s rule instead.
-    """
+def _q4_1_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_1 rows -> (codes uint8 [N, nb, 32] in element order, d float32 [N, nb], m float32 [N, nb]).
+    Block: fp16 d, fp16 m, 16 bytes; byte j holds element j (low nibble) and j+16 (high); value = d*q + m."""
     n, k = shape
     b = raw.reshape(n, k // 32, 20)
     d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     qs = b[..., 4:]
-    codes = np.concatenate([qs & 15, qs >> 4], axis=-1)
+    return np.concatenate([qs & 15, qs >> 4], axis=-1), d, m
+
+
+def _requantize_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray, z: np.ndarray, bad: np.ndarray, bits: int,
+                       code_scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks flagged `bad` re-quantized from their values by `quantize`'s rule; returns (codes, scales)."""
+    codes = codes * np.uint8(code_scale)
+    scales = d / code_scale
+    if bad.any():
+        r, c = np.nonzero(bad)
+        fixed = quantize(codes[r, c].astype(np.float32) * scales[r, c, None] + m[r, c, None], bits, 32)
+        fixed_codes = fixed.blocks[:, 0]
+        if bits == 4:
+            fixed_codes = np.stack([fixed_codes & 15, fixed_codes >> 4], axis=-1).reshape(len(r), 32)
+            z[r, c] = fixed.zero_points[:, 0] & 15
+        else:
+            z[r, c] = fixed.zero_points[:, 0]
+        codes[r, c], scales[r, c] = fixed_codes, fixed.scales[:, 0]
+    return codes, scales
+
+
+def q4_1_to_int8(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
+    """GGUF Q4_1 rows -> int8 blocks of 32, each value within d/34 of the stored one (what --weights auto does).
+
+    value = d*q + m is written as (d/17) * (17q - z) with z = round(-17m/d): codes 17q span 0..255 exactly and
+    every element of a block moves by the same |m + d*z/17| <= d/34 (a 34th of the block's own step). MatMulNBits'
+    fast kernels take integer zero points only (float ones run a dequantize-everything fallback, measured ~50x
+    slower), which is why Q4_1 cannot stay 4-bit exactly. Blocks where z falls outside 0..255 (all values of one
+    sign beyond the range) or d == 0 are re-quantized from their values by `quantize`'s rule.
+    """
+    codes, d, m = _q4_1_parts(raw, shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.rint(-17 * m / d)
+    bad = ~((d > 0) & (z >= 0) & (z <= 255))
+    z = np.where(bad, 0, z).astype(np.uint8)
+    codes, scales = _requantize_blocks(codes, d, m, z, bad, 8, 17)
+    return QTensor(8, shape, 32, codes, scales, z, "Q4_1 -> int8 (within d/34)")
+
+
+def q4_1_to_int4(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
+    """GGUF Q4_1 rows -> int4 keeping each block's codes and scale (--weights int4).
+
+    value = d*q + m = d*(q - (-m/d)); the zero point must be an integer, so z = round(-m/d) and every element of
+    a block moves by the same d*|z + m/d| <= d/2 (half of the block's own step: measurably worse than int8, see
+    docs/design.md). Blocks where z falls outside 0..15 or d == 0 are re-quantized from their values.
+    """
+    codes, d, m = _q4_1_parts(raw, shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.rint(-m / d)
     bad = ~((d > 0) & (z >= 0) & (z <= 15))
     z = np.where(bad, 0, z).astype(np.uint8)
-    if bad.any():  # rare: re-quantize just these blocks from their values
-        r, c = np.nonzero(bad)
-        values = codes[r, c].astype(np.float32) * d[r, c, None] + m[r, c, None]
-        fixed = quantize(values, 4, 32)
-        codes[r, c] = np.stack([fixed.blocks[:, 0] & 15, fixed.blocks[:, 0] >> 4], axis=-1).reshape(len(r), 32)
-        d[r, c] = fixed.scales[:, 0]
-        z[r, c] = fixed.zero_points[:, 0] & 15
-    nb = k // 32
+    codes, scales = _requantize_blocks(codes, d, m, z, bad, 4, 1)
+    nb = shape[1] // 32
     zp = pack4(np.pad(z, ((0, 0), (0, nb % 2))))
-    return QTensor(4, (n, k), 32, pack4(codes), d, zp, "Q4_1 -> int4 (codes and scales kept, zero point rounded)")
+    return QTensor(4, shape, 32, pack4(codes), scales, zp, "Q4_1 -> int4 (codes and scales kept, zero point rounded)")
 
 
 def check_mode(mode: str) -> str:

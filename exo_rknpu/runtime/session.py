@@ -50,6 +50,10 @@ def open_shard(
     shard = load_shard(src, layer_range, weights, layers=getattr(primary, "needs_layer_weights", True), progress=progress)
     if layers_per_slice is None:
         layers_per_slice = getattr(primary, "layers_per_slice", None)
+    budget = getattr(primary, "max_slice_bytes", None)
+    if layers_per_slice is None and budget and shard.layers:
+        # bounded slices bound the peak while a runtime packs weights (source and packed copy of one slice)
+        layers_per_slice = max(1, budget // max(lw.nbytes for lw in shard.layers.values()))
     placed = primary
     lr = shard.layer_range
     if any(not primary.supports(s) for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)):

@@ -9,7 +9,7 @@ from gguf.constants import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_to_int4, quantize
+from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8, quantize
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((96, 256)).astype(np.float32)
@@ -31,13 +31,29 @@ def test_gathered_rows_equal_gguf_rows_exactly():
     assert np.array_equal(from_gguf_blocks(raw, "Q8_0", W.shape).rows(ids), reference[ids])
 
 
-def test_q4_1_keeps_codes_and_scales_and_moves_each_value_by_at_most_half_a_step():
+def _q4_1_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w = W.copy()
-    w[0, :32] = np.abs(w[0, :32]) + 2.0  # a block of one sign: its zero point cannot be rounded into 0..15
+    w[0, :32] = np.abs(w[0, :32]) + 2.0  # a block of one sign: its zero point cannot be rounded into range
     w[1, 32:64] = 0.0  # a constant block: d == 0
     raw = gguf_quantize(w, GT.Q4_1)
-    reference = gguf_dequantize(raw, GT.Q4_1)
-    q = q4_1_to_int4(raw, w.shape)
+    d = raw.reshape(96, 8, 20)[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # Q4_1's own steps
+    return raw, gguf_dequantize(raw, GT.Q4_1), np.repeat(d, 32, axis=1)
+
+
+def test_q4_1_to_int8_moves_each_value_by_at_most_a_34th_of_its_step():
+    raw, reference, step = _q4_1_case()
+    q = q4_1_to_int8(raw, reference.shape)
+    err = np.abs(q.dequantize() - reference)
+    ordinary = np.ones_like(err, bool)
+    ordinary[0, :32] = ordinary[1, 32:64] = False  # re-quantized blocks: within one int8 step instead
+    assert np.all(err[ordinary] <= step[ordinary] / 34 + 1e-6)
+    assert np.all(err <= np.repeat(q.scales, 32, axis=1) + 1e-6)
+    assert q.dequantize()[1, 32:64].tolist() == [0.0] * 32
+
+
+def test_q4_1_to_int4_keeps_codes_and_scales_and_moves_each_value_by_at_most_half_a_step():
+    raw, reference, _ = _q4_1_case()
+    q = q4_1_to_int4(raw, reference.shape)
     step = np.repeat(q.scales, 32, axis=1)
     assert np.all(np.abs(q.dequantize() - reference) <= step / 2 + 1e-6)
     assert q.dequantize()[1, 32:64].tolist() == [0.0] * 32
