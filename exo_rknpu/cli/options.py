@@ -40,3 +40,4 @@ non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
 non_negative_float = _number(float, "a finite number >= 0", lambda v: 0 <= v < float("inf"))
 probability = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
+unit_interval = _number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
