@@ -231,15 +231,16 @@ def read_hf_tensors(dir: Path) -> dict[str, np.ndarray]:
         return {name: src.get(name) for name in src.map}
 
 
-def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
+def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str = "F32") -> Path:
     """Write a GGUF holding exactly the weights and tokenizer of the tiny HF model in `hf_dir`.
 
-    F32 tensors, llama.cpp names, and (llama only) llama.cpp's Q/K row permutation applied, so the
-    loader's un-permute is exercised. A tied model gets no output.weight.
+    F32 tensors (or `qtype`, e.g. "Q8_0", quantized with gguf-py), llama.cpp names. Tensors are written as they
+    are, Q/K rows included: a llama GGUF stores Q/K rows in llama.cpp's interleaved order, so for llama the GGUF
+    is a *different* model from `hf_dir` (a reader un-permutes those rows). What a GGUF should load as comes from
+    independent readers (transformers' `from_pretrained(gguf_file=...)`, gguf.GGUFReader), never from this
+    project's permutation. A tied model gets no output.weight.
     """
     import gguf
-
-    from exo_rknpu.model.gguf import permute_qk
 
     hf_dir, path = Path(hf_dir), Path(path)
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -260,7 +261,7 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
     writer.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_file_type(0)
+    writer.add_file_type(0 if qtype == "F32" else int(gguf.LlamaFileType[f"MOSTLY_{qtype}"]))
 
     # Tokenizer: same vocab/merges; added tokens become CONTROL (3).
     vocab: dict[str, int] = dict(tokj["model"]["vocab"])
@@ -293,19 +294,24 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
     }
-    writer.add_tensor("token_embd.weight", w["model.embed_tokens.weight"])
+    def add(name: str, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if qtype == "F32" or a.ndim < 2:  # llama.cpp keeps norms and biases in F32
+            writer.add_tensor(name, a)
+        else:
+            q = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+
+    add("token_embd.weight", w["model.embed_tokens.weight"])
     for i in range(cfg["num_hidden_layers"]):
         for hf_suffix, gg_suffix in names.items():
             a = w.get(f"model.layers.{i}.{hf_suffix}")
             if a is None:
                 continue
-            if arch == "llama" and hf_suffix.startswith(("self_attn.q_proj", "self_attn.k_proj")):
-                heads = cfg["num_attention_heads"] if "q_proj" in hf_suffix else cfg["num_key_value_heads"]
-                a = permute_qk(a, heads)
-            writer.add_tensor(f"blk.{i}.{gg_suffix}", np.ascontiguousarray(a))
-    writer.add_tensor("output_norm.weight", w["model.norm.weight"])
+            add(f"blk.{i}.{gg_suffix}", a)
+    add("output_norm.weight", w["model.norm.weight"])
     if "lm_head.weight" in w:
-        writer.add_tensor("output.weight", w["lm_head.weight"])
+        add("output.weight", w["lm_head.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
