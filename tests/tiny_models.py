@@ -23,15 +23,22 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
-QWEN2_RE = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 TRAINING_TEXT = (
     "The capital of France is Paris. The capital of Germany is Berlin. Once upon a time there was a tiny model "
     "that ran on a Rockchip board with an NPU, split into layer ranges across three nodes. "
     "It counted 0 1 2 3 4 5 6 7 8 9 10 100 2024 and said hello, world! Café naïve 日本語 ü ß. "
     "def main():\n    return 42\n\nQuestions? Answers: yes, no, maybe; (parentheses) [brackets] {braces}.\n"
 )
+
+
+def qwen2_pretokenize_regex() -> str | None:
+    """Qwen2's pre-tokenizer regex as transformers defines it (an independent reference for the one under test),
+    or None when transformers is not installed."""
+    try:
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    except ImportError:
+        return None
+    return PRETOKENIZE_REGEX
 
 
 def train_tokenizer(vocab_size: int, arch: str = "llama") -> Any:
@@ -41,12 +48,13 @@ def train_tokenizer(vocab_size: int, arch: str = "llama") -> Any:
     if vocab_size < 256 + len(SPECIALS) + 3:
         raise ValueError("vocab_size must be at least 262 (256 bytes + specials)")
     tok = Tokenizer(models.BPE())
-    if arch == "qwen2":  # the same pre-tokenizer as Qwen2's tokenizer.json / GGUF pre "qwen2"
+    qwen2_re = qwen2_pretokenize_regex() if arch == "qwen2" else None
+    if qwen2_re:  # Qwen2's pre-tokenizer, regex taken from transformers (GGUF pre "qwen2")
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_RE), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(qwen2_re), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    else:  # SmolLM2's: GGUF pre "smollm"
+    else:  # SmolLM2's: GGUF pre "smollm" (also qwen2's stand-in when transformers is absent)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -274,7 +282,9 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
     added = {t["content"] for t in tokj["added_tokens"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokj["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
+    # The pre-tokenizer train_tokenizer used: a regex Split is Qwen2's, otherwise SmolLM2's.
+    splits = tokj.get("pre_tokenizer", {}).get("pretokenizers", [{}])[0].get("type") == "Split"
+    writer.add_tokenizer_pre("qwen2" if splits else "smollm")
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in added else 1 for t in tokens])
     writer.add_token_merges(merges)
