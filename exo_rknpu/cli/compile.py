@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from exo_rknpu.cli.options import positive_int, probability, unit_interval
-from exo_rknpu.cli.report import format_cpu, format_figures, slice_order
+from exo_rknpu.cli.report import format_cpu, slice_order, worst_cos
 from exo_rknpu.errors import UsageError
 
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         for r in sorted(results, key=lambda r: slice_order(r.name)):
             print(f"{r.name:<12} {r.status:<7} {r.seconds:6.1f} s  {', '.join(Path(f).name for f in r.files)}  "
-                  f"verify {format_figures(r.verify)}  CPU-placed: {format_cpu(r.cpu_ops, r.fallbacks)}")
+                  f"min cos {worst_cos(r.verify)}  CPU-placed: {format_cpu(r.cpu_ops, r.fallbacks)}")
     if args.json:
         print(json.dumps({"model": args.model, "layers": args.layers, "dtype": args.dtype, "platform": args.platform,
                           "built": [r.name for r in built], "reused": [r.name for r in results if r.status == "reused"],

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from exo_rknpu.cli.report import format_buckets, format_cpu, format_figures, slice_order
+from exo_rknpu.cli.report import format_buckets, format_cpu, slice_order, worst_cos
 
 
 def add_parser(subparsers) -> None:
@@ -59,16 +59,17 @@ def run(args: argparse.Namespace) -> int:
 
 def format_rows(rows: list[dict]) -> list[str]:
     """A header, then one line per slice (plus a line under any slice whose files fail their check)."""
-    out = [f"{'model':<8} {'slice':<12} {'dtype':<5} {'platform':<8} {'size':>9}  {'seq':<8} {'context':<20} {'est. Mcycles':<13} "
-           f"{'verify':<16} {'files':<5} CPU-placed"]
+    out = [f"{'model':<8} {'slice':<11} {'dtype':<5} {'platform':<8} {'size':>9}  {'seq':<8} {'context':<10} "
+           f"{'Mcycles':<9} {'min cos':<8} {'files':<5} CPU-placed"]
     for r in rows:
         cyc = r["est_cycles"]
         mcyc = f"{min(cyc) / 1e6:.1f}-{max(cyc) / 1e6:.1f}" if cyc else "?"
         b = r["buckets"] or {}
-        out.append(f"{r['model_fingerprint'][:8]:<8} {r['slice']:<12} {r['dtype']:<5} {r['platform']:<8} {r['bytes'] / 1e6:6.1f} MB  "
-                   f"{format_buckets(b.get('seq', [])):<8} {format_buckets(b.get('context', [])):<20} {mcyc:<13} "
-                   f"{format_figures(r['verify']):<16} {'ok' if r['integrity'] == 'ok' else 'BAD':<5} "
-                   f"{format_cpu(r['cpu_ops'], r['fallbacks'])}")
+        ctx = b.get("context") or []
+        out.append(f"{r['model_fingerprint'][:8]:<8} {r['slice']:<11} {r['dtype']:<5} {r['platform']:<8} "
+                   f"{r['bytes'] / 1e6:6.1f} MB  {format_buckets(b.get('seq', [])):<8} "
+                   f"{(f'{ctx[0]}-{ctx[-1]}' if ctx else '?'):<10} {mcyc:<9} {worst_cos(r['verify']):<8} "
+                   f"{'ok' if r['integrity'] == 'ok' else 'BAD':<5} {format_cpu(r['cpu_ops'], r['fallbacks'])}")
         if r["integrity"] != "ok":
             out.append(f"  ^ {r['integrity']}")
     return out

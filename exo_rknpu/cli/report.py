@@ -41,7 +41,7 @@ def summarize_cpu(cpu_ops: Iterable[str], fallbacks: Iterable[str]) -> list[CpuP
     """
     counts: Counter[tuple[str, str]] = Counter()
     for tag in cpu_ops:
-        counts[(tag.split(":", 1)[0], "placed on the CPU by the compiler")] += 1
+        counts[(tag.split(":", 1)[0], "placed by the compiler")] += 1
     for msg in fallbacks:
         m = _FALLBACK.match(msg.strip())
         if m:
@@ -56,9 +56,10 @@ def format_cpu(cpu_ops: Iterable[str], fallbacks: Iterable[str]) -> str:
     return "; ".join(str(p) for p in summarize_cpu(cpu_ops, fallbacks)) or "none"
 
 
-def format_figures(figures: Mapping[str, float], prefix: str = "cos") -> str:
-    """Verification figures whose names start with `prefix`, rounded for reading (six decimals keep 1 - cos visible)."""
-    return " ".join(f"{k}={v:.6f}" for k, v in figures.items() if k.startswith(prefix)) or "-"
+def worst_cos(figures: Mapping[str, float]) -> str:
+    """The lowest cosine among verification figures, six decimals (1 - cos stays visible), or "-" if unverified."""
+    cos = [v for k, v in figures.items() if k.startswith("cos")]
+    return f"{min(cos):.6f}" if cos else "-"
 
 
 def format_buckets(values: Iterable[int]) -> str:
