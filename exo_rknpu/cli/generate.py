@@ -84,7 +84,7 @@ def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int, mod
         return
     fixes = [f"--max-tokens {max_context - prompt_tokens + 1} or fewer"] if prompt_tokens <= max_context else []
     fixes.append("a shorter prompt")
-    if max_context < model_limit:
+    if max_context < model_limit and needed <= model_limit:
         fixes.append(f"--max-context {min(model_limit, _next_fit(needed))} (this model allows up to {model_limit})")
     fix = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
     raise UsageError(f"the prompt is {prompt_tokens} token(s); with --max-tokens {max_tokens} it needs {needed} positions "
