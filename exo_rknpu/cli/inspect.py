@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from exo_rknpu.cli.report import format_buckets, format_cpu, slice_order, worst_cos
+from exo_rknpu.cli.report import count, format_buckets, format_cpu, slice_order, worst_cos
 
 
 def add_parser(subparsers) -> None:
@@ -60,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
 def format_rows(rows: list[dict]) -> list[str]:
     """A header, then one line per slice (plus a line under any slice whose files fail their check)."""
     out = [f"{'model':<8} {'slice':<11} {'dtype':<5} {'platform':<8} {'size':>9}  {'seq':<8} {'context':<10} "
-           f"{'Mcycles':<9} {'min cos':<8} {'files':<5} CPU-placed"]
+           f"{'est. cycles':<11} {'min cos':<8} {'files':<5} CPU-placed"]
     for r in rows:
         cyc = r["est_cycles"]
-        mcyc = f"{min(cyc) / 1e6:.1f}-{max(cyc) / 1e6:.1f}" if cyc else "?"
+        cycles = f"{count(min(cyc))}-{count(max(cyc))}" if cyc else "?"
         b = r["buckets"] or {}
         ctx = b.get("context") or []
         out.append(f"{r['model_fingerprint'][:8]:<8} {r['slice']:<11} {r['dtype']:<5} {r['platform']:<8} "
                    f"{r['bytes'] / 1e6:6.1f} MB  {format_buckets(b.get('seq', [])):<8} "
-                   f"{(f'{ctx[0]}-{ctx[-1]}' if ctx else '?'):<10} {mcyc:<9} {worst_cos(r['verify']):<8} "
+                   f"{(f'{ctx[0]}-{ctx[-1]}' if ctx else '?'):<10} {cycles:<11} {worst_cos(r['verify']):<8} "
                    f"{'ok' if r['integrity'] == 'ok' else 'BAD':<5} {format_cpu(r['cpu_ops'], r['fallbacks'])}")
         if r["integrity"] != "ok":
             out.append(f"  ^ {r['integrity']}")

@@ -65,3 +65,10 @@ def worst_cos(figures: Mapping[str, float]) -> str:
 def format_buckets(values: Iterable[int]) -> str:
     """Bucket sizes as "1,16,64"."""
     return ",".join(str(v) for v in values)
+
+
+def count(n: float) -> str:
+    """A large count, rounded for reading: 950, 12k, 7.7M."""
+    if n < 1e3:
+        return f"{n:.0f}"
+    return f"{n / 1e3:.0f}k" if n < 1e6 else f"{n / 1e6:.1f}M"

@@ -55,7 +55,7 @@ def test_inspect_prints_one_short_row_per_slice_in_layer_order(tmp_path, capsys)
         assert len(r) < 200, r
         assert r.count("Transpose") == 1 and "Transpose x8 (input shape has exceeded the max limit)" in r
         assert " 0.999877 " in r and "0.9998765432123" not in r  # the worst cosine, rounded
-        assert "1.2-7.7" in r  # est. cycles in millions, rounded
+        assert " 1.2M-7.7M " in r  # est. cycles, rounded
 
 
 def test_inspect_json_keeps_every_warning_and_figure(tmp_path, capsys):
