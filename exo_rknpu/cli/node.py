@@ -1,6 +1,6 @@
 """`exo-rknpu node`: run this machine as a node of a legacy exo ring, with the rknpu engine.
 
-    exo-rknpu node [--api-host HOST] [--backend numpy|onnx|npu|rknn-sim] [--model-dir DIR] -- EXO_ARGS...
+    exo-rknpu node [--api-host HOST] [--backend numpy|onnx|rknn-sim|npu] [--model-dir DIR] -- EXO_ARGS...
 
 Everything after `--` goes to exo unchanged (e.g. --discovery-module manual --discovery-config-path ring.json
 --node-id rk1 --node-port 50051 --chatgpt-api-port 52415 --disable-tui). exo itself must be installed
@@ -17,6 +17,7 @@ from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.backends.npu import CORE_MASKS
 from exo_rknpu.cli.options import positive_int
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
+from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.requests import RequestLimits
 
 
@@ -68,6 +69,9 @@ def build_options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from exo_rknpu.exo import exo_importable
 
+    if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
+        raise UsageError(f"--model-dir {args.model_dir} is not a folder; give the folder that holds <model_id> "
+                         "subfolders (or .gguf files), or leave it out to let exo download")
     ok, why = exo_importable()
     if not ok:
         print(f"exo-rknpu: error: {why}", file=sys.stderr)

@@ -155,6 +155,14 @@ def test_node_options_are_refused_before_exo_is_started(option, fragment, capsys
     assert_one_line_error(code, err, option[0], fragment)
 
 
+def test_node_model_dir_that_is_not_a_folder_is_refused_before_exo_is_imported(tmp_path, monkeypatch, capsys):
+    import exo_rknpu.exo as adapter
+
+    monkeypatch.setattr(adapter, "exo_importable", lambda: pytest.fail("exo was looked for before the options were checked"))
+    code, _, err = run_cli(["node", "--model-dir", str(tmp_path / "missing"), "--", "--disable-tui"], capsys)
+    assert_one_line_error(code, err, "--model-dir", "not a folder")
+
+
 @pytest.mark.parametrize("option, fragment", [
     (["--max-context", "0"], ">= 1"),
     (["--min-cos", "2"], "(0, 1]"),
