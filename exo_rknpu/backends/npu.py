@@ -108,6 +108,7 @@ class NpuBackend:
     needs_layer_weights = True
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
     max_slice_bytes = None
+    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (compiler/compile.py)
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", cache_dir: str | Path | None = None,
                  core_mask: str = "auto", check_board: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""The numpy backend: evaluates slices/graph.py eagerly. Slow, readable, the oracle for every other backend."""
+"""The numpy backend: evaluates slices/graph.py eagerly. Slow and readable; it shares slices/graph.py with the
+onnx export, so it is not an independent check of the maths (transformers is: tests/ort/test_against_transformers.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class NumpyBackend:
     needs_layer_weights = True
     float_weights = False  # widens compact weights on the fly
     max_slice_bytes = None
+    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")

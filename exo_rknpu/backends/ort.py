@@ -99,6 +99,7 @@ class OrtBackend:
     # Layers per session are chosen so that one session packs at most this many bytes of weights: onnxruntime
     # holds a slice's mapped weights and their packed copy together while it opens, so this bounds the peak.
     max_slice_bytes = 32 << 20
+    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
 
     def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
         if ort is None:
