@@ -39,9 +39,12 @@ class Backend(Protocol):
     # Read by the runtime (runtime/shard.py, runtime/session.py); docs/backends.md lists them.
     kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd] or "dim" [.., hd, C]
     layers_per_slice: int | None  # layers per graph when the user does not say (None: the whole shard in one graph)
+    # Read by the placement planner (runtime/placement.py) before anything loads:
+    blocks: frozenset[str]  # placement blocks it can run (slices/spec.py PLACEMENT_BLOCKS); `supports` agrees
 
     def supports(self, spec: SliceSpec) -> bool:
-        """Can this backend run this slice at all?"""
+        """Can this backend run this slice at all? Whole layers or a run of one layer's parts (SliceSpec.parts),
+        the embedding, the head; every block the slice computes must be in `blocks` (see `declared_support`)."""
         ...
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> Runner:
@@ -68,6 +71,16 @@ BACKENDS: dict[str, BackendInfo] = {
 
 def get_backend(name: str, **options) -> Backend:
     """Instantiate a backend by name; unknown names list the known ones."""
+    return backend_class(name)(**options)
+
+
+def declared_support(blocks: frozenset[str], spec: SliceSpec) -> bool:
+    """A slice is supported when every placement block it computes is one the backend declares."""
+    return spec.placement_blocks <= blocks
+
+
+def backend_class(name: str) -> type:
+    """The class of a registered backend (its declared attributes, read before anything is instantiated)."""
     info = BACKENDS.get(name)
     if info is None:
         raise BackendUnavailableError(f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}")
@@ -75,7 +88,7 @@ def get_backend(name: str, **options) -> Backend:
         module = importlib.import_module(info.module)
     except ImportError as e:
         raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {e}") from e
-    return getattr(module, info.cls)(**options)
+    return getattr(module, info.cls)
 
 
 def require_support(backend: Backend, spec: SliceSpec) -> None:

@@ -20,7 +20,8 @@ from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.config import Paths, librknnrt_path
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.backends.base import declared_support
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
 DEVICE_TREE = Path("/proc/device-tree/compatible")
 CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}
@@ -109,6 +110,8 @@ class NpuBackend:
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
     max_slice_bytes = None
     layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (compiler/compile.py)
+    # every block but the embedding (a row gather over the vocabulary table stays on the host); static shapes
+    blocks = frozenset(PLACEMENT_BLOCKS) - {"embedding"}
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", cache_dir: str | Path | None = None,
                  core_mask: str = "auto", check_board: bool = True) -> None:
@@ -122,7 +125,7 @@ class NpuBackend:
                 raise BackendUnavailableError("the npu backend cannot run here: " + "; ".join(problems))
 
     def supports(self, spec: SliceSpec) -> bool:
-        return spec.kind in ("layers", "head")  # the embedding lookup stays on the host
+        return declared_support(self.blocks, spec)
 
     def locate(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> tuple[Path, dict[str, Any]]:
         """Find and check the compiled slice for these weights; ArtifactError gives the reason for a refusal."""

@@ -7,7 +7,8 @@ import numpy as np
 
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import NumpyOps, run_slice, slice_weights
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.backends.base import declared_support
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
 
 class NumpyRunner:
@@ -31,9 +32,10 @@ class NumpyBackend:
     float_weights = False  # widens compact weights on the fly
     max_slice_bytes = None
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
+    blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
     def supports(self, spec: SliceSpec) -> bool:
-        return spec.blocks == ("attn", "mlp")
+        return declared_support(self.blocks, spec)
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NumpyRunner:
         return NumpyRunner(spec, weights)

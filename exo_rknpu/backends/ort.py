@@ -20,7 +20,8 @@ from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.slices.onnx_export import MATMUL_NBITS_ACCURACY, build_onnx_compact, per_layer_cache_names
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.backends.base import declared_support
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
 try:
     import onnxruntime as ort
@@ -100,6 +101,7 @@ class OrtBackend:
     # holds a slice's mapped weights and their packed copy together while it opens, so this bounds the peak.
     max_slice_bytes = 32 << 20
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
+    blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
     def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
         if ort is None:
@@ -109,7 +111,7 @@ class OrtBackend:
         self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
 
     def supports(self, spec: SliceSpec) -> bool:
-        return spec.blocks == ("attn", "mlp")
+        return declared_support(self.blocks, spec)
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
         if spec.kind == "embed":
@@ -128,6 +130,6 @@ class OrtBackend:
                 if external:
                     opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                return OrtRunner(session, spec.n_layers)
+                return OrtRunner(session, spec.cache_layers)
             model_file = self.cache.store(key, model, external)
-        return OrtRunner(model_file, spec.n_layers, self.threads)
+        return OrtRunner(model_file, spec.cache_layers, self.threads)

@@ -40,7 +40,8 @@ from exo_rknpu.backends.rknn_sim_worker import _LEN
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError, CompileError, ToolkitMissingError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.backends.base import declared_support
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
 DTYPES = ("fp16", "w8a8")
 
@@ -296,6 +297,8 @@ class RknnSimBackend:
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
     max_slice_bytes = None
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
+    # every block but the embedding (a row gather over the vocabulary table stays on the host); static shapes
+    blocks = frozenset(PLACEMENT_BLOCKS) - {"embedding"}
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", calibration: Calibration | None = None,
                  paths: Paths | None = None, python: str | Path | None = None, build_timeout: float = 1800.0,
@@ -355,7 +358,7 @@ class RknnSimBackend:
 
     # -- Backend --------------------------------------------------------------------------------------------
     def supports(self, spec: SliceSpec) -> bool:
-        return spec.kind in ("layers", "head")  # the embedding lookup stays on the host, as on the board
+        return declared_support(self.blocks, spec)
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> SimRunner:
         if not self.supports(spec):

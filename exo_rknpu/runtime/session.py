@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from exo_rknpu.backends.base import get_backend
+from exo_rknpu.backends.base import backend_class, get_backend
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.loader import load_shard
+from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.runtime.placement import fallback_placement
+from exo_rknpu.runtime.placement import (CORE_MASK, PlacementPlan, ResolvedPlan, backend_picker, fallback_placement,
+                                         npu_present, resolve)
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
 from exo_rknpu.slices.spec import Buckets, plan_slices
@@ -44,6 +45,7 @@ def open_shard(
     backend_options: dict | None = None,
     weights: str = "auto",
     progress: Callable[[str], None] | None = None,
+    placement: PlacementPlan | None = None,
 ) -> ShardRunner:
     """Load only `layer_range`'s weights from `src` (in the form `weights` asks: auto | int4 | int8 | fp32) and
     prepare its slices on `backend`; `progress` gets one-line messages while that takes time.
@@ -52,6 +54,9 @@ def open_shard(
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
     """
     check_mode(weights)
+    if placement is not None:
+        return _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice,
+                            backend_options, weights, progress)
     primary = get_backend(backend, **(backend_options or {}))
     if weights == "auto" and getattr(primary, "float_weights", False):
         weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
@@ -76,3 +81,36 @@ def open_shard(
         progress=progress,
         release_weights=True,
     )
+
+
+def resolve_placement(src: ModelSource, layer_range: LayerRange, placement: PlacementPlan | None, backend: str,
+                      buckets: Buckets | None = None, layers_per_slice: int | None = None, weights: str = "auto",
+                      npu_dtype: str = "fp16") -> ResolvedPlan:
+    """The plan for one shard, checked against the model's config and the backends here (nothing is loaded)."""
+    args = load_args(src)
+    return resolve(placement, args, layer_range, backend, buckets or default_buckets(args), layers_per_slice=layers_per_slice,
+                   npu_available=npu_present(), weights=weights, npu_dtype=npu_dtype)
+
+
+def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice, backend_options,
+                 weights, progress) -> ShardRunner:
+    """open_shard for a placement plan: one backend instance per device, the slices the planner cut."""
+    opts = backend_options or {}
+    resolved = resolve_placement(src, layer_range, placement, backend, buckets, layers_per_slice, weights,
+                                 opts.get("dtype", "fp16"))
+    classes = {s.backend: backend_class(s.backend) for s in resolved.slices}
+    if weights == "auto" and any(getattr(c, "float_weights", False) for c in classes.values()):
+        weights = "fp32"  # a compiled backend is among them: the float32 tensors (and digests) the compiler built from
+    need_layers = any(getattr(classes[s.backend], "needs_layer_weights", True) for s in resolved.slices if s.spec.kind == "layers")
+    shard = load_shard(src, layer_range, weights, layers=need_layers, progress=progress)
+
+    def make(device: str, name: str):
+        own = dict(opts) if name == backend else {}
+        if name == "npu":
+            own["core_mask"] = CORE_MASK[device] if device in CORE_MASK else own.get("core_mask", "auto")
+        return get_backend(name, **own)
+
+    runner = ShardRunner(shard, backend_picker(resolved, make), resolved.buckets, limits=limits, on_slice=on_slice,
+                         progress=progress, release_weights=True, specs=resolved.specs)
+    runner.placement = resolved
+    return runner

@@ -19,7 +19,7 @@ from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.cache import KVCache
 from exo_rknpu.runtime.inputs import layer_inputs
 from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
-from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices
+from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, plan_slices, state_name
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,29 @@ def return_freed_memory() -> None:
     libc.malloc_trim(0)
 
 
+@dataclass
+class Chunk:
+    """One bucket-shaped piece of a call on its way through a shard's slices."""
+
+    state: RequestState
+    pos: int  # position of its first token
+    real: int  # tokens in it (the rest of the bucket is padding)
+    capacity: int  # context bucket of every cache it touches
+    st: dict[str, np.ndarray]  # layer state between slices ("x": hidden [1,bucket,H]; "ids" before the embedding)
+    common: dict[str, np.ndarray]  # cos, sin, mask
+
+    def output(self) -> np.ndarray:
+        return self.st["x"][:, : self.real]
+
+
+def check_covers(specs: list[SliceSpec], lr) -> None:
+    """Slices of a shard must run every part of every layer of its range once, in order (a placement's cut)."""
+    want = [(i, p) for i in range(lr.start, lr.stop) for p in PARTS]
+    got = [(i, p) for s in specs if s.kind == "layers" for i in range(s.start, s.stop) for p in s.parts]
+    if got != want:
+        raise ValueError(f"slices {[s.name for s in specs]} do not cover layers {lr.start}-{lr.stop - 1} part by part in order")
+
+
 class ShardRunner:
     """Layers [start, stop) of a model on a backend, with per-request KV caches.
 
@@ -66,26 +89,32 @@ class ShardRunner:
         on_slice: SliceObserver | None = None,
         progress: Callable[[str], None] | None = None,
         release_weights: bool = False,
+        specs: list[SliceSpec] | None = None,
     ) -> None:
         """`release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
-        slice is prepared (open_shard sets it; callers that reuse a ShardWeights leave it off)."""
+        slice is prepared (open_shard sets it; callers that reuse a ShardWeights leave it off).
+        `specs`: the slices of a resolved placement plan (runtime/placement.py), in call order, instead of
+        cutting the range by `layers_per_slice`."""
         self.args, self.buckets, self.fingerprint = weights.args, buckets, weights.fingerprint
         lr = weights.layer_range
         self.layer_range = lr
         pick = backend if callable(backend) and not hasattr(backend, "prepare") else (lambda _s: backend)
         self.backends: dict[str, Backend] = {}
         self.specs: list[SliceSpec] = []
-        for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice):
+        for s in specs if specs is not None else plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice):
             b = self.backends[s.name] = pick(s)
             # the backend chooses how its layer slices lay out the KV cache (the NPU wants it transposed)
             self.specs.append(replace(s, kv_layout=getattr(b, "kv_layout", "seq")) if s.kind == "layers" else s)
+        check_covers(self.specs, lr)
+        # attention slice name -> its cache's index in RequestState.caches
+        self.cache_index = {s.name: i for i, s in enumerate(s for s in self.layer_specs if s.has_attention)}
         self.runners: dict[str, Runner] = {}
         try:
             for n, s in enumerate(self.specs):
                 require_support(self.backends[s.name], s)
                 t = time.monotonic()
                 self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
-                if release_weights and s.kind == "layers":
+                if release_weights and s.kind == "layers" and (s.whole or s.parts[-1] == PARTS[-1]):  # its layer's last slice
                     # the runner holds what it needs (a session's packed copy, or the tensors themselves):
                     # let go of this slice's layers so the next slice never sees two copies of them
                     for i in range(s.start, s.stop):
@@ -98,12 +127,18 @@ class ShardRunner:
         if release_weights:
             return_freed_memory()
         self.requests = RequestStore(limits)
+        self.placement = None  # the ResolvedPlan (runtime/placement.py) it was opened with, if any
         self.on_slice = on_slice
         self.stats = ShardStats()
 
     @property
     def layer_specs(self) -> list[SliceSpec]:
         return [s for s in self.specs if s.kind == "layers"]
+
+    @property
+    def body_specs(self) -> list[SliceSpec]:
+        """Every slice a chunk passes through before the head: the embedding (first shard) and the layer slices."""
+        return [s for s in self.specs if s.kind != "head"]
 
     # -- public -------------------------------------------------------------------------------
     def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all") -> np.ndarray:
@@ -121,7 +156,10 @@ class ShardRunner:
             outs = []
             done = 0
             for real, bucket in self.buckets.chunks(seq):
-                outs.append(self._chunk(state, x[:, done : done + real], real, bucket))
+                chunk = self.start_chunk(state, x[:, done : done + real], state.pos, real, bucket)
+                self.run_steps(chunk, self.body_specs)
+                state.pos += real
+                outs.append(chunk.output())
                 done += real
             out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
             if self.layer_range.is_last:
@@ -183,26 +221,43 @@ class ShardRunner:
             self.on_slice(spec, inputs, outputs)
         return outputs
 
-    def _chunk(self, state: RequestState, x: np.ndarray, real: int, bucket: int) -> np.ndarray:
+    def start_chunk(self, state: RequestState, x: np.ndarray, pos: int, real: int, bucket: int) -> "Chunk":
+        """A bucket-shaped chunk of `real` tokens starting at position `pos`, ready for `run_steps`; allocates the
+        request's caches on its first chunk."""
         a = self.args
         pad = bucket - real
-        if self.layer_range.is_first:
-            ids = np.pad(x, ((0, 0), (0, pad))) if pad else x
-            h = self._run(self.specs[0], {"token_ids": ids})["hidden"]
-        else:
-            h = np.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
-        capacity = self.buckets.context_for(state.pos + real)
+        capacity = self.buckets.context_for(pos + real)
         if not state.caches:
-            state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout) for s in self.layer_specs]
-        for spec, cache in zip(self.layer_specs, state.caches):
-            cache.grow(capacity)
-            inputs = layer_inputs(a, h, real, state.pos, cache.capacity)
-            inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
+            state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout)
+                            for s in self.layer_specs if s.has_attention]
+        if self.layer_range.is_first:
+            st = {"ids": np.pad(x, ((0, 0), (0, pad))) if pad else x}
+        else:
+            st = {"x": np.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x}
+        # rotary tables and mask: the same for every attention slice of the chunk
+        common = layer_inputs(a, np.empty((1, bucket, 0), np.float32), real, pos, capacity)
+        common.pop("hidden")
+        return Chunk(state, pos, real, capacity, st, common)
+
+    def run_steps(self, chunk: "Chunk", specs: list[SliceSpec]) -> None:
+        """Run `specs` (consecutive body slices) on `chunk`: layer state passes between slices on the host and each
+        attention slice reads and extends its own cache."""
+        st = chunk.st
+        for spec in specs:
+            if spec.kind == "embed":
+                st["x"] = self._run(spec, {"token_ids": st.pop("ids")})["hidden"]
+                continue
+            inputs = {state_name(k): st[k] for k in spec.state_inputs()}
+            cache = None
+            if spec.has_attention:
+                cache = chunk.state.caches[self.cache_index[spec.name]]
+                cache.grow(chunk.capacity)
+                inputs.update(chunk.common)
+                inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
             out = self._run(spec, inputs)
-            cache.write(state.pos, out["k_new"], out["v_new"], real)
-            h = out["hidden_out"]
-        state.pos += real
-        return h[:, :real]
+            if cache is not None:
+                cache.write(chunk.pos, out["k_new"], out["v_new"], chunk.real)
+            st.update({k: out[state_name(k, output=True)] for k in spec.state_outputs()})
 
     def _head(self, h: np.ndarray) -> np.ndarray:
         head, out, done = self.specs[-1], [], 0

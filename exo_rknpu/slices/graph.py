@@ -17,7 +17,7 @@ import numpy as np
 from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor, Weight
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
-from exo_rknpu.slices.spec import SliceSpec
+from exo_rknpu.slices.spec import PARTS, SliceSpec, state_name
 
 T = Any  # a numpy array (eager) or a symbolic ONNX value
 
@@ -53,26 +53,57 @@ def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
+def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T], attn_in: dict[str, T] | None = None,
+             kv_layout: str = "seq") -> dict[str, T]:
+    """Apply one part of a decoder layer (slices/spec.py PARTS) to the layer state `st` (updated in place).
+
+    The attention part also takes cos/sin/mask/past_k/past_v (`attn_in`) and adds k_new/v_new (cache layout)."""
+    hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
+    if part == "attn_norm":
+        st["h"] = ops.rms_norm(st["x"], w.input_norm, a.rms_norm_eps)
+    elif part == "qkv":
+        h = st["h"]
+        st["q"], st["k"], st["v"] = ops.linear(h, w.q_proj, w.q_bias), ops.linear(h, w.k_proj, w.k_bias), ops.linear(h, w.v_proj, w.v_bias)
+    elif part == "attention":
+        assert attn_in is not None, "the attention part needs cos, sin, mask and the cache"
+        cos, sin = attn_in["cos"], attn_in["sin"]
+        q = rope(ops, ops.split_heads(st["q"], nh, hd), cos, sin, hd)
+        k = rope(ops, ops.split_heads(st["k"], nkv, hd), cos, sin, hd)
+        v = ops.split_heads(st["v"], nkv, hd)
+        o = ops.attention(q, attn_in["past_k"], k, attn_in["past_v"], v, attn_in["mask"], hd**-0.5, a.n_rep, kv_layout)
+        st["o"] = ops.merge_heads(o, nh, hd)
+        if kv_layout == "dim":
+            k, v = ops.swap_last(k), ops.swap_last(v)
+        st["k_new"], st["v_new"] = k, v
+    elif part == "o_proj":
+        st["x"] = ops.add(st["x"], ops.linear(st["o"], w.o_proj))
+    elif part == "mlp_norm":
+        st["h"] = ops.rms_norm(st["x"], w.post_norm, a.rms_norm_eps)
+    elif part == "ffn":
+        h = st["h"]
+        st["x"] = ops.add(st["x"], ops.linear(ops.mul(ops.silu(ops.linear(h, w.gate_proj)), ops.linear(h, w.up_proj)), w.down_proj))
+    else:
+        raise ValueError(f"unknown layer part {part!r}; parts are {PARTS}")
+    return st
+
+
 def attention_block(
     ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: T, mask: T, past_k: T, past_v: T, kv_layout: str = "seq"
 ) -> tuple[T, T, T]:
     """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new) with k/v in the cache layout."""
-    hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
-    h = ops.rms_norm(x, w.input_norm, a.rms_norm_eps)
-    q = ops.split_heads(ops.linear(h, w.q_proj, w.q_bias), nh, hd)
-    k = ops.split_heads(ops.linear(h, w.k_proj, w.k_bias), nkv, hd)
-    v = ops.split_heads(ops.linear(h, w.v_proj, w.v_bias), nkv, hd)
-    q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
-    o = ops.merge_heads(ops.attention(q, past_k, k, past_v, v, mask, hd**-0.5, a.n_rep, kv_layout), nh, hd)
-    if kv_layout == "dim":
-        k, v = ops.swap_last(k), ops.swap_last(v)
-    return ops.add(x, ops.linear(o, w.o_proj)), k, v
+    st: dict[str, T] = {"x": x}
+    attn_in = {"cos": cos, "sin": sin, "mask": mask, "past_k": past_k, "past_v": past_v}
+    for part in PARTS[:4]:
+        run_part(ops, a, w, part, st, attn_in, kv_layout)
+    return st["x"], st["k_new"], st["v_new"]
 
 
 def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
     """x + down(silu(gate(norm(x))) * up(norm(x)))."""
-    h = ops.rms_norm(x, w.post_norm, a.rms_norm_eps)
-    return ops.add(x, ops.linear(ops.mul(ops.silu(ops.linear(h, w.gate_proj)), ops.linear(h, w.up_proj)), w.down_proj))
+    st: dict[str, T] = {"x": x}
+    for part in PARTS[4:]:
+        run_part(ops, a, w, part, st)
+    return st["x"]
 
 
 def layers_slice(
@@ -105,11 +136,28 @@ def run_slice(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str
     if spec.kind == "head":
         assert weights.final_norm is not None and weights.lm_head is not None, "head slice needs norm + lm_head (last shard)"
         return {"logits": head_slice(ops, a, weights.final_norm, weights.lm_head, inputs["hidden"])}
-    if spec.blocks != ("attn", "mlp"):
-        raise NotImplementedError(f"slices of single blocks ({spec.blocks}) are not built yet")
+    if not spec.whole:
+        return _partial_layer(ops, spec, weights, inputs)
     ws = [weights.layers[i] for i in range(spec.start, spec.stop)]
     x, k, v = layers_slice(ops, a, ws, *(inputs[n] for n in ("hidden", "cos", "sin", "mask", "past_k", "past_v")), spec.kv_layout)
     return {"hidden_out": x, "k_new": k, "v_new": v}
+
+
+def _partial_layer(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str, T]) -> dict[str, T]:
+    """A run of parts of one layer: the state it reads comes in under state_name(), what stays live goes out."""
+    spec.validate()
+    st: dict[str, T] = {k: inputs[state_name(k)] for k in spec.state_inputs()}
+    attn_in = None
+    if spec.has_attention:
+        attn_in = {n: inputs[n] for n in ("cos", "sin", "mask")}
+        attn_in.update({n: ops.take_layer(inputs[n], 0) for n in ("past_k", "past_v")})
+    w = weights.layers[spec.start]
+    for part in spec.parts:
+        run_part(ops, weights.args, w, part, st, attn_in, spec.kv_layout)
+    out = {state_name(k, output=True): st[k] for k in spec.state_outputs()}
+    if spec.has_attention:
+        out.update({"k_new": st["k_new"], "v_new": st["v_new"]})
+    return out
 
 
 def slice_weights(spec: SliceSpec, weights: ShardWeights) -> ShardWeights:

@@ -16,7 +16,7 @@ from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
-from exo_rknpu.slices.spec import SliceSpec
+from exo_rknpu.slices.spec import SliceSpec, state_name, state_width
 
 OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and in current onnxruntime
 IR_VERSION = 8
@@ -304,11 +304,15 @@ def _build(
     else:
         dim = spec.kv_layout == "dim"
         cache, new = ((n, kv, hd, C), (n, kv, hd, S)) if dim else ((n, kv, C, hd), (n, kv, S, hd))
-        ins = [("hidden", (1, S, H), f32), ("cos", (1, 1, S, hd), f32), ("sin", (1, 1, S, hd), f32),
-               ("mask", (1, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
-        outs = [("hidden_out", (1, S, H), f32), ("k_new", new, f32), ("v_new", new, f32)]
+        # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
+        ins = [(state_name(k), (1, S, state_width(a, k)), f32) for k in spec.state_inputs()]
+        outs = [(state_name(k, output=True), (1, S, state_width(a, k)), f32) for k in spec.state_outputs()]
+        if spec.has_attention:
+            ins += [("cos", (1, 1, S, hd), f32), ("sin", (1, 1, S, hd), f32),
+                    ("mask", (1, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
+            outs += [("k_new", new, f32), ("v_new", new, f32)]
     names: dict[str, object] = {name: name for name, _, _ in ins}
-    if per_layer_cache and spec.kind == "layers":
+    if per_layer_cache and spec.has_attention:
         kept = [i for i in ins if i[0] not in ("past_k", "past_v")]
         for cache_name in ("past_k", "past_v"):
             names[cache_name] = per_layer_cache_names(cache_name, n)

@@ -25,7 +25,24 @@ from exo_rknpu.errors import ContextOverflowError
 from exo_rknpu.model.base import ModelArgs
 
 SliceKind = Literal["embed", "layers", "head"]
-Block = Literal["attn", "mlp"]
+# A decoder layer is six parts in this order (block "attn" = the first four, "mlp" = the last two); a slice runs all of them ("attn", "mlp": the whole layer) or a
+# contiguous run of them on one layer (a placement that puts blocks of a layer on different devices).
+Part = Literal["attn_norm", "qkv", "attention", "o_proj", "mlp_norm", "ffn"]
+Block = Literal["attn", "mlp", "attn_norm", "qkv", "attention", "o_proj", "mlp_norm", "ffn"]
+PARTS: tuple[Part, ...] = ("attn_norm", "qkv", "attention", "o_proj", "mlp_norm", "ffn")
+# The blocks a placement plan names (runtime/placement.py) and backends declare (`Backend.blocks`): each layer part
+# belongs to one; the embedding and head slices are blocks of their own.
+PART_BLOCK: dict[str, str] = {"attn_norm": "norm", "qkv": "projections", "attention": "attention",
+                              "o_proj": "projections", "mlp_norm": "norm", "ffn": "mlp"}
+PLACEMENT_BLOCKS = ("embedding", "attention", "projections", "mlp", "norm", "head")
+WHOLE_LAYER: tuple[Block, ...] = ("attn", "mlp")
+# What each part reads and writes of a layer's running state (x: the residual stream; h: a normed x; q/k/v: the
+# projections before rotary; o: attention output, heads merged). The attention part also reads cos/sin/mask and
+# the cache and writes k_new/v_new. Every hand-off is a [1,S,D] float32 tensor kept on the host.
+PART_READS: dict[str, tuple[str, ...]] = {"attn_norm": ("x",), "qkv": ("h",), "attention": ("q", "k", "v"),
+                                          "o_proj": ("x", "o"), "mlp_norm": ("x",), "ffn": ("x", "h")}
+PART_WRITES: dict[str, tuple[str, ...]] = {"attn_norm": ("h",), "qkv": ("q", "k", "v"), "attention": ("o",),
+                                           "o_proj": ("x",), "mlp_norm": ("h",), "ffn": ("x",)}
 KVLayout = Literal["seq", "dim"]  # cache rows [.., C, hd] or transposed [.., hd, C]
 
 # Value used for masked attention positions: finite so fp16 graphs never see inf - inf.
@@ -94,8 +111,8 @@ class Buckets:
 class SliceSpec:
     """What one graph computes. Shapes (S, C) are chosen per call from Buckets, or fixed when compiling.
 
-    For kind == "layers", [start, stop) are global layer indices and `blocks` says which parts of each
-    layer run (both, for now; a later placement stage may split attention and MLP onto different devices).
+    For kind == "layers", [start, stop) are global layer indices and `blocks` says which parts of each layer
+    run: WHOLE_LAYER, or a contiguous run of PARTS on a single layer (see `parts`, `state_inputs`).
     """
 
     kind: SliceKind
@@ -110,11 +127,78 @@ class SliceSpec:
         if self.kind != "layers":
             return self.kind
         base = f"layers.{self.start}" if self.stop - self.start == 1 else f"layers.{self.start}-{self.stop - 1}"
-        return base if self.blocks == ("attn", "mlp") else f"{base}.{'+'.join(self.blocks)}"
+        return base if self.whole else f"{base}.{'+'.join(self.blocks)}"
 
     @property
     def n_layers(self) -> int:
         return self.stop - self.start if self.kind == "layers" else 0
+
+    @property
+    def whole(self) -> bool:
+        """True for whole decoder layers (or a non-layer slice)."""
+        return self.blocks == WHOLE_LAYER
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        """The layer parts this slice runs, in order."""
+        if self.kind != "layers":
+            return ()
+        out: list[str] = []
+        for b in self.blocks:
+            out += {"attn": PARTS[:4], "mlp": PARTS[4:]}.get(b, (b,))
+        return tuple(out)  # type: ignore[return-value]
+
+    @property
+    def placement_blocks(self) -> frozenset[str]:
+        """The placement blocks this slice computes (PLACEMENT_BLOCKS)."""
+        if self.kind != "layers":
+            return frozenset({"embedding" if self.kind == "embed" else "head"})
+        return frozenset(PART_BLOCK[p] for p in self.parts)
+
+    @property
+    def has_attention(self) -> bool:
+        """Reads the KV cache (and so is built per context bucket on static-shape backends)."""
+        return "attention" in self.parts
+
+    @property
+    def cache_layers(self) -> int:
+        """Layers whose KV cache this slice reads and writes."""
+        return self.n_layers if self.has_attention else 0
+
+    def state_inputs(self) -> tuple[str, ...]:
+        """Layer-state tensors a partial slice reads before writing them (whole layers: x only)."""
+        seen: list[str] = []
+        written: set[str] = set()
+        for p in self.parts:
+            seen += [k for k in PART_READS[p] if k not in written and k not in seen]
+            written.update(PART_WRITES[p])
+        return tuple(seen)
+
+    def state_outputs(self) -> tuple[str, ...]:
+        """Layer-state tensors a later part reads before it writes them again (the live ones at the slice's end)."""
+        parts = self.parts
+        if not parts:
+            return ()
+        written = {k for p in parts for k in PART_WRITES[p]}
+        after = PARTS[PARTS.index(parts[-1]) + 1:] + PARTS  # the rest of this layer, then the next layer
+        live: list[str] = []
+        for k in sorted(written, key=lambda k: "xhqkvo".index(k)):
+            for p in after:
+                if k in PART_READS[p]:
+                    live.append(k)
+                    break
+                if k in PART_WRITES[p]:
+                    break
+        return tuple(live)
+
+    def validate(self) -> None:
+        """A partial slice is one layer and a contiguous run of parts."""
+        if self.kind != "layers" or self.whole:
+            return
+        parts = self.parts
+        i = PARTS.index(parts[0]) if parts and parts[0] in PARTS else -1
+        if self.n_layers != 1 or i < 0 or parts != PARTS[i : i + len(parts)]:
+            raise ValueError(f"a slice of blocks {self.blocks} must be one layer and a contiguous run of {PARTS}")
 
     def input_shapes(self, args: ModelArgs, seq: int, ctx: int) -> dict[str, tuple[int, ...]]:
         """Concrete input shapes for bucket (seq, ctx)."""
@@ -125,14 +209,11 @@ class SliceSpec:
             return {"hidden": (1, seq, H)}
         n = self.n_layers
         cache = (n, kv, ctx, hd) if self.kv_layout == "seq" else (n, kv, hd, ctx)
-        return {
-            "hidden": (1, seq, H),
-            "cos": (1, 1, seq, hd),
-            "sin": (1, 1, seq, hd),
-            "mask": (1, 1, seq, ctx + seq),
-            "past_k": cache,
-            "past_v": cache,
-        }
+        out = {state_name(k): (1, seq, state_width(args, k)) for k in self.state_inputs()}
+        if self.has_attention:
+            out.update({"cos": (1, 1, seq, hd), "sin": (1, 1, seq, hd), "mask": (1, 1, seq, ctx + seq),
+                        "past_k": cache, "past_v": cache})
+        return out
 
     def output_shapes(self, args: ModelArgs, seq: int) -> dict[str, tuple[int, ...]]:
         H, hd, kv = args.hidden_size, args.head_dim, args.num_key_value_heads
@@ -142,7 +223,28 @@ class SliceSpec:
             return {"logits": (1, seq, args.vocab_size)}
         n = self.n_layers
         new = (n, kv, seq, hd) if self.kv_layout == "seq" else (n, kv, hd, seq)
-        return {"hidden_out": (1, seq, H), "k_new": new, "v_new": new}
+        out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in self.state_outputs()}
+        if self.has_attention:
+            out.update({"k_new": new, "v_new": new})
+        return out
+
+
+def state_name(key: str, output: bool = False) -> str:
+    """Graph input/output name of a layer-state tensor: x is hidden / hidden_out (the whole-layer names)."""
+    if key == "x":
+        return "hidden_out" if output else "hidden"
+    return f"{key}_out" if output else key
+
+
+def state_width(args: ModelArgs, key: str) -> int:
+    """Last dimension of a layer-state tensor."""
+    if key == "q":
+        return args.num_attention_heads * args.head_dim
+    if key in ("k", "v"):
+        return args.num_key_value_heads * args.head_dim
+    if key == "o":
+        return args.num_attention_heads * args.head_dim
+    return args.hidden_size
 
 
 def to_kv_layout(inputs: dict, layout: KVLayout) -> dict:
