@@ -63,6 +63,7 @@ class EngineConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # who is speaking in error messages (exo: the node id)
     weights: str = "auto"  # form of linear weights: auto | int4 | int8 | fp32 (model/quant.py)
+    placement: str | None = None  # a placement plan (runtime/placement.py); each shard applies its own part
 
     def __post_init__(self) -> None:
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -70,6 +71,10 @@ class EngineConfig:
         if self.logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {self.logits!r}")
         check_mode(self.weights)
+        if self.placement is not None:
+            from exo_rknpu.runtime.placement import PlacementPlan
+
+            PlacementPlan.load(self.placement)  # a malformed plan fails here, before any model is loaded
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ def _model_ref(src: ModelSource | None) -> str | None:
 
 def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
     """Default loader: only `layer_range`'s weights, prepared on the configured backend (blocking)."""
+    from exo_rknpu.runtime.placement import PlacementPlan
     from exo_rknpu.runtime.session import default_buckets, open_shard
     from exo_rknpu.model.loader import load_args
 
@@ -118,6 +124,7 @@ def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig)
         backend_options=config.backend_options,
         weights=config.weights,
         progress=lambda msg: log.info("%s", msg),
+        placement=PlacementPlan.load(config.placement) if config.placement else None,
     )
 
 

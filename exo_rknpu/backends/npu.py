@@ -63,6 +63,8 @@ class NpuRunner:
         from rknnlite.api import RKNNLite
 
         self.spec = spec
+        # graph input order: the kind's fixed names, or the compiled shapes' order (a slice of some blocks of a layer)
+        self.names = rknn_io.slice_names(spec.kind, manifest["files"][0]["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)
         self.files: list[tuple[dict[str, Any], Any]] = []
         self.by_shape: dict[tuple, tuple[Any, dict]] = {}
         try:
@@ -74,14 +76,14 @@ class NpuRunner:
                     raise BackendUnavailableError(f"RKNNLite init_runtime failed for {f['file']} (core_mask={core_mask}); see the rknn log")
                 self.files.append((f, rk))
                 for sh in f["shapes"]:
-                    key = tuple(tuple(sh["inputs"][n]) for n in rknn_io.SLICE_INPUTS[spec.kind])
+                    key = tuple(tuple(sh["inputs"][n]) for n in self.names)
                     self.by_shape[key] = (rk, sh)
         except BaseException:
             self.close()
             raise
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = rknn_io.SLICE_INPUTS[self.spec.kind]
+        names = self.names
         key = tuple(tuple(np.shape(inputs[n])) for n in names)
         hit = self.by_shape.get(key)
         if hit is None:
@@ -156,7 +158,7 @@ def check_manifest(m: dict[str, Any], spec: SliceSpec, weights: ShardWeights, bu
     for f in m["files"]:
         for sh in f["shapes"]:
             have.add((sh["seq"], sh["ctx"]))
-    need = {(s, c if spec.kind == "layers" else None) for s in buckets.seq for c in (buckets.context if spec.kind == "layers" else (0,))}
+    need = {(s, c if spec.has_attention else None) for s in buckets.seq for c in (buckets.context if spec.has_attention else (0,))}
     missing = sorted(need - have, key=str)
     if missing:
         raise ArtifactError(f"{where} lacks buckets (seq, ctx) {missing}; recompile with --seq/--context matching the runtime buckets")

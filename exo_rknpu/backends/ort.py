@@ -46,11 +46,11 @@ class OrtRunner:
     drops each slice's layers after prepare), so onnxruntime's packed copy is never made next to it.
     """
 
-    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1) -> None:
+    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1, spinning: bool = True) -> None:
         self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
         self.model_file = session if isinstance(session, Path) else None
         self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
-        self.threads = threads
+        self.threads, self.spinning = threads, spinning
         self.n_cache_layers = n_cache_layers
         self.cache_names = {name: per_layer_cache_names(name, n_cache_layers) for name in ("past_k", "past_v")}
 
@@ -59,7 +59,7 @@ class OrtRunner:
             if self.model_file is None:
                 raise RuntimeError("this onnx runner is closed")
             # onnxruntime maps weights.bin and packs each weight for its kernel
-            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads),
+            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads, self.spinning),
                                                 providers=["CPUExecutionProvider"])
             self.output_names = [o.name for o in self.session.get_outputs()]
         return self.session
@@ -77,9 +77,11 @@ class OrtRunner:
         self.session = self.model_file = None
 
 
-def session_options(threads: int) -> "ort.SessionOptions":
+def session_options(threads: int, spinning: bool = True) -> "ort.SessionOptions":
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not spinning:  # an idle pool sleeps at once instead of spinning on cores another session needs next
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -103,10 +105,13 @@ class OrtBackend:
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
-    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
+    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True,
+                 spinning: bool = True) -> None:
+        """`spinning=False` when sessions of other devices run in between (a placement plan's slices)."""
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
         self.threads = threads or default_threads()
+        self.spinning = spinning
         # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
         self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
 
@@ -118,7 +123,7 @@ class OrtBackend:
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
         # the split form avoids copying the cache; a transposed ("dim") cache is written in the NPU's sdpa form
         form = "split" if spec.kv_layout == "seq" else "sdpa"
-        opts = session_options(self.threads)
+        opts = session_options(self.threads, self.spinning)
         model_file = None
         if self.cache is not None:
             key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
@@ -132,4 +137,4 @@ class OrtBackend:
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 return OrtRunner(session, spec.cache_layers)
             model_file = self.cache.store(key, model, external)
-        return OrtRunner(model_file, spec.cache_layers, self.threads)
+        return OrtRunner(model_file, spec.cache_layers, self.threads, self.spinning)

@@ -36,13 +36,23 @@ class MarshalError(ValueError):
     """Inputs do not match what the compiled slice expects."""
 
 
-def pack_inputs(kind: str, inputs: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[list[np.ndarray], list[str]]:
+def slice_names(kind: str, shapes: Mapping[str, Sequence[int]] | Sequence[str] | None, known: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Graph order of a slice's inputs or outputs: the fixed names of its kind, or (a slice of some blocks of a
+    layer, slices/spec.py) the order of its compiled shapes."""
+    if shapes is None or set(shapes) == set(known[kind]):
+        return known[kind]
+    return tuple(shapes)
+
+
+def pack_inputs(kind: str, inputs: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]] | None = None,
+                names: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Named inputs -> (arrays in graph order, data_format list) for RKNN(Lite).inference.
 
     `shapes` (name -> shape) are the shapes the compiled file accepts for this bucket; when given, a mismatch
-    raises MarshalError naming the input, the shape given and the shape expected.
+    raises MarshalError naming the input, the shape given and the shape expected. `names`: the graph's input
+    order when neither the kind nor `shapes` gives it.
     """
-    names = SLICE_INPUTS[kind]
+    names = slice_names(kind, names if names is not None else shapes, SLICE_INPUTS)
     missing = [n for n in names if n not in inputs]
     if missing:
         raise MarshalError(f"{kind} slice needs inputs {list(names)}; missing {missing}")
@@ -59,7 +69,7 @@ def pack_inputs(kind: str, inputs: Mapping[str, np.ndarray], shapes: Mapping[str
 
 def unpack_outputs(kind: str, outputs: Sequence[np.ndarray], shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
     """RKNN output list (graph order) -> named float32 arrays of the slice's output shapes."""
-    names = SLICE_OUTPUTS[kind]
+    names = slice_names(kind, shapes, SLICE_OUTPUTS)
     if len(outputs) != len(names):
         raise MarshalError(f"{kind} slice returned {len(outputs)} outputs, expected {len(names)} ({list(names)})")
     out: dict[str, np.ndarray] = {}

@@ -66,9 +66,9 @@ def toolkit_python(paths: Paths | None = None) -> Path:
 def bucket_shapes(spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> list[dict[str, Any]]:
     """The shape sets a slice is compiled for (as compiler/compile.py lists them): layers every (seq, ctx), head every seq."""
     out = []
-    for ctx in (buckets.context if spec.kind == "layers" else (buckets.context[0],)):
+    for ctx in (buckets.context if spec.has_attention else (buckets.context[0],)):  # only the cache needs ctx buckets
         for seq in buckets.seq:
-            out.append({"seq": seq, "ctx": ctx if spec.kind == "layers" else None,
+            out.append({"seq": seq, "ctx": ctx if spec.has_attention else None,
                         "inputs": {k: list(v) for k, v in spec.input_shapes(weights.args, seq, ctx).items()},
                         "outputs": {k: list(v) for k, v in spec.output_shapes(weights.args, seq).items()}})
     return out
@@ -183,7 +183,7 @@ class SimRunner:
 
     def __init__(self, backend: "RknnSimBackend", spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> None:
         self.backend, self.spec, self.weights, self.buckets = backend, spec, weights, buckets
-        self.names = rknn_io.SLICE_INPUTS[spec.kind]
+        self.names = tuple(spec.input_shapes(weights.args, 1, buckets.context[0]))  # graph order
         self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights, buckets)}
         self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
         self.build_info: dict[str, dict[str, Any]] = {}
@@ -216,7 +216,8 @@ class SimRunner:
             dyn = None
         onnx.save(model, str(src))
         b: dict[str, Any] = {"name": f"{spec.name}/{tag}", "kind": spec.kind, "onnx": str(src), "log": str(work / "build.log"),
-                             "workdir": str(work / "wd"), "platform": be.platform, "dtype": be.dtype, "dynamic_input": dyn}
+                             "workdir": str(work / "wd"), "platform": be.platform, "dtype": be.dtype, "dynamic_input": dyn,
+                             "inputs": list(self.names)}
         if be.dtype == "w8a8":
             sh = group[0]
             calib = be.calibration(spec, self.weights, self.buckets, sh["seq"], sh["ctx"])

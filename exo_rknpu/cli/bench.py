@@ -55,7 +55,8 @@ def _ours(src: ModelSource, backend: str, split: str | None, args: argparse.Name
     opts = backend_options(argparse.Namespace(**{**vars(args), "backend": backend}), src)
     if backend == "onnx" and args.threads:
         opts["threads"] = args.threads
-    shards = [open_shard(src, r, backend, default_buckets(margs, args.max_context), args.layers_per_slice, backend_options=opts) for r in ranges]
+    shards = [open_shard(src, r, backend, default_buckets(margs, args.max_context), args.layers_per_slice, backend_options=opts,
+                         placement=args.placement) for r in ranges]
     ring = LocalRing(shards)
     best: BenchResult | None = None
     try:
@@ -63,12 +64,20 @@ def _ours(src: ModelSource, backend: str, split: str | None, args: argparse.Name
             t = Timings()
             # no stop ids: always time exactly `tokens` decode steps
             ids = list(ring.generate(uuid.uuid4().hex, prompt_ids, args.tokens + 1, Sampler(), frozenset(), t))
-            r = BenchResult(f"exo-rknpu/{backend}" + (f" split {split}" if split else ""), t.prefill_s, len(t.decode_s), t.decode_tokens_per_s, ids)
+            r = BenchResult(f"exo-rknpu/{backend}" + (f" split {split}" if split else "") + placement_label(shards), t.prefill_s, len(t.decode_s), t.decode_tokens_per_s, ids)
             best = r if best is None or r.decode_tokens_per_s > best.decode_tokens_per_s else best
     finally:
         ring.close()
     assert best is not None
     return best
+
+
+def placement_label(shards) -> str:
+    """' placement P (emulated)' for a contender run under a plan: its speed is never an NPU's when emulated."""
+    plans = [s.placement for s in shards if s.placement is not None]
+    if not plans:
+        return ""
+    return f" placement {plans[0].plan}" + (" (emulated)" if any(p.emulated for p in plans) else "")
 
 
 def _transformers(src: ModelSource, args: argparse.Namespace, prompt_ids: list[int]) -> BenchResult:

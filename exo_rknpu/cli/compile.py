@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from exo_rknpu.cli.generate import placement_plan
 from exo_rknpu.cli.options import positive_int, probability, unit_interval
 from exo_rknpu.cli.report import format_cpu, slice_order, worst_cos
 from exo_rknpu.errors import UsageError
@@ -34,6 +35,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default="fp16", choices=["fp16", "w8a8"],
                    help="fp16: weights and activations in float16; w8a8: int8 weights and activations, calibrated "
                         "on real activations of the model (default: fp16)")
+    p.add_argument("--placement", type=placement_plan, default=None, metavar="PLAN",
+                   help="compile exactly the slices this placement puts on an NPU (docs/placement.md), e.g. "
+                        "'0-29=npu;attention=cpu'; --layers then defaults to the whole model")
+    p.add_argument("--explain", action="store_true", help="with --placement: print the resolved plan and exit")
     p.add_argument("--verify", action="store_true", help="run each new slice in the simulator on real activations vs onnxruntime")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/exo-rknpu/compiled)")
     p.add_argument("--seq", type=_ints, default=None, help="seq buckets, e.g. 1,16,64")
@@ -70,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.agreement:
         return _agreement(args)
-    if not args.layers:
-        raise UsageError("--layers A-B is required (or use --agreement)")
+    if args.explain and not args.placement:
+        raise UsageError("--explain shows a placement; add --placement PLAN")
+    if not args.layers and not args.placement:
+        raise UsageError("--layers A-B is required (or use --agreement, or --placement)")
     # The runtime (generate, node) picks buckets with default_buckets; compile the same ones unless told otherwise.
     from exo_rknpu.model.loader import load_args
     from exo_rknpu.model.zoo import resolve_model
@@ -79,8 +86,13 @@ def run(args: argparse.Namespace) -> int:
 
     d = default_buckets(load_args(resolve_model(args.model)), args.max_context)
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
+    placed = {}
+    if args.placement:
+        placed = _placed_specs(args, buckets)
+        if placed is None:
+            return 0
     results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
-                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, **_smoothing(args))
+                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, **_smoothing(args), **placed)
     built = [r for r in results if r.status == "built"]
     if not args.json:
         for r in sorted(results, key=lambda r: slice_order(r.name)):
@@ -91,6 +103,29 @@ def run(args: argparse.Namespace) -> int:
                           "built": [r.name for r in built], "reused": [r.name for r in results if r.status == "reused"],
                           "slices": [r.to_dict() for r in results]}))
     return 0
+
+
+def _placed_specs(args: argparse.Namespace, buckets) -> dict | None:
+    """compile --placement: the plan's NPU slices (and its cut) for compile_range; None after --explain."""
+    from exo_rknpu.model.base import LayerRange
+    from exo_rknpu.model.loader import load_args
+    from exo_rknpu.model.zoo import resolve_model
+    from exo_rknpu.runtime.placement import resolve
+
+    margs = load_args(resolve_model(args.model))
+    n = margs.num_hidden_layers
+    args.layers = args.layers or f"0-{n - 1}"
+    plan = resolve(args.placement, margs, LayerRange.parse(args.layers, n), "onnx", buckets, npu_dtype=args.dtype)
+    if args.explain:
+        print(plan.explain())
+        return None
+    specs = plan.on_npu()
+    if not specs:
+        raise UsageError(f"placement {args.placement} puts no slice of layers {args.layers} on an NPU; nothing to compile")
+    if args.dtype == "w8a8" and any(not s.whole for s in specs):
+        raise UsageError("w8a8 compiles whole decoder layers (its smoothing and calibration are per layer); "
+                         "compile a block-split placement with --dtype fp16")
+    return {"specs": specs, "cut": plan.specs}
 
 
 def _agreement(args: argparse.Namespace) -> int:

@@ -34,6 +34,41 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
                    help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
     add_weights_arg(p)
+    add_placement_args(p)
+
+
+def add_placement_args(p: argparse.ArgumentParser, explain: bool = True) -> None:
+    """--placement (runtime/placement.py) and --explain."""
+    p.add_argument("--placement", type=placement_plan, default=None, metavar="PLAN",
+                   help="which device runs which layers and blocks: RANGE=DEVICE[,...][;BLOCK=DEVICE,...] or a .toml "
+                        "file, e.g. 0-9=npu0,10-19=npu1,20-29=npu2 or 0-29=npu;attention=cpu (docs/placement.md); "
+                        "without an NPU, npu devices are emulated on the CPU backend")
+    if explain:
+        p.add_argument("--explain", action="store_true",
+                       help="print the resolved placement (every slice, its device, buckets, estimated weight bytes) and exit")
+
+
+def placement_plan(value: str):
+    """argparse type for --placement: a malformed plan is a one-line usage error before anything loads."""
+    from exo_rknpu.runtime.placement import PlacementError, PlacementPlan
+
+    try:
+        return PlacementPlan.load(value)
+    except PlacementError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def explain_placement(src, ranges, args: argparse.Namespace, buckets) -> list:
+    """The resolved plan of every shard (raises PlacementError for an impossible one); printed with --explain."""
+    from exo_rknpu.runtime.session import resolve_placement
+
+    dtype = getattr(args, "backend_dtype", None) or "fp16"
+    plans = [resolve_placement(src, r, args.placement, args.backend, buckets, args.layers_per_slice, args.weights, dtype)
+             for r in ranges]
+    if getattr(args, "explain", False):
+        for plan in plans:
+            print(plan.explain())
+    return plans
 
 
 def add_weights_arg(p: argparse.ArgumentParser) -> None:
@@ -124,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
     margs = load_args(src)  # config only: no weights yet
     ranges = parse_split(args.split, margs.num_hidden_layers) if args.split else [LayerRange.full(margs.num_hidden_layers)]
     buckets = default_buckets(margs, args.max_context)
+    plans = explain_placement(src, ranges, args, buckets) if args.placement or args.explain else []
+    if args.explain:
+        return 0
+    emulated = any(p.emulated for p in plans)
+    if emulated:
+        progress("placement emulated: no NPU here, NPU slices run on the CPU backend (no NPU speed is claimed)")
     opts = backend_options(args, src)  # one calibration object: captured once, shared by the shards
     tok = load_tokenizer(src)
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
@@ -135,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompt(tok, text)
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
     shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts, weights=args.weights,
-                         progress=progress) for r in ranges]
+                         progress=progress, placement=args.placement) for r in ranges]
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()
@@ -159,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             "model": src.name,
             "backend": args.backend,
             "split": [str(r) for r in ranges],
+            "placement": str(args.placement) if args.placement else None,
+            "emulated": emulated,
             "timings": {"load_s": round(load_s, 3), **timings.to_dict()},
         }
         print(json.dumps(result))
@@ -167,5 +210,6 @@ def run(args: argparse.Namespace) -> int:
         print(rest, flush=True)
         t = timings.to_dict()
         progress(f"[{len(new_ids)} tokens; prefill {t['prefill_s']:.3f}s; decode {t['decode_tokens_per_s']:.1f} tok/s; "
-                 f"shards {', '.join(str(r) for r in ranges)} on {args.backend}]")
+                 f"shards {', '.join(str(r) for r in ranges)} on {args.backend}"
+                 + (f"; placement {args.placement}" + (" (emulated)" if emulated else "") if args.placement else "") + "]")
     return 0

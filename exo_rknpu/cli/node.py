@@ -15,7 +15,7 @@ from pathlib import Path
 
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.backends.npu import CORE_MASKS
-from exo_rknpu.cli.generate import add_weights_arg
+from exo_rknpu.cli.generate import add_placement_args, add_weights_arg
 from exo_rknpu.cli.options import positive_int
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.errors import UsageError
@@ -50,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--npu-core-mask", default="auto", choices=list(CORE_MASKS), metavar="MASK",
                    help=f"npu backend: NPU cores, {' | '.join(CORE_MASKS)} (default: auto)")
     add_weights_arg(p)
+    add_placement_args(p, explain=False)
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
     p.set_defaults(func=run)
 
@@ -64,6 +65,7 @@ def build_options(args: argparse.Namespace):
         layers_per_slice=args.layers_per_slice,
         logits=args.logits,
         weights=args.weights,
+        placement=str(args.placement) if args.placement else None,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb)

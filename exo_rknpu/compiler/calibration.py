@@ -75,9 +75,10 @@ def repad(inputs: dict[str, np.ndarray], ctx: int) -> dict[str, np.ndarray]:
 
 
 def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, token_ids: list[int],
-            per_bucket: int = 4) -> dict[str, dict[int, list[dict[str, np.ndarray]]]]:
+            per_bucket: int = 4, cut: list[SliceSpec] | None = None) -> dict[str, dict[int, list[dict[str, np.ndarray]]]]:
     """Run `full` (layers 0..stop of the model, numpy backend) over `token_ids` once per seq bucket, feeding
-    exactly that many tokens per call, and keep up to `per_bucket` input sets per (slice, seq).
+    exactly that many tokens per call, and keep up to `per_bucket` input sets per (slice, seq). `cut`: the
+    slices of a placement plan; its layers are run as that plan cuts them (others one graph per layer).
 
     Returns {slice name: {seq: [inputs, ...]}} at the smallest context bucket.
     """
@@ -93,7 +94,14 @@ def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, toke
         if len(lst) < per_bucket:
             lst.append({k: np.array(v, copy=True) for k, v in inputs.items()})  # the runtime reuses cache arrays
 
-    runner = ShardRunner(full, get_backend("numpy"), buckets=buckets, layers_per_slice=1, on_slice=observe)
+    specs = None
+    if cut is not None:
+        split = {s.start: [c for c in cut if c.kind == "layers" and c.start == s.start] for s in cut if s.kind == "layers" and not s.whole}
+        lr = full.layer_range
+        specs = ([SliceSpec("embed")] if lr.is_first else []) + [
+            c for i in range(lr.start, lr.stop) for c in split.get(i, [SliceSpec("layers", i, i + 1)])
+        ] + ([SliceSpec("head")] if lr.is_last else [])
+    runner = ShardRunner(full, get_backend("numpy"), buckets=buckets, layers_per_slice=1, on_slice=observe, specs=specs)
     try:
         ids = np.asarray(token_ids, np.int64)[None]
         max_tokens = buckets.context[0]

@@ -106,7 +106,7 @@ def _ort_reference(spec: SliceSpec, ws: ShardWeights, samples: list[dict[str, np
 def _figures(spec: SliceSpec, sample: dict[str, np.ndarray], ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
     f = {f"cos_{k}": rknn_io.cosine(got[k], ref[k]) for k in ref}
     f.update({f"maxabs_{k}": float(np.abs(got[k] - ref[k]).max()) for k in ref})
-    if spec.kind == "layers":  # the residual dominates hidden_out; the update itself is the stricter measure
+    if "hidden_out" in ref and "hidden" in sample:  # the residual dominates hidden_out; the update itself is the stricter measure
         f["cos_delta"] = rknn_io.cosine(got["hidden_out"] - sample["hidden"], ref["hidden_out"] - sample["hidden"])
     if spec.kind == "head":
         f["top1_agree"] = float(np.mean(got["logits"].argmax(-1) == ref["logits"].argmax(-1)))
@@ -167,13 +167,13 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
     work = Path(tempfile.mkdtemp(prefix="work-", dir=stage.parent))
     try:
         shapes = _bucket_shapes(spec, ws, buckets)
-        names = rknn_io.SLICE_INPUTS[spec.kind]
+        names = tuple(shapes[0]["inputs"])  # graph order (slices/spec.py input_shapes)
         builds: list[dict[str, Any]] = []
         verify_sets: list[tuple[dict, list[dict[str, np.ndarray]]]] = []  # (shape set, samples)
 
         def sample_for(sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
             got = (samples or {}).get(sh["seq"], [])
-            return [to_kv_layout(repad(s, sh["ctx"]), spec.kv_layout) if spec.kind == "layers" else s for s in got]
+            return [to_kv_layout(repad(s, sh["ctx"]), spec.kv_layout) if spec.has_attention else s for s in got]
 
         if dtype == "fp16":
             onnx_path = work / f"{spec.name}.onnx"
@@ -196,7 +196,8 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                 dyn = None
             b: dict[str, Any] = {"name": f"{spec.name}/{fname}", "kind": spec.kind, "onnx": str(src), "out": str(stage / fname),
                                  "log": str(work / f"{fname}.log"), "workdir": str(work / f"wd-{fname}"), "platform": platform,
-                                 "dtype": dtype, "dynamic_input": dyn, "verify": [], "out_shapes": []}
+                                 "dtype": dtype, "dynamic_input": dyn, "verify": [], "out_shapes": [],
+                                 "inputs": list(names)}
             if dtype == "w8a8":
                 calib = sample_for(group[0])
                 if not calib:
@@ -253,7 +254,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                     f = _figures(spec, sample, ref, got)
                     figs.append(f)
                     seq = sample[names[0]].shape[1]
-                    ctx = sample["mask"].shape[3] - seq if spec.kind == "layers" else 0
+                    ctx = sample["mask"].shape[3] - seq if spec.has_attention else 0
                     per_bucket[f"s{seq}c{ctx}"] = _merge([per_bucket.get(f"s{seq}c{ctx}", f), f])
                     vi += 1
             if not figs:
@@ -308,9 +309,12 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
                   verify: bool = False, cache_dir: Path | None = None, paths: Paths | None = None,
                   progress: bool = True, min_cos: float | None = None, calib_text: str = CALIBRATION_TEXT,
                   on_built: Callable[[SliceResult], None] | None = None,
-                  smooth_alpha: float | dict[str, float] | None = DEFAULT_SMOOTH_ALPHA) -> list[SliceResult]:
+                  smooth_alpha: float | dict[str, float] | None = DEFAULT_SMOOTH_ALPHA,
+                  specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None) -> list[SliceResult]:
     """Compile every slice layer range `layers` ("A-B") of `model` needs; reuse what the cache already holds.
 
+    `specs`: compile exactly these slices instead (a placement plan's NPU slices, `compile --placement`); `cut`: how
+    that plan cuts the range into slices, so activations for verification/calibration are captured at their inputs.
     w8a8 builds use SmoothQuant-smoothed weights (`smooth_alpha`, None = off; compiler/smoothing.py)."""
     from exo_rknpu.compiler import smoothing as sm
 
@@ -326,8 +330,9 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     args = load_args(src)
     lr = LayerRange.parse(layers, args.num_hidden_layers)
     ws = load_shard(src, lr, weights="fp32")
-    specs = [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s  # compiled for the npu backend's cache layout
-             for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
+    if specs is None:
+        specs = [s for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
+    specs = [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s for s in specs]  # the npu backend's cache layout
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
     exporter = cc.exporter_version()
@@ -353,7 +358,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
             full = ws if lr.is_first else load_shard(src, LayerRange(0, lr.stop, args.num_hidden_layers), weights="fp32")
             tok = load_tokenizer(src)
             ids = tok.encode(calib_text)
-            samples = capture(full, todo, buckets, ids)
+            samples = capture(full, todo, buckets, ids, cut=cut)
             if dtype == "w8a8" and smoothing:
                 build_ws = sm.smooth_shard(ws, sm.calibration_stats(full, todo, ids), smooth_alpha)  # type: ignore[arg-type]
     results = []

@@ -163,7 +163,7 @@ def build_one(b: dict) -> dict:
             t1 = time.monotonic()
             for (inp, outp), shapes in zip(b["verify"], b["out_shapes"]):
                 with np.load(inp) as z:
-                    arrays, fmt = rknn_io.pack_inputs(b["kind"], {k: z[k] for k in z.files})
+                    arrays, fmt = rknn_io.pack_inputs(b["kind"], {k: z[k] for k in z.files}, names=b.get("inputs"))
                 outs = rk.inference(inputs=arrays, data_format=fmt)
                 if outs is None:
                     raise RuntimeError("simulator inference returned None (see the log)")
