@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per contender; the best is reported")
     p.add_argument("--reference", choices=["transformers", "none"], default="transformers")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every contender (default: all cores)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="with --placement: N requests at once, pipelined per device vs one call at a time (cli/bench_pipeline.py)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -78,6 +80,39 @@ def placement_label(shards) -> str:
     if not plans:
         return ""
     return f" placement {plans[0].plan}" + (" (emulated)" if any(p.emulated for p in plans) else "")
+
+
+def _pipelining(src: ModelSource, args: argparse.Namespace, prompt_ids: list[int]) -> int:
+    """bench --placement P --concurrency N: pipelined vs serial throughput, and the board estimate."""
+    from exo_rknpu.cli.bench_pipeline import board_estimate, measure
+    from exo_rknpu.errors import UsageError
+    from exo_rknpu.runtime.session import resolve_placement
+
+    if not args.placement or args.concurrency < 2:
+        raise UsageError("--concurrency N needs --placement PLAN and N >= 2 (requests in flight at once)")
+    margs = load_args(src)
+    backend = args.backends.split(",")[0].strip()
+    full = LayerRange.full(margs.num_hidden_layers)
+    open_ = lambda: open_shard(src, full, backend, default_buckets(margs, args.max_context), args.layers_per_slice,
+                               placement=args.placement)
+    prompts = [prompt_ids + [prompt_ids[-1]] * i for i in range(args.concurrency)]  # distinct requests
+    figs = measure(open_(), open_(), prompts, args.tokens, args.repeats)
+    plan = resolve_placement(src, full, args.placement, backend, default_buckets(margs, args.max_context), args.layers_per_slice)
+    board = board_estimate(plan)
+    report = {"model": src.name, "placement": str(args.placement), "concurrency": args.concurrency, "tokens": args.tokens,
+              "repeats": args.repeats, **figs.__dict__, "board_estimate": board}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    tag = " (emulated: NPU devices are CPU threads here; no NPU speed is claimed)" if figs.emulated else ""
+    print(f"{src.name}, placement {args.placement}, {args.concurrency} requests x {args.tokens} tokens, median of {args.repeats}{tag}")
+    print(f"  stages: {' -> '.join(figs.stages)}")
+    print(f"  one call at a time: {figs.serial_tokens_per_s:.1f} tok/s; pipelined per device: "
+          f"{figs.pipelined_tokens_per_s:.1f} tok/s; gain {figs.gain:.2f}x; same tokens: {'yes' if figs.same_tokens else 'NO'}")
+    if board:
+        print(f"  board estimate (assumed bandwidths, not measured): decode step {board['serial_step_ms']:.1f} ms serial, "
+              f"slowest stage {board['slowest_stage_ms']:.1f} ms, gain {board['gain']:.2f}x")
+    return 0
 
 
 def _transformers(src: ModelSource, args: argparse.Namespace, prompt_ids: list[int]) -> BenchResult:
@@ -118,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     src = resolve_model(args.model, progress=progress)
     tok = load_tokenizer(src)
     prompt_ids = tok.encode(BENCH_PROMPT)
+    if args.concurrency:
+        return _pipelining(src, args, prompt_ids)
     results: list[BenchResult] = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         progress(f"measuring {backend} ...")

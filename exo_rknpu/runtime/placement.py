@@ -43,7 +43,8 @@ class RangeRule:
     device: str
 
     def __str__(self) -> str:
-        return f"{self.first}-{self.last}={self.device}"
+        layers = f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
+        return f"{layers}={self.device}"
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def resolve(
     while j < len(units):
         i, blocks, device = units[j]
         if blocks != WHOLE_LAYER:
-            placed.append((SliceSpec("layers", i, i + 1, blocks), device))
+            placed.append((SliceSpec("layers", i, i + 1, _named(blocks)), device))
             j += 1
             continue
         k = j
@@ -355,6 +356,17 @@ def resolve(
         slices.append(PlacedSlice(spec, device, name, emulated,
                                   spec_bytes(args, spec, bytes_per_weight(device, name, weights, npu_dtype))))
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, backends)
+
+
+def _named(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """Parts as SliceSpec blocks, a whole attention half as "attn" and a whole MLP half as "mlp" (shorter names)."""
+    out, rest = [], list(parts)
+    for half, name in ((PARTS[:4], "attn"), (PARTS[4:], "mlp")):
+        if all(p in rest for p in half):
+            i = rest.index(half[0])
+            rest[i : i + len(half)] = [name]
+    out = rest
+    return tuple(out)
 
 
 def _runs(device: str, cls: type, spec: SliceSpec) -> bool:

@@ -74,7 +74,7 @@ def test_impossible_plans_are_refused_against_the_model(args):
 def test_attention_on_cpu_cuts_each_layer_in_three_and_npu_slices_need_no_context_buckets(args):
     r = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, LayerRange.full(5), "onnx", BUCKETS)
     names = [s.spec.name for s in r.slices]
-    assert names[:4] == ["embed", "layers.0.attn_norm+qkv", "layers.0.attention", "layers.0.o_proj+mlp_norm+ffn"]
+    assert names[:4] == ["embed", "layers.0.attn_norm+qkv", "layers.0.attention", "layers.0.o_proj+mlp"]
     assert names[-1] == "head" and len(names) == 2 + 3 * 5
     npu = [s for s in r.slices if s.device == "npu"]
     assert all(not s.spec.has_attention and r.npu_files(s.spec) == 3 for s in npu)  # seq buckets only
