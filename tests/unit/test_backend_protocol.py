@@ -8,6 +8,7 @@ import typing
 import pytest
 
 from exo_rknpu.backends.base import BACKENDS, Backend
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
@@ -18,8 +19,9 @@ def test_backend_class_declares_every_protocol_attribute(name):
     except ImportError as e:
         pytest.skip(f"backend {name!r} cannot be imported here: {e}")
     attributes = typing.get_type_hints(Backend)
-    assert set(attributes) >= {"name", "static_shapes", "kv_layout", "layers_per_slice"}
+    assert set(attributes) >= {"name", "static_shapes", "kv_layout", "layers_per_slice", "blocks"}
     for attr in attributes:
         assert hasattr(cls, attr), f"{info.cls} lacks {attr!r}"
     assert cls.name == name and cls.kv_layout in ("seq", "dim")
     assert cls.layers_per_slice is None or cls.layers_per_slice >= 1
+    assert cls.blocks <= set(PLACEMENT_BLOCKS) and {"attention", "projections", "mlp", "norm"} <= cls.blocks
