@@ -26,6 +26,7 @@ class Ops(Protocol):
     """The operations slices are written in. Weights are in HF layout: float32 arrays, or QTensors for linears."""
 
     def linear(self, x: T, w: Weight, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
+    def linears(self, x: T, ws: list[Weight], bs: list[np.ndarray | None]) -> list[T]: ...  # several linears of one x
     def rms_norm(self, x: T, w: np.ndarray, eps: float) -> T: ...
     def add(self, a: T, b: T) -> T: ...
     def mul(self, a: T, b: T) -> T: ...
@@ -49,7 +50,12 @@ class Ops(Protocol):
 
 
 def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
-    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position."""
+    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position.
+
+    An Ops may provide a fused `rotary(x, cos, sin, head_dim)` computing the same thing (onnxruntime's contrib op)."""
+    fused = getattr(ops, "rotary", None)
+    if fused is not None:
+        return fused(x, cos, sin, head_dim)
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
@@ -59,9 +65,8 @@ def attention_block(
     """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new) with k/v in the cache layout."""
     hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
     h = ops.rms_norm(x, w.input_norm, a.rms_norm_eps)
-    q = ops.split_heads(ops.linear(h, w.q_proj, w.q_bias), nh, hd)
-    k = ops.split_heads(ops.linear(h, w.k_proj, w.k_bias), nkv, hd)
-    v = ops.split_heads(ops.linear(h, w.v_proj, w.v_bias), nkv, hd)
+    q, k, v = ops.linears(h, [w.q_proj, w.k_proj, w.v_proj], [w.q_bias, w.k_bias, w.v_bias])
+    q, k, v = ops.split_heads(q, nh, hd), ops.split_heads(k, nkv, hd), ops.split_heads(v, nkv, hd)
     q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
     o = ops.merge_heads(ops.attention(q, past_k, k, past_v, v, mask, hd**-0.5, a.n_rep, kv_layout), nh, hd)
     if kv_layout == "dim":
@@ -72,7 +77,8 @@ def attention_block(
 def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
     """x + down(silu(gate(norm(x))) * up(norm(x)))."""
     h = ops.rms_norm(x, w.post_norm, a.rms_norm_eps)
-    return ops.add(x, ops.linear(ops.mul(ops.silu(ops.linear(h, w.gate_proj)), ops.linear(h, w.up_proj)), w.down_proj))
+    gate, up = ops.linears(h, [w.gate_proj, w.up_proj], [None, None])
+    return ops.add(x, ops.linear(ops.mul(ops.silu(gate), up), w.down_proj))
 
 
 def layers_slice(
@@ -127,6 +133,9 @@ class NumpyOps:
     def linear(self, x, w, b=None):
         y = w.matmul_t(x) if isinstance(w, QTensor) else x @ w.T  # compact weights widen a few rows at a time
         return y if b is None else y + b
+
+    def linears(self, x, ws, bs):
+        return [self.linear(x, w, b) for w, b in zip(ws, bs)]
 
     def rms_norm(self, x, w, eps):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w
