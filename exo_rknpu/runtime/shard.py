@@ -17,7 +17,7 @@ from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.cache import KVCache
-from exo_rknpu.runtime.inputs import layer_inputs
+from exo_rknpu.runtime.inputs import LayerInputs
 from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
 from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices
 
@@ -97,6 +97,7 @@ class ShardRunner:
             raise
         if release_weights:
             return_freed_memory()
+        self.inputs = LayerInputs(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits)
         self.on_slice = on_slice
         self.stats = ShardStats()
@@ -194,10 +195,12 @@ class ShardRunner:
         capacity = self.buckets.context_for(state.pos + real)
         if not state.caches:
             state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout) for s in self.layer_specs]
+        shared = None  # rotary rows and mask are the same for every layer slice of this chunk
         for spec, cache in zip(self.layer_specs, state.caches):
             cache.grow(capacity)
-            inputs = layer_inputs(a, h, real, state.pos, cache.capacity)
-            inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
+            if shared is None:
+                shared = self.inputs(h, real, state.pos, cache.capacity)
+            inputs = {**shared, "hidden": h, "past_k": cache.keys, "past_v": cache.values}
             out = self._run(spec, inputs)
             cache.write(state.pos, out["k_new"], out["v_new"], real)
             h = out["hidden_out"]
