@@ -192,7 +192,10 @@ class GGUFFile:
             return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
         if len(shape) == 2 and qname == "Q4_1" and bits in (4, 8):
             return (q4_1_to_int4 if bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
-        return compact(self.tensor(name), bits, f"{qname} -> int{bits}" if bits else "")
+        if bits is None or len(shape) != 2:
+            return self.tensor(name)
+        # widened a few rows at a time while quantizing: no float32 copy of the whole matrix
+        return compact(_WidenedRows(self.raw(name), t.qtype, shape), bits, f"{qname} -> int{bits}")  # type: ignore[arg-type]
 
     def digest(self) -> bytes:
         """Cheap identity: the tensor table (name, dims, type, offset) -- no tensor bytes are hashed."""
@@ -200,6 +203,19 @@ class GGUFFile:
         for t in self.tensors.values():
             h.update(f"{t.name}:{list(t.dims)}:{t.qtype.name}:{t.offset};".encode())
         return h.digest()
+
+
+class _WidenedRows:
+    """A GGUF matrix that widens to float32 only the rows sliced from it (what `quant.quantize` reads)."""
+
+    def __init__(self, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> None:
+        self.raw, self.qtype, self.shape = raw, qtype, shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        try:
+            return dequantize(np.asarray(self.raw[rows]), self.qtype).reshape(-1, self.shape[-1]).astype(np.float32)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(f"{self.qtype.name} tensors: {e}") from None
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

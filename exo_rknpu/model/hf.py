@@ -231,6 +231,26 @@ class _SafetensorsFile:
         return a
 
 
+_ROW_DTYPES = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}
+
+
+class _MappedRows:
+    """A 2-D safetensors matrix mapped from the file; slicing rows widens just those rows to float32."""
+
+    def __init__(self, path: Path, header_len: int, info: Mapping[str, Any]) -> None:
+        begin, end = info["data_offsets"]
+        self.shape = tuple(int(d) for d in info["shape"])
+        self.bf16 = info["dtype"] == "BF16"
+        dt = np.dtype(_ROW_DTYPES[info["dtype"]])
+        if end - begin != dt.itemsize * self.shape[0] * self.shape[1] or path.stat().st_size < header_len + end:
+            raise WeightsError(f"{path} is truncated or corrupt (tensor bytes do not match its shape)")
+        self.data = np.memmap(path, dt, "r", header_len + begin, self.shape)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a = np.asarray(self.data[rows])
+        return bf16_to_f32(a) if self.bf16 else a.astype(np.float32)
+
+
 class TensorSource:
     """Opens the files of an HF folder lazily, once each, and remembers which ones it opened."""
 
@@ -249,6 +269,16 @@ class TensorSource:
 
     def has(self, name: str) -> bool:
         return name in self.map
+
+    def rows(self, name: str) -> "_MappedRows | np.ndarray":
+        """A matrix read a few rows at a time (float types of 2 dims), else the whole tensor as float32."""
+        fname = self.map.get(name)
+        if fname is not None:
+            f = self.opened.get(fname) or self.opened.setdefault(fname, _SafetensorsFile(self.folder / fname))
+            info = f.header.get(name)
+            if info is not None and info.get("dtype") in _ROW_DTYPES and len(info.get("shape", ())) == 2:
+                return _MappedRows(f.path, f.header_len, info)
+        return self.get(name)
 
     def get(self, name: str) -> np.ndarray:
         fname = self.map.get(name)
@@ -319,7 +349,8 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
     bits = resolve_bits(weights, HF_AUTO_BITS)
 
     def linear(name: str, shape: tuple[int, ...]) -> Weight:
-        return compact(check_shape(name, src.get(name), shape, folder), bits)
+        # quantized a few rows at a time: a bf16 matrix never exists whole as float32 (the 1B embedding is 1 GB)
+        return compact(check_shape(name, src.get(name) if bits is None else src.rows(name), shape, folder), bits)
 
     with TensorSource(folder) as src:
         loaded: dict[int, LayerWeights] = {}

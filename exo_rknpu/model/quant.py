@@ -249,7 +249,8 @@ def resolve_bits(mode: str, auto_bits: int) -> int | None:
 
 
 def compact(w: np.ndarray, bits: int | None, origin: str = "") -> Weight:
-    """float [N, K] -> QTensor with `bits`, or float32 if bits is None or K is not a multiple of the block size."""
+    """float [N, K] -> QTensor with `bits`, or float32 if bits is None or K is not a multiple of the block size.
+    `w` may be anything with .shape that yields float rows when sliced (read a few rows at a time)."""
     if bits is None or w.shape[-1] % BLOCK:
-        return np.asarray(w, dtype=np.float32)
+        return np.asarray(w[:], dtype=np.float32)
     return quantize(w, bits, BLOCK, origin)

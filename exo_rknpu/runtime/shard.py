@@ -17,7 +17,7 @@ from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.cache import KVCache
-from exo_rknpu.runtime.inputs import layer_inputs
+from exo_rknpu.runtime.inputs import LayerInputs
 from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
 from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, plan_slices, state_name
 
@@ -126,6 +126,7 @@ class ShardRunner:
             raise
         if release_weights:
             return_freed_memory()
+        self.inputs = LayerInputs(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits)
         self.placement = None  # the ResolvedPlan (runtime/placement.py) it was opened with, if any
         self.on_slice = on_slice
@@ -235,7 +236,7 @@ class ShardRunner:
         else:
             st = {"x": np.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x}
         # rotary tables and mask: the same for every attention slice of the chunk
-        common = layer_inputs(a, np.empty((1, bucket, 0), np.float32), real, pos, capacity)
+        common = self.inputs(np.empty((1, bucket, 0), np.float32), real, pos, capacity)
         common.pop("hidden")
         return Chunk(state, pos, real, capacity, st, common)
 

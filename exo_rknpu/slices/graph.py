@@ -26,6 +26,7 @@ class Ops(Protocol):
     """The operations slices are written in. Weights are in HF layout: float32 arrays, or QTensors for linears."""
 
     def linear(self, x: T, w: Weight, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
+    def linears(self, x: T, ws: list[Weight], bs: list[np.ndarray | None]) -> list[T]: ...  # several linears of one x
     def rms_norm(self, x: T, w: np.ndarray, eps: float) -> T: ...
     def add(self, a: T, b: T) -> T: ...
     def mul(self, a: T, b: T) -> T: ...
@@ -49,7 +50,12 @@ class Ops(Protocol):
 
 
 def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
-    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position."""
+    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position.
+
+    An Ops may provide a fused `rotary(x, cos, sin, head_dim)` computing the same thing (onnxruntime's contrib op)."""
+    fused = getattr(ops, "rotary", None)
+    if fused is not None:
+        return fused(x, cos, sin, head_dim)
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
@@ -63,7 +69,7 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
         st["h"] = ops.rms_norm(st["x"], w.input_norm, a.rms_norm_eps)
     elif part == "qkv":
         h = st["h"]
-        st["q"], st["k"], st["v"] = ops.linear(h, w.q_proj, w.q_bias), ops.linear(h, w.k_proj, w.k_bias), ops.linear(h, w.v_proj, w.v_bias)
+        st["q"], st["k"], st["v"] = ops.linears(h, [w.q_proj, w.k_proj, w.v_proj], [w.q_bias, w.k_bias, w.v_bias])
     elif part == "attention":
         assert attn_in is not None, "the attention part needs cos, sin, mask and the cache"
         cos, sin = attn_in["cos"], attn_in["sin"]
@@ -80,8 +86,8 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
     elif part == "mlp_norm":
         st["h"] = ops.rms_norm(st["x"], w.post_norm, a.rms_norm_eps)
     elif part == "ffn":
-        h = st["h"]
-        st["x"] = ops.add(st["x"], ops.linear(ops.mul(ops.silu(ops.linear(h, w.gate_proj)), ops.linear(h, w.up_proj)), w.down_proj))
+        gate, up = ops.linears(st["h"], [w.gate_proj, w.up_proj], [None, None])
+        st["x"] = ops.add(st["x"], ops.linear(ops.mul(ops.silu(gate), up), w.down_proj))
     else:
         raise ValueError(f"unknown layer part {part!r}; parts are {PARTS}")
     return st
@@ -175,6 +181,9 @@ class NumpyOps:
     def linear(self, x, w, b=None):
         y = w.matmul_t(x) if isinstance(w, QTensor) else x @ w.T  # compact weights widen a few rows at a time
         return y if b is None else y + b
+
+    def linears(self, x, ws, bs):
+        return [self.linear(x, w, b) for w, b in zip(ws, bs)]
 
     def rms_norm(self, x, w, eps):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w

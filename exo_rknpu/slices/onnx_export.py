@@ -37,6 +37,7 @@ class _Graph:
     consts: dict[tuple, str] = field(default_factory=dict)
     weight_names: dict[int, str] = field(default_factory=dict)
     external: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> array kept out of the proto
+    stacked: dict[tuple, QTensor] = field(default_factory=dict)  # fused linears (kept alive: ids are their keys)
     counter: int = 0
 
     def fresh(self, prefix: str) -> str:
@@ -105,6 +106,32 @@ class OnnxOps:
             K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=w.block_size, accuracy_level=MATMUL_NBITS_ACCURACY))
         return out
 
+    def __getattr__(self, name: str):
+        # `rotary` exists only in the compact (onnxruntime) form: the NPU compiler gets the plain op pattern
+        if name == "rotary" and self.__dict__.get("compact"):
+            return self._rotary
+        raise AttributeError(name)
+
+    def _rotary(self, x, cos, sin, head_dim):
+        """onnxruntime's RotaryEmbedding (com.microsoft, rotate-half): one node instead of seven per q/k. Its tables
+        are the first halves of the host's cos/sin rows ([S, hd/2]), indexed by positions 0..S-1."""
+        key = ("rotary", cos, sin)
+        if key not in self.g.consts:
+            half = head_dim // 2
+            table = []
+            for t in (cos, sin):
+                first = self._node("Slice", [t, *self._range(0, half), self._const(np.array([-1], np.int64))])
+                table.append(self._node("Reshape", [first, self._shape([-1, half])]))
+            n = self._node("Gather", [self._node("Shape", [table[0]]), self._const(np.array(0, np.int64))], axis=0)
+            positions = self._node("Range", [self._const(np.array(0, np.int64)), n, self._const(np.array(1, np.int64))])
+            pos = self._node("Unsqueeze", [positions, self._const(np.array([0], np.int64))])
+            self.g.consts[key] = ",".join([pos, *table])
+        pos, cos_t, sin_t = self.g.consts[key].split(",")
+        out = self.g.fresh("rotary")
+        self.g.nodes.append(helper.make_node("RotaryEmbedding", [x, pos, cos_t, sin_t], [out], name=out, domain=MS_DOMAIN,
+                                             interleaved=0))
+        return out
+
     def _shape(self, dims: list[int]) -> str:
         return self._const(np.array(dims, dtype=np.int64), "shape")
 
@@ -115,6 +142,21 @@ class OnnxOps:
         else:
             y = self._node("MatMul", [x, self._weight(w, transpose=True)])
         return y if b is None else self._node("Add", [y, self._weight(b)])
+
+    def linears(self, x, ws, bs):
+        """Several linears of one input. Compact and alike (same bits, block, zero-point kind): one MatMulNBits over
+        the stacked rows, then Split -- fewer, larger kernel calls per token. Otherwise one MatMul each (the
+        pattern the NPU compiler knows)."""
+        if not (self.compact and all(isinstance(w, QTensor) for w in ws) and len({stack_kind(w) for w in ws}) == 1):
+            return [self.linear(x, w, b) for w, b in zip(ws, bs)]
+        key = tuple(id(w) for w in ws)
+        if key not in self.g.stacked:
+            self.g.stacked[key] = stack_rows(ws)
+        y = self._matmul_nbits(x, self.g.stacked[key])
+        sizes = self._const(np.array([w.shape[0] for w in ws], np.int64))
+        outs = [self.g.fresh("split") for _ in ws]
+        self.g.nodes.append(helper.make_node("Split", [y, sizes], outs, name=outs[0], axis=-1))
+        return [o if b is None else self._node("Add", [o, self._weight(b)]) for o, b in zip(outs, bs)]
 
     def rms_norm(self, x, w, eps):
         sq = self._node("Pow", [x, self._const(np.array(2.0, np.float32))])
@@ -209,25 +251,36 @@ class OnnxOps:
     def _attention_split(self, q, past_k, k, past_v, v, mask, scale, n_rep):
         """Same maths without copying the cache: query heads folded onto their kv head ([1,kv,rep*S,hd]),
         scores against past and new keys computed separately and concatenated (small), values likewise."""
-        qs = self._node("Shape", [q])  # [1, nh, S, hd]
-        kv_shape = self._node("Shape", [k])  # [1, kv, S, hd]
-        folded = self._node("Concat", [self._node("Slice", [kv_shape, *self._range(0, 2)]), self._const(np.array([-1], np.int64)),
-                                       self._node("Slice", [qs, *self._range(3, 4)])], axis=0)
-        qf = self._node("Mul", [self._node("Reshape", [q, folded]), self._const(np.array(scale, np.float32))])
+        a = self.args
+        # shapes from the model's constants (batch 1): no Shape/Slice/Concat chain per layer per call
+        qf = self._node("Mul", [self._node("Reshape", [q, self._shape([1, a.num_key_value_heads, -1, a.head_dim])]),
+                                self._const(np.array(scale, np.float32))])
         s_past = self._node("MatMul", [qf, self._node("Transpose", [past_k], perm=[0, 1, 3, 2])])
         s_new = self._node("MatMul", [qf, self._node("Transpose", [k], perm=[0, 1, 3, 2])])
         m = mask if n_rep == 1 else self._node("Tile", [mask, self._const(np.array([1, 1, n_rep, 1], np.int64))])
         p = self._node("Softmax", [self._node("Add", [self._node("Concat", [s_past, s_new], axis=-1), m])], axis=-1)
-        c = self._node("Shape", [past_k])
-        p_past = self._node("Slice", [p, self._const(np.array([0], np.int64)), self._node("Slice", [c, *self._range(2, 3)]),
-                                      self._const(np.array([-1], np.int64))])
-        p_new = self._node("Slice", [p, self._node("Slice", [c, *self._range(2, 3)]), self._const(np.array([2**62], np.int64)),
-                                     self._const(np.array([-1], np.int64))])
+        c = self._node("Slice", [self._node("Shape", [past_k]), *self._range(2, 3)])  # the context length C
+        axis = self._const(np.array([-1], np.int64))
+        p_past = self._node("Slice", [p, self._const(np.array([0], np.int64)), c, axis])
+        p_new = self._node("Slice", [p, c, self._const(np.array([2**62], np.int64)), axis])
         o = self._node("Add", [self._node("MatMul", [p_past, past_v]), self._node("MatMul", [p_new, v])])
-        return self._node("Reshape", [o, qs])
+        return self._node("Reshape", [o, self._shape([1, a.num_attention_heads, -1, a.head_dim])])
 
     def embed(self, table, ids):
         return self._node("Gather", [self._weight(table), ids], axis=0)
+
+
+def stack_kind(w: QTensor) -> tuple:
+    """What must agree for QTensors to be stacked row-wise into one MatMulNBits."""
+    return (w.bits, w.block_size, w.shape[1], w.zero_points is None)
+
+
+def stack_rows(ws: list[QTensor]) -> QTensor:
+    """One QTensor holding the rows of `ws` in order (a copy of one layer's q/k/v or gate/up, made at export)."""
+    zp = None if ws[0].zero_points is None else np.concatenate([w.zero_points for w in ws])
+    return QTensor(ws[0].bits, (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].block_size,
+                   np.concatenate([w.blocks for w in ws]), np.concatenate([w.scales for w in ws]), zp,
+                   " + ".join(sorted({w.origin for w in ws})))
 
 
 def external_tensor(name: str, arr: np.ndarray, location: str, offset: int = 0) -> onnx.TensorProto:

@@ -90,8 +90,10 @@ def test_onnx_graph_carries_no_weights_in_its_protobuf(gguf_models):
     assert "MatMulNBits" in ops and "MatMul" in ops  # MatMul remains only for attention scores
     assert all(n.domain == "com.microsoft" for n in model.graph.node if n.op_type == "MatMulNBits")
     assert sum(a.nbytes for a in external.values()) > model.ByteSize()
-    q = shard.layers[0].q_proj
-    assert any(a is q.blocks for a in external.values())  # handed over as is, not copied
+    o = shard.layers[0].o_proj
+    assert any(a is o.blocks for a in external.values())  # handed over as is, not copied
+    # q/k/v and gate/up each run as one MatMulNBits over their stacked rows
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * 3
 
 
 # --------------------------------------------------------------------------- prepared-slice disk cache
