@@ -59,3 +59,14 @@ def test_compile_explains_exactly_the_npu_slices(model):
     assert p.returncode == 0, p.stderr
     # five ffn slices (the head follows layer 4, on the cpu); the rest of each layer is one cpu slice
     assert "layers.0.ffn" in p.stdout and "layers.0.attn+mlp_norm" in p.stdout and "NPU: 5 slices" in p.stdout
+
+
+def test_engine_config_and_node_options_carry_the_plan_and_refuse_a_bad_one():
+    from exo_rknpu.engine import EngineConfig
+    from exo_rknpu.runtime.placement import PlacementError
+
+    assert EngineConfig(placement="0-9=npu0,10-19=npu1").placement == "0-9=npu0,10-19=npu1"
+    with pytest.raises(PlacementError, match="unknown device 'gpu'"):
+        EngineConfig(placement="0-9=gpu")
+    p = cli("node", "--placement", "0-9=npu0,0-3=npu1", "--", "--help")
+    assert p.returncode != 0 and "overlap (layer 0)" in p.stderr
