@@ -106,7 +106,9 @@ def _pipelining(src: ModelSource, args: argparse.Namespace, prompt_ids: list[int
         return 0
     tag = " (emulated: NPU devices are CPU threads here; no NPU speed is claimed)" if figs.emulated else ""
     print(f"{src.name}, placement {args.placement}, {args.concurrency} requests x {args.tokens} tokens, median of {args.repeats}{tag}")
-    print(f"  stages: {' -> '.join(figs.stages)}")
+    devices = list(dict.fromkeys(st.split(":")[0] for st in figs.stages))
+    print(f"  stages: {' -> '.join(figs.stages)}" if len(figs.stages) <= 6 else
+          f"  stages: {len(figs.stages)}, alternating over devices {', '.join(devices)}")
     print(f"  one call at a time: {figs.serial_tokens_per_s:.1f} tok/s; pipelined per device: "
           f"{figs.pipelined_tokens_per_s:.1f} tok/s; gain {figs.gain:.2f}x; same tokens: {'yes' if figs.same_tokens else 'NO'}")
     if board:
