@@ -360,13 +360,12 @@ def resolve(
 
 def _named(parts: tuple[str, ...]) -> tuple[str, ...]:
     """Parts as SliceSpec blocks, a whole attention half as "attn" and a whole MLP half as "mlp" (shorter names)."""
-    out, rest = [], list(parts)
+    rest = list(parts)
     for half, name in ((PARTS[:4], "attn"), (PARTS[4:], "mlp")):
         if all(p in rest for p in half):
             i = rest.index(half[0])
             rest[i : i + len(half)] = [name]
-    out = rest
-    return tuple(out)
+    return tuple(rest)
 
 
 def _runs(device: str, cls: type, spec: SliceSpec) -> bool:
