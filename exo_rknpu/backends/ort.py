@@ -82,6 +82,9 @@ def session_options(threads: int) -> "ort.SessionOptions":
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # no busy-waiting between ops: a decode step is ~1000 tiny ops, and spinning workers steal the cores that the
+    # other threads (and other processes of the ring) need; measured 6x slower decode with spinning on a busy host
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
