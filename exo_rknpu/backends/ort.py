@@ -17,6 +17,7 @@ from exo_rknpu.backends.numpy_ref import NumpyRunner
 from exo_rknpu.backends.prepared import PreparedCache, prepared_key
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError
+from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.slices.onnx_export import MATMUL_NBITS_ACCURACY, build_onnx_compact, per_layer_cache_names
@@ -76,6 +77,12 @@ class OrtRunner:
         self.session = self.model_file = None
 
 
+def _slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:
+    if spec.kind == "layers":
+        return [w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values()]
+    return [weights.lm_head if spec.kind == "head" else weights.embed_tokens]
+
+
 def session_options(threads: int) -> "ort.SessionOptions":
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -120,16 +127,18 @@ class OrtBackend:
         form = "split" if spec.kv_layout == "seq" else "sdpa"
         opts = session_options(self.threads)
         model_file = None
-        if self.cache is not None:
+        # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
+        cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
+        if cache is not None:
             key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
                                exporter=exporter_version(), accuracy=MATMUL_NBITS_ACCURACY, onnxruntime=ort.__version__)
-            model_file = self.cache.lookup(key)
+            model_file = cache.lookup(key)
         if model_file is None:
             model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
-            if self.cache is None:
+            if cache is None:
                 if external:
                     opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 return OrtRunner(session, spec.n_layers)
-            model_file = self.cache.store(key, model, external)
+            model_file = cache.store(key, model, external)
         return OrtRunner(model_file, spec.n_layers, self.threads)
