@@ -17,6 +17,7 @@ from exo_rknpu.backends.numpy_ref import NumpyRunner
 from exo_rknpu.backends.prepared import PreparedCache, prepared_key
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError
+from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.slices.onnx_export import MATMUL_NBITS_ACCURACY, build_onnx_compact, per_layer_cache_names
@@ -46,11 +47,11 @@ class OrtRunner:
     drops each slice's layers after prepare), so onnxruntime's packed copy is never made next to it.
     """
 
-    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1, spinning: bool = True) -> None:
+    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1) -> None:
         self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
         self.model_file = session if isinstance(session, Path) else None
         self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
-        self.threads, self.spinning = threads, spinning
+        self.threads = threads
         self.n_cache_layers = n_cache_layers
         self.cache_names = {name: per_layer_cache_names(name, n_cache_layers) for name in ("past_k", "past_v")}
 
@@ -59,7 +60,7 @@ class OrtRunner:
             if self.model_file is None:
                 raise RuntimeError("this onnx runner is closed")
             # onnxruntime maps weights.bin and packs each weight for its kernel
-            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads, self.spinning),
+            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads),
                                                 providers=["CPUExecutionProvider"])
             self.output_names = [o.name for o in self.session.get_outputs()]
         return self.session
@@ -77,14 +78,21 @@ class OrtRunner:
         self.session = self.model_file = None
 
 
-def session_options(threads: int, spinning: bool = True) -> "ort.SessionOptions":
+def _slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:
+    if spec.kind == "layers":
+        return [w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values()]
+    return [weights.lm_head if spec.kind == "head" else weights.embed_tokens]
+
+
+def session_options(threads: int) -> "ort.SessionOptions":
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    if not spinning:  # an idle pool sleeps at once instead of spinning on cores another session needs next
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # no busy-waiting between ops: a decode step is ~1000 tiny ops, and spinning workers steal the cores that the
+    # other threads (and other processes of the ring) need; measured 6x slower decode with spinning on a busy host
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -105,13 +113,10 @@ class OrtBackend:
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
-    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True,
-                 spinning: bool = True) -> None:
-        """`spinning=False` when sessions of other devices run in between (a placement plan's slices)."""
+    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
         self.threads = threads or default_threads()
-        self.spinning = spinning
         # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
         self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
 
@@ -123,18 +128,20 @@ class OrtBackend:
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
         # the split form avoids copying the cache; a transposed ("dim") cache is written in the NPU's sdpa form
         form = "split" if spec.kv_layout == "seq" else "sdpa"
-        opts = session_options(self.threads, self.spinning)
+        opts = session_options(self.threads)
         model_file = None
-        if self.cache is not None:
+        # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
+        cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
+        if cache is not None:
             key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
                                exporter=exporter_version(), accuracy=MATMUL_NBITS_ACCURACY, onnxruntime=ort.__version__)
-            model_file = self.cache.lookup(key)
+            model_file = cache.lookup(key)
         if model_file is None:
             model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
-            if self.cache is None:
+            if cache is None:
                 if external:
                     opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 return OrtRunner(session, spec.cache_layers)
-            model_file = self.cache.store(key, model, external)
-        return OrtRunner(model_file, spec.cache_layers, self.threads, self.spinning)
+            model_file = cache.store(key, model, external)
+        return OrtRunner(model_file, spec.cache_layers, self.threads)

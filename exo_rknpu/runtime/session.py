@@ -108,10 +108,6 @@ def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice
 
     def make(device: str, name: str):
         own = dict(opts) if name == backend else {}
-        if name == "onnx" and len(resolved.backends) > 1:
-            # sessions of several devices take turns: a pool left spinning after its call steals the cores the
-            # next session needs (measured on smollm2, 0-29=npu;attention=cpu: 1.1 s/token spinning, 27 ms not)
-            own["spinning"] = False
         if device in emulated and name == "onnx":
             own["threads"] = 1  # an emulated NPU core is one CPU thread
         if name == "npu":

@@ -19,6 +19,7 @@ from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.cache import KVCache
 from exo_rknpu.runtime.inputs import LayerInputs
 from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
+from exo_rknpu.slices.graph import slice_weights
 from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, plan_slices, state_name
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,19 @@ class ShardRunner:
             for n, s in enumerate(self.specs):
                 require_support(self.backends[s.name], s)
                 t = time.monotonic()
-                self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
-                if release_weights and s.kind == "layers" and (s.whole or s.parts[-1] == PARTS[-1]):  # its layer's last slice
-                    # the runner holds what it needs (a session's packed copy, or the tensors themselves):
-                    # let go of this slice's layers so the next slice never sees two copies of them
-                    for i in range(s.start, s.stop):
-                        weights.layers.pop(i, None)
+                if release_weights and s.kind == "layers":
+                    # the backend gets this slice's layers on their own and the shard lets go of them: a runner
+                    # that keeps them (numpy, a simulator building lazily) holds them, one that does not (onnx)
+                    # frees them, so the next slice never sees two copies. A layer cut by a placement plan is let
+                    # go of at its last slice (the earlier ones share its tensors).
+                    part = slice_weights(s, weights)
+                    if s.whole or s.parts[-1] == PARTS[-1]:
+                        for i in range(s.start, s.stop):
+                            weights.layers.pop(i, None)
+                    self.runners[s.name] = self.backends[s.name].prepare(s, part, buckets)
+                    del part
+                else:
+                    self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
                 if progress is not None and (time.monotonic() - t > 1.0 or n == len(self.specs) - 1):
                     progress(f"prepared slice {s.name} on {self.backends[s.name].name} ({n + 1}/{len(self.specs)})")
         except BaseException:

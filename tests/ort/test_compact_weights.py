@@ -188,3 +188,13 @@ def test_a_slice_over_2_gib_of_float32_weights_prepares_and_runs_on_onnx(tmp_pat
     runner.close()
     ref = NumpyBackend().prepare(spec, shard, SMALL_BUCKETS).run(inputs)["hidden_out"]
     assert nmse(ours, ref) <= ONNX_VS_NUMPY_COMPACT_NMSE
+
+
+def test_matrices_whose_inner_size_is_not_a_block_multiple_stay_float32(tmp_path):
+    path = make_tiny_hf(tmp_path / "odd", hidden=48, heads=4, kv_heads=2, ffn=96, n_layers=2)
+    layer = load_shard(resolve_model(str(path)), LayerRange.full(2)).layers[0]
+    assert isinstance(layer.q_proj, np.ndarray) and layer.q_proj.dtype == np.float32  # K = 48
+    assert isinstance(layer.down_proj, QTensor)  # K = 96 = 3 blocks
+    numpy_logits = ring(path, None, "numpy", weights="auto").forward("r", np.array([PROMPT]), logits="all")
+    onnx_logits = ring(path, None, "onnx", weights="auto").forward("r", np.array([PROMPT]), logits="all")
+    assert nmse(onnx_logits, numpy_logits) <= ONNX_VS_NUMPY_COMPACT_NMSE
