@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import EXO_OK, needs_exo
 from netns_lab import NetnsLab, netns_available, wait_until
 
-NETNS_OK, NETNS_WHY = netns_available()
+NETNS_OK, NETNS_WHY = netns_available() if EXO_OK else (False, "not probed: exo is missing")
 needs_netns = pytest.mark.skipif(not NETNS_OK, reason=NETNS_WHY or "network namespaces unavailable")
 pytestmark = [needs_exo, needs_netns, pytest.mark.exo, pytest.mark.slow]
 
