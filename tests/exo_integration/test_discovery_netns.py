@@ -197,7 +197,7 @@ def rk_pair(tmp_path_factory, smollm2):
         lab.close()
 
 
-def test_two_rknpu_nodes_discover_each_other_and_agree_on_the_partition(rk_pair):
+def test_two_rknpu_nodes_discover_each_other_over_udp(rk_pair):
     topo_a, topo_b = rk_pair.topologies["rk-a"], rk_pair.topologies["rk-b"]
     print(f"\nUDP discovery: both topologies complete {rk_pair.discovery_s:.1f}s after the processes started")
     assert topo_a["nodes"] == topo_b["nodes"]  # one topology, the same capabilities on both sides
@@ -213,7 +213,7 @@ def test_two_rknpu_nodes_discover_each_other_and_agree_on_the_partition(rk_pair)
 
 
 @pytest.mark.parametrize("api_of", ["rk-a", "rk-b"])
-def test_either_nodes_api_answers_over_the_discovered_ring(rk_pair, api_of):
+def test_either_nodes_api_answers_and_both_use_exos_partition(rk_pair, api_of):
     client = "rk-b" if api_of == "rk-a" else "rk-a"  # the request itself crosses the test network
     t = time.monotonic()
     status, body = rk_pair.chat(client, api_of)
