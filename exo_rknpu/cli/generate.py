@@ -9,6 +9,7 @@ import time
 import uuid
 
 from exo_rknpu.model.base import LayerRange, parse_split
+from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.tokenizer import IncrementalDecoder
 from exo_rknpu.model.zoo import resolve_model
@@ -46,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--thinking", action="store_true",
+                   help="with --chat: let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
     p.add_argument("--split", default=None, help="layer ranges, e.g. 0-9,10-19,20-29 (default: one shard)")
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32", help="dtype of hidden states between shards")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        text = render_chat(tok, messages, enable_thinking=args.thinking)
     else:
         text = args.prompt
     prompt_ids = tok.encode(text)

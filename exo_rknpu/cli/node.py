@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(last: exo samples only that row; saves the head's work and memory on long prompts)")
     p.add_argument("--npu-dtype", default="fp16", help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
     p.add_argument("--npu-core-mask", default="auto", help="npu backend: NPU cores, auto | 0 | 1 | 2 | 0_1 | 0_1_2 | all")
+    p.add_argument("--thinking", action="store_true",
+                   help="chat prompts let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
     p.set_defaults(func=run)
 
@@ -57,7 +59,8 @@ def build_options(args: argparse.Namespace):
         logits=args.logits,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
-    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb)
+    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
+                       enable_thinking=args.thinking)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from exo_rknpu.errors import LayerRangeError
+from exo_rknpu.model import hf, registry
 from exo_rknpu.model.base import LayerRange
 
 
@@ -37,3 +39,15 @@ def range_to_shard(model_id: str, layer_range: LayerRange) -> Any:
     from exo.inference.shard import Shard
 
     return Shard(model_id, layer_range.start, layer_range.stop - 1, layer_range.n_layers)
+
+
+def needs_tied_embedding_file(folder: Path, layer_range: LayerRange) -> bool:
+    """True when a downloaded sharded HF repo lacks the file with the embedding that a tied last shard needs as
+    its head (exo's get_allow_patterns adds that file only for the first shard)."""
+    folder = Path(folder)
+    if not layer_range.is_last or layer_range.is_first or not (folder / hf.INDEX_FILE).exists():
+        return False
+    if not hf.read_config(folder).get("tie_word_embeddings", False):
+        return False
+    fname = hf.weight_map(folder).get(registry.HF_EMBED)
+    return fname is not None and not (folder / fname).exists()
