@@ -285,12 +285,13 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in added else 1 for t in tokens])
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(vocab[tc["bos_token"]])
-    writer.add_eos_token_id(vocab[tc["eos_token"]])
-    writer.add_unk_token_id(vocab[tc["unk_token"]])
-    writer.add_pad_token_id(vocab[tc["pad_token"]])
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        if tc.get(key) is not None:  # Qwen's tokenizer_config has bos_token null and no unk_token
+            add(vocab[tc[key]])
     writer.add_add_bos_token(bool(tc.get("add_bos_token", False)))
-    writer.add_chat_template(tc["chat_template"])
+    if tc.get("chat_template"):
+        writer.add_chat_template(tc["chat_template"])
 
     names = {
         "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
