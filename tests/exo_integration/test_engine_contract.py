@@ -159,7 +159,9 @@ async def test_bad_inputs_fail_the_request_with_clear_errors(model_dir):
         assert "layers 0-7" in str(ei.value)
         assert "TensorContractError" in e.take_failure("F") and e.take_failure("F") is None
         with pytest.raises(UnknownModelError, match="no exo-rknpu card"):
-            await e.infer_tensor("G", shard(0, 3, model="qwen-2.5-0.5b", n=28), np.zeros((1, 2), np.int64))
+            await e.infer_tensor("G", shard(0, 3, model="qwen-2.5-7b", n=28), np.zeros((1, 2), np.int64))
+        with pytest.raises(Exception, match="card says 24"):  # legacy exo's wrong layer count for this model
+            await e.infer_tensor("G2", shard(0, 3, model="qwen-2.5-0.5b", n=28), np.zeros((1, 2), np.int64))
         with pytest.raises(LayerRangeError, match="outside the model"):
             await e.infer_tensor("H", shard(8, N, n=N), np.zeros((1, 2, 64), np.float32))
         with pytest.raises(Exception, match="card says 16"):
