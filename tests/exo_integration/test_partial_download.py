@@ -92,3 +92,22 @@ async def test_tied_last_shard_also_fetches_the_embedding_file_and_nothing_else(
         np.testing.assert_allclose(logits, want.forward("r", hidden, logits="all"), rtol=0, atol=1e-4)
     finally:
         want.close()
+
+
+async def test_whole_model_shard_also_fetches_the_final_norm_file(repo, tmp_path):
+    from exo.inference.shard import Shard
+
+    from exo_rknpu.engine import EngineConfig
+    from exo_rknpu.exo.inference_engine import RKNPUInferenceEngine
+    from exo_rknpu.exo.options import NodeOptions
+
+    target = tmp_path / "downloads"
+    downloader = fake_downloader(repo, target)
+    engine = RKNPUInferenceEngine(downloader, NodeOptions(engine=EngineConfig(backend="numpy")))
+    try:
+        out, _ = await engine.infer_tensor("r", Shard(MODEL, 0, N - 1, N), np.array([[5, 6, 7]], np.int64))
+    finally:
+        engine.core.close()
+    # exo gives a first shard the first file but not the last one (model.norm here)
+    assert downloader.calls == [(0, N - 1, "RKNPUInferenceEngine"), (N - 1, N - 1, "RKNPUInferenceEngine")]
+    assert out.shape == (1, 3, 320)
