@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import fake_shard_downloader, needs_exo
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import resolve_model
 from exo_rknpu.runtime.session import open_shard
@@ -32,32 +32,24 @@ def repo(tmp_path_factory):
                         sharded=True, head_dim=32)
 
 
-def fake_downloader(repo, target):
+def fake_hub(repo, target):
+    """exo's downloader in miniature: copy into `target` exactly the files exo's get_allow_patterns selects."""
     from exo.download.hf.hf_helpers import get_allow_patterns
-    from exo.download.shard_download import ShardDownloader
 
-    class Downloader(ShardDownloader):
-        calls: list = []
+    def fetch(shard):
+        weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+        patterns = get_allow_patterns(weight_map, shard)
+        target.mkdir(exist_ok=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in patterns):
+                shutil.copy(f, target / f.name)
+        return target
 
-        async def ensure_shard(self, shard, inference_engine_name):
-            self.calls.append((shard.start_layer, shard.end_layer, inference_engine_name))
-            weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
-            patterns = get_allow_patterns(weight_map, shard)
-            target.mkdir(exist_ok=True)
-            for f in repo.iterdir():
-                if any(fnmatch.fnmatch(f.name, p) for p in patterns):
-                    shutil.copy(f, target / f.name)
-            return target
+    return fake_shard_downloader(fetch)
 
-        @property
-        def on_progress(self):
-            raise NotImplementedError
 
-        async def get_shard_download_status(self, inference_engine_name):
-            if False:
-                yield
-
-    return Downloader()
+def layers_asked(downloader) -> list[tuple[int, int, str]]:
+    return [(s.start_layer, s.end_layer, name) for s, name in downloader.calls]
 
 
 async def run_last_shard(repo, target, start):
@@ -67,14 +59,14 @@ async def run_last_shard(repo, target, start):
     from exo_rknpu.exo.inference_engine import RKNPUInferenceEngine
     from exo_rknpu.exo.options import NodeOptions
 
-    downloader = fake_downloader(repo, target)
+    downloader = fake_hub(repo, target)
     engine = RKNPUInferenceEngine(downloader, NodeOptions(engine=EngineConfig(backend="numpy")))
     hidden = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
     try:
         out, state = await engine.infer_tensor("r", Shard(MODEL, start, N - 1, N), hidden)
     finally:
         engine.core.close()
-    return downloader.calls, out, hidden
+    return layers_asked(downloader), out, hidden
 
 
 async def test_tied_last_shard_also_fetches_the_embedding_file_and_nothing_else(repo, tmp_path):
@@ -102,12 +94,12 @@ async def test_whole_model_shard_also_fetches_the_final_norm_file(repo, tmp_path
     from exo_rknpu.exo.options import NodeOptions
 
     target = tmp_path / "downloads"
-    downloader = fake_downloader(repo, target)
+    downloader = fake_hub(repo, target)
     engine = RKNPUInferenceEngine(downloader, NodeOptions(engine=EngineConfig(backend="numpy")))
     try:
         out, _ = await engine.infer_tensor("r", Shard(MODEL, 0, N - 1, N), np.array([[5, 6, 7]], np.int64))
     finally:
         engine.core.close()
     # exo gives a first shard the first file but not the last one (model.norm here)
-    assert downloader.calls == [(0, N - 1, "RKNPUInferenceEngine"), (N - 1, N - 1, "RKNPUInferenceEngine")]
+    assert layers_asked(downloader) == [(0, N - 1, "RKNPUInferenceEngine"), (N - 1, N - 1, "RKNPUInferenceEngine")]
     assert out.shape == (1, 3, 320)
