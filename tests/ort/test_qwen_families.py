@@ -179,6 +179,20 @@ def test_gguf_tensors_as_gguf_reader_sees_them(qwen_gguf):
     assert bytes(field.parts[field.data[0]]).decode() == family
 
 
+def test_gguf_tokenizer_encodes_and_stops_as_transformers(qwen_gguf):
+    """The GGUF's tokenizer (pre-tokenizer "qwen2", as llama.cpp writes for Qwen2 and Qwen3) encodes like
+    transformers' tokenizer of the HF folder, and stops where generation_config stops (<|im_end|>, <|endoftext|>)
+    although the GGUF names only <|im_end|> as eos -- llama.cpp's end-of-generation rule."""
+    from exo_rknpu.model.loader import load_tokenizer
+
+    _, path, _, gguf_path = qwen_gguf
+    ours = load_tokenizer(resolve_model(str(gguf_path)))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    for text in (TEXT, "hello, world! 12345 Café 日本語\n\n", "<|im_start|>user\nhi<|im_end|>\n"):
+        assert ours.encode(text, add_special_tokens=True) == hf_tok(text)["input_ids"], text
+    assert ours.eos_token_ids == frozenset(transformers.GenerationConfig.from_pretrained(str(path)).eos_token_id)
+
+
 @pytest.mark.parametrize("split", [None, "0-1,2-3"])
 def test_gguf_logits_match_transformers(qwen_gguf, split):
     _, _, model, gguf_path = qwen_gguf

@@ -38,7 +38,7 @@ def test_gguf_tokenizer_encodes_like_the_hf_one(tiny):
     assert gg.vocab_size == hf.vocab_size == 320
 
 
-@pytest.mark.parametrize("arch", ["qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_qwen2_gguf_tokenizer_encodes_like_the_hf_one(tmp_path, arch):
     hf_dir = make_tiny_hf(tmp_path / "hf", arch=arch)
     hf = Tokenizer.from_hf_dir(hf_dir)
