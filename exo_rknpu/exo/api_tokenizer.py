@@ -54,11 +54,12 @@ class TemplateOptionsTokenizer:
     (enable_thinking) as defaults of apply_chat_template; everything else is the wrapped tokenizer's."""
 
     def __init__(self, tokenizer: Any, enable_thinking: bool | None = None) -> None:
-        self._tokenizer = tokenizer
+        # Not `_tokenizer`: that is a transformers tokenizer's own attribute (exo's API probes for it).
+        self._wrapped = tokenizer
         self._options = chat_template_options(enable_thinking)
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
-        return self._tokenizer.apply_chat_template(*args, **{**self._options, **kwargs})
+        return self._wrapped.apply_chat_template(*args, **{**self._options, **kwargs})
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
+        return getattr(self._wrapped, name)

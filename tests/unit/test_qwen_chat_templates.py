@@ -114,6 +114,7 @@ def test_exos_own_tokenizer_gets_the_same_default(qwen3):
     assert wrapped.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True) == \
         hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert wrapped.eos_token_id == hf_tok.eos_token_id and wrapped.decode([5, 6]) == hf_tok.decode([5, 6])
+    assert wrapped._tokenizer is hf_tok._tokenizer  # exo probes this attribute of transformers tokenizers
 
 
 def test_rendered_prompt_encodes_as_transformers_encodes_it(qwen3):
