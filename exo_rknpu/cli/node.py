@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--npu-dtype", default="fp16", choices=["fp16", "w8a8"], help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
     p.add_argument("--npu-core-mask", default="auto", choices=list(CORE_MASKS), metavar="MASK",
                    help=f"npu backend: NPU cores, {' | '.join(CORE_MASKS)} (default: auto)")
+    p.add_argument("--thinking", action="store_true",
+                   help="chat prompts let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
     p.set_defaults(func=run)
 
@@ -63,7 +65,8 @@ def build_options(args: argparse.Namespace):
         logits=args.logits,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
-    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb)
+    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
+                       enable_thinking=args.thinking)
 
 
 def run(args: argparse.Namespace) -> int:

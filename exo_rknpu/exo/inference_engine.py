@@ -25,7 +25,7 @@ from exo_rknpu.exo import ENGINE_CLASS, options as node_options
 from exo_rknpu.exo.api_tokenizer import encode_prompt
 from exo_rknpu.exo.cards import get_card, local_override
 from exo_rknpu.exo.options import NodeOptions
-from exo_rknpu.exo.shards import range_to_shard, shard_to_range
+from exo_rknpu.exo.shards import extra_ranges_to_download, range_to_shard, shard_to_range
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import ModelSource, resolve_model
 from exo_rknpu.runtime.sampling import SamplingParams, sample_row
@@ -64,6 +64,10 @@ class RKNPUInferenceEngine(InferenceEngine):
                                 f"put it at --model-dir DIR as DIR/{model_id}")
         # exo's downloader: only the files holding this shard's layers when the repo has a safetensors index.
         path = await self.shard_downloader.ensure_shard(range_to_shard(model_id, layer_range), ENGINE_CLASS)
+        # exo's allow-patterns miss the embedding of a tied last shard and the final norm of a whole-model shard:
+        # ask for the one-layer shard whose patterns include that file.
+        for extra in await self.core.run_blocking(extra_ranges_to_download, Path(path), layer_range):
+            await self.shard_downloader.ensure_shard(range_to_shard(model_id, extra), ENGINE_CLASS)
         return await self.core.run_blocking(resolve_model, str(Path(path)))
 
     # ------------------------------------------------------------------ failures (for the launcher)

@@ -3,12 +3,14 @@
 Patches, all applied before `exo.main` is imported (it parses argv and builds the node at import):
 1. `get_inference_engine` in exo.inference.inference_engine and exo.orchestration.node (which bound the name at
    import) returns RKNPUInferenceEngine for "rknpu"; `inference_engine_classes["rknpu"]` names the class.
-2. exo.models.model_cards gets our cards (smollm2-135m added, llama-3.2-1b/3b get our class's repo).
+2. exo.models.model_cards gets our cards (smollm2-135m and qwen-3-* added; llama-3.2-*, qwen-2.5-* get our
+   class's repo; exo's wrong layer count for qwen-2.5-0.5b is corrected).
 3. Node.select_best_inference_engine becomes a no-op: otherwise exo replaces our engine with a fresh tinygrad one
    whenever the peer set changes.
 4. exo.topology.device_capabilities.linux_device_capabilities reports the board (no tinygrad import, no pynvml).
 5. ChatGPTAPI.run binds to --api-host (exo hard-codes 0.0.0.0).
-6. exo's API resolves the tokenizer of our local models (smollm2-135m, --model-dir) with our tokenizer, offline.
+6. exo's API resolves the tokenizer of our local models (smollm2-135m, --model-dir) with our tokenizer, offline;
+   for downloaded repos it keeps exo's own, and both render chat templates with our options (enable_thinking).
 7. Failed requests fail: exo only prints an error from a hop and leaves the API waiting for 900 s. A node whose
    engine failed broadcasts {"type": "rknpu_request_failed"}; every node's API that waits for that request
    then answers with an error (HTTP 500, or a cut-off stream), and an unknown model id gets HTTP 400 instead of
@@ -26,6 +28,7 @@ import traceback
 from typing import Any
 
 from exo_rknpu.exo import ENGINE_CLASS, ENGINE_NAME, options as node_options
+from exo_rknpu.exo.api_tokenizer import TemplateOptionsTokenizer
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.exo.ring_members import restrict_ring
@@ -81,6 +84,11 @@ def install_patches(options: NodeOptions) -> None:
     # 2. model cards
     for card in CARDS.values():
         entry = models.model_cards.setdefault(card.model_id, {"layers": card.n_layers, "repo": {}})
+        if entry.get("layers") != card.n_layers and entry.get("layers") == card.exo_wrong_layers:
+            log.warning("exo's card for %s says %s layers; the model has %s: corrected in this node (legacy nodes "
+                        "without exo-rknpu keep the wrong count and cannot share a ring for it)",
+                        card.model_id, entry["layers"], card.n_layers)
+            entry["layers"] = card.n_layers
         if entry.get("layers") != card.n_layers:
             raise RuntimeError(f"exo's card for {card.model_id} says {entry.get('layers')} layers; ours says {card.n_layers}")
         entry["repo"][ENGINE_CLASS] = card.repo
@@ -117,10 +125,12 @@ def install_patches(options: NodeOptions) -> None:
         if card is None:
             return await original_resolve(repo_id)
         override = local_override(card, node_options.current().model_dir)
+        thinking = node_options.current().enable_thinking
         if override is None and card.zoo_alias is None:
-            return await original_resolve(repo_id)  # a downloaded HF repo: exo's own way, as for tinygrad
+            # a downloaded HF repo: exo's own way, as for tinygrad, with our chat template options
+            return TemplateOptionsTokenizer(await original_resolve(repo_id), thinking)
         if card.model_id not in cache:
-            cache[card.model_id] = await asyncio.to_thread(_api_tokenizer, str(override or card.zoo_alias))
+            cache[card.model_id] = await asyncio.to_thread(_api_tokenizer, str(override or card.zoo_alias), thinking)
         return cache[card.model_id]
 
     api_mod.resolve_tokenizer = resolve_tokenizer
@@ -188,12 +198,12 @@ def attach_failure_handler(node: Any, api: Any) -> None:
     node.on_opaque_status.register("exo-rknpu-failures").on_next(on_status)
 
 
-def _api_tokenizer(name_or_path: str) -> Any:
+def _api_tokenizer(name_or_path: str, enable_thinking: bool) -> Any:
     from exo_rknpu.exo.api_tokenizer import ExoApiTokenizer
     from exo_rknpu.model.loader import load_tokenizer
     from exo_rknpu.model.zoo import resolve_model
 
-    return ExoApiTokenizer(load_tokenizer(resolve_model(name_or_path)))
+    return ExoApiTokenizer(load_tokenizer(resolve_model(name_or_path)), enable_thinking)
 
 
 def _arg_value(argv: list[str], name: str) -> str | None:

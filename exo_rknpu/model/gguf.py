@@ -225,6 +225,7 @@ def args_from_gguf(g: GGUFFile) -> ModelArgs:
         rope_scaling=None,
         tie_word_embeddings=registry.GGUF_HEAD not in g.tensors,
         attention_bias=registry.has_attention_bias(family) or "blk.0.attn_q.bias" in g.tensors,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(g.get(k("context_length"), 2048)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=None if eos is None else int(eos),
@@ -238,7 +239,8 @@ def load_gguf_args(path: Path) -> ModelArgs:
 
 def _layer(g: GGUFFile, args: ModelArgs, i: int) -> LayerWeights:
     shapes = expected_shapes(args)
-    # llama.cpp permutes Q/K rows only for the llama family (qwen2 is converted without it).
+    # llama.cpp permutes Q/K rows only for the llama family: its Qwen2Model/Qwen3Model converters
+    # (conversion/qwen.py) inherit TextModel.modify_tensors, which does not, and run NEOX (rotate-half) RoPE.
     heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads,
              "q_bias": args.num_attention_heads, "k_bias": args.num_key_value_heads}
     kw: dict[str, np.ndarray] = {}

@@ -93,7 +93,7 @@ def _rope_settings(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
-    """Normalise an HF config dict into ModelArgs (llama / qwen2 families)."""
+    """Normalise an HF config dict into ModelArgs (llama / qwen2 / qwen3 families)."""
     family = registry.canonical_family(cfg.get("model_type"), cfg)
     if cfg.get("use_sliding_window"):
         raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
@@ -123,6 +123,7 @@ def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bias,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         bos_token_id=_first_id(cfg.get("bos_token_id")),
         eos_token_id=_first_id(cfg.get("eos_token_id")),
@@ -280,6 +281,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "q_bias": (q,),
         "k_bias": (kv,),
         "v_bias": (kv,),
+        "q_norm": (hd,),
+        "k_norm": (hd,),
     }
 
 
@@ -293,10 +296,12 @@ def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...], where: object)
 
 
 def layer_fields(args: ModelArgs) -> list[str]:
-    """LayerWeights fields this model has (biases only with attention_bias)."""
+    """LayerWeights fields this model has (biases only with attention_bias, q/k norms only with qk_norm)."""
     fields = list(registry.HF_LAYER_TENSORS)
     if args.attention_bias:
         fields += list(registry.HF_BIAS_TENSORS)
+    if args.qk_norm:
+        fields += list(registry.HF_QK_NORM_TENSORS)
     return fields
 
 

@@ -113,7 +113,13 @@ def test_cards():
     assert get_card("llama-3.2-3b").repo == "unsloth/Llama-3.2-3B-Instruct" and get_card("llama-3.2-3b").n_layers == 28
     assert card_for_repo("exo-rknpu/smollm2-135m") is CARDS["smollm2-135m"] and card_for_repo("x/y") is None
     with pytest.raises(UnknownModelError, match="smollm2-135m"):
-        get_card("qwen-2.5-0.5b")
+        get_card("qwen-2.5-7b")
+    # Qwen's own repos (bf16 safetensors), layer counts from their config.json files
+    qwen = {m: (c.repo, c.n_layers) for m, c in CARDS.items() if m.startswith("qwen")}
+    assert qwen == {
+        "qwen-2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", 24), "qwen-2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", 28),
+        "qwen-2.5-3b": ("Qwen/Qwen2.5-3B-Instruct", 36), "qwen-3-0.6b": ("Qwen/Qwen3-0.6B", 28),
+        "qwen-3-1.7b": ("Qwen/Qwen3-1.7B", 28), "qwen-3-4b": ("Qwen/Qwen3-4B", 36)}
 
 
 def test_local_override(tmp_path):

@@ -53,7 +53,7 @@ class Ring:
                    "--backend", s["backend"], "--memory-mb", str(s["memory"]), *s.get("extra", []), "--",
                    "--node-id", nid, "--node-host", "127.0.0.1", "--node-port", str(s["grpc"]),
                    "--discovery-module", "manual", "--discovery-config-path", str(self.config),
-                   "--chatgpt-api-port", str(s["api"]), "--disable-tui"]
+                   "--chatgpt-api-port", str(s["api"]), "--disable-tui", *s.get("exo_extra", [])]
             self.logs[nid] = self.tmp / f"{nid}.log"
             self.procs[nid] = subprocess.Popen(cmd, stdout=open(self.logs[nid], "w"), stderr=subprocess.STDOUT, env=env)
         self.wait_for_topology()
