@@ -33,6 +33,9 @@ class Backend(Protocol):
 
     name: str
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
+    # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
+    # final_norm or lm_head, so the loader leaves them out (load_shard(layers=False)). Default True.
+    needs_layer_weights: bool
 
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all?"""

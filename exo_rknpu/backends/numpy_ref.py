@@ -25,6 +25,7 @@ class NumpyBackend:
     name = "numpy"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
+    needs_layer_weights = True  # evaluates the slices from the weights
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")

@@ -42,6 +42,7 @@ class OrtBackend:
     name = "onnx"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
+    needs_layer_weights = True  # builds its graphs from the weights
 
     def __init__(self, threads: int | None = None) -> None:
         if ort is None:

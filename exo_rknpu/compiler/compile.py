@@ -282,6 +282,9 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                                         "calibration_sha256": calib_digest,
                                         "smoothing": smoothing or None,
                                         "samples_per_bucket": {str(k): len(v) for k, v in (samples or {}).items()}}
+        if cc.manifest_key(manifest) != key:  # the board re-derives the key from these facts (npu.check_manifest)
+            raise CompileError(f"internal: the manifest of {spec.name} does not re-derive its cache key; "
+                               f"artifacts.manifest_key is out of step with compile_range's key")
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,10 @@ Fields (format 1):
   build {seconds, cpu_ops, fallbacks, cycles, internal_kb, weight_kb, errors},
   quantization {policy, calibration_sha256, samples_per_bucket} (w8a8 only),
   verify {cos_<output>: min over buckets, cos_delta: residual-update cosine, ...} (with --verify).
+
+These are the facts the board checks before running a slice (backends/npu.py::check_manifest), from this file and
+the .rknn files alone: `key` must equal the cache key recomputed from the recorded facts (artifacts.manifest_key),
+which ties `weights_digest` to the entry without reading any weights on the board.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         m = json.loads(path.read_text())
     except ValueError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); delete {folder} and recompile") from None
-    for k in ("format", "key", "slice", "model_fingerprint", "dtype", "platform", "files"):
+    for k in ("format", "key", "slice", "model_fingerprint", "weights_digest", "model_args", "dtype", "platform",
+              "toolkit_version", "exporter_version", "buckets", "files"):
         if k not in m:
             raise ArtifactError(f"{path} lacks field {k!r}; delete {folder} and recompile")
     if m["format"] != FORMAT:
