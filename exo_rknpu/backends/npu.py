@@ -175,7 +175,7 @@ class NpuBackend:
             internal = max(internal, int(float(m.get("build", {}).get("internal_kb") or 0.0) * 1024))
         if embed_bytes is None:
             embed_bytes = args.vocab_size * args.hidden_size * 4 if layer_range.is_first else 0
-        per_request = 2 * layer_range.n_layers * args.num_key_value_heads * max_context * args.head_dim * 4
+        per_request = 2 * len(layer_range.layers) * args.num_key_value_heads * max_context * args.head_dim * 4
         kv = max_requests * per_request
         if kv_cap_bytes is not None:
             kv = min(kv, kv_cap_bytes + per_request)

@@ -257,15 +257,15 @@ def _layer(g: GGUFFile, args: ModelArgs, i: int) -> LayerWeights:
 
 
 def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
-                    layers: bool = True) -> ShardWeights:
+                    layers: bool = True, embed: bool = True) -> ShardWeights:
     """Load only what `layer_range` needs from a GGUF file. `fingerprint` is left empty (the loader sets it).
     layers=False: the embedding only (first shard); no layer or head tensor bytes are read."""
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     args = args or args_from_gguf(g)
     vh = (args.vocab_size, args.hidden_size)
     loaded = {i: _layer(g, args, i) for i in (layer_range.layers if layers else ())}
-    embed = norm = head = None
-    if layer_range.is_first:
+    want_embed, embed, norm, head = embed, None, None, None
+    if layer_range.is_first and want_embed:
         embed = check_shape(registry.GGUF_EMBED, g.tensor(registry.GGUF_EMBED), vh, g.path)
     if layer_range.is_last and layers:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)

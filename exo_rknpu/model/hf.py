@@ -298,7 +298,8 @@ def layer_fields(args: ModelArgs) -> list[str]:
     return fields
 
 
-def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, layers: bool = True) -> ShardWeights:
+def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, layers: bool = True,
+                  embed: bool = True) -> ShardWeights:
     """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it).
     layers=False: the embedding only (first shard); no file holding only layer or head tensors is opened."""
     folder = Path(folder)
@@ -313,8 +314,8 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
                 name = registry.hf_layer_name(i, field)
                 kw[field] = check_shape(name, src.get(name), shapes[field], folder)
             loaded[i] = LayerWeights(**kw)
-        embed = norm = head = None
-        if layer_range.is_first:
+        want_embed, embed, norm, head = embed, None, None, None
+        if layer_range.is_first and want_embed:
             embed = check_shape(registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder)
         if layer_range.is_last and layers:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
