@@ -254,3 +254,47 @@ def test_resident_bytes_come_from_the_compiled_sizes(board):
     with pytest.raises(ArtifactError, match="no compiled fp16 slice layers.0"):
         NpuBackend(cache_dir=cache.parent / "empty", check_board=False).resident_bytes(
             ws.fingerprint, a, LayerRange(0, 1, N_LAYERS), max_context=64)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts every tensor read from a safetensors file, and the LayerWeights alive at each read."""
+    import gc
+
+    from exo_rknpu.model import hf
+    from exo_rknpu.model.weights import LayerWeights
+
+    log: dict[str, int] = {}
+    alive: list[int] = []
+    real = hf._SafetensorsFile.get
+
+    def get(self, name: str):
+        log[name] = log.get(name, 0) + 1
+        alive.append(sum(isinstance(o, LayerWeights) for o in gc.get_objects()))
+        return real(self, name)
+
+    monkeypatch.setattr(hf._SafetensorsFile, "get", get)
+    return log, alive
+
+
+def test_compile_reads_each_layer_once_and_holds_one_at_a_time(board, reads, tmp_path):
+    _, _, intact = board
+    log, alive = reads
+    res = compile_range(str(intact), f"0-{N_LAYERS - 1}", buckets=BUCKETS, cache_dir=tmp_path / "a", progress=False)
+    assert [r.status for r in res] == ["built"] * 3
+    layer_tensors = {n for n in log if n.startswith("model.layers.")}
+    assert len(layer_tensors) == 9 * N_LAYERS and set(log) == layer_tensors | {"model.norm.weight", "lm_head.weight"}
+    assert set(log.values()) == {1}  # every tensor read once; the embedding (host-side) not at all
+    assert max(alive) <= 1  # a layer's weights are gone before the next layer is read
+
+
+def test_compile_with_verify_reads_the_prefix_once(board, reads, tmp_path):
+    """--verify captures real activations from layer 0: the layers before the range are read too, still once."""
+    _, _, intact = board
+    log, _ = reads
+    res = compile_range(str(intact), f"{N_LAYERS - 1}-{N_LAYERS - 1}", buckets=BUCKETS, verify=True,
+                        cache_dir=tmp_path / "v", progress=False)
+    assert [(r.name, r.status) for r in res] == [(f"layers.{N_LAYERS - 1}", "built"), ("head", "built")]
+    assert all(r.verify["cos_" + ("logits" if r.name == "head" else "hidden_out")] >= 0.9999 for r in res)
+    assert "model.embed_tokens.weight" in log and "model.layers.0.mlp.down_proj.weight" in log
+    assert set(log.values()) == {1}
