@@ -19,14 +19,14 @@ import pytest
 
 from exo_rknpu.backends.rknn_io import cosine
 from exo_rknpu.compiler.compile import compile_range
-from exo_rknpu.errors import ArtifactError
+from exo_rknpu.errors import ArtifactError, WeightsError
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_shard, resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.session import open_shard
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
-from tiny_models import make_tiny_hf, shard_file_name
+from tiny_models import make_tiny_gguf, make_tiny_hf, shard_file_name
 from toolkit_common import NEEDS_TOOLKIT
 
 pytestmark = NEEDS_TOOLKIT
@@ -172,8 +172,38 @@ def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite):
 def test_board_model_without_layer_files_cannot_serve_cpu_backends(board):
     """The on-board copy really lacks the layer tensors: a backend that needs them fails to load them."""
     _, on_board, _ = board
-    with pytest.raises(Exception, match="model-00002-of-00004"):
+    with pytest.raises(WeightsError, match="model-00002-of-00004"):
         open_shard(resolve_model(str(on_board)), LayerRange(0, 1, N_LAYERS), "onnx", BUCKETS)
+
+
+def test_gguf_with_corrupted_layer_bytes_opens_on_npu_reading_only_the_embedding(board, load_only, monkeypatch, tmp_path):
+    """Same model as GGUF: after compiling, every layer and head tensor's bytes are overwritten in place (the tensor
+    table, hence the fingerprint, is unchanged). The npu shards open and only token_embd is ever read."""
+    from exo_rknpu.model.gguf import GGUFFile
+
+    _, _, intact = board
+    path = make_tiny_gguf(tmp_path / "m.gguf", intact)
+    cache = tmp_path / "cache"
+    compile_range(str(path), f"0-{N_LAYERS - 1}", buckets=BUCKETS, cache_dir=cache, progress=False)
+    g = GGUFFile(path)
+    with open(path, "r+b") as f:
+        for t in g.tensors.values():
+            if t.name != "token_embd.weight":
+                f.seek(t.offset)
+                f.write(b"\xff" * t.nbytes)  # float32 NaN everywhere
+    src = resolve_model(str(path))
+    assert np.isnan(load_shard(src, LayerRange(1, 2, N_LAYERS)).layers[1].q_proj).all()  # the damage is real
+    read: list[str] = []
+    real = GGUFFile.tensor
+    monkeypatch.setattr(GGUFFile, "tensor", lambda self, name: read.append(name) or real(self, name))
+    shards = [open_shard(src, LayerRange(0, 1, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache)),
+              open_shard(src, LayerRange(1, 2, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache))]
+    try:
+        assert read == ["token_embd.weight"]
+        assert [Path(p).name for p in load_only.loads] == ["layers.0.rknn", "layers.1.rknn", "head.rknn"]
+    finally:
+        for s in shards:
+            s.close()
 
 
 def _entry(cache: Path, name: str) -> Path:
