@@ -27,7 +27,7 @@ from exo_rknpu.runtime.session import open_shard
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 from tiny_models import make_tiny_gguf, make_tiny_hf, shard_file_name
-from toolkit_common import NEEDS_TOOLKIT
+from toolkit_common import NEEDS_TOOLKIT, greedy
 
 pytestmark = NEEDS_TOOLKIT
 
@@ -122,22 +122,11 @@ def rknnlite(monkeypatch, board):
     SimulatedRKNNLite.weights = load_shard(resolve_model(str(intact)), LayerRange(0, N_LAYERS, N_LAYERS))
     yield SimulatedRKNNLite
     SimulatedRKNNLite.sim.close()
+    SimulatedRKNNLite.sim = SimulatedRKNNLite.weights = None
 
 
 def _npu(cache: Path) -> dict:
     return {"cache_dir": cache, "check_board": False}
-
-
-def _greedy(ring: LocalRing, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    toks, logits = [], []
-    x = np.asarray([prompt], np.int64)
-    for _ in range(n):
-        lg = ring.forward("r", x)
-        logits.append(lg[0, -1])
-        toks.append(int(lg[0, -1].argmax()))
-        x = np.asarray([[toks[-1]]], np.int64)
-    ring.drop("r")
-    return toks, logits
 
 
 def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite):
@@ -158,8 +147,8 @@ def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite):
                 for p in cache.glob(f"slices/*/*/{name}.rknn")]
         assert rknnlite.loads == want and rknnlite.core_masks == [0, 0, 0]
         prompt = [5, 9, 13, 17, 21, 25, 29]  # 7 tokens: seq bucket 16, then decode steps at seq 1
-        got_toks, got_logits = _greedy(LocalRing(shards), prompt, 5)
-        want_toks, want_logits = _greedy(ref, prompt, 5)
+        got_toks, got_logits = greedy(LocalRing(shards), prompt, 5)
+        want_toks, want_logits = greedy(ref, prompt, 5)
         assert got_toks == want_toks
         for g, w in zip(got_logits, want_logits):
             assert cosine(g, w) >= 0.9999  # fp16 on the simulator vs float32 onnxruntime
@@ -294,13 +283,17 @@ def reads(monkeypatch):
     from exo_rknpu.model import hf
     from exo_rknpu.model.weights import LayerWeights
 
+    def count() -> int:
+        return sum(isinstance(o, LayerWeights) for o in gc.get_objects())
+
     log: dict[str, int] = {}
     alive: list[int] = []
     real = hf._SafetensorsFile.get
+    before = count()  # held by other tests' fixtures
 
     def get(self, name: str):
         log[name] = log.get(name, 0) + 1
-        alive.append(sum(isinstance(o, LayerWeights) for o in gc.get_objects()))
+        alive.append(count() - before)
         return real(self, name)
 
     monkeypatch.setattr(hf._SafetensorsFile, "get", get)
