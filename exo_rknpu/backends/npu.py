@@ -124,7 +124,7 @@ class NpuBackend:
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
     static_shapes = True
-    layers_per_slice = 1  # the compiler builds one .rknn per decoder layer
+    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (compiler/compile.py)
     needs_layer_weights = False  # layers and head run from the .rknn files: the loader leaves their weights out
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", cache_dir: str | Path | None = None,

@@ -28,6 +28,7 @@ from typing import Any
 from exo_rknpu.exo import ENGINE_CLASS, ENGINE_NAME, options as node_options
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.exo.ring_members import restrict_ring
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def run_node(options: NodeOptions, exo_args: list[str]) -> int:
     except SystemExit as e:  # argparse errors / --help
         return int(e.code or 0)
     attach_failure_handler(exo_main.node, exo_main.api)
+    restrict_ring(exo_main.node)  # layers go to exo-rknpu nodes only (ring_members.py)
     import exo.api.chatgpt_api as api_mod
 
     exo_main.resolve_tokenizer = api_mod.resolve_tokenizer  # `exo run MODEL` resolves its tokenizer here
