@@ -41,8 +41,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         m = json.loads(path.read_text())
     except ValueError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); delete {folder} and recompile") from None
-    for k in ("format", "key", "slice", "model_fingerprint", "weights_digest", "model_args", "dtype", "platform",
-              "toolkit_version", "exporter_version", "buckets", "files"):
+    for k in ("format", "key", "slice", "model_fingerprint", "dtype", "platform", "files"):
         if k not in m:
             raise ArtifactError(f"{path} lacks field {k!r}; delete {folder} and recompile")
     if m["format"] != FORMAT:
