@@ -27,6 +27,7 @@ class NumpyBackend:
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
+    needs_layer_weights = True  # evaluates the slices from the weights
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")

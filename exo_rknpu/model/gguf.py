@@ -253,16 +253,18 @@ def _layer(g: GGUFFile, args: ModelArgs, i: int) -> LayerWeights:
     return LayerWeights(**kw)
 
 
-def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from a GGUF file. `fingerprint` is left empty (the loader sets it)."""
+def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
+                    layers: bool = True, embed: bool = True) -> ShardWeights:
+    """Load only what `layer_range` needs from a GGUF file. `fingerprint` is left empty (the loader sets it).
+    layers=False: the embedding only (first shard); no layer or head tensor bytes are read."""
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     args = args or args_from_gguf(g)
     vh = (args.vocab_size, args.hidden_size)
-    layers = {i: _layer(g, args, i) for i in layer_range.layers}
-    embed = norm = head = None
-    if layer_range.is_first:
+    loaded = {i: _layer(g, args, i) for i in (layer_range.layers if layers else ())}
+    want_embed, embed, norm, head = embed, None, None, None
+    if layer_range.is_first and want_embed:
         embed = check_shape(registry.GGUF_EMBED, g.tensor(registry.GGUF_EMBED), vh, g.path)
-    if layer_range.is_last:
+    if layer_range.is_last and layers:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
             head = embed if embed is not None else check_shape(
@@ -270,5 +272,5 @@ def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelA
             )
         else:
             head = check_shape(registry.GGUF_HEAD, g.tensor(registry.GGUF_HEAD), vh, g.path)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)

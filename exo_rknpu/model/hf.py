@@ -305,24 +305,26 @@ def layer_fields(args: ModelArgs) -> list[str]:
     return fields
 
 
-def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it)."""
+def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, layers: bool = True,
+                  embed: bool = True) -> ShardWeights:
+    """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it).
+    layers=False: the embedding only (first shard); no file holding only layer or head tensors is opened."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
     vh = (args.vocab_size, args.hidden_size)
     with TensorSource(folder) as src:
-        layers: dict[int, LayerWeights] = {}
-        for i in layer_range.layers:
+        loaded: dict[int, LayerWeights] = {}
+        for i in (layer_range.layers if layers else ()):
             kw = {}
             for field in layer_fields(args):
                 name = registry.hf_layer_name(i, field)
                 kw[field] = check_shape(name, src.get(name), shapes[field], folder)
-            layers[i] = LayerWeights(**kw)
-        embed = norm = head = None
-        if layer_range.is_first:
+            loaded[i] = LayerWeights(**kw)
+        want_embed, embed, norm, head = embed, None, None, None
+        if layer_range.is_first and want_embed:
             embed = check_shape(registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder)
-        if layer_range.is_last:
+        if layer_range.is_last and layers:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
             if args.tie_word_embeddings:
                 # Tied: the head *is* the embedding; never keep two copies.
@@ -331,7 +333,7 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
                 )
             else:
                 head = check_shape(registry.HF_HEAD, src.get(registry.HF_HEAD), vh, folder)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)
 
 

@@ -38,7 +38,7 @@ class LayerWeights:
         h = hashlib.sha256()
         for name, a in self.arrays().items():
             h.update(f"{name}:{a.shape}:{a.dtype};".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
+            h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # hashed in place, not copied
         return h.hexdigest()
 
     @property

@@ -45,14 +45,19 @@ def open_shard(
     Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
     """
-    weights = load_shard(src, layer_range)
     primary = get_backend(backend, **(backend_options or {}))
     if layers_per_slice is None:
         layers_per_slice = getattr(primary, "layers_per_slice", None)
     placed = primary
-    lr = weights.layer_range
-    if any(not primary.supports(s) for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)):
+    lr = layer_range
+    plan = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
+    off_primary = [s for s in plan if not primary.supports(s)]
+    if off_primary:
         placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
+    # A backend running its slices from compiled files (npu) needs no layer/head weights, unless a slice it
+    # cannot run (other than the embedding, always loaded) lands on the fallback.
+    layers = getattr(primary, "needs_layer_weights", True) or any(s.kind != "embed" for s in off_primary)
+    weights = load_shard(src, layer_range, layers=layers)
     return ShardRunner(
         weights,
         placed,
