@@ -26,6 +26,7 @@ class ExoApiTokenizer:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_ids = tokenizer.eos_token_ids  # every stop id (finish_reason "stop" vs "length")
         self.vocab_size = tokenizer.vocab_size
 
     def apply_chat_template(self, conversation: list[dict[str, Any]], tokenize: bool = False,

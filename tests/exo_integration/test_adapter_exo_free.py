@@ -17,7 +17,8 @@ from exo_rknpu.exo.capabilities import (
     usable_memory_mb,
 )
 from exo_rknpu.exo.cards import CARDS, card_for_repo, get_card, local_override
-from exo_rknpu.exo.launcher import _FailureMarker, RequestFailed, exo_argv
+from exo_rknpu.exo.chat_request import FailureMarker, RequestFailed
+from exo_rknpu.exo.launcher import exo_argv
 from exo_rknpu.exo.shards import shard_to_range
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_tokenizer
@@ -152,7 +153,7 @@ def test_exo_argv():
 
 def test_failure_marker_fails_exos_unpacking():
     with pytest.raises(RequestFailed, match="boom"):
-        tokens, is_finished = _FailureMarker("boom")  # what exo's API does with a queue item
+        tokens, is_finished = FailureMarker("boom")  # what exo's API does with a queue item
 
 
 def test_node_cli_parses_and_reports_missing_exo(monkeypatch, capsys):

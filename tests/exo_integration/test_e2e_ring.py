@@ -108,7 +108,9 @@ def chat(url: str, stream: bool, model: str = "smollm2-135m") -> tuple[int, obje
         return e.code, json.loads(e.read() or b"{}")
     if not stream:
         return status, json.loads(raw)
-    chunks = [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: "):] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", raw[-500:]  # OpenAI's end-of-stream marker
+    chunks = [json.loads(e) for e in events[:-1]]
     return status, chunks
 
 
