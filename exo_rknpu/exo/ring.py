@@ -50,7 +50,8 @@ START_STATUS = "rknpu_request_start"
 END_STATUS = "rknpu_request_end"
 FAILURE_STATUS = "rknpu_request_failed"
 HEALTH_INTERVAL_S = 1.0  # how often a waiting request checks that every node of the ring still answers
-HEALTH_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 2.0
+DEAD_AFTER_S = 8.0  # a node that accepts no connection for this long is taken for gone
 MAX_TRACKED = 1024
 HTTP_STATUS = {"capacity": 429, "unavailable": 503, "context": 400, "error": 500}
 
@@ -82,6 +83,7 @@ class RingNode:
         self.active: dict[str, asyncio.Queue] = {}  # requests this node's API is serving
         self._health: tuple[float, str | None] = (0.0, None)
         self._health_lock = asyncio.Lock()
+        self._silent_since: dict[str, float] = {}
         node.rknpu_ring = self
         node.on_opaque_status.register("exo-rknpu-requests").on_next(self._on_status)
         node.on_token.register("exo-rknpu-finished").on_next(self._on_token)
@@ -181,8 +183,12 @@ class RingNode:
     # ------------------------------------------------------------------ ring health
 
     async def ring_problem(self, members: set[str]) -> str | None:
-        """Why the ring that started a request cannot finish it (a member left or stopped answering), or None.
-        One health round per HEALTH_INTERVAL_S is shared by every waiting request."""
+        """Why the ring that started a request cannot finish it (a member left or is gone), or None.
+
+        A member is probed with a TCP connect to its gRPC port, not with exo's health check (which reconnects
+        its channel and times out on a merely busy node): a refused connection means the process is gone (a
+        SIGKILLed node on the same host or a LAN answers with a reset at once); a member that does not answer
+        at all counts as gone after DEAD_AFTER_S. One probe round per HEALTH_INTERVAL_S serves every request."""
         current = {p.node_id for p in self.node.partitioning_strategy.partition(self.node.topology)}
         gone = members - current
         if gone:
@@ -191,17 +197,31 @@ class RingNode:
             checked_at, problem = self._health
             if time.monotonic() - checked_at < HEALTH_INTERVAL_S:
                 return problem
-            peers = [p for p in self.node.peers if p.id() in members]
-            missing = members - {p.id() for p in peers} - {self.node.id}
-            problem = f"node {', '.join(sorted(missing))} is no longer connected" if missing else None
-            if problem is None and peers:
-                results = await asyncio.gather(*(asyncio.wait_for(p.health_check(), HEALTH_TIMEOUT_S) for p in peers),
-                                               return_exceptions=True)
-                dead = [p.id() for p, ok in zip(peers, results) if ok is not True]
-                if dead:
-                    problem = f"node {', '.join(dead)} stopped answering health checks"
+            peers = {p.id(): p for p in self.node.peers}
+            others = sorted(members - {self.node.id})
+            results = await asyncio.gather(*(self._probe(nid, peers.get(nid)) for nid in others))
+            dead = [r for r in results if r is not None]
+            problem = "; ".join(dead) if dead else None
             self._health = (time.monotonic(), problem)
             return problem
+
+    async def _probe(self, node_id: str, peer: Any) -> str | None:
+        if peer is None:
+            return f"node {node_id} is no longer connected"
+        host, _, port = peer.addr().rpartition(":")
+        now = time.monotonic()
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), PROBE_TIMEOUT_S)
+            writer.close()
+            self._silent_since.pop(node_id, None)
+            return None
+        except asyncio.TimeoutError:
+            since = self._silent_since.setdefault(node_id, now)
+            if now - since > DEAD_AFTER_S:
+                return f"node {node_id} has not answered for {now - since:.0f} s"
+            return None
+        except OSError as e:
+            return f"node {node_id} is gone ({type(e).__name__}: {e.strerror or e})"
 
     # ------------------------------------------------------------------ the API
 
