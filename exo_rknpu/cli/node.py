@@ -16,6 +16,8 @@ from pathlib import Path
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.runtime.requests import RequestLimits
 
+DEFAULT_IDLE_S = 300.0  # far above a decode step or a board's long prefill; only abandoned requests get there
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run as a node of a legacy exo ring (needs exo installed)", description=__doc__,
@@ -28,11 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dtype of hidden states sent to the next node (default float32: exact; float16: half the bytes)")
     p.add_argument("--max-context", type=int, default=None, help="largest context per request (default: 2048 or the model's limit)")
     p.add_argument("--max-requests", type=int, default=RequestLimits.max_requests,
-                   help=f"live requests whose KV caches are kept (LRU; exo never says when one ends; default {RequestLimits.max_requests})")
+                   help=f"concurrent requests this node serves; more are refused with HTTP 429 (default {RequestLimits.max_requests})")
     p.add_argument("--max-kv-mb", type=int, default=RequestLimits.max_bytes >> 20,
-                   help=f"KV-cache memory across live requests, MB (default {RequestLimits.max_bytes >> 20})")
+                   help=f"KV-cache memory reserved across live requests, MB; each reserves its cache at the largest "
+                        f"context, and a request that does not fit is refused (default {RequestLimits.max_bytes >> 20})")
+    p.add_argument("--request-idle-s", type=float, default=DEFAULT_IDLE_S,
+                   help=f"release a request's cache when it has not advanced for this long (abandoned; default {DEFAULT_IDLE_S:g})")
     p.add_argument("--memory-mb", type=int, default=None,
-                   help="memory to report to exo's partitioner (default: MemAvailable minus the KV budget and a reserve)")
+                   help="cap on the memory reported to exo's partitioner (default: total RAM minus the KV budget and "
+                        "the backend's reserve; docs/exo.md §3)")
     p.add_argument("--layers-per-slice", type=int, default=None, help="layers per graph (default: the whole shard in one graph)")
     p.add_argument("--logits", choices=["all", "last"], default="all",
                    help="last shard returns logits for every position (all, exo's contract) or only the last one "
@@ -46,12 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_options(args: argparse.Namespace):
     from exo_rknpu.exo.options import NodeOptions
 
-    if args.max_requests < 1 or args.max_kv_mb < 1:
-        raise SystemExit("exo-rknpu node: --max-requests and --max-kv-mb must be at least 1")
+    if args.max_requests < 1 or args.max_kv_mb < 1 or args.request_idle_s <= 0:
+        raise SystemExit("exo-rknpu node: --max-requests and --max-kv-mb must be at least 1, --request-idle-s above 0")
     engine = EngineConfig(
         backend=args.backend,
         hidden_dtype=args.hidden_dtype,
-        limits=RequestLimits(max_requests=args.max_requests, max_bytes=args.max_kv_mb << 20),
+        limits=RequestLimits(max_requests=args.max_requests, max_bytes=args.max_kv_mb << 20,
+                             idle_seconds=args.request_idle_s),
         max_context=args.max_context,
         layers_per_slice=args.layers_per_slice,
         logits=args.logits,
