@@ -162,7 +162,7 @@ def test_a_client_that_disconnects_stops_its_generation(ring):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/chat/completions", body=long_ask, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
-    first = resp.fp.readline().decode()
+    first = resp.readline().decode()
     request_id = json.loads(first[len("data: "):])["id"].removeprefix("chatcmpl-")
     conn.sock.close()  # the client goes away mid-stream
     conn.close()
