@@ -101,14 +101,16 @@ def install_patches(options: NodeOptions) -> None:
 
     async def resolve_tokenizer(repo_id: Any):
         card = card_for_repo(str(repo_id))
-        if card is None:
-            return await original_resolve(repo_id)
-        override = local_override(card, node_options.current().model_dir)
-        if override is None and card.zoo_alias is None:
-            return await original_resolve(repo_id)  # a downloaded HF repo: exo's own way, as for tinygrad
-        if card.model_id not in cache:
-            cache[card.model_id] = await asyncio.to_thread(_api_tokenizer, str(override or card.zoo_alias))
-        return cache[card.model_id]
+        override = local_override(card, node_options.current().model_dir) if card is not None else None
+        key = str(repo_id)
+        if key not in cache:
+            if card is None or (override is None and card.zoo_alias is None):
+                # a downloaded HF repo: exo's own way, as for tinygrad, but once, and off the event loop (exo
+                # loads it with transformers on the loop for every request)
+                cache[key] = await asyncio.to_thread(asyncio.run, original_resolve(repo_id))
+            else:
+                cache[key] = await asyncio.to_thread(_api_tokenizer, str(override or card.zoo_alias))
+        return cache[key]
 
     api_mod.resolve_tokenizer = resolve_tokenizer
 
