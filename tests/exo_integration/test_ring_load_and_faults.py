@@ -214,3 +214,27 @@ def test_a_killed_neighbour_fails_the_request_fast_and_a_restart_recovers(tmp_pa
         print(f"\nkill: error after {to_error:.1f} s; restart to first correct answer {recovery:.1f} s")
     finally:
         r.stop()
+
+
+def test_a_node_without_kv_room_for_another_request_refuses_it(tmp_path):
+    """node-b's KV budget (40 MB) holds one request's cache at 2048 positions for its 12 layers (36 MiB): a second
+    concurrent request is refused by node-b with 429 and its reason, and the one it holds is answered right."""
+    from exo_rknpu.model.zoo import resolve_model
+
+    resolve_model("smollm2-135m")
+    r = Ring(tmp_path, {
+        "node-a": {"backend": "numpy", "memory": MEMORY["node-a"]},
+        "node-b": {"backend": "onnx", "memory": MEMORY["node-b"], "extra": ["--max-kv-mb", "40"]},
+    })
+    try:
+        r.start()
+        wait_healthy(r, MEMORY)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda _: post(r.url("node-a", "/v1/chat/completions"), ask()), range(3)))
+        served = [b for s, b in results if s == 200]
+        refused = [b for s, b in results if s == 429]
+        assert served and refused and len(served) + len(refused) == 3, results
+        assert all(b["choices"][0]["message"]["content"] == ANSWER for b in served)
+        assert all("node node-b" in b["detail"] and "--max-kv-mb" in b["detail"] for b in refused), refused
+    finally:
+        r.stop()
