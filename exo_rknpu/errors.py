@@ -5,6 +5,10 @@ class ExoRknpuError(Exception):
     """Base of every error this package raises on purpose."""
 
 
+class UsageError(ExoRknpuError, ValueError):
+    """A command-line option (or request parameter) is out of range or does not fit the model."""
+
+
 class UnsupportedModelError(ExoRknpuError, ValueError):
     """The model's architecture (or a feature of it) is not supported."""
 

@@ -105,6 +105,7 @@ class NpuBackend:
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
     static_shapes = True
+    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (compiler/compile.py)
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", cache_dir: str | Path | None = None,
                  core_mask: str = "auto", check_board: bool = True) -> None:

@@ -122,13 +122,22 @@ def _merge(figs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _run_worker(py: Path, job: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
+# Wall-clock limit per build in a worker job (smollm2's largest slices build in minutes here); a hung toolkit fails.
+BUILD_TIMEOUT_S = 1800.0
+
+
+def _run_worker(py: Path, job: dict[str, Any], workdir: Path, timeout_per_build: float = BUILD_TIMEOUT_S) -> list[dict[str, Any]]:
     jp = workdir / "job.json"
     jp.write_text(json.dumps(job))
     pkg_root = Path(__file__).resolve().parent.parent.parent
     env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": "2"}
-    p = subprocess.run([str(py), "-m", "exo_rknpu.compiler.worker", str(jp)], env=env, cwd=str(workdir),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timeout = timeout_per_build * max(1, len(job["builds"]))
+    try:
+        p = subprocess.run([str(py), "-m", "exo_rknpu.compiler.worker", str(jp)], env=env, cwd=str(workdir),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CompileError(f"RKNN build of {job['builds'][0]['name']} did not finish within {timeout:g} s "
+                           f"(the toolkit may be stuck); its log is in {workdir}") from None
     rp = Path(job["result"])
     results = json.loads(rp.read_text())["results"] if rp.exists() else []
     if p.returncode != 0 or not results or not all(r["ok"] for r in results):

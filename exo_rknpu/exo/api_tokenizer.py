@@ -5,18 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from exo_rknpu.model.tokenizer import Tokenizer
+from exo_rknpu.model.tokenizer import Tokenizer, encode_prompt
+
+__all__ = ["ExoApiTokenizer", "encode_prompt"]  # encode_prompt lives in model/tokenizer.py (shared with the CLI)
 
 log = logging.getLogger(__name__)
-
-
-def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
-    """Ids of an already chat-templated prompt: special tokens in the text are kept as they are, and BOS is
-    prepended only if the model wants one and the template did not already put it there."""
-    ids = tok.encode(text, add_special_tokens=False)
-    if tok.add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
-        ids = [tok.bos_token_id, *ids]
-    return ids
 
 
 class ExoApiTokenizer:

@@ -31,6 +31,7 @@ import numpy as np
 from exo_rknpu.exo import ENGINE_CLASS, ENGINE_NAME, options as node_options
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.exo.ring_members import restrict_ring
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,7 @@ def run_node(options: NodeOptions, exo_args: list[str]) -> int:
         return int(e.code or 0)
     from exo_rknpu.exo.ring import RingNode
 
+    restrict_ring(exo_main.node)  # layers go to exo-rknpu nodes only (ring_members.py)
     RingNode(exo_main.node, exo_main.api, options, default_model=exo_main.args.default_model)
     import exo.api.chatgpt_api as api_mod
 

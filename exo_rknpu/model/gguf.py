@@ -94,6 +94,8 @@ class GGUFFile:
         try:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 self.metadata, self.tensors = self._parse(_Cursor(buf, self.path))
+        except WeightsError:
+            raise  # already says what is wrong with which file (WeightsError is a ValueError: keep it unwrapped)
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
             raise WeightsError(f"{self.path} is not a readable GGUF file ({e}); re-download it") from None
 
@@ -180,13 +182,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert permutation (HF -> GGUF); the inverse of unpermute_qk. Used by test fixtures."""
-    rows = w.shape[0]
-    rest = w.shape[1:]
-    return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def _f32(v: Any) -> float:

@@ -167,6 +167,8 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
         if len(raw) != n:
             raise WeightsError(f"{path} is truncated (header cut short)")
         header = json.loads(raw)
+    except WeightsError:
+        raise  # already names the file and what is wrong (WeightsError is a ValueError: keep it unwrapped)
     except FileNotFoundError:
         raise WeightsError(f"weights file {path} is missing; re-download the model") from None
     except (OSError, ValueError) as e:

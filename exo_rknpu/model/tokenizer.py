@@ -152,6 +152,19 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
 
 
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+    """Ids of a prompt as every entry point sends it to the model (the CLI's generate and the exo node alike).
+
+    Special tokens written in the text (a rendered chat template's) are kept as they are; BOS is prepended only
+    if the model wants one (`Tokenizer.add_bos`: tokenizer_config.json's add_bos_token, else tokenizer.json's
+    post-processor, or GGUF's tokenizer.ggml.add_bos_token) and the text does not already start with it.
+    """
+    ids = tok.encode(text, add_special_tokens=False)
+    if tok.add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id, *ids]
+    return ids
+
+
 class IncrementalDecoder:
     """Streams text as ids arrive, holding back incomplete UTF-8 sequences (shown as U+FFFD by the decoder).
 

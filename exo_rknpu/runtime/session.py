@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from exo_rknpu.backends.base import get_backend
+from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
 from exo_rknpu.model.zoo import ModelSource
@@ -17,7 +18,14 @@ FALLBACK_BACKEND = "onnx"
 
 
 def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
-    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit)."""
+    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit).
+
+    A max_context below 1 or beyond the model's limit (max_position_embeddings) is refused: past its limit a
+    model's rotary positions are untrained, so the answers would be wrong.
+    """
+    if max_context is not None and not 1 <= max_context <= args.max_position_embeddings:
+        raise UsageError(f"--max-context {max_context} is out of range; this model allows 1 to "
+                         f"{args.max_position_embeddings} positions")
     limit = max_context or min(DEFAULT_MAX_CONTEXT, args.max_position_embeddings)
     return Buckets.up_to(limit)
 

@@ -114,6 +114,23 @@ def test_a_request_without_a_cache_fails_instead_of_restarting_at_position_0(tin
 
 
 def test_weights_are_shared_not_copied_between_layer_groupings(tiny_llama):
-    src = resolve_model(str(tiny_llama))
-    w = load_shard(src, LayerRange(1, 4, 5))
-    assert sorted(w.layers) == [1, 2, 3] and w.embed_tokens is None and w.lm_head is None
+    # One loaded shard, two groupings of its layers (one graph per layer, one graph for all) on the numpy backend.
+    from exo_rknpu.backends.numpy_ref import NumpyBackend
+    from exo_rknpu.runtime.shard import ShardRunner
+
+    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(1, 4, 5))
+    per_layer = ShardRunner(w, NumpyBackend(), SMALL_BUCKETS, layers_per_slice=1)
+    grouped = ShardRunner(w, NumpyBackend(), SMALL_BUCKETS, layers_per_slice=None)
+    assert sorted(per_layer.runners) == ["layers.1", "layers.2", "layers.3"] and sorted(grouped.runners) == ["layers.1-3"]
+    for runner in [*per_layer.runners.values(), *grouped.runners.values()]:
+        for i, lw in runner.weights.layers.items():
+            for name, a in lw.arrays().items():
+                assert np.shares_memory(a, w.layers[i].arrays()[name]), (i, name)
+    # Behaviour, not just identity: a weight changed in place in the loaded shard changes both groupings alike.
+    x = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
+    before = per_layer.forward("a", x)
+    np.testing.assert_allclose(grouped.forward("a", x), before, rtol=1e-5, atol=1e-6)
+    w.layers[2].down_proj *= 0.5
+    after = per_layer.forward("b", x)
+    assert not np.allclose(after, before, atol=1e-4)
+    np.testing.assert_allclose(grouped.forward("b", x), after, rtol=1e-5, atol=1e-6)
