@@ -42,6 +42,7 @@ from exo_rknpu.exo.chat_request import (
     error_body,
     parse_chat_request,
 )
+from exo_rknpu.exo.inference_engine import failure_kind
 from exo_rknpu.exo.options import NodeOptions
 
 log = logging.getLogger(__name__)
@@ -327,8 +328,6 @@ class RingNode:
                 break
             if prompt_task.done() and not prompt_task.cancelled() and prompt_task.exception() is not None:
                 e = prompt_task.exception()
-                from exo_rknpu.exo.inference_engine import failure_kind
-
                 kind = failure_kind(e)
                 fail(HTTP_STATUS[kind], kind, f"node {self.node.id}: {type(e).__name__}: {e}")
                 break
