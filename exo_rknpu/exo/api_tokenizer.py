@@ -21,6 +21,7 @@ class ExoApiTokenizer:
     def __init__(self, tokenizer: Tokenizer, enable_thinking: bool | None = None) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_ids = tokenizer.eos_token_ids  # every stop id (finish_reason "stop" vs "length")
         self.vocab_size = tokenizer.vocab_size
         self.enable_thinking = enable_thinking  # None: exo_rknpu.model.chat's default
 
