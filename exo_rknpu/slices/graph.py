@@ -124,7 +124,8 @@ def run_slice(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str
 
 def slice_weights(spec: SliceSpec, weights: ShardWeights) -> ShardWeights:
     """Only the tensors `spec` reads (its layers; or the embedding; or final norm + head): what a runner may keep."""
-    layers = {i: weights.layers[i] for i in range(spec.start, spec.stop)} if spec.kind == "layers" else {}
+    # (a shard loaded without layer weights, for a backend running them from compiled files, has none to pass on)
+    layers = {i: weights.layers[i] for i in range(spec.start, spec.stop) if i in weights.layers} if spec.kind == "layers" else {}
     return replace(weights, layers=layers,
                    embed_tokens=weights.embed_tokens if spec.kind == "embed" else None,
                    final_norm=weights.final_norm if spec.kind == "head" else None,

@@ -129,15 +129,20 @@ def _npu(cache: Path) -> dict:
     return {"cache_dir": cache, "check_board": False}
 
 
-def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite):
+def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite, monkeypatch):
+    from exo_rknpu.runtime import session
+
     cache, on_board, intact = board
     src = resolve_model(str(on_board))
+    loaded = []  # what open_shard loaded (a ShardRunner keeps only what its runners need, not the ShardWeights)
+    real_load = session.load_shard
+    monkeypatch.setattr(session, "load_shard", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     shards = [open_shard(src, LayerRange(0, 1, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache)),
               open_shard(src, LayerRange(1, 2, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache))]
-    ref = LocalRing([open_shard(resolve_model(str(intact)), LayerRange(0, 2, N_LAYERS), "onnx", BUCKETS)])
+    ref = LocalRing([open_shard(resolve_model(str(intact)), LayerRange(0, 2, N_LAYERS), "onnx", BUCKETS, weights="fp32")])
     try:
         # nothing but the embedding was loaded: no layer, norm or head weights on the board
-        first, last = shards[0].weights, shards[1].weights
+        first, last = loaded[:2]
         assert first.layers == {} and first.embed_tokens is not None and first.lm_head is None
         assert last.layers == {} and last.embed_tokens is None and last.final_norm is None and last.lm_head is None
         assert {n: b.name for n, b in shards[0].backends.items()} == {"embed": "onnx", "layers.0": "npu"}
@@ -185,6 +190,8 @@ def test_gguf_with_corrupted_layer_bytes_opens_on_npu_reading_only_the_embedding
     read: list[str] = []
     real = GGUFFile.tensor
     monkeypatch.setattr(GGUFFile, "tensor", lambda self, name: read.append(name) or real(self, name))
+    real_raw = GGUFFile.raw  # compact tensors are read as stored bytes
+    monkeypatch.setattr(GGUFFile, "raw", lambda self, name: read.append(name) or real_raw(self, name))
     shards = [open_shard(src, LayerRange(0, 1, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache)),
               open_shard(src, LayerRange(1, 2, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache))]
     try:
