@@ -51,3 +51,11 @@ class ArtifactError(ExoRknpuError, ValueError):
 
 class CompileError(ExoRknpuError, RuntimeError):
     """The RKNN compiler failed, or a compiled slice failed verification."""
+
+
+class CapacityError(ExoRknpuError, RuntimeError):
+    """A new request does not fit (live-request count or KV-memory budget): refused, nothing live is evicted."""
+
+
+class RequestStateError(ExoRknpuError, RuntimeError):
+    """A request cannot continue here: this node holds no cache for it (released, never started, node restarted)."""

@@ -1,4 +1,4 @@
-"""Tiny random llama/qwen2 models written to disk, for fast tests that need no network.
+"""Tiny random llama/qwen2/qwen3 models written to disk, for fast tests that need no network.
 
     hf_dir = make_tiny_hf(tmp_path / "hf", arch="qwen2", n_layers=3)
     gguf_path = make_tiny_gguf(tmp_path / "m.gguf", hf_dir)   # same weights and tokenizer, as GGUF
@@ -48,8 +48,8 @@ def train_tokenizer(vocab_size: int, arch: str = "llama") -> Any:
     if vocab_size < 256 + len(SPECIALS) + 3:
         raise ValueError("vocab_size must be at least 262 (256 bytes + specials)")
     tok = Tokenizer(models.BPE())
-    qwen2_re = qwen2_pretokenize_regex() if arch == "qwen2" else None
-    if qwen2_re:  # Qwen2's pre-tokenizer, regex taken from transformers (GGUF pre "qwen2")
+    qwen2_re = qwen2_pretokenize_regex() if arch in ("qwen2", "qwen3") else None
+    if qwen2_re:  # Qwen2's pre-tokenizer (Qwen3 uses the same), regex taken from transformers (GGUF pre "qwen2")
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(qwen2_re), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -96,6 +96,9 @@ def _random_weights(rng: np.random.Generator, cfg: dict[str, Any], arch: str, ti
             w[p + "self_attn.q_proj.bias"] = (0.1 * rng.standard_normal(q)).astype(np.float32)
             w[p + "self_attn.k_proj.bias"] = (0.1 * rng.standard_normal(kv)).astype(np.float32)
             w[p + "self_attn.v_proj.bias"] = (0.1 * rng.standard_normal(kv)).astype(np.float32)
+        if arch == "qwen3":  # per-head q/k RMSNorm weights
+            w[p + "self_attn.q_norm.weight"] = norm(hd)
+            w[p + "self_attn.k_norm.weight"] = norm(hd)
         w[p + "post_attention_layernorm.weight"] = norm(h)
         w[p + "mlp.gate_proj.weight"] = lin(f, h)
         w[p + "mlp.up_proj.weight"] = lin(f, h)
@@ -164,6 +167,7 @@ def make_tiny_hf(
     dtype: str = "float32",
     rope_scaling: dict[str, Any] | None = None,
     rope_style: str = "top_level",
+    head_dim: int | None = None,
 ) -> Path:
     """Write a tiny HF model folder and return it.
 
@@ -171,18 +175,19 @@ def make_tiny_hf(
     so tests can tell exactly which files a partial load touched: file 1 = embedding, file 2+i = layer i,
     last file = model.norm (+ lm_head). dtype: float32 | float16 | bfloat16.
     rope_style: "top_level" (rope_theta at the top, transformers 4) or "rope_parameters" (transformers 5).
+    head_dim: defaults to hidden // heads; qwen3 models set it independently (Qwen3-0.6B: 128 with 1024 / 16 heads).
     """
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(arch, "LlamaForCausalLM")],
         "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": ffn,
         "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": hidden // heads,
+        "head_dim": head_dim or hidden // heads,
         "vocab_size": vocab,
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 512,
@@ -249,7 +254,6 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
     project's permutation. A tied model gets no output.weight.
     """
     import gguf
-
     hf_dir, path = Path(hf_dir), Path(path)
     cfg = json.loads((hf_dir / "config.json").read_text())
     tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
@@ -266,6 +270,9 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
     writer.add_head_count(cfg["num_attention_heads"])
     writer.add_head_count_kv(cfg["num_key_value_heads"])
     writer.add_rope_dimension_count(cfg["head_dim"])
+    if cfg["head_dim"] != cfg["hidden_size"] // cfg["num_attention_heads"]:  # as llama.cpp's converter writes head_dim
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
     writer.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
@@ -288,12 +295,13 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in added else 1 for t in tokens])
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(vocab[tc["bos_token"]])
-    writer.add_eos_token_id(vocab[tc["eos_token"]])
-    writer.add_unk_token_id(vocab[tc["unk_token"]])
-    writer.add_pad_token_id(vocab[tc["pad_token"]])
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        if tc.get(key) is not None:  # Qwen's tokenizer_config has bos_token null and no unk_token
+            add(vocab[tc[key]])
     writer.add_add_bos_token(bool(tc.get("add_bos_token", False)))
-    writer.add_chat_template(tc["chat_template"])
+    if tc.get("chat_template"):
+        writer.add_chat_template(tc["chat_template"])
 
     names = {
         "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -301,6 +309,7 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
         "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
         "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
         "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
     }

@@ -33,12 +33,14 @@ class Backend(Protocol):
 
     name: str
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
-    needs_layer_weights: bool  # False: runs decoder layers from compiled files; the loader skips their tensors
-    float_weights: bool  # True: builds from float32 weights (a compiler's input); --weights auto loads fp32 for it
-    max_slice_bytes: int | None  # layers per slice chosen to keep each slice's weights under this (None: no limit)
     # Read by the runtime (runtime/shard.py, runtime/session.py); docs/backends.md lists them.
     kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd] or "dim" [.., hd, C]
     layers_per_slice: int | None  # layers per graph when the user does not say (None: the whole shard in one graph)
+    # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
+    # final_norm or lm_head, so the loader leaves them out (load_shard(layers=False)). Default True.
+    needs_layer_weights: bool
+    float_weights: bool  # True: builds from float32 weights (a compiler's input); --weights auto loads fp32 for it
+    max_slice_bytes: int | None  # with layers_per_slice None: layers per slice keep each slice's weights under this
     # Read by the placement planner (runtime/placement.py) before anything loads:
     blocks: frozenset[str]  # placement blocks it can run (slices/spec.py PLACEMENT_BLOCKS); `supports` agrees
 

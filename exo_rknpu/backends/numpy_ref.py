@@ -28,10 +28,10 @@ class NumpyBackend:
     name = "numpy"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
-    needs_layer_weights = True
+    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
+    needs_layer_weights = True  # evaluates the slices from the weights
     float_weights = False  # widens compact weights on the fly
     max_slice_bytes = None
-    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
     def supports(self, spec: SliceSpec) -> bool:

@@ -105,12 +105,12 @@ class OrtBackend:
     name = "onnx"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
-    needs_layer_weights = True
+    layers_per_slice: int | None = None  # chosen from max_slice_bytes by open_shard
+    needs_layer_weights = True  # builds its graphs from the weights
     float_weights = False
     # Layers per session are chosen so that one session packs at most this many bytes of weights: onnxruntime
     # holds a slice's mapped weights and their packed copy together while it opens, so this bounds the peak.
     max_slice_bytes = 32 << 20
-    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
     def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:

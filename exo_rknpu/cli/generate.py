@@ -12,6 +12,7 @@ from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.cli.options import non_negative_float, non_negative_int, positive_int, probability
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, parse_split
+from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import IncrementalDecoder, encode_prompt
@@ -74,8 +75,8 @@ def explain_placement(src, ranges, args: argparse.Namespace, buckets) -> list:
 def add_weights_arg(p: argparse.ArgumentParser) -> None:
     """--weights: the form linear weights are kept in (model/quant.py)."""
     p.add_argument("--weights", default="auto", type=weights_mode,
-                   help="auto | int4 | int8 | fp32: form of the linear weights (default auto: GGUF as stored, "
-                        "Q4_0/Q8_0 mapped exactly, other GGUF types to int4/int8; Hugging Face float weights to int8)")
+                   help="auto | int4 | int8 | fp32: form of the linear weights (default auto: GGUF Q4_0/Q8_0 as "
+                        "stored, everything else int8; fp32 widens everything)")
 
 
 def weights_mode(value: str) -> str:
@@ -105,6 +106,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message); not empty")
     p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
     p.add_argument("--system", default=None, help="system message (needs --chat)")
+    p.add_argument("--thinking", action="store_true",
+                   help="with --chat: let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
     p.add_argument("--split", default=None, help="layer ranges, e.g. 0-9,10-19,20-29 (default: one shard)")
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32", help="dtype of hidden states between shards")
     p.add_argument("--max-tokens", type=positive_int, default=64, metavar="N",
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--prompt is empty; give the text to continue")
     if args.system is not None and not args.chat:
         raise UsageError("--system is a chat message; add --chat (or drop --system)")
+    if args.thinking and not args.chat:
+        raise UsageError("--thinking is a chat template option; add --chat (or drop --thinking)")
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
     margs = load_args(src)  # config only: no weights yet
@@ -170,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        text = render_chat(tok, messages, enable_thinking=args.thinking)
     else:
         text = args.prompt
     prompt_ids = encode_prompt(tok, text)

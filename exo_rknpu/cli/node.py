@@ -16,10 +16,12 @@ from pathlib import Path
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.backends.npu import CORE_MASKS
 from exo_rknpu.cli.generate import add_placement_args, add_weights_arg
-from exo_rknpu.cli.options import positive_int
+from exo_rknpu.cli.options import positive_float, positive_int
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.requests import RequestLimits
+
+DEFAULT_IDLE_S = 300.0  # far above a decode step or a board's long prefill; only abandoned requests get there
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,11 +38,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
                    help="largest context per request, at most the model's limit (default: 2048 or the model's limit)")
     p.add_argument("--max-requests", type=positive_int, metavar="N", default=RequestLimits.max_requests,
-                   help=f"live requests whose KV caches are kept (LRU; exo never says when one ends; default {RequestLimits.max_requests})")
+                   help=f"concurrent requests this node serves; more are refused with HTTP 429 (default {RequestLimits.max_requests})")
     p.add_argument("--max-kv-mb", type=positive_int, metavar="MB", default=RequestLimits.max_bytes >> 20,
-                   help=f"KV-cache memory across live requests, MB (default {RequestLimits.max_bytes >> 20})")
+                   help=f"KV-cache memory reserved across live requests, MB; each reserves its cache at the largest "
+                        f"context, and a request that does not fit is refused (default {RequestLimits.max_bytes >> 20})")
+    p.add_argument("--request-idle-s", type=positive_float, metavar="S", default=DEFAULT_IDLE_S,
+                   help=f"release a request's cache when it has not advanced for this long (abandoned; default {DEFAULT_IDLE_S:g})")
     p.add_argument("--memory-mb", type=positive_int, metavar="MB", default=None,
-                   help="memory to report to exo's partitioner (default: MemAvailable minus the KV budget and a reserve)")
+                   help="cap on the memory reported to exo's partitioner (default: total RAM minus the KV budget and "
+                        "the backend's reserve; docs/exo.md §3)")
     p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
                    help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
     p.add_argument("--logits", choices=["all", "last"], default="all",
@@ -49,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--npu-dtype", default="fp16", choices=["fp16", "w8a8"], help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
     p.add_argument("--npu-core-mask", default="auto", choices=list(CORE_MASKS), metavar="MASK",
                    help=f"npu backend: NPU cores, {' | '.join(CORE_MASKS)} (default: auto)")
+    p.add_argument("--thinking", action="store_true",
+                   help="chat prompts let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
     add_weights_arg(p)
     add_placement_args(p, explain=False)
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
@@ -60,7 +68,8 @@ def build_options(args: argparse.Namespace):
     engine = EngineConfig(
         backend=args.backend,
         hidden_dtype=args.hidden_dtype,
-        limits=RequestLimits(max_requests=args.max_requests, max_bytes=args.max_kv_mb << 20),
+        limits=RequestLimits(max_requests=args.max_requests, max_bytes=args.max_kv_mb << 20,
+                             idle_seconds=args.request_idle_s),
         max_context=args.max_context,
         layers_per_slice=args.layers_per_slice,
         logits=args.logits,
@@ -68,7 +77,8 @@ def build_options(args: argparse.Namespace):
         placement=str(args.placement) if args.placement else None,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
-    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb)
+    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
+                       enable_thinking=args.thinking)
 
 
 def run(args: argparse.Namespace) -> int:

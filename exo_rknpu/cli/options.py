@@ -37,6 +37,7 @@ def _number(kind: type, name: str, ok: Callable[[float], bool]) -> Callable[[str
 
 positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
 non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a finite number > 0", lambda v: 0 < v < float("inf"))
 non_negative_float = _number(float, "a finite number >= 0", lambda v: 0 <= v < float("inf"))
 probability = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 

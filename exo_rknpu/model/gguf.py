@@ -270,6 +270,7 @@ def args_from_gguf(g: GGUFFile) -> ModelArgs:
         rope_scaling=None,
         tie_word_embeddings=registry.GGUF_HEAD not in g.tensors,
         attention_bias=registry.has_attention_bias(family) or "blk.0.attn_q.bias" in g.tensors,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(g.get(k("context_length"), 2048)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=None if eos is None else int(eos),
@@ -283,7 +284,8 @@ def load_gguf_args(path: Path) -> ModelArgs:
 
 def _layer(g: GGUFFile, args: ModelArgs, i: int, weights: str = "fp32") -> LayerWeights:
     shapes = expected_shapes(args)
-    # llama.cpp permutes Q/K rows only for the llama family (qwen2 is converted without it).
+    # llama.cpp permutes Q/K rows only for the llama family: its Qwen2Model/Qwen3Model converters
+    # (conversion/qwen.py) inherit TextModel.modify_tensors, which does not, and run NEOX (rotate-half) RoPE.
     heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads,
              "q_bias": args.num_attention_heads, "k_bias": args.num_key_value_heads}
     kw: dict[str, Weight] = {}
@@ -301,9 +303,11 @@ def _layer(g: GGUFFile, args: ModelArgs, i: int, weights: str = "fp32") -> Layer
 
 
 def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
-                    weights: str = "fp32", layers: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
+                    weights: str = "fp32", layers: bool = True, embed: bool = True,
+                    progress: Callable[[int], None] | None = None) -> ShardWeights:
     """Load only what `layer_range` needs from a GGUF file, linear weights in the form `weights` asks for
-    (quant.py). `layers=False` skips the decoder layers. `fingerprint` is left empty (the loader sets it)."""
+    (quant.py). `fingerprint` is left empty (the loader sets it).
+    layers=False: the embedding only (first shard); no layer or head tensor bytes are read."""
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     args = args or args_from_gguf(g)
     vh = (args.vocab_size, args.hidden_size)
@@ -312,10 +316,10 @@ def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelA
         loaded[i] = _layer(g, args, i, weights)
         if progress is not None:
             progress(i)
-    embed = norm = head = None
-    if layer_range.is_first:
+    want_embed, embed, norm, head = embed, None, None, None
+    if layer_range.is_first and want_embed:
         embed = check_shape(registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path)
-    if layer_range.is_last:
+    if layer_range.is_last and layers:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
             head = embed if embed is not None else check_shape(

@@ -94,7 +94,7 @@ def _rope_settings(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
-    """Normalise an HF config dict into ModelArgs (llama / qwen2 families)."""
+    """Normalise an HF config dict into ModelArgs (llama / qwen2 / qwen3 families)."""
     family = registry.canonical_family(cfg.get("model_type"), cfg)
     if cfg.get("use_sliding_window"):
         raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
@@ -124,6 +124,7 @@ def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bias,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         bos_token_id=_first_id(cfg.get("bos_token_id")),
         eos_token_id=_first_id(cfg.get("eos_token_id")),
@@ -311,6 +312,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "q_bias": (q,),
         "k_bias": (kv,),
         "v_bias": (kv,),
+        "q_norm": (hd,),
+        "k_norm": (hd,),
     }
 
 
@@ -330,18 +333,21 @@ def check_shape(name: str, a: Any, shape: tuple[int, ...], where: object) -> np.
 
 
 def layer_fields(args: ModelArgs) -> list[str]:
-    """LayerWeights fields this model has (biases only with attention_bias)."""
+    """LayerWeights fields this model has (biases only with attention_bias, q/k norms only with qk_norm)."""
     fields = list(registry.HF_LAYER_TENSORS)
     if args.attention_bias:
         fields += list(registry.HF_BIAS_TENSORS)
+    if args.qk_norm:
+        fields += list(registry.HF_QK_NORM_TENSORS)
     return fields
 
 
 def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, weights: str = "fp32",
-                  layers: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
+                  layers: bool = True, embed: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
     """Load only what `layer_range` needs from an HF folder, linear weights in the form `weights` asks for
-    (quant.py; auto = int8). Each tensor is widened to float32 alone and quantized before the next is read.
-    `layers=False` skips the decoder layers. `fingerprint` is left empty (the loader sets it)."""
+    (quant.py; auto = int8). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
+    loader sets it). layers=False: the embedding only (first shard); no file holding only layer or head tensors
+    is opened."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
@@ -362,10 +368,10 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
             loaded[i] = LayerWeights(**kw)
             if progress is not None:
                 progress(i)
-        embed = norm = head = None
-        if layer_range.is_first:
+        want_embed, embed, norm, head = embed, None, None, None
+        if layer_range.is_first and want_embed:
             embed = linear(registry.HF_EMBED, vh)
-        if layer_range.is_last:
+        if layer_range.is_last and layers:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
             if args.tie_word_embeddings:
                 # Tied: the head *is* the embedding; never keep two copies.

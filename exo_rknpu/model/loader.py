@@ -47,13 +47,16 @@ def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> 
 
 
 def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto", layers: bool = True,
-               progress: Callable[[str], None] | None = None) -> ShardWeights:
+               embed: bool = True, progress: Callable[[str], None] | None = None) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
     `weights` (auto | int4 | int8 | fp32) picks the form of linear weights and the embedding (model/quant.py):
-    auto keeps GGUF types as stored (Q4_0/Q8_0 mapped exactly, other types re-quantized to int4/int8) and makes
-    int8 of Hugging Face float checkpoints; fp32 widens everything. Norms and biases are float32 always.
-    `layers=False` loads no decoder-layer tensors (a backend that runs them from compiled files).
+    auto keeps GGUF Q4_0/Q8_0 as stored (mapped exactly) and makes int8 of everything else; fp32 widens
+    everything. Norms and biases are float32 always.
+    layers=False: only the embedding (first shard). The decoder layers and the final norm + head are neither read
+    nor dequantized: for a backend that runs them from compiled files (npu, `needs_layer_weights = False`).
+    embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head
+    on the last shard is still read (it is the embedding matrix).
     `progress` gets a one-line message now and then while layers load.
     """
     check_mode(weights)
@@ -61,13 +64,13 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto",
     if src.format == "hf":
         args = hf.load_hf_args(src.path)
         _check_range(args, layer_range)
-        shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers, report)
+        shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report)
         digest = hf.source_digest(src.path)
     else:
         g = gguf_reader.GGUFFile(src.path)
         args = gguf_reader.args_from_gguf(g)
         _check_range(args, layer_range)
-        shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers, report)
+        shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers=layers, embed=embed, progress=report)
         digest = g.digest()
     shard.fingerprint = model_fingerprint(args, src.format, digest)
     return shard

@@ -14,7 +14,7 @@ from exo_rknpu.model.quant import QTensor, Weight
 
 @dataclass
 class LayerWeights:
-    """One decoder layer. Biases are None unless the family has them (qwen2: q/k/v)."""
+    """One decoder layer. Biases are None unless the family has them (qwen2: q/k/v); q_norm/k_norm likewise (qwen3)."""
 
     input_norm: np.ndarray  # [H]
     q_proj: Weight  # [nh*hd, H]
@@ -28,6 +28,8 @@ class LayerWeights:
     q_bias: np.ndarray | None = None
     k_bias: np.ndarray | None = None
     v_bias: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # [hd], float32: RMSNorm of each q head before RoPE (qwen3)
+    k_norm: np.ndarray | None = None  # [hd], float32: the same for k
 
     def arrays(self) -> dict[str, Weight]:
         """Named tensors of this layer (None biases left out), in a fixed order."""
@@ -38,7 +40,7 @@ class LayerWeights:
         h = hashlib.sha256()
         for name, a in self.arrays().items():
             h.update(f"{name}:".encode())
-            hash_weight(h, a)
+            hash_weight(h, a)  # hashed in place, not copied
         return h.hexdigest()
 
     @property

@@ -60,17 +60,22 @@ def open_shard(
     primary = get_backend(backend, **(backend_options or {}))
     if weights == "auto" and getattr(primary, "float_weights", False):
         weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
-    shard = load_shard(src, layer_range, weights, layers=getattr(primary, "needs_layer_weights", True), progress=progress)
     if layers_per_slice is None:
         layers_per_slice = getattr(primary, "layers_per_slice", None)
+    placed = primary
+    lr = layer_range
+    plan = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
+    off_primary = [s for s in plan if not primary.supports(s)]
+    if off_primary:
+        placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
+    # A backend running its slices from compiled files (npu) needs no layer/head weights, unless a slice it
+    # cannot run (other than the embedding, always loaded) lands on the fallback.
+    layers = getattr(primary, "needs_layer_weights", True) or any(s.kind != "embed" for s in off_primary)
+    shard = load_shard(src, layer_range, weights, layers=layers, progress=progress)
     budget = getattr(primary, "max_slice_bytes", None)
     if layers_per_slice is None and budget and shard.layers:
         # bounded slices bound the peak while a runtime packs weights (source and packed copy of one slice)
         layers_per_slice = max(1, budget // max(lw.nbytes for lw in shard.layers.values()))
-    placed = primary
-    lr = shard.layer_range
-    if any(not primary.supports(s) for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)):
-        placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
     return ShardRunner(
         shard,
         placed,
@@ -101,7 +106,8 @@ def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice
     classes = {s.backend: backend_class(s.backend) for s in resolved.slices}
     if weights == "auto" and any(getattr(c, "float_weights", False) for c in classes.values()):
         weights = "fp32"  # a compiled backend is among them: the float32 tensors (and digests) the compiler built from
-    need_layers = any(getattr(classes[s.backend], "needs_layer_weights", True) for s in resolved.slices if s.spec.kind == "layers")
+    # layer and head weights are loaded unless every slice reading them runs from compiled files (npu)
+    need_layers = any(getattr(classes[s.backend], "needs_layer_weights", True) for s in resolved.slices if s.spec.kind != "embed")
     shard = load_shard(src, layer_range, weights, layers=need_layers, progress=progress)
 
     emulated = {s.device for s in resolved.slices if s.emulated}

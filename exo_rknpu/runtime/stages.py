@@ -95,19 +95,30 @@ class StagedShard:
     def devices(self) -> list[str]:
         return list(self.queues)
 
-    def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all") -> np.ndarray:
+    def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all",
+                start: bool | None = None) -> np.ndarray:
+        """ShardRunner.forward's contract (admission for a new request, RequestStateError for an unknown live one,
+        roll-back on error), its chunks flowing through the device stages."""
         r = self.runner
         x = r._check_input(x)
         with self.lock:
             if request_id in self.in_flight:
                 raise ValueError(f"request {request_id} already has a call in flight; wait for it")
-            state = r.requests.get(request_id)
-            r.buckets.context_for(state.pos + x.shape[1])  # ContextOverflowError before anything is queued
-            start = pos = state.pos
+            if start is None:
+                start = request_id not in r.requests
+            pos = 0 if start else r.requests.get(request_id).pos  # RequestStateError if this shard holds no cache
+            r.buckets.context_for(pos + x.shape[1])  # ContextOverflowError before anything is queued
+            state = r.requests.admit(request_id) if start else r.requests.get(request_id)  # CapacityError: refused
+            start_pos = state.pos
             chunks, done = [], 0
-            for real, bucket in r.buckets.chunks(x.shape[1]):
-                chunks.append(r.start_chunk(state, x[:, done : done + real], pos, real, bucket))
-                pos, done = pos + real, done + real
+            try:
+                for real, bucket in r.buckets.chunks(x.shape[1]):
+                    chunks.append(r.start_chunk(state, x[:, done : done + real], pos, real, bucket))
+                    pos, done = pos + real, done + real
+            except BaseException:
+                if start:
+                    r.requests.drop(request_id)
+                raise
             self.in_flight.add(request_id)
         call = _Call(len(chunks), logits, remaining=len(chunks))
         for i, c in enumerate(chunks):
@@ -116,12 +127,11 @@ class StagedShard:
         with self.lock:
             self.in_flight.discard(request_id)
             if call.error is not None:
-                state.pos = start  # cache rows past pos are never read: rolling back pos undoes the call
-                if start == 0:
+                state.pos = start_pos  # cache rows past pos are never read: rolling back pos undoes the call
+                if start:
                     r.requests.drop(request_id)
                 raise call.error
             state.pos = pos
-            r.requests.enforce(keep=request_id)
         outs = [call.outputs[i] for i in sorted(call.outputs)]
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 

@@ -73,8 +73,12 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
     elif part == "attention":
         assert attn_in is not None, "the attention part needs cos, sin, mask and the cache"
         cos, sin = attn_in["cos"], attn_in["sin"]
-        q = rope(ops, ops.split_heads(st["q"], nh, hd), cos, sin, hd)
-        k = rope(ops, ops.split_heads(st["k"], nkv, hd), cos, sin, hd)
+        q, k = ops.split_heads(st["q"], nh, hd), ops.split_heads(st["k"], nkv, hd)
+        if w.q_norm is not None:  # qwen3: RMSNorm over head_dim of each q and k head, before RoPE
+            q = ops.rms_norm(q, w.q_norm, a.rms_norm_eps)
+        if w.k_norm is not None:
+            k = ops.rms_norm(k, w.k_norm, a.rms_norm_eps)
+        q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
         v = ops.split_heads(st["v"], nkv, hd)
         o = ops.attention(q, attn_in["past_k"], k, attn_in["past_v"], v, attn_in["mask"], hd**-0.5, a.n_rep, kv_layout)
         st["o"] = ops.merge_heads(o, nh, hd)
@@ -168,7 +172,8 @@ def _partial_layer(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dic
 
 def slice_weights(spec: SliceSpec, weights: ShardWeights) -> ShardWeights:
     """Only the tensors `spec` reads (its layers; or the embedding; or final norm + head): what a runner may keep."""
-    layers = {i: weights.layers[i] for i in range(spec.start, spec.stop)} if spec.kind == "layers" else {}
+    # (a shard loaded without layer weights, for a backend running them from compiled files, has none to pass on)
+    layers = {i: weights.layers[i] for i in range(spec.start, spec.stop) if i in weights.layers} if spec.kind == "layers" else {}
     return replace(weights, layers=layers,
                    embed_tokens=weights.embed_tokens if spec.kind == "embed" else None,
                    final_norm=weights.final_norm if spec.kind == "head" else None,

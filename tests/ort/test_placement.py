@@ -71,7 +71,7 @@ def test_a_split_layer_equals_the_whole_layer(tiny_llama, backend, cut):
 # ---------------------------------------------------------------- per-device pipelining
 
 
-def _staged(model, plan):
+def _staged(model, plan, **kw):
     from exo_rknpu.runtime.pipeline import LocalRing
     from exo_rknpu.runtime.stages import StagedShard
 
@@ -79,7 +79,7 @@ def _staged(model, plan):
     from helpers import SMALL_BUCKETS
     from exo_rknpu.runtime.session import open_shard
 
-    staged = StagedShard(open_shard(src, LayerRange.full(5), "onnx", SMALL_BUCKETS, placement=PlacementPlan.parse(plan)))
+    staged = StagedShard(open_shard(src, LayerRange.full(5), "onnx", SMALL_BUCKETS, placement=PlacementPlan.parse(plan), **kw))
     return staged, LocalRing([staged])
 
 
@@ -129,6 +129,28 @@ def test_a_failed_pipelined_call_leaves_the_request_where_it_was(tiny_llama):
         assert runner.requests.get("a").pos == 5
         again = r.forward("a", np.array([PROMPT[5:]]))
         want = ring(tiny_llama, None, "onnx", weights="auto")
+        np.testing.assert_array_equal(first, want.forward("a", np.array([PROMPT[:5]])))
+        np.testing.assert_allclose(again, want.forward("a", np.array([PROMPT[5:]])), rtol=1e-6, atol=1e-6)
+    finally:
+        staged.close()
+
+
+def test_a_pipelined_shard_admits_like_an_unpipelined_one(tiny_llama):
+    """Past --max-requests a new request is refused and the live one is untouched; a step for a request the shard
+    holds no cache for fails instead of starting it again at position 0."""
+    from exo_rknpu.errors import CapacityError, RequestStateError
+    from exo_rknpu.runtime.requests import RequestLimits
+
+    staged, _ = _staged(tiny_llama, "0-1=npu0,2-4=npu1", limits=RequestLimits(max_requests=1))
+    try:
+        first = staged.forward("a", np.array([PROMPT[:5]]), start=True)
+        with pytest.raises(CapacityError, match="max-requests 1"):
+            staged.forward("b", np.array([PROMPT[:5]]))
+        with pytest.raises(RequestStateError, match="holds no KV cache"):
+            staged.forward("c", np.array([PROMPT[5:]]), start=False)
+        assert staged.runner.requests.ids() == ["a"] and staged.runner.requests.get("a").pos == 5
+        again = staged.forward("a", np.array([PROMPT[5:]]), start=False)
+        want = ring(tiny_llama, None, "onnx", weights="auto").shards[0]  # unpipelined, every position's logits
         np.testing.assert_array_equal(first, want.forward("a", np.array([PROMPT[:5]])))
         np.testing.assert_allclose(again, want.forward("a", np.array([PROMPT[5:]])), rtol=1e-6, atol=1e-6)
     finally:

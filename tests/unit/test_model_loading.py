@@ -164,6 +164,30 @@ def test_qwen2_layers_carry_qkv_biases(tmp_path):
     assert layer.q_bias.shape == (64,) and layer.k_bias.shape == (32,) and layer.v_bias.shape == (32,)
 
 
+def test_qwen3_layers_carry_per_head_qk_norms_and_no_biases(tmp_path):
+    d = make_tiny_hf(tmp_path / "m", arch="qwen3", head_dim=32)
+    args = load_args(hf_src(d))
+    assert (args.architecture, args.qk_norm, args.attention_bias, args.head_dim) == ("qwen3", True, False, 32)
+    layer = load_shard(hf_src(d), LayerRange(1, 2, N), weights="fp32").layers[1]
+    np.testing.assert_array_equal(layer.k_norm, read_hf_tensors(d)["model.layers.1.self_attn.k_norm.weight"])
+    assert layer.q_norm.shape == layer.k_norm.shape == (32,) and layer.q_bias is None
+    assert layer.q_proj.shape == (4 * 32, 64) and layer.o_proj.shape == (64, 4 * 32)  # head_dim != hidden/heads
+    llama = load_shard(hf_src(make_tiny_hf(tmp_path / "l")), LayerRange(0, 1, N), weights="fp32").layers[0]
+    assert llama.q_norm is None and llama.k_norm is None
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_qwen3_without_its_qk_norms_is_a_clear_error(tmp_path, fmt):
+    from safetensors.numpy import save_file
+
+    d = make_tiny_hf(tmp_path / "m", arch="qwen3")
+    tensors = {k: v for k, v in read_hf_tensors(d).items() if k != "model.layers.1.self_attn.q_norm.weight"}
+    save_file(tensors, str(d / "model.safetensors"))
+    src = hf_src(d) if fmt == "hf" else gguf_src(make_tiny_gguf(tmp_path / "m.gguf", d))
+    with pytest.raises(WeightsError, match="q_norm"):
+        load_shard(src, LayerRange.full(N), weights="fp32")
+
+
 def test_partial_load_opens_only_the_files_of_its_range(tmp_path, monkeypatch):
     d = make_tiny_hf(tmp_path / "m", sharded=True)  # file 1 = embedding, 2+i = layer i, 5 = norm + head
     opened: list[str] = []

@@ -38,7 +38,7 @@ def test_gguf_tokenizer_encodes_like_the_hf_one(tiny):
     assert gg.vocab_size == hf.vocab_size == 320
 
 
-@pytest.mark.parametrize("arch", ["qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_qwen2_gguf_tokenizer_encodes_like_the_hf_one(tmp_path, arch):
     # The HF side's pre-tokenizer regex is transformers' (tests/tiny_models.py), never a copy of ours.
     if qwen2_pretokenize_regex() is None:
