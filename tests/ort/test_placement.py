@@ -155,3 +155,31 @@ def test_a_pipelined_shard_admits_like_an_unpipelined_one(tiny_llama):
         np.testing.assert_allclose(again, want.forward("a", np.array([PROMPT[5:]])), rtol=1e-6, atol=1e-6)
     finally:
         staged.close()
+
+
+def test_compile_streams_a_plans_part_slices_with_one_read_per_layer(tiny_llama, monkeypatch):
+    """`compile --placement '...;attention=cpu'` builds two NPU slices per layer; the compiler reads each layer's
+    tensors once for both of them, and hands the head over once, with the last layer's weights."""
+    import exo_rknpu.model.loader as loader
+    from exo_rknpu.compiler.compile import _one_layer_at_a_time
+    from exo_rknpu.runtime.placement import resolve
+    from helpers import SMALL_BUCKETS
+
+    src = resolve_model(str(tiny_llama))
+    args = loader.load_args(src)
+    full = LayerRange.full(args.num_hidden_layers)
+    specs = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, full, "onnx", SMALL_BUCKETS).on_npu()
+    assert len([s for s in specs if s.kind == "layers"]) == 2 * args.num_hidden_layers and specs[-1].kind == "head"
+    reads: list[tuple[int, int]] = []
+    real_load = loader.load_shard
+
+    def counting(src, lr, *a, **kw):
+        reads.append((lr.start, lr.stop))
+        return real_load(src, lr, *a, **kw)
+
+    monkeypatch.setattr(loader, "load_shard", counting)
+    got = [(s.name, sorted(w.layers), w.lm_head is not None) for s, w in _one_layer_at_a_time(src, full, specs)]
+    assert reads == [(i, i + 1) for i in range(args.num_hidden_layers)]
+    assert [g[0] for g in got] == [s.name for s in specs]
+    assert all(layers == [s.start] for (_, layers, _), s in zip(got, specs) if s.kind == "layers")
+    assert got[-1][2]  # the head slice gets the final norm + head read with the last layer
