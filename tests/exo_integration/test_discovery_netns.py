@@ -66,8 +66,10 @@ class Cluster:
 
     def add_rknpu(self, host: str, node_id: str, backend: str, memory_mb: int) -> Node:
         addr = self.lab.hosts[host].addr
+        # float32 weights: ANSWER is the model's fp32 answer; with the default int8 weights and int8 activations the
+        # onnx backend answers the chat differently (as llama.cpp does on this GGUF), which is not what these test
         cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--api-host", addr, "--backend", backend,
-               "--memory-mb", str(memory_mb), "--", "--node-id", node_id, "--node-host", addr,
+               "--weights", "fp32", "--memory-mb", str(memory_mb), "--", "--node-id", node_id, "--node-host", addr,
                "--node-port", str(GRPC_PORT), "--disable-tui"]
         return self._add(Node(host, node_id, cmd, self.tmp / f"{node_id}.log"))
 
