@@ -34,9 +34,9 @@ def backend_options(args: argparse.Namespace, src=None) -> dict:
         raise SystemExit(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
     opts: dict = {"dtype": dtype} if dtype else {}
     if args.backend == "rknn-sim" and dtype == "w8a8":
-        from exo_rknpu.compiler.calibration import ModelCalibration
+        from exo_rknpu.compiler.recipe import RecipeBuild
 
-        opts["calibration"] = ModelCalibration(src if src is not None else args.model)
+        opts["recipe_build"] = RecipeBuild(src if src is not None else args.model)  # compile's default w8a8 recipe
     return opts
 
 

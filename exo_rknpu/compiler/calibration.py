@@ -16,39 +16,7 @@ from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.slices.spec import MASK_VALUE, Buckets, SliceSpec, to_kv_layout
 
-# Calibration text (never used to measure accuracy). Plain prose on mixed topics.
-CALIBRATION_TEXT = (
-    "The river had been rising for three days when the village council finally met in the old school hall. "
-    "Maria, who kept the records, read out the figures: the water was two metres above its usual level, and "
-    "the forecast promised more rain from the mountains. Some farmers wanted to open the sluice gates at once; "
-    "others feared that the lower fields, already planted with barley, would be ruined. In the end they agreed "
-    "to move the animals to higher ground and to watch the bridge through the night.\n\n"
-    "A compiler translates a program written in one language into another, usually lower-level, language. "
-    "Modern compilers work in stages: the front end parses the source text and checks its types, the middle "
-    "end rewrites an intermediate representation to make it faster, and the back end chooses machine "
-    "instructions and assigns registers. Each stage can be tested on its own, which is why large compilers "
-    "remain maintainable despite their size.\n\n"
-    "To bake a simple loaf, mix 500 grams of flour with 10 grams of salt, 7 grams of dried yeast and 350 "
-    "millilitres of warm water. Knead the dough for ten minutes, let it rise for an hour, shape it, and bake it "
-    "at 220 degrees Celsius for about 35 minutes, until the crust is brown and the loaf sounds hollow. "
-    "Questions people often ask: Why did the bread not rise? Was the water too hot? How long should it rest?"
-)
-
-# Held-out text for end-to-end agreement measurements (never used for calibration).
-HELDOUT_TEXT = (
-    "The lighthouse keeper wrote in his log every evening, even when nothing had happened. On the fourth of "
-    "November he noted a ship far to the west, a strong wind from the south, and a flock of geese flying low "
-    "over the water. His daughter, who was learning to read, liked to copy the entries into her own notebook, "
-    "changing the words she did not understand into drawings of boats and birds.\n\n"
-    "Photosynthesis is the process by which plants, algae and some bacteria turn light into chemical energy. "
-    "Chlorophyll absorbs mostly blue and red light and reflects green, which is why leaves look green to us. "
-    "The light reactions split water and release oxygen; the Calvin cycle then uses the energy stored in ATP "
-    "and NADPH to fix carbon dioxide into sugars that the plant uses to grow.\n\n"
-    "When you plan a trip by train across Europe, check whether you need seat reservations, because many "
-    "high-speed and night trains require them even with a rail pass. Travel light, keep a paper copy of your "
-    "tickets, and leave at least an hour between connections at large stations. A good map and a little "
-    "patience make most problems easy to solve, and the views from the window are usually worth the delays."
-)
+from exo_rknpu.slices.calibration_text import CALIBRATION_TEXT, HELDOUT_TEXT  # noqa: F401  (re-exported)
 
 
 def text_digest(text: str) -> str:
@@ -112,35 +80,3 @@ def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, toke
     finally:
         runner.close()
     return got
-
-
-class ModelCalibration:
-    """Calibration activations for backends that quantize (rknn-sim w8a8), as the compiler captures them.
-
-    A callable `(spec, weights, buckets, seq, ctx) -> [inputs, ...]`: on first use it runs the whole model
-    (numpy, CPU) over `text` for `buckets` — the same `capture` as `exo-rknpu compile --dtype w8a8` — and hands out
-    the samples of one slice at one bucket (repadded to `ctx`). Lives here, above the backends, because capture
-    needs the runtime; the backend only receives the callable.
-    """
-
-    def __init__(self, model, text: str = CALIBRATION_TEXT) -> None:
-        self.model, self.text = model, text
-        self._got: dict[tuple, dict[str, dict[int, list[dict[str, np.ndarray]]]]] = {}
-
-    def __call__(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets, seq: int, ctx: int | None) -> list[dict[str, np.ndarray]]:
-        from exo_rknpu.model.base import LayerRange
-        from exo_rknpu.model.loader import load_shard, load_tokenizer, resolve_model
-        from exo_rknpu.slices.spec import plan_slices
-
-        key = (buckets.seq, buckets.context)
-        if key not in self._got:
-            src = resolve_model(self.model) if isinstance(self.model, str) else self.model
-            n = weights.args.num_hidden_layers
-            full = load_shard(src, LayerRange(0, n, n))
-            if full.fingerprint != weights.fingerprint:
-                raise ValueError(f"calibration model {self.model!r} is not the model being run "
-                                 f"(fingerprint {full.fingerprint[:12]}… vs {weights.fingerprint[:12]}…)")
-            targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed"]
-            self._got[key] = capture(full, targets, buckets, load_tokenizer(src).encode(self.text))
-        got = self._got[key].get(spec.name, {}).get(seq, [])
-        return [to_kv_layout(repad(s, ctx), spec.kv_layout) if (spec.kind == "layers" and ctx) else s for s in got]

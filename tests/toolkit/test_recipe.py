@@ -1,0 +1,162 @@
+"""The w8a8 recipe (slices/recipe.py, compiler/recipe.py) and the rotation (compiler/rotation.py).
+
+- rotation is an exact re-parametrisation: the rotated model's logits equal Hugging Face transformers' on the
+  original tiny model (relative max error <= 1e-4; fp32 everywhere, float64 transforms);
+- the recipe round-trips through JSON and through a compiled manifest;
+- a changed recipe is a cache miss (and keeping another layer in fp16 is not).
+Numpy tests need no toolkit; the compile test skips without it (one tiny layer, one bucket)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exo_rknpu.backends.base import get_backend
+from exo_rknpu.compiler import rotation as rot
+from exo_rknpu.compiler import toolkit
+from exo_rknpu.compiler.recipe import RecipeBuild, cache_text
+from exo_rknpu.model.loader import resolve_model
+from exo_rknpu.runtime.shard import ShardRunner
+from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
+from exo_rknpu.slices.spec import Buckets, SliceSpec
+
+from tiny_models import make_tiny_hf
+
+PROMPT = [5, 17, 42, 7, 99, 3, 250, 11, 64, 8, 31]
+BUCKETS = Buckets(seq=(1, 16), context=(64,))
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _numpy_logits(ws, observe=None) -> np.ndarray:
+    r = ShardRunner(ws, get_backend("numpy"), BUCKETS, layers_per_slice=1, on_slice=observe)
+    try:
+        return r.forward("t", np.asarray([PROMPT], np.int64), logits="all")
+    finally:
+        r.close()
+
+
+def _hf_logits(path: Path) -> np.ndarray:
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([PROMPT])).logits.numpy()
+
+
+@pytest.mark.parametrize("n", [4, 12, 20, 48, 64, 576])
+def test_hadamard_matrices_are_orthogonal_sign_matrices(n):
+    h = rot.hadamard(n)
+    assert set(np.unique(h)) == {-1.0, 1.0}
+    np.testing.assert_array_equal(h @ h.T, n * np.eye(n))
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_rotation_matrix_is_orthogonal_and_seeded(kind):
+    q = rot.rotation_matrix(64, kind, seed=1)
+    np.testing.assert_allclose(q @ q.T, np.eye(64), atol=1e-12)
+    assert np.array_equal(q, rot.rotation_matrix(64, kind, seed=1)) and not np.array_equal(q, rot.rotation_matrix(64, kind, seed=2))
+
+
+def test_no_hadamard_of_an_unsupported_order_is_a_clear_error():
+    with pytest.raises(ValueError, match="orthogonal"):
+        rot.hadamard(6)  # no Hadamard matrix of order 6 exists
+
+
+def test_rotate_refuses_unfolded_norms(tmp_path):
+    ws = RecipeBuild(make_tiny_hf(tmp_path / "m", n_layers=1, seed=2), QuantRecipe()).runtime_weights()
+    with pytest.raises(ValueError, match="fold_norms"):
+        rot.rotate(ws, np.eye(ws.args.hidden_size))
+
+
+@pytest.mark.parametrize("arch,tied,kind", [("llama", False, "hadamard"), ("qwen2", True, "orthogonal")])  # qwen2: biases, tied head
+def test_rotated_and_smoothed_model_computes_the_original_logits(tmp_path, arch, tied, kind):
+    """fold + rotate (+ smoothing on top, as the recipe applies them): same logits as transformers' original model,
+    and every hidden state between slices is the original one times Q."""
+    path = make_tiny_hf(tmp_path / "m", arch=arch, n_layers=3, tied=tied, seed=3)
+    recipe = QuantRecipe(rotation=kind, smooth_alpha=0.5, calibration_text="The capital of France is Paris. " * 8)
+    rb = RecipeBuild(path, recipe)
+    orig = RecipeBuild(path, QuantRecipe(smooth_alpha=None)).runtime_weights()
+    rotated, smoothed, q = rb.runtime_weights(), rb.smoothed_weights(), rb.rotation_matrix()
+    assert q is not None and not np.allclose(rotated.embed_tokens, orig.embed_tokens)
+    assert not np.allclose(smoothed.layers[0].q_proj, rotated.layers[0].q_proj)  # smoothing really changed weights
+    if tied:
+        assert np.array_equal(orig.lm_head, orig.embed_tokens)  # the original table is never modified in place
+    want = _hf_logits(path)
+    hid_o: list[np.ndarray] = []
+    hid_r: list[np.ndarray] = []
+    got_o = _numpy_logits(orig, lambda s, i, o: hid_o.append(o["hidden_out"]) if s.kind == "layers" else None)
+    got_r = _numpy_logits(rotated, lambda s, i, o: hid_r.append(o["hidden_out"]) if s.kind == "layers" else None)
+    got_s = _numpy_logits(smoothed)
+    assert _rel(got_o, want) <= 1e-4
+    assert _rel(got_r, want) <= 1e-4, _rel(got_r, want)
+    assert _rel(got_s, want) <= 1e-4, _rel(got_s, want)
+    for a, b in zip(hid_o, hid_r):
+        assert _rel(b, (a.astype(np.float64) @ q).astype(np.float32)) <= 1e-4
+
+
+def test_recipe_round_trips_through_json_and_validates():
+    r = QuantRecipe(policy="linear", algorithm="mmse", smooth_alpha=0.5, rotation="hadamard", rotation_seed=3,
+                    calibration_text="some text", calibration_samples=2, fp16_layers=(29, 0, 0), head="fp16")
+    back = QuantRecipe.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back == r and back.fp16_layers == (0, 29)
+    assert QuantRecipe.from_dict(json.loads(json.dumps(DEFAULT_RECIPE.to_dict()))) == DEFAULT_RECIPE
+    for bad in ({"policy": "all"}, {"algorithm": "best"}, {"smooth_alpha": 1.5}, {"rotation": "spin"}, {"head": "int4"},
+                {"calibration_samples": 0}, {"fp16_layers": (-1,)}, {"down_basis": "x"}):
+        with pytest.raises(ValueError):
+            DEFAULT_RECIPE.but(**bad)
+    with pytest.raises(ValueError, match="unknown recipe fields"):
+        QuantRecipe.from_dict({"policy": "linear", "colour": "red"})
+    assert r.slice_dtype("layers.29") == "fp16" and r.slice_dtype("layers.5") == "w8a8" and r.slice_dtype("head") == "fp16"
+    assert r.int8_linears("layers.5") == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_every_recipe_field_is_in_the_cache_key_but_other_slices_precision_is_not():
+    base = cache_text(DEFAULT_RECIPE, "layers.3")
+    changed = {"policy": "linear", "algorithm": "mmse", "smooth_alpha": 0.5, "smooth_groups": ("qkv",),
+               "down_basis": "down", "rotation": "hadamard", "rotation_seed": 1, "calibration_text": "other text",
+               "calibration_samples": 3, "fp16_layers": (3,)}
+    assert set(changed) | {"head"} == {f.name for f in fields(QuantRecipe)}  # a new field must be added here too
+    for k, v in changed.items():
+        assert cache_text(DEFAULT_RECIPE.but(**{k: v}), "layers.3") != base, k
+    assert cache_text(DEFAULT_RECIPE.but(fp16_layers=(4,), head="fp16"), "layers.3") == base  # another slice's precision
+    assert cache_text(DEFAULT_RECIPE.but(head="fp16"), "head") != cache_text(DEFAULT_RECIPE, "head")
+
+
+def test_recipe_build_refuses_another_model(tmp_path):
+    a = make_tiny_hf(tmp_path / "a", n_layers=1, seed=1)
+    b = make_tiny_hf(tmp_path / "b", n_layers=2, seed=2)
+    other = RecipeBuild(b).runtime_weights()
+    with pytest.raises(ValueError, match="not the model being built"):
+        RecipeBuild(a).build_weights(SliceSpec("layers", 0, 1), other)
+
+
+_st = toolkit.status()
+
+
+@pytest.mark.toolkit
+@pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")
+def test_w8a8_compile_records_the_recipe_and_a_changed_recipe_is_a_cache_miss(tmp_path):
+    from exo_rknpu.compiler.compile import compile_range
+    from exo_rknpu.errors import CompileError
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=5)
+    kw = dict(buckets=Buckets(seq=(1,), context=(64,)), dtype="w8a8", verify=True, cache_dir=tmp_path / "c", progress=False)
+    a = DEFAULT_RECIPE.but(smooth_alpha=0.5, calibration_samples=2)
+    first = compile_range(str(tiny), "0-0", recipe=a, **kw)
+    m = json.loads((Path(first[0].folder) / "manifest.json").read_text())
+    assert QuantRecipe.from_dict(m["quantization"]["recipe"]) == a
+    assert m["quantization"]["slice_dtype"] == "w8a8" and m["quantization"]["samples_per_bucket"] == {"1": 2}
+    # verify compares with the original slice on onnxruntime: the smoothed int8 build computes the same function
+    assert first[0].verify["cos_hidden_out"] >= 0.999 and first[0].verify["cos_delta"] >= 0.99, first[0].verify
+    assert compile_range(str(tiny), "0-0", recipe=a.but(fp16_layers=(1,)), **kw)[0].status == "reused"
+    changed = compile_range(str(tiny), "0-0", recipe=a.but(smooth_alpha=None), **kw)
+    assert changed[0].status == "built" and changed[0].key != first[0].key
+    with pytest.raises(CompileError, match="rotat"):  # measured only: the runtime does not run a rotated embedding
+        compile_range(str(tiny), "0-0", recipe=a.but(rotation="hadamard"), **kw)
