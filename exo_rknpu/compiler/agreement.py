@@ -174,7 +174,7 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         "cos_logits": round(rknn_io.cosine(sim_logits, ref_logits), 6),
         "head_dtype": "fp16" if "head" in fp16_slices else dtype,
         "bytes_per_token": weight_bytes_per_token(full, recipe if rb is not None else None),
-        "layers": layers, "builds": len(builds),
+        "layers": layers, "builds": len(builds), "build_names": [b["name"] for b in builds],
         "build_seconds": round(sum(x.get("seconds", 0.0) for x in builds), 1),
         "sim_seconds": round(run_s, 1), "total_seconds": round(time.monotonic() - t0, 1),
     }

@@ -160,3 +160,21 @@ def test_w8a8_compile_records_the_recipe_and_a_changed_recipe_is_a_cache_miss(tm
     assert changed[0].status == "built" and changed[0].key != first[0].key
     with pytest.raises(CompileError, match="rotat"):  # measured only: the runtime does not run a rotated embedding
         compile_range(str(tiny), "0-0", recipe=a.but(rotation="hadamard"), **kw)
+
+
+@pytest.mark.toolkit
+@pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")
+def test_agreement_measures_any_text_in_prefill_and_decode_mode_with_per_layer_cosines(tmp_path):
+    from exo_rknpu.compiler.agreement import measure_agreement
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=6)
+    text = "Once upon a time there was a tiny model that ran on a board. " * 2
+    recipe = DEFAULT_RECIPE.but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2)
+    for seq, n in ((4, 8), (1, 4)):  # prefill chunks of 4, then decode (one token per call)
+        r = measure_agreement(str(tiny), "w8a8", text=text, recipe=recipe, seq=seq, max_tokens=n, log=lambda m: None)
+        assert r["tokens"] == n and r["seq"] == seq and QuantRecipe.from_dict(r["recipe"]) == recipe
+        assert 0.0 <= r["top1_agreement"] <= 1.0 and r["cos_logits"] > 0.95
+        assert sorted(r["layers"]) == ["layers.0", "layers.1"]
+        for f in r["layers"].values():  # the layer's own error and the accumulated one, against onnxruntime fp32
+            assert f["dtype"] == "w8a8" and 0.9 < f["cos_delta"] <= 1.0 and 0.95 < f["cos_hidden_acc"] <= 1.0, f
+        assert sorted(r["build_names"]) == [f"head.s{seq}", f"layers.0.s{seq}.c256", f"layers.1.s{seq}.c256"]  # only the buckets used
