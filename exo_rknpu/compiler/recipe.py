@@ -61,7 +61,8 @@ class RecipeBuild:
         self._smoothed: ShardWeights | None = None
         self._got: dict[tuple, dict] = {}
 
-    def _source(self):
+    def source(self):
+        """The model source (resolved once)."""
         if self._src is None:
             from exo_rknpu.model.loader import resolve_model
 
@@ -71,7 +72,7 @@ class RecipeBuild:
     def _ids(self) -> list[int]:
         from exo_rknpu.model.loader import load_tokenizer
 
-        return load_tokenizer(self._source()).encode(self.recipe.text)
+        return load_tokenizer(self.source()).encode(self.recipe.text)
 
     def rotation_matrix(self) -> np.ndarray | None:
         """Q of the recipe's rotation (x_rotated = x Q), None without rotation."""
@@ -79,14 +80,14 @@ class RecipeBuild:
             return None
         from exo_rknpu.model.loader import load_args
 
-        return rot.rotation_matrix(load_args(self._source()).hidden_size, self.recipe.rotation, self.recipe.rotation_seed)
+        return rot.rotation_matrix(load_args(self.source()).hidden_size, self.recipe.rotation, self.recipe.rotation_seed)
 
     def runtime_weights(self) -> ShardWeights:
         """The whole model as the recipe's slices expect the host to run it (rotated if the recipe rotates)."""
         if self._base is None:
             from exo_rknpu.model.loader import load_args, load_shard
 
-            src = self._source()
+            src = self.source()
             n = load_args(src).num_hidden_layers
             full = float_weights(load_shard(src, LayerRange(0, self.stop or n, n)))
             q = self.rotation_matrix()
@@ -108,10 +109,11 @@ class RecipeBuild:
         if self._smoothed is None:
             base = self.runtime_weights()
             r = self.recipe
-            if r.smooth_alpha is None:
+            targets = self._targets(base)
+            if r.smooth_alpha is None or not targets:
                 self._smoothed = base
             else:
-                stats = sm.calibration_stats(base, self._targets(base), self._ids())
+                stats = sm.calibration_stats(base, targets, self._ids())
                 self._smoothed = sm.smooth_shard(base, stats, r.smooth_alpha, r.smooth_groups, r.down_basis)
         return self._smoothed
 

@@ -178,3 +178,28 @@ def test_agreement_measures_any_text_in_prefill_and_decode_mode_with_per_layer_c
         for f in r["layers"].values():  # the layer's own error and the accumulated one, against onnxruntime fp32
             assert f["dtype"] == "w8a8" and 0.9 < f["cos_delta"] <= 1.0 and 0.95 < f["cos_hidden_acc"] <= 1.0, f
         assert sorted(r["build_names"]) == [f"head.s{seq}", f"layers.0.s{seq}.c256", f"layers.1.s{seq}.c256"]  # only the buckets used
+
+
+def test_fake_quant_error_is_at_most_half_a_step_inside_the_range():
+    from exo_rknpu.compiler.emulate import fake_quant, fake_quant_weight
+
+    x = np.random.default_rng(0).uniform(-3.0, 5.0, 1000).astype(np.float32)
+    step = 8.0 / 255
+    assert np.abs(fake_quant(x, -3.0, 5.0) - x).max() <= step / 2 + 1e-6
+    assert np.unique(fake_quant(x, -3.0, 5.0)).size <= 256
+    w = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    assert np.all(np.abs(fake_quant_weight(w) - w) <= np.abs(w).max(axis=1, keepdims=True) / 127 / 2 + 1e-7)
+
+
+def test_emulated_recipe_is_exact_when_everything_is_fp16_and_lossy_otherwise(tmp_path):
+    from exo_rknpu.compiler.emulate import emulate_agreement
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=7)
+    text = "Once upon a time there was a tiny model that ran on a board. " * 2
+    cal = "The capital of France is Paris. " * 12
+    off = emulate_agreement(tiny, QuantRecipe(fp16_layers=(0, 1), head="fp16", calibration_text=cal), text)
+    assert off["top1_agreement"] == 1.0 and off["cos_logits"] > 0.99999
+    smooth = emulate_agreement(tiny, QuantRecipe(policy="mlp-gate-up", calibration_text=cal), text)
+    assert 0.9 < smooth["cos_logits"] < 0.99999, smooth  # int8 gate/up and head: lossy, not broken
+    rotated = emulate_agreement(tiny, QuantRecipe(fp16_layers=(0, 1), head="fp16", rotation="hadamard", calibration_text=cal), text)
+    assert rotated["top1_agreement"] == 1.0 and rotated["cos_logits"] > 0.99999  # measured against the unrotated model
