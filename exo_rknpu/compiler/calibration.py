@@ -14,7 +14,7 @@ import numpy as np
 from exo_rknpu.backends.base import get_backend
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.spec import MASK_VALUE, Buckets, SliceSpec, to_kv_layout
+from exo_rknpu.slices.spec import MASK_VALUE, Buckets, SliceSpec
 
 from exo_rknpu.slices.calibration_text import CALIBRATION_TEXT, HELDOUT_TEXT  # noqa: F401  (re-exported)
 

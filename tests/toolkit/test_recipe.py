@@ -19,7 +19,6 @@ from exo_rknpu.backends.base import get_backend
 from exo_rknpu.compiler import rotation as rot
 from exo_rknpu.compiler import toolkit
 from exo_rknpu.compiler.recipe import RecipeBuild, cache_text
-from exo_rknpu.model.loader import resolve_model
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.slices.spec import Buckets, SliceSpec

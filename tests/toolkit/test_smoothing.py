@@ -1,9 +1,8 @@
 """SmoothQuant-style smoothing (compiler/smoothing.py): exact fp32 equivalence, outlier reduction, and its place
-in the w8a8 compile path (cache key, manifest). The numpy tests need no toolkit; the compile test skips without it."""
+in the w8a8 policies. Numpy only; the recipe's cache key and manifest are tests/toolkit/test_recipe.py."""
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 
 from exo_rknpu.compiler import smoothing as sm
-from exo_rknpu.compiler import toolkit
 from exo_rknpu.compiler.calibration import CALIBRATION_TEXT
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
@@ -128,9 +126,6 @@ def test_smollm2_massive_activations_are_flattened():
     for g in ("qkv", "gate_up", "up_out"):
         r0, r1 = sm.outlier_ratio(before[g]), sm.outlier_ratio(after[g])
         assert r0 > 10 and r1 < r0 / 4, (g, r0, r1)
-
-
-_st = toolkit.status()
 
 
 def test_quant_policies_pick_the_right_linear_layers():
