@@ -202,3 +202,18 @@ def test_emulated_recipe_is_exact_when_everything_is_fp16_and_lossy_otherwise(tm
     assert 0.9 < smooth["cos_logits"] < 0.99999, smooth  # int8 gate/up and head: lossy, not broken
     rotated = emulate_agreement(tiny, QuantRecipe(fp16_layers=(0, 1), head="fp16", rotation="hadamard", calibration_text=cal), text)
     assert rotated["top1_agreement"] == 1.0 and rotated["cos_logits"] > 0.99999  # measured against the unrotated model
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--agreement-text", "/nonexistent/text.txt"], "--agreement-text: cannot read"),
+    (["--calibration-text", "/nonexistent/calib.txt"], "--calibration-text: cannot read"),
+    (["--smooth-alpha", "1.5"], "smooth_alpha must be in"),
+    (["--fp16-layers", "0,99"], "outside layers"),
+    (["--agreement-seq", "0"], "--agreement-seq must be >= 1"),
+])
+def test_agreement_flags_are_validated_before_anything_heavy(tmp_path, flags, message):
+    from exo_rknpu.cli.main import main
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=8)
+    with pytest.raises(SystemExit, match=message):
+        main(["compile", "--model", str(tiny), "--agreement", "--dtype", "w8a8", *flags])
