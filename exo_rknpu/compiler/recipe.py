@@ -12,6 +12,7 @@ fp16 are built from the rotated, unsmoothed weights. Calibration activations are
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,14 @@ from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices, to_kv_layout
 
 
 def float_weights(ws: ShardWeights) -> ShardWeights:
-    """The float32 weights the compiler transforms and exports. (One place to convert compact/quantized
-    in-memory weights to float32 once the loader produces them; today they are float32 already.)"""
-    return ws
+    """`ws` with every tensor as a float32 numpy array: the one place the recipe's transforms get float weights
+    (compact/quantized in-memory tensors expose `dequantize()`; plain arrays are returned as they are)."""
+
+    def f(a):
+        return None if a is None else (np.asarray(a.dequantize(), np.float32) if hasattr(a, "dequantize") else a)
+
+    layers = {i: replace(lw, **{n: f(a) for n, a in lw.arrays().items()}) for i, lw in ws.layers.items()}
+    return replace(ws, layers=layers, embed_tokens=f(ws.embed_tokens), final_norm=f(ws.final_norm), lm_head=f(ws.lm_head))
 
 
 def transform_version() -> str:
