@@ -52,8 +52,10 @@ def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, toke
     want = {s.name for s in targets}
     got: dict[str, dict[int, list[dict[str, np.ndarray]]]] = {n: {} for n in want}
 
+    recording = [True]  # off during the decode capture's history prefill (a padded call, not a sample)
+
     def observe(spec: SliceSpec, inputs: dict[str, np.ndarray], _outputs: dict[str, np.ndarray]) -> None:
-        if spec.name not in want:
+        if spec.name not in want or not recording[0]:
             return
         first = next(iter(inputs.values()))
         seq = first.shape[1]
@@ -66,12 +68,17 @@ def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, toke
         ids = np.asarray(token_ids, np.int64)[None]
         max_tokens = buckets.context[0]
         for seq in buckets.seq:
-            # seq 1 is decode: a short prefill first, so the captured steps attend to a real history
             rid = f"calib-{seq}"
             pos = 0
-            if seq == 1:
+            if seq == 1 and per_bucket > 1:
+                # decode: the first step is position 0 (the first token carries the model's largest activations, and
+                # without it in the ranges a decode run from the start clips them: measured 75 % agreement on
+                # smollm2), then a short prefill so the other captured steps attend to a real history
+                runner.forward(rid, ids[:, :1])
                 pre = min(16, ids.shape[1] - per_bucket)
-                runner.forward(rid, ids[:, :pre])
+                recording[0] = False
+                runner.forward(rid, ids[:, 1:pre])
+                recording[0] = True
                 pos = pre
             while pos + seq <= min(ids.shape[1], max_tokens) and len(got[targets[0].name].get(seq, [])) < per_bucket:
                 runner.forward(rid, ids[:, pos : pos + seq])

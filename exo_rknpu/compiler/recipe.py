@@ -38,9 +38,11 @@ def float_weights(ws: ShardWeights) -> ShardWeights:
 
 
 def transform_version() -> str:
-    """Changes with the code of the transforms (part of every w8a8 cache key)."""
+    """Changes with the code of the transforms and of the calibration capture (part of every w8a8 cache key)."""
     h = hashlib.sha256()
-    for mod in (rot, sm):
+    from exo_rknpu.compiler import calibration
+
+    for mod in (rot, sm, calibration):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

@@ -154,7 +154,13 @@ def test_w8a8_compile_records_the_recipe_and_a_changed_recipe_is_a_cache_miss(tm
     assert m["quantization"]["slice_dtype"] == "w8a8" and m["quantization"]["samples_per_bucket"] == {"1": 2}
     # verify compares with the original slice on onnxruntime: the smoothed int8 build computes the same function
     assert first[0].verify["cos_hidden_out"] >= 0.999 and first[0].verify["cos_delta"] >= 0.99, first[0].verify
-    assert compile_range(str(tiny), "0-0", recipe=a.but(fp16_layers=(1,)), **kw)[0].status == "reused"
+    kept = compile_range(str(tiny), "0-1", recipe=a.but(fp16_layers=(1,)), **kw)  # layer 1 kept in fp16
+    assert [(r.name, r.status) for r in kept] == [("layers.0", "reused"), ("layers.1", "built"), ("head", "built")]
+    assert kept[0].key == first[0].key
+    m1 = json.loads((Path(kept[1].folder) / "manifest.json").read_text())
+    assert m1["dtype"] == "w8a8" and m1["quantization"]["slice_dtype"] == "fp16"
+    assert [f["file"] for f in m1["files"]] == ["layers.1.s1.c64.rknn"]  # one file per bucket, like the w8a8 slices
+    assert kept[1].verify["cos_hidden_out"] >= 0.9999, kept[1].verify  # fp16: near exact
     changed = compile_range(str(tiny), "0-0", recipe=a.but(smooth_alpha=None), **kw)
     assert changed[0].status == "built" and changed[0].key != first[0].key
     with pytest.raises(CompileError, match="rotat"):  # measured only: the runtime does not run a rotated embedding
