@@ -223,3 +223,20 @@ def test_agreement_flags_are_validated_before_anything_heavy(tmp_path, flags, me
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=8)
     with pytest.raises(SystemExit, match=message):
         main(["compile", "--model", str(tiny), "--agreement", "--dtype", "w8a8", *flags])
+
+
+def test_decode_calibration_starts_at_the_first_token_and_prefill_samples_are_real_chunks(tmp_path):
+    from exo_rknpu.model.rope import cos_sin
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=1, seed=9)
+    rb = RecipeBuild(tiny, QuantRecipe(calibration_text="The capital of France is Paris. " * 12, calibration_samples=3))
+    ws = rb.runtime_weights()
+    spec = SliceSpec("layers", 0, 1)
+    decode = rb.calibration(spec, ws, BUCKETS, 1, None)
+    prefill = rb.calibration(spec, ws, BUCKETS, 16, None)
+    args = ws.args
+    # positions from the rotary inputs: decode steps 0, then after the history; prefill chunks 0-15, 16-31, 32-47
+    assert np.allclose(decode[0]["cos"], cos_sin(args, np.arange(1))[0])
+    assert np.allclose(decode[1]["cos"], cos_sin(args, np.arange(16, 17))[0])
+    for i, s in enumerate(prefill):
+        assert np.allclose(s["cos"], cos_sin(args, np.arange(16 * i, 16 * i + 16))[0]), i
