@@ -43,9 +43,10 @@ def repad(inputs: dict[str, np.ndarray], ctx: int) -> dict[str, np.ndarray]:
 
 
 def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, token_ids: list[int],
-            per_bucket: int = 4) -> dict[str, dict[int, list[dict[str, np.ndarray]]]]:
+            per_bucket: int = 4, decode_samples: int | None = None) -> dict[str, dict[int, list[dict[str, np.ndarray]]]]:
     """Run `full` (layers 0..stop of the model, numpy backend) over `token_ids` once per seq bucket, feeding
-    exactly that many tokens per call, and keep up to `per_bucket` input sets per (slice, seq).
+    exactly that many tokens per call, and keep up to `per_bucket` input sets per (slice, seq) (`decode_samples`
+    for seq 1, default `per_bucket`).
 
     Returns {slice name: {seq: [inputs, ...]}} at the smallest context bucket.
     """
@@ -60,7 +61,7 @@ def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, toke
         first = next(iter(inputs.values()))
         seq = first.shape[1]
         lst = got[spec.name].setdefault(seq, [])
-        if len(lst) < per_bucket:
+        if len(lst) < ((decode_samples or per_bucket) if seq == 1 else per_bucket):
             lst.append({k: np.array(v, copy=True) for k, v in inputs.items()})  # the runtime reuses cache arrays
 
     runner = ShardRunner(full, get_backend("numpy"), buckets=buckets, layers_per_slice=1, on_slice=observe)
@@ -70,17 +71,18 @@ def capture(full: ShardWeights, targets: list[SliceSpec], buckets: Buckets, toke
         for seq in buckets.seq:
             rid = f"calib-{seq}"
             pos = 0
-            if seq == 1 and per_bucket > 1:
+            want_n = (decode_samples or per_bucket) if seq == 1 else per_bucket
+            if seq == 1 and want_n > 1:
                 # decode: the first step is position 0 (the first token carries the model's largest activations, and
                 # without it in the ranges a decode run from the start clips them: measured 75 % agreement on
                 # smollm2), then a short prefill so the other captured steps attend to a real history
                 runner.forward(rid, ids[:, :1])
-                pre = min(16, ids.shape[1] - per_bucket)
+                pre = max(1, min(16, ids.shape[1] - want_n))
                 recording[0] = False
                 runner.forward(rid, ids[:, 1:pre])
                 recording[0] = True
                 pos = pre
-            while pos + seq <= min(ids.shape[1], max_tokens) and len(got[targets[0].name].get(seq, [])) < per_bucket:
+            while pos + seq <= min(ids.shape[1], max_tokens) and len(got[targets[0].name].get(seq, [])) < want_n:
                 runner.forward(rid, ids[:, pos : pos + seq])
                 pos += seq
             runner.drop(rid)

@@ -144,6 +144,7 @@ class RecipeBuild:
         key = (buckets.seq, buckets.context)
         if key not in self._got:
             base = self.runtime_weights()
-            self._got[key] = capture(base, self._slices(base), buckets, self._ids(), per_bucket=self.recipe.calibration_samples)
+            self._got[key] = capture(base, self._slices(base), buckets, self._ids(), per_bucket=self.recipe.calibration_samples,
+                                     decode_samples=self.recipe.decode_samples)
         got = self._got[key].get(spec.name, {}).get(seq, [])
         return [to_kv_layout(repad(s, ctx), spec.kv_layout) if (spec.kind == "layers" and ctx) else s for s in got]

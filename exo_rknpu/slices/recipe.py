@@ -37,7 +37,7 @@ class QuantRecipe:
     migration strength (None: no smoothing), over `smooth_groups`, the down group flattening `down_basis`;
     rotation: orthogonal rotation of the residual stream (None, "hadamard", "orthogonal"; seeded by
     rotation_seed); calibration_text: the text whose activations set the ranges (and the smoothing statistics),
-    calibration_samples per bucket; fp16_layers: decoder layers built entirely in fp16; head: the head's dtype.
+    calibration_samples per prefill bucket, decode_samples per decode (seq 1) bucket; fp16_layers: decoder layers built entirely in fp16; head: the head's dtype.
     """
 
     policy: str = "linear-fp16-gate-down"
@@ -49,6 +49,7 @@ class QuantRecipe:
     rotation_seed: int = 0
     calibration_text: str = field(default="", repr=False)  # "" = the project's CALIBRATION_TEXT
     calibration_samples: int = 4
+    decode_samples: int = 64  # seq-1 buckets: one token per sample, so many more samples for the same ranges
     fp16_layers: tuple[int, ...] = ()
     head: str = "w8a8"
 
@@ -66,8 +67,9 @@ class QuantRecipe:
             raise ValueError(f"unknown down basis {self.down_basis!r}; choose one of {', '.join(DOWN_BASES)}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {self.rotation!r}; choose none, hadamard or orthogonal")
-        if self.calibration_samples < 1:
-            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
+        if self.calibration_samples < 1 or self.decode_samples < 1:
+            raise ValueError(f"calibration_samples and decode_samples must be >= 1, got {self.calibration_samples}, "
+                             f"{self.decode_samples}")
         if any(i < 0 for i in self.fp16_layers):
             raise ValueError(f"fp16_layers must be layer numbers >= 0, got {self.fp16_layers}")
         if self.head not in HEAD_DTYPES:

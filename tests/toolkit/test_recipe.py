@@ -120,7 +120,7 @@ def test_every_recipe_field_is_in_the_cache_key_but_other_slices_precision_is_no
     base = cache_text(DEFAULT_RECIPE, "layers.3")
     changed = {"policy": "linear", "algorithm": "mmse", "smooth_alpha": 0.5, "smooth_groups": ("qkv",),
                "down_basis": "down", "rotation": "hadamard", "rotation_seed": 1, "calibration_text": "other text",
-               "calibration_samples": 3, "fp16_layers": (3,)}
+               "calibration_samples": 3, "decode_samples": 5, "fp16_layers": (3,)}
     assert set(changed) | {"head"} == {f.name for f in fields(QuantRecipe)}  # a new field must be added here too
     for k, v in changed.items():
         assert cache_text(DEFAULT_RECIPE.but(**{k: v}), "layers.3") != base, k
@@ -174,7 +174,7 @@ def test_agreement_measures_any_text_in_prefill_and_decode_mode_with_per_layer_c
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=6)
     text = "Once upon a time there was a tiny model that ran on a board. " * 2
-    recipe = DEFAULT_RECIPE.but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2)
+    recipe = DEFAULT_RECIPE.but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2, decode_samples=4)
     for seq, n in ((4, 8), (1, 4)):  # prefill chunks of 4, then decode (one token per call)
         r = measure_agreement(str(tiny), "w8a8", text=text, recipe=recipe, seq=seq, max_tokens=n, log=lambda m: None)
         assert r["tokens"] == n and r["seq"] == seq and QuantRecipe.from_dict(r["recipe"]) == recipe
@@ -229,7 +229,8 @@ def test_decode_calibration_starts_at_the_first_token_and_prefill_samples_are_re
     from exo_rknpu.model.rope import cos_sin
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=1, seed=9)
-    rb = RecipeBuild(tiny, QuantRecipe(calibration_text="The capital of France is Paris. " * 12, calibration_samples=3))
+    rb = RecipeBuild(tiny, QuantRecipe(calibration_text="The capital of France is Paris. " * 12, calibration_samples=3,
+                                       decode_samples=5))
     ws = rb.runtime_weights()
     spec = SliceSpec("layers", 0, 1)
     decode = rb.calibration(spec, ws, BUCKETS, 1, None)
@@ -237,6 +238,7 @@ def test_decode_calibration_starts_at_the_first_token_and_prefill_samples_are_re
     args = ws.args
     # positions from the rotary inputs: decode steps 0, then after the history; prefill chunks 0-15, 16-31, 32-47
     assert np.allclose(decode[0]["cos"], cos_sin(args, np.arange(1))[0])
+    assert len(decode) == 5 and len(prefill) == 3
     assert np.allclose(decode[1]["cos"], cos_sin(args, np.arange(16, 17))[0])
     for i, s in enumerate(prefill):
         assert np.allclose(s["cos"], cos_sin(args, np.arange(16 * i, 16 * i + 16))[0]), i
