@@ -26,6 +26,7 @@ import numpy as np
 from exo_rknpu.backends import rknn_io
 from exo_rknpu.backends.base import get_backend
 from exo_rknpu.compiler.calibration import HELDOUT_TEXT
+from exo_rknpu.errors import CompileError
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
@@ -87,9 +88,9 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         ids = ids[:max_tokens]
     n_tok = len(ids)
     if n_tok < 2:
-        raise ValueError(f"the agreement text has {n_tok} token(s); it needs at least 2")
+        raise CompileError(f"the agreement text has {n_tok} token(s); it needs at least 2")
     if seq < 1:
-        raise ValueError(f"--agreement-seq must be >= 1, got {seq}")
+        raise CompileError(f"--agreement-seq must be >= 1, got {seq}")
     full = load_shard(src, LayerRange.full(load_args(src).num_hidden_layers))
     ctx = 256
     while ctx < n_tok:

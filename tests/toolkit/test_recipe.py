@@ -225,6 +225,15 @@ def test_agreement_flags_are_validated_before_anything_heavy(tmp_path, flags, me
         main(["compile", "--model", str(tiny), "--agreement", "--dtype", "w8a8", *flags])
 
 
+def test_agreement_on_a_text_too_short_is_a_one_line_error(tmp_path, capsys):
+    from exo_rknpu.cli.main import main
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=8)
+    (tmp_path / "t.txt").write_text("a")
+    assert main(["compile", "--model", str(tiny), "--agreement", "--agreement-text", str(tmp_path / "t.txt")]) == 1
+    assert "needs at least 2" in capsys.readouterr().err
+
+
 def test_decode_calibration_starts_at_the_first_token_and_prefill_samples_are_real_chunks(tmp_path):
     from exo_rknpu.model.rope import cos_sin
 
