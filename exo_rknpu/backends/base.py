@@ -15,7 +15,7 @@ import numpy as np
 
 from exo_rknpu.errors import BackendUnavailableError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.slices.spec import Buckets, KVLayout, SliceSpec
 
 
 class Runner(Protocol):
@@ -33,6 +33,12 @@ class Backend(Protocol):
 
     name: str
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
+    # Read by the runtime (runtime/shard.py, runtime/session.py); docs/backends.md lists them.
+    kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd] or "dim" [.., hd, C]
+    layers_per_slice: int | None  # layers per graph when the user does not say (None: the whole shard in one graph)
+    # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
+    # final_norm or lm_head, so the loader leaves them out (load_shard(layers=False)). Default True.
+    needs_layer_weights: bool
 
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all?"""

@@ -1,4 +1,5 @@
-"""The numpy backend: evaluates slices/graph.py eagerly. Slow, readable, the oracle for every other backend."""
+"""The numpy backend: evaluates slices/graph.py eagerly. Slow and readable; it shares slices/graph.py with the
+onnx export, so it is not an independent check of the maths (transformers is: tests/ort/test_against_transformers.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class NumpyBackend:
     name = "numpy"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
+    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
+    needs_layer_weights = True  # evaluates the slices from the weights
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")

@@ -42,6 +42,8 @@ class OrtBackend:
     name = "onnx"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
+    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
+    needs_layer_weights = True  # builds its graphs from the weights
 
     def __init__(self, threads: int | None = None) -> None:
         if ort is None:

@@ -306,6 +306,9 @@ class RknnSimBackend:
     kv_layout = "seq"
     static_shapes = True
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
+    # Unlike npu: the simulator cannot run a .rknn loaded from disk (init_runtime refuses a load_rknn model without a
+    # target, docs/compiler.md), so every slice is rebuilt here from the weights.
+    needs_layer_weights = True
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", recipe_build: RecipeSource | None = None,
                  paths: Paths | None = None, python: str | Path | None = None, build_timeout: float = 1800.0,

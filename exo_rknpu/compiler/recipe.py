@@ -62,8 +62,10 @@ class RecipeBuild:
     `weights` is the caller's shard; it must be the same model (fingerprint), else ValueError.
     """
 
-    def __init__(self, model, recipe: QuantRecipe = DEFAULT_RECIPE, stop: int | None = None) -> None:
-        self.model, self.recipe, self.stop = model, recipe, stop  # stop: load layers 0..stop only (None: all)
+    def __init__(self, model, recipe: QuantRecipe = DEFAULT_RECIPE, stop: int | None = None,
+                 weights: ShardWeights | None = None) -> None:
+        # stop: load layers 0..stop only (None: all); weights: layers 0..stop already read (not read again)
+        self.model, self.recipe, self.stop, self._loaded = model, recipe, stop, weights
         self._src = None
         self._base: ShardWeights | None = None  # the whole model, rotated if the recipe rotates
         self._smoothed: ShardWeights | None = None
@@ -97,7 +99,8 @@ class RecipeBuild:
 
             src = self.source()
             n = load_args(src).num_hidden_layers
-            full = float_weights(load_shard(src, LayerRange(0, self.stop or n, n)))
+            full = float_weights(self._loaded if self._loaded is not None else load_shard(src, LayerRange(0, self.stop or n, n)))
+            self._loaded = None
             q = self.rotation_matrix()
             if q is not None:
                 full = rot.rotate(rot.fold_norms(full), q)

@@ -94,6 +94,8 @@ class GGUFFile:
         try:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 self.metadata, self.tensors = self._parse(_Cursor(buf, self.path))
+        except WeightsError:
+            raise  # already says what is wrong with which file (WeightsError is a ValueError: keep it unwrapped)
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
             raise WeightsError(f"{self.path} is not a readable GGUF file ({e}); re-download it") from None
 
@@ -182,13 +184,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert permutation (HF -> GGUF); the inverse of unpermute_qk. Used by test fixtures."""
-    rows = w.shape[0]
-    rest = w.shape[1:]
-    return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
-
-
 def _f32(v: Any) -> float:
     """GGUF stores these as float32: 1e-5 reads back as 9.99999974e-06. Take the shortest float32 repr."""
     return float(str(np.float32(v)))
@@ -230,6 +225,7 @@ def args_from_gguf(g: GGUFFile) -> ModelArgs:
         rope_scaling=None,
         tie_word_embeddings=registry.GGUF_HEAD not in g.tensors,
         attention_bias=registry.has_attention_bias(family) or "blk.0.attn_q.bias" in g.tensors,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(g.get(k("context_length"), 2048)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=None if eos is None else int(eos),
@@ -243,7 +239,8 @@ def load_gguf_args(path: Path) -> ModelArgs:
 
 def _layer(g: GGUFFile, args: ModelArgs, i: int) -> LayerWeights:
     shapes = expected_shapes(args)
-    # llama.cpp permutes Q/K rows only for the llama family (qwen2 is converted without it).
+    # llama.cpp permutes Q/K rows only for the llama family: its Qwen2Model/Qwen3Model converters
+    # (conversion/qwen.py) inherit TextModel.modify_tensors, which does not, and run NEOX (rotate-half) RoPE.
     heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads,
              "q_bias": args.num_attention_heads, "k_bias": args.num_key_value_heads}
     kw: dict[str, np.ndarray] = {}
@@ -256,16 +253,18 @@ def _layer(g: GGUFFile, args: ModelArgs, i: int) -> LayerWeights:
     return LayerWeights(**kw)
 
 
-def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from a GGUF file. `fingerprint` is left empty (the loader sets it)."""
+def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
+                    layers: bool = True, embed: bool = True) -> ShardWeights:
+    """Load only what `layer_range` needs from a GGUF file. `fingerprint` is left empty (the loader sets it).
+    layers=False: the embedding only (first shard); no layer or head tensor bytes are read."""
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     args = args or args_from_gguf(g)
     vh = (args.vocab_size, args.hidden_size)
-    layers = {i: _layer(g, args, i) for i in layer_range.layers}
-    embed = norm = head = None
-    if layer_range.is_first:
+    loaded = {i: _layer(g, args, i) for i in (layer_range.layers if layers else ())}
+    want_embed, embed, norm, head = embed, None, None, None
+    if layer_range.is_first and want_embed:
         embed = check_shape(registry.GGUF_EMBED, g.tensor(registry.GGUF_EMBED), vh, g.path)
-    if layer_range.is_last:
+    if layer_range.is_last and layers:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
             head = embed if embed is not None else check_shape(
@@ -273,5 +272,5 @@ def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelA
             )
         else:
             head = check_shape(registry.GGUF_HEAD, g.tensor(registry.GGUF_HEAD), vh, g.path)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)

@@ -93,7 +93,7 @@ def _rope_settings(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
-    """Normalise an HF config dict into ModelArgs (llama / qwen2 families)."""
+    """Normalise an HF config dict into ModelArgs (llama / qwen2 / qwen3 families)."""
     family = registry.canonical_family(cfg.get("model_type"), cfg)
     if cfg.get("use_sliding_window"):
         raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
@@ -123,6 +123,7 @@ def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bias,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         bos_token_id=_first_id(cfg.get("bos_token_id")),
         eos_token_id=_first_id(cfg.get("eos_token_id")),
@@ -167,6 +168,8 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
         if len(raw) != n:
             raise WeightsError(f"{path} is truncated (header cut short)")
         header = json.loads(raw)
+    except WeightsError:
+        raise  # already names the file and what is wrong (WeightsError is a ValueError: keep it unwrapped)
     except FileNotFoundError:
         raise WeightsError(f"weights file {path} is missing; re-download the model") from None
     except (OSError, ValueError) as e:
@@ -278,6 +281,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "q_bias": (q,),
         "k_bias": (kv,),
         "v_bias": (kv,),
+        "q_norm": (hd,),
+        "k_norm": (hd,),
     }
 
 
@@ -291,31 +296,35 @@ def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...], where: object)
 
 
 def layer_fields(args: ModelArgs) -> list[str]:
-    """LayerWeights fields this model has (biases only with attention_bias)."""
+    """LayerWeights fields this model has (biases only with attention_bias, q/k norms only with qk_norm)."""
     fields = list(registry.HF_LAYER_TENSORS)
     if args.attention_bias:
         fields += list(registry.HF_BIAS_TENSORS)
+    if args.qk_norm:
+        fields += list(registry.HF_QK_NORM_TENSORS)
     return fields
 
 
-def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it)."""
+def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, layers: bool = True,
+                  embed: bool = True) -> ShardWeights:
+    """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it).
+    layers=False: the embedding only (first shard); no file holding only layer or head tensors is opened."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
     vh = (args.vocab_size, args.hidden_size)
     with TensorSource(folder) as src:
-        layers: dict[int, LayerWeights] = {}
-        for i in layer_range.layers:
+        loaded: dict[int, LayerWeights] = {}
+        for i in (layer_range.layers if layers else ()):
             kw = {}
             for field in layer_fields(args):
                 name = registry.hf_layer_name(i, field)
                 kw[field] = check_shape(name, src.get(name), shapes[field], folder)
-            layers[i] = LayerWeights(**kw)
-        embed = norm = head = None
-        if layer_range.is_first:
+            loaded[i] = LayerWeights(**kw)
+        want_embed, embed, norm, head = embed, None, None, None
+        if layer_range.is_first and want_embed:
             embed = check_shape(registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder)
-        if layer_range.is_last:
+        if layer_range.is_last and layers:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
             if args.tie_word_embeddings:
                 # Tied: the head *is* the embedding; never keep two copies.
@@ -324,7 +333,7 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
                 )
             else:
                 head = check_shape(registry.HF_HEAD, src.get(registry.HF_HEAD), vh, folder)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)
 
 

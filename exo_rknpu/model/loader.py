@@ -43,18 +43,24 @@ def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> 
     return h.hexdigest()
 
 
-def load_shard(src: ModelSource, layer_range: LayerRange) -> ShardWeights:
-    """Weights for `layer_range` only (+ embedding if first, final norm + head if last), float32, HF layout."""
+def load_shard(src: ModelSource, layer_range: LayerRange, layers: bool = True, embed: bool = True) -> ShardWeights:
+    """Weights for `layer_range` only (+ embedding if first, final norm + head if last), float32, HF layout.
+
+    layers=False: only the embedding (first shard). The decoder layers and the final norm + head are neither read
+    nor dequantized: for a backend that runs them from compiled files (npu, `needs_layer_weights = False`).
+    embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head
+    on the last shard is still read (it is the embedding matrix).
+    """
     if src.format == "hf":
         args = hf.load_hf_args(src.path)
         _check_range(args, layer_range)
-        shard = hf.load_hf_shard(src.path, layer_range, args)
+        shard = hf.load_hf_shard(src.path, layer_range, args, layers=layers, embed=embed)
         digest = hf.source_digest(src.path)
     else:
         g = gguf_reader.GGUFFile(src.path)
         args = gguf_reader.args_from_gguf(g)
         _check_range(args, layer_range)
-        shard = gguf_reader.load_gguf_shard(g, layer_range, args)
+        shard = gguf_reader.load_gguf_shard(g, layer_range, args, layers=layers, embed=embed)
         digest = g.digest()
     shard.fingerprint = model_fingerprint(args, src.format, digest)
     return shard

@@ -12,7 +12,7 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 
 @dataclass
 class LayerWeights:
-    """One decoder layer. Biases are None unless the family has them (qwen2: q/k/v)."""
+    """One decoder layer. Biases are None unless the family has them (qwen2: q/k/v); q_norm/k_norm likewise (qwen3)."""
 
     input_norm: np.ndarray  # [H]
     q_proj: np.ndarray  # [nh*hd, H]
@@ -26,6 +26,8 @@ class LayerWeights:
     q_bias: np.ndarray | None = None
     k_bias: np.ndarray | None = None
     v_bias: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # [hd], float32: RMSNorm of each q head before RoPE (qwen3)
+    k_norm: np.ndarray | None = None  # [hd], float32: the same for k
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Named tensors of this layer (None biases left out), in a fixed order."""
@@ -36,7 +38,7 @@ class LayerWeights:
         h = hashlib.sha256()
         for name, a in self.arrays().items():
             h.update(f"{name}:{a.shape}:{a.dtype};".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
+            h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # hashed in place, not copied
         return h.hexdigest()
 
     @property

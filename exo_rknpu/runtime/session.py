@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from exo_rknpu.backends.base import get_backend
+from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
 from exo_rknpu.model.zoo import ModelSource
@@ -17,7 +18,14 @@ FALLBACK_BACKEND = "onnx"
 
 
 def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
-    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit)."""
+    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit).
+
+    A max_context below 1 or beyond the model's limit (max_position_embeddings) is refused: past its limit a
+    model's rotary positions are untrained, so the answers would be wrong.
+    """
+    if max_context is not None and not 1 <= max_context <= args.max_position_embeddings:
+        raise UsageError(f"--max-context {max_context} is out of range; this model allows 1 to "
+                         f"{args.max_position_embeddings} positions")
     limit = max_context or min(DEFAULT_MAX_CONTEXT, args.max_position_embeddings)
     return Buckets.up_to(limit)
 
@@ -37,14 +45,19 @@ def open_shard(
     Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
     """
-    weights = load_shard(src, layer_range)
     primary = get_backend(backend, **(backend_options or {}))
     if layers_per_slice is None:
         layers_per_slice = getattr(primary, "layers_per_slice", None)
     placed = primary
-    lr = weights.layer_range
-    if any(not primary.supports(s) for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)):
+    lr = layer_range
+    plan = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
+    off_primary = [s for s in plan if not primary.supports(s)]
+    if off_primary:
         placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
+    # A backend running its slices from compiled files (npu) needs no layer/head weights, unless a slice it
+    # cannot run (other than the embedding, always loaded) lands on the fallback.
+    layers = getattr(primary, "needs_layer_weights", True) or any(s.kind != "embed" for s in off_primary)
+    weights = load_shard(src, layer_range, layers=layers)
     return ShardRunner(
         weights,
         placed,

@@ -72,7 +72,7 @@ class ShardRunner:
         except BaseException:
             self.close()
             raise
-        self.requests = RequestStore(limits)
+        self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
         self.on_slice = on_slice
         self.stats = ShardStats()
 
@@ -81,16 +81,22 @@ class ShardRunner:
         return [s for s in self.specs if s.kind == "layers"]
 
     # -- public -------------------------------------------------------------------------------
-    def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all") -> np.ndarray:
+    def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all",
+                start: bool | None = None) -> np.ndarray:
         """Token ids [1,seq] (first shard) or hidden states [1,seq,H] -> hidden states [1,seq,H] float32, or
         logits [1,seq,V] (last shard; [1,1,V] with logits="last"). Advances the request's position by seq.
 
+        start: True = a new request (admitted, or CapacityError); False = a live request (RequestStateError if
+        this shard holds no cache for it, instead of silently starting again at position 0); None = either.
         On any error the request's position is left where it was, so a retry or the next request is unaffected.
         """
         x = self._check_input(x)
         seq = x.shape[1]
-        state = self.requests.get(request_id)
-        self.buckets.context_for(state.pos + seq)  # raises ContextOverflowError before touching anything
+        if start is None:
+            start = request_id not in self.requests
+        pos = 0 if start else self.requests.get(request_id).pos  # RequestStateError if this shard holds no cache
+        self.buckets.context_for(pos + seq)  # raises ContextOverflowError before touching anything
+        state = self.requests.admit(request_id) if start else self.requests.get(request_id)
         start_pos = state.pos
         try:
             outs = []
@@ -103,11 +109,16 @@ class ShardRunner:
                 out = self._head(out if logits == "all" else out[:, -1:])
         except BaseException:
             state.pos = start_pos  # cache rows past pos are never read: rolling back pos undoes the call
-            if start_pos == 0:
+            if start:
                 self.requests.drop(request_id)
             raise
-        self.requests.enforce(keep=request_id)
         return out
+
+    @property
+    def request_reserve_bytes(self) -> int:
+        """KV memory one request can grow to on this shard: its caches at the largest context bucket."""
+        a, ctx = self.args, self.buckets.max_context
+        return sum(2 * s.n_layers * a.num_key_value_heads * ctx * a.head_dim * 4 for s in self.layer_specs)
 
     def drop(self, request_id: str) -> None:
         """Forget a request's cache."""

@@ -60,6 +60,10 @@ def attention_block(
     q = ops.split_heads(ops.linear(h, w.q_proj, w.q_bias), nh, hd)
     k = ops.split_heads(ops.linear(h, w.k_proj, w.k_bias), nkv, hd)
     v = ops.split_heads(ops.linear(h, w.v_proj, w.v_bias), nkv, hd)
+    if w.q_norm is not None:  # qwen3: RMSNorm over head_dim of each q and k head, before RoPE
+        q = ops.rms_norm(q, w.q_norm, a.rms_norm_eps)
+    if w.k_norm is not None:
+        k = ops.rms_norm(k, w.k_norm, a.rms_norm_eps)
     q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
     o = ops.merge_heads(ops.attention(q, past_k, k, past_v, v, mask, hd**-0.5, a.n_rep, kv_layout), nh, hd)
     if kv_layout == "dim":

@@ -11,6 +11,7 @@ import pytest
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import LayerRangeError, UnknownModelError, UnsupportedModelError, WeightsError
 from exo_rknpu.model import hf as hf_mod
+from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, RopeScaling
 from exo_rknpu.model.hf import args_from_config
 from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer
@@ -163,6 +164,30 @@ def test_qwen2_layers_carry_qkv_biases(tmp_path):
     assert layer.q_bias.shape == (64,) and layer.k_bias.shape == (32,) and layer.v_bias.shape == (32,)
 
 
+def test_qwen3_layers_carry_per_head_qk_norms_and_no_biases(tmp_path):
+    d = make_tiny_hf(tmp_path / "m", arch="qwen3", head_dim=32)
+    args = load_args(hf_src(d))
+    assert (args.architecture, args.qk_norm, args.attention_bias, args.head_dim) == ("qwen3", True, False, 32)
+    layer = load_shard(hf_src(d), LayerRange(1, 2, N)).layers[1]
+    np.testing.assert_array_equal(layer.k_norm, read_hf_tensors(d)["model.layers.1.self_attn.k_norm.weight"])
+    assert layer.q_norm.shape == layer.k_norm.shape == (32,) and layer.q_bias is None
+    assert layer.q_proj.shape == (4 * 32, 64) and layer.o_proj.shape == (64, 4 * 32)  # head_dim != hidden/heads
+    llama = load_shard(hf_src(make_tiny_hf(tmp_path / "l")), LayerRange(0, 1, N)).layers[0]
+    assert llama.q_norm is None and llama.k_norm is None
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_qwen3_without_its_qk_norms_is_a_clear_error(tmp_path, fmt):
+    from safetensors.numpy import save_file
+
+    d = make_tiny_hf(tmp_path / "m", arch="qwen3")
+    tensors = {k: v for k, v in read_hf_tensors(d).items() if k != "model.layers.1.self_attn.q_norm.weight"}
+    save_file(tensors, str(d / "model.safetensors"))
+    src = hf_src(d) if fmt == "hf" else gguf_src(make_tiny_gguf(tmp_path / "m.gguf", d))
+    with pytest.raises(WeightsError, match="q_norm"):
+        load_shard(src, LayerRange.full(N))
+
+
 def test_partial_load_opens_only_the_files_of_its_range(tmp_path, monkeypatch):
     d = make_tiny_hf(tmp_path / "m", sharded=True)  # file 1 = embedding, 2+i = layer i, 5 = norm + head
     opened: list[str] = []
@@ -222,9 +247,12 @@ def test_untied_model_without_lm_head_is_a_weights_error(tmp_path):
 def test_truncated_safetensors_is_a_weights_error_naming_the_file(tmp_path):
     d = make_tiny_hf(tmp_path / "m")
     f = d / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(WeightsError, match="model.safetensors"):
-        load_shard(hf_src(d), LayerRange.full(N))
+    data = f.read_bytes()
+    for cut in (len(data) - 1000, 100, 4):
+        f.write_bytes(data[:cut])
+        with pytest.raises(WeightsError, match="model.safetensors") as e:
+            load_shard(hf_src(d), LayerRange.full(N))
+        assert str(e.value).count(str(f)) == 1, e.value  # the file is named once
 
 
 def test_range_for_another_layer_count_is_refused(tmp_path):
@@ -243,28 +271,59 @@ def test_fingerprint_is_shared_by_shards_of_one_model_and_differs_between_models
 # ---------------------------------------------------------------- GGUF
 
 
+def _transformers_state_dict(gguf_path: Path) -> dict[str, np.ndarray]:
+    """What transformers' own GGUF loader makes of a file (its reverse Q/K permutation, its dequantization)."""
+    pytest.importorskip("torch", reason="transformers' GGUF loader (the reference) needs torch: pip install '.[bench]'")
+    transformers = pytest.importorskip("transformers", reason="the reference GGUF loader is transformers': pip install '.[bench]'")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def _shard_tensors(shard) -> dict[str, np.ndarray]:
+    """A loaded shard under Hugging Face tensor names."""
+    out = {registry.hf_layer_name(i, f): a for i, lw in shard.layers.items() for f, a in lw.arrays().items()}
+    for name, a in ((registry.HF_EMBED, shard.embed_tokens), (registry.HF_NORM, shard.final_norm), (registry.HF_HEAD, shard.lm_head)):
+        if a is not None:
+            out[name] = a
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_gguf_and_hf_of_the_same_model_load_identically(tmp_path, arch, tied):
-    d = make_tiny_hf(tmp_path / "hf", arch=arch, tied=tied)
-    g = make_tiny_gguf(tmp_path / "m.gguf", d)  # llama: Q/K rows permuted as llama.cpp does
-    assert load_args(gguf_src(g)) == load_args(hf_src(d))
+def test_gguf_loads_as_transformers_loads_it(tmp_path, arch, tied, qtype):
+    (tmp_path / "g").mkdir()
+    g = make_tiny_gguf(tmp_path / "g" / "m.gguf", make_tiny_hf(tmp_path / "hf", arch=arch, tied=tied), qtype=qtype)
+    want = _transformers_state_dict(g)
     for r in (LayerRange.full(N), LayerRange(0, 1, N), LayerRange(1, 2, N), LayerRange(2, 3, N)):
-        assert_same_shard(load_shard(gguf_src(g), r), load_shard(hf_src(d), r))
-    if tied:
-        full = load_shard(gguf_src(g), LayerRange.full(N))
-        assert full.lm_head is full.embed_tokens
+        got = _shard_tensors(load_shard(gguf_src(g), r))
+        for name, a in got.items():
+            np.testing.assert_array_equal(a, want[name], err_msg=f"{arch} {qtype} {r}: {name}")
+    full = _shard_tensors(load_shard(gguf_src(g), LayerRange.full(N)))
+    assert set(full) | {registry.HF_HEAD} == set(want) | {registry.HF_HEAD}  # transformers lists a tied head too
 
 
-def test_gguf_without_unpermute_would_differ(tmp_path):
-    # Guards the test above: the fixture really does permute llama Q/K rows.
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_tensors_are_read_as_gguf_reader_dequantizes_them(tmp_path, arch):
+    # gguf-py's own reader and dequantizer are the reference for raw tensors; only llama's Q/K rows are
+    # reordered on load (llama.cpp's converter interleaves them; see shared/reference/models.md).
     from gguf import GGUFReader
+    from gguf.quants import dequantize
 
-    d = make_tiny_hf(tmp_path / "hf")
-    g = make_tiny_gguf(tmp_path / "m.gguf", d)
-    t = next(t for t in GGUFReader(g).tensors if t.name == "blk.0.attn_q.weight")
-    stored = np.asarray(t.data).reshape(64, 64)
-    assert not np.array_equal(stored, read_hf_tensors(d)["model.layers.0.self_attn.q_proj.weight"])
+    d = make_tiny_hf(tmp_path / "hf", arch=arch)
+    g = make_tiny_gguf(tmp_path / "m.gguf", d, qtype="Q8_0")
+    loaded = load_shard(gguf_src(g), LayerRange.full(N))
+    by_gguf_name = {registry.gguf_layer_name(i, f): a for i, lw in loaded.layers.items() for f, a in lw.arrays().items()}
+    by_gguf_name.update({registry.GGUF_EMBED: loaded.embed_tokens, registry.GGUF_NORM: loaded.final_norm,
+                         registry.GGUF_HEAD: loaded.lm_head})
+    reordered = {"attn_q.weight", "attn_k.weight"} if arch == "llama" else set()
+    for t in GGUFReader(g).tensors:
+        stored = dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+        got = by_gguf_name[t.name]
+        if t.name.split(".", 2)[-1] in reordered:
+            assert not np.array_equal(got, stored) and np.array_equal(np.sort(got, axis=0), np.sort(stored, axis=0)), t.name
+        else:
+            np.testing.assert_array_equal(got, stored, err_msg=t.name)
 
 
 def test_truncated_gguf_is_a_weights_error(tmp_path):
@@ -272,8 +331,10 @@ def test_truncated_gguf_is_a_weights_error(tmp_path):
     data = g.read_bytes()
     for cut in (len(data) - 100, 2000, 10):
         g.write_bytes(data[:cut])
-        with pytest.raises(WeightsError, match="m.gguf"):
+        with pytest.raises(WeightsError, match="m.gguf") as e:
             load_shard(gguf_src(g), LayerRange.full(N))
+        message = str(e.value)  # says each thing once: the file, what is wrong, the fix
+        assert message.count(str(g)) == 1 and message.count("re-download") <= 1, message
 
 
 def test_unknown_gguf_architecture_is_unsupported(tmp_path):
