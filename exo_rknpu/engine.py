@@ -35,6 +35,7 @@ from exo_rknpu.errors import (
     ToolkitMissingError,
 )
 from exo_rknpu.model.base import LayerRange, ModelArgs
+from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
@@ -69,12 +70,14 @@ class EngineConfig:
     logits: Literal["all", "last"] = "all"
     backend_options: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # who is speaking in error messages (exo: the node id)
+    weights: str = "auto"  # form of linear weights: auto | int4 | int8 | fp32 (model/quant.py)
 
     def __post_init__(self) -> None:
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"hidden_dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}")
         if self.logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {self.logits!r}")
+        check_mode(self.weights)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig)
         layers_per_slice=config.layers_per_slice,
         limits=config.limits,
         backend_options=config.backend_options,
+        weights=config.weights,
+        progress=lambda msg: log.info("%s", msg),
     )
 
 

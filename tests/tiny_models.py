@@ -254,7 +254,6 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
     project's permutation. A tied model gets no output.weight.
     """
     import gguf
-
     hf_dir, path = Path(hf_dir), Path(path)
     cfg = json.loads((hf_dir / "config.json").read_text())
     tc = json.loads((hf_dir / "tokenizer_config.json").read_text())

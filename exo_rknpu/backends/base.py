@@ -39,6 +39,8 @@ class Backend(Protocol):
     # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
     # final_norm or lm_head, so the loader leaves them out (load_shard(layers=False)). Default True.
     needs_layer_weights: bool
+    float_weights: bool  # True: builds from float32 weights (a compiler's input); --weights auto loads fp32 for it
+    max_slice_bytes: int | None  # with layers_per_slice None: layers per slice keep each slice's weights under this
 
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all?"""
@@ -59,8 +61,8 @@ class BackendInfo:
 
 # name -> where it lives; imported on demand so `import exo_rknpu` never needs a runtime.
 BACKENDS: dict[str, BackendInfo] = {
-    "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (float32)"),
-    "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (float32)"),
+    "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (widens compact weights on the fly)"),
+    "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (MatMulNBits int4/int8 weights)"),
     "npu": BackendInfo("npu", "exo_rknpu.backends.npu", "NpuBackend", "RK3588 NPU via rknn-toolkit-lite2 (board only)"),
     "rknn-sim": BackendInfo("rknn-sim", "exo_rknpu.backends.rknn_sim", "RknnSimBackend", "rknn-toolkit2 simulator (toolkit venv)"),
 }

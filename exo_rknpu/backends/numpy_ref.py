@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.graph import NumpyOps, run_slice
+from exo_rknpu.slices.graph import NumpyOps, run_slice, slice_weights
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 
 class NumpyRunner:
     def __init__(self, spec: SliceSpec, weights: ShardWeights) -> None:
-        self.spec, self.weights, self.ops = spec, weights, NumpyOps()
+        # keep only this slice's tensors, so the shard's other weights can be released after prepare
+        self.spec, self.weights, self.ops = spec, slice_weights(spec, weights), NumpyOps()
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = run_slice(self.ops, self.spec, self.weights, inputs)
@@ -28,6 +29,8 @@ class NumpyBackend:
     static_shapes = False
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
     needs_layer_weights = True  # evaluates the slices from the weights
+    float_weights = False  # widens compact weights on the fly
+    max_slice_bytes = None
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")

@@ -14,6 +14,7 @@ from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_args, load_tokenizer
+from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import IncrementalDecoder, encode_prompt
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing, Timings
@@ -33,6 +34,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: 2048 or the model's limit if smaller)")
     p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
                    help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
+    add_weights_arg(p)
+
+
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """--weights: the form linear weights are kept in (model/quant.py)."""
+    p.add_argument("--weights", default="auto", type=weights_mode,
+                   help="auto | int4 | int8 | fp32: form of the linear weights (default auto: GGUF Q4_0/Q8_0 as "
+                        "stored, everything else int8; fp32 widens everything)")
+
+
+def weights_mode(value: str) -> str:
+    """argparse type for --weights: an unknown value is a one-line usage error before anything loads."""
+    try:
+        return check_mode(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def backend_options(args: argparse.Namespace, src=None) -> dict:
@@ -122,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         text = args.prompt
     prompt_ids = encode_prompt(tok, text)
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
-    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts) for r in ranges]
+    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts, weights=args.weights,
+                         progress=progress) for r in ranges]
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.backends.npu import CORE_MASKS
+from exo_rknpu.cli.generate import add_weights_arg
 from exo_rknpu.cli.options import positive_float, positive_int
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.errors import UsageError
@@ -56,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"npu backend: NPU cores, {' | '.join(CORE_MASKS)} (default: auto)")
     p.add_argument("--thinking", action="store_true",
                    help="chat prompts let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
+    add_weights_arg(p)
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
     p.set_defaults(func=run)
 
@@ -70,6 +72,7 @@ def build_options(args: argparse.Namespace):
         max_context=args.max_context,
         layers_per_slice=args.layers_per_slice,
         logits=args.logits,
+        weights=args.weights,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,

@@ -91,7 +91,7 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         raise CompileError(f"the agreement text has {n_tok} token(s); it needs at least 2")
     if seq < 1:
         raise CompileError(f"--agreement-seq must be >= 1, got {seq}")
-    full = load_shard(src, LayerRange.full(load_args(src).num_hidden_layers))
+    full = load_shard(src, LayerRange.full(load_args(src).num_hidden_layers), weights="fp32")
     ctx = 256
     while ctx < n_tok:
         ctx *= 2

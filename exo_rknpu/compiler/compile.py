@@ -355,7 +355,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     capturing = verify or dtype == "w8a8"
     if capturing:
         # Calibration runs the model from layer 0, so the range is held whole (each layer is still read once).
-        ws = load_shard(src, lr)
+        ws = load_shard(src, lr, weights="fp32")
         keys = {s.name: key_of(s, ws) for s in specs}
         found = {s.name: cache.lookup(keys[s.name]) for s in specs}
         todo = [s for s in specs if found[s.name] is None]
@@ -363,7 +363,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
             py, _ = toolkit.require(paths)
             full = ws
             if not lr.is_first:  # the layers before the range (and the embedding) join the ones already read
-                pre = load_shard(src, LayerRange(0, lr.start, args.num_hidden_layers))
+                pre = load_shard(src, LayerRange(0, lr.start, args.num_hidden_layers), weights="fp32")
                 full = replace(ws, layer_range=LayerRange(0, lr.stop, args.num_hidden_layers),
                                layers={**pre.layers, **ws.layers}, embed_tokens=pre.embed_tokens)
             if dtype == "w8a8":  # the recipe's calibration activations and build weights, as rknn-sim gets them
@@ -414,7 +414,7 @@ def _one_layer_at_a_time(src: ModelSource, lr: LayerRange, specs: list[SliceSpec
     for s in specs:
         if s.kind != "layers":
             continue
-        w = load_shard(src, LayerRange(s.start, s.stop, lr.n_layers), embed=False)  # + final norm/head if last
+        w = load_shard(src, LayerRange(s.start, s.stop, lr.n_layers), weights="fp32", embed=False)  # + final norm/head if last
         yield s, w
         if s.stop == lr.n_layers:
             for h in heads:

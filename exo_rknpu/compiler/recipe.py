@@ -99,7 +99,7 @@ class RecipeBuild:
 
             src = self.source()
             n = load_args(src).num_hidden_layers
-            full = float_weights(self._loaded if self._loaded is not None else load_shard(src, LayerRange(0, self.stop or n, n)))
+            full = float_weights(self._loaded if self._loaded is not None else load_shard(src, LayerRange(0, self.stop or n, n), weights="fp32"))
             self._loaded = None
             q = self.rotation_matrix()
             if q is not None:

@@ -24,7 +24,7 @@ import numpy as np
 from exo_rknpu.slices import manifest as mf
 from exo_rknpu.errors import ArtifactError
 from exo_rknpu.fileio import atomic_write_text
-from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.model.weights import ShardWeights, hash_weight
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 _SOURCES = ("slices/graph.py", "slices/onnx_export.py", "compiler/worker.py", "backends/rknn_io.py")
@@ -51,8 +51,7 @@ def slice_digest(spec: SliceSpec, weights: ShardWeights) -> str:
         for a in arrays:
             if a is None:
                 raise ArtifactError(f"slice {spec.name} needs tensors this shard did not load")
-            h.update(f"{a.shape}:{a.dtype};".encode())
-            h.update(memoryview(np.ascontiguousarray(a)).cast("B"))  # the bytes in place: no copy of a [V, H] table
+            hash_weight(h, a)
     return h.hexdigest()
 
 

@@ -108,7 +108,9 @@ def test_logits_match_transformers(qwen, backend, split):
 @pytest.mark.parametrize("backend,split", [("numpy", None), ("onnx", None), ("onnx", "0-1,2-3"), ("numpy", "0-2,3-3")])
 def test_generate_cli_gives_transformers_greedy_tokens(qwen, backend, split, capsys):
     family, path, model = qwen
-    argv = ["generate", "--model", str(path), "--backend", backend, "--prompt", TEXT, "--max-tokens", "12", "--json"]
+    # float32 weights: transformers runs the float model; the compact default would diverge on random weights
+    argv = ["generate", "--model", str(path), "--backend", backend, "--prompt", TEXT, "--max-tokens", "12", "--json",
+            "--weights", "fp32"]
     assert cli_main(argv + (["--split", split] if split else [])) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
@@ -145,7 +147,7 @@ def qwen_gguf(qwen, tmp_path_factory):
 
 def test_gguf_loads_the_weights_transformers_holds(qwen_gguf):
     family, _, model, gguf_path = qwen_gguf
-    shard = load_shard(resolve_model(str(gguf_path)), LayerRange.full(LAYERS))
+    shard = load_shard(resolve_model(str(gguf_path)), LayerRange.full(LAYERS), weights="fp32")
     assert shard.args.architecture == family
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     for i, layer in shard.layers.items():

@@ -118,7 +118,7 @@ def test_weights_are_shared_not_copied_between_layer_groupings(tiny_llama):
     from exo_rknpu.backends.numpy_ref import NumpyBackend
     from exo_rknpu.runtime.shard import ShardRunner
 
-    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(1, 4, 5))
+    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(1, 4, 5), weights="fp32")
     per_layer = ShardRunner(w, NumpyBackend(), SMALL_BUCKETS, layers_per_slice=1)
     grouped = ShardRunner(w, NumpyBackend(), SMALL_BUCKETS, layers_per_slice=None)
     assert sorted(per_layer.runners) == ["layers.1", "layers.2", "layers.3"] and sorted(grouped.runners) == ["layers.1-3"]

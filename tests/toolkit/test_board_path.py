@@ -119,7 +119,7 @@ def rknnlite(monkeypatch, board):
     _, _, intact = board
     _install(monkeypatch, SimulatedRKNNLite)
     SimulatedRKNNLite.sim = RknnSimBackend()
-    SimulatedRKNNLite.weights = load_shard(resolve_model(str(intact)), LayerRange(0, N_LAYERS, N_LAYERS))
+    SimulatedRKNNLite.weights = load_shard(resolve_model(str(intact)), LayerRange(0, N_LAYERS, N_LAYERS), weights="fp32")
     yield SimulatedRKNNLite
     SimulatedRKNNLite.sim.close()
     SimulatedRKNNLite.sim = SimulatedRKNNLite.weights = None
@@ -129,15 +129,20 @@ def _npu(cache: Path) -> dict:
     return {"cache_dir": cache, "check_board": False}
 
 
-def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite):
+def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite, monkeypatch):
+    from exo_rknpu.runtime import session
+
     cache, on_board, intact = board
     src = resolve_model(str(on_board))
+    loaded = []  # what open_shard loaded (a ShardRunner keeps only what its runners need, not the ShardWeights)
+    real_load = session.load_shard
+    monkeypatch.setattr(session, "load_shard", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     shards = [open_shard(src, LayerRange(0, 1, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache)),
               open_shard(src, LayerRange(1, 2, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache))]
-    ref = LocalRing([open_shard(resolve_model(str(intact)), LayerRange(0, 2, N_LAYERS), "onnx", BUCKETS)])
+    ref = LocalRing([open_shard(resolve_model(str(intact)), LayerRange(0, 2, N_LAYERS), "onnx", BUCKETS, weights="fp32")])
     try:
         # nothing but the embedding was loaded: no layer, norm or head weights on the board
-        first, last = shards[0].weights, shards[1].weights
+        first, last = loaded[:2]
         assert first.layers == {} and first.embed_tokens is not None and first.lm_head is None
         assert last.layers == {} and last.embed_tokens is None and last.final_norm is None and last.lm_head is None
         assert {n: b.name for n, b in shards[0].backends.items()} == {"embed": "onnx", "layers.0": "npu"}
@@ -181,10 +186,12 @@ def test_gguf_with_corrupted_layer_bytes_opens_on_npu_reading_only_the_embedding
                 f.seek(t.offset)
                 f.write(b"\xff" * t.nbytes)  # float32 NaN everywhere
     src = resolve_model(str(path))
-    assert np.isnan(load_shard(src, LayerRange(1, 2, N_LAYERS)).layers[1].q_proj).all()  # the damage is real
+    assert np.isnan(load_shard(src, LayerRange(1, 2, N_LAYERS), weights="fp32").layers[1].q_proj).all()  # the damage is real
     read: list[str] = []
     real = GGUFFile.tensor
     monkeypatch.setattr(GGUFFile, "tensor", lambda self, name: read.append(name) or real(self, name))
+    real_raw = GGUFFile.raw  # compact tensors are read as stored bytes
+    monkeypatch.setattr(GGUFFile, "raw", lambda self, name: read.append(name) or real_raw(self, name))
     shards = [open_shard(src, LayerRange(0, 1, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache)),
               open_shard(src, LayerRange(1, 2, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache))]
     try:
@@ -258,7 +265,7 @@ def test_resident_bytes_come_from_the_compiled_sizes(board):
 
     cache, on_board, _ = board
     src = resolve_model(str(on_board))
-    ws = load_shard(src, LayerRange(0, N_LAYERS, N_LAYERS), layers=False)
+    ws = load_shard(src, LayerRange(0, N_LAYERS, N_LAYERS), layers=False, weights="fp32")
     a = ws.args
     be = NpuBackend(cache_dir=cache, check_board=False)
     mem = be.resident_bytes(ws.fingerprint, a, LayerRange(1, 2, N_LAYERS), max_context=64, max_requests=3)

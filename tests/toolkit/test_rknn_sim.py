@@ -36,7 +36,9 @@ def _alive(pid: int) -> bool:
 def test_two_shards_match_onnx_fp16(tiny):
     src = resolve_model(str(tiny))
     sim = [open_shard(src, LayerRange(0, 2, 4), "rknn-sim", BUCKETS), open_shard(src, LayerRange(2, 4, 4), "rknn-sim", BUCKETS)]
-    ref = LocalRing([open_shard(src, LayerRange(0, 2, 4), "onnx", BUCKETS), open_shard(src, LayerRange(2, 4, 4), "onnx", BUCKETS)])
+    # the simulator is compiled from float32 weights: compare with onnx on the same float32 weights
+    ref = LocalRing([open_shard(src, LayerRange(0, 2, 4), "onnx", BUCKETS, weights="fp32"),
+                     open_shard(src, LayerRange(2, 4, 4), "onnx", BUCKETS, weights="fp32")])
     try:
         # open_shard put the embedding on onnx (the simulator, like the board, leaves it on the host), one graph per layer
         kinds = {n: b.name for n, b in sim[0].backends.items()}
@@ -63,7 +65,7 @@ def test_two_shards_match_onnx_fp16(tiny):
 def test_killed_worker_is_a_clear_error_not_a_hang(tiny):
     from exo_rknpu.backends.rknn_sim import RknnSimBackend, SimulatorWorkerError
 
-    ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4))
+    ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4), weights="fp32")
     be = RknnSimBackend(run_timeout=60)
     runner = be.prepare(SliceSpec("head"), ws, Buckets(seq=(1,), context=(64,)))
     try:
