@@ -147,11 +147,11 @@ def test_w8a8_compile_records_the_recipe_and_a_changed_recipe_is_a_cache_miss(tm
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=5)
     kw = dict(buckets=Buckets(seq=(1,), context=(64,)), dtype="w8a8", verify=True, cache_dir=tmp_path / "c", progress=False)
-    a = DEFAULT_RECIPE.but(smooth_alpha=0.5, calibration_samples=2)
+    a = DEFAULT_RECIPE.but(smooth_alpha=0.5, calibration_samples=2, decode_samples=3)
     first = compile_range(str(tiny), "0-0", recipe=a, **kw)
     m = json.loads((Path(first[0].folder) / "manifest.json").read_text())
     assert QuantRecipe.from_dict(m["quantization"]["recipe"]) == a
-    assert m["quantization"]["slice_dtype"] == "w8a8" and m["quantization"]["samples_per_bucket"] == {"1": 2}
+    assert m["quantization"]["slice_dtype"] == "w8a8" and m["quantization"]["samples_per_bucket"] == {"1": 3}
     # verify compares with the original slice on onnxruntime: the smoothed int8 build computes the same function
     assert first[0].verify["cos_hidden_out"] >= 0.999 and first[0].verify["cos_delta"] >= 0.99, first[0].verify
     kept = compile_range(str(tiny), "0-1", recipe=a.but(fp16_layers=(1,)), **kw)  # layer 1 kept in fp16
