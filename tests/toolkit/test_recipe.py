@@ -79,7 +79,8 @@ def test_rotated_and_smoothed_model_computes_the_original_logits(tmp_path, arch,
     """fold + rotate (+ smoothing on top, as the recipe applies them): same logits as transformers' original model,
     and every hidden state between slices is the original one times Q."""
     path = make_tiny_hf(tmp_path / "m", arch=arch, n_layers=3, tied=tied, seed=3)
-    recipe = QuantRecipe(rotation=kind, smooth_alpha=0.5, calibration_text="The capital of France is Paris. " * 8)
+    recipe = QuantRecipe(rotation=kind, smooth_alpha=0.5, calibration_text="The capital of France is Paris. " * 8,
+                         fp16_layers=(), head="w8a8")
     rb = RecipeBuild(path, recipe)
     orig = RecipeBuild(path, QuantRecipe(smooth_alpha=None)).runtime_weights()
     rotated, smoothed, q = rb.runtime_weights(), rb.smoothed_weights(), rb.rotation_matrix()
@@ -125,7 +126,7 @@ def test_every_recipe_field_is_in_the_cache_key_but_other_slices_precision_is_no
     for k, v in changed.items():
         assert cache_text(DEFAULT_RECIPE.but(**{k: v}), "layers.3") != base, k
     assert cache_text(DEFAULT_RECIPE.but(fp16_layers=(4,), head="fp16"), "layers.3") == base  # another slice's precision
-    assert cache_text(DEFAULT_RECIPE.but(head="fp16"), "head") != cache_text(DEFAULT_RECIPE, "head")
+    assert cache_text(DEFAULT_RECIPE.but(head="w8a8"), "head") != cache_text(DEFAULT_RECIPE, "head")
 
 
 def test_recipe_build_refuses_another_model(tmp_path):
@@ -147,7 +148,7 @@ def test_w8a8_compile_records_the_recipe_and_a_changed_recipe_is_a_cache_miss(tm
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=5)
     kw = dict(buckets=Buckets(seq=(1,), context=(64,)), dtype="w8a8", verify=True, cache_dir=tmp_path / "c", progress=False)
-    a = DEFAULT_RECIPE.but(smooth_alpha=0.5, calibration_samples=2, decode_samples=3)
+    a = DEFAULT_RECIPE.but(smooth_alpha=0.5, calibration_samples=2, decode_samples=3, fp16_layers=(), head="w8a8")
     first = compile_range(str(tiny), "0-0", recipe=a, **kw)
     m = json.loads((Path(first[0].folder) / "manifest.json").read_text())
     assert QuantRecipe.from_dict(m["quantization"]["recipe"]) == a
@@ -174,7 +175,8 @@ def test_agreement_measures_any_text_in_prefill_and_decode_mode_with_per_layer_c
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=6)
     text = "Once upon a time there was a tiny model that ran on a board. " * 2
-    recipe = DEFAULT_RECIPE.but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2, decode_samples=4)
+    recipe = DEFAULT_RECIPE.but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2, decode_samples=4,
+                                fp16_layers=(), head="w8a8")
     for seq, n in ((4, 8), (1, 4)):  # prefill chunks of 4, then decode (one token per call)
         r = measure_agreement(str(tiny), "w8a8", text=text, recipe=recipe, seq=seq, max_tokens=n, log=lambda m: None)
         assert r["tokens"] == n and r["seq"] == seq and QuantRecipe.from_dict(r["recipe"]) == recipe
@@ -204,7 +206,7 @@ def test_emulated_recipe_is_exact_when_everything_is_fp16_and_lossy_otherwise(tm
     cal = "The capital of France is Paris. " * 12
     off = emulate_agreement(tiny, QuantRecipe(fp16_layers=(0, 1), head="fp16", calibration_text=cal), text)
     assert off["top1_agreement"] == 1.0 and off["cos_logits"] > 0.99999
-    smooth = emulate_agreement(tiny, QuantRecipe(policy="mlp-gate-up", calibration_text=cal), text)
+    smooth = emulate_agreement(tiny, QuantRecipe(policy="mlp-gate-up", calibration_text=cal, fp16_layers=(), head="w8a8"), text)
     assert 0.9 < smooth["cos_logits"] < 0.99999, smooth  # int8 gate/up and head: lossy, not broken
     rotated = emulate_agreement(tiny, QuantRecipe(fp16_layers=(0, 1), head="fp16", rotation="hadamard", calibration_text=cal), text)
     assert rotated["top1_agreement"] == 1.0 and rotated["cos_logits"] > 0.99999  # measured against the unrotated model
