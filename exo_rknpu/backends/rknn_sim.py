@@ -5,9 +5,10 @@ recipe (compiler/worker.py::build_rknn) and then `init_runtime()` + `inference` 
 
 - fp16: one build per slice from the symbolic ONNX with `dynamic_input` listing every bucket shape, as
   `exo-rknpu compile` does (built in prepare());
-- w8a8: one static build per (seq, ctx) bucket with the compiler's calibration (real activations of
-  compiler/calibration.py::CALIBRATION_TEXT, captured on the CPU; the caller passes a `calibration` callable, since
-  capture needs the runtime, which sits above the backends) and hybrid policy. Built on first use of the bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
+- w8a8: one static build per (seq, ctx) bucket under a w8a8 recipe (slices/recipe.py::QuantRecipe), through the
+  caller's `recipe_build` (compiler/recipe.py::RecipeBuild, which needs the runtime, a layer above the backends):
+  the same smoothed/rotated build weights, calibration activations, hybrid policy and fp16-kept slices as
+  `exo-rknpu compile --dtype w8a8`. Built on first use of the bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
 
 Inputs and outputs go through backends/rknn_io.py, the same marshalling as the board's `npu` backend. The
 embedding stays on the host (`supports` says no), like `npu`: place it on another backend
@@ -31,7 +32,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError, CompileError, ToolkitMissingError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
+from exo_rknpu.slices.recipe import QuantRecipe
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
 DTYPES = ("fp16", "w8a8")
@@ -50,8 +52,15 @@ class SimulatorWorkerError(BackendUnavailableError):
     """The simulator worker process died, timed out, or could not start."""
 
 
-# (spec, weights, buckets, seq, ctx) -> calibration inputs for that bucket; compiler/calibration.py::ModelCalibration
-Calibration = Callable[[SliceSpec, ShardWeights, Buckets, int, "int | None"], list]
+class RecipeSource(Protocol):
+    """A w8a8 recipe bound to a model (compiler/recipe.py::RecipeBuild): what a w8a8 slice is built from."""
+
+    recipe: QuantRecipe
+
+    def build_weights(self, spec: SliceSpec, weights: ShardWeights) -> ShardWeights: ...
+    def calibration(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets, seq: int, ctx: int | None) -> list: ...
+    def runtime_weights(self) -> ShardWeights: ...
+
 
 def toolkit_python(paths: Paths | None = None) -> Path:
     """The toolkit venv's python; ToolkitMissingError (naming the install command) if the install is absent or unfinished."""
@@ -207,24 +216,29 @@ class SimRunner:
         tag = f"{spec.name}" + ("" if len(group) > 1 else f".s{group[0]['seq']}" + (f".c{group[0]['ctx']}" if group[0]["ctx"] else ""))
         work = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=be.workdir))
         src = work / f"{tag}.onnx"
+        rb = be.recipe_build
+        # a w8a8 backend builds every slice from the recipe's weights; the recipe may keep a slice in fp16
+        weights = rb.build_weights(spec, self.weights) if rb is not None else self.weights
+        dtype = rb.recipe.slice_dtype(spec.name) if rb is not None else be.dtype
         if len(group) > 1:  # the compiler's fp16 recipe: symbolic ONNX + dynamic_input listing every bucket
-            model = build_onnx(spec, self.weights)
+            model = build_onnx(spec, weights)
             dyn = [[sh["inputs"][n] for n in self.names] for sh in group]
         else:
             sh = group[0]
-            model = build_onnx(spec, self.weights, seq=sh["seq"], ctx=sh["ctx"] or self.buckets.context[0])
+            model = build_onnx(spec, weights, seq=sh["seq"], ctx=sh["ctx"] or self.buckets.context[0])
             dyn = None
         onnx.save(model, str(src))
         b: dict[str, Any] = {"name": f"{spec.name}/{tag}", "kind": spec.kind, "onnx": str(src), "log": str(work / "build.log"),
-                             "workdir": str(work / "wd"), "platform": be.platform, "dtype": be.dtype, "dynamic_input": dyn,
+                             "workdir": str(work / "wd"), "platform": be.platform, "dtype": dtype, "dynamic_input": dyn,
                              "inputs": list(self.names)}
-        if be.dtype == "w8a8":
+        if dtype == "w8a8":
+            assert rb is not None
             sh = group[0]
-            calib = be.calibration(spec, self.weights, self.buckets, sh["seq"], sh["ctx"])
+            calib = rb.calibration(spec, self.weights, self.buckets, sh["seq"], sh["ctx"])
             if not calib:
                 raise CompileError(f"no calibration activations for {spec.name} at seq {sh['seq']}; "
                                    f"the calibration text is too short for this bucket")
-            b["calib"], b["quant_policy"], b["quantized_algorithm"] = [], be.quant_policy, be.quantized_algorithm
+            b["calib"], b["quant_policy"], b["quantized_algorithm"] = [], rb.recipe.policy, rb.recipe.algorithm
             for i, s in enumerate(calib):
                 paths = []
                 for n in self.names:
@@ -283,10 +297,9 @@ class SimRunner:
 class RknnSimBackend:
     """rknn-toolkit2 simulator (x86 or aarch64 host with the toolkit venv): numerics of compiled slices, no board.
 
-    dtype: "fp16" or "w8a8". quant_policy / quantized_algorithm: the w8a8 hybrid policy and rknn's range algorithm
-    (None: the compiler's defaults, compiler/worker.py). w8a8 needs `calibration`, a callable
-    (spec, weights, buckets, seq, ctx) -> inputs, e.g. compiler/calibration.py::ModelCalibration(model), which
-    captures real activations over the calibration text exactly as `exo-rknpu compile --dtype w8a8` does.
+    dtype: "fp16" or "w8a8". w8a8 needs `recipe_build`, a w8a8 recipe bound to the model
+    (compiler/recipe.py::RecipeBuild(model, recipe)): build weights (smoothing/rotation), calibration activations,
+    hybrid policy, range algorithm and fp16-kept slices, exactly as `exo-rknpu compile --dtype w8a8` uses them.
     """
 
     name = "rknn-sim"
@@ -303,22 +316,20 @@ class RknnSimBackend:
     # every block but the embedding (a row gather over the vocabulary table stays on the host); static shapes
     blocks = frozenset(PLACEMENT_BLOCKS) - {"embedding"}
 
-    def __init__(self, dtype: str = "fp16", platform: str = "rk3588", calibration: Calibration | None = None,
+    def __init__(self, dtype: str = "fp16", platform: str = "rk3588", recipe_build: RecipeSource | None = None,
                  paths: Paths | None = None, python: str | Path | None = None, build_timeout: float = 1800.0,
                  run_timeout: float = 300.0, start_timeout: float = 180.0, workdir: str | Path | None = None,
-                 keep_files: bool = False, quant_policy: str | None = None, quantized_algorithm: str | None = None) -> None:
+                 keep_files: bool = False) -> None:
         if dtype not in DTYPES:
             raise BackendUnavailableError(f"rknn-sim: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if platform != "rk3588":
             raise BackendUnavailableError(f"rknn-sim: unsupported platform {platform!r}; supported: rk3588")
-        if quantized_algorithm not in (None, "normal", "mmse", "kl_divergence"):
-            raise BackendUnavailableError(f"rknn-sim: unknown quantized_algorithm {quantized_algorithm!r}; choose normal, mmse or kl_divergence")
         self.python = Path(python) if python else toolkit_python(paths)  # ToolkitMissingError names the install command
-        self.dtype, self.platform, self.calibration = dtype, platform, calibration
-        self.quant_policy, self.quantized_algorithm = quant_policy, quantized_algorithm  # None: the compiler's defaults
-        if dtype == "w8a8" and calibration is None:
+        self.dtype, self.platform = dtype, platform
+        self.recipe_build = recipe_build if dtype == "w8a8" else None  # fp16 builds use the original weights
+        if dtype == "w8a8" and recipe_build is None:
             raise BackendUnavailableError(
-                "rknn-sim w8a8 needs calibration activations: pass calibration=compiler.calibration.ModelCalibration(model) "
+                "rknn-sim w8a8 needs a recipe bound to the model: pass recipe_build=compiler.recipe.RecipeBuild(model) "
                 "(`exo-rknpu generate --backend rknn-sim --backend-dtype w8a8` does)")
         self.build_timeout, self.run_timeout, self.start_timeout = build_timeout, run_timeout, start_timeout
         self.keep_files = keep_files
@@ -369,5 +380,14 @@ class RknnSimBackend:
         if self.dtype == "w8a8" and spec.kind == "layers" and spec.n_layers != 1:
             raise UnsupportedSliceError(f"rknn-sim w8a8 calibrates one decoder layer per slice; got {spec.name}: "
                                         f"use --layers-per-slice 1")
+        rb = self.recipe_build
+        if rb is not None and rb.recipe.rotation:
+            # a rotated recipe changes the hidden state's basis: the host must run the recipe's (rotated) embedding
+            mine = rb.runtime_weights()
+            same = (np.array_equal(weights.layers[spec.start].o_proj, mine.layers[spec.start].o_proj) if spec.kind == "layers"
+                    else weights.lm_head is not None and np.array_equal(weights.lm_head, mine.lm_head))
+            if not same:
+                raise UnsupportedSliceError(f"rknn-sim: the recipe rotates the residual stream ({rb.recipe.rotation}), so the "
+                                            f"whole model must run its recipe_build.runtime_weights(); {spec.name} got other weights")
         return SimRunner(self, spec, weights, buckets)
 

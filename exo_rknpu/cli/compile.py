@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from exo_rknpu.cli.generate import placement_plan
+from exo_rknpu.slices.recipe import ALGORITHMS, DEFAULT_RECIPE, POLICIES, QuantRecipe
 from exo_rknpu.cli.options import positive_int, probability, unit_interval
 from exo_rknpu.cli.report import format_cpu, slice_order, worst_cos
 from exo_rknpu.errors import UsageError
@@ -51,22 +52,57 @@ def add_parser(subparsers) -> None:
     p.add_argument("--agreement", action="store_true",
                    help="instead of compiling: greedy top-1 agreement of the whole model in the simulator (--dtype) vs "
                         "fp32 onnxruntime, teacher-forced over the held-out text, with per-layer figures")
-    p.add_argument("--fp16-layers", default=None, help="with --agreement: slices kept in fp16, e.g. 0,29,head or 0-2")
-    p.add_argument("--quant-policy", default=None, help="with --agreement: w8a8 hybrid policy to measure (linear | linear-fp16-down | linear-fp16-gate-down | mlp-gate-up; default: the compiler's)")
+    # the w8a8 recipe (slices/recipe.py::QuantRecipe): the same flags for compiling and for --agreement
+    p.add_argument("--fp16-layers", default=None, help="w8a8 recipe: slices kept in fp16, e.g. 0,29,head or 0-2 (default: the recipe's)")
+    p.add_argument("--quant-policy", default=None, choices=list(POLICIES), help="w8a8 recipe: which linears are int8 (default: the recipe's)")
     p.add_argument("--smooth-alpha", type=unit_interval, default=None, metavar="ALPHA",
-                   help="w8a8: SmoothQuant-style smoothing strength in [0, 1] (default: the compiler's, 0.7; 0 turns smoothing off)")
-    p.add_argument("--quant-algorithm", default=None, choices=["normal", "mmse", "kl_divergence"],
-                   help="with --agreement: rknn's activation range algorithm for w8a8 (default: normal, as the compiler)")
+                   help="w8a8 recipe: SmoothQuant-style smoothing strength in [0, 1] (default: the recipe's, 0.7; 0 turns smoothing off)")
+    p.add_argument("--rotation", default=None, choices=["none", "hadamard", "orthogonal"],
+                   help="w8a8 recipe: rotate the residual stream (measured with --agreement only; default: the recipe's)")
+    p.add_argument("--quant-algorithm", default=None, choices=list(ALGORITHMS),
+                   help="w8a8 recipe: rknn's activation range algorithm (default: the recipe's)")
+    p.add_argument("--calibration-text", type=Path, default=None, help="w8a8 recipe: UTF-8 text file to calibrate on (default: the project's)")
+    p.add_argument("--agreement-text", type=Path, default=None, help="with --agreement: UTF-8 text file to measure on (default: the held-out text)")
     p.add_argument("--agreement-seq", type=positive_int, default=64, metavar="N", help="with --agreement: tokens per call (64 = prefill chunks, 1 = decode)")
-    p.add_argument("--agreement-tokens", type=positive_int, default=None, metavar="N", help="with --agreement: use only the first N held-out tokens")
+    p.add_argument("--agreement-tokens", type=positive_int, default=None, metavar="N", help="with --agreement: use only the first N tokens of the text")
     p.set_defaults(func=run)
 
 
-def _smoothing(args: argparse.Namespace) -> dict:
-    """--smooth-alpha as keyword arguments: absent -> the compiler's default, 0 -> off."""
-    if args.smooth_alpha is None:
-        return {}
-    return {"smooth_alpha": args.smooth_alpha or None}
+def _read_text(path: Path | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag}: cannot read {path}: {e}") from None
+    if not text.strip():
+        raise UsageError(f"{flag}: {path} is empty")
+    return text
+
+
+def recipe_from_args(args: argparse.Namespace, n_layers: int) -> QuantRecipe:
+    """The default w8a8 recipe with the recipe flags applied (a bad value exits with a one-line error)."""
+    from exo_rknpu.compiler.agreement import parse_fp16_slices
+
+    changes: dict = {}
+    if args.quant_policy:
+        changes["policy"] = args.quant_policy
+    if args.quant_algorithm:
+        changes["algorithm"] = args.quant_algorithm
+    if args.smooth_alpha is not None:
+        changes["smooth_alpha"] = args.smooth_alpha or None
+    if args.rotation:
+        changes["rotation"] = None if args.rotation == "none" else args.rotation
+    text = _read_text(args.calibration_text, "--calibration-text")
+    if text:
+        changes["calibration_text"] = text
+    try:
+        if args.fp16_layers is not None:
+            layers, head = parse_fp16_slices(args.fp16_layers, n_layers)
+            changes.update(fp16_layers=layers, head="fp16" if head else "w8a8")
+        return DEFAULT_RECIPE.but(**changes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,15 +120,17 @@ def run(args: argparse.Namespace) -> int:
     from exo_rknpu.model.zoo import resolve_model
     from exo_rknpu.runtime.session import default_buckets
 
-    d = default_buckets(load_args(resolve_model(args.model)), args.max_context)
+    margs = load_args(resolve_model(args.model))
+    d = default_buckets(margs, args.max_context)
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
     placed = {}
     if args.placement:
         placed = _placed_specs(args, buckets)
         if placed is None:
             return 0
+    recipe = recipe_from_args(args, margs.num_hidden_layers)
     results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
-                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, **_smoothing(args), **placed)
+                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, recipe=recipe, **placed)
     built = [r for r in results if r.status == "built"]
     if not args.json:
         for r in sorted(results, key=lambda r: slice_order(r.name)):
@@ -129,21 +167,20 @@ def _placed_specs(args: argparse.Namespace, buckets) -> dict | None:
 
 
 def _agreement(args: argparse.Namespace) -> int:
-    from exo_rknpu.compiler.agreement import measure_agreement, parse_fp16_slices
+    from exo_rknpu.compiler.agreement import measure_agreement
+    from exo_rknpu.compiler.calibration import HELDOUT_TEXT
     from exo_rknpu.model.loader import load_args, resolve_model
 
     n = load_args(resolve_model(args.model)).num_hidden_layers
-    try:
-        keep = parse_fp16_slices(args.fp16_layers, n)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    r = measure_agreement(args.model, args.dtype, seq=args.agreement_seq, max_tokens=args.agreement_tokens, fp16_slices=keep,
-                          quant_policy=args.quant_policy, quantized_algorithm=args.quant_algorithm, **_smoothing(args))
+    recipe = recipe_from_args(args, n)
+    text = _read_text(args.agreement_text, "--agreement-text") or HELDOUT_TEXT
+    r = measure_agreement(args.model, args.dtype, text=text, recipe=recipe, seq=args.agreement_seq, max_tokens=args.agreement_tokens)
     if not args.json:
         for name, f in r["layers"].items():
             print(f"{name} [{f.pop('dtype')}]: " + " ".join(f"{k}={v:.6f}" for k, v in f.items()))
         print(f"top-1 agreement {r['top1_agreement'] * 100:.2f}% ({r['agree']}/{r['tokens']} tokens, {r['dtype']}, head {r['head_dtype']}"
-              f"{', policy ' + r['quant_policy'] if r['quant_policy'] else ''}{', fp16: ' + ','.join(r['fp16_slices']) if r['fp16_slices'] else ''}); cos logits {r['cos_logits']:.6f}; "
+              f"{', recipe: ' + r['recipe_summary'] if r['recipe_summary'] else ''}); cos logits {r['cos_logits']:.6f}; "
+              f"{r['bytes_per_token'] / 1e6:.1f} MB of weights per token; "
               f"{r['builds']} builds in {r['build_seconds']:.0f} s, simulation {r['sim_seconds']:.0f} s, total {r['total_seconds']:.0f} s")
     else:
         print(json.dumps(r))

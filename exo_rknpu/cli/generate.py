@@ -88,15 +88,15 @@ def weights_mode(value: str) -> str:
 
 
 def backend_options(args: argparse.Namespace, src=None) -> dict:
-    """Backend options from add_model_args' flags (rknn-sim w8a8 also gets the compiler's calibration of `src`)."""
+    """Backend options from add_model_args' flags (rknn-sim w8a8 also gets the default w8a8 recipe bound to `src`)."""
     dtype = getattr(args, "backend_dtype", None)
     if dtype and args.backend not in ("npu", "rknn-sim"):
         raise UsageError(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
     opts: dict = {"dtype": dtype} if dtype else {}
     if args.backend == "rknn-sim" and dtype == "w8a8":
-        from exo_rknpu.compiler.calibration import ModelCalibration
+        from exo_rknpu.compiler.recipe import RecipeBuild
 
-        opts["calibration"] = ModelCalibration(src if src is not None else args.model)
+        opts["recipe_build"] = RecipeBuild(src if src is not None else args.model)  # compile's default w8a8 recipe
     return opts
 
 
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     emulated = any(p.emulated for p in plans)
     if emulated:
         progress("placement emulated: no NPU here, NPU slices run on the CPU backend (no NPU speed is claimed)")
-    opts = backend_options(args, src)  # one calibration object: captured once, shared by the shards
+    opts = backend_options(args, src)  # one recipe build: calibrated and smoothed once, shared by the shards
     tok = load_tokenizer(src)
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     if args.chat:

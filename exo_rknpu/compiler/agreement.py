@@ -1,16 +1,18 @@
 """End-to-end accuracy of compiled slices: greedy top-1 agreement with the fp32 CPU run, in the rknn simulator.
 
-Teacher-forced: the held-out text (compiler/calibration.py::HELDOUT_TEXT, never used for calibration) is fed in
-`seq`-token chunks through the whole model twice, once with every decoder layer and the head in the simulator
-(rknn-sim backend, the compiler's build recipe: fp16, or w8a8 with its calibration and hybrid policy) and once
-in float32 on onnxruntime; the argmax of the logits is compared at every position.
+Teacher-forced: a text (default: the held-out text, slices/calibration_text.py::HELDOUT_TEXT, never used for
+calibration) is fed in `seq`-token chunks through the whole model twice, once with every decoder layer and the
+head in the simulator (rknn-sim backend: fp16, or w8a8 built by the w8a8 recipe through compiler/recipe.py,
+exactly as `compile --dtype w8a8` builds it) and once in float32 on onnxruntime (the original weights); the
+argmax of the logits is compared at every position. seq 64 = prefill chunks, seq 1 = decode (one token per call).
 
 Per-layer figures come along: for every simulated layer call, the same slice runs on onnxruntime on the *same*
 inputs (the simulated trajectory), giving the layer's own error (cos of the residual update, "cos_delta", and
 of hidden_out); the trajectory's hidden states are also compared with the fp32 run's ("cos_hidden_acc",
 accumulated error).
 
-    exo-rknpu compile --model smollm2-135m --agreement --dtype w8a8 [--fp16-layers 0,29,head] [--json]
+    exo-rknpu compile --model smollm2-135m --agreement --dtype w8a8 [--agreement-text FILE] [--agreement-seq 1]
+        [--fp16-layers 0,29,head] [--quant-policy ...] [--smooth-alpha A] [--rotation hadamard] [--json]
 """
 
 from __future__ import annotations
@@ -23,21 +25,25 @@ import numpy as np
 
 from exo_rknpu.backends import rknn_io
 from exo_rknpu.backends.base import get_backend
-from exo_rknpu.compiler.calibration import CALIBRATION_TEXT, HELDOUT_TEXT
+from exo_rknpu.compiler.calibration import HELDOUT_TEXT
+from exo_rknpu.errors import CompileError
+from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 
-def parse_fp16_slices(text: str | None, n_layers: int) -> set[str]:
-    """'0,29,head' or '0-2,head' -> slice names kept in fp16 ({'layers.0', 'layers.29', 'head'})."""
-    out: set[str] = set()
+def parse_fp16_slices(text: str | None, n_layers: int) -> tuple[tuple[int, ...], bool]:
+    """'0,29,head' or '0-2,head' -> (decoder layers kept in fp16, whether the head is fp16)."""
+    layers: set[int] = set()
+    head = False
     for part in (text or "").split(","):
         part = part.strip()
         if not part:
             continue
         if part == "head":
-            out.add("head")
+            head = True
             continue
         a, _, b = part.partition("-")
         try:
@@ -46,21 +52,31 @@ def parse_fp16_slices(text: str | None, n_layers: int) -> set[str]:
             raise ValueError(f"--fp16-layers: expected layer numbers, ranges A-B or 'head', got {part!r}") from None
         if not (0 <= lo <= hi < n_layers):
             raise ValueError(f"--fp16-layers: {part!r} is outside layers 0-{n_layers - 1}")
-        out.update(f"layers.{i}" for i in range(lo, hi + 1))
-    return out
+        layers.update(range(lo, hi + 1))
+    return tuple(sorted(layers)), head
+
+
+def weight_bytes_per_token(ws: ShardWeights, recipe: QuantRecipe | None) -> int:
+    """Weight bytes the NPU reads per decoded token (every decoder layer + the head; the embedding is a host
+    lookup): int8 linears 1 byte per weight, everything else fp16 (2 bytes). recipe None: all fp16. Computed from
+    parameter counts (per-channel scales and the file format left out); docs/compiler.md lists measured file sizes."""
+    total = 0
+    for i, lw in ws.layers.items():
+        int8 = set(recipe.int8_linears(f"layers.{i}")) if recipe is not None else set()
+        total += sum(a.size * (1 if n in int8 else 2) for n, a in lw.arrays().items())
+    if ws.lm_head is not None and ws.final_norm is not None:
+        head_int8 = recipe is not None and recipe.int8_linears("head")
+        total += ws.lm_head.size * (1 if head_int8 else 2) + ws.final_norm.size * 2
+    return int(total)
 
 
 def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text: str = HELDOUT_TEXT,
-                      calib_text: str = CALIBRATION_TEXT, seq: int = 64, max_tokens: int | None = None,
-                      fp16_slices: set[str] | frozenset[str] = frozenset(), per_layer: bool = True,
-                      quant_policy: str | None = None, quantized_algorithm: str | None = None,
-                      smooth_alpha: float | dict[str, float] | None | str = "default",
+                      recipe: QuantRecipe = DEFAULT_RECIPE, seq: int = 64, max_tokens: int | None = None,
+                      per_layer: bool = True,
                       log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:
-    """Greedy top-1 agreement of the simulated model (`dtype`, with `fp16_slices` in fp16) vs fp32 onnxruntime.
-
-    w8a8: the int8 slices are built from SmoothQuant-smoothed weights (compiler/smoothing.py, as the compiler
-    does) with `smooth_alpha` ("default": the compiler's DEFAULT_SMOOTH_ALPHA; None: no smoothing)."""
+    """Greedy top-1 agreement of the simulated model (`dtype`; w8a8 built by `recipe`) vs fp32 onnxruntime on `text`."""
     from exo_rknpu.backends.rknn_sim import RknnSimBackend
+    from exo_rknpu.compiler.recipe import RecipeBuild
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
     from exo_rknpu.runtime.placement import fallback_placement
 
@@ -71,6 +87,10 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
     if max_tokens:
         ids = ids[:max_tokens]
     n_tok = len(ids)
+    if n_tok < 2:
+        raise CompileError(f"the agreement text has {n_tok} token(s); it needs at least 2")
+    if seq < 1:
+        raise CompileError(f"--agreement-seq must be >= 1, got {seq}")
     full = load_shard(src, LayerRange.full(load_args(src).num_hidden_layers), weights="fp32")
     ctx = 256
     while ctx < n_tok:
@@ -93,30 +113,16 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         ref.close()
     log(f"fp32 reference: {n_tok} tokens in {time.monotonic() - t0:.0f} s")
 
-    from exo_rknpu.compiler.calibration import ModelCalibration
-    from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
-
-    from exo_rknpu.compiler import smoothing
-    from exo_rknpu.compiler.compile import DEFAULT_SMOOTH_ALPHA
-    from exo_rknpu.slices.spec import plan_slices
-
-    if smooth_alpha == "default":
-        smooth_alpha = DEFAULT_SMOOTH_ALPHA
-    sim_weights = full
-    if dtype == "w8a8" and smooth_alpha is not None:
-        # the int8 slices only: fp16-kept slices run the original weights, as the compiler builds fp16
-        n = full.args.num_hidden_layers
-        targets = [s for s in plan_slices(0, n, True, True, 1) if s.kind != "embed" and s.name not in fp16_slices]
-        stats = smoothing.calibration_stats(full, targets, tok.encode(calib_text))
-        sim_weights = smoothing.smooth_shard(full, stats, smooth_alpha)
-        log(f"smoothing (alpha {smooth_alpha}) of {len(stats)} slices in {time.monotonic() - t0:.0f} s")
-    calib = ModelCalibration(src, calib_text) if dtype == "w8a8" else None
-    main = RknnSimBackend(dtype=dtype, calibration=calib, quant_policy=quant_policy, quantized_algorithm=quantized_algorithm)
-    keep = RknnSimBackend(dtype="fp16") if (fp16_slices and dtype != "fp16") else None
+    rb = RecipeBuild(src, recipe) if dtype == "w8a8" else None
+    sim_weights = rb.runtime_weights() if rb is not None else full  # rotated basis if the recipe rotates
+    q = rb.rotation_matrix() if rb is not None else None
+    if q is not None:  # compare hidden states in the rotated basis
+        ref_hidden = {k: [(h.astype(np.float64) @ q).astype(np.float32) for h in v] for k, v in ref_hidden.items()}
+    main = RknnSimBackend(dtype=dtype, recipe_build=rb)
+    fp16_slices = sorted(s for s in (["head"] + [f"layers.{i}" for i in range(full.args.num_hidden_layers)])
+                         if rb is not None and recipe.slice_dtype(s) == "fp16")
 
     def place(spec: SliceSpec):
-        if keep is not None and spec.name in fp16_slices:
-            return keep
         return fallback_placement(main, onnx_be)(spec)
 
     state: dict[str, int] = {"real": seq}
@@ -132,7 +138,7 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         f: dict[str, float] = {}
         rows = slice(0, state["real"])  # the padded rows of a short last chunk are left out
         if per_layer:
-            r = ort_layers.setdefault(spec.name, onnx_be.prepare(spec, full, buckets))
+            r = ort_layers.setdefault(spec.name, onnx_be.prepare(spec, sim_weights, buckets))
             want = r.run(inputs)
             f["cos_delta"] = rknn_io.cosine((out["hidden_out"] - inputs["hidden"])[:, rows], (want["hidden_out"] - inputs["hidden"])[:, rows])
             f["cos_hidden_out"] = rknn_io.cosine(out["hidden_out"][:, rows], want["hidden_out"][:, rows])
@@ -149,28 +155,27 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         t2 = time.monotonic()
         sim_logits = _feed(sim, x, seq, state)
         run_s = time.monotonic() - t2
-        builds = main.builds + (keep.builds if keep else [])
+        builds = list(main.builds)
     finally:
         sim.close()
         for r in ort_layers.values():
             r.close()
         main.close()
-        if keep:
-            keep.close()
     a, b = sim_logits[0].argmax(-1), ref_logits[0].argmax(-1)
     agree = float(np.mean(a == b))
     layers = {}
     for name, figs in sorted(layer_figs.items(), key=lambda kv: int(kv[0].split(".")[1])):
         layers[name] = {k: round(min(f[k] for f in figs), 6) for k in figs[0]}
-        layers[name]["dtype"] = "fp16" if name in fp16_slices else dtype
+        layers[name]["dtype"] = recipe.slice_dtype(name) if rb is not None else dtype
     result = {
-        "model": src.name, "dtype": dtype, "quant_policy": (quant_policy or DEFAULT_QUANT_POLICY) if dtype == "w8a8" else None,
-        "quantized_algorithm": (quantized_algorithm or "normal") if dtype == "w8a8" else None,
-        "smooth_alpha": smooth_alpha if dtype == "w8a8" else None, "fp16_slices": sorted(fp16_slices), "tokens": n_tok, "seq": seq,
+        "model": src.name, "dtype": dtype, "recipe": recipe.to_dict() if rb is not None else None,
+        "recipe_summary": recipe.describe() if rb is not None else None,
+        "fp16_slices": fp16_slices, "tokens": n_tok, "seq": seq,
         "context": ctx, "top1_agreement": round(agree, 4), "agree": int((a == b).sum()),
         "cos_logits": round(rknn_io.cosine(sim_logits, ref_logits), 6),
         "head_dtype": "fp16" if "head" in fp16_slices else dtype,
-        "layers": layers, "builds": len(builds),
+        "bytes_per_token": weight_bytes_per_token(full, recipe if rb is not None else None),
+        "layers": layers, "builds": len(builds), "build_names": [b["name"] for b in builds],
         "build_seconds": round(sum(x.get("seconds", 0.0) for x in builds), 1),
         "sim_seconds": round(run_s, 1), "total_seconds": round(time.monotonic() - t0, 1),
     }

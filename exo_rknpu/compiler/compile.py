@@ -24,13 +24,14 @@ from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.slices import manifest as mf
 from exo_rknpu.compiler import toolkit
 from exo_rknpu.compiler.buildlog import parse_build_log
-from exo_rknpu.compiler import smoothing as _smoothing
-from exo_rknpu.compiler.calibration import CALIBRATION_TEXT, capture, repad, text_digest
+from exo_rknpu.compiler.calibration import capture, repad, text_digest
+from exo_rknpu.compiler.recipe import RecipeBuild, cache_text
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import CompileError
 from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices, to_kv_layout
 from exo_rknpu.backends.npu import NpuBackend
@@ -39,9 +40,6 @@ DTYPES = ("fp16", "w8a8")
 PLATFORMS = ("rk3588",)
 FP16_MIN_COS = 0.9999
 EMBED_ON_HOST = True  # the embedding is a table lookup: done on the host CPU, not compiled (see docs)
-# w8a8: SmoothQuant-style smoothing (compiler/smoothing.py) of the weights the int8 build sees; None = off.
-# Measured end to end in docs/compiler.md (quantization section).
-DEFAULT_SMOOTH_ALPHA: float | None = _smoothing.DEFAULT_ALPHA
 
 
 @dataclass
@@ -154,12 +152,13 @@ def _run_worker(py: Path, job: dict[str, Any], workdir: Path, timeout_per_build:
 
 def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype: str, platform: str, key: str,
                   cache: cc.SliceCache, py: Path, tk_version: str, samples: dict[int, list[dict[str, np.ndarray]]] | None,
-                  verify: bool, calib_digest: str, min_cos: float | None, build_ws: ShardWeights | None = None,
-                  smoothing: str = "") -> tuple[Path, dict[str, Any]]:
+                  verify: bool, min_cos: float | None, build_ws: ShardWeights | None = None,
+                  recipe: QuantRecipe | None = None) -> tuple[Path, dict[str, Any]]:
     """Build one slice into a staging folder, verify it in the simulator, commit it to the cache.
 
-    `build_ws`: the weights the .rknn is built from when they differ from `ws` (w8a8: smoothed, an equivalent
-    transform described by `smoothing`); the manifest's weights digest and the verify reference use `ws`."""
+    w8a8: `recipe` (slices/recipe.py) decides the build; `build_ws` are the weights the .rknn is built from (the
+    recipe's equivalent transform of `ws`); the manifest's weights digest and the verify reference use `ws`. A
+    slice the recipe keeps in fp16 is built in fp16, one file per bucket like the rest of the w8a8 build."""
     from exo_rknpu.slices.onnx_export import build_onnx
     import onnx
 
@@ -171,6 +170,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
         names = tuple(shapes[0]["inputs"])  # graph order (slices/spec.py input_shapes)
         builds: list[dict[str, Any]] = []
         verify_sets: list[tuple[dict, list[dict[str, np.ndarray]]]] = []  # (shape set, samples)
+        build_dtype = recipe.slice_dtype(spec.name) if (dtype == "w8a8" and recipe is not None) else dtype
 
         def sample_for(sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
             got = (samples or {}).get(sh["seq"], [])
@@ -197,9 +197,11 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                 dyn = None
             b: dict[str, Any] = {"name": f"{spec.name}/{fname}", "kind": spec.kind, "onnx": str(src), "out": str(stage / fname),
                                  "log": str(work / f"{fname}.log"), "workdir": str(work / f"wd-{fname}"), "platform": platform,
-                                 "dtype": dtype, "dynamic_input": dyn, "verify": [], "out_shapes": [],
+                                 "dtype": build_dtype, "dynamic_input": dyn, "verify": [], "out_shapes": [],
                                  "inputs": list(names)}
-            if dtype == "w8a8":
+            if build_dtype == "w8a8":
+                assert recipe is not None
+                b["quant_policy"], b["quantized_algorithm"] = recipe.policy, recipe.algorithm
                 calib = sample_for(group[0])
                 if not calib:
                     raise CompileError(f"no calibration activations for {spec.name} at seq {group[0]['seq']}; "
@@ -283,16 +285,8 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             "files": files, "build": {"seconds": round(time.monotonic() - t0, 2), **report},
             "verify": verify_figs,
         }
-        if dtype == "w8a8":
-            from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
-
-            manifest["quantization"] = {"policy": f"hybrid {DEFAULT_QUANT_POLICY}: linear layers w8a8"
-                                        + {"linear-fp16-down": " except the MLP down-projection",
-                                           "linear-fp16-gate-down": " except the MLP gate and down projections"}.get(DEFAULT_QUANT_POLICY, "")
-                                        + ", every other op float16",
-                                        "calibration_sha256": calib_digest,
-                                        "smoothing": smoothing or None,
-                                        "samples_per_bucket": {str(k): len(v) for k, v in (samples or {}).items()}}
+        if dtype == "w8a8" and recipe is not None:
+            manifest["quantization"] = quantization_facts(recipe, spec.name, samples)
         if cc.manifest_key(manifest) != key:  # the board re-derives the key from these facts (npu.check_manifest)
             raise CompileError(f"internal: the manifest of {spec.name} does not re-derive its cache key; "
                                f"artifacts.manifest_key is out of step with compile_range's key")
@@ -309,19 +303,27 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
         raise
 
 
+def quantization_facts(recipe: QuantRecipe, name: str, samples: dict[int, list] | None) -> dict[str, Any]:
+    """The manifest's `quantization` section of a w8a8 slice: the whole recipe (QuantRecipe.from_dict reads it
+    back), what this slice became, and how many calibration samples each seq bucket had."""
+    return {"recipe": recipe.to_dict(), "slice_dtype": recipe.slice_dtype(name), "summary": recipe.describe(),
+            "recipe_key": cache_text(recipe, name),  # the cache key's recipe part (artifacts.manifest_key re-derives the key)
+            "calibration_sha256": text_digest(recipe.text),
+            "samples_per_bucket": {str(k): len(v) for k, v in (samples or {}).items()}}
+
+
 def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: str = "fp16", buckets: Buckets | None = None,
                   verify: bool = False, cache_dir: Path | None = None, paths: Paths | None = None,
-                  progress: bool = True, min_cos: float | None = None, calib_text: str = CALIBRATION_TEXT,
+                  progress: bool = True, min_cos: float | None = None,
                   on_built: Callable[[SliceResult], None] | None = None,
-                  smooth_alpha: float | dict[str, float] | None = DEFAULT_SMOOTH_ALPHA,
+                  recipe: QuantRecipe = DEFAULT_RECIPE,
                   specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None) -> list[SliceResult]:
     """Compile every slice layer range `layers` ("A-B") of `model` needs; reuse what the cache already holds.
 
     `specs`: compile exactly these slices instead (a placement plan's NPU slices, `compile --placement`); `cut`: how
-    that plan cuts the range into slices, so activations for verification/calibration are captured at their inputs.
-    w8a8 builds use SmoothQuant-smoothed weights (`smooth_alpha`, None = off; compiler/smoothing.py)."""
-    from exo_rknpu.compiler import smoothing as sm
-
+    that plan cuts the range into slices, so activations for verification are captured at their inputs.
+    w8a8 builds follow `recipe` (slices/recipe.py; compiler/recipe.py applies it), which is part of each w8a8
+    slice's cache key and manifest; w8a8 compiles whole decoder layers only."""
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
 
     if dtype not in DTYPES:
@@ -333,29 +335,31 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     src = resolve_model(model, paths)
     args = load_args(src)
     lr = LayerRange.parse(layers, args.num_hidden_layers)
+    if dtype == "w8a8" and recipe.rotation:
+        raise CompileError(f"the w8a8 recipe rotates the residual stream ({recipe.rotation}): the runtime does not run a "
+                           f"rotated embedding yet, so rotated slices are only measured (compile --agreement), not compiled")
     if specs is None:
         specs = [s for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
+    if dtype == "w8a8" and any(s.kind == "layers" and not s.whole for s in specs):
+        raise CompileError("w8a8 compiles whole decoder layers (the recipe calibrates and smooths per layer); compile a "
+                           "block-split placement with --dtype fp16")
     specs = [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s for s in specs]  # compiled for the npu backend's cache layout
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
     exporter = cc.exporter_version()
     tk_status = toolkit.status(paths)
     tk_version = tk_status.versions.get("rknn", toolkit.TOOLKIT_VERSION)
-    calib_digest = text_digest(calib_text)
-    smoothing = sm.describe(smooth_alpha) if dtype == "w8a8" else ""
-    # the transform and its alpha are part of what a w8a8 build is made from (the fp16 key ignores calibration)
-    keyed_calib = calib_digest + (f";{smoothing}" if smoothing else "")
 
     def key_of(s: SliceSpec, w: ShardWeights) -> str:
         return cc.cache_key(weights_digest=cc.slice_digest(s, w), fingerprint=w.fingerprint, spec=s, buckets=buckets,
                             dtype=dtype, platform=platform, toolkit_version=tk_version, exporter=exporter,
-                            calibration=keyed_calib)
+                            calibration=cache_text(recipe, s.name) if dtype == "w8a8" else "")  # w8a8: its recipe
 
     keys: dict[str, str] = {}
     found: dict[str, dict[str, Any] | None] = {}
     samples: dict[str, dict[int, list[dict[str, np.ndarray]]]] = {}
     py = None
-    build_ws: ShardWeights | None = None
+    rb: RecipeBuild | None = None
     capturing = verify or dtype == "w8a8"
     if capturing:
         # Calibration runs the model from layer 0, so the range is held whole (each layer is still read once).
@@ -370,11 +374,11 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
                 pre = load_shard(src, LayerRange(0, lr.start, args.num_hidden_layers), weights="fp32")
                 full = replace(ws, layer_range=LayerRange(0, lr.stop, args.num_hidden_layers),
                                layers={**pre.layers, **ws.layers}, embed_tokens=pre.embed_tokens)
-            tok = load_tokenizer(src)
-            ids = tok.encode(calib_text)
-            samples = capture(full, todo, buckets, ids, cut=cut)
-            if dtype == "w8a8" and smoothing:
-                build_ws = sm.smooth_shard(ws, sm.calibration_stats(full, todo, ids), smooth_alpha)  # type: ignore[arg-type]
+            if dtype == "w8a8":  # the recipe's calibration activations and build weights, as rknn-sim gets them
+                rb = RecipeBuild(src, recipe, stop=lr.stop, weights=full)
+                samples = {s.name: {q: rb.calibration(s, ws, buckets, q, None) for q in buckets.seq} for s in todo}
+            else:
+                samples = capture(full, todo, buckets, load_tokenizer(src).encode(recipe.text), cut=cut)
         slices: Iterator[tuple[SliceSpec, ShardWeights]] = ((s, ws) for s in specs)
     else:
         slices = _one_layer_at_a_time(src, lr, specs)
@@ -395,7 +399,8 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
             py = py or toolkit.require(paths)[0]
             folder, m = compile_slice(s, w, buckets=buckets, dtype=dtype, platform=platform, key=keys[s.name], cache=cache,
                                       py=py, tk_version=tk_version, samples=samples.get(s.name), verify=verify,
-                                      calib_digest=calib_digest, min_cos=min_cos, build_ws=build_ws, smoothing=smoothing)
+                                      min_cos=min_cos, build_ws=rb.build_weights(s, w) if rb else None,
+                                      recipe=recipe if dtype == "w8a8" else None)
             status = "built"
         del w  # streaming: this layer's float32 goes before the next is read
         r = SliceResult(s.name, keys[s.name], status, str(folder), [str(folder / f["file"]) for f in m["files"]],

@@ -25,9 +25,7 @@ the original weights).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -42,19 +40,6 @@ DOWN_BASIS = "up_out"
 # which linear inputs get smoothed: "qkv" (input_norm), "gate_up" (post_norm), "down" (up_proj rows), "head"
 GROUPS = ("qkv", "gate_up", "down", "head")
 _EPS = 1e-5
-
-
-def version() -> str:
-    """Changes with this file (part of the w8a8 cache key)."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
-def describe(alpha: float | dict[str, float] | None, groups: tuple[str, ...] = GROUPS, down_basis: str = DOWN_BASIS) -> str:
-    """A stable text for the cache key / manifest: '' when smoothing is off."""
-    if alpha is None:
-        return ""
-    a = ",".join(f"{k}={v:g}" for k, v in sorted(alpha.items())) if isinstance(alpha, dict) else f"{alpha:g}"
-    return f"smoothquant:alpha={a}:groups={','.join(groups)}:down={down_basis}:v={version()}"
 
 
 def _chmax(x: np.ndarray) -> np.ndarray:

@@ -57,8 +57,9 @@ def _check(ret, what: str) -> None:
 #   "linear-fp16-gate-down": like "linear-fp16-down", and the MLP gate projection (the Conv feeding the SiLU) also
 #                       stays float16: its output carries outliers that no weight transform can move (SiLU follows)
 # Other Convs the compiler makes (e.g. repeat_kv's Gather->Conv over the KV cache) are never quantized.
-QUANT_POLICIES = ("linear", "linear-fp16-down", "mlp-gate-up", "linear-fp16-gate-down")
-DEFAULT_QUANT_POLICY = "linear-fp16-gate-down"  # with smoothing (compiler/smoothing.py); see docs/compiler.md
+# The policy names are slices/recipe.py::POLICIES (stdlib-only module, importable in the toolkit venv); the policy
+# itself always comes from the job (the w8a8 recipe), never from a default here.
+from exo_rknpu.slices.recipe import POLICIES as QUANT_POLICIES  # noqa: E402
 
 
 def _int8_convs(m, policy: str) -> set[str]:
@@ -85,7 +86,7 @@ def _int8_convs(m, policy: str) -> set[str]:
     return out
 
 
-def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str, policy: str = DEFAULT_QUANT_POLICY) -> list[str]:
+def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str, policy: str) -> list[str]:
     """Write step 2's config: every op output float16 except the int8 linear layers that `policy` picks."""
     import onnx  # the toolkit venv has onnx (a toolkit dependency); the .model file of step 1 is ONNX
 
@@ -131,7 +132,7 @@ def build_rknn(b: dict, res: dict):
                 f.write("".join(" ".join(sample) + "\n" for sample in b["calib"]))
             _check(rk.hybrid_quantization_step1(dataset=ds), "hybrid_quantization_step1")
             stem = os.path.splitext(os.path.basename(b["onnx"]))[0]
-            policy = b.get("quant_policy") or DEFAULT_QUANT_POLICY
+            policy = b["quant_policy"]  # from the w8a8 recipe
             keep = _hybrid_cfg(f"{stem}.model", f"{stem}.quantization.cfg", "hybrid.cfg", policy)
             res["fp16_tensors"], res["quant_policy"] = len(keep), policy
             rk.release()

@@ -77,9 +77,7 @@ def manifest_key(m: dict[str, Any]) -> str:
     dtype, platform, toolkit, exporter, calibration). Equal to m["key"] for every manifest the compiler commits (it
     checks so before committing), so a hand-edited or stale fact is caught without reading any weights."""
     q = m.get("quantization") or {}
-    calibration = q.get("calibration_sha256") or ""
-    if q.get("smoothing"):
-        calibration += f";{q['smoothing']}"  # as compile_range keys a smoothed w8a8 build
+    calibration = q.get("recipe_key") or ""  # a w8a8 build's recipe, as compile_range keys it (compiler/recipe.py)
     return cache_key(weights_digest=m.get("weights_digest", ""), fingerprint=m["model_fingerprint"], spec=m["slice"],
                      buckets=m.get("buckets", {"seq": [], "context": []}), dtype=m["dtype"], platform=m["platform"],
                      toolkit_version=m.get("toolkit_version", ""), exporter=m.get("exporter_version", ""),

@@ -7,7 +7,7 @@ Fields (format 1):
   buckets {seq, context},
   files [{file, sha256, bytes, shapes: [{seq, ctx, inputs {name: shape}, outputs {name: shape}}]}],
   build {seconds, cpu_ops, fallbacks, cycles, internal_kb, weight_kb, errors},
-  quantization {policy, calibration_sha256, samples_per_bucket} (w8a8 only),
+  quantization {recipe, slice_dtype, summary, recipe_key, calibration_sha256, samples_per_bucket} (w8a8 only),
   verify {cos_<output>: min over buckets, cos_delta: residual-update cosine, ...} (with --verify).
 
 These are the facts the board checks before running a slice (backends/npu.py::check_manifest), from this file and

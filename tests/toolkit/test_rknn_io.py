@@ -106,7 +106,7 @@ def test_rknn_sim_without_toolkit_names_the_install_command(tmp_path):
         get_backend("rknn-sim", paths=Paths(tmp_path))
     with pytest.raises(BackendUnavailableError, match="fp16, w8a8"):
         get_backend("rknn-sim", dtype="int4", paths=Paths(tmp_path))
-    with pytest.raises(BackendUnavailableError, match="ModelCalibration"):  # w8a8 without calibration is refused up front
+    with pytest.raises(BackendUnavailableError, match="RecipeBuild"):  # w8a8 without a recipe is refused up front
         get_backend("rknn-sim", dtype="w8a8", python="/bin/false")
 
 

@@ -97,14 +97,14 @@ def test_worker_dies_with_its_parent(tmp_path):
     assert not _alive(pid), f"rknn-sim worker {pid} outlived its parent"
 
 
-def test_w8a8_builds_each_bucket_on_first_use_with_the_compiler_policy(tiny):
-    from exo_rknpu.compiler.calibration import ModelCalibration
-    from exo_rknpu.compiler.worker import DEFAULT_QUANT_POLICY
+def test_w8a8_builds_each_bucket_on_first_use_with_the_compiler_recipe(tiny):
+    from exo_rknpu.compiler.recipe import RecipeBuild
+    from exo_rknpu.slices.recipe import DEFAULT_RECIPE
 
     src = resolve_model(str(tiny))
     b = Buckets(seq=(1, 16), context=(64,))
     sim = open_shard(src, LayerRange(0, 4, 4), "rknn-sim", b,
-                     backend_options={"dtype": "w8a8", "calibration": ModelCalibration(src)})
+                     backend_options={"dtype": "w8a8", "recipe_build": RecipeBuild(src)})
     ref = open_shard(src, LayerRange(0, 4, 4), "onnx", b)
     try:
         be = sim.backends["layers.0"]
@@ -113,7 +113,9 @@ def test_w8a8_builds_each_bucket_on_first_use_with_the_compiler_policy(tiny):
         got, want = sim.forward("r", ids), ref.forward("r", ids)
         assert sorted(x["name"] for x in be.builds) == ["head.s16", "layers.0.s16.c64", "layers.1.s16.c64",
                                                         "layers.2.s16.c64", "layers.3.s16.c64"]
-        assert all(x["quant_policy"] == DEFAULT_QUANT_POLICY for x in be.builds)
+        # the default recipe keeps layers 0, 1 and the head in fp16 (built per bucket too), the rest int8
+        kept = {"head.s16", "layers.0.s16.c64", "layers.1.s16.c64"}
+        assert all(x["quant_policy"] == (None if x["name"] in kept else DEFAULT_RECIPE.policy) for x in be.builds)
         step = np.asarray([[int(want[0, -1].argmax())]], np.int64)
         got1, want1 = sim.forward("r", step), ref.forward("r", step)
         assert len(be.builds) == 10  # + the 5 decode (seq 1) files
