@@ -183,3 +183,22 @@ def test_compile_streams_a_plans_part_slices_with_one_read_per_layer(tiny_llama,
     assert [g[0] for g in got] == [s.name for s in specs]
     assert all(layers == [s.start] for (_, layers, _), s in zip(got, specs) if s.kind == "layers")
     assert got[-1][2]  # the head slice gets the final norm + head read with the last layer
+
+
+def test_w8a8_refuses_block_split_slices_before_loading_anything(tiny_llama, tmp_path):
+    """The w8a8 recipe calibrates whole layers: a plan's part slices are refused with a clear error, nothing built."""
+    from exo_rknpu.compiler.compile import compile_range
+    from exo_rknpu.errors import CompileError
+    from exo_rknpu.runtime.placement import resolve
+    from helpers import SMALL_BUCKETS
+
+    from exo_rknpu.model.loader import load_args
+
+    src = resolve_model(str(tiny_llama))
+    args = load_args(src)
+    plan = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, LayerRange.full(args.num_hidden_layers), "onnx",
+                   SMALL_BUCKETS)
+    with pytest.raises(CompileError, match="w8a8 compiles whole decoder layers"):
+        compile_range(str(tiny_llama), "0-4", dtype="w8a8", buckets=SMALL_BUCKETS, cache_dir=tmp_path / "c",
+                      progress=False, specs=plan.on_npu(), cut=plan.specs)
+    assert not any((tmp_path / "c").rglob("*.rknn"))
