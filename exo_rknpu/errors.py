@@ -47,3 +47,7 @@ class ArtifactError(ExoRknpuError, ValueError):
 
 class CompileError(ExoRknpuError, RuntimeError):
     """The RKNN compiler failed, or a compiled slice failed verification."""
+
+
+class BenchError(ExoRknpuError, ValueError):
+    """A benchmark option is out of range, or a benchmark run could not be measured."""
