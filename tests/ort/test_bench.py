@@ -116,3 +116,25 @@ def test_llama_cpp_peer_on_the_same_gguf(capsys, tmp_path, tiny_llama):
     assert peer["n_runs"] == 2, peer["note"]
     assert peer["peak_rss_mb"] > 0 and peer["weight_bytes_per_token"] == r["weight_bytes_per_token"]
     assert r["ratios"]["llama.cpp"]["decode_tok_s"] == pytest.approx(r["decode_tok_s"] / peer["decode_tok_s"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed (pip install 'exo-rknpu[bench]')")
+def test_the_plot_script_draws_pngs_and_the_table_from_bench_json(capsys, tmp_path, tiny_llama):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reports = [bench_json(capsys, "--model", str(tiny_llama), "--backend", b, "--repeat", "2") for b in ("numpy", "onnx")]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in reports))
+    doc = tmp_path / "perf.md"
+    doc.write_text("# t\n<!-- results:begin (docs/perf/plot.py) -->\nold\n<!-- results:end -->\nafter\n")
+    script = Path(__file__).resolve().parents[2] / "docs" / "perf" / "plot.py"
+    subprocess.run([sys.executable, str(script), str(results), "--out", str(tmp_path), "--doc", str(doc)], check=True)
+    for name in ("decode.png", "memory.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\nafter\n")
+    for r in reports:  # each report's median decode speed is in the table
+        assert f"| {r['backend']} | auto | 0-4 | exo-rknpu | 2 | {r['decode_tok_s']:.1f} |" in text
