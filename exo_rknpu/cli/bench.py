@@ -23,15 +23,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--split", default=None, help="layer ranges to run as a local ring, e.g. 0-14,15-29 (default: one shard)")
-    p.add_argument("--weights", default="auto", help=f"{' | '.join(WEIGHTS)}: the form our runtime keeps weights in (default: auto)")
+    _add_unless_shared(p, "--weights", default="auto",
+                       help=f"{' | '.join(WEIGHTS)}: the form our runtime keeps weights in (default: auto)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default: 128)")
     p.add_argument("--gen-tokens", type=int, default=64, help="timed greedy decode steps, EOS ignored (default: 64)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for every contender (default: the CPUs this process may use)")
+    _add_unless_shared(p, "--threads", type=int, default=None,
+                       help="CPU threads for every contender (default: the CPUs this process may use)")
     p.add_argument("--repeat", type=int, default=3, help="alternating rounds; figures are medians over them (default: 3)")
     p.add_argument("--compare", default=None, help="peers to run in the same rounds: transformers,llama.cpp")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run (default: 900)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.set_defaults(func=run)
+
+
+def _add_unless_shared(p: argparse.ArgumentParser, flag: str, **kw) -> None:
+    """Add `flag` unless add_model_args (shared with generate) already defines it; bench validates it either way."""
+    if not any(flag in a.option_strings for a in p._actions):
+        p.add_argument(flag, **kw)
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
