@@ -208,21 +208,26 @@ def run_llama_cpp(job: Job, t0: float) -> RunFigures:
     if job.model_format != "gguf":
         raise MissingLibrary("llama.cpp runs GGUF files only; this model is a Hugging Face folder")
     require("llama_cpp", why=" (pip install 'exo-rknpu[llamacpp]' builds it)")
+    import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=job.model_path, n_ctx=len(job.prompt_ids) + job.gen_tokens + 1, n_threads=job.threads,
-                n_threads_batch=job.threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=job.model_path, n_ctx=len(job.prompt_ids) + job.gen_tokens + 1,
+                          n_threads=job.threads, n_threads_batch=job.threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def next_token(tokens: list[int]) -> int:
+        llm.eval(tokens)
+        # Llama.eval keeps no logits unless logits_all; read the last position's row from the context
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
     t_ready = time.perf_counter()
     t = time.perf_counter()
-    llm.eval(job.prompt_ids)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # logits of the last position evaluated
+    tok = next_token(job.prompt_ids)
     ttft = time.perf_counter() - t
     ids, steps = [tok], []
     for _ in range(job.gen_tokens):
         t = time.perf_counter()
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = next_token([tok])
         steps.append(time.perf_counter() - t)
         ids.append(tok)
     result = _figures(t0, t_ready, ttft, steps, len(job.prompt_ids), ids, None)
