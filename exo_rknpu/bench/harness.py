@@ -119,17 +119,19 @@ class Summary:
     runs: list[RunFigures] = field(default_factory=list)
     note: str | None = None
 
-    def medians(self) -> dict[str, float]:
-        return {m: statistics.median(getattr(r, m) for r in self.runs) for m in METRICS} if self.runs else {}
+    def medians(self) -> dict[str, float | None]:
+        """Median of each metric over the runs (None for every metric when nothing was measured)."""
+        return {m: statistics.median(getattr(r, m) for r in self.runs) if self.runs else None for m in METRICS}
 
     def bytes_per_token(self) -> int | None:
         return next((r.weight_bytes_per_token for r in self.runs if r.weight_bytes_per_token), None)
 
     def roofline_pct(self, bw: Bandwidth) -> float | None:
         b = self.bytes_per_token()
-        if not self.runs or b is None or bw.gb_s <= 0:
+        decode = self.medians()["decode_tok_s"]
+        if decode is None or b is None or bw.gb_s <= 0:
             return None
-        return 100.0 * self.medians()["decode_tok_s"] * b / (bw.gb_s * 1e9)
+        return 100.0 * decode * b / (bw.gb_s * 1e9)
 
     def figures(self, bw: Bandwidth) -> dict[str, Any]:
         return {**self.medians(), "weight_bytes_per_token": self.bytes_per_token(), "roofline_pct": self.roofline_pct(bw)}
@@ -138,7 +140,7 @@ class Summary:
 def ratios(ours: Summary, peer: Summary) -> dict[str, float]:
     """ours / peer for each metric, from the medians (decode_tok_s 0.5: we decode at half the peer's speed)."""
     a, b = ours.medians(), peer.medians()
-    return {m: a[m] / b[m] for m in METRICS if m in a and m in b and b[m] > 0}
+    return {m: a[m] / b[m] for m in METRICS if a[m] is not None and b[m]}
 
 
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
@@ -242,9 +244,10 @@ def run_bench(p: BenchPlan, progress: Progress, worker: Callable[[Job, float], t
                 notes.append(note)
                 summaries[c].note = note
                 active.remove(c)
-                if c == OURS and not summaries[c].runs:
-                    complete = False
-                    return Report(p, bw, summaries, runs, notes, complete)
+                if c == OURS and not summaries[c].runs:  # nothing to compare the peers with
+                    for peer in o.compare:
+                        summaries[peer].note = summaries[peer].note or f"{peer}: not run: {OURS} failed"
+                    return Report(p, bw, summaries, runs, notes, complete=False)
     except KeyboardInterrupt:
         notes.append("interrupted: the report holds the runs that finished")
         complete = False

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from exo_rknpu.errors import ExoRknpuError
+
 OURS = "exo-rknpu"
 EXIT_MISSING = 3
 
@@ -247,6 +249,9 @@ def main() -> int:
     except MissingLibrary as e:
         print(json.dumps({"missing": str(e)}))
         return EXIT_MISSING
+    except ExoRknpuError as e:  # our own errors are one line already; anything else keeps its traceback
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(asdict(figures)))
     return 0
 

@@ -138,3 +138,15 @@ def test_the_plot_script_draws_pngs_and_the_table_from_bench_json(capsys, tmp_pa
     assert "old" not in text and text.endswith("<!-- results:end -->\nafter\n")
     for r in reports:  # each report's median decode speed is in the table
         assert f"| {r['backend']} | auto | 0-4 | exo-rknpu | 2 | {r['decode_tok_s']:.1f} |" in text
+
+
+def test_when_our_backend_cannot_run_the_report_still_comes_out(capsys, tiny_llama):
+    """No RK3588 here: the npu backend fails in its worker; bench says why, emits its JSON and exits 1."""
+    rc = main(["bench", "--model", str(tiny_llama), "--backend", "npu", "--prompt-tokens", "4", "--gen-tokens", "2",
+               "--compare", "transformers", "--json"])
+    out = capsys.readouterr().out
+    r = json.loads(out.strip().splitlines()[-1])
+    assert rc == 1 and r["n_runs"] == 0 and r["complete"] is False
+    assert all(r[key] is None for key in REQUIRED)
+    assert "BackendUnavailableError" in r["notes"][0]
+    assert r["peers"]["transformers"]["n_runs"] == 0 and "not run" in r["peers"]["transformers"]["note"]
