@@ -87,6 +87,7 @@ class Run:
     figures: RunFigures | None = None
     error: str | None = None
     missing: bool = False  # the contender's library is not installed (a note, not a failure)
+    load_1m: float | None = None  # the machine's 1-minute load average as the run started: other jobs' noise
 
 
 def run_worker(job: Job, timeout_s: float) -> tuple[RunFigures | None, str | None, bool]:
@@ -205,7 +206,7 @@ class Report:
             "n_runs": len(ours.runs),
             "peers": peers,
             "ratios": all_ratios,
-            "runs": [{"round": r.round, "contender": r.contender, "error": r.error,
+            "runs": [{"round": r.round, "contender": r.contender, "error": r.error, "load_1m": r.load_1m,
                       **({k: v for k, v in asdict(r.figures).items() if k != "token_ids"} if r.figures else {})}
                      for r in self.runs],
             "token_ids": first,
@@ -232,8 +233,9 @@ def run_bench(p: BenchPlan, progress: Progress, worker: Callable[[Job, float], t
         for k in range(1, o.repeat + 1):
             for c in list(active):
                 progress(f"round {k}/{o.repeat}: {summaries[c].label} ...")
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 figures, error, missing = worker(p.job(c), o.timeout_s)
-                runs.append(Run(k, c, figures, error, missing))
+                runs.append(Run(k, c, figures, error, missing, load))
                 if figures is not None:
                     summaries[c].runs.append(figures)
                     progress(f"  decode {figures.decode_tok_s:.1f} tok/s, prefill {figures.prefill_tok_s:.1f} tok/s, "
