@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default=default_weights(), help=f"default here: {default_weights()}")
     ap.add_argument("--splits", default="none;0-9,10-19,20-29", help="';'-separated --split values; 'none' = one shard")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--also-threads", default="1",
+                    help="extra thread counts measured for the first backend, unsplit, each weights form (default: 1): "
+                         "on a shared machine spin-waiting threads suffer most from other jobs ('' for none)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
@@ -45,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
     splits = [None if s.strip() == "none" else s.strip() for s in a.splits.split(";") if s.strip()]
-    cells = [(b, w, s) for b in a.backends.split(",") for w in a.weights.split(",") for s in splits]
+    backends, weights = a.backends.split(","), a.weights.split(",")
+    cells = [(b, w, s, a.threads) for b in backends for w in weights for s in splits]
+    cells += [(backends[0], w, None, int(t)) for t in a.also_threads.split(",") if t.strip() for w in weights]
     if not a.append:
         a.out.write_text("")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     failed = 0
-    for i, (backend, weights, split) in enumerate(cells, 1):
-        argv_ = ["--model", a.model, "--backend", backend, "--weights", weights, "--threads", str(a.threads),
+    for i, (backend, form, split, threads) in enumerate(cells, 1):
+        argv_ = ["--model", a.model, "--backend", backend, "--weights", form, "--threads", str(threads),
                  "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--repeat", str(a.repeat),
                  "--compare", a.compare, "--json", *(["--split", split] if split else [])]
         print(f"[{i}/{len(cells)}] exo-rknpu bench {' '.join(argv_)}", file=sys.stderr, flush=True)
