@@ -38,7 +38,13 @@ def load_reports(path: Path) -> list[dict]:
 
 def config_name(r: dict) -> str:
     split = "unsplit" if len(r["split"]) == 1 else f"{len(r['split'])} shards"
-    return f"{r['backend']}\n{r['weights']}\n{split}"
+    return f"{r['backend']} {r['weights']}\n{split}\n{r['threads']} thread{'s' * (r['threads'] > 1)}"
+
+
+def median_load(r: dict) -> float | None:
+    """The machine's median 1-minute load average over a report's runs (other jobs on the same cores)."""
+    loads = [run["load_1m"] for run in r["runs"] if run.get("load_1m") is not None]
+    return statistics.median(loads) if loads else None
 
 
 def per_run(r: dict, contender: str, metric: str) -> list[float]:
@@ -67,7 +73,7 @@ def bars(reports: list[dict], metric: str, ylabel: str, title: str, out: Path) -
     ax.set_xticks(range(len(reports)), [config_name(r) for r in reports], fontsize=8)
     ax.set_ylabel(ylabel)
     r0 = reports[0]
-    ax.set_title(f"{title} — {r0['model']}, {r0['threads']} threads, prompt {r0['prompt_tokens']}, "
+    ax.set_title(f"{title} — {r0['model']}, prompt {r0['prompt_tokens']}, "
                  f"{r0['gen_tokens']} decode steps", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -82,16 +88,16 @@ def fmt(v: float | None, spec: str) -> str:
 
 def table(reports: list[dict]) -> str:
     """Markdown: one row per contender per report (medians), with ours/peer ratios."""
-    rows = ["| backend | weights | split | contender | runs | decode tok/s | prefill tok/s | TTFT s | load s | peak RSS MiB "
-            "| MB read/token | roofline | ours/peer decode | ours/peer peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| backend | weights | split | threads | load avg | contender | runs | decode tok/s | prefill tok/s | TTFT s "
+            "| load s | peak RSS MiB | MB read/token | roofline | ours/peer decode | ours/peer peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        cfg = f"| {r['backend']} | {r['weights']} | {' '.join(r['split'])} "
+        cfg = f"| {r['backend']} | {r['weights']} | {' '.join(r['split'])} | {r['threads']} | {fmt(median_load(r), '.1f')} "
         entries = [(OURS, r, None)] + [(name, p, r["ratios"].get(name)) for name, p in r["peers"].items()]
         for name, f, rat in entries:
             n = f["n_runs"]
             if not n:
-                rows.append(f"{cfg}| {name} | 0 | {f.get('note') or 'not measured'} ||||||||| ")
+                rows.append(f"{cfg}| {name} | 0 | {f.get('note') or 'not measured'} |||||||||")
                 continue
             mb = f.get("weight_bytes_per_token")
             rows.append(
