@@ -37,7 +37,7 @@ def decode_bytes_from_config(cfg: dict, bytes_per_weight: int = 4) -> int:
 
 @pytest.mark.parametrize("backend,split", [("numpy", None), ("onnx", None), ("onnx", "0-1,2-4")])
 def test_json_report_of_a_tiny_model(capsys, tiny_llama, backend, split):
-    argv = ["--model", str(tiny_llama), "--backend", backend, "--repeat", "2", "--compare", "llama.cpp"]
+    argv = ["--model", str(tiny_llama), "--backend", backend, "--weights", "fp32", "--repeat", "2", "--compare", "llama.cpp"]
     r = bench_json(capsys, *argv, *(["--split", split] if split else []))
     for key in REQUIRED:
         assert isinstance(r[key], float) and r[key] > 0, key
@@ -45,7 +45,7 @@ def test_json_report_of_a_tiny_model(capsys, tiny_llama, backend, split):
     assert r["n_runs"] == 2 and r["complete"] is True
     assert len(r["token_ids"]) == 6 + 1  # first token from the prefill, then exactly --gen-tokens steps
     cfg = json.loads((tiny_llama / "config.json").read_text())
-    assert r["weight_bytes_per_token"] == decode_bytes_from_config(cfg)  # float32 in this build's runtime
+    assert r["weight_bytes_per_token"] == decode_bytes_from_config(cfg)  # --weights fp32: 4 bytes a weight
     assert r["roofline_pct"] == pytest.approx(
         100 * r["decode_tok_s"] * r["weight_bytes_per_token"] / (r["machine"]["bandwidth_gb_s"] * 1e9))
     # llama.cpp cannot read a Hugging Face folder: a one-line note, nothing lost, no ratio
@@ -67,7 +67,8 @@ def test_each_run_reports_its_own_peak_rss_not_its_parents(tiny_llama):
 
 @pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers/torch not installed (pip install 'exo-rknpu[bench]')")
 def test_transformers_peer_alternates_and_ratios_are_ratios_of_medians(capsys, tiny_llama):
-    r = bench_json(capsys, "--model", str(tiny_llama), "--backend", "onnx", "--repeat", "3", "--compare", "transformers")
+    r = bench_json(capsys, "--model", str(tiny_llama), "--backend", "onnx", "--weights", "fp32", "--repeat", "3",
+                   "--compare", "transformers")
     assert [run["contender"] for run in r["runs"]] == [OURS, "transformers"] * 3
     assert [run["round"] for run in r["runs"]] == [1, 1, 2, 2, 3, 3]
     peer = r["peers"]["transformers"]
@@ -111,7 +112,8 @@ def test_gguf_bytes_per_token_counts_the_stored_tensors(tmp_path, tiny_llama):
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed (pip install 'exo-rknpu[llamacpp]')")
 def test_llama_cpp_peer_on_the_same_gguf(capsys, tmp_path, tiny_llama):
     gguf = make_tiny_gguf(tmp_path / "m.gguf", tiny_llama)
-    r = bench_json(capsys, "--model", str(gguf), "--backend", "numpy", "--repeat", "2", "--compare", "llama.cpp")
+    r = bench_json(capsys, "--model", str(gguf), "--backend", "numpy", "--weights", "fp32", "--repeat", "2",
+                   "--compare", "llama.cpp")
     peer = r["peers"]["llama.cpp"]
     assert peer["n_runs"] == 2, peer["note"]
     assert peer["peak_rss_mb"] > 0 and peer["weight_bytes_per_token"] == r["weight_bytes_per_token"]
