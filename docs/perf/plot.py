@@ -70,7 +70,8 @@ def bars(reports: list[dict], metric: str, ylabel: str, title: str, out: Path) -
         for x, m, h in zip(xs, mids, hi):  # the median, written above the whisker
             ax.annotate(f"{m:.0f}" if m >= 10 else f"{m:.1f}", (x, m + h), ha="center", va="bottom", fontsize=7,
                         xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(range(len(reports)), [config_name(r) for r in reports], fontsize=8)
+    ax.set_xticks(range(len(reports)), [f"{config_name(r)}\nload avg {fmt(median_load(r), '.1f')}" for r in reports],
+                  fontsize=8)
     ax.set_ylabel(ylabel)
     r0 = reports[0]
     ax.set_title(f"{title} — {r0['model']}, prompt {r0['prompt_tokens']}, "
@@ -88,11 +89,13 @@ def fmt(v: float | None, spec: str) -> str:
 
 def table(reports: list[dict]) -> str:
     """Markdown: one row per contender per report (medians), with ours/peer ratios."""
-    rows = ["| backend | weights | split | threads | load avg | contender | runs | decode tok/s | prefill tok/s | TTFT s "
-            "| load s | peak RSS MiB | MB read/token | roofline | ours/peer decode | ours/peer peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| backend | weights | split | threads | load avg | bandwidth GB/s | contender | runs | decode tok/s "
+            "| prefill tok/s | TTFT s | load s | peak RSS MiB | MB read/token | roofline | ours/peer decode "
+            "| ours/peer peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        cfg = f"| {r['backend']} | {r['weights']} | {' '.join(r['split'])} | {r['threads']} | {fmt(median_load(r), '.1f')} "
+        cfg = (f"| {r['backend']} | {r['weights']} | {' '.join(r['split'])} | {r['threads']} | {fmt(median_load(r), '.1f')} "
+               f"| {r['machine']['bandwidth_gb_s']:.1f} ")
         entries = [(OURS, r, None)] + [(name, p, r["ratios"].get(name)) for name, p in r["peers"].items()]
         for name, f, rat in entries:
             n = f["n_runs"]
@@ -105,9 +108,9 @@ def table(reports: list[dict]) -> str:
                 f"{fmt(f['ttft_s'], '.3f')} | {fmt(f['load_s'], '.2f')} | {fmt(f['peak_rss_mb'], '.0f')} | "
                 f"{fmt(mb / 1e6 if mb else None, '.0f')} | {fmt(f.get('roofline_pct'), '.1f')}% | "
                 f"{fmt(rat['decode_tok_s'], '.2f') + '×' if rat else ''} | {fmt(rat['peak_rss_mb'], '.2f') + '×' if rat else ''} |")
-    bw = sorted({round(r["machine"]["bandwidth_gb_s"], 1) for r in reports})
-    note = (f"\nMeasured memory read bandwidth: {', '.join(map(str, bw))} GB/s "
-            f"({reports[0]['machine']['bandwidth_method']}).\n")
+    methods = sorted({r["machine"]["bandwidth_method"] for r in reports})
+    note = (f"\nMedians of alternating runs. Load avg: the machine's median 1-minute load average as the runs started "
+            f"({reports[0]['machine']['cpus']} CPUs). Bandwidth, measured in each cell: {'; '.join(methods)}.\n")
     return "\n".join(rows) + "\n" + note
 
 
