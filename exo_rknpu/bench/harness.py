@@ -177,6 +177,15 @@ class Report:
     def ours(self) -> Summary:
         return self.summaries[OURS]
 
+    def busy_note(self) -> str | None:
+        """A warning when other jobs kept the CPUs busy while measuring (median load average above the CPU count)."""
+        loads = [r.load_1m for r in self.runs if r.load_1m is not None]
+        cpus = os.cpu_count() or 1
+        if not loads or statistics.median(loads) <= cpus:
+            return None
+        return (f"busy machine: median load average {statistics.median(loads):.1f} on {cpus} CPUs while measuring; "
+                f"speeds are disturbed by other jobs (memory and bytes per token are not)")
+
     def to_json(self) -> dict[str, Any]:
         o, bw, ours = self.plan.options, self.bandwidth, self.ours
         first = ours.runs[0].token_ids if ours.runs else []
@@ -210,7 +219,7 @@ class Report:
                       **({k: v for k, v in asdict(r.figures).items() if k != "token_ids"} if r.figures else {})}
                      for r in self.runs],
             "token_ids": first,
-            "notes": self.notes,
+            "notes": self.notes + [n for n in [self.busy_note()] if n],
             "complete": self.complete,
         }
 

@@ -152,3 +152,16 @@ def test_when_our_backend_cannot_run_the_report_still_comes_out(capsys, tiny_lla
     assert all(r[key] is None for key in REQUIRED)
     assert "BackendUnavailableError" in r["notes"][0]
     assert r["peers"]["transformers"]["n_runs"] == 0 and "not run" in r["peers"]["transformers"]["note"]
+
+
+def test_a_busy_machine_is_noted_from_the_recorded_load(tiny_llama):
+    from exo_rknpu.bench.harness import Run
+
+    p = plan(BenchOptions(model=str(tiny_llama), backend="numpy", prompt_tokens=4, gen_tokens=2, threads=1, repeat=1), print)
+    report = run_bench(p, print)
+    assert report.runs[0].load_1m is not None  # recorded as the run started
+    cpus = __import__("os").cpu_count()
+    report.runs = [Run(1, OURS, report.runs[0].figures, load_1m=cpus + 3.0)]
+    assert any(n.startswith(f"busy machine: median load average {cpus + 3.0:.1f}") for n in report.to_json()["notes"])
+    report.runs = [Run(1, OURS, report.runs[0].figures, load_1m=cpus / 4)]
+    assert not any(n.startswith("busy machine") for n in report.to_json()["notes"])
