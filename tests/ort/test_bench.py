@@ -6,6 +6,7 @@ is consistent with the runs it reports and with the model's own shape.
 
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_a_busy_machine_is_noted_from_the_recorded_load(tiny_llama):
     p = plan(BenchOptions(model=str(tiny_llama), backend="numpy", prompt_tokens=4, gen_tokens=2, threads=1, repeat=1), print)
     report = run_bench(p, print)
     assert report.runs[0].load_1m is not None  # recorded as the run started
-    cpus = __import__("os").cpu_count()
+    cpus = os.cpu_count()
     report.runs = [Run(1, OURS, report.runs[0].figures, load_1m=cpus + 3.0)]
     assert any(n.startswith(f"busy machine: median load average {cpus + 3.0:.1f}") for n in report.to_json()["notes"])
     report.runs = [Run(1, OURS, report.runs[0].figures, load_1m=cpus / 4)]
