@@ -39,6 +39,11 @@ class Paths:
         return self.home / "compiled"
 
     @property
+    def prepared(self) -> Path:
+        """Slices prepared for onnxruntime (graph + compact weights), content-addressed."""
+        return self.home / "prepared"
+
+    @property
     def toolkit(self) -> Path:
         return self.home / "toolkit"
 

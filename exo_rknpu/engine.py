@@ -7,12 +7,18 @@ the HTTP API never waits on numpy, onnxruntime or the NPU.
 
 Ordering guarantee: every blocking job goes through the same single-thread executor in submission order, so a
 shard's runner is closed only after every forward that was submitted against it has finished.
+
+Request lifecycle: a request is admitted on its first forward (or refused with CapacityError) and ends when the
+caller releases it (finished, cancelled, failed), when it sits idle past RequestLimits.idle_seconds, or when the
+shard changes. An ended request id is remembered with the reason, and any later step for it raises
+RequestStateError naming that reason: a request never silently starts again at position 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,10 +30,12 @@ from exo_rknpu.errors import (
     ArtifactError,
     BackendUnavailableError,
     ExoRknpuError,
+    RequestStateError,
     TensorContractError,
     ToolkitMissingError,
 )
 from exo_rknpu.model.base import LayerRange, ModelArgs
+from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
@@ -36,6 +44,7 @@ from exo_rknpu.runtime.shard import ShardRunner
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+MAX_ENDED_REMEMBERED = 4096  # ended request ids kept to refuse late steps (a few hundred bytes each)
 HiddenDtype = Literal["float32", "float16"]
 HIDDEN_DTYPES: tuple[str, ...] = ("float32", "float16")
 
@@ -61,12 +70,14 @@ class EngineConfig:
     logits: Literal["all", "last"] = "all"
     backend_options: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # who is speaking in error messages (exo: the node id)
+    weights: str = "auto"  # form of linear weights: auto | int4 | int8 | fp32 (model/quant.py)
 
     def __post_init__(self) -> None:
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"hidden_dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}")
         if self.logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {self.logits!r}")
+        check_mode(self.weights)
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,8 @@ def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig)
         layers_per_slice=config.layers_per_slice,
         limits=config.limits,
         backend_options=config.backend_options,
+        weights=config.weights,
+        progress=lambda msg: log.info("%s", msg),
     )
 
 
@@ -149,6 +162,7 @@ class ShardEngine:
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-rknpu-engine")
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()  # request id -> why it ended (worker thread only)
         self._closed = False
 
     # ------------------------------------------------------------------ plumbing
@@ -198,7 +212,7 @@ class ShardEngine:
             if cur is not None:
                 self.current = None
                 log.info("releasing %s to load %s", cur.key, key)
-                await self.run_blocking(cur.runner.close)
+                await self.run_blocking(self._close_runner, cur, f"this node's shard changed from {cur.key} to {key}")
                 if cur.key.model_id != model_id:
                     self._tokenizers.pop(cur.key.model_id, None)
             src: ModelSource | None = None
@@ -214,29 +228,68 @@ class ShardEngine:
             log.info("loaded %s from %s", key, src.path)
             return loaded
 
-    async def forward(self, request_id: str, model_id: str, layer_range: LayerRange, x: np.ndarray) -> np.ndarray:
+    async def forward(self, request_id: str, model_id: str, layer_range: LayerRange, x: np.ndarray,
+                      start: bool | None = None) -> np.ndarray:
         """Token ids (1, seq) on the first shard, hidden states (1, seq, H) elsewhere -> hidden states in the
-        configured dtype, or float32 logits on the last shard. The request's KV cache advances by seq."""
+        configured dtype, or float32 logits on the last shard. The request's KV cache advances by seq.
+
+        start: True = a new request, False = a live one, None = whichever it is (see ShardRunner.forward)."""
         loaded = await self.ensure(model_id, layer_range)
         try:
             # Submitted right after ensure() returned, with no await in between: no swap can slip in.
-            out = await self.run_blocking(loaded.runner.forward, request_id, x, self.config.logits)
+            out = await self.run_blocking(self._forward_job, loaded, request_id, x, start)
         except ExoRknpuError as e:
             raise self._wrap(e, loaded.key) from e
         if not layer_range.is_last and self.config.hidden_dtype == "float16":
             out = out.astype(np.float16)
         return np.ascontiguousarray(out)
 
-    def drop(self, request_id: str) -> None:
+    def _forward_job(self, loaded: LoadedShard, request_id: str, x: np.ndarray, start: bool | None) -> np.ndarray:
+        """Worker thread: refuse an ended request, release abandoned ones, then run the step."""
+        reason = self._ended.get(request_id)
+        if reason is not None:
+            raise RequestStateError(f"request {request_id} has ended on this node ({reason}); it cannot continue")
+        requests = loaded.runner.requests
+        if request_id not in requests:
+            for rid in requests.idle():
+                self._end(loaded, rid, f"idle for more than {requests.limits.idle_seconds:g} s, abandoned")
+        return loaded.runner.forward(request_id, x, self.config.logits, start)
+
+    def _end(self, loaded: LoadedShard | None, request_id: str, reason: str) -> None:
+        if loaded is not None and request_id in loaded.runner.requests:
+            loaded.runner.drop(request_id)
+            log.info("released request %s: %s", request_id, reason)
+        self._ended[request_id] = reason
+        self._ended.move_to_end(request_id)
+        while len(self._ended) > MAX_ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+
+    def _close_runner(self, loaded: LoadedShard, reason: str) -> None:
+        for rid in loaded.runner.requests.ids():
+            self._end(loaded, rid, reason)
+        loaded.runner.close()
+
+    def release(self, request_id: str, reason: str) -> None:
+        """End a request: free its cache now and refuse any later step for it (callable from any thread)."""
+        if not self._closed:
+            self._executor.submit(self._end, self.current, request_id, reason)
+
+    def live_requests(self) -> int:
+        """Requests holding a cache on this node now."""
         cur = self.current
-        if cur is not None:
-            self._executor.submit(cur.runner.drop, request_id)
+        return len(cur.runner.requests) if cur is not None else 0
+
+    def positions_left(self, request_id: str) -> int | None:
+        """How many more tokens the request's cache can take on this node (None if it holds no cache for it)."""
+        cur = self.current
+        state = cur.runner.requests.peek(request_id) if cur is not None else None
+        return None if state is None else cur.runner.buckets.max_context - state.pos
 
     async def aclose(self) -> None:
         async with self._lock:
             cur, self.current = self.current, None
             if cur is not None:
-                await self.run_blocking(cur.runner.close)
+                await self.run_blocking(self._close_runner, cur, "the engine was closed")
         self.close()
 
     def close(self) -> None:

@@ -5,6 +5,10 @@ class ExoRknpuError(Exception):
     """Base of every error this package raises on purpose."""
 
 
+class UsageError(ExoRknpuError, ValueError):
+    """A command-line option (or request parameter) is out of range or does not fit the model."""
+
+
 class UnsupportedModelError(ExoRknpuError, ValueError):
     """The model's architecture (or a feature of it) is not supported."""
 
@@ -47,6 +51,14 @@ class ArtifactError(ExoRknpuError, ValueError):
 
 class CompileError(ExoRknpuError, RuntimeError):
     """The RKNN compiler failed, or a compiled slice failed verification."""
+
+
+class CapacityError(ExoRknpuError, RuntimeError):
+    """A new request does not fit (live-request count or KV-memory budget): refused, nothing live is evicted."""
+
+
+class RequestStateError(ExoRknpuError, RuntimeError):
+    """A request cannot continue here: this node holds no cache for it (released, never started, node restarted)."""
 
 
 class BenchError(ExoRknpuError, ValueError):

@@ -17,11 +17,13 @@ from exo_rknpu.slices.spec import Buckets
 SMALL_BUCKETS = Buckets(seq=(1, 4, 8), context=(16, 32, 64))
 
 
-def ring(model: Path, split: str | None, backend: str, buckets: Buckets = SMALL_BUCKETS, **kw) -> LocalRing:
+def ring(model: Path, split: str | None, backend: str, buckets: Buckets = SMALL_BUCKETS, weights: str = "fp32",
+         **kw) -> LocalRing:
+    """Shards of `model` on `backend`; float32 weights unless asked (the exact comparisons need them)."""
     src = resolve_model(str(model))
     n = load_args(src).num_hidden_layers
     ranges = parse_split(split, n) if split else [LayerRange.full(n)]
-    return LocalRing([open_shard(src, r, backend, buckets, **kw) for r in ranges])
+    return LocalRing([open_shard(src, r, backend, buckets, weights=weights, **kw) for r in ranges])
 
 
 def greedy(r: LocalRing, prompt: list[int], n: int, request_id: str = "req") -> list[int]:

@@ -1,4 +1,4 @@
-"""Tiny random llama/qwen2 models written to disk, for fast tests that need no network.
+"""Tiny random llama/qwen2/qwen3 models written to disk, for fast tests that need no network.
 
     hf_dir = make_tiny_hf(tmp_path / "hf", arch="qwen2", n_layers=3)
     gguf_path = make_tiny_gguf(tmp_path / "m.gguf", hf_dir)   # same weights and tokenizer, as GGUF
@@ -23,15 +23,22 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
-QWEN2_RE = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 TRAINING_TEXT = (
     "The capital of France is Paris. The capital of Germany is Berlin. Once upon a time there was a tiny model "
     "that ran on a Rockchip board with an NPU, split into layer ranges across three nodes. "
     "It counted 0 1 2 3 4 5 6 7 8 9 10 100 2024 and said hello, world! Café naïve 日本語 ü ß. "
     "def main():\n    return 42\n\nQuestions? Answers: yes, no, maybe; (parentheses) [brackets] {braces}.\n"
 )
+
+
+def qwen2_pretokenize_regex() -> str | None:
+    """Qwen2's pre-tokenizer regex as transformers defines it (an independent reference for the one under test),
+    or None when transformers is not installed."""
+    try:
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    except ImportError:
+        return None
+    return PRETOKENIZE_REGEX
 
 
 def train_tokenizer(vocab_size: int, arch: str = "llama") -> Any:
@@ -41,12 +48,13 @@ def train_tokenizer(vocab_size: int, arch: str = "llama") -> Any:
     if vocab_size < 256 + len(SPECIALS) + 3:
         raise ValueError("vocab_size must be at least 262 (256 bytes + specials)")
     tok = Tokenizer(models.BPE())
-    if arch == "qwen2":  # the same pre-tokenizer as Qwen2's tokenizer.json / GGUF pre "qwen2"
+    qwen2_re = qwen2_pretokenize_regex() if arch in ("qwen2", "qwen3") else None
+    if qwen2_re:  # Qwen2's pre-tokenizer (Qwen3 uses the same), regex taken from transformers (GGUF pre "qwen2")
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_RE), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(qwen2_re), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    else:  # SmolLM2's: GGUF pre "smollm"
+    else:  # SmolLM2's: GGUF pre "smollm" (also qwen2's stand-in when transformers is absent)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -88,6 +96,9 @@ def _random_weights(rng: np.random.Generator, cfg: dict[str, Any], arch: str, ti
             w[p + "self_attn.q_proj.bias"] = (0.1 * rng.standard_normal(q)).astype(np.float32)
             w[p + "self_attn.k_proj.bias"] = (0.1 * rng.standard_normal(kv)).astype(np.float32)
             w[p + "self_attn.v_proj.bias"] = (0.1 * rng.standard_normal(kv)).astype(np.float32)
+        if arch == "qwen3":  # per-head q/k RMSNorm weights
+            w[p + "self_attn.q_norm.weight"] = norm(hd)
+            w[p + "self_attn.k_norm.weight"] = norm(hd)
         w[p + "post_attention_layernorm.weight"] = norm(h)
         w[p + "mlp.gate_proj.weight"] = lin(f, h)
         w[p + "mlp.up_proj.weight"] = lin(f, h)
@@ -156,6 +167,7 @@ def make_tiny_hf(
     dtype: str = "float32",
     rope_scaling: dict[str, Any] | None = None,
     rope_style: str = "top_level",
+    head_dim: int | None = None,
 ) -> Path:
     """Write a tiny HF model folder and return it.
 
@@ -163,18 +175,19 @@ def make_tiny_hf(
     so tests can tell exactly which files a partial load touched: file 1 = embedding, file 2+i = layer i,
     last file = model.norm (+ lm_head). dtype: float32 | float16 | bfloat16.
     rope_style: "top_level" (rope_theta at the top, transformers 4) or "rope_parameters" (transformers 5).
+    head_dim: defaults to hidden // heads; qwen3 models set it independently (Qwen3-0.6B: 128 with 1024 / 16 heads).
     """
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(arch, "LlamaForCausalLM")],
         "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": ffn,
         "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": hidden // heads,
+        "head_dim": head_dim or hidden // heads,
         "vocab_size": vocab,
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 512,
@@ -231,16 +244,16 @@ def read_hf_tensors(dir: Path) -> dict[str, np.ndarray]:
         return {name: src.get(name) for name in src.map}
 
 
-def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
+def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str = "F32") -> Path:
     """Write a GGUF holding exactly the weights and tokenizer of the tiny HF model in `hf_dir`.
 
-    F32 tensors, llama.cpp names, and (llama only) llama.cpp's Q/K row permutation applied, so the
-    loader's un-permute is exercised. A tied model gets no output.weight.
+    F32 tensors (or `qtype`, e.g. "Q8_0", quantized with gguf-py), llama.cpp names. Tensors are written as they
+    are, Q/K rows included: a llama GGUF stores Q/K rows in llama.cpp's interleaved order, so for llama the GGUF
+    is a *different* model from `hf_dir` (a reader un-permutes those rows). What a GGUF should load as comes from
+    independent readers (transformers' `from_pretrained(gguf_file=...)`, gguf.GGUFReader), never from this
+    project's permutation. A tied model gets no output.weight.
     """
     import gguf
-
-    from exo_rknpu.model.gguf import permute_qk
-
     hf_dir, path = Path(hf_dir), Path(path)
     cfg = json.loads((hf_dir / "config.json").read_text())
     tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
@@ -257,10 +270,13 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
     writer.add_head_count(cfg["num_attention_heads"])
     writer.add_head_count_kv(cfg["num_key_value_heads"])
     writer.add_rope_dimension_count(cfg["head_dim"])
+    if cfg["head_dim"] != cfg["hidden_size"] // cfg["num_attention_heads"]:  # as llama.cpp's converter writes head_dim
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
     writer.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_file_type(0)
+    writer.add_file_type(0 if qtype == "F32" else int(gguf.LlamaFileType[f"MOSTLY_{qtype}"]))
 
     # Tokenizer: same vocab/merges; added tokens become CONTROL (3).
     vocab: dict[str, int] = dict(tokj["model"]["vocab"])
@@ -273,16 +289,19 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
     added = {t["content"] for t in tokj["added_tokens"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokj["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
+    # The pre-tokenizer train_tokenizer used: a regex Split is Qwen2's, otherwise SmolLM2's.
+    splits = tokj.get("pre_tokenizer", {}).get("pretokenizers", [{}])[0].get("type") == "Split"
+    writer.add_tokenizer_pre("qwen2" if splits else "smollm")
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in added else 1 for t in tokens])
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(vocab[tc["bos_token"]])
-    writer.add_eos_token_id(vocab[tc["eos_token"]])
-    writer.add_unk_token_id(vocab[tc["unk_token"]])
-    writer.add_pad_token_id(vocab[tc["pad_token"]])
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        if tc.get(key) is not None:  # Qwen's tokenizer_config has bos_token null and no unk_token
+            add(vocab[tc[key]])
     writer.add_add_bos_token(bool(tc.get("add_bos_token", False)))
-    writer.add_chat_template(tc["chat_template"])
+    if tc.get("chat_template"):
+        writer.add_chat_template(tc["chat_template"])
 
     names = {
         "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -290,22 +309,28 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None) -> Path:
         "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
         "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
         "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
     }
-    writer.add_tensor("token_embd.weight", w["model.embed_tokens.weight"])
+    def add(name: str, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if qtype == "F32" or a.ndim < 2:  # llama.cpp keeps norms and biases in F32
+            writer.add_tensor(name, a)
+        else:
+            q = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+
+    add("token_embd.weight", w["model.embed_tokens.weight"])
     for i in range(cfg["num_hidden_layers"]):
         for hf_suffix, gg_suffix in names.items():
             a = w.get(f"model.layers.{i}.{hf_suffix}")
             if a is None:
                 continue
-            if arch == "llama" and hf_suffix.startswith(("self_attn.q_proj", "self_attn.k_proj")):
-                heads = cfg["num_attention_heads"] if "q_proj" in hf_suffix else cfg["num_key_value_heads"]
-                a = permute_qk(a, heads)
-            writer.add_tensor(f"blk.{i}.{gg_suffix}", np.ascontiguousarray(a))
-    writer.add_tensor("output_norm.weight", w["model.norm.weight"])
+            add(f"blk.{i}.{gg_suffix}", a)
+    add("output_norm.weight", w["model.norm.weight"])
     if "lm_head.weight" in w:
-        writer.add_tensor("output.weight", w["lm_head.weight"])
+        add("output.weight", w["lm_head.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

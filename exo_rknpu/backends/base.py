@@ -15,7 +15,7 @@ import numpy as np
 
 from exo_rknpu.errors import BackendUnavailableError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.slices.spec import Buckets, KVLayout, SliceSpec
 
 
 class Runner(Protocol):
@@ -33,6 +33,14 @@ class Backend(Protocol):
 
     name: str
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
+    # Read by the runtime (runtime/shard.py, runtime/session.py); docs/backends.md lists them.
+    kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd] or "dim" [.., hd, C]
+    layers_per_slice: int | None  # layers per graph when the user does not say (None: the whole shard in one graph)
+    # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
+    # final_norm or lm_head, so the loader leaves them out (load_shard(layers=False)). Default True.
+    needs_layer_weights: bool
+    float_weights: bool  # True: builds from float32 weights (a compiler's input); --weights auto loads fp32 for it
+    max_slice_bytes: int | None  # with layers_per_slice None: layers per slice keep each slice's weights under this
 
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all?"""
@@ -53,8 +61,8 @@ class BackendInfo:
 
 # name -> where it lives; imported on demand so `import exo_rknpu` never needs a runtime.
 BACKENDS: dict[str, BackendInfo] = {
-    "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (float32)"),
-    "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (float32)"),
+    "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (widens compact weights on the fly)"),
+    "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (MatMulNBits int4/int8 weights)"),
     "npu": BackendInfo("npu", "exo_rknpu.backends.npu", "NpuBackend", "RK3588 NPU via rknn-toolkit-lite2 (board only)"),
     "rknn-sim": BackendInfo("rknn-sim", "exo_rknpu.backends.rknn_sim", "RknnSimBackend", "rknn-toolkit2 simulator (toolkit venv)"),
 }

@@ -1,17 +1,19 @@
-"""The numpy backend: evaluates slices/graph.py eagerly. Slow, readable, the oracle for every other backend."""
+"""The numpy backend: evaluates slices/graph.py eagerly. Slow and readable; it shares slices/graph.py with the
+onnx export, so it is not an independent check of the maths (transformers is: tests/ort/test_against_transformers.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.graph import NumpyOps, run_slice
+from exo_rknpu.slices.graph import NumpyOps, run_slice, slice_weights
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 
 class NumpyRunner:
     def __init__(self, spec: SliceSpec, weights: ShardWeights) -> None:
-        self.spec, self.weights, self.ops = spec, weights, NumpyOps()
+        # keep only this slice's tensors, so the shard's other weights can be released after prepare
+        self.spec, self.weights, self.ops = spec, slice_weights(spec, weights), NumpyOps()
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = run_slice(self.ops, self.spec, self.weights, inputs)
@@ -25,6 +27,10 @@ class NumpyBackend:
     name = "numpy"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
+    layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
+    needs_layer_weights = True  # evaluates the slices from the weights
+    float_weights = False  # widens compact weights on the fly
+    max_slice_bytes = None
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")

@@ -1,14 +1,26 @@
-"""The onnx backend: onnxruntime on the CPU, running the ONNX graphs built by slices/onnx_export.py."""
+"""The onnx backend: onnxruntime on the CPU, running the ONNX graphs built by slices/onnx_export.py.
+
+Linear weights arrive compact (QTensor) and run through onnxruntime's weight-only kernel MatMulNBits; the proto
+holds the graph only, and weights are handed over as OrtValues (`add_external_initializers`), so no protobuf size
+limit applies. onnxruntime packs each weight into its kernel's layout when the session is created; the shard then
+drops its own copy (ShardRunner releases the weights after prepare), so the packed copy is the one that stays.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
+from exo_rknpu.backends.numpy_ref import NumpyRunner
+from exo_rknpu.backends.prepared import PreparedCache, prepared_key
+from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError
+from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.onnx_export import build_onnx, per_layer_cache_names
+from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
+from exo_rknpu.slices.onnx_export import MATMUL_NBITS_ACCURACY, build_onnx_compact, per_layer_cache_names
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 try:
@@ -18,47 +30,116 @@ except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but 
     _IMPORT_ERROR = e
 
 
+def default_threads() -> int:
+    """Threads for onnxruntime's intra-op pool: every core the process may use (decode is memory-bound and a
+    pool larger than the cores only adds spinning); inter-op parallelism stays at 1 (the graph is a chain)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 class OrtRunner:
-    def __init__(self, session: "ort.InferenceSession", n_cache_layers: int) -> None:
-        self.session = session
-        self.output_names = [o.name for o in session.get_outputs()]
+    """A session, or a prepared model file whose session opens on the first call.
+
+    Opening late matters for memory: by then the shard has released its own copy of the weights (ShardRunner
+    drops each slice's layers after prepare), so onnxruntime's packed copy is never made next to it.
+    """
+
+    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1) -> None:
+        self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
+        self.model_file = session if isinstance(session, Path) else None
+        self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
+        self.threads = threads
         self.n_cache_layers = n_cache_layers
+        self.cache_names = {name: per_layer_cache_names(name, n_cache_layers) for name in ("past_k", "past_v")}
+
+    def _open(self) -> "ort.InferenceSession":
+        if self.session is None:
+            if self.model_file is None:
+                raise RuntimeError("this onnx runner is closed")
+            # onnxruntime maps weights.bin and packs each weight for its kernel
+            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads),
+                                                providers=["CPUExecutionProvider"])
+            self.output_names = [o.name for o in self.session.get_outputs()]
+        return self.session
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._open()
         if self.n_cache_layers:
             inputs = dict(inputs)
-            for name in ("past_k", "past_v"):
+            for name, names in self.cache_names.items():
                 stacked = inputs.pop(name)  # [n,kv,C,hd]: stacked[i] is a contiguous view, handed over without a copy
-                inputs.update({n: stacked[i : i + 1] for i, n in enumerate(per_layer_cache_names(name, self.n_cache_layers))})
-        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+                inputs.update({n: stacked[i : i + 1] for i, n in enumerate(names)})
+        return dict(zip(self.output_names, session.run(None, inputs)))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = self.model_file = None
+
+
+def _slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:
+    if spec.kind == "layers":
+        return [w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values()]
+    return [weights.lm_head if spec.kind == "head" else weights.embed_tokens]
+
+
+def session_options(threads: int) -> "ort.SessionOptions":
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    # no busy-waiting between ops: a decode step is ~1000 tiny ops, and spinning workers steal the cores that the
+    # other threads (and other processes of the ring) need; measured 6x slower decode with spinning on a busy host
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 class OrtBackend:
-    """One session per slice with symbolic S/C dims, so every bucket shares one graph and one copy of weights."""
+    """One session per layer slice with symbolic S/C dims, so every bucket shares one graph and one copy of weights.
+
+    The embedding is looked up on the host from its compact rows (only the gathered rows are widened).
+    """
 
     name = "onnx"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
+    layers_per_slice: int | None = None  # chosen from max_slice_bytes by open_shard
+    needs_layer_weights = True  # builds its graphs from the weights
+    float_weights = False
+    # Layers per session are chosen so that one session packs at most this many bytes of weights: onnxruntime
+    # holds a slice's mapped weights and their packed copy together while it opens, so this bounds the peak.
+    max_slice_bytes = 32 << 20
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
-        self.threads = threads or (os.cpu_count() or 1)
+        self.threads = threads or default_threads()
+        # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
+        self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
 
     def supports(self, spec: SliceSpec) -> bool:
         return spec.blocks == ("attn", "mlp")
 
-    def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner:
+    def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
+        if spec.kind == "embed":
+            return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
         # the split form avoids copying the cache; a transposed ("dim") cache is written in the NPU's sdpa form
         form = "split" if spec.kv_layout == "seq" else "sdpa"
-        model = build_onnx(spec, weights, attention_form=form, per_layer_cache=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return OrtRunner(session, spec.n_layers)
+        opts = session_options(self.threads)
+        model_file = None
+        # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
+        cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
+        if cache is not None:
+            key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
+                               exporter=exporter_version(), accuracy=MATMUL_NBITS_ACCURACY, onnxruntime=ort.__version__)
+            model_file = cache.lookup(key)
+        if model_file is None:
+            model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
+            if cache is None:
+                if external:
+                    opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
+                session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                return OrtRunner(session, spec.n_layers)
+            model_file = cache.store(key, model, external)
+        return OrtRunner(model_file, spec.n_layers, self.threads)

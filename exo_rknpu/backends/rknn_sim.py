@@ -292,7 +292,12 @@ class RknnSimBackend:
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
     static_shapes = True
+    float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
+    max_slice_bytes = None
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
+    # Unlike npu: the simulator cannot run a .rknn loaded from disk (init_runtime refuses a load_rknn model without a
+    # target, docs/compiler.md), so every slice is rebuilt here from the weights.
+    needs_layer_weights = True
 
     def __init__(self, dtype: str = "fp16", platform: str = "rk3588", calibration: Calibration | None = None,
                  paths: Paths | None = None, python: str | Path | None = None, build_timeout: float = 1800.0,

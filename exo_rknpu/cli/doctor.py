@@ -12,8 +12,8 @@ from exo_rknpu.config import librknnrt_path
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("doctor", help="check this machine for the RK3588 NPU runtime")
-    p.add_argument("--json", action="store_true")
+    p = subparsers.add_parser("doctor", help="check this machine for the RK3588 NPU runtime", description=__doc__)
+    p.add_argument("--json", action="store_true", help="print every finding as one JSON object instead of a table")
     p.set_defaults(func=run)
 
 

@@ -8,9 +8,14 @@ import sys
 import time
 import uuid
 
+from exo_rknpu.backends.base import BACKENDS
+from exo_rknpu.cli.options import non_negative_float, non_negative_int, positive_int, probability
+from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, parse_split
+from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_args, load_tokenizer
-from exo_rknpu.model.tokenizer import IncrementalDecoder
+from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.tokenizer import IncrementalDecoder, encode_prompt
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing, Timings
 from exo_rknpu.runtime.sampling import Sampler, SamplingParams
@@ -20,18 +25,38 @@ from exo_rknpu.runtime.session import default_buckets, open_shard
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by commands that run a model."""
     p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file, or alias (default: smollm2-135m)")
-    p.add_argument("--backend", default="onnx", help="numpy | onnx | npu | rknn-sim (default: onnx)")
+    p.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), metavar="BACKEND",
+                   help=f"where slices run: {' | '.join(sorted(BACKENDS))} (default: onnx)")
     p.add_argument("--backend-dtype", choices=["fp16", "w8a8"], default=None,
                    help="compiled dtype for npu / rknn-sim (default: fp16)")
-    p.add_argument("--max-context", type=int, default=None, help="largest context bucket (default: 2048 or the model's limit)")
-    p.add_argument("--layers-per-slice", type=int, default=None, help="layers per graph (default: the whole shard in one graph)")
+    p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
+                   help="largest context bucket, prompt and new tokens together; at most the model's limit "
+                        "(default: 2048 or the model's limit if smaller)")
+    p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
+                   help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
+    add_weights_arg(p)
+
+
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """--weights: the form linear weights are kept in (model/quant.py)."""
+    p.add_argument("--weights", default="auto", type=weights_mode,
+                   help="auto | int4 | int8 | fp32: form of the linear weights (default auto: GGUF Q4_0/Q8_0 as "
+                        "stored, everything else int8; fp32 widens everything)")
+
+
+def weights_mode(value: str) -> str:
+    """argparse type for --weights: an unknown value is a one-line usage error before anything loads."""
+    try:
+        return check_mode(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def backend_options(args: argparse.Namespace, src=None) -> dict:
     """Backend options from add_model_args' flags (rknn-sim w8a8 also gets the compiler's calibration of `src`)."""
     dtype = getattr(args, "backend_dtype", None)
     if dtype and args.backend not in ("npu", "rknn-sim"):
-        raise SystemExit(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
+        raise UsageError(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
     opts: dict = {"dtype": dtype} if dtype else {}
     if args.backend == "rknn-sim" and dtype == "w8a8":
         from exo_rknpu.compiler.calibration import ModelCalibration
@@ -43,16 +68,23 @@ def backend_options(args: argparse.Namespace, src=None) -> dict:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text, optionally split into shards", description=__doc__)
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message); not empty")
     p.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--system", default=None, help="system message (needs --chat)")
+    p.add_argument("--thinking", action="store_true",
+                   help="with --chat: let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
     p.add_argument("--split", default=None, help="layer ranges, e.g. 0-9,10-19,20-29 (default: one shard)")
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32", help="dtype of hidden states between shards")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=positive_int, default=64, metavar="N",
+                   help="new tokens to generate at most, >= 1; prompt + N must fit the context (default: 64)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                   help="sampling temperature, >= 0; 0 is greedy (default: 0)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                   help="sample only from the K most likely tokens, >= 0; 0 is off (default: 0)")
+    p.add_argument("--top-p", type=probability, default=1.0, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P, in (0, 1]; 1 is off (default: 1)")
+    p.add_argument("--seed", type=non_negative_int, default=None, metavar="S",
+                   help="random seed for sampling, >= 0 (default: a fresh one each run)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.set_defaults(func=run)
 
@@ -61,22 +93,54 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int, model_limit: int) -> None:
+    """Refuse, before generating, a request whose prompt plus new tokens cannot fit the largest context bucket.
+
+    Refused up front rather than cut short: the user asked for max_tokens tokens, and a run that stops early
+    would look like a complete answer. The last new token is never fed back, hence the - 1.
+    """
+    needed = prompt_tokens + max_tokens - 1
+    if needed <= max_context:
+        return
+    fixes = [f"--max-tokens {max_context - prompt_tokens + 1} or fewer"] if prompt_tokens <= max_context else []
+    fixes.append("a shorter prompt")
+    if max_context < model_limit and needed <= model_limit:
+        fixes.append(f"--max-context {min(model_limit, _next_fit(needed))} (this model allows up to {model_limit})")
+    fix = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    raise UsageError(f"the prompt is {prompt_tokens} token(s); with --max-tokens {max_tokens} it needs {needed} positions "
+                     f"but the context limit is {max_context}; use {fix}")
+
+
+def _next_fit(needed: int) -> int:
+    """The smallest power of two holding `needed` (context buckets double)."""
+    return 1 << (needed - 1).bit_length()
+
+
 def run(args: argparse.Namespace) -> int:
+    # Options that need no model first: nothing is resolved, downloaded or loaded for bad input.
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give the text to continue")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system is a chat message; add --chat (or drop --system)")
+    if args.thinking and not args.chat:
+        raise UsageError("--thinking is a chat template option; add --chat (or drop --thinking)")
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
-    margs = load_args(src)
-    tok = load_tokenizer(src)
+    margs = load_args(src)  # config only: no weights yet
     ranges = parse_split(args.split, margs.num_hidden_layers) if args.split else [LayerRange.full(margs.num_hidden_layers)]
     buckets = default_buckets(margs, args.max_context)
+    opts = backend_options(args, src)  # one calibration object: captured once, shared by the shards
+    tok = load_tokenizer(src)
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        text = render_chat(tok, messages, enable_thinking=args.thinking)
     else:
         text = args.prompt
-    prompt_ids = tok.encode(text)
-    opts = backend_options(args, src)  # one calibration object: captured once, shared by the shards
-    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts) for r in ranges]
+    prompt_ids = encode_prompt(tok, text)
+    check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
+    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts, weights=args.weights,
+                         progress=progress) for r in ranges]
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

@@ -6,11 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+from exo_rknpu.cli.report import count, format_buckets, format_cpu, slice_order, worst_cos
+
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="show compiled slices: layers, buckets, dtype, sizes, CPU-placed ops, cycles")
+    p = subparsers.add_parser("inspect", help="show compiled slices: layers, buckets, dtype, sizes, CPU-placed ops, cycles",
+                              description=__doc__ + " One row per slice, in layer order; --json gives every field in full.")
     p.add_argument("path", type=Path, help="a slice folder (holding manifest.json), a .rknn inside one, or a cache folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list, one object per slice, with everything in full (every CPU-placed op and "
+                        "compiler warning, all verify figures, file list)")
     p.set_defaults(func=run)
 
 
@@ -42,14 +47,29 @@ def run(args: argparse.Namespace) -> int:
     folders = [p] if (p / "manifest.json").exists() else sorted(x.parent for x in p.glob("slices/*/*/manifest.json"))
     if not folders:
         raise ArtifactError(f"{args.path} holds no compiled slice (no manifest.json found); compile with: exo-rknpu compile ...")
-    rows = [_summary(f) for f in folders]
+    rows = sorted((_summary(f) for f in folders), key=lambda r: (r["model_fingerprint"], r["dtype"], r["platform"], slice_order(r["slice"])))
     if args.json:
         print(json.dumps(rows))
         return 0
-    for r in rows:
-        cyc = f"{min(r['est_cycles']):,}-{max(r['est_cycles']):,}" if r["est_cycles"] else "?"
-        cpu = ", ".join(r["cpu_ops"] + r["fallbacks"]) or "none"
-        print(f"{r['slice']:<12} {r['dtype']:<5} {r['platform']} {r['bytes'] / 1e6:7.1f} MB in {len(r['files'])} file(s)  "
-              f"seq {r['buckets']['seq']} ctx {r['buckets']['context']}  est. cycles {cyc}  CPU ops: {cpu}  "
-              f"verify {r['verify'] or '-'}  [{r['integrity']}]  {r['folder']}")
+    for line in format_rows(rows):
+        print(line)
+    print(f"({len(rows)} slice(s) under {p}; every field in full, folders included: --json)")
     return 0 if all(r["integrity"] == "ok" for r in rows) else 1
+
+
+def format_rows(rows: list[dict]) -> list[str]:
+    """A header, then one line per slice (plus a line under any slice whose files fail their check)."""
+    out = [f"{'model':<8} {'slice':<11} {'dtype':<5} {'platform':<8} {'size':>9}  {'seq':<8} {'context':<10} "
+           f"{'est. cycles':<11} {'min cos':<8} {'files':<5} CPU-placed"]
+    for r in rows:
+        cyc = r["est_cycles"]
+        cycles = f"{count(min(cyc))}-{count(max(cyc))}" if cyc else "?"
+        b = r["buckets"] or {}
+        ctx = b.get("context") or []
+        out.append(f"{r['model_fingerprint'][:8]:<8} {r['slice']:<11} {r['dtype']:<5} {r['platform']:<8} "
+                   f"{r['bytes'] / 1e6:6.1f} MB  {format_buckets(b.get('seq', [])):<8} "
+                   f"{(f'{ctx[0]}-{ctx[-1]}' if ctx else '?'):<10} {cycles:<11} {worst_cos(r['verify']):<8} "
+                   f"{'ok' if r['integrity'] == 'ok' else 'BAD':<5} {format_cpu(r['cpu_ops'], r['fallbacks'])}")
+        if r["integrity"] != "ok":
+            out.append(f"  ^ {r['integrity']}")
+    return out

@@ -8,14 +8,15 @@ import logging
 import sys
 
 from exo_rknpu import __version__
-from exo_rknpu.errors import ExoRknpuError
+from exo_rknpu.cli.options import Parser
+from exo_rknpu.errors import ExoRknpuError, UsageError
 
 # Subcommand modules under exo_rknpu.cli; each defines add_parser(subparsers) and sets func=run.
 SUBCOMMANDS = ["generate", "bench", "compile", "toolkit", "inspect", "doctor", "node"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exo-rknpu", description="Layer-range LLM slices for RK3588 NPUs and CPUs, as exo nodes.")
+    parser = Parser(prog="exo-rknpu", description="Layer-range LLM slices for RK3588 NPUs and CPUs, as exo nodes.")
     parser.add_argument("--version", action="version", version=f"exo-rknpu {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ExoRknpuError as e:
         print(f"exo-rknpu: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print("exo-rknpu: interrupted", file=sys.stderr)
         return 130

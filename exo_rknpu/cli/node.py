@@ -1,6 +1,6 @@
 """`exo-rknpu node`: run this machine as a node of a legacy exo ring, with the rknpu engine.
 
-    exo-rknpu node [--api-host HOST] [--backend numpy|onnx|npu] [--model-dir DIR] -- EXO_ARGS...
+    exo-rknpu node [--api-host HOST] [--backend numpy|onnx|rknn-sim|npu] [--model-dir DIR] -- EXO_ARGS...
 
 Everything after `--` goes to exo unchanged (e.g. --discovery-module manual --discovery-config-path ring.json
 --node-id rk1 --node-port 50051 --chatgpt-api-port 52415 --disable-tui). exo itself must be installed
@@ -13,69 +13,87 @@ import argparse
 import sys
 from pathlib import Path
 
+from exo_rknpu.backends.base import BACKENDS
+from exo_rknpu.backends.npu import CORE_MASKS
+from exo_rknpu.cli.generate import add_weights_arg
+from exo_rknpu.cli.options import positive_float, positive_int
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
+from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.requests import RequestLimits
+
+DEFAULT_IDLE_S = 300.0  # far above a decode step or a board's long prefill; only abandoned requests get there
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run as a node of a legacy exo ring (needs exo installed)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--api-host", default="0.0.0.0", help="address exo's ChatGPT API binds to (default: 0.0.0.0, as exo)")
-    p.add_argument("--backend", default="onnx", help="numpy | onnx | npu (default: onnx; npu on an RK3588 with compiled slices)")
+    p.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), metavar="BACKEND",
+                   help=f"where slices run: {' | '.join(sorted(BACKENDS))} (default: onnx; npu on an RK3588 with "
+                        "compiled slices; rknn-sim is the x86 simulator, for verification)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="use DIR/<model_id> (HF folder or .gguf) instead of downloading, e.g. DIR/llama-3.2-1b")
     p.add_argument("--hidden-dtype", choices=HIDDEN_DTYPES, default="float32",
                    help="dtype of hidden states sent to the next node (default float32: exact; float16: half the bytes)")
-    p.add_argument("--max-context", type=int, default=None, help="largest context per request (default: 2048 or the model's limit)")
-    p.add_argument("--max-requests", type=int, default=RequestLimits.max_requests,
-                   help=f"live requests whose KV caches are kept (LRU; exo never says when one ends; default {RequestLimits.max_requests})")
-    p.add_argument("--max-kv-mb", type=int, default=RequestLimits.max_bytes >> 20,
-                   help=f"KV-cache memory across live requests, MB (default {RequestLimits.max_bytes >> 20})")
-    p.add_argument("--memory-mb", type=int, default=None,
-                   help="memory to report to exo's partitioner (default: MemAvailable minus the KV budget and a reserve)")
-    p.add_argument("--layers-per-slice", type=int, default=None, help="layers per graph (default: the whole shard in one graph)")
+    p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
+                   help="largest context per request, at most the model's limit (default: 2048 or the model's limit)")
+    p.add_argument("--max-requests", type=positive_int, metavar="N", default=RequestLimits.max_requests,
+                   help=f"concurrent requests this node serves; more are refused with HTTP 429 (default {RequestLimits.max_requests})")
+    p.add_argument("--max-kv-mb", type=positive_int, metavar="MB", default=RequestLimits.max_bytes >> 20,
+                   help=f"KV-cache memory reserved across live requests, MB; each reserves its cache at the largest "
+                        f"context, and a request that does not fit is refused (default {RequestLimits.max_bytes >> 20})")
+    p.add_argument("--request-idle-s", type=positive_float, metavar="S", default=DEFAULT_IDLE_S,
+                   help=f"release a request's cache when it has not advanced for this long (abandoned; default {DEFAULT_IDLE_S:g})")
+    p.add_argument("--memory-mb", type=positive_int, metavar="MB", default=None,
+                   help="cap on the memory reported to exo's partitioner (default: total RAM minus the KV budget and "
+                        "the backend's reserve; docs/exo.md §3)")
+    p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
+                   help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
     p.add_argument("--logits", choices=["all", "last"], default="all",
                    help="last shard returns logits for every position (all, exo's contract) or only the last one "
                         "(last: exo samples only that row; saves the head's work and memory on long prompts)")
-    p.add_argument("--npu-dtype", default="fp16", help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
-    p.add_argument("--npu-core-mask", default="auto", help="npu backend: NPU cores, auto | 0 | 1 | 2 | 0_1 | 0_1_2 | all")
+    p.add_argument("--npu-dtype", default="fp16", choices=["fp16", "w8a8"], help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
+    p.add_argument("--npu-core-mask", default="auto", choices=list(CORE_MASKS), metavar="MASK",
+                   help=f"npu backend: NPU cores, {' | '.join(CORE_MASKS)} (default: auto)")
+    p.add_argument("--thinking", action="store_true",
+                   help="chat prompts let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
+    add_weights_arg(p)
     p.add_argument("exo_args", nargs=argparse.REMAINDER, help="-- then exo's own arguments")
     p.set_defaults(func=run)
 
 
 def build_options(args: argparse.Namespace):
     from exo_rknpu.exo.options import NodeOptions
-
-    if args.max_requests < 1 or args.max_kv_mb < 1:
-        raise SystemExit("exo-rknpu node: --max-requests and --max-kv-mb must be at least 1")
     engine = EngineConfig(
         backend=args.backend,
         hidden_dtype=args.hidden_dtype,
-        limits=RequestLimits(max_requests=args.max_requests, max_bytes=args.max_kv_mb << 20),
+        limits=RequestLimits(max_requests=args.max_requests, max_bytes=args.max_kv_mb << 20,
+                             idle_seconds=args.request_idle_s),
         max_context=args.max_context,
         layers_per_slice=args.layers_per_slice,
         logits=args.logits,
+        weights=args.weights,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
-    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb)
+    return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
+                       enable_thinking=args.thinking)
 
 
 def run(args: argparse.Namespace) -> int:
-    from exo_rknpu.backends.base import BACKENDS
     from exo_rknpu.exo import exo_importable
 
-    if args.backend not in BACKENDS:
-        print(f"exo-rknpu node: unknown backend {args.backend!r}; known: {', '.join(sorted(BACKENDS))}", file=sys.stderr)
-        return 2
+    if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
+        raise UsageError(f"--model-dir {args.model_dir} is not a folder; give the folder that holds <model_id> "
+                         "subfolders (or .gguf files), or leave it out to let exo download")
     ok, why = exo_importable()
     if not ok:
-        print(f"exo-rknpu node: {why}", file=sys.stderr)
+        print(f"exo-rknpu: error: {why}", file=sys.stderr)
         return 2
     from exo_rknpu.exo.launcher import exo_argv, run_node
 
     try:
         exo_argv(args.exo_args)
     except ValueError as e:
-        print(f"exo-rknpu node: {e}", file=sys.stderr)
+        print(f"exo-rknpu: error: {e}", file=sys.stderr)
         return 2
     return run_node(build_options(args), args.exo_args)

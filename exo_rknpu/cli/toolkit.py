@@ -8,8 +8,10 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("toolkit", help="install or check the rknn-toolkit2 environment (needed by compile)")
-    p.add_argument("action", choices=["install", "status"])
+    p = subparsers.add_parser("toolkit", help="install or check the rknn-toolkit2 environment (needed by compile)",
+                              description=__doc__)
+    p.add_argument("action", choices=["install", "status"],
+                   help="install: create the rknn-toolkit2 venv (once; needs PyPI); status: check the existing one")
     p.add_argument("--force", action="store_true", help="reinstall even if a working environment exists")
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     p.set_defaults(func=run)

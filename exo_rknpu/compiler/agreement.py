@@ -71,7 +71,7 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
     if max_tokens:
         ids = ids[:max_tokens]
     n_tok = len(ids)
-    full = load_shard(src, LayerRange.full(load_args(src).num_hidden_layers))
+    full = load_shard(src, LayerRange.full(load_args(src).num_hidden_layers), weights="fp32")
     ctx = 256
     while ctx < n_tok:
         ctx *= 2

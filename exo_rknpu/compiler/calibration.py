@@ -136,7 +136,7 @@ class ModelCalibration:
         if key not in self._got:
             src = resolve_model(self.model) if isinstance(self.model, str) else self.model
             n = weights.args.num_hidden_layers
-            full = load_shard(src, LayerRange(0, n, n))
+            full = load_shard(src, LayerRange(0, n, n), weights="fp32")
             if full.fingerprint != weights.fingerprint:
                 raise ValueError(f"calibration model {self.model!r} is not the model being run "
                                  f"(fingerprint {full.fingerprint[:12]}… vs {weights.fingerprint[:12]}…)")

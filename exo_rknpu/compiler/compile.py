@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from exo_rknpu.errors import CompileError
 from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices, to_kv_layout
 from exo_rknpu.backends.npu import NpuBackend
 
@@ -122,13 +123,22 @@ def _merge(figs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _run_worker(py: Path, job: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
+# Wall-clock limit per build in a worker job (smollm2's largest slices build in minutes here); a hung toolkit fails.
+BUILD_TIMEOUT_S = 1800.0
+
+
+def _run_worker(py: Path, job: dict[str, Any], workdir: Path, timeout_per_build: float = BUILD_TIMEOUT_S) -> list[dict[str, Any]]:
     jp = workdir / "job.json"
     jp.write_text(json.dumps(job))
     pkg_root = Path(__file__).resolve().parent.parent.parent
     env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": "2"}
-    p = subprocess.run([str(py), "-m", "exo_rknpu.compiler.worker", str(jp)], env=env, cwd=str(workdir),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timeout = timeout_per_build * max(1, len(job["builds"]))
+    try:
+        p = subprocess.run([str(py), "-m", "exo_rknpu.compiler.worker", str(jp)], env=env, cwd=str(workdir),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CompileError(f"RKNN build of {job['builds'][0]['name']} did not finish within {timeout:g} s "
+                           f"(the toolkit may be stuck); its log is in {workdir}") from None
     rp = Path(job["result"])
     results = json.loads(rp.read_text())["results"] if rp.exists() else []
     if p.returncode != 0 or not results or not all(r["ok"] for r in results):
@@ -282,6 +292,9 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                                         "calibration_sha256": calib_digest,
                                         "smoothing": smoothing or None,
                                         "samples_per_bucket": {str(k): len(v) for k, v in (samples or {}).items()}}
+        if cc.manifest_key(manifest) != key:  # the board re-derives the key from these facts (npu.check_manifest)
+            raise CompileError(f"internal: the manifest of {spec.name} does not re-derive its cache key; "
+                               f"artifacts.manifest_key is out of step with compile_range's key")
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
@@ -316,7 +329,6 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     src = resolve_model(model, paths)
     args = load_args(src)
     lr = LayerRange.parse(layers, args.num_hidden_layers)
-    ws = load_shard(src, lr)
     specs = [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s  # compiled for the npu backend's cache layout
              for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
     cache = cc.SliceCache(cache_dir or paths.compiled)
@@ -328,36 +340,59 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     smoothing = sm.describe(smooth_alpha) if dtype == "w8a8" else ""
     # the transform and its alpha are part of what a w8a8 build is made from (the fp16 key ignores calibration)
     keyed_calib = calib_digest + (f";{smoothing}" if smoothing else "")
-    keys = {s.name: cc.cache_key(weights_digest=cc.slice_digest(s, ws), fingerprint=ws.fingerprint, spec=s, buckets=buckets,
-                                 dtype=dtype, platform=platform, toolkit_version=tk_version, exporter=exporter,
-                                 calibration=keyed_calib) for s in specs}
-    found = {s.name: cache.lookup(keys[s.name]) for s in specs}
-    todo = [s for s in specs if found[s.name] is None]
-    bar = Progress(len(specs), enabled=progress)
-    bar.remaining_builds = len(todo)
+
+    def key_of(s: SliceSpec, w: ShardWeights) -> str:
+        return cc.cache_key(weights_digest=cc.slice_digest(s, w), fingerprint=w.fingerprint, spec=s, buckets=buckets,
+                            dtype=dtype, platform=platform, toolkit_version=tk_version, exporter=exporter,
+                            calibration=keyed_calib)
+
+    keys: dict[str, str] = {}
+    found: dict[str, dict[str, Any] | None] = {}
     samples: dict[str, dict[int, list[dict[str, np.ndarray]]]] = {}
     py = None
     build_ws: ShardWeights | None = None
-    if todo:
-        py, _ = toolkit.require(paths)
-        if verify or dtype == "w8a8":
-            full = ws if lr.is_first else load_shard(src, LayerRange(0, lr.stop, args.num_hidden_layers))
+    capturing = verify or dtype == "w8a8"
+    if capturing:
+        # Calibration runs the model from layer 0, so the range is held whole (each layer is still read once).
+        ws = load_shard(src, lr, weights="fp32")
+        keys = {s.name: key_of(s, ws) for s in specs}
+        found = {s.name: cache.lookup(keys[s.name]) for s in specs}
+        todo = [s for s in specs if found[s.name] is None]
+        if todo:
+            py, _ = toolkit.require(paths)
+            full = ws
+            if not lr.is_first:  # the layers before the range (and the embedding) join the ones already read
+                pre = load_shard(src, LayerRange(0, lr.start, args.num_hidden_layers), weights="fp32")
+                full = replace(ws, layer_range=LayerRange(0, lr.stop, args.num_hidden_layers),
+                               layers={**pre.layers, **ws.layers}, embed_tokens=pre.embed_tokens)
             tok = load_tokenizer(src)
             ids = tok.encode(calib_text)
             samples = capture(full, todo, buckets, ids)
             if dtype == "w8a8" and smoothing:
                 build_ws = sm.smooth_shard(ws, sm.calibration_stats(full, todo, ids), smooth_alpha)  # type: ignore[arg-type]
+        slices: Iterator[tuple[SliceSpec, ShardWeights]] = ((s, ws) for s in specs)
+    else:
+        slices = _one_layer_at_a_time(src, lr, specs)
+    bar = Progress(len(specs), enabled=progress)
+    bar.remaining_builds = sum(1 for s in specs if found.get(s.name) is None)  # streaming: not known yet, assume built
     results = []
-    for s in specs:
+    for s, w in slices:
         bar.start(s.name)
         t = time.monotonic()
+        if s.name not in keys:
+            keys[s.name] = key_of(s, w)
+            found[s.name] = cache.lookup(keys[s.name])
         if found[s.name] is not None:
             m, folder, status = found[s.name], cache.entry(keys[s.name]), "reused"
+            if not capturing:
+                bar.remaining_builds -= 1
         else:
-            folder, m = compile_slice(s, ws, buckets=buckets, dtype=dtype, platform=platform, key=keys[s.name], cache=cache,
+            py = py or toolkit.require(paths)[0]
+            folder, m = compile_slice(s, w, buckets=buckets, dtype=dtype, platform=platform, key=keys[s.name], cache=cache,
                                       py=py, tk_version=tk_version, samples=samples.get(s.name), verify=verify,
                                       calib_digest=calib_digest, min_cos=min_cos, build_ws=build_ws, smoothing=smoothing)
             status = "built"
+        del w  # streaming: this layer's float32 goes before the next is read
         r = SliceResult(s.name, keys[s.name], status, str(folder), [str(folder / f["file"]) for f in m["files"]],
                         round(time.monotonic() - t, 2), m["build"].get("cpu_ops", []), m["build"].get("fallbacks", []),
                         m.get("verify", {}))
@@ -366,3 +401,20 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
             on_built(r)
         results.append(r)
     return results
+
+
+def _one_layer_at_a_time(src: ModelSource, lr: LayerRange, specs: list[SliceSpec]) -> Iterator[tuple[SliceSpec, ShardWeights]]:
+    """Each slice with the weights it is built from, read one decoder layer at a time: every tensor is read once
+    and one layer's float32 (with the final norm + head after the model's last layer) is alive at a time."""
+    from exo_rknpu.model.loader import load_shard
+
+    heads = [s for s in specs if s.kind == "head"]
+    for s in specs:
+        if s.kind != "layers":
+            continue
+        w = load_shard(src, LayerRange(s.start, s.stop, lr.n_layers), weights="fp32", embed=False)  # + final norm/head if last
+        yield s, w
+        if s.stop == lr.n_layers:
+            for h in heads:
+                yield h, w
+        del w

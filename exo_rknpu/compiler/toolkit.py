@@ -76,7 +76,11 @@ def venv_python(paths: Paths | None = None) -> Path:
 
 def _run(cmd: list[str], log: Callable[[str], None], timeout: float = 1800) -> None:
     log("$ " + " ".join(cmd))
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ToolkitMissingError(f"toolkit install step did not finish within {timeout:g} s: {' '.join(cmd)}; "
+                                  "check network access to PyPI and retry") from None
     if p.returncode != 0:
         tail = "\n".join(p.stdout.strip().splitlines()[-15:])
         raise ToolkitMissingError(f"toolkit install step failed (exit {p.returncode}): {' '.join(cmd)}\n{tail}")

@@ -1,9 +1,13 @@
 """What this node tells exo's partitioner: board, chip, memory usable for weights, and TOPS.
 
 exo's RingMemoryWeightedPartitioningStrategy splits layers in proportion to `memory` (MB) alone; FLOPS are only
-displayed. So `memory` here is the RAM this node can actually give to weights: MemAvailable minus the KV-cache
-budget (RequestLimits.max_bytes) and a fixed reserve for the runtime. On the RK3588 the NPU works out of the same
-system RAM, so there is no separate NPU memory to add.
+displayed. So `memory` is the RAM this node can give to weights, by a fixed rule that gives the same number on
+every start of the same machine (MemAvailable would not: it changes with page cache and other processes, and a
+restarted ring got a different partition):
+
+    memory = MemTotal - the KV-cache budget (--max-kv-mb) - the backend's runtime reserve, capped by --memory-mb
+
+On the RK3588 the NPU works out of the same system RAM, so there is no separate NPU memory to add.
 
 Nothing here imports exo at module import; `to_exo()` builds exo's DeviceCapabilities.
 """
@@ -15,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUNTIME_RESERVE_MB = 512  # python, onnxruntime / rknnlite, gRPC buffers
+RUNTIME_RESERVE_MB = 512  # python, exo, gRPC buffers, numpy scratch: any backend
+# What a backend's runtime adds on top (estimates, not measured on a board): onnxruntime's arenas; librknnrt's
+# DMA buffers for inputs/outputs plus the onnx fallback for the embedding.
+BACKEND_RESERVE_MB = {"numpy": 0, "onnx": 256, "npu": 512}
 RK3588_NPU_INT8_TOPS = 6.0  # Rockchip's figure: 3 NPU cores x 2 TOPS int8
 RK3588_NPU_FP16_TFLOPS = 1.5  # int8/4, the RKNPU2 fp16 rate commonly quoted; not measured by us
 
@@ -54,31 +61,30 @@ def rockchip_soc(proc_root: Path = Path("/")) -> str | None:
     return None
 
 
-def mem_available_mb(proc_root: Path = Path("/")) -> int:
-    """MemAvailable (MB) from /proc/meminfo; MemTotal if the kernel lacks it; 0 if unreadable."""
-    values: dict[str, int] = {}
+def mem_total_mb(proc_root: Path = Path("/")) -> int:
+    """MemTotal (MB) from /proc/meminfo; 0 if unreadable."""
     try:
         for line in (proc_root / "proc/meminfo").read_text().splitlines():
             key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts:
-                values[key.strip()] = int(parts[0])  # kB
+            if key.strip() == "MemTotal" and rest.split():
+                return int(rest.split()[0]) // 1024  # kB
     except (OSError, ValueError):
-        return 0
-    kb = values.get("MemAvailable", values.get("MemTotal", 0))
-    return kb // 1024
+        pass
+    return 0
 
 
-def usable_memory_mb(available_mb: int, kv_budget_bytes: int, reserve_mb: int = RUNTIME_RESERVE_MB) -> int:
-    """Memory left for weights; at least 1 MB (exo divides by the ring's total memory)."""
-    return max(1, available_mb - kv_budget_bytes // (1 << 20) - reserve_mb)
+def usable_memory_mb(total_mb: int, kv_budget_bytes: int, backend: str, memory_mb: int | None = None) -> int:
+    """The memory reported to exo (see the module docstring); at least 1 MB (exo divides by the ring's total)."""
+    rule = total_mb - kv_budget_bytes // (1 << 20) - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB.get(backend, 0)
+    if memory_mb is not None:
+        rule = min(rule, memory_mb) if total_mb > 0 else memory_mb
+    return max(1, rule)
 
 
 def detect(backend: str, kv_budget_bytes: int, memory_mb: int | None = None,
            proc_root: Path = Path("/")) -> NodeCapabilities:
     """This machine's capabilities as exo should see them."""
-    memory = memory_mb if memory_mb is not None else usable_memory_mb(mem_available_mb(proc_root), kv_budget_bytes)
-    memory = max(1, int(memory))
+    memory = usable_memory_mb(mem_total_mb(proc_root), kv_budget_bytes, backend, memory_mb)
     soc = rockchip_soc(proc_root)
     board = _read_dt(proc_root, "model").split("\n")[0]
     if soc is not None:

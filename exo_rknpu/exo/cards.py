@@ -5,6 +5,10 @@
   tokenizer for it locally.
 * `llama-3.2-1b` / `llama-3.2-3b`: the same Hugging Face repos exo's tinygrad engine uses, fetched through
   exo's shard downloader (only the shard's layer files when the repo has a safetensors index).
+* `qwen-2.5-0.5b` / `-1.5b` / `-3b`: the ids legacy exo gives these models (its cards point MLX at 4-bit
+  mlx-community repos); our repo is Qwen's own Instruct repo. Legacy exo's `qwen-2.5-0.5b` card says 28 layers,
+  but Qwen2.5-0.5B has 24 (config.json); the launcher corrects exo's card to 24 in the node's process.
+* `qwen-3-0.6b` / `-1.7b` / `-4b`: legacy exo has no Qwen3 cards; the ids follow its `qwen-2.5-*` naming.
 
 `--model-dir DIR` overrides any of them: DIR/<model_id> (an HF folder or a .gguf) is used as it is.
 """
@@ -24,6 +28,7 @@ class ExoCard:
     repo: str  # the value in exo's model_cards[model_id]["repo"]["RKNPUInferenceEngine"]
     pretty_name: str
     zoo_alias: str | None = None  # resolved by exo_rknpu.model.zoo instead of exo's downloader
+    exo_wrong_layers: int | None = None  # legacy exo's card has this (wrong) layer count; the launcher corrects it
 
 
 CARDS: dict[str, ExoCard] = {
@@ -31,6 +36,12 @@ CARDS: dict[str, ExoCard] = {
                             zoo_alias="smollm2-135m"),
     "llama-3.2-1b": ExoCard("llama-3.2-1b", 16, "unsloth/Llama-3.2-1B-Instruct", "Llama 3.2 1B"),
     "llama-3.2-3b": ExoCard("llama-3.2-3b", 28, "unsloth/Llama-3.2-3B-Instruct", "Llama 3.2 3B"),
+    "qwen-2.5-0.5b": ExoCard("qwen-2.5-0.5b", 24, "Qwen/Qwen2.5-0.5B-Instruct", "Qwen 2.5 0.5B", exo_wrong_layers=28),
+    "qwen-2.5-1.5b": ExoCard("qwen-2.5-1.5b", 28, "Qwen/Qwen2.5-1.5B-Instruct", "Qwen 2.5 1.5B"),
+    "qwen-2.5-3b": ExoCard("qwen-2.5-3b", 36, "Qwen/Qwen2.5-3B-Instruct", "Qwen 2.5 3B"),
+    "qwen-3-0.6b": ExoCard("qwen-3-0.6b", 28, "Qwen/Qwen3-0.6B", "Qwen 3 0.6B"),
+    "qwen-3-1.7b": ExoCard("qwen-3-1.7b", 28, "Qwen/Qwen3-1.7B", "Qwen 3 1.7B"),
+    "qwen-3-4b": ExoCard("qwen-3-4b", 36, "Qwen/Qwen3-4B", "Qwen 3 4B"),
 }
 
 

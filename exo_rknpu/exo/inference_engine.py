@@ -6,10 +6,17 @@ Contract (exo 5f18faec, see docs/exo.md):
   (1, seq, vocab) on the last shard; returns inference_state None (all state stays here, per request_id).
 * sample(x, temp, top_p) -> exactly one int64 token, shape (1,).
 * ensure_shard: idempotent and lock-protected; a new shard releases the old one.
+
+Request lifecycle (exo never says when a request starts or ends; the launcher tells us): infer_prompt starts a
+request; elsewhere an unknown request id starts a request only if its input is a prefill (seq > 1; exo's decode
+steps are always one token) or the API announced it (announce()). Any other step for a request this node holds no
+cache for fails with RequestStateError, so a node that restarted or released a request never answers from
+position 0. release() ends a request (finished, cancelled, failed) and frees its cache at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -20,12 +27,12 @@ from exo.inference.inference_engine import InferenceEngine
 from exo.inference.shard import Shard
 
 from exo_rknpu.engine import ShardEngine
-from exo_rknpu.errors import ExoRknpuError, TensorContractError
+from exo_rknpu.errors import CapacityError, ContextOverflowError, ExoRknpuError, RequestStateError, TensorContractError
 from exo_rknpu.exo import ENGINE_CLASS, options as node_options
 from exo_rknpu.exo.api_tokenizer import encode_prompt
 from exo_rknpu.exo.cards import get_card, local_override
 from exo_rknpu.exo.options import NodeOptions
-from exo_rknpu.exo.shards import range_to_shard, shard_to_range
+from exo_rknpu.exo.shards import extra_ranges_to_download, range_to_shard, shard_to_range
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import ModelSource, resolve_model
 from exo_rknpu.runtime.sampling import SamplingParams, sample_row
@@ -33,6 +40,19 @@ from exo_rknpu.runtime.sampling import SamplingParams, sample_row
 log = logging.getLogger(__name__)
 
 MAX_RECORDED_FAILURES = 256
+MAX_ANNOUNCED = 1024
+
+
+def failure_kind(e: BaseException) -> str:
+    """How the API should answer a request that failed with `e`: "capacity" (429, retry later), "unavailable"
+    (503: the ring lost the request's state or changed under it), "context" (400: too long), "error" (500)."""
+    if isinstance(e, CapacityError):
+        return "capacity"
+    if isinstance(e, RequestStateError):
+        return "unavailable"
+    if isinstance(e, ContextOverflowError):
+        return "context"
+    return "error"
 
 
 class RKNPUInferenceEngine(InferenceEngine):
@@ -44,7 +64,8 @@ class RKNPUInferenceEngine(InferenceEngine):
         self.session = {}  # exo's ABC has a class-level dict shared by every engine; keep ours separate
         self.core = ShardEngine(self.options.engine, self._source)
         self._rng = np.random.default_rng()
-        self._failures: OrderedDict[str, str] = OrderedDict()
+        self._failures: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._announced: OrderedDict[str, None] = OrderedDict()
 
     # ------------------------------------------------------------------ model files
 
@@ -64,18 +85,35 @@ class RKNPUInferenceEngine(InferenceEngine):
                                 f"put it at --model-dir DIR as DIR/{model_id}")
         # exo's downloader: only the files holding this shard's layers when the repo has a safetensors index.
         path = await self.shard_downloader.ensure_shard(range_to_shard(model_id, layer_range), ENGINE_CLASS)
+        # exo's allow-patterns miss the embedding of a tied last shard and the final norm of a whole-model shard:
+        # ask for the one-layer shard whose patterns include that file.
+        for extra in await self.core.run_blocking(extra_ranges_to_download, Path(path), layer_range):
+            await self.shard_downloader.ensure_shard(range_to_shard(model_id, extra), ENGINE_CLASS)
         return await self.core.run_blocking(resolve_model, str(Path(path)))
 
     # ------------------------------------------------------------------ failures (for the launcher)
 
     def _record_failure(self, request_id: str, e: BaseException) -> None:
-        self._failures[request_id] = f"{type(e).__name__}: {e}"
+        self._failures[request_id] = (failure_kind(e), f"{type(e).__name__}: {e}")
         while len(self._failures) > MAX_RECORDED_FAILURES:
             self._failures.popitem(last=False)
 
-    def take_failure(self, request_id: str) -> str | None:
-        """The error that made infer_tensor fail for this request (once), or None."""
+    def take_failure(self, request_id: str) -> tuple[str, str] | None:
+        """(kind, message) of the error that made this request fail here (once), or None. See failure_kind."""
         return self._failures.pop(request_id, None)
+
+    # ------------------------------------------------------------------ request lifecycle (for the launcher)
+
+    def announce(self, request_id: str) -> None:
+        """The API is about to start this request: a one-token prefill for it is a start, not a lost request."""
+        self._announced[request_id] = None
+        while len(self._announced) > MAX_ANNOUNCED:
+            self._announced.popitem(last=False)
+
+    def release(self, request_id: str, reason: str) -> None:
+        """The request is over (finished, cancelled, failed): free its cache now; later steps for it fail."""
+        self._announced.pop(request_id, None)
+        self.core.release(request_id, reason)
 
     # ------------------------------------------------------------------ exo's interface
 
@@ -89,7 +127,9 @@ class RKNPUInferenceEngine(InferenceEngine):
 
     async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
         await self.ensure_shard(shard)
-        ids = encode_prompt(self.tokenizer, prompt)
+        # Off the event loop (not on the engine's worker, which may be busy with other requests' layers): a long
+        # prompt must not delay exo's health checks and topology collection.
+        ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt)
         if not ids:
             raise TensorContractError(f"the prompt for {shard.model_id} encodes to no tokens")
         return np.asarray(ids, dtype=np.int64)
@@ -116,11 +156,28 @@ class RKNPUInferenceEngine(InferenceEngine):
             token = await self.core.run_blocking(sample_row, row.astype(np.float64), params, self._rng)
         return np.array([token], dtype=np.int64)
 
+    async def infer_prompt(self, request_id: str, shard: Shard, prompt: str,
+                           inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        """exo's infer_prompt (encode, then the first step), marking the step as the request's start."""
+        try:
+            tokens = await self.encode(shard, prompt)
+        except Exception as e:
+            self._record_failure(request_id, e)
+            raise
+        return await self._infer(request_id, shard, tokens.reshape(1, -1), start=True)
+
     async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
                            inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        x = np.asarray(input_data)
+        # A prefill (seq > 1) or an announced request may start here; a lone decode step must find its cache.
+        start = None if (x.ndim >= 2 and x.shape[1] > 1) or request_id in self._announced else False
+        return await self._infer(request_id, shard, x, start)
+
+    async def _infer(self, request_id: str, shard: Shard, input_data: np.ndarray,
+                     start: bool | None) -> tuple[np.ndarray, Optional[dict]]:
         try:
             layer_range = shard_to_range(shard)
-            out = await self.core.forward(request_id, shard.model_id, layer_range, input_data)
+            out = await self.core.forward(request_id, shard.model_id, layer_range, input_data, start)
         except Exception as e:
             self._record_failure(request_id, e)
             log.error("request %s failed on %s: %s", request_id, shard, e)

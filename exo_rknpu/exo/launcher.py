@@ -3,54 +3,46 @@
 Patches, all applied before `exo.main` is imported (it parses argv and builds the node at import):
 1. `get_inference_engine` in exo.inference.inference_engine and exo.orchestration.node (which bound the name at
    import) returns RKNPUInferenceEngine for "rknpu"; `inference_engine_classes["rknpu"]` names the class.
-2. exo.models.model_cards gets our cards (smollm2-135m added, llama-3.2-1b/3b get our class's repo).
+2. exo.models.model_cards gets our cards (smollm2-135m and qwen-3-* added; llama-3.2-*, qwen-2.5-* get our
+   class's repo; exo's wrong layer count for qwen-2.5-0.5b is corrected).
 3. Node.select_best_inference_engine becomes a no-op: otherwise exo replaces our engine with a fresh tinygrad one
    whenever the peer set changes.
 4. exo.topology.device_capabilities.linux_device_capabilities reports the board (no tinygrad import, no pynvml).
 5. ChatGPTAPI.run binds to --api-host (exo hard-codes 0.0.0.0).
-6. exo's API resolves the tokenizer of our local models (smollm2-135m, --model-dir) with our tokenizer, offline.
-7. Failed requests fail: exo only prints an error from a hop and leaves the API waiting for 900 s. A node whose
-   engine failed broadcasts {"type": "rknpu_request_failed"}; every node's API that waits for that request
-   then answers with an error (HTTP 500, or a cut-off stream), and an unknown model id gets HTTP 400 instead of
-   exo's silent fallback to the default model.
+6. exo's API resolves the tokenizer of our local models (smollm2-135m, --model-dir) with our tokenizer, offline;
+   for downloaded repos it keeps exo's own, and both render chat templates with our options (enable_thinking).
+7. The ring's request lifecycle and API (exo_rknpu/exo/ring.py): /v1/chat/completions is answered by
+   RingNode.handle_chat (validation -> 400, admission -> 429, dead neighbour -> 503 within seconds, client
+   disconnect stops generation, max_tokens); Node.process_inference_result finishes a request at its max_tokens,
+   EOS, or a full cache; a step addressed to a shard this node does not hold fails (the nodes disagree on the
+   partition) instead of running the wrong layers; a failed hop or an unreachable neighbour is broadcast as
+   {"type": "rknpu_request_failed"} so the API answers at once instead of waiting 900 s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import sys
 import traceback
 from typing import Any
 
+import numpy as np
+
 from exo_rknpu.exo import ENGINE_CLASS, ENGINE_NAME, options as node_options
+from exo_rknpu.exo.api_tokenizer import TemplateOptionsTokenizer
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.exo.ring_members import restrict_ring
 
 log = logging.getLogger(__name__)
 
-FAILURE_STATUS = "rknpu_request_failed"
 _installed = False
 
 
-class RequestFailed(RuntimeError):
-    """Raised inside exo's API handler when a node reported that the request failed."""
-
-
-class _FailureMarker:
-    """Put into exo's per-request token queue: unpacking it (`tokens, is_finished = ...`) raises."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __iter__(self):
-        raise RequestFailed(self.message)
-
-
 def install_patches(options: NodeOptions) -> None:
-    """Apply patches 1-6 and the failure hook on Node (idempotent)."""
+    """Apply patches 1-7 (idempotent). Patch 7 acts only on a Node that has a RingNode attached (run_node does)."""
     global _installed
     node_options.set_current(options)
     if _installed:
@@ -80,6 +72,11 @@ def install_patches(options: NodeOptions) -> None:
     # 2. model cards
     for card in CARDS.values():
         entry = models.model_cards.setdefault(card.model_id, {"layers": card.n_layers, "repo": {}})
+        if entry.get("layers") != card.n_layers and entry.get("layers") == card.exo_wrong_layers:
+            log.warning("exo's card for %s says %s layers; the model has %s: corrected in this node (legacy nodes "
+                        "without exo-rknpu keep the wrong count and cannot share a ring for it)",
+                        card.model_id, entry["layers"], card.n_layers)
+            entry["layers"] = card.n_layers
         if entry.get("layers") != card.n_layers:
             raise RuntimeError(f"exo's card for {card.model_id} says {entry.get('layers')} layers; ours says {card.n_layers}")
         entry["repo"][ENGINE_CLASS] = card.repo
@@ -113,86 +110,150 @@ def install_patches(options: NodeOptions) -> None:
 
     async def resolve_tokenizer(repo_id: Any):
         card = card_for_repo(str(repo_id))
-        if card is None:
-            return await original_resolve(repo_id)
-        override = local_override(card, node_options.current().model_dir)
-        if override is None and card.zoo_alias is None:
-            return await original_resolve(repo_id)  # a downloaded HF repo: exo's own way, as for tinygrad
-        if card.model_id not in cache:
-            cache[card.model_id] = await asyncio.to_thread(_api_tokenizer, str(override or card.zoo_alias))
-        return cache[card.model_id]
+        override = local_override(card, node_options.current().model_dir) if card is not None else None
+        thinking = node_options.current().enable_thinking
+        key = str(repo_id)
+        if key not in cache:
+            if card is None or (override is None and card.zoo_alias is None):
+                # a downloaded HF repo: exo's own way, as for tinygrad, but once, and off the event loop (exo
+                # loads it with transformers on the loop for every request), with our chat template options
+                cache[key] = TemplateOptionsTokenizer(await asyncio.to_thread(asyncio.run, original_resolve(repo_id)), thinking)
+            else:
+                cache[key] = await asyncio.to_thread(_api_tokenizer, str(override or card.zoo_alias), thinking)
+        return cache[key]
 
     api_mod.resolve_tokenizer = resolve_tokenizer
 
-    # 7a. unknown models -> 400
-    original_chat = api_mod.ChatGPTAPI.handle_post_chat_completions
+    # 7. the ring's request lifecycle and API
+    _patch_node(node_mod.Node)
 
     async def handle_post_chat_completions(self: Any, request: Any):
-        from aiohttp import web
+        ring = getattr(self.node, "rknpu_ring", None)
+        if ring is None:
+            return await original_chat(self, request)
+        return await ring.handle_chat(request)
 
-        if node_options.current().reject_unknown_models:
-            try:
-                data = await request.json()
-            except Exception:
-                return web.json_response({"detail": "the request body is not JSON"}, status=400)
-            model = data.get("model") if isinstance(data, dict) else None
-            if model and not str(model).startswith("gpt-") and model not in models.model_cards:
-                served = sorted(m for m, c in models.model_cards.items() if ENGINE_CLASS in c.get("repo", {}))
-                msg = f"model {model!r} has no card; models served by exo-rknpu nodes: {', '.join(served)}"
-                print(f"[exo-rknpu] rejected request: {msg}", flush=True)
-                return web.json_response({"detail": msg}, status=400)
-        return await original_chat(self, request)
-
+    original_chat = api_mod.ChatGPTAPI.handle_post_chat_completions
     api_mod.ChatGPTAPI.handle_post_chat_completions = handle_post_chat_completions
-
-    # 7b. a failed hop tells the ring
-    original_process_tensor = node_mod.Node._process_tensor
-
-    async def _process_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str | None = None,
-                              inference_state: Any = None):
-        result = await original_process_tensor(self, base_shard, tensor, request_id, inference_state)
-        take = getattr(self.inference_engine, "take_failure", None)
-        message = take(request_id) if take is not None and request_id is not None else None
-        if message is not None:
-            await report_failure(self, request_id, message)
-        return result
-
-    node_mod.Node._process_tensor = _process_tensor
     _installed = True
 
 
-async def report_failure(node: Any, request_id: str, message: str) -> None:
-    text = f"node {node.id}: {message}"
-    print(f"[exo-rknpu] request {request_id} failed: {text}", flush=True)
-    status = json.dumps({"type": FAILURE_STATUS, "node_id": node.id, "request_id": request_id, "error": text})
-    await node.broadcast_opaque_status(request_id, status)  # peers, and this node's own handlers
+def _ring(node: Any) -> Any:
+    return getattr(node, "rknpu_ring", None)
 
 
-def attach_failure_handler(node: Any, api: Any) -> None:
-    """Make `api` answer a request with an error as soon as any node reports that it failed."""
+def _patch_node(Node: Any) -> None:
+    original_result = Node.process_inference_result
+    original_process_tensor = Node.process_tensor
+    original_inner_tensor = Node._process_tensor
+    original_process_prompt = Node.process_prompt
+    original_forward_tensor = Node.forward_tensor
+    original_forward_prompt = Node.forward_prompt
 
-    def on_status(request_id: str, status: str) -> None:
+    async def process_inference_result(self: Any, shard: Any, result: Any, request_id: str | None = None,
+                                       inference_state: Any = None):
+        ring = _ring(self)
+        if ring is None or shard.model_id == "stable-diffusion-2-1-base":
+            return await original_result(self, shard, result, request_id, inference_state)
+        tokens, _ = self.buffered_token_output.setdefault(request_id, ([], False))
+        finished, forward = False, result
+        if shard.is_last_layer():
+            token = await self.inference_engine.sample(result, temp=ring.temperature(request_id))
+            tokens.append(int(token.item()))
+            finished = ring.finish_decision(request_id, tokens)
+            forward = token.reshape(1, -1)
+            self.trigger_on_token_callbacks(request_id, [tokens[-1]], finished)
+            asyncio.create_task(self.broadcast_result(request_id, [tokens[-1]], finished))
+        if finished:
+            self.buffered_token_output[request_id] = (tokens, True)
+            self.outstanding_requests.pop(request_id, None)
+        else:
+            self.outstanding_requests[request_id] = "waiting"
+            asyncio.create_task(self.forward_tensor(shard, forward, request_id, self.get_partition_index(offset=1),
+                                                    inference_state))
+        return np.array(tokens)
+
+    async def process_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str | None = None,
+                             inference_state: Any = None):
+        ring = _ring(self)
+        problem = ring.shard_mismatch(base_shard) if ring is not None and request_id is not None else None
+        if problem is not None:
+            await ring.report_failure(request_id, problem, "unavailable")
+            return None
+        return await original_process_tensor(self, base_shard, tensor, request_id, inference_state)
+
+    async def _process_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str | None = None,
+                              inference_state: Any = None):
+        result = await original_inner_tensor(self, base_shard, tensor, request_id, inference_state)
+        await _report_engine_failure(self, request_id)
+        return result
+
+    async def process_prompt(self: Any, base_shard: Any, prompt: str, request_id: str | None = None,
+                             inference_state: Any = {}):
+        ring = _ring(self)
+        if ring is not None and request_id is not None and (base_shard.start_layer, base_shard.end_layer) != (0, 0):
+            problem = ring.shard_mismatch(base_shard)  # sent by a peer: the shard it believes this node holds
+            if problem is not None:
+                await ring.report_failure(request_id, problem, "unavailable")
+                raise RuntimeError(problem)
         try:
-            data = json.loads(status)
-        except (TypeError, ValueError):
-            return
-        if not isinstance(data, dict) or data.get("type") != FAILURE_STATUS:
-            return
-        rid = data.get("request_id") or request_id
-        if data.get("node_id") != node.id:
-            print(f"[exo-rknpu] request {rid} failed on another node: {data.get('error')}", flush=True)
-        node.outstanding_requests.pop(rid, None)
-        api.token_queues[rid].put_nowait(_FailureMarker(str(data.get("error"))))
+            return await original_process_prompt(self, base_shard, prompt, request_id, inference_state)
+        except Exception:
+            await _report_engine_failure(self, request_id)
+            raise
 
-    node.on_opaque_status.register("exo-rknpu-failures").on_next(on_status)
+    async def forward_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str, target_index: int,
+                             inference_state: Any = None):
+        try:
+            return await original_forward_tensor(self, base_shard, tensor, request_id, target_index, inference_state)
+        except Exception as e:  # runs as a fire-and-forget task in exo: nobody else would hear of it
+            ring = _ring(self)
+            if ring is None:
+                raise
+            await ring.report_failure(request_id, f"could not hand the request to the next node: "
+                                                  f"{type(e).__name__}: {_short(e)}", "unavailable")
+
+    async def forward_prompt(self: Any, base_shard: Any, prompt: str, request_id: str, target_index: int,
+                             inference_state: Any = None):
+        try:
+            return await original_forward_prompt(self, base_shard, prompt, request_id, target_index, inference_state)
+        except Exception as e:
+            ring = _ring(self)
+            if ring is not None:
+                await ring.report_failure(request_id, f"could not hand the prompt to the first node: "
+                                                      f"{type(e).__name__}: {_short(e)}", "unavailable")
+            raise
+
+    Node.process_inference_result = process_inference_result
+    Node.process_tensor = process_tensor
+    Node._process_tensor = _process_tensor
+    Node.process_prompt = process_prompt
+    Node.forward_tensor = forward_tensor
+    Node.forward_prompt = forward_prompt
 
 
-def _api_tokenizer(name_or_path: str) -> Any:
+async def _report_engine_failure(node: Any, request_id: str | None) -> None:
+    """If the engine failed this request, tell the ring (once)."""
+    ring, take = _ring(node), getattr(node.inference_engine, "take_failure", None)
+    failure = take(request_id) if take is not None and request_id is not None else None
+    if ring is not None and failure is not None:
+        kind, message = failure
+        await ring.report_failure(request_id, message, kind)
+
+
+def _short(e: BaseException) -> str:
+    """gRPC errors print a multi-line debug string; the first line says enough."""
+    details = getattr(e, "details", None)
+    text = details() if callable(details) else str(e)
+    return (text or repr(e)).splitlines()[0][:300]
+
+
+def _api_tokenizer(name_or_path: str, enable_thinking: bool) -> Any:
     from exo_rknpu.exo.api_tokenizer import ExoApiTokenizer
     from exo_rknpu.model.loader import load_tokenizer
     from exo_rknpu.model.zoo import resolve_model
 
-    return ExoApiTokenizer(load_tokenizer(resolve_model(name_or_path)))
+    return ExoApiTokenizer(load_tokenizer(resolve_model(name_or_path)), enable_thinking)
 
 
 def _arg_value(argv: list[str], name: str) -> str | None:
@@ -229,7 +290,10 @@ def run_node(options: NodeOptions, exo_args: list[str]) -> int:
         import exo.main as exo_main  # parses sys.argv and builds the node, the server and the API
     except SystemExit as e:  # argparse errors / --help
         return int(e.code or 0)
-    attach_failure_handler(exo_main.node, exo_main.api)
+    from exo_rknpu.exo.ring import RingNode
+
+    restrict_ring(exo_main.node)  # layers go to exo-rknpu nodes only (ring_members.py)
+    RingNode(exo_main.node, exo_main.api, options, default_model=exo_main.args.default_model)
     import exo.api.chatgpt_api as api_mod
 
     exo_main.resolve_tokenizer = api_mod.resolve_tokenizer  # `exo run MODEL` resolves its tokenizer here

@@ -14,7 +14,7 @@ class NodeOptions:
     model_dir: Path | None = None  # model_dir/<model_id> (HF folder or .gguf) is used instead of downloading
     api_host: str = "0.0.0.0"  # exo hard-codes 0.0.0.0
     memory_mb: int | None = None  # override the memory reported to exo's partitioner
-    reject_unknown_models: bool = True  # HTTP 400 instead of exo's silent fallback to --default-model
+    enable_thinking: bool = False  # chat template option (Qwen3); see exo_rknpu.model.chat
 
 
 _current = NodeOptions()

@@ -21,9 +21,9 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """Hyper-parameters shared by the llama and qwen2 families (HF names, normalised)."""
+    """Hyper-parameters shared by the llama, qwen2 and qwen3 families (HF names, normalised)."""
 
-    architecture: str  # canonical family: "llama" | "qwen2"
+    architecture: str  # canonical family: "llama" | "qwen2" | "qwen3"
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -36,6 +36,7 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (qwen3)
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | None = None

@@ -11,7 +11,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -20,13 +20,18 @@ from gguf.quants import dequantize
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.hf import check_shape, expected_shapes, layer_fields
+from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
+from exo_rknpu.model.quant import QTensor, Weight, compact, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8, resolve_bits
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 
 _MAGIC = b"GGUF"
 # GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# What --weights auto keeps each GGUF type as: Q4_0 -> int4 and Q8_0 -> int8 exactly; every other type -> int8
+# (Q4_1 within d/34 of its values; int4 with an integer zero point would move them by up to d/2, which measured
+# 68% top-1 agreement with float32 on smollm2 against 96% for int8; K-quants and floats have no exact int4 form).
+AUTO_BITS = {"Q4_0": 4, "Q8_0": 8}
 _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
@@ -94,6 +99,8 @@ class GGUFFile:
         try:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 self.metadata, self.tensors = self._parse(_Cursor(buf, self.path))
+        except WeightsError:
+            raise  # already says what is wrong with which file (WeightsError is a ValueError: keep it unwrapped)
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
             raise WeightsError(f"{self.path} is not a readable GGUF file ({e}); re-download it") from None
 
@@ -163,12 +170,52 @@ class GGUFFile:
         # F32 comes back as a read-only view of `buf`; make every result an owned, writable float32 array.
         return np.array(a.reshape(shape), dtype=np.float32)
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes as uint8 rows [*shape[:-1], row bytes] (a read-only view of the mapped file)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        shape = tuple(reversed(t.dims))
+        block, size = GGML_QUANT_SIZES[t.qtype]
+        return np.memmap(self.path, np.uint8, "r", t.offset, (*shape[:-1], shape[-1] // block * size))
+
+    def linear(self, name: str, mode: str) -> Weight:
+        """A [out, in] matrix in the form `mode` asks for (see quant.py): Q4_0/Q8_0 blocks are mapped when the mode
+        keeps their width, every other type is widened (one tensor at a time) and quantized, or kept float32."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        qname = t.qtype.name
+        bits = resolve_bits(mode, AUTO_BITS.get(qname, 8))
+        shape = tuple(reversed(t.dims))
+        if len(shape) == 2 and (qname, bits) in (("Q4_0", 4), ("Q8_0", 8)):
+            return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
+        if len(shape) == 2 and qname == "Q4_1" and bits in (4, 8):
+            return (q4_1_to_int4 if bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
+        if bits is None or len(shape) != 2:
+            return self.tensor(name)
+        # widened a few rows at a time while quantizing: no float32 copy of the whole matrix
+        return compact(_WidenedRows(self.raw(name), t.qtype, shape), bits, f"{qname} -> int{bits}")  # type: ignore[arg-type]
+
     def digest(self) -> bytes:
         """Cheap identity: the tensor table (name, dims, type, offset) -- no tensor bytes are hashed."""
         h = hashlib.sha256()
         for t in self.tensors.values():
             h.update(f"{t.name}:{list(t.dims)}:{t.qtype.name}:{t.offset};".encode())
         return h.digest()
+
+
+class _WidenedRows:
+    """A GGUF matrix that widens to float32 only the rows sliced from it (what `quant.quantize` reads)."""
+
+    def __init__(self, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> None:
+        self.raw, self.qtype, self.shape = raw, qtype, shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        try:
+            return dequantize(np.asarray(self.raw[rows]), self.qtype).reshape(-1, self.shape[-1]).astype(np.float32)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(f"{self.qtype.name} tensors: {e}") from None
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -180,13 +227,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert permutation (HF -> GGUF); the inverse of unpermute_qk. Used by test fixtures."""
-    rows = w.shape[0]
-    rest = w.shape[1:]
-    return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def _f32(v: Any) -> float:
@@ -230,6 +270,7 @@ def args_from_gguf(g: GGUFFile) -> ModelArgs:
         rope_scaling=None,
         tie_word_embeddings=registry.GGUF_HEAD not in g.tensors,
         attention_bias=registry.has_attention_bias(family) or "blk.0.attn_q.bias" in g.tensors,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(g.get(k("context_length"), 2048)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=None if eos is None else int(eos),
@@ -241,37 +282,50 @@ def load_gguf_args(path: Path) -> ModelArgs:
     return args_from_gguf(GGUFFile(path))
 
 
-def _layer(g: GGUFFile, args: ModelArgs, i: int) -> LayerWeights:
+def _layer(g: GGUFFile, args: ModelArgs, i: int, weights: str = "fp32") -> LayerWeights:
     shapes = expected_shapes(args)
-    # llama.cpp permutes Q/K rows only for the llama family (qwen2 is converted without it).
+    # llama.cpp permutes Q/K rows only for the llama family: its Qwen2Model/Qwen3Model converters
+    # (conversion/qwen.py) inherit TextModel.modify_tensors, which does not, and run NEOX (rotate-half) RoPE.
     heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads,
              "q_bias": args.num_attention_heads, "k_bias": args.num_key_value_heads}
-    kw: dict[str, np.ndarray] = {}
+    kw: dict[str, Weight] = {}
     for field in layer_fields(args):
         name = registry.gguf_layer_name(i, field)
-        a = check_shape(name, g.tensor(name), shapes[field], g.path)
+        a = g.linear(name, weights) if field in LINEAR_FIELDS else g.tensor(name)
+        check_shape(name, a, shapes[field], g.path)
         if args.architecture == "llama" and field in heads:
-            a = unpermute_qk(a, heads[field])
+            if isinstance(a, QTensor):  # rows are output features: permute whole rows, codes untouched
+                a = a.take_rows(unpermute_qk(np.arange(a.shape[0]), heads[field]))
+            else:
+                a = unpermute_qk(a, heads[field])
         kw[field] = a
     return LayerWeights(**kw)
 
 
-def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from a GGUF file. `fingerprint` is left empty (the loader sets it)."""
+def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
+                    weights: str = "fp32", layers: bool = True, embed: bool = True,
+                    progress: Callable[[int], None] | None = None) -> ShardWeights:
+    """Load only what `layer_range` needs from a GGUF file, linear weights in the form `weights` asks for
+    (quant.py). `fingerprint` is left empty (the loader sets it).
+    layers=False: the embedding only (first shard); no layer or head tensor bytes are read."""
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     args = args or args_from_gguf(g)
     vh = (args.vocab_size, args.hidden_size)
-    layers = {i: _layer(g, args, i) for i in layer_range.layers}
-    embed = norm = head = None
-    if layer_range.is_first:
-        embed = check_shape(registry.GGUF_EMBED, g.tensor(registry.GGUF_EMBED), vh, g.path)
-    if layer_range.is_last:
+    loaded: dict[int, LayerWeights] = {}
+    for i in layer_range.layers if layers else ():
+        loaded[i] = _layer(g, args, i, weights)
+        if progress is not None:
+            progress(i)
+    want_embed, embed, norm, head = embed, None, None, None
+    if layer_range.is_first and want_embed:
+        embed = check_shape(registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path)
+    if layer_range.is_last and layers:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
             head = embed if embed is not None else check_shape(
-                registry.GGUF_EMBED, g.tensor(registry.GGUF_EMBED), vh, g.path
+                registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path
             )
         else:
-            head = check_shape(registry.GGUF_HEAD, g.tensor(registry.GGUF_HEAD), vh, g.path)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+            head = check_shape(registry.GGUF_HEAD, g.linear(registry.GGUF_HEAD, weights), vh, g.path)
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)

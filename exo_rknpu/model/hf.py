@@ -11,7 +11,7 @@ import json
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs, RopeScaling
+from exo_rknpu.model.quant import Weight, compact, resolve_bits
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 SINGLE_FILE = "model.safetensors"
@@ -93,7 +94,7 @@ def _rope_settings(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
-    """Normalise an HF config dict into ModelArgs (llama / qwen2 families)."""
+    """Normalise an HF config dict into ModelArgs (llama / qwen2 / qwen3 families)."""
     family = registry.canonical_family(cfg.get("model_type"), cfg)
     if cfg.get("use_sliding_window"):
         raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
@@ -123,6 +124,7 @@ def args_from_config(cfg: Mapping[str, Any]) -> ModelArgs:
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bias,
+        qk_norm=registry.has_qk_norm(family),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         bos_token_id=_first_id(cfg.get("bos_token_id")),
         eos_token_id=_first_id(cfg.get("eos_token_id")),
@@ -167,6 +169,8 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
         if len(raw) != n:
             raise WeightsError(f"{path} is truncated (header cut short)")
         header = json.loads(raw)
+    except WeightsError:
+        raise  # already names the file and what is wrong (WeightsError is a ValueError: keep it unwrapped)
     except FileNotFoundError:
         raise WeightsError(f"weights file {path} is missing; re-download the model") from None
     except (OSError, ValueError) as e:
@@ -228,6 +232,26 @@ class _SafetensorsFile:
         return a
 
 
+_ROW_DTYPES = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}
+
+
+class _MappedRows:
+    """A 2-D safetensors matrix mapped from the file; slicing rows widens just those rows to float32."""
+
+    def __init__(self, path: Path, header_len: int, info: Mapping[str, Any]) -> None:
+        begin, end = info["data_offsets"]
+        self.shape = tuple(int(d) for d in info["shape"])
+        self.bf16 = info["dtype"] == "BF16"
+        dt = np.dtype(_ROW_DTYPES[info["dtype"]])
+        if end - begin != dt.itemsize * self.shape[0] * self.shape[1] or path.stat().st_size < header_len + end:
+            raise WeightsError(f"{path} is truncated or corrupt (tensor bytes do not match its shape)")
+        self.data = np.memmap(path, dt, "r", header_len + begin, self.shape)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a = np.asarray(self.data[rows])
+        return bf16_to_f32(a) if self.bf16 else a.astype(np.float32)
+
+
 class TensorSource:
     """Opens the files of an HF folder lazily, once each, and remembers which ones it opened."""
 
@@ -246,6 +270,16 @@ class TensorSource:
 
     def has(self, name: str) -> bool:
         return name in self.map
+
+    def rows(self, name: str) -> "_MappedRows | np.ndarray":
+        """A matrix read a few rows at a time (float types of 2 dims), else the whole tensor as float32."""
+        fname = self.map.get(name)
+        if fname is not None:
+            f = self.opened.get(fname) or self.opened.setdefault(fname, _SafetensorsFile(self.folder / fname))
+            info = f.header.get(name)
+            if info is not None and info.get("dtype") in _ROW_DTYPES and len(info.get("shape", ())) == 2:
+                return _MappedRows(f.path, f.header_len, info)
+        return self.get(name)
 
     def get(self, name: str) -> np.ndarray:
         fname = self.map.get(name)
@@ -278,10 +312,18 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "q_bias": (q,),
         "k_bias": (kv,),
         "v_bias": (kv,),
+        "q_norm": (hd,),
+        "k_norm": (hd,),
     }
 
 
-def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...], where: object) -> np.ndarray:
+# LayerWeights fields that are linear weights [out, in] (compact under --weights int4/int8); the rest stay float32.
+LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What --weights auto means for Hugging Face float checkpoints.
+HF_AUTO_BITS = 8
+
+
+def check_shape(name: str, a: Any, shape: tuple[int, ...], where: object) -> np.ndarray:
     """Raise WeightsError if a tensor's shape disagrees with the config."""
     if tuple(a.shape) != tuple(shape):
         raise WeightsError(
@@ -291,40 +333,52 @@ def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...], where: object)
 
 
 def layer_fields(args: ModelArgs) -> list[str]:
-    """LayerWeights fields this model has (biases only with attention_bias)."""
+    """LayerWeights fields this model has (biases only with attention_bias, q/k norms only with qk_norm)."""
     fields = list(registry.HF_LAYER_TENSORS)
     if args.attention_bias:
         fields += list(registry.HF_BIAS_TENSORS)
+    if args.qk_norm:
+        fields += list(registry.HF_QK_NORM_TENSORS)
     return fields
 
 
-def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None) -> ShardWeights:
-    """Load only what `layer_range` needs from an HF folder. `fingerprint` is left empty (the loader sets it)."""
+def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, weights: str = "fp32",
+                  layers: bool = True, embed: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
+    """Load only what `layer_range` needs from an HF folder, linear weights in the form `weights` asks for
+    (quant.py; auto = int8). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
+    loader sets it). layers=False: the embedding only (first shard); no file holding only layer or head tensors
+    is opened."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
     vh = (args.vocab_size, args.hidden_size)
+    bits = resolve_bits(weights, HF_AUTO_BITS)
+
+    def linear(name: str, shape: tuple[int, ...]) -> Weight:
+        # quantized a few rows at a time: a bf16 matrix never exists whole as float32 (the 1B embedding is 1 GB)
+        return compact(check_shape(name, src.get(name) if bits is None else src.rows(name), shape, folder), bits)
+
     with TensorSource(folder) as src:
-        layers: dict[int, LayerWeights] = {}
-        for i in layer_range.layers:
-            kw = {}
+        loaded: dict[int, LayerWeights] = {}
+        for i in layer_range.layers if layers else ():
+            kw: dict[str, Weight] = {}
             for field in layer_fields(args):
                 name = registry.hf_layer_name(i, field)
-                kw[field] = check_shape(name, src.get(name), shapes[field], folder)
-            layers[i] = LayerWeights(**kw)
-        embed = norm = head = None
-        if layer_range.is_first:
-            embed = check_shape(registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder)
-        if layer_range.is_last:
+                kw[field] = linear(name, shapes[field]) if field in LINEAR_FIELDS else check_shape(name, src.get(name), shapes[field], folder)
+            loaded[i] = LayerWeights(**kw)
+            if progress is not None:
+                progress(i)
+        want_embed, embed, norm, head = embed, None, None, None
+        if layer_range.is_first and want_embed:
+            embed = linear(registry.HF_EMBED, vh)
+        if layer_range.is_last and layers:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
             if args.tie_word_embeddings:
                 # Tied: the head *is* the embedding; never keep two copies.
-                head = embed if embed is not None else check_shape(
-                    registry.HF_EMBED, src.get(registry.HF_EMBED), vh, folder
-                )
+                head = embed if embed is not None else linear(registry.HF_EMBED, vh)
             else:
-                head = check_shape(registry.HF_HEAD, src.get(registry.HF_HEAD), vh, folder)
-    return ShardWeights(args=args, layer_range=layer_range, layers=layers, embed_tokens=embed,
+                head = linear(registry.HF_HEAD, vh)
+    return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,
                         final_norm=norm, lm_head=head)
 
 

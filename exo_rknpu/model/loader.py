@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from typing import Callable
 
 from exo_rknpu.errors import LayerRangeError
 from exo_rknpu.model import gguf as gguf_reader
 from exo_rknpu.model import hf
 from exo_rknpu.model.base import LayerRange, ModelArgs
+from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.model.zoo import ModelSource, resolve_model
@@ -43,21 +46,49 @@ def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> 
     return h.hexdigest()
 
 
-def load_shard(src: ModelSource, layer_range: LayerRange) -> ShardWeights:
-    """Weights for `layer_range` only (+ embedding if first, final norm + head if last), float32, HF layout."""
+def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto", layers: bool = True,
+               embed: bool = True, progress: Callable[[str], None] | None = None) -> ShardWeights:
+    """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
+
+    `weights` (auto | int4 | int8 | fp32) picks the form of linear weights and the embedding (model/quant.py):
+    auto keeps GGUF Q4_0/Q8_0 as stored (mapped exactly) and makes int8 of everything else; fp32 widens
+    everything. Norms and biases are float32 always.
+    layers=False: only the embedding (first shard). The decoder layers and the final norm + head are neither read
+    nor dequantized: for a backend that runs them from compiled files (npu, `needs_layer_weights = False`).
+    embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head
+    on the last shard is still read (it is the embedding matrix).
+    `progress` gets a one-line message now and then while layers load.
+    """
+    check_mode(weights)
+    report = _layer_progress(layer_range, progress)
     if src.format == "hf":
         args = hf.load_hf_args(src.path)
         _check_range(args, layer_range)
-        shard = hf.load_hf_shard(src.path, layer_range, args)
+        shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report)
         digest = hf.source_digest(src.path)
     else:
         g = gguf_reader.GGUFFile(src.path)
         args = gguf_reader.args_from_gguf(g)
         _check_range(args, layer_range)
-        shard = gguf_reader.load_gguf_shard(g, layer_range, args)
+        shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers=layers, embed=embed, progress=report)
         digest = g.digest()
     shard.fingerprint = model_fingerprint(args, src.format, digest)
     return shard
+
+
+def _layer_progress(layer_range: LayerRange, progress: Callable[[str], None] | None) -> Callable[[int], None] | None:
+    """A per-layer callback that reports at most about once a second."""
+    if progress is None:
+        return None
+    last = [time.monotonic()]
+
+    def report(i: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or i == layer_range.stop - 1:
+            last[0] = now
+            progress(f"loading weights: layer {i + 1 - layer_range.start}/{layer_range.stop - layer_range.start}")
+
+    return report
 
 
 def load_tokenizer(src: ModelSource) -> Tokenizer:

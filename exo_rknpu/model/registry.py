@@ -11,12 +11,13 @@ from typing import Any
 
 from exo_rknpu.errors import UnsupportedModelError
 
-FAMILIES: tuple[str, ...] = ("llama", "qwen2")
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 
 # model_type -> family. mistral is llama-shaped only without sliding-window attention (checked below).
 _ALIASES: dict[str, str] = {
     "llama": "llama",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
     "mistral": "llama",
 }
 
@@ -36,6 +37,11 @@ HF_BIAS_TENSORS: dict[str, str] = {
     "q_bias": "self_attn.q_proj.bias",
     "k_bias": "self_attn.k_proj.bias",
     "v_bias": "self_attn.v_proj.bias",
+}
+# Per-head RMSNorm weights on q and k (qwen3), [head_dim] each.
+HF_QK_NORM_TENSORS: dict[str, str] = {
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
 }
 HF_EMBED = "model.embed_tokens.weight"
 HF_NORM = "model.norm.weight"
@@ -58,6 +64,11 @@ GGUF_BIAS_TENSORS: dict[str, str] = {
     "k_bias": "attn_k.bias",
     "v_bias": "attn_v.bias",
 }
+# llama.cpp's names for them (gguf-py constants: ATTN_Q_NORM / ATTN_K_NORM).
+GGUF_QK_NORM_TENSORS: dict[str, str] = {
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
+}
 GGUF_EMBED = "token_embd.weight"
 GGUF_NORM = "output_norm.weight"
 GGUF_HEAD = "output.weight"
@@ -65,13 +76,13 @@ GGUF_HEAD = "output.weight"
 
 def hf_layer_name(layer: int, field: str) -> str:
     """HF tensor name of `field` (a LayerWeights field) in decoder layer `layer`."""
-    suffix = HF_LAYER_TENSORS.get(field) or HF_BIAS_TENSORS[field]
+    suffix = HF_LAYER_TENSORS.get(field) or HF_BIAS_TENSORS.get(field) or HF_QK_NORM_TENSORS[field]
     return f"model.layers.{layer}.{suffix}"
 
 
 def gguf_layer_name(layer: int, field: str) -> str:
     """GGUF tensor name of `field` (a LayerWeights field) in block `layer`."""
-    suffix = GGUF_LAYER_TENSORS.get(field) or GGUF_BIAS_TENSORS[field]
+    suffix = GGUF_LAYER_TENSORS.get(field) or GGUF_BIAS_TENSORS.get(field) or GGUF_QK_NORM_TENSORS[field]
     return f"blk.{layer}.{suffix}"
 
 
@@ -80,8 +91,13 @@ def has_attention_bias(family: str) -> bool:
     return family == "qwen2"
 
 
+def has_qk_norm(family: str) -> bool:
+    """qwen3 normalises each head of q and k (RMSNorm over head_dim) before RoPE."""
+    return family == "qwen3"
+
+
 def canonical_family(model_type: str | None, config: Mapping[str, Any] | None = None) -> str:
-    """Map an HF model_type / GGUF architecture to a supported family ("llama" or "qwen2").
+    """Map an HF model_type / GGUF architecture to a supported family ("llama", "qwen2" or "qwen3").
 
     `config` (the HF config dict) lets aliases that are only sometimes compatible be checked:
     mistral runs as llama only when it has no sliding window.

@@ -152,6 +152,19 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
 
 
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+    """Ids of a prompt as every entry point sends it to the model (the CLI's generate and the exo node alike).
+
+    Special tokens written in the text (a rendered chat template's) are kept as they are; BOS is prepended only
+    if the model wants one (`Tokenizer.add_bos`: tokenizer_config.json's add_bos_token, else tokenizer.json's
+    post-processor, or GGUF's tokenizer.ggml.add_bos_token) and the text does not already start with it.
+    """
+    ids = tok.encode(text, add_special_tokens=False)
+    if tok.add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id, *ids]
+    return ids
+
+
 class IncrementalDecoder:
     """Streams text as ids arrive, holding back incomplete UTF-8 sequences (shown as U+FFFD by the decoder).
 
@@ -338,5 +351,16 @@ def tokenizer_from_gguf_metadata(get: Any, source: str = "GGUF") -> Tokenizer:
     special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
                "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
     extra = [int(i) for k in ("eot_token_id", "eom_token_id") if (i := get(f"tokenizer.ggml.{k}")) is not None]
+    extra += gguf_end_of_generation_ids(tokens, types)
     return Tokenizer(backend, add_bos=bool(get("tokenizer.ggml.add_bos_token", False)), special_tokens=special,
                      extra_eos_ids=extra, chat_template=get("tokenizer.chat_template"))
+
+
+# Control tokens llama.cpp treats as end-of-generation by their text (llama-vocab.cpp, special_eog_ids): a Qwen GGUF
+# names only <|im_end|> as eos, but its generation_config also stops at <|endoftext|>.
+GGUF_EOG_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>")
+
+
+def gguf_end_of_generation_ids(tokens: Sequence[str], types: Sequence[int]) -> list[int]:
+    """Ids of control tokens (token_type 3) whose text marks the end of generation, as llama.cpp finds them."""
+    return [i for i, (tok, t) in enumerate(zip(tokens, types)) if t == 3 and tok in GGUF_EOG_TOKENS]

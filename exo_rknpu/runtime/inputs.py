@@ -26,3 +26,26 @@ def layer_inputs(args: ModelArgs, hidden: np.ndarray, real: int, n_past: int, ct
     seq = hidden.shape[1]
     cos, sin = cos_sin(args, np.arange(n_past, n_past + seq))
     return {"hidden": hidden, "cos": cos, "sin": sin, "mask": attention_mask(seq, real, ctx, n_past)}
+
+
+class LayerInputs:
+    """`layer_inputs` without per-token recomputation: rotary rows for every position up to `max_positions` are
+    computed once (views are handed out), and the causal part of each (seq, ctx) mask is kept as a template."""
+
+    def __init__(self, args: ModelArgs, max_positions: int) -> None:
+        self.args = args
+        cos, sin = cos_sin(args, np.arange(max_positions))
+        self.cos, self.sin = cos[0, 0], sin[0, 0]  # [positions, hd]
+        self.masks: dict[tuple[int, int], np.ndarray] = {}
+
+    def __call__(self, hidden: np.ndarray, real: int, n_past: int, ctx: int) -> dict[str, np.ndarray]:
+        seq = hidden.shape[1]
+        if n_past + seq > len(self.cos):
+            return layer_inputs(self.args, hidden, real, n_past, ctx)  # beyond the table (not reached via buckets)
+        template = self.masks.get((seq, ctx))
+        if template is None:
+            template = self.masks[(seq, ctx)] = attention_mask(seq, real, ctx, 0)
+        mask = template.copy()
+        mask[..., :n_past] = 0.0
+        rows = slice(n_past, n_past + seq)
+        return {"hidden": hidden, "cos": self.cos[None, None, rows], "sin": self.sin[None, None, rows], "mask": mask}

@@ -62,21 +62,25 @@ class LocalRing:
         stop_ids: frozenset[int] = frozenset(),
         timings: Timings | None = None,
     ) -> Iterator[int]:
-        """Yield new token ids until a stop id (which is yielded too) or max_tokens."""
+        """Yield new token ids until a stop id (which is yielded too) or max_tokens; then release the caches
+        (shards admit a bounded number of live requests and never evict one)."""
         timings = timings if timings is not None else Timings()
         x = np.asarray([prompt_ids], np.int64)
-        for step in range(max_tokens):
-            t = time.perf_counter()
-            token = sampler(self.forward(request_id, x))
-            dt = time.perf_counter() - t
-            if step == 0:
-                timings.prefill_s = dt
-            else:
-                timings.decode_s.append(dt)
-            yield token
-            if token in stop_ids:
-                return
-            x = np.asarray([[token]], np.int64)
+        try:
+            for step in range(max_tokens):
+                t = time.perf_counter()
+                token = sampler(self.forward(request_id, x))
+                dt = time.perf_counter() - t
+                if step == 0:
+                    timings.prefill_s = dt
+                else:
+                    timings.decode_s.append(dt)
+                yield token
+                if token in stop_ids:
+                    return
+                x = np.asarray([[token]], np.int64)
+        finally:
+            self.drop(request_id)
 
     def drop(self, request_id: str) -> None:
         for s in self.shards:

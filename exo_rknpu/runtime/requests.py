@@ -1,11 +1,20 @@
-"""Per-request state with a bound on live requests: exo never says when a request ends."""
+"""Per-request state with admission control: a live request's cache is never evicted to make room for another.
+
+A new request is admitted only if the shard holds fewer than `max_requests` live requests and the KV memory
+reserved for all of them, each at the largest context the shard can reach, stays within `max_bytes`. Otherwise it
+is refused with CapacityError: the caller (exo's API) answers "busy, retry", and every live request keeps its
+cache. Reserving the largest context up front means a request admitted once never runs out of budget later.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from exo_rknpu.errors import CapacityError, RequestStateError
 from exo_rknpu.runtime.cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -13,16 +22,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Least-recently-used eviction once either bound is passed."""
+    """Admission bounds of one shard. A request past either bound is refused; live ones are never evicted.
+
+    idle_seconds: a live request that has not been stepped for this long is treated as abandoned and released
+    when the next request asks for admission (None: never).
+    """
 
     max_requests: int = 8
-    max_bytes: int = 2 << 30  # KV-cache memory across all live requests of one shard
+    max_bytes: int = 2 << 30  # KV-cache memory reserved across all live requests of one shard
+    idle_seconds: float | None = None
 
 
 @dataclass
 class RequestState:
     pos: int = 0  # tokens already in the cache
     caches: list[KVCache] = field(default_factory=list)  # one per layer slice
+    touched: float = 0.0  # monotonic time of the last step
 
     @property
     def nbytes(self) -> int:
@@ -30,10 +45,16 @@ class RequestState:
 
 
 class RequestStore:
-    """request_id -> RequestState, least recently used first."""
+    """request_id -> RequestState of the live requests of one shard.
 
-    def __init__(self, limits: RequestLimits = RequestLimits()) -> None:
+    reserve_bytes: KV memory one request may grow to (its cache at the largest context bucket).
+    """
+
+    def __init__(self, limits: RequestLimits = RequestLimits(), reserve_bytes: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
+        self.reserve_bytes = reserve_bytes
+        self.clock = clock
         self._states: OrderedDict[str, RequestState] = OrderedDict()
 
     def __contains__(self, request_id: str) -> bool:
@@ -42,13 +63,55 @@ class RequestStore:
     def __len__(self) -> int:
         return len(self._states)
 
+    def ids(self) -> list[str]:
+        return list(self._states)
+
     def get(self, request_id: str) -> RequestState:
-        """The request's state (created empty if new), marked most recently used."""
+        """A live request's state; RequestStateError if this shard holds none for it."""
         state = self._states.get(request_id)
         if state is None:
-            state = self._states[request_id] = RequestState()
-        self._states.move_to_end(request_id)
+            raise RequestStateError(
+                f"this node holds no KV cache for request {request_id} (its position is unknown), so the request "
+                f"cannot continue here; send it again"
+            )
+        state.touched = self.clock()
         return state
+
+    def peek(self, request_id: str) -> RequestState | None:
+        """A live request's state without marking it stepped; None if not live."""
+        return self._states.get(request_id)
+
+    def admit(self, request_id: str) -> RequestState:
+        """Start a new request, or raise CapacityError if it does not fit (nothing live is evicted)."""
+        if request_id in self._states:
+            raise RequestStateError(f"request {request_id} is already live on this node; request ids are never reused")
+        limits = self.limits
+        if self.reserve_bytes > limits.max_bytes:
+            raise CapacityError(
+                f"one request needs up to {_mb(self.reserve_bytes)} of KV cache on this shard (at its largest "
+                f"context) but the KV budget is {_mb(limits.max_bytes)}; raise --max-kv-mb or lower --max-context"
+            )
+        if len(self._states) >= limits.max_requests:
+            raise CapacityError(
+                f"this node already serves {len(self._states)} requests (--max-requests {limits.max_requests}); "
+                f"retry when one has finished"
+            )
+        reserved = (len(self._states) + 1) * self.reserve_bytes
+        if reserved > limits.max_bytes:
+            raise CapacityError(
+                f"another request would reserve {_mb(reserved)} of KV cache on this node, over the budget of "
+                f"{_mb(limits.max_bytes)} (--max-kv-mb; {len(self._states)} live requests of up to "
+                f"{_mb(self.reserve_bytes)} each); retry when one has finished"
+            )
+        state = self._states[request_id] = RequestState(touched=self.clock())
+        return state
+
+    def idle(self) -> list[str]:
+        """Live requests not stepped for limits.idle_seconds (abandoned by whoever started them)."""
+        if self.limits.idle_seconds is None:
+            return []
+        cutoff = self.clock() - self.limits.idle_seconds
+        return [rid for rid, s in self._states.items() if s.touched < cutoff]
 
     def drop(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -60,12 +123,6 @@ class RequestStore:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._states.values())
 
-    def enforce(self, keep: str) -> list[str]:
-        """Evict least recently used requests (never `keep`) until within limits; returns the evicted ids."""
-        evicted = []
-        while len(self._states) > 1 and (len(self._states) > self.limits.max_requests or self.nbytes > self.limits.max_bytes):
-            victim = next(k for k in self._states if k != keep)
-            self._states.pop(victim)
-            evicted.append(victim)
-            log.warning("evicted KV cache of request %s (limits: %s)", victim, self.limits)
-        return evicted
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MB"

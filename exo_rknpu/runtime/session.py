@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from exo_rknpu.backends.base import get_backend
+from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
+from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.placement import fallback_placement
 from exo_rknpu.runtime.requests import RequestLimits
@@ -17,7 +21,14 @@ FALLBACK_BACKEND = "onnx"
 
 
 def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
-    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit)."""
+    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit).
+
+    A max_context below 1 or beyond the model's limit (max_position_embeddings) is refused: past its limit a
+    model's rotary positions are untrained, so the answers would be wrong.
+    """
+    if max_context is not None and not 1 <= max_context <= args.max_position_embeddings:
+        raise UsageError(f"--max-context {max_context} is out of range; this model allows 1 to "
+                         f"{args.max_position_embeddings} positions")
     limit = max_context or min(DEFAULT_MAX_CONTEXT, args.max_position_embeddings)
     return Buckets.up_to(limit)
 
@@ -31,25 +42,42 @@ def open_shard(
     limits: RequestLimits = RequestLimits(),
     on_slice: SliceObserver | None = None,
     backend_options: dict | None = None,
+    weights: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> ShardRunner:
-    """Load only `layer_range`'s weights from `src` and prepare its slices on `backend`.
+    """Load only `layer_range`'s weights from `src` (in the form `weights` asks: auto | int4 | int8 | fp32) and
+    prepare its slices on `backend`; `progress` gets one-line messages while that takes time.
 
     Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
     """
-    weights = load_shard(src, layer_range)
+    check_mode(weights)
     primary = get_backend(backend, **(backend_options or {}))
+    if weights == "auto" and getattr(primary, "float_weights", False):
+        weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
     if layers_per_slice is None:
         layers_per_slice = getattr(primary, "layers_per_slice", None)
     placed = primary
-    lr = weights.layer_range
-    if any(not primary.supports(s) for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)):
+    lr = layer_range
+    plan = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
+    off_primary = [s for s in plan if not primary.supports(s)]
+    if off_primary:
         placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
+    # A backend running its slices from compiled files (npu) needs no layer/head weights, unless a slice it
+    # cannot run (other than the embedding, always loaded) lands on the fallback.
+    layers = getattr(primary, "needs_layer_weights", True) or any(s.kind != "embed" for s in off_primary)
+    shard = load_shard(src, layer_range, weights, layers=layers, progress=progress)
+    budget = getattr(primary, "max_slice_bytes", None)
+    if layers_per_slice is None and budget and shard.layers:
+        # bounded slices bound the peak while a runtime packs weights (source and packed copy of one slice)
+        layers_per_slice = max(1, budget // max(lw.nbytes for lw in shard.layers.values()))
     return ShardRunner(
-        weights,
+        shard,
         placed,
-        buckets or default_buckets(weights.args),
+        buckets or default_buckets(shard.args),
         layers_per_slice=layers_per_slice,
         limits=limits,
         on_slice=on_slice,
+        progress=progress,
+        release_weights=True,
     )

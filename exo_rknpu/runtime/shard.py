@@ -5,6 +5,7 @@ This is the only place that knows how a call is cut into bucket-shaped chunks an
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -16,8 +17,9 @@ from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.cache import KVCache
-from exo_rknpu.runtime.inputs import layer_inputs
+from exo_rknpu.runtime.inputs import LayerInputs
 from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
+from exo_rknpu.slices.graph import slice_weights
 from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,16 @@ class ShardStats:
         self.calls[name] = self.calls.get(name, 0) + 1
 
 
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim). After a few large frees glibc raises its mmap
+    threshold, so the released weights would otherwise stay resident as free heap (measured ~100 MB on smollm2)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to do
+        return
+    libc.malloc_trim(0)
+
+
 class ShardRunner:
     """Layers [start, stop) of a model on a backend, with per-request KV caches.
 
@@ -53,8 +65,12 @@ class ShardRunner:
         layers_per_slice: int | None = None,
         limits: RequestLimits = RequestLimits(),
         on_slice: SliceObserver | None = None,
+        progress: Callable[[str], None] | None = None,
+        release_weights: bool = False,
     ) -> None:
-        self.weights, self.args, self.buckets = weights, weights.args, buckets
+        """`release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
+        slice is prepared (open_shard sets it; callers that reuse a ShardWeights leave it off)."""
+        self.args, self.buckets, self.fingerprint = weights.args, buckets, weights.fingerprint
         lr = weights.layer_range
         self.layer_range = lr
         pick = backend if callable(backend) and not hasattr(backend, "prepare") else (lambda _s: backend)
@@ -66,13 +82,29 @@ class ShardRunner:
             self.specs.append(replace(s, kv_layout=getattr(b, "kv_layout", "seq")) if s.kind == "layers" else s)
         self.runners: dict[str, Runner] = {}
         try:
-            for s in self.specs:
+            for n, s in enumerate(self.specs):
                 require_support(self.backends[s.name], s)
-                self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
+                t = time.monotonic()
+                if release_weights and s.kind == "layers":
+                    # the backend gets this slice's layers on their own and the shard lets go of them: a runner
+                    # that keeps them (numpy, a simulator building lazily) holds them, one that does not (onnx)
+                    # frees them, so the next slice never sees two copies
+                    part = slice_weights(s, weights)
+                    for i in range(s.start, s.stop):
+                        weights.layers.pop(i, None)
+                    self.runners[s.name] = self.backends[s.name].prepare(s, part, buckets)
+                    del part
+                else:
+                    self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
+                if progress is not None and (time.monotonic() - t > 1.0 or n == len(self.specs) - 1):
+                    progress(f"prepared slice {s.name} on {self.backends[s.name].name} ({n + 1}/{len(self.specs)})")
         except BaseException:
             self.close()
             raise
-        self.requests = RequestStore(limits)
+        if release_weights:
+            return_freed_memory()
+        self.inputs = LayerInputs(self.args, buckets.max_context + buckets.seq[-1])
+        self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
         self.on_slice = on_slice
         self.stats = ShardStats()
 
@@ -81,16 +113,22 @@ class ShardRunner:
         return [s for s in self.specs if s.kind == "layers"]
 
     # -- public -------------------------------------------------------------------------------
-    def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all") -> np.ndarray:
+    def forward(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all",
+                start: bool | None = None) -> np.ndarray:
         """Token ids [1,seq] (first shard) or hidden states [1,seq,H] -> hidden states [1,seq,H] float32, or
         logits [1,seq,V] (last shard; [1,1,V] with logits="last"). Advances the request's position by seq.
 
+        start: True = a new request (admitted, or CapacityError); False = a live request (RequestStateError if
+        this shard holds no cache for it, instead of silently starting again at position 0); None = either.
         On any error the request's position is left where it was, so a retry or the next request is unaffected.
         """
         x = self._check_input(x)
         seq = x.shape[1]
-        state = self.requests.get(request_id)
-        self.buckets.context_for(state.pos + seq)  # raises ContextOverflowError before touching anything
+        if start is None:
+            start = request_id not in self.requests
+        pos = 0 if start else self.requests.get(request_id).pos  # RequestStateError if this shard holds no cache
+        self.buckets.context_for(pos + seq)  # raises ContextOverflowError before touching anything
+        state = self.requests.admit(request_id) if start else self.requests.get(request_id)
         start_pos = state.pos
         try:
             outs = []
@@ -103,11 +141,16 @@ class ShardRunner:
                 out = self._head(out if logits == "all" else out[:, -1:])
         except BaseException:
             state.pos = start_pos  # cache rows past pos are never read: rolling back pos undoes the call
-            if start_pos == 0:
+            if start:
                 self.requests.drop(request_id)
             raise
-        self.requests.enforce(keep=request_id)
         return out
+
+    @property
+    def request_reserve_bytes(self) -> int:
+        """KV memory one request can grow to on this shard: its caches at the largest context bucket."""
+        a, ctx = self.args, self.buckets.max_context
+        return sum(2 * s.n_layers * a.num_key_value_heads * ctx * a.head_dim * 4 for s in self.layer_specs)
 
     def drop(self, request_id: str) -> None:
         """Forget a request's cache."""
@@ -169,10 +212,12 @@ class ShardRunner:
         capacity = self.buckets.context_for(state.pos + real)
         if not state.caches:
             state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout) for s in self.layer_specs]
+        shared = None  # rotary rows and mask are the same for every layer slice of this chunk
         for spec, cache in zip(self.layer_specs, state.caches):
             cache.grow(capacity)
-            inputs = layer_inputs(a, h, real, state.pos, cache.capacity)
-            inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
+            if shared is None:
+                shared = self.inputs(h, real, state.pos, cache.capacity)
+            inputs = {**shared, "hidden": h, "past_k": cache.keys, "past_v": cache.values}
             out = self._run(spec, inputs)
             cache.write(state.pos, out["k_new"], out["v_new"], real)
             h = out["hidden_out"]

@@ -19,10 +19,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from exo_rknpu.slices import manifest as mf
 from exo_rknpu.errors import ArtifactError
 from exo_rknpu.fileio import atomic_write_text
-from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.model.weights import ShardWeights, hash_weight
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 _SOURCES = ("slices/graph.py", "slices/onnx_export.py", "compiler/worker.py", "backends/rknn_io.py")
@@ -49,8 +51,7 @@ def slice_digest(spec: SliceSpec, weights: ShardWeights) -> str:
         for a in arrays:
             if a is None:
                 raise ArtifactError(f"slice {spec.name} needs tensors this shard did not load")
-            h.update(f"{a.shape}:{a.dtype};".encode())
-            h.update(a.tobytes())
+            hash_weight(h, a)
     return h.hexdigest()
 
 
@@ -59,15 +60,30 @@ def spec_dict(spec: SliceSpec) -> dict[str, Any]:
             "kv_layout": spec.kv_layout}
 
 
-def cache_key(*, weights_digest: str, fingerprint: str, spec: SliceSpec, buckets: Buckets, dtype: str,
-              platform: str, toolkit_version: str, exporter: str, calibration: str = "") -> str:
+def cache_key(*, weights_digest: str, fingerprint: str, spec: SliceSpec | dict[str, Any], buckets: Buckets | dict[str, Any],
+              dtype: str, platform: str, toolkit_version: str, exporter: str, calibration: str = "") -> str:
     payload = {
-        "weights": weights_digest, "model": fingerprint, "slice": spec_dict(spec),
-        "buckets": {"seq": list(buckets.seq), "context": list(buckets.context)},
+        "weights": weights_digest, "model": fingerprint, "slice": spec if isinstance(spec, dict) else spec_dict(spec),
+        "buckets": {"seq": list(buckets["seq"]), "context": list(buckets["context"])} if isinstance(buckets, dict)
+        else {"seq": list(buckets.seq), "context": list(buckets.context)},
         "dtype": dtype, "platform": platform, "toolkit": toolkit_version, "exporter": exporter,
         "calibration": calibration if dtype != "fp16" else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_key(m: dict[str, Any]) -> str:
+    """The cache key recomputed from a manifest's own recorded facts (weights digest, fingerprint, slice, buckets,
+    dtype, platform, toolkit, exporter, calibration). Equal to m["key"] for every manifest the compiler commits (it
+    checks so before committing), so a hand-edited or stale fact is caught without reading any weights."""
+    q = m.get("quantization") or {}
+    calibration = q.get("calibration_sha256") or ""
+    if q.get("smoothing"):
+        calibration += f";{q['smoothing']}"  # as compile_range keys a smoothed w8a8 build
+    return cache_key(weights_digest=m.get("weights_digest", ""), fingerprint=m["model_fingerprint"], spec=m["slice"],
+                     buckets=m.get("buckets", {"seq": [], "context": []}), dtype=m["dtype"], platform=m["platform"],
+                     toolkit_version=m.get("toolkit_version", ""), exporter=m.get("exporter_version", ""),
+                     calibration=calibration)
 
 
 class SliceCache:
@@ -114,19 +130,24 @@ class SliceCache:
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(d / f"{m['slice']['name']}.json", json.dumps({"key": m["key"]}))
 
-    def find(self, fingerprint: str, dtype: str, platform: str, slice_name: str) -> tuple[Path, dict[str, Any]]:
-        """Locate and check a slice by model/dtype/platform/name; ArtifactError explains what is missing or wrong."""
+    def find(self, fingerprint: str, dtype: str, platform: str, slice_name: str, check_files: bool = True,
+             hint: str = "exo-rknpu compile --model M --layers A-B") -> tuple[Path, dict[str, Any]]:
+        """Locate a slice by model/dtype/platform/name and check its manifest (and, with check_files, every file's
+        size and sha256); ArtifactError explains what is missing or wrong and ends with `run: <hint>`."""
         idx = self.root / "index" / fingerprint / f"{dtype}-{platform}" / f"{slice_name}.json"
         if not idx.exists():
             have = sorted(p.name for p in (self.root / "index" / fingerprint).glob("*")) if (self.root / "index" / fingerprint).exists() else []
             raise ArtifactError(
                 f"no compiled {dtype} slice {slice_name} for {platform} of this model in {self.root}"
                 + (f" (compiled variants of this model: {', '.join(have)})" if have else " (nothing compiled for this model)")
-                + "; run: exo-rknpu compile --model M --layers A-B"
+                + f"; run: {hint}"
             )
         key = json.loads(idx.read_text())["key"]
         folder = self.entry(key)
-        m = mf.load_checked(folder)
+        try:
+            m = mf.load_checked(folder) if check_files else mf.read_manifest(folder)
+        except ArtifactError as e:
+            raise ArtifactError(f"{e}; run: {hint}") from None
         return folder, m
 
     def clean_tmp(self) -> None:

@@ -9,11 +9,13 @@ MatMul/Mul/Add/Softmax/MatMul -> exSDPAttention, Sigmoid*x -> exSwish, constant-
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.quant import QTensor, Weight
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 from exo_rknpu.slices.spec import SliceSpec
 
@@ -21,9 +23,10 @@ T = Any  # a numpy array (eager) or a symbolic ONNX value
 
 
 class Ops(Protocol):
-    """The operations slices are written in. Weights are numpy arrays in HF layout."""
+    """The operations slices are written in. Weights are in HF layout: float32 arrays, or QTensors for linears."""
 
-    def linear(self, x: T, w: np.ndarray, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
+    def linear(self, x: T, w: Weight, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
+    def linears(self, x: T, ws: list[Weight], bs: list[np.ndarray | None]) -> list[T]: ...  # several linears of one x
     def rms_norm(self, x: T, w: np.ndarray, eps: float) -> T: ...
     def add(self, a: T, b: T) -> T: ...
     def mul(self, a: T, b: T) -> T: ...
@@ -43,11 +46,16 @@ class Ops(Protocol):
 
     def swap_last(self, x: T) -> T: ...  # transpose of the last two axes
 
-    def embed(self, table: np.ndarray, ids: T) -> T: ...
+    def embed(self, table: Weight, ids: T) -> T: ...
 
 
 def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
-    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position."""
+    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position.
+
+    An Ops may provide a fused `rotary(x, cos, sin, head_dim)` computing the same thing (onnxruntime's contrib op)."""
+    fused = getattr(ops, "rotary", None)
+    if fused is not None:
+        return fused(x, cos, sin, head_dim)
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
@@ -57,9 +65,12 @@ def attention_block(
     """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new) with k/v in the cache layout."""
     hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
     h = ops.rms_norm(x, w.input_norm, a.rms_norm_eps)
-    q = ops.split_heads(ops.linear(h, w.q_proj, w.q_bias), nh, hd)
-    k = ops.split_heads(ops.linear(h, w.k_proj, w.k_bias), nkv, hd)
-    v = ops.split_heads(ops.linear(h, w.v_proj, w.v_bias), nkv, hd)
+    q, k, v = ops.linears(h, [w.q_proj, w.k_proj, w.v_proj], [w.q_bias, w.k_bias, w.v_bias])
+    q, k, v = ops.split_heads(q, nh, hd), ops.split_heads(k, nkv, hd), ops.split_heads(v, nkv, hd)
+    if w.q_norm is not None:  # qwen3: RMSNorm over head_dim of each q and k head, before RoPE
+        q = ops.rms_norm(q, w.q_norm, a.rms_norm_eps)
+    if w.k_norm is not None:
+        k = ops.rms_norm(k, w.k_norm, a.rms_norm_eps)
     q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
     o = ops.merge_heads(ops.attention(q, past_k, k, past_v, v, mask, hd**-0.5, a.n_rep, kv_layout), nh, hd)
     if kv_layout == "dim":
@@ -70,7 +81,8 @@ def attention_block(
 def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
     """x + down(silu(gate(norm(x))) * up(norm(x)))."""
     h = ops.rms_norm(x, w.post_norm, a.rms_norm_eps)
-    return ops.add(x, ops.linear(ops.mul(ops.silu(ops.linear(h, w.gate_proj)), ops.linear(h, w.up_proj)), w.down_proj))
+    gate, up = ops.linears(h, [w.gate_proj, w.up_proj], [None, None])
+    return ops.add(x, ops.linear(ops.mul(ops.silu(gate), up), w.down_proj))
 
 
 def layers_slice(
@@ -89,7 +101,7 @@ def layers_slice(
     return x, k_new, v_new
 
 
-def head_slice(ops: Ops, a: ModelArgs, final_norm: np.ndarray, lm_head: np.ndarray, hidden: T) -> T:
+def head_slice(ops: Ops, a: ModelArgs, final_norm: np.ndarray, lm_head: Weight, hidden: T) -> T:
     """Final norm then logits."""
     return ops.linear(ops.rms_norm(hidden, final_norm, a.rms_norm_eps), lm_head)
 
@@ -110,12 +122,25 @@ def run_slice(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str
     return {"hidden_out": x, "k_new": k, "v_new": v}
 
 
+def slice_weights(spec: SliceSpec, weights: ShardWeights) -> ShardWeights:
+    """Only the tensors `spec` reads (its layers; or the embedding; or final norm + head): what a runner may keep."""
+    # (a shard loaded without layer weights, for a backend running them from compiled files, has none to pass on)
+    layers = {i: weights.layers[i] for i in range(spec.start, spec.stop) if i in weights.layers} if spec.kind == "layers" else {}
+    return replace(weights, layers=layers,
+                   embed_tokens=weights.embed_tokens if spec.kind == "embed" else None,
+                   final_norm=weights.final_norm if spec.kind == "head" else None,
+                   lm_head=weights.lm_head if spec.kind == "head" else None)
+
+
 class NumpyOps:
     """Eager float32 numpy: the readable reference."""
 
     def linear(self, x, w, b=None):
-        y = x @ w.T
+        y = w.matmul_t(x) if isinstance(w, QTensor) else x @ w.T  # compact weights widen a few rows at a time
         return y if b is None else y + b
+
+    def linears(self, x, ws, bs):
+        return [self.linear(x, w, b) for w, b in zip(ws, bs)]
 
     def rms_norm(self, x, w, eps):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w
@@ -158,4 +183,4 @@ class NumpyOps:
         return (s / s.sum(axis=-1, keepdims=True)) @ v
 
     def embed(self, table, ids):
-        return table[ids]
+        return table.rows(ids) if isinstance(table, QTensor) else table[ids]

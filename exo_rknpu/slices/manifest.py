@@ -9,6 +9,10 @@ Fields (format 1):
   build {seconds, cpu_ops, fallbacks, cycles, internal_kb, weight_kb, errors},
   quantization {policy, calibration_sha256, samples_per_bucket} (w8a8 only),
   verify {cos_<output>: min over buckets, cos_delta: residual-update cosine, ...} (with --verify).
+
+These are the facts the board checks before running a slice (backends/npu.py::check_manifest), from this file and
+the .rknn files alone: `key` must equal the cache key recomputed from the recorded facts (artifacts.manifest_key),
+which ties `weights_digest` to the entry without reading any weights on the board.
 """
 
 from __future__ import annotations

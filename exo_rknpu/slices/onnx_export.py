@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
 from exo_rknpu.slices.spec import SliceSpec
@@ -21,6 +22,12 @@ OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and
 IR_VERSION = 8
 # "sdpa": the op pattern the RKNN compiler fuses (copies the cache: concat + repeat); "split": no cache copy, for CPUs.
 ATTENTION_FORMS = ("sdpa", "split")
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
+# MatMulNBits accuracy_level 4: activations quantized to int8 per block inside the kernel. Measured on onnxruntime
+# 1.32 (x86): 8-bit weights at level 0 take a dequantize-everything fallback (~70x slower); 4-bit runs ~2x faster.
+MATMUL_NBITS_ACCURACY = 4
+EXTERNAL_MIN_BYTES = 1 << 10  # tensors at least this big are handed over outside the protobuf (no 2 GiB limit)
+MEMORY_LOCATION = "in-memory"  # external-data location of initializers handed to onnxruntime as OrtValues
 
 
 @dataclass
@@ -29,6 +36,8 @@ class _Graph:
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     consts: dict[tuple, str] = field(default_factory=dict)
     weight_names: dict[int, str] = field(default_factory=dict)
+    external: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> array kept out of the proto
+    stacked: dict[tuple, QTensor] = field(default_factory=dict)  # fused linears (kept alive: ids are their keys)
     counter: int = 0
 
     def fresh(self, prefix: str) -> str:
@@ -39,11 +48,14 @@ class _Graph:
 class OnnxOps:
     """Symbolic ops: each call appends nodes and returns the output value's name."""
 
-    def __init__(self, attention_form: str = "sdpa") -> None:
+    def __init__(self, attention_form: str = "sdpa", compact: bool = False) -> None:
         if attention_form not in ATTENTION_FORMS:
             raise ValueError(f"attention_form must be one of {ATTENTION_FORMS}")
         self.g = _Graph()
         self.attention_form = attention_form
+        # compact: QTensors become MatMulNBits and big tensors stay outside the proto (onnxruntime);
+        # otherwise every weight is a float32 initializer inside the proto (the NPU compiler's input)
+        self.compact = compact
         self.n_layers = 0  # layers in the slice being recorded (set by build_onnx)
         self.args: ModelArgs | None = None  # the model's hyper-parameters (set by build_onnx)
 
@@ -61,23 +73,90 @@ class OnnxOps:
             self.g.consts[key] = name
         return self.g.consts[key]
 
-    def _weight(self, w: np.ndarray, transpose: bool = False) -> str:
+    def _weight(self, w: np.ndarray | QTensor, transpose: bool = False) -> str:
         # Same array object -> same initializer (a tied embedding/head is stored once per layout).
         key = id(w) * 2 + int(transpose)
         if key not in self.g.weight_names:
+            if isinstance(w, QTensor):  # a float graph of compact weights (the compiler's input)
+                w = w.dequantize()
             arr = np.ascontiguousarray(w.T if transpose else w, dtype=np.float32)
-            name = self.g.fresh("w")
-            self.g.initializers.append(numpy_helper.from_array(arr, name))
-            self.g.weight_names[key] = name
+            self.g.weight_names[key] = self._initializer(arr, "w")
         return self.g.weight_names[key]
+
+    def _initializer(self, arr: np.ndarray, prefix: str) -> str:
+        name = self.g.fresh(prefix)
+        if self.compact and arr.nbytes >= EXTERNAL_MIN_BYTES:
+            self.g.initializers.append(external_tensor(name, arr, MEMORY_LOCATION))
+            self.g.external[name] = arr
+        else:
+            self.g.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def _matmul_nbits(self, x: str, w: QTensor) -> str:
+        """x @ w.T with onnxruntime's weight-only kernel: the QTensor's arrays are its inputs as they are."""
+        key = id(w) * 2
+        if key not in self.g.weight_names:
+            names = [self._initializer(w.blocks, "qb"), self._initializer(w.scales, "qs")]
+            if w.zero_points is not None:
+                names.append(self._initializer(w.zero_points, "qz"))
+            self.g.weight_names[key] = ",".join(names)
+        out = self.g.fresh("matmulnbits")
+        self.g.nodes.append(helper.make_node(
+            "MatMulNBits", [x, *self.g.weight_names[key].split(",")], [out], name=out, domain=MS_DOMAIN,
+            K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=w.block_size, accuracy_level=MATMUL_NBITS_ACCURACY))
+        return out
+
+    def __getattr__(self, name: str):
+        # `rotary` exists only in the compact (onnxruntime) form: the NPU compiler gets the plain op pattern
+        if name == "rotary" and self.__dict__.get("compact"):
+            return self._rotary
+        raise AttributeError(name)
+
+    def _rotary(self, x, cos, sin, head_dim):
+        """onnxruntime's RotaryEmbedding (com.microsoft, rotate-half): one node instead of seven per q/k. Its tables
+        are the first halves of the host's cos/sin rows ([S, hd/2]), indexed by positions 0..S-1."""
+        key = ("rotary", cos, sin)
+        if key not in self.g.consts:
+            half = head_dim // 2
+            table = []
+            for t in (cos, sin):
+                first = self._node("Slice", [t, *self._range(0, half), self._const(np.array([-1], np.int64))])
+                table.append(self._node("Reshape", [first, self._shape([-1, half])]))
+            n = self._node("Gather", [self._node("Shape", [table[0]]), self._const(np.array(0, np.int64))], axis=0)
+            positions = self._node("Range", [self._const(np.array(0, np.int64)), n, self._const(np.array(1, np.int64))])
+            pos = self._node("Unsqueeze", [positions, self._const(np.array([0], np.int64))])
+            self.g.consts[key] = ",".join([pos, *table])
+        pos, cos_t, sin_t = self.g.consts[key].split(",")
+        out = self.g.fresh("rotary")
+        self.g.nodes.append(helper.make_node("RotaryEmbedding", [x, pos, cos_t, sin_t], [out], name=out, domain=MS_DOMAIN,
+                                             interleaved=0))
+        return out
 
     def _shape(self, dims: list[int]) -> str:
         return self._const(np.array(dims, dtype=np.int64), "shape")
 
     # -- Ops ------------------------------------------------------------------------------
     def linear(self, x, w, b=None):
-        y = self._node("MatMul", [x, self._weight(w, transpose=True)])
+        if self.compact and isinstance(w, QTensor):
+            y = self._matmul_nbits(x, w)
+        else:
+            y = self._node("MatMul", [x, self._weight(w, transpose=True)])
         return y if b is None else self._node("Add", [y, self._weight(b)])
+
+    def linears(self, x, ws, bs):
+        """Several linears of one input. Compact and alike (same bits, block, zero-point kind): one MatMulNBits over
+        the stacked rows, then Split -- fewer, larger kernel calls per token. Otherwise one MatMul each (the
+        pattern the NPU compiler knows)."""
+        if not (self.compact and all(isinstance(w, QTensor) for w in ws) and len({stack_kind(w) for w in ws}) == 1):
+            return [self.linear(x, w, b) for w, b in zip(ws, bs)]
+        key = tuple(id(w) for w in ws)
+        if key not in self.g.stacked:
+            self.g.stacked[key] = stack_rows(ws)
+        y = self._matmul_nbits(x, self.g.stacked[key])
+        sizes = self._const(np.array([w.shape[0] for w in ws], np.int64))
+        outs = [self.g.fresh("split") for _ in ws]
+        self.g.nodes.append(helper.make_node("Split", [y, sizes], outs, name=outs[0], axis=-1))
+        return [o if b is None else self._node("Add", [o, self._weight(b)]) for o, b in zip(outs, bs)]
 
     def rms_norm(self, x, w, eps):
         sq = self._node("Pow", [x, self._const(np.array(2.0, np.float32))])
@@ -172,25 +251,46 @@ class OnnxOps:
     def _attention_split(self, q, past_k, k, past_v, v, mask, scale, n_rep):
         """Same maths without copying the cache: query heads folded onto their kv head ([1,kv,rep*S,hd]),
         scores against past and new keys computed separately and concatenated (small), values likewise."""
-        qs = self._node("Shape", [q])  # [1, nh, S, hd]
-        kv_shape = self._node("Shape", [k])  # [1, kv, S, hd]
-        folded = self._node("Concat", [self._node("Slice", [kv_shape, *self._range(0, 2)]), self._const(np.array([-1], np.int64)),
-                                       self._node("Slice", [qs, *self._range(3, 4)])], axis=0)
-        qf = self._node("Mul", [self._node("Reshape", [q, folded]), self._const(np.array(scale, np.float32))])
+        a = self.args
+        # shapes from the model's constants (batch 1): no Shape/Slice/Concat chain per layer per call
+        qf = self._node("Mul", [self._node("Reshape", [q, self._shape([1, a.num_key_value_heads, -1, a.head_dim])]),
+                                self._const(np.array(scale, np.float32))])
         s_past = self._node("MatMul", [qf, self._node("Transpose", [past_k], perm=[0, 1, 3, 2])])
         s_new = self._node("MatMul", [qf, self._node("Transpose", [k], perm=[0, 1, 3, 2])])
         m = mask if n_rep == 1 else self._node("Tile", [mask, self._const(np.array([1, 1, n_rep, 1], np.int64))])
         p = self._node("Softmax", [self._node("Add", [self._node("Concat", [s_past, s_new], axis=-1), m])], axis=-1)
-        c = self._node("Shape", [past_k])
-        p_past = self._node("Slice", [p, self._const(np.array([0], np.int64)), self._node("Slice", [c, *self._range(2, 3)]),
-                                      self._const(np.array([-1], np.int64))])
-        p_new = self._node("Slice", [p, self._node("Slice", [c, *self._range(2, 3)]), self._const(np.array([2**62], np.int64)),
-                                     self._const(np.array([-1], np.int64))])
+        c = self._node("Slice", [self._node("Shape", [past_k]), *self._range(2, 3)])  # the context length C
+        axis = self._const(np.array([-1], np.int64))
+        p_past = self._node("Slice", [p, self._const(np.array([0], np.int64)), c, axis])
+        p_new = self._node("Slice", [p, c, self._const(np.array([2**62], np.int64)), axis])
         o = self._node("Add", [self._node("MatMul", [p_past, past_v]), self._node("MatMul", [p_new, v])])
-        return self._node("Reshape", [o, qs])
+        return self._node("Reshape", [o, self._shape([1, a.num_attention_heads, -1, a.head_dim])])
 
     def embed(self, table, ids):
         return self._node("Gather", [self._weight(table), ids], axis=0)
+
+
+def stack_kind(w: QTensor) -> tuple:
+    """What must agree for QTensors to be stacked row-wise into one MatMulNBits."""
+    return (w.bits, w.block_size, w.shape[1], w.zero_points is None)
+
+
+def stack_rows(ws: list[QTensor]) -> QTensor:
+    """One QTensor holding the rows of `ws` in order (a copy of one layer's q/k/v or gate/up, made at export)."""
+    zp = None if ws[0].zero_points is None else np.concatenate([w.zero_points for w in ws])
+    return QTensor(ws[0].bits, (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].block_size,
+                   np.concatenate([w.blocks for w in ws]), np.concatenate([w.scales for w in ws]), zp,
+                   " + ".join(sorted({w.origin for w in ws})))
+
+
+def external_tensor(name: str, arr: np.ndarray, location: str, offset: int = 0) -> onnx.TensorProto:
+    """An initializer whose bytes live outside the proto: at `offset` of file `location`, or handed over in memory."""
+    t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=list(arr.shape))
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(arr.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
 
 
 def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
@@ -210,6 +310,30 @@ def build_onnx(
     attention_form: str = "sdpa",
     per_layer_cache: bool = False,
 ) -> onnx.ModelProto:
+    """ONNX model of `spec` with every weight a float32 initializer inside the proto (QTensors widened): the form
+    the NPU compiler reads. See build_onnx_compact for onnxruntime's form."""
+    return _build(spec, weights, seq, ctx, attention_form, per_layer_cache, compact=False)[0]
+
+
+def build_onnx_compact(
+    spec: SliceSpec, weights: ShardWeights, attention_form: str = "split", per_layer_cache: bool = True
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """onnxruntime's form of `spec`: QTensor linears as MatMulNBits (com.microsoft), symbolic shapes, and every
+    tensor over EXTERNAL_MIN_BYTES left out of the proto as an external initializer (location MEMORY_LOCATION).
+    Returns the model and {initializer name: array}; the arrays are the weights' own (no copy)."""
+    model, ops = _build(spec, weights, None, None, attention_form, per_layer_cache, compact=True)
+    return model, ops.g.external
+
+
+def _build(
+    spec: SliceSpec,
+    weights: ShardWeights,
+    seq: int | None,
+    ctx: int | None,
+    attention_form: str,
+    per_layer_cache: bool,
+    compact: bool,
+) -> tuple[onnx.ModelProto, OnnxOps]:
     """ONNX model of `spec`. seq/ctx None -> symbolic dims "S"/"C" (one graph for all buckets).
 
     attention_form picks how `Ops.attention` is written out (same maths): "sdpa" for the NPU compiler, "split" for CPUs.
@@ -217,7 +341,7 @@ def build_onnx(
     (onnxruntime) would otherwise copy the whole cache to slice out each layer.
     """
     a = weights.args
-    ops = OnnxOps(attention_form)
+    ops = OnnxOps(attention_form, compact)
     ops.n_layers, ops.args = spec.n_layers, a
     S: int | str = seq if seq is not None else "S"
     C: int | str = ctx if ctx is not None else "C"
@@ -254,6 +378,7 @@ def build_onnx(
         [_value_info(*o) for o in outs],
         initializer=ops.g.initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="exo-rknpu")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if compact else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="exo-rknpu")
     model.ir_version = IR_VERSION
-    return model
+    return model, ops

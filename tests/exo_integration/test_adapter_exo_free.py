@@ -12,12 +12,14 @@ from exo_rknpu.exo.api_tokenizer import ExoApiTokenizer, encode_prompt
 from exo_rknpu.exo.capabilities import (
     RK3588_NPU_INT8_TOPS,
     detect,
-    mem_available_mb,
+    BACKEND_RESERVE_MB,
+    RUNTIME_RESERVE_MB,
+    mem_total_mb,
     rockchip_soc,
-    usable_memory_mb,
 )
 from exo_rknpu.exo.cards import CARDS, card_for_repo, get_card, local_override
-from exo_rknpu.exo.launcher import _FailureMarker, RequestFailed, exo_argv
+from exo_rknpu.exo.chat_request import FailureMarker, RequestFailed
+from exo_rknpu.exo.launcher import exo_argv
 from exo_rknpu.exo.shards import shard_to_range
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_tokenizer
@@ -60,14 +62,15 @@ def test_exo_base_shard_is_a_single_layer():
 
 # ---------------------------------------------------------------- capabilities
 
-def fake_root(tmp_path: Path, compatible: bytes | None, model: bytes | None, avail_kb: int = 8_000_000) -> Path:
+def fake_root(tmp_path: Path, compatible: bytes | None, model: bytes | None, avail_kb: int = 8_000_000,
+              total_kb: int = 16_000_000) -> Path:
     dt = tmp_path / "proc/device-tree"
     dt.mkdir(parents=True)
     if compatible is not None:
         (dt / "compatible").write_bytes(compatible)
     if model is not None:
         (dt / "model").write_bytes(model)
-    (tmp_path / "proc/meminfo").write_text(f"MemTotal: 16000000 kB\nMemFree: 1000 kB\nMemAvailable: {avail_kb} kB\n")
+    (tmp_path / "proc/meminfo").write_text(f"MemTotal: {total_kb} kB\nMemFree: 1000 kB\nMemAvailable: {avail_kb} kB\n")
     (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nmodel name\t: Test CPU 3000\n")
     return tmp_path
 
@@ -78,7 +81,8 @@ def test_rk3588_board_report(tmp_path):
     assert caps.chip == "Rockchip RK3588"
     assert caps.model.startswith("Radxa ROCK 5B") and "npu" in caps.model
     assert caps.int8 == RK3588_NPU_INT8_TOPS == 6.0
-    assert caps.memory == 8_000_000 // 1024 - 1024 - 512  # MemAvailable - KV budget - reserve
+    # MemTotal - KV budget - runtime reserve - the npu runtime's reserve
+    assert caps.memory == 16_000_000 // 1024 - 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["npu"]
 
 
 def test_rk3588s_and_other_rockchips(tmp_path):
@@ -88,20 +92,29 @@ def test_rk3588s_and_other_rockchips(tmp_path):
 
 
 def test_non_rockchip_report_is_sane(tmp_path):
-    root = fake_root(tmp_path, None, None, avail_kb=4_000_000)
+    root = fake_root(tmp_path, None, None, total_kb=4_000_000)
     caps = detect("onnx", kv_budget_bytes=0, proc_root=root)
     assert caps.chip == "Test CPU 3000" and "exo-rknpu, onnx" in caps.model
     assert caps.int8 == caps.fp16 == caps.fp32 == 0.0
-    assert caps.memory == 4_000_000 // 1024 - 512
+    assert caps.memory == 4_000_000 // 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["onnx"]
     assert rockchip_soc(root) is None
 
 
-def test_memory_override_and_floor(tmp_path):
-    root = fake_root(tmp_path, None, None, avail_kb=100)
+def test_reported_memory_does_not_follow_what_is_free_at_start(tmp_path):
+    # The same machine, once idle and once with most memory in use: the same report, so the same partition.
+    idle = detect("onnx", 2 << 30, proc_root=fake_root(tmp_path / "idle", None, None, avail_kb=15_000_000))
+    busy = detect("onnx", 2 << 30, proc_root=fake_root(tmp_path / "busy", None, None, avail_kb=900_000))
+    assert idle.memory == busy.memory == 16_000_000 // 1024 - 2048 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["onnx"]
+
+
+def test_memory_override_caps_and_floor(tmp_path):
+    root = fake_root(tmp_path, None, None, total_kb=1000)
     assert detect("numpy", 2 << 30, proc_root=root).memory == 1  # never 0: exo divides by the total
-    assert detect("numpy", 2 << 30, memory_mb=3000, proc_root=root).memory == 3000
-    assert usable_memory_mb(10_000, 1 << 30) == 10_000 - 1024 - 512
-    assert mem_available_mb(tmp_path / "nowhere") == 0
+    big = fake_root(tmp_path / "big", None, None)
+    assert detect("numpy", 0, memory_mb=3000, proc_root=big).memory == 3000  # --memory-mb caps the rule
+    assert detect("numpy", 0, memory_mb=10**6, proc_root=big).memory == 16_000_000 // 1024 - RUNTIME_RESERVE_MB
+    assert detect("numpy", 0, memory_mb=3000, proc_root=tmp_path / "nowhere").memory == 3000  # no meminfo
+    assert mem_total_mb(tmp_path / "nowhere") == 0
 
 
 # ---------------------------------------------------------------- cards
@@ -113,7 +126,13 @@ def test_cards():
     assert get_card("llama-3.2-3b").repo == "unsloth/Llama-3.2-3B-Instruct" and get_card("llama-3.2-3b").n_layers == 28
     assert card_for_repo("exo-rknpu/smollm2-135m") is CARDS["smollm2-135m"] and card_for_repo("x/y") is None
     with pytest.raises(UnknownModelError, match="smollm2-135m"):
-        get_card("qwen-2.5-0.5b")
+        get_card("qwen-2.5-7b")
+    # Qwen's own repos (bf16 safetensors), layer counts from their config.json files
+    qwen = {m: (c.repo, c.n_layers) for m, c in CARDS.items() if m.startswith("qwen")}
+    assert qwen == {
+        "qwen-2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", 24), "qwen-2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", 28),
+        "qwen-2.5-3b": ("Qwen/Qwen2.5-3B-Instruct", 36), "qwen-3-0.6b": ("Qwen/Qwen3-0.6B", 28),
+        "qwen-3-1.7b": ("Qwen/Qwen3-1.7B", 28), "qwen-3-4b": ("Qwen/Qwen3-4B", 36)}
 
 
 def test_local_override(tmp_path):
@@ -152,7 +171,7 @@ def test_exo_argv():
 
 def test_failure_marker_fails_exos_unpacking():
     with pytest.raises(RequestFailed, match="boom"):
-        tokens, is_finished = _FailureMarker("boom")  # what exo's API does with a queue item
+        tokens, is_finished = FailureMarker("boom")  # what exo's API does with a queue item
 
 
 def test_node_cli_parses_and_reports_missing_exo(monkeypatch, capsys):

@@ -47,17 +47,26 @@ class Ring:
         self.config.write_text(json.dumps({"peers": peers}))
 
     def start(self) -> "Ring":
-        env = dict(os.environ, EXO_HOME=str(self.tmp / "exo-home"), PYTHONUNBUFFERED="1")
-        for nid, s in self.nodes.items():
-            cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--api-host", "127.0.0.1",
-                   "--backend", s["backend"], "--memory-mb", str(s["memory"]), *s.get("extra", []), "--",
-                   "--node-id", nid, "--node-host", "127.0.0.1", "--node-port", str(s["grpc"]),
-                   "--discovery-module", "manual", "--discovery-config-path", str(self.config),
-                   "--chatgpt-api-port", str(s["api"]), "--disable-tui"]
-            self.logs[nid] = self.tmp / f"{nid}.log"
-            self.procs[nid] = subprocess.Popen(cmd, stdout=open(self.logs[nid], "w"), stderr=subprocess.STDOUT, env=env)
+        for nid in self.nodes:
+            self.spawn(nid)
         self.wait_for_topology()
         return self
+
+    def spawn(self, nid: str) -> None:
+        """Start node `nid` (again: same ports, its log appended to)."""
+        s = self.nodes[nid]
+        env = dict(os.environ, EXO_HOME=str(self.tmp / "exo-home"), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--api-host", "127.0.0.1",
+               "--backend", s["backend"], "--memory-mb", str(s["memory"]), *s.get("extra", []), "--",
+               "--node-id", nid, "--node-host", "127.0.0.1", "--node-port", str(s["grpc"]),
+               "--discovery-module", "manual", "--discovery-config-path", str(self.config),
+               "--chatgpt-api-port", str(s["api"]), "--disable-tui", *s.get("exo_extra", [])]
+        self.logs[nid] = self.tmp / f"{nid}.log"
+        self.procs[nid] = subprocess.Popen(cmd, stdout=open(self.logs[nid], "a"), stderr=subprocess.STDOUT, env=env)
+
+    def restart(self, nid: str) -> None:
+        self.spawn(nid)
+        self.wait_for_topology()
 
     def log(self, nid: str) -> str:
         return self.logs[nid].read_text(errors="replace")
@@ -108,7 +117,9 @@ def chat(url: str, stream: bool, model: str = "smollm2-135m") -> tuple[int, obje
         return e.code, json.loads(e.read() or b"{}")
     if not stream:
         return status, json.loads(raw)
-    chunks = [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: "):] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", raw[-500:]  # OpenAI's end-of-stream marker
+    chunks = [json.loads(e) for e in events[:-1]]
     return status, chunks
 
 

@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import fake_shard_downloader, needs_exo
 from tiny_models import make_tiny_hf
 
 pytestmark = [needs_exo, pytest.mark.exo]
@@ -157,9 +157,12 @@ async def test_bad_inputs_fail_the_request_with_clear_errors(model_dir):
         with pytest.raises(TensorContractError, match=r"\(1, seq, 64\)") as ei:
             await e.infer_tensor("F", shard(8, N - 1), np.zeros((1, 2, 576), np.float32))
         assert "layers 0-7" in str(ei.value)
-        assert "TensorContractError" in e.take_failure("F") and e.take_failure("F") is None
+        kind, message = e.take_failure("F")
+        assert kind == "error" and "TensorContractError" in message and e.take_failure("F") is None
         with pytest.raises(UnknownModelError, match="no exo-rknpu card"):
-            await e.infer_tensor("G", shard(0, 3, model="qwen-2.5-0.5b", n=28), np.zeros((1, 2), np.int64))
+            await e.infer_tensor("G", shard(0, 3, model="qwen-2.5-7b", n=28), np.zeros((1, 2), np.int64))
+        with pytest.raises(Exception, match="card says 24"):  # legacy exo's wrong layer count for this model
+            await e.infer_tensor("G2", shard(0, 3, model="qwen-2.5-0.5b", n=28), np.zeros((1, 2), np.int64))
         with pytest.raises(LayerRangeError, match="outside the model"):
             await e.infer_tensor("H", shard(8, N, n=N), np.zeros((1, 2, 64), np.float32))
         with pytest.raises(Exception, match="card says 16"):
@@ -172,28 +175,13 @@ async def test_downloads_through_exos_shard_downloader(model_dir, tmp_path):
     """Without a local copy the engine asks exo's downloader for its shard (engine class name as exo expects),
     and exo's allow-patterns for that shard select only the files of its layers."""
     from exo.download.hf.hf_helpers import get_allow_patterns
-    from exo.download.shard_download import ShardDownloader
 
-    calls = []
-
-    class FakeDownloader(ShardDownloader):
-        async def ensure_shard(self, shard, inference_engine_name):
-            calls.append((shard, inference_engine_name))
-            return model_dir / MODEL
-
-        @property
-        def on_progress(self):
-            raise NotImplementedError
-
-        async def get_shard_download_status(self, inference_engine_name):
-            if False:
-                yield
-
-    e = make_engine(None, downloader=FakeDownloader())
+    downloader = fake_shard_downloader(lambda s: model_dir / MODEL)
+    e = make_engine(None, downloader=downloader)
     try:
         out, _ = await e.infer_tensor("I", shard(8, N - 1), np.zeros((1, 2, 64), np.float32))
         assert out.shape == (1, 2, 320)
-        assert calls == [(shard(8, N - 1), "RKNPUInferenceEngine")]
+        assert downloader.calls == [(shard(8, N - 1), "RKNPUInferenceEngine")]
     finally:
         e.core.close()
     weight_map = json.loads((model_dir / MODEL / "model.safetensors.index.json").read_text())["weight_map"]

@@ -23,6 +23,21 @@ SCRIPT = textwrap.dedent(
     from exo_rknpu.exo.launcher import install_patches
 
     model_dir = Path(sys.argv[1])
+    import exo.models
+    from exo_rknpu.exo.cards import CARDS
+    exo_layers_before = {m: exo.models.model_cards.get(m, {}).get("layers") for m in CARDS}
+    import exo.api.chatgpt_api as api_before
+
+    class RecordingTokenizer:  # stands in for the transformers tokenizer exo's resolver would download
+        eos_token_id = 7
+
+        def apply_chat_template(self, conversation, **kw):
+            return json.dumps(kw, sort_keys=True)
+
+    async def exos_resolver(repo_id):
+        return RecordingTokenizer()
+
+    api_before.resolve_tokenizer = exos_resolver
     install_patches(NodeOptions(engine=EngineConfig(backend="numpy"), model_dir=model_dir, api_host="127.0.0.1",
                                 memory_mb=1234))
     import exo.inference.inference_engine as ie
@@ -46,6 +61,8 @@ SCRIPT = textwrap.dedent(
     out["llama_repo"] = models.get_repo("llama-3.2-1b", "RKNPUInferenceEngine")
     out["tinygrad_repo_kept"] = models.get_repo("llama-3.2-1b", "TinygradDynamicShardInferenceEngine")
     out["supported"] = models.get_supported_models([["rknpu"]])
+    out["cards"] = {m: {"before": exo_layers_before[m], "layers": models.model_cards[m]["layers"],
+                        "repos": models.model_cards[m]["repo"]} for m in CARDS}
 
     async def main():
         caps = await device_capabilities()
@@ -58,6 +75,9 @@ SCRIPT = textwrap.dedent(
         out["tokenizer"] = type(tok).__name__
         out["prompt"] = api_mod.build_prompt(tok, [api_mod.Message("user", "hi")])
         out["eos"] = tok.eos_token_id
+        downloaded = await api_mod.resolve_tokenizer("Qwen/Qwen3-0.6B")  # a card without a local copy
+        out["downloaded_prompt_options"] = json.loads(api_mod.build_prompt(downloaded, [api_mod.Message("user", "hi")]))
+        out["downloaded_eos"] = downloaded.eos_token_id
         eng.core.close()
 
     asyncio.run(main())
@@ -86,6 +106,27 @@ def test_model_cards(patched):
     assert patched["base_shard"] == {"model_id": "smollm2-135m", "start_layer": 0, "end_layer": 0, "n_layers": 30}
     assert patched["llama_repo"] == patched["tinygrad_repo_kept"] == "unsloth/Llama-3.2-1B-Instruct"
     assert {"smollm2-135m", "llama-3.2-1b", "llama-3.2-3b"} <= set(patched["supported"])
+
+
+def test_qwen_cards_use_exos_ids_and_keep_its_other_engines(patched):
+    cards = patched["cards"]
+    for size, repo in (("0.5b", "Qwen2.5-0.5B-Instruct"), ("1.5b", "Qwen2.5-1.5B-Instruct"), ("3b", "Qwen2.5-3B-Instruct")):
+        c = cards[f"qwen-2.5-{size}"]  # legacy exo's own id: MLX nodes and ours agree on it
+        assert c["repos"] == {"MLXDynamicShardInferenceEngine": f"mlx-community/{repo}-4bit",
+                              "RKNPUInferenceEngine": f"Qwen/{repo}"}
+    assert cards["qwen-2.5-1.5b"]["layers"] == cards["qwen-2.5-1.5b"]["before"] == 28
+    assert cards["qwen-2.5-3b"]["layers"] == cards["qwen-2.5-3b"]["before"] == 36
+    assert cards["qwen-2.5-0.5b"]["before"] == 28 and cards["qwen-2.5-0.5b"]["layers"] == 24  # exo's card is wrong
+    for m, n in (("qwen-3-0.6b", 28), ("qwen-3-1.7b", 28), ("qwen-3-4b", 36)):  # new to exo
+        assert cards[m]["before"] is None and cards[m]["layers"] == n and list(cards[m]["repos"]) == ["RKNPUInferenceEngine"]
+    assert set(cards) <= set(patched["supported"])
+
+
+def test_exos_own_tokenizer_renders_with_thinking_off(patched):
+    """Downloaded repos keep exo's (transformers) tokenizer, which gets our chat template default."""
+    assert patched["downloaded_prompt_options"] == {"add_generation_prompt": True, "enable_thinking": False,
+                                                    "tokenize": False}
+    assert patched["downloaded_eos"] == 7
 
 
 def test_engine_is_not_swapped_for_tinygrad(patched):

@@ -25,7 +25,7 @@ def with_layout(backend, layout: str):
 
 @pytest.mark.parametrize("make", [NumpyBackend, OrtBackend])
 def test_dim_layout_gives_the_same_logits_through_prefill_and_decode(tiny_llama, make):
-    w = load_shard(resolve_model(str(tiny_llama)), LayerRange.full(5))
+    w = load_shard(resolve_model(str(tiny_llama)), LayerRange.full(5), weights="fp32")
     out = {}
     for layout in ("seq", "dim"):
         r = ShardRunner(w, with_layout(make(), layout), SMALL_BUCKETS, layers_per_slice=2)
@@ -37,7 +37,7 @@ def test_dim_layout_gives_the_same_logits_through_prefill_and_decode(tiny_llama,
 
 
 def test_spec_shapes_follow_the_layout(tiny_llama):
-    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(0, 2, 5))
+    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(0, 2, 5), weights="fp32")
     dim = SliceSpec("layers", 0, 2, kv_layout="dim")
     assert dim.input_shapes(w.args, 4, 32)["past_k"] == (2, 2, 16, 32)
     assert dim.output_shapes(w.args, 4)["k_new"] == (2, 2, 16, 4)

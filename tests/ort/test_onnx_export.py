@@ -24,7 +24,7 @@ def run(model: onnx.ModelProto, inputs: dict) -> dict:
 
 @pytest.fixture
 def two_layers(tiny_llama):
-    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(1, 3, 5))
+    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(1, 3, 5), weights="fp32")
     rng = np.random.default_rng(0)
     a, seq, ctx, n_past = w.args, 4, 16, 5
     inputs = layer_inputs(a, rng.standard_normal((1, seq, a.hidden_size)).astype(np.float32), 3, n_past, ctx)

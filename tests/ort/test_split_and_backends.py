@@ -3,7 +3,7 @@
 * split equivalence: [0,n) gives the same tokens as any cut into consecutive shards;
 * the onnx backend computes what the numpy reference computes (NMSE <= 1e-9 on logits);
 * cache continuity: chunked prefill and prefill-then-decode equal one uncached pass;
-* requests keep separate caches, bounded by count and memory.
+* requests keep separate caches; a request past the count or KV-memory limit is refused, never a live one evicted.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from exo_rknpu.errors import CapacityError, RequestStateError
 from exo_rknpu.model.base import LayerRange
-from exo_rknpu.model.loader import load_shard
+from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.sampling import Sampler
@@ -73,20 +74,63 @@ def test_interleaved_requests_keep_separate_caches(tiny_qwen2):
     assert got_a == alone_a and got_b == alone_b
 
 
-def test_live_requests_are_bounded_by_count_and_memory(tiny_llama):
+def test_a_request_past_the_limits_is_refused_and_live_ones_keep_their_caches(tiny_llama):
+    """No eviction: the third request is refused (by count, then by KV memory) and the first two continue exactly
+    as if they had run alone."""
     src = resolve_model(str(tiny_llama))
-    shard = open_shard(src, LayerRange(0, 3, 5), "numpy", SMALL_BUCKETS, limits=RequestLimits(max_requests=2))
-    for rid in ("a", "b", "c"):
+    alone = open_shard(src, LayerRange(0, 5, 5), "numpy", SMALL_BUCKETS)
+    ref = [alone.forward("ref", np.array([PROMPT])), alone.forward("ref", np.array([[7]]))]
+    shard = open_shard(src, LayerRange(0, 5, 5), "numpy", SMALL_BUCKETS, limits=RequestLimits(max_requests=2))
+    for rid in ("a", "b"):
         shard.forward(rid, np.array([PROMPT]))
-    assert "a" not in shard.requests and "b" in shard.requests and "c" in shard.requests
-    one = shard.requests.get("c").nbytes
-    tight = open_shard(src, LayerRange(0, 3, 5), "numpy", SMALL_BUCKETS, limits=RequestLimits(max_requests=8, max_bytes=one + 1))
+    with pytest.raises(CapacityError, match="--max-requests 2"):
+        shard.forward("c", np.array([PROMPT]))
+    assert "c" not in shard.requests and shard.requests.get("a").pos == len(PROMPT)
+    np.testing.assert_array_equal(shard.forward("a", np.array([[7]])), ref[1])
+    one = shard.request_reserve_bytes  # 2 (k, v) x 5 layers x kv heads x largest context x head dim x fp32
+    assert one == 2 * 5 * load_args(src).num_key_value_heads * SMALL_BUCKETS.max_context * load_args(src).head_dim * 4
+    tight = open_shard(src, LayerRange(0, 5, 5), "numpy", SMALL_BUCKETS,
+                       limits=RequestLimits(max_requests=8, max_bytes=2 * one + 1))
     tight.forward("a", np.array([PROMPT]))
     tight.forward("b", np.array([PROMPT]))
-    assert len(tight.requests) == 1 and "b" in tight.requests
+    with pytest.raises(CapacityError, match="over the budget"):
+        tight.forward("c", np.array([PROMPT]))
+    tight.drop("a")  # a finished request frees its reservation
+    tight.forward("c", np.array([PROMPT]))
+
+
+def test_a_request_without_a_cache_fails_instead_of_restarting_at_position_0(tiny_llama):
+    src = resolve_model(str(tiny_llama))
+    shard = open_shard(src, LayerRange(0, 5, 5), "numpy", SMALL_BUCKETS)
+    with pytest.raises(RequestStateError, match="no KV cache for request x"):
+        shard.forward("x", np.array([[7]]), start=False)
+    shard.forward("x", np.array([PROMPT]), start=True)
+    with pytest.raises(RequestStateError, match="already live"):
+        shard.forward("x", np.array([PROMPT]), start=True)
+    shard.drop("x")
+    with pytest.raises(RequestStateError):
+        shard.forward("x", np.array([[7]]), start=False)
+    assert len(shard.requests) == 0
 
 
 def test_weights_are_shared_not_copied_between_layer_groupings(tiny_llama):
-    src = resolve_model(str(tiny_llama))
-    w = load_shard(src, LayerRange(1, 4, 5))
-    assert sorted(w.layers) == [1, 2, 3] and w.embed_tokens is None and w.lm_head is None
+    # One loaded shard, two groupings of its layers (one graph per layer, one graph for all) on the numpy backend.
+    from exo_rknpu.backends.numpy_ref import NumpyBackend
+    from exo_rknpu.runtime.shard import ShardRunner
+
+    w = load_shard(resolve_model(str(tiny_llama)), LayerRange(1, 4, 5), weights="fp32")
+    per_layer = ShardRunner(w, NumpyBackend(), SMALL_BUCKETS, layers_per_slice=1)
+    grouped = ShardRunner(w, NumpyBackend(), SMALL_BUCKETS, layers_per_slice=None)
+    assert sorted(per_layer.runners) == ["layers.1", "layers.2", "layers.3"] and sorted(grouped.runners) == ["layers.1-3"]
+    for runner in [*per_layer.runners.values(), *grouped.runners.values()]:
+        for i, lw in runner.weights.layers.items():
+            for name, a in lw.arrays().items():
+                assert np.shares_memory(a, w.layers[i].arrays()[name]), (i, name)
+    # Behaviour, not just identity: a weight changed in place in the loaded shard changes both groupings alike.
+    x = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
+    before = per_layer.forward("a", x)
+    np.testing.assert_allclose(grouped.forward("a", x), before, rtol=1e-5, atol=1e-6)
+    w.layers[2].down_proj *= 0.5
+    after = per_layer.forward("b", x)
+    assert not np.allclose(after, before, atol=1e-4)
+    np.testing.assert_allclose(grouped.forward("b", x), after, rtol=1e-5, atol=1e-6)

@@ -100,7 +100,7 @@ def test_tampered_rknn_and_manifest_are_refused(first, tiny, cache_dir):
     from exo_rknpu.slices.spec import SliceSpec
 
     src = resolve_model(str(tiny))
-    ws = load_shard(src, LayerRange(0, 2, 4))
+    ws = load_shard(src, LayerRange(0, 2, 4), weights="fp32")
     be = NpuBackend(cache_dir=cache_dir, check_board=False)
     spec = SliceSpec("layers", 0, 1)
     folder, _ = be.locate(spec, ws, BUCKETS)  # intact: accepted

@@ -20,7 +20,7 @@ from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.session import open_shard
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
-from toolkit_common import BUCKETS, NEEDS_TOOLKIT
+from toolkit_common import BUCKETS, NEEDS_TOOLKIT, greedy
 
 pytestmark = NEEDS_TOOLKIT
 
@@ -33,23 +33,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _greedy(ring: LocalRing, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy tokens and the logits of every step (prefill 7 tokens crosses to seq bucket 16, then decode)."""
-    toks, logits = [], []
-    x = np.asarray([prompt], np.int64)
-    for _ in range(n):
-        lg = ring.forward("r", x)
-        logits.append(lg[0, -1])
-        toks.append(int(lg[0, -1].argmax()))
-        x = np.asarray([[toks[-1]]], np.int64)
-    ring.drop("r")
-    return toks, logits
-
-
 def test_two_shards_match_onnx_fp16(tiny):
     src = resolve_model(str(tiny))
     sim = [open_shard(src, LayerRange(0, 2, 4), "rknn-sim", BUCKETS), open_shard(src, LayerRange(2, 4, 4), "rknn-sim", BUCKETS)]
-    ref = LocalRing([open_shard(src, LayerRange(0, 2, 4), "onnx", BUCKETS), open_shard(src, LayerRange(2, 4, 4), "onnx", BUCKETS)])
+    # the simulator is compiled from float32 weights: compare with onnx on the same float32 weights
+    ref = LocalRing([open_shard(src, LayerRange(0, 2, 4), "onnx", BUCKETS, weights="fp32"),
+                     open_shard(src, LayerRange(2, 4, 4), "onnx", BUCKETS, weights="fp32")])
     try:
         # open_shard put the embedding on onnx (the simulator, like the board, leaves it on the host), one graph per layer
         kinds = {n: b.name for n, b in sim[0].backends.items()}
@@ -58,8 +47,8 @@ def test_two_shards_match_onnx_fp16(tiny):
         workers = [sim[0].backends["layers.0"].worker_pid, sim[1].backends["layers.2"].worker_pid]
         assert all(_alive(p) for p in workers)
         prompt = [5, 9, 13, 17, 21, 25, 29]
-        got_toks, got_logits = _greedy(LocalRing(sim), prompt, 6)
-        want_toks, want_logits = _greedy(ref, prompt, 6)
+        got_toks, got_logits = greedy(LocalRing(sim), prompt, 6)
+        want_toks, want_logits = greedy(ref, prompt, 6)
         assert got_toks == want_toks
         for g, w in zip(got_logits, want_logits):
             assert cosine(g, w) >= 0.9999
@@ -76,7 +65,7 @@ def test_two_shards_match_onnx_fp16(tiny):
 def test_killed_worker_is_a_clear_error_not_a_hang(tiny):
     from exo_rknpu.backends.rknn_sim import RknnSimBackend, SimulatorWorkerError
 
-    ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4))
+    ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4), weights="fp32")
     be = RknnSimBackend(run_timeout=60)
     runner = be.prepare(SliceSpec("head"), ws, Buckets(seq=(1,), context=(64,)))
     try:

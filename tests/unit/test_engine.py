@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from exo_rknpu.engine import EngineConfig, ShardEngine, open_runner
-from exo_rknpu.errors import BackendUnavailableError, ExoRknpuError, TensorContractError
+from exo_rknpu.errors import BackendUnavailableError, CapacityError, ExoRknpuError, RequestStateError, TensorContractError
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.requests import RequestLimits
@@ -113,12 +113,37 @@ async def test_shard_change_releases_old_runner_and_its_caches(make):
     assert second.runner.layer_range == LayerRange(2, 4, N_LAYERS)
 
 
-async def test_request_caches_are_bounded(make):
+async def test_live_requests_are_never_evicted_and_ended_ones_never_restart(make):
     e = make(limits=RequestLimits(max_requests=2))
-    for rid in ("r1", "r2", "r3"):
+    for rid in ("r1", "r2"):
         await e.forward(rid, "tiny", full(), PROMPT)
+    with pytest.raises(CapacityError, match="--max-requests 2"):
+        await e.forward("r3", "tiny", full(), PROMPT)
     reqs = e.current.runner.requests
-    assert len(reqs) == 2 and "r1" not in reqs and "r3" in reqs
+    assert reqs.ids() == ["r1", "r2"] and e.live_requests() == 2
+    e.release("r1", "finished")
+    await e.forward("r3", "tiny", full(), PROMPT)  # the released slot is free again
+    with pytest.raises(RequestStateError, match=r"request r1 has ended on this node \(finished\)"):
+        await e.forward("r1", "tiny", full(), np.array([[3]]))
+    with pytest.raises(RequestStateError, match="no KV cache for request r9"):
+        await e.forward("r9", "tiny", full(), np.array([[3]]), start=False)
+
+
+async def test_a_shard_change_ends_every_live_request_with_the_reason(make):
+    e = make()
+    await e.forward("r1", "tiny", full(), PROMPT)
+    await e.ensure("tiny", LayerRange(0, 2, N_LAYERS))
+    with pytest.raises(RequestStateError, match="shard changed"):
+        await e.forward("r1", "tiny", LayerRange(0, 2, N_LAYERS), np.array([[3]]))
+
+
+async def test_idle_requests_are_released_when_a_new_one_needs_room(make):
+    e = make(limits=RequestLimits(max_requests=1, idle_seconds=0.05))
+    await e.forward("old", "tiny", full(), PROMPT)
+    await asyncio.sleep(0.1)
+    await e.forward("new", "tiny", full(), PROMPT)  # admitted: "old" was abandoned
+    with pytest.raises(RequestStateError, match="idle for more than 0.05 s"):
+        await e.forward("old", "tiny", full(), np.array([[3]]))
 
 
 async def test_output_dtypes(tiny):
@@ -192,10 +217,10 @@ async def test_blocking_work_runs_on_one_worker_thread_and_the_loop_stays_respon
             self.inner = inner
             self.requests = inner.requests
 
-        def forward(self, request_id, x, logits="all"):
+        def forward(self, request_id, x, logits="all", start=None):
             threads.add(threading.current_thread().name)
             time.sleep(0.4)
-            return self.inner.forward(request_id, x, logits)
+            return self.inner.forward(request_id, x, logits, start)
 
         def drop(self, request_id):
             self.inner.drop(request_id)

@@ -11,6 +11,7 @@ import pytest
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import LayerRangeError, UnknownModelError, UnsupportedModelError, WeightsError
 from exo_rknpu.model import hf as hf_mod
+from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, RopeScaling
 from exo_rknpu.model.hf import args_from_config
 from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer
@@ -122,7 +123,7 @@ def test_mistral_is_llama_only_without_sliding_window():
 
 def test_full_range_has_every_layer_embedding_norm_and_head(tmp_path):
     d = make_tiny_hf(tmp_path / "m")
-    shard = load_shard(hf_src(d), LayerRange.full(N))
+    shard = load_shard(hf_src(d), LayerRange.full(N), weights="fp32")
     raw = read_hf_tensors(d)
     assert sorted(shard.layers) == [0, 1, 2]
     np.testing.assert_array_equal(shard.embed_tokens, raw["model.embed_tokens.weight"])
@@ -134,33 +135,57 @@ def test_full_range_has_every_layer_embedding_norm_and_head(tmp_path):
 
 
 def test_middle_range_has_no_embedding_or_head(tmp_path):
-    shard = load_shard(hf_src(make_tiny_hf(tmp_path / "m")), LayerRange(1, 2, N))
+    shard = load_shard(hf_src(make_tiny_hf(tmp_path / "m")), LayerRange(1, 2, N), weights="fp32")
     assert list(shard.layers) == [1]
     assert shard.embed_tokens is None and shard.final_norm is None and shard.lm_head is None
 
 
 def test_first_range_has_embedding_last_range_has_norm_and_head(tmp_path):
     src = hf_src(make_tiny_hf(tmp_path / "m"))
-    first, last = load_shard(src, LayerRange(0, 1, N)), load_shard(src, LayerRange(1, 3, N))
+    first, last = load_shard(src, LayerRange(0, 1, N), weights="fp32"), load_shard(src, LayerRange(1, 3, N), weights="fp32")
     assert first.embed_tokens is not None and first.lm_head is None and first.final_norm is None
     assert last.embed_tokens is None and last.lm_head is not None and last.final_norm is not None
 
 
 def test_tied_head_is_the_embedding_array_not_a_copy(tmp_path):
-    shard = load_shard(hf_src(make_tiny_hf(tmp_path / "m", tied=True)), LayerRange.full(N))
+    shard = load_shard(hf_src(make_tiny_hf(tmp_path / "m", tied=True)), LayerRange.full(N), weights="fp32")
     assert shard.lm_head is shard.embed_tokens
 
 
 def test_tied_last_shard_loads_the_embedding_only_as_head(tmp_path):
     d = make_tiny_hf(tmp_path / "m", tied=True)
-    shard = load_shard(hf_src(d), LayerRange(2, 3, N))
+    shard = load_shard(hf_src(d), LayerRange(2, 3, N), weights="fp32")
     assert shard.embed_tokens is None
     np.testing.assert_array_equal(shard.lm_head, read_hf_tensors(d)["model.embed_tokens.weight"])
 
 
 def test_qwen2_layers_carry_qkv_biases(tmp_path):
-    layer = load_shard(hf_src(make_tiny_hf(tmp_path / "m", arch="qwen2")), LayerRange(0, 1, N)).layers[0]
+    layer = load_shard(hf_src(make_tiny_hf(tmp_path / "m", arch="qwen2")), LayerRange(0, 1, N), weights="fp32").layers[0]
     assert layer.q_bias.shape == (64,) and layer.k_bias.shape == (32,) and layer.v_bias.shape == (32,)
+
+
+def test_qwen3_layers_carry_per_head_qk_norms_and_no_biases(tmp_path):
+    d = make_tiny_hf(tmp_path / "m", arch="qwen3", head_dim=32)
+    args = load_args(hf_src(d))
+    assert (args.architecture, args.qk_norm, args.attention_bias, args.head_dim) == ("qwen3", True, False, 32)
+    layer = load_shard(hf_src(d), LayerRange(1, 2, N), weights="fp32").layers[1]
+    np.testing.assert_array_equal(layer.k_norm, read_hf_tensors(d)["model.layers.1.self_attn.k_norm.weight"])
+    assert layer.q_norm.shape == layer.k_norm.shape == (32,) and layer.q_bias is None
+    assert layer.q_proj.shape == (4 * 32, 64) and layer.o_proj.shape == (64, 4 * 32)  # head_dim != hidden/heads
+    llama = load_shard(hf_src(make_tiny_hf(tmp_path / "l")), LayerRange(0, 1, N), weights="fp32").layers[0]
+    assert llama.q_norm is None and llama.k_norm is None
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_qwen3_without_its_qk_norms_is_a_clear_error(tmp_path, fmt):
+    from safetensors.numpy import save_file
+
+    d = make_tiny_hf(tmp_path / "m", arch="qwen3")
+    tensors = {k: v for k, v in read_hf_tensors(d).items() if k != "model.layers.1.self_attn.q_norm.weight"}
+    save_file(tensors, str(d / "model.safetensors"))
+    src = hf_src(d) if fmt == "hf" else gguf_src(make_tiny_gguf(tmp_path / "m.gguf", d))
+    with pytest.raises(WeightsError, match="q_norm"):
+        load_shard(src, LayerRange.full(N), weights="fp32")
 
 
 def test_partial_load_opens_only_the_files_of_its_range(tmp_path, monkeypatch):
@@ -168,7 +193,7 @@ def test_partial_load_opens_only_the_files_of_its_range(tmp_path, monkeypatch):
     opened: list[str] = []
     real_open = hf_mod.safe_open
     monkeypatch.setattr(hf_mod, "safe_open", lambda p, fw: (opened.append(Path(p).name), real_open(p, fw))[1])
-    load_shard(hf_src(d), LayerRange(1, 2, N))
+    load_shard(hf_src(d), LayerRange(1, 2, N), weights="fp32")
     assert opened == [shard_file_name(3, 5)]
 
 
@@ -176,28 +201,28 @@ def test_files_outside_the_range_may_be_missing_or_corrupt(tmp_path):
     d = make_tiny_hf(tmp_path / "m", sharded=True)
     (d / shard_file_name(1, 5)).unlink()  # embedding
     (d / shard_file_name(2, 5)).write_bytes(b"garbage")  # layer 0
-    shard = load_shard(hf_src(d), LayerRange(1, 3, N))
+    shard = load_shard(hf_src(d), LayerRange(1, 3, N), weights="fp32")
     assert sorted(shard.layers) == [1, 2] and shard.lm_head is not None
 
 
 def test_sharded_and_single_file_checkpoints_load_the_same(tmp_path):
-    a = load_shard(hf_src(make_tiny_hf(tmp_path / "a", sharded=True)), LayerRange.full(N))
-    b = load_shard(hf_src(make_tiny_hf(tmp_path / "b")), LayerRange.full(N))
+    a = load_shard(hf_src(make_tiny_hf(tmp_path / "a", sharded=True)), LayerRange.full(N), weights="fp32")
+    b = load_shard(hf_src(make_tiny_hf(tmp_path / "b")), LayerRange.full(N), weights="fp32")
     assert_same_shard(a, b)
 
 
 def test_bf16_weights_are_widened_to_float32(tmp_path):
     d32 = make_tiny_hf(tmp_path / "f32")
     d16 = make_tiny_hf(tmp_path / "bf16", dtype="bfloat16")
-    a, b = load_shard(hf_src(d32), LayerRange.full(N)), load_shard(hf_src(d16), LayerRange.full(N))
+    a, b = load_shard(hf_src(d32), LayerRange.full(N), weights="fp32"), load_shard(hf_src(d16), LayerRange.full(N), weights="fp32")
     assert b.layers[0].up_proj.dtype == np.float32
     np.testing.assert_array_equal(b.layers[0].up_proj, bf16_round(a.layers[0].up_proj))
     np.testing.assert_array_equal(b.embed_tokens, bf16_round(a.embed_tokens))
 
 
 def test_fp16_weights_are_widened_to_float32(tmp_path):
-    a = load_shard(hf_src(make_tiny_hf(tmp_path / "a")), LayerRange.full(N))
-    b = load_shard(hf_src(make_tiny_hf(tmp_path / "b", dtype="float16")), LayerRange.full(N))
+    a = load_shard(hf_src(make_tiny_hf(tmp_path / "a")), LayerRange.full(N), weights="fp32")
+    b = load_shard(hf_src(make_tiny_hf(tmp_path / "b", dtype="float16")), LayerRange.full(N), weights="fp32")
     assert b.layers[2].down_proj.dtype == np.float32
     np.testing.assert_array_equal(b.layers[2].down_proj, a.layers[2].down_proj.astype(np.float16).astype(np.float32))
 
@@ -208,7 +233,7 @@ def test_missing_tensor_names_tensor_and_file(tmp_path):
     del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(WeightsError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*index\.json"):
-        load_shard(hf_src(d), LayerRange(1, 2, N))
+        load_shard(hf_src(d), LayerRange(1, 2, N), weights="fp32")
 
 
 def test_untied_model_without_lm_head_is_a_weights_error(tmp_path):
@@ -216,55 +241,89 @@ def test_untied_model_without_lm_head_is_a_weights_error(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
     with pytest.raises(WeightsError, match="lm_head.weight"):
-        load_shard(hf_src(d), LayerRange(2, 3, N))
+        load_shard(hf_src(d), LayerRange(2, 3, N), weights="fp32")
 
 
 def test_truncated_safetensors_is_a_weights_error_naming_the_file(tmp_path):
     d = make_tiny_hf(tmp_path / "m")
     f = d / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(WeightsError, match="model.safetensors"):
-        load_shard(hf_src(d), LayerRange.full(N))
+    data = f.read_bytes()
+    for cut in (len(data) - 1000, 100, 4):
+        f.write_bytes(data[:cut])
+        with pytest.raises(WeightsError, match="model.safetensors") as e:
+            load_shard(hf_src(d), LayerRange.full(N), weights="fp32")
+        assert str(e.value).count(str(f)) == 1, e.value  # the file is named once
 
 
 def test_range_for_another_layer_count_is_refused(tmp_path):
     with pytest.raises(LayerRangeError, match="3"):
-        load_shard(hf_src(make_tiny_hf(tmp_path / "m")), LayerRange(0, 2, 4))
+        load_shard(hf_src(make_tiny_hf(tmp_path / "m")), LayerRange(0, 2, 4), weights="fp32")
 
 
 def test_fingerprint_is_shared_by_shards_of_one_model_and_differs_between_models(tmp_path):
     src = hf_src(make_tiny_hf(tmp_path / "a"))
     other = hf_src(make_tiny_hf(tmp_path / "b", n_layers=3, ffn=96))
-    f1, f2 = load_shard(src, LayerRange(0, 1, N)).fingerprint, load_shard(src, LayerRange(1, 3, N)).fingerprint
+    f1, f2 = load_shard(src, LayerRange(0, 1, N), weights="fp32").fingerprint, load_shard(src, LayerRange(1, 3, N), weights="fp32").fingerprint
     assert f1 == f2 and len(f1) == 64
-    assert load_shard(other, LayerRange(0, 1, N)).fingerprint != f1
+    assert load_shard(other, LayerRange(0, 1, N), weights="fp32").fingerprint != f1
 
 
 # ---------------------------------------------------------------- GGUF
 
 
+def _transformers_state_dict(gguf_path: Path) -> dict[str, np.ndarray]:
+    """What transformers' own GGUF loader makes of a file (its reverse Q/K permutation, its dequantization)."""
+    pytest.importorskip("torch", reason="transformers' GGUF loader (the reference) needs torch: pip install '.[bench]'")
+    transformers = pytest.importorskip("transformers", reason="the reference GGUF loader is transformers': pip install '.[bench]'")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def _shard_tensors(shard) -> dict[str, np.ndarray]:
+    """A loaded shard under Hugging Face tensor names."""
+    out = {registry.hf_layer_name(i, f): a for i, lw in shard.layers.items() for f, a in lw.arrays().items()}
+    for name, a in ((registry.HF_EMBED, shard.embed_tokens), (registry.HF_NORM, shard.final_norm), (registry.HF_HEAD, shard.lm_head)):
+        if a is not None:
+            out[name] = a
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_gguf_and_hf_of_the_same_model_load_identically(tmp_path, arch, tied):
-    d = make_tiny_hf(tmp_path / "hf", arch=arch, tied=tied)
-    g = make_tiny_gguf(tmp_path / "m.gguf", d)  # llama: Q/K rows permuted as llama.cpp does
-    assert load_args(gguf_src(g)) == load_args(hf_src(d))
+def test_gguf_loads_as_transformers_loads_it(tmp_path, arch, tied, qtype):
+    (tmp_path / "g").mkdir()
+    g = make_tiny_gguf(tmp_path / "g" / "m.gguf", make_tiny_hf(tmp_path / "hf", arch=arch, tied=tied), qtype=qtype)
+    want = _transformers_state_dict(g)
     for r in (LayerRange.full(N), LayerRange(0, 1, N), LayerRange(1, 2, N), LayerRange(2, 3, N)):
-        assert_same_shard(load_shard(gguf_src(g), r), load_shard(hf_src(d), r))
-    if tied:
-        full = load_shard(gguf_src(g), LayerRange.full(N))
-        assert full.lm_head is full.embed_tokens
+        got = _shard_tensors(load_shard(gguf_src(g), r, weights="fp32"))
+        for name, a in got.items():
+            np.testing.assert_array_equal(a, want[name], err_msg=f"{arch} {qtype} {r}: {name}")
+    full = _shard_tensors(load_shard(gguf_src(g), LayerRange.full(N), weights="fp32"))
+    assert set(full) | {registry.HF_HEAD} == set(want) | {registry.HF_HEAD}  # transformers lists a tied head too
 
 
-def test_gguf_without_unpermute_would_differ(tmp_path):
-    # Guards the test above: the fixture really does permute llama Q/K rows.
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_tensors_are_read_as_gguf_reader_dequantizes_them(tmp_path, arch):
+    # gguf-py's own reader and dequantizer are the reference for raw tensors; only llama's Q/K rows are
+    # reordered on load (llama.cpp's converter interleaves them; see shared/reference/models.md).
     from gguf import GGUFReader
+    from gguf.quants import dequantize
 
-    d = make_tiny_hf(tmp_path / "hf")
-    g = make_tiny_gguf(tmp_path / "m.gguf", d)
-    t = next(t for t in GGUFReader(g).tensors if t.name == "blk.0.attn_q.weight")
-    stored = np.asarray(t.data).reshape(64, 64)
-    assert not np.array_equal(stored, read_hf_tensors(d)["model.layers.0.self_attn.q_proj.weight"])
+    d = make_tiny_hf(tmp_path / "hf", arch=arch)
+    g = make_tiny_gguf(tmp_path / "m.gguf", d, qtype="Q8_0")
+    loaded = load_shard(gguf_src(g), LayerRange.full(N), weights="fp32")
+    by_gguf_name = {registry.gguf_layer_name(i, f): a for i, lw in loaded.layers.items() for f, a in lw.arrays().items()}
+    by_gguf_name.update({registry.GGUF_EMBED: loaded.embed_tokens, registry.GGUF_NORM: loaded.final_norm,
+                         registry.GGUF_HEAD: loaded.lm_head})
+    reordered = {"attn_q.weight", "attn_k.weight"} if arch == "llama" else set()
+    for t in GGUFReader(g).tensors:
+        stored = dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+        got = by_gguf_name[t.name]
+        if t.name.split(".", 2)[-1] in reordered:
+            assert not np.array_equal(got, stored) and np.array_equal(np.sort(got, axis=0), np.sort(stored, axis=0)), t.name
+        else:
+            np.testing.assert_array_equal(got, stored, err_msg=t.name)
 
 
 def test_truncated_gguf_is_a_weights_error(tmp_path):
@@ -272,8 +331,10 @@ def test_truncated_gguf_is_a_weights_error(tmp_path):
     data = g.read_bytes()
     for cut in (len(data) - 100, 2000, 10):
         g.write_bytes(data[:cut])
-        with pytest.raises(WeightsError, match="m.gguf"):
-            load_shard(gguf_src(g), LayerRange.full(N))
+        with pytest.raises(WeightsError, match="m.gguf") as e:
+            load_shard(gguf_src(g), LayerRange.full(N), weights="fp32")
+        message = str(e.value)  # says each thing once: the file, what is wrong, the fix
+        assert message.count(str(g)) == 1 and message.count("re-download") <= 1, message
 
 
 def test_unknown_gguf_architecture_is_unsupported(tmp_path):
@@ -363,7 +424,7 @@ def test_smollm2_args(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_partial_shard(smollm2):
-    shard = load_shard(smollm2, LayerRange(25, 30, 30))
+    shard = load_shard(smollm2, LayerRange(25, 30, 30), weights="fp32")
     assert sorted(shard.layers) == list(range(25, 30))
     assert shard.embed_tokens is None and shard.lm_head.shape == (49152, 576)
     assert shard.layers[25].k_proj.shape == (192, 576)

@@ -1,0 +1,119 @@
+"""On-disk cache of slices prepared for onnxruntime: the graph and its compact weights, mapped on the next start.
+
+  ROOT/<key[:2]>/<key>/   model.onnx (graph only; initializers point into weights.bin), weights.bin, manifest.json
+  ROOT/tmp/               entries being written; a finished entry is moved into place with one rename
+
+key = sha256 of (the slice's weights digest -- which covers the compact bytes, so the --weights mode --, the slice
+spec, the attention form, the exporter version, MatMulNBits' accuracy level, the onnxruntime version). An entry is
+used only if its manifest names the same key and every file has the recorded size and sha256; anything else is
+removed and rebuilt. onnxruntime maps weights.bin (its offsets are page-aligned) instead of reading it into memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from exo_rknpu.errors import ArtifactError
+from exo_rknpu.fileio import atomic_write_text
+from exo_rknpu.slices.onnx_export import MEMORY_LOCATION, external_tensor
+
+MODEL_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.onnx", "weights.bin", "manifest.json"
+ALIGN = 4096  # page-aligned offsets let onnxruntime map each tensor
+
+
+def prepared_key(**parts: object) -> str:
+    """sha256 of the JSON of `parts` (sorted keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def sha256_mapped(path: Path) -> str:
+    """sha256 of a file through a read-only mapping: the bytes are hashed where they lie, never copied."""
+    h = hashlib.sha256()
+    if path.stat().st_size:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            h.update(m)
+    return h.hexdigest()
+
+
+class PreparedCache:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def lookup(self, key: str) -> Path | None:
+        """The model file of a checked entry, or None. A damaged, tampered or mislabelled entry is removed."""
+        folder = self.entry(key)
+        if not folder.exists():
+            return None
+        try:
+            self.check(folder, key)
+        except ArtifactError:
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return folder / MODEL_FILE
+
+    @staticmethod
+    def check(folder: Path, key: str) -> None:
+        """ArtifactError unless the manifest names `key` and every file matches its recorded size and sha256."""
+        try:
+            m = json.loads((folder / MANIFEST_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{folder}: unreadable manifest ({e})") from None
+        if m.get("key") != key:
+            raise ArtifactError(f"{folder} holds key {m.get('key')}, not {key}")
+        for name, rec in m.get("files", {}).items():
+            p = folder / name
+            if not p.is_file() or p.stat().st_size != rec.get("bytes") or sha256_mapped(p) != rec.get("sha256"):
+                raise ArtifactError(f"{p} does not match its manifest (modified, truncated or missing)")
+        if set(m.get("files", {})) != {MODEL_FILE, WEIGHTS_FILE}:
+            raise ArtifactError(f"{folder}: manifest lists {sorted(m.get('files', {}))}")
+
+    def store(self, key: str, model: onnx.ModelProto, external: dict[str, np.ndarray]) -> Path:
+        """Write `model` with its in-memory external initializers moved into weights.bin; returns the model file."""
+        staging = self.root / "tmp" / f"{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            offsets: dict[str, int] = {}
+            wh = hashlib.sha256()
+            pos = 0
+            with open(staging / WEIGHTS_FILE, "wb") as f:
+                for name, arr in external.items():
+                    pad = (-pos) % ALIGN
+                    f.write(b"\0" * pad)
+                    wh.update(b"\0" * pad)
+                    pos += pad
+                    offsets[name] = pos
+                    view = memoryview(np.ascontiguousarray(arr)).cast("B")
+                    f.write(view)
+                    wh.update(view)
+                    pos += view.nbytes
+            inits = model.graph.initializer
+            for i, t in enumerate(inits):
+                if t.name in offsets and any(e.key == "location" and e.value == MEMORY_LOCATION for e in t.external_data):
+                    inits[i].CopyFrom(external_tensor(t.name, external[t.name], WEIGHTS_FILE, offsets[t.name]))
+            model_bytes = model.SerializeToString()
+            (staging / MODEL_FILE).write_bytes(model_bytes)
+            files = {MODEL_FILE: {"bytes": len(model_bytes), "sha256": hashlib.sha256(model_bytes).hexdigest()},
+                     WEIGHTS_FILE: {"bytes": pos, "sha256": wh.hexdigest()}}
+            atomic_write_text(staging / MANIFEST_FILE, json.dumps({"format": 1, "key": key, "files": files}, indent=1))
+            dest = self.entry(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():  # another process finished the same key; the content is the same by construction
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                os.replace(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return dest / MODEL_FILE

@@ -1,0 +1,256 @@
+"""Compact (block-quantized) weight matrices: the form linear weights travel in from the loader to the backend.
+
+A `QTensor` is an [N, K] matrix (HF [out, in] layout) cut into blocks of `block_size` along K. Each block has a
+float32 scale and an integer zero point; an element is `(code - zero_point) * scale`. The byte layout is exactly
+the one onnxruntime's `MatMulNBits` (com.microsoft) takes, so the onnx backend hands the arrays over as they are:
+
+  blocks       uint8 [N, K/block, block*bits/8]   4-bit codes two per byte, element 2j in the low nibble of byte j
+  scales       float32 [N, K/block]
+  zero_points  uint8 [N, ceil(K/block/2)] (4-bit, two per byte, low nibble first) or [N, K/block] (8-bit);
+               None means the default 2**(bits-1) (8 for 4-bit, 128 for 8-bit)
+
+GGUF Q4_0 and Q8_0 blocks map onto this without re-quantizing (`from_gguf_blocks`): Q4_0 is value = d*(q-8) with
+q in 0..15, i.e. scale d, zero point 8 (only the nibble order is rearranged); Q8_0 is value = d*q with q an int8,
+i.e. code q+128 with zero point 128. The fp16 scale d widens to float32 exactly. Everything else is quantized
+from float32 by `quantize` (asymmetric min/max per block, zero always representable; see its docstring).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32  # block size for quantizing at load (GGUF's block size; MatMulNBits accepts 16..256, powers of two)
+WEIGHT_MODES = ("auto", "int4", "int8", "fp32")
+_ROWS_PER_STEP = 1 << 22  # elements widened at a time (16 MB of float32): bounds temporaries while converting
+
+
+@dataclass
+class QTensor:
+    """A block-quantized [N, K] matrix in MatMulNBits layout (see the module docstring)."""
+
+    bits: int
+    shape: tuple[int, int]
+    block_size: int
+    blocks: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None = None
+    origin: str = ""  # how it was made, e.g. "Q4_0 (exact)" or "Q4_1 -> int4": for messages and docs
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        nb = -(-k // self.block_size)
+        if self.blocks.shape != (n, nb, self.block_size * self.bits // 8) or self.blocks.dtype != np.uint8:
+            raise ValueError(f"blocks {self.blocks.shape} {self.blocks.dtype} do not fit a {self.bits}-bit {self.shape} matrix")
+        if self.scales.shape != (n, nb) or self.scales.dtype != np.float32:
+            raise ValueError(f"scales {self.scales.shape} {self.scales.dtype} do not fit {self.shape} in blocks of {self.block_size}")
+
+    @property
+    def n_blocks(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+
+    @property
+    def dtype(self) -> str:
+        return f"int{self.bits}"
+
+    def _zeros(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Zero points of `rows` as float32 [r, n_blocks]."""
+        nb = self.n_blocks
+        if self.zero_points is None:
+            count = len(np.arange(self.shape[0])[rows])
+            return np.full((count, nb), 2 ** (self.bits - 1), np.float32)
+        z = self.zero_points[rows]
+        if self.bits == 4:
+            z = np.stack([z & 15, z >> 4], axis=-1).reshape(z.shape[0], -1)[:, :nb]
+        return z.astype(np.float32)
+
+    def _widen(self, rows: slice | np.ndarray) -> np.ndarray:
+        b = self.blocks[rows]
+        codes = np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], b.shape[1], -1) if self.bits == 4 else b
+        w = (codes.astype(np.float32) - self._zeros(rows)[..., None]) * self.scales[rows][..., None]
+        return w.reshape(b.shape[0], -1)[:, : self.shape[1]]
+
+    def dequantize(self) -> np.ndarray:
+        """The whole matrix as float32 [N, K] (a new array)."""
+        out = np.empty(self.shape, np.float32)
+        step = max(1, _ROWS_PER_STEP // max(1, self.shape[1]))
+        for r in range(0, self.shape[0], step):
+            out[r : r + step] = self._widen(slice(r, r + step))
+        return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (any integer shape) as float32 [*ids.shape, K]: only the gathered rows are widened."""
+        ids = np.asarray(ids)
+        return self._widen(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
+
+    def matmul_t(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for x [..., K], widening at most a bounded number of rows of W at a time."""
+        out = np.empty((*x.shape[:-1], self.shape[0]), np.float32)
+        step = max(1, _ROWS_PER_STEP // max(1, self.shape[1]))
+        for r in range(0, self.shape[0], step):
+            out[..., r : r + step] = x @ self._widen(slice(r, r + step)).T
+        return out
+
+    def take_rows(self, order: np.ndarray) -> "QTensor":
+        """The same matrix with its rows reordered (a permutation of output features; codes are untouched)."""
+        zp = None if self.zero_points is None else self.zero_points[order]
+        return QTensor(self.bits, self.shape, self.block_size, self.blocks[order], self.scales[order], zp, self.origin)
+
+    def hash_into(self, h: "hashlib._Hash") -> None:
+        """Feed layout and bytes to a hash without copying them."""
+        h.update(f"q{self.bits}:{self.shape}:{self.block_size}:{self.zero_points is not None};".encode())
+        for a in (self.blocks, self.scales, self.zero_points):
+            if a is not None:
+                h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+Weight = np.ndarray | QTensor  # a linear weight: float32 [N, K] or compact
+
+
+def pack4(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes 0..15 [..., 2m] -> bytes [..., m], element 2j in the low nibble of byte j."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = "") -> QTensor:
+    """Quantize float [N, K] (K a multiple of block_size) to `bits` (4 or 8), per block of `block_size` along K.
+
+    Rule: lo = min(block, 0), hi = max(block, 0), scale = (hi - lo) / (2**bits - 1), zero point = round(-lo/scale),
+    code = clip(round(x/scale) + zero point). Including 0 in the range keeps an exact zero and avoids a zero scale
+    for constant blocks (an all-zero block gets scale 1). Error per element <= scale (<= scale/2 unless clipped at
+    the top code).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    n, k = w.shape
+    if k % block_size:
+        raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
+    nb, qmax = k // block_size, 2**bits - 1
+    blocks = np.empty((n, nb, block_size * bits // 8), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    zeros = np.empty((n, nb), np.uint8)
+    step = max(1, _ROWS_PER_STEP // k)
+    for r in range(0, n, step):
+        x = np.asarray(w[r : r + step], dtype=np.float32).reshape(-1, nb, block_size)
+        lo = np.minimum(x.min(axis=-1), 0.0)
+        hi = np.maximum(x.max(axis=-1), 0.0)
+        s = ((hi - lo) / qmax).astype(np.float32)
+        s[s == 0] = 1.0
+        z = np.clip(np.rint(-lo / s), 0, qmax)
+        q = np.clip(np.rint(x / s[..., None]) + z[..., None], 0, qmax).astype(np.uint8)
+        blocks[r : r + step] = pack4(q) if bits == 4 else q
+        scales[r : r + step] = s
+        zeros[r : r + step] = z
+    zp = pack4(np.pad(zeros, ((0, 0), (0, nb % 2)))) if bits == 4 else zeros
+    return QTensor(bits, (n, k), block_size, blocks, scales, zp, origin or f"float -> int{bits}")
+
+
+def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> QTensor:
+    """Q4_0 / Q8_0 rows (uint8 [N, n_blocks * block_bytes], as stored) -> QTensor without re-quantizing.
+
+    Q4_0 block: fp16 d, 16 bytes; byte j holds element j (low nibble) and element j+16 (high nibble); value = d*(q-8).
+    Q8_0 block: fp16 d, 32 int8 q; value = d*q = d*((q+128) - 128).
+    """
+    n, k = shape
+    if qtype_name == "Q4_0":
+        b = raw.reshape(n, k // 32, 18)
+        scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = b[..., 2:]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # elements 0..15 then 16..31
+        return QTensor(4, (n, k), 32, pack4(codes), scales, None, "Q4_0 (exact)")
+    if qtype_name == "Q8_0":
+        b = raw.reshape(n, k // 32, 34)
+        scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        return QTensor(8, (n, k), 32, b[..., 2:] ^ np.uint8(0x80), scales, None, "Q8_0 (exact)")
+    raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
+
+
+def _q4_1_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_1 rows -> (codes uint8 [N, nb, 32] in element order, d float32 [N, nb], m float32 [N, nb]).
+    Block: fp16 d, fp16 m, 16 bytes; byte j holds element j (low nibble) and j+16 (high); value = d*q + m."""
+    n, k = shape
+    b = raw.reshape(n, k // 32, 20)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = b[..., 4:]
+    return np.concatenate([qs & 15, qs >> 4], axis=-1), d, m
+
+
+def _requantize_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray, z: np.ndarray, bad: np.ndarray, bits: int,
+                       code_scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks flagged `bad` re-quantized from their values by `quantize`'s rule; returns (codes, scales)."""
+    codes = codes * np.uint8(code_scale)
+    scales = d / code_scale
+    if bad.any():
+        r, c = np.nonzero(bad)
+        fixed = quantize(codes[r, c].astype(np.float32) * scales[r, c, None] + m[r, c, None], bits, 32)
+        fixed_codes = fixed.blocks[:, 0]
+        if bits == 4:
+            fixed_codes = np.stack([fixed_codes & 15, fixed_codes >> 4], axis=-1).reshape(len(r), 32)
+            z[r, c] = fixed.zero_points[:, 0] & 15
+        else:
+            z[r, c] = fixed.zero_points[:, 0]
+        codes[r, c], scales[r, c] = fixed_codes, fixed.scales[:, 0]
+    return codes, scales
+
+
+def q4_1_to_int8(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
+    """GGUF Q4_1 rows -> int8 blocks of 32, each value within d/34 of the stored one (what --weights auto does).
+
+    value = d*q + m is written as (d/17) * (17q - z) with z = round(-17m/d): codes 17q span 0..255 exactly and
+    every element of a block moves by the same |m + d*z/17| <= d/34 (a 34th of the block's own step). MatMulNBits'
+    fast kernels take integer zero points only (float ones run a dequantize-everything fallback, measured ~50x
+    slower), which is why Q4_1 cannot stay 4-bit exactly. Blocks where z falls outside 0..255 (all values of one
+    sign beyond the range) or d == 0 are re-quantized from their values by `quantize`'s rule.
+    """
+    codes, d, m = _q4_1_parts(raw, shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.rint(-17 * m / d)
+    bad = ~((d > 0) & (z >= 0) & (z <= 255))
+    z = np.where(bad, 0, z).astype(np.uint8)
+    codes, scales = _requantize_blocks(codes, d, m, z, bad, 8, 17)
+    return QTensor(8, shape, 32, codes, scales, z, "Q4_1 -> int8 (within d/34)")
+
+
+def q4_1_to_int4(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
+    """GGUF Q4_1 rows -> int4 keeping each block's codes and scale (--weights int4).
+
+    value = d*q + m = d*(q - (-m/d)); the zero point must be an integer, so z = round(-m/d) and every element of
+    a block moves by the same d*|z + m/d| <= d/2 (half of the block's own step: measurably worse than int8, see
+    docs/design.md). Blocks where z falls outside 0..15 or d == 0 are re-quantized from their values.
+    """
+    codes, d, m = _q4_1_parts(raw, shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.rint(-m / d)
+    bad = ~((d > 0) & (z >= 0) & (z <= 15))
+    z = np.where(bad, 0, z).astype(np.uint8)
+    codes, scales = _requantize_blocks(codes, d, m, z, bad, 4, 1)
+    nb = shape[1] // 32
+    zp = pack4(np.pad(z, ((0, 0), (0, nb % 2))))
+    return QTensor(4, shape, 32, pack4(codes), scales, zp, "Q4_1 -> int4 (codes and scales kept, zero point rounded)")
+
+
+def check_mode(mode: str) -> str:
+    """Validate a --weights value (one-line error for anything else)."""
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"unknown weights mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    return mode
+
+
+def resolve_bits(mode: str, auto_bits: int) -> int | None:
+    """Bits a linear weight is stored with under `mode` (None: float32); `auto_bits` is what 'auto' means for its source."""
+    return {"fp32": None, "int4": 4, "int8": 8}.get(check_mode(mode), auto_bits)
+
+
+def compact(w: np.ndarray, bits: int | None, origin: str = "") -> Weight:
+    """float [N, K] -> QTensor with `bits`, or float32 if bits is None or K is not a multiple of the block size.
+    `w` may be anything with .shape that yields float rows when sliced (read a few rows at a time)."""
+    if bits is None or w.shape[-1] % BLOCK:
+        return np.asarray(w[:], dtype=np.float32)
+    return quantize(w, bits, BLOCK, origin)

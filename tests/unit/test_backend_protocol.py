@@ -1,0 +1,25 @@
+"""Every registered backend declares every attribute of the `Backend` protocol (the runtime reads them)."""
+
+from __future__ import annotations
+
+import importlib
+import typing
+
+import pytest
+
+from exo_rknpu.backends.base import BACKENDS, Backend
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_backend_class_declares_every_protocol_attribute(name):
+    info = BACKENDS[name]
+    try:
+        cls = getattr(importlib.import_module(info.module), info.cls)
+    except ImportError as e:
+        pytest.skip(f"backend {name!r} cannot be imported here: {e}")
+    attributes = typing.get_type_hints(Backend)
+    assert set(attributes) >= {"name", "static_shapes", "kv_layout", "layers_per_slice"}
+    for attr in attributes:
+        assert hasattr(cls, attr), f"{info.cls} lacks {attr!r}"
+    assert cls.name == name and cls.kv_layout in ("seq", "dim")
+    assert cls.layers_per_slice is None or cls.layers_per_slice >= 1

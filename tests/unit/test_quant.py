@@ -1,0 +1,82 @@
+"""Compact weights (model/quant.py) against gguf's own quantizer and dequantizer, an implementation independent
+of ours: which GGUF blocks map without loss, and how far everything that is re-quantized may move."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as GT
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8, quantize
+
+RNG = np.random.default_rng(3)
+W = RNG.standard_normal((96, 256)).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_q4_0_and_q8_0_blocks_map_onto_matmulnbits_without_loss(qtype):
+    raw = gguf_quantize(W, GT[qtype])
+    reference = gguf_dequantize(raw, GT[qtype])
+    q = from_gguf_blocks(raw, qtype, W.shape)
+    assert q.bits == (4 if qtype == "Q4_0" else 8) and q.block_size == 32 and q.zero_points is None
+    assert np.array_equal(q.dequantize(), reference)
+
+
+def test_gathered_rows_equal_gguf_rows_exactly():
+    raw = gguf_quantize(W, GT.Q8_0)
+    reference = gguf_dequantize(raw, GT.Q8_0)
+    ids = np.array([[3, 0, 95, 3]])
+    assert np.array_equal(from_gguf_blocks(raw, "Q8_0", W.shape).rows(ids), reference[ids])
+
+
+def _q4_1_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    w = W.copy()
+    w[0, :32] = np.abs(w[0, :32]) + 2.0  # a block of one sign: its zero point cannot be rounded into range
+    w[1, 32:64] = 0.0  # a constant block: d == 0
+    raw = gguf_quantize(w, GT.Q4_1)
+    d = raw.reshape(96, 8, 20)[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # Q4_1's own steps
+    return raw, gguf_dequantize(raw, GT.Q4_1), np.repeat(d, 32, axis=1)
+
+
+def test_q4_1_to_int8_moves_each_value_by_at_most_a_34th_of_its_step():
+    raw, reference, step = _q4_1_case()
+    q = q4_1_to_int8(raw, reference.shape)
+    err = np.abs(q.dequantize() - reference)
+    ordinary = np.ones_like(err, bool)
+    ordinary[0, :32] = ordinary[1, 32:64] = False  # re-quantized blocks: within one int8 step instead
+    assert np.all(err[ordinary] <= step[ordinary] / 34 + 1e-6)
+    assert np.all(err <= np.repeat(q.scales, 32, axis=1) + 1e-6)
+    assert q.dequantize()[1, 32:64].tolist() == [0.0] * 32
+
+
+def test_q4_1_to_int4_keeps_codes_and_scales_and_moves_each_value_by_at_most_half_a_step():
+    raw, reference, _ = _q4_1_case()
+    q = q4_1_to_int4(raw, reference.shape)
+    step = np.repeat(q.scales, 32, axis=1)
+    assert np.all(np.abs(q.dequantize() - reference) <= step / 2 + 1e-6)
+    assert q.dequantize()[1, 32:64].tolist() == [0.0] * 32
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_error_is_bounded_by_one_step_of_its_block(bits):
+    q = quantize(W, bits)
+    step = np.repeat(q.scales, 32, axis=1)
+    err = np.abs(q.dequantize() - W)
+    assert np.all(err <= step + 1e-7)
+    assert np.mean(err <= step / 2 + 1e-7) > 0.99  # only values clipped at the top code exceed half a step
+
+
+def test_matmul_with_compact_weights_matches_float_reference_within_quantization_error():
+    x = RNG.standard_normal((5, 256)).astype(np.float32)
+    for bits, bound in ((8, 1e-4), (4, 2e-2)):
+        q = quantize(W, bits)
+        ref = x @ W.T
+        err = np.mean((q.matmul_t(x) - ref) ** 2) / np.mean(ref**2)
+        assert err < bound, (bits, err)
+
+
+def test_unknown_weights_mode_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown weights mode 'int3'; choose one of auto, int4, int8, fp32"):
+        check_mode("int3")
