@@ -61,5 +61,5 @@ class RequestStateError(ExoRknpuError, RuntimeError):
     """A request cannot continue here: this node holds no cache for it (released, never started, node restarted)."""
 
 
-class BenchError(ExoRknpuError, ValueError):
-    """A benchmark option is out of range, or a benchmark run could not be measured."""
+class BenchError(UsageError):
+    """A benchmark option is out of range or does not fit the model."""

@@ -18,7 +18,7 @@ import exo_rknpu
 from exo_rknpu.bench.bandwidth import Bandwidth, measure_bandwidth
 from exo_rknpu.bench.options import BenchOptions, validate
 from exo_rknpu.bench.worker import EXIT_MISSING, OURS, Job, RunFigures
-from exo_rknpu.errors import BenchError
+from exo_rknpu.errors import BenchError, LayerRangeError
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.tokenizer import Tokenizer
@@ -54,13 +54,14 @@ class BenchPlan:
     ranges: list[LayerRange]
     prompt_ids: list[int]
 
-    def job(self, contender: str) -> Job:
+    def job(self, contender: str, count_bytes: bool = True) -> Job:
         o = self.options
         return Job(
             contender=contender, model_path=str(self.source.path), model_format=self.source.format,
             prompt_ids=self.prompt_ids, gen_tokens=o.gen_tokens, threads=o.n_threads, backend=o.backend,
             split=[str(r) for r in self.ranges] if o.split else [], weights=o.weights,
             backend_dtype=o.backend_dtype, max_context=o.max_context, layers_per_slice=o.layers_per_slice,
+            count_bytes=count_bytes,
         )
 
 
@@ -70,7 +71,10 @@ def plan(o: BenchOptions, progress: Progress) -> BenchPlan:
     src = resolve_model(o.model, progress=progress)
     margs = load_args(src)
     n = margs.num_hidden_layers
-    ranges = parse_split(o.split, n) if o.split else [LayerRange.full(n)]
+    try:
+        ranges = parse_split(o.split, n) if o.split else [LayerRange.full(n)]
+    except LayerRangeError as e:  # a bad --split is a usage error like any other option
+        raise BenchError(str(e)) from None
     limit = default_buckets(margs, o.max_context).max_context
     if o.prompt_tokens + o.gen_tokens > limit:
         raise BenchError(f"--prompt-tokens {o.prompt_tokens} + --gen-tokens {o.gen_tokens} exceeds the context limit "
@@ -243,7 +247,8 @@ def run_bench(p: BenchPlan, progress: Progress, worker: Callable[[Job, float], t
             for c in list(active):
                 progress(f"round {k}/{o.repeat}: {summaries[c].label} ...")
                 load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-                figures, error, missing = worker(p.job(c), o.timeout_s)
+                # the bytes a decode step reads do not change between runs: counted on a contender's first
+                figures, error, missing = worker(p.job(c, count_bytes=not summaries[c].runs), o.timeout_s)
                 runs.append(Run(k, c, figures, error, missing, load))
                 if figures is not None:
                     summaries[c].runs.append(figures)

@@ -40,6 +40,7 @@ class Job:
     backend_dtype: str | None = None
     max_context: int | None = None
     layers_per_slice: int | None = None
+    count_bytes: bool = True  # also count the weight bytes a decode step reads (ours: loads the weights again)
 
 
 @dataclass
@@ -145,11 +146,27 @@ def run_ours(job: Job, t0: float) -> RunFigures:
         # no stop ids: exactly gen_tokens decode steps after the first token
         ids = list(ring.generate(uuid.uuid4().hex, job.prompt_ids, job.gen_tokens + 1, Sampler(), frozenset(), timings))
         out = _figures(t0, t_ready, timings.prefill_s, timings.decode_s, len(job.prompt_ids), ids, None)
-        weights = [getattr(s, "weights", None) for s in shards]
-        out.weight_bytes_per_token = sum(shard_bytes_per_token(w) for w in weights) if None not in weights else None
-        return out
     finally:
         ring.close()
+    if job.count_bytes:  # after the RSS reading: the runner keeps no ShardWeights, so load them once more
+        out.weight_bytes_per_token = ours_bytes_per_token(src, ranges, job)
+    return out
+
+
+def ours_bytes_per_token(src, ranges, job: Job) -> int | None:
+    """Decode-step weight bytes of our shards in the form open_shard gives the backend (None for a backend
+    that runs compiled files and holds no layer weights)."""
+    import importlib
+
+    from exo_rknpu.backends.base import BACKENDS
+    from exo_rknpu.model.loader import load_shard
+
+    info = BACKENDS[job.backend]
+    cls = getattr(importlib.import_module(info.module), info.cls)
+    if not getattr(cls, "needs_layer_weights", True):
+        return None
+    mode = "fp32" if job.weights == "auto" and getattr(cls, "float_weights", False) else job.weights  # as open_shard
+    return sum(shard_bytes_per_token(load_shard(src, r, mode)) for r in ranges)
 
 
 # -- Hugging Face transformers (torch, CPU, fp32) ---------------------------------------------------------------

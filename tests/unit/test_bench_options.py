@@ -11,10 +11,14 @@ NO_MODEL = "/nonexistent/model.gguf"  # an option error must be reported before 
 
 
 def fails_with(capsys, argv: list[str]) -> str:
-    assert main(["bench", *argv]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("exo-rknpu: error: ")
+    """Run `bench argv`; it must stop with a usage error (status 2) whose message is one line; returns it."""
+    try:
+        rc = main(["bench", *argv])
+    except SystemExit as e:  # argparse's own checks (types, choices) print usage first, then one error line
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("exo-rknpu") and "error: " in err
     return err
 
 
