@@ -59,3 +59,7 @@ class CapacityError(ExoRknpuError, RuntimeError):
 
 class RequestStateError(ExoRknpuError, RuntimeError):
     """A request cannot continue here: this node holds no cache for it (released, never started, node restarted)."""
+
+
+class BenchError(UsageError):
+    """A benchmark option is out of range or does not fit the model."""

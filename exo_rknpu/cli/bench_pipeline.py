@@ -1,5 +1,6 @@
 """`exo-rknpu bench --placement PLAN --concurrency N`: throughput of N concurrent requests through a placement,
 pipelined per device (runtime/stages.py) vs served one call at a time, and the same estimated for a board.
+Both run in this process (they share the machine alternately, not a worker process each as `bench`'s contenders do).
 
 Runs alternate (serial, pipelined, serial, ...) and the ratio of medians is reported: the machine is shared and
 noisy. Without an NPU the NPU devices are emulated (one CPU thread each), so the figure says how well the stages
@@ -8,15 +9,18 @@ overlap here, never how fast an NPU is.
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
-from exo_rknpu.runtime.placement import ResolvedPlan
+from exo_rknpu.bench.harness import BenchPlan
+from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.sampling import Sampler
+from exo_rknpu.runtime.session import open_shard
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.runtime.stages import StagedShard
 
@@ -124,3 +128,39 @@ def board_estimate(plan: ResolvedPlan, a: BoardAssumptions = BoardAssumptions())
     bandwidth_cap = a.dram_gbps / a.core_gbps
     return {"serial_step_ms": serial * 1e3, "slowest_stage_ms": slowest * 1e3,
             "gain": min(serial / slowest, bandwidth_cap, float(len(per_device)))}
+
+
+def run_pipelining(p: BenchPlan, as_json: bool) -> int:
+    """bench --placement P --concurrency N: pipelined vs serial throughput over the whole model, and the board
+    estimate. The N prompts are the bench prompt and N-1 variants of it one token longer each (distinct requests)."""
+    o = p.options
+    assert o.placement is not None and o.concurrency is not None  # checked by bench/options.py
+    full = p.placements[0].layer_range if len(p.placements) == 1 else None
+    if full is None or not (full.is_first and full.is_last):
+        from exo_rknpu.errors import BenchError
+
+        raise BenchError("--concurrency runs the whole model as one shard; drop --split")
+    plan = PlacementPlan.load(o.placement)
+    buckets = p.placements[0].buckets
+    open_ = lambda: open_shard(p.source, full, o.backend, buckets, o.layers_per_slice, weights=o.weights, placement=plan)
+    prompts = [p.prompt_ids + [p.prompt_ids[-1]] * i for i in range(o.concurrency)]
+    figs = measure(open_(), open_(), prompts, o.gen_tokens, o.repeat)
+    board = board_estimate(p.placements[0])
+    report = {"model": p.source.name, "placement": o.placement, "concurrency": o.concurrency,
+              "prompt_tokens": o.prompt_tokens, "gen_tokens": o.gen_tokens, "repeat": o.repeat, **figs.__dict__,
+              "board_estimate": board}
+    if as_json:
+        print(json.dumps(report))
+        return 0
+    tag = " (emulated: NPU devices are CPU threads here; no NPU speed is claimed)" if figs.emulated else ""
+    print(f"{p.source.name}, placement {o.placement}, {o.concurrency} requests x {o.gen_tokens} tokens "
+          f"(prompt {o.prompt_tokens}), median of {o.repeat}{tag}")
+    devices = list(dict.fromkeys(st.split(":")[0] for st in figs.stages))
+    print(f"  stages: {' -> '.join(figs.stages)}" if len(figs.stages) <= 6 else
+          f"  stages: {len(figs.stages)}, alternating over devices {', '.join(devices)}")
+    print(f"  one call at a time: {figs.serial_tokens_per_s:.1f} tok/s; pipelined per device: "
+          f"{figs.pipelined_tokens_per_s:.1f} tok/s; gain {figs.gain:.2f}x; same tokens: {'yes' if figs.same_tokens else 'NO'}")
+    if board:
+        print(f"  board estimate (assumed bandwidths, not measured): decode step {board['serial_step_ms']:.1f} ms serial, "
+              f"slowest stage {board['slowest_stage_ms']:.1f} ms, gain {board['gain']:.2f}x")
+    return 0

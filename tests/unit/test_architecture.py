@@ -1,4 +1,4 @@
-"""The dependency direction of the package: model -> slices -> backends -> runtime -> compiler -> engine -> exo -> cli.
+"""The dependency direction of the package: model -> slices -> backends -> runtime -> compiler -> engine -> exo -> bench -> cli.
 
 Each module may import only from its own layer or layers to its left; only exo_rknpu/exo imports exo.
 """
@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "exo_rknpu"
-ORDER = ["errors", "config", "model", "slices", "backends", "runtime", "compiler", "engine", "exo", "cli"]
+ORDER = ["errors", "config", "model", "slices", "backends", "runtime", "compiler", "engine", "exo", "bench", "cli"]
 SHARED = {"errors", "config", "fileio", "__init__"}
 
 
@@ -52,5 +52,19 @@ def test_only_the_exo_adapter_imports_exo():
             continue
         for mod in imports(path):
             if mod == "exo" or mod.startswith("exo."):
+                bad.append(f"{rel} imports {mod}")
+    assert not bad, "\n".join(bad)
+
+
+def test_peer_libraries_are_imported_only_by_the_bench_worker():
+    """torch, transformers and llama_cpp are benchmark peers, never runtime dependencies."""
+    peers = ("torch", "transformers", "accelerate", "llama_cpp")
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        if rel.as_posix() == "bench/worker.py":
+            continue
+        for mod in imports(path):
+            if mod.split(".")[0] in peers:
                 bad.append(f"{rel} imports {mod}")
     assert not bad, "\n".join(bad)

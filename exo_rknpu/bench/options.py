@@ -1,0 +1,106 @@
+"""What `exo-rknpu bench` is asked to measure, checked before anything heavy happens (one-line errors)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+from exo_rknpu.backends.base import BACKENDS
+from exo_rknpu.errors import BenchError
+from exo_rknpu.runtime.session import open_shard
+
+# Peers `--compare` knows, by the name the user types.
+PEERS = ("transformers", "llama.cpp")
+WEIGHTS = ("auto", "int4", "int8", "fp32")
+COMPILED_DTYPES = ("fp16", "w8a8")
+COMPILED_BACKENDS = ("npu", "rknn-sim")
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (the affinity mask, not the machine's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def runtime_weight_forms() -> tuple[str, ...]:
+    """The `--weights` values the runtime in this build can honour.
+
+    Compact weights come with a `weights=` keyword of `open_shard`; a runtime without it keeps every weight as
+    float32, which is exactly what "auto" and "fp32" mean there.
+    """
+    if "weights" in inspect.signature(open_shard).parameters:
+        return WEIGHTS
+    return ("auto", "fp32")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One benchmark: our runtime on one backend/split/weights form, optionally against peers, `repeat` rounds."""
+
+    model: str = "smollm2-135m"
+    backend: str = "onnx"
+    split: str | None = None
+    weights: str = "auto"
+    prompt_tokens: int = 128
+    gen_tokens: int = 64
+    threads: int | None = None  # None: default_threads()
+    repeat: int = 3
+    compare: tuple[str, ...] = ()
+    backend_dtype: str | None = None
+    max_context: int | None = None
+    layers_per_slice: int | None = None
+    timeout_s: float = 900.0
+    placement: str | None = None  # a placement plan (runtime/placement.py), inline or a .toml path
+    concurrency: int | None = None  # with placement: requests in flight at once, pipelined vs serial (in process)
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or default_threads()
+
+
+def parse_compare(text: str | None) -> tuple[str, ...]:
+    """"transformers,llama.cpp" -> ("transformers", "llama.cpp"); unknown names are refused."""
+    if not text:
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in PEERS]
+    if unknown or not names:
+        raise BenchError(f"--compare {text!r}: unknown peer {', '.join(unknown) or '(none)'}; known peers: {', '.join(PEERS)}")
+    return names
+
+
+def validate(o: BenchOptions) -> None:
+    """Refuse options that cannot be measured, without touching the model. Model-dependent limits (split,
+    context) are checked by the harness right after reading the model's config."""
+    if o.backend not in BACKENDS:
+        raise BenchError(f"unknown backend {o.backend!r}; known backends: {', '.join(sorted(BACKENDS))}")
+    if o.weights not in WEIGHTS:
+        raise BenchError(f"unknown --weights {o.weights!r}; choose one of: {', '.join(WEIGHTS)}")
+    forms = runtime_weight_forms()
+    if o.weights not in forms:
+        raise BenchError(f"--weights {o.weights} is not supported by this build's runtime (it runs: {', '.join(forms)})")
+    if o.backend_dtype is not None:
+        if o.backend_dtype not in COMPILED_DTYPES:
+            raise BenchError(f"unknown --backend-dtype {o.backend_dtype!r}; choose one of: {', '.join(COMPILED_DTYPES)}")
+        if o.backend not in COMPILED_BACKENDS:
+            raise BenchError(f"--backend-dtype applies to {' and '.join(COMPILED_BACKENDS)}, not {o.backend}")
+    for name, value, high in (("--prompt-tokens", o.prompt_tokens, 1 << 20), ("--gen-tokens", o.gen_tokens, 1 << 20),
+                              ("--threads", o.threads, 1024), ("--repeat", o.repeat, 1000),
+                              ("--max-context", o.max_context, 1 << 24), ("--layers-per-slice", o.layers_per_slice, 4096)):
+        optional = name in ("--threads", "--max-context", "--layers-per-slice")
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise BenchError(f"{name} must be an integer from 1 to {high}, got {value!r}")
+    if o.concurrency is not None:
+        if o.placement is None:
+            raise BenchError("--concurrency measures a placement's per-device pipelining; add --placement PLAN")
+        if isinstance(o.concurrency, bool) or not 2 <= o.concurrency <= 64:
+            raise BenchError(f"--concurrency must be an integer from 2 to 64 (requests in flight at once), got {o.concurrency!r}")
+        if o.compare:
+            raise BenchError("--concurrency compares pipelined with serial runs of our runtime; drop --compare")
+    if not o.timeout_s > 0:
+        raise BenchError(f"--timeout must be > 0 seconds, got {o.timeout_s}")
+    unknown = [p for p in o.compare if p not in PEERS]
+    if unknown:
+        raise BenchError(f"unknown peer {', '.join(unknown)}; known peers: {', '.join(PEERS)}")
