@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.errors import BenchError
-from exo_rknpu.runtime.session import open_shard
 
 # Peers `--compare` knows, by the name the user types.
 PEERS = ("transformers", "llama.cpp")
@@ -20,17 +18,6 @@ COMPILED_BACKENDS = ("npu", "rknn-sim")
 def default_threads() -> int:
     """The CPUs this process may run on (the affinity mask, not the machine's core count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def runtime_weight_forms() -> tuple[str, ...]:
-    """The `--weights` values the runtime in this build can honour.
-
-    Compact weights come with a `weights=` keyword of `open_shard`; a runtime without it keeps every weight as
-    float32, which is exactly what "auto" and "fp32" mean there.
-    """
-    if "weights" in inspect.signature(open_shard).parameters:
-        return WEIGHTS
-    return ("auto", "fp32")
 
 
 @dataclass(frozen=True)
@@ -76,9 +63,6 @@ def validate(o: BenchOptions) -> None:
         raise BenchError(f"unknown backend {o.backend!r}; known backends: {', '.join(sorted(BACKENDS))}")
     if o.weights not in WEIGHTS:
         raise BenchError(f"unknown --weights {o.weights!r}; choose one of: {', '.join(WEIGHTS)}")
-    forms = runtime_weight_forms()
-    if o.weights not in forms:
-        raise BenchError(f"--weights {o.weights} is not supported by this build's runtime (it runs: {', '.join(forms)})")
     if o.backend_dtype is not None:
         if o.backend_dtype not in COMPILED_DTYPES:
             raise BenchError(f"unknown --backend-dtype {o.backend_dtype!r}; choose one of: {', '.join(COMPILED_DTYPES)}")

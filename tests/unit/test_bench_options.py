@@ -34,13 +34,6 @@ def test_an_unknown_weights_form_is_refused(capsys):
     assert "int3" in err and "auto, int4, int8, fp32" in err
 
 
-def test_compact_forms_are_refused_while_the_runtime_keeps_float32(capsys):
-    if "int4" in bench_options.runtime_weight_forms():
-        pytest.skip("this build's open_shard takes weights=: int4 is measurable")
-    err = fails_with(capsys, ["--model", NO_MODEL, "--weights", "int4"])
-    assert "not supported by this build" in err and "auto, fp32" in err
-
-
 @pytest.mark.parametrize("flag,value", [
     ("--prompt-tokens", "0"), ("--gen-tokens", "-3"), ("--repeat", "0"), ("--threads", "0"), ("--threads", "100000"),
     ("--max-context", "0"), ("--layers-per-slice", "-1"),
