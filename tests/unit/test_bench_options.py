@@ -3,7 +3,6 @@
 import pytest
 
 from exo_rknpu.backends.base import BACKENDS
-from exo_rknpu.bench import options as bench_options
 from exo_rknpu.cli import bench as bench_cli
 from exo_rknpu.cli.main import main
 
