@@ -7,6 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's core count): the default thread
+    count of onnxruntime's intra-op pool and of every bench contender (decode is memory-bound, and a pool larger
+    than the cores only adds spinning)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def default_home() -> Path:
     """Root of the user cache: models, compiled slices, the toolkit environment.
 

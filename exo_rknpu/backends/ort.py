@@ -8,14 +8,13 @@ drops its own copy (ShardRunner releases the weights after prepare), so the pack
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from exo_rknpu.backends.numpy_ref import NumpyRunner
 from exo_rknpu.backends.prepared import PreparedCache, prepared_key
-from exo_rknpu.config import Paths
+from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
@@ -29,15 +28,6 @@ try:
 except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but say so plainly if it is missing
     ort = None
     _IMPORT_ERROR = e
-
-
-def default_threads() -> int:
-    """Threads for onnxruntime's intra-op pool: every core the process may use (decode is memory-bound and a
-    pool larger than the cores only adds spinning); inter-op parallelism stays at 1 (the graph is a chain)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class OrtRunner:
@@ -116,7 +106,7 @@ class OrtBackend:
     def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
-        self.threads = threads or default_threads()
+        self.threads = threads or usable_cpus()  # inter-op stays 1: the graph is a chain
         # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
         self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
 

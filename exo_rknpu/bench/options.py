@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from exo_rknpu.backends.base import BACKENDS
+from exo_rknpu.config import usable_cpus
 from exo_rknpu.errors import BenchError
 
 # Peers `--compare` knows, by the name the user types.
@@ -13,11 +13,6 @@ PEERS = ("transformers", "llama.cpp")
 WEIGHTS = ("auto", "int4", "int8", "fp32")
 COMPILED_DTYPES = ("fp16", "w8a8")
 COMPILED_BACKENDS = ("npu", "rknn-sim")
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on (the affinity mask, not the machine's core count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -30,7 +25,7 @@ class BenchOptions:
     weights: str = "auto"
     prompt_tokens: int = 128
     gen_tokens: int = 64
-    threads: int | None = None  # None: default_threads()
+    threads: int | None = None  # None: usable_cpus()
     repeat: int = 3
     compare: tuple[str, ...] = ()
     backend_dtype: str | None = None
@@ -42,7 +37,7 @@ class BenchOptions:
 
     @property
     def n_threads(self) -> int:
-        return self.threads or default_threads()
+        return self.threads or usable_cpus()
 
 
 def parse_compare(text: str | None) -> tuple[str, ...]:
