@@ -161,11 +161,7 @@ class ShardRunner:
         """
         x = self._check_input(x)
         seq = x.shape[1]
-        if start is None:
-            start = request_id not in self.requests
-        pos = 0 if start else self.requests.get(request_id).pos  # RequestStateError if this shard holds no cache
-        self.buckets.context_for(pos + seq)  # raises ContextOverflowError before touching anything
-        state = self.requests.admit(request_id) if start else self.requests.get(request_id)
+        state, start = self.begin_call(request_id, seq, start)
         start_pos = state.pos
         try:
             outs = []
@@ -185,6 +181,16 @@ class ShardRunner:
                 self.requests.drop(request_id)
             raise
         return out
+
+    def begin_call(self, request_id: str, seq: int, start: bool | None) -> tuple[RequestState, bool]:
+        """Admission of one call of `seq` tokens, before anything changes: a new request is admitted (CapacityError
+        when full), a live one must have its cache here (RequestStateError), and the context must hold it
+        (ContextOverflowError). Returns the request's state and whether the call starts it."""
+        if start is None:
+            start = request_id not in self.requests
+        pos = 0 if start else self.requests.get(request_id).pos
+        self.buckets.context_for(pos + seq)
+        return (self.requests.admit(request_id) if start else self.requests.get(request_id)), start
 
     @property
     def request_reserve_bytes(self) -> int:

@@ -104,12 +104,8 @@ class StagedShard:
         with self.lock:
             if request_id in self.in_flight:
                 raise ValueError(f"request {request_id} already has a call in flight; wait for it")
-            if start is None:
-                start = request_id not in r.requests
-            pos = 0 if start else r.requests.get(request_id).pos  # RequestStateError if this shard holds no cache
-            r.buckets.context_for(pos + x.shape[1])  # ContextOverflowError before anything is queued
-            state = r.requests.admit(request_id) if start else r.requests.get(request_id)  # CapacityError: refused
-            start_pos = state.pos
+            state, start = r.begin_call(request_id, x.shape[1], start)  # refusals happen before anything is queued
+            pos = start_pos = state.pos
             chunks, done = [], 0
             try:
                 for real, bucket in r.buckets.chunks(x.shape[1]):
