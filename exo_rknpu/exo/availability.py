@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -62,6 +63,12 @@ def complete_hf_folder(folder: Path) -> bool:
     return all((folder / f).is_file() and not (folder / f"{f}.partial").exists() for f in files)
 
 
+def downloaded_folder(card: ExoCard) -> Path | None:
+    """exo's download folder of the card's repo, if it holds the complete model."""
+    folder = exo_downloads_dir() / card.repo.replace("/", "--")
+    return folder if complete_hf_folder(folder) else None
+
+
 class Prober:
     """Whether a URL answers (any HTTP status counts: the host is reachable), remembered for PROBE_TTL_S."""
 
@@ -79,13 +86,23 @@ class Prober:
         return ok
 
     def _probe(self, url: str) -> bool:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=self.timeout).close()
-            return True
-        except urllib.error.HTTPError:
-            return True  # the host answered
-        except (OSError, ValueError):
-            return False
+        # In a thread joined with a timeout: urlopen's timeout does not bound the name lookup, which can hang
+        # for long on a machine without a resolver.
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=self.timeout).close()
+                result.append(True)
+            except urllib.error.HTTPError:
+                result.append(True)  # the host answered
+            except (OSError, ValueError):
+                result.append(False)
+
+        thread = threading.Thread(target=probe, daemon=True, name="exo-rknpu-probe")
+        thread.start()
+        thread.join(self.timeout)
+        return bool(result and result[0])
 
 
 def hf_offline() -> bool:
@@ -113,13 +130,13 @@ def model_availability(card: ExoCard, model_dir: Path | None, prober: Prober) ->
         return Availability(card.model_id, None, False,
                             f"model {card.model_id!r} is not in this node's cache and PyPI cannot be reached to fetch "
                             f"it; {how}")
-    folder = exo_downloads_dir() / card.repo.replace("/", "--")
-    if complete_hf_folder(folder):
+    folder = downloaded_folder(card)
+    if folder is not None:
         return Availability(card.model_id, folder, False)
     if hf_offline():
         return Availability(card.model_id, None, False,
                             f"model {card.model_id!r} is not on this node and HF_HUB_OFFLINE is set; {how}")
-    if prober.reachable(f"{hf_endpoint()}/api/models/{card.repo}"):
+    if prober.reachable(hf_endpoint() + "/"):
         return Availability(card.model_id, None, True)
     return Availability(card.model_id, None, False,
                         f"model {card.model_id!r} is not on this node and {hf_endpoint()} cannot be reached to "
