@@ -56,7 +56,8 @@ class Ring:
         """Start node `nid` (again: same ports, its log appended to)."""
         s = self.nodes[nid]
         env = dict(os.environ, EXO_HOME=str(self.tmp / "exo-home"), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--api-host", "127.0.0.1",
+        host = s.get("api_host", "127.0.0.1")  # None: the node's default
+        cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", *(["--api-host", host] if host else []),
                "--backend", s["backend"], "--memory-mb", str(s["memory"]), *s.get("extra", []), "--",
                "--node-id", nid, "--node-host", "127.0.0.1", "--node-port", str(s["grpc"]),
                "--discovery-module", "manual", "--discovery-config-path", str(self.config),
