@@ -448,7 +448,7 @@ def main() -> int:
         ring = Ring(Path(tmp), {
             "node-a": {"backend": "onnx", "memory": memory["node-a"], "extra": ["--weights", "fp32"]},
             "node-b": {"backend": "onnx", "memory": memory["node-b"],
-                       "extra": ["--weights", "fp32", "--api-key", KEY, "--cors-origin", ORIGIN]},
+                       "api_key": KEY, "extra": ["--weights", "fp32", "--cors-origin", ORIGIN]},
         })
         ring.nodes["node-a"]["api_host"] = None  # the default bind address is part of what is measured
         try:
