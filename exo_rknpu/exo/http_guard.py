@@ -15,9 +15,10 @@ any content type, so any web page a user opens could stop the node (`POST /quit`
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from exo_rknpu.exo.chat_request import error_body
 
@@ -95,3 +96,21 @@ def turned_off(option: str) -> Handler:
                                         f"start the node with {option} to allow it")
 
     return handler
+
+
+class _OneLineParseErrors(logging.Filter):
+    """aiohttp logs every malformed HTTP request as "Error handling request" with a traceback: keep one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            record.msg, record.args = f"malformed HTTP request refused: {type(exc).__name__}: {exc.message}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_aiohttp_logs() -> None:
+    """Install the filter above on aiohttp's server logger (idempotent)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _OneLineParseErrors) for f in logger.filters):
+        logger.addFilter(_OneLineParseErrors())

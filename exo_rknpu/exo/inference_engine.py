@@ -203,7 +203,7 @@ class RKNPUInferenceEngine(InferenceEngine):
             out = await self.core.forward(request_id, shard.model_id, layer_range, input_data, start)
         except Exception as e:
             self._record_failure(request_id, e)
-            log.error("request %s failed on %s: %s", request_id, shard, e)
+            log.debug("request %s failed on %s: %s", request_id, shard, e)  # the ring reports it, once
             raise
         loaded = self.core.current
         if loaded is not None:

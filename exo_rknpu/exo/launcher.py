@@ -26,10 +26,12 @@ import dataclasses
 import logging
 import sys
 import traceback
+import uuid
 from typing import Any
 
 import numpy as np
 
+from exo_rknpu.errors import ExoRknpuError
 from exo_rknpu.exo import ENGINE_CLASS, ENGINE_NAME, options as node_options
 from exo_rknpu.exo.api_tokenizer import TemplateOptionsTokenizer
 from exo_rknpu.exo.availability import downloaded_folder
@@ -102,6 +104,7 @@ def install_patches(options: NodeOptions) -> None:
     original_run = api_mod.ChatGPTAPI.run
 
     async def run(self: Any, host: str = "0.0.0.0", port: int = 52415) -> None:
+        quiet_expected_errors(asyncio.get_running_loop())
         return await original_run(self, host=node_options.current().api_host, port=port)
 
     api_mod.ChatGPTAPI.run = run
@@ -246,9 +249,23 @@ def _patch_node(Node: Any) -> None:
 
     async def _process_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str | None = None,
                               inference_state: Any = None):
-        result = await original_inner_tensor(self, base_shard, tensor, request_id, inference_state)
-        await _report_engine_failure(self, request_id)
-        return result
+        if _ring(self) is None:
+            return await original_inner_tensor(self, base_shard, tensor, request_id, inference_state)
+        # exo's own body, with its print + traceback replaced: an expected failure (exo-rknpu's errors) is
+        # reported to the ring once, in one line; anything else is a bug and keeps its traceback.
+        request_id = request_id or str(uuid.uuid4())
+        shard = self.get_current_shard(base_shard)
+        try:
+            self.outstanding_requests[request_id] = "processing"
+            result, inference_state = await self.inference_engine.infer_tensor(request_id, shard, tensor,
+                                                                               inference_state)
+            return await self.process_inference_result(shard, result, request_id, inference_state)
+        except Exception as e:
+            self.outstanding_requests.pop(request_id, None)
+            if not isinstance(e, ExoRknpuError):
+                log.exception("request %s: unexpected error on %s", request_id, shard)
+        finally:
+            await _report_engine_failure(self, request_id)
 
     async def process_prompt(self: Any, base_shard: Any, prompt: str, request_id: str | None = None,
                              inference_state: Any = {}):
@@ -260,9 +277,11 @@ def _patch_node(Node: Any) -> None:
                 raise RuntimeError(problem)
         try:
             return await original_process_prompt(self, base_shard, prompt, request_id, inference_state)
-        except Exception:
+        except Exception as e:
             await _report_engine_failure(self, request_id)
-            raise
+            if ring is None or not isinstance(e, ExoRknpuError):
+                raise
+            return None  # reported to the ring (the client hears of it); not a traceback in exo's gRPC server
 
     async def forward_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str, target_index: int,
                              inference_state: Any = None):
@@ -333,6 +352,24 @@ def install_state_wire() -> None:
         return proto
 
     grpc_peer_handle.GRPCPeerHandle.serialize_inference_state = serialize_inference_state
+
+
+def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """One line, not a traceback, for expected conditions that surface outside a request's own path: a task of
+    exo's that failed with one of exo-rknpu's errors (exo's preemptive shard load of a model that is not here),
+    and a malformed HTTP request (aiohttp logs "Error handling request" with a traceback)."""
+    from exo_rknpu.exo.http_guard import quiet_aiohttp_logs
+
+    quiet_aiohttp_logs()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        e = context.get("exception")
+        if isinstance(e, ExoRknpuError):
+            print(f"[exo-rknpu] {type(e).__name__}: {e}", flush=True)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 async def _report_engine_failure(node: Any, request_id: str | None) -> None:

@@ -158,8 +158,6 @@ class RingNode:
             self._release(rid, str(data.get("reason") or "ended by the API"))
             self._forget(rid)
         elif kind == FAILURE_STATUS:
-            if data.get("node_id") != self.node.id:
-                _say(f"request {rid} failed on another node: {data.get('error')}")
             self._release(rid, f"failed: {data.get('error')}")
             queue = self.active.get(rid)
             if queue is not None:
@@ -514,10 +512,13 @@ class _Call:
     tokenizer: Any
     n_prompt: int
 
+    def stop_ids(self) -> set[int]:
+        ids = {t for t in (getattr(self.tokenizer, "eos_token_ids", None) or ()) if t is not None}
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return ids | ({eos} if eos is not None else set())
+
     def finish_reason(self, outcome: Outcome) -> str:
-        stop_ids = {t for t in (getattr(self.tokenizer, "eos_token_ids", None) or ()) if t is not None}
-        stop_ids.add(getattr(self.tokenizer, "eos_token_id", None))
-        return "stop" if outcome.stopped or (outcome.tokens and outcome.tokens[-1] in stop_ids) else "length"
+        return "stop" if outcome.stopped or (outcome.tokens and outcome.tokens[-1] in self.stop_ids()) else "length"
 
     def usage(self, outcome: Outcome) -> dict[str, int]:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": len(outcome.tokens),
@@ -529,8 +530,9 @@ class _Call:
             text = self.tokenizer.decode([token], skip_special_tokens=False)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
+        stop_ids = self.stop_ids()  # the end-of-turn token is not part of the text, nor of its logprobs (as OpenAI)
         return {"content": [{**entry(c.token, c.logprob), "top_logprobs": [entry(t, lp) for t, lp in c.top]}
-                            for c in choices], "refusal": None}
+                            for c in choices if c.token not in stop_ids], "refusal": None}
 
     def completion(self, outcome: Outcome) -> dict[str, Any]:
         """The non-streaming answer (blocking: decodes)."""
