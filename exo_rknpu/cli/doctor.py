@@ -34,8 +34,8 @@ def _librknnrt_version(lib: Path) -> str | None:
 
 
 def collect() -> dict:
-    from exo_rknpu.backends.npu import board_problems, npu_driver_version
-    from exo_rknpu.compiler import toolkit
+    from exo_rknpu.backends.board import board_problems, npu_driver_version
+    from exo_rknpu.rknn import toolkit
 
     lib = librknnrt_path()
     info: dict = {"machine": platform.machine(), "soc": _read("/proc/device-tree/compatible"),

@@ -5,63 +5,28 @@ files alone: model fingerprint, model args, slice spec, buckets, dtype, platform
 address over the recorded weights digest, and every file's size and sha256 (check_manifest; ArtifactError with the
 reason and the compile command). The decoder layers' and the head's weights are never loaded on the board
 (`needs_layer_weights = False`). It loads one RKNNLite context per file and calls init_runtime(core_mask=...). The KV cache stays on the host
-(the runtime passes past_k/past_v each call); inputs/outputs go through backends/rknn_io.py, the same code
+(the runtime passes past_k/past_v each call); inputs/outputs go through rknn/io.py, the same code
 the simulator verification uses.
 """
 
 from __future__ import annotations
 
 import json
-import platform as _platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exo_rknpu.backends import rknn_io
+from exo_rknpu.rknn import io as rknn_io
 from exo_rknpu.slices import artifacts as cc
-from exo_rknpu.config import Paths, librknnrt_path
+from exo_rknpu.config import Paths
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
+from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
-
-DEVICE_TREE = Path("/proc/device-tree/compatible")
-CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}
-
-
-def board_problems(librknnrt: Path | None = None, machine: str | None = None) -> list[str]:
-    """What stops the NPU backend on this machine (empty when nothing does)."""
-    problems = []
-    machine = machine or _platform.machine()
-    if machine not in ("aarch64", "arm64"):
-        problems.append(f"this machine is {machine}, not aarch64: the NPU backend runs only on an RK3588 board")
-    try:
-        import rknnlite.api  # noqa: F401
-    except ImportError:
-        problems.append("rknn-toolkit-lite2 is not installed (pip install 'exo-rknpu[board]' on the board; aarch64 wheels only)")
-    lib = librknnrt or librknnrt_path()
-    if not lib.exists():
-        problems.append(f"no {lib}: install Rockchip's librknnrt.so (rknpu2 runtime) on the board")
-    drv = npu_driver_version()
-    if drv is None:
-        problems.append("no RKNPU driver visible (/sys/kernel/debug/rknpu/version or /proc/device-tree): is this an RK3588 with the rknpu driver?")
-    elif tuple(int(x) for x in drv.split(".")[:2] if x.isdigit()) < (0, 9):
-        problems.append(f"RKNPU driver {drv} is too old; rknn 2.5 needs >= 0.9 (update the board's kernel)")
-    return problems
-
-
-def npu_driver_version() -> str | None:
-    for p in (Path("/sys/kernel/debug/rknpu/version"), Path("/sys/module/rknpu/version")):
-        try:
-            text = p.read_text().strip()
-        except OSError:
-            continue
-        return text.split(":")[-1].strip().lstrip("v") or None
-    return None
-
 
 class NpuRunner:
     def __init__(self, spec: SliceSpec, folder: Path, manifest: dict[str, Any], core_mask: int) -> None:
@@ -127,7 +92,7 @@ class NpuBackend:
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
     static_shapes = True
-    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (compiler/compile.py)
+    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (rknn/compile.py)
     needs_layer_weights = False  # layers and head run from the .rknn files: the loader leaves their weights out
     # only the embedding is loaded; float32 as the compiled slices were checked against (False would keep it compact:
     # GGUF Q8_0 exactly, float sources as int8, measured cosine 0.99985 against float32 on the tiny test model)
