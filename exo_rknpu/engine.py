@@ -33,6 +33,7 @@ from exo_rknpu.errors import (
     RequestStateError,
     TensorContractError,
     ToolkitMissingError,
+    name_model,
 )
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import check_mode
@@ -186,7 +187,7 @@ class ShardEngine:
 
     def _wrap(self, e: ExoRknpuError, key: ShardKey, model_ref: str | None = None) -> ExoRknpuError:
         """Same exception type, with which node / model / layers / backend in front, and a hint where one helps."""
-        msg = f"{self._prefix(key)}{e}"
+        msg = name_model(f"{self._prefix(key)}{e}", model_ref)
         if isinstance(e, TensorContractError) and not key.layer_range.is_first:
             msg += (f" (hidden states come from the node that runs layers 0-{key.layer_range.start - 1}; "
                     f"check that every node serves the same model and sends float16/float32)")
