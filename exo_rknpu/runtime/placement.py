@@ -263,13 +263,16 @@ def resolve(
     npu_available: bool = False,
     weights: str = "auto",
     npu_dtype: str = "fp16",
+    emulate: bool = False,
+    npu_unavailable: str = "",
 ) -> ResolvedPlan:
     """Check `plan` against the model and the backends and cut `layer_range` into placed slices.
 
     Refuses (PlacementError, one line) a range outside the model, a block a device's backend cannot run, and a plan
     that leaves a slice without a backend that supports it. Nothing is loaded.
     NPU devices run on the npu backend when `npu_available`, on rknn-sim when that is the default backend, and
-    otherwise on a CPU backend, marked emulated.
+    otherwise on a CPU backend, marked emulated — only when `emulate` is asked for (--emulate); else the plan is
+    refused with `npu_unavailable`, the reason the NPU cannot run here (never a silent CPU run).
     """
     plan = plan or PlacementPlan()
     L = args.num_hidden_layers
@@ -355,6 +358,9 @@ def resolve(
         backends[device] = name
         slices.append(PlacedSlice(spec, device, name, emulated,
                                   spec_bytes(args, spec, bytes_per_weight(device, name, weights, npu_dtype))))
+    emulated = sorted({s.device for s in slices if s.emulated})
+    if emulated and not emulate:
+        raise PlacementError(npu_refusal(emulated, npu_unavailable))
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, backends)
 
 
@@ -386,11 +392,24 @@ def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) 
     return max(1, int(budget // max(per_layer, 1)))
 
 
-def npu_present() -> bool:
-    """An RK3588 NPU with its runtime is usable here (backends/npu.py board_problems finds nothing)."""
+def npu_problems() -> list[str]:
+    """What stops an RK3588 NPU with its runtime here (backends/npu.py board_problems); empty: it can run."""
     from exo_rknpu.backends.npu import board_problems
 
-    return not board_problems()
+    return board_problems()
+
+
+def require_npu(plan: PlacementPlan, why: str) -> None:
+    """Refuse a plan that names an NPU device on a machine where the NPU cannot run (`why`), unless emulated."""
+    named = sorted({r.device for r in plan.ranges} | {d for _, d in plan.blocks})
+    npu = [d for d in named if d.startswith("npu")]
+    if npu:
+        raise PlacementError(npu_refusal(npu, why))
+
+
+def npu_refusal(devices: list[str], why: str) -> str:
+    return (f"the plan puts slices on {', '.join(devices)}, but the NPU cannot run here: {why or 'no usable NPU'}; "
+            "add --emulate to run them on the CPU backend instead (no NPU speed is claimed)")
 
 
 def backend_picker(resolved: ResolvedPlan, make: Callable[[str, str], Backend]) -> Callable[[SliceSpec], Backend]:

@@ -11,7 +11,7 @@ from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.placement import (CORE_MASK, PlacementPlan, ResolvedPlan, backend_picker, fallback_placement,
-                                         npu_present, resolve)
+                                         npu_problems, resolve)
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
 from exo_rknpu.slices.spec import Buckets, plan_slices
@@ -46,17 +46,19 @@ def open_shard(
     weights: str = "auto",
     progress: Callable[[str], None] | None = None,
     placement: PlacementPlan | None = None,
+    emulate: bool = False,
 ) -> ShardRunner:
     """Load only `layer_range`'s weights from `src` (in the form `weights` asks: auto | int4 | int8 | fp32) and
     prepare its slices on `backend`; `progress` gets one-line messages while that takes time.
 
     Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
+    `emulate`: a placement's NPU devices may run on the CPU backend when the NPU cannot run here (else refused).
     """
     check_mode(weights)
     if placement is not None:
         return _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice,
-                            backend_options, weights, progress)
+                            backend_options, weights, progress, emulate)
     primary = get_backend(backend, **(backend_options or {}))
     if weights == "auto" and getattr(primary, "float_weights", False):
         weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
@@ -90,19 +92,22 @@ def open_shard(
 
 def resolve_placement(src: ModelSource, layer_range: LayerRange, placement: PlacementPlan | None, backend: str,
                       buckets: Buckets | None = None, layers_per_slice: int | None = None, weights: str = "auto",
-                      npu_dtype: str = "fp16") -> ResolvedPlan:
-    """The plan for one shard, checked against the model's config and the backends here (nothing is loaded)."""
+                      npu_dtype: str = "fp16", emulate: bool = False) -> ResolvedPlan:
+    """The plan for one shard, checked against the model's config and the backends here (nothing is loaded); NPU
+    devices on a machine without a usable NPU are refused with the reason unless `emulate`."""
     args = load_args(src)
+    problems = npu_problems()
     return resolve(placement, args, layer_range, backend, buckets or default_buckets(args), layers_per_slice=layers_per_slice,
-                   npu_available=npu_present(), weights=weights, npu_dtype=npu_dtype)
+                   npu_available=not problems, weights=weights, npu_dtype=npu_dtype, emulate=emulate,
+                   npu_unavailable="; ".join(problems))
 
 
 def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice, backend_options,
-                 weights, progress) -> ShardRunner:
+                 weights, progress, emulate) -> ShardRunner:
     """open_shard for a placement plan: one backend instance per device, the slices the planner cut."""
     opts = backend_options or {}
     resolved = resolve_placement(src, layer_range, placement, backend, buckets, layers_per_slice, weights,
-                                 opts.get("dtype", "fp16"))
+                                 opts.get("dtype", "fp16"), emulate)
     classes = {s.backend: backend_class(s.backend) for s in resolved.slices}
     if weights == "auto" and any(getattr(c, "float_weights", False) for c in classes.values()):
         weights = "fp32"  # a compiled backend is among them: the float32 tensors (and digests) the compiler built from
