@@ -120,8 +120,7 @@ def _model_ref(src: ModelSource | None) -> str | None:
 
 def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
     """Default loader: only `layer_range`'s weights, prepared on the configured backend (blocking)."""
-    from exo_rknpu.runtime.placement import PlacementPlan
-    from exo_rknpu.runtime.session import default_buckets, open_shard
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_shard
     from exo_rknpu.model.loader import load_args
 
     return open_shard(

@@ -9,6 +9,8 @@ Facts from rknn-toolkit-lite2 2.3.2 and 2.5.0 (their aarch64 wheels' Python and 
 * `inference(..., reuse_outputs=...)` exists from 2.5.0 on; 2.3.x raises TypeError on it.
 
 `probe` runs load_rknn + init_runtime on one compiled file in a child process (a broken runtime may crash it).
+Numpy-free and toolkit-free, so the planner (runtime/placement.py) and `doctor` can ask without importing the npu
+backend (rknn/npu.py), which uses them too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ MIN_DRIVER = (0, 9)  # rknn 2.x runtimes need the rknpu driver >= 0.9
 LITE2_SERIES = ((2, 3), (2, 5))
 LITE2_PACKAGE = "rknn-toolkit-lite2"
 PROBE_TIMEOUT_S = 120.0
+CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}  # RKNNLite.NPU_CORE_*
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -152,6 +155,12 @@ def board_facts(need_librknnrt: str | None = None, machine: str | None = None, s
         f.problems.append(f"the rknpu driver is {f.driver}; rknn 2.x needs >= {'.'.join(map(str, MIN_DRIVER))} "
                           "(update the board's kernel)")
     return f
+
+
+def board_problems(need_librknnrt: str | None = None) -> list[str]:
+    """What stops the npu backend on this machine (empty when nothing that can be seen without running it does;
+    init_runtime, doctor's probe, is the final word)."""
+    return board_facts(need_librknnrt).problems
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource, resolve_model
-from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan
-from exo_rknpu.runtime.session import default_buckets, resolve_placement
+from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, default_buckets, resolve_placement
 
 Progress = Callable[[str], None]
 SCHEMA = 1

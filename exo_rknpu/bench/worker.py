@@ -124,7 +124,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     from exo_rknpu.model.zoo import ModelSource
     from exo_rknpu.runtime.pipeline import LocalRing, Timings
     from exo_rknpu.runtime.sampling import Sampler
-    from exo_rknpu.runtime.session import default_buckets, open_shard
+    from exo_rknpu.runtime.placement import default_buckets, open_shard
 
     src = ModelSource(Path(job.model_path).name, Path(job.model_path), job.model_format)  # type: ignore[arg-type]
     margs = load_args(src)
@@ -134,7 +134,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     if job.backend == "onnx":
         opts["threads"] = job.threads
     if job.backend == "rknn-sim" and job.backend_dtype == "w8a8":
-        from exo_rknpu.compiler.calibration import ModelCalibration
+        from exo_rknpu.rknn.calibration import ModelCalibration
 
         opts["calibration"] = ModelCalibration(src)
     # a runtime without compact weights has no `weights` keyword: there every form is float32 (options.py)

@@ -15,7 +15,7 @@ import json
 from exo_rknpu.bench.harness import METRICS, Report, plan, run_bench
 from exo_rknpu.bench.options import WEIGHTS, BenchOptions, parse_compare
 from exo_rknpu.bench.worker import OURS
-from exo_rknpu.cli.generate import add_model_args, progress
+from exo_rknpu.cli.options import add_model_args, progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -17,10 +17,9 @@ import uuid
 from dataclasses import dataclass
 
 from exo_rknpu.bench.harness import BenchPlan
-from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan
+from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, open_shard
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.sampling import Sampler
-from exo_rknpu.runtime.session import open_shard
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.runtime.stages import StagedShard
 

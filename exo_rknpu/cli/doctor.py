@@ -45,7 +45,7 @@ def smallest_slice(cache: Path) -> tuple[Path, str] | None:
 
 def collect(probe_file: Path | None = None, cache: Path | None = None) -> dict:
     """Every finding as a dict; "ready" is True only when nothing blocks and init_runtime succeeded on a slice."""
-    from exo_rknpu.compiler import toolkit
+    from exo_rknpu.rknn import toolkit
 
     cache = cache or Paths.from_env().compiled
     found = (probe_file, "") if probe_file else smallest_slice(cache)

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from exo_rknpu.backends.base import BACKENDS
-from exo_rknpu.backends.npu import CORE_MASKS
-from exo_rknpu.cli.generate import add_placement_args, add_weights_arg
-from exo_rknpu.cli.options import positive_float, positive_int
+from exo_rknpu.backends.board import CORE_MASKS
+from exo_rknpu.cli.options import add_placement_args, add_weights_arg, positive_float, positive_int
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.requests import RequestLimits

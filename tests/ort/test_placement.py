@@ -77,7 +77,7 @@ def _staged(model, plan, **kw):
 
     src = resolve_model(str(model))
     from helpers import SMALL_BUCKETS
-    from exo_rknpu.runtime.session import open_shard
+    from exo_rknpu.runtime.placement import open_shard
 
     staged = StagedShard(open_shard(src, LayerRange.full(5), "onnx", SMALL_BUCKETS, placement=PlacementPlan.parse(plan), emulate=True, **kw))
     return staged, LocalRing([staged])
@@ -161,7 +161,7 @@ def test_compile_streams_a_plans_part_slices_with_one_read_per_layer(tiny_llama,
     """`compile --placement '...;attention=cpu'` builds two NPU slices per layer; the compiler reads each layer's
     tensors once for both of them, and hands the head over once, with the last layer's weights."""
     import exo_rknpu.model.loader as loader
-    from exo_rknpu.compiler.compile import _one_layer_at_a_time
+    from exo_rknpu.rknn.compile import _one_layer_at_a_time
     from exo_rknpu.runtime.placement import resolve
     from helpers import SMALL_BUCKETS
 
@@ -187,7 +187,7 @@ def test_compile_streams_a_plans_part_slices_with_one_read_per_layer(tiny_llama,
 
 def test_w8a8_refuses_block_split_slices_before_loading_anything(tiny_llama, tmp_path):
     """The w8a8 recipe calibrates whole layers: a plan's part slices are refused with a clear error, nothing built."""
-    from exo_rknpu.compiler.compile import compile_range
+    from exo_rknpu.rknn.compile import compile_range
     from exo_rknpu.errors import CompileError
     from exo_rknpu.runtime.placement import resolve
     from helpers import SMALL_BUCKETS

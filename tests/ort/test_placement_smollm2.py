@@ -14,7 +14,7 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.placement import PlacementPlan
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.runtime.stages import StagedShard
 from helpers import greedy, ring
 

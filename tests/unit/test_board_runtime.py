@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from exo_rknpu.backends import board
-from exo_rknpu.backends.npu import NpuRunner, librknnrt_needed
+from exo_rknpu.rknn.npu import NpuRunner, librknnrt_needed
 from exo_rknpu.slices.spec import SliceSpec
 
 

@@ -5,7 +5,7 @@ files alone: model fingerprint, model args, slice spec, buckets, dtype, platform
 address over the recorded weights digest, and every file's size and sha256 (check_manifest; ArtifactError with the
 reason and the compile command). The decoder layers' and the head's weights are never loaded on the board
 (`needs_layer_weights = False`). It loads one RKNNLite context per file and calls init_runtime(core_mask=...). The KV cache stays on the host
-(the runtime passes past_k/past_v each call); inputs/outputs go through backends/rknn_io.py, the same code
+(the runtime passes past_k/past_v each call); inputs/outputs go through rknn/io.py, the same code
 the simulator verification uses.
 """
 
@@ -18,23 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from exo_rknpu.backends import board, rknn_io
+from exo_rknpu.backends import board
+from exo_rknpu.rknn import io as rknn_io
 from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
+from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
-
-CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}
-
-
-def board_problems(need_librknnrt: str | None = None) -> list[str]:
-    """What stops the npu backend on this machine (empty when nothing that can be seen without running it does);
-    backends/board.py reads the facts, init_runtime (doctor's probe) is the final word."""
-    return board.board_facts(need_librknnrt).problems
-
 
 def librknnrt_needed(m: dict[str, Any]) -> str:
     """The oldest librknnrt a compiled slice runs on: recorded at compile time (older manifests: the toolkit's)."""
@@ -109,7 +102,7 @@ class NpuBackend:
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
     static_shapes = True
-    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (compiler/compile.py)
+    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (rknn/compile.py)
     needs_layer_weights = False  # layers and head run from the .rknn files: the loader leaves their weights out
     # only the embedding is loaded; float32 as the compiled slices were checked against (False would keep it compact:
     # GGUF Q8_0 exactly, float sources as int8, measured cosine 0.99985 against float32 on the tiny test model)
