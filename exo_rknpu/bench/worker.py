@@ -42,6 +42,7 @@ class Job:
     layers_per_slice: int | None = None
     count_bytes: bool = True  # also count the weight bytes a decode step reads (ours: loads the weights again)
     placement: str | None = None  # ours: a placement plan (runtime/placement.py), inline or a .toml path
+    emulate: bool = False  # ours: the plan's NPU devices may run on the CPU (--emulate)
 
 
 @dataclass
@@ -142,6 +143,8 @@ def run_ours(job: Job, t0: float) -> RunFigures:
         from exo_rknpu.runtime.placement import PlacementPlan
 
         extra["placement"] = PlacementPlan.load(job.placement)
+        if "emulate" in inspect.signature(open_shard).parameters:  # older runtimes emulated without asking
+            extra["emulate"] = job.emulate
     buckets = default_buckets(margs, job.max_context)
     shards = [open_shard(src, r, job.backend, buckets, job.layers_per_slice, backend_options=opts, **extra) for r in ranges]
     ring = LocalRing(shards)

@@ -10,7 +10,7 @@ import uuid
 
 from exo_rknpu.cli.options import (add_model_args, backend_options, explain_placement, non_negative_float, non_negative_int,
                                    positive_int, probability, progress)
-from exo_rknpu.errors import UsageError
+from exo_rknpu.errors import ArtifactError, UsageError, name_model
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_args, load_tokenizer
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--system is a chat message; add --chat (or drop --system)")
     if args.thinking and not args.chat:
         raise UsageError("--thinking is a chat template option; add --chat (or drop --thinking)")
+    if args.emulate and not args.placement:
+        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
     margs = load_args(src)  # config only: no weights yet
@@ -97,8 +99,12 @@ def run(args: argparse.Namespace) -> int:
         text = args.prompt
     prompt_ids = encode_prompt(tok, text)
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
-    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts, weights=args.weights,
-                         progress=progress, placement=args.placement) for r in ranges]
+    try:
+        shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts,
+                             weights=args.weights, progress=progress, placement=args.placement,
+                             emulate=args.emulate) for r in ranges]
+    except ArtifactError as e:
+        raise ArtifactError(name_model(str(e), args.model)) from e
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

@@ -88,6 +88,7 @@ def build_options(args: argparse.Namespace):
         logits=args.logits,
         weights=args.weights,
         placement=str(args.placement) if args.placement else None,
+        emulate=args.emulate,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
@@ -109,11 +110,16 @@ def run(args: argparse.Namespace) -> int:
     if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
         raise UsageError(f"--model-dir {args.model_dir} is not a folder; give the folder that holds <model_id> "
                          "subfolders (or .gguf files), or leave it out to let exo download")
+    if args.emulate and not args.placement:
+        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
     ok, why = exo_importable()
     if not ok:
         print(f"exo-rknpu: error: {why}", file=sys.stderr)
         return 2
+    from exo_rknpu.engine import check_npu
     from exo_rknpu.exo.launcher import exo_argv, run_node
+
+    check_npu(build_options(args).engine)  # an NPU that cannot run here is refused now, not at the first request
 
     try:
         exo_argv(args.exo_args)

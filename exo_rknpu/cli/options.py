@@ -67,11 +67,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_placement_args(p: argparse.ArgumentParser, explain: bool = True) -> None:
-    """--placement (runtime/placement.py) and --explain."""
+    """--placement (runtime/placement.py), --emulate and --explain."""
     p.add_argument("--placement", type=placement_plan, default=None, metavar="PLAN",
                    help="which device runs which layers and blocks: RANGE=DEVICE[,...][;BLOCK=DEVICE,...] or a .toml "
                         "file, e.g. 0-9=npu0,10-19=npu1,20-29=npu2 or 0-29=npu;attention=cpu (docs/placement.md); "
-                        "without an NPU, npu devices are emulated on the CPU backend")
+                        "npu devices need a usable NPU here, or --emulate")
+    p.add_argument("--emulate", action="store_true",
+                   help="with --placement: where the NPU cannot run, run its slices on the CPU backend (the same "
+                        "graphs; every output says emulated). Without it such a plan is refused with the reason")
     if explain:
         p.add_argument("--explain", action="store_true",
                        help="print the resolved placement (every slice, its device, buckets, estimated weight bytes) and exit")
@@ -92,8 +95,8 @@ def explain_placement(src, ranges, args: argparse.Namespace, buckets) -> list:
     from exo_rknpu.runtime.placement import resolve_placement
 
     dtype = getattr(args, "backend_dtype", None) or "fp16"
-    plans = [resolve_placement(src, r, args.placement, args.backend, buckets, args.layers_per_slice, args.weights, dtype)
-             for r in ranges]
+    plans = [resolve_placement(src, r, args.placement, args.backend, buckets, args.layers_per_slice, args.weights, dtype,
+                               emulate=args.emulate) for r in ranges]
     if getattr(args, "explain", False):
         for plan in plans:
             print(plan.explain())

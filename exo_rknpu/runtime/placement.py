@@ -269,13 +269,16 @@ def resolve(
     npu_available: bool = False,
     weights: str = "auto",
     npu_dtype: str = "fp16",
+    emulate: bool = False,
+    npu_unavailable: str = "",
 ) -> ResolvedPlan:
     """Check `plan` against the model and the backends and cut `layer_range` into placed slices.
 
     Refuses (PlacementError, one line) a range outside the model, a block a device's backend cannot run, and a plan
     that leaves a slice without a backend that supports it. Nothing is loaded.
     NPU devices run on the npu backend when `npu_available`, on rknn-sim when that is the default backend, and
-    otherwise on a CPU backend, marked emulated.
+    otherwise on a CPU backend, marked emulated — only when `emulate` is asked for (--emulate); else the plan is
+    refused with `npu_unavailable`, the reason the NPU cannot run here (never a silent CPU run).
     """
     plan = plan or PlacementPlan()
     L = args.num_hidden_layers
@@ -361,6 +364,9 @@ def resolve(
         backends[device] = name
         slices.append(PlacedSlice(spec, device, name, emulated,
                                   spec_bytes(args, spec, bytes_per_weight(device, name, weights, npu_dtype))))
+    emulated = sorted({s.device for s in slices if s.emulated})
+    if emulated and not emulate:
+        raise PlacementError(npu_refusal(emulated, npu_unavailable))
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, backends)
 
 
@@ -392,11 +398,24 @@ def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) 
     return max(1, int(budget // max(per_layer, 1)))
 
 
-def npu_present() -> bool:
-    """An RK3588 NPU with its runtime is usable here (backends/board.py board_problems finds nothing)."""
+def npu_problems() -> list[str]:
+    """What stops an RK3588 NPU with its runtime here (backends/board.py board_problems); empty: it can run."""
     from exo_rknpu.backends.board import board_problems
 
-    return not board_problems()
+    return board_problems()
+
+
+def require_npu(plan: PlacementPlan, why: str) -> None:
+    """Refuse a plan that names an NPU device on a machine where the NPU cannot run (`why`), unless emulated."""
+    named = sorted({r.device for r in plan.ranges} | {d for _, d in plan.blocks})
+    npu = [d for d in named if d.startswith("npu")]
+    if npu:
+        raise PlacementError(npu_refusal(npu, why))
+
+
+def npu_refusal(devices: list[str], why: str) -> str:
+    return (f"the plan puts slices on {', '.join(devices)}, but the NPU cannot run here: {why or 'no usable NPU'}; "
+            "add --emulate to run them on the CPU backend instead (no NPU speed is claimed)")
 
 
 def backend_picker(resolved: ResolvedPlan, make: Callable[[str, str], Backend]) -> Callable[[SliceSpec], Backend]:
@@ -458,17 +477,19 @@ def open_shard(
     weights: str = "auto",
     progress: Callable[[str], None] | None = None,
     placement: PlacementPlan | None = None,
+    emulate: bool = False,
 ) -> ShardRunner:
     """Load only `layer_range`'s weights from `src` (in the form `weights` asks: auto | int4 | int8 | fp32) and
     prepare its slices on `backend`; `progress` gets one-line messages while that takes time.
 
     Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
     that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
+    `emulate`: a placement's NPU devices may run on the CPU backend when the NPU cannot run here (else refused).
     """
     check_mode(weights)
     if placement is not None:
         return _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice,
-                            backend_options, weights, progress)
+                            backend_options, weights, progress, emulate)
     primary = get_backend(backend, **(backend_options or {}))
     if weights == "auto" and getattr(primary, "float_weights", False):
         weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
@@ -502,19 +523,22 @@ def open_shard(
 
 def resolve_placement(src: ModelSource, layer_range: LayerRange, placement: PlacementPlan | None, backend: str,
                       buckets: Buckets | None = None, layers_per_slice: int | None = None, weights: str = "auto",
-                      npu_dtype: str = "fp16") -> ResolvedPlan:
-    """The plan for one shard, checked against the model's config and the backends here (nothing is loaded)."""
+                      npu_dtype: str = "fp16", emulate: bool = False) -> ResolvedPlan:
+    """The plan for one shard, checked against the model's config and the backends here (nothing is loaded); NPU
+    devices on a machine without a usable NPU are refused with the reason unless `emulate`."""
     args = load_args(src)
+    problems = npu_problems()
     return resolve(placement, args, layer_range, backend, buckets or default_buckets(args), layers_per_slice=layers_per_slice,
-                   npu_available=npu_present(), weights=weights, npu_dtype=npu_dtype)
+                   npu_available=not problems, weights=weights, npu_dtype=npu_dtype, emulate=emulate,
+                   npu_unavailable="; ".join(problems))
 
 
 def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice, backend_options,
-                 weights, progress) -> ShardRunner:
+                 weights, progress, emulate) -> ShardRunner:
     """open_shard for a placement plan: one backend instance per device, the slices the planner cut."""
     opts = backend_options or {}
     resolved = resolve_placement(src, layer_range, placement, backend, buckets, layers_per_slice, weights,
-                                 opts.get("dtype", "fp16"))
+                                 opts.get("dtype", "fp16"), emulate)
     classes = {s.backend: backend_class(s.backend) for s in resolved.slices}
     if weights == "auto" and any(getattr(c, "float_weights", False) for c in classes.values()):
         weights = "fp32"  # a compiled backend is among them: the float32 tensors (and digests) the compiler built from
