@@ -41,6 +41,10 @@ class Backend(Protocol):
     needs_layer_weights: bool
     float_weights: bool  # True: builds from float32 weights (a compiler's input); --weights auto loads fp32 for it
     max_slice_bytes: int | None  # with layers_per_slice None: layers per slice keep each slice's weights under this
+    # True: its runners take a batch of B requests' single-token steps in one call (ShardRunner.forward_batch):
+    # inputs with a leading dim B, caches [n_layers, B, kv, C, hd], k_new/v_new [n_layers*B, ...] layer-major.
+    # False: the steps run one after another.
+    batches: bool
     # Read by the placement planner (runtime/placement.py) before anything loads:
     blocks: frozenset[str]  # placement blocks it can run (slices/spec.py PLACEMENT_BLOCKS); `supports` agrees
 

@@ -31,6 +31,7 @@ class NumpyBackend:
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls
     needs_layer_weights = True  # evaluates the slices from the weights
     float_weights = False  # widens compact weights on the fly
+    batches = True  # NumpyOps broadcast over a leading batch dim
     max_slice_bytes = None
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 

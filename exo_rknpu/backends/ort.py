@@ -60,8 +60,9 @@ class OrtRunner:
         if self.n_cache_layers:
             inputs = dict(inputs)
             for name, names in self.cache_names.items():
-                stacked = inputs.pop(name)  # [n,kv,C,hd]: stacked[i] is a contiguous view, handed over without a copy
-                inputs.update({n: stacked[i : i + 1] for i, n in enumerate(names)})
+                # [n,kv,C,hd], or [n,B,kv,C,hd] for a batch of requests: layer i is a contiguous view, not copied
+                stacked = inputs.pop(name)
+                inputs.update({n: stacked[i] if stacked.ndim == 5 else stacked[i : i + 1] for i, n in enumerate(names)})
         return dict(zip(self.output_names, session.run(None, inputs)))
 
     def close(self) -> None:
@@ -98,6 +99,7 @@ class OrtBackend:
     layers_per_slice: int | None = None  # chosen from max_slice_bytes by open_shard
     needs_layer_weights = True  # builds its graphs from the weights
     float_weights = False
+    batches = True  # its graphs take a batch dim (slices/onnx_export.py OnnxOps.batch)
     # Layers per session are chosen so that one session packs at most this many bytes of weights: onnxruntime
     # holds a slice's mapped weights and their packed copy together while it opens, so this bounds the peak.
     max_slice_bytes = 32 << 20

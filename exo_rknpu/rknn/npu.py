@@ -107,6 +107,7 @@ class NpuBackend:
     # only the embedding is loaded; float32 as the compiled slices were checked against (False would keep it compact:
     # GGUF Q8_0 exactly, float sources as int8, measured cosine 0.99985 against float32 on the tiny test model)
     float_weights = True
+    batches = False  # compiled for batch 1 (batch buckets are not built)
     max_slice_bytes = None
     # every block but the embedding (a row gather over the vocabulary table stays on the host); static shapes
     blocks = frozenset(PLACEMENT_BLOCKS) - {"embedding"}

@@ -297,6 +297,7 @@ class RknnSimBackend:
     kv_layout = "seq"
     static_shapes = True
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
+    batches = False  # compiled for batch 1 (batch buckets are not built)
     max_slice_bytes = None
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
     # Unlike npu: the simulator cannot run a .rknn loaded from disk (init_runtime refuses a load_rknn model without a

@@ -52,3 +52,35 @@ class KVCache:
         lead = (slice(None),) * self.axis
         self.keys[lead + (slice(pos, pos + count),)] = k_new[lead + (slice(0, count),)]
         self.values[lead + (slice(pos, pos + count),)] = v_new[lead + (slice(0, count),)]
+
+
+@dataclass
+class BatchCache:
+    """The caches of one layer slice for the requests of a batched decode step (row b = request b).
+
+    `keys`/`values` are [n_layers, B, kv_heads, capacity, head_dim]: what a batching backend takes (layer i of
+    the batch is the contiguous block keys[i]). They are a copy made for the step; `write` puts each request's
+    new row back into its own cache, which stays the only lasting copy.
+    """
+
+    caches: list[KVCache]
+
+    def __post_init__(self) -> None:
+        if any(c.layout != "seq" for c in self.caches):
+            raise ValueError("batched steps take the 'seq' cache layout only")
+        self.keys = np.stack([c.keys for c in self.caches], axis=1)
+        self.values = np.stack([c.values for c in self.caches], axis=1)
+
+    def grow(self, capacity: int) -> None:
+        """The batch's caches were grown to its capacity before they were stacked."""
+        if capacity > self.keys.shape[3]:
+            raise ValueError(f"batched caches hold {self.keys.shape[3]} positions, not {capacity}")
+
+    def write(self, positions: list[int], k_new: np.ndarray, v_new: np.ndarray, count: int) -> None:
+        """k_new/v_new [n_layers*B, kv, count, hd] (layer-major, as a batched slice returns them) -> each
+        request's cache at its own position."""
+        n, b = self.keys.shape[0], len(self.caches)
+        k_new = k_new.reshape(n, b, *k_new.shape[1:])
+        v_new = v_new.reshape(n, b, *v_new.shape[1:])
+        for i, (cache, pos) in enumerate(zip(self.caches, positions)):
+            cache.write(pos, k_new[:, i], v_new[:, i], count)

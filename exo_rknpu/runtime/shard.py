@@ -16,11 +16,11 @@ import numpy as np
 from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.runtime.cache import KVCache
+from exo_rknpu.runtime.cache import BatchCache, KVCache
 from exo_rknpu.runtime.inputs import LayerInputs
 from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
 from exo_rknpu.slices.graph import slice_weights
-from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, plan_slices, state_name
+from exo_rknpu.slices.spec import MASK_VALUE, PARTS, Buckets, SliceSpec, plan_slices, state_name
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,20 @@ def return_freed_memory() -> None:
     libc.malloc_trim(0)
 
 
+class BatchState:
+    """The requests of a batched decode step seen as one: `caches[i]` stacks their caches of attention slice i."""
+
+    def __init__(self, states: list[RequestState]) -> None:
+        self.caches = [BatchCache([s.caches[i] for s in states]) for i in range(len(states[0].caches))]
+
+
 @dataclass
 class Chunk:
-    """One bucket-shaped piece of a call on its way through a shard's slices."""
+    """One bucket-shaped piece of a call on its way through a shard's slices (or one step of a batch of requests:
+    state is a BatchState, pos one position per request)."""
 
-    state: RequestState
-    pos: int  # position of its first token
+    state: RequestState | BatchState
+    pos: int | list[int]  # position of its first token
     real: int  # tokens in it (the rest of the bucket is padding)
     capacity: int  # context bucket of every cache it touches
     st: dict[str, np.ndarray]  # layer state between slices ("x": hidden [1,bucket,H]; "ids" before the embedding)
@@ -181,6 +189,55 @@ class ShardRunner:
                 self.requests.drop(request_id)
             raise
         return out
+
+    @property
+    def batches(self) -> bool:
+        """Whether every slice's backend runs a batch of requests in one call (Backend.batches), on the "seq"
+        cache layout (the one batched caches are stacked in)."""
+        return all(b.batches for b in self.backends.values()) and all(s.kv_layout == "seq" for s in self.layer_specs)
+
+    def forward_batch(self, calls: list[tuple[str, np.ndarray]], logits: Literal["all", "last"] = "all") -> list[np.ndarray]:
+        """One decode step of several live requests at once: each call is (request_id, one token id [1,1] or one
+        hidden state [1,1,H]); returns what `forward` would return for each, in order.
+
+        The requests' steps run as one batch through every slice (every weight read once for all of them), each
+        row with its own position, mask and KV cache, so each output equals that request's lone step up to
+        float32 summation order. Backends that do not batch run the calls one after another. Admission is all or
+        nothing: a call that `forward` would refuse (not live here, context full, a request twice) raises before
+        any request moves.
+        """
+        if len(calls) == 1 or not self.batches:
+            return [self.forward(rid, x, logits, start=False) for rid, x in calls]
+        if len({rid for rid, _ in calls}) != len(calls):
+            raise TensorContractError("a batch holds one step per request; a request id appears twice")
+        xs = [self._check_input(x) for _, x in calls]
+        if any(x.shape[1] != 1 for x in xs):
+            raise TensorContractError("a batched step takes exactly one token (or hidden state) per request")
+        states = [self.begin_call(rid, 1, start=False)[0] for rid, _ in calls]
+        chunk = self._batch_chunk(states, np.concatenate(xs, axis=0))
+        self.run_steps(chunk, self.body_specs)
+        out = chunk.st["x"]
+        if self.layer_range.is_last:
+            out = self._run(self.specs[-1], {"hidden": out})["logits"]  # one row per request: "all" = "last"
+        for s in states:
+            s.pos += 1
+        return [out[b : b + 1] for b in range(len(states))]
+
+    def _batch_chunk(self, states: list[RequestState], x: np.ndarray) -> "Chunk":
+        """The batched chunk of one decode step: row b is request b at its own position, its mask hiding the
+        cache rows it has not written; every cache grows to the context bucket of the furthest request."""
+        positions = [s.pos for s in states]
+        capacity = self.buckets.context_for(max(positions) + 1)
+        for s in states:
+            for c in s.caches:
+                c.grow(capacity)
+        mask = np.zeros((len(states), 1, 1, capacity + 1), np.float32)
+        for b, p in enumerate(positions):
+            mask[b, ..., p:capacity] = MASK_VALUE
+        rows = np.array(positions)
+        common = {"cos": self.inputs.cos[rows][:, None, None], "sin": self.inputs.sin[rows][:, None, None], "mask": mask}
+        st = {"ids": x} if self.layer_range.is_first else {"x": x}
+        return Chunk(BatchState(states), positions, 1, capacity, st, common)
 
     def begin_call(self, request_id: str, seq: int, start: bool | None) -> tuple[RequestState, bool]:
         """Admission of one call of `seq` tokens, before anything changes: a new request is admitted (CapacityError

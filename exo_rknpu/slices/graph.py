@@ -31,6 +31,7 @@ class Ops(Protocol):
     def add(self, a: T, b: T) -> T: ...
     def mul(self, a: T, b: T) -> T: ...
     def silu(self, x: T) -> T: ...
+    # a leading 1 below may be a batch B of requests in the CPU forms (numpy, onnxruntime): see Backend.batches
     def split_heads(self, x: T, n_heads: int, head_dim: int) -> T: ...  # [1,S,n*hd] -> [1,n,S,hd]
     def merge_heads(self, x: T, n_heads: int, head_dim: int) -> T: ...  # [1,n,S,hd] -> [1,S,n*hd]
     def rotate_half(self, x: T, head_dim: int) -> T: ...  # cat(-x2, x1) on the last axis
@@ -203,10 +204,10 @@ class NumpyOps:
         return x / (np.float32(1) + np.exp(-x))
 
     def split_heads(self, x, n_heads, head_dim):
-        return x.reshape(1, -1, n_heads, head_dim).transpose(0, 2, 1, 3)
+        return x.reshape(x.shape[0], -1, n_heads, head_dim).transpose(0, 2, 1, 3)
 
     def merge_heads(self, x, n_heads, head_dim):
-        return x.transpose(0, 2, 1, 3).reshape(1, -1, n_heads * head_dim)
+        return x.transpose(0, 2, 1, 3).reshape(x.shape[0], -1, n_heads * head_dim)
 
     def rotate_half(self, x, head_dim):
         half = head_dim // 2
@@ -216,7 +217,7 @@ class NumpyOps:
         return np.concatenate(xs, axis=axis)
 
     def take_layer(self, x, i):
-        return x[i : i + 1]
+        return x[i] if x.ndim == 5 else x[i : i + 1]  # [n,B,kv,C,hd]: a batch of requests' caches
 
     def swap_last(self, x):
         return np.swapaxes(x, -1, -2)

@@ -61,6 +61,13 @@ class OnnxOps:
         self.n_layers = 0  # layers in the slice being recorded (set by build_onnx)
         self.args: ModelArgs | None = None  # the model's hyper-parameters (set by build_onnx)
 
+    @property
+    def batch(self) -> int:
+        """Leading dim of head reshapes: 0 (Reshape's "keep the input's") in onnxruntime's form, whose graphs take a
+        batch of requests (dim "B": one decode step of several requests, each row its own position and cache);
+        1 in the NPU compiler's form (static shapes, batch 1)."""
+        return 0 if self.compact else 1
+
     # -- helpers --------------------------------------------------------------------------
     def _node(self, op: str, inputs: list[str], **attrs) -> str:
         out = self.g.fresh(op.lower())
@@ -125,9 +132,11 @@ class OnnxOps:
             for t in (cos, sin):
                 first = self._node("Slice", [t, *self._range(0, half), self._const(np.array([-1], np.int64))])
                 table.append(self._node("Reshape", [first, self._shape([-1, half])]))
+            # rows of the tables are the batch's [B,S] positions in order: position id b*S+s picks row (b, s)
             n = self._node("Gather", [self._node("Shape", [table[0]]), self._const(np.array(0, np.int64))], axis=0)
             positions = self._node("Range", [self._const(np.array(0, np.int64)), n, self._const(np.array(1, np.int64))])
-            pos = self._node("Unsqueeze", [positions, self._const(np.array([0], np.int64))])
+            seq = self._node("Slice", [self._node("Shape", [cos]), *self._range(2, 3)])
+            pos = self._node("Reshape", [positions, self._node("Concat", [self._const(np.array([-1], np.int64)), seq], axis=0)])
             self.g.consts[key] = ",".join([pos, *table])
         pos, cos_t, sin_t = self.g.consts[key].split(",")
         out = self.g.fresh("rotary")
@@ -177,11 +186,11 @@ class OnnxOps:
         return self._node("Mul", [x, self._node("Sigmoid", [x])])
 
     def split_heads(self, x, n_heads, head_dim):
-        return self._node("Transpose", [self._node("Reshape", [x, self._shape([1, -1, n_heads, head_dim])])], perm=[0, 2, 1, 3])
+        return self._node("Transpose", [self._node("Reshape", [x, self._shape([self.batch, -1, n_heads, head_dim])])], perm=[0, 2, 1, 3])
 
     def merge_heads(self, x, n_heads, head_dim):
         t = self._node("Transpose", [x], perm=[0, 2, 1, 3])
-        return self._node("Reshape", [t, self._shape([1, -1, n_heads * head_dim])])
+        return self._node("Reshape", [t, self._shape([self.batch, -1, n_heads * head_dim])])
 
     def rotate_half(self, x, head_dim):
         half = head_dim // 2
@@ -256,7 +265,7 @@ class OnnxOps:
         scores against past and new keys computed separately and concatenated (small), values likewise."""
         a = self.args
         # shapes from the model's constants (batch 1): no Shape/Slice/Concat chain per layer per call
-        qf = self._node("Mul", [self._node("Reshape", [q, self._shape([1, a.num_key_value_heads, -1, a.head_dim])]),
+        qf = self._node("Mul", [self._node("Reshape", [q, self._shape([self.batch, a.num_key_value_heads, -1, a.head_dim])]),
                                 self._const(np.array(scale, np.float32))])
         s_past = self._node("MatMul", [qf, self._node("Transpose", [past_k], perm=[0, 1, 3, 2])])
         s_new = self._node("MatMul", [qf, self._node("Transpose", [k], perm=[0, 1, 3, 2])])
@@ -267,7 +276,7 @@ class OnnxOps:
         p_past = self._node("Slice", [p, self._const(np.array([0], np.int64)), c, axis])
         p_new = self._node("Slice", [p, c, self._const(np.array([2**62], np.int64)), axis])
         o = self._node("Add", [self._node("MatMul", [p_past, past_v]), self._node("MatMul", [p_new, v])])
-        return self._node("Reshape", [o, self._shape([1, a.num_attention_heads, -1, a.head_dim])])
+        return self._node("Reshape", [o, self._shape([self.batch, a.num_attention_heads, -1, a.head_dim])])
 
     def embed(self, table, ids):
         return self._node("Gather", [self._weight(table), ids], axis=0)
@@ -351,28 +360,31 @@ def _build(
     CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
     H, hd, kv, n = a.hidden_size, a.head_dim, a.num_key_value_heads, spec.n_layers
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    # onnxruntime's form takes a batch of requests (see OnnxOps.batch): k_new/v_new are then [n*B,...], layer-major
+    B: int | str = "B" if compact and per_layer_cache else 1
+    NB: int | str = "NB" if B == "B" else n
     if spec.kind == "embed":
-        ins = [("token_ids", (1, S), i64)]
-        outs = [("hidden", (1, S, H), f32)]
+        ins = [("token_ids", (B, S), i64)]
+        outs = [("hidden", (B, S, H), f32)]
     elif spec.kind == "head":
-        ins = [("hidden", (1, S, H), f32)]
-        outs = [("logits", (1, S, a.vocab_size), f32)]
+        ins = [("hidden", (B, S, H), f32)]
+        outs = [("logits", (B, S, a.vocab_size), f32)]
     else:
         dim = spec.kv_layout == "dim"
-        cache, new = ((n, kv, hd, C), (n, kv, hd, S)) if dim else ((n, kv, C, hd), (n, kv, S, hd))
+        cache, new = ((n, kv, hd, C), (NB, kv, hd, S)) if dim else ((n, kv, C, hd), (NB, kv, S, hd))
         # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
-        ins = [(state_name(k), (1, S, state_width(a, k)), f32) for k in spec.state_inputs()]
-        outs = [(state_name(k, output=True), (1, S, state_width(a, k)), f32) for k in spec.state_outputs()]
+        ins = [(state_name(k), (B, S, state_width(a, k)), f32) for k in spec.state_inputs()]
+        outs = [(state_name(k, output=True), (B, S, state_width(a, k)), f32) for k in spec.state_outputs()]
         if spec.has_attention:
-            ins += [("cos", (1, 1, S, hd), f32), ("sin", (1, 1, S, hd), f32),
-                    ("mask", (1, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
+            ins += [("cos", (B, 1, S, hd), f32), ("sin", (B, 1, S, hd), f32),
+                    ("mask", (B, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
             outs += [("k_new", new, f32), ("v_new", new, f32)]
     names: dict[str, object] = {name: name for name, _, _ in ins}
     if per_layer_cache and spec.has_attention:
         kept = [i for i in ins if i[0] not in ("past_k", "past_v")]
         for cache_name in ("past_k", "past_v"):
             names[cache_name] = per_layer_cache_names(cache_name, n)
-            kept += [(nm, (1, *cache[1:]), f32) for nm in names[cache_name]]  # type: ignore[union-attr]
+            kept += [(nm, (B, *cache[1:]), f32) for nm in names[cache_name]]  # type: ignore[union-attr]
         ins = kept
     results = run_slice(ops, spec, weights, names)
     # Give outputs their public names with Identity nodes (an input may not double as an output).
