@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +171,49 @@ def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,
     return LoadedShard(key=key, source=src, args=args, runner=runner, tokenizer=tok)
 
 
+def _raise(e: BaseException) -> np.ndarray:
+    raise e
+
+
+@dataclass
+class _Step:
+    """One forward call waiting for the engine's worker (ShardEngine._step_batched)."""
+
+    loaded: LoadedShard
+    request_id: str
+    x: np.ndarray
+    start: bool | None
+    future: "asyncio.Future[np.ndarray] | None" = None
+
+    def settle(self, compute: Callable[[], np.ndarray]) -> None:
+        """Worker thread: hand the result of `compute()` (or what it raised) to the waiting caller."""
+        try:
+            out = compute()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            self._deliver(None, e)
+        else:
+            self._deliver(out, None)
+
+    def settle_error(self, check: Callable[[], object]) -> bool:
+        """Worker thread: run `check()`; if it raises, the caller gets the error and this returns False."""
+        try:
+            check()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            self._deliver(None, e)
+            return False
+        return True
+
+    def _deliver(self, out: np.ndarray | None, error: BaseException | None) -> None:
+        fut = self.future
+        assert fut is not None
+
+        def done() -> None:
+            if not fut.done():  # the caller may have been cancelled meanwhile
+                fut.set_exception(error) if error is not None else fut.set_result(out)
+
+        fut.get_loop().call_soon_threadsafe(done)
+
+
 class ShardEngine:
     """Holds at most one loaded shard; loads, swaps and runs it off the event loop."""
 
@@ -189,6 +233,10 @@ class ShardEngine:
         self._tokenizers: dict[str, Tokenizer] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()  # request id -> why it ended (worker thread only)
         self._closed = False
+        # one-token steps waiting for the worker, run by one batch job (see _step_batched); guarded by _steps_lock
+        self._steps: list[_Step] = []
+        self._steps_job = False  # a batch job is submitted and has not yet taken the waiting steps
+        self._steps_lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -262,7 +310,10 @@ class ShardEngine:
         loaded = await self.ensure(model_id, layer_range)
         try:
             # Submitted right after ensure() returned, with no await in between: no swap can slip in.
-            out = await self.run_blocking(self._forward_job, loaded, request_id, x, start)
+            if start is not True and np.shape(x)[1:2] == (1,) and loaded.runner.batches:
+                out = await self._step_batched(_Step(loaded, request_id, x, start))
+            else:
+                out = await self.run_blocking(self._forward_job, loaded, request_id, x, start)
         except ExoRknpuError as e:
             raise self._wrap(e, loaded.key) from e
         if not layer_range.is_last and self.config.hidden_dtype == "float16":
@@ -279,6 +330,51 @@ class ShardEngine:
             for rid in requests.idle():
                 self._end(loaded, rid, f"idle for more than {requests.limits.idle_seconds:g} s, abandoned")
         return loaded.runner.forward(request_id, x, self.config.logits, start)
+
+    async def _step_batched(self, step: "_Step") -> np.ndarray:
+        """A one-token step joins the steps already waiting for the worker; one job runs them all as one batch
+        (`ShardRunner.forward_batch`: every weight read once for all of them). The job is submitted when the first
+        step arrives, so the executor's order still holds: it runs before any later shard change or close."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        step.future = asyncio.get_running_loop().create_future()
+        with self._steps_lock:
+            self._steps.append(step)
+            submit, self._steps_job = not self._steps_job, True
+        if submit:
+            try:
+                self._executor.submit(self._steps_job_run)
+            except RuntimeError:  # closed meanwhile: nothing will take the step
+                with self._steps_lock:
+                    self._steps.remove(step)
+                    self._steps_job = False
+                raise
+        return await step.future
+
+    def _steps_job_run(self) -> None:
+        """Worker thread: take every waiting step; the live requests' steps of one shard run as one batch, any
+        other (a request's first step, an ended one) runs as `forward` would; each step gets its own result."""
+        with self._steps_lock:
+            steps, self._steps, self._steps_job = self._steps, [], False
+        batch: list[_Step] = []
+        for s in steps:
+            reason = self._ended.get(s.request_id)
+            if s.request_id in s.loaded.runner.requests and reason is None and s.loaded is steps[0].loaded:
+                batch.append(s)
+            else:
+                s.settle(lambda s=s: self._forward_job(s.loaded, s.request_id, s.x, s.start))
+        # a step the batch could not admit (its context is full) fails alone; the others run together
+        ok = [s for s in batch if s.settle_error(lambda s=s: s.loaded.runner.begin_call(s.request_id, 1, False))]
+        if not ok:
+            return
+        try:
+            outs = ok[0].loaded.runner.forward_batch([(s.request_id, s.x) for s in ok], self.config.logits)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+            for s in ok:
+                s.settle(lambda e=e: _raise(e))
+            return
+        for s, out in zip(ok, outs):
+            s.settle(lambda out=out: out)
 
     def _end(self, loaded: LoadedShard | None, request_id: str, reason: str) -> None:
         if loaded is not None and request_id in loaded.runner.requests:

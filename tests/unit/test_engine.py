@@ -310,3 +310,28 @@ async def test_smollm2_split_equals_full_exactly():
     finally:
         e1.close()
         e2.close()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+async def test_concurrent_decode_steps_run_as_one_batch_and_give_each_request_its_lone_tokens(make, backend):
+    """Requests decoding at the same time on one engine: their one-token steps that wait for the worker together
+    run as one batch (fewer head calls than steps), and every request gets the greedy tokens it gets alone."""
+    prompts = {"a": [5, 17, 42], "b": [7, 99, 3, 250, 11], "c": [12]}
+
+    async def decode(e, rid: str, first: np.ndarray, n: int) -> list[int]:
+        tokens = [int(np.argmax(first[0, -1]))]
+        for _ in range(n):
+            logits = await e.forward(rid, "tiny", full(), np.array([[tokens[-1]]]))
+            tokens.append(int(np.argmax(logits[0, -1])))
+        return tokens
+
+    alone, together = make(backend=backend, weights="fp32"), make(backend=backend, weights="fp32")
+    want = {rid: await decode(alone, rid, await alone.forward(rid, "tiny", full(), np.array([p])), 8)
+            for rid, p in prompts.items()}
+    firsts = {rid: await together.forward(rid, "tiny", full(), np.array([p])) for rid, p in prompts.items()}
+    got = await asyncio.gather(*(decode(together, rid, firsts[rid], 8) for rid in prompts))
+    assert dict(zip(prompts, got)) == want
+    steps = 8 * len(prompts)
+    # both ran the same prefills; alone made one head call per decode step, together fewer (steps shared calls)
+    extra_alone = alone.current.runner.stats.calls["head"] - together.current.runner.stats.calls["head"]
+    assert extra_alone > 0 and steps - extra_alone < steps
