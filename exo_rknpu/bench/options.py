@@ -33,7 +33,9 @@ class BenchOptions:
     layers_per_slice: int | None = None
     timeout_s: float = 900.0
     placement: str | None = None  # a placement plan (runtime/placement.py), inline or a .toml path
-    concurrency: int | None = None  # with placement: requests in flight at once, pipelined vs serial (in process)
+    # requests in flight at once (in process): with placement pipelined vs serial; without, batched decode steps of
+    # 1, 2, 4 .. N requests vs one after another
+    concurrency: int | None = None
     emulate: bool = False  # with placement: NPU devices may run on the CPU where the NPU cannot run (else refused)
 
     @property
@@ -75,12 +77,13 @@ def validate(o: BenchOptions) -> None:
     if o.emulate and o.placement is None:
         raise BenchError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
     if o.concurrency is not None:
-        if o.placement is None:
-            raise BenchError("--concurrency measures a placement's per-device pipelining; add --placement PLAN")
-        if isinstance(o.concurrency, bool) or not 2 <= o.concurrency <= 64:
-            raise BenchError(f"--concurrency must be an integer from 2 to 64 (requests in flight at once), got {o.concurrency!r}")
+        if isinstance(o.concurrency, bool) or not isinstance(o.concurrency, int) or not 1 <= o.concurrency <= 64:
+            raise BenchError(f"--concurrency must be an integer from 1 to 64 (requests in flight at once), got {o.concurrency!r}")
+        if o.placement is not None and o.concurrency < 2:
+            raise BenchError("--concurrency with --placement pipelines requests over devices: give 2 to 64")
         if o.compare:
-            raise BenchError("--concurrency compares pipelined with serial runs of our runtime; drop --compare")
+            raise BenchError("--concurrency compares batched or pipelined with one-at-a-time runs of our runtime; "
+                             "drop --compare")
     if not o.timeout_s > 0:
         raise BenchError(f"--timeout must be > 0 seconds, got {o.timeout_s}")
     unknown = [p for p in o.compare if p not in PEERS]

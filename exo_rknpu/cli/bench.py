@@ -33,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", default=None, help="peers to run in the same rounds: transformers,llama.cpp")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run (default: 900)")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
-                   help="with --placement: N requests at once, pipelined per device vs one call at a time, in this "
-                        "process (cli/bench_pipeline.py; docs/placement.md)")
+                   help="N requests at once, in this process: their decode steps batched vs one request after "
+                        "another, for 1, 2, 4 .. N requests (cli/bench_batch.py); with --placement: pipelined per "
+                        "device vs one call at a time (cli/bench_pipeline.py; docs/placement.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.set_defaults(func=run)
 
@@ -95,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
         for resolved in p.placements:
             print(resolved.explain())
         return 0
-    if p.options.concurrency:
+    if p.options.concurrency and p.options.placement:
         from exo_rknpu.cli.bench_pipeline import run_pipelining
 
         return run_pipelining(p, args.json)
+    if p.options.concurrency:
+        from exo_rknpu.cli.bench_batch import run_batching
+
+        return run_batching(p, args.json)
     report = run_bench(p, progress)
     if args.json:
         print(json.dumps(report.to_json()))

@@ -188,3 +188,13 @@ def test_concurrency_measures_pipelined_against_serial_with_the_same_tokens(caps
     assert r["gain"] == pytest.approx(r["pipelined_tokens_per_s"] / r["serial_tokens_per_s"])
     # the embedding on the host, one stage per core, the head after the last layer on its core
     assert [s.split(":")[0] for s in r["stages"]] == ["onnx", "npu0", "npu1", "npu2", "npu2"]
+
+
+def test_concurrency_without_placement_measures_batched_against_sequential_decode(capsys, tiny_llama):
+    r = bench_json(capsys, "--model", str(tiny_llama), "--backend", "onnx", "--weights", "fp32", "--concurrency", "3",
+                   "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1")
+    assert [lv["requests"] for lv in r["levels"]] == [1, 2, 3]
+    for lv in r["levels"]:
+        assert lv["same_tokens"] is True  # each batched request decodes exactly its sequential tokens
+        assert lv["gain"] == pytest.approx(lv["batched_tok_s"] / lv["sequential_tok_s"])
+        assert lv["latency_ratio"] == pytest.approx(lv["batched_latency_ms"] / lv["sequential_latency_ms"])

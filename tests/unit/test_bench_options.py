@@ -91,11 +91,13 @@ def test_the_prompt_is_exactly_n_deterministic_tokens(tiny_llama):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--concurrency", "3"], "add --placement"),
-    (["--placement", "0-1=npu0", "--concurrency", "1"], "--concurrency must be an integer from 2"),
+    (["--concurrency", "0"], "--concurrency must be an integer from 1 to 64"),
+    (["--concurrency", "65"], "--concurrency must be an integer from 1 to 64"),
+    (["--concurrency", "2", "--compare", "llama.cpp"], "drop --compare"),
+    (["--placement", "0-1=npu0", "--concurrency", "1"], "give 2 to 64"),
     (["--placement", "0-1=npu0", "--concurrency", "2", "--compare", "transformers"], "drop --compare"),
 ])
-def test_concurrency_needs_a_placement_and_two_requests(capsys, argv, message):
+def test_concurrency_is_one_to_64_requests_and_two_with_a_placement(capsys, argv, message):
     assert message in fails_with(capsys, ["--model", NO_MODEL, *argv])
 
 

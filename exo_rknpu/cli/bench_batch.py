@@ -1,0 +1,134 @@
+"""`exo-rknpu bench --concurrency N` (no placement): decode throughput of 1, 2, 4, ... N requests in flight at once,
+their one-token steps run as one batch (`ShardRunner.forward_batch`, what the engine does with steps that wait
+together), against the same requests decoded one after another.
+
+In this process, one shard: for each level n and round, the n requests (the bench prompt and variants of it one
+token longer each, so each is its own request) are prefilled untimed, then decode `gen_tokens` steps either one
+request after another (sequential) or all together (batched). Rounds alternate sequential and batched; figures are
+medians. Aggregate decode tok/s = n * gen_tokens / wall time of the decode steps; per-request latency = the time a
+request waits for each of its tokens (sequential: one lone step; batched: one batched step).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from exo_rknpu.bench.harness import BenchPlan
+from exo_rknpu.errors import BenchError
+from exo_rknpu.runtime.placement import default_buckets, open_shard
+from exo_rknpu.runtime.shard import ShardRunner
+
+
+@dataclass
+class Level:
+    """Figures of one concurrency level (medians over rounds)."""
+
+    requests: int
+    sequential_tok_s: float
+    batched_tok_s: float
+    gain: float  # batched / sequential aggregate decode
+    sequential_latency_ms: float  # per token, per request
+    batched_latency_ms: float
+    latency_ratio: float  # batched / lone
+    same_tokens: bool
+
+
+def levels(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n."""
+    out, k = [], 1
+    while k < n:
+        out.append(k)
+        k *= 2
+    return out + [n]
+
+
+def _prefill(shard: ShardRunner, prompts: list[list[int]]) -> tuple[list[str], list[int]]:
+    ids, first = [], []
+    for p in prompts:
+        rid = uuid.uuid4().hex
+        logits = shard.forward(rid, np.array([p]), logits="last")
+        ids.append(rid)
+        first.append(int(logits[0, -1].argmax()))
+    return ids, first
+
+
+def decode(shard: ShardRunner, prompts: list[list[int]], steps: int, batched: bool) -> tuple[float, list[list[int]]]:
+    """Greedy `steps` tokens for every prompt, batched or one request after another; (decode seconds, tokens)."""
+    ids, first = _prefill(shard, prompts)
+    tokens = [[t] for t in first]
+    try:
+        t0 = time.perf_counter()
+        if batched:
+            for _ in range(steps):
+                outs = shard.forward_batch([(rid, np.array([[tok[-1]]])) for rid, tok in zip(ids, tokens)], "last")
+                for tok, out in zip(tokens, outs):
+                    tok.append(int(out[0, -1].argmax()))
+        else:
+            for rid, tok in zip(ids, tokens):
+                for _ in range(steps):
+                    tok.append(int(shard.forward(rid, np.array([[tok[-1]]]), "last", start=False)[0, -1].argmax()))
+        return time.perf_counter() - t0, tokens
+    finally:
+        for rid in ids:
+            shard.drop(rid)
+
+
+def measure_level(shard: ShardRunner, prompts: list[list[int]], steps: int, repeats: int) -> Level:
+    n = len(prompts)
+    seq_s, bat_s, same = [], [], True
+    for _ in range(repeats):
+        ts, tok_s = decode(shard, prompts, steps, batched=False)
+        tb, tok_b = decode(shard, prompts, steps, batched=True)
+        seq_s.append(ts)
+        bat_s.append(tb)
+        same = same and tok_s == tok_b
+    ts, tb = statistics.median(seq_s), statistics.median(bat_s)
+    lone_ms, batch_ms = ts / (n * steps) * 1e3, tb / steps * 1e3
+    return Level(n, n * steps / ts, n * steps / tb, ts / tb, lone_ms, batch_ms, batch_ms / lone_ms, same)
+
+
+def run_batching(p: BenchPlan, as_json: bool) -> int:
+    """bench --concurrency N without a placement: the table of levels 1, 2, 4, ... N."""
+    o = p.options
+    assert o.concurrency is not None
+    if o.split:
+        raise BenchError("--concurrency batches the decode steps of one shard; drop --split")
+    full = p.ranges[0]
+    opts = {"threads": o.n_threads} if o.backend == "onnx" else {}
+    shard = open_shard(p.source, full, o.backend, default_buckets(load_args_of(p), o.max_context), o.layers_per_slice,
+                       backend_options=opts, weights=o.weights)
+    try:
+        if not shard.batches:
+            raise BenchError(f"backend {o.backend!r} runs steps one at a time (it does not batch); use onnx or numpy")
+        decode(shard, [p.prompt_ids], 2, batched=False)  # sessions open before timing
+        prompts = [p.prompt_ids + [p.prompt_ids[-1]] * i for i in range(o.concurrency)]
+        table = [measure_level(shard, prompts[:n], o.gen_tokens, o.repeat) for n in levels(o.concurrency)]
+    finally:
+        shard.close()
+    report = {"model": p.source.name, "backend": o.backend, "weights": o.weights, "threads": o.n_threads,
+              "prompt_tokens": o.prompt_tokens, "gen_tokens": o.gen_tokens, "repeat": o.repeat,
+              "levels": [asdict(level) for level in table]}
+    if as_json:
+        print(json.dumps(report))
+        return 0
+    print(f"{p.source.name}, {o.backend} weights={o.weights}, {o.n_threads} thread(s), prompt {o.prompt_tokens} tokens, "
+          f"{o.gen_tokens} decode steps per request, medians of {o.repeat} alternating rounds")
+    print(f"{'requests':>8s} {'sequential tok/s':>16s} {'batched tok/s':>13s} {'gain':>6s} "
+          f"{'lone ms/token':>13s} {'batched ms/token':>16s} {'latency':>8s} {'same tokens':>11s}")
+    for lv in table:
+        print(f"{lv.requests:8d} {lv.sequential_tok_s:16.1f} {lv.batched_tok_s:13.1f} {lv.gain:5.2f}x "
+              f"{lv.sequential_latency_ms:13.1f} {lv.batched_latency_ms:16.1f} {lv.latency_ratio:7.2f}x "
+              f"{'yes' if lv.same_tokens else 'NO':>11s}")
+    return 0
+
+
+def load_args_of(p: BenchPlan):
+    from exo_rknpu.model.loader import load_args
+
+    return load_args(p.source)
