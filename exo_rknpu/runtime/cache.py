@@ -58,21 +58,22 @@ class KVCache:
 class BatchCache:
     """The caches of one layer slice for the requests of a batched decode step (row b = request b).
 
-    `keys`/`values` are [n_layers, B, kv_heads, capacity, head_dim]: what a batching backend takes (layer i of
+    `keys`/`values` are [n_layers, B, kv_heads, span, head_dim]: what a batching backend takes (layer i of
     the batch is the contiguous block keys[i]). They are a copy made for the step; `write` puts each request's
     new row back into its own cache, which stays the only lasting copy.
     """
 
     caches: list[KVCache]
+    span: int  # positions stacked: every position any request of the batch has written
 
     def __post_init__(self) -> None:
         if any(c.layout != "seq" for c in self.caches):
             raise ValueError("batched steps take the 'seq' cache layout only")
-        self.keys = np.stack([c.keys for c in self.caches], axis=1)
-        self.values = np.stack([c.values for c in self.caches], axis=1)
+        self.keys = np.stack([c.keys[:, :, : self.span] for c in self.caches], axis=1)
+        self.values = np.stack([c.values[:, :, : self.span] for c in self.caches], axis=1)
 
     def grow(self, capacity: int) -> None:
-        """The batch's caches were grown to its capacity before they were stacked."""
+        """The batch's caches were grown before they were stacked (`capacity` is the span stacked)."""
         if capacity > self.keys.shape[3]:
             raise ValueError(f"batched caches hold {self.keys.shape[3]} positions, not {capacity}")
 

@@ -24,6 +24,9 @@ from exo_rknpu.slices.spec import MASK_VALUE, PARTS, Buckets, SliceSpec, plan_sl
 
 log = logging.getLogger(__name__)
 
+# A batched step reads the caches up to the furthest request's position rounded up to this (few distinct shapes
+# for onnxruntime, little copied for short contexts)
+BATCH_SPAN_STEP = 32
 SliceObserver = Callable[[SliceSpec, dict[str, np.ndarray], dict[str, np.ndarray]], None]
 HIDDEN_DTYPES = (np.float16, np.float32)
 
@@ -53,8 +56,8 @@ def return_freed_memory() -> None:
 class BatchState:
     """The requests of a batched decode step seen as one: `caches[i]` stacks their caches of attention slice i."""
 
-    def __init__(self, states: list[RequestState]) -> None:
-        self.caches = [BatchCache([s.caches[i] for s in states]) for i in range(len(states[0].caches))]
+    def __init__(self, states: list[RequestState], span: int) -> None:
+        self.caches = [BatchCache([s.caches[i] for s in states], span) for i in range(len(states[0].caches))]
 
 
 @dataclass
@@ -225,19 +228,22 @@ class ShardRunner:
 
     def _batch_chunk(self, states: list[RequestState], x: np.ndarray) -> "Chunk":
         """The batched chunk of one decode step: row b is request b at its own position, its mask hiding the
-        cache rows it has not written; every cache grows to the context bucket of the furthest request."""
+        cache rows it has not written. Every cache grows to the context bucket of the furthest request; the batch
+        reads only the first `span` rows of them (a multiple of BATCH_SPAN_STEP past the furthest position), which
+        are all that hold keys: the stacked copy and the attention over it stay proportional to what is used."""
         positions = [s.pos for s in states]
         capacity = self.buckets.context_for(max(positions) + 1)
         for s in states:
             for c in s.caches:
                 c.grow(capacity)
-        mask = np.zeros((len(states), 1, 1, capacity + 1), np.float32)
+        span = min(capacity, -(-max(positions) // BATCH_SPAN_STEP) * BATCH_SPAN_STEP)
+        mask = np.zeros((len(states), 1, 1, span + 1), np.float32)
         for b, p in enumerate(positions):
-            mask[b, ..., p:capacity] = MASK_VALUE
+            mask[b, ..., p:span] = MASK_VALUE
         rows = np.array(positions)
         common = {"cos": self.inputs.cos[rows][:, None, None], "sin": self.inputs.sin[rows][:, None, None], "mask": mask}
         st = {"ids": x} if self.layer_range.is_first else {"x": x}
-        return Chunk(BatchState(states), positions, 1, capacity, st, common)
+        return Chunk(BatchState(states, span), positions, 1, span, st, common)
 
     def begin_call(self, request_id: str, seq: int, start: bool | None) -> tuple[RequestState, bool]:
         """Admission of one call of `seq` tokens, before anything changes: a new request is admitted (CapacityError
