@@ -1,0 +1,69 @@
+"""Issue 19's ring figure: a two-node ring (node-a numpy, node-b onnx, smollm2-135m, default weights) answering 8
+chat requests sent one after another, then the same 8 sent at once (their decode steps batch on each node). Prints
+completion tokens per wall second of each and checks every answer equals the one the request gets alone. Not a
+test (timings are not asserted); needs legacy exo.
+
+    python docs/perf/ring_batching.py      (from the repository root, in the venv with exo)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+root = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(root / "tests" / "exo_integration"), str(root / "tests")]
+
+from test_e2e_ring import Ring  # noqa: E402
+from test_ring_load_and_faults import MEMORY, post, wait_healthy  # noqa: E402
+
+QUESTIONS = ["What is the capital of France?", "Name a large animal.", "What is 2 plus 2?", "Say hello.",
+             "What colour is the sky?", "Name a fruit.", "What is water made of?", "Name a planet."]
+MAX_TOKENS = 24
+
+
+def ask(q: str) -> dict:
+    return {"model": "smollm2-135m", "messages": [{"role": "user", "content": q}], "max_tokens": MAX_TOKENS}
+
+
+def burst(url: str, together: bool) -> tuple[float, list[dict]]:
+    t = time.perf_counter()
+    if together:
+        with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
+            results = list(pool.map(lambda q: post(url, ask(q)), QUESTIONS))
+    else:
+        results = [post(url, ask(q)) for q in QUESTIONS]
+    wall = time.perf_counter() - t
+    assert all(s == 200 for s, _ in results), results
+    return wall, [b for _, b in results]
+
+
+def main() -> None:
+    from exo_rknpu.model.zoo import resolve_model
+
+    resolve_model("smollm2-135m")
+    with tempfile.TemporaryDirectory() as tmp:
+        ring = Ring(Path(tmp), {"node-a": {"backend": "numpy", "memory": MEMORY["node-a"]},
+                                "node-b": {"backend": "onnx", "memory": MEMORY["node-b"]}})
+        try:
+            ring.start()
+            wait_healthy(ring, MEMORY)
+            url = ring.url("node-a", "/v1/chat/completions")
+            burst(url, together=False)  # warm-up: sessions open, answers known
+            for together in (False, True, False, True):
+                wall, bodies = burst(url, together)
+                tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
+                answers = [b["choices"][0]["message"]["content"] for b in bodies]
+                if not together:
+                    alone = answers
+                print(f"{'8 at once     ' if together else 'one at a time '}: {tokens} tokens in {wall:.1f} s = "
+                      f"{tokens / wall:.1f} tok/s; answers as alone: {answers == alone}", flush=True)
+        finally:
+            ring.stop()
+
+
+if __name__ == "__main__":
+    main()
