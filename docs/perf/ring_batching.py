@@ -29,7 +29,7 @@ def ask(q: str) -> dict:
     return {"model": "smollm2-135m", "messages": [{"role": "user", "content": q}], "max_tokens": MAX_TOKENS}
 
 
-def burst(url: str, together: bool) -> tuple[float, list[dict]]:
+def burst(url: str, together: bool, check: bool = True) -> tuple[float, list[dict]]:
     t = time.perf_counter()
     if together:
         with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
@@ -37,7 +37,7 @@ def burst(url: str, together: bool) -> tuple[float, list[dict]]:
     else:
         results = [post(url, ask(q)) for q in QUESTIONS]
     wall = time.perf_counter() - t
-    assert all(s == 200 for s, _ in results), results
+    assert not check or all(s == 200 for s, _ in results), results
     return wall, [b for _, b in results]
 
 
@@ -52,7 +52,8 @@ def main() -> None:
             ring.start()
             wait_healthy(ring, MEMORY)
             url = ring.url("node-a", "/v1/chat/completions")
-            burst(url, together=False)  # warm-up: sessions open, answers known
+            # warm-up: sessions open; a ring still settling its partition may fail a request or two here
+            burst(url, together=False, check=False)
             for together in (False, True, False, True):
                 wall, bodies = burst(url, together)
                 tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
