@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from exo_rknpu.backends import board
+from exo_rknpu.model.loader import resolve_model
 from exo_rknpu.rknn.npu import NpuRunner, librknnrt_needed
 from exo_rknpu.slices.spec import SliceSpec
 
@@ -157,3 +158,19 @@ def test_the_probe_reports_rknnlites_cause_in_one_line():
     assert got == ("6, 1; Invalid RKNN model version 6; rknn_init, load model failed!; "
                    "Exception: RKNN init failed. error code: RKNN_ERR_FAIL")
     assert got.endswith("Exception: RKNN init failed. error code: RKNN_ERR_FAIL") and "\n" not in got
+
+
+@pytest.mark.parametrize("lr, layers", [((0, 3, 5), "0-2"), ((3, 5, 5), "3-4")])
+def test_missing_slices_name_the_one_compile_command_for_the_whole_shard(tiny_llama, tmp_path, lr, layers):
+    """Not `--layers 0-0` for the first slice found missing: every layer of the shard (and the head on the last)."""
+    from exo_rknpu.errors import ArtifactError
+    from exo_rknpu.model.base import LayerRange
+    from exo_rknpu.runtime.placement import open_shard
+    from exo_rknpu.slices.spec import Buckets
+
+    with pytest.raises(ArtifactError) as e:
+        open_shard(resolve_model(str(tiny_llama)), LayerRange(*lr), "npu", Buckets(seq=(1,), context=(64,)),
+                   backend_options={"cache_dir": tmp_path, "check_board": False})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(
+        f"run: exo-rknpu compile --model MODEL --layers {layers} --dtype fp16 --platform rk3588 --seq 1 --context 64"), msg
