@@ -117,22 +117,17 @@ def _model_ref(src: ModelSource | None) -> str | None:
 
 
 def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
-    """Default loader: only `layer_range`'s weights, prepared on the configured backend (blocking)."""
-    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_shard
+    """Default loader: only `layer_range`'s weights, prepared as the configured backend and placement say (blocking)."""
     from exo_rknpu.model.loader import load_args
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, npu_present, open_plan, resolve
 
-    return open_shard(
-        src,
-        layer_range,
-        backend=config.backend,
-        buckets=default_buckets(load_args(src), config.max_context),
-        layers_per_slice=config.layers_per_slice,
-        limits=config.limits,
-        backend_options=config.backend_options,
-        weights=config.weights,
-        progress=lambda msg: log.info("%s", msg),
-        placement=PlacementPlan.load(config.placement) if config.placement else None,
-    )
+    args = load_args(src)
+    plan = resolve(PlacementPlan.load(config.placement) if config.placement else None, args, layer_range, config.backend,
+                   default_buckets(args, config.max_context), layers_per_slice=config.layers_per_slice,
+                   npu_available=npu_present(), weights=config.weights,
+                   npu_dtype=config.backend_options.get("dtype", "fp16"))
+    return open_plan(src, plan, config.limits, backend_options=config.backend_options,
+                     progress=lambda msg: log.info("%s", msg), args=args)
 
 
 def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,

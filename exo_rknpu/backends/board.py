@@ -6,6 +6,7 @@ npu backend (rknn/npu.py), which uses them too.
 
 from __future__ import annotations
 
+import os
 import platform as _platform
 from pathlib import Path
 
@@ -44,3 +45,15 @@ def npu_driver_version() -> str | None:
             continue
         return text.split(":")[-1].strip().lstrip("v") or None
     return None
+
+
+# The RK3588's NPU as placement devices: "npu" lets the driver pick cores, npu0..npu2 pin one (RKNNLite core masks).
+NPU_CORES = {"npu": "auto", "npu0": "0", "npu1": "1", "npu2": "2"}
+
+
+def host_memory() -> int | None:
+    """Physical memory of this machine in bytes (the RK3588's NPU has none of its own: it reads the same DDR)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None

@@ -23,7 +23,7 @@ from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource, resolve_model
-from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, default_buckets, resolve_placement
+from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, default_buckets, npu_present, resolve
 
 Progress = Callable[[str], None]
 SCHEMA = 1
@@ -89,8 +89,9 @@ def plan(o: BenchOptions, progress: Progress) -> BenchPlan:
     if o.placement is not None:  # a plan that cannot run is refused here, in one line, before any weights load
         plan_ = PlacementPlan.load(o.placement)
         buckets = default_buckets(margs, o.max_context)
-        placements = [resolve_placement(src, r, plan_, o.backend, buckets, o.layers_per_slice, o.weights,
-                                        o.backend_dtype or "fp16") for r in ranges]
+        placements = [resolve(plan_, margs, r, o.backend, buckets, layers_per_slice=o.layers_per_slice,
+                              npu_available=npu_present(), weights=o.weights, npu_dtype=o.backend_dtype or "fp16")
+                      for r in ranges]
     return BenchPlan(o, src, ranges, prompt_ids(load_tokenizer(src), o.prompt_tokens), placements)
 
 

@@ -117,7 +117,7 @@ def board_estimate(plan: ResolvedPlan, a: BoardAssumptions = BoardAssumptions())
     requests in flight as stages: serial time / slowest stage, capped by the shared DRAM bandwidth."""
     per_device: dict[str, float] = {}
     for s in plan.slices:
-        if not s.device.startswith("npu"):
+        if not s.on.npu:
             continue
         per_device[s.device] = per_device.get(s.device, 0.0) + s.weight_bytes / (a.core_gbps * 1e9) + a.call_ms / 1e3
     if not per_device:

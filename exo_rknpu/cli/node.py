@@ -15,7 +15,8 @@ from pathlib import Path
 
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.backends.board import CORE_MASKS
-from exo_rknpu.cli.options import add_placement_args, add_weights_arg, positive_float, positive_int
+from exo_rknpu.cli.options import (add_backend_dtype_arg, add_placement_args, add_weights_arg, cli_backend_options,
+                                   positive_float, positive_int)
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.requests import RequestLimits
@@ -51,8 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logits", choices=["all", "last"], default="all",
                    help="last shard returns logits for every position (all, exo's contract) or only the last one "
                         "(last: exo samples only that row; saves the head's work and memory on long prompts)")
-    p.add_argument("--npu-dtype", default="fp16", choices=["fp16", "w8a8"], help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
-    p.add_argument("--npu-core-mask", default="auto", choices=list(CORE_MASKS), metavar="MASK",
+    add_backend_dtype_arg(p)
+    p.add_argument("--npu-core-mask", default=None, choices=list(CORE_MASKS), metavar="MASK",
                    help=f"npu backend: NPU cores, {' | '.join(CORE_MASKS)} (default: auto)")
     p.add_argument("--thinking", action="store_true",
                    help="chat prompts let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
@@ -74,7 +75,7 @@ def build_options(args: argparse.Namespace):
         logits=args.logits,
         weights=args.weights,
         placement=str(args.placement) if args.placement else None,
-        backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
+        backend_options=cli_backend_options(args),
     )
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
                        enable_thinking=args.thinking)
