@@ -42,6 +42,7 @@ class Job:
     layers_per_slice: int | None = None
     count_bytes: bool = True  # also count the weight bytes a decode step reads (ours: loads the weights again)
     placement: str | None = None  # ours: a placement plan (runtime/placement.py), inline or a .toml path
+    emulate: bool = False  # ours: the plan's NPU devices may run on the CPU (--emulate)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     from exo_rknpu.model.zoo import ModelSource
     from exo_rknpu.rknn.options import backend_options
     from exo_rknpu.runtime.pipeline import LocalRing, Timings
-    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, npu_present, open_plan, resolve
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_plan, plan_shards
     from exo_rknpu.runtime.sampling import Sampler
     from exo_rknpu.backends.base import option_names
 
@@ -135,8 +136,8 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     opts = backend_options(job.backend, dtype=job.backend_dtype, threads=threads, model=src)
     rules = PlacementPlan.load(job.placement) if job.placement is not None else None
     buckets = default_buckets(margs, job.max_context)
-    plans = [resolve(rules, margs, r, job.backend, buckets, layers_per_slice=job.layers_per_slice, npu_available=npu_present(),
-                     weights=job.weights, npu_dtype=job.backend_dtype or "fp16") for r in ranges]
+    plans = plan_shards(rules, margs, ranges, job.backend, buckets, layers_per_slice=job.layers_per_slice,
+                        weights=job.weights, npu_dtype=job.backend_dtype or "fp16", emulate=job.emulate)
     ring = LocalRing([open_plan(src, p, backend_options=opts, args=margs) for p in plans])
     t_ready = time.perf_counter()
     timings = Timings()

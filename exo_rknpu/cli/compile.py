@@ -149,7 +149,9 @@ def _placed_specs(args: argparse.Namespace, margs, buckets) -> dict | None:
 
     n = margs.num_hidden_layers
     args.layers = args.layers or f"0-{n - 1}"
-    plan = resolve(args.placement, margs, LayerRange.parse(args.layers, n), "onnx", buckets, npu_dtype=args.dtype)
+    # emulate=True: compile only reads which slices the plan puts on the NPU; nothing runs here
+    plan = resolve(args.placement, margs, LayerRange.parse(args.layers, n), "onnx", buckets, npu_dtype=args.dtype,
+                   emulate=True)
     if args.explain:
         print(plan.explain())
         return None

@@ -8,9 +8,9 @@ import sys
 import time
 import uuid
 
-from exo_rknpu.cli.options import (add_model_args, cli_backend_options, non_negative_float, non_negative_int, plan_shards,
-                                   positive_int, probability, progress)
-from exo_rknpu.errors import UsageError
+from exo_rknpu.cli.options import (add_model_args, check_emulate, cli_backend_options, non_negative_float, non_negative_int,
+                                   positive_int, probability, progress, shard_plans)
+from exo_rknpu.errors import ArtifactError, UsageError, name_model
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_args, load_tokenizer
@@ -84,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--system is a chat message; add --chat (or drop --system)")
     if args.thinking and not args.chat:
         raise UsageError("--thinking is a chat template option; add --chat (or drop --thinking)")
+    check_emulate(args)
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
     margs = load_args(src)  # config only: no weights yet
     ranges = parse_split(args.split, margs.num_hidden_layers) if args.split else [LayerRange.full(margs.num_hidden_layers)]
     buckets = default_buckets(margs, args.max_context)
-    plans = plan_shards(margs, ranges, args, buckets)
+    plans = shard_plans(margs, ranges, args, buckets)
     if args.explain:
         return 0
     emulated = any(p.emulated for p in plans)
@@ -100,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     prompt_ids = encode_prompt(tok, _prompt_text(args, tok))
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
-    shards = [open_plan(src, plan, backend_options=opts, progress=progress, args=margs) for plan in plans]
+    try:
+        shards = [open_plan(src, plan, backend_options=opts, progress=progress, args=margs) for plan in plans]
+    except ArtifactError as e:
+        raise ArtifactError(name_model(str(e), args.model)) from e
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

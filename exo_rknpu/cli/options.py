@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from exo_rknpu.backends.base import BACKENDS
+from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.zoo import ModelSource
@@ -76,14 +77,23 @@ def add_backend_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_placement_args(p: argparse.ArgumentParser, explain: bool = True) -> None:
-    """--placement (runtime/placement.py) and --explain."""
+    """--placement (runtime/placement.py), --emulate and --explain."""
     p.add_argument("--placement", type=placement_plan, default=None, metavar="PLAN",
                    help="which device runs which layers and blocks: RANGE=DEVICE[,...][;BLOCK=DEVICE,...] or a .toml "
                         "file, e.g. 0-9=npu0,10-19=npu1,20-29=npu2 or 0-29=npu;attention=cpu (docs/placement.md); "
-                        "without an NPU, npu devices are emulated on the CPU backend")
+                        "npu devices need a usable NPU here, or --emulate")
+    p.add_argument("--emulate", action="store_true",
+                   help="with --placement: where the NPU cannot run, run its slices on the CPU backend (the same "
+                        "graphs; every output says emulated). Without it such a plan is refused with the reason")
     if explain:
         p.add_argument("--explain", action="store_true",
                        help="print the resolved placement (every slice, its device, buckets, estimated weight bytes) and exit")
+
+
+def check_emulate(args: argparse.Namespace) -> None:
+    """--emulate only means something with a plan: alone it is a one-line usage error."""
+    if args.emulate and not args.placement:
+        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
 
 
 def placement_plan(value: str):
@@ -96,14 +106,13 @@ def placement_plan(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def plan_shards(margs: ModelArgs, ranges: list[LayerRange], args: argparse.Namespace, buckets: Buckets) -> list:
-    """The resolved plan of every shard (runtime/placement.py::resolve; no --placement: the default plan), from the
-    config read once; printed with --explain. Raises PlacementError, one line, for a plan that cannot run."""
-    from exo_rknpu.runtime.placement import npu_present, resolve
+def shard_plans(margs: ModelArgs, ranges: list[LayerRange], args: argparse.Namespace, buckets: Buckets) -> list:
+    """The resolved plan of every shard (runtime/placement.py::plan_shards; no --placement: the default plan), from
+    the config read once; printed with --explain. Raises PlacementError, one line, for a plan that cannot run."""
+    from exo_rknpu.runtime.placement import plan_shards
 
-    plans = [resolve(args.placement, margs, r, args.backend, buckets, layers_per_slice=args.layers_per_slice,
-                     npu_available=npu_present(), weights=args.weights, npu_dtype=args.backend_dtype or "fp16")
-             for r in ranges]
+    plans = plan_shards(args.placement, margs, ranges, args.backend, buckets, layers_per_slice=args.layers_per_slice,
+                        weights=args.weights, npu_dtype=args.backend_dtype or "fp16", emulate=args.emulate)
     if getattr(args, "explain", False):
         for plan in plans:
             print(plan.explain())

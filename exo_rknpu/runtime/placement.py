@@ -58,6 +58,11 @@ class PlacementPlan:
     ranges: tuple[RangeRule, ...] = ()
     blocks: tuple[tuple[str, str], ...] = ()  # (block, device)
 
+    @property
+    def device_names(self) -> list[str]:
+        """The devices it names, sorted."""
+        return sorted({r.device for r in self.ranges} | {d for _, d in self.blocks})
+
     def __str__(self) -> str:
         text = ",".join(map(str, self.ranges))
         return text + (";" + ",".join(f"{b}={d}" for b, d in self.blocks) if self.blocks else "")
@@ -193,9 +198,27 @@ def devices_here(default_backend: str, npu_available: bool) -> dict[str, Device]
     return out
 
 
-def npu_present() -> bool:
-    """An RK3588 NPU with its runtime is usable here (backends/board.py board_problems finds nothing)."""
-    return not board_problems()
+def npu_problems() -> list[str]:
+    """What stops an RK3588 NPU with its runtime here (backends/board.py board_problems); empty: it can run."""
+    return board_problems()
+
+
+def check_emulation(on: list[Device], emulate: bool, why: str) -> None:
+    """No silent CPU: NPU devices this machine emulates (`Device.emulated`) are refused with `why`, the reason the
+    NPU cannot run here, unless `emulate` (--emulate) asks for them."""
+    emulated = sorted({d.name for d in on if d.emulated})
+    if emulated and not emulate:
+        raise PlacementError(f"the plan puts slices on {', '.join(emulated)}, but the NPU cannot run here: "
+                             f"{why or 'no usable NPU'}; add --emulate to run them on the CPU backend instead (no NPU "
+                             "speed is claimed)")
+
+
+def check_plan_here(plan: PlacementPlan, default_backend: str, emulate: bool) -> None:
+    """Refuse now what every shard of `plan` would refuse (check_emulation over the devices it names): the exo node
+    checks at start, not at the first request."""
+    problems = npu_problems()
+    devices = devices_here(default_backend, not problems)
+    check_emulation([devices[d] for d in plan.device_names], emulate, "; ".join(problems))
 
 
 # ---------------------------------------------------------------- resolving a plan
@@ -342,6 +365,8 @@ def resolve(
     npu_available: bool = False,
     weights: str = "auto",
     npu_dtype: str = "fp16",
+    emulate: bool = False,
+    npu_unavailable: str = "",
 ) -> ResolvedPlan:
     """The one planner: check `plan` (None: every layer on the default backend) against the model and the backends
     and cut `layer_range` into placed slices. Nothing is loaded.
@@ -349,6 +374,8 @@ def resolve(
     Refuses (PlacementError, one line) a range outside the model, a block a device's backend cannot run, and a plan
     that leaves a slice without a backend that supports it. The embedding goes to the host CPU when the default
     backend cannot run it (npu, rknn-sim) and no block rule places it.
+    No silent CPU: NPU devices this machine emulates (devices_here) are refused with `npu_unavailable`, the reason
+    the NPU cannot run here, unless `emulate` (--emulate) asks for them.
     """
     plan = plan or PlacementPlan()
     L = args.num_hidden_layers
@@ -371,20 +398,27 @@ def resolve(
     if layer_range.is_last:
         placed.append((SliceSpec("head"), block_device.get("head", layer_device(layer_range.stop - 1))))
 
-    slices: list[PlacedSlice] = []
-    for spec, device in placed:
-        cls = backend_class(device.backend)
-        spec = replace(spec, kv_layout=cls.kv_layout) if spec.kind == "layers" else spec
-        if not _runs(device, cls, spec):
-            if spec.kind != "embed" or "embedding" in block_device:
-                raise PlacementError(f"the {device.backend} backend ({device.name}) cannot run slice {spec.name}; "
-                                     f"place it elsewhere")
-            device = devices["cpu"]  # the embedding lookup stays on the host
-        slices.append(PlacedSlice(spec, device, spec_bytes(args, spec, bytes_per_weight(device, weights, npu_dtype))))
+    slices = [_placed(spec, device, devices["cpu"], "embedding" in block_device, args, weights, npu_dtype)
+              for spec, device in placed]
     _check_memory(slices)
+    check_emulation([s.on for s in slices], emulate, npu_unavailable)
     mode = weights_for(weights, {s.backend for s in slices})
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, mode,
                         default_backend)
+
+
+def _placed(spec: SliceSpec, device: Device, cpu: Device, embedding_placed: bool, args: ModelArgs, weights: str,
+            npu_dtype: str) -> PlacedSlice:
+    """`spec` on `device`, in the KV layout of its backend; the embedding falls back to the host `cpu` when the
+    device cannot run it and no block rule placed it there."""
+    cls = backend_class(device.backend)
+    spec = replace(spec, kv_layout=cls.kv_layout) if spec.kind == "layers" else spec
+    if not _runs(device, cls, spec):
+        if spec.kind != "embed" or embedding_placed:
+            raise PlacementError(f"the {device.backend} backend ({device.name}) cannot run slice {spec.name}; "
+                                 f"place it elsewhere")
+        device = cpu  # the embedding lookup stays on the host
+    return PlacedSlice(spec, device, spec_bytes(args, spec, bytes_per_weight(device, weights, npu_dtype)))
 
 
 def _check_block(block: str, device: Device) -> None:
@@ -483,6 +517,17 @@ def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) 
     return max(1, int(budget // max(per_layer, 1)))
 
 
+def plan_shards(plan: PlacementPlan | None, args: ModelArgs, ranges: list[LayerRange], default_backend: str,
+                buckets: Buckets, *, layers_per_slice: int | None = None, weights: str = "auto", npu_dtype: str = "fp16",
+                emulate: bool = False) -> list[ResolvedPlan]:
+    """Every shard's plan on this machine: `resolve` for each of `ranges`, with the board asked once whether its NPU
+    can run (and why not)."""
+    problems = npu_problems()
+    return [resolve(plan, args, r, default_backend, buckets, layers_per_slice=layers_per_slice,
+                    npu_available=not problems, weights=weights, npu_dtype=npu_dtype, emulate=emulate,
+                    npu_unavailable="; ".join(problems)) for r in ranges]
+
+
 # ---------------------------------------------------------------- opening a shard
 
 DEFAULT_MAX_CONTEXT = 2048
@@ -539,10 +584,13 @@ def open_shard(
     weights: str = "auto",
     progress: Callable[[str], None] | None = None,
     placement: PlacementPlan | None = None,
+    emulate: bool = False,
 ) -> ShardRunner:
-    """Plan and open one shard (`resolve`, then `open_plan`): `layer_range` of `src` on `backend`, placed by
-    `placement` when given, with linear weights in the form `weights` asks (auto | int4 | int8 | fp32)."""
+    """Plan and open one shard (`plan_shards`, then `open_plan`): `layer_range` of `src` on `backend`, placed by
+    `placement` when given, with linear weights in the form `weights` asks (auto | int4 | int8 | fp32); `emulate`:
+    a placement's NPU devices may run on the CPU backend when the NPU cannot run here (else refused)."""
     args = load_args(src)
-    plan = resolve(placement, args, layer_range, backend, buckets or default_buckets(args), layers_per_slice=layers_per_slice,
-                   npu_available=npu_present(), weights=weights, npu_dtype=(backend_options or {}).get("dtype", "fp16"))
+    plan, = plan_shards(placement, args, [layer_range], backend, buckets or default_buckets(args),
+                        layers_per_slice=layers_per_slice, weights=weights,
+                        npu_dtype=(backend_options or {}).get("dtype", "fp16"), emulate=emulate)
     return open_plan(src, plan, limits, on_slice, backend_options, progress, args)

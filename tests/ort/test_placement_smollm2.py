@@ -35,7 +35,7 @@ def test_generate_under_each_plan_gives_the_unsplit_tokens():
     want = _generate()["token_ids"]
     assert want[:2] == [7042, 30]  # " Paris."
     for plan in PLANS:
-        got = _generate("--placement", plan)
+        got = _generate("--placement", plan, "--emulate")
         assert got["token_ids"] == want and got["emulated"] is True, plan
 
 
@@ -46,7 +46,7 @@ def test_three_concurrent_requests_through_the_core_pipeline_give_the_sequential
     buckets = Buckets(seq=(1, 16), context=(256,))
     prompts = [[504, 3575, 282, 4649, 314], [504, 3575, 282, 4649, 314, 314], list(range(100, 140))]  # 40: 3 chunks
     want = [greedy(ring(src.path, None, "onnx", buckets, weights="auto"), p, 8, f"s{i}") for i, p in enumerate(prompts)]
-    staged = StagedShard(open_shard(src, LayerRange.full(30), "onnx", buckets, placement=PlacementPlan.parse(PLANS[1])))
+    staged = StagedShard(open_shard(src, LayerRange.full(30), "onnx", buckets, placement=PlacementPlan.parse(PLANS[1]), emulate=True))
     r, got = LocalRing([staged]), [None] * 3
     try:
         threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, greedy(r, prompts[i], 8, f"c{i}"))) for i in range(3)]
