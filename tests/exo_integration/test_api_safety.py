@@ -5,13 +5,12 @@ content types, CORS)."""
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from exo_helpers import needs_exo
 from exo_rknpu.exo.availability import Availability, Prober, complete_hf_folder, model_availability
 from exo_rknpu.exo.cards import CARDS
 from exo_rknpu.exo.http_guard import CorsShim, guard_middleware, turned_off
@@ -199,3 +198,32 @@ def test_a_configured_origin_gets_cors_without_credentials():
     assert out[0][0] == 200 and out[0][1]["Access-Control-Allow-Origin"] == origin
     assert out[1][0] == 200 and out[1][1]["Access-Control-Allow-Origin"] == origin
     assert "Access-Control-Allow-Credentials" not in out[1][1]
+
+
+# ---------------------------------------------------------------------- a stock exo node that would sample
+
+
+@needs_exo
+def test_a_plain_stock_node_that_samples_makes_non_default_parameters_a_400():
+    import types
+
+    from exo_rknpu.exo.ring import RingNode
+    from exo_rknpu.runtime.sampling import SamplingParams
+
+    reports = {"rk": "Linux x86_64 (exo-rknpu, onnx)", "stock": "Linux Box (Device: CLANG)"}
+
+    def view(order):
+        parts = [types.SimpleNamespace(node_id=n) for n in order]
+        node = types.SimpleNamespace(
+            id="rk", partitioning_strategy=types.SimpleNamespace(partition=lambda topology: parts),
+            topology=types.SimpleNamespace(get_node=lambda nid: types.SimpleNamespace(model=reports[nid])))
+        return types.SimpleNamespace(node=node)
+
+    plain = SamplingParams(stop=("x",), max_tokens=5)
+    for params in (SamplingParams(temperature=0.7), SamplingParams(seed=1), SamplingParams(top_p=0.5),
+                   SamplingParams(logprobs=True), SamplingParams(presence_penalty=1.0)):
+        problem = RingNode.stock_problem(view(["rk", "stock"]), params, False)
+        assert problem is not None and "node stock" in problem and "stock exo" in problem
+        assert RingNode.stock_problem(view(["stock", "rk"]), params, False) is None  # rk samples
+    assert RingNode.stock_problem(view(["rk", "stock"]), plain, False) is None  # the API enforces these
+    assert "special-token" in RingNode.stock_problem(view(["stock", "rk"]), plain, True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import FP32, needs_exo
 from tiny_models import make_tiny_hf
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
@@ -136,8 +136,9 @@ def ring(tmp_path_factory):
 
     resolve_model("smollm2-135m")  # fetch once, before two processes race for it
     r = Ring(tmp_path_factory.mktemp("ring"), {
-        "node-a": {"backend": "numpy", "memory": 3000},
-        "node-b": {"backend": "onnx", "memory": 2000},
+        # float32 weights: the answer asserted below is the model's own, on every CPU (see FP32 in exo_helpers)
+        "node-a": {"backend": "numpy", "memory": 3000, "extra": FP32},
+        "node-b": {"backend": "onnx", "memory": 2000, "extra": FP32},
     })
     try:
         yield r.start()
