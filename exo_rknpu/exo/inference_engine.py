@@ -55,6 +55,21 @@ def failure_kind(e: BaseException) -> str:
     return "error"
 
 
+def pick_token(x: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    """exo's sample() contract with exo-rknpu's sampler: logits (1, seq, vocab) or (1, vocab) -> the token for the
+    last position, int64, shape (1,). Also the sampler of the stock engines the launcher starts (stock_engines.py)."""
+    x = np.asarray(x)
+    if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] >= 1:
+        row = x[0, -1]
+    elif x.ndim == 2 and x.shape[0] >= 1:
+        row = x[-1]
+    else:
+        raise TensorContractError(f"sample() takes logits of shape (1, seq, vocab) or (1, vocab); got {x.shape}")
+    if not np.issubdtype(row.dtype, np.floating):
+        raise TensorContractError(f"sample() takes float logits; got {row.dtype} (is this node the last shard?)")
+    return np.array([sample_row(row.astype(np.float64), params, rng)], dtype=np.int64)
+
+
 class RKNPUInferenceEngine(InferenceEngine):
     def __init__(self, shard_downloader=None, options: NodeOptions | None = None) -> None:
         self.options = options or node_options.current()
@@ -140,21 +155,10 @@ class RKNPUInferenceEngine(InferenceEngine):
 
     async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
         """Logits (1, seq, vocab) (or (1, vocab)) -> one token id, int64, shape (1,)."""
-        x = np.asarray(x)
-        if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] >= 1:
-            row = x[0, -1]
-        elif x.ndim == 2 and x.shape[0] >= 1:
-            row = x[-1]
-        else:
-            raise TensorContractError(f"sample() takes logits of shape (1, seq, vocab) or (1, vocab); got {x.shape}")
-        if not np.issubdtype(row.dtype, np.floating):
-            raise TensorContractError(f"sample() takes float logits; got {row.dtype} (is this node the last shard?)")
         params = SamplingParams(temperature=float(temp), top_p=float(top_p))
         if params.temperature == 0:
-            token = int(np.argmax(row))
-        else:
-            token = await self.core.run_blocking(sample_row, row.astype(np.float64), params, self._rng)
-        return np.array([token], dtype=np.int64)
+            return pick_token(x, params, self._rng)
+        return await self.core.run_blocking(pick_token, x, params, self._rng)
 
     async def infer_prompt(self, request_id: str, shard: Shard, prompt: str,
                            inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:

@@ -15,6 +15,7 @@ class NodeOptions:
     api_host: str = "0.0.0.0"  # exo hard-codes 0.0.0.0
     memory_mb: int | None = None  # override the memory reported to exo's partitioner
     enable_thinking: bool = False  # chat template option (Qwen3); see exo_rknpu.model.chat
+    stock_engine: str | None = None  # "tinygrad" / "mlx": run exo's own engine with the launcher's fixes instead
 
 
 _current = NodeOptions()

@@ -10,8 +10,10 @@ exo never tells an engine when a request starts or ends, waits 900 s for a dead 
   the request's KV cache when it ends, fails or finishes (exo's `is_finished` token broadcast).
 * the last node finishes a request at its `max_tokens`, at EOS, at exo's `--max-generate-tokens`, or when its KV
   cache is full (finish_reason "length"), and samples at the request's temperature;
-* a tensor for a shard the receiver does not hold (the nodes disagree on the partition while the ring settles)
-  fails the request instead of running the wrong layers;
+* a tensor for a shard the receiver does not hold (the nodes disagree on the partition) fails the request instead
+  of running the wrong layers, with the reason (ring_members.MixedRingPartitioning.explain_mismatch);
+* a request whose partition gives layers to a node that cannot run them (ring_members: a plain stock node without
+  a card for the model) is refused at once, naming the node;
 * `handle_chat` is the /v1/chat/completions handler: validation (400), admission (429), prompt templating and
   tokenizing off the event loop, a ring health watch (503 within seconds when a node dies), client disconnects
   (generation stops), and streaming that only commits to HTTP 200 once the first token exists.
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from exo_rknpu.exo.cards import CARDS
+from exo_rknpu.exo.ring_members import MixedRingPartitioning, layer_ranges, node_partitions
 from exo_rknpu.exo.chat_request import (
     MAX_BODY_BYTES,
     BadRequest,
@@ -77,9 +79,11 @@ def _say(text: str) -> None:
 
 
 class RingNode:
-    def __init__(self, node: Any, api: Any, options: NodeOptions, default_model: str | None) -> None:
+    def __init__(self, node: Any, api: Any, options: NodeOptions, default_model: str | None,
+                 served: tuple[str, ...]) -> None:
         self.node, self.api, self.options = node, api, options
         self.default_model = default_model
+        self.served = served  # the model ids this node's API serves
         self.params: OrderedDict[str, RequestParams] = OrderedDict()
         self.active: dict[str, asyncio.Queue] = {}  # requests this node's API is serving
         self._health: tuple[float, str | None] = (0.0, None)
@@ -156,12 +160,15 @@ class RingNode:
 
     def shard_mismatch(self, sent: Any) -> str | None:
         """Why this node must not run a step the sender addressed to shard `sent`, or None if it holds it."""
-        own = self.node.get_current_shard(sent)
-        if (own.start_layer, own.end_layer) == (sent.start_layer, sent.end_layer):
+        partitions = node_partitions(self.node, sent.model_id)
+        own = layer_ranges(partitions, int(sent.n_layers)).get(self.node.id)
+        if own == (sent.start_layer, sent.end_layer):
             return None
-        return (f"the nodes disagree on the partition: the sender expects this node to hold layers "
-                f"{sent.start_layer}-{sent.end_layer} of {sent.model_id}, but its view of the ring gives it "
-                f"{own.start_layer}-{own.end_layer} (the ring is still settling after a node joined or left); retry")
+        strategy = self.node.partitioning_strategy
+        if isinstance(strategy, MixedRingPartitioning):
+            return strategy.explain_mismatch(self.node.topology, sent, own)
+        return (f"node {self.node.id} refuses the step: the sender expects it to hold layers {sent.start_layer}-"
+                f"{sent.end_layer} of {sent.model_id}, its own partition gives it {own}")
 
     def finish_decision(self, request_id: str, tokens: list[int]) -> bool:
         """On the last node, after sampling tokens[-1]: is the request done?"""
@@ -183,14 +190,14 @@ class RingNode:
 
     # ------------------------------------------------------------------ ring health
 
-    async def ring_problem(self, members: set[str]) -> str | None:
+    async def ring_problem(self, members: set[str], model_id: str) -> str | None:
         """Why the ring that started a request cannot finish it (a member left or is gone), or None.
 
         A member is probed with a TCP connect to its gRPC port, not with exo's health check (which reconnects
         its channel and times out on a merely busy node): a refused connection means the process is gone (a
         SIGKILLed node on the same host or a LAN answers with a reset at once); a member that does not answer
         at all counts as gone after DEAD_AFTER_S. One probe round per HEALTH_INTERVAL_S serves every request."""
-        current = {p.node_id for p in self.node.partitioning_strategy.partition(self.node.topology)}
+        current = {p.node_id for p in node_partitions(self.node, model_id)}
         gone = members - current
         if gone:
             return f"node {', '.join(sorted(gone))} left the ring while the request ran"
@@ -227,7 +234,7 @@ class RingNode:
     # ------------------------------------------------------------------ the API
 
     def served_models(self) -> list[str]:
-        return sorted(CARDS)
+        return sorted(self.served)
 
     def resolve_model(self, requested: str | None) -> str:
         if requested is None or requested.startswith("gpt-"):
@@ -238,8 +245,8 @@ class RingNode:
                 return current.model_id
             raise BadRequest(f'no "model" given and this ring has not served one yet (no --default-model); '
                              f"name one of: {', '.join(self.served_models())}")
-        if requested not in CARDS:
-            raise BadRequest(f"model {requested!r} has no card; models served by exo-rknpu nodes: "
+        if requested not in self.served:
+            raise BadRequest(f"model {requested!r} has no card on this node; models it serves: "
                              f"{', '.join(self.served_models())}")
         return requested
 
@@ -268,6 +275,12 @@ class RingNode:
         if shard is None:
             msg = f"model {model!r} has no repo for engine {engine_class}"
             return web.json_response(error_body(msg, "invalid_request_error", 400), status=400)
+        strategy = self.node.partitioning_strategy
+        if isinstance(strategy, MixedRingPartitioning):
+            problem = strategy.unservable(self.node.topology, model, shard.n_layers)
+            if problem is not None:  # fail now, not after exo's response timeout
+                _say(f"refused a request for {model}: {problem}")
+                return web.json_response(error_body(problem, "unavailable", 503), status=503)
         tokenizer = await api_mod.resolve_tokenizer(get_repo(model, engine_class))
         messages = [api_mod.Message(m["role"], m["content"]) for m in chat.messages]
         if self.api.system_prompt and not any(m.role == "system" for m in messages):
@@ -284,7 +297,7 @@ class RingNode:
         outcome = Outcome()
         response: web.StreamResponse | None = None
         try:
-            members = {p.node_id for p in self.node.partitioning_strategy.partition(self.node.topology)}
+            members = {p.node_id for p in node_partitions(self.node, model)}
             await self.node.broadcast_opaque_status(request_id, json.dumps({
                 "type": START_STATUS, "request_id": request_id, "max_tokens": chat.max_tokens,
                 "temperature": chat.temperature, "origin": self.node.id}))
@@ -334,7 +347,7 @@ class RingNode:
             try:
                 item = await asyncio.wait_for(queue.get(), timeout=HEALTH_INTERVAL_S)
             except asyncio.TimeoutError:
-                problem = await self.ring_problem(members)
+                problem = await self.ring_problem(members, model)
                 if problem is not None:
                     fail(503, "unavailable", f"{problem}; the request was stopped (retry once the ring is healthy)")
                 elif time.monotonic() - stalled_since > timeout:
