@@ -74,6 +74,15 @@ class Outcome:
     error: tuple[int, str, str] | None = None  # (HTTP status, kind, message)
 
 
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Every stop id of a tokenizer: exo-rknpu's (`eos_token_ids`, a set) or a Hugging Face one (exo's stock
+    engines: `eos_token_id`, and an `eos_token_ids` that may be one int)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or ())
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return {int(t) for t in ids if t is not None}
+
+
 def _say(text: str) -> None:
     print(f"[exo-rknpu] {text}", flush=True)
 
@@ -173,7 +182,7 @@ class RingNode:
     def finish_decision(self, request_id: str, tokens: list[int]) -> bool:
         """On the last node, after sampling tokens[-1]: is the request done?"""
         eng, node = self.engine, self.node
-        stop = set(getattr(eng.tokenizer, "eos_token_ids", ()) or ()) | {eng.tokenizer.eos_token_id}
+        stop = stop_token_ids(eng.tokenizer)
         cap = node.max_generate_tokens
         params = self.params.get(request_id)
         if params is not None and params.max_tokens is not None:
@@ -287,8 +296,7 @@ class RingNode:
             messages.insert(0, api_mod.Message("system", self.api.system_prompt))
         prompt = await asyncio.to_thread(api_mod.build_prompt, tokenizer, messages, chat.tools)
         n_prompt = len(await asyncio.to_thread(tokenizer.encode, prompt))
-        stop_ids = {t for t in (getattr(tokenizer, "eos_token_ids", None) or ()) if t is not None}
-        stop_ids.add(getattr(tokenizer, "eos_token_id", None))
+        stop_ids = stop_token_ids(tokenizer)
 
         request_id = str(uuid.uuid4())
         queue: asyncio.Queue = asyncio.Queue()

@@ -6,12 +6,13 @@ exo's tinygrad engine at 5f18faec cannot be a correct member of a mixed ring as 
    the final RMSNorm (`Transformer.forward_base` has it; exo does not use that path): garbage whenever tinygrad holds
    the last layers. Fixed: the last shard's head is `output(norm(x))`.
 2. **Only the first request after start is right.** `TransformerShard.forward_jit` is one TinyJit per model, and the
-   KV cache is passed to it inside a list, which TinyJit does not treat as an input: the JIT captured on the first
-   request's decode steps keeps that request's cache buffers, so every later request decodes against the first
-   request's cache (its prefill, not jitted, uses its own). Fixed: each request's state has its own TinyJit, capturing
-   its own cache. The state is also bounded without eviction: stock keeps 2 and silently restarts the oldest request
-   at position 0 when a third arrives; here a request beyond `--max-requests` is refused (HTTP 429), a decode step
-   for a request without state fails, and `release` (called by ring.RingNode when a request ends) frees it.
+   KV cache is passed to it inside a list, which TinyJit does not treat as an input (it takes Tensor arguments
+   only): the JIT captured on the first request's decode steps keeps that request's cache buffers, so every later
+   request decodes against the first request's cache (its prefill, not jitted, uses its own). Fixed: the JIT takes
+   each layer's cache as its own Tensor argument, so every call runs on the caller's cache. The per-request state
+   is also bounded without eviction: stock keeps 2 and silently restarts the oldest request at position 0 when a
+   third arrives; here a request beyond `--max-requests` is refused (HTTP 429), a decode step for a request without
+   state fails, and `release` (called by ring.RingNode when a request ends) frees it.
 3. **No card and no shape for SmolLM2.** exo has no `smollm2-135m` card, and the engine picks its model shape by
    name ("1b", "3b", "8b", anything else 70B). Added: the card, `MODEL_PARAMS["135M"]` with SmolLM2's shape, and an
    explicit shape per model id (an id without one fails with that reason instead of loading as 70B).
@@ -136,11 +137,10 @@ def _patch_sampling(Engine: Any) -> None:
 
 @dataclass
 class RequestState:
-    """One request's KV cache on a tinygrad shard, its position, and its own JIT (fix 2)."""
+    """One request's KV cache on a tinygrad shard and its position."""
 
     cache: list
     start: int
-    jit: Any
 
 
 class TinygradRequests:
@@ -155,7 +155,6 @@ class TinygradRequests:
 
     def state(self, model: Any, request_id: str, h: Any, seq: int) -> RequestState:
         from exo.inference.tinygrad.stateful_model import make_prompt_state
-        from tinygrad import TinyJit
 
         if model is not self.model:
             self.states.clear()
@@ -170,7 +169,7 @@ class TinygradRequests:
             raise CapacityError(f"this tinygrad node holds {len(self.states)} live requests (--max-requests "
                                 f"{self.max_requests}); retry later")
         self.announced.pop(request_id, None)
-        state = RequestState(make_prompt_state(h, model).cache, 0, TinyJit(model.forward_base))
+        state = RequestState(make_prompt_state(h, model).cache, 0)
         self.states[request_id] = state
         return state
 
@@ -198,21 +197,40 @@ def _patch_tinygrad(options: NodeOptions) -> None:
 
     tgi.build_transformer = build_transformer
 
-    original_init = llama.TransformerShard.__init__
-
-    def shard_init(self: Any, shard: Any, base: Any, jit: bool = True) -> None:
-        original_init(self, shard, base, jit)
-        if shard.is_last_layer():
-            self.post = lambda x: self.output(self.norm(x))  # fix 1: exo applies output(x)
-
-    llama.TransformerShard.__init__ = shard_init
+    _patch_transformer_shard(llama.TransformerShard)
     _patch_tinygrad_requests(tgi.TinygradDynamicShardInferenceEngine, options.engine.limits.max_requests)
     _patch_sampling(tgi.TinygradDynamicShardInferenceEngine)
 
 
+def _patch_transformer_shard(TransformerShard: Any) -> None:
+    """Fix 1 (final norm) and the JIT half of fix 2 (the cache as the JIT's inputs)."""
+    from tinygrad import TinyJit, Variable
+
+    original_init = TransformerShard.__init__
+
+    def __init__(self: Any, shard: Any, base: Any, jit: bool = True) -> None:
+        original_init(self, shard, base, jit)
+        if shard.is_last_layer():
+            self.post = lambda x: self.output(self.norm(x))  # exo applies output(x)
+
+        def run(x: Any, start_pos: Any, **caches: Any) -> Any:
+            return self.forward_base(x, start_pos, cache=[caches[k] for k in sorted(caches)])
+
+        self.forward_jit = TinyJit(run) if jit else None
+
+    def forward(self: Any, x: Any, start_pos: int, cache: list | None = None) -> Any:
+        if x.shape[0:2] == (1, 1) and self.forward_jit is not None and start_pos != 0:  # exo's condition
+            start = Variable("start_pos", 1, self.max_context).bind(start_pos)
+            return self.forward_jit(x, start, **{f"cache{i:04d}": c for i, c in enumerate(cache)})
+        return self.forward_base(x, start_pos, cache=cache)
+
+    TransformerShard.__init__ = __init__
+    TransformerShard.forward = forward
+
+
 def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
-    """Fix 2, and the request lifecycle ring.RingNode drives (announce, release, take_failure)."""
-    from tinygrad import Tensor, Variable
+    """Fix 2's per-request state, and the request lifecycle ring.RingNode drives (announce, release, take_failure)."""
+    from tinygrad import Tensor
 
     original_init = Engine.__init__
 
@@ -230,11 +248,7 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
                 h = self.model.embed(x)
                 seq = int(x.shape[1])
                 state = self.requests.state(self.model, request_id, h, seq)
-                if h.shape[0:2] == (1, 1) and state.start != 0:
-                    start = Variable("start_pos", 1, self.model.max_context).bind(state.start)
-                    out = state.jit(h, start, cache=state.cache)
-                else:
-                    out = self.model.forward_base(h, state.start, cache=state.cache)
+                out = self.model.forward(h, state.start, cache=state.cache)
                 state.start += seq
                 return out.numpy()
 
