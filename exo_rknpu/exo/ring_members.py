@@ -52,6 +52,14 @@ def layer_ranges(partitions: list, n_layers: int) -> dict[str, tuple[int, int]]:
     return out
 
 
+def samples_like_rknpu(reported_model: str) -> bool:
+    """True if a node that holds the last layers samples with exo_rknpu.runtime.sampling under each request's own
+    parameters (and encodes prompts from the ids the API sends): every node the launcher started (exo-rknpu nodes
+    and stock engines started by `exo-rknpu node --engine`, stock_engines.py). A plain stock exo node samples only
+    at its --default-temp."""
+    return read_mark(reported_model) is not None
+
+
 def _describe(caps: Any) -> str:
     mark = read_mark(str(caps.model))
     return f"{mark.engine} via exo-rknpu" if mark is not None else f"plain stock exo, reports {caps.model!r}"

@@ -16,13 +16,14 @@ exo's tinygrad engine at 5f18faec cannot be a correct member of a mixed ring as 
 3. **No card and no shape for SmolLM2.** exo has no `smollm2-135m` card, and the engine picks its model shape by
    name ("1b", "3b", "8b", anything else 70B). Added: the card, `MODEL_PARAMS["135M"]` with SmolLM2's shape, and an
    explicit shape per model id (an id without one fails with that reason instead of loading as 70B).
-4. **Sampling** uses exo-rknpu's sampler (inference_engine.pick_token), so the sampling parameters the ring carries
-   apply on this node too when it holds the last layers.
+4. **Sampling and prompts** as on an exo-rknpu node: the launcher's Node samples with exo-rknpu's sampler under
+   each request's parameters (launcher.sample_next), and a first shard takes the prompt's token ids the API sends
+   in inference_state (request_state.py) instead of re-encoding the prompt string.
 5. **Capabilities:** exo's own report (total RAM on a Linux CPU box, VRAM on a GPU box, a Mac's unified memory),
    with the launcher's mark (capabilities.LauncherMark) at the end of `model`; `--memory-mb` replaces the memory.
 
-MLX (`--engine mlx`) imports only on Apple silicon; it gets 4 and 5, and serves the models exo-rknpu also has cards
-for. Not run here (no Mac).
+MLX (`--engine mlx`) imports only on Apple silicon; it gets 4 (sampling; not the prompt ids) and 5, and serves the
+models exo-rknpu also has cards for. Not run here (no Mac).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from exo_rknpu.errors import CapacityError, ExoRknpuError, RequestStateError
 from exo_rknpu.exo.capabilities import LauncherMark, with_mark
 from exo_rknpu.exo.cards import CARDS
 from exo_rknpu.exo.options import NodeOptions
-from exo_rknpu.runtime.sampling import SamplingParams
+from exo_rknpu.exo.request_state import PROMPT_IDS_KEY, prompt_ids
 
 STOCK_ENGINE_CLASSES = {"tinygrad": "TinygradDynamicShardInferenceEngine", "mlx": "MLXDynamicShardInferenceEngine"}
 # Cards exo lacks, for the tinygrad engine: model id -> (Hugging Face repo, MODEL_PARAMS key)
@@ -100,10 +101,6 @@ def install_stock_engine(options: NodeOptions) -> None:
             entry = models.model_cards.setdefault(model_id, {"layers": CARDS[model_id].n_layers, "repo": {}})
             entry["repo"][STOCK_ENGINE_CLASSES["tinygrad"]] = repo
         _patch_tinygrad(options)
-    elif engine == "mlx":
-        import exo.inference.mlx.sharded_inference_engine as mlx_engine
-
-        _patch_sampling(mlx_engine.MLXDynamicShardInferenceEngine)
     mark = LauncherMark(engine, stock_served_models(engine))
 
     def marked(caps: Any) -> Any:
@@ -122,17 +119,6 @@ def install_stock_engine(options: NodeOptions) -> None:
 
     dc.linux_device_capabilities = linux_device_capabilities
     dc.mac_device_capabilities = mac_device_capabilities
-
-
-def _patch_sampling(Engine: Any) -> None:
-    from exo_rknpu.exo.inference_engine import pick_token
-
-    async def sample(self: Any, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
-        params = SamplingParams(temperature=float(temp), top_p=float(top_p))
-        rng = self.__dict__.setdefault("rknpu_rng", np.random.default_rng())
-        return await asyncio.to_thread(pick_token, x, params, rng)
-
-    Engine.sample = sample
 
 
 @dataclass
@@ -199,7 +185,6 @@ def _patch_tinygrad(options: NodeOptions) -> None:
 
     _patch_transformer_shard(llama.TransformerShard)
     _patch_tinygrad_requests(tgi.TinygradDynamicShardInferenceEngine, options.engine.limits.max_requests)
-    _patch_sampling(tgi.TinygradDynamicShardInferenceEngine)
 
 
 def _patch_transformer_shard(TransformerShard: Any) -> None:
@@ -233,10 +218,24 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
     from tinygrad import Tensor
 
     original_init = Engine.__init__
+    original_infer_prompt = Engine.infer_prompt
 
     def __init__(self: Any, shard_downloader: Any) -> None:
         original_init(self, shard_downloader)
         self.requests = TinygradRequests(max_requests)
+
+    async def infer_prompt(self: Any, request_id: str, shard: Any, prompt: str,
+                           inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        """exo's infer_prompt, or the prompt's ids as the API encoded them (dropped from the state passed on)."""
+        try:
+            ids = prompt_ids(inference_state)
+        except Exception as e:  # a malformed state from a peer
+            self.requests.record(request_id, e)
+            raise
+        if ids is None:
+            return await original_infer_prompt(self, request_id, shard, prompt, inference_state)
+        state = {k: v for k, v in inference_state.items() if k != PROMPT_IDS_KEY}
+        return await self.infer_tensor(request_id, shard, np.asarray(ids, dtype=np.int64).reshape(1, -1), state)
 
     async def infer_tensor(self: Any, request_id: str, shard: Any, input_data: np.ndarray,
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
@@ -271,6 +270,7 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
         return self.requests.failures.pop(request_id, None)
 
     Engine.__init__ = __init__
+    Engine.infer_prompt = infer_prompt
     Engine.infer_tensor = infer_tensor
     Engine.announce = announce
     Engine.release = release

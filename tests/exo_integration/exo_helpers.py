@@ -17,9 +17,12 @@ import pytest
 from exo_rknpu.exo import exo_importable
 
 EXO_OK, EXO_WHY = exo_importable()
+needs_exo = pytest.mark.skipif(not EXO_OK, reason=EXO_WHY or "legacy exo is not importable")
+# `exo-rknpu node` options of a ring whose answers a test asserts exactly: float32 weights give the model's own
+# answer on every CPU (compact weights with int8 activations round differently per instruction set)
+FP32 = ["--weights", "fp32"]
 QUESTION = "What is the capital of France?"
 REQUEST_TIMEOUT = 300
-needs_exo = pytest.mark.skipif(not EXO_OK, reason=EXO_WHY or "legacy exo is not importable")
 
 
 def fake_shard_downloader(fetch):
@@ -55,9 +58,9 @@ def free_port() -> int:
 class Ring:
     """Nodes on 127.0.0.1 with manual discovery (a peers file). The node that reports the most memory gets the
     first layers (exo sorts by memory, descending). A node's spec: "memory" (MB it reports), and
-    * "engine": "rknpu" (default; "backend", optional "extra" options of `exo-rknpu node`), "tinygrad"
-      (`exo-rknpu node --engine tinygrad`), or "plain-tinygrad" (stock exo unpatched, its API bound to 127.0.0.1
-      by plain_stock_node.py; it reports its own memory, "memory" is ignored);
+    * "engine": "rknpu" (default; "backend", optional "extra" options of `exo-rknpu node`, "api_host", "api_key"),
+      "tinygrad" (`exo-rknpu node --engine tinygrad`), or "plain-tinygrad" (stock exo unpatched, its API bound to
+      127.0.0.1 by plain_stock_node.py; it reports its own memory, "memory" is ignored);
     * optional "exo_extra": more of exo's own arguments.
     `env`: the nodes' environment (default: this one, with EXO_HOME in `tmp`)."""
 
@@ -85,7 +88,9 @@ class Ring:
                     "--discovery-module", "manual", "--discovery-config-path", str(self.config),
                     "--chatgpt-api-port", str(s["api"]), "--disable-tui", *s.get("exo_extra", [])]
         engine = s.get("engine", "rknpu")
-        node = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--api-host", "127.0.0.1",
+        host = s.get("api_host", "127.0.0.1")  # None: the node's default
+        key = ["--api-key", s["api_key"]] if s.get("api_key") else []
+        node = [sys.executable, "-m", "exo_rknpu.cli.main", "node", *(["--api-host", host] if host else []), *key,
                 "--memory-mb", str(s.get("memory", 1000))]
         if engine == "rknpu":
             cmd = [*node, "--backend", s["backend"], *s.get("extra", []), "--", *exo_args]
@@ -106,6 +111,11 @@ class Ring:
     def log(self, nid: str) -> str:
         return self.logs[nid].read_text(errors="replace")
 
+    def headers(self, nid: str) -> dict[str, str]:
+        """What a client of node `nid`'s API sends (its API key, if the node was given one)."""
+        key = self.nodes[nid].get("api_key")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def url(self, nid: str, path: str) -> str:
         return f"http://127.0.0.1:{self.nodes[nid]['api']}{path}"
 
@@ -116,7 +126,7 @@ class Ring:
                 if p.poll() is not None:
                     raise AssertionError(f"node {nid} exited ({p.returncode}):\n{self.log(nid)[-3000:]}")
             try:
-                topo = [get_json(self.url(nid, "/v1/topology")) for nid in self.nodes]
+                topo = [get_json(self.url(nid, "/v1/topology"), self.headers(nid)) for nid in self.nodes]
                 if all(len(t.get("nodes", {})) == len(self.nodes) for t in topo):
                     return topo[0]
             except (OSError, ValueError):
@@ -136,8 +146,8 @@ class Ring:
                 p.wait()
 
 
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
+def get_json(url: str, headers: dict[str, str] | None = None) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
         return json.loads(r.read())
 
 

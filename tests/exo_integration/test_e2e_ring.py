@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from exo_helpers import QUESTION, Ring, chat, get_json, needs_exo
+from exo_helpers import FP32, QUESTION, Ring, chat, get_json, needs_exo
 from tiny_models import make_tiny_hf
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
@@ -21,8 +21,9 @@ def ring(tmp_path_factory):
 
     resolve_model("smollm2-135m")  # fetch once, before two processes race for it
     r = Ring(tmp_path_factory.mktemp("ring"), {
-        "node-a": {"backend": "numpy", "memory": 3000},
-        "node-b": {"backend": "onnx", "memory": 2000},
+        # float32 weights: the answer asserted below is the model's own, on every CPU (see FP32 in exo_helpers)
+        "node-a": {"backend": "numpy", "memory": 3000, "extra": FP32},
+        "node-b": {"backend": "onnx", "memory": 2000, "extra": FP32},
     })
     try:
         yield r.start()
@@ -33,7 +34,7 @@ def ring(tmp_path_factory):
 def test_topology_reports_each_node(ring):
     topo = get_json(ring.url("node-a", "/v1/topology"))["nodes"]
     assert topo["node-a"]["memory"] == 3000 and topo["node-b"]["memory"] == 2000
-    assert "exo-rknpu, numpy" in topo["node-a"]["model"] and "exo-rknpu, onnx" in topo["node-b"]["model"]
+    assert "(exo-rknpu, rknpu/numpy; serves " in topo["node-a"]["model"] and "(exo-rknpu, rknpu/onnx; serves " in topo["node-b"]["model"]
 
 
 def test_chat_completion_non_streaming(ring):
