@@ -67,7 +67,8 @@ def failure_kind(e: BaseException) -> str:
 
 
 class RKNPUInferenceEngine(InferenceEngine):
-    def __init__(self, shard_downloader=None, options: NodeOptions | None = None) -> None:
+    def __init__(self, shard_downloader=None, options: NodeOptions | None = None, prober: Prober | None = None) -> None:
+        """`prober` tells whether the model's source (Hugging Face) answers now (default: a HEAD request)."""
         self.options = options or node_options.current()
         self.shard_downloader = shard_downloader
         self.shard: Optional[Shard] = None
@@ -77,7 +78,7 @@ class RKNPUInferenceEngine(InferenceEngine):
         self._rng = np.random.default_rng()
         self._failures: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._announced: OrderedDict[str, None] = OrderedDict()
-        self._prober = Prober()
+        self._prober = prober or Prober()
 
     # ------------------------------------------------------------------ model files
 
