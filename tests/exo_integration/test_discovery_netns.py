@@ -20,7 +20,6 @@ bundled smollm2-135m.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from exo_helpers import FP32, QUESTION, Ring, chat, get_json, needs_exo
+from exo_helpers import FP32, Ring, chat, get_json, needs_exo
 from tiny_models import make_tiny_hf
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
