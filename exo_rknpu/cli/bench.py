@@ -52,6 +52,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         compare=parse_compare(args.compare), backend_dtype=args.backend_dtype, max_context=args.max_context,
         layers_per_slice=args.layers_per_slice, timeout_s=args.timeout,
         placement=str(args.placement) if args.placement else None, concurrency=args.concurrency,
+        emulate=args.emulate,
     )
 
 

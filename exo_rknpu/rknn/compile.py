@@ -275,6 +275,9 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             "slice": cc.spec_dict(spec), "layers": list(range(spec.start, spec.stop)) if spec.kind == "layers" else [],
             "model_fingerprint": ws.fingerprint, "weights_digest": cc.slice_digest(spec, ws), "model_args": ws.args.to_dict(),
             "dtype": dtype, "platform": platform, "toolkit_version": tk_version, "exporter_version": cc.exporter_version(),
+            # the oldest board runtime that loads these files: librknnrt refuses files of a newer toolkit ("Invalid
+            # RKNN model version"); the npu backend and doctor check it (backends/board.py)
+            "librknnrt_min": tk_version,
             "buckets": {"seq": list(buckets.seq), "context": list(buckets.context)},
             "files": files, "build": {"seconds": round(time.monotonic() - t0, 2), **report},
             "verify": verify_figs,

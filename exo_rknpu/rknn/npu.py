@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from exo_rknpu.backends import board
 from exo_rknpu.rknn import io as rknn_io
 from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.config import Paths
@@ -28,6 +29,11 @@ from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
+def librknnrt_needed(m: dict[str, Any]) -> str:
+    """The oldest librknnrt a compiled slice runs on: recorded at compile time (older manifests: the toolkit's)."""
+    return str(m.get("librknnrt_min") or m.get("toolkit_version") or "")
+
+
 class NpuRunner:
     def __init__(self, spec: SliceSpec, folder: Path, manifest: dict[str, Any], core_mask: int) -> None:
         from rknnlite.api import RKNNLite
@@ -37,13 +43,17 @@ class NpuRunner:
         self.names = rknn_io.slice_names(spec.kind, manifest["files"][0]["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)
         self.files: list[tuple[dict[str, Any], Any]] = []
         self.by_shape: dict[tuple, tuple[Any, dict]] = {}
+        self.inference_options = board.inference_options(RKNNLite)  # reuse_outputs only where lite2 has it (2.5.0 on)
         try:
             for f in manifest["files"]:
                 rk = RKNNLite(verbose=False)
                 if rk.load_rknn(str(folder / f["file"])) != 0:
                     raise ArtifactError(f"RKNNLite could not load {folder / f['file']}")
                 if rk.init_runtime(core_mask=core_mask) != 0:
-                    raise BackendUnavailableError(f"RKNNLite init_runtime failed for {f['file']} (core_mask={core_mask}); see the rknn log")
+                    rk.release()
+                    raise BackendUnavailableError(f"RKNNLite init_runtime failed for {folder / f['file']} "
+                                                  f"(core_mask={core_mask}); RKNNLite's log above says why; "
+                                                  "exo-rknpu doctor checks this board")
                 self.files.append((f, rk))
                 for sh in f["shapes"]:
                     key = tuple(tuple(sh["inputs"][n]) for n in self.names)
@@ -61,10 +71,10 @@ class NpuRunner:
                                 f"compiled buckets: {[dict(zip(names, k)) for k in self.by_shape]}")
         rk, sh = hit
         arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"])
-        outs = rk.inference(inputs=arrays, data_format=fmt, reuse_outputs=True)
+        outs = rk.inference(inputs=arrays, data_format=fmt, **self.inference_options)
         if outs is None:
             raise BackendUnavailableError(f"RKNNLite inference failed for slice {self.spec.name}")
-        return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])  # copies out of the reused buffers
+        return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])  # copies (out of reused buffers on 2.5)
 
     def close(self) -> None:
         for _, rk in self.files:
@@ -88,6 +98,7 @@ class ShardMemory:
 
 class NpuBackend:
     name = "npu"
+    processor = "npu"
     # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
@@ -107,6 +118,7 @@ class NpuBackend:
             raise BackendUnavailableError(f"unknown core_mask {core_mask!r}; choose one of {', '.join(CORE_MASKS)}")
         self.dtype, self.platform, self.core_mask = dtype, platform, CORE_MASKS[core_mask]
         self.cache = cc.SliceCache(Path(cache_dir) if cache_dir else Paths.from_env().compiled)
+        self.check_board = check_board
         if check_board:
             problems = board_problems()
             if problems:
@@ -118,13 +130,17 @@ class NpuBackend:
     def locate(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> tuple[Path, dict[str, Any]]:
         """Find and check the compiled slice from its manifest and files alone (no layer weights are read);
         ArtifactError gives the reason for a refusal and the compile command to run."""
-        hint = compile_command(spec, weights.args.num_hidden_layers, self.dtype, self.platform, buckets)
+        hint = shard_compile_command(weights.layer_range, spec, self.dtype, self.platform, buckets)
         folder, m = self.cache.find(weights.fingerprint, self.dtype, self.platform, spec.name, hint=hint)
         check_manifest(m, spec, weights, buckets, self.dtype, self.platform, folder, hint)
         return folder, m
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NpuRunner:
         folder, m = self.locate(spec, weights, buckets)
+        if self.check_board:
+            problem = board.librknnrt_problem(board.librknnrt_version(), librknnrt_needed(m))
+            if problem:
+                raise BackendUnavailableError(f"{folder}/manifest.json: {problem}")
         return NpuRunner(spec, folder, m, self.core_mask)
 
     def resident_bytes(self, fingerprint: str, args: ModelArgs, layer_range: LayerRange, max_context: int,
@@ -143,7 +159,7 @@ class NpuBackend:
         rknn: dict[str, int] = {}
         internal = 0
         for spec in specs:
-            hint = compile_command(spec, args.num_hidden_layers, self.dtype, self.platform, None)
+            hint = shard_compile_command(layer_range, spec, self.dtype, self.platform, None)
             _, m = self.cache.find(fingerprint, self.dtype, self.platform, spec.name, check_files=False, hint=hint)
             rknn[spec.name] = sum(int(f["bytes"]) for f in m["files"])
             internal = max(internal, int(float(m.get("build", {}).get("internal_kb") or 0.0) * 1024))
@@ -156,10 +172,12 @@ class NpuBackend:
         return ShardMemory(rknn, internal, embed_bytes, kv)
 
 
-def compile_command(spec: SliceSpec, n_layers: int, dtype: str, platform: str, buckets: Buckets | None) -> str:
-    """The `exo-rknpu compile` line that builds `spec` (the head is built with the model's last layer)."""
-    layers = f"{spec.start}-{spec.stop - 1}" if spec.kind == "layers" else f"{n_layers - 1}-{n_layers - 1}"
-    cmd = f"exo-rknpu compile --model MODEL --layers {layers} --dtype {dtype} --platform {platform}"
+def shard_compile_command(lr: LayerRange, spec: SliceSpec, dtype: str, platform: str, buckets: Buckets | None) -> str:
+    """The one `exo-rknpu compile` line that builds every slice a shard of `lr` needs (all its layers, and the head
+    when it is the last shard); compile skips what is already built. A slice of some parts of a layer comes from a
+    placement plan, which compile needs too."""
+    cmd = (f"exo-rknpu compile --model MODEL --layers {lr.start}-{lr.stop - 1} --dtype {dtype} --platform {platform}"
+           + (" --placement PLAN" if spec.kind == "layers" and not spec.whole else ""))
     if buckets is not None:
         cmd += f" --seq {','.join(map(str, buckets.seq))} --context {','.join(map(str, buckets.context))}"
     return cmd
@@ -175,7 +193,7 @@ def check_manifest(m: dict[str, Any], spec: SliceSpec, weights: ShardWeights, bu
     tensors (a host with the weights), their digest is compared too.
     """
     where = f"{folder}/manifest.json"
-    run = f"; run: {hint or compile_command(spec, weights.args.num_hidden_layers, dtype, platform, buckets)}"
+    run = f"; run: {hint or shard_compile_command(weights.layer_range, spec, dtype, platform, buckets)}"
 
     def refuse(why: str) -> ArtifactError:
         return ArtifactError(f"{where} {why}{run}")

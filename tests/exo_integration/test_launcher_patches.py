@@ -135,7 +135,7 @@ def test_engine_is_not_swapped_for_tinygrad(patched):
 
 def test_capabilities_without_tinygrad(patched):
     assert patched["caps"]["memory"] == 1234
-    assert "exo-rknpu, numpy" in patched["caps"]["model"]
+    assert "(exo-rknpu, rknpu/numpy; serves " in patched["caps"]["model"] and "smollm2-135m" in patched["caps"]["model"]
     assert not patched["tinygrad_imported"]
 
 
