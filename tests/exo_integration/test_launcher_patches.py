@@ -203,7 +203,7 @@ SAMPLING_SCRIPT = textwrap.dedent(
         return types.SimpleNamespace(rknpu_ring=Ring(), buffered_token_output={}, outstanding_requests={},
                                      inference_engine=Engine(), trigger_on_token_callbacks=lambda *a: None,
                                      broadcast_result=broadcast_result, forward_tensor=forward_tensor,
-                                     get_partition_index=lambda offset=0: 0)
+                                     get_partition_index=lambda offset=0, model_id=None: 0)
 
     class Shard:
         model_id = "smollm2-135m"
