@@ -91,12 +91,15 @@ class RKNPUInferenceEngine(InferenceEngine):
         # Decided before any download starts: a model that is neither here nor fetchable fails in seconds
         # (exo's downloader would retry for minutes, and on after the client left).
         found = await asyncio.to_thread(model_availability, card, self.options.model_dir, self._prober)
-        if found.local is not None:
-            return await self.core.run_blocking(resolve_model, str(found.local))
-        if not found.downloadable:
+        if not found.servable:
             raise ModelUnavailableError(found.reason)
-        if card.zoo_alias is not None:
+        override = local_override(card, self.options.model_dir)
+        if override is not None:
+            return await self.core.run_blocking(resolve_model, str(override))
+        if card.zoo_alias is not None:  # by its alias: the name its compiled slices are cached under
             return await self.core.run_blocking(resolve_model, card.zoo_alias)
+        if found.local is not None:  # complete in exo's download folder: no need to ask the hub
+            return await self.core.run_blocking(resolve_model, str(found.local))
         if self.shard_downloader is None:
             raise ModelUnavailableError(f"{model_id} must be downloaded but this engine has no shard downloader; "
                                         f"put it at --model-dir DIR as DIR/{model_id}")
