@@ -71,3 +71,11 @@ class RequestStateError(ExoRknpuError, RuntimeError):
 
 class BenchError(UsageError):
     """A benchmark option is out of range or does not fit the model."""
+
+
+class SamplingError(ExoRknpuError, RuntimeError):
+    """The logits cannot be sampled from (NaN or infinite values)."""
+
+
+class ModelUnavailableError(ExoRknpuError, RuntimeError):
+    """A model's files are not on this node and cannot be fetched here (offline, or no repository for this engine)."""

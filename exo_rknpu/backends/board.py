@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import platform as _platform
 import re
 import subprocess
@@ -34,6 +35,8 @@ LITE2_SERIES = ((2, 3), (2, 5))
 LITE2_PACKAGE = "rknn-toolkit-lite2"
 PROBE_TIMEOUT_S = 120.0
 CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}  # RKNNLite.NPU_CORE_*
+# The RK3588's NPU as placement devices: "npu" lets the driver pick cores, npu0..npu2 pin one (RKNNLite core masks).
+NPU_CORES = {"npu": "auto", "npu0": "0", "npu1": "1", "npu2": "2"}
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -78,6 +81,14 @@ def npu_driver_version(paths: tuple[Path, ...] = DRIVER_PATHS) -> str | None:
             continue
         return text.split(":")[-1].strip().lstrip("v") or None
     return None
+
+
+def host_memory() -> int | None:
+    """Physical memory of this machine in bytes (the RK3588's NPU has none of its own: it reads the same DDR)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
 
 
 def lite2_version() -> str | None:
@@ -222,3 +233,4 @@ def _probe_main(path: str, core_mask: int) -> int:
 
 if __name__ == "__main__":
     sys.exit(_probe_main(sys.argv[1], int(sys.argv[2])))
+

@@ -1,4 +1,4 @@
-"""Start legacy exo with the rknpu engine plugged in, without editing exo.
+"""Start legacy exo with the rknpu engine plugged in (or one of exo's stock engines, fixed), without editing exo.
 
 Patches, all applied before `exo.main` is imported (it parses argv and builds the node at import):
 1. `get_inference_engine` in exo.inference.inference_engine and exo.orchestration.node (which bound the name at
@@ -7,7 +7,8 @@ Patches, all applied before `exo.main` is imported (it parses argv and builds th
    class's repo; exo's wrong layer count for qwen-2.5-0.5b is corrected).
 3. Node.select_best_inference_engine becomes a no-op: otherwise exo replaces our engine with a fresh tinygrad one
    whenever the peer set changes.
-4. exo.topology.device_capabilities.linux_device_capabilities reports the board (no tinygrad import, no pynvml).
+4. exo.topology.device_capabilities.linux_device_capabilities reports the board (no tinygrad import, no pynvml);
+   a stock engine (`--engine tinygrad|mlx`, stock_engines.py) keeps exo's report and adds the launcher's mark.
 5. ChatGPTAPI.run binds to --api-host (exo hard-codes 0.0.0.0).
 6. exo's API resolves the tokenizer of our local models (smollm2-135m, --model-dir) with our tokenizer, offline;
    for downloaded repos it keeps exo's own, and both render chat templates with our options (enable_thinking).
@@ -17,6 +18,9 @@ Patches, all applied before `exo.main` is imported (it parses argv and builds th
    EOS, or a full cache; a step addressed to a shard this node does not hold fails (the nodes disagree on the
    partition) instead of running the wrong layers; a failed hop or an unreachable neighbour is broadcast as
    {"type": "rknpu_request_failed"} so the API answers at once instead of waiting 900 s.
+8. and 9. The API's safety (http_guard.py) and routes (api_routes.py): see install_api_safety, install_api_routes.
+10. The mixed-ring partition (ring_members.py): exo's Node asks for the partition with the model at hand; a node
+   that takes no layers of the model hands its prompt to the ring's first node.
 """
 
 from __future__ import annotations
@@ -26,15 +30,19 @@ import dataclasses
 import logging
 import sys
 import traceback
+import uuid
 from typing import Any
 
 import numpy as np
 
+from exo_rknpu.errors import ExoRknpuError
 from exo_rknpu.exo import ENGINE_CLASS, ENGINE_NAME, options as node_options
 from exo_rknpu.exo.api_tokenizer import TemplateOptionsTokenizer
+from exo_rknpu.exo.availability import downloaded_folder
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
-from exo_rknpu.exo.ring_members import restrict_ring
+from exo_rknpu.exo.ring_members import node_partitions, patch_node_partitioning, use_mixed_ring
+from exo_rknpu.runtime.sampling import Choice, SamplingParams, choose, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +97,23 @@ def install_patches(options: NodeOptions) -> None:
     node_mod.Node.select_best_inference_engine = select_best_inference_engine
 
     # 4. capabilities
-    async def linux_device_capabilities():
-        opts = node_options.current()
-        caps = detect(opts.engine.backend, opts.engine.limits.max_bytes, opts.memory_mb).to_exo()
-        return caps
+    if options.stock_engine is not None:
+        from exo_rknpu.exo.stock_engines import install_stock_engine
 
-    dc.linux_device_capabilities = linux_device_capabilities
+        install_stock_engine(options)
+    else:
+        async def linux_device_capabilities():
+            opts = node_options.current()
+            return detect(opts.engine.backend, opts.engine.limits.max_bytes, opts.memory_mb,
+                          models=served_models(opts)).to_exo()
+
+        dc.linux_device_capabilities = linux_device_capabilities
 
     # 5. API bind host
     original_run = api_mod.ChatGPTAPI.run
 
     async def run(self: Any, host: str = "0.0.0.0", port: int = 52415) -> None:
+        quiet_expected_errors(asyncio.get_running_loop())
         return await original_run(self, host=node_options.current().api_host, port=port)
 
     api_mod.ChatGPTAPI.run = run
@@ -111,6 +125,8 @@ def install_patches(options: NodeOptions) -> None:
     async def resolve_tokenizer(repo_id: Any):
         card = card_for_repo(str(repo_id))
         override = local_override(card, node_options.current().model_dir) if card is not None else None
+        if card is not None and override is None and card.zoo_alias is None:
+            override = downloaded_folder(card)  # complete on disk: no Hugging Face access needed
         thinking = node_options.current().enable_thinking
         key = str(repo_id)
         if key not in cache:
@@ -124,7 +140,9 @@ def install_patches(options: NodeOptions) -> None:
 
     api_mod.resolve_tokenizer = resolve_tokenizer
 
-    # 7. the ring's request lifecycle and API
+    # 7. the ring's request lifecycle and API (on top of 10: the model-aware partition)
+    install_state_wire()
+    patch_node_partitioning(node_mod.Node)
     _patch_node(node_mod.Node)
 
     async def handle_post_chat_completions(self: Any, request: Any):
@@ -135,7 +153,65 @@ def install_patches(options: NodeOptions) -> None:
 
     original_chat = api_mod.ChatGPTAPI.handle_post_chat_completions
     api_mod.ChatGPTAPI.handle_post_chat_completions = handle_post_chat_completions
+    install_api_routes(api_mod)
+    install_api_safety(api_mod, node_options.current())
     _installed = True
+
+
+NODE_CONTROL_ROUTES = ("handle_quit", "handle_delete_model", "handle_post_download", "handle_post_image_generations",
+                       "handle_create_animation")
+
+
+def install_api_safety(api_mod: Any, options: NodeOptions) -> None:
+    """Patch 8 (exo_rknpu/exo/http_guard.py): CORS only for --cors-origin, the API key, foreign origins and
+    non-JSON POST bodies refused, and the routes that change the node off unless --allow-node-control."""
+    from exo_rknpu.exo.api_routes import json_body_first
+    from exo_rknpu.exo.http_guard import CorsShim, guard_middleware, turned_off
+
+    api_mod.aiohttp_cors = CorsShim(api_mod.aiohttp_cors, options.cors_origins)
+    for name in NODE_CONTROL_ROUTES:
+        original = getattr(api_mod.ChatGPTAPI, name)
+        if options.allow_node_control:
+            setattr(api_mod.ChatGPTAPI, name, json_body_first(original))
+        else:
+            off = turned_off("--allow-node-control")
+            setattr(api_mod.ChatGPTAPI, name, lambda self, request, _off=off: _off(request))
+    original_init = api_mod.ChatGPTAPI.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        opts = node_options.current()
+        self.app.middlewares.insert(0, guard_middleware(opts.api_key, opts.cors_origins))
+
+    api_mod.ChatGPTAPI.__init__ = __init__
+
+
+def install_api_routes(api_mod: Any) -> None:
+    """Patch 9 (exo_rknpu/exo/api_routes.py): /v1/models and /modelpool from what this node can serve now, and
+    token/encode validated like a chat request, on a node that has a RingNode attached."""
+    from exo_rknpu.exo import api_routes
+
+    def routed(name: str, ours: Any) -> None:
+        original = getattr(api_mod.ChatGPTAPI, name)
+
+        async def handler(self: Any, request: Any) -> Any:
+            ring = getattr(self.node, "rknpu_ring", None)
+            return await (original(self, request) if ring is None else ours(ring, request))
+
+        setattr(api_mod.ChatGPTAPI, name, handler)
+
+    routed("handle_get_models", api_routes.handle_models)
+    routed("handle_model_support", api_routes.handle_modelpool)
+    routed("handle_post_chat_token_encode", api_routes.handle_token_encode)
+
+
+def served_models(options: NodeOptions) -> tuple[str, ...]:
+    """The model ids this node serves: exo-rknpu's cards, or what the stock engine can run (its launcher mark)."""
+    if options.stock_engine is not None:
+        from exo_rknpu.exo.stock_engines import stock_served_models
+
+        return stock_served_models(options.stock_engine)
+    return tuple(sorted(CARDS))
 
 
 def _ring(node: Any) -> Any:
@@ -158,10 +234,18 @@ def _patch_node(Node: Any) -> None:
         tokens, _ = self.buffered_token_output.setdefault(request_id, ([], False))
         finished, forward = False, result
         if shard.is_last_layer():
-            token = await self.inference_engine.sample(result, temp=ring.temperature(request_id))
-            tokens.append(int(token.item()))
-            finished = ring.finish_decision(request_id, tokens)
-            forward = token.reshape(1, -1)
+            try:
+                params = ring.sampling(request_id, inference_state)
+                choice = await sample_next(self.inference_engine, result, params, tokens, ring.rng)
+            except Exception as e:  # NaN logits, a malformed state from a peer: the client hears at once
+                await ring.report_failure(request_id, f"sampling failed: {type(e).__name__}: {e}", "error")
+                self.outstanding_requests.pop(request_id, None)
+                return None
+            tokens.append(choice.token)
+            finished = ring.finish_decision(request_id, tokens, params)
+            forward = np.array([[choice.token]], dtype=np.int64)
+            if params.logprobs:  # before the token: the API node pairs them by position
+                await ring.send_logprobs(request_id, len(tokens) - 1, choice)
             self.trigger_on_token_callbacks(request_id, [tokens[-1]], finished)
             asyncio.create_task(self.broadcast_result(request_id, [tokens[-1]], finished))
         if finished:
@@ -169,7 +253,8 @@ def _patch_node(Node: Any) -> None:
             self.outstanding_requests.pop(request_id, None)
         else:
             self.outstanding_requests[request_id] = "waiting"
-            asyncio.create_task(self.forward_tensor(shard, forward, request_id, self.get_partition_index(offset=1),
+            asyncio.create_task(self.forward_tensor(shard, forward, request_id,
+                                                    self.get_partition_index(offset=1, model_id=shard.model_id),
                                                     inference_state))
         return np.array(tokens)
 
@@ -184,9 +269,23 @@ def _patch_node(Node: Any) -> None:
 
     async def _process_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str | None = None,
                               inference_state: Any = None):
-        result = await original_inner_tensor(self, base_shard, tensor, request_id, inference_state)
-        await _report_engine_failure(self, request_id)
-        return result
+        if _ring(self) is None:
+            return await original_inner_tensor(self, base_shard, tensor, request_id, inference_state)
+        # exo's own body, with its print + traceback replaced: an expected failure (exo-rknpu's errors) is
+        # reported to the ring once, in one line; anything else is a bug and keeps its traceback.
+        request_id = request_id or str(uuid.uuid4())
+        shard = self.get_current_shard(base_shard)
+        try:
+            self.outstanding_requests[request_id] = "processing"
+            result, inference_state = await self.inference_engine.infer_tensor(request_id, shard, tensor,
+                                                                               inference_state)
+            return await self.process_inference_result(shard, result, request_id, inference_state)
+        except Exception as e:
+            self.outstanding_requests.pop(request_id, None)
+            if not isinstance(e, ExoRknpuError):
+                log.exception("request %s: unexpected error on %s", request_id, shard)
+        finally:
+            await _report_engine_failure(self, request_id)
 
     async def process_prompt(self: Any, base_shard: Any, prompt: str, request_id: str | None = None,
                              inference_state: Any = {}):
@@ -196,11 +295,16 @@ def _patch_node(Node: Any) -> None:
             if problem is not None:
                 await ring.report_failure(request_id, problem, "unavailable")
                 raise RuntimeError(problem)
+        elif ring is not None and self.id not in {p.node_id for p in node_partitions(self, base_shard.model_id)}:
+            # this node's API took a request for a model the ring leaves this node out of: the first node runs it
+            return await self.forward_prompt(base_shard, prompt, request_id, 0, inference_state)
         try:
             return await original_process_prompt(self, base_shard, prompt, request_id, inference_state)
-        except Exception:
+        except Exception as e:
             await _report_engine_failure(self, request_id)
-            raise
+            if ring is None or not isinstance(e, ExoRknpuError):
+                raise
+            return None  # reported to the ring (the client hears of it); not a traceback in exo's gRPC server
 
     async def forward_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str, target_index: int,
                              inference_state: Any = None):
@@ -230,6 +334,65 @@ def _patch_node(Node: Any) -> None:
     Node.process_prompt = process_prompt
     Node.forward_tensor = forward_tensor
     Node.forward_prompt = forward_prompt
+
+
+async def sample_next(engine: Any, logits: Any, params: SamplingParams, generated: list[int],
+                      rng: np.random.Generator) -> Choice:
+    """The request's next token under its own parameters: the engine's sample_request (exo-rknpu's engine), or
+    exo_rknpu.runtime.sampling on the logits for an engine without it (a launcher-started stock engine)."""
+    own = getattr(engine, "sample_request", None)
+    if own is not None:
+        return await own(logits, params, generated)
+    from exo_rknpu.exo.inference_engine import logits_row
+
+    row = logits_row(logits)
+    return await asyncio.to_thread(choose, row, params, list(generated), step_rng(params, len(generated), rng))
+
+
+def install_state_wire() -> None:
+    """exo's gRPC serializer of inference_state tests `isinstance(v, mx.array)`, and on Linux `mx` is numpy, whose
+    `array` is a function: any non-empty state raised TypeError. Serialize numpy arrays as exo's tensors and
+    everything else as JSON (exo's own format, read unchanged by exo's deserializer)."""
+    import json as _json
+
+    from exo.networking.grpc import grpc_peer_handle, node_service_pb2
+
+    def serialize_inference_state(self: Any, inference_state: dict) -> Any:
+        proto = node_service_pb2.InferenceState()
+        other = {}
+        for k, v in inference_state.items():
+            if isinstance(v, np.ndarray):
+                proto.tensor_data[k].CopyFrom(node_service_pb2.Tensor(
+                    tensor_data=np.ascontiguousarray(v).tobytes(), shape=list(v.shape), dtype=str(v.dtype)))
+            elif isinstance(v, list) and v and all(isinstance(t, np.ndarray) for t in v):
+                tensors = [node_service_pb2.Tensor(tensor_data=np.ascontiguousarray(t).tobytes(), shape=list(t.shape),
+                                                   dtype=str(t.dtype)) for t in v]
+                proto.tensor_list_data[k].CopyFrom(node_service_pb2.TensorList(tensors=tensors))
+            else:
+                other[k] = v
+        if other:
+            proto.other_data_json = _json.dumps(other)
+        return proto
+
+    grpc_peer_handle.GRPCPeerHandle.serialize_inference_state = serialize_inference_state
+
+
+def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """One line, not a traceback, for expected conditions that surface outside a request's own path: a task of
+    exo's that failed with one of exo-rknpu's errors (exo's preemptive shard load of a model that is not here),
+    and a malformed HTTP request (aiohttp logs "Error handling request" with a traceback)."""
+    from exo_rknpu.exo.http_guard import quiet_aiohttp_logs
+
+    quiet_aiohttp_logs()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        e = context.get("exception")
+        if isinstance(e, ExoRknpuError):
+            print(f"[exo-rknpu] {type(e).__name__}: {e}", flush=True)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 async def _report_engine_failure(node: Any, request_id: str | None) -> None:
@@ -265,22 +428,25 @@ def _arg_value(argv: list[str], name: str) -> str | None:
     return None
 
 
-def exo_argv(exo_args: list[str]) -> list[str]:
-    """exo's argv: EXO_ARGS unchanged, plus `--inference-engine rknpu` unless already there (another value is an error)."""
+def exo_argv(exo_args: list[str], engine: str = ENGINE_NAME) -> list[str]:
+    """exo's argv: EXO_ARGS unchanged, plus `--inference-engine ENGINE` unless already there (another value is an
+    error: the engine is chosen with `exo-rknpu node --engine`)."""
     args = list(exo_args)
     if args and args[0] == "--":
         args = args[1:]
     value = _arg_value(args, "--inference-engine")
     if value is not None:
-        if value != ENGINE_NAME:
-            raise ValueError(f"exo-rknpu node runs the {ENGINE_NAME!r} engine; remove --inference-engine {value}")
+        if value != engine:
+            raise ValueError(f"this exo-rknpu node runs the {engine!r} engine; remove --inference-engine {value} "
+                             f"(choose the engine with `exo-rknpu node --engine`)")
         return ["exo", *args]
-    return ["exo", *args, "--inference-engine", ENGINE_NAME]
+    return ["exo", *args, "--inference-engine", engine]
 
 
 def run_node(options: NodeOptions, exo_args: list[str]) -> int:
     """Patch exo, hand it EXO_ARGS, and run it until it exits."""
-    argv = exo_argv(exo_args)
+    engine_name = options.stock_engine or ENGINE_NAME
+    argv = exo_argv(exo_args, engine_name)
     node_id = _arg_value(argv, "--node-id")
     if node_id and not options.engine.label:
         options = dataclasses.replace(options, engine=dataclasses.replace(options.engine, label=f"node {node_id}"))
@@ -292,15 +458,21 @@ def run_node(options: NodeOptions, exo_args: list[str]) -> int:
         return int(e.code or 0)
     from exo_rknpu.exo.ring import RingNode
 
-    restrict_ring(exo_main.node)  # layers go to exo-rknpu nodes only (ring_members.py)
-    RingNode(exo_main.node, exo_main.api, options, default_model=exo_main.args.default_model)
+    use_mixed_ring(exo_main.node)  # one partition, derived identically by every node (ring_members.py)
+    RingNode(exo_main.node, exo_main.api, options, default_model=exo_main.args.default_model,
+             served=served_models(options))
     import exo.api.chatgpt_api as api_mod
 
     exo_main.resolve_tokenizer = api_mod.resolve_tokenizer  # `exo run MODEL` resolves its tokenizer here
     opts = node_options.current()
-    print(f"[exo-rknpu] node {exo_main.args.node_id}: engine {ENGINE_NAME} on backend {opts.engine.backend!r}, "
-          f"hidden states {opts.engine.hidden_dtype}, API on {opts.api_host}:{exo_main.args.chatgpt_api_port}",
-          flush=True)
+    if opts.stock_engine is not None:
+        print(f"[exo-rknpu] node {exo_main.args.node_id}: exo's stock {opts.stock_engine} engine with the launcher's "
+              f"fixes (stock_engines.py), serving {', '.join(served_models(opts))}, API on {opts.api_host}:"
+              f"{exo_main.args.chatgpt_api_port}", flush=True)
+    else:
+        print(f"[exo-rknpu] node {exo_main.args.node_id}: engine {ENGINE_NAME} on backend {opts.engine.backend!r}, "
+              f"hidden states {opts.engine.hidden_dtype}, API on {opts.api_host}:{exo_main.args.chatgpt_api_port}",
+              flush=True)
     try:
         exo_main.run()
     except (asyncio.CancelledError, KeyboardInterrupt):

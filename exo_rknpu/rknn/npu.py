@@ -98,6 +98,7 @@ class ShardMemory:
 
 class NpuBackend:
     name = "npu"
+    processor = "npu"
     # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "seq"
