@@ -436,7 +436,7 @@ class RingNode:
             try:
                 item = await asyncio.wait_for(queue.get(), timeout=HEALTH_INTERVAL_S)
             except asyncio.TimeoutError:
-                problem = await self.ring_problem(members, model)
+                problem = await self.ring_problem(members, call.model)
                 if problem is not None:
                     fail(503, "unavailable", f"{problem}; the request was stopped (retry once the ring is healthy)")
                 elif time.monotonic() - stalled_since > timeout:
