@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import platform as _platform
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -198,10 +199,18 @@ def probe(rknn_file: Path, core_mask: int = 0, timeout: float = PROBE_TIMEOUT_S)
         ok, step = False, f"the probe process exited {p.returncode}"
     if ok:
         return ProbeResult(str(rknn_file), True)
-    # RKNNLite logs "E <text>" lines; the first one (after the tracebacks are dropped) names the cause
-    errors = [ln[2:].strip() for ln in lines if ln.startswith("E ") and "Traceback" not in ln and "Catch exception" not in ln]
-    why = errors[0] if errors else (lines[-1] if lines else "no output")
-    return ProbeResult(str(rknn_file), False, f"{step} failed: {why}")
+    return ProbeResult(str(rknn_file), False, f"{step} failed: {rknnlite_reason(lines)}")
+
+
+def rknnlite_reason(lines: list[str]) -> str:
+    """The cause in RKNNLite's output, in one line: librknnrt's error lines ("E RKNN: [time] Invalid RKNN model
+    version 6") and the exception RKNNLite caught ("Exception: Please specify the target in init_runtime!")."""
+    runtime = [re.sub(r"^E RKNN:\s*(\[[^\]]*\]\s*)?", "", ln).strip() for ln in lines if ln.startswith("E RKNN:")]
+    raised = [ln.strip() for ln in lines if re.match(r"^[\w.]*(Exception|Error)\b[^:]*: ", ln)]
+    logged = [ln[2:].strip() for ln in lines
+              if ln.startswith("E ") and "Traceback" not in ln and "Catch exception" not in ln]
+    parts = (runtime + raised[-1:]) or logged[-1:] or [ln.strip() for ln in lines if ln.strip()][-1:]
+    return "; ".join(parts) or "no output"
 
 
 def _probe_main(path: str, core_mask: int) -> int:

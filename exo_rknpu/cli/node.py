@@ -1,6 +1,10 @@
 """`exo-rknpu node`: run this machine as a node of a legacy exo ring, with the rknpu engine.
 
     exo-rknpu node [--api-host HOST] [--backend numpy|onnx|rknn-sim|npu] [--model-dir DIR] -- EXO_ARGS...
+    exo-rknpu node --engine tinygrad|mlx [--api-host HOST] [--memory-mb MB] -- EXO_ARGS...
+
+`--engine tinygrad` (or mlx, on Apple silicon) runs one of exo's own engines instead, with the fixes a mixed ring
+of exo-rknpu and stock nodes needs (docs/exo.md, "Mixed clusters").
 
 Everything after `--` goes to exo unchanged (e.g. --discovery-module manual --discovery-config-path ring.json
 --node-id rk1 --node-port 50051 --chatgpt-api-port 52415 --disable-tui). exo itself must be installed
@@ -30,6 +34,9 @@ DEFAULT_IDLE_S = 300.0  # far above a decode step or a board's long prefill; onl
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run as a node of a legacy exo ring (needs exo installed)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", default="rknpu", choices=["rknpu", "tinygrad", "mlx"],
+                   help="rknpu (default): exo-rknpu's engine; tinygrad / mlx: exo's own engine with the launcher's "
+                        "fixes for a mixed ring (the --backend/--weights/... options then do not apply)")
     p.add_argument("--api-host", default="127.0.0.1",
                    help="address exo's ChatGPT API binds to (default: 127.0.0.1, this machine only; 0.0.0.0 or a LAN "
                         "address to serve other machines, see docs/exo.md 'Security')")
@@ -60,7 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"release a request's cache when it has not advanced for this long (abandoned; default {DEFAULT_IDLE_S:g})")
     p.add_argument("--memory-mb", type=positive_int, metavar="MB", default=None,
                    help="cap on the memory reported to exo's partitioner (default: total RAM minus the KV budget and "
-                        "the backend's reserve; docs/exo.md §3)")
+                        "the backend's reserve; docs/exo.md §3); with --engine tinygrad|mlx: replaces exo's own report "
+                        "(total RAM or VRAM), to order a mixed ring")
     p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
                    help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
     p.add_argument("--logits", choices=["all", "last"], default="all",
@@ -95,7 +103,8 @@ def build_options(args: argparse.Namespace):
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
                        enable_thinking=args.thinking, api_key=api_key, cors_origins=tuple(args.cors_origin),
-                       allow_node_control=args.allow_node_control)
+                       allow_node_control=args.allow_node_control,
+                       stock_engine=None if args.engine == "rknpu" else args.engine)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,10 +128,18 @@ def run(args: argparse.Namespace) -> int:
     from exo_rknpu.engine import check_npu
     from exo_rknpu.exo.launcher import exo_argv, run_node
 
-    check_npu(build_options(args).engine)  # an NPU that cannot run here is refused now, not at the first request
+    if args.engine != "rknpu":
+        from exo_rknpu.exo.stock_engines import check_engine_importable
+
+        why = check_engine_importable(args.engine)
+        if why is not None:
+            print(f"exo-rknpu: error: {why}", file=sys.stderr)
+            return 2
+    else:
+        check_npu(build_options(args).engine)  # an NPU that cannot run here is refused now, not at the first request
 
     try:
-        exo_argv(args.exo_args)
+        exo_argv(args.exo_args, args.engine)
     except ValueError as e:
         print(f"exo-rknpu: error: {e}", file=sys.stderr)
         return 2

@@ -52,8 +52,9 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto",
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
     `weights` (auto | int4 | int8 | fp32) picks the form of linear weights and the embedding (model/quant.py):
-    auto keeps GGUF Q4_0/Q8_0 as stored (mapped exactly) and makes int8 of everything else; fp32 widens
-    everything. Norms and biases are float32 always.
+    auto keeps the source's own values, multiplied in float32 (the same answers on every CPU): GGUF Q4_0 as stored
+    (mapped exactly), everything else float32; int4/int8 quantize (compact, faster, CPU-dependent rounding); fp32
+    widens everything. Norms and biases are float32 always.
     layers=False: only the embedding (first shard). The decoder layers and the final norm + head are neither read
     nor dequantized: for a backend that runs them from compiled files (npu, `needs_layer_weights = False`).
     embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head

@@ -339,11 +339,11 @@ def part_params(args: ModelArgs, part: str) -> int:
 
 def bytes_per_weight(device: Device, weights: str, npu_dtype: str) -> float:
     """Bytes per linear weight on a device: fp16 or int8 on an NPU (or its simulator); the --weights form on the CPU
-    (int8/int4 carry one float32 scale per block of 32; auto is counted as int8, what it gives for Hugging Face and
-    most GGUF types)."""
+    (int8/int4 carry one float32 scale per block of 32; auto is counted as float32, what it gives for Hugging Face
+    and most GGUF types; only GGUF Q4_0 stays 4-bit under auto)."""
     if device.npu or backend_class(device.backend).processor == "npu":
         return 1.0 if npu_dtype == "w8a8" else 2.0
-    return {"fp32": 4.0, "int8": 1.125, "int4": 0.625}.get(weights, 1.125)
+    return {"fp32": 4.0, "int8": 1.125, "int4": 0.625}.get(weights, 4.0)
 
 
 def spec_bytes(args: ModelArgs, spec: SliceSpec, per_weight: float) -> int:
