@@ -165,7 +165,11 @@ def chat(url: str, stream: bool, model: str = "smollm2-135m", question: str = QU
             raw = r.read().decode()
             status = r.status
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        raw = e.read() or b"{}"
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:  # stock exo's aiohttp answers an unhandled exception with plain text
+            return e.code, raw.decode(errors="replace")
     if not stream:
         return status, json.loads(raw)
     events = [line[len("data: "):] for line in raw.splitlines() if line.startswith("data: ")]
