@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,13 +38,12 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.runtime.requests import RequestLimits
+from exo_rknpu.runtime.requests import RequestLimits, RequestLog
 from exo_rknpu.runtime.shard import ShardRunner
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_ENDED_REMEMBERED = 4096  # ended request ids kept to refuse late steps (a few hundred bytes each)
 HiddenDtype = Literal["float32", "float16"]
 HIDDEN_DTYPES: tuple[str, ...] = ("float32", "float16")
 
@@ -178,7 +176,7 @@ class ShardEngine:
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-rknpu-engine")
         self._tokenizers: dict[str, Tokenizer] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()  # request id -> why it ended (worker thread only)
+        self.lifecycle = RequestLog()  # announced / ended / failed requests: the one record of them on this node
         self._closed = False
 
     # ------------------------------------------------------------------ plumbing
@@ -262,7 +260,7 @@ class ShardEngine:
 
     def _forward_job(self, loaded: LoadedShard, request_id: str, x: np.ndarray, start: bool | None) -> np.ndarray:
         """Worker thread: refuse an ended request, release abandoned ones, then run the step."""
-        reason = self._ended.get(request_id)
+        reason = self.lifecycle.why_ended(request_id)
         if reason is not None:
             raise RequestStateError(f"request {request_id} has ended on this node ({reason}); it cannot continue")
         requests = loaded.runner.requests
@@ -275,10 +273,7 @@ class ShardEngine:
         if loaded is not None and request_id in loaded.runner.requests:
             loaded.runner.drop(request_id)
             log.info("released request %s: %s", request_id, reason)
-        self._ended[request_id] = reason
-        self._ended.move_to_end(request_id)
-        while len(self._ended) > MAX_ENDED_REMEMBERED:
-            self._ended.popitem(last=False)
+        self.lifecycle.end(request_id, reason)
 
     def _close_runner(self, loaded: LoadedShard, reason: str) -> None:
         for rid in loaded.runner.requests.ids():

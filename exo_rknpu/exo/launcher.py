@@ -397,8 +397,9 @@ def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 async def _report_engine_failure(node: Any, request_id: str | None) -> None:
     """If the engine failed this request, tell the ring (once)."""
-    ring, take = _ring(node), getattr(node.inference_engine, "take_failure", None)
-    failure = take(request_id) if take is not None and request_id is not None else None
+    ring = _ring(node)
+    engine = ring.request_engine if ring is not None else None
+    failure = engine.take_failure(request_id) if engine is not None and request_id is not None else None
     if ring is not None and failure is not None:
         kind, message = failure
         await ring.report_failure(request_id, message, kind)

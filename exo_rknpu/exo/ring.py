@@ -27,9 +27,8 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from aiohttp import web
@@ -53,6 +52,7 @@ from exo_rknpu.exo.request_state import request_state
 from exo_rknpu.exo.ring_members import MixedRingPartitioning, layer_ranges, node_partitions, samples_like_rknpu
 from exo_rknpu.exo.request_state import sampling_params
 from exo_rknpu.exo.stop import stop_index, tail_text, visible_text
+from exo_rknpu.runtime.requests import BoundedMap
 from exo_rknpu.runtime.sampling import Choice, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,31 @@ def _say(text: str) -> None:
     print(f"[exo-rknpu] {text}", flush=True)
 
 
+@runtime_checkable
+class RequestEngine(Protocol):
+    """What the ring asks an engine about its requests (exo_rknpu.exo.inference_engine, and the tinygrad engine as
+    stock_engines.py patches it); the request records themselves are runtime/requests.py::RequestLog."""
+
+    def announce(self, request_id: str) -> None:
+        """The API is about to start it: a one-token prefill for it is a start."""
+
+    def release(self, request_id: str, reason: str) -> None:
+        """It is over: free its cache; later steps for it fail."""
+
+    def take_failure(self, request_id: str) -> tuple[str, str] | None:
+        """(kind, message) of the error that made it fail here, once."""
+
+    def positions_left(self, request_id: str) -> int | None:
+        """Tokens its cache can still take here (None: no bound known here)."""
+
+
 class RingNode:
     def __init__(self, node: Any, api: Any, options: NodeOptions, default_model: str | None,
                  served: tuple[str, ...]) -> None:
         self.node, self.api, self.options = node, api, options
         self.default_model = default_model
         self.served = served  # the model ids this node's API serves
-        self.params: OrderedDict[str, SamplingParams] = OrderedDict()  # as announced by the API (fallback)
+        self.params: BoundedMap[str, SamplingParams] = BoundedMap(MAX_TRACKED)  # as announced by the API (fallback)
         self.logprobs: dict[str, dict[int, Choice]] = {}  # requests this node's API serves with logprobs
         self.rng = np.random.default_rng()  # unseeded requests sampled on this node
         self.prober = Prober()
@@ -121,10 +139,15 @@ class RingNode:
     def engine(self) -> Any:
         return self.node.inference_engine
 
+    @property
+    def request_engine(self) -> RequestEngine | None:
+        """The engine as the ring asks it about requests, or None for a stock engine that keeps no record of them."""
+        eng = self.engine
+        return eng if isinstance(eng, RequestEngine) else None
+
     def _release(self, request_id: str, reason: str) -> None:
-        release = getattr(self.engine, "release", None)
-        if release is not None:
-            release(request_id, reason)
+        if self.request_engine is not None:
+            self.request_engine.release(request_id, reason)
         self.params.pop(request_id, None)
         self.node.outstanding_requests.pop(request_id, None)
 
@@ -150,15 +173,12 @@ class RingNode:
         kind = data.get("type")
         rid = data.get("request_id") or request_id
         if kind == START_STATUS:
-            announce = getattr(self.engine, "announce", None)
-            if announce is not None:
-                announce(rid)
+            if self.request_engine is not None:
+                self.request_engine.announce(rid)
             try:
                 self.params[rid] = SamplingParams.from_json(data.get("sampling") or {})
             except (TypeError, ValueError) as e:
                 _say(f"request {rid}: ignored malformed sampling parameters from node {data.get('origin')}: {e}")
-            while len(self.params) > MAX_TRACKED:
-                self.params.popitem(last=False)
         elif kind == LOGPROBS_STATUS:
             slots = self.logprobs.get(rid)
             if slots is not None:
@@ -215,8 +235,7 @@ class RingNode:
         eng, node = self.engine, self.node
         stop = stop_token_ids(eng.tokenizer)
         cap = node.max_generate_tokens if params.max_tokens is None else min(node.max_generate_tokens, params.max_tokens)
-        left_fn = getattr(getattr(eng, "core", None), "positions_left", None)
-        left = left_fn(request_id) if left_fn is not None else None
+        left = self.request_engine.positions_left(request_id) if self.request_engine is not None else None
         if tokens[-1] in stop or len(tokens) >= cap or (left is not None and left < 1):
             return True
         return bool(params.stop) and stop_index(tail_text(eng.tokenizer.decode, tokens, params.stop), params.stop) >= 0

@@ -40,6 +40,7 @@ from exo_rknpu.exo.capabilities import LauncherMark, with_mark
 from exo_rknpu.exo.cards import CARDS
 from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.exo.request_state import PROMPT_IDS_KEY, prompt_ids
+from exo_rknpu.runtime.requests import RequestLog
 
 STOCK_ENGINE_CLASSES = {"tinygrad": "TinygradDynamicShardInferenceEngine", "mlx": "MLXDynamicShardInferenceEngine"}
 # Cards exo lacks, for the tinygrad engine: model id -> (Hugging Face repo, MODEL_PARAMS key)
@@ -49,7 +50,6 @@ SMOLLM2_PARAMS = {  # HuggingFaceTB/SmolLM2-135M-Instruct config.json, in tinygr
              "vocab_size": 49152, "hidden_dim": 1536, "tie_word_embeddings": True},
     "files": 1,
 }
-MAX_RECORDED = 1024
 
 
 def tinygrad_model_size(model_id: str) -> str | None:
@@ -136,8 +136,7 @@ class TinygradRequests:
         self.max_requests = max_requests
         self.states: OrderedDict[str, RequestState] = OrderedDict()
         self.model: Any = None  # the model the states belong to; a new shard drops them
-        self.announced: OrderedDict[str, None] = OrderedDict()
-        self.failures: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.lifecycle = RequestLog()  # announced and failed requests, as the rknpu engine records them
 
     def state(self, model: Any, request_id: str, h: Any, seq: int) -> RequestState:
         from exo.inference.tinygrad.stateful_model import make_prompt_state
@@ -148,13 +147,13 @@ class TinygradRequests:
         state = self.states.get(request_id)
         if state is not None:
             return state
-        if seq == 1 and request_id not in self.announced:
+        if seq == 1 and not self.lifecycle.is_announced(request_id):
             raise RequestStateError(f"request {request_id}: a decode step arrived but this node holds no state for "
                                     f"it (it restarted, or the request was released)")
         if len(self.states) >= self.max_requests:
             raise CapacityError(f"this tinygrad node holds {len(self.states)} live requests (--max-requests "
                                 f"{self.max_requests}); retry later")
-        self.announced.pop(request_id, None)
+        self.lifecycle.unannounce(request_id)
         state = RequestState(make_prompt_state(h, model).cache, 0)
         self.states[request_id] = state
         return state
@@ -162,9 +161,7 @@ class TinygradRequests:
     def record(self, request_id: str, e: BaseException) -> None:
         from exo_rknpu.exo.inference_engine import failure_kind
 
-        self.failures[request_id] = (failure_kind(e), f"{type(e).__name__}: {e}")
-        while len(self.failures) > MAX_RECORDED:
-            self.failures.popitem(last=False)
+        self.lifecycle.fail(request_id, failure_kind(e), f"{type(e).__name__}: {e}")
 
 
 def _patch_tinygrad(options: NodeOptions) -> None:
@@ -214,7 +211,7 @@ def _patch_transformer_shard(TransformerShard: Any) -> None:
 
 
 def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
-    """Fix 2's per-request state, and the request lifecycle ring.RingNode drives (announce, release, take_failure)."""
+    """Fix 2's per-request state, and the request lifecycle ring.RingNode drives (ring.RequestEngine)."""
     from tinygrad import Tensor
 
     original_init = Engine.__init__
@@ -258,16 +255,17 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
         return out, inference_state
 
     def announce(self: Any, request_id: str) -> None:
-        self.requests.announced[request_id] = None
-        while len(self.requests.announced) > MAX_RECORDED:
-            self.requests.announced.popitem(last=False)
+        self.requests.lifecycle.announce(request_id)
 
     def release(self: Any, request_id: str, reason: str) -> None:
-        self.requests.announced.pop(request_id, None)
+        self.requests.lifecycle.unannounce(request_id)
         self.requests.states.pop(request_id, None)
 
     def take_failure(self: Any, request_id: str) -> tuple[str, str] | None:
-        return self.requests.failures.pop(request_id, None)
+        return self.requests.lifecycle.take_failure(request_id)
+
+    def positions_left(self: Any, request_id: str) -> int | None:
+        return None  # no context bound is known here: exo's own token cap applies
 
     Engine.__init__ = __init__
     Engine.infer_prompt = infer_prompt
@@ -275,3 +273,4 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
     Engine.announce = announce
     Engine.release = release
     Engine.take_failure = take_failure
+    Engine.positions_left = positions_left

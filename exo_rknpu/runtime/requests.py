@@ -13,11 +13,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from exo_rknpu.errors import CapacityError, RequestStateError
 from exo_rknpu.runtime.cache import RequestCache
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,63 @@ class RequestStore:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._states.values())
+
+
+class BoundedMap(OrderedDict[K, V]):
+    """A dict that keeps the `limit` most recently set keys: setting a key makes it the newest, and the oldest go
+    beyond the limit. For what a node remembers about requests that are not live (never for live caches)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+MAX_REMEMBERED = 4096  # request ids remembered per kind (a few hundred bytes each)
+
+
+class RequestLog:
+    """The one record of a node's requests beyond their caches (those are the RequestStore's):
+
+    - announced: the API is about to start it, so a one-token prefill for it is a start, not a lost request;
+    - ended: finished, cancelled, failed or abandoned, with why: a later step for it is refused, never restarted;
+    - failures: the error that made it fail here, taken once by whoever reports it to the ring.
+    Each remembers the newest MAX_REMEMBERED ids. Thread-safe enough for its users: single dict operations.
+    """
+
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self.announced: BoundedMap[str, None] = BoundedMap(limit)
+        self.ended: BoundedMap[str, str] = BoundedMap(limit)
+        self.failures: BoundedMap[str, tuple[str, str]] = BoundedMap(limit)
+
+    def announce(self, request_id: str) -> None:
+        self.announced[request_id] = None
+
+    def is_announced(self, request_id: str) -> bool:
+        return request_id in self.announced
+
+    def unannounce(self, request_id: str) -> None:
+        """No longer only announced: its first step arrived, or it is over."""
+        self.announced.pop(request_id, None)
+
+    def end(self, request_id: str, reason: str) -> None:
+        self.unannounce(request_id)
+        self.ended[request_id] = reason
+
+    def why_ended(self, request_id: str) -> str | None:
+        return self.ended.get(request_id)
+
+    def fail(self, request_id: str, kind: str, message: str) -> None:
+        self.failures[request_id] = (kind, message)
+
+    def take_failure(self, request_id: str) -> tuple[str, str] | None:
+        """(kind, message) of the error that made it fail here (once), or None."""
+        return self.failures.pop(request_id, None)
 
 
 def _mb(n: int) -> str:
