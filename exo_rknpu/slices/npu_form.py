@@ -1,0 +1,207 @@
+"""The NPU form of a decoder-layer slice (KV layout "npu"): the graph rknn-toolkit2 places on the RK3588 NPU with
+no CPU op at any bucket, and the host-side form of its inputs and outputs.
+
+Why this form (measured with rknn-toolkit2 2.5.0, rk3588, smollm2- and Llama-3.2-1B-shaped layers; the numbers are
+in docs/compiler.md):
+* Every input is 3-D (no layout): RKNN records 4-D inputs as NHWC, RKNNLite then transposes NCHW buffers in numpy
+  and the compiler adds a mean/std Conv over each 4-D input (over the whole KV cache, every call). A 3-D input's
+  native layout is its row-major layout, so the host hands over exactly what it keeps. The one exception is the mask
+  (below): a 4-D tensor with one channel, whose NHWC and NCHW bytes are the same.
+* Keys are kept transposed per kv head ([kv, hd, C]) and values as rows ([kv, C, hd]): the two operands the NPU's
+  matmuls read as they are. The "seq" form's Transpose of [C+S, hd] keys and values goes to the CPU once
+  (C+S)*hd > 8192 (every prefill bucket of a 64-wide head).
+* Attention is written over past and new positions separately (scores of the past keys and of the new keys,
+  concatenated; values likewise): no Concat copies the cache, and no tensor has a width of C+S >= 2048 (the
+  concatenated form trips 13-bit register fields, "REGTASK ... limit: 0x1fff", at ctx 2048).
+* Query heads are folded onto their kv head ([1, kv, rep*S, hd], rows r*S + s) instead of repeating the cache rep
+  times (the "seq" form's Gather->Conv materialised the repeated cache); the mask comes from the host already
+  tiled to rep*S rows. The fold is a Split/Concat over head channels (the NPU keeps channels in blocks of 8).
+* The cache and every activation cross in float16, the compiled inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.slices.graph import rope
+from exo_rknpu.slices.onnx_export import IR_VERSION, OPSET, OnnxOps
+from exo_rknpu.slices.spec import PARTS, SliceSpec, state_name, state_width
+
+NPU_DTYPE = np.float16  # the dtype every input and output of a compiled slice has (what RKNN records)
+
+
+def npu_cache_shapes(args: ModelArgs, n_layers: int, ctx: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Host KV cache of an n-layer slice in the NPU form: keys [n*kv, hd, C], values [n*kv, C, hd] (float16)."""
+    rows = n_layers * args.num_key_value_heads
+    return (rows, args.head_dim, ctx), (rows, ctx, args.head_dim)
+
+
+def npu_input_shapes(spec: SliceSpec, args: ModelArgs, seq: int, ctx: int) -> dict[str, tuple[int, ...]]:
+    """Graph inputs of a slice in the NPU form, in graph order."""
+    hd = args.head_dim
+    out = {state_name(k): (1, seq, state_width(args, k)) for k in spec.state_inputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers, ctx)
+        out.update({"cos": (1, 1, seq, hd), "sin": (1, 1, seq, hd), "mask": (1, 1, ctx + seq, args.n_rep * seq),
+                    "past_k": keys, "past_v": values})
+    return out
+
+
+def npu_output_shapes(spec: SliceSpec, args: ModelArgs, seq: int) -> dict[str, tuple[int, ...]]:
+    """Graph outputs of a slice in the NPU form: the live layer state, then k_new [n*kv, hd, S], v_new [n*kv, S, hd]."""
+    out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in spec.state_outputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers, seq)
+        out.update({"k_new": keys, "v_new": values})
+    return out
+
+
+def to_npu_inputs(spec: SliceSpec, args: ModelArgs, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A slice's runtime inputs -> the compiled inputs: float16, cos/sin [1,S,hd], the mask tiled to rep*S rows.
+
+    The cache (past_k/past_v) is expected in the NPU form already (the host keeps it so: runtime/cache.py); it is
+    passed through without a copy when it is float16."""
+    out: dict[str, np.ndarray] = {}
+    for name, a in inputs.items():
+        a = np.asarray(a)
+        if name == "mask":  # folded query rows r*S + s see the mask row s; transposed: [1, 1, C+S, rep*S]
+            a = np.tile(a, (1, 1, args.n_rep, 1)).swapaxes(2, 3)
+        out[name] = a if a.dtype == NPU_DTYPE else a.astype(NPU_DTYPE)
+    return out
+
+
+def seq_cache_to_npu(past: np.ndarray, which: str) -> np.ndarray:
+    """A [n, kv, C, hd] ("seq") cache tensor as the NPU form keeps it (float16; keys transposed per head)."""
+    n, kv, c, hd = past.shape
+    if which == "past_k":
+        return np.ascontiguousarray(past.swapaxes(-1, -2).reshape(n * kv, hd, c), dtype=NPU_DTYPE)
+    return np.ascontiguousarray(past.reshape(n * kv, c, hd), dtype=NPU_DTYPE)
+
+
+def npu_new_to_seq(new: np.ndarray, which: str, kv_heads: int) -> np.ndarray:
+    """k_new [n*kv, hd, S] / v_new [n*kv, S, hd] -> [n, kv, S, hd] float32 (to compare with the "seq" graph)."""
+    a = np.asarray(new, np.float32)
+    if which == "k_new":
+        a = a.swapaxes(-1, -2)
+    return a.reshape(-1, kv_heads, *a.shape[1:])
+
+
+def build_npu_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
+    """ONNX model of a layer slice in the NPU form (float32 weights inside the proto, the compiler's input).
+    seq/ctx None: symbolic S/C (one graph for rknn's dynamic_input)."""
+    if spec.kind != "layers":
+        raise ValueError(f"the NPU form is for decoder-layer slices, not {spec.kind}")
+    a = weights.args
+    ops = OnnxOps("sdpa", compact=False)
+    ops.n_layers, ops.args = spec.n_layers, a
+    S: int | str = seq if seq is not None else "S"
+    C: int | str = ctx if ctx is not None else "C"
+    dims = {"S": S, "C": C, "RS": a.n_rep * seq if seq is not None else "RS",
+            "CS": seq + ctx if seq is not None and ctx is not None else "CS"}
+    ins = _symbolic(npu_input_shapes(spec, a, 1, 1), spec, a, dims)
+    outs = _symbolic(npu_output_shapes(spec, a, 1), spec, a, dims)
+    st = {k: state_name(k) for k in spec.state_inputs()}
+    new: dict[str, list[str]] = {"k_new": [], "v_new": []}
+    for i in range(spec.start, spec.stop):
+        cache = _layer_cache(ops, a, spec, i - spec.start) if spec.has_attention else None
+        st = _run_layer(ops, a, weights, i, spec, st, cache)
+        if cache is not None:
+            for name in new:
+                new[name].append(cache[name])
+    results = {state_name(k, output=True): st[k] for k in spec.state_outputs()}
+    if spec.has_attention:
+        for name, parts in new.items():
+            results[name] = parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
+    for name in outs:
+        ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(ops.g.nodes, f"exo_rknpu_npu_{spec.name}",
+                              [helper.make_tensor_value_info(n, f32, list(sh)) for n, sh in ins.items()],
+                              [helper.make_tensor_value_info(n, f32, list(sh)) for n, sh in outs.items()],
+                              initializer=ops.g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="exo-rknpu")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _symbolic(shapes: dict[str, tuple[int, ...]], spec: SliceSpec, a: ModelArgs, dims: dict) -> dict[str, list]:
+    """Shapes at seq=ctx=1 with the bucket dimensions put back by name (S, C, RS = rep*S, CS = C+S)."""
+    rows = spec.n_layers * a.num_key_value_heads
+    hd = a.head_dim
+    table = {"cos": [1, 1, "S", hd], "sin": [1, 1, "S", hd], "mask": [1, 1, "CS", "RS"], "past_k": [rows, hd, "C"],
+             "past_v": [rows, "C", hd], "k_new": [rows, hd, "S"], "v_new": [rows, "S", hd]}
+    out = {}
+    for name, sh in shapes.items():
+        out[name] = [dims[d] if isinstance(d, str) else d for d in table.get(name, [1, "S", sh[-1]])]
+    return out
+
+
+_Cache = dict[str, str]  # one layer's past_k/past_v graph values, then its k_new/v_new once computed
+
+
+def _layer_cache(ops: OnnxOps, a: ModelArgs, spec: SliceSpec, layer: int) -> _Cache:
+    """The cache rows of one layer of the slice, as graph values ([1, kv, hd, C] keys, [1, kv, C, hd] values)."""
+    kv, hd, n = a.num_key_value_heads, a.head_dim, spec.n_layers
+    out: _Cache = {}
+    axis0 = ops._const(np.array([0], np.int64))
+    for name in ("past_k", "past_v"):
+        x = name if n == 1 else ops._node("Slice", [name, *ops._range(layer * kv, (layer + 1) * kv), axis0])
+        out[name] = ops._node("Unsqueeze", [x, axis0])  # [1, kv, hd, C] keys, [1, kv, C, hd] values
+    return out
+
+
+def _run_layer(ops: OnnxOps, a: ModelArgs, weights: ShardWeights, i: int, spec: SliceSpec, st: dict, attn: _Cache | None) -> dict:
+    """One layer's parts (whole layer or a run of parts): graph.run_part for all but attention, which is written
+    in the NPU form here."""
+    from exo_rknpu.slices.graph import run_part
+
+    w = weights.layers[i]
+    for part in spec.parts or PARTS:
+        if part == "attention":
+            assert attn is not None
+            st["o"], attn["k_new"], attn["v_new"] = _attention(ops, a, w, st["q"], st["k"], st["v"], attn)
+        else:
+            run_part(ops, a, w, part, st)
+    return st
+
+
+def _attention(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str, cache: _Cache) -> tuple[str, str, str]:
+    """o [1,S,nh*hd] from q [1,S,nh*hd], k/v [1,S,kv*hd] over the cache; returns (o, k_new [kv,hd,S], v_new [kv,S,hd])."""
+    hd, nh, kv, rep = a.head_dim, a.num_attention_heads, a.num_key_value_heads, a.n_rep
+    cos, sin = "cos", "sin"  # [1,1,S,hd]
+    qh = ops.split_heads(q, nh, hd)  # [1,nh,S,hd]
+    kh = ops.split_heads(k, kv, hd)
+    if w.q_norm is not None:
+        qh = ops.rms_norm(qh, w.q_norm, a.rms_norm_eps)
+    if w.k_norm is not None:
+        kh = ops.rms_norm(kh, w.k_norm, a.rms_norm_eps)
+    qh, kh = rope(ops, qh, cos, sin, hd), rope(ops, kh, cos, sin, hd)
+    vh = ops.split_heads(v, kv, hd)  # [1,kv,S,hd]
+    qf = _fold(ops, qh, a)  # [1,kv,rep*S,hd]
+    qf = ops._node("Mul", [qf, ops._const(np.array(hd**-0.5, np.float32))])
+    # Scores are computed transposed ([1,kv,positions,rS]) so that every tensor with a positions axis keeps it where
+    # the NPU's matmul wants it (its channels), never as a width: no Transpose or concat of a C-wide row.
+    qt = ops.swap_last(qf)  # [1,kv,hd,rS]
+    s_past = ops._node("MatMul", [ops.swap_last(cache["past_k"]), qt])  # [1,kv,C,rS]
+    s_new = ops._node("MatMul", [kh, qt])  # [1,kv,S,rS]
+    p = ops._node("Softmax", [ops._node("Add", [ops._node("Concat", [s_past, s_new], axis=2), "mask"])], axis=2)
+    o = ops._node("MatMul", [ops.swap_last(p), ops._node("Concat", [cache["past_v"], vh], axis=2)])  # [1,kv,rS,hd]
+    kt = ops.swap_last(kh)  # [1,kv,hd,S]
+    o = ops.merge_heads(_unfold(ops, o, a), nh, hd)
+    axis0 = ops._const(np.array([0], np.int64))
+    k_new, v_new = ops._node("Squeeze", [kt, axis0]), ops._node("Squeeze", [vh, axis0])
+    return o, k_new, v_new
+
+
+def _fold(ops: OnnxOps, qh: str, a: ModelArgs) -> str:
+    """[1, kv*rep, S, hd] (head h = g*rep + r) -> [1, kv, rep*S, hd] (row r*S + s of kv head g): a reshape."""
+    return qh if a.n_rep == 1 else ops._node("Reshape", [qh, ops._shape([1, a.num_key_value_heads, -1, a.head_dim])])
+
+
+def _unfold(ops: OnnxOps, o: str, a: ModelArgs) -> str:
+    """Inverse of _fold: [1, kv, rep*S, hd] -> [1, kv*rep, S, hd]."""
+    return o if a.n_rep == 1 else ops._node("Reshape", [o, ops._shape([1, a.num_attention_heads, -1, a.head_dim])])
