@@ -29,39 +29,14 @@ from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import rope
 from exo_rknpu.slices.onnx_export import IR_VERSION, OPSET, OnnxOps
-from exo_rknpu.slices.spec import PARTS, SliceSpec, state_name, state_width
+from exo_rknpu.slices.spec import NPU_DTYPE as _NPU_DTYPE
+from exo_rknpu.slices.spec import PARTS, SliceSpec, npu_input_shapes, npu_output_shapes, state_name
 
-NPU_DTYPE = np.float16  # the dtype every input and output of a compiled slice has (what RKNN records)
-
-
-def npu_cache_shapes(args: ModelArgs, n_layers: int, ctx: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Host KV cache of an n-layer slice in the NPU form: keys [n*kv, hd, C], values [n*kv, C, hd] (float16)."""
-    rows = n_layers * args.num_key_value_heads
-    return (rows, args.head_dim, ctx), (rows, ctx, args.head_dim)
-
-
-def npu_input_shapes(spec: SliceSpec, args: ModelArgs, seq: int, ctx: int) -> dict[str, tuple[int, ...]]:
-    """Graph inputs of a slice in the NPU form, in graph order."""
-    hd = args.head_dim
-    out = {state_name(k): (1, seq, state_width(args, k)) for k in spec.state_inputs()}
-    if spec.has_attention:
-        keys, values = npu_cache_shapes(args, spec.n_layers, ctx)
-        out.update({"cos": (1, 1, seq, hd), "sin": (1, 1, seq, hd), "mask": (1, 1, ctx + seq, args.n_rep * seq),
-                    "past_k": keys, "past_v": values})
-    return out
-
-
-def npu_output_shapes(spec: SliceSpec, args: ModelArgs, seq: int) -> dict[str, tuple[int, ...]]:
-    """Graph outputs of a slice in the NPU form: the live layer state, then k_new [n*kv, hd, S], v_new [n*kv, S, hd]."""
-    out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in spec.state_outputs()}
-    if spec.has_attention:
-        keys, values = npu_cache_shapes(args, spec.n_layers, seq)
-        out.update({"k_new": keys, "v_new": values})
-    return out
+NPU_DTYPE = np.dtype(_NPU_DTYPE)  # every input and output of a compiled slice (what RKNN records)
 
 
 def to_npu_inputs(spec: SliceSpec, args: ModelArgs, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A slice's runtime inputs -> the compiled inputs: float16, cos/sin [1,S,hd], the mask tiled to rep*S rows.
+    """A slice's runtime inputs -> the compiled inputs: float16, the mask tiled to rep*S rows and transposed.
 
     The cache (past_k/past_v) is expected in the NPU form already (the host keeps it so: runtime/cache.py); it is
     passed through without a copy when it is float16."""
@@ -72,14 +47,6 @@ def to_npu_inputs(spec: SliceSpec, args: ModelArgs, inputs: dict[str, np.ndarray
             a = np.tile(a, (1, 1, args.n_rep, 1)).swapaxes(2, 3)
         out[name] = a if a.dtype == NPU_DTYPE else a.astype(NPU_DTYPE)
     return out
-
-
-def seq_cache_to_npu(past: np.ndarray, which: str) -> np.ndarray:
-    """A [n, kv, C, hd] ("seq") cache tensor as the NPU form keeps it (float16; keys transposed per head)."""
-    n, kv, c, hd = past.shape
-    if which == "past_k":
-        return np.ascontiguousarray(past.swapaxes(-1, -2).reshape(n * kv, hd, c), dtype=NPU_DTYPE)
-    return np.ascontiguousarray(past.reshape(n * kv, c, hd), dtype=NPU_DTYPE)
 
 
 def npu_new_to_seq(new: np.ndarray, which: str, kv_heads: int) -> np.ndarray:

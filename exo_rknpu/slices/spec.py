@@ -43,7 +43,10 @@ PART_READS: dict[str, tuple[str, ...]] = {"attn_norm": ("x",), "qkv": ("h",), "a
                                           "o_proj": ("x", "o"), "mlp_norm": ("x",), "ffn": ("x", "h")}
 PART_WRITES: dict[str, tuple[str, ...]] = {"attn_norm": ("h",), "qkv": ("q", "k", "v"), "attention": ("o",),
                                            "o_proj": ("x",), "mlp_norm": ("h",), "ffn": ("x",)}
-KVLayout = Literal["seq", "dim"]  # cache rows [.., C, hd] or transposed [.., hd, C]
+# cache rows [.., C, hd], transposed [.., hd, C], or the NPU form (slices/npu_form.py): float16 keys [n*kv, hd, C],
+# values [n*kv, C, hd], and the slice's other inputs as the compiled graph takes them
+KVLayout = Literal["seq", "dim", "npu"]
+NPU_DTYPE = "float16"  # the dtype of every input and output of a slice in the NPU form (what RKNN records)
 
 # Value used for masked attention positions: finite so fp16 graphs never see inf - inf.
 MASK_VALUE = -1e4
@@ -207,6 +210,8 @@ class SliceSpec:
             return {"token_ids": (1, seq)}
         if self.kind == "head":
             return {"hidden": (1, seq, H)}
+        if self.kv_layout == "npu":
+            return npu_input_shapes(self, args, seq, ctx)
         n = self.n_layers
         cache = (n, kv, ctx, hd) if self.kv_layout == "seq" else (n, kv, hd, ctx)
         out = {state_name(k): (1, seq, state_width(args, k)) for k in self.state_inputs()}
@@ -221,6 +226,8 @@ class SliceSpec:
             return {"hidden": (1, seq, H)}
         if self.kind == "head":
             return {"logits": (1, seq, args.vocab_size)}
+        if self.kv_layout == "npu":
+            return npu_output_shapes(self, args, seq)
         n = self.n_layers
         new = (n, kv, seq, hd) if self.kv_layout == "seq" else (n, kv, hd, seq)
         out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in self.state_outputs()}
@@ -248,13 +255,52 @@ def state_width(args: ModelArgs, key: str) -> int:
 
 
 def to_kv_layout(inputs: dict, layout: KVLayout) -> dict:
-    """A layer slice's inputs (seq layout, as the CPU backends see them) in `layout`: past_k/past_v transposed for "dim"."""
+    """A layer slice's inputs (seq layout, as the CPU backends see them) in `layout`: past_k/past_v transposed for
+    "dim"; for "npu" the cache as the host keeps it in that form (float16 keys [n*kv, hd, C], values [n*kv, C, hd])."""
     if layout == "seq" or "past_k" not in inputs:
         return inputs
     out = dict(inputs)
     for name in ("past_k", "past_v"):
-        out[name] = inputs[name].swapaxes(-1, -2).copy()
+        past = inputs[name]
+        if layout == "dim":
+            out[name] = past.swapaxes(-1, -2).copy()
+        else:
+            n, kv, c, hd = past.shape
+            rows = past.swapaxes(-1, -2) if name == "past_k" else past
+            out[name] = rows.reshape(n * kv, *rows.shape[2:]).astype(NPU_DTYPE)
     return out
+
+
+def npu_cache_shapes(args: ModelArgs, n_layers: int, ctx: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The host KV cache of an n-layer slice in the NPU form: keys [n*kv, hd, C], values [n*kv, C, hd] (float16)."""
+    rows = n_layers * args.num_key_value_heads
+    return (rows, args.head_dim, ctx), (rows, ctx, args.head_dim)
+
+
+def npu_input_shapes(spec: "SliceSpec", args: ModelArgs, seq: int, ctx: int) -> dict[str, tuple[int, ...]]:
+    """Graph inputs of a layer slice in the NPU form, in graph order (slices/npu_form.py says why each is so)."""
+    hd = args.head_dim
+    out = {state_name(k): (1, seq, state_width(args, k)) for k in spec.state_inputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers, ctx)
+        out.update({"cos": (1, 1, seq, hd), "sin": (1, 1, seq, hd), "mask": (1, 1, ctx + seq, args.n_rep * seq),
+                    "past_k": keys, "past_v": values})
+    return out
+
+
+def npu_output_shapes(spec: "SliceSpec", args: ModelArgs, seq: int) -> dict[str, tuple[int, ...]]:
+    """Graph outputs of a layer slice in the NPU form: the live layer state, then k_new [n*kv, hd, S], v_new [n*kv, S, hd]."""
+    out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in spec.state_outputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers, seq)
+        out.update({"k_new": keys, "v_new": values})
+    return out
+
+
+def npu_max_seq(args: ModelArgs) -> int:
+    """The largest seq bucket the NPU form compiles without a CPU op: its folded queries [rep*S, hd] are transposed
+    on the NPU only while rep*S*hd <= 8192 (rknn's Transpose limit, measured)."""
+    return max(1, 8192 // (args.n_rep * args.head_dim))
 
 
 def plan_slices(start: int, stop: int, first: bool, last: bool, layers_per_slice: int | None) -> list[SliceSpec]:
