@@ -43,7 +43,7 @@ from exo_rknpu.errors import BackendUnavailableError, CompileError, ToolkitMissi
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, to_npu_inputs
 
 DTYPES = ("fp16", "w8a8")
 
@@ -195,6 +195,7 @@ class SimRunner:
         self.names = tuple(spec.input_shapes(weights.args, 1, buckets.context[0]))  # graph order
         self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights, buckets)}
         self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
+        self.io: dict[tuple, dict] = {}  # input-shape key -> what the built model records for each input
         self.build_info: dict[str, dict[str, Any]] = {}
         backend._open_runners += 1
         self._closed = False
@@ -209,7 +210,7 @@ class SimRunner:
         return tuple(tuple(shapes[n]) for n in self.names)
 
     def _build(self, group: list[dict[str, Any]]) -> None:
-        from exo_rknpu.slices.onnx_export import build_onnx
+        from exo_rknpu.slices.npu_form import compiler_onnx
         import onnx
 
         be, spec = self.backend, self.spec
@@ -221,16 +222,16 @@ class SimRunner:
         weights = rb.build_weights(spec, self.weights) if rb is not None else self.weights
         dtype = rb.recipe.slice_dtype(spec.name) if rb is not None else be.dtype
         if len(group) > 1:  # the compiler's fp16 recipe: symbolic ONNX + dynamic_input listing every bucket
-            model = build_onnx(spec, weights)
+            model = compiler_onnx(spec, weights)
             dyn = [[sh["inputs"][n] for n in self.names] for sh in group]
         else:
             sh = group[0]
-            model = build_onnx(spec, weights, seq=sh["seq"], ctx=sh["ctx"] or self.buckets.context[0])
+            model = compiler_onnx(spec, weights, sh["seq"], sh["ctx"] or self.buckets.context[0])
             dyn = None
         onnx.save(model, str(src))
         b: dict[str, Any] = {"name": f"{spec.name}/{tag}", "kind": spec.kind, "onnx": str(src), "log": str(work / "build.log"),
                              "workdir": str(work / "wd"), "platform": be.platform, "dtype": dtype, "dynamic_input": dyn,
-                             "inputs": list(self.names)}
+                             "inputs": list(self.names), "outputs": list(group[0]["outputs"])}
         if dtype == "w8a8":
             assert rb is not None
             sh = group[0]
@@ -243,7 +244,7 @@ class SimRunner:
                 paths = []
                 for n in self.names:
                     p = work / f"calib-{i}-{n}.npy"
-                    np.save(p, s[n])
+                    np.save(p, np.asarray(s[n], np.float32))  # rknn reads calibration data as float32
                     paths.append(str(p.resolve()))
                 b["calib"].append(paths)
         mid = f"{tag}-{uuid.uuid4().hex[:6]}"
@@ -263,8 +264,11 @@ class SimRunner:
             src.unlink(missing_ok=True)
         for sh in group:
             self.models[self._key(sh["inputs"])] = mid
+            self.io[self._key(sh["inputs"])] = res["io"]["inputs"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.spec.has_attention and self.spec.kv_layout == "npu":
+            inputs = to_npu_inputs(self.spec, self.weights.args, inputs)
         key = tuple(tuple(np.shape(inputs[n])) if n in inputs else () for n in self.names)
         sh = self.shapes.get(key)
         if sh is None:
@@ -272,7 +276,7 @@ class SimRunner:
                                         f"{[dict(zip(self.names, k)) for k in self.shapes]}, not {dict(zip(self.names, key))}")
         if key not in self.models:
             self._build([sh])
-        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"])
+        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=self.io[key])
         head, outs = self.backend.worker().request({"op": "run", "id": self.models[key], "data_format": fmt}, arrays,
                                                    timeout=self.backend.run_timeout, what=f"inference of {self.spec.name}")
         if not head.get("ok"):
@@ -305,7 +309,7 @@ class RknnSimBackend:
     name = "rknn-sim"
     # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
-    kv_layout = "seq"
+    kv_layout = "npu"  # the npu backend's form (slices/npu_form.py), so the simulator runs what the board runs
     static_shapes = True
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
     max_slice_bytes = None

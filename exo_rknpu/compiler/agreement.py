@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +32,7 @@ from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.slices.spec import Buckets, SliceSpec, npu_outputs_to_seq
 
 
 def parse_fp16_slices(text: str | None, n_layers: int) -> tuple[tuple[int, ...], bool]:
@@ -138,6 +139,8 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         f: dict[str, float] = {}
         rows = slice(0, state["real"])  # the padded rows of a short last chunk are left out
         if per_layer:
+            if spec.kv_layout == "npu":  # the onnx reference runs the "seq" form
+                spec, inputs, out = replace(spec, kv_layout="seq"), npu_outputs_to_seq(inputs, sim_weights.args), npu_outputs_to_seq(out, sim_weights.args)
             r = ort_layers.setdefault(spec.name, onnx_be.prepare(spec, sim_weights, buckets))
             want = r.run(inputs)
             f["cos_delta"] = rknn_io.cosine((out["hidden_out"] - inputs["hidden"])[:, rows], (want["hidden_out"] - inputs["hidden"])[:, rows])

@@ -33,7 +33,7 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices, to_kv_layout
+from exo_rknpu.slices.spec import Buckets, SliceSpec, compiled_inputs, npu_outputs_to_seq, plan_slices
 from exo_rknpu.backends.npu import NpuBackend
 
 DTYPES = ("fp16", "w8a8")
@@ -53,9 +53,20 @@ class SliceResult:
     cpu_ops: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     verify: dict[str, float] = field(default_factory=dict)
+    per_bucket: dict[str, dict[str, int]] = field(default_factory=dict)  # "s1c256" -> {"cpu": n, "errors": n}
+
+    @property
+    def cpu_count(self) -> int:
+        """Ops of this slice that run on the CPU, summed over its buckets (CPU-placed ops + fallback warnings)."""
+        return sum(b["cpu"] for b in self.per_bucket.values()) if self.per_bucket else len(self.cpu_ops) + len(self.fallbacks)
+
+    @property
+    def error_count(self) -> int:
+        """Compiler error lines (e.g. REGTASK register-field overflows) over its buckets; the build still finished."""
+        return sum(b["errors"] for b in self.per_bucket.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "cpu_count": self.cpu_count, "error_count": self.error_count}
 
 
 class Progress:
@@ -93,11 +104,13 @@ def _bucket_shapes(spec: SliceSpec, ws: ShardWeights, buckets: Buckets) -> list[
 
 
 def _ort_reference(spec: SliceSpec, ws: ShardWeights, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The slice's reference outputs: the "seq" graph (CPU backends' form) in onnxruntime, on the "seq" inputs."""
     import onnxruntime as ort
 
     from exo_rknpu.slices.onnx_export import build_onnx
 
-    sess = ort.InferenceSession(build_onnx(spec, ws).SerializeToString(), providers=["CPUExecutionProvider"])
+    model = build_onnx(replace(spec, kv_layout="seq"), ws)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, s))) for s in samples]
 
@@ -153,13 +166,14 @@ def _run_worker(py: Path, job: dict[str, Any], workdir: Path, timeout_per_build:
 def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype: str, platform: str, key: str,
                   cache: cc.SliceCache, py: Path, tk_version: str, samples: dict[int, list[dict[str, np.ndarray]]] | None,
                   verify: bool, min_cos: float | None, build_ws: ShardWeights | None = None,
-                  recipe: QuantRecipe | None = None) -> tuple[Path, dict[str, Any]]:
+                  recipe: QuantRecipe | None = None, strict: bool = False) -> tuple[Path, dict[str, Any]]:
     """Build one slice into a staging folder, verify it in the simulator, commit it to the cache.
 
     w8a8: `recipe` (slices/recipe.py) decides the build; `build_ws` are the weights the .rknn is built from (the
     recipe's equivalent transform of `ws`); the manifest's weights digest and the verify reference use `ws`. A
-    slice the recipe keeps in fp16 is built in fp16, one file per bucket like the rest of the w8a8 build."""
-    from exo_rknpu.slices.onnx_export import build_onnx
+    slice the recipe keeps in fp16 is built in fp16, one file per bucket like the rest of the w8a8 build.
+    `strict`: refuse (CompileError, nothing committed) a slice with any CPU op or compiler error in any bucket."""
+    from exo_rknpu.slices.npu_form import compiler_onnx
     import onnx
 
     t0 = time.monotonic()
@@ -172,17 +186,20 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
         verify_sets: list[tuple[dict, list[dict[str, np.ndarray]]]] = []  # (shape set, samples)
         build_dtype = recipe.slice_dtype(spec.name) if (dtype == "w8a8" and recipe is not None) else dtype
 
-        def sample_for(sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        def logical_for(sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:  # "seq" form at this bucket (the reference's)
             got = (samples or {}).get(sh["seq"], [])
-            return [to_kv_layout(repad(s, sh["ctx"]), spec.kv_layout) if spec.has_attention else s for s in got]
+            return [repad(s, sh["ctx"]) if spec.has_attention else s for s in got]
+
+        def sample_for(sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:  # as the compiled slice takes them
+            return [compiled_inputs(spec, ws.args, s) for s in logical_for(sh)]
 
         if dtype == "fp16":
             onnx_path = work / f"{spec.name}.onnx"
             if len(shapes) == 1:  # one shape: a static graph (dynamic_input needs at least two shape sets)
                 only = shapes[0]
-                onnx.save(build_onnx(spec, ws, seq=only["seq"], ctx=only["ctx"] or buckets.context[0]), str(onnx_path))
+                onnx.save(compiler_onnx(spec, ws, only["seq"], only["ctx"] or buckets.context[0]), str(onnx_path))
             else:  # symbolic S/C: one file, dynamic_input lists the buckets
-                onnx.save(build_onnx(spec, ws), str(onnx_path))
+                onnx.save(compiler_onnx(spec, ws), str(onnx_path))
             groups = [(f"{spec.name}.rknn", shapes)]
         else:
             groups = [(f"{spec.name}.s{sh['seq']}" + (f".c{sh['ctx']}" if sh["ctx"] else "") + ".rknn", [sh]) for sh in shapes]
@@ -193,7 +210,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             else:
                 sh = group[0]
                 src = work / f"{fname[:-5]}.onnx"
-                onnx.save(build_onnx(spec, build_ws or ws, seq=sh["seq"], ctx=sh["ctx"] or buckets.context[0]), str(src))
+                onnx.save(compiler_onnx(spec, build_ws or ws, sh["seq"], sh["ctx"] or buckets.context[0]), str(src))
                 dyn = None
             b: dict[str, Any] = {"name": f"{spec.name}/{fname}", "kind": spec.kind, "onnx": str(src), "out": str(stage / fname),
                                  "log": str(work / f"{fname}.log"), "workdir": str(work / f"wd-{fname}"), "platform": platform,
@@ -211,18 +228,18 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
                     paths = []
                     for n in names:
                         p = work / f"calib-{fname}-{i}-{n}.npy"
-                        np.save(p, s[n])
+                        np.save(p, s[n].astype(np.float32))  # rknn reads calibration data as float32
                         paths.append(str(p.resolve()))
                     b["calib"].append(paths)
             if verify:
                 for sh in group:
-                    vs = sample_for(sh)[:2]
+                    vs = logical_for(sh)[:2]
                     for i, s in enumerate(vs):
                         ip, op = work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-in.npz", work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-out.npz"
-                        np.savez(ip, **s)
+                        np.savez(ip, **compiled_inputs(spec, ws.args, s))
                         b["verify"].append([str(ip), str(op)])
                         b["out_shapes"].append(sh["outputs"])
-                    verify_sets.append((sh, vs))
+                        verify_sets.append((sh, [s]))
             builds.append(b)
         results = _run_worker(py, {"result": str(work / "result.json"), "builds": builds}, work)
 
@@ -241,25 +258,31 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             report["errors"] += r.errors[:5]
         (stage / "build.log").write_text("\n".join(log_text))
         report["build_seconds"] = sum(r.get("build_s", 0.0) for r in results)
+        report["per_bucket"] = placement_per_bucket([parse_build_log(Path(b["log"]).read_text(errors="replace")) for b in builds],
+                                                    [group for _, group in groups])
+        if strict and any(v["cpu"] or v["errors"] for v in report["per_bucket"].values()):
+            bad = {k: v for k, v in report["per_bucket"].items() if v["cpu"] or v["errors"]}
+            raise CompileError(f"--strict: slice {spec.name} has CPU ops or compiler errors in buckets {bad} "
+                               f"(CPU ops: {report['cpu_ops'] + report['fallbacks']}; errors: {report['errors'][:2]}); "
+                               f"nothing was cached")
 
         verify_figs: dict[str, float] = {}
         if verify:
             figs: list[dict[str, float]] = []
             per_bucket: dict[str, dict[str, float]] = {}
             vi = 0
-            for b in builds:
-                for (ip, op) in b["verify"]:
-                    with np.load(ip) as z:
-                        sample = {k: z[k] for k in z.files}
-                    with np.load(op) as z:
-                        got = {k: z[k] for k in z.files}
-                    ref = _ort_reference(spec, ws, [sample])[0]
-                    f = _figures(spec, sample, ref, got)
-                    figs.append(f)
-                    seq = sample[names[0]].shape[1]
-                    ctx = sample["mask"].shape[3] - seq if spec.has_attention else 0
-                    per_bucket[f"s{seq}c{ctx}"] = _merge([per_bucket.get(f"s{seq}c{ctx}", f), f])
-                    vi += 1
+            pairs = [pair for b in builds for pair in b["verify"]]
+            for (_, op), (sh, (sample,)) in zip(pairs, verify_sets):
+                with np.load(op) as z:
+                    got = {k: z[k] for k in z.files}
+                if spec.kind == "layers" and spec.kv_layout == "npu":
+                    got = npu_outputs_to_seq(got, ws.args)
+                ref = _ort_reference(spec, ws, [sample])[0]
+                f = _figures(spec, sample, ref, got)
+                figs.append(f)
+                tag = bucket_tag(sh)
+                per_bucket[tag] = _merge([per_bucket.get(tag, f), f])
+                vi += 1
             if not figs:
                 raise CompileError(f"--verify: no activations captured for {spec.name}")
             verify_figs = _merge(figs)
@@ -273,9 +296,12 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             report["verify_per_bucket"] = per_bucket
 
         files = []
+        out_names = list(shapes[0]["outputs"])
         for fname, group in groups:
             p = stage / fname
-            files.append({"file": fname, "sha256": sha256_file(p), "bytes": p.stat().st_size, "shapes": group})
+            # what the file records for each input and output (dtype, layout): the board hands inputs over so
+            io = rknn_io.read_io(p.read_bytes(), names, out_names)
+            files.append({"file": fname, "sha256": sha256_file(p), "bytes": p.stat().st_size, "shapes": group, "io": io})
         manifest = {
             "format": mf.FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "slice": cc.spec_dict(spec), "layers": list(range(spec.start, spec.stop)) if spec.kind == "layers" else [],
@@ -303,6 +329,25 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
         raise
 
 
+def bucket_tag(sh: dict[str, Any]) -> str:
+    """The name of a shape set in reports: s<seq>c<ctx> (s<seq> for slices without a cache)."""
+    return f"s{sh['seq']}" + (f"c{sh['ctx']}" if sh.get("ctx") else "")
+
+
+def placement_per_bucket(reports: list, groups: list[list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """CPU ops (CPU-placed ops + fallback warnings) and compiler error lines of each bucket: each build log's tables
+    are matched to its shape sets by their input shapes (a dynamic_input build prints one table per set)."""
+    out: dict[str, dict[str, int]] = {}
+    for r, group in zip(reports, groups):
+        for t in r.per_table:
+            sh = next((g for g in group if all(tuple(g["inputs"][n]) == t.inputs[n] for n in t.inputs if n in g["inputs"])),
+                      group[0] if len(group) == 1 else None)
+            tag = bucket_tag(sh) if sh is not None else f"table{len(out)}"
+            prev = out.get(tag, {"cpu": 0, "errors": 0})
+            out[tag] = {"cpu": prev["cpu"] + t.cpu_count, "errors": prev["errors"] + len(t.errors)}
+    return out
+
+
 def quantization_facts(recipe: QuantRecipe, name: str, samples: dict[int, list] | None) -> dict[str, Any]:
     """The manifest's `quantization` section of a w8a8 slice: the whole recipe (QuantRecipe.from_dict reads it
     back), what this slice became, and how many calibration samples each seq bucket had."""
@@ -317,13 +362,15 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
                   progress: bool = True, min_cos: float | None = None,
                   on_built: Callable[[SliceResult], None] | None = None,
                   recipe: QuantRecipe = DEFAULT_RECIPE,
-                  specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None) -> list[SliceResult]:
+                  specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None,
+                  strict: bool = False) -> list[SliceResult]:
     """Compile every slice layer range `layers` ("A-B") of `model` needs; reuse what the cache already holds.
 
     `specs`: compile exactly these slices instead (a placement plan's NPU slices, `compile --placement`); `cut`: how
     that plan cuts the range into slices, so activations for verification are captured at their inputs.
     w8a8 builds follow `recipe` (slices/recipe.py; compiler/recipe.py applies it), which is part of each w8a8
-    slice's cache key and manifest; w8a8 compiles whole decoder layers only."""
+    slice's cache key and manifest; w8a8 compiles whole decoder layers only. `strict`: refuse any slice (built or
+    found in the cache) with a CPU op or a compiler error in any bucket."""
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
 
     if dtype not in DTYPES:
@@ -400,12 +447,15 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
             folder, m = compile_slice(s, w, buckets=buckets, dtype=dtype, platform=platform, key=keys[s.name], cache=cache,
                                       py=py, tk_version=tk_version, samples=samples.get(s.name), verify=verify,
                                       min_cos=min_cos, build_ws=rb.build_weights(s, w) if rb else None,
-                                      recipe=recipe if dtype == "w8a8" else None)
+                                      recipe=recipe if dtype == "w8a8" else None, strict=strict)
             status = "built"
         del w  # streaming: this layer's float32 goes before the next is read
         r = SliceResult(s.name, keys[s.name], status, str(folder), [str(folder / f["file"]) for f in m["files"]],
                         round(time.monotonic() - t, 2), m["build"].get("cpu_ops", []), m["build"].get("fallbacks", []),
-                        m.get("verify", {}))
+                        m.get("verify", {}), m["build"].get("per_bucket", {}))
+        if strict and (r.cpu_count or r.error_count):
+            raise CompileError(f"--strict: the cached slice {s.name} has {r.cpu_count} CPU ops and {r.error_count} "
+                               f"compiler errors over its buckets ({folder}/build.log)")
         bar.finish(s.name, status, r.seconds)
         if on_built:
             on_built(r)

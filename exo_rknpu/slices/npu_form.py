@@ -29,32 +29,16 @@ from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import rope
 from exo_rknpu.slices.onnx_export import IR_VERSION, OPSET, OnnxOps
-from exo_rknpu.slices.spec import NPU_DTYPE as _NPU_DTYPE
 from exo_rknpu.slices.spec import PARTS, SliceSpec, npu_input_shapes, npu_output_shapes, state_name
 
-NPU_DTYPE = np.dtype(_NPU_DTYPE)  # every input and output of a compiled slice (what RKNN records)
+def compiler_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
+    """The ONNX model the RKNN compiler gets for `spec`: the NPU form for layer slices in the "npu" KV layout,
+    slices/onnx_export.build_onnx otherwise (the embedding, the head, and the "seq"/"dim" layouts)."""
+    from exo_rknpu.slices.onnx_export import build_onnx
 
-
-def to_npu_inputs(spec: SliceSpec, args: ModelArgs, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A slice's runtime inputs -> the compiled inputs: float16, the mask tiled to rep*S rows and transposed.
-
-    The cache (past_k/past_v) is expected in the NPU form already (the host keeps it so: runtime/cache.py); it is
-    passed through without a copy when it is float16."""
-    out: dict[str, np.ndarray] = {}
-    for name, a in inputs.items():
-        a = np.asarray(a)
-        if name == "mask":  # folded query rows r*S + s see the mask row s; transposed: [1, 1, C+S, rep*S]
-            a = np.tile(a, (1, 1, args.n_rep, 1)).swapaxes(2, 3)
-        out[name] = a if a.dtype == NPU_DTYPE else a.astype(NPU_DTYPE)
-    return out
-
-
-def npu_new_to_seq(new: np.ndarray, which: str, kv_heads: int) -> np.ndarray:
-    """k_new [n*kv, hd, S] / v_new [n*kv, S, hd] -> [n, kv, S, hd] float32 (to compare with the "seq" graph)."""
-    a = np.asarray(new, np.float32)
-    if which == "k_new":
-        a = a.swapaxes(-1, -2)
-    return a.reshape(-1, kv_heads, *a.shape[1:])
+    if spec.kind == "layers" and spec.kv_layout == "npu":
+        return build_npu_onnx(spec, weights, seq, ctx)
+    return build_onnx(spec, weights, seq=seq, ctx=ctx)
 
 
 def build_npu_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:

@@ -271,6 +271,43 @@ def to_kv_layout(inputs: dict, layout: KVLayout) -> dict:
     return out
 
 
+def compiled_inputs(spec: "SliceSpec", args: ModelArgs, sample: dict) -> dict:
+    """A slice's inputs in the "seq" form (as the CPU backends and the calibration captures have them) as its
+    compiled graph takes them: the cache in the slice's layout, and for "npu" every input in the NPU form."""
+    if not spec.has_attention:
+        return sample
+    x = to_kv_layout(sample, spec.kv_layout)
+    return to_npu_inputs(spec, args, x) if spec.kv_layout == "npu" else x
+
+
+def to_npu_inputs(spec: "SliceSpec", args: ModelArgs, inputs: dict) -> dict:
+    """A layer slice's runtime inputs -> what its compiled NPU form takes: float16, the mask tiled to the folded
+    query rows (r*S + s sees mask row s) and transposed to [1, 1, C+S, rep*S]. The cache (past_k/past_v) is
+    expected in the NPU form already (runtime/cache.py keeps it so) and is passed on without a copy."""
+    import numpy as np
+
+    out = {}
+    for name, a in inputs.items():
+        a = np.asarray(a)
+        if name == "mask":
+            a = np.tile(a, (1, 1, args.n_rep, 1)).swapaxes(2, 3)
+        out[name] = a if a.dtype == NPU_DTYPE else a.astype(NPU_DTYPE)
+    return out
+
+
+def npu_outputs_to_seq(tensors: dict, args: ModelArgs) -> dict:
+    """NPU-form cache tensors (past_k/k_new [n*kv, hd, L], past_v/v_new [n*kv, L, hd]) in the "seq" form (float32,
+    [n, kv, L, hd]); other tensors as float32. To compare with, or feed, the CPU graph."""
+    import numpy as np
+
+    out = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    for name in ("k_new", "v_new", "past_k", "past_v"):
+        if name in out:
+            a = out[name].swapaxes(-1, -2) if name in ("k_new", "past_k") else out[name]
+            out[name] = a.reshape(-1, args.num_key_value_heads, *a.shape[1:])
+    return out
+
+
 def npu_cache_shapes(args: ModelArgs, n_layers: int, ctx: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """The host KV cache of an n-layer slice in the NPU form: keys [n*kv, hd, C], values [n*kv, C, hd] (float16)."""
     rows = n_layers * args.num_key_value_heads
