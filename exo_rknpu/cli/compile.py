@@ -109,7 +109,7 @@ def recipe_from_args(args: argparse.Namespace, n_layers: int) -> QuantRecipe:
 
 def run(args: argparse.Namespace) -> int:
     from exo_rknpu.compiler.compile import compile_range
-    from exo_rknpu.slices.spec import Buckets
+    from exo_rknpu.slices.spec import Buckets, npu_buckets
 
     if args.agreement:
         return _agreement(args)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from exo_rknpu.runtime.session import default_buckets
 
     margs = load_args(resolve_model(args.model))
-    d = default_buckets(margs, args.max_context)
+    d = npu_buckets(default_buckets(margs, args.max_context), margs)  # as the npu backend runs them
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
     placed = {}
     if args.placement:

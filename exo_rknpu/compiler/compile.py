@@ -33,7 +33,7 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import Buckets, SliceSpec, compiled_inputs, npu_outputs_to_seq, plan_slices
+from exo_rknpu.slices.spec import Buckets, SliceSpec, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
 from exo_rknpu.backends.npu import NpuBackend
 
 DTYPES = ("fp16", "w8a8")
@@ -378,9 +378,9 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     if platform not in PLATFORMS:
         raise CompileError(f"unsupported --platform {platform!r}; supported: {', '.join(PLATFORMS)}")
     paths = paths or Paths.from_env()
-    buckets = buckets or Buckets()
     src = resolve_model(model, paths)
     args = load_args(src)
+    buckets = buckets or npu_buckets(Buckets(), args)  # the npu backend's prefill chunks are bounded (slices/spec.py)
     lr = LayerRange.parse(layers, args.num_hidden_layers)
     if dtype == "w8a8" and recipe.rotation:
         raise CompileError(f"the w8a8 recipe rotates the residual stream ({recipe.rotation}): the runtime does not run a "

@@ -14,7 +14,7 @@ from exo_rknpu.runtime.placement import (CORE_MASK, PlacementPlan, ResolvedPlan,
                                          npu_present, resolve)
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
-from exo_rknpu.slices.spec import Buckets, plan_slices
+from exo_rknpu.slices.spec import Buckets, npu_buckets, plan_slices
 
 DEFAULT_MAX_CONTEXT = 2048
 # Slices a backend cannot run (the npu/rknn-sim embedding lookup) go to this one.
@@ -76,10 +76,13 @@ def open_shard(
     if layers_per_slice is None and budget and shard.layers:
         # bounded slices bound the peak while a runtime packs weights (source and packed copy of one slice)
         layers_per_slice = max(1, budget // max(lw.nbytes for lw in shard.layers.values()))
+    buckets = buckets or default_buckets(shard.args)
+    if getattr(primary, "kv_layout", "seq") == "npu":  # the NPU form's prefill chunks are bounded (slices/spec.py)
+        buckets = npu_buckets(buckets, shard.args)
     return ShardRunner(
         shard,
         placed,
-        buckets or default_buckets(shard.args),
+        buckets,
         layers_per_slice=layers_per_slice,
         limits=limits,
         on_slice=on_slice,
@@ -120,7 +123,10 @@ def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice
             own["core_mask"] = CORE_MASK[device] if device in CORE_MASK else own.get("core_mask", "auto")
         return get_backend(name, **own)
 
-    runner = ShardRunner(shard, backend_picker(resolved, make), resolved.buckets, limits=limits, on_slice=on_slice,
+    buckets = resolved.buckets
+    if any(getattr(c, "kv_layout", "seq") == "npu" for c in classes.values()):  # the NPU form's prefill chunks are bounded
+        buckets = npu_buckets(buckets, shard.args)
+    runner = ShardRunner(shard, backend_picker(resolved, make), buckets, limits=limits, on_slice=on_slice,
                          progress=progress, release_weights=True, specs=resolved.specs)
     runner.placement = resolved
     return runner

@@ -1,22 +1,23 @@
-"""The NPU form of a decoder-layer slice (KV layout "npu"): the graph rknn-toolkit2 places on the RK3588 NPU with
-no CPU op at any bucket, and the host-side form of its inputs and outputs.
+"""The NPU form of a decoder-layer slice (KV layout "npu"): a graph rknn-toolkit2 places wholly on the RK3588 NPU
+at every bucket, whose inputs the host keeps in the dtype and layout the compiled file records.
 
-Why this form (measured with rknn-toolkit2 2.5.0, rk3588, smollm2- and Llama-3.2-1B-shaped layers; the numbers are
-in docs/compiler.md):
-* Every input is 3-D (no layout): RKNN records 4-D inputs as NHWC, RKNNLite then transposes NCHW buffers in numpy
-  and the compiler adds a mean/std Conv over each 4-D input (over the whole KV cache, every call). A 3-D input's
-  native layout is its row-major layout, so the host hands over exactly what it keeps. The one exception is the mask
-  (below): a 4-D tensor with one channel, whose NHWC and NCHW bytes are the same.
-* Keys are kept transposed per kv head ([kv, hd, C]) and values as rows ([kv, C, hd]): the two operands the NPU's
-  matmuls read as they are. The "seq" form's Transpose of [C+S, hd] keys and values goes to the CPU once
-  (C+S)*hd > 8192 (every prefill bucket of a 64-wide head).
-* Attention is written over past and new positions separately (scores of the past keys and of the new keys,
-  concatenated; values likewise): no Concat copies the cache, and no tensor has a width of C+S >= 2048 (the
-  concatenated form trips 13-bit register fields, "REGTASK ... limit: 0x1fff", at ctx 2048).
-* Query heads are folded onto their kv head ([1, kv, rep*S, hd], rows r*S + s) instead of repeating the cache rep
-  times (the "seq" form's Gather->Conv materialised the repeated cache); the mask comes from the host already
-  tiled to rep*S rows. The fold is a Split/Concat over head channels (the NPU keeps channels in blocks of 8).
-* The cache and every activation cross in float16, the compiled inputs' dtype.
+Why each choice (rknn-toolkit2 2.5.0, rk3588, smollm2- and Llama-3.2-1B-shaped layers; figures in docs/compiler.md):
+* The cache inputs are 3-D, float16: keys [n*kv, hd, C], values [n*kv, C, hd]. RKNN records a 3-D input's layout
+  as UNDEFINED (row-major, its native form), so the host's buffer is handed over as it is. As 4-D inputs they were
+  recorded NHWC: RKNNLite transposed the NCHW buffers in numpy and converted float32 to float16 on every call, and
+  the compiler added a mean/std Conv over the whole cache in every call.
+* Keys transposed, values as rows: the operands the NPU's matmuls read in place (the contraction axis in their
+  channels). The "seq" form's Transpose of the [C+S, hd] keys and values went to the CPU in every prefill bucket
+  ((C+S)*hd > 8192), and its GQA repeat materialised the cache rep times (a Gather->Conv).
+* Scores are computed transposed ([positions, rep*S]) and the probabilities are cut into past and new positions, so
+  no op concatenates the cache with the new rows and no tensor has C+S as its width: the concatenating forms
+  put a Reshape of the values on the CPU and tripped 13-bit register fields ("REGTASK ... limit: 0x1fff") from
+  ctx 1024 on.
+* Query heads are folded onto their kv head ([1, kv, rep*S, hd], row r*S + s), one reshape; the host gives the mask
+  already tiled to those rows and transposed, [1, 1, C+S, rep*S]. The folded queries are transposed on the NPU only
+  while rep*S*hd <= 8192, which bounds the seq buckets (slices/spec.py::npu_max_seq: 32 for smollm2 and 1B shapes).
+* cos/sin/mask stay 4-D with one channel: NHWC and NCHW are the same bytes, so handing them over as NHWC is a view
+  (3-D cos/sin made the compiler crash under dynamic_input, "reduce_tp_in_mesh: -1 is not in list").
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import rope
 from exo_rknpu.slices.onnx_export import IR_VERSION, OPSET, OnnxOps
 from exo_rknpu.slices.spec import PARTS, SliceSpec, npu_input_shapes, npu_output_shapes, state_name
+
 
 def compiler_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
     """The ONNX model the RKNN compiler gets for `spec`: the NPU form for layer slices in the "npu" KV layout,
@@ -134,13 +136,19 @@ def _attention(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str, cache: _Ca
     vh = ops.split_heads(v, kv, hd)  # [1,kv,S,hd]
     qf = _fold(ops, qh, a)  # [1,kv,rep*S,hd]
     qf = ops._node("Mul", [qf, ops._const(np.array(hd**-0.5, np.float32))])
-    # Scores are computed transposed ([1,kv,positions,rS]) so that every tensor with a positions axis keeps it where
-    # the NPU's matmul wants it (its channels), never as a width: no Transpose or concat of a C-wide row.
+    # Scores are computed transposed ([1,kv,positions,rS]): every tensor with a positions axis keeps it where the
+    # NPU's matmul wants it (its channels), never as a width, and the values are read where they lie: the
+    # probabilities are cut into past and new positions instead of concatenating the cache with the new rows.
     qt = ops.swap_last(qf)  # [1,kv,hd,rS]
     s_past = ops._node("MatMul", [ops.swap_last(cache["past_k"]), qt])  # [1,kv,C,rS]
     s_new = ops._node("MatMul", [kh, qt])  # [1,kv,S,rS]
     p = ops._node("Softmax", [ops._node("Add", [ops._node("Concat", [s_past, s_new], axis=2), "mask"])], axis=2)
-    o = ops._node("MatMul", [ops.swap_last(p), ops._node("Concat", [cache["past_v"], vh], axis=2)])  # [1,kv,rS,hd]
+    c = ops._node("Slice", [ops._node("Shape", [cache["past_v"]]), *ops._range(2, 3)])  # C (symbolic under dynamic_input)
+    axis = ops._const(np.array([2], np.int64))
+    p_past = ops._node("Slice", [p, ops._const(np.array([0], np.int64)), c, axis])
+    p_new = ops._node("Slice", [p, c, ops._const(np.array([2**62], np.int64)), axis])
+    o = ops._node("Add", [ops._node("MatMul", [ops.swap_last(p_past), cache["past_v"]]),
+                          ops._node("MatMul", [ops.swap_last(p_new), vh])])  # [1,kv,rS,hd]
     kt = ops.swap_last(kh)  # [1,kv,hd,S]
     o = ops.merge_heads(_unfold(ops, o, a), nh, hd)
     axis0 = ops._const(np.array([0], np.int64))

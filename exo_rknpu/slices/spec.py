@@ -340,6 +340,17 @@ def npu_max_seq(args: ModelArgs) -> int:
     return max(1, 8192 // (args.n_rep * args.head_dim))
 
 
+def npu_buckets(buckets: Buckets, args: ModelArgs) -> Buckets:
+    """`buckets` for a backend running the NPU form: seq buckets above npu_max_seq are replaced by the largest power
+    of two under it (prefill then goes in smaller chunks); context buckets are kept."""
+    limit = npu_max_seq(args)
+    seq = [b for b in buckets.seq if b <= limit]
+    if len(seq) < len(buckets.seq):
+        top = 1 << (limit.bit_length() - 1)
+        seq = sorted(set(seq) | {top})
+    return Buckets(seq=tuple(seq), context=buckets.context)
+
+
 def plan_slices(start: int, stop: int, first: bool, last: bool, layers_per_slice: int | None) -> list[SliceSpec]:
     """Slices for a shard covering layers [start, stop): embed?, layer groups, head?.
 
