@@ -70,12 +70,3 @@ class Paths:
     def toolkit_stamp(self) -> Path:
         """Written last by the install: its presence means the install finished."""
         return self.toolkit_venv / "exo-rknpu-toolkit.json"
-
-
-DEFAULT_LIBRKNNRT = Path("/usr/lib/librknnrt.so")
-
-
-def librknnrt_path() -> Path:
-    """Where the board's NPU runtime library is: LIBRKNNRT_PATH (rknnlite's own variable) or /usr/lib/librknnrt.so."""
-    env = os.environ.get("LIBRKNNRT_PATH")
-    return Path(env) if env else DEFAULT_LIBRKNNRT

@@ -33,6 +33,7 @@ from exo_rknpu.errors import (
     RequestStateError,
     TensorContractError,
     ToolkitMissingError,
+    name_model,
 )
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import check_mode
@@ -72,6 +73,7 @@ class EngineConfig:
     label: str = ""  # who is speaking in error messages (exo: the node id)
     weights: str = "auto"  # form of linear weights: auto | int4 | int8 | fp32 (model/quant.py)
     placement: str | None = None  # a placement plan (runtime/placement.py); each shard applies its own part
+    emulate: bool = False  # the plan's NPU devices may run on the CPU backend where the NPU cannot run (else refused)
 
     def __post_init__(self) -> None:
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -118,8 +120,7 @@ def _model_ref(src: ModelSource | None) -> str | None:
 
 def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
     """Default loader: only `layer_range`'s weights, prepared on the configured backend (blocking)."""
-    from exo_rknpu.runtime.placement import PlacementPlan
-    from exo_rknpu.runtime.session import default_buckets, open_shard
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_shard
     from exo_rknpu.model.loader import load_args
 
     return open_shard(
@@ -133,7 +134,24 @@ def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig)
         weights=config.weights,
         progress=lambda msg: log.info("%s", msg),
         placement=PlacementPlan.load(config.placement) if config.placement else None,
+        emulate=config.emulate,
     )
+
+
+def check_npu(config: EngineConfig) -> None:
+    """Refuse at start (one line, with the reason) what would fail at the first shard: the npu backend, or a plan
+    naming NPU devices without --emulate, on a machine where the NPU cannot run."""
+    from exo_rknpu.runtime.placement import PlacementPlan, npu_problems, require_npu
+
+    if config.backend != "npu" and not config.placement:
+        return
+    problems = npu_problems()
+    if not problems:
+        return
+    if config.backend == "npu":
+        raise BackendUnavailableError("the npu backend cannot run here: " + "; ".join(problems))
+    if not config.emulate:
+        require_npu(PlacementPlan.load(config.placement), "; ".join(problems))
 
 
 def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,
@@ -186,7 +204,7 @@ class ShardEngine:
 
     def _wrap(self, e: ExoRknpuError, key: ShardKey, model_ref: str | None = None) -> ExoRknpuError:
         """Same exception type, with which node / model / layers / backend in front, and a hint where one helps."""
-        msg = f"{self._prefix(key)}{e}"
+        msg = name_model(f"{self._prefix(key)}{e}", model_ref)
         if isinstance(e, TensorContractError) and not key.layer_range.is_first:
             msg += (f" (hidden states come from the node that runs layers 0-{key.layer_range.start - 1}; "
                     f"check that every node serves the same model and sends float16/float32)")

@@ -49,6 +49,14 @@ class ArtifactError(ExoRknpuError, ValueError):
     """A compiled artefact or manifest is missing, corrupt, or does not match the model/platform."""
 
 
+MODEL_PLACEHOLDER = "--model MODEL "  # in compile commands built where the model's name is not known (backends)
+
+
+def name_model(message: str, model_ref: str | None) -> str:
+    """A message's compile command with the model named as `exo-rknpu compile --model` takes it."""
+    return message.replace(MODEL_PLACEHOLDER, f"--model {model_ref} ") if model_ref else message
+
+
 class CompileError(ExoRknpuError, RuntimeError):
     """The RKNN compiler failed, or a compiled slice failed verification."""
 
@@ -63,3 +71,11 @@ class RequestStateError(ExoRknpuError, RuntimeError):
 
 class BenchError(UsageError):
     """A benchmark option is out of range or does not fit the model."""
+
+
+class SamplingError(ExoRknpuError, RuntimeError):
+    """The logits cannot be sampled from (NaN or infinite values)."""
+
+
+class ModelUnavailableError(ExoRknpuError, RuntimeError):
+    """A model's files are not on this node and cannot be fetched here (offline, or no repository for this engine)."""

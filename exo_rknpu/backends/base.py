@@ -33,7 +33,7 @@ class Backend(Protocol):
 
     name: str
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
-    # Read by the runtime (runtime/shard.py, runtime/session.py); docs/backends.md lists them.
+    # Read by the runtime (runtime/shard.py, runtime/placement.py); docs/backends.md lists them.
     kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd], "dim" [.., hd, C] or "npu" (float16 NPU form)
     layers_per_slice: int | None  # layers per graph when the user does not say (None: the whole shard in one graph)
     # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
@@ -66,8 +66,8 @@ class BackendInfo:
 BACKENDS: dict[str, BackendInfo] = {
     "numpy": BackendInfo("numpy", "exo_rknpu.backends.numpy_ref", "NumpyBackend", "plain numpy reference (widens compact weights on the fly)"),
     "onnx": BackendInfo("onnx", "exo_rknpu.backends.ort", "OrtBackend", "onnxruntime on the CPU (MatMulNBits int4/int8 weights)"),
-    "npu": BackendInfo("npu", "exo_rknpu.backends.npu", "NpuBackend", "RK3588 NPU via rknn-toolkit-lite2 (board only)"),
-    "rknn-sim": BackendInfo("rknn-sim", "exo_rknpu.backends.rknn_sim", "RknnSimBackend", "rknn-toolkit2 simulator (toolkit venv)"),
+    "npu": BackendInfo("npu", "exo_rknpu.rknn.npu", "NpuBackend", "RK3588 NPU via rknn-toolkit-lite2 (board only)"),
+    "rknn-sim": BackendInfo("rknn-sim", "exo_rknpu.rknn.sim", "RknnSimBackend", "rknn-toolkit2 simulator (toolkit venv)"),
 }
 
 

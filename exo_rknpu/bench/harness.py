@@ -23,8 +23,7 @@ from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource, resolve_model
-from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan
-from exo_rknpu.runtime.session import default_buckets, resolve_placement
+from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, default_buckets, resolve_placement
 
 Progress = Callable[[str], None]
 SCHEMA = 1
@@ -68,7 +67,7 @@ class BenchPlan:
             prompt_ids=self.prompt_ids, gen_tokens=o.gen_tokens, threads=o.n_threads, backend=o.backend,
             split=[str(r) for r in self.ranges] if o.split else [], weights=o.weights,
             backend_dtype=o.backend_dtype, max_context=o.max_context, layers_per_slice=o.layers_per_slice,
-            count_bytes=count_bytes, placement=o.placement,
+            count_bytes=count_bytes, placement=o.placement, emulate=o.emulate,
         )
 
 
@@ -91,7 +90,7 @@ def plan(o: BenchOptions, progress: Progress) -> BenchPlan:
         plan_ = PlacementPlan.load(o.placement)
         buckets = default_buckets(margs, o.max_context)
         placements = [resolve_placement(src, r, plan_, o.backend, buckets, o.layers_per_slice, o.weights,
-                                        o.backend_dtype or "fp16") for r in ranges]
+                                        o.backend_dtype or "fp16", emulate=o.emulate) for r in ranges]
     return BenchPlan(o, src, ranges, prompt_ids(load_tokenizer(src), o.prompt_tokens), placements)
 
 

@@ -34,6 +34,7 @@ class BenchOptions:
     timeout_s: float = 900.0
     placement: str | None = None  # a placement plan (runtime/placement.py), inline or a .toml path
     concurrency: int | None = None  # with placement: requests in flight at once, pipelined vs serial (in process)
+    emulate: bool = False  # with placement: NPU devices may run on the CPU where the NPU cannot run (else refused)
 
     @property
     def n_threads(self) -> int:
@@ -71,6 +72,8 @@ def validate(o: BenchOptions) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
             raise BenchError(f"{name} must be an integer from 1 to {high}, got {value!r}")
+    if o.emulate and o.placement is None:
+        raise BenchError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
     if o.concurrency is not None:
         if o.placement is None:
             raise BenchError("--concurrency measures a placement's per-device pipelining; add --placement PLAN")

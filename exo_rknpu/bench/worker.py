@@ -42,6 +42,7 @@ class Job:
     layers_per_slice: int | None = None
     count_bytes: bool = True  # also count the weight bytes a decode step reads (ours: loads the weights again)
     placement: str | None = None  # ours: a placement plan (runtime/placement.py), inline or a .toml path
+    emulate: bool = False  # ours: the plan's NPU devices may run on the CPU (--emulate)
 
 
 @dataclass
@@ -123,7 +124,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     from exo_rknpu.model.zoo import ModelSource
     from exo_rknpu.runtime.pipeline import LocalRing, Timings
     from exo_rknpu.runtime.sampling import Sampler
-    from exo_rknpu.runtime.session import default_buckets, open_shard
+    from exo_rknpu.runtime.placement import default_buckets, open_shard
 
     src = ModelSource(Path(job.model_path).name, Path(job.model_path), job.model_format)  # type: ignore[arg-type]
     margs = load_args(src)
@@ -133,7 +134,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     if job.backend == "onnx":
         opts["threads"] = job.threads
     if job.backend == "rknn-sim" and job.backend_dtype == "w8a8":
-        from exo_rknpu.compiler.calibration import ModelCalibration
+        from exo_rknpu.rknn.calibration import ModelCalibration
 
         opts["calibration"] = ModelCalibration(src)
     # a runtime without compact weights has no `weights` keyword: there every form is float32 (options.py)
@@ -142,6 +143,8 @@ def run_ours(job: Job, t0: float) -> RunFigures:
         from exo_rknpu.runtime.placement import PlacementPlan
 
         extra["placement"] = PlacementPlan.load(job.placement)
+        if "emulate" in inspect.signature(open_shard).parameters:  # older runtimes emulated without asking
+            extra["emulate"] = job.emulate
     buckets = default_buckets(margs, job.max_context)
     shards = [open_shard(src, r, job.backend, buckets, job.layers_per_slice, backend_options=opts, **extra) for r in ranges]
     ring = LocalRing(shards)

@@ -15,7 +15,7 @@ import json
 from exo_rknpu.bench.harness import METRICS, Report, plan, run_bench
 from exo_rknpu.bench.options import WEIGHTS, BenchOptions, parse_compare
 from exo_rknpu.bench.worker import OURS
-from exo_rknpu.cli.generate import add_model_args, progress
+from exo_rknpu.cli.options import add_model_args, progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +52,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         compare=parse_compare(args.compare), backend_dtype=args.backend_dtype, max_context=args.max_context,
         layers_per_slice=args.layers_per_slice, timeout_s=args.timeout,
         placement=str(args.placement) if args.placement else None, concurrency=args.concurrency,
+        emulate=args.emulate,
     )
 
 

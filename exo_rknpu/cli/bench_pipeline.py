@@ -17,10 +17,9 @@ import uuid
 from dataclasses import dataclass
 
 from exo_rknpu.bench.harness import BenchPlan
-from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan
+from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, open_shard
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.sampling import Sampler
-from exo_rknpu.runtime.session import open_shard
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.runtime.stages import StagedShard
 
@@ -142,7 +141,8 @@ def run_pipelining(p: BenchPlan, as_json: bool) -> int:
         raise BenchError("--concurrency runs the whole model as one shard; drop --split")
     plan = PlacementPlan.load(o.placement)
     buckets = p.placements[0].buckets
-    open_ = lambda: open_shard(p.source, full, o.backend, buckets, o.layers_per_slice, weights=o.weights, placement=plan)
+    open_ = lambda: open_shard(p.source, full, o.backend, buckets, o.layers_per_slice, weights=o.weights, placement=plan,
+                               emulate=o.emulate)
     prompts = [p.prompt_ids + [p.prompt_ids[-1]] * i for i in range(o.concurrency)]
     figs = measure(open_(), open_(), prompts, o.gen_tokens, o.repeat)
     board = board_estimate(p.placements[0])

@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from exo_rknpu.cli.generate import placement_plan
 from exo_rknpu.slices.recipe import ALGORITHMS, DEFAULT_RECIPE, POLICIES, QuantRecipe
-from exo_rknpu.cli.options import positive_int, probability, unit_interval
+from exo_rknpu.cli.options import placement_plan, positive_int, probability, unit_interval
 from exo_rknpu.cli.report import format_cpu, slice_order, worst_cos
 from exo_rknpu.errors import UsageError
 
@@ -84,7 +83,7 @@ def _read_text(path: Path | None, flag: str) -> str | None:
 
 def recipe_from_args(args: argparse.Namespace, n_layers: int) -> QuantRecipe:
     """The default w8a8 recipe with the recipe flags applied (a bad value exits with a one-line error)."""
-    from exo_rknpu.compiler.agreement import parse_fp16_slices
+    from exo_rknpu.rknn.agreement import parse_fp16_slices
 
     changes: dict = {}
     if args.quant_policy:
@@ -108,7 +107,7 @@ def recipe_from_args(args: argparse.Namespace, n_layers: int) -> QuantRecipe:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exo_rknpu.compiler.compile import compile_range
+    from exo_rknpu.rknn.compile import compile_range
     from exo_rknpu.slices.spec import Buckets, npu_buckets
 
     if args.agreement:
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     # The runtime (generate, node) picks buckets with default_buckets; compile the same ones unless told otherwise.
     from exo_rknpu.model.loader import load_args
     from exo_rknpu.model.zoo import resolve_model
-    from exo_rknpu.runtime.session import default_buckets
+    from exo_rknpu.runtime.placement import default_buckets
 
     margs = load_args(resolve_model(args.model))
     d = npu_buckets(default_buckets(margs, args.max_context), margs)  # as the npu backend runs them
@@ -157,7 +156,9 @@ def _placed_specs(args: argparse.Namespace, buckets) -> dict | None:
     margs = load_args(resolve_model(args.model))
     n = margs.num_hidden_layers
     args.layers = args.layers or f"0-{n - 1}"
-    plan = resolve(args.placement, margs, LayerRange.parse(args.layers, n), "onnx", buckets, npu_dtype=args.dtype)
+    # emulate=True: compile only reads which slices the plan puts on the NPU; nothing runs here
+    plan = resolve(args.placement, margs, LayerRange.parse(args.layers, n), "onnx", buckets, npu_dtype=args.dtype,
+                   emulate=True)
     if args.explain:
         print(plan.explain())
         return None
@@ -171,8 +172,8 @@ def _placed_specs(args: argparse.Namespace, buckets) -> dict | None:
 
 
 def _agreement(args: argparse.Namespace) -> int:
-    from exo_rknpu.compiler.agreement import measure_agreement
-    from exo_rknpu.compiler.calibration import HELDOUT_TEXT
+    from exo_rknpu.rknn.agreement import measure_agreement
+    from exo_rknpu.rknn.calibration import HELDOUT_TEXT
     from exo_rknpu.model.loader import load_args, resolve_model
 
     n = load_args(resolve_model(args.model)).num_hidden_layers

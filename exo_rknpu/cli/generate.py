@@ -8,96 +8,17 @@ import sys
 import time
 import uuid
 
-from exo_rknpu.backends.base import BACKENDS
-from exo_rknpu.cli.options import non_negative_float, non_negative_int, positive_int, probability
-from exo_rknpu.errors import UsageError
+from exo_rknpu.cli.options import (add_model_args, backend_options, explain_placement, non_negative_float, non_negative_int,
+                                   positive_int, probability, progress)
+from exo_rknpu.errors import ArtifactError, UsageError, name_model
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_args, load_tokenizer
-from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import IncrementalDecoder, encode_prompt
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing, Timings
 from exo_rknpu.runtime.sampling import Sampler, SamplingParams
-from exo_rknpu.runtime.session import default_buckets, open_shard
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by commands that run a model."""
-    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file, or alias (default: smollm2-135m)")
-    p.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), metavar="BACKEND",
-                   help=f"where slices run: {' | '.join(sorted(BACKENDS))} (default: onnx)")
-    p.add_argument("--backend-dtype", choices=["fp16", "w8a8"], default=None,
-                   help="compiled dtype for npu / rknn-sim (default: fp16)")
-    p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
-                   help="largest context bucket, prompt and new tokens together; at most the model's limit "
-                        "(default: 2048 or the model's limit if smaller)")
-    p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
-                   help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
-    add_weights_arg(p)
-    add_placement_args(p)
-
-
-def add_placement_args(p: argparse.ArgumentParser, explain: bool = True) -> None:
-    """--placement (runtime/placement.py) and --explain."""
-    p.add_argument("--placement", type=placement_plan, default=None, metavar="PLAN",
-                   help="which device runs which layers and blocks: RANGE=DEVICE[,...][;BLOCK=DEVICE,...] or a .toml "
-                        "file, e.g. 0-9=npu0,10-19=npu1,20-29=npu2 or 0-29=npu;attention=cpu (docs/placement.md); "
-                        "without an NPU, npu devices are emulated on the CPU backend")
-    if explain:
-        p.add_argument("--explain", action="store_true",
-                       help="print the resolved placement (every slice, its device, buckets, estimated weight bytes) and exit")
-
-
-def placement_plan(value: str):
-    """argparse type for --placement: a malformed plan is a one-line usage error before anything loads."""
-    from exo_rknpu.runtime.placement import PlacementError, PlacementPlan
-
-    try:
-        return PlacementPlan.load(value)
-    except PlacementError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def explain_placement(src, ranges, args: argparse.Namespace, buckets) -> list:
-    """The resolved plan of every shard (raises PlacementError for an impossible one); printed with --explain."""
-    from exo_rknpu.runtime.session import resolve_placement
-
-    dtype = getattr(args, "backend_dtype", None) or "fp16"
-    plans = [resolve_placement(src, r, args.placement, args.backend, buckets, args.layers_per_slice, args.weights, dtype)
-             for r in ranges]
-    if getattr(args, "explain", False):
-        for plan in plans:
-            print(plan.explain())
-    return plans
-
-
-def add_weights_arg(p: argparse.ArgumentParser) -> None:
-    """--weights: the form linear weights are kept in (model/quant.py)."""
-    p.add_argument("--weights", default="auto", type=weights_mode,
-                   help="auto | int4 | int8 | fp32: form of the linear weights (default auto: GGUF Q4_0/Q8_0 as "
-                        "stored, everything else int8; fp32 widens everything)")
-
-
-def weights_mode(value: str) -> str:
-    """argparse type for --weights: an unknown value is a one-line usage error before anything loads."""
-    try:
-        return check_mode(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def backend_options(args: argparse.Namespace, src=None) -> dict:
-    """Backend options from add_model_args' flags (rknn-sim w8a8 also gets the default w8a8 recipe bound to `src`)."""
-    dtype = getattr(args, "backend_dtype", None)
-    if dtype and args.backend not in ("npu", "rknn-sim"):
-        raise UsageError(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
-    opts: dict = {"dtype": dtype} if dtype else {}
-    if args.backend == "rknn-sim" and dtype == "w8a8":
-        from exo_rknpu.compiler.recipe import RecipeBuild
-
-        opts["recipe_build"] = RecipeBuild(src if src is not None else args.model)  # compile's default w8a8 recipe
-    return opts
+from exo_rknpu.runtime.placement import default_buckets, open_shard
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -122,10 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="random seed for sampling, >= 0 (default: a fresh one each run)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.set_defaults(func=run)
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def check_prompt_fits(prompt_tokens: int, max_tokens: int, max_context: int, model_limit: int) -> None:
@@ -159,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--system is a chat message; add --chat (or drop --system)")
     if args.thinking and not args.chat:
         raise UsageError("--thinking is a chat template option; add --chat (or drop --thinking)")
+    if args.emulate and not args.placement:
+        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
     margs = load_args(src)  # config only: no weights yet
@@ -180,8 +99,12 @@ def run(args: argparse.Namespace) -> int:
         text = args.prompt
     prompt_ids = encode_prompt(tok, text)
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
-    shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts, weights=args.weights,
-                         progress=progress, placement=args.placement) for r in ranges]
+    try:
+        shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts,
+                             weights=args.weights, progress=progress, placement=args.placement,
+                             emulate=args.emulate) for r in ranges]
+    except ArtifactError as e:
+        raise ArtifactError(name_model(str(e), args.model)) from e
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
     load_s = time.perf_counter() - t0
     timings = Timings()

@@ -10,14 +10,16 @@ beside exo-rknpu (see docs/exo.md); it is not a dependency of this package.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
 from exo_rknpu.backends.base import BACKENDS
-from exo_rknpu.backends.npu import CORE_MASKS
-from exo_rknpu.cli.generate import add_placement_args, add_weights_arg
-from exo_rknpu.cli.options import positive_float, positive_int
+from exo_rknpu.backends.board import CORE_MASKS
+from exo_rknpu.cli.options import add_placement_args, add_weights_arg, positive_float, positive_int
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
+from exo_rknpu.exo.options import API_KEY_ENV
 from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.requests import RequestLimits
 
@@ -27,7 +29,18 @@ DEFAULT_IDLE_S = 300.0  # far above a decode step or a board's long prefill; onl
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run as a node of a legacy exo ring (needs exo installed)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--api-host", default="0.0.0.0", help="address exo's ChatGPT API binds to (default: 0.0.0.0, as exo)")
+    p.add_argument("--api-host", default="127.0.0.1",
+                   help="address exo's ChatGPT API binds to (default: 127.0.0.1, this machine only; 0.0.0.0 or a LAN "
+                        "address to serve other machines, see docs/exo.md 'Security')")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every API request (default: ${API_KEY_ENV} if set, "
+                        "else no key)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (e.g. https://chat.example.org) allowed to call the API from a browser; "
+                        "repeatable (default: none)")
+    p.add_argument("--allow-node-control", action="store_true",
+                   help="turn on exo's routes that change the node: POST /quit, DELETE /models/ID, POST /download, "
+                        "image generation, /create_animation (default: off, answered 403)")
     p.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), metavar="BACKEND",
                    help=f"where slices run: {' | '.join(sorted(BACKENDS))} (default: onnx; npu on an RK3588 with "
                         "compiled slices; rknn-sim is the x86 simulator, for verification)")
@@ -75,23 +88,38 @@ def build_options(args: argparse.Namespace):
         logits=args.logits,
         weights=args.weights,
         placement=str(args.placement) if args.placement else None,
+        emulate=args.emulate,
         backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
     )
+    api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
-                       enable_thinking=args.thinking)
+                       enable_thinking=args.thinking, api_key=api_key, cors_origins=tuple(args.cors_origin),
+                       allow_node_control=args.allow_node_control)
 
 
 def run(args: argparse.Namespace) -> int:
     from exo_rknpu.exo import exo_importable
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty; give a key, or leave the option out for no key")
+    for origin in args.cors_origin:
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UsageError(f"--cors-origin {origin!r} is not an origin; give scheme://host[:port], e.g. "
+                             "https://chat.example.org")
+
     if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
         raise UsageError(f"--model-dir {args.model_dir} is not a folder; give the folder that holds <model_id> "
                          "subfolders (or .gguf files), or leave it out to let exo download")
+    if args.emulate and not args.placement:
+        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
     ok, why = exo_importable()
     if not ok:
         print(f"exo-rknpu: error: {why}", file=sys.stderr)
         return 2
+    from exo_rknpu.engine import check_npu
     from exo_rknpu.exo.launcher import exo_argv, run_node
+
+    check_npu(build_options(args).engine)  # an NPU that cannot run here is refused now, not at the first request
 
     try:
         exo_argv(args.exo_args)

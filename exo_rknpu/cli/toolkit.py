@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exo_rknpu.compiler import toolkit
+    from exo_rknpu.rknn import toolkit
 
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     if args.action == "install":

@@ -20,22 +20,31 @@ import asyncio
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from exo.inference.inference_engine import InferenceEngine
 from exo.inference.shard import Shard
 
 from exo_rknpu.engine import ShardEngine
-from exo_rknpu.errors import CapacityError, ContextOverflowError, ExoRknpuError, RequestStateError, TensorContractError
+from exo_rknpu.errors import (
+    CapacityError,
+    ContextOverflowError,
+    ExoRknpuError,
+    ModelUnavailableError,
+    RequestStateError,
+    TensorContractError,
+)
 from exo_rknpu.exo import ENGINE_CLASS, options as node_options
 from exo_rknpu.exo.api_tokenizer import encode_prompt
+from exo_rknpu.exo.availability import Prober, model_availability
 from exo_rknpu.exo.cards import get_card, local_override
 from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.exo.shards import extra_ranges_to_download, range_to_shard, shard_to_range
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import ModelSource, resolve_model
-from exo_rknpu.runtime.sampling import SamplingParams, sample_row
+from exo_rknpu.exo.request_state import PROMPT_IDS_KEY, prompt_ids
+from exo_rknpu.runtime.sampling import Choice, SamplingParams, choose, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ def failure_kind(e: BaseException) -> str:
         return "unavailable"
     if isinstance(e, ContextOverflowError):
         return "context"
+    if isinstance(e, ModelUnavailableError):
+        return "model"
     return "error"
 
 
@@ -66,6 +77,7 @@ class RKNPUInferenceEngine(InferenceEngine):
         self._rng = np.random.default_rng()
         self._failures: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._announced: OrderedDict[str, None] = OrderedDict()
+        self._prober = Prober()
 
     # ------------------------------------------------------------------ model files
 
@@ -75,14 +87,18 @@ class RKNPUInferenceEngine(InferenceEngine):
             raise ExoRknpuError(
                 f"exo asked for {model_id} with {layer_range.n_layers} layers; its card says {card.n_layers}"
             )
-        override = local_override(card, self.options.model_dir)
-        if override is not None:
-            return await self.core.run_blocking(resolve_model, str(override))
+        # Decided before any download starts: a model that is neither here nor fetchable fails in seconds
+        # (exo's downloader would retry for minutes, and on after the client left).
+        found = await asyncio.to_thread(model_availability, card, self.options.model_dir, self._prober)
+        if found.local is not None:
+            return await self.core.run_blocking(resolve_model, str(found.local))
+        if not found.downloadable:
+            raise ModelUnavailableError(found.reason)
         if card.zoo_alias is not None:
             return await self.core.run_blocking(resolve_model, card.zoo_alias)
         if self.shard_downloader is None:
-            raise ExoRknpuError(f"{model_id} must be downloaded but this engine has no shard downloader; "
-                                f"put it at --model-dir DIR as DIR/{model_id}")
+            raise ModelUnavailableError(f"{model_id} must be downloaded but this engine has no shard downloader; "
+                                        f"put it at --model-dir DIR as DIR/{model_id}")
         # exo's downloader: only the files holding this shard's layers when the repo has a safetensors index.
         path = await self.shard_downloader.ensure_shard(range_to_shard(model_id, layer_range), ENGINE_CLASS)
         # exo's allow-patterns miss the embedding of a tied last shard and the final norm of a whole-model shard:
@@ -139,39 +155,46 @@ class RKNPUInferenceEngine(InferenceEngine):
         return self.tokenizer.decode([int(t) for t in np.asarray(tokens).reshape(-1)])
 
     async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
-        """Logits (1, seq, vocab) (or (1, vocab)) -> one token id, int64, shape (1,)."""
-        x = np.asarray(x)
-        if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] >= 1:
-            row = x[0, -1]
-        elif x.ndim == 2 and x.shape[0] >= 1:
-            row = x[-1]
-        else:
-            raise TensorContractError(f"sample() takes logits of shape (1, seq, vocab) or (1, vocab); got {x.shape}")
-        if not np.issubdtype(row.dtype, np.floating):
-            raise TensorContractError(f"sample() takes float logits; got {row.dtype} (is this node the last shard?)")
-        params = SamplingParams(temperature=float(temp), top_p=float(top_p))
-        if params.temperature == 0:
-            token = int(np.argmax(row))
-        else:
-            token = await self.core.run_blocking(sample_row, row.astype(np.float64), params, self._rng)
-        return np.array([token], dtype=np.int64)
+        """Logits (1, seq, vocab) (or (1, vocab)) -> one token id, int64, shape (1,) (exo's own interface)."""
+        choice = await self.sample_request(x, SamplingParams(temperature=float(temp), top_p=float(top_p)), ())
+        return np.array([choice.token], dtype=np.int64)
+
+    async def sample_request(self, x: np.ndarray, params: SamplingParams, generated: Sequence[int]) -> Choice:
+        """The next token of a request under its own parameters (penalties over `generated`, its seed), with
+        log-probabilities when asked for; NaN or infinite logits raise SamplingError."""
+        row = logits_row(x)
+        rng = step_rng(params, len(generated), self._rng)
+        if params.greedy and not params.logprobs and not params.logit_bias and not generated:
+            return choose(row, params, generated, rng)  # an argmax: not worth a hop to the worker thread
+        return await self.core.run_blocking(choose, row, params, list(generated), rng)
 
     async def infer_prompt(self, request_id: str, shard: Shard, prompt: str,
                            inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
-        """exo's infer_prompt (encode, then the first step), marking the step as the request's start."""
+        """exo's infer_prompt (encode, then the first step), marking the step as the request's start. The prompt's
+        ids come from inference_state when the API encoded them (content specials kept as text); they are
+        dropped from the state passed on (only the first node needs them)."""
         try:
-            tokens = await self.encode(shard, prompt)
+            ids = prompt_ids(inference_state)
+            if ids is None:
+                tokens = await self.encode(shard, prompt)
+            else:
+                await self.ensure_shard(shard)
+                tokens = np.asarray(ids, dtype=np.int64)
         except Exception as e:
             self._record_failure(request_id, e)
             raise
-        return await self._infer(request_id, shard, tokens.reshape(1, -1), start=True)
+        out, _ = await self._infer(request_id, shard, tokens.reshape(1, -1), start=True)
+        state = {k: v for k, v in inference_state.items() if k != PROMPT_IDS_KEY} if inference_state else inference_state
+        return out, state
 
     async def infer_tensor(self, request_id: str, shard: Shard, input_data: np.ndarray,
                            inference_state: Optional[dict] = None) -> tuple[np.ndarray, Optional[dict]]:
+        """One step; inference_state (the request's sampling parameters) is handed back for the next hop."""
         x = np.asarray(input_data)
         # A prefill (seq > 1) or an announced request may start here; a lone decode step must find its cache.
         start = None if (x.ndim >= 2 and x.shape[1] > 1) or request_id in self._announced else False
-        return await self._infer(request_id, shard, x, start)
+        out, _ = await self._infer(request_id, shard, x, start)
+        return out, inference_state
 
     async def _infer(self, request_id: str, shard: Shard, input_data: np.ndarray,
                      start: bool | None) -> tuple[np.ndarray, Optional[dict]]:
@@ -180,9 +203,24 @@ class RKNPUInferenceEngine(InferenceEngine):
             out = await self.core.forward(request_id, shard.model_id, layer_range, input_data, start)
         except Exception as e:
             self._record_failure(request_id, e)
-            log.error("request %s failed on %s: %s", request_id, shard, e)
+            log.debug("request %s failed on %s: %s", request_id, shard, e)  # the ring reports it, once
             raise
         loaded = self.core.current
         if loaded is not None:
             self.shard, self.tokenizer = shard, loaded.tokenizer
         return out, None
+
+
+def logits_row(x: np.ndarray) -> np.ndarray:
+    """The last position's logits of (1, seq, vocab) or (1, vocab) float logits, or TensorContractError."""
+    x = np.asarray(x)
+    if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] >= 1:
+        row = x[0, -1]
+    elif x.ndim == 2 and x.shape[0] >= 1:
+        row = x[-1]
+    else:
+        raise TensorContractError(f"sample() takes logits of shape (1, seq, vocab) or (1, vocab); got {x.shape}")
+    if not np.issubdtype(row.dtype, np.floating):
+        raise TensorContractError(f"sample() takes float logits; got {row.dtype} (is this node the last shard?)")
+    return row
+

@@ -26,15 +26,19 @@ import dataclasses
 import logging
 import sys
 import traceback
+import uuid
 from typing import Any
 
 import numpy as np
 
+from exo_rknpu.errors import ExoRknpuError
 from exo_rknpu.exo import ENGINE_CLASS, ENGINE_NAME, options as node_options
 from exo_rknpu.exo.api_tokenizer import TemplateOptionsTokenizer
+from exo_rknpu.exo.availability import downloaded_folder
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.exo.ring_members import restrict_ring
+from exo_rknpu.runtime.sampling import Choice, SamplingParams, choose, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +104,7 @@ def install_patches(options: NodeOptions) -> None:
     original_run = api_mod.ChatGPTAPI.run
 
     async def run(self: Any, host: str = "0.0.0.0", port: int = 52415) -> None:
+        quiet_expected_errors(asyncio.get_running_loop())
         return await original_run(self, host=node_options.current().api_host, port=port)
 
     api_mod.ChatGPTAPI.run = run
@@ -111,6 +116,8 @@ def install_patches(options: NodeOptions) -> None:
     async def resolve_tokenizer(repo_id: Any):
         card = card_for_repo(str(repo_id))
         override = local_override(card, node_options.current().model_dir) if card is not None else None
+        if card is not None and override is None and card.zoo_alias is None:
+            override = downloaded_folder(card)  # complete on disk: no Hugging Face access needed
         thinking = node_options.current().enable_thinking
         key = str(repo_id)
         if key not in cache:
@@ -125,6 +132,7 @@ def install_patches(options: NodeOptions) -> None:
     api_mod.resolve_tokenizer = resolve_tokenizer
 
     # 7. the ring's request lifecycle and API
+    install_state_wire()
     _patch_node(node_mod.Node)
 
     async def handle_post_chat_completions(self: Any, request: Any):
@@ -135,7 +143,56 @@ def install_patches(options: NodeOptions) -> None:
 
     original_chat = api_mod.ChatGPTAPI.handle_post_chat_completions
     api_mod.ChatGPTAPI.handle_post_chat_completions = handle_post_chat_completions
+    install_api_routes(api_mod)
+    install_api_safety(api_mod, node_options.current())
     _installed = True
+
+
+NODE_CONTROL_ROUTES = ("handle_quit", "handle_delete_model", "handle_post_download", "handle_post_image_generations",
+                       "handle_create_animation")
+
+
+def install_api_safety(api_mod: Any, options: NodeOptions) -> None:
+    """Patch 8 (exo_rknpu/exo/http_guard.py): CORS only for --cors-origin, the API key, foreign origins and
+    non-JSON POST bodies refused, and the routes that change the node off unless --allow-node-control."""
+    from exo_rknpu.exo.api_routes import json_body_first
+    from exo_rknpu.exo.http_guard import CorsShim, guard_middleware, turned_off
+
+    api_mod.aiohttp_cors = CorsShim(api_mod.aiohttp_cors, options.cors_origins)
+    for name in NODE_CONTROL_ROUTES:
+        original = getattr(api_mod.ChatGPTAPI, name)
+        if options.allow_node_control:
+            setattr(api_mod.ChatGPTAPI, name, json_body_first(original))
+        else:
+            off = turned_off("--allow-node-control")
+            setattr(api_mod.ChatGPTAPI, name, lambda self, request, _off=off: _off(request))
+    original_init = api_mod.ChatGPTAPI.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        opts = node_options.current()
+        self.app.middlewares.insert(0, guard_middleware(opts.api_key, opts.cors_origins))
+
+    api_mod.ChatGPTAPI.__init__ = __init__
+
+
+def install_api_routes(api_mod: Any) -> None:
+    """Patch 9 (exo_rknpu/exo/api_routes.py): /v1/models and /modelpool from what this node can serve now, and
+    token/encode validated like a chat request, on a node that has a RingNode attached."""
+    from exo_rknpu.exo import api_routes
+
+    def routed(name: str, ours: Any) -> None:
+        original = getattr(api_mod.ChatGPTAPI, name)
+
+        async def handler(self: Any, request: Any) -> Any:
+            ring = getattr(self.node, "rknpu_ring", None)
+            return await (original(self, request) if ring is None else ours(ring, request))
+
+        setattr(api_mod.ChatGPTAPI, name, handler)
+
+    routed("handle_get_models", api_routes.handle_models)
+    routed("handle_model_support", api_routes.handle_modelpool)
+    routed("handle_post_chat_token_encode", api_routes.handle_token_encode)
 
 
 def _ring(node: Any) -> Any:
@@ -158,10 +215,18 @@ def _patch_node(Node: Any) -> None:
         tokens, _ = self.buffered_token_output.setdefault(request_id, ([], False))
         finished, forward = False, result
         if shard.is_last_layer():
-            token = await self.inference_engine.sample(result, temp=ring.temperature(request_id))
-            tokens.append(int(token.item()))
-            finished = ring.finish_decision(request_id, tokens)
-            forward = token.reshape(1, -1)
+            try:
+                params = ring.sampling(request_id, inference_state)
+                choice = await sample_next(self.inference_engine, result, params, tokens, ring.rng)
+            except Exception as e:  # NaN logits, a malformed state from a peer: the client hears at once
+                await ring.report_failure(request_id, f"sampling failed: {type(e).__name__}: {e}", "error")
+                self.outstanding_requests.pop(request_id, None)
+                return None
+            tokens.append(choice.token)
+            finished = ring.finish_decision(request_id, tokens, params)
+            forward = np.array([[choice.token]], dtype=np.int64)
+            if params.logprobs:  # before the token: the API node pairs them by position
+                await ring.send_logprobs(request_id, len(tokens) - 1, choice)
             self.trigger_on_token_callbacks(request_id, [tokens[-1]], finished)
             asyncio.create_task(self.broadcast_result(request_id, [tokens[-1]], finished))
         if finished:
@@ -184,9 +249,23 @@ def _patch_node(Node: Any) -> None:
 
     async def _process_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str | None = None,
                               inference_state: Any = None):
-        result = await original_inner_tensor(self, base_shard, tensor, request_id, inference_state)
-        await _report_engine_failure(self, request_id)
-        return result
+        if _ring(self) is None:
+            return await original_inner_tensor(self, base_shard, tensor, request_id, inference_state)
+        # exo's own body, with its print + traceback replaced: an expected failure (exo-rknpu's errors) is
+        # reported to the ring once, in one line; anything else is a bug and keeps its traceback.
+        request_id = request_id or str(uuid.uuid4())
+        shard = self.get_current_shard(base_shard)
+        try:
+            self.outstanding_requests[request_id] = "processing"
+            result, inference_state = await self.inference_engine.infer_tensor(request_id, shard, tensor,
+                                                                               inference_state)
+            return await self.process_inference_result(shard, result, request_id, inference_state)
+        except Exception as e:
+            self.outstanding_requests.pop(request_id, None)
+            if not isinstance(e, ExoRknpuError):
+                log.exception("request %s: unexpected error on %s", request_id, shard)
+        finally:
+            await _report_engine_failure(self, request_id)
 
     async def process_prompt(self: Any, base_shard: Any, prompt: str, request_id: str | None = None,
                              inference_state: Any = {}):
@@ -198,9 +277,11 @@ def _patch_node(Node: Any) -> None:
                 raise RuntimeError(problem)
         try:
             return await original_process_prompt(self, base_shard, prompt, request_id, inference_state)
-        except Exception:
+        except Exception as e:
             await _report_engine_failure(self, request_id)
-            raise
+            if ring is None or not isinstance(e, ExoRknpuError):
+                raise
+            return None  # reported to the ring (the client hears of it); not a traceback in exo's gRPC server
 
     async def forward_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str, target_index: int,
                              inference_state: Any = None):
@@ -230,6 +311,65 @@ def _patch_node(Node: Any) -> None:
     Node.process_prompt = process_prompt
     Node.forward_tensor = forward_tensor
     Node.forward_prompt = forward_prompt
+
+
+async def sample_next(engine: Any, logits: Any, params: SamplingParams, generated: list[int],
+                      rng: np.random.Generator) -> Choice:
+    """The request's next token under its own parameters: the engine's sample_request (exo-rknpu's engine), or
+    exo_rknpu.runtime.sampling on the logits for an engine without it (a launcher-started stock engine)."""
+    own = getattr(engine, "sample_request", None)
+    if own is not None:
+        return await own(logits, params, generated)
+    from exo_rknpu.exo.inference_engine import logits_row
+
+    row = logits_row(logits)
+    return await asyncio.to_thread(choose, row, params, list(generated), step_rng(params, len(generated), rng))
+
+
+def install_state_wire() -> None:
+    """exo's gRPC serializer of inference_state tests `isinstance(v, mx.array)`, and on Linux `mx` is numpy, whose
+    `array` is a function: any non-empty state raised TypeError. Serialize numpy arrays as exo's tensors and
+    everything else as JSON (exo's own format, read unchanged by exo's deserializer)."""
+    import json as _json
+
+    from exo.networking.grpc import grpc_peer_handle, node_service_pb2
+
+    def serialize_inference_state(self: Any, inference_state: dict) -> Any:
+        proto = node_service_pb2.InferenceState()
+        other = {}
+        for k, v in inference_state.items():
+            if isinstance(v, np.ndarray):
+                proto.tensor_data[k].CopyFrom(node_service_pb2.Tensor(
+                    tensor_data=np.ascontiguousarray(v).tobytes(), shape=list(v.shape), dtype=str(v.dtype)))
+            elif isinstance(v, list) and v and all(isinstance(t, np.ndarray) for t in v):
+                tensors = [node_service_pb2.Tensor(tensor_data=np.ascontiguousarray(t).tobytes(), shape=list(t.shape),
+                                                   dtype=str(t.dtype)) for t in v]
+                proto.tensor_list_data[k].CopyFrom(node_service_pb2.TensorList(tensors=tensors))
+            else:
+                other[k] = v
+        if other:
+            proto.other_data_json = _json.dumps(other)
+        return proto
+
+    grpc_peer_handle.GRPCPeerHandle.serialize_inference_state = serialize_inference_state
+
+
+def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """One line, not a traceback, for expected conditions that surface outside a request's own path: a task of
+    exo's that failed with one of exo-rknpu's errors (exo's preemptive shard load of a model that is not here),
+    and a malformed HTTP request (aiohttp logs "Error handling request" with a traceback)."""
+    from exo_rknpu.exo.http_guard import quiet_aiohttp_logs
+
+    quiet_aiohttp_logs()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        e = context.get("exception")
+        if isinstance(e, ExoRknpuError):
+            print(f"[exo-rknpu] {type(e).__name__}: {e}", flush=True)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 async def _report_engine_failure(node: Any, request_id: str | None) -> None:

@@ -20,6 +20,7 @@ exo never tells an engine when a request starts or ends, waits 900 s for a dead 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -44,23 +45,26 @@ from exo_rknpu.exo.chat_request import (
 )
 from exo_rknpu.exo.inference_engine import failure_kind
 from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.exo.availability import Availability, Prober, model_availability
+from exo_rknpu.exo.prompt_tokens import PromptEncoder, UnsafePrompt
+from exo_rknpu.exo.request_state import request_state
+from exo_rknpu.exo.ring_members import samples_like_rknpu
+from exo_rknpu.exo.request_state import sampling_params
+from exo_rknpu.exo.stop import stop_index, tail_text, visible_text
+from exo_rknpu.runtime.sampling import Choice, SamplingParams
 
 log = logging.getLogger(__name__)
 
 START_STATUS = "rknpu_request_start"
 END_STATUS = "rknpu_request_end"
 FAILURE_STATUS = "rknpu_request_failed"
+LOGPROBS_STATUS = "rknpu_logprobs"
 HEALTH_INTERVAL_S = 1.0  # how often a waiting request checks that every node of the ring still answers
 PROBE_TIMEOUT_S = 2.0
 DEAD_AFTER_S = 8.0  # a node that accepts no connection for this long is taken for gone
 MAX_TRACKED = 1024
-HTTP_STATUS = {"capacity": 429, "unavailable": 503, "context": 400, "error": 500}
-
-
-@dataclass(frozen=True)
-class RequestParams:
-    max_tokens: int | None = None
-    temperature: float | None = None
+HTTP_STATUS = {"capacity": 429, "unavailable": 503, "context": 400, "model": 404, "error": 500}
+LOGPROBS_WAIT_S = 5.0  # a token's log-probabilities are sent before the token; this only bounds a lost message
 
 
 @dataclass
@@ -68,7 +72,13 @@ class Outcome:
     """How a request served by this node's API ended."""
 
     tokens: list[int] = field(default_factory=list)
-    finished: bool = False
+    finished: bool = False  # the answer is complete (the ring finished it, or max_tokens / a stop string here)
+    ring_finished: bool = False  # the node that samples said so (else the API ends the request on the ring)
+    stopped: bool = False  # at a stop string
+    ended: str = ""  # why the API ended a request the ring had not finished
+    text: str = ""  # decoded so far
+    shown: str = ""  # streamed so far
+    logprobs: list[Choice] = field(default_factory=list)
     error: tuple[int, str, str] | None = None  # (HTTP status, kind, message)
 
 
@@ -80,7 +90,10 @@ class RingNode:
     def __init__(self, node: Any, api: Any, options: NodeOptions, default_model: str | None) -> None:
         self.node, self.api, self.options = node, api, options
         self.default_model = default_model
-        self.params: OrderedDict[str, RequestParams] = OrderedDict()
+        self.params: OrderedDict[str, SamplingParams] = OrderedDict()  # as announced by the API (fallback)
+        self.logprobs: dict[str, dict[int, Choice]] = {}  # requests this node's API serves with logprobs
+        self.rng = np.random.default_rng()  # unseeded requests sampled on this node
+        self.prober = Prober()
         self.active: dict[str, asyncio.Queue] = {}  # requests this node's API is serving
         self._health: tuple[float, str | None] = (0.0, None)
         self._health_lock = asyncio.Lock()
@@ -127,15 +140,24 @@ class RingNode:
             announce = getattr(self.engine, "announce", None)
             if announce is not None:
                 announce(rid)
-            self.params[rid] = RequestParams(data.get("max_tokens"), data.get("temperature"))
+            try:
+                self.params[rid] = SamplingParams.from_json(data.get("sampling") or {})
+            except (TypeError, ValueError) as e:
+                _say(f"request {rid}: ignored malformed sampling parameters from node {data.get('origin')}: {e}")
             while len(self.params) > MAX_TRACKED:
                 self.params.popitem(last=False)
+        elif kind == LOGPROBS_STATUS:
+            slots = self.logprobs.get(rid)
+            if slots is not None:
+                try:
+                    slots[int(data["index"])] = Choice(int(data["token"]), float(data["logprob"]),
+                                                       tuple((int(t), float(lp)) for t, lp in data.get("top") or ()))
+                except (KeyError, TypeError, ValueError):
+                    _say(f"request {rid}: malformed log-probabilities from node {data.get('node_id')}")
         elif kind == END_STATUS:
             self._release(rid, str(data.get("reason") or "ended by the API"))
             self._forget(rid)
         elif kind == FAILURE_STATUS:
-            if data.get("node_id") != self.node.id:
-                _say(f"request {rid} failed on another node: {data.get('error')}")
             self._release(rid, f"failed: {data.get('error')}")
             queue = self.active.get(rid)
             if queue is not None:
@@ -163,23 +185,31 @@ class RingNode:
                 f"{sent.start_layer}-{sent.end_layer} of {sent.model_id}, but its view of the ring gives it "
                 f"{own.start_layer}-{own.end_layer} (the ring is still settling after a node joined or left); retry")
 
-    def finish_decision(self, request_id: str, tokens: list[int]) -> bool:
-        """On the last node, after sampling tokens[-1]: is the request done?"""
+    def sampling(self, request_id: str, inference_state: Any) -> SamplingParams:
+        """The request's parameters on the node that samples: those carried in inference_state, else those its
+        API announced, else exo's defaults (--default-temp) for a request exo-rknpu's API did not start."""
+        params = sampling_params(inference_state)
+        if params is None:
+            params = self.params.get(request_id)
+        return params or SamplingParams(temperature=float(self.node.default_sample_temperature))
+
+    def finish_decision(self, request_id: str, tokens: list[int], params: SamplingParams) -> bool:
+        """On the last node, after sampling tokens[-1]: is the request done (EOS, max_tokens, exo's cap, a stop
+        string in the text, a full cache)?"""
         eng, node = self.engine, self.node
         stop = set(getattr(eng.tokenizer, "eos_token_ids", ()) or ()) | {eng.tokenizer.eos_token_id}
-        cap = node.max_generate_tokens
-        params = self.params.get(request_id)
-        if params is not None and params.max_tokens is not None:
-            cap = min(cap, params.max_tokens)
+        cap = node.max_generate_tokens if params.max_tokens is None else min(node.max_generate_tokens, params.max_tokens)
         left_fn = getattr(getattr(eng, "core", None), "positions_left", None)
         left = left_fn(request_id) if left_fn is not None else None
-        return tokens[-1] in stop or len(tokens) >= cap or (left is not None and left < 1)
+        if tokens[-1] in stop or len(tokens) >= cap or (left is not None and left < 1):
+            return True
+        return bool(params.stop) and stop_index(tail_text(eng.tokenizer.decode, tokens, params.stop), params.stop) >= 0
 
-    def temperature(self, request_id: str) -> float:
-        params = self.params.get(request_id)
-        if params is not None and params.temperature is not None:
-            return params.temperature
-        return self.node.default_sample_temperature
+    async def send_logprobs(self, request_id: str, index: int, choice: Choice) -> None:
+        """The log-probabilities of a request's token `index`, to every node (its API node keeps them)."""
+        await self.node.broadcast_opaque_status(request_id, json.dumps({
+            "type": LOGPROBS_STATUS, "request_id": request_id, "node_id": self.node.id, "index": index,
+            "token": choice.token, "logprob": choice.logprob, "top": [list(t) for t in choice.top]}))
 
     # ------------------------------------------------------------------ ring health
 
@@ -243,81 +273,128 @@ class RingNode:
                              f"{', '.join(self.served_models())}")
         return requested
 
+    async def availability(self, model: str) -> Availability:
+        """Whether this node has `model`'s files or can fetch them now (bounded: at most one short probe)."""
+        return await asyncio.to_thread(model_availability, CARDS[model], self.options.model_dir, self.prober)
+
+    async def model_problem(self, model: str) -> str | None:
+        found = await self.availability(model)
+        return None if found.servable else found.reason
+
+    def stock_problem(self, params: SamplingParams, needs_prompt_ids: bool) -> str | None:
+        """Why a node of the ring that does not run exo-rknpu's sampling would answer this request wrongly, or
+        None. A stock exo node that samples knows only exo's own --default-temp (it would drop every other
+        parameter); a stock first node would encode the prompt string itself (content specials as control tokens)."""
+        partitions = self.node.partitioning_strategy.partition(self.node.topology)
+        if not partitions:
+            return None
+
+        def stock(nid: str) -> bool:
+            caps = self.node.topology.get_node(nid)
+            return nid != self.node.id and not (caps is not None and samples_like_rknpu(str(caps.model)))
+
+        last, first = partitions[-1].node_id, partitions[0].node_id
+        if params.needs_sampler() and stock(last):
+            return (f"node {last} samples for this ring and runs stock exo, which samples only at its own "
+                    "--default-temp; this request's sampling parameters (temperature, top_p, top_k, seed, penalties, "
+                    "logit_bias, logprobs) cannot be honoured: leave them out")
+        if needs_prompt_ids and stock(first):
+            return (f"node {first} encodes prompts for this ring and runs stock exo, which would read special-token "
+                    "text inside a message as control tokens; remove it from the message")
+        return None
+
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         try:
-            check_body_size(request.content_length)
-            chat = parse_chat_request(await request.read())
+            chat = parse_chat_request(await read_body(request))
             model = self.resolve_model(chat.model)
         except BadRequest as e:
             _say(f"rejected request: {e}")
             return web.json_response(error_body(str(e), "invalid_request_error", 400), status=400)
-        except web.HTTPRequestEntityTooLarge:
-            msg = f"the request body is larger than {MAX_BODY_BYTES} bytes, the most this API accepts"
-            return web.json_response(error_body(msg, "invalid_request_error", 400), status=400)
+        # Admission before anything heavy (templating, tokenizing): the slot is taken before the next await.
         limit = self.options.engine.limits.max_requests
         if len(self.active) >= limit:
             msg = f"this node's API is serving {len(self.active)} requests (--max-requests {limit}); retry later"
+            _say(f"refused a request (429): {msg}")
             return web.json_response(error_body(msg, "capacity", 429), status=429, headers={"Retry-After": "1"})
-
-        import exo.api.chatgpt_api as api_mod
-        from exo.models import build_base_shard, get_repo
-
-        engine_class = self.api.inference_engine_classname
-        shard = build_base_shard(model, engine_class)
-        if shard is None:
-            msg = f"model {model!r} has no repo for engine {engine_class}"
-            return web.json_response(error_body(msg, "invalid_request_error", 400), status=400)
-        tokenizer = await api_mod.resolve_tokenizer(get_repo(model, engine_class))
-        messages = [api_mod.Message(m["role"], m["content"]) for m in chat.messages]
-        if self.api.system_prompt and not any(m.role == "system" for m in messages):
-            messages.insert(0, api_mod.Message("system", self.api.system_prompt))
-        prompt = await asyncio.to_thread(api_mod.build_prompt, tokenizer, messages, chat.tools)
-        n_prompt = len(await asyncio.to_thread(tokenizer.encode, prompt))
-        stop_ids = {t for t in (getattr(tokenizer, "eos_token_ids", None) or ()) if t is not None}
-        stop_ids.add(getattr(tokenizer, "eos_token_id", None))
-
         request_id = str(uuid.uuid4())
         queue: asyncio.Queue = asyncio.Queue()
         self.active[request_id] = queue
-        self.api.token_queues[request_id] = queue  # exo's token callback feeds this queue
-        outcome = Outcome()
-        response: web.StreamResponse | None = None
+        outcome, started = Outcome(), False
         try:
+            refused = await self._prepare(chat, model)
+            if isinstance(refused, web.Response):
+                return refused
+            tokenizer, prompt, ids, params = refused
+            n_prompt = len(ids) if ids is not None else len(await asyncio.to_thread(tokenizer.encode, prompt))
+            self.api.token_queues[request_id] = queue  # exo's token callback feeds this queue
+            if params.logprobs:
+                self.logprobs[request_id] = {}
             members = {p.node_id for p in self.node.partitioning_strategy.partition(self.node.topology)}
+            started = True
             await self.node.broadcast_opaque_status(request_id, json.dumps({
-                "type": START_STATUS, "request_id": request_id, "max_tokens": chat.max_tokens,
-                "temperature": chat.temperature, "origin": self.node.id}))
-            prompt_task = asyncio.create_task(self.node.process_prompt(shard, prompt, request_id=request_id))
-            decoder = IncrementalDecoder(tokenizer.decode)
-            response = await self._wait(request, chat, model, request_id, queue, prompt_task, members, decoder,
-                                        stop_ids, outcome)
+                "type": START_STATUS, "request_id": request_id, "sampling": params.to_json(), "origin": self.node.id}))
+            shard = self._base_shard(model)
+            prompt_task = asyncio.create_task(self.node.process_prompt(
+                shard, prompt, request_id=request_id, inference_state=request_state(params, ids)))
+            prompt_task.add_done_callback(_quiet_task)
+            call = _Call(request_id, model, chat, params, tokenizer, n_prompt)
+            response = await self._wait(request, call, queue, prompt_task, members, outcome)
         finally:
             self.active.pop(request_id, None)
             self.api.token_queues.pop(request_id, None)
-            if not outcome.finished:
-                reason = outcome.error[2] if outcome.error else "the client went away"
+            self.logprobs.pop(request_id, None)
+            if started and not outcome.ring_finished:
+                reason = outcome.error[2] if outcome.error else (outcome.ended or "the client went away")
                 asyncio.create_task(self.end(request_id, f"ended by the API: {reason}"))
         if response is not None:
             return response
-        finish = "stop" if outcome.tokens and outcome.tokens[-1] in stop_ids else "length"
-        text = await asyncio.to_thread(tokenizer.decode, outcome.tokens)
-        return web.json_response({
-            "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(outcome.tokens),
-                      "total_tokens": n_prompt + len(outcome.tokens)},
-        })
+        return web.json_response(await asyncio.to_thread(call.completion, outcome))
 
-    async def _wait(self, request: web.Request, chat: ChatRequest, model: str, request_id: str, queue: asyncio.Queue,
-                    prompt_task: asyncio.Task, members: set[str], decoder: IncrementalDecoder,
-                    stop_ids: set[int], outcome: Outcome) -> web.StreamResponse | None:
+    def _base_shard(self, model: str) -> Any:
+        from exo.models import build_base_shard
+
+        return build_base_shard(model, self.api.inference_engine_classname)
+
+    async def _prepare(self, chat: ChatRequest, model: str) -> web.Response | tuple:
+        """The checks that need the model (files here, the ring's nodes) and the prompt: an error response, or
+        (tokenizer, prompt, prompt ids or None, sampling parameters)."""
+        import exo.api.chatgpt_api as api_mod
+        from exo.models import get_repo
+
+        problem = await self.model_problem(model)
+        if problem is not None:
+            _say(f"refused a request (404): {problem}")
+            return web.json_response(error_body(problem, "model_not_found", 404), status=404)
+        engine_class = self.api.inference_engine_classname
+        if self._base_shard(model) is None:
+            msg = f"model {model!r} has no repo for engine {engine_class}"
+            return web.json_response(error_body(msg, "invalid_request_error", 400), status=400)
+        params = chat.sampling
+        if not chat.temperature_given:
+            params = dataclasses.replace(params, temperature=float(self.node.default_sample_temperature))
+        tokenizer = await api_mod.resolve_tokenizer(get_repo(model, engine_class))
+        messages = list(chat.messages)
+        if self.api.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.api.system_prompt})
+        try:
+            prompt, ids = await asyncio.to_thread(encode_chat, tokenizer, messages)
+            problem = self.stock_problem(params, ids is not None)
+        except UnsafePrompt as e:
+            problem = f"{e}: remove special-token text from the messages"
+        if problem is not None:
+            _say(f"rejected request: {problem}")
+            return web.json_response(error_body(problem, "invalid_request_error", 400), status=400)
+        return tokenizer, prompt, ids, params
+
+    async def _wait(self, request: web.Request, call: "_Call", queue: asyncio.Queue, prompt_task: asyncio.Task,
+                    members: set[str], outcome: Outcome) -> web.StreamResponse | None:
         """Collect tokens until the request finishes or fails. Returns the response to send (an error, or the
         finished stream), or None when a non-streaming request finished (the caller builds the JSON)."""
         stream: web.StreamResponse | None = None
         stalled_since = time.monotonic()
         timeout = float(getattr(self.api, "response_timeout", 900))
+        decoder = IncrementalDecoder(call.tokenizer.decode)
 
         def fail(status: int, kind: str, message: str) -> None:
             outcome.error = (status, kind, message)
@@ -346,31 +423,68 @@ class RingNode:
             tokens, is_finished = item
             stalled_since = time.monotonic()
             tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
+            first = len(outcome.tokens)
             outcome.tokens.extend(tokens)
-            if chat.max_tokens is not None and len(outcome.tokens) >= chat.max_tokens:
-                del outcome.tokens[chat.max_tokens:]  # a last node that ignores max_tokens (stock exo) is cut here
+            outcome.ring_finished = bool(is_finished)
+            if call.params.max_tokens is not None and len(outcome.tokens) >= call.params.max_tokens:
+                del outcome.tokens[call.params.max_tokens:]  # a last node that ignores max_tokens (stock exo) is cut here
                 is_finished = True
+            if call.params.logprobs:
+                missing = await self._collect_logprobs(call.request_id, first, len(outcome.tokens), outcome)
+                if missing:
+                    fail(500, "error", missing)
+                    break
+            outcome.text += decoder.add(tokens)
+            shown, stopped = visible_text(outcome.text, call.params.stop, final=bool(is_finished))
+            if stopped:
+                outcome.stopped, is_finished = True, True
+                if not outcome.ring_finished:
+                    outcome.ended = "a stop string was reached"
             outcome.finished = bool(is_finished)
-            if chat.stream:
-                piece = decoder.add(tokens)
+            if call.chat.stream:
                 try:
-                    if stream is None:
-                        stream = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
-                                                                         "Cache-Control": "no-cache"})
-                        await stream.prepare(request)
-                    finish = None
-                    if outcome.finished:
-                        finish = "stop" if outcome.tokens[-1] in stop_ids else "length"
-                    await stream.write(_sse(_chunk(request_id, model, piece, finish)))
-                    if outcome.finished:
-                        await stream.write(b"data: [DONE]\n\n")
-                        await stream.write_eof()
+                    stream = await self._stream_step(request, stream, call, outcome, shown, first)
                 except (ConnectionResetError, RuntimeError):
                     outcome.finished = False
                     fail(499, "cancelled", "the client disconnected")
                     break
             if outcome.finished:
                 return stream
+        return await self._fail_response(request, call.request_id, stream, outcome)
+
+    async def _collect_logprobs(self, request_id: str, start: int, end: int, outcome: Outcome) -> str | None:
+        """Move the log-probabilities of tokens [start, end) into outcome (sent before each token; waits only
+        for a message still in flight). Returns why they are missing, or None."""
+        slots = self.logprobs.get(request_id, {})
+        deadline = time.monotonic() + LOGPROBS_WAIT_S
+        for i in range(start, end):
+            while i not in slots and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if i not in slots:
+                return f"the node that samples sent no log-probabilities for token {i}"
+            outcome.logprobs.append(slots.pop(i))
+        return None
+
+    async def _stream_step(self, request: web.Request, stream: web.StreamResponse | None, call: "_Call",
+                           outcome: Outcome, shown: str, first: int) -> web.StreamResponse:
+        if stream is None:
+            stream = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+                                                             "Cache-Control": "no-cache"})
+            await stream.prepare(request)
+        piece, outcome.shown = shown[len(outcome.shown):], shown
+        finish = call.finish_reason(outcome) if outcome.finished else None
+        logprobs = call.logprobs_json(outcome.logprobs[first:]) if call.params.logprobs else None
+        await stream.write(_sse(_chunk(call.request_id, call.model, piece, finish, logprobs)))
+        if outcome.finished:
+            if call.chat.include_usage:
+                await stream.write(_sse({**_chunk(call.request_id, call.model, "", None, None), "choices": [],
+                                         "usage": call.usage(outcome)}))
+            await stream.write(b"data: [DONE]\n\n")
+            await stream.write_eof()
+        return stream
+
+    async def _fail_response(self, request: web.Request, request_id: str, stream: web.StreamResponse | None,
+                             outcome: Outcome) -> web.StreamResponse:
         status, kind, message = outcome.error
         if status == 499:
             _say(f"request {request_id}: the client disconnected; generation stopped")
@@ -387,10 +501,114 @@ class RingNode:
         return web.json_response(error_body(message, kind, status), status=status, headers=headers)
 
 
-def _chunk(request_id: str, model: str, piece: str, finish: str | None) -> dict[str, Any]:
+@dataclass
+class _Call:
+    """One chat request being served by this node's API."""
+
+    request_id: str
+    model: str
+    chat: ChatRequest
+    params: SamplingParams
+    tokenizer: Any
+    n_prompt: int
+
+    def stop_ids(self) -> set[int]:
+        ids = {t for t in (getattr(self.tokenizer, "eos_token_ids", None) or ()) if t is not None}
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return ids | ({eos} if eos is not None else set())
+
+    def finish_reason(self, outcome: Outcome) -> str:
+        return "stop" if outcome.stopped or (outcome.tokens and outcome.tokens[-1] in self.stop_ids()) else "length"
+
+    def usage(self, outcome: Outcome) -> dict[str, int]:
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": len(outcome.tokens),
+                "total_tokens": self.n_prompt + len(outcome.tokens)}
+
+    def logprobs_json(self, choices: list[Choice]) -> dict[str, Any]:
+        """OpenAI's choice.logprobs: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        stop_ids = self.stop_ids()  # the end-of-turn token is not part of the text, nor of its logprobs (as OpenAI)
+        return {"content": [{**entry(c.token, c.logprob), "top_logprobs": [entry(t, lp) for t, lp in c.top]}
+                            for c in choices if c.token not in stop_ids], "refusal": None}
+
+    def completion(self, outcome: Outcome) -> dict[str, Any]:
+        """The non-streaming answer (blocking: decodes)."""
+        text, _ = visible_text(self.tokenizer.decode(outcome.tokens), self.params.stop, final=True)
+        return {
+            "id": f"chatcmpl-{self.request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": self.logprobs_json(outcome.logprobs) if self.params.logprobs else None,
+                         "finish_reason": self.finish_reason(outcome)}],
+            "usage": self.usage(outcome),
+        }
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused (BadRequest) as soon as it outgrows `limit`: from Content-Length before reading, and
+    while reading a chunked body (aiohttp's own limit is exo's 100 MB)."""
+    check_body_size(request.content_length, limit)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"the request body is larger than {limit} bytes, the most this API accepts")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[int] | None]:
+    """The rendered prompt, and its ids when a message holds special-token text (encoded as text; None when the
+    prompt's plain encoding is already right). Blocking."""
+    import exo.api.chatgpt_api as api_mod
+
+    prompt = api_mod.build_prompt(tokenizer, [api_mod.Message(m["role"], m["content"]) for m in messages])
+    encoder = prompt_encoder(tokenizer)
+    if encoder is None or not encoder.has_special_text(messages):
+        return prompt, None
+    return prompt, encoder.encode(messages, prompt)
+
+
+def prompt_encoder(tokenizer: Any) -> PromptEncoder | None:
+    """The tokenizer's PromptEncoder (made once per tokenizer), or None for one without a `tokenizers` backend."""
+    encoder = getattr(tokenizer, "_rknpu_prompt_encoder", None)
+    if encoder is not None:
+        return encoder
+    import exo.api.chatgpt_api as api_mod
+
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is not None and hasattr(inner, "backend"):  # exo-rknpu's tokenizer (ExoApiTokenizer)
+        backend, bos = inner.backend, (inner.bos_token_id if inner.add_bos else None)
+    elif getattr(tokenizer, "backend_tokenizer", None) is not None:  # a transformers fast tokenizer
+        backend, bos = tokenizer.backend_tokenizer, None
+    else:
+        return None
+
+    def render(messages: list[dict[str, Any]]) -> str:
+        return api_mod.build_prompt(tokenizer, [api_mod.Message(m["role"], m["content"]) for m in messages])
+
+    encoder = PromptEncoder(backend, render, bos)
+    try:
+        tokenizer._rknpu_prompt_encoder = encoder
+    except AttributeError:
+        pass
+    return encoder
+
+
+def _quiet_task(task: asyncio.Task) -> None:
+    """Retrieve a background task's exception (reported to the client through the ring already), so asyncio
+    does not print "Task exception was never retrieved" with a traceback."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _chunk(request_id: str, model: str, piece: str, finish: str | None, logprobs: Any) -> dict[str, Any]:
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
-                                         "logprobs": None, "finish_reason": finish}]}
+                                         "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

@@ -29,6 +29,13 @@ def is_rknpu_node(reported_model: str) -> bool:
     return RKNPU_MARK in reported_model
 
 
+def samples_like_rknpu(reported_model: str) -> bool:
+    """True if a node that holds the last layers samples with exo_rknpu.runtime.sampling under each request's own
+    parameters (and encodes prompts from the ids the API sends): every exo-rknpu node. A plain stock exo node
+    samples only at its --default-temp."""
+    return is_rknpu_node(reported_model)
+
+
 def rknpu_members(nodes: Iterable[tuple[str, Any]], self_id: str) -> list[tuple[str, Any]]:
     """The (node id, capabilities) pairs that take layers: exo-rknpu nodes, and always this node."""
     return [(nid, caps) for nid, caps in nodes if nid == self_id or is_rknpu_node(str(caps.model))]

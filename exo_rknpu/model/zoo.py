@@ -85,6 +85,15 @@ def resolve_model(name_or_path: str, paths: Paths | None = None, progress: Progr
     return ModelSource(name=entry.alias, path=file, format="gguf")
 
 
+def cached_file(alias: str, paths: Paths | None = None) -> Path | None:
+    """The verified cached file of a known alias, or None if using it would mean fetching it first."""
+    entry = ZOO.get(alias.strip().lower())
+    if entry is None:
+        return None
+    file = (paths or Paths.from_env()).models / entry.alias / entry.filename
+    return file if _is_verified(file, entry) else None
+
+
 def _source_for_path(path: Path) -> ModelSource:
     if path.is_dir():
         if (path / "config.json").exists():

@@ -8,7 +8,8 @@ A plan is `RANGE=DEVICE[,RANGE=DEVICE...][;BLOCK=DEVICE...]` (or the same as TOM
 Ranges are inclusive layer numbers of the model (a shard applies the part inside its own range); layers no range
 names run on the default backend. A block rule moves that block of every layer (in the shard) to its device.
 The planner (`resolve`) checks a plan against the model and the backends before anything loads and turns it into
-slices, each with its device and backend; `ShardRunner` runs them, `runtime/stages.py` pipelines them per device.
+slices, each with its device and backend; `open_shard` loads the shard's weights and prepares them into a
+`ShardRunner`, which runs them (`runtime/stages.py` pipelines them per device).
 """
 
 from __future__ import annotations
@@ -18,17 +19,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from exo_rknpu.backends.base import Backend, backend_class, declared_support
+from exo_rknpu.backends.base import Backend, backend_class, declared_support, get_backend
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec
+from exo_rknpu.model.loader import load_args, load_shard
+from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.zoo import ModelSource
+from exo_rknpu.runtime.requests import RequestLimits
+from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
+from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, npu_buckets, plan_slices
 
 DEVICES = ("cpu", "npu", "npu0", "npu1", "npu2")
 # Placement blocks -> the layer parts they cover (slices/spec.py): attention is rotary, scores, softmax and values
 # over the KV cache; projections q/k/v and o; mlp gate/up/down; norm the two RMSNorms; embedding and head whole slices.
 BLOCKS: dict[str, tuple[str, ...]] = {b: tuple(p for p in PARTS if PART_BLOCK[p] == b) for b in PLACEMENT_BLOCKS}
 CPU_BACKENDS = ("onnx", "numpy")
-# npu0/npu1/npu2 pin a core (RKNNLite core masks, backends/npu.py); npu lets the driver choose.
+# npu0/npu1/npu2 pin a core (RKNNLite core masks, rknn/npu.py); npu lets the driver choose.
 CORE_MASK = {"npu": "auto", "npu0": "0", "npu1": "1", "npu2": "2"}
 
 
@@ -263,13 +269,16 @@ def resolve(
     npu_available: bool = False,
     weights: str = "auto",
     npu_dtype: str = "fp16",
+    emulate: bool = False,
+    npu_unavailable: str = "",
 ) -> ResolvedPlan:
     """Check `plan` against the model and the backends and cut `layer_range` into placed slices.
 
     Refuses (PlacementError, one line) a range outside the model, a block a device's backend cannot run, and a plan
     that leaves a slice without a backend that supports it. Nothing is loaded.
     NPU devices run on the npu backend when `npu_available`, on rknn-sim when that is the default backend, and
-    otherwise on a CPU backend, marked emulated.
+    otherwise on a CPU backend, marked emulated — only when `emulate` is asked for (--emulate); else the plan is
+    refused with `npu_unavailable`, the reason the NPU cannot run here (never a silent CPU run).
     """
     plan = plan or PlacementPlan()
     L = args.num_hidden_layers
@@ -355,6 +364,9 @@ def resolve(
         backends[device] = name
         slices.append(PlacedSlice(spec, device, name, emulated,
                                   spec_bytes(args, spec, bytes_per_weight(device, name, weights, npu_dtype))))
+    emulated = sorted({s.device for s in slices if s.emulated})
+    if emulated and not emulate:
+        raise PlacementError(npu_refusal(emulated, npu_unavailable))
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, backends)
 
 
@@ -386,11 +398,24 @@ def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) 
     return max(1, int(budget // max(per_layer, 1)))
 
 
-def npu_present() -> bool:
-    """An RK3588 NPU with its runtime is usable here (backends/npu.py board_problems finds nothing)."""
-    from exo_rknpu.backends.npu import board_problems
+def npu_problems() -> list[str]:
+    """What stops an RK3588 NPU with its runtime here (backends/board.py board_problems); empty: it can run."""
+    from exo_rknpu.backends.board import board_problems
 
-    return not board_problems()
+    return board_problems()
+
+
+def require_npu(plan: PlacementPlan, why: str) -> None:
+    """Refuse a plan that names an NPU device on a machine where the NPU cannot run (`why`), unless emulated."""
+    named = sorted({r.device for r in plan.ranges} | {d for _, d in plan.blocks})
+    npu = [d for d in named if d.startswith("npu")]
+    if npu:
+        raise PlacementError(npu_refusal(npu, why))
+
+
+def npu_refusal(devices: list[str], why: str) -> str:
+    return (f"the plan puts slices on {', '.join(devices)}, but the NPU cannot run here: {why or 'no usable NPU'}; "
+            "add --emulate to run them on the CPU backend instead (no NPU speed is claimed)")
 
 
 def backend_picker(resolved: ResolvedPlan, make: Callable[[str, str], Backend]) -> Callable[[SliceSpec], Backend]:
@@ -418,3 +443,126 @@ def fallback_placement(primary: Backend, fallback: Backend) -> Callable[[SliceSp
 
     place.primary, place.fallback = primary, fallback  # type: ignore[attr-defined]
     return place
+
+
+# ---------------------------------------------------------------- opening a shard
+
+DEFAULT_MAX_CONTEXT = 2048
+# Slices a backend cannot run (the npu/rknn-sim embedding lookup) go to this one.
+FALLBACK_BACKEND = "onnx"
+
+
+def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
+    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit).
+
+    A max_context below 1 or beyond the model's limit (max_position_embeddings) is refused: past its limit a
+    model's rotary positions are untrained, so the answers would be wrong.
+    """
+    if max_context is not None and not 1 <= max_context <= args.max_position_embeddings:
+        raise UsageError(f"--max-context {max_context} is out of range; this model allows 1 to "
+                         f"{args.max_position_embeddings} positions")
+    limit = max_context or min(DEFAULT_MAX_CONTEXT, args.max_position_embeddings)
+    return Buckets.up_to(limit)
+
+
+def open_shard(
+    src: ModelSource,
+    layer_range: LayerRange,
+    backend: str = "onnx",
+    buckets: Buckets | None = None,
+    layers_per_slice: int | None = None,
+    limits: RequestLimits = RequestLimits(),
+    on_slice: SliceObserver | None = None,
+    backend_options: dict | None = None,
+    weights: str = "auto",
+    progress: Callable[[str], None] | None = None,
+    placement: PlacementPlan | None = None,
+    emulate: bool = False,
+) -> ShardRunner:
+    """Load only `layer_range`'s weights from `src` (in the form `weights` asks: auto | int4 | int8 | fp32) and
+    prepare its slices on `backend`; `progress` gets one-line messages while that takes time.
+
+    Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
+    that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
+    `emulate`: a placement's NPU devices may run on the CPU backend when the NPU cannot run here (else refused).
+    """
+    check_mode(weights)
+    if placement is not None:
+        return _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice,
+                            backend_options, weights, progress, emulate)
+    primary = get_backend(backend, **(backend_options or {}))
+    if weights == "auto" and getattr(primary, "float_weights", False):
+        weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
+    if layers_per_slice is None:
+        layers_per_slice = getattr(primary, "layers_per_slice", None)
+    placed = primary
+    lr = layer_range
+    plan = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
+    off_primary = [s for s in plan if not primary.supports(s)]
+    if off_primary:
+        placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
+    # A backend running its slices from compiled files (npu) needs no layer/head weights, unless a slice it
+    # cannot run (other than the embedding, always loaded) lands on the fallback.
+    layers = getattr(primary, "needs_layer_weights", True) or any(s.kind != "embed" for s in off_primary)
+    shard = load_shard(src, layer_range, weights, layers=layers, progress=progress)
+    budget = getattr(primary, "max_slice_bytes", None)
+    if layers_per_slice is None and budget and shard.layers:
+        # bounded slices bound the peak while a runtime packs weights (source and packed copy of one slice)
+        layers_per_slice = max(1, budget // max(lw.nbytes for lw in shard.layers.values()))
+    buckets = buckets or default_buckets(shard.args)
+    if getattr(primary, "kv_layout", "seq") == "npu":  # the NPU form's prefill chunks are bounded (slices/spec.py)
+        buckets = npu_buckets(buckets, shard.args)
+    return ShardRunner(
+        shard,
+        placed,
+        buckets,
+        layers_per_slice=layers_per_slice,
+        limits=limits,
+        on_slice=on_slice,
+        progress=progress,
+        release_weights=True,
+    )
+
+
+def resolve_placement(src: ModelSource, layer_range: LayerRange, placement: PlacementPlan | None, backend: str,
+                      buckets: Buckets | None = None, layers_per_slice: int | None = None, weights: str = "auto",
+                      npu_dtype: str = "fp16", emulate: bool = False) -> ResolvedPlan:
+    """The plan for one shard, checked against the model's config and the backends here (nothing is loaded); NPU
+    devices on a machine without a usable NPU are refused with the reason unless `emulate`."""
+    args = load_args(src)
+    problems = npu_problems()
+    return resolve(placement, args, layer_range, backend, buckets or default_buckets(args), layers_per_slice=layers_per_slice,
+                   npu_available=not problems, weights=weights, npu_dtype=npu_dtype, emulate=emulate,
+                   npu_unavailable="; ".join(problems))
+
+
+def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice, backend_options,
+                 weights, progress, emulate) -> ShardRunner:
+    """open_shard for a placement plan: one backend instance per device, the slices the planner cut."""
+    opts = backend_options or {}
+    resolved = resolve_placement(src, layer_range, placement, backend, buckets, layers_per_slice, weights,
+                                 opts.get("dtype", "fp16"), emulate)
+    classes = {s.backend: backend_class(s.backend) for s in resolved.slices}
+    if weights == "auto" and any(getattr(c, "float_weights", False) for c in classes.values()):
+        weights = "fp32"  # a compiled backend is among them: the float32 tensors (and digests) the compiler built from
+    # layer and head weights are loaded unless every slice reading them runs from compiled files (npu)
+    need_layers = any(getattr(classes[s.backend], "needs_layer_weights", True) for s in resolved.slices if s.spec.kind != "embed")
+    shard = load_shard(src, layer_range, weights, layers=need_layers, progress=progress)
+
+    emulated = {s.device for s in resolved.slices if s.emulated}
+
+    def make(device: str, name: str):
+        own = dict(opts) if name == backend else {}
+        if device in emulated and name == "onnx":
+            own["threads"] = 1  # an emulated NPU core is one CPU thread
+        if name == "npu":
+            own["core_mask"] = CORE_MASK[device] if device in CORE_MASK else own.get("core_mask", "auto")
+        return get_backend(name, **own)
+
+    buckets = resolved.buckets
+    if any(getattr(c, "kv_layout", "seq") == "npu" for c in classes.values()):  # the NPU form's prefill chunks are bounded
+        buckets = npu_buckets(buckets, shard.args)
+    runner = ShardRunner(shard, backend_picker(resolved, make), buckets, limits=limits, on_slice=on_slice,
+                         progress=progress, release_weights=True, specs=resolved.specs)
+    runner.placement = resolved
+    return runner

@@ -27,7 +27,7 @@ from exo_rknpu.fileio import atomic_write_text
 from exo_rknpu.model.weights import ShardWeights, hash_weight
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
-_SOURCES = ("slices/graph.py", "slices/onnx_export.py", "slices/npu_form.py", "compiler/worker.py", "backends/rknn_io.py")
+_SOURCES = ("slices/graph.py", "slices/onnx_export.py", "slices/npu_form.py", "rknn/venv/worker.py", "rknn/io.py")
 
 
 def exporter_version() -> str:
@@ -77,7 +77,7 @@ def manifest_key(m: dict[str, Any]) -> str:
     dtype, platform, toolkit, exporter, calibration). Equal to m["key"] for every manifest the compiler commits (it
     checks so before committing), so a hand-edited or stale fact is caught without reading any weights."""
     q = m.get("quantization") or {}
-    calibration = q.get("recipe_key") or ""  # a w8a8 build's recipe, as compile_range keys it (compiler/recipe.py)
+    calibration = q.get("recipe_key") or ""  # a w8a8 build's recipe, as compile_range keys it (rknn/recipe.py)
     return cache_key(weights_digest=m.get("weights_digest", ""), fingerprint=m["model_fingerprint"], spec=m["slice"],
                      buckets=m.get("buckets", {"seq": [], "context": []}), dtype=m["dtype"], platform=m["platform"],
                      toolkit_version=m.get("toolkit_version", ""), exporter=m.get("exporter_version", ""),

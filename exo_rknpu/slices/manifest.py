@@ -10,7 +10,7 @@ Fields (format 1):
   quantization {recipe, slice_dtype, summary, recipe_key, calibration_sha256, samples_per_bucket} (w8a8 only),
   verify {cos_<output>: min over buckets, cos_delta: residual-update cosine, ...} (with --verify).
 
-These are the facts the board checks before running a slice (backends/npu.py::check_manifest), from this file and
+These are the facts the board checks before running a slice (rknn/npu.py::check_manifest), from this file and
 the .rknn files alone: `key` must equal the cache key recomputed from the recorded facts (artifacts.manifest_key),
 which ties `weights_digest` to the entry without reading any weights on the board.
 """

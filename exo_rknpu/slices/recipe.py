@@ -3,7 +3,7 @@
 Used by `exo-rknpu compile --dtype w8a8`, the `rknn-sim` backend (`generate --backend rknn-sim --backend-dtype
 w8a8`) and `compile --agreement`, recorded in each w8a8 manifest (`quantization.recipe`) and part of each w8a8
 cache key (a changed recipe is a cache miss). Plain data: the functions that apply it (smoothing, rotation,
-calibration capture) live in compiler/recipe.py; the toolkit side (policy, range algorithm) in compiler/worker.py.
+calibration capture) live in rknn/recipe.py; the toolkit side (policy, range algorithm) in rknn/venv/worker.py.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-# which linear layers (rknn Convs made from a MatMul) are int8; every other op is float16 (compiler/worker.py)
+# which linear layers (rknn Convs made from a MatMul) are int8; every other op is float16 (rknn/venv/worker.py)
 POLICIES = ("linear", "linear-fp16-down", "mlp-gate-up", "linear-fp16-gate-down")
 ALGORITHMS = ("normal", "mmse", "kl_divergence")  # rknn's activation-range algorithms (normal = min/max)
 ROTATIONS = (None, "hadamard", "orthogonal")
 DOWN_BASES = ("up_out", "down")
 SMOOTH_GROUPS = ("qkv", "gate_up", "down", "head")
 HEAD_DTYPES = ("w8a8", "fp16")
-# the decoder layer's linears each policy makes int8 (compiler/worker.py finds them in rknn's graph)
+# the decoder layer's linears each policy makes int8 (rknn/venv/worker.py finds them in rknn's graph)
 INT8_LINEARS = {
     "linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "linear-fp16-down": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),

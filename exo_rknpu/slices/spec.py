@@ -19,7 +19,7 @@ CPU once C+S times hd passes 8192 (measured: every prefill bucket of a 64-wide h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from exo_rknpu.errors import ContextOverflowError
 from exo_rknpu.model.base import ModelArgs
@@ -349,6 +349,18 @@ def npu_buckets(buckets: Buckets, args: ModelArgs) -> Buckets:
         top = 1 << (limit.bit_length() - 1)
         seq = sorted(set(seq) | {top})
     return Buckets(seq=tuple(seq), context=buckets.context)
+
+
+def bucket_shapes(spec: SliceSpec, args: ModelArgs, buckets: Buckets) -> list[dict[str, Any]]:
+    """The shape sets a static-shape backend compiles a slice for (rknn/compile.py builds them, rknn/sim.py checks
+    calls against them): a slice reading the cache every (seq, ctx) pair, any other every seq."""
+    out = []
+    for ctx in (buckets.context if spec.has_attention else (buckets.context[0],)):  # only the cache needs ctx buckets
+        for seq in buckets.seq:
+            out.append({"seq": seq, "ctx": ctx if spec.has_attention else None,
+                        "inputs": {k: list(v) for k, v in spec.input_shapes(args, seq, ctx).items()},
+                        "outputs": {k: list(v) for k, v in spec.output_shapes(args, seq).items()}})
+    return out
 
 
 def plan_slices(start: int, stop: int, first: bool, last: bool, layers_per_slice: int | None) -> list[SliceSpec]:

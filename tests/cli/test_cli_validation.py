@@ -133,7 +133,7 @@ def test_the_runtime_overflows_one_position_past_the_cli_limit(tiny_8192):
     from exo_rknpu.model.base import LayerRange
     from exo_rknpu.model.loader import load_args
     from exo_rknpu.model.zoo import resolve_model
-    from exo_rknpu.runtime.session import default_buckets, open_shard
+    from exo_rknpu.runtime.placement import default_buckets, open_shard
 
     src = resolve_model(str(tiny_8192))
     shard = open_shard(src, LayerRange.full(2), "numpy", default_buckets(load_args(src), 32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -29,13 +30,13 @@ def generate(model, *extra: str) -> dict:
 
 def test_generate_under_a_plan_gives_the_unsplit_tokens_and_says_emulated(model):
     want = generate(model)
-    got = generate(model, "--placement", "0-1=npu0,2-3=npu1,4=npu2")
+    got = generate(model, "--placement", "0-1=npu0,2-3=npu1,4=npu2", "--emulate")
     assert got["token_ids"] == want["token_ids"] and got["emulated"] is True and want["emulated"] is False
     assert "emulated" in got["stderr"] and got["placement"] == "0-1=npu0,2-3=npu1,4=npu2"
 
 
 def test_explain_prints_every_slice_and_loads_nothing(model):
-    p = cli("generate", "--model", str(model), "--prompt", "x", "--placement", "0-4=npu;attention=cpu", "--explain")
+    p = cli("generate", "--model", str(model), "--prompt", "x", "--placement", "0-4=npu;attention=cpu", "--emulate", "--explain")
     assert p.returncode == 0, p.stderr
     rows = [line.split()[0] for line in p.stdout.splitlines()[2:] if line.startswith("  layers") or line.startswith("  embed") or line.startswith("  head")]
     assert rows[:4] == ["embed", "layers.0.attn_norm+qkv", "layers.0.attention", "layers.0.o_proj+mlp"] and rows[-1] == "head"
@@ -70,3 +71,18 @@ def test_engine_config_and_node_options_carry_the_plan_and_refuse_a_bad_one():
         EngineConfig(placement="0-9=gpu")
     p = cli("node", "--placement", "0-9=npu0,0-3=npu1", "--", "--help")
     assert p.returncode != 0 and "overlap (layer 0)" in p.stderr
+
+
+@pytest.mark.skipif(platform.machine() == "aarch64", reason="checks the refusal on machines without an NPU")
+def test_npu_devices_without_an_npu_are_refused_with_the_reason_unless_emulate_is_asked_for(model):
+    """No silent CPU: a plan naming NPU devices, or the npu backend, on a machine where the NPU cannot run is a
+    one-line error naming why; --emulate (only with a plan) runs the plan on the CPU and says so (test above)."""
+    p = cli("generate", "--model", str(model), "--prompt", "x", "--placement", "0-4=npu0")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "puts slices on npu0, but the NPU cannot run here: this machine is" in p.stderr and "--emulate" in p.stderr
+    p = cli("generate", "--model", str(model), "--prompt", "x", "--emulate")
+    assert p.returncode != 0 and "--emulate runs a placement's NPU devices on the CPU; add --placement" in p.stderr
+    for argv in (["--placement", "0-4=npu1"], ["--backend", "npu"]):  # the exo node refuses at start, not at a request
+        p = cli("node", *argv, "--", "--help")
+        assert p.returncode != 0 and ("NPU cannot run here" in p.stderr or "npu backend cannot run here" in p.stderr), p.stderr
+        assert "Traceback" not in p.stderr

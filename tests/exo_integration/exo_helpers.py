@@ -8,6 +8,9 @@ from exo_rknpu.exo import exo_importable
 
 EXO_OK, EXO_WHY = exo_importable()
 needs_exo = pytest.mark.skipif(not EXO_OK, reason=EXO_WHY or "legacy exo is not importable")
+# `exo-rknpu node` options of a ring whose answers a test asserts exactly: float32 weights give the model's own
+# answer on every CPU (compact weights with int8 activations round differently per instruction set)
+FP32 = ["--weights", "fp32"]
 
 
 def fake_shard_downloader(fetch):

@@ -16,8 +16,10 @@ from exo_rknpu.exo.chat_request import (
     error_body,
     parse_chat_request,
 )
+from exo_rknpu.exo.stop import stop_index, tail_text, visible_text
 from exo_rknpu.model.loader import load_tokenizer
 from exo_rknpu.model.zoo import resolve_model
+from exo_rknpu.runtime.sampling import SamplingParams
 
 
 def body(**fields) -> bytes:
@@ -94,3 +96,76 @@ def test_streamed_pieces_add_up_to_the_full_decode():
     pieces = [dec.add([i]) for i in ids]
     assert "".join(pieces) == decode(ids)  # the reference: one decode of every token
     assert all("\ufffd" not in p for p in pieces)  # multi-byte characters are never split across pieces
+
+
+# ---------------------------------------------------------------------- every OpenAI field honoured or refused
+
+
+def test_every_sampling_field_reaches_the_sampling_parameters():
+    req = parse_chat_request(body(messages=USER, temperature=0.3, top_p=0.5, top_k=4, seed=11, presence_penalty=1,
+                                  frequency_penalty=-0.5, logit_bias={"12": -100, "7": 2.5}, logprobs=True,
+                                  top_logprobs=3, stop=["a", "bc"], max_completion_tokens=6, n=1,
+                                  response_format={"type": "text"}, tools=[], tool_choice="none", user="u",
+                                  stream=True, stream_options={"include_usage": True}))
+    assert req.sampling == SamplingParams(temperature=0.3, top_p=0.5, top_k=4, seed=11, presence_penalty=1.0,
+                                          frequency_penalty=-0.5, logit_bias=((12, -100.0), (7, 2.5)), logprobs=True,
+                                          top_logprobs=3, stop=("a", "bc"), max_tokens=6)
+    assert req.temperature_given and req.include_usage
+    assert parse_chat_request(body(messages=USER, stop="x")).sampling.stop == ("x",)
+    assert not parse_chat_request(body(messages=USER)).temperature_given
+
+
+@pytest.mark.parametrize("fields,reason", [
+    ({"top_p": 5}, "top_p"), ({"top_p": -1}, "top_p"), ({"top_p": 0}, "top_p"), ({"top_k": "x"}, "top_k"),
+    ({"top_k": -1}, "top_k"), ({"seed": -1}, "seed"), ({"seed": "1"}, "seed"), ({"n": 2}, '"n" must be 1'),
+    ({"n": True}, '"n"'), ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency"),
+    ({"logprobs": 1}, "logprobs"), ({"top_logprobs": 2}, "needs"), ({"logprobs": True, "top_logprobs": 21}, "0 to 20"),
+    ({"stop": ""}, "stop"), ({"stop": ["a"] * 5}, "stop"), ({"stop": [3]}, "stop"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "logit_bias"), ({"response_format": {"type": "json_object"}}, "does not constrain"),
+    ({"tools": [{"type": "function"}]}, "tool calling"), ({"tool_choice": "auto"}, "tool calling"),
+    ({"functions": []}, "function calling"), ({"frobnicate": 1}, "not a parameter"), ({"store": True}, "store"),
+    ({"stream_options": {"include_usage": True}}, "only allowed"), ({"temperature": float("nan")}, "temperature"),
+    ({"modalities": ["audio"]}, "only text"), ({"user": 1}, "user"),
+])
+def test_each_unsupported_or_out_of_range_field_is_refused(fields, reason):
+    with pytest.raises(BadRequest, match=reason):
+        parse_chat_request(body(messages=USER, **fields))
+
+
+def test_fields_a_client_echoes_back_as_null_are_fine_but_tool_calls_are_refused():
+    msg = {"role": "assistant", "content": "x", "refusal": None, "tool_calls": None, "audio": None}
+    assert parse_chat_request(body(messages=[msg]))
+    with pytest.raises(BadRequest, match="tool calling"):
+        parse_chat_request(body(messages=[{**msg, "tool_calls": [{"id": "1"}]}]))
+    with pytest.raises(BadRequest, match="not a message field"):
+        parse_chat_request(body(messages=[{**msg, "weird": 1}]))
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too deeply"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udc00"}', "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}', "not valid UTF-8"),
+])
+def test_hostile_json_is_a_400_not_a_500(raw, reason):
+    with pytest.raises(BadRequest, match=reason):
+        parse_chat_request(raw)
+
+
+# ---------------------------------------------------------------------- stop strings
+
+
+def test_stop_text_ends_before_the_first_stop_and_streaming_holds_back_a_possible_start():
+    assert visible_text("The capital of France", ("France", "capital"), final=False) == ("The ", True)
+    assert visible_text("The cap", ("capital",), final=False) == ("The ", False)  # "cap" may become "capital"
+    assert visible_text("The cap", ("capital",), final=True) == ("The cap", False)
+    assert visible_text("abc", (), final=False) == ("abc", False)
+    assert stop_index("xaby", ("b", "ab")) == 1
+
+
+def test_the_sampling_node_sees_a_stop_completed_by_the_last_token():
+    tok = load_tokenizer(resolve_model("smollm2-135m"))
+    ids = tok.encode("The capital of France is Paris.")
+    hits = [stop_index(tail_text(tok.decode, ids[:n], ("Paris",)), ("Paris",)) >= 0 for n in range(1, len(ids) + 1)]
+    first = hits.index(True)
+    assert "Paris" in tok.decode(ids[:first + 1]) and "Paris" not in tok.decode(ids[:first])

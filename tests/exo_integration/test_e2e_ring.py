@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import FP32, needs_exo
 from tiny_models import make_tiny_hf
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
@@ -56,7 +56,9 @@ class Ring:
         """Start node `nid` (again: same ports, its log appended to)."""
         s = self.nodes[nid]
         env = dict(os.environ, EXO_HOME=str(self.tmp / "exo-home"), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--api-host", "127.0.0.1",
+        host = s.get("api_host", "127.0.0.1")  # None: the node's default
+        key = ["--api-key", s["api_key"]] if s.get("api_key") else []
+        cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", *(["--api-host", host] if host else []), *key,
                "--backend", s["backend"], "--memory-mb", str(s["memory"]), *s.get("extra", []), "--",
                "--node-id", nid, "--node-host", "127.0.0.1", "--node-port", str(s["grpc"]),
                "--discovery-module", "manual", "--discovery-config-path", str(self.config),
@@ -71,6 +73,11 @@ class Ring:
     def log(self, nid: str) -> str:
         return self.logs[nid].read_text(errors="replace")
 
+    def headers(self, nid: str) -> dict[str, str]:
+        """What a client of node `nid`'s API sends (its API key, if the node was given one)."""
+        key = self.nodes[nid].get("api_key")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def url(self, nid: str, path: str) -> str:
         return f"http://127.0.0.1:{self.nodes[nid]['api']}{path}"
 
@@ -81,7 +88,7 @@ class Ring:
                 if p.poll() is not None:
                     raise AssertionError(f"node {nid} exited ({p.returncode}):\n{self.log(nid)[-3000:]}")
             try:
-                topo = [get_json(self.url(nid, "/v1/topology")) for nid in self.nodes]
+                topo = [get_json(self.url(nid, "/v1/topology"), self.headers(nid)) for nid in self.nodes]
                 if all(len(t.get("nodes", {})) == len(self.nodes) for t in topo):
                     return topo[0]
             except (OSError, ValueError):
@@ -101,8 +108,8 @@ class Ring:
                 p.wait()
 
 
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
+def get_json(url: str, headers: dict[str, str] | None = None) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
         return json.loads(r.read())
 
 
@@ -129,8 +136,9 @@ def ring(tmp_path_factory):
 
     resolve_model("smollm2-135m")  # fetch once, before two processes race for it
     r = Ring(tmp_path_factory.mktemp("ring"), {
-        "node-a": {"backend": "numpy", "memory": 3000},
-        "node-b": {"backend": "onnx", "memory": 2000},
+        # float32 weights: the answer asserted below is the model's own, on every CPU (see FP32 in exo_helpers)
+        "node-a": {"backend": "numpy", "memory": 3000, "extra": FP32},
+        "node-b": {"backend": "onnx", "memory": 2000, "extra": FP32},
     })
     try:
         yield r.start()

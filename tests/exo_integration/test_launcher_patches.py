@@ -143,3 +143,111 @@ def test_api_tokenizer_from_model_dir(patched):
     assert patched["tokenizer"] == "ExoApiTokenizer"
     assert patched["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert patched["eos"] == 2
+
+
+SAMPLING_SCRIPT = textwrap.dedent(
+    r"""
+    import asyncio, json, types
+    import numpy as np
+    from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+    from exo.networking.grpc.grpc_server import GRPCServer
+
+    from exo_rknpu.engine import EngineConfig
+    from exo_rknpu.exo.launcher import install_patches
+    from exo_rknpu.exo.options import NodeOptions
+    from exo_rknpu.exo.request_state import request_state, sampling_params
+    from exo_rknpu.runtime.sampling import SamplingParams
+
+    out = {}
+    params = SamplingParams(temperature=0.7, top_k=5, seed=3, logit_bias=((1, 50.0),), stop=("END",), max_tokens=4)
+    state = request_state(params, [1, 2, 3])
+    try:
+        GRPCPeerHandle.serialize_inference_state(None, state)
+        out["stock_serializer"] = "ok"
+    except TypeError as e:
+        out["stock_serializer"] = f"TypeError: {e}"
+    install_patches(NodeOptions(engine=EngineConfig(backend="numpy")))
+    import exo.orchestration.node as node_mod
+    proto = GRPCPeerHandle.serialize_inference_state(None, state)
+    back = GRPCServer.deserialize_inference_state(None, proto)  # exo's own reader
+    out["round_trip"] = sampling_params(back) == params and back["rknpu_prompt_ids"] == [1, 2, 3]
+
+    class Ring:
+        rng = np.random.default_rng(0)
+        failures = []
+
+        def sampling(self, request_id, inference_state):
+            return sampling_params(inference_state) or SamplingParams()
+
+        def finish_decision(self, request_id, tokens, params):
+            return len(tokens) >= 2
+
+        async def report_failure(self, request_id, message, kind="error"):
+            self.failures.append((request_id, message, kind))
+
+        async def send_logprobs(self, *a):
+            pass
+
+    class Engine:  # a stock-like engine: no sample_request, so the launcher samples with runtime/sampling.py
+        pass
+
+    forwarded = []
+
+    async def forward_tensor(shard, tensor, request_id, index, inference_state):
+        forwarded.append((tensor.tolist(), inference_state is not None))
+
+    async def broadcast_result(*a):
+        pass
+
+    def node():
+        return types.SimpleNamespace(rknpu_ring=Ring(), buffered_token_output={}, outstanding_requests={},
+                                     inference_engine=Engine(), trigger_on_token_callbacks=lambda *a: None,
+                                     broadcast_result=broadcast_result, forward_tensor=forward_tensor,
+                                     get_partition_index=lambda offset=0: 0)
+
+    class Shard:
+        model_id = "smollm2-135m"
+
+        def is_last_layer(self):
+            return True
+
+    async def main():
+        n = node()
+        logits = np.zeros((1, 2, 8), np.float32)
+        logits[0, -1, 3] = 10.0  # greedy would pick 3; the request's logit_bias makes it 1
+        await node_mod.Node.process_inference_result(n, Shard(), logits, "r1", state)
+        out["token"] = n.buffered_token_output["r1"][0]
+        out["forwarded"] = forwarded
+        bad = node()
+        logits[0, -1, 5] = np.nan
+        await node_mod.Node.process_inference_result(bad, Shard(), logits, "r2", state)
+        out["nan_failures"] = bad.rknpu_ring.failures
+        out["nan_forwarded"] = len(forwarded)
+
+    asyncio.run(main())
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sampling_patched():
+    res = subprocess.run([sys.executable, "-c", SAMPLING_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_sampling_parameters_cross_exos_grpc_state(sampling_patched):
+    assert sampling_patched["stock_serializer"].startswith("TypeError")  # why the launcher replaces it
+    assert sampling_patched["round_trip"]
+
+
+def test_the_node_that_samples_applies_the_carried_parameters(sampling_patched):
+    assert sampling_patched["token"] == [1]
+    assert sampling_patched["forwarded"] == [[[[1]], True]]  # the token goes on with the state
+
+
+def test_nan_logits_fail_the_request_at_once(sampling_patched):
+    (rid, message, kind), = sampling_patched["nan_failures"]
+    assert rid == "r2" and "NaN" in message and kind == "error"
+    assert sampling_patched["nan_forwarded"] == 1  # nothing more was sent on

@@ -17,7 +17,7 @@ import pytest
 from exo_helpers import fake_shard_downloader, needs_exo
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import resolve_model
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from tiny_models import make_tiny_hf, shard_file_name
 from helpers import SMALL_BUCKETS
 

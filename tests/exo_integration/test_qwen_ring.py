@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import FP32, needs_exo
 from exo_rknpu.exo.api_tokenizer import encode_prompt
 from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_tokenizer
@@ -35,8 +35,8 @@ def test_qwen3_card_answers_through_exo_with_thinking_off(tmp_path):
     (path / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": TEMPLATE.read_text()}))
     exo_extra = ["--max-generate-tokens", str(MAX_TOKENS)]  # a random model may never say <|im_end|>
     r = Ring(tmp_path, {
-        "node-a": {"backend": "numpy", "memory": 3000, "extra": ["--model-dir", str(model_dir)], "exo_extra": exo_extra},
-        "node-b": {"backend": "onnx", "memory": 2000, "extra": ["--model-dir", str(model_dir)], "exo_extra": exo_extra},
+        "node-a": {"backend": "numpy", "memory": 3000, "extra": [*FP32, "--model-dir", str(model_dir)], "exo_extra": exo_extra},
+        "node-b": {"backend": "onnx", "memory": 2000, "extra": [*FP32, "--model-dir", str(model_dir)], "exo_extra": exo_extra},
     })
     try:
         r.start()

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import FP32, needs_exo
 from test_e2e_ring import QUESTION, Ring, chat, get_json
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
@@ -70,8 +70,8 @@ def make_ring(tmp) -> Ring:
 
     resolve_model("smollm2-135m")
     return Ring(tmp, {
-        "node-a": {"backend": "numpy", "memory": MEMORY["node-a"], "extra": ["--max-requests", str(LIMIT)]},
-        "node-b": {"backend": "onnx", "memory": MEMORY["node-b"], "extra": ["--max-requests", str(LIMIT)]},
+        "node-a": {"backend": "numpy", "memory": MEMORY["node-a"], "extra": [*FP32, "--max-requests", str(LIMIT)]},
+        "node-b": {"backend": "onnx", "memory": MEMORY["node-b"], "extra": [*FP32, "--max-requests", str(LIMIT)]},
     })
 
 

@@ -8,7 +8,7 @@ import pytest
 from exo_rknpu.errors import ContextOverflowError, LayerRangeError, TensorContractError, UnknownModelError
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import resolve_model
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.slices.spec import Buckets
 from helpers import SMALL_BUCKETS
 

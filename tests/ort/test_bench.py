@@ -173,7 +173,7 @@ def test_a_placement_run_gives_the_unplaced_tokens_and_says_emulated(capsys, tin
     are emulated here; greedy tokens equal the run without a plan."""
     common = ["--model", str(tiny_llama), "--backend", "onnx", "--weights", "fp32", "--repeat", "1"]
     want = bench_json(capsys, *common)
-    got = bench_json(capsys, *common, "--placement", "0-1=npu0,2-4=npu1;attention=cpu")
+    got = bench_json(capsys, *common, "--placement", "0-1=npu0,2-4=npu1;attention=cpu", "--emulate")
     assert got["token_ids"] == want["token_ids"] and got["n_runs"] == 1
     assert got["placement"] == "0-1=npu0,2-4=npu1;attention=cpu" and got["emulated"] is True
     assert got["label"].endswith("placement 0-1=npu0,2-4=npu1;attention=cpu (emulated)")
@@ -181,7 +181,7 @@ def test_a_placement_run_gives_the_unplaced_tokens_and_says_emulated(capsys, tin
 
 
 def test_concurrency_measures_pipelined_against_serial_with_the_same_tokens(capsys, tiny_llama):
-    r = bench_json(capsys, "--model", str(tiny_llama), "--placement", "0-1=npu0,2-3=npu1,4=npu2", "--concurrency", "2",
+    r = bench_json(capsys, "--model", str(tiny_llama), "--placement", "0-1=npu0,2-3=npu1,4=npu2", "--emulate", "--concurrency", "2",
                    "--repeat", "1")
     assert r["concurrency"] == 2 and r["same_tokens"] is True and r["emulated"] is True
     assert r["serial_tokens_per_s"] > 0 and r["pipelined_tokens_per_s"] > 0

@@ -26,14 +26,14 @@ SPLIT_LAYER_RTOL, SPLIT_LAYER_ATOL = 1e-5, 1e-5
 @pytest.mark.parametrize("plan", PLANS)
 def test_every_plan_gives_the_unsplit_tokens(tiny_llama, backend, weights, plan):
     want = greedy(ring(tiny_llama, None, backend, weights=weights), PROMPT, 10)
-    got = ring(tiny_llama, None, backend, weights=weights, placement=PlacementPlan.parse(plan))
+    got = ring(tiny_llama, None, backend, weights=weights, placement=PlacementPlan.parse(plan), emulate=True)
     assert got.shards[0].placement.emulated == ("npu" in plan)
     assert greedy(got, PROMPT, 10) == want
 
 
 def test_a_plan_applies_inside_each_shard_of_a_split(tiny_qwen2):
     want = greedy(ring(tiny_qwen2, None, "onnx"), PROMPT, 10)
-    got = ring(tiny_qwen2, "0-0,1-2", "onnx", placement=PlacementPlan.parse("0=npu0,1-2=npu1;attention=cpu"))
+    got = ring(tiny_qwen2, "0-0,1-2", "onnx", placement=PlacementPlan.parse("0=npu0,1-2=npu1;attention=cpu"), emulate=True)
     assert [s.name for s in got.shards[1].specs][:3] == ["layers.1.attn_norm+qkv", "layers.1.attention", "layers.1.o_proj+mlp"]
     assert greedy(got, PROMPT, 10) == want
 
@@ -77,9 +77,9 @@ def _staged(model, plan, **kw):
 
     src = resolve_model(str(model))
     from helpers import SMALL_BUCKETS
-    from exo_rknpu.runtime.session import open_shard
+    from exo_rknpu.runtime.placement import open_shard
 
-    staged = StagedShard(open_shard(src, LayerRange.full(5), "onnx", SMALL_BUCKETS, placement=PlacementPlan.parse(plan), **kw))
+    staged = StagedShard(open_shard(src, LayerRange.full(5), "onnx", SMALL_BUCKETS, placement=PlacementPlan.parse(plan), emulate=True, **kw))
     return staged, LocalRing([staged])
 
 
@@ -161,14 +161,14 @@ def test_compile_streams_a_plans_part_slices_with_one_read_per_layer(tiny_llama,
     """`compile --placement '...;attention=cpu'` builds two NPU slices per layer; the compiler reads each layer's
     tensors once for both of them, and hands the head over once, with the last layer's weights."""
     import exo_rknpu.model.loader as loader
-    from exo_rknpu.compiler.compile import _one_layer_at_a_time
+    from exo_rknpu.rknn.compile import _one_layer_at_a_time
     from exo_rknpu.runtime.placement import resolve
     from helpers import SMALL_BUCKETS
 
     src = resolve_model(str(tiny_llama))
     args = loader.load_args(src)
     full = LayerRange.full(args.num_hidden_layers)
-    specs = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, full, "onnx", SMALL_BUCKETS).on_npu()
+    specs = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, full, "onnx", SMALL_BUCKETS, emulate=True).on_npu()
     assert len([s for s in specs if s.kind == "layers"]) == 2 * args.num_hidden_layers and specs[-1].kind == "head"
     reads: list[tuple[int, int]] = []
     real_load = loader.load_shard
@@ -187,7 +187,7 @@ def test_compile_streams_a_plans_part_slices_with_one_read_per_layer(tiny_llama,
 
 def test_w8a8_refuses_block_split_slices_before_loading_anything(tiny_llama, tmp_path):
     """The w8a8 recipe calibrates whole layers: a plan's part slices are refused with a clear error, nothing built."""
-    from exo_rknpu.compiler.compile import compile_range
+    from exo_rknpu.rknn.compile import compile_range
     from exo_rknpu.errors import CompileError
     from exo_rknpu.runtime.placement import resolve
     from helpers import SMALL_BUCKETS
@@ -197,7 +197,7 @@ def test_w8a8_refuses_block_split_slices_before_loading_anything(tiny_llama, tmp
     src = resolve_model(str(tiny_llama))
     args = load_args(src)
     plan = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, LayerRange.full(args.num_hidden_layers), "onnx",
-                   SMALL_BUCKETS)
+                   SMALL_BUCKETS, emulate=True)
     with pytest.raises(CompileError, match="w8a8 compiles whole decoder layers"):
         compile_range(str(tiny_llama), "0-4", dtype="w8a8", buckets=SMALL_BUCKETS, cache_dir=tmp_path / "c",
                       progress=False, specs=plan.on_npu(), cut=plan.specs)

@@ -17,7 +17,7 @@ from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.sampling import Sampler
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.slices.spec import Buckets
 from helpers import SMALL_BUCKETS, greedy, nmse, ring
 

@@ -12,7 +12,7 @@ import pytest
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_tokenizer
 from exo_rknpu.model.zoo import resolve_model
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.slices.spec import Buckets
 
 pytestmark = pytest.mark.slow

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exo_rknpu.backends.rknn_io import cosine
-from exo_rknpu.compiler.compile import compile_range
+from exo_rknpu.rknn.io import cosine
+from exo_rknpu.rknn.compile import compile_range
 from exo_rknpu.errors import ArtifactError, WeightsError
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_shard, resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 from tiny_models import make_tiny_gguf, make_tiny_hf, shard_file_name
@@ -119,7 +119,7 @@ def load_only(monkeypatch):
 
 @pytest.fixture
 def rknnlite(monkeypatch, board):
-    from exo_rknpu.backends.rknn_sim import RknnSimBackend
+    from exo_rknpu.rknn.sim import RknnSimBackend
 
     _, _, intact = board
     _install(monkeypatch, SimulatedRKNNLite)
@@ -135,7 +135,7 @@ def _npu(cache: Path) -> dict:
 
 
 def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite, monkeypatch):
-    from exo_rknpu.runtime import session
+    from exo_rknpu.runtime import placement as session
 
     cache, on_board, intact = board
     src = resolve_model(str(on_board))
@@ -268,7 +268,7 @@ def test_tampered_rknn_and_missing_buckets_are_refused(board, load_only):
 
 
 def test_resident_bytes_come_from_the_compiled_sizes(board):
-    from exo_rknpu.backends.npu import NpuBackend
+    from exo_rknpu.rknn.npu import NpuBackend
 
     cache, on_board, _ = board
     src = resolve_model(str(on_board))

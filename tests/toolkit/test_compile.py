@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_rknpu.compiler.compile import compile_range
+from exo_rknpu.rknn.compile import compile_range
 from exo_rknpu.errors import ArtifactError, CompileError
 from exo_rknpu.slices.spec import Buckets
 
@@ -51,7 +51,7 @@ def test_cache_reuses_finished_slices(first, tiny, cache_dir):
 
 
 def _compile_workers() -> list[int]:
-    """pids of this process's compiler workers (python -m exo_rknpu.compiler.worker)."""
+    """pids of this process's compiler workers (python -m exo_rknpu.rknn.venv.worker)."""
     me, out = os.getpid(), []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -61,7 +61,7 @@ def _compile_workers() -> list[int]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == me and b"exo_rknpu.compiler.worker" in cmd:
+        if ppid == me and b"exo_rknpu.rknn.venv.worker" in cmd:
             out.append(int(d.name))
     return out
 
@@ -94,7 +94,7 @@ def test_interrupted_compile_resumes(first, tiny, cache_dir):
 
 
 def test_tampered_rknn_and_manifest_are_refused(first, tiny, cache_dir):
-    from exo_rknpu.backends.npu import NpuBackend
+    from exo_rknpu.rknn.npu import NpuBackend
     from exo_rknpu.model.base import LayerRange
     from exo_rknpu.model.loader import load_shard, resolve_model
     from exo_rknpu.slices.spec import SliceSpec

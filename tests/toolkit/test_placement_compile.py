@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exo_rknpu.compiler.compile import compile_range
+from exo_rknpu.rknn.compile import compile_range
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args
 from exo_rknpu.model.zoo import resolve_model

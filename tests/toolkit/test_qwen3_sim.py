@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exo_rknpu.backends.rknn_io import cosine
-from exo_rknpu.compiler.compile import compile_range
+from exo_rknpu.rknn.io import cosine
+from exo_rknpu.rknn.compile import compile_range
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from tiny_models import make_tiny_hf
 
 from toolkit_common import BUCKETS, NEEDS_TOOLKIT

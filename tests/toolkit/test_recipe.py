@@ -1,4 +1,4 @@
-"""The w8a8 recipe (slices/recipe.py, compiler/recipe.py) and the rotation (compiler/rotation.py).
+"""The w8a8 recipe (slices/recipe.py, rknn/recipe.py) and the rotation (rknn/rotation.py).
 
 - rotation is an exact re-parametrisation: the rotated model's logits equal Hugging Face transformers' on the
   original tiny model (relative max error <= 1e-4; fp32 everywhere, float64 transforms);
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from exo_rknpu.backends.base import get_backend
-from exo_rknpu.compiler import rotation as rot
-from exo_rknpu.compiler import toolkit
-from exo_rknpu.compiler.recipe import RecipeBuild, cache_text
+from exo_rknpu.rknn import rotation as rot
+from exo_rknpu.rknn import toolkit
+from exo_rknpu.rknn.recipe import RecipeBuild, cache_text
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.slices.spec import Buckets, SliceSpec
@@ -143,7 +143,7 @@ _st = toolkit.status()
 @pytest.mark.toolkit
 @pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")
 def test_w8a8_compile_records_the_recipe_and_a_changed_recipe_is_a_cache_miss(tmp_path):
-    from exo_rknpu.compiler.compile import compile_range
+    from exo_rknpu.rknn.compile import compile_range
     from exo_rknpu.errors import CompileError
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=5)
@@ -171,7 +171,7 @@ def test_w8a8_compile_records_the_recipe_and_a_changed_recipe_is_a_cache_miss(tm
 @pytest.mark.toolkit
 @pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")
 def test_agreement_measures_any_text_in_prefill_and_decode_mode_with_per_layer_cosines(tmp_path):
-    from exo_rknpu.compiler.agreement import measure_agreement
+    from exo_rknpu.rknn.agreement import measure_agreement
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=6)
     text = "Once upon a time there was a tiny model that ran on a board. " * 2
@@ -188,7 +188,7 @@ def test_agreement_measures_any_text_in_prefill_and_decode_mode_with_per_layer_c
 
 
 def test_fake_quant_error_is_at_most_half_a_step_inside_the_range():
-    from exo_rknpu.compiler.emulate import fake_quant, fake_quant_weight
+    from exo_rknpu.rknn.emulate import fake_quant, fake_quant_weight
 
     x = np.random.default_rng(0).uniform(-3.0, 5.0, 1000).astype(np.float32)
     step = 8.0 / 255
@@ -199,7 +199,7 @@ def test_fake_quant_error_is_at_most_half_a_step_inside_the_range():
 
 
 def test_emulated_recipe_is_exact_when_everything_is_fp16_and_lossy_otherwise(tmp_path):
-    from exo_rknpu.compiler.emulate import emulate_agreement
+    from exo_rknpu.rknn.emulate import emulate_agreement
 
     tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=7)
     text = "Once upon a time there was a tiny model that ran on a board. " * 2

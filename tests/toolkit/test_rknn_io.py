@@ -7,10 +7,10 @@ import platform
 import numpy as np
 import pytest
 
-from exo_rknpu.backends import rknn_io
+from exo_rknpu.rknn import io as rknn_io
 from exo_rknpu.backends.base import get_backend
-from exo_rknpu.compiler.buildlog import parse_build_log
-from exo_rknpu.compiler.calibration import repad
+from exo_rknpu.rknn.buildlog import parse_build_log
+from exo_rknpu.rknn.calibration import repad
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.slices.spec import LAYER_INPUTS, LAYER_OUTPUTS, MASK_VALUE
 
@@ -130,7 +130,7 @@ def test_fallback_placement_puts_unsupported_slices_on_the_fallback():
 def test_sim_worker_framing_round_trips_arrays():
     import io
 
-    from exo_rknpu.backends.rknn_sim_worker import recv, send
+    from exo_rknpu.rknn.venv.sim_server import recv, send
 
     buf = io.BytesIO()
     arrays = [np.arange(6, dtype=np.float32).reshape(1, 2, 3), np.array([[7, 8]], np.int64), np.zeros((0, 4), np.float16)]

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exo_rknpu.backends.rknn_io import cosine
+from exo_rknpu.rknn.io import cosine
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_shard, resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 from toolkit_common import BUCKETS, NEEDS_TOOLKIT, greedy
@@ -63,7 +63,7 @@ def test_two_shards_match_onnx_fp16(tiny):
 
 
 def test_killed_worker_is_a_clear_error_not_a_hang(tiny):
-    from exo_rknpu.backends.rknn_sim import RknnSimBackend, SimulatorWorkerError
+    from exo_rknpu.rknn.sim import RknnSimBackend, SimulatorWorkerError
 
     ws = load_shard(resolve_model(str(tiny)), LayerRange(3, 4, 4), weights="fp32")
     be = RknnSimBackend(run_timeout=60)
@@ -83,7 +83,7 @@ def test_killed_worker_is_a_clear_error_not_a_hang(tiny):
 
 def test_worker_dies_with_its_parent(tmp_path):
     code = ("import sys, os\n"
-            "from exo_rknpu.backends.rknn_sim import RknnSimBackend\n"
+            "from exo_rknpu.rknn.sim import RknnSimBackend\n"
             f"be = RknnSimBackend(workdir={str(tmp_path)!r})\n"
             "print(be.worker().pid, flush=True)\n"
             "os._exit(0)\n")  # no cleanup at all: the worker must notice on its own
@@ -98,7 +98,7 @@ def test_worker_dies_with_its_parent(tmp_path):
 
 
 def test_w8a8_builds_each_bucket_on_first_use_with_the_compiler_recipe(tiny):
-    from exo_rknpu.compiler.recipe import RecipeBuild
+    from exo_rknpu.rknn.recipe import RecipeBuild
     from exo_rknpu.slices.recipe import DEFAULT_RECIPE
 
     src = resolve_model(str(tiny))

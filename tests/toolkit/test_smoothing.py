@@ -1,4 +1,4 @@
-"""SmoothQuant-style smoothing (compiler/smoothing.py): exact fp32 equivalence, outlier reduction, and its place
+"""SmoothQuant-style smoothing (rknn/smoothing.py): exact fp32 equivalence, outlier reduction, and its place
 in the w8a8 policies. Numpy only; the recipe's cache key and manifest are tests/toolkit/test_recipe.py."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exo_rknpu.compiler import smoothing as sm
-from exo_rknpu.compiler.calibration import CALIBRATION_TEXT
+from exo_rknpu.rknn import smoothing as sm
+from exo_rknpu.rknn.calibration import CALIBRATION_TEXT
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
 from exo_rknpu.slices.graph import NumpyOps, run_slice
@@ -53,7 +53,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("arch,tied,basis", [("llama", False, "up_out"), ("qwen2", True, "down")])  # qwen2: biases, tied head
 def test_smoothing_is_exactly_equivalent_in_fp32(tmp_path, arch, tied, basis):
-    from exo_rknpu.compiler.calibration import capture
+    from exo_rknpu.rknn.calibration import capture
 
     full, targets, ids = _setup(make_tiny_hf(tmp_path / "m", arch=arch, n_layers=3, tied=tied, seed=3))
     stats = sm.calibration_stats(full, targets, ids, seq=16)
@@ -125,11 +125,11 @@ def test_smollm2_massive_activations_are_flattened():
 
 
 def test_quant_policies_pick_the_right_linear_layers():
-    """compiler/worker.py::_int8_convs on a step-1-like graph (rknn's fused op names): which Convs stay int8."""
+    """rknn/venv/worker.py::_int8_convs on a step-1-like graph (rknn's fused op names): which Convs stay int8."""
     onnx = pytest.importorskip("onnx")
     from onnx import helper
 
-    from exo_rknpu.compiler.worker import _int8_convs
+    from exo_rknpu.rknn.venv.worker import _int8_convs
 
     nodes = [helper.make_node("exNorm", ["x"], ["h"], name="norm"),
              helper.make_node("Conv", ["h", "wq"], ["q"], name="matmul_q"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exo_rknpu.compiler import toolkit
+from exo_rknpu.rknn import toolkit
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.slices.spec import Buckets
 

@@ -71,8 +71,22 @@ def test_impossible_plans_are_refused_against_the_model(args):
         resolve(PlacementPlan.parse("0-4=cpu;embedding=npu0"), args, full, "onnx", BUCKETS)
 
 
+def test_npu_devices_without_a_usable_npu_are_refused_with_the_reason_unless_emulated(args):
+    why = "this machine is x86_64, not aarch64"
+    with pytest.raises(PlacementError, match=r"puts slices on npu0, npu1, but the NPU cannot run here: this machine is "
+                                             r"x86_64, not aarch64; add --emulate"):
+        resolve(PlacementPlan.parse("0-1=npu0,2-4=npu1"), args, LayerRange.full(5), "onnx", BUCKETS, npu_unavailable=why)
+    # a shard outside the plan's NPU ranges runs nothing emulated: nothing to refuse
+    r = resolve(PlacementPlan.parse("0-1=npu0"), args, LayerRange(2, 5, 5), "onnx", BUCKETS, npu_unavailable=why)
+    assert not r.emulated
+    # a usable NPU, or the simulator as the default backend, runs them for real
+    assert not resolve(PlacementPlan.parse("0-4=npu"), args, LayerRange.full(5), "onnx", BUCKETS, npu_available=True).emulated
+    assert {s.backend for s in resolve(PlacementPlan.parse("0-4=npu"), args, LayerRange.full(5), "rknn-sim", BUCKETS).slices
+            if s.spec.kind == "layers"} == {"rknn-sim"}
+
+
 def test_attention_on_cpu_cuts_each_layer_in_three_and_npu_slices_need_no_context_buckets(args):
-    r = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, LayerRange.full(5), "onnx", BUCKETS)
+    r = resolve(PlacementPlan.parse("0-4=npu;attention=cpu"), args, LayerRange.full(5), "onnx", BUCKETS, emulate=True)
     names = [s.spec.name for s in r.slices]
     assert names[:4] == ["embed", "layers.0.attn_norm+qkv", "layers.0.attention", "layers.0.o_proj+mlp"]
     assert names[-1] == "head" and len(names) == 2 + 3 * 5
@@ -86,12 +100,12 @@ def test_attention_on_cpu_cuts_each_layer_in_three_and_npu_slices_need_no_contex
 
 def test_ranges_on_cores_keep_whole_layers_one_per_graph_and_a_shard_takes_its_part(args):
     plan = PlacementPlan.parse("0-1=npu0,2-3=npu1,4=npu2")
-    r = resolve(plan, args, LayerRange(2, 5, 5), "onnx", BUCKETS)
+    r = resolve(plan, args, LayerRange(2, 5, 5), "onnx", BUCKETS, emulate=True)
     assert [(s.spec.name, s.device) for s in r.slices] == [("layers.2", "npu1"), ("layers.3", "npu1"),
                                                            ("layers.4", "npu2"), ("head", "npu2")]
     assert all(s.spec.blocks == WHOLE_LAYER and r.npu_files(s.spec) == 12 for s in r.slices if s.spec.kind == "layers")
 
 
 def test_unnamed_layers_run_on_the_default_backend(args):
-    r = resolve(PlacementPlan.parse("3-4=npu"), args, LayerRange.full(5), "numpy", BUCKETS)
+    r = resolve(PlacementPlan.parse("3-4=npu"), args, LayerRange.full(5), "numpy", BUCKETS, emulate=True)
     assert [(s.spec.name, s.backend) for s in r.slices][:2] == [("embed", "numpy"), ("layers.0-2", "numpy")]

@@ -14,7 +14,7 @@ PACKAGE = Path(exo_rknpu.__file__).parent
 WAITING_CALLS = {"run", "call", "check_call", "check_output"}
 # Popen users bound every wait themselves; the reason is written here, next to the exemption.
 POPEN_ALLOWED = {
-    "backends/rknn_sim.py": "SimWorker reads every reply against a deadline (start_timeout / run_timeout / build_timeout)",
+    "rknn/sim.py": "SimWorker reads every reply against a deadline (start_timeout / run_timeout / build_timeout)",
 }
 
 
@@ -45,7 +45,7 @@ def hanging_python(tmp_path: Path) -> Path:
 
 
 def test_a_hung_compiler_worker_is_a_compile_error(tmp_path):
-    from exo_rknpu.compiler.compile import _run_worker
+    from exo_rknpu.rknn.compile import _run_worker
 
     job = {"builds": [{"name": "layers.4", "log": str(tmp_path / "b.log")}], "result": str(tmp_path / "r.json")}
     with pytest.raises(CompileError, match="did not finish within 0.5 s"):
@@ -53,7 +53,7 @@ def test_a_hung_compiler_worker_is_a_compile_error(tmp_path):
 
 
 def test_a_hung_toolkit_install_step_is_a_toolkit_error(tmp_path):
-    from exo_rknpu.compiler.toolkit import _run
+    from exo_rknpu.rknn.toolkit import _run
 
     with pytest.raises(ToolkitMissingError, match="did not finish within"):
         _run([str(hanging_python(tmp_path))], lambda m: None, timeout=0.5)

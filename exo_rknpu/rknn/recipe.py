@@ -2,7 +2,7 @@
 calibration activations of each bucket. The one implementation used by `compile --dtype w8a8`, the `rknn-sim`
 backend (as its `recipe_build`) and `compile --agreement`, so all three build the same int8 model.
 
-Order of the transforms (each exact in fp32, see compiler/rotation.py and compiler/smoothing.py): rotation
+Order of the transforms (each exact in fp32, see rknn/rotation.py and rknn/smoothing.py): rotation
 (RMSNorm weights folded into the linears, then the residual stream rotated; embedding and head included) ->
 SmoothQuant smoothing with statistics of the rotated model over the calibration text. Slices the recipe keeps in
 fp16 are built from the rotated, unsmoothed weights. Calibration activations are captured on the rotated model
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exo_rknpu.compiler import rotation as rot
-from exo_rknpu.compiler import smoothing as sm
-from exo_rknpu.compiler.calibration import capture, repad
+from exo_rknpu.rknn import rotation as rot
+from exo_rknpu.rknn import smoothing as sm
+from exo_rknpu.rknn.calibration import capture, repad
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
@@ -40,7 +40,7 @@ def float_weights(ws: ShardWeights) -> ShardWeights:
 def transform_version() -> str:
     """Changes with the code of the transforms and of the calibration capture (part of every w8a8 cache key)."""
     h = hashlib.sha256()
-    from exo_rknpu.compiler import calibration
+    from exo_rknpu.rknn import calibration
 
     for mod in (rot, sm, calibration):
         h.update(Path(mod.__file__).read_bytes())

@@ -1,12 +1,12 @@
 """Numpy emulation of a w8a8 recipe: cheap (seconds, no toolkit) ranking of recipes before simulator runs.
 
-Models what rknn's hybrid w8a8 does to each int8 linear (compiler/worker.py policy): weights int8 per output
+Models what rknn's hybrid w8a8 does to each int8 linear (rknn/venv/worker.py policy): weights int8 per output
 channel (symmetric), the linear's input AND output int8 per tensor (asymmetric, min/max ranges from the recipe's
 calibration text through the same weights); everything else float32 (fp16 rounding is left out: the fp16 build
 agrees 100 % in the simulator). It does not model `mmse`/`kl_divergence` ranges (recipe.algorithm is ignored).
 Measured against the simulator on smollm2-135m (docs/compiler.md): within ~1-4 points of agreement.
 
-    from exo_rknpu.compiler.emulate import emulate_agreement
+    from exo_rknpu.rknn.emulate import emulate_agreement
     emulate_agreement("smollm2-135m", QuantRecipe(fp16_layers=(0, 1), head="fp16"))
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from exo_rknpu.compiler.recipe import RecipeBuild
+from exo_rknpu.rknn.recipe import RecipeBuild
 from exo_rknpu.model.rope import cos_sin
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.calibration_text import HELDOUT_TEXT

@@ -1,6 +1,6 @@
-"""Runs INSIDE the rknn-toolkit2 venv (python -m exo_rknpu.compiler.worker JOB.json), started by compile.py.
+"""Runs INSIDE the rknn-toolkit2 venv (python -m exo_rknpu.rknn.venv.worker JOB.json), started by compile.py.
 
-Imports only the standard library, numpy, rknn and exo_rknpu.backends.rknn_io (numpy-only). Everything it
+Imports only the standard library, numpy, rknn and exo_rknpu.rknn.io (numpy-only). Everything it
 needs comes in the job file; everything it produces goes to files named there:
 
   job = {"result": path, "builds": [{
@@ -12,7 +12,7 @@ needs comes in the job file; everything it produces goes to files named there:
       "out_shapes": [{output name: shape}, ...] (one per verify sample)}]}
 
 Native compiler output (the verbose layer table and warnings) is written to fd 1/2 by librknnc, so each build
-redirects those file descriptors into its log file; the parent parses it (compiler/buildlog.py).
+redirects those file descriptors into its log file; the parent parses it (rknn/buildlog.py).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str, policy: str) -> l
 
 def build_rknn(b: dict, res: dict):
     """config + load_onnx + build (fp16) or hybrid quantization (w8a8) of build spec `b`: the one recipe used by
-    the compiler (build_one below) and by the rknn-sim backend's worker (backends/rknn_sim_worker.py).
+    the compiler (build_one below) and by the rknn-sim backend's worker (rknn/venv/sim_server.py).
 
     Changes the cwd to b["workdir"] (hybrid_quantization_step1 writes there). Returns the RKNN object, built and
     ready for export_rknn / init_runtime; fills res["build_s"] (and res["fp16_tensors"] for w8a8).
@@ -152,7 +152,7 @@ def build_rknn(b: dict, res: dict):
 def build_one(b: dict) -> dict:
     import numpy as np
 
-    from exo_rknpu.backends import rknn_io
+    from exo_rknpu.rknn import io as rknn_io
 
     res: dict = {"name": b["name"], "ok": False}
     t0 = time.monotonic()
@@ -226,7 +226,7 @@ def build_for_simulator(b: dict) -> tuple:
         try:
             out = os.path.join(b["workdir"], "model.rknn")  # exported only to read what it records for each input
             _check(rk.export_rknn(out), "export_rknn")
-            from exo_rknpu.backends import rknn_io
+            from exo_rknpu.rknn import io as rknn_io
 
             with open(out, "rb") as f:
                 res["io"] = rknn_io.read_io(f.read(), b["inputs"], b["outputs"])
@@ -246,13 +246,13 @@ def build_for_simulator(b: dict) -> tuple:
 
 
 def serve_simulator() -> int:
-    """`python -m exo_rknpu.compiler.worker --serve`: the long-lived process of the rknn-sim backend."""
-    from exo_rknpu.backends import rknn_sim_worker
+    """`python -m exo_rknpu.rknn.venv.worker --serve`: the long-lived process of the rknn-sim backend."""
+    from exo_rknpu.rknn.venv import sim_server
 
     exit_with_parent()
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stderr is the worker log: native compiler/simulator output goes there, never into the protocol
-    rknn_sim_worker.serve(sys.stdin.buffer, out, build_for_simulator)
+    sim_server.serve(sys.stdin.buffer, out, build_for_simulator)
     return 0
 
 

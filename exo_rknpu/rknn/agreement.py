@@ -2,7 +2,7 @@
 
 Teacher-forced: a text (default: the held-out text, slices/calibration_text.py::HELDOUT_TEXT, never used for
 calibration) is fed in `seq`-token chunks through the whole model twice, once with every decoder layer and the
-head in the simulator (rknn-sim backend: fp16, or w8a8 built by the w8a8 recipe through compiler/recipe.py,
+head in the simulator (rknn-sim backend: fp16, or w8a8 built by the w8a8 recipe through rknn/recipe.py,
 exactly as `compile --dtype w8a8` builds it) and once in float32 on onnxruntime (the original weights); the
 argmax of the logits is compared at every position. seq 64 = prefill chunks, seq 1 = decode (one token per call).
 
@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exo_rknpu.backends import rknn_io
+from exo_rknpu.rknn import io as rknn_io
 from exo_rknpu.backends.base import get_backend
-from exo_rknpu.compiler.calibration import HELDOUT_TEXT
+from exo_rknpu.rknn.calibration import HELDOUT_TEXT
 from exo_rknpu.errors import CompileError
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.base import LayerRange
@@ -76,8 +76,8 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
                       per_layer: bool = True,
                       log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:
     """Greedy top-1 agreement of the simulated model (`dtype`; w8a8 built by `recipe`) vs fp32 onnxruntime on `text`."""
-    from exo_rknpu.backends.rknn_sim import RknnSimBackend
-    from exo_rknpu.compiler.recipe import RecipeBuild
+    from exo_rknpu.rknn.sim import RknnSimBackend
+    from exo_rknpu.rknn.recipe import RecipeBuild
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
     from exo_rknpu.runtime.placement import fallback_placement
 

@@ -5,62 +5,33 @@ files alone: model fingerprint, model args, slice spec, buckets, dtype, platform
 address over the recorded weights digest, and every file's size and sha256 (check_manifest; ArtifactError with the
 reason and the compile command). The decoder layers' and the head's weights are never loaded on the board
 (`needs_layer_weights = False`). It loads one RKNNLite context per file and calls init_runtime(core_mask=...). The KV cache stays on the host
-(the runtime passes past_k/past_v each call); inputs/outputs go through backends/rknn_io.py, the same code
+(the runtime passes past_k/past_v each call); inputs/outputs go through rknn/io.py, the same code
 the simulator verification uses.
 """
 
 from __future__ import annotations
 
 import json
-import platform as _platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exo_rknpu.backends import rknn_io
+from exo_rknpu.backends import board
+from exo_rknpu.rknn import io as rknn_io
 from exo_rknpu.slices import artifacts as cc
-from exo_rknpu.config import Paths, librknnrt_path
+from exo_rknpu.config import Paths
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
+from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, to_npu_inputs
 
-DEVICE_TREE = Path("/proc/device-tree/compatible")
-CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}
-
-
-def board_problems(librknnrt: Path | None = None, machine: str | None = None) -> list[str]:
-    """What stops the NPU backend on this machine (empty when nothing does)."""
-    problems = []
-    machine = machine or _platform.machine()
-    if machine not in ("aarch64", "arm64"):
-        problems.append(f"this machine is {machine}, not aarch64: the NPU backend runs only on an RK3588 board")
-    try:
-        import rknnlite.api  # noqa: F401
-    except ImportError:
-        problems.append("rknn-toolkit-lite2 is not installed (pip install 'exo-rknpu[board]' on the board; aarch64 wheels only)")
-    lib = librknnrt or librknnrt_path()
-    if not lib.exists():
-        problems.append(f"no {lib}: install Rockchip's librknnrt.so (rknpu2 runtime) on the board")
-    drv = npu_driver_version()
-    if drv is None:
-        problems.append("no RKNPU driver visible (/sys/kernel/debug/rknpu/version or /proc/device-tree): is this an RK3588 with the rknpu driver?")
-    elif tuple(int(x) for x in drv.split(".")[:2] if x.isdigit()) < (0, 9):
-        problems.append(f"RKNPU driver {drv} is too old; rknn 2.5 needs >= 0.9 (update the board's kernel)")
-    return problems
-
-
-def npu_driver_version() -> str | None:
-    for p in (Path("/sys/kernel/debug/rknpu/version"), Path("/sys/module/rknpu/version")):
-        try:
-            text = p.read_text().strip()
-        except OSError:
-            continue
-        return text.split(":")[-1].strip().lstrip("v") or None
-    return None
+def librknnrt_needed(m: dict[str, Any]) -> str:
+    """The oldest librknnrt a compiled slice runs on: recorded at compile time (older manifests: the toolkit's)."""
+    return str(m.get("librknnrt_min") or m.get("toolkit_version") or "")
 
 
 class NpuRunner:
@@ -72,6 +43,7 @@ class NpuRunner:
         self.names = rknn_io.slice_names(spec.kind, manifest["files"][0]["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)
         self.files: list[tuple[dict[str, Any], Any]] = []
         self.by_shape: dict[tuple, tuple[Any, dict, dict]] = {}
+        self.inference_options = board.inference_options(RKNNLite)  # reuse_outputs only where lite2 has it (2.5.0 on)
         try:
             for f in manifest["files"]:
                 if "io" not in f:
@@ -81,7 +53,10 @@ class NpuRunner:
                 if rk.load_rknn(str(folder / f["file"])) != 0:
                     raise ArtifactError(f"RKNNLite could not load {folder / f['file']}")
                 if rk.init_runtime(core_mask=core_mask) != 0:
-                    raise BackendUnavailableError(f"RKNNLite init_runtime failed for {f['file']} (core_mask={core_mask}); see the rknn log")
+                    rk.release()
+                    raise BackendUnavailableError(f"RKNNLite init_runtime failed for {folder / f['file']} "
+                                                  f"(core_mask={core_mask}); RKNNLite's log above says why; "
+                                                  "exo-rknpu doctor checks this board")
                 self.files.append((f, rk))
                 for sh in f["shapes"]:
                     key = tuple(tuple(sh["inputs"][n]) for n in self.names)
@@ -102,10 +77,10 @@ class NpuRunner:
         rk, sh, io = hit
         # each input in the dtype and layout the file records: no conversion left for RKNNLite to do on the host
         arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=io)
-        outs = rk.inference(inputs=arrays, data_type=rknn_io.data_types(arrays), data_format=fmt, reuse_outputs=True)
+        outs = rk.inference(inputs=arrays, data_type=rknn_io.data_types(arrays), data_format=fmt, **self.inference_options)
         if outs is None:
             raise BackendUnavailableError(f"RKNNLite inference failed for slice {self.spec.name}")
-        return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])  # copies out of the reused buffers
+        return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])  # copies (out of reused buffers on 2.5)
 
     def close(self) -> None:
         for _, rk in self.files:
@@ -130,10 +105,10 @@ class ShardMemory:
 class NpuBackend:
     name = "npu"
     # "npu": the NPU form (slices/npu_form.py): float16 cache kept as the compiled slice takes it, and a graph with no
-    # CPU op at the default buckets up to ctx 512 (docs/compiler.md lists what remains at 1024 and 2048)
+    # CPU op at any default bucket (docs/compiler.md)
     kv_layout = "npu"
     static_shapes = True
-    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (compiler/compile.py)
+    layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (rknn/compile.py)
     needs_layer_weights = False  # layers and head run from the .rknn files: the loader leaves their weights out
     # only the embedding is loaded; float32 as the compiled slices were checked against (False would keep it compact:
     # GGUF Q8_0 exactly, float sources as int8, measured cosine 0.99985 against float32 on the tiny test model)
@@ -148,6 +123,7 @@ class NpuBackend:
             raise BackendUnavailableError(f"unknown core_mask {core_mask!r}; choose one of {', '.join(CORE_MASKS)}")
         self.dtype, self.platform, self.core_mask = dtype, platform, CORE_MASKS[core_mask]
         self.cache = cc.SliceCache(Path(cache_dir) if cache_dir else Paths.from_env().compiled)
+        self.check_board = check_board
         if check_board:
             problems = board_problems()
             if problems:
@@ -159,13 +135,17 @@ class NpuBackend:
     def locate(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> tuple[Path, dict[str, Any]]:
         """Find and check the compiled slice from its manifest and files alone (no layer weights are read);
         ArtifactError gives the reason for a refusal and the compile command to run."""
-        hint = compile_command(spec, weights.args.num_hidden_layers, self.dtype, self.platform, buckets)
+        hint = shard_compile_command(weights.layer_range, spec, self.dtype, self.platform, buckets)
         folder, m = self.cache.find(weights.fingerprint, self.dtype, self.platform, spec.name, hint=hint)
         check_manifest(m, spec, weights, buckets, self.dtype, self.platform, folder, hint)
         return folder, m
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NpuRunner:
         folder, m = self.locate(spec, weights, buckets)
+        if self.check_board:
+            problem = board.librknnrt_problem(board.librknnrt_version(), librknnrt_needed(m))
+            if problem:
+                raise BackendUnavailableError(f"{folder}/manifest.json: {problem}")
         return NpuRunner(spec, folder, m, self.core_mask, weights.args)
 
     def resident_bytes(self, fingerprint: str, args: ModelArgs, layer_range: LayerRange, max_context: int,
@@ -184,7 +164,7 @@ class NpuBackend:
         rknn: dict[str, int] = {}
         internal = 0
         for spec in specs:
-            hint = compile_command(spec, args.num_hidden_layers, self.dtype, self.platform, None)
+            hint = shard_compile_command(layer_range, spec, self.dtype, self.platform, None)
             _, m = self.cache.find(fingerprint, self.dtype, self.platform, spec.name, check_files=False, hint=hint)
             rknn[spec.name] = sum(int(f["bytes"]) for f in m["files"])
             internal = max(internal, int(float(m.get("build", {}).get("internal_kb") or 0.0) * 1024))
@@ -198,10 +178,12 @@ class NpuBackend:
         return ShardMemory(rknn, internal, embed_bytes, kv)
 
 
-def compile_command(spec: SliceSpec, n_layers: int, dtype: str, platform: str, buckets: Buckets | None) -> str:
-    """The `exo-rknpu compile` line that builds `spec` (the head is built with the model's last layer)."""
-    layers = f"{spec.start}-{spec.stop - 1}" if spec.kind == "layers" else f"{n_layers - 1}-{n_layers - 1}"
-    cmd = f"exo-rknpu compile --model MODEL --layers {layers} --dtype {dtype} --platform {platform}"
+def shard_compile_command(lr: LayerRange, spec: SliceSpec, dtype: str, platform: str, buckets: Buckets | None) -> str:
+    """The one `exo-rknpu compile` line that builds every slice a shard of `lr` needs (all its layers, and the head
+    when it is the last shard); compile skips what is already built. A slice of some parts of a layer comes from a
+    placement plan, which compile needs too."""
+    cmd = (f"exo-rknpu compile --model MODEL --layers {lr.start}-{lr.stop - 1} --dtype {dtype} --platform {platform}"
+           + (" --placement PLAN" if spec.kind == "layers" and not spec.whole else ""))
     if buckets is not None:
         cmd += f" --seq {','.join(map(str, buckets.seq))} --context {','.join(map(str, buckets.context))}"
     return cmd
@@ -217,7 +199,7 @@ def check_manifest(m: dict[str, Any], spec: SliceSpec, weights: ShardWeights, bu
     tensors (a host with the weights), their digest is compared too.
     """
     where = f"{folder}/manifest.json"
-    run = f"; run: {hint or compile_command(spec, weights.args.num_hidden_layers, dtype, platform, buckets)}"
+    run = f"; run: {hint or shard_compile_command(weights.layer_range, spec, dtype, platform, buckets)}"
 
     def refuse(why: str) -> ArtifactError:
         return ArtifactError(f"{where} {why}{run}")

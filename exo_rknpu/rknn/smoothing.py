@@ -72,7 +72,7 @@ def activation_absmax(ws: ShardWeights, samples: dict[str, list[dict[str, np.nda
                       rows: dict[str, list[int]] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per-channel max|x| of each linear's input, from real slice inputs.
 
-    `samples`: {slice name: [inputs, ...]} (the compiler's captures, e.g. compiler/calibration.py::capture).
+    `samples`: {slice name: [inputs, ...]} (the compiler's captures, e.g. rknn/calibration.py::capture).
     Returns {"layers.N": {"qkv", "gate_up", "down", "o", "up_out": [channels]}, "head": {"head": [H]}} for the
     slices given ("up_out": up_proj's output, the other factor of the down-projection input).
     """
@@ -163,7 +163,7 @@ def calibration_stats(full: ShardWeights, targets: list[SliceSpec], token_ids: l
                       seq: int = 64) -> dict[str, dict[str, np.ndarray]]:
     """Activation maxima over the whole calibration text: capture every target slice's inputs in `seq`-token
     calls (numpy, CPU; as many calls as the text fills) and replay them with RecordingOps."""
-    from exo_rknpu.compiler.calibration import capture
+    from exo_rknpu.rknn.calibration import capture
     from exo_rknpu.slices.spec import Buckets
 
     n_calls = max(1, len(token_ids) // seq)

@@ -1,7 +1,7 @@
 """The rknn-toolkit2 environment: a virtualenv under Paths.toolkit that this package creates and checks.
 
 rknn-toolkit2 2.5.0 pins numpy<=1.26.4 and imports torch at module load, so it can never share the runtime's
-environment. The compiler runs there as a subprocess (compiler/worker.py); nothing here imports rknn.
+environment. The compiler runs there as a subprocess (rknn/venv/worker.py); nothing here imports rknn.
 
 Install recipe (see docs/compiler.md for why):
   python -m venv DIR

@@ -1,18 +1,18 @@
 """Backend `rknn-sim`: slices run in the rknn-toolkit2 simulator, through a long-lived worker in the toolkit venv.
 
 The simulator cannot run a .rknn loaded from disk, so each slice is built in the worker with the compiler's own
-recipe (compiler/worker.py::build_rknn) and then `init_runtime()` + `inference` serve every call:
+recipe (rknn/venv/worker.py::build_rknn) and then `init_runtime()` + `inference` serve every call:
 
 - fp16: one build per slice from the symbolic ONNX with `dynamic_input` listing every bucket shape, as
   `exo-rknpu compile` does (built in prepare());
 - w8a8: one static build per (seq, ctx) bucket under a w8a8 recipe (slices/recipe.py::QuantRecipe), through the
-  caller's `recipe_build` (compiler/recipe.py::RecipeBuild, which needs the runtime, a layer above the backends):
+  caller's `recipe_build` (rknn/recipe.py::RecipeBuild, which needs the runtime, a layer above the backends):
   the same smoothed/rotated build weights, calibration activations, hybrid policy and fp16-kept slices as
   `exo-rknpu compile --dtype w8a8`. Built on first use of the bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
 
-Inputs and outputs go through backends/rknn_io.py, the same marshalling as the board's `npu` backend. The
+Inputs and outputs go through rknn/io.py, the same marshalling as the board's `npu` backend. The
 embedding stays on the host (`supports` says no), like `npu`: place it on another backend
-(runtime/placement.py::fallback_placement; runtime/session.py does it for you).
+(runtime/placement.py::fallback_placement; runtime/placement.py does it for you).
 
 The worker exits when its stdin closes or this process dies; a worker that dies or stops answering raises
 SimulatorWorkerError (with the tail of its log) instead of hanging. Nothing here imports rknn.
@@ -36,14 +36,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from exo_rknpu.backends import rknn_io
-from exo_rknpu.backends.rknn_sim_worker import _LEN
+from exo_rknpu.rknn import io as rknn_io
+from exo_rknpu.rknn.venv.sim_server import _LEN
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError, CompileError, ToolkitMissingError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, to_npu_inputs
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, to_npu_inputs
 
 DTYPES = ("fp16", "w8a8")
 
@@ -53,7 +53,7 @@ class SimulatorWorkerError(BackendUnavailableError):
 
 
 class RecipeSource(Protocol):
-    """A w8a8 recipe bound to a model (compiler/recipe.py::RecipeBuild): what a w8a8 slice is built from."""
+    """A w8a8 recipe bound to a model (rknn/recipe.py::RecipeBuild): what a w8a8 slice is built from."""
 
     recipe: QuantRecipe
 
@@ -72,17 +72,6 @@ def toolkit_python(paths: Paths | None = None) -> Path:
     return py
 
 
-def bucket_shapes(spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> list[dict[str, Any]]:
-    """The shape sets a slice is compiled for (as compiler/compile.py lists them): layers every (seq, ctx), head every seq."""
-    out = []
-    for ctx in (buckets.context if spec.has_attention else (buckets.context[0],)):  # only the cache needs ctx buckets
-        for seq in buckets.seq:
-            out.append({"seq": seq, "ctx": ctx if spec.has_attention else None,
-                        "inputs": {k: list(v) for k, v in spec.input_shapes(weights.args, seq, ctx).items()},
-                        "outputs": {k: list(v) for k, v in spec.output_shapes(weights.args, seq).items()}})
-    return out
-
-
 def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
@@ -96,7 +85,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 class SimWorker:
-    """One `python -m exo_rknpu.backends.rknn_sim_worker` process and its request/response pipe."""
+    """One `python -m exo_rknpu.rknn.venv.sim_server` process and its request/response pipe."""
 
     def __init__(self, python: Path, workdir: Path, start_timeout: float = 180.0) -> None:
         self.workdir = workdir
@@ -105,7 +94,7 @@ class SimWorker:
         env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([str(python), "-m", "exo_rknpu.compiler.worker", "--serve"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(python), "-m", "exo_rknpu.rknn.venv.worker", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=str(workdir), bufsize=0)
         self._finalizer = weakref.finalize(self, _kill, self.proc)
         self._lock = threading.Lock()
@@ -113,7 +102,7 @@ class SimWorker:
         hello, _ = self._read(time.monotonic() + start_timeout, "start-up")
         self.pid = int(hello["pid"])
 
-    # -- framing (the worker side is rknn_sim_worker.send/recv) ---------------------------------------------
+    # -- framing (the worker side is rknn/venv/sim_server.py send/recv) ---------------------------------------------
     def _fail(self, what: str) -> SimulatorWorkerError:
         _kill(self.proc)
         code = self.proc.returncode
@@ -193,7 +182,7 @@ class SimRunner:
     def __init__(self, backend: "RknnSimBackend", spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> None:
         self.backend, self.spec, self.weights, self.buckets = backend, spec, weights, buckets
         self.names = tuple(spec.input_shapes(weights.args, 1, buckets.context[0]))  # graph order
-        self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights, buckets)}
+        self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights.args, buckets)}
         self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
         self.io: dict[tuple, dict] = {}  # input-shape key -> what the built model records for each input
         self.build_info: dict[str, dict[str, Any]] = {}
@@ -302,7 +291,7 @@ class RknnSimBackend:
     """rknn-toolkit2 simulator (x86 or aarch64 host with the toolkit venv): numerics of compiled slices, no board.
 
     dtype: "fp16" or "w8a8". w8a8 needs `recipe_build`, a w8a8 recipe bound to the model
-    (compiler/recipe.py::RecipeBuild(model, recipe)): build weights (smoothing/rotation), calibration activations,
+    (rknn/recipe.py::RecipeBuild(model, recipe)): build weights (smoothing/rotation), calibration activations,
     hybrid policy, range algorithm and fp16-kept slices, exactly as `exo-rknpu compile --dtype w8a8` uses them.
     """
 

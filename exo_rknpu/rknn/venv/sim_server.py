@@ -1,9 +1,9 @@
 """Runs INSIDE the rknn-toolkit2 venv: the long-lived simulator process of the `rknn-sim` backend.
 
-    python -m exo_rknpu.compiler.worker --serve      (compiler/worker.py::serve_simulator calls `serve` below)
+    python -m exo_rknpu.rknn.venv.worker --serve      (rknn/venv/worker.py::serve_simulator calls `serve` below)
 
-Started by backends/rknn_sim.py with stdin/stdout as pipes and stderr going to a log file. The build step is the
-compiler's own recipe (compiler/worker.py::build_rknn), handed to `serve`, so the simulator runs exactly what
+Started by rknn/sim.py with stdin/stdout as pipes and stderr going to a log file. The build step is the
+compiler's own recipe (rknn/venv/worker.py::build_rknn), handed to `serve`, so the simulator runs exactly what
 `exo-rknpu compile` would export. This module imports only the standard library and numpy.
 
 The protocol's messages (both directions) are framed by `send`/`recv` below: a 4-byte little-endian length, a
@@ -75,7 +75,7 @@ def recv(f: BinaryIO) -> tuple[dict[str, Any], list] | None:
 
 def serve(inp: BinaryIO, out: BinaryIO, build: Callable[[dict], tuple[Any, dict]]) -> None:
     """Answer requests until "exit" or end of input. `build(spec) -> (RKNN ready for inference, result dict)` is
-    the compiler's recipe (compiler/worker.py::build_for_simulator), passed in so this module stays below it."""
+    the compiler's recipe (rknn/venv/worker.py::build_for_simulator), passed in so this module stays below it."""
     models: dict[str, Any] = {}
     send(out, {"ok": True, "op": "ready", "pid": os.getpid()})
     while True:

@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 
-from exo_rknpu.backends import rknn_io
+from exo_rknpu.rknn import io as rknn_io
 from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.slices import manifest as mf
-from exo_rknpu.compiler import toolkit
-from exo_rknpu.compiler.buildlog import parse_build_log
-from exo_rknpu.compiler.calibration import capture, repad, text_digest
-from exo_rknpu.compiler.recipe import RecipeBuild, cache_text
+from exo_rknpu.rknn import toolkit
+from exo_rknpu.rknn.buildlog import parse_build_log
+from exo_rknpu.rknn.calibration import capture, repad, text_digest
+from exo_rknpu.rknn.recipe import RecipeBuild, cache_text
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import CompileError
 from exo_rknpu.fileio import sha256_file
@@ -33,8 +33,8 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import Buckets, SliceSpec, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
-from exo_rknpu.backends.npu import NpuBackend
+from exo_rknpu.slices.spec import Buckets, SliceSpec, bucket_shapes, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
+from exo_rknpu.rknn.npu import NpuBackend
 
 DTYPES = ("fp16", "w8a8")
 PLATFORMS = ("rk3588",)
@@ -97,12 +97,6 @@ class Progress:
               file=self.stream, flush=True)
 
 
-def _bucket_shapes(spec: SliceSpec, ws: ShardWeights, buckets: Buckets) -> list[dict[str, Any]]:
-    from exo_rknpu.backends.rknn_sim import bucket_shapes  # one definition, shared with the simulator backend
-
-    return bucket_shapes(spec, ws, buckets)
-
-
 def _ort_reference(spec: SliceSpec, ws: ShardWeights, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The slice's reference outputs: the "seq" graph (CPU backends' form) in onnxruntime, on the "seq" inputs."""
     import onnxruntime as ort
@@ -145,7 +139,7 @@ def _run_worker(py: Path, job: dict[str, Any], workdir: Path, timeout_per_build:
     env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": "2"}
     timeout = timeout_per_build * max(1, len(job["builds"]))
     try:
-        p = subprocess.run([str(py), "-m", "exo_rknpu.compiler.worker", str(jp)], env=env, cwd=str(workdir),
+        p = subprocess.run([str(py), "-m", "exo_rknpu.rknn.venv.worker", str(jp)], env=env, cwd=str(workdir),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise CompileError(f"RKNN build of {job['builds'][0]['name']} did not finish within {timeout:g} s "
@@ -180,7 +174,7 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
     stage = cache.staging()
     work = Path(tempfile.mkdtemp(prefix="work-", dir=stage.parent))
     try:
-        shapes = _bucket_shapes(spec, ws, buckets)
+        shapes = bucket_shapes(spec, ws.args, buckets)
         names = tuple(shapes[0]["inputs"])  # graph order (slices/spec.py input_shapes)
         builds: list[dict[str, Any]] = []
         verify_sets: list[tuple[dict, list[dict[str, np.ndarray]]]] = []  # (shape set, samples)
@@ -307,6 +301,9 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
             "slice": cc.spec_dict(spec), "layers": list(range(spec.start, spec.stop)) if spec.kind == "layers" else [],
             "model_fingerprint": ws.fingerprint, "weights_digest": cc.slice_digest(spec, ws), "model_args": ws.args.to_dict(),
             "dtype": dtype, "platform": platform, "toolkit_version": tk_version, "exporter_version": cc.exporter_version(),
+            # the oldest board runtime that loads these files: librknnrt refuses files of a newer toolkit ("Invalid
+            # RKNN model version"); the npu backend and doctor check it (backends/board.py)
+            "librknnrt_min": tk_version,
             "buckets": {"seq": list(buckets.seq), "context": list(buckets.context)},
             "files": files, "build": {"seconds": round(time.monotonic() - t0, 2), **report},
             "verify": verify_figs,
@@ -368,7 +365,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
 
     `specs`: compile exactly these slices instead (a placement plan's NPU slices, `compile --placement`); `cut`: how
     that plan cuts the range into slices, so activations for verification are captured at their inputs.
-    w8a8 builds follow `recipe` (slices/recipe.py; compiler/recipe.py applies it), which is part of each w8a8
+    w8a8 builds follow `recipe` (slices/recipe.py; rknn/recipe.py applies it), which is part of each w8a8
     slice's cache key and manifest; w8a8 compiles whole decoder layers only. `strict`: refuse any slice (built or
     found in the cache) with a CPU op or a compiler error in any bucket."""
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model

