@@ -107,4 +107,7 @@ def parse_build_log(text: str) -> BuildReport:
         m = _WEIGHT.search(line)
         if m:
             r.weight_kb = max(r.weight_kb or 0.0, float(m.group(1)))
+    if r.per_table and (pending.fallbacks or pending.errors):  # printed after the last table: still its build's
+        r.per_table[-1].fallbacks += pending.fallbacks
+        r.per_table[-1].errors += pending.errors
     return r
