@@ -102,7 +102,7 @@ def test_tampered_rknn_and_manifest_are_refused(first, tiny, cache_dir):
     src = resolve_model(str(tiny))
     ws = load_shard(src, LayerRange(0, 2, 4), weights="fp32")
     be = NpuBackend(cache_dir=cache_dir, check_board=False)
-    spec = SliceSpec("layers", 0, 1)
+    spec = SliceSpec("layers", 0, 1, kv_layout=NpuBackend.kv_layout)  # as the runtime asks for it
     folder, _ = be.locate(spec, ws, BUCKETS)  # intact: accepted
     rknn = next(folder.glob("*.rknn"))
     data = bytearray(rknn.read_bytes())
