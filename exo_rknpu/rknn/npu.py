@@ -47,8 +47,8 @@ class NpuRunner:
         try:
             for f in manifest["files"]:
                 if "io" not in f:
-                    raise ArtifactError(f"{folder}/manifest.json records no input/output attributes for {f['file']}; "
-                                        f"recompile it: {compile_command(spec, args.num_hidden_layers, manifest['dtype'], manifest['platform'], None)}")
+                    raise ArtifactError(f"{folder}/manifest.json records no input/output attributes for {f['file']} "
+                                        f"(compiled by an older exo-rknpu); delete that folder and run exo-rknpu compile again")
                 rk = RKNNLite(verbose=False)
                 if rk.load_rknn(str(folder / f["file"])) != 0:
                     raise ArtifactError(f"RKNNLite could not load {folder / f['file']}")
