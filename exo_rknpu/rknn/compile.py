@@ -294,7 +294,10 @@ def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype:
         for fname, group in groups:
             p = stage / fname
             # what the file records for each input and output (dtype, layout): the board hands inputs over so
-            io = rknn_io.read_io(p.read_bytes(), names, out_names)
+            try:  # a graph input the compiler dropped shows here (the file records the inputs it kept)
+                io = rknn_io.read_io(p.read_bytes(), names, out_names)
+            except rknn_io.MarshalError as e:
+                raise CompileError(f"slice {spec.name}: {fname}: {e} (did the compiler drop an input?)") from None
             files.append({"file": fname, "sha256": sha256_file(p), "bytes": p.stat().st_size, "shapes": group, "io": io})
         manifest = {
             "format": mf.FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -60,8 +60,8 @@ def build_npu_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = Non
     st = {k: state_name(k) for k in spec.state_inputs()}
     new: dict[str, list[str]] = {"k_new": [], "v_new": []}
     for i in range(spec.start, spec.stop):
-        cache = _layer_cache(ops, a, spec, i - spec.start) if spec.has_attention else None
-        st = _run_layer(ops, a, weights, i, spec, st, cache)
+        cache = _layer_cache(ops, a, spec, i - spec.start, ctx) if spec.has_attention else None
+        st = _run_layer(ops, a, weights, i, spec, st, cache, seq)
         if cache is not None:
             for name in new:
                 new[name].append(cache[name])
@@ -96,7 +96,7 @@ def _symbolic(shapes: dict[str, tuple[int, ...]], spec: SliceSpec, a: ModelArgs,
 _Cache = dict[str, str]  # one layer's past_k/past_v graph values, then its k_new/v_new once computed
 
 
-def _layer_cache(ops: OnnxOps, a: ModelArgs, spec: SliceSpec, layer: int) -> _Cache:
+def _layer_cache(ops: OnnxOps, a: ModelArgs, spec: SliceSpec, layer: int, ctx: int | None) -> _Cache:
     """The cache rows of one layer of the slice, as graph values ([1, kv, hd, C] keys, [1, kv, C, hd] values)."""
     kv, hd, n = a.num_key_value_heads, a.head_dim, spec.n_layers
     out: _Cache = {}
@@ -104,10 +104,15 @@ def _layer_cache(ops: OnnxOps, a: ModelArgs, spec: SliceSpec, layer: int) -> _Ca
     for name in ("past_k", "past_v"):
         x = name if n == 1 else ops._node("Slice", [name, *ops._range(layer * kv, (layer + 1) * kv), axis0])
         out[name] = ops._node("Unsqueeze", [x, axis0])  # [1, kv, hd, C] keys, [1, kv, C, hd] values
+    # C for cutting the probabilities: read from the values' shape under dynamic_input; a constant in a static graph,
+    # where rknn dropped the values input whose Shape it had folded (measured: a decode build recorded no past_v)
+    out["ctx"] = (ops._const(np.array([ctx], np.int64)) if ctx is not None
+                  else ops._node("Slice", [ops._node("Shape", [out["past_v"]]), *ops._range(2, 3)]))
     return out
 
 
-def _run_layer(ops: OnnxOps, a: ModelArgs, weights: ShardWeights, i: int, spec: SliceSpec, st: dict, attn: _Cache | None) -> dict:
+def _run_layer(ops: OnnxOps, a: ModelArgs, weights: ShardWeights, i: int, spec: SliceSpec, st: dict, attn: _Cache | None,
+               seq: int | None) -> dict:
     """One layer's parts (whole layer or a run of parts): graph.run_part for all but attention, which is written
     in the NPU form here."""
     from exo_rknpu.slices.graph import run_part
@@ -116,13 +121,13 @@ def _run_layer(ops: OnnxOps, a: ModelArgs, weights: ShardWeights, i: int, spec: 
     for part in spec.parts or PARTS:
         if part == "attention":
             assert attn is not None
-            st["o"], attn["k_new"], attn["v_new"] = _attention(ops, a, w, st["q"], st["k"], st["v"], attn)
+            st["o"], attn["k_new"], attn["v_new"] = _attention(ops, a, w, st["q"], st["k"], st["v"], attn, seq)
         else:
             run_part(ops, a, w, part, st)
     return st
 
 
-def _attention(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str, cache: _Cache) -> tuple[str, str, str]:
+def _attention(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str, cache: _Cache, seq: int | None) -> tuple[str, str, str]:
     """o [1,S,nh*hd] from q [1,S,nh*hd], k/v [1,S,kv*hd] over the cache; returns (o, k_new [kv,hd,S], v_new [kv,S,hd])."""
     hd, nh, kv, rep = a.head_dim, a.num_attention_heads, a.num_key_value_heads, a.n_rep
     cos, sin = "cos", "sin"  # [1,1,S,hd]
@@ -143,12 +148,15 @@ def _attention(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str, cache: _Ca
     s_past = ops._node("MatMul", [ops.swap_last(cache["past_k"]), qt])  # [1,kv,C,rS]
     s_new = ops._node("MatMul", [kh, qt])  # [1,kv,S,rS]
     p = ops._node("Softmax", [ops._node("Add", [ops._node("Concat", [s_past, s_new], axis=2), "mask"])], axis=2)
-    c = ops._node("Slice", [ops._node("Shape", [cache["past_v"]]), *ops._range(2, 3)])  # C (symbolic under dynamic_input)
+    c = cache["ctx"]
     axis = ops._const(np.array([2], np.int64))
     p_past = ops._node("Slice", [p, ops._const(np.array([0], np.int64)), c, axis])
     p_new = ops._node("Slice", [p, c, ops._const(np.array([2**62], np.int64)), axis])
-    o = ops._node("Add", [ops._node("MatMul", [ops.swap_last(p_past), cache["past_v"]]),
-                          ops._node("MatMul", [ops.swap_last(p_new), vh])])  # [1,kv,rS,hd]
+    # one new position (a static decode graph): its value term is an outer product, written as one; as a MatMul,
+    # rknn's fuse_exmatmul_add merged the two value matmuls and dropped the past one (measured: no past_v input left)
+    new_term = (ops._node("Mul", [ops.swap_last(p_new), vh]) if seq == 1
+                else ops._node("MatMul", [ops.swap_last(p_new), vh]))
+    o = ops._node("Add", [ops._node("MatMul", [ops.swap_last(p_past), cache["past_v"]]), new_term])  # [1,kv,rS,hd]
     kt = ops.swap_last(kh)  # [1,kv,hd,S]
     o = ops.merge_heads(_unfold(ops, o, a), nh, hd)
     axis0 = ops._const(np.array([0], np.int64))
