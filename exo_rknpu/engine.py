@@ -119,39 +119,30 @@ def _model_ref(src: ModelSource | None) -> str | None:
 
 
 def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
-    """Default loader: only `layer_range`'s weights, prepared on the configured backend (blocking)."""
-    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_shard
+    """Default loader: only `layer_range`'s weights, prepared as the configured backend and placement say (blocking)."""
     from exo_rknpu.model.loader import load_args
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_plan, plan_shards
 
-    return open_shard(
-        src,
-        layer_range,
-        backend=config.backend,
-        buckets=default_buckets(load_args(src), config.max_context),
-        layers_per_slice=config.layers_per_slice,
-        limits=config.limits,
-        backend_options=config.backend_options,
-        weights=config.weights,
-        progress=lambda msg: log.info("%s", msg),
-        placement=PlacementPlan.load(config.placement) if config.placement else None,
-        emulate=config.emulate,
-    )
+    args = load_args(src)
+    plan, = plan_shards(PlacementPlan.load(config.placement) if config.placement else None, args, [layer_range],
+                        config.backend, default_buckets(args, config.max_context),
+                        layers_per_slice=config.layers_per_slice, weights=config.weights,
+                        npu_dtype=config.backend_options.get("dtype", "fp16"), emulate=config.emulate)
+    return open_plan(src, plan, config.limits, backend_options=config.backend_options,
+                     progress=lambda msg: log.info("%s", msg), args=args)
 
 
 def check_npu(config: EngineConfig) -> None:
     """Refuse at start (one line, with the reason) what would fail at the first shard: the npu backend, or a plan
     naming NPU devices without --emulate, on a machine where the NPU cannot run."""
-    from exo_rknpu.runtime.placement import PlacementPlan, npu_problems, require_npu
+    from exo_rknpu.runtime.placement import PlacementPlan, check_plan_here, npu_problems
 
-    if config.backend != "npu" and not config.placement:
-        return
-    problems = npu_problems()
-    if not problems:
-        return
     if config.backend == "npu":
-        raise BackendUnavailableError("the npu backend cannot run here: " + "; ".join(problems))
-    if not config.emulate:
-        require_npu(PlacementPlan.load(config.placement), "; ".join(problems))
+        problems = npu_problems()
+        if problems:
+            raise BackendUnavailableError("the npu backend cannot run here: " + "; ".join(problems))
+    if config.placement:
+        check_plan_here(PlacementPlan.load(config.placement), config.backend, config.emulate)
 
 
 def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,

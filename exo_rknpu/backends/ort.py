@@ -19,7 +19,7 @@ from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
-from exo_rknpu.slices.onnx_export import MATMUL_NBITS_ACCURACY, build_onnx_compact, per_layer_cache_names
+from exo_rknpu.slices.onnx_export import ACCURACY_FP32, ACCURACY_INT8, build_onnx_compact, per_layer_cache_names
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
@@ -93,6 +93,7 @@ class OrtBackend:
     """
 
     name = "onnx"
+    processor = "cpu"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
     layers_per_slice: int | None = None  # chosen from max_slice_bytes by open_shard
@@ -124,7 +125,7 @@ class OrtBackend:
         cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
         if cache is not None:
             key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
-                               exporter=exporter_version(), accuracy=MATMUL_NBITS_ACCURACY, onnxruntime=ort.__version__)
+                               exporter=exporter_version(), accuracy=[ACCURACY_INT8, ACCURACY_FP32], onnxruntime=ort.__version__)
             model_file = cache.lookup(key)
         if model_file is None:
             model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)

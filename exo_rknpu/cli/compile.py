@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
     placed = {}
     if args.placement:
-        placed = _placed_specs(args, buckets)
+        placed = _placed_specs(args, margs, buckets)
         if placed is None:
             return 0
     recipe = recipe_from_args(args, margs.num_hidden_layers)
@@ -146,14 +146,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _placed_specs(args: argparse.Namespace, buckets) -> dict | None:
+def _placed_specs(args: argparse.Namespace, margs, buckets) -> dict | None:
     """compile --placement: the plan's NPU slices (and its cut) for compile_range; None after --explain."""
     from exo_rknpu.model.base import LayerRange
-    from exo_rknpu.model.loader import load_args
-    from exo_rknpu.model.zoo import resolve_model
     from exo_rknpu.runtime.placement import resolve
 
-    margs = load_args(resolve_model(args.model))
     n = margs.num_hidden_layers
     args.layers = args.layers or f"0-{n - 1}"
     # emulate=True: compile only reads which slices the plan puts on the NPU; nothing runs here

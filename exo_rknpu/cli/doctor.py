@@ -95,6 +95,6 @@ def run(args: argparse.Namespace) -> int:
     if info["ready"]:
         print("npu backend   ready")
     else:
-        why = info["problems"] + ([] if probe["ok"] else [f"init_runtime: {probe['reason']}"])
+        why = info["problems"] + ([] if probe["ok"] else [f"probe: {probe['reason']}"])
         print("npu backend   unavailable: " + "; ".join(why))
     return 0 if info["ready"] else 1

@@ -67,7 +67,8 @@ def failure_kind(e: BaseException) -> str:
 
 
 class RKNPUInferenceEngine(InferenceEngine):
-    def __init__(self, shard_downloader=None, options: NodeOptions | None = None) -> None:
+    def __init__(self, shard_downloader=None, options: NodeOptions | None = None, prober: Prober | None = None) -> None:
+        """`prober` tells whether the model's source (Hugging Face) answers now (default: a HEAD request)."""
         self.options = options or node_options.current()
         self.shard_downloader = shard_downloader
         self.shard: Optional[Shard] = None
@@ -77,7 +78,7 @@ class RKNPUInferenceEngine(InferenceEngine):
         self._rng = np.random.default_rng()
         self._failures: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._announced: OrderedDict[str, None] = OrderedDict()
-        self._prober = Prober()
+        self._prober = prober or Prober()
 
     # ------------------------------------------------------------------ model files
 
@@ -90,12 +91,15 @@ class RKNPUInferenceEngine(InferenceEngine):
         # Decided before any download starts: a model that is neither here nor fetchable fails in seconds
         # (exo's downloader would retry for minutes, and on after the client left).
         found = await asyncio.to_thread(model_availability, card, self.options.model_dir, self._prober)
-        if found.local is not None:
-            return await self.core.run_blocking(resolve_model, str(found.local))
-        if not found.downloadable:
+        if not found.servable:
             raise ModelUnavailableError(found.reason)
-        if card.zoo_alias is not None:
+        override = local_override(card, self.options.model_dir)
+        if override is not None:
+            return await self.core.run_blocking(resolve_model, str(override))
+        if card.zoo_alias is not None:  # by its alias: the name its compiled slices are cached under
             return await self.core.run_blocking(resolve_model, card.zoo_alias)
+        if found.local is not None:  # complete in exo's download folder: no need to ask the hub
+            return await self.core.run_blocking(resolve_model, str(found.local))
         if self.shard_downloader is None:
             raise ModelUnavailableError(f"{model_id} must be downloaded but this engine has no shard downloader; "
                                         f"put it at --model-dir DIR as DIR/{model_id}")

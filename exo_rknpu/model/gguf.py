@@ -21,17 +21,19 @@ from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
-from exo_rknpu.model.quant import QTensor, Weight, compact, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8, resolve_bits
+from exo_rknpu.model.quant import (QTensor, Weight, compact, cpu_independent, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8,
+                                   resolve_bits)
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 
 _MAGIC = b"GGUF"
 # GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-# What --weights auto keeps each GGUF type as: Q4_0 -> int4 and Q8_0 -> int8 exactly; every other type -> int8
-# (Q4_1 within d/34 of its values; int4 with an integer zero point would move them by up to d/2, which measured
-# 68% top-1 agreement with float32 on smollm2 against 96% for int8; K-quants and floats have no exact int4 form).
-AUTO_BITS = {"Q4_0": 4, "Q8_0": 8}
+# What --weights auto keeps each GGUF type as: the file's own values, multiplied in float32 (the same answers on
+# every CPU). Q4_0 stays 4-bit blocks exactly (onnxruntime multiplies them with float32 activations); every
+# other type is widened to float32: onnxruntime has no float32-activation kernel for 8-bit blocks (its fallback
+# measured 20x slower than float32), and Q4_1, K-quants and floats have no exact integer-zero-point 4-bit form.
+AUTO_BITS = {"Q4_0": 4}
 _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
@@ -186,10 +188,10 @@ class GGUFFile:
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
         qname = t.qtype.name
-        bits = resolve_bits(mode, AUTO_BITS.get(qname, 8))
+        bits = resolve_bits(mode, AUTO_BITS.get(qname))
         shape = tuple(reversed(t.dims))
         if len(shape) == 2 and (qname, bits) in (("Q4_0", 4), ("Q8_0", 8)):
-            return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
+            return from_gguf_blocks(self.raw(name), qname, shape, cpu_independent(mode))  # type: ignore[arg-type]
         if len(shape) == 2 and qname == "Q4_1" and bits in (4, 8):
             return (q4_1_to_int4 if bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
         if bits is None or len(shape) != 2:

@@ -319,8 +319,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 # LayerWeights fields that are linear weights [out, in] (compact under --weights int4/int8); the rest stay float32.
 LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# What --weights auto means for Hugging Face float checkpoints.
-HF_AUTO_BITS = 8
+# What --weights auto means for Hugging Face float checkpoints: float32 (the checkpoint's own values, multiplied in
+# float32: the same answers on every CPU; int4/int8 quantize, and let onnxruntime quantize activations too).
+HF_AUTO_BITS = None
 
 
 def check_shape(name: str, a: Any, shape: tuple[int, ...], where: object) -> np.ndarray:
@@ -345,7 +346,7 @@ def layer_fields(args: ModelArgs) -> list[str]:
 def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, weights: str = "fp32",
                   layers: bool = True, embed: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
     """Load only what `layer_range` needs from an HF folder, linear weights in the form `weights` asks for
-    (quant.py; auto = int8). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
+    (quant.py; auto = float32). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
     loader sets it). layers=False: the embedding only (first shard); no file holding only layer or head tensors
     is opened."""
     folder = Path(folder)

@@ -47,22 +47,25 @@ def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> 
 
 
 def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto", layers: bool = True,
-               embed: bool = True, progress: Callable[[str], None] | None = None) -> ShardWeights:
+               embed: bool = True, progress: Callable[[str], None] | None = None,
+               args: ModelArgs | None = None) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
     `weights` (auto | int4 | int8 | fp32) picks the form of linear weights and the embedding (model/quant.py):
-    auto keeps GGUF Q4_0/Q8_0 as stored (mapped exactly) and makes int8 of everything else; fp32 widens
-    everything. Norms and biases are float32 always.
+    auto keeps the source's own values, multiplied in float32 (the same answers on every CPU): GGUF Q4_0 as stored
+    (mapped exactly), everything else float32; int4/int8 quantize (compact, faster, CPU-dependent rounding); fp32
+    widens everything. Norms and biases are float32 always.
     layers=False: only the embedding (first shard). The decoder layers and the final norm + head are neither read
     nor dequantized: for a backend that runs them from compiled files (npu, `needs_layer_weights = False`).
     embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head
     on the last shard is still read (it is the embedding matrix).
     `progress` gets a one-line message now and then while layers load.
+    `args`: the model's config (load_args) when the caller has it, so config.json is not read again.
     """
     check_mode(weights)
     report = _layer_progress(layer_range, progress)
     if src.format == "hf":
-        args = hf.load_hf_args(src.path)
+        args = args or hf.load_hf_args(src.path)
         _check_range(args, layer_range)
         shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report)
         digest = hf.source_digest(src.path)

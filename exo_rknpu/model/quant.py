@@ -18,7 +18,7 @@ from float32 by `quantize` (asymmetric min/max per block, zero always representa
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class QTensor:
     scales: np.ndarray
     zero_points: np.ndarray | None = None
     origin: str = ""  # how it was made, e.g. "Q4_0 (exact)" or "Q4_1 -> int4": for messages and docs
+    # Multiplied with float32 activations (the same answers on every CPU, up to float32 rounding) rather than
+    # activations quantized to int8 inside the kernel (faster, but rounded differently per instruction set).
+    fp32_activations: bool = False
 
     def __post_init__(self) -> None:
         n, k = self.shape
@@ -100,11 +103,12 @@ class QTensor:
     def take_rows(self, order: np.ndarray) -> "QTensor":
         """The same matrix with its rows reordered (a permutation of output features; codes are untouched)."""
         zp = None if self.zero_points is None else self.zero_points[order]
-        return QTensor(self.bits, self.shape, self.block_size, self.blocks[order], self.scales[order], zp, self.origin)
+        return replace(self, blocks=self.blocks[order], scales=self.scales[order], zero_points=zp)
 
     def hash_into(self, h: "hashlib._Hash") -> None:
         """Feed layout and bytes to a hash without copying them."""
-        h.update(f"q{self.bits}:{self.shape}:{self.block_size}:{self.zero_points is not None};".encode())
+        h.update(f"q{self.bits}:{self.shape}:{self.block_size}:{self.zero_points is not None}:"
+                 f"{self.fp32_activations};".encode())
         for a in (self.blocks, self.scales, self.zero_points):
             if a is not None:
                 h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
@@ -151,7 +155,7 @@ def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = ""
     return QTensor(bits, (n, k), block_size, blocks, scales, zp, origin or f"float -> int{bits}")
 
 
-def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> QTensor:
+def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int], fp32_activations: bool = False) -> QTensor:
     """Q4_0 / Q8_0 rows (uint8 [N, n_blocks * block_bytes], as stored) -> QTensor without re-quantizing.
 
     Q4_0 block: fp16 d, 16 bytes; byte j holds element j (low nibble) and element j+16 (high nibble); value = d*(q-8).
@@ -163,11 +167,11 @@ def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -
         scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
         qs = b[..., 2:]
         codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # elements 0..15 then 16..31
-        return QTensor(4, (n, k), 32, pack4(codes), scales, None, "Q4_0 (exact)")
+        return QTensor(4, (n, k), 32, pack4(codes), scales, None, "Q4_0 (exact)", fp32_activations)
     if qtype_name == "Q8_0":
         b = raw.reshape(n, k // 32, 34)
         scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        return QTensor(8, (n, k), 32, b[..., 2:] ^ np.uint8(0x80), scales, None, "Q8_0 (exact)")
+        return QTensor(8, (n, k), 32, b[..., 2:] ^ np.uint8(0x80), scales, None, "Q8_0 (exact)", fp32_activations)
     raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
 
 
@@ -243,9 +247,16 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def resolve_bits(mode: str, auto_bits: int) -> int | None:
+def resolve_bits(mode: str, auto_bits: int | None) -> int | None:
     """Bits a linear weight is stored with under `mode` (None: float32); `auto_bits` is what 'auto' means for its source."""
     return {"fp32": None, "int4": 4, "int8": 8}.get(check_mode(mode), auto_bits)
+
+
+def cpu_independent(mode: str) -> bool:
+    """Whether `mode` gives the same answers on every CPU: auto and fp32 compute with float32 activations
+    (auto's compact blocks included); int4 and int8 let onnxruntime quantize activations to int8, whose rounding
+    differs between instruction sets (AVX2, AVX-512 VNNI, AMX, aarch64 with or without i8mm)."""
+    return check_mode(mode) in ("auto", "fp32")
 
 
 def compact(w: np.ndarray, bits: int | None, origin: str = "") -> Weight:

@@ -79,7 +79,7 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
     from exo_rknpu.rknn.sim import RknnSimBackend
     from exo_rknpu.rknn.recipe import RecipeBuild
     from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
-    from exo_rknpu.runtime.placement import fallback_placement
+    from exo_rknpu.runtime.placement import resolve
 
     t0 = time.monotonic()
     src = resolve_model(model)
@@ -123,8 +123,9 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
     fp16_slices = sorted(s for s in (["head"] + [f"layers.{i}" for i in range(full.args.num_hidden_layers)])
                          if rb is not None and recipe.slice_dtype(s) == "fp16")
 
-    def place(spec: SliceSpec):
-        return fallback_placement(main, onnx_be)(spec)
+    # the one planner's default plan for rknn-sim: one graph per layer, the embedding on the host CPU (onnx)
+    plan = resolve(None, full.args, full.layer_range, "rknn-sim", buckets, layers_per_slice=1)
+    devices = {name: main if backend == "rknn-sim" else onnx_be for name, backend in plan.backends.items()}
 
     state: dict[str, int] = {"real": seq}
     ort_layers: dict[str, Any] = {}
@@ -152,7 +153,7 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
         layer_figs.setdefault(spec.name, []).append(f)
 
     t1 = time.monotonic()
-    sim = ShardRunner(sim_weights, place, buckets, layers_per_slice=1, on_slice=on_sim)
+    sim = ShardRunner(sim_weights, buckets=buckets, on_slice=on_sim, plan=plan, devices=devices)
     try:
         log(f"simulator ready ({dtype}{', fp16: ' + ','.join(sorted(fp16_slices)) if fp16_slices else ''}) in {time.monotonic() - t1:.0f} s")
         t2 = time.monotonic()

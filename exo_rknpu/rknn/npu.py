@@ -104,6 +104,7 @@ class ShardMemory:
 
 class NpuBackend:
     name = "npu"
+    processor = "npu"
     # "npu": the NPU form (slices/npu_form.py): float16 cache kept as the compiled slice takes it, and a graph with no
     # CPU op at any default bucket (docs/compiler.md)
     kv_layout = "npu"

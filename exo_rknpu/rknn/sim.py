@@ -11,8 +11,8 @@ recipe (rknn/venv/worker.py::build_rknn) and then `init_runtime()` + `inference`
   `exo-rknpu compile --dtype w8a8`. Built on first use of the bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
 
 Inputs and outputs go through rknn/io.py, the same marshalling as the board's `npu` backend. The
-embedding stays on the host (`supports` says no), like `npu`: place it on another backend
-(runtime/placement.py::fallback_placement; runtime/placement.py does it for you).
+embedding stays on the host (`supports` says no), like `npu`: the planner (runtime/placement.py::resolve) places
+it on the host CPU.
 
 The worker exits when its stdin closes or this process dies; a worker that dies or stops answering raises
 SimulatorWorkerError (with the tail of its log) instead of hanging. Nothing here imports rknn.
@@ -296,6 +296,7 @@ class RknnSimBackend:
     """
 
     name = "rknn-sim"
+    processor = "npu"
     # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
     # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
     kv_layout = "npu"  # the npu backend's form (slices/npu_form.py), so the simulator runs what the board runs
@@ -322,7 +323,7 @@ class RknnSimBackend:
         self.recipe_build = recipe_build if dtype == "w8a8" else None  # fp16 builds use the original weights
         if dtype == "w8a8" and recipe_build is None:
             raise BackendUnavailableError(
-                "rknn-sim w8a8 needs a recipe bound to the model: pass recipe_build=compiler.recipe.RecipeBuild(model) "
+                "rknn-sim w8a8 needs a recipe bound to the model: pass recipe_build=rknn.recipe.RecipeBuild(model) "
                 "(`exo-rknpu generate --backend rknn-sim --backend-dtype w8a8` does)")
         self.build_timeout, self.run_timeout, self.start_timeout = build_timeout, run_timeout, start_timeout
         self.keep_files = keep_files

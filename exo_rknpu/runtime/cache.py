@@ -1,4 +1,4 @@
-"""Host-side KV cache of one request for one layer slice.
+"""Host-side KV caches: `KVCache` for one layer slice, `RequestCache` for one request on one shard.
 
 Capacity grows in context-bucket steps (never per token) and the cache is always exactly one bucket long,
 so it is handed to backends as is: no per-call copy, and the NPU only sees compiled shapes.
@@ -6,9 +6,11 @@ so it is handed to backends as is: no per-call copy, and the NPU only sees compi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from exo_rknpu.runtime.inputs import attention_mask
 
 
 # positions axis of (keys, values) per layout; "npu" keeps float16 keys [n*kv, hd, C] and values [n*kv, C, hd] as
@@ -60,3 +62,43 @@ class KVCache:
         for cache, new, axis in zip((self.keys, self.values), (k_new, v_new), _AXES[self.layout]):
             lead = (slice(None),) * axis
             cache[lead + (slice(pos, pos + count),)] = new[lead + (slice(0, count),)]
+
+
+@dataclass
+class RequestCache:
+    """One request's state on one shard: its KV caches, its position, and what follows from the position.
+
+    Like mlx-lm's cache owns its `offset`, this owns `pos` (tokens already in the cache; the next token goes there),
+    the roll-back of a call that failed (`rollback`), and the attention mask over what it holds (`mask`). A call
+    writes its rows past `pos` and moves `pos` only when it commits (`advance`): rows past `pos` are never read
+    (the mask hides them) and the next write overwrites them, so rolling `pos` back undoes a call.
+    """
+
+    pos: int = 0
+    caches: list[KVCache] = field(default_factory=list)  # one per attention slice, allocated by the first call
+    touched: float = 0.0  # monotonic time of the last step (RequestStore's clock)
+    _template: tuple[tuple[int, int], np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def advance(self, n: int) -> None:
+        """A call of `n` tokens committed: they are part of the context from now on."""
+        self.pos += n
+
+    def rollback(self, pos: int) -> None:
+        """Forget every position from `pos` on (a failed call's rows)."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot roll back to position {pos}: the cache holds {self.pos}")
+        self.pos = pos
+
+    def mask(self, at: int, seq: int, ctx: int) -> np.ndarray:
+        """Additive mask [1,1,seq,ctx+seq] of a `seq`-row chunk written at position `at`: row i sees the cached
+        positions below `at` and the chunk's rows up to i. The causal part is kept from the last call of the same
+        shape, so a decode step copies one row instead of rebuilding it."""
+        if self._template is None or self._template[0] != (seq, ctx):
+            self._template = ((seq, ctx), attention_mask(seq, seq, ctx, 0))
+        m = self._template[1].copy()
+        m[..., :at] = 0.0
+        return m

@@ -12,10 +12,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from exo_rknpu.errors import CapacityError, RequestStateError
-from exo_rknpu.runtime.cache import KVCache
+from exo_rknpu.runtime.cache import RequestCache
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +33,8 @@ class RequestLimits:
     idle_seconds: float | None = None
 
 
-@dataclass
-class RequestState:
-    pos: int = 0  # tokens already in the cache
-    caches: list[KVCache] = field(default_factory=list)  # one per layer slice
-    touched: float = 0.0  # monotonic time of the last step
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches)
-
-
 class RequestStore:
-    """request_id -> RequestState of the live requests of one shard.
+    """request_id -> RequestCache of the live requests of one shard.
 
     reserve_bytes: KV memory one request may grow to (its cache at the largest context bucket).
     """
@@ -55,7 +44,7 @@ class RequestStore:
         self.limits = limits
         self.reserve_bytes = reserve_bytes
         self.clock = clock
-        self._states: OrderedDict[str, RequestState] = OrderedDict()
+        self._states: OrderedDict[str, RequestCache] = OrderedDict()
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._states
@@ -66,8 +55,8 @@ class RequestStore:
     def ids(self) -> list[str]:
         return list(self._states)
 
-    def get(self, request_id: str) -> RequestState:
-        """A live request's state; RequestStateError if this shard holds none for it."""
+    def get(self, request_id: str) -> RequestCache:
+        """A live request's cache; RequestStateError if this shard holds none for it."""
         state = self._states.get(request_id)
         if state is None:
             raise RequestStateError(
@@ -77,11 +66,11 @@ class RequestStore:
         state.touched = self.clock()
         return state
 
-    def peek(self, request_id: str) -> RequestState | None:
+    def peek(self, request_id: str) -> RequestCache | None:
         """A live request's state without marking it stepped; None if not live."""
         return self._states.get(request_id)
 
-    def admit(self, request_id: str) -> RequestState:
+    def admit(self, request_id: str) -> RequestCache:
         """Start a new request, or raise CapacityError if it does not fit (nothing live is evicted)."""
         if request_id in self._states:
             raise RequestStateError(f"request {request_id} is already live on this node; request ids are never reused")
@@ -103,7 +92,7 @@ class RequestStore:
                 f"{_mb(limits.max_bytes)} (--max-kv-mb; {len(self._states)} live requests of up to "
                 f"{_mb(self.reserve_bytes)} each); retry when one has finished"
             )
-        state = self._states[request_id] = RequestState(touched=self.clock())
+        state = self._states[request_id] = RequestCache(touched=self.clock())
         return state
 
     def idle(self) -> list[str]:

@@ -23,9 +23,11 @@ IR_VERSION = 8
 # "sdpa": the op pattern the RKNN compiler fuses (copies the cache: concat + repeat); "split": no cache copy, for CPUs.
 ATTENTION_FORMS = ("sdpa", "split")
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
-# MatMulNBits accuracy_level 4: activations quantized to int8 per block inside the kernel. Measured on onnxruntime
-# 1.32 (x86): 8-bit weights at level 0 take a dequantize-everything fallback (~70x slower); 4-bit runs ~2x faster.
-MATMUL_NBITS_ACCURACY = 4
+# MatMulNBits accuracy_level: 4 quantizes activations to int8 per block inside the kernel (fast; rounded differently
+# per instruction set); 1 keeps them float32 (QTensor.fp32_activations: the same answers on every CPU). Measured
+# on onnxruntime 1.32 (x86 AVX2, CPU time of a decode step): 4-bit at level 1 is ~3x slower than at level 4 and
+# 8-bit at level 1 takes a dequantize-everything fallback (~20x slower), so only 4-bit blocks run at level 1.
+ACCURACY_INT8, ACCURACY_FP32 = 4, 1
 EXTERNAL_MIN_BYTES = 1 << 10  # tensors at least this big are handed over outside the protobuf (no 2 GiB limit)
 MEMORY_LOCATION = "in-memory"  # external-data location of initializers handed to onnxruntime as OrtValues
 
@@ -103,7 +105,8 @@ class OnnxOps:
         out = self.g.fresh("matmulnbits")
         self.g.nodes.append(helper.make_node(
             "MatMulNBits", [x, *self.g.weight_names[key].split(",")], [out], name=out, domain=MS_DOMAIN,
-            K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=w.block_size, accuracy_level=MATMUL_NBITS_ACCURACY))
+            K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=w.block_size,
+            accuracy_level=ACCURACY_FP32 if w.fp32_activations else ACCURACY_INT8))
         return out
 
     def __getattr__(self, name: str):
@@ -272,7 +275,7 @@ class OnnxOps:
 
 def stack_kind(w: QTensor) -> tuple:
     """What must agree for QTensors to be stacked row-wise into one MatMulNBits."""
-    return (w.bits, w.block_size, w.shape[1], w.zero_points is None)
+    return (w.bits, w.block_size, w.shape[1], w.zero_points is None, w.fp32_activations)
 
 
 def stack_rows(ws: list[QTensor]) -> QTensor:
@@ -280,7 +283,7 @@ def stack_rows(ws: list[QTensor]) -> QTensor:
     zp = None if ws[0].zero_points is None else np.concatenate([w.zero_points for w in ws])
     return QTensor(ws[0].bits, (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].block_size,
                    np.concatenate([w.blocks for w in ws]), np.concatenate([w.scales for w in ws]), zp,
-                   " + ".join(sorted({w.origin for w in ws})))
+                   " + ".join(sorted({w.origin for w in ws})), ws[0].fp32_activations)
 
 
 def external_tensor(name: str, arr: np.ndarray, location: str, offset: int = 0) -> onnx.TensorProto:

@@ -94,7 +94,7 @@ def test_rk3588s_and_other_rockchips(tmp_path):
 def test_non_rockchip_report_is_sane(tmp_path):
     root = fake_root(tmp_path, None, None, total_kb=4_000_000)
     caps = detect("onnx", kv_budget_bytes=0, proc_root=root)
-    assert caps.chip == "Test CPU 3000" and "exo-rknpu, onnx" in caps.model
+    assert caps.chip == "Test CPU 3000" and "(exo-rknpu, rknpu/onnx; serves " in caps.model
     assert caps.int8 == caps.fp16 == caps.fp32 == 0.0
     assert caps.memory == 4_000_000 // 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["onnx"]
     assert rockchip_soc(root) is None

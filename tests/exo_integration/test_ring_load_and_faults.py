@@ -20,8 +20,7 @@ import urllib.request
 
 import pytest
 
-from exo_helpers import FP32, needs_exo
-from test_e2e_ring import QUESTION, Ring, chat, get_json
+from exo_helpers import FP32, QUESTION, Ring, chat, get_json, needs_exo
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
 
@@ -223,8 +222,8 @@ def test_a_node_without_kv_room_for_another_request_refuses_it(tmp_path):
 
     resolve_model("smollm2-135m")
     r = Ring(tmp_path, {
-        "node-a": {"backend": "numpy", "memory": MEMORY["node-a"]},
-        "node-b": {"backend": "onnx", "memory": MEMORY["node-b"], "extra": ["--max-kv-mb", "40"]},
+        "node-a": {"backend": "numpy", "memory": MEMORY["node-a"], "extra": FP32},
+        "node-b": {"backend": "onnx", "memory": MEMORY["node-b"], "extra": [*FP32, "--max-kv-mb", "40"]},
     })
     try:
         r.start()

@@ -335,3 +335,22 @@ def test_compile_with_verify_reads_the_prefix_once(board, reads, tmp_path):
     assert all(r.verify["cos_" + ("logits" if r.name == "head" else "hidden_out")] >= 0.9999 for r in res)
     assert "model.embed_tokens.weight" in log and "model.layers.0.mlp.down_proj.weight" in log
     assert set(log.values()) == {1}
+
+
+def test_a_librknnrt_older_than_the_compiling_toolkit_is_refused_before_loading(board, load_only, monkeypatch):
+    """On a board whose /usr/lib/librknnrt.so is 2.3.2, files built by rknn-toolkit2 2.5.0 (manifest librknnrt_min)
+    are refused in one line naming both versions, before RKNNLite reads them (rknn_init would fail with "Invalid
+    RKNN model version")."""
+    from exo_rknpu.backends import board as board_facts
+    from exo_rknpu.errors import BackendUnavailableError
+    from exo_rknpu.rknn import npu
+
+    cache, on_board, _ = board
+    monkeypatch.setattr(npu, "board_problems", lambda *a: [])  # the rest of the board is fine
+    monkeypatch.setattr(board_facts, "librknnrt_version", lambda *a: "2.3.2 (429f97ae6b@2025-04-09T09:09:27)")
+    with pytest.raises(BackendUnavailableError) as e:
+        open_shard(resolve_model(str(on_board)), LayerRange(1, 2, N_LAYERS), "npu", BUCKETS,
+                   backend_options={"cache_dir": cache})
+    msg = str(e.value)
+    assert "\n" not in msg and "is librknnrt 2.3.2" in msg and "need 2.5.0 or newer" in msg, msg
+    assert load_only.loads == []

@@ -39,6 +39,7 @@ def test_tiny_slices_compile_and_verify(first, cache_dir):
             assert r.verify[k] >= 0.9999, (r.name, k, r.verify[k])
         m = json.loads((Path(r.folder) / "manifest.json").read_text())
         assert m["dtype"] == "fp16" and m["platform"] == "rk3588" and m["toolkit_version"] == "2.5.0"
+        assert m["librknnrt_min"] == "2.5.0"  # the board's runtime must be at least the compiling toolkit's version
         assert m["layers"] == [int(r.name.split(".")[1])]
         shapes = m["files"][0]["shapes"]
         assert {(s["seq"], s["ctx"]) for s in shapes} == {(1, 64), (16, 64), (1, 128), (16, 128)}  # one file, dynamic_input

@@ -156,21 +156,19 @@ def test_rknn_sim_without_toolkit_names_the_install_command(tmp_path):
         get_backend("rknn-sim", dtype="w8a8", python="/bin/false")
 
 
-def test_fallback_placement_puts_unsupported_slices_on_the_fallback():
-    from exo_rknpu.runtime.placement import fallback_placement
-    from exo_rknpu.slices.spec import SliceSpec
+def test_fallback_placement_puts_unsupported_slices_on_the_fallback(tiny_llama):
+    # the one planner's default plan: what the backend cannot run (the embedding lookup) goes to the host CPU
+    from exo_rknpu.model.base import LayerRange
+    from exo_rknpu.model.loader import load_args, resolve_model
+    from exo_rknpu.runtime.placement import resolve
+    from exo_rknpu.slices.spec import Buckets
 
-    class OnlyLayers:
-        name = "only-layers"
-
-        def supports(self, spec):
-            return spec.kind == "layers"
-
-    primary, fallback = OnlyLayers(), get_backend("numpy")
-    place = fallback_placement(primary, fallback)
-    assert place(SliceSpec("embed")) is fallback
-    assert place(SliceSpec("layers", 0, 1)) is primary
-    assert place(SliceSpec("head")) is fallback
+    args = load_args(resolve_model(str(tiny_llama)))
+    plan = resolve(None, args, LayerRange.full(args.num_hidden_layers), "rknn-sim", Buckets.up_to(256))
+    place = {s.spec.kind: s.backend for s in plan.slices}
+    assert place["embed"] == "onnx"
+    assert place["layers"] == "rknn-sim"
+    assert place["head"] == "rknn-sim"
 
 
 def test_sim_worker_framing_round_trips_arrays():

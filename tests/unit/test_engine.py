@@ -292,8 +292,8 @@ async def test_smollm2_split_equals_full_exactly():
         return src
 
     n, pp = 30, 15
-    e1 = ShardEngine(EngineConfig(backend="numpy", logits="last"), source)
-    e2 = ShardEngine(EngineConfig(backend="numpy", logits="last"), source)
+    e1 = ShardEngine(EngineConfig(backend="numpy", logits="last", weights="fp32"), source)  # " Paris" on every CPU
+    e2 = ShardEngine(EngineConfig(backend="numpy", logits="last", weights="fp32"), source)
     try:
         loaded = await e1.ensure("smollm2-135m", LayerRange.full(n))
         ids = np.array([loaded.tokenizer.encode("The capital of France is")], dtype=np.int64)
