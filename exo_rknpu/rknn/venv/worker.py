@@ -120,7 +120,6 @@ def build_rknn(b: dict, res: dict):
         cfg: dict = {"target_platform": b["platform"]}
         if b.get("dynamic_input"):
             cfg["dynamic_input"] = b["dynamic_input"]
-        cfg.update(b.get("config") or {})  # further RKNN.config options of the slice's form (e.g. optimization_level)
         if b["dtype"] == "w8a8" and b.get("quantized_algorithm"):
             cfg["quantized_algorithm"] = b["quantized_algorithm"]  # rknn: normal (min/max, default) | mmse | kl_divergence
         _check(rk.config(**cfg), "config")
