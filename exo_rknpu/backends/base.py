@@ -100,6 +100,11 @@ def option_names(name: str) -> set[str]:
     return set(inspect.signature(backend_class(name).__init__).parameters) - {"self", "args", "kwargs"}
 
 
+def backends_taking(option: str) -> list[str]:
+    """The registered backends that take keyword option `option` (e.g. dtype: the compiled ones), sorted."""
+    return [n for n in sorted(BACKENDS) if option in option_names(n)]
+
+
 def require_support(backend: Backend, spec: SliceSpec) -> None:
     if not backend.supports(spec):
         raise UnsupportedSliceError(f"backend {backend.name!r} does not support slice {spec.name!r}")

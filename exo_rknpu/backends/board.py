@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 SOC_PATH = Path("/proc/device-tree/compatible")
-LIBRKNNRT = Path("/usr/lib/librknnrt.so")  # the only path RKNNLite loads (docs/board.md)
+LIBRKNNRT = Path("/usr/lib/librknnrt.so")  # where RKNNLite loads it from (docs/board.md)
 DRIVER_PATHS = (Path("/sys/kernel/debug/rknpu/version"), Path("/sys/module/rknpu/version"))
 MIN_DRIVER = (0, 9)  # rknn 2.x runtimes need the rknpu driver >= 0.9
 # rknn-toolkit-lite2 release series whose Python API this backend was written against (pyproject's `board` extra)

@@ -76,8 +76,8 @@ def _prompt_text(args: argparse.Namespace, tok) -> str:
     return render_chat(tok, messages, enable_thinking=args.thinking)
 
 
-def run(args: argparse.Namespace) -> int:
-    # Options that need no model first: nothing is resolved, downloaded or loaded for bad input.
+def check_options(args: argparse.Namespace) -> None:
+    """Options that need no model, checked first: nothing is resolved, downloaded or loaded for bad input."""
     if not args.prompt:
         raise UsageError("--prompt is empty; give the text to continue")
     if args.system is not None and not args.chat:
@@ -85,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     if args.thinking and not args.chat:
         raise UsageError("--thinking is a chat template option; add --chat (or drop --thinking)")
     check_emulate(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan every shard, open them, generate, print (text as it comes, or one JSON object)."""
+    check_options(args)
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
     margs = load_args(src)  # config only: no weights yet
@@ -120,21 +125,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ring.close()
     if args.json:
-        result = {
-            "text": tok.decode(new_ids),
-            "token_ids": new_ids,
-            "prompt_ids": prompt_ids,
-            "model": src.name,
-            "backend": args.backend,
-            "split": [str(r) for r in ranges],
-            "placement": str(args.placement) if args.placement else None,
-            "emulated": emulated,
-            "timings": {"load_s": round(load_s, 3), **timings.to_dict()},
-        }
-        print(json.dumps(result))
+        print(json.dumps({"text": tok.decode(new_ids), "token_ids": new_ids, "prompt_ids": prompt_ids, "model": src.name,
+                          "backend": args.backend, "split": [str(r) for r in ranges],
+                          "placement": str(args.placement) if args.placement else None, "emulated": emulated,
+                          "timings": {"load_s": round(load_s, 3), **timings.to_dict()}}))
     else:
-        rest = decoder.flush()
-        print(rest, flush=True)
+        print(decoder.flush(), flush=True)
         t = timings.to_dict()
         progress(f"[{len(new_ids)} tokens; prefill {t['prefill_s']:.3f}s; decode {t['decode_tokens_per_s']:.1f} tok/s; "
                  f"shards {', '.join(str(r) for r in ranges)} on {args.backend}"

@@ -6,7 +6,7 @@ compile's default w8a8 recipe bound to the model (rknn/recipe.py), built once an
 
 from __future__ import annotations
 
-from exo_rknpu.backends.base import BACKENDS, option_names
+from exo_rknpu.backends.base import backends_taking, option_names
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.zoo import ModelSource
 
@@ -24,8 +24,7 @@ def backend_options(backend: str, *, dtype: str | None = None, threads: int | No
         if value is None:
             continue
         if option not in takes:
-            users = [n for n in sorted(BACKENDS) if option in option_names(n)]
-            raise UsageError(f"{FLAGS[option]} applies to {' and '.join(users)}, not {backend}")
+            raise UsageError(f"{FLAGS[option]} applies to {' and '.join(backends_taking(option))}, not {backend}")
         opts[option] = value
     if dtype == "w8a8" and "recipe_build" in takes:
         from exo_rknpu.rknn.recipe import RecipeBuild

@@ -23,6 +23,8 @@ needs_exo = pytest.mark.skipif(not EXO_OK, reason=EXO_WHY or "legacy exo is not 
 FP32 = ["--weights", "fp32"]
 QUESTION = "What is the capital of France?"
 REQUEST_TIMEOUT = 300
+# what the peers file says about each node; exo replaces it with what the node reports once it is reached
+PLACEHOLDER = {"model": "?", "chip": "?", "memory": 1, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}
 
 
 def fake_shard_downloader(fetch):
@@ -69,8 +71,7 @@ class Ring:
         self.env = env or dict(os.environ, EXO_HOME=str(tmp / "exo-home"), PYTHONUNBUFFERED="1")
         for spec in nodes.values():
             spec["grpc"], spec["api"] = free_port(), free_port()
-        peers = {nid: {"address": "127.0.0.1", "port": s["grpc"],
-                       "device_capabilities": {"model": "?", "chip": "?", "memory": 1, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}
+        peers = {nid: {"address": "127.0.0.1", "port": s["grpc"], "device_capabilities": PLACEHOLDER}
                  for nid, s in nodes.items()}
         self.config = tmp / "ring.json"
         self.config.write_text(json.dumps({"peers": peers}))
@@ -120,6 +121,8 @@ class Ring:
         return f"http://127.0.0.1:{self.nodes[nid]['api']}{path}"
 
     def wait_for_topology(self, timeout: float = 90) -> dict:
+        """Wait until every node's topology holds every node with the capabilities that node reports (not the
+        peers file's placeholders: until then nodes would partition differently); the first node's topology."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             for nid, p in self.procs.items():
@@ -127,7 +130,9 @@ class Ring:
                     raise AssertionError(f"node {nid} exited ({p.returncode}):\n{self.log(nid)[-3000:]}")
             try:
                 topo = [get_json(self.url(nid, "/v1/topology"), self.headers(nid)) for nid in self.nodes]
-                if all(len(t.get("nodes", {})) == len(self.nodes) for t in topo):
+                if all(len(t.get("nodes", {})) == len(self.nodes) for t in topo) and all(
+                        t["nodes"] == topo[0]["nodes"] for t in topo) and not any(
+                        caps["model"] == PLACEHOLDER["model"] for caps in topo[0]["nodes"].values()):
                     return topo[0]
             except (OSError, ValueError):
                 pass

@@ -167,6 +167,10 @@ def test_exo_argv():
     assert exo_argv(["--inference-engine", "rknpu"]) == ["exo", "--inference-engine", "rknpu"]
     with pytest.raises(ValueError, match="tinygrad"):
         exo_argv(["--inference-engine=tinygrad"])
+    # `exo-rknpu node --engine tinygrad`: exo's own engine, named once
+    assert exo_argv(["--", "--disable-tui"], "tinygrad") == ["exo", "--disable-tui", "--inference-engine", "tinygrad"]
+    with pytest.raises(ValueError, match="exo-rknpu node --engine"):
+        exo_argv(["--inference-engine", "dummy"], "tinygrad")
 
 
 def test_failure_marker_fails_exos_unpacking():

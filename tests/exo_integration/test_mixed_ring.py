@@ -89,6 +89,12 @@ def test_requests_through_every_api_equal_generate_alone(mixed_ring, references)
         for question, stream in [(QUESTIONS[0], False), (QUESTIONS[1], True), (QUESTIONS[1], False),
                                  (QUESTIONS[0], True)]:
             status, body = chat(mixed_ring.url(api, "/v1/chat/completions"), stream=stream, question=question)
+            if status == 503 and "left the ring" in str(body):
+                # exo dropped a peer whose health check timed out (a loaded machine): the request was refused, not
+                # answered wrong; once the ring is whole again it must answer right
+                print(f"\n{api}: {body['detail']}; retried once the ring was whole")
+                mixed_ring.wait_for_topology()
+                status, body = chat(mixed_ring.url(api, "/v1/chat/completions"), stream=stream, question=question)
             assert answer(status, body, stream) == references[question], (api, question, stream)
 
 
