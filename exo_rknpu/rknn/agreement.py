@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +32,7 @@ from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.spec import Buckets, SliceSpec
+from exo_rknpu.slices.spec import Buckets, SliceSpec, npu_outputs_to_seq
 
 
 def parse_fp16_slices(text: str | None, n_layers: int) -> tuple[tuple[int, ...], bool]:
@@ -153,6 +154,9 @@ class _LayerFigures:
         rows = slice(0, self.state["real"])  # the padded rows of a short last chunk are left out
         f: dict[str, float] = {}
         if self.per_layer:
+            if spec.kv_layout == "npu":  # the onnx reference runs the "seq" form
+                a = self.weights.args
+                spec, inputs, out = replace(spec, kv_layout="seq"), npu_outputs_to_seq(inputs, a), npu_outputs_to_seq(out, a)
             want = self.runners.setdefault(spec.name, self.onnx.prepare(spec, self.weights, self.buckets)).run(inputs)
             f["cos_delta"] = rknn_io.cosine((out["hidden_out"] - inputs["hidden"])[:, rows], (want["hidden_out"] - inputs["hidden"])[:, rows])
             f["cos_hidden_out"] = rknn_io.cosine(out["hidden_out"][:, rows], want["hidden_out"][:, rows])

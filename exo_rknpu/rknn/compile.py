@@ -33,7 +33,7 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import Buckets, SliceSpec, bucket_shapes, plan_slices, to_kv_layout
+from exo_rknpu.slices.spec import Buckets, SliceSpec, bucket_shapes, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
 from exo_rknpu.rknn.npu import NpuBackend
 
 DTYPES = ("fp16", "w8a8")
@@ -53,9 +53,20 @@ class SliceResult:
     cpu_ops: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     verify: dict[str, float] = field(default_factory=dict)
+    per_bucket: dict[str, dict[str, int]] = field(default_factory=dict)  # "s1c256" -> {"cpu": n, "errors": n}
+
+    @property
+    def cpu_count(self) -> int:
+        """Ops of this slice that run on the CPU, summed over its buckets (CPU-placed ops + fallback warnings)."""
+        return sum(b["cpu"] for b in self.per_bucket.values()) if self.per_bucket else len(self.cpu_ops) + len(self.fallbacks)
+
+    @property
+    def error_count(self) -> int:
+        """Compiler error lines (e.g. REGTASK register-field overflows) over its buckets; the build still finished."""
+        return sum(b["errors"] for b in self.per_bucket.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "cpu_count": self.cpu_count, "error_count": self.error_count}
 
 
 class Progress:
@@ -87,11 +98,13 @@ class Progress:
 
 
 def _ort_reference(spec: SliceSpec, ws: ShardWeights, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The slice's reference outputs: the "seq" graph (the CPU backends' form) in onnxruntime, on "seq" inputs."""
     import onnxruntime as ort
 
     from exo_rknpu.slices.onnx_export import build_onnx
 
-    sess = ort.InferenceSession(build_onnx(spec, ws).SerializeToString(), providers=["CPUExecutionProvider"])
+    model = build_onnx(replace(spec, kv_layout="seq"), ws)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, s))) for s in samples]
 
@@ -138,6 +151,7 @@ class BuildJob:
     quantized_algorithm: str | None = None  # w8a8: rknn's activation-range algorithm
     verify: list[list[str]] = field(default_factory=list)  # [inputs .npz, outputs .npz] the simulator runs after export
     out_shapes: list[dict[str, Any]] = field(default_factory=list)  # the output shapes of each verify pair
+    outputs: list[str] = field(default_factory=list)  # output names in graph order (rknn-sim reads the built model's io)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,14 +161,14 @@ def export_graph(spec: SliceSpec, weights: ShardWeights, group: list[dict[str, A
                  names: tuple[str, ...]) -> list[list[list[int]]] | None:
     """Write the ONNX graph one build compiles from: a static graph for one shape set (dynamic_input needs at least
     two), else the symbolic graph; returns the dynamic_input listing each set's input shapes (None: static)."""
-    from exo_rknpu.slices.onnx_export import build_onnx
+    from exo_rknpu.slices.npu_form import compiler_onnx
     import onnx
 
     if len(group) == 1:
         sh = group[0]
-        onnx.save(build_onnx(spec, weights, seq=sh["seq"], ctx=sh["ctx"] or buckets.context[0]), str(path))
+        onnx.save(compiler_onnx(spec, weights, sh["seq"], sh["ctx"] or buckets.context[0]), str(path))
         return None
-    onnx.save(build_onnx(spec, weights), str(path))
+    onnx.save(compiler_onnx(spec, weights), str(path))
     return [[sh["inputs"][n] for n in names] for sh in group]
 
 
@@ -170,7 +184,7 @@ def quantize(b: BuildJob, recipe: QuantRecipe, samples: list[dict[str, np.ndarra
         paths = []
         for n in b.inputs:
             p = work / f"calib-{prefix}{i}-{n}.npy"
-            np.save(p, s[n])
+            np.save(p, np.asarray(s[n], np.float32))  # rknn reads calibration data as float32 (the NPU form's are float16)
             paths.append(str(p.resolve()))
         b.calib.append(paths)
 
@@ -216,6 +230,7 @@ class SliceJob:
     min_cos: float | None = None  # None: FP16_MIN_COS for fp16, no bound for w8a8
     build_weights: ShardWeights | None = None  # w8a8: the recipe's equivalent transform of `weights`, built from
     recipe: QuantRecipe | None = None  # w8a8: decides the build (slices/recipe.py)
+    strict: bool = False  # refuse the slice (nothing committed) with any CPU op or compiler error in any bucket
 
     @property
     def build_dtype(self) -> str:
@@ -230,10 +245,14 @@ class SliceJob:
             return [(f"{self.spec.name}.rknn", shapes)]
         return [(f"{self.spec.name}.s{sh['seq']}" + (f".c{sh['ctx']}" if sh["ctx"] else "") + ".rknn", [sh]) for sh in shapes]
 
-    def samples_at(self, sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
-        """The captured inputs of bucket `sh`, padded to its context and in the slice's KV layout."""
+    def logical_at(self, sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        """The captured inputs of bucket `sh` in the "seq" form (the reference graph's), padded to its context."""
         got = (self.samples or {}).get(sh["seq"], [])
-        return [to_kv_layout(repad(s, sh["ctx"]), self.spec.kv_layout) if self.spec.has_attention else s for s in got]
+        return [repad(s, sh["ctx"]) if self.spec.has_attention else s for s in got]
+
+    def samples_at(self, sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        """The captured inputs of bucket `sh` as its compiled graph takes them (slices/spec.py::compiled_inputs)."""
+        return [compiled_inputs(self.spec, self.weights.args, s) for s in self.logical_at(sh)]
 
 
 @dataclass
@@ -247,6 +266,7 @@ class SliceReport:
     weight_kb: float = 0.0
     errors: list[str] = field(default_factory=list)
     build_seconds: float = 0.0
+    per_bucket: dict[str, dict[str, int]] = field(default_factory=dict)  # CPU ops and compiler errors per bucket
     verify_per_bucket: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,23 +298,27 @@ def export(job: SliceJob, stage: Path, work: Path) -> list[tuple[BuildJob, list[
             quantize(b, job.recipe, job.samples_at(group[0]), work, f"{fname}-", group[0]["seq"])
         if job.verify:
             for sh in group:
-                for i, s in enumerate(job.samples_at(sh)[:2]):
+                for i, s in enumerate(job.logical_at(sh)[:2]):
                     ip, op = (work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-{end}.npz" for end in ("in", "out"))
-                    np.savez(ip, **s)
+                    np.savez(ip, **compiled_inputs(spec, job.weights.args, s))
+                    np.savez(work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-ref.npz", **s)  # the reference's inputs
                     b.verify.append([str(ip), str(op)])
                     b.out_shapes.append(sh["outputs"])
         out.append((b, group))
     return out
 
 
-def read_logs(builds: list[BuildJob], results: list[dict[str, Any]], stage: Path) -> SliceReport:
-    """The build logs as one report (CPU ops, fallbacks, cycles, memory); the logs are kept with the artefact."""
+def read_logs(exported: list[tuple[BuildJob, list[dict[str, Any]]]], results: list[dict[str, Any]], stage: Path) -> SliceReport:
+    """The build logs as one report (CPU ops, fallbacks, cycles, memory, and CPU ops and errors per bucket); the logs
+    are kept with the artefact."""
     report = SliceReport()
     log_text = []
-    for b in builds:
+    parsed = []
+    for b, _ in exported:
         text = Path(b.log).read_text(errors="replace")
         log_text.append(f"===== {b.name}\n{text}")
         r = parse_build_log(text)
+        parsed.append(r)
         report.cpu_ops += [x for x in r.cpu_ops if x not in report.cpu_ops]
         report.fallbacks += [x for x in r.fallbacks if x not in report.fallbacks]
         report.cycles += r.cycles
@@ -303,7 +327,34 @@ def read_logs(builds: list[BuildJob], results: list[dict[str, Any]], stage: Path
         report.errors += r.errors[:5]
     (stage / "build.log").write_text("\n".join(log_text))
     report.build_seconds = sum(r.get("build_s", 0.0) for r in results)
+    report.per_bucket = placement_per_bucket(parsed, [group for _, group in exported])
     return report
+
+
+def bucket_tag(sh: dict[str, Any]) -> str:
+    """The name of a shape set in reports: s<seq>c<ctx> (s<seq> for slices without a cache)."""
+    return f"s{sh['seq']}" + (f"c{sh['ctx']}" if sh.get("ctx") else "")
+
+
+def placement_per_bucket(reports: list, groups: list[list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """CPU ops (CPU-placed ops + fallback warnings) and compiler error lines of each bucket: each build log's tables
+    are matched to its shape sets by their input shapes (a dynamic_input build prints one table per set)."""
+    out: dict[str, dict[str, int]] = {}
+    for r, group in zip(reports, groups):
+        for t in r.per_table:
+            sh = next((g for g in group if all(tuple(g["inputs"][n]) == t.inputs[n] for n in t.inputs if n in g["inputs"])),
+                      group[0] if len(group) == 1 else None)
+            tag = bucket_tag(sh) if sh is not None else f"table{len(out)}"
+            prev = out.get(tag, {"cpu": 0, "errors": 0})
+            out[tag] = {"cpu": prev["cpu"] + t.cpu_count, "errors": prev["errors"] + len(t.errors)}
+    return out
+
+
+def check_strict(name: str, per_bucket: dict[str, dict[str, int]], where: str) -> None:
+    """--strict: CompileError naming the buckets of slice `name` with a CPU op or a compiler error."""
+    bad = {k: v for k, v in per_bucket.items() if v["cpu"] or v["errors"]}
+    if bad:
+        raise CompileError(f"--strict: slice {name} has CPU ops or compiler errors in buckets {bad} ({where})")
 
 
 def verify(job: SliceJob, builds: list[BuildJob]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -314,10 +365,12 @@ def verify(job: SliceJob, builds: list[BuildJob]) -> tuple[dict[str, float], dic
     per_bucket: dict[str, dict[str, float]] = {}
     for b in builds:
         for (ip, op) in b.verify:
-            with np.load(ip) as z:
+            with np.load(ip.replace("-in.npz", "-ref.npz")) as z:  # the "seq" form of the inputs (export wrote both)
                 sample = {k: z[k] for k in z.files}
             with np.load(op) as z:
                 got = {k: z[k] for k in z.files}
+            if spec.kind == "layers" and spec.kv_layout == "npu":
+                got = npu_outputs_to_seq(got, job.weights.args)
             f = _figures(spec, sample, _ort_reference(spec, job.weights, [sample])[0], got)
             figs.append(f)
             seq = sample[b.inputs[0]].shape[1]
@@ -334,6 +387,16 @@ def verify(job: SliceJob, builds: list[BuildJob]) -> tuple[dict[str, float], dic
             raise CompileError(f"slice {spec.name} ({job.dtype}) failed verification: "
                                + ", ".join(f"{k}={v:.6f}" for k, v in bad.items()) + f" < {threshold}")
     return worst, per_bucket
+
+
+def recorded_io(spec: SliceSpec, b: BuildJob, group: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, str]]]:
+    """What the exported file records for each input and output (dtype, layout): the board hands inputs over so.
+    A graph input the compiler dropped shows here (the file records only the inputs it kept): CompileError."""
+    assert b.out is not None
+    try:
+        return rknn_io.read_io(Path(b.out).read_bytes(), b.inputs, list(group[0]["outputs"]))
+    except rknn_io.MarshalError as e:
+        raise CompileError(f"slice {spec.name}: {Path(b.out).name}: {e} (did the compiler drop an input?)") from None
 
 
 def make_manifest(job: SliceJob, files: list[dict[str, Any]], report: SliceReport, verified: dict[str, float],
@@ -372,12 +435,14 @@ def compile_slice(job: SliceJob, cache: cc.SliceCache, py: Path) -> tuple[Path, 
         exported = export(job, stage, work)
         builds = [b for b, _ in exported]
         results = _run_worker(py, {"result": str(work / "result.json"), "builds": [b.to_dict() for b in builds]}, work)
-        report = read_logs(builds, results, stage)
+        report = read_logs(exported, results, stage)
+        if job.strict:
+            check_strict(job.spec.name, report.per_bucket, "nothing was cached; its build.log: compile without --strict")
         verified: dict[str, float] = {}
         if job.verify:
             verified, report.verify_per_bucket = verify(job, builds)
         files = [{"file": Path(b.out).name, "sha256": sha256_file(Path(b.out)), "bytes": Path(b.out).stat().st_size,
-                  "shapes": group} for b, group in exported if b.out]
+                  "shapes": group, "io": recorded_io(job.spec, b, group)} for b, group in exported if b.out]
         manifest = make_manifest(job, files, report, verified, time.monotonic() - t0)
         shutil.rmtree(work, ignore_errors=True)
         return cache.commit(stage, manifest), manifest
@@ -401,23 +466,27 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
                   progress: bool = True, min_cos: float | None = None,
                   on_built: Callable[[SliceResult], None] | None = None,
                   recipe: QuantRecipe = DEFAULT_RECIPE,
-                  specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None) -> list[SliceResult]:
+                  specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None,
+                  strict: bool = False) -> list[SliceResult]:
     """Compile every slice layer range `layers` ("A-B") of `model` needs; reuse what the cache already holds.
 
     `specs`: compile exactly these slices instead (a placement plan's NPU slices, `compile --placement`); `cut`: how
     that plan cuts the range into slices, so activations for verification are captured at their inputs.
     w8a8 builds follow `recipe` (slices/recipe.py; rknn/recipe.py applies it), which is part of each w8a8
-    slice's cache key and manifest; w8a8 compiles whole decoder layers only."""
+    slice's cache key and manifest; w8a8 compiles whole decoder layers only. `strict`: refuse any slice (built or
+    found in the cache) with a CPU op or a compiler error in any bucket. Default buckets: the runtime's for the npu
+    backend (`npu_buckets(Buckets())`)."""
     from exo_rknpu.model.loader import load_args, resolve_model
 
     _check_request(dtype, platform, recipe)
     paths = paths or Paths.from_env()
     src = resolve_model(model, paths)
-    lr = LayerRange.parse(layers, load_args(src).num_hidden_layers)
+    args = load_args(src)
+    lr = LayerRange.parse(layers, args.num_hidden_layers)
     specs = _npu_specs(lr, specs, dtype)
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
-    rc = _RangeCompiler(paths, cache, buckets or Buckets(), dtype, platform, recipe, verify, min_cos)
+    rc = _RangeCompiler(paths, cache, buckets or npu_buckets(Buckets(), args), dtype, platform, recipe, verify, min_cos, strict)
     capturing = verify or dtype == "w8a8"
     slices = rc.captured(src, lr, specs, cut) if capturing else _one_layer_at_a_time(src, lr, specs)
     bar = Progress(len(specs), enabled=progress)
@@ -470,6 +539,7 @@ class _RangeCompiler:
     recipe: QuantRecipe
     verify: bool
     min_cos: float | None
+    strict: bool
     keys: dict[str, str] = field(default_factory=dict)
     found: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     samples: dict[str, dict[int, list[dict[str, np.ndarray]]]] = field(default_factory=dict)
@@ -526,12 +596,15 @@ class _RangeCompiler:
             rb = self.recipe_build
             job = SliceJob(s, w, self.buckets, self.dtype, self.platform, key, self.tk_version, self.samples.get(s.name),
                            self.verify, self.min_cos, rb.build_weights(s, w) if rb else None,
-                           self.recipe if self.dtype == "w8a8" else None)
+                           self.recipe if self.dtype == "w8a8" else None, self.strict)
             (folder, m), status = compile_slice(job, self.cache, self.py), "built"
         assert m is not None
+        per_bucket = m["build"].get("per_bucket", {})
+        if self.strict:
+            check_strict(s.name, per_bucket, f"cached: {folder}/build.log")
         return SliceResult(s.name, key, status, str(folder), [str(folder / f["file"]) for f in m["files"]],
                            round(time.monotonic() - t, 2), m["build"].get("cpu_ops", []), m["build"].get("fallbacks", []),
-                           m.get("verify", {}))
+                           m.get("verify", {}), per_bucket)
 
 
 def _one_layer_at_a_time(src: ModelSource, lr: LayerRange, specs: list[SliceSpec]) -> Iterator[tuple[SliceSpec, ShardWeights]]:

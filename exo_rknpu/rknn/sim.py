@@ -45,7 +45,7 @@ from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedS
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, to_npu_inputs
 
 DTYPES = ("fp16", "w8a8")
 
@@ -173,6 +173,7 @@ class SimRunner:
         self.names = tuple(spec.input_shapes(weights.args, 1, buckets.context[0]))  # graph order
         self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights.args, buckets)}
         self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
+        self.io: dict[tuple, dict] = {}  # input-shape key -> what the built model records for each input
         self.build_info: dict[str, dict[str, Any]] = {}
         backend._open_runners += 1
         self._closed = False
@@ -198,7 +199,7 @@ class SimRunner:
         # the compiler's recipe (rknn/compile.py): fp16 one symbolic graph + dynamic_input listing every bucket
         dyn = export_graph(spec, weights, group, self.buckets, src, self.names)
         b = BuildJob(f"{spec.name}/{tag}", spec.kind, str(src), str(work / "build.log"), str(work / "wd"), be.platform,
-                     dtype, list(self.names), dyn)
+                     dtype, list(self.names), dyn, outputs=list(group[0]["outputs"]))
         if dtype == "w8a8":
             assert rb is not None
             sh = group[0]
@@ -221,8 +222,11 @@ class SimRunner:
             src.unlink(missing_ok=True)
         for sh in group:
             self.models[self._key(sh["inputs"])] = mid
+            self.io[self._key(sh["inputs"])] = res["io"]["inputs"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.spec.has_attention and self.spec.kv_layout == "npu":
+            inputs = to_npu_inputs(self.spec, self.weights.args, inputs)
         key = tuple(tuple(np.shape(inputs[n])) if n in inputs else () for n in self.names)
         sh = self.shapes.get(key)
         if sh is None:
@@ -230,7 +234,7 @@ class SimRunner:
                                         f"{[dict(zip(self.names, k)) for k in self.shapes]}, not {dict(zip(self.names, key))}")
         if key not in self.models:
             self._build([sh])
-        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"])
+        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=self.io[key])
         head, outs = self.backend.worker().request({"op": "run", "id": self.models[key], "data_format": fmt}, arrays,
                                                    timeout=self.backend.run_timeout, what=f"inference of {self.spec.name}")
         if not head.get("ok"):
@@ -262,9 +266,7 @@ class RknnSimBackend:
 
     name = "rknn-sim"
     processor = "npu"
-    # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
-    # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
-    kv_layout = "seq"
+    kv_layout = "npu"  # the npu backend's form (slices/npu_form.py), so the simulator runs what the board runs
     static_shapes = True
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
     max_slice_bytes = None

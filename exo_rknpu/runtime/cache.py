@@ -13,21 +13,29 @@ import numpy as np
 from exo_rknpu.runtime.inputs import attention_mask
 
 
+# positions axis of (keys, values) per layout; "npu" keeps float16 keys [n*kv, hd, C] and values [n*kv, C, hd] as
+# the compiled NPU slice takes them (slices/npu_form.py), so they are handed over without a conversion
+_AXES = {"seq": (2, 2), "dim": (3, 3), "npu": (2, 1)}
+
+
 @dataclass
 class KVCache:
-    keys: np.ndarray  # [n_layers, kv_heads, capacity, head_dim] ("seq") or [n_layers, kv_heads, head_dim, capacity] ("dim")
-    values: np.ndarray
+    keys: np.ndarray  # [n_layers, kv_heads, capacity, head_dim] ("seq"), [n_layers, kv_heads, head_dim, capacity] ("dim"),
+    values: np.ndarray  # or the NPU form ("npu": float16 keys [n*kv, hd, capacity], values [n*kv, capacity, hd])
     layout: str = "seq"
 
     @classmethod
     def empty(cls, n_layers: int, kv_heads: int, capacity: int, head_dim: int, layout: str = "seq") -> "KVCache":
+        if layout == "npu":
+            rows = n_layers * kv_heads
+            return cls(np.zeros((rows, head_dim, capacity), np.float16), np.zeros((rows, capacity, head_dim), np.float16), layout)
         shape = (n_layers, kv_heads, capacity, head_dim) if layout == "seq" else (n_layers, kv_heads, head_dim, capacity)
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), layout)
 
     @property
     def axis(self) -> int:
-        """The positions axis."""
-        return 2 if self.layout == "seq" else 3
+        """The positions axis of the keys."""
+        return _AXES[self.layout][0]
 
     @property
     def capacity(self) -> int:
@@ -41,19 +49,19 @@ class KVCache:
         """Re-allocate to `capacity` positions, keeping what is stored."""
         if capacity <= self.capacity:
             return
-        shape = list(self.keys.shape)
-        shape[self.axis] = capacity
-        for name in ("keys", "values"):
-            new = np.zeros(shape, np.float32)
+        for name, axis in zip(("keys", "values"), _AXES[self.layout]):
             old = getattr(self, name)
-            new[(slice(None),) * self.axis + (slice(0, old.shape[self.axis]),)] = old
+            shape = list(old.shape)
+            shape[axis] = capacity
+            new = np.zeros(shape, old.dtype)
+            new[(slice(None),) * axis + (slice(0, old.shape[axis]),)] = old
             setattr(self, name, new)
 
     def write(self, pos: int, k_new: np.ndarray, v_new: np.ndarray, count: int) -> None:
         """Store the first `count` new positions (the rest of a padded chunk is discarded)."""
-        lead = (slice(None),) * self.axis
-        self.keys[lead + (slice(pos, pos + count),)] = k_new[lead + (slice(0, count),)]
-        self.values[lead + (slice(pos, pos + count),)] = v_new[lead + (slice(0, count),)]
+        for cache, new, axis in zip((self.keys, self.values), (k_new, v_new), _AXES[self.layout]):
+            lead = (slice(None),) * axis
+            cache[lead + (slice(pos, pos + count),)] = new[lead + (slice(0, count),)]
 
 
 @dataclass

@@ -28,7 +28,7 @@ from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
-from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec
+from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, npu_buckets
 
 DEVICES = ("cpu", *NPU_CORES)  # what a plan may name: the host CPU and the board's NPU (backends/board.py)
 # Placement blocks -> the layer parts they cover (slices/spec.py): attention is rotary, scores, softmax and values
@@ -403,6 +403,8 @@ def resolve(
     _check_memory(slices)
     check_emulation([s.on for s in slices], emulate, npu_unavailable)
     mode = weights_for(weights, {s.backend for s in slices})
+    if any(getattr(backend_class(s.backend), "kv_layout", "seq") == "npu" for s in slices):
+        buckets = npu_buckets(buckets, args)  # the NPU form bounds the prefill chunks (slices/spec.py); one set per shard
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, mode,
                         default_backend)
 

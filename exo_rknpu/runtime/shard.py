@@ -269,7 +269,8 @@ class ShardRunner:
     def request_reserve_bytes(self) -> int:
         """KV memory one request can grow to on this shard: its caches at the largest context bucket."""
         a, ctx = self.args, self.buckets.max_context
-        return sum(2 * s.n_layers * a.num_key_value_heads * ctx * a.head_dim * 4 for s in self.layer_specs)
+        return sum(2 * s.n_layers * a.num_key_value_heads * ctx * a.head_dim * (2 if s.kv_layout == "npu" else 4)
+                   for s in self.layer_specs)
 
     def drop(self, request_id: str) -> None:
         """Forget a request's cache."""
