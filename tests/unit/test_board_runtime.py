@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from exo_rknpu.backends import board
+from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.loader import resolve_model
 from exo_rknpu.rknn.npu import NpuRunner, librknnrt_needed
 from exo_rknpu.slices.spec import SliceSpec
@@ -57,7 +58,10 @@ def test_reuse_outputs_is_passed_only_to_a_lite2_that_has_it(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "rknnlite.api", api)
     cls.calls = []
     shapes = {"seq": 1, "ctx": None, "inputs": {"hidden": [1, 1, 4]}, "outputs": {"logits": [1, 1, 8]}}
-    runner = NpuRunner(SliceSpec("head"), tmp_path, {"files": [{"file": "head.rknn", "shapes": [shapes]}]}, 0)
+    io = {"inputs": {"hidden": {"dtype": "float32", "layout": "UNDEFINED"}}}  # as compile records a head's input
+    args = ModelArgs("llama", 4, 8, 1, 1, 1, 8, 4)
+    runner = NpuRunner(SliceSpec("head"), tmp_path, {"files": [{"file": "head.rknn", "shapes": [shapes], "io": io}]}, 0,
+                       args)
     out = runner.run({"hidden": np.zeros((1, 1, 4), np.float32)})  # 2.3.2 would raise TypeError on reuse_outputs
     runner.close()
     assert board.inference_options(cls) == options
