@@ -17,6 +17,14 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def toolkit_threads() -> int:
+    """OpenMP threads of the processes run in the rknn-toolkit2 venv (compile's build worker, rknn-sim's server):
+    this process's OMP_NUM_THREADS when set to a positive number (bench sets it per contender), else 2 (the
+    toolkit's pools otherwise take every core of a machine the host process shares)."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 2
+
+
 def default_home() -> Path:
     """Root of the user cache: models, compiled slices, the toolkit environment.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,13 +39,12 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.runtime.requests import RequestLimits
+from exo_rknpu.runtime.requests import RequestLimits, RequestLog
 from exo_rknpu.runtime.shard import ShardRunner
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_ENDED_REMEMBERED = 4096  # ended request ids kept to refuse late steps (a few hundred bytes each)
 HiddenDtype = Literal["float32", "float16"]
 HIDDEN_DTYPES: tuple[str, ...] = ("float32", "float16")
 
@@ -120,39 +118,30 @@ def _model_ref(src: ModelSource | None) -> str | None:
 
 
 def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
-    """Default loader: only `layer_range`'s weights, prepared on the configured backend (blocking)."""
-    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_shard
+    """Default loader: only `layer_range`'s weights, prepared as the configured backend and placement say (blocking)."""
     from exo_rknpu.model.loader import load_args
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_plan, plan_shards
 
-    return open_shard(
-        src,
-        layer_range,
-        backend=config.backend,
-        buckets=default_buckets(load_args(src), config.max_context),
-        layers_per_slice=config.layers_per_slice,
-        limits=config.limits,
-        backend_options=config.backend_options,
-        weights=config.weights,
-        progress=lambda msg: log.info("%s", msg),
-        placement=PlacementPlan.load(config.placement) if config.placement else None,
-        emulate=config.emulate,
-    )
+    args = load_args(src)
+    plan, = plan_shards(PlacementPlan.load(config.placement) if config.placement else None, args, [layer_range],
+                        config.backend, default_buckets(args, config.max_context),
+                        layers_per_slice=config.layers_per_slice, weights=config.weights,
+                        npu_dtype=config.backend_options.get("dtype", "fp16"), emulate=config.emulate)
+    return open_plan(src, plan, config.limits, backend_options=config.backend_options,
+                     progress=lambda msg: log.info("%s", msg), args=args)
 
 
 def check_npu(config: EngineConfig) -> None:
     """Refuse at start (one line, with the reason) what would fail at the first shard: the npu backend, or a plan
     naming NPU devices without --emulate, on a machine where the NPU cannot run."""
-    from exo_rknpu.runtime.placement import PlacementPlan, npu_problems, require_npu
+    from exo_rknpu.runtime.placement import PlacementPlan, check_plan_here, npu_problems
 
-    if config.backend != "npu" and not config.placement:
-        return
-    problems = npu_problems()
-    if not problems:
-        return
     if config.backend == "npu":
-        raise BackendUnavailableError("the npu backend cannot run here: " + "; ".join(problems))
-    if not config.emulate:
-        require_npu(PlacementPlan.load(config.placement), "; ".join(problems))
+        problems = npu_problems()
+        if problems:
+            raise BackendUnavailableError("the npu backend cannot run here: " + "; ".join(problems))
+    if config.placement:
+        check_plan_here(PlacementPlan.load(config.placement), config.backend, config.emulate)
 
 
 def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,
@@ -231,7 +220,7 @@ class ShardEngine:
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-rknpu-engine")
         self._tokenizers: dict[str, Tokenizer] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()  # request id -> why it ended (worker thread only)
+        self.lifecycle = RequestLog()  # announced / ended / failed requests: the one record of them on this node
         self._closed = False
         # one-token steps waiting for the worker, run by one batch job (see _step_batched); guarded by _steps_lock
         self._steps: list[_Step] = []
@@ -322,7 +311,7 @@ class ShardEngine:
 
     def _forward_job(self, loaded: LoadedShard, request_id: str, x: np.ndarray, start: bool | None) -> np.ndarray:
         """Worker thread: refuse an ended request, release abandoned ones, then run the step."""
-        reason = self._ended.get(request_id)
+        reason = self.lifecycle.why_ended(request_id)
         if reason is not None:
             raise RequestStateError(f"request {request_id} has ended on this node ({reason}); it cannot continue")
         requests = loaded.runner.requests
@@ -358,13 +347,15 @@ class ShardEngine:
             steps, self._steps, self._steps_job = self._steps, [], False
         batch: list[_Step] = []
         for s in steps:
-            reason = self._ended.get(s.request_id)
+            reason = self.lifecycle.why_ended(s.request_id)
             if s.request_id in s.loaded.runner.requests and reason is None and s.loaded is steps[0].loaded:
                 batch.append(s)
             else:
                 s.settle(lambda s=s: self._forward_job(s.loaded, s.request_id, s.x, s.start))
-        # a step the batch could not admit (its context is full) fails alone; the others run together
-        ok = [s for s in batch if s.settle_error(lambda s=s: s.loaded.runner.begin_call(s.request_id, 1, False))]
+        # a step the batch could not admit (its context is full, a malformed input) fails alone; the others run
+        # together. `begin` is the admission check and changes nothing until its call commits.
+        ok = [s for s in batch
+              if s.settle_error(lambda s=s: s.loaded.runner.begin(s.request_id, s.x, self.config.logits, False))]
         if not ok:
             return
         try:
@@ -380,10 +371,7 @@ class ShardEngine:
         if loaded is not None and request_id in loaded.runner.requests:
             loaded.runner.drop(request_id)
             log.info("released request %s: %s", request_id, reason)
-        self._ended[request_id] = reason
-        self._ended.move_to_end(request_id)
-        while len(self._ended) > MAX_ENDED_REMEMBERED:
-            self._ended.popitem(last=False)
+        self.lifecycle.end(request_id, reason)
 
     def _close_runner(self, loaded: LoadedShard, reason: str) -> None:
         for rid in loaded.runner.requests.ids():

@@ -8,8 +8,9 @@ outputs. Heavy runtimes (onnxruntime, rknnlite) are imported inside their own mo
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -32,9 +33,10 @@ class Backend(Protocol):
     """Something that can run slices."""
 
     name: str
+    processor: Literal["cpu", "npu"]  # what its slices compute on (rknn-sim: the NPU's compiled graphs, simulated)
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
     # Read by the runtime (runtime/shard.py, runtime/placement.py); docs/backends.md lists them.
-    kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd] or "dim" [.., hd, C]
+    kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd], "dim" [.., hd, C] or "npu" (float16 NPU form)
     layers_per_slice: int | None  # layers per graph when the user does not say (None: the whole shard in one graph)
     # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
     # final_norm or lm_head, so the loader leaves them out (load_shard(layers=False)). Default True.
@@ -95,6 +97,16 @@ def backend_class(name: str) -> type:
     except ImportError as e:
         raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {e}") from e
     return getattr(module, info.cls)
+
+
+def option_names(name: str) -> set[str]:
+    """The keyword options a registered backend takes (its constructor's parameters)."""
+    return set(inspect.signature(backend_class(name).__init__).parameters) - {"self", "args", "kwargs"}
+
+
+def backends_taking(option: str) -> list[str]:
+    """The registered backends that take keyword option `option` (e.g. dtype: the compiled ones), sorted."""
+    return [n for n in sorted(BACKENDS) if option in option_names(n)]
 
 
 def require_support(backend: Backend, spec: SliceSpec) -> None:

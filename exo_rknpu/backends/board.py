@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import platform as _platform
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 SOC_PATH = Path("/proc/device-tree/compatible")
-LIBRKNNRT = Path("/usr/lib/librknnrt.so")  # the only path RKNNLite loads (docs/board.md)
+LIBRKNNRT = Path("/usr/lib/librknnrt.so")  # where RKNNLite loads it from (docs/board.md)
 DRIVER_PATHS = (Path("/sys/kernel/debug/rknpu/version"), Path("/sys/module/rknpu/version"))
 MIN_DRIVER = (0, 9)  # rknn 2.x runtimes need the rknpu driver >= 0.9
 # rknn-toolkit-lite2 release series whose Python API this backend was written against (pyproject's `board` extra)
@@ -33,6 +35,8 @@ LITE2_SERIES = ((2, 3), (2, 5))
 LITE2_PACKAGE = "rknn-toolkit-lite2"
 PROBE_TIMEOUT_S = 120.0
 CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7, "all": 0xFFFF}  # RKNNLite.NPU_CORE_*
+# The RK3588's NPU as placement devices: "npu" lets the driver pick cores, npu0..npu2 pin one (RKNNLite core masks).
+NPU_CORES = {"npu": "auto", "npu0": "0", "npu1": "1", "npu2": "2"}
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -77,6 +81,14 @@ def npu_driver_version(paths: tuple[Path, ...] = DRIVER_PATHS) -> str | None:
             continue
         return text.split(":")[-1].strip().lstrip("v") or None
     return None
+
+
+def host_memory() -> int | None:
+    """Physical memory of this machine in bytes (the RK3588's NPU has none of its own: it reads the same DDR)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
 
 
 def lite2_version() -> str | None:
@@ -187,10 +199,18 @@ def probe(rknn_file: Path, core_mask: int = 0, timeout: float = PROBE_TIMEOUT_S)
         ok, step = False, f"the probe process exited {p.returncode}"
     if ok:
         return ProbeResult(str(rknn_file), True)
-    # RKNNLite logs "E <text>" lines; the first one (after the tracebacks are dropped) names the cause
-    errors = [ln[2:].strip() for ln in lines if ln.startswith("E ") and "Traceback" not in ln and "Catch exception" not in ln]
-    why = errors[0] if errors else (lines[-1] if lines else "no output")
-    return ProbeResult(str(rknn_file), False, f"{step} failed: {why}")
+    return ProbeResult(str(rknn_file), False, f"{step} failed: {rknnlite_reason(lines)}")
+
+
+def rknnlite_reason(lines: list[str]) -> str:
+    """The cause in RKNNLite's output, in one line: librknnrt's error lines ("E RKNN: [time] Invalid RKNN model
+    version 6") and the exception RKNNLite caught ("Exception: Please specify the target in init_runtime!")."""
+    runtime = [re.sub(r"^E RKNN:\s*(\[[^\]]*\]\s*)?", "", ln).strip() for ln in lines if ln.startswith("E RKNN:")]
+    raised = [ln.strip() for ln in lines if re.match(r"^[\w.]*(Exception|Error)\b[^:]*: ", ln)]
+    logged = [ln[2:].strip() for ln in lines
+              if ln.startswith("E ") and "Traceback" not in ln and "Catch exception" not in ln]
+    parts = (runtime + raised[-1:]) or logged[-1:] or [ln.strip() for ln in lines if ln.strip()][-1:]
+    return "; ".join(parts) or "no output"
 
 
 def _probe_main(path: str, core_mask: int) -> int:
@@ -213,3 +233,4 @@ def _probe_main(path: str, core_mask: int) -> int:
 
 if __name__ == "__main__":
     sys.exit(_probe_main(sys.argv[1], int(sys.argv[2])))
+

@@ -26,6 +26,7 @@ class NumpyRunner:
 
 class NumpyBackend:
     name = "numpy"
+    processor = "cpu"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
     layers_per_slice: int | None = None  # the whole shard in one graph: fewest calls

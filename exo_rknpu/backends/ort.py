@@ -94,6 +94,7 @@ class OrtBackend:
     """
 
     name = "onnx"
+    processor = "cpu"
     kv_layout = "seq"  # see slices/spec.py
     static_shapes = False
     layers_per_slice: int | None = None  # chosen from max_slice_bytes by open_shard

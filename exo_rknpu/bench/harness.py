@@ -23,7 +23,7 @@ from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.loader import load_args, load_tokenizer
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource, resolve_model
-from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, default_buckets, resolve_placement
+from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, default_buckets, plan_shards
 
 Progress = Callable[[str], None]
 SCHEMA = 1
@@ -89,8 +89,8 @@ def plan(o: BenchOptions, progress: Progress) -> BenchPlan:
     if o.placement is not None:  # a plan that cannot run is refused here, in one line, before any weights load
         plan_ = PlacementPlan.load(o.placement)
         buckets = default_buckets(margs, o.max_context)
-        placements = [resolve_placement(src, r, plan_, o.backend, buckets, o.layers_per_slice, o.weights,
-                                        o.backend_dtype or "fp16", emulate=o.emulate) for r in ranges]
+        placements = plan_shards(plan_, margs, ranges, o.backend, buckets, layers_per_slice=o.layers_per_slice,
+                                 weights=o.weights, npu_dtype=o.backend_dtype or "fp16", emulate=o.emulate)
     return BenchPlan(o, src, ranges, prompt_ids(load_tokenizer(src), o.prompt_tokens), placements)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exo_rknpu.backends.base import BACKENDS
+from exo_rknpu.backends.base import BACKENDS, backends_taking, option_names
 from exo_rknpu.config import usable_cpus
 from exo_rknpu.errors import BenchError
 
@@ -12,7 +12,6 @@ from exo_rknpu.errors import BenchError
 PEERS = ("transformers", "llama.cpp")
 WEIGHTS = ("auto", "int4", "int8", "fp32")
 COMPILED_DTYPES = ("fp16", "w8a8")
-COMPILED_BACKENDS = ("npu", "rknn-sim")
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,8 @@ def validate(o: BenchOptions) -> None:
     if o.backend_dtype is not None:
         if o.backend_dtype not in COMPILED_DTYPES:
             raise BenchError(f"unknown --backend-dtype {o.backend_dtype!r}; choose one of: {', '.join(COMPILED_DTYPES)}")
-        if o.backend not in COMPILED_BACKENDS:
-            raise BenchError(f"--backend-dtype applies to {' and '.join(COMPILED_BACKENDS)}, not {o.backend}")
+        if "dtype" not in option_names(o.backend):  # the rule of rknn/options.py: the backends taking a dtype
+            raise BenchError(f"--backend-dtype applies to {' and '.join(backends_taking('dtype'))}, not {o.backend}")
     for name, value, high in (("--prompt-tokens", o.prompt_tokens, 1 << 20), ("--gen-tokens", o.gen_tokens, 1 << 20),
                               ("--threads", o.threads, 1024), ("--repeat", o.repeat, 1000),
                               ("--max-context", o.max_context, 1 << 24), ("--layers-per-slice", o.layers_per_slice, 4096)):

@@ -116,38 +116,29 @@ def shard_bytes_per_token(weights) -> int:
 
 
 def run_ours(job: Job, t0: float) -> RunFigures:
-    import inspect
     import uuid
 
     from exo_rknpu.model.base import LayerRange, parse_split
     from exo_rknpu.model.loader import load_args
     from exo_rknpu.model.zoo import ModelSource
+    from exo_rknpu.rknn.options import backend_options
     from exo_rknpu.runtime.pipeline import LocalRing, Timings
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_plan, plan_shards
     from exo_rknpu.runtime.sampling import Sampler
-    from exo_rknpu.runtime.placement import default_buckets, open_shard
+    from exo_rknpu.backends.base import option_names
 
     src = ModelSource(Path(job.model_path).name, Path(job.model_path), job.model_format)  # type: ignore[arg-type]
     margs = load_args(src)
     n = margs.num_hidden_layers
     ranges = parse_split(",".join(job.split), n) if job.split else [LayerRange.full(n)]
-    opts: dict = {"dtype": job.backend_dtype} if job.backend_dtype else {}
-    if job.backend == "onnx":
-        opts["threads"] = job.threads
-    if job.backend == "rknn-sim" and job.backend_dtype == "w8a8":
-        from exo_rknpu.rknn.calibration import ModelCalibration
-
-        opts["calibration"] = ModelCalibration(src)
-    # a runtime without compact weights has no `weights` keyword: there every form is float32 (options.py)
-    extra = {"weights": job.weights} if "weights" in inspect.signature(open_shard).parameters else {}
-    if job.placement is not None:
-        from exo_rknpu.runtime.placement import PlacementPlan
-
-        extra["placement"] = PlacementPlan.load(job.placement)
-        if "emulate" in inspect.signature(open_shard).parameters:  # older runtimes emulated without asking
-            extra["emulate"] = job.emulate
+    # --threads is every contender's CPU thread count: it goes to our backend when that one takes threads
+    threads = job.threads if "threads" in option_names(job.backend) else None
+    opts = backend_options(job.backend, dtype=job.backend_dtype, threads=threads, model=src)
+    rules = PlacementPlan.load(job.placement) if job.placement is not None else None
     buckets = default_buckets(margs, job.max_context)
-    shards = [open_shard(src, r, job.backend, buckets, job.layers_per_slice, backend_options=opts, **extra) for r in ranges]
-    ring = LocalRing(shards)
+    plans = plan_shards(rules, margs, ranges, job.backend, buckets, layers_per_slice=job.layers_per_slice,
+                        weights=job.weights, npu_dtype=job.backend_dtype or "fp16", emulate=job.emulate)
+    ring = LocalRing([open_plan(src, p, backend_options=opts, args=margs) for p in plans])
     t_ready = time.perf_counter()
     timings = Timings()
     try:
@@ -157,24 +148,18 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     finally:
         ring.close()
     if job.count_bytes:  # after the RSS reading: the runner keeps no ShardWeights, so load them once more
-        out.weight_bytes_per_token = ours_bytes_per_token(src, ranges, job)
+        out.weight_bytes_per_token = ours_bytes_per_token(src, plans)
     return out
 
 
-def ours_bytes_per_token(src, ranges, job: Job) -> int | None:
-    """Decode-step weight bytes of our shards in the form open_shard gives the backend (None for a backend
-    that runs compiled files and holds no layer weights)."""
-    import importlib
-
-    from exo_rknpu.backends.base import BACKENDS
+def ours_bytes_per_token(src, plans) -> int | None:
+    """Decode-step weight bytes of our shards in the form their plans load (None when a plan runs its layers from
+    compiled files and holds no layer weights)."""
     from exo_rknpu.model.loader import load_shard
 
-    info = BACKENDS[job.backend]
-    cls = getattr(importlib.import_module(info.module), info.cls)
-    if not getattr(cls, "needs_layer_weights", True):
+    if not all(p.needs_layer_weights for p in plans):
         return None
-    mode = "fp32" if job.weights == "auto" and getattr(cls, "float_weights", False) else job.weights  # as open_shard
-    return sum(shard_bytes_per_token(load_shard(src, r, mode)) for r in ranges)
+    return sum(shard_bytes_per_token(load_shard(src, p.layer_range, p.weights)) for p in plans)
 
 
 # -- Hugging Face transformers (torch, CPU, fp32) ---------------------------------------------------------------

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 from exo_rknpu.bench.harness import BenchPlan
-from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, open_shard
+from exo_rknpu.runtime.placement import ResolvedPlan, open_plan
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.sampling import Sampler
 from exo_rknpu.runtime.shard import ShardRunner
@@ -117,7 +117,7 @@ def board_estimate(plan: ResolvedPlan, a: BoardAssumptions = BoardAssumptions())
     requests in flight as stages: serial time / slowest stage, capped by the shared DRAM bandwidth."""
     per_device: dict[str, float] = {}
     for s in plan.slices:
-        if not s.device.startswith("npu"):
+        if not s.on.npu:
             continue
         per_device[s.device] = per_device.get(s.device, 0.0) + s.weight_bytes / (a.core_gbps * 1e9) + a.call_ms / 1e3
     if not per_device:
@@ -139,10 +139,7 @@ def run_pipelining(p: BenchPlan, as_json: bool) -> int:
         from exo_rknpu.errors import BenchError
 
         raise BenchError("--concurrency runs the whole model as one shard; drop --split")
-    plan = PlacementPlan.load(o.placement)
-    buckets = p.placements[0].buckets
-    open_ = lambda: open_shard(p.source, full, o.backend, buckets, o.layers_per_slice, weights=o.weights, placement=plan,
-                               emulate=o.emulate)
+    open_ = lambda: open_plan(p.source, p.placements[0])  # the plan resolved (and checked) by bench's plan()
     prompts = [p.prompt_ids + [p.prompt_ids[-1]] * i for i in range(o.concurrency)]
     figs = measure(open_(), open_(), prompts, o.gen_tokens, o.repeat)
     board = board_estimate(p.placements[0])

@@ -45,6 +45,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--context", type=_ints, default=None, help="context buckets, e.g. 256,512,1024,2048")
     p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
                    help="context buckets doubling from 256 up to this (default: what generate/node use, 2048 or the model's limit)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (and do not cache) any slice with an op on the CPU or a compiler error in any bucket")
     p.add_argument("--min-cos", type=probability, default=None, metavar="COS", help="fail --verify below this cosine (default 0.9999 for fp16, none for w8a8)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the results in full (every CPU-placed op, all figures) on the last line of stdout")
@@ -106,7 +108,7 @@ def recipe_from_args(args: argparse.Namespace, n_layers: int) -> QuantRecipe:
 
 def run(args: argparse.Namespace) -> int:
     from exo_rknpu.rknn.compile import compile_range
-    from exo_rknpu.slices.spec import Buckets
+    from exo_rknpu.slices.spec import Buckets, npu_buckets
 
     if args.agreement:
         return _agreement(args)
@@ -120,21 +122,23 @@ def run(args: argparse.Namespace) -> int:
     from exo_rknpu.runtime.placement import default_buckets
 
     margs = load_args(resolve_model(args.model))
-    d = default_buckets(margs, args.max_context)
+    d = npu_buckets(default_buckets(margs, args.max_context), margs)  # as the npu backend runs them
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
     placed = {}
     if args.placement:
-        placed = _placed_specs(args, buckets)
+        placed = _placed_specs(args, margs, buckets)
         if placed is None:
             return 0
     recipe = recipe_from_args(args, margs.num_hidden_layers)
     results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
-                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, recipe=recipe, **placed)
+                            verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, recipe=recipe,
+                            strict=args.strict, **placed)
     built = [r for r in results if r.status == "built"]
     if not args.json:
         for r in sorted(results, key=lambda r: slice_order(r.name)):
             print(f"{r.name:<12} {r.status:<7} {r.seconds:6.1f} s  {', '.join(Path(f).name for f in r.files)}  "
-                  f"min cos {worst_cos(r.verify)}  CPU-placed: {format_cpu(r.cpu_ops, r.fallbacks)}")
+                  f"min cos {worst_cos(r.verify)}  CPU ops: {r.cpu_count}, compiler errors: {r.error_count}  "
+                  f"CPU-placed: {format_cpu(r.cpu_ops, r.fallbacks)}")
     if args.json:
         print(json.dumps({"model": args.model, "layers": args.layers, "dtype": args.dtype, "platform": args.platform,
                           "built": [r.name for r in built], "reused": [r.name for r in results if r.status == "reused"],
@@ -142,14 +146,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _placed_specs(args: argparse.Namespace, buckets) -> dict | None:
+def _placed_specs(args: argparse.Namespace, margs, buckets) -> dict | None:
     """compile --placement: the plan's NPU slices (and its cut) for compile_range; None after --explain."""
     from exo_rknpu.model.base import LayerRange
-    from exo_rknpu.model.loader import load_args
-    from exo_rknpu.model.zoo import resolve_model
     from exo_rknpu.runtime.placement import resolve
 
-    margs = load_args(resolve_model(args.model))
     n = margs.num_hidden_layers
     args.layers = args.layers or f"0-{n - 1}"
     # emulate=True: compile only reads which slices the plan puts on the NPU; nothing runs here

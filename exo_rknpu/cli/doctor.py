@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine       {info['machine']}")
     print(f"SoC           {info['soc'] or unseen + ' (no ' + str(board.SOC_PATH) + ')'}")
     print(f"NPU driver    {info['driver'] or unseen + ' (/sys/kernel/debug/rknpu/version needs root; the probe checks it)'}")
-    print(f"librknnrt     {info['librknnrt'] or 'missing'} ({info['librknnrt_path']}, the only path RKNNLite loads)")
+    print(f"librknnrt     {info['librknnrt'] or 'missing'} ({info['librknnrt_path']}, where RKNNLite loads it from)")
     print(f"rknnlite      {info['lite2'] or 'not installed'}")
     probe = info["probe"]
     if probe["ok"]:
@@ -95,6 +95,6 @@ def run(args: argparse.Namespace) -> int:
     if info["ready"]:
         print("npu backend   ready")
     else:
-        why = info["problems"] + ([] if probe["ok"] else [f"init_runtime: {probe['reason']}"])
+        why = info["problems"] + ([] if probe["ok"] else [f"probe: {probe['reason']}"])
         print("npu backend   unavailable: " + "; ".join(why))
     return 0 if info["ready"] else 1

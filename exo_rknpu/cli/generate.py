@@ -8,8 +8,8 @@ import sys
 import time
 import uuid
 
-from exo_rknpu.cli.options import (add_model_args, backend_options, explain_placement, non_negative_float, non_negative_int,
-                                   positive_int, probability, progress)
+from exo_rknpu.cli.options import (add_model_args, check_emulate, cli_backend_options, non_negative_float, non_negative_int,
+                                   positive_int, probability, progress, shard_plans)
 from exo_rknpu.errors import ArtifactError, UsageError, name_model
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.chat import render_chat
@@ -18,7 +18,7 @@ from exo_rknpu.model.tokenizer import IncrementalDecoder, encode_prompt
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing, Timings
 from exo_rknpu.runtime.sampling import Sampler, SamplingParams
-from exo_rknpu.runtime.placement import default_buckets, open_shard
+from exo_rknpu.runtime.placement import default_buckets, open_plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,41 +68,46 @@ def _next_fit(needed: int) -> int:
     return 1 << (needed - 1).bit_length()
 
 
-def run(args: argparse.Namespace) -> int:
-    # Options that need no model first: nothing is resolved, downloaded or loaded for bad input.
+def _prompt_text(args: argparse.Namespace, tok) -> str:
+    """--prompt as the model reads it: with --chat, rendered by its chat template (with --system, --thinking)."""
+    if not args.chat:
+        return args.prompt
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    return render_chat(tok, messages, enable_thinking=args.thinking)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Options that need no model, checked first: nothing is resolved, downloaded or loaded for bad input."""
     if not args.prompt:
         raise UsageError("--prompt is empty; give the text to continue")
     if args.system is not None and not args.chat:
         raise UsageError("--system is a chat message; add --chat (or drop --system)")
     if args.thinking and not args.chat:
         raise UsageError("--thinking is a chat template option; add --chat (or drop --thinking)")
-    if args.emulate and not args.placement:
-        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
+    check_emulate(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan every shard, open them, generate, print (text as it comes, or one JSON object)."""
+    check_options(args)
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
     margs = load_args(src)  # config only: no weights yet
     ranges = parse_split(args.split, margs.num_hidden_layers) if args.split else [LayerRange.full(margs.num_hidden_layers)]
     buckets = default_buckets(margs, args.max_context)
-    plans = explain_placement(src, ranges, args, buckets) if args.placement or args.explain else []
+    plans = shard_plans(margs, ranges, args, buckets)
     if args.explain:
         return 0
     emulated = any(p.emulated for p in plans)
     if emulated:
         progress("placement emulated: no NPU here, NPU slices run on the CPU backend (no NPU speed is claimed)")
-    opts = backend_options(args, src)  # one recipe build: calibrated and smoothed once, shared by the shards
+    opts = cli_backend_options(args, src)  # one recipe build: calibrated and smoothed once, shared by the shards
     tok = load_tokenizer(src)
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        text = render_chat(tok, messages, enable_thinking=args.thinking)
-    else:
-        text = args.prompt
-    prompt_ids = encode_prompt(tok, text)
+    prompt_ids = encode_prompt(tok, _prompt_text(args, tok))
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
     try:
-        shards = [open_shard(src, r, args.backend, buckets, args.layers_per_slice, backend_options=opts,
-                             weights=args.weights, progress=progress, placement=args.placement,
-                             emulate=args.emulate) for r in ranges]
+        shards = [open_plan(src, plan, backend_options=opts, progress=progress, args=margs) for plan in plans]
     except ArtifactError as e:
         raise ArtifactError(name_model(str(e), args.model)) from e
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)
@@ -119,23 +124,13 @@ def run(args: argparse.Namespace) -> int:
                     print(piece, end="", flush=True)
     finally:
         ring.close()
-    text_out = tok.decode(new_ids)
     if args.json:
-        result = {
-            "text": text_out,
-            "token_ids": new_ids,
-            "prompt_ids": prompt_ids,
-            "model": src.name,
-            "backend": args.backend,
-            "split": [str(r) for r in ranges],
-            "placement": str(args.placement) if args.placement else None,
-            "emulated": emulated,
-            "timings": {"load_s": round(load_s, 3), **timings.to_dict()},
-        }
-        print(json.dumps(result))
+        print(json.dumps({"text": tok.decode(new_ids), "token_ids": new_ids, "prompt_ids": prompt_ids, "model": src.name,
+                          "backend": args.backend, "split": [str(r) for r in ranges],
+                          "placement": str(args.placement) if args.placement else None, "emulated": emulated,
+                          "timings": {"load_s": round(load_s, 3), **timings.to_dict()}}))
     else:
-        rest = decoder.flush()
-        print(rest, flush=True)
+        print(decoder.flush(), flush=True)
         t = timings.to_dict()
         progress(f"[{len(new_ids)} tokens; prefill {t['prefill_s']:.3f}s; decode {t['decode_tokens_per_s']:.1f} tok/s; "
                  f"shards {', '.join(str(r) for r in ranges)} on {args.backend}"

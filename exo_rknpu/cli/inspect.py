@@ -33,6 +33,7 @@ def _summary(folder: Path) -> dict:
     return {"folder": str(folder), "slice": m["slice"]["name"], "layers": m.get("layers", []), "dtype": m["dtype"],
             "platform": m["platform"], "buckets": m.get("buckets"), "files": [(f["file"], f["bytes"]) for f in m["files"]],
             "bytes": sum(f["bytes"] for f in m["files"]), "cpu_ops": b.get("cpu_ops", []), "fallbacks": b.get("fallbacks", []),
+            "per_bucket": b.get("per_bucket", {}),
             "est_cycles": b.get("cycles", []), "weight_kb": b.get("weight_kb"), "internal_kb": b.get("internal_kb"),
             "build_seconds": b.get("seconds"), "verify": {k: v for k, v in m.get("verify", {}).items() if k.startswith("cos")},
             "model_fingerprint": m["model_fingerprint"][:16], "integrity": integrity}
@@ -57,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["integrity"] == "ok" for r in rows) else 1
 
 
+def _bucket_counts(per_bucket: dict) -> str:
+    """" (CPU ops in s16c256: 2, ...; compiler errors in ...)" for the buckets that have any; "" when none does."""
+    cpu = [f"{k}: {v['cpu']}" for k, v in per_bucket.items() if v.get("cpu")]
+    err = [f"{k}: {v['errors']}" for k, v in per_bucket.items() if v.get("errors")]
+    parts = ([f"CPU ops in {', '.join(cpu)}"] if cpu else []) + ([f"compiler errors in {', '.join(err)}"] if err else [])
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def format_rows(rows: list[dict]) -> list[str]:
     """A header, then one line per slice (plus a line under any slice whose files fail their check)."""
     out = [f"{'model':<8} {'slice':<11} {'dtype':<5} {'platform':<8} {'size':>9}  {'seq':<8} {'context':<10} "
@@ -69,7 +78,8 @@ def format_rows(rows: list[dict]) -> list[str]:
         out.append(f"{r['model_fingerprint'][:8]:<8} {r['slice']:<11} {r['dtype']:<5} {r['platform']:<8} "
                    f"{r['bytes'] / 1e6:6.1f} MB  {format_buckets(b.get('seq', [])):<8} "
                    f"{(f'{ctx[0]}-{ctx[-1]}' if ctx else '?'):<10} {cycles:<11} {worst_cos(r['verify']):<8} "
-                   f"{'ok' if r['integrity'] == 'ok' else 'BAD':<5} {format_cpu(r['cpu_ops'], r['fallbacks'])}")
+                   f"{'ok' if r['integrity'] == 'ok' else 'BAD':<5} {format_cpu(r['cpu_ops'], r['fallbacks'])}"
+                   + _bucket_counts(r["per_bucket"]))
         if r["integrity"] != "ok":
             out.append(f"  ^ {r['integrity']}")
     return out

@@ -1,6 +1,10 @@
 """`exo-rknpu node`: run this machine as a node of a legacy exo ring, with the rknpu engine.
 
     exo-rknpu node [--api-host HOST] [--backend numpy|onnx|rknn-sim|npu] [--model-dir DIR] -- EXO_ARGS...
+    exo-rknpu node --engine tinygrad|mlx [--api-host HOST] [--memory-mb MB] -- EXO_ARGS...
+
+`--engine tinygrad` (or mlx, on Apple silicon) runs one of exo's own engines instead, with the fixes a mixed ring
+of exo-rknpu and stock nodes needs (docs/exo.md, "Mixed clusters").
 
 Everything after `--` goes to exo unchanged (e.g. --discovery-module manual --discovery-config-path ring.json
 --node-id rk1 --node-port 50051 --chatgpt-api-port 52415 --disable-tui). exo itself must be installed
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.backends.board import CORE_MASKS
-from exo_rknpu.cli.options import add_placement_args, add_weights_arg, positive_float, positive_int
+from exo_rknpu.cli.options import (add_backend_dtype_arg, add_placement_args, add_weights_arg, check_emulate,
+                                   cli_backend_options, positive_float, positive_int)
 from exo_rknpu.engine import HIDDEN_DTYPES, EngineConfig
 from exo_rknpu.exo.options import API_KEY_ENV
 from exo_rknpu.errors import UsageError
@@ -29,6 +34,9 @@ DEFAULT_IDLE_S = 300.0  # far above a decode step or a board's long prefill; onl
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run as a node of a legacy exo ring (needs exo installed)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", default="rknpu", choices=["rknpu", "tinygrad", "mlx"],
+                   help="rknpu (default): exo-rknpu's engine; tinygrad / mlx: exo's own engine with the launcher's "
+                        "fixes for a mixed ring (the --backend/--weights/... options then do not apply)")
     p.add_argument("--api-host", default="127.0.0.1",
                    help="address exo's ChatGPT API binds to (default: 127.0.0.1, this machine only; 0.0.0.0 or a LAN "
                         "address to serve other machines, see docs/exo.md 'Security')")
@@ -59,14 +67,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"release a request's cache when it has not advanced for this long (abandoned; default {DEFAULT_IDLE_S:g})")
     p.add_argument("--memory-mb", type=positive_int, metavar="MB", default=None,
                    help="cap on the memory reported to exo's partitioner (default: total RAM minus the KV budget and "
-                        "the backend's reserve; docs/exo.md §3)")
+                        "the backend's reserve; docs/exo.md §3); with --engine tinygrad|mlx: replaces exo's own report "
+                        "(total RAM or VRAM), to order a mixed ring")
     p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
                    help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
     p.add_argument("--logits", choices=["all", "last"], default="all",
                    help="last shard returns logits for every position (all, exo's contract) or only the last one "
                         "(last: exo samples only that row; saves the head's work and memory on long prompts)")
-    p.add_argument("--npu-dtype", default="fp16", choices=["fp16", "w8a8"], help="npu backend: which compiled slices to use, fp16 | w8a8 (as compiled)")
-    p.add_argument("--npu-core-mask", default="auto", choices=list(CORE_MASKS), metavar="MASK",
+    add_backend_dtype_arg(p)
+    p.add_argument("--npu-core-mask", default=None, choices=list(CORE_MASKS), metavar="MASK",
                    help=f"npu backend: NPU cores, {' | '.join(CORE_MASKS)} (default: auto)")
     p.add_argument("--thinking", action="store_true",
                    help="chat prompts let Qwen3 think first (enable_thinking=True; default off, see docs/models.md)")
@@ -89,12 +98,13 @@ def build_options(args: argparse.Namespace):
         weights=args.weights,
         placement=str(args.placement) if args.placement else None,
         emulate=args.emulate,
-        backend_options={"dtype": args.npu_dtype, "core_mask": args.npu_core_mask} if args.backend == "npu" else {},
+        backend_options=cli_backend_options(args),
     )
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     return NodeOptions(engine=engine, model_dir=args.model_dir, api_host=args.api_host, memory_mb=args.memory_mb,
                        enable_thinking=args.thinking, api_key=api_key, cors_origins=tuple(args.cors_origin),
-                       allow_node_control=args.allow_node_control)
+                       allow_node_control=args.allow_node_control,
+                       stock_engine=None if args.engine == "rknpu" else args.engine)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
         raise UsageError(f"--model-dir {args.model_dir} is not a folder; give the folder that holds <model_id> "
                          "subfolders (or .gguf files), or leave it out to let exo download")
-    if args.emulate and not args.placement:
-        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
+    check_emulate(args)
     ok, why = exo_importable()
     if not ok:
         print(f"exo-rknpu: error: {why}", file=sys.stderr)
@@ -119,10 +128,18 @@ def run(args: argparse.Namespace) -> int:
     from exo_rknpu.engine import check_npu
     from exo_rknpu.exo.launcher import exo_argv, run_node
 
-    check_npu(build_options(args).engine)  # an NPU that cannot run here is refused now, not at the first request
+    if args.engine != "rknpu":
+        from exo_rknpu.exo.stock_engines import check_engine_importable
+
+        why = check_engine_importable(args.engine)
+        if why is not None:
+            print(f"exo-rknpu: error: {why}", file=sys.stderr)
+            return 2
+    else:
+        check_npu(build_options(args).engine)  # an NPU that cannot run here is refused now, not at the first request
 
     try:
-        exo_argv(args.exo_args)
+        exo_argv(args.exo_args, args.engine)
     except ValueError as e:
         print(f"exo-rknpu: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,11 @@ from typing import NoReturn
 
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.errors import UsageError
+from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.zoo import ModelSource
+from exo_rknpu.rknn.options import backend_options
+from exo_rknpu.slices.spec import Buckets
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,8 +59,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file, or alias (default: smollm2-135m)")
     p.add_argument("--backend", default="onnx", choices=sorted(BACKENDS), metavar="BACKEND",
                    help=f"where slices run: {' | '.join(sorted(BACKENDS))} (default: onnx)")
-    p.add_argument("--backend-dtype", choices=["fp16", "w8a8"], default=None,
-                   help="compiled dtype for npu / rknn-sim (default: fp16)")
+    add_backend_dtype_arg(p)
     p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
                    help="largest context bucket, prompt and new tokens together; at most the model's limit "
                         "(default: 2048 or the model's limit if smaller)")
@@ -64,6 +67,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
     add_weights_arg(p)
     add_placement_args(p)
+
+
+def add_backend_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--backend-dtype, the one name on every command (`node` called it --npu-dtype: kept as an alias)."""
+    p.add_argument("--backend-dtype", "--npu-dtype", dest="backend_dtype", choices=["fp16", "w8a8"], default=None,
+                   help="compiled dtype for npu / rknn-sim, fp16 | w8a8 (default: fp16; --npu-dtype is an old name "
+                        "for it)")
 
 
 def add_placement_args(p: argparse.ArgumentParser, explain: bool = True) -> None:
@@ -80,6 +90,12 @@ def add_placement_args(p: argparse.ArgumentParser, explain: bool = True) -> None
                        help="print the resolved placement (every slice, its device, buckets, estimated weight bytes) and exit")
 
 
+def check_emulate(args: argparse.Namespace) -> None:
+    """--emulate only means something with a plan: alone it is a one-line usage error."""
+    if args.emulate and not args.placement:
+        raise UsageError("--emulate runs a placement's NPU devices on the CPU; add --placement PLAN")
+
+
 def placement_plan(value: str):
     """argparse type for --placement: a malformed plan is a one-line usage error before anything loads."""
     from exo_rknpu.runtime.placement import PlacementError, PlacementPlan
@@ -90,13 +106,13 @@ def placement_plan(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def explain_placement(src, ranges, args: argparse.Namespace, buckets) -> list:
-    """The resolved plan of every shard (raises PlacementError for an impossible one); printed with --explain."""
-    from exo_rknpu.runtime.placement import resolve_placement
+def shard_plans(margs: ModelArgs, ranges: list[LayerRange], args: argparse.Namespace, buckets: Buckets) -> list:
+    """The resolved plan of every shard (runtime/placement.py::plan_shards; no --placement: the default plan), from
+    the config read once; printed with --explain. Raises PlacementError, one line, for a plan that cannot run."""
+    from exo_rknpu.runtime.placement import plan_shards
 
-    dtype = getattr(args, "backend_dtype", None) or "fp16"
-    plans = [resolve_placement(src, r, args.placement, args.backend, buckets, args.layers_per_slice, args.weights, dtype,
-                               emulate=args.emulate) for r in ranges]
+    plans = plan_shards(args.placement, margs, ranges, args.backend, buckets, layers_per_slice=args.layers_per_slice,
+                        weights=args.weights, npu_dtype=args.backend_dtype or "fp16", emulate=args.emulate)
     if getattr(args, "explain", False):
         for plan in plans:
             print(plan.explain())
@@ -120,17 +136,13 @@ def weights_mode(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def backend_options(args: argparse.Namespace, src=None) -> dict:
-    """Backend options from add_model_args' flags (rknn-sim w8a8 also gets the default w8a8 recipe bound to `src`)."""
-    dtype = getattr(args, "backend_dtype", None)
-    if dtype and args.backend not in ("npu", "rknn-sim"):
-        raise UsageError(f"--backend-dtype applies to npu and rknn-sim, not {args.backend}")
-    opts: dict = {"dtype": dtype} if dtype else {}
-    if args.backend == "rknn-sim" and dtype == "w8a8":
-        from exo_rknpu.rknn.recipe import RecipeBuild
+def cli_backend_options(args: argparse.Namespace, src: ModelSource | None = None) -> dict:
+    """rknn/options.py::backend_options from the shared flags a command has (--backend-dtype, --threads,
+    --npu-core-mask), for the model `src` (default: --model)."""
+    return backend_options(args.backend, dtype=getattr(args, "backend_dtype", None), threads=getattr(args, "threads", None),
+                           core_mask=getattr(args, "npu_core_mask", None),
+                           model=src if src is not None else getattr(args, "model", None))
 
-        opts["recipe_build"] = RecipeBuild(src if src is not None else args.model)  # compile's default w8a8 recipe
-    return opts
 
 
 def progress(msg: str) -> None:

@@ -62,5 +62,10 @@ class TemplateOptionsTokenizer:
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
         return self._wrapped.apply_chat_template(*args, **{**self._options, **kwargs})
 
+    def decode(self, ids: Any, skip_special_tokens: bool = True, **kwargs: Any) -> str:
+        """As exo-rknpu's tokenizer decodes: special tokens (the end-of-turn token that finished the answer) are not
+        part of the text, unless asked for."""
+        return self._wrapped.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._wrapped, name)

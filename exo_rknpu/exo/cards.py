@@ -29,19 +29,20 @@ class ExoCard:
     pretty_name: str
     zoo_alias: str | None = None  # resolved by exo_rknpu.model.zoo instead of exo's downloader
     exo_wrong_layers: int | None = None  # legacy exo's card has this (wrong) layer count; the launcher corrects it
+    in_stock_exo: bool = True  # legacy exo has a card with this id (a plain stock node without one cannot serve it)
 
 
 CARDS: dict[str, ExoCard] = {
     "smollm2-135m": ExoCard("smollm2-135m", 30, "exo-rknpu/smollm2-135m", "SmolLM2 135M Instruct (exo-rknpu)",
-                            zoo_alias="smollm2-135m"),
+                            zoo_alias="smollm2-135m", in_stock_exo=False),
     "llama-3.2-1b": ExoCard("llama-3.2-1b", 16, "unsloth/Llama-3.2-1B-Instruct", "Llama 3.2 1B"),
     "llama-3.2-3b": ExoCard("llama-3.2-3b", 28, "unsloth/Llama-3.2-3B-Instruct", "Llama 3.2 3B"),
     "qwen-2.5-0.5b": ExoCard("qwen-2.5-0.5b", 24, "Qwen/Qwen2.5-0.5B-Instruct", "Qwen 2.5 0.5B", exo_wrong_layers=28),
     "qwen-2.5-1.5b": ExoCard("qwen-2.5-1.5b", 28, "Qwen/Qwen2.5-1.5B-Instruct", "Qwen 2.5 1.5B"),
     "qwen-2.5-3b": ExoCard("qwen-2.5-3b", 36, "Qwen/Qwen2.5-3B-Instruct", "Qwen 2.5 3B"),
-    "qwen-3-0.6b": ExoCard("qwen-3-0.6b", 28, "Qwen/Qwen3-0.6B", "Qwen 3 0.6B"),
-    "qwen-3-1.7b": ExoCard("qwen-3-1.7b", 28, "Qwen/Qwen3-1.7B", "Qwen 3 1.7B"),
-    "qwen-3-4b": ExoCard("qwen-3-4b", 36, "Qwen/Qwen3-4B", "Qwen 3 4B"),
+    "qwen-3-0.6b": ExoCard("qwen-3-0.6b", 28, "Qwen/Qwen3-0.6B", "Qwen 3 0.6B", in_stock_exo=False),
+    "qwen-3-1.7b": ExoCard("qwen-3-1.7b", 28, "Qwen/Qwen3-1.7B", "Qwen 3 1.7B", in_stock_exo=False),
+    "qwen-3-4b": ExoCard("qwen-3-4b", 36, "Qwen/Qwen3-4B", "Qwen 3 4B", in_stock_exo=False),
 }
 
 
@@ -52,6 +53,12 @@ def get_card(model_id: str) -> ExoCard:
             f"model {model_id!r} has no exo-rknpu card; this node serves: {', '.join(sorted(CARDS))}"
         )
     return card
+
+
+def plain_stock_card_missing(model_id: str) -> bool:
+    """True if legacy exo, unpatched, has no card for `model_id`: no plain stock node can serve any layer of it."""
+    card = CARDS.get(model_id)
+    return card is not None and not card.in_stock_exo
 
 
 def card_for_repo(repo: str) -> ExoCard | None:

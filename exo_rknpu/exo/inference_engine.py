@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,10 +47,6 @@ from exo_rknpu.runtime.sampling import Choice, SamplingParams, choose, step_rng
 
 log = logging.getLogger(__name__)
 
-MAX_RECORDED_FAILURES = 256
-MAX_ANNOUNCED = 1024
-
-
 def failure_kind(e: BaseException) -> str:
     """How the API should answer a request that failed with `e`: "capacity" (429, retry later), "unavailable"
     (503: the ring lost the request's state or changed under it), "context" (400: too long), "error" (500)."""
@@ -67,7 +62,8 @@ def failure_kind(e: BaseException) -> str:
 
 
 class RKNPUInferenceEngine(InferenceEngine):
-    def __init__(self, shard_downloader=None, options: NodeOptions | None = None) -> None:
+    def __init__(self, shard_downloader=None, options: NodeOptions | None = None, prober: Prober | None = None) -> None:
+        """`prober` tells whether the model's source (Hugging Face) answers now (default: a HEAD request)."""
         self.options = options or node_options.current()
         self.shard_downloader = shard_downloader
         self.shard: Optional[Shard] = None
@@ -75,9 +71,7 @@ class RKNPUInferenceEngine(InferenceEngine):
         self.session = {}  # exo's ABC has a class-level dict shared by every engine; keep ours separate
         self.core = ShardEngine(self.options.engine, self._source)
         self._rng = np.random.default_rng()
-        self._failures: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._announced: OrderedDict[str, None] = OrderedDict()
-        self._prober = Prober()
+        self._prober = prober or Prober()
 
     # ------------------------------------------------------------------ model files
 
@@ -90,12 +84,15 @@ class RKNPUInferenceEngine(InferenceEngine):
         # Decided before any download starts: a model that is neither here nor fetchable fails in seconds
         # (exo's downloader would retry for minutes, and on after the client left).
         found = await asyncio.to_thread(model_availability, card, self.options.model_dir, self._prober)
-        if found.local is not None:
-            return await self.core.run_blocking(resolve_model, str(found.local))
-        if not found.downloadable:
+        if not found.servable:
             raise ModelUnavailableError(found.reason)
-        if card.zoo_alias is not None:
+        override = local_override(card, self.options.model_dir)
+        if override is not None:
+            return await self.core.run_blocking(resolve_model, str(override))
+        if card.zoo_alias is not None:  # by its alias: the name its compiled slices are cached under
             return await self.core.run_blocking(resolve_model, card.zoo_alias)
+        if found.local is not None:  # complete in exo's download folder: no need to ask the hub
+            return await self.core.run_blocking(resolve_model, str(found.local))
         if self.shard_downloader is None:
             raise ModelUnavailableError(f"{model_id} must be downloaded but this engine has no shard downloader; "
                                         f"put it at --model-dir DIR as DIR/{model_id}")
@@ -110,26 +107,26 @@ class RKNPUInferenceEngine(InferenceEngine):
     # ------------------------------------------------------------------ failures (for the launcher)
 
     def _record_failure(self, request_id: str, e: BaseException) -> None:
-        self._failures[request_id] = (failure_kind(e), f"{type(e).__name__}: {e}")
-        while len(self._failures) > MAX_RECORDED_FAILURES:
-            self._failures.popitem(last=False)
+        self.core.lifecycle.fail(request_id, failure_kind(e), f"{type(e).__name__}: {e}")
 
     def take_failure(self, request_id: str) -> tuple[str, str] | None:
         """(kind, message) of the error that made this request fail here (once), or None. See failure_kind."""
-        return self._failures.pop(request_id, None)
+        return self.core.lifecycle.take_failure(request_id)
 
     # ------------------------------------------------------------------ request lifecycle (for the launcher)
 
     def announce(self, request_id: str) -> None:
         """The API is about to start this request: a one-token prefill for it is a start, not a lost request."""
-        self._announced[request_id] = None
-        while len(self._announced) > MAX_ANNOUNCED:
-            self._announced.popitem(last=False)
+        self.core.lifecycle.announce(request_id)
 
     def release(self, request_id: str, reason: str) -> None:
         """The request is over (finished, cancelled, failed): free its cache now; later steps for it fail."""
-        self._announced.pop(request_id, None)
+        self.core.lifecycle.unannounce(request_id)
         self.core.release(request_id, reason)
+
+    def positions_left(self, request_id: str) -> int | None:
+        """How many more tokens the request's cache can take on this node (None: it holds none for it)."""
+        return self.core.positions_left(request_id)
 
     # ------------------------------------------------------------------ exo's interface
 
@@ -192,7 +189,7 @@ class RKNPUInferenceEngine(InferenceEngine):
         """One step; inference_state (the request's sampling parameters) is handed back for the next hop."""
         x = np.asarray(input_data)
         # A prefill (seq > 1) or an announced request may start here; a lone decode step must find its cache.
-        start = None if (x.ndim >= 2 and x.shape[1] > 1) or request_id in self._announced else False
+        start = None if (x.ndim >= 2 and x.shape[1] > 1) or self.core.lifecycle.is_announced(request_id) else False
         out, _ = await self._infer(request_id, shard, x, start)
         return out, inference_state
 

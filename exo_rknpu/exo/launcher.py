@@ -1,4 +1,4 @@
-"""Start legacy exo with the rknpu engine plugged in, without editing exo.
+"""Start legacy exo with the rknpu engine plugged in (or one of exo's stock engines, fixed), without editing exo.
 
 Patches, all applied before `exo.main` is imported (it parses argv and builds the node at import):
 1. `get_inference_engine` in exo.inference.inference_engine and exo.orchestration.node (which bound the name at
@@ -7,7 +7,8 @@ Patches, all applied before `exo.main` is imported (it parses argv and builds th
    class's repo; exo's wrong layer count for qwen-2.5-0.5b is corrected).
 3. Node.select_best_inference_engine becomes a no-op: otherwise exo replaces our engine with a fresh tinygrad one
    whenever the peer set changes.
-4. exo.topology.device_capabilities.linux_device_capabilities reports the board (no tinygrad import, no pynvml).
+4. exo.topology.device_capabilities.linux_device_capabilities reports the board (no tinygrad import, no pynvml);
+   a stock engine (`--engine tinygrad|mlx`, stock_engines.py) keeps exo's report and adds the launcher's mark.
 5. ChatGPTAPI.run binds to --api-host (exo hard-codes 0.0.0.0).
 6. exo's API resolves the tokenizer of our local models (smollm2-135m, --model-dir) with our tokenizer, offline;
    for downloaded repos it keeps exo's own, and both render chat templates with our options (enable_thinking).
@@ -17,6 +18,9 @@ Patches, all applied before `exo.main` is imported (it parses argv and builds th
    EOS, or a full cache; a step addressed to a shard this node does not hold fails (the nodes disagree on the
    partition) instead of running the wrong layers; a failed hop or an unreachable neighbour is broadcast as
    {"type": "rknpu_request_failed"} so the API answers at once instead of waiting 900 s.
+8. and 9. The API's safety (http_guard.py) and routes (api_routes.py): see install_api_safety, install_api_routes.
+10. The mixed-ring partition (ring_members.py): exo's Node asks for the partition with the model at hand; a node
+   that takes no layers of the model hands its prompt to the ring's first node.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from exo_rknpu.exo.api_tokenizer import TemplateOptionsTokenizer
 from exo_rknpu.exo.availability import downloaded_folder
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
-from exo_rknpu.exo.ring_members import restrict_ring
+from exo_rknpu.exo.ring_members import node_partitions, patch_node_partitioning, use_mixed_ring
 from exo_rknpu.runtime.sampling import Choice, SamplingParams, choose, step_rng
 
 log = logging.getLogger(__name__)
@@ -93,12 +97,17 @@ def install_patches(options: NodeOptions) -> None:
     node_mod.Node.select_best_inference_engine = select_best_inference_engine
 
     # 4. capabilities
-    async def linux_device_capabilities():
-        opts = node_options.current()
-        caps = detect(opts.engine.backend, opts.engine.limits.max_bytes, opts.memory_mb).to_exo()
-        return caps
+    if options.stock_engine is not None:
+        from exo_rknpu.exo.stock_engines import install_stock_engine
 
-    dc.linux_device_capabilities = linux_device_capabilities
+        install_stock_engine(options)
+    else:
+        async def linux_device_capabilities():
+            opts = node_options.current()
+            return detect(opts.engine.backend, opts.engine.limits.max_bytes, opts.memory_mb,
+                          models=served_models(opts)).to_exo()
+
+        dc.linux_device_capabilities = linux_device_capabilities
 
     # 5. API bind host
     original_run = api_mod.ChatGPTAPI.run
@@ -131,8 +140,9 @@ def install_patches(options: NodeOptions) -> None:
 
     api_mod.resolve_tokenizer = resolve_tokenizer
 
-    # 7. the ring's request lifecycle and API
+    # 7. the ring's request lifecycle and API (on top of 10: the model-aware partition)
     install_state_wire()
+    patch_node_partitioning(node_mod.Node)
     _patch_node(node_mod.Node)
 
     async def handle_post_chat_completions(self: Any, request: Any):
@@ -195,6 +205,15 @@ def install_api_routes(api_mod: Any) -> None:
     routed("handle_post_chat_token_encode", api_routes.handle_token_encode)
 
 
+def served_models(options: NodeOptions) -> tuple[str, ...]:
+    """The model ids this node serves: exo-rknpu's cards, or what the stock engine can run (its launcher mark)."""
+    if options.stock_engine is not None:
+        from exo_rknpu.exo.stock_engines import stock_served_models
+
+        return stock_served_models(options.stock_engine)
+    return tuple(sorted(CARDS))
+
+
 def _ring(node: Any) -> Any:
     return getattr(node, "rknpu_ring", None)
 
@@ -234,7 +253,8 @@ def _patch_node(Node: Any) -> None:
             self.outstanding_requests.pop(request_id, None)
         else:
             self.outstanding_requests[request_id] = "waiting"
-            asyncio.create_task(self.forward_tensor(shard, forward, request_id, self.get_partition_index(offset=1),
+            asyncio.create_task(self.forward_tensor(shard, forward, request_id,
+                                                    self.get_partition_index(offset=1, model_id=shard.model_id),
                                                     inference_state))
         return np.array(tokens)
 
@@ -275,6 +295,9 @@ def _patch_node(Node: Any) -> None:
             if problem is not None:
                 await ring.report_failure(request_id, problem, "unavailable")
                 raise RuntimeError(problem)
+        elif ring is not None and self.id not in {p.node_id for p in node_partitions(self, base_shard.model_id)}:
+            # this node's API took a request for a model the ring leaves this node out of: the first node runs it
+            return await self.forward_prompt(base_shard, prompt, request_id, 0, inference_state)
         try:
             return await original_process_prompt(self, base_shard, prompt, request_id, inference_state)
         except Exception as e:
@@ -374,8 +397,9 @@ def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 async def _report_engine_failure(node: Any, request_id: str | None) -> None:
     """If the engine failed this request, tell the ring (once)."""
-    ring, take = _ring(node), getattr(node.inference_engine, "take_failure", None)
-    failure = take(request_id) if take is not None and request_id is not None else None
+    ring = _ring(node)
+    engine = ring.request_engine if ring is not None else None
+    failure = engine.take_failure(request_id) if engine is not None and request_id is not None else None
     if ring is not None and failure is not None:
         kind, message = failure
         await ring.report_failure(request_id, message, kind)
@@ -405,22 +429,25 @@ def _arg_value(argv: list[str], name: str) -> str | None:
     return None
 
 
-def exo_argv(exo_args: list[str]) -> list[str]:
-    """exo's argv: EXO_ARGS unchanged, plus `--inference-engine rknpu` unless already there (another value is an error)."""
+def exo_argv(exo_args: list[str], engine: str = ENGINE_NAME) -> list[str]:
+    """exo's argv: EXO_ARGS unchanged, plus `--inference-engine ENGINE` unless already there (another value is an
+    error: the engine is chosen with `exo-rknpu node --engine`)."""
     args = list(exo_args)
     if args and args[0] == "--":
         args = args[1:]
     value = _arg_value(args, "--inference-engine")
     if value is not None:
-        if value != ENGINE_NAME:
-            raise ValueError(f"exo-rknpu node runs the {ENGINE_NAME!r} engine; remove --inference-engine {value}")
+        if value != engine:
+            raise ValueError(f"this exo-rknpu node runs the {engine!r} engine; remove --inference-engine {value} "
+                             f"(choose the engine with `exo-rknpu node --engine`)")
         return ["exo", *args]
-    return ["exo", *args, "--inference-engine", ENGINE_NAME]
+    return ["exo", *args, "--inference-engine", engine]
 
 
 def run_node(options: NodeOptions, exo_args: list[str]) -> int:
     """Patch exo, hand it EXO_ARGS, and run it until it exits."""
-    argv = exo_argv(exo_args)
+    engine_name = options.stock_engine or ENGINE_NAME
+    argv = exo_argv(exo_args, engine_name)
     node_id = _arg_value(argv, "--node-id")
     if node_id and not options.engine.label:
         options = dataclasses.replace(options, engine=dataclasses.replace(options.engine, label=f"node {node_id}"))
@@ -432,15 +459,21 @@ def run_node(options: NodeOptions, exo_args: list[str]) -> int:
         return int(e.code or 0)
     from exo_rknpu.exo.ring import RingNode
 
-    restrict_ring(exo_main.node)  # layers go to exo-rknpu nodes only (ring_members.py)
-    RingNode(exo_main.node, exo_main.api, options, default_model=exo_main.args.default_model)
+    use_mixed_ring(exo_main.node)  # one partition, derived identically by every node (ring_members.py)
+    RingNode(exo_main.node, exo_main.api, options, default_model=exo_main.args.default_model,
+             served=served_models(options))
     import exo.api.chatgpt_api as api_mod
 
     exo_main.resolve_tokenizer = api_mod.resolve_tokenizer  # `exo run MODEL` resolves its tokenizer here
     opts = node_options.current()
-    print(f"[exo-rknpu] node {exo_main.args.node_id}: engine {ENGINE_NAME} on backend {opts.engine.backend!r}, "
-          f"hidden states {opts.engine.hidden_dtype}, API on {opts.api_host}:{exo_main.args.chatgpt_api_port}",
-          flush=True)
+    if opts.stock_engine is not None:
+        print(f"[exo-rknpu] node {exo_main.args.node_id}: exo's stock {opts.stock_engine} engine with the launcher's "
+              f"fixes (stock_engines.py), serving {', '.join(served_models(opts))}, API on {opts.api_host}:"
+              f"{exo_main.args.chatgpt_api_port}", flush=True)
+    else:
+        print(f"[exo-rknpu] node {exo_main.args.node_id}: engine {ENGINE_NAME} on backend {opts.engine.backend!r}, "
+              f"hidden states {opts.engine.hidden_dtype}, API on {opts.api_host}:{exo_main.args.chatgpt_api_port}",
+              flush=True)
     try:
         exo_main.run()
     except (asyncio.CancelledError, KeyboardInterrupt):

@@ -21,6 +21,7 @@ class NodeOptions:
     allow_node_control: bool = False  # /quit, model deletion, /download, image and animation endpoints
     memory_mb: int | None = None  # override the memory reported to exo's partitioner
     enable_thinking: bool = False  # chat template option (Qwen3); see exo_rknpu.model.chat
+    stock_engine: str | None = None  # "tinygrad" / "mlx": run exo's own engine with the launcher's fixes instead
 
 
 _current = NodeOptions()

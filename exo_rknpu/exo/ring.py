@@ -10,8 +10,10 @@ exo never tells an engine when a request starts or ends, waits 900 s for a dead 
   the request's KV cache when it ends, fails or finishes (exo's `is_finished` token broadcast).
 * the last node finishes a request at its `max_tokens`, at EOS, at exo's `--max-generate-tokens`, or when its KV
   cache is full (finish_reason "length"), and samples at the request's temperature;
-* a tensor for a shard the receiver does not hold (the nodes disagree on the partition while the ring settles)
-  fails the request instead of running the wrong layers;
+* a tensor for a shard the receiver does not hold (the nodes disagree on the partition) fails the request instead
+  of running the wrong layers, with the reason (ring_members.MixedRingPartitioning.explain_mismatch);
+* a request whose partition gives layers to a node that cannot run them (ring_members: a plain stock node without
+  a card for the model) is refused at once, naming the node;
 * `handle_chat` is the /v1/chat/completions handler: validation (400), admission (429), prompt templating and
   tokenizing off the event loop, a ring health watch (503 within seconds when a node dies), client disconnects
   (generation stops), and streaming that only commits to HTTP 200 once the first token exists.
@@ -25,9 +27,8 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from aiohttp import web
@@ -48,9 +49,10 @@ from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.exo.availability import Availability, Prober, model_availability
 from exo_rknpu.exo.prompt_tokens import PromptEncoder, UnsafePrompt
 from exo_rknpu.exo.request_state import request_state
-from exo_rknpu.exo.ring_members import samples_like_rknpu
+from exo_rknpu.exo.ring_members import MixedRingPartitioning, layer_ranges, node_partitions, samples_like_rknpu
 from exo_rknpu.exo.request_state import sampling_params
 from exo_rknpu.exo.stop import stop_index, tail_text, visible_text
+from exo_rknpu.runtime.requests import BoundedMap
 from exo_rknpu.runtime.sampling import Choice, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -82,15 +84,44 @@ class Outcome:
     error: tuple[int, str, str] | None = None  # (HTTP status, kind, message)
 
 
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Every stop id of a tokenizer: exo-rknpu's (`eos_token_ids`, a set) or a Hugging Face one (exo's stock
+    engines: `eos_token_id`, and an `eos_token_ids` that may be one int)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or ())
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return {int(t) for t in ids if t is not None}
+
+
 def _say(text: str) -> None:
     print(f"[exo-rknpu] {text}", flush=True)
 
 
+@runtime_checkable
+class RequestEngine(Protocol):
+    """What the ring asks an engine about its requests (exo_rknpu.exo.inference_engine, and the tinygrad engine as
+    stock_engines.py patches it); the request records themselves are runtime/requests.py::RequestLog."""
+
+    def announce(self, request_id: str) -> None:
+        """The API is about to start it: a one-token prefill for it is a start."""
+
+    def release(self, request_id: str, reason: str) -> None:
+        """It is over: free its cache; later steps for it fail."""
+
+    def take_failure(self, request_id: str) -> tuple[str, str] | None:
+        """(kind, message) of the error that made it fail here, once."""
+
+    def positions_left(self, request_id: str) -> int | None:
+        """Tokens its cache can still take here (None: no bound known here)."""
+
+
 class RingNode:
-    def __init__(self, node: Any, api: Any, options: NodeOptions, default_model: str | None) -> None:
+    def __init__(self, node: Any, api: Any, options: NodeOptions, default_model: str | None,
+                 served: tuple[str, ...]) -> None:
         self.node, self.api, self.options = node, api, options
         self.default_model = default_model
-        self.params: OrderedDict[str, SamplingParams] = OrderedDict()  # as announced by the API (fallback)
+        self.served = served  # the model ids this node's API serves
+        self.params: BoundedMap[str, SamplingParams] = BoundedMap(MAX_TRACKED)  # as announced by the API (fallback)
         self.logprobs: dict[str, dict[int, Choice]] = {}  # requests this node's API serves with logprobs
         self.rng = np.random.default_rng()  # unseeded requests sampled on this node
         self.prober = Prober()
@@ -108,10 +139,15 @@ class RingNode:
     def engine(self) -> Any:
         return self.node.inference_engine
 
+    @property
+    def request_engine(self) -> RequestEngine | None:
+        """The engine as the ring asks it about requests, or None for a stock engine that keeps no record of them."""
+        eng = self.engine
+        return eng if isinstance(eng, RequestEngine) else None
+
     def _release(self, request_id: str, reason: str) -> None:
-        release = getattr(self.engine, "release", None)
-        if release is not None:
-            release(request_id, reason)
+        if self.request_engine is not None:
+            self.request_engine.release(request_id, reason)
         self.params.pop(request_id, None)
         self.node.outstanding_requests.pop(request_id, None)
 
@@ -137,15 +173,12 @@ class RingNode:
         kind = data.get("type")
         rid = data.get("request_id") or request_id
         if kind == START_STATUS:
-            announce = getattr(self.engine, "announce", None)
-            if announce is not None:
-                announce(rid)
+            if self.request_engine is not None:
+                self.request_engine.announce(rid)
             try:
                 self.params[rid] = SamplingParams.from_json(data.get("sampling") or {})
             except (TypeError, ValueError) as e:
                 _say(f"request {rid}: ignored malformed sampling parameters from node {data.get('origin')}: {e}")
-            while len(self.params) > MAX_TRACKED:
-                self.params.popitem(last=False)
         elif kind == LOGPROBS_STATUS:
             slots = self.logprobs.get(rid)
             if slots is not None:
@@ -178,12 +211,15 @@ class RingNode:
 
     def shard_mismatch(self, sent: Any) -> str | None:
         """Why this node must not run a step the sender addressed to shard `sent`, or None if it holds it."""
-        own = self.node.get_current_shard(sent)
-        if (own.start_layer, own.end_layer) == (sent.start_layer, sent.end_layer):
+        partitions = node_partitions(self.node, sent.model_id)
+        own = layer_ranges(partitions, int(sent.n_layers)).get(self.node.id)
+        if own == (sent.start_layer, sent.end_layer):
             return None
-        return (f"the nodes disagree on the partition: the sender expects this node to hold layers "
-                f"{sent.start_layer}-{sent.end_layer} of {sent.model_id}, but its view of the ring gives it "
-                f"{own.start_layer}-{own.end_layer} (the ring is still settling after a node joined or left); retry")
+        strategy = self.node.partitioning_strategy
+        if isinstance(strategy, MixedRingPartitioning):
+            return strategy.explain_mismatch(self.node.topology, sent, own)
+        return (f"node {self.node.id} refuses the step: the sender expects it to hold layers {sent.start_layer}-"
+                f"{sent.end_layer} of {sent.model_id}, its own partition gives it {own}")
 
     def sampling(self, request_id: str, inference_state: Any) -> SamplingParams:
         """The request's parameters on the node that samples: those carried in inference_state, else those its
@@ -197,10 +233,9 @@ class RingNode:
         """On the last node, after sampling tokens[-1]: is the request done (EOS, max_tokens, exo's cap, a stop
         string in the text, a full cache)?"""
         eng, node = self.engine, self.node
-        stop = set(getattr(eng.tokenizer, "eos_token_ids", ()) or ()) | {eng.tokenizer.eos_token_id}
+        stop = stop_token_ids(eng.tokenizer)
         cap = node.max_generate_tokens if params.max_tokens is None else min(node.max_generate_tokens, params.max_tokens)
-        left_fn = getattr(getattr(eng, "core", None), "positions_left", None)
-        left = left_fn(request_id) if left_fn is not None else None
+        left = self.request_engine.positions_left(request_id) if self.request_engine is not None else None
         if tokens[-1] in stop or len(tokens) >= cap or (left is not None and left < 1):
             return True
         return bool(params.stop) and stop_index(tail_text(eng.tokenizer.decode, tokens, params.stop), params.stop) >= 0
@@ -213,14 +248,14 @@ class RingNode:
 
     # ------------------------------------------------------------------ ring health
 
-    async def ring_problem(self, members: set[str]) -> str | None:
+    async def ring_problem(self, members: set[str], model_id: str) -> str | None:
         """Why the ring that started a request cannot finish it (a member left or is gone), or None.
 
         A member is probed with a TCP connect to its gRPC port, not with exo's health check (which reconnects
         its channel and times out on a merely busy node): a refused connection means the process is gone (a
         SIGKILLed node on the same host or a LAN answers with a reset at once); a member that does not answer
         at all counts as gone after DEAD_AFTER_S. One probe round per HEALTH_INTERVAL_S serves every request."""
-        current = {p.node_id for p in self.node.partitioning_strategy.partition(self.node.topology)}
+        current = {p.node_id for p in node_partitions(self.node, model_id)}
         gone = members - current
         if gone:
             return f"node {', '.join(sorted(gone))} left the ring while the request ran"
@@ -257,7 +292,7 @@ class RingNode:
     # ------------------------------------------------------------------ the API
 
     def served_models(self) -> list[str]:
-        return sorted(CARDS)
+        return sorted(self.served)
 
     def resolve_model(self, requested: str | None) -> str:
         if requested is None or requested.startswith("gpt-"):
@@ -268,8 +303,8 @@ class RingNode:
                 return current.model_id
             raise BadRequest(f'no "model" given and this ring has not served one yet (no --default-model); '
                              f"name one of: {', '.join(self.served_models())}")
-        if requested not in CARDS:
-            raise BadRequest(f"model {requested!r} has no card; models served by exo-rknpu nodes: "
+        if requested not in self.served:
+            raise BadRequest(f"model {requested!r} has no card on this node; models it serves: "
                              f"{', '.join(self.served_models())}")
         return requested
 
@@ -278,14 +313,16 @@ class RingNode:
         return await asyncio.to_thread(model_availability, CARDS[model], self.options.model_dir, self.prober)
 
     async def model_problem(self, model: str) -> str | None:
+        if self.options.stock_engine is not None:
+            return None  # exo's own engine: its files come through exo's downloader (docs/exo.md §9)
         found = await self.availability(model)
         return None if found.servable else found.reason
 
-    def stock_problem(self, params: SamplingParams, needs_prompt_ids: bool) -> str | None:
+    def stock_problem(self, params: SamplingParams, needs_prompt_ids: bool, model: str) -> str | None:
         """Why a node of the ring that does not run exo-rknpu's sampling would answer this request wrongly, or
         None. A stock exo node that samples knows only exo's own --default-temp (it would drop every other
         parameter); a stock first node would encode the prompt string itself (content specials as control tokens)."""
-        partitions = self.node.partitioning_strategy.partition(self.node.topology)
+        partitions = node_partitions(self.node, model)
         if not partitions:
             return None
 
@@ -330,7 +367,7 @@ class RingNode:
             self.api.token_queues[request_id] = queue  # exo's token callback feeds this queue
             if params.logprobs:
                 self.logprobs[request_id] = {}
-            members = {p.node_id for p in self.node.partitioning_strategy.partition(self.node.topology)}
+            members = {p.node_id for p in node_partitions(self.node, model)}
             started = True
             await self.node.broadcast_opaque_status(request_id, json.dumps({
                 "type": START_STATUS, "request_id": request_id, "sampling": params.to_json(), "origin": self.node.id}))
@@ -367,9 +404,16 @@ class RingNode:
             _say(f"refused a request (404): {problem}")
             return web.json_response(error_body(problem, "model_not_found", 404), status=404)
         engine_class = self.api.inference_engine_classname
-        if self._base_shard(model) is None:
+        shard = self._base_shard(model)
+        if shard is None:
             msg = f"model {model!r} has no repo for engine {engine_class}"
             return web.json_response(error_body(msg, "invalid_request_error", 400), status=400)
+        strategy = self.node.partitioning_strategy
+        if isinstance(strategy, MixedRingPartitioning):
+            problem = strategy.unservable(self.node.topology, model, shard.n_layers)
+            if problem is not None:  # fail now, not after exo's response timeout
+                _say(f"refused a request for {model} (503): {problem}")
+                return web.json_response(error_body(problem, "unavailable", 503), status=503)
         params = chat.sampling
         if not chat.temperature_given:
             params = dataclasses.replace(params, temperature=float(self.node.default_sample_temperature))
@@ -379,7 +423,7 @@ class RingNode:
             messages.insert(0, {"role": "system", "content": self.api.system_prompt})
         try:
             prompt, ids = await asyncio.to_thread(encode_chat, tokenizer, messages)
-            problem = self.stock_problem(params, ids is not None)
+            problem = self.stock_problem(params, ids is not None, model)
         except UnsafePrompt as e:
             problem = f"{e}: remove special-token text from the messages"
         if problem is not None:
@@ -411,7 +455,7 @@ class RingNode:
             try:
                 item = await asyncio.wait_for(queue.get(), timeout=HEALTH_INTERVAL_S)
             except asyncio.TimeoutError:
-                problem = await self.ring_problem(members)
+                problem = await self.ring_problem(members, call.model)
                 if problem is not None:
                     fail(503, "unavailable", f"{problem}; the request was stopped (retry once the ring is healthy)")
                 elif time.monotonic() - stalled_since > timeout:
@@ -513,9 +557,7 @@ class _Call:
     n_prompt: int
 
     def stop_ids(self) -> set[int]:
-        ids = {t for t in (getattr(self.tokenizer, "eos_token_ids", None) or ()) if t is not None}
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return ids | ({eos} if eos is not None else set())
+        return stop_token_ids(self.tokenizer)
 
     def finish_reason(self, outcome: Outcome) -> str:
         return "stop" if outcome.stopped or (outcome.tokens and outcome.tokens[-1] in self.stop_ids()) else "length"

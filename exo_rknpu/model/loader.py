@@ -47,7 +47,8 @@ def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> 
 
 
 def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto", layers: bool = True,
-               embed: bool = True, progress: Callable[[str], None] | None = None) -> ShardWeights:
+               embed: bool = True, progress: Callable[[str], None] | None = None,
+               args: ModelArgs | None = None) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
     `weights` (auto | int4 | int8 | fp32) picks the form of linear weights and the embedding (model/quant.py):
@@ -59,11 +60,12 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto",
     embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head
     on the last shard is still read (it is the embedding matrix).
     `progress` gets a one-line message now and then while layers load.
+    `args`: the model's config (load_args) when the caller has it, so config.json is not read again.
     """
     check_mode(weights)
     report = _layer_progress(layer_range, progress)
     if src.format == "hf":
-        args = hf.load_hf_args(src.path)
+        args = args or hf.load_hf_args(src.path)
         _check_range(args, layer_range)
         shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report)
         digest = hf.source_digest(src.path)

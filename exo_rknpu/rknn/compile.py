@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
@@ -33,7 +33,7 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import Buckets, SliceSpec, bucket_shapes, plan_slices, to_kv_layout
+from exo_rknpu.slices.spec import Buckets, SliceSpec, bucket_shapes, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
 from exo_rknpu.rknn.npu import NpuBackend
 
 DTYPES = ("fp16", "w8a8")
@@ -53,9 +53,20 @@ class SliceResult:
     cpu_ops: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     verify: dict[str, float] = field(default_factory=dict)
+    per_bucket: dict[str, dict[str, int]] = field(default_factory=dict)  # "s1c256" -> {"cpu": n, "errors": n}
+
+    @property
+    def cpu_count(self) -> int:
+        """Ops of this slice that run on the CPU, summed over its buckets (CPU-placed ops + fallback warnings)."""
+        return sum(b["cpu"] for b in self.per_bucket.values()) if self.per_bucket else len(self.cpu_ops) + len(self.fallbacks)
+
+    @property
+    def error_count(self) -> int:
+        """Compiler error lines (e.g. REGTASK register-field overflows) over its buckets; the build still finished."""
+        return sum(b["errors"] for b in self.per_bucket.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "cpu_count": self.cpu_count, "error_count": self.error_count}
 
 
 class Progress:
@@ -87,11 +98,13 @@ class Progress:
 
 
 def _ort_reference(spec: SliceSpec, ws: ShardWeights, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The slice's reference outputs: the "seq" graph (the CPU backends' form) in onnxruntime, on "seq" inputs."""
     import onnxruntime as ort
 
     from exo_rknpu.slices.onnx_export import build_onnx
 
-    sess = ort.InferenceSession(build_onnx(spec, ws).SerializeToString(), providers=["CPUExecutionProvider"])
+    model = build_onnx(replace(spec, kv_layout="seq"), ws)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, s))) for s in samples]
 
@@ -119,14 +132,71 @@ def _merge(figs: list[dict[str, float]]) -> dict[str, float]:
 BUILD_TIMEOUT_S = 1800.0
 
 
+@dataclass
+class BuildJob:
+    """One .rknn build the toolkit worker runs (rknn/venv/worker.py reads it as JSON): compile's and rknn-sim's."""
+
+    name: str
+    kind: str  # the slice kind (rknn/io.py packs inputs by it)
+    onnx: str  # the graph it compiles
+    log: str  # the toolkit's verbose output goes here (rknn/buildlog.py reads it)
+    workdir: str  # the toolkit's own scratch folder (hybrid quantization writes there)
+    platform: str
+    dtype: str  # fp16 | w8a8 (a w8a8 recipe may keep a slice fp16)
+    inputs: list[str]  # input names in graph order
+    dynamic_input: list[list[list[int]]] | None = None  # several shape sets in one file (fp16), else one static shape
+    out: str | None = None  # where export_rknn writes the file (compile); rknn-sim keeps the model in its worker
+    calib: list[list[str]] = field(default_factory=list)  # w8a8: per calibration sample, one .npy per input
+    quant_policy: str | None = None  # w8a8: the recipe's int8 linears (slices/recipe.py POLICIES)
+    quantized_algorithm: str | None = None  # w8a8: rknn's activation-range algorithm
+    verify: list[list[str]] = field(default_factory=list)  # [inputs .npz, outputs .npz] the simulator runs after export
+    out_shapes: list[dict[str, Any]] = field(default_factory=list)  # the output shapes of each verify pair
+    outputs: list[str] = field(default_factory=list)  # output names in graph order (rknn-sim reads the built model's io)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_graph(spec: SliceSpec, weights: ShardWeights, group: list[dict[str, Any]], buckets: Buckets, path: Path,
+                 names: tuple[str, ...]) -> list[list[list[int]]] | None:
+    """Write the ONNX graph one build compiles from: a static graph for one shape set (dynamic_input needs at least
+    two), else the symbolic graph; returns the dynamic_input listing each set's input shapes (None: static)."""
+    from exo_rknpu.slices.npu_form import compiler_onnx
+    import onnx
+
+    if len(group) == 1:
+        sh = group[0]
+        onnx.save(compiler_onnx(spec, weights, sh["seq"], sh["ctx"] or buckets.context[0]), str(path))
+        return None
+    onnx.save(compiler_onnx(spec, weights), str(path))
+    return [[sh["inputs"][n] for n in names] for sh in group]
+
+
+def quantize(b: BuildJob, recipe: QuantRecipe, samples: list[dict[str, np.ndarray]], work: Path, prefix: str,
+             seq: int) -> None:
+    """Make `b` a w8a8 build under `recipe`: its policy, range algorithm, and `samples` as calibration files."""
+    if not samples:
+        raise CompileError(f"no calibration activations for {b.name.partition('/')[0]} at seq {seq}; "
+                           f"the calibration text is too short for this bucket")
+    b.quant_policy, b.quantized_algorithm = recipe.policy, recipe.algorithm
+    b.calib = []
+    for i, s in enumerate(samples):
+        paths = []
+        for n in b.inputs:
+            p = work / f"calib-{prefix}{i}-{n}.npy"
+            np.save(p, np.asarray(s[n], np.float32))  # rknn reads calibration data as float32 (the NPU form's are float16)
+            paths.append(str(p.resolve()))
+        b.calib.append(paths)
+
+
 def _run_worker(py: Path, job: dict[str, Any], workdir: Path, timeout_per_build: float = BUILD_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Run the toolkit worker on `job` ({"builds": [BuildJob dicts], "result": path}); its results, or CompileError
+    with the worker's output and the tail of the build log."""
     jp = workdir / "job.json"
     jp.write_text(json.dumps(job))
-    pkg_root = Path(__file__).resolve().parent.parent.parent
-    env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": "2"}
     timeout = timeout_per_build * max(1, len(job["builds"]))
     try:
-        p = subprocess.run([str(py), "-m", "exo_rknpu.rknn.venv.worker", str(jp)], env=env, cwd=str(workdir),
+        p = subprocess.run(toolkit.worker_argv(py, str(jp)), env=toolkit.worker_env(), cwd=str(workdir),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise CompileError(f"RKNN build of {job['builds'][0]['name']} did not finish within {timeout:g} s "
@@ -144,157 +214,239 @@ def _run_worker(py: Path, job: dict[str, Any], workdir: Path, timeout_per_build:
     return results
 
 
-def compile_slice(spec: SliceSpec, ws: ShardWeights, *, buckets: Buckets, dtype: str, platform: str, key: str,
-                  cache: cc.SliceCache, py: Path, tk_version: str, samples: dict[int, list[dict[str, np.ndarray]]] | None,
-                  verify: bool, min_cos: float | None, build_ws: ShardWeights | None = None,
-                  recipe: QuantRecipe | None = None) -> tuple[Path, dict[str, Any]]:
-    """Build one slice into a staging folder, verify it in the simulator, commit it to the cache.
+@dataclass(frozen=True)
+class SliceJob:
+    """One slice to compile: what, in which form, under which key, and how it is checked."""
 
-    w8a8: `recipe` (slices/recipe.py) decides the build; `build_ws` are the weights the .rknn is built from (the
-    recipe's equivalent transform of `ws`); the manifest's weights digest and the verify reference use `ws`. A
-    slice the recipe keeps in fp16 is built in fp16, one file per bucket like the rest of the w8a8 build."""
-    from exo_rknpu.slices.onnx_export import build_onnx
-    import onnx
+    spec: SliceSpec
+    weights: ShardWeights  # what the manifest digests and verification compares against
+    buckets: Buckets
+    dtype: str  # fp16 | w8a8
+    platform: str
+    key: str  # its cache key (compile_range's)
+    toolkit_version: str
+    samples: dict[int, list[dict[str, np.ndarray]]] | None = None  # captured inputs per seq bucket (w8a8, verify)
+    verify: bool = False
+    min_cos: float | None = None  # None: FP16_MIN_COS for fp16, no bound for w8a8
+    build_weights: ShardWeights | None = None  # w8a8: the recipe's equivalent transform of `weights`, built from
+    recipe: QuantRecipe | None = None  # w8a8: decides the build (slices/recipe.py)
+    strict: bool = False  # refuse the slice (nothing committed) with any CPU op or compiler error in any bucket
+
+    @property
+    def build_dtype(self) -> str:
+        """The dtype it is built in: a w8a8 recipe may keep this slice in fp16."""
+        return self.recipe.slice_dtype(self.spec.name) if (self.dtype == "w8a8" and self.recipe is not None) else self.dtype
+
+    def file_groups(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(file name, the bucket shape sets it serves): fp16 one file for every bucket (dynamic_input); w8a8 one
+        static file per bucket (hybrid quantization only produces static shapes)."""
+        shapes = bucket_shapes(self.spec, self.weights.args, self.buckets)
+        if self.dtype == "fp16":
+            return [(f"{self.spec.name}.rknn", shapes)]
+        return [(f"{self.spec.name}.s{sh['seq']}" + (f".c{sh['ctx']}" if sh["ctx"] else "") + ".rknn", [sh]) for sh in shapes]
+
+    def logical_at(self, sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        """The captured inputs of bucket `sh` in the "seq" form (the reference graph's), padded to its context."""
+        got = (self.samples or {}).get(sh["seq"], [])
+        return [repad(s, sh["ctx"]) if self.spec.has_attention else s for s in got]
+
+    def samples_at(self, sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        """The captured inputs of bucket `sh` as its compiled graph takes them (slices/spec.py::compiled_inputs)."""
+        return [compiled_inputs(self.spec, self.weights.args, s) for s in self.logical_at(sh)]
+
+
+@dataclass
+class SliceReport:
+    """What the build logs and the verification say about one compiled slice (the manifest's `build`)."""
+
+    cpu_ops: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    cycles: list[int] = field(default_factory=list)
+    internal_kb: float = 0.0
+    weight_kb: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    build_seconds: float = 0.0
+    per_bucket: dict[str, dict[str, int]] = field(default_factory=dict)  # CPU ops and compiler errors per bucket
+    verify_per_bucket: dict[str, dict[str, float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.verify_per_bucket is None:
+            d.pop("verify_per_bucket")
+        return d
+
+
+def export(job: SliceJob, stage: Path, work: Path) -> list[tuple[BuildJob, list[dict[str, Any]]]]:
+    """Write every graph, calibration set and verification input of `job` under `work`; the builds (each with
+    the shape sets its file serves) whose files go to `stage`."""
+    spec, names = job.spec, tuple(bucket_shapes(job.spec, job.weights.args, job.buckets)[0]["inputs"])  # graph order
+    out: list[tuple[BuildJob, list[dict[str, Any]]]] = []
+    fp16_graph: tuple[Path, list | None] | None = None
+    for fname, group in job.file_groups():
+        if job.dtype == "fp16":  # one graph for the file (its several buckets)
+            if fp16_graph is None:
+                path = work / f"{spec.name}.onnx"
+                fp16_graph = (path, export_graph(spec, job.weights, group, job.buckets, path, names))
+            src, dyn = fp16_graph
+        else:
+            src = work / f"{fname[:-5]}.onnx"
+            dyn = export_graph(spec, job.build_weights or job.weights, group, job.buckets, src, names)
+        b = BuildJob(f"{spec.name}/{fname}", spec.kind, str(src), str(work / f"{fname}.log"), str(work / f"wd-{fname}"),
+                     job.platform, job.build_dtype, list(names), dyn, out=str(stage / fname))
+        if job.build_dtype == "w8a8":
+            assert job.recipe is not None
+            quantize(b, job.recipe, job.samples_at(group[0]), work, f"{fname}-", group[0]["seq"])
+        if job.verify:
+            for sh in group:
+                for i, s in enumerate(job.logical_at(sh)[:2]):
+                    ip, op = (work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-{end}.npz" for end in ("in", "out"))
+                    np.savez(ip, **compiled_inputs(spec, job.weights.args, s))
+                    np.savez(work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-ref.npz", **s)  # the reference's inputs
+                    b.verify.append([str(ip), str(op)])
+                    b.out_shapes.append(sh["outputs"])
+        out.append((b, group))
+    return out
+
+
+def read_logs(exported: list[tuple[BuildJob, list[dict[str, Any]]]], results: list[dict[str, Any]], stage: Path) -> SliceReport:
+    """The build logs as one report (CPU ops, fallbacks, cycles, memory, and CPU ops and errors per bucket); the logs
+    are kept with the artefact."""
+    report = SliceReport()
+    log_text = []
+    parsed = []
+    for b, _ in exported:
+        text = Path(b.log).read_text(errors="replace")
+        log_text.append(f"===== {b.name}\n{text}")
+        r = parse_build_log(text)
+        parsed.append(r)
+        report.cpu_ops += [x for x in r.cpu_ops if x not in report.cpu_ops]
+        report.fallbacks += [x for x in r.fallbacks if x not in report.fallbacks]
+        report.cycles += r.cycles
+        report.internal_kb = max(report.internal_kb, r.internal_kb or 0.0)
+        report.weight_kb = max(report.weight_kb, r.weight_kb or 0.0)
+        report.errors += r.errors[:5]
+    (stage / "build.log").write_text("\n".join(log_text))
+    report.build_seconds = sum(r.get("build_s", 0.0) for r in results)
+    report.per_bucket = placement_per_bucket(parsed, [group for _, group in exported])
+    return report
+
+
+def bucket_tag(sh: dict[str, Any]) -> str:
+    """The name of a shape set in reports: s<seq>c<ctx> (s<seq> for slices without a cache)."""
+    return f"s{sh['seq']}" + (f"c{sh['ctx']}" if sh.get("ctx") else "")
+
+
+def placement_per_bucket(reports: list, groups: list[list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """CPU ops (CPU-placed ops + fallback warnings) and compiler error lines of each bucket: each build log's tables
+    are matched to its shape sets by their input shapes (a dynamic_input build prints one table per set)."""
+    out: dict[str, dict[str, int]] = {}
+    for r, group in zip(reports, groups):
+        for t in r.per_table:
+            sh = next((g for g in group if all(tuple(g["inputs"][n]) == t.inputs[n] for n in t.inputs if n in g["inputs"])),
+                      group[0] if len(group) == 1 else None)
+            tag = bucket_tag(sh) if sh is not None else f"table{len(out)}"
+            prev = out.get(tag, {"cpu": 0, "errors": 0})
+            out[tag] = {"cpu": prev["cpu"] + t.cpu_count, "errors": prev["errors"] + len(t.errors)}
+    return out
+
+
+def check_strict(name: str, per_bucket: dict[str, dict[str, int]], where: str) -> None:
+    """--strict: CompileError naming the buckets of slice `name` with a CPU op or a compiler error."""
+    bad = {k: v for k, v in per_bucket.items() if v["cpu"] or v["errors"]}
+    if bad:
+        raise CompileError(f"--strict: slice {name} has CPU ops or compiler errors in buckets {bad} ({where})")
+
+
+def verify(job: SliceJob, builds: list[BuildJob]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The simulator's outputs against onnxruntime's on the same inputs: the worst figures over every sample,
+    and per bucket. CompileError when a cosine is below the bound (min_cos; fp16 default FP16_MIN_COS)."""
+    spec = job.spec
+    figs: list[dict[str, float]] = []
+    per_bucket: dict[str, dict[str, float]] = {}
+    for b in builds:
+        for (ip, op) in b.verify:
+            with np.load(ip.replace("-in.npz", "-ref.npz")) as z:  # the "seq" form of the inputs (export wrote both)
+                sample = {k: z[k] for k in z.files}
+            with np.load(op) as z:
+                got = {k: z[k] for k in z.files}
+            if spec.kind == "layers" and spec.kv_layout == "npu":
+                got = npu_outputs_to_seq(got, job.weights.args)
+            f = _figures(spec, sample, _ort_reference(spec, job.weights, [sample])[0], got)
+            figs.append(f)
+            seq = sample[b.inputs[0]].shape[1]
+            tag = f"s{seq}c{sample['mask'].shape[3] - seq if spec.has_attention else 0}"
+            per_bucket[tag] = _merge([per_bucket.get(tag, f), f])
+    if not figs:
+        raise CompileError(f"--verify: no activations captured for {spec.name}")
+    worst = _merge(figs)
+    worst["samples"] = float(len(figs))
+    threshold = job.min_cos if job.min_cos is not None else (FP16_MIN_COS if job.dtype == "fp16" else None)
+    if threshold is not None:
+        bad = {k: v for k, v in worst.items() if k.startswith("cos_") and k != "cos_delta" and v < threshold}
+        if bad:
+            raise CompileError(f"slice {spec.name} ({job.dtype}) failed verification: "
+                               + ", ".join(f"{k}={v:.6f}" for k, v in bad.items()) + f" < {threshold}")
+    return worst, per_bucket
+
+
+def recorded_io(spec: SliceSpec, b: BuildJob, group: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, str]]]:
+    """What the exported file records for each input and output (dtype, layout): the board hands inputs over so.
+    A graph input the compiler dropped shows here (the file records only the inputs it kept): CompileError."""
+    assert b.out is not None
+    try:
+        return rknn_io.read_io(Path(b.out).read_bytes(), b.inputs, list(group[0]["outputs"]))
+    except rknn_io.MarshalError as e:
+        raise CompileError(f"slice {spec.name}: {Path(b.out).name}: {e} (did the compiler drop an input?)") from None
+
+
+def make_manifest(job: SliceJob, files: list[dict[str, Any]], report: SliceReport, verified: dict[str, float],
+                  seconds: float) -> dict[str, Any]:
+    """The manifest committed with the files; its facts re-derive `job.key` (the board checks that)."""
+    spec, ws, tk = job.spec, job.weights, job.toolkit_version
+    manifest = {
+        "format": mf.FORMAT, "key": job.key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "slice": cc.spec_dict(spec), "layers": list(range(spec.start, spec.stop)) if spec.kind == "layers" else [],
+        "model_fingerprint": ws.fingerprint, "weights_digest": cc.slice_digest(spec, ws), "model_args": ws.args.to_dict(),
+        "dtype": job.dtype, "platform": job.platform, "toolkit_version": tk, "exporter_version": cc.exporter_version(),
+        # the oldest board runtime that loads these files: librknnrt refuses files of a newer toolkit ("Invalid
+        # RKNN model version"); the npu backend and doctor check it (backends/board.py)
+        "librknnrt_min": tk,
+        "buckets": {"seq": list(job.buckets.seq), "context": list(job.buckets.context)},
+        "files": files, "build": {"seconds": round(seconds, 2), **report.to_dict()},
+        "verify": verified,
+    }
+    if job.dtype == "w8a8" and job.recipe is not None:
+        manifest["quantization"] = quantization_facts(job.recipe, spec.name, job.samples)
+    if cc.manifest_key(manifest) != job.key:  # the board re-derives the key from these facts (npu.check_manifest)
+        raise CompileError(f"internal: the manifest of {spec.name} does not re-derive its cache key; "
+                           f"artifacts.manifest_key is out of step with compile_range's key")
+    return manifest
+
+
+def compile_slice(job: SliceJob, cache: cc.SliceCache, py: Path) -> tuple[Path, dict[str, Any]]:
+    """export -> build -> verify -> manifest: build one slice into a staging folder with the toolkit at `py`,
+    check it in the simulator, commit it to `cache`. Nothing is committed when a step fails."""
+    import shutil
 
     t0 = time.monotonic()
     stage = cache.staging()
     work = Path(tempfile.mkdtemp(prefix="work-", dir=stage.parent))
     try:
-        shapes = bucket_shapes(spec, ws.args, buckets)
-        names = tuple(shapes[0]["inputs"])  # graph order (slices/spec.py input_shapes)
-        builds: list[dict[str, Any]] = []
-        verify_sets: list[tuple[dict, list[dict[str, np.ndarray]]]] = []  # (shape set, samples)
-        build_dtype = recipe.slice_dtype(spec.name) if (dtype == "w8a8" and recipe is not None) else dtype
-
-        def sample_for(sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
-            got = (samples or {}).get(sh["seq"], [])
-            return [to_kv_layout(repad(s, sh["ctx"]), spec.kv_layout) if spec.has_attention else s for s in got]
-
-        if dtype == "fp16":
-            onnx_path = work / f"{spec.name}.onnx"
-            if len(shapes) == 1:  # one shape: a static graph (dynamic_input needs at least two shape sets)
-                only = shapes[0]
-                onnx.save(build_onnx(spec, ws, seq=only["seq"], ctx=only["ctx"] or buckets.context[0]), str(onnx_path))
-            else:  # symbolic S/C: one file, dynamic_input lists the buckets
-                onnx.save(build_onnx(spec, ws), str(onnx_path))
-            groups = [(f"{spec.name}.rknn", shapes)]
-        else:
-            groups = [(f"{spec.name}.s{sh['seq']}" + (f".c{sh['ctx']}" if sh["ctx"] else "") + ".rknn", [sh]) for sh in shapes]
-        for fname, group in groups:
-            if dtype == "fp16":
-                src = onnx_path
-                dyn = [[group_sh["inputs"][n] for n in names] for group_sh in group] if len(group) > 1 else None
-            else:
-                sh = group[0]
-                src = work / f"{fname[:-5]}.onnx"
-                onnx.save(build_onnx(spec, build_ws or ws, seq=sh["seq"], ctx=sh["ctx"] or buckets.context[0]), str(src))
-                dyn = None
-            b: dict[str, Any] = {"name": f"{spec.name}/{fname}", "kind": spec.kind, "onnx": str(src), "out": str(stage / fname),
-                                 "log": str(work / f"{fname}.log"), "workdir": str(work / f"wd-{fname}"), "platform": platform,
-                                 "dtype": build_dtype, "dynamic_input": dyn, "verify": [], "out_shapes": [],
-                                 "inputs": list(names)}
-            if build_dtype == "w8a8":
-                assert recipe is not None
-                b["quant_policy"], b["quantized_algorithm"] = recipe.policy, recipe.algorithm
-                calib = sample_for(group[0])
-                if not calib:
-                    raise CompileError(f"no calibration activations for {spec.name} at seq {group[0]['seq']}; "
-                                       f"the calibration text is too short for this bucket")
-                b["calib"] = []
-                for i, s in enumerate(calib):
-                    paths = []
-                    for n in names:
-                        p = work / f"calib-{fname}-{i}-{n}.npy"
-                        np.save(p, s[n])
-                        paths.append(str(p.resolve()))
-                    b["calib"].append(paths)
-            if verify:
-                for sh in group:
-                    vs = sample_for(sh)[:2]
-                    for i, s in enumerate(vs):
-                        ip, op = work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-in.npz", work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-out.npz"
-                        np.savez(ip, **s)
-                        b["verify"].append([str(ip), str(op)])
-                        b["out_shapes"].append(sh["outputs"])
-                    verify_sets.append((sh, vs))
-            builds.append(b)
-        results = _run_worker(py, {"result": str(work / "result.json"), "builds": builds}, work)
-
-        # Logs -> placement report; keep the logs with the artefact.
-        report: dict[str, Any] = {"cpu_ops": [], "fallbacks": [], "cycles": [], "internal_kb": 0.0, "weight_kb": 0.0, "errors": []}
-        log_text = []
-        for b in builds:
-            text = Path(b["log"]).read_text(errors="replace")
-            log_text.append(f"===== {b['name']}\n{text}")
-            r = parse_build_log(text)
-            report["cpu_ops"] += [x for x in r.cpu_ops if x not in report["cpu_ops"]]
-            report["fallbacks"] += [x for x in r.fallbacks if x not in report["fallbacks"]]
-            report["cycles"] += r.cycles
-            report["internal_kb"] = max(report["internal_kb"], r.internal_kb or 0.0)
-            report["weight_kb"] = max(report["weight_kb"], r.weight_kb or 0.0)
-            report["errors"] += r.errors[:5]
-        (stage / "build.log").write_text("\n".join(log_text))
-        report["build_seconds"] = sum(r.get("build_s", 0.0) for r in results)
-
-        verify_figs: dict[str, float] = {}
-        if verify:
-            figs: list[dict[str, float]] = []
-            per_bucket: dict[str, dict[str, float]] = {}
-            vi = 0
-            for b in builds:
-                for (ip, op) in b["verify"]:
-                    with np.load(ip) as z:
-                        sample = {k: z[k] for k in z.files}
-                    with np.load(op) as z:
-                        got = {k: z[k] for k in z.files}
-                    ref = _ort_reference(spec, ws, [sample])[0]
-                    f = _figures(spec, sample, ref, got)
-                    figs.append(f)
-                    seq = sample[names[0]].shape[1]
-                    ctx = sample["mask"].shape[3] - seq if spec.has_attention else 0
-                    per_bucket[f"s{seq}c{ctx}"] = _merge([per_bucket.get(f"s{seq}c{ctx}", f), f])
-                    vi += 1
-            if not figs:
-                raise CompileError(f"--verify: no activations captured for {spec.name}")
-            verify_figs = _merge(figs)
-            verify_figs["samples"] = float(vi)
-            threshold = min_cos if min_cos is not None else (FP16_MIN_COS if dtype == "fp16" else None)
-            if threshold is not None:
-                bad = {k: v for k, v in verify_figs.items() if k.startswith("cos_") and k != "cos_delta" and v < threshold}
-                if bad:
-                    raise CompileError(f"slice {spec.name} ({dtype}) failed verification: "
-                                       + ", ".join(f"{k}={v:.6f}" for k, v in bad.items()) + f" < {threshold}")
-            report["verify_per_bucket"] = per_bucket
-
-        files = []
-        for fname, group in groups:
-            p = stage / fname
-            files.append({"file": fname, "sha256": sha256_file(p), "bytes": p.stat().st_size, "shapes": group})
-        manifest = {
-            "format": mf.FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "slice": cc.spec_dict(spec), "layers": list(range(spec.start, spec.stop)) if spec.kind == "layers" else [],
-            "model_fingerprint": ws.fingerprint, "weights_digest": cc.slice_digest(spec, ws), "model_args": ws.args.to_dict(),
-            "dtype": dtype, "platform": platform, "toolkit_version": tk_version, "exporter_version": cc.exporter_version(),
-            # the oldest board runtime that loads these files: librknnrt refuses files of a newer toolkit ("Invalid
-            # RKNN model version"); the npu backend and doctor check it (backends/board.py)
-            "librknnrt_min": tk_version,
-            "buckets": {"seq": list(buckets.seq), "context": list(buckets.context)},
-            "files": files, "build": {"seconds": round(time.monotonic() - t0, 2), **report},
-            "verify": verify_figs,
-        }
-        if dtype == "w8a8" and recipe is not None:
-            manifest["quantization"] = quantization_facts(recipe, spec.name, samples)
-        if cc.manifest_key(manifest) != key:  # the board re-derives the key from these facts (npu.check_manifest)
-            raise CompileError(f"internal: the manifest of {spec.name} does not re-derive its cache key; "
-                               f"artifacts.manifest_key is out of step with compile_range's key")
-        import shutil
-
+        exported = export(job, stage, work)
+        builds = [b for b, _ in exported]
+        results = _run_worker(py, {"result": str(work / "result.json"), "builds": [b.to_dict() for b in builds]}, work)
+        report = read_logs(exported, results, stage)
+        if job.strict:
+            check_strict(job.spec.name, report.per_bucket, "nothing was cached; its build.log: compile without --strict")
+        verified: dict[str, float] = {}
+        if job.verify:
+            verified, report.verify_per_bucket = verify(job, builds)
+        files = [{"file": Path(b.out).name, "sha256": sha256_file(Path(b.out)), "bytes": Path(b.out).stat().st_size,
+                  "shapes": group, "io": recorded_io(job.spec, b, group)} for b, group in exported if b.out]
+        manifest = make_manifest(job, files, report, verified, time.monotonic() - t0)
         shutil.rmtree(work, ignore_errors=True)
-        folder = cache.commit(stage, manifest)
-        return folder, manifest
+        return cache.commit(stage, manifest), manifest
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -314,100 +466,145 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
                   progress: bool = True, min_cos: float | None = None,
                   on_built: Callable[[SliceResult], None] | None = None,
                   recipe: QuantRecipe = DEFAULT_RECIPE,
-                  specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None) -> list[SliceResult]:
+                  specs: list[SliceSpec] | None = None, cut: list[SliceSpec] | None = None,
+                  strict: bool = False) -> list[SliceResult]:
     """Compile every slice layer range `layers` ("A-B") of `model` needs; reuse what the cache already holds.
 
     `specs`: compile exactly these slices instead (a placement plan's NPU slices, `compile --placement`); `cut`: how
     that plan cuts the range into slices, so activations for verification are captured at their inputs.
     w8a8 builds follow `recipe` (slices/recipe.py; rknn/recipe.py applies it), which is part of each w8a8
-    slice's cache key and manifest; w8a8 compiles whole decoder layers only."""
-    from exo_rknpu.model.loader import load_args, load_shard, load_tokenizer, resolve_model
+    slice's cache key and manifest; w8a8 compiles whole decoder layers only. `strict`: refuse any slice (built or
+    found in the cache) with a CPU op or a compiler error in any bucket. Default buckets: the runtime's for the npu
+    backend (`npu_buckets(Buckets())`)."""
+    from exo_rknpu.model.loader import load_args, resolve_model
 
+    _check_request(dtype, platform, recipe)
+    paths = paths or Paths.from_env()
+    src = resolve_model(model, paths)
+    args = load_args(src)
+    lr = LayerRange.parse(layers, args.num_hidden_layers)
+    specs = _npu_specs(lr, specs, dtype)
+    cache = cc.SliceCache(cache_dir or paths.compiled)
+    cache.clean_tmp()
+    rc = _RangeCompiler(paths, cache, buckets or npu_buckets(Buckets(), args), dtype, platform, recipe, verify, min_cos, strict)
+    capturing = verify or dtype == "w8a8"
+    slices = rc.captured(src, lr, specs, cut) if capturing else _one_layer_at_a_time(src, lr, specs)
+    bar = Progress(len(specs), enabled=progress)
+    bar.remaining_builds = sum(1 for s in specs if rc.found.get(s.name) is None)  # streaming: not known yet, assume built
+    results = []
+    for s, w in slices:
+        bar.start(s.name)
+        r = rc.compile(s, w)
+        del w  # streaming: this layer's float32 goes before the next is read
+        if r.status == "reused" and not capturing:
+            bar.remaining_builds -= 1
+        bar.finish(s.name, r.status, r.seconds)
+        if on_built:
+            on_built(r)
+        results.append(r)
+    return results
+
+
+def _check_request(dtype: str, platform: str, recipe: QuantRecipe) -> None:
+    """Refuse what cannot be compiled before anything is read."""
     if dtype not in DTYPES:
         raise CompileError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if platform not in PLATFORMS:
         raise CompileError(f"unsupported --platform {platform!r}; supported: {', '.join(PLATFORMS)}")
-    paths = paths or Paths.from_env()
-    buckets = buckets or Buckets()
-    src = resolve_model(model, paths)
-    args = load_args(src)
-    lr = LayerRange.parse(layers, args.num_hidden_layers)
     if dtype == "w8a8" and recipe.rotation:
         raise CompileError(f"the w8a8 recipe rotates the residual stream ({recipe.rotation}): the runtime does not run a "
                            f"rotated embedding yet, so rotated slices are only measured (compile --agreement), not compiled")
+
+
+def _npu_specs(lr: LayerRange, specs: list[SliceSpec] | None, dtype: str) -> list[SliceSpec]:
+    """The slices to compile (default: one per layer and the head; the embedding stays on the host), in the npu
+    backend's cache layout."""
     if specs is None:
         specs = [s for s in plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, 1) if not (EMBED_ON_HOST and s.kind == "embed")]
     if dtype == "w8a8" and any(s.kind == "layers" and not s.whole for s in specs):
         raise CompileError("w8a8 compiles whole decoder layers (the recipe calibrates and smooths per layer); compile a "
                            "block-split placement with --dtype fp16")
-    specs = [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s for s in specs]  # compiled for the npu backend's cache layout
-    cache = cc.SliceCache(cache_dir or paths.compiled)
-    cache.clean_tmp()
-    exporter = cc.exporter_version()
-    tk_status = toolkit.status(paths)
-    tk_version = tk_status.versions.get("rknn", toolkit.TOOLKIT_VERSION)
+    return [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s for s in specs]
 
-    def key_of(s: SliceSpec, w: ShardWeights) -> str:
-        return cc.cache_key(weights_digest=cc.slice_digest(s, w), fingerprint=w.fingerprint, spec=s, buckets=buckets,
-                            dtype=dtype, platform=platform, toolkit_version=tk_version, exporter=exporter,
-                            calibration=cache_text(recipe, s.name) if dtype == "w8a8" else "")  # w8a8: its recipe
 
-    keys: dict[str, str] = {}
-    found: dict[str, dict[str, Any] | None] = {}
-    samples: dict[str, dict[int, list[dict[str, np.ndarray]]]] = {}
-    py = None
-    rb: RecipeBuild | None = None
-    capturing = verify or dtype == "w8a8"
-    if capturing:
-        # Calibration runs the model from layer 0, so the range is held whole (each layer is still read once).
+@dataclass
+class _RangeCompiler:
+    """compile_range's state: the cache, the settings every slice shares, and what capture found."""
+
+    paths: Paths
+    cache: cc.SliceCache
+    buckets: Buckets
+    dtype: str
+    platform: str
+    recipe: QuantRecipe
+    verify: bool
+    min_cos: float | None
+    strict: bool
+    keys: dict[str, str] = field(default_factory=dict)
+    found: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    samples: dict[str, dict[int, list[dict[str, np.ndarray]]]] = field(default_factory=dict)
+    recipe_build: RecipeBuild | None = None
+    py: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.exporter = cc.exporter_version()
+        self.tk_version = toolkit.status(self.paths).versions.get("rknn", toolkit.TOOLKIT_VERSION)
+
+    def key_of(self, s: SliceSpec, w: ShardWeights) -> str:
+        return cc.cache_key(weights_digest=cc.slice_digest(s, w), fingerprint=w.fingerprint, spec=s, buckets=self.buckets,
+                            dtype=self.dtype, platform=self.platform, toolkit_version=self.tk_version, exporter=self.exporter,
+                            calibration=cache_text(self.recipe, s.name) if self.dtype == "w8a8" else "")  # w8a8: its recipe
+
+    def look_up(self, s: SliceSpec, w: ShardWeights) -> None:
+        if s.name not in self.keys:
+            self.keys[s.name] = self.key_of(s, w)
+            self.found[s.name] = self.cache.lookup(self.keys[s.name])
+
+    def captured(self, src: ModelSource, lr: LayerRange, specs: list[SliceSpec],
+                 cut: list[SliceSpec] | None) -> Iterator[tuple[SliceSpec, ShardWeights]]:
+        """Capture the inputs the slices still to build need (calibration runs the model from layer 0, so the range
+        is held whole; each layer is still read once); every slice with the range's weights."""
+        from exo_rknpu.model.loader import load_shard, load_tokenizer
+
         ws = load_shard(src, lr, weights="fp32")
-        keys = {s.name: key_of(s, ws) for s in specs}
-        found = {s.name: cache.lookup(keys[s.name]) for s in specs}
-        todo = [s for s in specs if found[s.name] is None]
+        for s in specs:
+            self.look_up(s, ws)
+        todo = [s for s in specs if self.found[s.name] is None]
         if todo:
-            py, _ = toolkit.require(paths)
+            self.py = toolkit.require(self.paths)[0]
             full = ws
             if not lr.is_first:  # the layers before the range (and the embedding) join the ones already read
-                pre = load_shard(src, LayerRange(0, lr.start, args.num_hidden_layers), weights="fp32")
-                full = replace(ws, layer_range=LayerRange(0, lr.stop, args.num_hidden_layers),
-                               layers={**pre.layers, **ws.layers}, embed_tokens=pre.embed_tokens)
-            if dtype == "w8a8":  # the recipe's calibration activations and build weights, as rknn-sim gets them
-                rb = RecipeBuild(src, recipe, stop=lr.stop, weights=full)
-                samples = {s.name: {q: rb.calibration(s, ws, buckets, q, None) for q in buckets.seq} for s in todo}
+                pre = load_shard(src, LayerRange(0, lr.start, lr.n_layers), weights="fp32")
+                full = replace(ws, layer_range=LayerRange(0, lr.stop, lr.n_layers), layers={**pre.layers, **ws.layers},
+                               embed_tokens=pre.embed_tokens)
+            if self.dtype == "w8a8":  # the recipe's calibration activations and build weights, as rknn-sim gets them
+                rb = self.recipe_build = RecipeBuild(src, self.recipe, stop=lr.stop, weights=full)
+                self.samples = {s.name: {q: rb.calibration(s, ws, self.buckets, q, None) for q in self.buckets.seq} for s in todo}
             else:
-                samples = capture(full, todo, buckets, load_tokenizer(src).encode(recipe.text), cut=cut)
-        slices: Iterator[tuple[SliceSpec, ShardWeights]] = ((s, ws) for s in specs)
-    else:
-        slices = _one_layer_at_a_time(src, lr, specs)
-    bar = Progress(len(specs), enabled=progress)
-    bar.remaining_builds = sum(1 for s in specs if found.get(s.name) is None)  # streaming: not known yet, assume built
-    results = []
-    for s, w in slices:
-        bar.start(s.name)
+                self.samples = capture(full, todo, self.buckets, load_tokenizer(src).encode(self.recipe.text), cut=cut)
+        return ((s, ws) for s in specs)
+
+    def compile(self, s: SliceSpec, w: ShardWeights) -> SliceResult:
+        """`s` from the cache, or built into it."""
         t = time.monotonic()
-        if s.name not in keys:
-            keys[s.name] = key_of(s, w)
-            found[s.name] = cache.lookup(keys[s.name])
-        if found[s.name] is not None:
-            m, folder, status = found[s.name], cache.entry(keys[s.name]), "reused"
-            if not capturing:
-                bar.remaining_builds -= 1
+        self.look_up(s, w)
+        key = self.keys[s.name]
+        if self.found[s.name] is not None:
+            m, folder, status = self.found[s.name], self.cache.entry(key), "reused"
         else:
-            py = py or toolkit.require(paths)[0]
-            folder, m = compile_slice(s, w, buckets=buckets, dtype=dtype, platform=platform, key=keys[s.name], cache=cache,
-                                      py=py, tk_version=tk_version, samples=samples.get(s.name), verify=verify,
-                                      min_cos=min_cos, build_ws=rb.build_weights(s, w) if rb else None,
-                                      recipe=recipe if dtype == "w8a8" else None)
-            status = "built"
-        del w  # streaming: this layer's float32 goes before the next is read
-        r = SliceResult(s.name, keys[s.name], status, str(folder), [str(folder / f["file"]) for f in m["files"]],
-                        round(time.monotonic() - t, 2), m["build"].get("cpu_ops", []), m["build"].get("fallbacks", []),
-                        m.get("verify", {}))
-        bar.finish(s.name, status, r.seconds)
-        if on_built:
-            on_built(r)
-        results.append(r)
-    return results
+            self.py = self.py or toolkit.require(self.paths)[0]
+            rb = self.recipe_build
+            job = SliceJob(s, w, self.buckets, self.dtype, self.platform, key, self.tk_version, self.samples.get(s.name),
+                           self.verify, self.min_cos, rb.build_weights(s, w) if rb else None,
+                           self.recipe if self.dtype == "w8a8" else None, self.strict)
+            (folder, m), status = compile_slice(job, self.cache, self.py), "built"
+        assert m is not None
+        per_bucket = m["build"].get("per_bucket", {})
+        if self.strict:
+            check_strict(s.name, per_bucket, f"cached: {folder}/build.log")
+        return SliceResult(s.name, key, status, str(folder), [str(folder / f["file"]) for f in m["files"]],
+                           round(time.monotonic() - t, 2), m["build"].get("cpu_ops", []), m["build"].get("fallbacks", []),
+                           m.get("verify", {}), per_bucket)
 
 
 def _one_layer_at_a_time(src: ModelSource, lr: LayerRange, specs: list[SliceSpec]) -> Iterator[tuple[SliceSpec, ShardWeights]]:

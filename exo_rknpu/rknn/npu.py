@@ -27,7 +27,7 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, to_npu_inputs
 
 def librknnrt_needed(m: dict[str, Any]) -> str:
     """The oldest librknnrt a compiled slice runs on: recorded at compile time (older manifests: the toolkit's)."""
@@ -35,17 +35,20 @@ def librknnrt_needed(m: dict[str, Any]) -> str:
 
 
 class NpuRunner:
-    def __init__(self, spec: SliceSpec, folder: Path, manifest: dict[str, Any], core_mask: int) -> None:
+    def __init__(self, spec: SliceSpec, folder: Path, manifest: dict[str, Any], core_mask: int, args: ModelArgs) -> None:
         from rknnlite.api import RKNNLite
 
-        self.spec = spec
+        self.spec, self.args = spec, args
         # graph input order: the kind's fixed names, or the compiled shapes' order (a slice of some blocks of a layer)
         self.names = rknn_io.slice_names(spec.kind, manifest["files"][0]["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)
         self.files: list[tuple[dict[str, Any], Any]] = []
-        self.by_shape: dict[tuple, tuple[Any, dict]] = {}
+        self.by_shape: dict[tuple, tuple[Any, dict, dict]] = {}
         self.inference_options = board.inference_options(RKNNLite)  # reuse_outputs only where lite2 has it (2.5.0 on)
         try:
             for f in manifest["files"]:
+                if "io" not in f:
+                    raise ArtifactError(f"{folder}/manifest.json records no input/output attributes for {f['file']} "
+                                        f"(compiled by an older exo-rknpu); delete that folder and run exo-rknpu compile again")
                 rk = RKNNLite(verbose=False)
                 if rk.load_rknn(str(folder / f["file"])) != 0:
                     raise ArtifactError(f"RKNNLite could not load {folder / f['file']}")
@@ -57,21 +60,24 @@ class NpuRunner:
                 self.files.append((f, rk))
                 for sh in f["shapes"]:
                     key = tuple(tuple(sh["inputs"][n]) for n in self.names)
-                    self.by_shape[key] = (rk, sh)
+                    self.by_shape[key] = (rk, sh, f["io"]["inputs"])
         except BaseException:
             self.close()
             raise
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.names
+        if self.spec.has_attention and self.spec.kv_layout == "npu":
+            inputs = to_npu_inputs(self.spec, self.args, inputs)  # float16; the cache already is (runtime/cache.py)
         key = tuple(tuple(np.shape(inputs[n])) for n in names)
         hit = self.by_shape.get(key)
         if hit is None:
             raise ArtifactError(f"slice {self.spec.name} was not compiled for input shapes {dict(zip(names, key))}; "
                                 f"compiled buckets: {[dict(zip(names, k)) for k in self.by_shape]}")
-        rk, sh = hit
-        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"])
-        outs = rk.inference(inputs=arrays, data_format=fmt, **self.inference_options)
+        rk, sh, io = hit
+        # each input in the dtype and layout the file records: no conversion left for RKNNLite to do on the host
+        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=io)
+        outs = rk.inference(inputs=arrays, data_type=rknn_io.data_types(arrays), data_format=fmt, **self.inference_options)
         if outs is None:
             raise BackendUnavailableError(f"RKNNLite inference failed for slice {self.spec.name}")
         return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])  # copies (out of reused buffers on 2.5)
@@ -98,9 +104,10 @@ class ShardMemory:
 
 class NpuBackend:
     name = "npu"
-    # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
-    # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
-    kv_layout = "seq"
+    processor = "npu"
+    # "npu": the NPU form (slices/npu_form.py): float16 cache kept as the compiled slice takes it, and a graph with no
+    # CPU op at any default bucket (docs/compiler.md)
+    kv_layout = "npu"
     static_shapes = True
     layers_per_slice: int | None = 1  # compiled slices are one graph per decoder layer (rknn/compile.py)
     needs_layer_weights = False  # layers and head run from the .rknn files: the loader leaves their weights out
@@ -141,7 +148,7 @@ class NpuBackend:
             problem = board.librknnrt_problem(board.librknnrt_version(), librknnrt_needed(m))
             if problem:
                 raise BackendUnavailableError(f"{folder}/manifest.json: {problem}")
-        return NpuRunner(spec, folder, m, self.core_mask)
+        return NpuRunner(spec, folder, m, self.core_mask, weights.args)
 
     def resident_bytes(self, fingerprint: str, args: ModelArgs, layer_range: LayerRange, max_context: int,
                        max_requests: int = 1, kv_cap_bytes: int | None = None, embed_bytes: int | None = None) -> ShardMemory:
@@ -165,7 +172,8 @@ class NpuBackend:
             internal = max(internal, int(float(m.get("build", {}).get("internal_kb") or 0.0) * 1024))
         if embed_bytes is None:
             embed_bytes = args.vocab_size * args.hidden_size * 4 if layer_range.is_first else 0
-        per_request = 2 * len(layer_range.layers) * args.num_key_value_heads * max_context * args.head_dim * 4
+        itemsize = 2 if self.kv_layout == "npu" else 4  # the NPU form keeps the cache in float16
+        per_request = 2 * len(layer_range.layers) * args.num_key_value_heads * max_context * args.head_dim * itemsize
         kv = max_requests * per_request
         if kv_cap_bytes is not None:
             kv = min(kv, kv_cap_bytes + per_request)

@@ -23,7 +23,7 @@ from exo_rknpu.rknn.calibration import capture, repad
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
-from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices, to_kv_layout
+from exo_rknpu.slices.spec import Buckets, SliceSpec, plan_slices, compiled_inputs
 
 
 def float_weights(ws: ShardWeights) -> ShardWeights:
@@ -150,4 +150,4 @@ class RecipeBuild:
             self._got[key] = capture(base, self._slices(base), buckets, self._ids(), per_bucket=self.recipe.calibration_samples,
                                      decode_samples=self.recipe.decode_samples)
         got = self._got[key].get(spec.name, {}).get(seq, [])
-        return [to_kv_layout(repad(s, ctx), spec.kv_layout) if (spec.kind == "layers" and ctx) else s for s in got]
+        return [compiled_inputs(spec, weights.args, repad(s, ctx)) if (spec.kind == "layers" and ctx) else s for s in got]

@@ -11,8 +11,8 @@ recipe (rknn/venv/worker.py::build_rknn) and then `init_runtime()` + `inference`
   `exo-rknpu compile --dtype w8a8`. Built on first use of the bucket (each bucket is an independent file in the compiler too), so a run pays only for the shapes it uses.
 
 Inputs and outputs go through rknn/io.py, the same marshalling as the board's `npu` backend. The
-embedding stays on the host (`supports` says no), like `npu`: place it on another backend
-(runtime/placement.py::fallback_placement; runtime/placement.py does it for you).
+embedding stays on the host (`supports` says no), like `npu`: the planner (runtime/placement.py::resolve) places
+it on the host CPU.
 
 The worker exits when its stdin closes or this process dies; a worker that dies or stops answering raises
 SimulatorWorkerError (with the tail of its log) instead of hanging. Nothing here imports rknn.
@@ -37,13 +37,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from exo_rknpu.rknn import io as rknn_io
+from exo_rknpu.rknn import toolkit
+from exo_rknpu.rknn.compile import BuildJob, export_graph, quantize
 from exo_rknpu.rknn.venv.sim_server import _LEN
 from exo_rknpu.config import Paths
-from exo_rknpu.errors import BackendUnavailableError, CompileError, ToolkitMissingError, UnsupportedSliceError
+from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, to_npu_inputs
 
 DTYPES = ("fp16", "w8a8")
 
@@ -60,16 +62,6 @@ class RecipeSource(Protocol):
     def build_weights(self, spec: SliceSpec, weights: ShardWeights) -> ShardWeights: ...
     def calibration(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets, seq: int, ctx: int | None) -> list: ...
     def runtime_weights(self) -> ShardWeights: ...
-
-
-def toolkit_python(paths: Paths | None = None) -> Path:
-    """The toolkit venv's python; ToolkitMissingError (naming the install command) if the install is absent or unfinished."""
-    p = paths or Paths.from_env()
-    py = p.toolkit_python
-    if not py.exists() or not p.toolkit_stamp.exists():
-        raise ToolkitMissingError(f"the rknn-toolkit2 environment is not usable: no finished toolkit install at {p.toolkit_venv}; "
-                                  f"run: exo-rknpu toolkit install")
-    return py
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -90,12 +82,9 @@ class SimWorker:
     def __init__(self, python: Path, workdir: Path, start_timeout: float = 180.0) -> None:
         self.workdir = workdir
         self.log_path = workdir / "worker.log"
-        pkg_root = Path(__file__).resolve().parent.parent.parent
-        env = {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([str(python), "-m", "exo_rknpu.rknn.venv.worker", "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=str(workdir), bufsize=0)
+        self.proc = subprocess.Popen(toolkit.worker_argv(python, "--serve"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, env=toolkit.worker_env(), cwd=str(workdir), bufsize=0)
         self._finalizer = weakref.finalize(self, _kill, self.proc)
         self._lock = threading.Lock()
         self._buf = bytearray()
@@ -184,6 +173,7 @@ class SimRunner:
         self.names = tuple(spec.input_shapes(weights.args, 1, buckets.context[0]))  # graph order
         self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights.args, buckets)}
         self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
+        self.io: dict[tuple, dict] = {}  # input-shape key -> what the built model records for each input
         self.build_info: dict[str, dict[str, Any]] = {}
         backend._open_runners += 1
         self._closed = False
@@ -198,9 +188,6 @@ class SimRunner:
         return tuple(tuple(shapes[n]) for n in self.names)
 
     def _build(self, group: list[dict[str, Any]]) -> None:
-        from exo_rknpu.slices.onnx_export import build_onnx
-        import onnx
-
         be, spec = self.backend, self.spec
         tag = f"{spec.name}" + ("" if len(group) > 1 else f".s{group[0]['seq']}" + (f".c{group[0]['ctx']}" if group[0]["ctx"] else ""))
         work = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=be.workdir))
@@ -209,38 +196,21 @@ class SimRunner:
         # a w8a8 backend builds every slice from the recipe's weights; the recipe may keep a slice in fp16
         weights = rb.build_weights(spec, self.weights) if rb is not None else self.weights
         dtype = rb.recipe.slice_dtype(spec.name) if rb is not None else be.dtype
-        if len(group) > 1:  # the compiler's fp16 recipe: symbolic ONNX + dynamic_input listing every bucket
-            model = build_onnx(spec, weights)
-            dyn = [[sh["inputs"][n] for n in self.names] for sh in group]
-        else:
-            sh = group[0]
-            model = build_onnx(spec, weights, seq=sh["seq"], ctx=sh["ctx"] or self.buckets.context[0])
-            dyn = None
-        onnx.save(model, str(src))
-        b: dict[str, Any] = {"name": f"{spec.name}/{tag}", "kind": spec.kind, "onnx": str(src), "log": str(work / "build.log"),
-                             "workdir": str(work / "wd"), "platform": be.platform, "dtype": dtype, "dynamic_input": dyn,
-                             "inputs": list(self.names)}
+        # the compiler's recipe (rknn/compile.py): fp16 one symbolic graph + dynamic_input listing every bucket
+        dyn = export_graph(spec, weights, group, self.buckets, src, self.names)
+        b = BuildJob(f"{spec.name}/{tag}", spec.kind, str(src), str(work / "build.log"), str(work / "wd"), be.platform,
+                     dtype, list(self.names), dyn, outputs=list(group[0]["outputs"]))
         if dtype == "w8a8":
             assert rb is not None
             sh = group[0]
-            calib = rb.calibration(spec, self.weights, self.buckets, sh["seq"], sh["ctx"])
-            if not calib:
-                raise CompileError(f"no calibration activations for {spec.name} at seq {sh['seq']}; "
-                                   f"the calibration text is too short for this bucket")
-            b["calib"], b["quant_policy"], b["quantized_algorithm"] = [], rb.recipe.policy, rb.recipe.algorithm
-            for i, s in enumerate(calib):
-                paths = []
-                for n in self.names:
-                    p = work / f"calib-{i}-{n}.npy"
-                    np.save(p, s[n])
-                    paths.append(str(p.resolve()))
-                b["calib"].append(paths)
+            quantize(b, rb.recipe, rb.calibration(spec, self.weights, self.buckets, sh["seq"], sh["ctx"]), work, "", sh["seq"])
         mid = f"{tag}-{uuid.uuid4().hex[:6]}"
         t = time.monotonic()
-        res, _ = be.worker().request({"op": "build", "id": mid, "build": b}, timeout=be.build_timeout, what=f"the build of {tag}")
+        res, _ = be.worker().request({"op": "build", "id": mid, "build": b.to_dict()}, timeout=be.build_timeout,
+                                     what=f"the build of {tag}")
         if not res.get("ok"):
             try:
-                tail = "\n".join(Path(b["log"]).read_text(errors="replace").splitlines()[-12:])
+                tail = "\n".join(Path(b.log).read_text(errors="replace").splitlines()[-12:])
             except OSError:
                 tail = ""
             raise CompileError(f"rknn-sim: building {tag} ({be.dtype}) failed: {res.get('error')}\n{tail}")
@@ -252,8 +222,11 @@ class SimRunner:
             src.unlink(missing_ok=True)
         for sh in group:
             self.models[self._key(sh["inputs"])] = mid
+            self.io[self._key(sh["inputs"])] = res["io"]["inputs"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.spec.has_attention and self.spec.kv_layout == "npu":
+            inputs = to_npu_inputs(self.spec, self.weights.args, inputs)
         key = tuple(tuple(np.shape(inputs[n])) if n in inputs else () for n in self.names)
         sh = self.shapes.get(key)
         if sh is None:
@@ -261,7 +234,7 @@ class SimRunner:
                                         f"{[dict(zip(self.names, k)) for k in self.shapes]}, not {dict(zip(self.names, key))}")
         if key not in self.models:
             self._build([sh])
-        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"])
+        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=self.io[key])
         head, outs = self.backend.worker().request({"op": "run", "id": self.models[key], "data_format": fmt}, arrays,
                                                    timeout=self.backend.run_timeout, what=f"inference of {self.spec.name}")
         if not head.get("ok"):
@@ -292,9 +265,8 @@ class RknnSimBackend:
     """
 
     name = "rknn-sim"
-    # "seq": decode buckets build with no CPU op. The transposed "dim" layout removes the CPU Transposes of prefill
-    # buckets but leaves a small CPU Gather in every bucket (measured, docs/compiler.md), so decode keeps priority.
-    kv_layout = "seq"
+    processor = "npu"
+    kv_layout = "npu"  # the npu backend's form (slices/npu_form.py), so the simulator runs what the board runs
     static_shapes = True
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
     batches = False  # compiled for batch 1 (batch buckets are not built)
@@ -314,12 +286,12 @@ class RknnSimBackend:
             raise BackendUnavailableError(f"rknn-sim: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if platform != "rk3588":
             raise BackendUnavailableError(f"rknn-sim: unsupported platform {platform!r}; supported: rk3588")
-        self.python = Path(python) if python else toolkit_python(paths)  # ToolkitMissingError names the install command
+        self.python = Path(python) if python else toolkit.require(paths)[0]  # ToolkitMissingError names the install command
         self.dtype, self.platform = dtype, platform
         self.recipe_build = recipe_build if dtype == "w8a8" else None  # fp16 builds use the original weights
         if dtype == "w8a8" and recipe_build is None:
             raise BackendUnavailableError(
-                "rknn-sim w8a8 needs a recipe bound to the model: pass recipe_build=compiler.recipe.RecipeBuild(model) "
+                "rknn-sim w8a8 needs a recipe bound to the model: pass recipe_build=rknn.recipe.RecipeBuild(model) "
                 "(`exo-rknpu generate --backend rknn-sim --backend-dtype w8a8` does)")
         self.build_timeout, self.run_timeout, self.start_timeout = build_timeout, run_timeout, start_timeout
         self.keep_files = keep_files

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from exo_rknpu.config import Paths
+from exo_rknpu.config import Paths, toolkit_threads
 from exo_rknpu.errors import ToolkitMissingError
 
 TOOLKIT_VERSION = "2.5.0"
@@ -139,6 +139,19 @@ def status(paths: Paths | None = None, probe: bool = False) -> ToolkitStatus:
         return ToolkitStatus(str(vdir), True, False, versions,
                              f"rknn-toolkit2 {versions.get('rknn')} found, {TOOLKIT_VERSION} needed; {INSTALL_HINT} --force")
     return ToolkitStatus(str(vdir), True, True, versions)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of every process this package runs in the toolkit venv (compile's build worker, rknn-sim's
+    server): this package on PYTHONPATH and nothing of the host venv, a minimal PATH, OpenMP at config.toolkit_threads."""
+    pkg_root = Path(__file__).resolve().parent.parent.parent
+    return {"PYTHONPATH": str(pkg_root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+            "OMP_NUM_THREADS": str(toolkit_threads())}
+
+
+def worker_argv(python: Path, *args: str) -> list[str]:
+    """The command line of the toolkit worker (rknn/venv/worker.py): a job file, or --serve for rknn-sim."""
+    return [str(python), "-m", "exo_rknpu.rknn.venv.worker", *args]
 
 
 def require(paths: Paths | None = None) -> tuple[Path, dict]:

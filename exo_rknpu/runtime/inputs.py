@@ -28,24 +28,18 @@ def layer_inputs(args: ModelArgs, hidden: np.ndarray, real: int, n_past: int, ct
     return {"hidden": hidden, "cos": cos, "sin": sin, "mask": attention_mask(seq, real, ctx, n_past)}
 
 
-class LayerInputs:
-    """`layer_inputs` without per-token recomputation: rotary rows for every position up to `max_positions` are
-    computed once (views are handed out), and the causal part of each (seq, ctx) mask is kept as a template."""
+class RotaryTable:
+    """Rotary rows (cos, sin [1,1,seq,hd]) for chunks at any position up to `max_positions`, computed once: calls
+    hand out views. The mask, which depends on what a request's cache holds, is that cache's (RequestCache.mask)."""
 
     def __init__(self, args: ModelArgs, max_positions: int) -> None:
         self.args = args
         cos, sin = cos_sin(args, np.arange(max_positions))
         self.cos, self.sin = cos[0, 0], sin[0, 0]  # [positions, hd]
-        self.masks: dict[tuple[int, int], np.ndarray] = {}
 
-    def __call__(self, hidden: np.ndarray, real: int, n_past: int, ctx: int) -> dict[str, np.ndarray]:
-        seq = hidden.shape[1]
-        if n_past + seq > len(self.cos):
-            return layer_inputs(self.args, hidden, real, n_past, ctx)  # beyond the table (not reached via buckets)
-        template = self.masks.get((seq, ctx))
-        if template is None:
-            template = self.masks[(seq, ctx)] = attention_mask(seq, real, ctx, 0)
-        mask = template.copy()
-        mask[..., :n_past] = 0.0
-        rows = slice(n_past, n_past + seq)
-        return {"hidden": hidden, "cos": self.cos[None, None, rows], "sin": self.sin[None, None, rows], "mask": mask}
+    def __call__(self, at: int, seq: int) -> dict[str, np.ndarray]:
+        if at + seq > len(self.cos):  # beyond the table (not reached via buckets)
+            cos, sin = cos_sin(self.args, np.arange(at, at + seq))
+            return {"cos": cos, "sin": sin}
+        rows = slice(at, at + seq)
+        return {"cos": self.cos[None, None, rows], "sin": self.sin[None, None, rows]}

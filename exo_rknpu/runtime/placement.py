@@ -15,11 +15,12 @@ slices, each with its device and backend; `open_shard` loads the shard's weights
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from exo_rknpu.backends.base import Backend, backend_class, declared_support, get_backend
+from exo_rknpu.backends.base import Backend, backend_class, declared_support, get_backend, option_names
+from exo_rknpu.backends.board import NPU_CORES, board_problems, host_memory
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_args, load_shard
@@ -27,15 +28,14 @@ from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
-from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, plan_slices
+from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, npu_buckets
 
-DEVICES = ("cpu", "npu", "npu0", "npu1", "npu2")
+DEVICES = ("cpu", *NPU_CORES)  # what a plan may name: the host CPU and the board's NPU (backends/board.py)
 # Placement blocks -> the layer parts they cover (slices/spec.py): attention is rotary, scores, softmax and values
 # over the KV cache; projections q/k/v and o; mlp gate/up/down; norm the two RMSNorms; embedding and head whole slices.
 BLOCKS: dict[str, tuple[str, ...]] = {b: tuple(p for p in PARTS if PART_BLOCK[p] == b) for b in PLACEMENT_BLOCKS}
-CPU_BACKENDS = ("onnx", "numpy")
-# npu0/npu1/npu2 pin a core (RKNNLite core masks, rknn/npu.py); npu lets the driver choose.
-CORE_MASK = {"npu": "auto", "npu0": "0", "npu1": "1", "npu2": "2"}
+# The backend of "cpu" devices, and of NPU devices emulated without an NPU, unless the default backend is a CPU one.
+CPU_FALLBACK = "onnx"
 
 
 class PlacementError(UsageError):
@@ -57,6 +57,11 @@ class RangeRule:
 class PlacementPlan:
     ranges: tuple[RangeRule, ...] = ()
     blocks: tuple[tuple[str, str], ...] = ()  # (block, device)
+
+    @property
+    def device_names(self) -> list[str]:
+        """The devices it names, sorted."""
+        return sorted({r.device for r in self.ranges} | {d for _, d in self.blocks})
 
     def __str__(self) -> str:
         text = ",".join(map(str, self.ranges))
@@ -161,6 +166,61 @@ def _example(table: str) -> str:
     return '"0-9" = "npu0"' if table == "ranges" else 'attention = "cpu"'
 
 
+# ---------------------------------------------------------------- devices
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where slices run: a name the plan uses, the backend that runs it here, and what that backend declares."""
+
+    name: str  # cpu | npu | npu0..2 (a plan's devices), or the default backend's name for layers no rule names
+    backend: str  # the backend that runs its slices on this machine
+    npu: bool  # an NPU device (emulated or not): cut and held to what the npu backend declares, so plans port to a board
+    core_mask: str | None = None  # the npu backend's core_mask option it pins (NPU_CORES); None: the user's choice
+    emulated: bool = False  # an NPU device run by a CPU backend (no NPU on this machine)
+    memory: int | None = None  # bytes it can hold (NPU devices: the board's DDR, which it shares with the CPU)
+
+
+def devices_here(default_backend: str, npu_available: bool) -> dict[str, Device]:
+    """Every device a plan may name, and the default device, as this machine runs them.
+
+    NPU devices run on the npu backend when `npu_available`; otherwise on the default backend when it computes on
+    an NPU itself (rknn-sim; npu without a board then refuses to open, naming what is missing); otherwise on a CPU
+    backend, marked emulated."""
+    default = backend_class(default_backend)
+    cpu = default_backend if default.processor == "cpu" else CPU_FALLBACK
+    on_npu, emulated = ("npu", False) if npu_available else (default_backend, False) if default.processor == "npu" else (cpu, True)
+    memory = host_memory()
+    out = {"cpu": Device("cpu", cpu, npu=False, memory=memory)}
+    out.update({n: Device(n, on_npu, npu=True, core_mask=mask, emulated=emulated, memory=memory) for n, mask in NPU_CORES.items()})
+    # the default device: the default backend under its own name (an NPU backend's is an NPU device, never emulated)
+    out[default_backend] = Device(default_backend, default_backend, npu=default.processor == "npu", memory=memory)
+    return out
+
+
+def npu_problems() -> list[str]:
+    """What stops an RK3588 NPU with its runtime here (backends/board.py board_problems); empty: it can run."""
+    return board_problems()
+
+
+def check_emulation(on: list[Device], emulate: bool, why: str) -> None:
+    """No silent CPU: NPU devices this machine emulates (`Device.emulated`) are refused with `why`, the reason the
+    NPU cannot run here, unless `emulate` (--emulate) asks for them."""
+    emulated = sorted({d.name for d in on if d.emulated})
+    if emulated and not emulate:
+        raise PlacementError(f"the plan puts slices on {', '.join(emulated)}, but the NPU cannot run here: "
+                             f"{why or 'no usable NPU'}; add --emulate to run them on the CPU backend instead (no NPU "
+                             "speed is claimed)")
+
+
+def check_plan_here(plan: PlacementPlan, default_backend: str, emulate: bool) -> None:
+    """Refuse now what every shard of `plan` would refuse (check_emulation over the devices it names): the exo node
+    checks at start, not at the first request."""
+    problems = npu_problems()
+    devices = devices_here(default_backend, not problems)
+    check_emulation([devices[d] for d in plan.device_names], emulate, "; ".join(problems))
+
+
 # ---------------------------------------------------------------- resolving a plan
 
 
@@ -169,22 +229,33 @@ class PlacedSlice:
     """One slice of a resolved plan."""
 
     spec: SliceSpec
-    device: str  # cpu | npu | npu0..2, or the default backend's name for layers no range names
-    backend: str  # the backend that runs it here
-    emulated: bool  # an NPU device run by a CPU backend (no NPU on this machine)
+    on: Device
     weight_bytes: int  # estimated bytes of the weights it holds on its device
+
+    @property
+    def device(self) -> str:
+        return self.on.name
+
+    @property
+    def backend(self) -> str:
+        return self.on.backend
+
+    @property
+    def emulated(self) -> bool:
+        return self.on.emulated
 
 
 @dataclass
 class ResolvedPlan:
-    """Every slice of a shard with its device, in call order."""
+    """Every slice of a shard with its device, in call order, and the weights it needs: what `open_plan` opens."""
 
     plan: PlacementPlan | None
     layer_range: LayerRange
     slices: list[PlacedSlice]
     buckets: Buckets
     npu_dtype: str = "fp16"
-    backends: dict[str, str] = field(default_factory=dict)  # device -> backend name
+    weights: str = "auto"  # the form the loader gives linear weights (check_mode), after the rule of `weights_for`
+    backend: str = "onnx"  # the default backend (the user's backend options are its)
 
     @property
     def emulated(self) -> bool:
@@ -194,9 +265,24 @@ class ResolvedPlan:
     def specs(self) -> list[SliceSpec]:
         return [s.spec for s in self.slices]
 
+    @property
+    def devices(self) -> dict[str, Device]:
+        """The devices its slices run on, by name, in call order."""
+        return {s.device: s.on for s in self.slices}
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """device name -> backend name."""
+        return {name: d.backend for name, d in self.devices.items()}
+
+    @property
+    def needs_layer_weights(self) -> bool:
+        """Layer and head weights are loaded unless every slice reading them runs from compiled files (npu)."""
+        return any(backend_class(s.backend).needs_layer_weights for s in self.slices if s.spec.kind != "embed")
+
     def on_npu(self) -> list[SliceSpec]:
         """The slices the plan puts on an NPU core: what `compile --placement` builds."""
-        return [s.spec for s in self.slices if s.device.startswith("npu")]
+        return [s.spec for s in self.slices if s.on.npu]
 
     def npu_files(self, spec: SliceSpec) -> int:
         """Shape sets (one compiled file each under w8a8) a static-shape NPU slice needs: every seq bucket, and every
@@ -204,7 +290,7 @@ class ResolvedPlan:
         return len(self.buckets.seq) * (len(self.buckets.context) if spec.has_attention else 1)
 
     def bucket_text(self, s: PlacedSlice) -> str:
-        if s.device.startswith("npu") or backend_class(s.backend).static_shapes:
+        if s.on.npu or backend_class(s.backend).static_shapes:
             seq = len(self.buckets.seq)
             if s.spec.has_attention:
                 return f"{seq} seq x {len(self.buckets.context)} ctx = {self.npu_files(s.spec)}"
@@ -221,7 +307,7 @@ class ResolvedPlan:
             rows.append((s.spec.name, s.device, backend, self.bucket_text(s), _mb(s.weight_bytes)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [title] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        npu = [s for s in self.slices if s.device.startswith("npu")]
+        npu = [s for s in self.slices if s.on.npu]
         if npu:
             lines.append(f"  NPU: {len(npu)} slices, {sum(self.npu_files(s.spec) for s in npu)} shape sets, "
                          f"{_mb(sum(s.weight_bytes for s in npu))} of {self.npu_dtype} weights")
@@ -234,6 +320,15 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def weights_for(weights: str, backends: set[str]) -> str:
+    """The form linear weights load in: `weights` as asked, except that auto becomes fp32 when a compiled backend
+    (float_weights) is among `backends`: the float32 tensors, and digests, the compiler builds from."""
+    check_mode(weights)
+    if weights == "auto" and any(backend_class(b).float_weights for b in backends):
+        return "fp32"
+    return weights
+
+
 def part_params(args: ModelArgs, part: str) -> int:
     """Weights (parameter count) one layer part holds."""
     H, hd, nh, nkv, ffn = args.hidden_size, args.head_dim, args.num_attention_heads, args.num_key_value_heads, args.intermediate_size
@@ -242,11 +337,11 @@ def part_params(args: ModelArgs, part: str) -> int:
             "o_proj": nh * hd * H, "ffn": 3 * H * ffn}[part]
 
 
-def bytes_per_weight(device: str, backend: str, weights: str, npu_dtype: str) -> float:
-    """Bytes per linear weight on a device: fp16 or int8 on the NPU; the --weights form on the CPU (int8/int4 carry
-    one float32 scale per block of 32; auto is counted as float32, what it gives for Hugging Face and most GGUF
-    types; only GGUF Q4_0 stays 4-bit under auto)."""
-    if device.startswith("npu") or backend in ("npu", "rknn-sim"):
+def bytes_per_weight(device: Device, weights: str, npu_dtype: str) -> float:
+    """Bytes per linear weight on a device: fp16 or int8 on an NPU (or its simulator); the --weights form on the CPU
+    (int8/int4 carry one float32 scale per block of 32; auto is counted as float32, what it gives for Hugging Face
+    and most GGUF types; only GGUF Q4_0 stays 4-bit under auto)."""
+    if device.npu or backend_class(device.backend).processor == "npu":
         return 1.0 if npu_dtype == "w8a8" else 2.0
     return {"fp32": 4.0, "int8": 1.125, "int4": 0.625}.get(weights, 4.0)
 
@@ -273,48 +368,77 @@ def resolve(
     emulate: bool = False,
     npu_unavailable: str = "",
 ) -> ResolvedPlan:
-    """Check `plan` against the model and the backends and cut `layer_range` into placed slices.
+    """The one planner: check `plan` (None: every layer on the default backend) against the model and the backends
+    and cut `layer_range` into placed slices. Nothing is loaded.
 
     Refuses (PlacementError, one line) a range outside the model, a block a device's backend cannot run, and a plan
-    that leaves a slice without a backend that supports it. Nothing is loaded.
-    NPU devices run on the npu backend when `npu_available`, on rknn-sim when that is the default backend, and
-    otherwise on a CPU backend, marked emulated — only when `emulate` is asked for (--emulate); else the plan is
-    refused with `npu_unavailable`, the reason the NPU cannot run here (never a silent CPU run).
+    that leaves a slice without a backend that supports it. The embedding goes to the host CPU when the default
+    backend cannot run it (npu, rknn-sim) and no block rule places it.
+    No silent CPU: NPU devices this machine emulates (devices_here) are refused with `npu_unavailable`, the reason
+    the NPU cannot run here, unless `emulate` (--emulate) asks for them.
     """
     plan = plan or PlacementPlan()
     L = args.num_hidden_layers
     for r in plan.ranges:
         if r.last >= L:
             raise PlacementError(f"placement range {r} is outside the model: it has layers 0-{L - 1}")
-    cpu_backend = default_backend if default_backend in CPU_BACKENDS else "onnx"
+    devices = devices_here(default_backend, npu_available)
+    default = devices[default_backend]
+    block_device = {b: devices[d] for b, d in plan.blocks}
+    for block, device in block_device.items():
+        _check_block(block, device)
 
-    def backend_for(device: str) -> tuple[str, bool]:
-        if device == "cpu":
-            return cpu_backend, False
-        if device.startswith("npu"):
-            if npu_available:
-                return "npu", False
-            if default_backend == "rknn-sim":
-                return "rknn-sim", False
-            return cpu_backend, True
-        return device, False  # the default backend's own name
+    def layer_device(i: int) -> Device:
+        return next((devices[r.device] for r in plan.ranges if r.first <= i <= r.last), default)
 
-    default_device = default_backend
-    block_device = dict(plan.blocks)
-    for block, device in plan.blocks:
-        # an NPU device is held to what the npu backend declares, emulated or not (the plan must work on a board)
-        for name in {backend_for(device)[0]} | ({"npu"} if device.startswith("npu") else set()):
-            runs = backend_class(name).blocks
-            if block not in runs:
-                raise PlacementError(f"{block}={device}: the {name} backend cannot run the {block} block "
-                                     f"(it runs {', '.join(b for b in PLACEMENT_BLOCKS if b in runs)})")
+    placed: list[tuple[SliceSpec, Device]] = []
+    if layer_range.is_first:
+        placed.append((SliceSpec("embed"), block_device.get("embedding", default)))
+    placed += _cut_layers(_units(layer_range, block_device, layer_device), args, layers_per_slice, weights, npu_dtype)
+    if layer_range.is_last:
+        placed.append((SliceSpec("head"), block_device.get("head", layer_device(layer_range.stop - 1))))
 
-    def layer_device(i: int) -> str:
-        return next((r.device for r in plan.ranges if r.first <= i <= r.last), default_device)
+    slices = [_placed(spec, device, devices["cpu"], "embedding" in block_device, args, weights, npu_dtype)
+              for spec, device in placed]
+    _check_memory(slices)
+    check_emulation([s.on for s in slices], emulate, npu_unavailable)
+    mode = weights_for(weights, {s.backend for s in slices})
+    if any(getattr(backend_class(s.backend), "kv_layout", "seq") == "npu" for s in slices):
+        buckets = npu_buckets(buckets, args)  # the NPU form bounds the prefill chunks (slices/spec.py); one set per shard
+    return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, mode,
+                        default_backend)
 
+
+def _placed(spec: SliceSpec, device: Device, cpu: Device, embedding_placed: bool, args: ModelArgs, weights: str,
+            npu_dtype: str) -> PlacedSlice:
+    """`spec` on `device`, in the KV layout of its backend; the embedding falls back to the host `cpu` when the
+    device cannot run it and no block rule placed it there."""
+    cls = backend_class(device.backend)
+    spec = replace(spec, kv_layout=cls.kv_layout) if spec.kind == "layers" else spec
+    if not _runs(device, cls, spec):
+        if spec.kind != "embed" or embedding_placed:
+            raise PlacementError(f"the {device.backend} backend ({device.name}) cannot run slice {spec.name}; "
+                                 f"place it elsewhere")
+        device = cpu  # the embedding lookup stays on the host
+    return PlacedSlice(spec, device, spec_bytes(args, spec, bytes_per_weight(device, weights, npu_dtype)))
+
+
+def _check_block(block: str, device: Device) -> None:
+    """A block rule's device must run the block; an NPU device, emulated or not, as the npu backend would (the plan
+    must work on a board)."""
+    for name in {device.backend} | ({"npu"} if device.npu else set()):
+        runs = backend_class(name).blocks
+        if block not in runs:
+            raise PlacementError(f"{block}={device.name}: the {name} backend cannot run the {block} block "
+                                 f"(it runs {', '.join(b for b in PLACEMENT_BLOCKS if b in runs)})")
+
+
+def _units(layer_range: LayerRange, block_device: dict[str, Device],
+           layer_device: Callable[[int], Device]) -> list[tuple[int, tuple[str, ...], Device]]:
+    """(layer, parts, device) units in call order: a layer whose parts all share a device is one whole-layer unit,
+    otherwise one unit per run of consecutive parts on one device."""
     part_block = {p: b for b, parts in BLOCKS.items() for p in parts}
-    # (layer, parts, device) units: a layer whose parts all share a device is one whole-layer unit
-    units: list[tuple[int, tuple[str, ...], str]] = []
+    units: list[tuple[int, tuple[str, ...], Device]] = []
     for i in range(layer_range.start, layer_range.stop):
         devs = [block_device.get(part_block[p], layer_device(i)) for p in PARTS]
         if len(set(devs)) == 1:
@@ -327,48 +451,44 @@ def resolve(
                 run = []
             run.append(p)
         units.append((i, tuple(run), devs[PARTS.index(run[0])]))
+    return units
 
-    placed: list[tuple[SliceSpec, str]] = []
-    if layer_range.is_first:
-        placed.append((SliceSpec("embed"), block_device.get("embedding", default_device)))
+
+def _cut_layers(units: list[tuple[int, tuple[str, ...], Device]], args: ModelArgs, layers_per_slice: int | None,
+                weights: str, npu_dtype: str) -> list[tuple[SliceSpec, Device]]:
+    """Layer slices from the units: a part-run is a slice of its own; consecutive whole layers on one device are
+    grouped `layers_per_slice` at a time (default: as the device's backend groups them)."""
+    out: list[tuple[SliceSpec, Device]] = []
     j = 0
     while j < len(units):
         i, blocks, device = units[j]
         if blocks != WHOLE_LAYER:
-            placed.append((SliceSpec("layers", i, i + 1, _named(blocks)), device))
+            out.append((SliceSpec("layers", i, i + 1, _named(blocks)), device))
             j += 1
             continue
         k = j
         while k < len(units) and units[k][1] == WHOLE_LAYER and units[k][2] == device:
             k += 1
         # an NPU device is cut as the npu backend cuts it (one graph per layer), emulated or not: the same slices
-        name = "npu" if device.startswith("npu") else backend_for(device)[0]
-        step = layers_per_slice or _default_layers_per_slice(name, args, bytes_per_weight(device, name, weights, npu_dtype))
-        for a in range(units[j][0], units[k - 1][0] + 1, step or (k - j)):
-            placed.append((SliceSpec("layers", a, min(a + (step or (k - j)), units[k - 1][0] + 1)), device))
+        step = layers_per_slice or _default_layers_per_slice("npu" if device.npu else device.backend, args,
+                                                             bytes_per_weight(device, weights, npu_dtype))
+        last = units[k - 1][0] + 1
+        for a in range(units[j][0], last, step or (k - j)):
+            out.append((SliceSpec("layers", a, min(a + (step or (k - j)), last)), device))
         j = k
-    if layer_range.is_last:
-        placed.append((SliceSpec("head"), block_device.get("head", layer_device(layer_range.stop - 1))))
+    return out
 
-    slices: list[PlacedSlice] = []
-    backends: dict[str, str] = {}
-    for spec, device in placed:
-        name, emulated = backend_for(device)
-        cls = backend_class(name)
-        spec = replace(spec, kv_layout=cls.kv_layout) if spec.kind == "layers" else spec
-        if not _runs(device, cls, spec):
-            if spec.kind == "embed" and "embedding" not in block_device:
-                device, (name, emulated) = "cpu", backend_for("cpu")  # the embedding lookup stays on the host
-                cls = backend_class(name)
-            else:
-                raise PlacementError(f"the {name} backend ({device}) cannot run slice {spec.name}; place it elsewhere")
-        backends[device] = name
-        slices.append(PlacedSlice(spec, device, name, emulated,
-                                  spec_bytes(args, spec, bytes_per_weight(device, name, weights, npu_dtype))))
-    emulated = sorted({s.device for s in slices if s.emulated})
-    if emulated and not emulate:
-        raise PlacementError(npu_refusal(emulated, npu_unavailable))
-    return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, backends)
+
+def _check_memory(slices: list[PlacedSlice]) -> None:
+    """NPU devices load all their weights into the board's memory: a plan that cannot fit is refused up front."""
+    per: dict[Device, int] = {}
+    for s in slices:
+        if s.on.npu and s.on.memory:
+            per[s.on] = per.get(s.on, 0) + s.weight_bytes
+    for d, n in per.items():
+        if n > d.memory:  # type: ignore[operator]
+            raise PlacementError(f"the plan puts {_mb(n)} of weights on {d.name}, more than this machine's "
+                                 f"{_mb(d.memory or 0)}; spread the layers over more devices or use a smaller model")
 
 
 def _named(parts: tuple[str, ...]) -> tuple[str, ...]:
@@ -381,10 +501,10 @@ def _named(parts: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(rest)
 
 
-def _runs(device: str, cls: type, spec: SliceSpec) -> bool:
+def _runs(device: Device, cls: type, spec: SliceSpec) -> bool:
     """Declared support of the backend, and for an NPU device (emulated too) of the npu backend."""
     ok = declared_support(cls.blocks, spec)
-    return ok and (not device.startswith("npu") or declared_support(backend_class("npu").blocks, spec))
+    return ok and (not device.npu or declared_support(backend_class("npu").blocks, spec))
 
 
 def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) -> int | None:
@@ -392,65 +512,27 @@ def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) 
     cls = backend_class(backend)
     if cls.layers_per_slice is not None:
         return cls.layers_per_slice
-    budget = getattr(cls, "max_slice_bytes", None)
+    budget = cls.max_slice_bytes
     if not budget:
         return None
     per_layer = sum(part_params(args, p) for p in PARTS) * per_weight
     return max(1, int(budget // max(per_layer, 1)))
 
 
-def npu_problems() -> list[str]:
-    """What stops an RK3588 NPU with its runtime here (backends/board.py board_problems); empty: it can run."""
-    from exo_rknpu.backends.board import board_problems
-
-    return board_problems()
-
-
-def require_npu(plan: PlacementPlan, why: str) -> None:
-    """Refuse a plan that names an NPU device on a machine where the NPU cannot run (`why`), unless emulated."""
-    named = sorted({r.device for r in plan.ranges} | {d for _, d in plan.blocks})
-    npu = [d for d in named if d.startswith("npu")]
-    if npu:
-        raise PlacementError(npu_refusal(npu, why))
-
-
-def npu_refusal(devices: list[str], why: str) -> str:
-    return (f"the plan puts slices on {', '.join(devices)}, but the NPU cannot run here: {why or 'no usable NPU'}; "
-            "add --emulate to run them on the CPU backend instead (no NPU speed is claimed)")
-
-
-def backend_picker(resolved: ResolvedPlan, make: Callable[[str, str], Backend]) -> Callable[[SliceSpec], Backend]:
-    """SliceSpec -> Backend for ShardRunner: one backend instance per device (`make(device, backend_name)`), so each
-    device (an NPU core, or its emulation) has its own sessions and can run as its own pipeline stage."""
-    instances: dict[str, Backend] = {}
-    by_name = {s.spec.name: s for s in resolved.slices}
-
-    def pick(spec: SliceSpec) -> Backend:
-        s = by_name[spec.name]
-        if s.device not in instances:
-            instances[s.device] = make(s.device, s.backend)
-        return instances[s.device]
-
-    pick.devices = {s.spec.name: s.device for s in resolved.slices}  # type: ignore[attr-defined]
-    return pick
-
-
-def fallback_placement(primary: Backend, fallback: Backend) -> Callable[[SliceSpec], Backend]:
-    """`primary` for every slice it supports, `fallback` for the rest (e.g. the embedding lookup of npu/rknn-sim
-    goes to onnx on the host CPU)."""
-
-    def place(spec: SliceSpec) -> Backend:
-        return primary if primary.supports(spec) else fallback
-
-    place.primary, place.fallback = primary, fallback  # type: ignore[attr-defined]
-    return place
+def plan_shards(plan: PlacementPlan | None, args: ModelArgs, ranges: list[LayerRange], default_backend: str,
+                buckets: Buckets, *, layers_per_slice: int | None = None, weights: str = "auto", npu_dtype: str = "fp16",
+                emulate: bool = False) -> list[ResolvedPlan]:
+    """Every shard's plan on this machine: `resolve` for each of `ranges`, with the board asked once whether its NPU
+    can run (and why not)."""
+    problems = npu_problems()
+    return [resolve(plan, args, r, default_backend, buckets, layers_per_slice=layers_per_slice,
+                    npu_available=not problems, weights=weights, npu_dtype=npu_dtype, emulate=emulate,
+                    npu_unavailable="; ".join(problems)) for r in ranges]
 
 
 # ---------------------------------------------------------------- opening a shard
 
 DEFAULT_MAX_CONTEXT = 2048
-# Slices a backend cannot run (the npu/rknn-sim embedding lookup) go to this one.
-FALLBACK_BACKEND = "onnx"
 
 
 def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
@@ -464,6 +546,32 @@ def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
                          f"{args.max_position_embeddings} positions")
     limit = max_context or min(DEFAULT_MAX_CONTEXT, args.max_position_embeddings)
     return Buckets.up_to(limit)
+
+
+def device_backends(plan: ResolvedPlan, options: dict | None = None) -> dict[str, Backend]:
+    """One backend instance per device of `plan` (so each device, an NPU core or its emulation, has its own sessions
+    and can be its own pipeline stage). `options`, the user's backend options, go to every device run by the default
+    backend; an emulated NPU core is one CPU thread, and a pinned NPU core gets its core mask."""
+    out: dict[str, Backend] = {}
+    for d in plan.devices.values():
+        own = dict(options or {}) if d.backend == plan.backend else {}
+        if d.emulated and "threads" in option_names(d.backend):
+            own["threads"] = 1
+        if d.core_mask is not None and "core_mask" in option_names(d.backend):
+            own["core_mask"] = d.core_mask
+        out[d.name] = get_backend(d.backend, **own)
+    return out
+
+
+def open_plan(src: ModelSource, plan: ResolvedPlan, limits: RequestLimits = RequestLimits(),
+              on_slice: SliceObserver | None = None, backend_options: dict | None = None,
+              progress: Callable[[str], None] | None = None, args: ModelArgs | None = None) -> ShardRunner:
+    """The one opener: load `plan`'s weights from `src` (only its layer range, in the plan's form, leaving out what
+    runs from compiled files) and prepare every slice on its device's backend. `args`: the model's config when the
+    caller has read it already (it is read once per command)."""
+    shard = load_shard(src, plan.layer_range, plan.weights, layers=plan.needs_layer_weights, progress=progress, args=args)
+    return ShardRunner(shard, None, plan.buckets, limits=limits, on_slice=on_slice, progress=progress,
+                       release_weights=True, plan=plan, devices=device_backends(plan, backend_options))
 
 
 def open_shard(
@@ -480,84 +588,11 @@ def open_shard(
     placement: PlacementPlan | None = None,
     emulate: bool = False,
 ) -> ShardRunner:
-    """Load only `layer_range`'s weights from `src` (in the form `weights` asks: auto | int4 | int8 | fp32) and
-    prepare its slices on `backend`; `progress` gets one-line messages while that takes time.
-
-    Slices `backend` does not support (the embedding, for npu and rknn-sim) run on FALLBACK_BACKEND. A backend
-    that wants one graph per layer (attribute layers_per_slice, e.g. npu/rknn-sim) gets it unless asked otherwise.
-    `emulate`: a placement's NPU devices may run on the CPU backend when the NPU cannot run here (else refused).
-    """
-    check_mode(weights)
-    if placement is not None:
-        return _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice,
-                            backend_options, weights, progress, emulate)
-    primary = get_backend(backend, **(backend_options or {}))
-    if weights == "auto" and getattr(primary, "float_weights", False):
-        weights = "fp32"  # compiled backends: the same float32 tensors (and digests) the compiler built from
-    if layers_per_slice is None:
-        layers_per_slice = getattr(primary, "layers_per_slice", None)
-    placed = primary
-    lr = layer_range
-    plan = plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
-    off_primary = [s for s in plan if not primary.supports(s)]
-    if off_primary:
-        placed = fallback_placement(primary, get_backend(FALLBACK_BACKEND))
-    # A backend running its slices from compiled files (npu) needs no layer/head weights, unless a slice it
-    # cannot run (other than the embedding, always loaded) lands on the fallback.
-    layers = getattr(primary, "needs_layer_weights", True) or any(s.kind != "embed" for s in off_primary)
-    shard = load_shard(src, layer_range, weights, layers=layers, progress=progress)
-    budget = getattr(primary, "max_slice_bytes", None)
-    if layers_per_slice is None and budget and shard.layers:
-        # bounded slices bound the peak while a runtime packs weights (source and packed copy of one slice)
-        layers_per_slice = max(1, budget // max(lw.nbytes for lw in shard.layers.values()))
-    return ShardRunner(
-        shard,
-        placed,
-        buckets or default_buckets(shard.args),
-        layers_per_slice=layers_per_slice,
-        limits=limits,
-        on_slice=on_slice,
-        progress=progress,
-        release_weights=True,
-    )
-
-
-def resolve_placement(src: ModelSource, layer_range: LayerRange, placement: PlacementPlan | None, backend: str,
-                      buckets: Buckets | None = None, layers_per_slice: int | None = None, weights: str = "auto",
-                      npu_dtype: str = "fp16", emulate: bool = False) -> ResolvedPlan:
-    """The plan for one shard, checked against the model's config and the backends here (nothing is loaded); NPU
-    devices on a machine without a usable NPU are refused with the reason unless `emulate`."""
+    """Plan and open one shard (`plan_shards`, then `open_plan`): `layer_range` of `src` on `backend`, placed by
+    `placement` when given, with linear weights in the form `weights` asks (auto | int4 | int8 | fp32); `emulate`:
+    a placement's NPU devices may run on the CPU backend when the NPU cannot run here (else refused)."""
     args = load_args(src)
-    problems = npu_problems()
-    return resolve(placement, args, layer_range, backend, buckets or default_buckets(args), layers_per_slice=layers_per_slice,
-                   npu_available=not problems, weights=weights, npu_dtype=npu_dtype, emulate=emulate,
-                   npu_unavailable="; ".join(problems))
-
-
-def _open_placed(src, layer_range, placement, backend, buckets, layers_per_slice, limits, on_slice, backend_options,
-                 weights, progress, emulate) -> ShardRunner:
-    """open_shard for a placement plan: one backend instance per device, the slices the planner cut."""
-    opts = backend_options or {}
-    resolved = resolve_placement(src, layer_range, placement, backend, buckets, layers_per_slice, weights,
-                                 opts.get("dtype", "fp16"), emulate)
-    classes = {s.backend: backend_class(s.backend) for s in resolved.slices}
-    if weights == "auto" and any(getattr(c, "float_weights", False) for c in classes.values()):
-        weights = "fp32"  # a compiled backend is among them: the float32 tensors (and digests) the compiler built from
-    # layer and head weights are loaded unless every slice reading them runs from compiled files (npu)
-    need_layers = any(getattr(classes[s.backend], "needs_layer_weights", True) for s in resolved.slices if s.spec.kind != "embed")
-    shard = load_shard(src, layer_range, weights, layers=need_layers, progress=progress)
-
-    emulated = {s.device for s in resolved.slices if s.emulated}
-
-    def make(device: str, name: str):
-        own = dict(opts) if name == backend else {}
-        if device in emulated and name == "onnx":
-            own["threads"] = 1  # an emulated NPU core is one CPU thread
-        if name == "npu":
-            own["core_mask"] = CORE_MASK[device] if device in CORE_MASK else own.get("core_mask", "auto")
-        return get_backend(name, **own)
-
-    runner = ShardRunner(shard, backend_picker(resolved, make), resolved.buckets, limits=limits, on_slice=on_slice,
-                         progress=progress, release_weights=True, specs=resolved.specs)
-    runner.placement = resolved
-    return runner
+    plan, = plan_shards(placement, args, [layer_range], backend, buckets or default_buckets(args),
+                        layers_per_slice=layers_per_slice, weights=weights,
+                        npu_dtype=(backend_options or {}).get("dtype", "fp16"), emulate=emulate)
+    return open_plan(src, plan, limits, on_slice, backend_options, progress, args)

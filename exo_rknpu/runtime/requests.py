@@ -12,12 +12,15 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 from exo_rknpu.errors import CapacityError, RequestStateError
-from exo_rknpu.runtime.cache import KVCache
+from exo_rknpu.runtime.cache import RequestCache
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -33,19 +36,8 @@ class RequestLimits:
     idle_seconds: float | None = None
 
 
-@dataclass
-class RequestState:
-    pos: int = 0  # tokens already in the cache
-    caches: list[KVCache] = field(default_factory=list)  # one per layer slice
-    touched: float = 0.0  # monotonic time of the last step
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches)
-
-
 class RequestStore:
-    """request_id -> RequestState of the live requests of one shard.
+    """request_id -> RequestCache of the live requests of one shard.
 
     reserve_bytes: KV memory one request may grow to (its cache at the largest context bucket).
     """
@@ -55,7 +47,7 @@ class RequestStore:
         self.limits = limits
         self.reserve_bytes = reserve_bytes
         self.clock = clock
-        self._states: OrderedDict[str, RequestState] = OrderedDict()
+        self._states: OrderedDict[str, RequestCache] = OrderedDict()
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._states
@@ -66,8 +58,8 @@ class RequestStore:
     def ids(self) -> list[str]:
         return list(self._states)
 
-    def get(self, request_id: str) -> RequestState:
-        """A live request's state; RequestStateError if this shard holds none for it."""
+    def get(self, request_id: str) -> RequestCache:
+        """A live request's cache; RequestStateError if this shard holds none for it."""
         state = self._states.get(request_id)
         if state is None:
             raise RequestStateError(
@@ -77,11 +69,11 @@ class RequestStore:
         state.touched = self.clock()
         return state
 
-    def peek(self, request_id: str) -> RequestState | None:
+    def peek(self, request_id: str) -> RequestCache | None:
         """A live request's state without marking it stepped; None if not live."""
         return self._states.get(request_id)
 
-    def admit(self, request_id: str) -> RequestState:
+    def admit(self, request_id: str) -> RequestCache:
         """Start a new request, or raise CapacityError if it does not fit (nothing live is evicted)."""
         if request_id in self._states:
             raise RequestStateError(f"request {request_id} is already live on this node; request ids are never reused")
@@ -103,7 +95,7 @@ class RequestStore:
                 f"{_mb(limits.max_bytes)} (--max-kv-mb; {len(self._states)} live requests of up to "
                 f"{_mb(self.reserve_bytes)} each); retry when one has finished"
             )
-        state = self._states[request_id] = RequestState(touched=self.clock())
+        state = self._states[request_id] = RequestCache(touched=self.clock())
         return state
 
     def idle(self) -> list[str]:
@@ -122,6 +114,63 @@ class RequestStore:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._states.values())
+
+
+class BoundedMap(OrderedDict[K, V]):
+    """A dict that keeps the `limit` most recently set keys: setting a key makes it the newest, and the oldest go
+    beyond the limit. For what a node remembers about requests that are not live (never for live caches)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+MAX_REMEMBERED = 4096  # request ids remembered per kind (a few hundred bytes each)
+
+
+class RequestLog:
+    """The one record of a node's requests beyond their caches (those are the RequestStore's):
+
+    - announced: the API is about to start it, so a one-token prefill for it is a start, not a lost request;
+    - ended: finished, cancelled, failed or abandoned, with why: a later step for it is refused, never restarted;
+    - failures: the error that made it fail here, taken once by whoever reports it to the ring.
+    Each remembers the newest MAX_REMEMBERED ids. Thread-safe enough for its users: single dict operations.
+    """
+
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self.announced: BoundedMap[str, None] = BoundedMap(limit)
+        self.ended: BoundedMap[str, str] = BoundedMap(limit)
+        self.failures: BoundedMap[str, tuple[str, str]] = BoundedMap(limit)
+
+    def announce(self, request_id: str) -> None:
+        self.announced[request_id] = None
+
+    def is_announced(self, request_id: str) -> bool:
+        return request_id in self.announced
+
+    def unannounce(self, request_id: str) -> None:
+        """No longer only announced: its first step arrived, or it is over."""
+        self.announced.pop(request_id, None)
+
+    def end(self, request_id: str, reason: str) -> None:
+        self.unannounce(request_id)
+        self.ended[request_id] = reason
+
+    def why_ended(self, request_id: str) -> str | None:
+        return self.ended.get(request_id)
+
+    def fail(self, request_id: str, kind: str, message: str) -> None:
+        self.failures[request_id] = (kind, message)
+
+    def take_failure(self, request_id: str) -> tuple[str, str] | None:
+        """(kind, message) of the error that made it fail here (once), or None."""
+        return self.failures.pop(request_id, None)
 
 
 def _mb(n: int) -> str:

@@ -9,18 +9,21 @@ import ctypes
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
 import numpy as np
 
 from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.runtime.cache import BatchCache, KVCache
-from exo_rknpu.runtime.inputs import LayerInputs
-from exo_rknpu.runtime.requests import RequestLimits, RequestState, RequestStore
+from exo_rknpu.runtime.cache import BatchState, KVCache, RequestCache
+from exo_rknpu.runtime.inputs import RotaryTable
+from exo_rknpu.runtime.requests import RequestLimits, RequestStore
 from exo_rknpu.slices.graph import slice_weights
-from exo_rknpu.slices.spec import MASK_VALUE, PARTS, Buckets, SliceSpec, plan_slices, state_name
+from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, plan_slices, state_name
+
+if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this module, not the other way
+    from exo_rknpu.runtime.placement import ResolvedPlan
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +56,12 @@ def return_freed_memory() -> None:
     libc.malloc_trim(0)
 
 
-class BatchState:
-    """The requests of a batched decode step seen as one: `caches[i]` stacks their caches of attention slice i."""
-
-    def __init__(self, states: list[RequestState], span: int) -> None:
-        self.caches = [BatchCache([s.caches[i] for s in states], span) for i in range(len(states[0].caches))]
-
-
 @dataclass
 class Chunk:
     """One bucket-shaped piece of a call on its way through a shard's slices (or one step of a batch of requests:
-    state is a BatchState, pos one position per request)."""
+    cache is a BatchState, pos one position per request)."""
 
-    state: RequestState | BatchState
+    cache: RequestCache | BatchState
     pos: int | list[int]  # position of its first token
     real: int  # tokens in it (the rest of the bucket is padding)
     capacity: int  # context bucket of every cache it touches
@@ -74,6 +70,57 @@ class Chunk:
 
     def output(self) -> np.ndarray:
         return self.st["x"][:, : self.real]
+
+
+@dataclass
+class ShardCall:
+    """One admitted call of a request on a shard (ShardRunner.begin): its chunks, the head, then commit or rollback.
+
+    A driver runs every chunk through the body slices in order (`run`, possibly one device stage at a time, as
+    runtime/stages.py does), takes the head's logits (`head`, last shard), and ends the call with `commit()` on
+    success or `rollback()` on any error. Until commit, the request's cache position has not moved, so a rolled
+    back call leaves the request exactly as it was (and forgets a request the call admitted).
+    """
+
+    runner: "ShardRunner"
+    request_id: str
+    cache: RequestCache
+    at: int  # the request's position when the call began
+    started: bool  # this call admitted the request
+    chunks: list[Chunk]
+    logits: Literal["all", "last"] = "all"
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.real for c in self.chunks)
+
+    def run(self, chunk: Chunk, specs: list[SliceSpec] | None = None) -> None:
+        """Run `chunk` through `specs` (consecutive body slices; default: all of them)."""
+        self.runner.run_steps(chunk, self.runner.body_specs if specs is None else specs)
+
+    def head(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits [1,seq,V] of hidden states [1,seq,H] (the last shard's head, in bucket-shaped pieces)."""
+        return self.runner.head(hidden)
+
+    def result(self, outputs: list[np.ndarray]) -> np.ndarray:
+        """The call's answer from its chunks' outputs, in order: hidden states, or (last shard) the head's logits
+        of every row or of the last one (`logits`)."""
+        out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+        if self.runner.layer_range.is_last:
+            out = self.head(out if self.logits == "all" else out[:, -1:])
+        return out
+
+    def commit(self) -> None:
+        """The call succeeded: its tokens join the request's context."""
+        assert self.cache.pos == self.at, f"request {self.request_id} moved during its call"
+        self.cache.advance(self.tokens)
+
+    def rollback(self) -> None:
+        """The call failed: nothing it wrote counts (the cache forgets positions from `at` on), and a request it
+        admitted is forgotten."""
+        self.cache.rollback(self.at)
+        if self.started:
+            self.runner.requests.drop(self.request_id)
 
 
 def check_covers(specs: list[SliceSpec], lr) -> None:
@@ -85,16 +132,17 @@ def check_covers(specs: list[SliceSpec], lr) -> None:
 
 
 class ShardRunner:
-    """Layers [start, stop) of a model on a backend, with per-request KV caches.
+    """Layers [start, stop) of a model, its slices prepared on their backends, with per-request KV caches.
 
-    `backends` maps slice names to backends; `placement` resolution happens before this (runtime/placement.py),
-    so a single backend for every slice is just {name: backend for each slice}.
+    Either one `backend` runs every slice (cut by `layers_per_slice`, or as `specs` lists them), or a resolved
+    placement `plan` (runtime/placement.py) names each slice's device and `devices` holds the backend instance of
+    each device (what `open_plan` passes).
     """
 
     def __init__(
         self,
         weights: ShardWeights,
-        backend: Backend | Callable[[SliceSpec], Backend],
+        backend: Backend | None = None,
         buckets: Buckets = Buckets(),
         layers_per_slice: int | None = None,
         limits: RequestLimits = RequestLimits(),
@@ -102,25 +150,44 @@ class ShardRunner:
         progress: Callable[[str], None] | None = None,
         release_weights: bool = False,
         specs: list[SliceSpec] | None = None,
+        plan: ResolvedPlan | None = None,
+        devices: Mapping[str, Backend] | None = None,
     ) -> None:
         """`release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
-        slice is prepared (open_shard sets it; callers that reuse a ShardWeights leave it off).
-        `specs`: the slices of a resolved placement plan (runtime/placement.py), in call order, instead of
-        cutting the range by `layers_per_slice`."""
+        slice is prepared (open_plan sets it; callers that reuse a ShardWeights leave it off)."""
         self.args, self.buckets, self.fingerprint = weights.args, buckets, weights.fingerprint
         lr = weights.layer_range
         self.layer_range = lr
-        pick = backend if callable(backend) and not hasattr(backend, "prepare") else (lambda _s: backend)
+        self.placement = plan  # the ResolvedPlan it was opened with, if any
+        if plan is not None:
+            assert devices is not None and backend is None and specs is None, "a plan comes with its device backends"
+            placed = [(s.spec, devices[s.device], s.device) for s in plan.slices]
+        else:
+            assert backend is not None, "a ShardRunner needs a backend or a plan"
+            cut = specs if specs is not None else plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
+            placed = [(s, backend, "default") for s in cut]
         self.backends: dict[str, Backend] = {}
+        self.devices: dict[str, str] = {}  # slice name -> device name (runtime/stages.py runs one stage per device)
         self.specs: list[SliceSpec] = []
-        for s in specs if specs is not None else plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice):
-            b = self.backends[s.name] = pick(s)
+        for s, b, device in placed:
+            self.backends[s.name], self.devices[s.name] = b, device
             # the backend chooses how its layer slices lay out the KV cache (the NPU wants it transposed)
-            self.specs.append(replace(s, kv_layout=getattr(b, "kv_layout", "seq")) if s.kind == "layers" else s)
+            self.specs.append(replace(s, kv_layout=b.kv_layout) if s.kind == "layers" else s)
         check_covers(self.specs, lr)
-        # attention slice name -> its cache's index in RequestState.caches
+        # attention slice name -> its cache's index in RequestCache.caches
         self.cache_index = {s.name: i for i, s in enumerate(s for s in self.layer_specs if s.has_attention)}
         self.runners: dict[str, Runner] = {}
+        self._prepare(weights, buckets, release_weights, progress)
+        if release_weights:
+            return_freed_memory()
+        self.rotary = RotaryTable(self.args, buckets.max_context + buckets.seq[-1])
+        self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
+        self.on_slice = on_slice
+        self.stats = ShardStats()
+
+    def _prepare(self, weights: ShardWeights, buckets: Buckets, release_weights: bool,
+                 progress: Callable[[str], None] | None) -> None:
+        """Prepare every slice on its backend, in order (closing what was prepared if one fails)."""
         try:
             for n, s in enumerate(self.specs):
                 require_support(self.backends[s.name], s)
@@ -143,13 +210,6 @@ class ShardRunner:
         except BaseException:
             self.close()
             raise
-        if release_weights:
-            return_freed_memory()
-        self.inputs = LayerInputs(self.args, buckets.max_context + buckets.seq[-1])
-        self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
-        self.placement = None  # the ResolvedPlan (runtime/placement.py) it was opened with, if any
-        self.on_slice = on_slice
-        self.stats = ShardStats()
 
     @property
     def layer_specs(self) -> list[SliceSpec]:
@@ -170,28 +230,44 @@ class ShardRunner:
         this shard holds no cache for it, instead of silently starting again at position 0); None = either.
         On any error the request's position is left where it was, so a retry or the next request is unaffected.
         """
-        x = self._check_input(x)
-        seq = x.shape[1]
-        state, start = self.begin_call(request_id, seq, start)
-        start_pos = state.pos
+        call = self.begin(request_id, x, logits, start)
         try:
-            outs = []
-            done = 0
-            for real, bucket in self.buckets.chunks(seq):
-                chunk = self.start_chunk(state, x[:, done : done + real], state.pos, real, bucket)
-                self.run_steps(chunk, self.body_specs)
-                state.pos += real
-                outs.append(chunk.output())
-                done += real
-            out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
-            if self.layer_range.is_last:
-                out = self._head(out if logits == "all" else out[:, -1:])
+            outputs = []
+            for chunk in call.chunks:
+                call.run(chunk)
+                outputs.append(chunk.output())
+            out = call.result(outputs)
         except BaseException:
-            state.pos = start_pos  # cache rows past pos are never read: rolling back pos undoes the call
+            call.rollback()
+            raise
+        call.commit()
+        return out
+
+    def begin(self, request_id: str, x: np.ndarray, logits: Literal["all", "last"] = "all",
+              start: bool | None = None) -> ShardCall:
+        """Check and admit one call, before anything runs, and cut it into bucket-shaped chunks.
+
+        Refusals come first and change nothing: a malformed input (TensorContractError), a new request that does
+        not fit (CapacityError), a live one this shard holds no cache for (RequestStateError), a context too long
+        for the largest bucket (ContextOverflowError). `start` is as in `forward`.
+        """
+        x = self.check_input(x)
+        seq = x.shape[1]
+        if start is None:
+            start = request_id not in self.requests
+        at = 0 if start else self.requests.get(request_id).pos
+        self.buckets.context_for(at + seq)
+        cache = self.requests.admit(request_id) if start else self.requests.get(request_id)
+        try:
+            chunks, done = [], 0
+            for real, bucket in self.buckets.chunks(seq):
+                chunks.append(self._chunk(cache, x[:, done : done + real], at + done, real, bucket))
+                done += real
+        except BaseException:
             if start:
                 self.requests.drop(request_id)
             raise
-        return out
+        return ShardCall(self, request_id, cache, at, start, chunks, logits)
 
     @property
     def batches(self) -> bool:
@@ -206,60 +282,56 @@ class ShardRunner:
         The requests' steps run as one batch through every slice (every weight read once for all of them), each
         row with its own position, mask and KV cache, so each output equals that request's lone step up to
         float32 summation order. Backends that do not batch run the calls one after another. Admission is all or
-        nothing: a call that `forward` would refuse (not live here, context full, a request twice) raises before
-        any request moves.
+        nothing: each call is admitted by `begin` (as `forward` would be), and one it refuses (not live here,
+        context full, malformed), or a request twice, raises before any request moves. The step commits every
+        call on success and rolls every one back on an error.
         """
         if len(calls) == 1 or not self.batches:
             return [self.forward(rid, x, logits, start=False) for rid, x in calls]
         if len({rid for rid, _ in calls}) != len(calls):
             raise TensorContractError("a batch holds one step per request; a request id appears twice")
-        xs = [self._check_input(x) for _, x in calls]
-        if any(x.shape[1] != 1 for x in xs):
+        if any(np.shape(x)[1:2] != (1,) for _, x in calls):
             raise TensorContractError("a batched step takes exactly one token (or hidden state) per request")
-        states = [self.begin_call(rid, 1, start=False)[0] for rid, _ in calls]
-        chunk = self._batch_chunk(states, np.concatenate(xs, axis=0))
-        self.run_steps(chunk, self.body_specs)
-        out = chunk.st["x"]
-        if self.layer_range.is_last:
-            out = self._run(self.specs[-1], {"hidden": out})["logits"]  # one row per request: "all" = "last"
-        for s in states:
-            s.pos += 1
-        return [out[b : b + 1] for b in range(len(states))]
+        admitted = [self.begin(rid, x, logits, start=False) for rid, x in calls]
+        try:
+            chunk = self._batch_chunk(admitted)
+            self.run_steps(chunk, self.body_specs)
+            out = chunk.st["x"]
+            if self.layer_range.is_last:
+                out = self._run(self.specs[-1], {"hidden": out})["logits"]  # one row per request: "all" = "last"
+        except BaseException:
+            for call in admitted:
+                call.rollback()
+            raise
+        for call in admitted:
+            call.commit()
+        return [out[b : b + 1] for b in range(len(admitted))]
 
-    def _batch_chunk(self, states: list[RequestState], x: np.ndarray) -> "Chunk":
-        """The batched chunk of one decode step: row b is request b at its own position, its mask hiding the
-        cache rows it has not written. Every cache grows to the context bucket of the furthest request; the batch
-        reads only the first `span` rows of them (a multiple of BATCH_SPAN_STEP past the furthest position), which
-        are all that hold keys: the stacked copy and the attention over it stay proportional to what is used."""
-        positions = [s.pos for s in states]
+    def _batch_chunk(self, calls: list[ShardCall]) -> Chunk:
+        """The batched chunk of one decode step of admitted one-token calls: row b is call b at its own position,
+        with its request's mask (RequestCache.mask) hiding the cache rows it has not written. Every cache grows to
+        the context bucket of the furthest request; the batch reads only the first `span` rows of them (a
+        multiple of BATCH_SPAN_STEP past the furthest position), which are all that hold keys: the stacked copy
+        and the attention over it stay proportional to what is used."""
+        positions = [c.at for c in calls]
         capacity = self.buckets.context_for(max(positions) + 1)
-        for s in states:
-            for c in s.caches:
-                c.grow(capacity)
+        for c in calls:
+            for kv in c.cache.caches:
+                kv.grow(capacity)
         span = min(capacity, -(-max(positions) // BATCH_SPAN_STEP) * BATCH_SPAN_STEP)
-        mask = np.zeros((len(states), 1, 1, span + 1), np.float32)
-        for b, p in enumerate(positions):
-            mask[b, ..., p:span] = MASK_VALUE
-        rows = np.array(positions)
-        common = {"cos": self.inputs.cos[rows][:, None, None], "sin": self.inputs.sin[rows][:, None, None], "mask": mask}
-        st = {"ids": x} if self.layer_range.is_first else {"x": x}
-        return Chunk(BatchState(states, span), positions, 1, span, st, common)
-
-    def begin_call(self, request_id: str, seq: int, start: bool | None) -> tuple[RequestState, bool]:
-        """Admission of one call of `seq` tokens, before anything changes: a new request is admitted (CapacityError
-        when full), a live one must have its cache here (RequestStateError), and the context must hold it
-        (ContextOverflowError). Returns the request's state and whether the call starts it."""
-        if start is None:
-            start = request_id not in self.requests
-        pos = 0 if start else self.requests.get(request_id).pos
-        self.buckets.context_for(pos + seq)
-        return (self.requests.admit(request_id) if start else self.requests.get(request_id)), start
+        rotary = [self.rotary(p, 1) for p in positions]
+        common = {"cos": np.concatenate([r["cos"] for r in rotary]), "sin": np.concatenate([r["sin"] for r in rotary]),
+                  "mask": np.concatenate([c.cache.mask(p, 1, span) for c, p in zip(calls, positions)])}
+        key = "ids" if self.layer_range.is_first else "x"
+        st = {key: np.concatenate([c.chunks[0].st[key][:, :1] for c in calls])}
+        return Chunk(BatchState([c.cache for c in calls], span), positions, 1, span, st, common)
 
     @property
     def request_reserve_bytes(self) -> int:
         """KV memory one request can grow to on this shard: its caches at the largest context bucket."""
         a, ctx = self.args, self.buckets.max_context
-        return sum(2 * s.n_layers * a.num_key_value_heads * ctx * a.head_dim * 4 for s in self.layer_specs)
+        return sum(2 * s.n_layers * a.num_key_value_heads * ctx * a.head_dim * (2 if s.kv_layout == "npu" else 4)
+                   for s in self.layer_specs)
 
     def drop(self, request_id: str) -> None:
         """Forget a request's cache."""
@@ -273,7 +345,8 @@ class ShardRunner:
             self.requests.clear()
 
     # -- internals ----------------------------------------------------------------------------
-    def _check_input(self, x: np.ndarray) -> np.ndarray:
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """`x` as this shard takes it (int64 token ids or float32 hidden states), or TensorContractError."""
         lr, a = self.layer_range, self.args
         x = np.asarray(x)
         if lr.is_first:
@@ -310,25 +383,24 @@ class ShardRunner:
             self.on_slice(spec, inputs, outputs)
         return outputs
 
-    def start_chunk(self, state: RequestState, x: np.ndarray, pos: int, real: int, bucket: int) -> "Chunk":
-        """A bucket-shaped chunk of `real` tokens starting at position `pos`, ready for `run_steps`; allocates the
-        request's caches on its first chunk."""
+    def _chunk(self, cache: RequestCache, x: np.ndarray, pos: int, real: int, bucket: int) -> Chunk:
+        """A bucket-shaped chunk of `real` tokens starting at position `pos`; allocates the request's caches on its
+        first chunk."""
         a = self.args
         pad = bucket - real
         capacity = self.buckets.context_for(pos + real)
-        if not state.caches:
-            state.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout)
+        if not cache.caches:
+            cache.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout)
                             for s in self.layer_specs if s.has_attention]
         if self.layer_range.is_first:
             st = {"ids": np.pad(x, ((0, 0), (0, pad))) if pad else x}
         else:
             st = {"x": np.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x}
         # rotary tables and mask: the same for every attention slice of the chunk
-        common = self.inputs(np.empty((1, bucket, 0), np.float32), real, pos, capacity)
-        common.pop("hidden")
-        return Chunk(state, pos, real, capacity, st, common)
+        common = {**self.rotary(pos, bucket), "mask": cache.mask(pos, bucket, capacity)}
+        return Chunk(cache, pos, real, capacity, st, common)
 
-    def run_steps(self, chunk: "Chunk", specs: list[SliceSpec]) -> None:
+    def run_steps(self, chunk: Chunk, specs: list[SliceSpec]) -> None:
         """Run `specs` (consecutive body slices) on `chunk`: layer state passes between slices on the host and each
         attention slice reads and extends its own cache."""
         st = chunk.st
@@ -339,7 +411,7 @@ class ShardRunner:
             inputs = {state_name(k): st[k] for k in spec.state_inputs()}
             cache = None
             if spec.has_attention:
-                cache = chunk.state.caches[self.cache_index[spec.name]]
+                cache = chunk.cache.caches[self.cache_index[spec.name]]
                 cache.grow(chunk.capacity)
                 inputs.update(chunk.common)
                 inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
@@ -348,7 +420,8 @@ class ShardRunner:
                 cache.write(chunk.pos, out["k_new"], out["v_new"], chunk.real)
             st.update({k: out[state_name(k, output=True)] for k in spec.state_outputs()})
 
-    def _head(self, h: np.ndarray) -> np.ndarray:
+    def head(self, h: np.ndarray) -> np.ndarray:
+        """The head slice over hidden states [1,seq,H], in bucket-shaped pieces: logits [1,seq,V]."""
         head, out, done = self.specs[-1], [], 0
         for real, bucket in self.buckets.chunks(h.shape[1]):
             chunk = h[:, done : done + real]

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from exo_rknpu.runtime.shard import Chunk, ShardRunner
+from exo_rknpu.runtime.shard import Chunk, ShardCall, ShardRunner
 from exo_rknpu.slices.spec import SliceSpec
 
 
@@ -27,11 +27,10 @@ class Stage:
 
 
 @dataclass
-class _Call:
-    """One forward call: its chunks, and what comes back."""
+class _Flight:
+    """One call in flight through the stages: what comes back from its chunks."""
 
-    chunks: int
-    logits: str
+    call: ShardCall
     outputs: dict[int, np.ndarray] = field(default_factory=dict)
     error: BaseException | None = None
     remaining: int = 0
@@ -51,25 +50,28 @@ class _Call:
 
 @dataclass
 class _Item:
-    call: _Call
+    flight: _Flight
     index: int
-    chunk: Chunk
     stage: int = 0
+
+    @property
+    def chunk(self) -> Chunk:
+        return self.flight.call.chunks[self.index]
 
 
 def device_stages(runner: ShardRunner) -> list[Stage]:
-    """Consecutive slices on the same device (runner.placement; one device without a plan), then the head."""
-    devices = {s.spec.name: s.device for s in runner.placement.slices} if runner.placement is not None else {}
+    """Consecutive slices on the same device (runner.devices; one device without a plan), then the head."""
+    devices = runner.devices
     stages: list[Stage] = []
     for spec in runner.body_specs:
-        device = devices.get(spec.name, "default")
+        device = devices[spec.name]
         if stages and stages[-1].device == device:
             stages[-1].specs.append(spec)
         else:
             stages.append(Stage(device, [spec]))
     head = [s for s in runner.specs if s.kind == "head"]
     if head:
-        stages.append(Stage(devices.get("head", "default"), head, head=True))
+        stages.append(Stage(devices[head[0].name], head, head=True))
     return stages
 
 
@@ -99,36 +101,22 @@ class StagedShard:
                 start: bool | None = None) -> np.ndarray:
         """ShardRunner.forward's contract (admission for a new request, RequestStateError for an unknown live one,
         roll-back on error), its chunks flowing through the device stages."""
-        r = self.runner
-        x = r._check_input(x)
         with self.lock:
             if request_id in self.in_flight:
                 raise ValueError(f"request {request_id} already has a call in flight; wait for it")
-            state, start = r.begin_call(request_id, x.shape[1], start)  # refusals happen before anything is queued
-            pos = start_pos = state.pos
-            chunks, done = [], 0
-            try:
-                for real, bucket in r.buckets.chunks(x.shape[1]):
-                    chunks.append(r.start_chunk(state, x[:, done : done + real], pos, real, bucket))
-                    pos, done = pos + real, done + real
-            except BaseException:
-                if start:
-                    r.requests.drop(request_id)
-                raise
+            call = self.runner.begin(request_id, x, logits, start)  # refusals happen before anything is queued
             self.in_flight.add(request_id)
-        call = _Call(len(chunks), logits, remaining=len(chunks))
-        for i, c in enumerate(chunks):
-            self.queues[self.stages[0].device].put(_Item(call, i, c))
-        call.done.wait()
+        flight = _Flight(call, remaining=len(call.chunks))
+        for i in range(len(call.chunks)):
+            self.queues[self.stages[0].device].put(_Item(flight, i))
+        flight.done.wait()
         with self.lock:
             self.in_flight.discard(request_id)
-            if call.error is not None:
-                state.pos = start_pos  # cache rows past pos are never read: rolling back pos undoes the call
-                if start:
-                    r.requests.drop(request_id)
-                raise call.error
-            state.pos = pos
-        outs = [call.outputs[i] for i in sorted(call.outputs)]
+            if flight.error is not None:
+                call.rollback()
+                raise flight.error
+            call.commit()
+        outs = [flight.outputs[i] for i in sorted(flight.outputs)]
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
     def _serve(self, device: str) -> None:
@@ -137,29 +125,32 @@ class StagedShard:
             item = q.get()
             if item is None:
                 return
-            call = item.call
-            if call.error is not None:  # an earlier chunk failed: the call is rolled back, skip the rest
-                call.finish_chunk(item.index)
+            flight = item.flight
+            if flight.error is not None:  # an earlier chunk failed: the call is rolled back, skip the rest
+                flight.finish_chunk(item.index)
                 continue
             try:
-                stage = self.stages[item.stage]
-                out = None
-                if stage.head:
-                    last = item.index == call.chunks - 1
-                    if call.logits == "all" or last:
-                        h = item.chunk.output()
-                        out = self.runner._head(h if call.logits == "all" else h[:, -1:])
-                else:
-                    self.runner.run_steps(item.chunk, stage.specs)
-                item.stage += 1
-                if item.stage < len(self.stages):
-                    self.queues[self.stages[item.stage].device].put(item)
-                    continue
-                if not stage.head:
-                    out = item.chunk.output()
-                call.finish_chunk(item.index, out)  # with logits="last" only the final chunk has an output
+                self._step(item)
             except BaseException as e:  # handed to the caller, who raises it
-                call.finish_chunk(item.index, error=e)
+                flight.finish_chunk(item.index, error=e)
+
+    def _step(self, item: _Item) -> None:
+        """Run one chunk through its current stage; pass it on, or hand its output back after the last stage."""
+        call, stage = item.flight.call, self.stages[item.stage]
+        out = None
+        if stage.head:
+            if call.logits == "all" or item.index == len(call.chunks) - 1:
+                h = item.chunk.output()
+                out = call.head(h if call.logits == "all" else h[:, -1:])
+        else:
+            call.run(item.chunk, stage.specs)
+        item.stage += 1
+        if item.stage < len(self.stages):
+            self.queues[self.stages[item.stage].device].put(item)
+            return
+        if not stage.head:
+            out = item.chunk.output()
+        item.flight.finish_chunk(item.index, out)  # with logits="last" only the final chunk has an output
 
     def drop(self, request_id: str) -> None:
         with self.lock:

@@ -43,7 +43,10 @@ PART_READS: dict[str, tuple[str, ...]] = {"attn_norm": ("x",), "qkv": ("h",), "a
                                           "o_proj": ("x", "o"), "mlp_norm": ("x",), "ffn": ("x", "h")}
 PART_WRITES: dict[str, tuple[str, ...]] = {"attn_norm": ("h",), "qkv": ("q", "k", "v"), "attention": ("o",),
                                            "o_proj": ("x",), "mlp_norm": ("h",), "ffn": ("x",)}
-KVLayout = Literal["seq", "dim"]  # cache rows [.., C, hd] or transposed [.., hd, C]
+# cache rows [.., C, hd], transposed [.., hd, C], or the NPU form (slices/npu_form.py): float16 keys [n*kv, hd, C],
+# values [n*kv, C, hd], and the slice's other inputs as the compiled graph takes them
+KVLayout = Literal["seq", "dim", "npu"]
+NPU_DTYPE = "float16"  # the dtype of every input and output of a slice in the NPU form (what RKNN records)
 
 # Value used for masked attention positions: finite so fp16 graphs never see inf - inf.
 MASK_VALUE = -1e4
@@ -207,6 +210,8 @@ class SliceSpec:
             return {"token_ids": (1, seq)}
         if self.kind == "head":
             return {"hidden": (1, seq, H)}
+        if self.kv_layout == "npu":
+            return npu_input_shapes(self, args, seq, ctx)
         n = self.n_layers
         cache = (n, kv, ctx, hd) if self.kv_layout == "seq" else (n, kv, hd, ctx)
         out = {state_name(k): (1, seq, state_width(args, k)) for k in self.state_inputs()}
@@ -221,6 +226,8 @@ class SliceSpec:
             return {"hidden": (1, seq, H)}
         if self.kind == "head":
             return {"logits": (1, seq, args.vocab_size)}
+        if self.kv_layout == "npu":
+            return npu_output_shapes(self, args, seq)
         n = self.n_layers
         new = (n, kv, seq, hd) if self.kv_layout == "seq" else (n, kv, hd, seq)
         out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in self.state_outputs()}
@@ -248,13 +255,100 @@ def state_width(args: ModelArgs, key: str) -> int:
 
 
 def to_kv_layout(inputs: dict, layout: KVLayout) -> dict:
-    """A layer slice's inputs (seq layout, as the CPU backends see them) in `layout`: past_k/past_v transposed for "dim"."""
+    """A layer slice's inputs (seq layout, as the CPU backends see them) in `layout`: past_k/past_v transposed for
+    "dim"; for "npu" the cache as the host keeps it in that form (float16 keys [n*kv, hd, C], values [n*kv, C, hd])."""
     if layout == "seq" or "past_k" not in inputs:
         return inputs
     out = dict(inputs)
     for name in ("past_k", "past_v"):
-        out[name] = inputs[name].swapaxes(-1, -2).copy()
+        past = inputs[name]
+        if layout == "dim":
+            out[name] = past.swapaxes(-1, -2).copy()
+        else:
+            n, kv, c, hd = past.shape
+            rows = past.swapaxes(-1, -2) if name == "past_k" else past
+            out[name] = rows.reshape(n * kv, *rows.shape[2:]).astype(NPU_DTYPE)
     return out
+
+
+def compiled_inputs(spec: "SliceSpec", args: ModelArgs, sample: dict) -> dict:
+    """A slice's inputs in the "seq" form (as the CPU backends and the calibration captures have them) as its
+    compiled graph takes them: the cache in the slice's layout, and for "npu" every input in the NPU form."""
+    if not spec.has_attention:
+        return sample
+    x = to_kv_layout(sample, spec.kv_layout)
+    return to_npu_inputs(spec, args, x) if spec.kv_layout == "npu" else x
+
+
+def to_npu_inputs(spec: "SliceSpec", args: ModelArgs, inputs: dict) -> dict:
+    """A layer slice's runtime inputs -> what its compiled NPU form takes: float16, the mask tiled to the folded
+    query rows (r*S + s sees mask row s) and transposed to [1, 1, C+S, rep*S]. The cache (past_k/past_v) is
+    expected in the NPU form already (runtime/cache.py keeps it so) and is passed on without a copy."""
+    import numpy as np
+
+    out = {}
+    for name, a in inputs.items():
+        a = np.asarray(a)
+        if name == "mask":
+            a = np.tile(a, (1, 1, args.n_rep, 1)).swapaxes(2, 3)
+        out[name] = a if a.dtype == NPU_DTYPE else a.astype(NPU_DTYPE)
+    return out
+
+
+def npu_outputs_to_seq(tensors: dict, args: ModelArgs) -> dict:
+    """NPU-form cache tensors (past_k/k_new [n*kv, hd, L], past_v/v_new [n*kv, L, hd]) in the "seq" form (float32,
+    [n, kv, L, hd]); other tensors as float32. To compare with, or feed, the CPU graph."""
+    import numpy as np
+
+    out = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    for name in ("k_new", "v_new", "past_k", "past_v"):
+        if name in out:
+            a = out[name].swapaxes(-1, -2) if name in ("k_new", "past_k") else out[name]
+            out[name] = a.reshape(-1, args.num_key_value_heads, *a.shape[1:])
+    return out
+
+
+def npu_cache_shapes(args: ModelArgs, n_layers: int, ctx: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The host KV cache of an n-layer slice in the NPU form: keys [n*kv, hd, C], values [n*kv, C, hd] (float16)."""
+    rows = n_layers * args.num_key_value_heads
+    return (rows, args.head_dim, ctx), (rows, ctx, args.head_dim)
+
+
+def npu_input_shapes(spec: "SliceSpec", args: ModelArgs, seq: int, ctx: int) -> dict[str, tuple[int, ...]]:
+    """Graph inputs of a layer slice in the NPU form, in graph order (slices/npu_form.py says why each is so)."""
+    hd = args.head_dim
+    out = {state_name(k): (1, seq, state_width(args, k)) for k in spec.state_inputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers, ctx)
+        out.update({"cos": (1, 1, seq, hd), "sin": (1, 1, seq, hd), "mask": (1, 1, ctx + seq, args.n_rep * seq),
+                    "past_k": keys, "past_v": values})
+    return out
+
+
+def npu_output_shapes(spec: "SliceSpec", args: ModelArgs, seq: int) -> dict[str, tuple[int, ...]]:
+    """Graph outputs of a layer slice in the NPU form: the live layer state, then k_new [n*kv, hd, S], v_new [n*kv, S, hd]."""
+    out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in spec.state_outputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers, seq)
+        out.update({"k_new": keys, "v_new": values})
+    return out
+
+
+def npu_max_seq(args: ModelArgs) -> int:
+    """The largest seq bucket the NPU form compiles without a CPU op: its folded queries [rep*S, hd] are transposed
+    on the NPU only while rep*S*hd <= 8192 (rknn's Transpose limit, measured)."""
+    return max(1, 8192 // (args.n_rep * args.head_dim))
+
+
+def npu_buckets(buckets: Buckets, args: ModelArgs) -> Buckets:
+    """`buckets` for a backend running the NPU form: seq buckets above npu_max_seq are replaced by the largest power
+    of two under it (prefill then goes in smaller chunks); context buckets are kept."""
+    limit = npu_max_seq(args)
+    seq = [b for b in buckets.seq if b <= limit]
+    if len(seq) < len(buckets.seq):
+        top = 1 << (limit.bit_length() - 1)
+        seq = sorted(set(seq) | {top})
+    return Buckets(seq=tuple(seq), context=buckets.context)
 
 
 def bucket_shapes(spec: SliceSpec, args: ModelArgs, buckets: Buckets) -> list[dict[str, Any]]:

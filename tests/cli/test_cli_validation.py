@@ -32,7 +32,7 @@ def no_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the options were validated")
 
-    monkeypatch.setattr(gen_cli, "open_shard", refuse)
+    monkeypatch.setattr(gen_cli, "open_plan", refuse)
     return refuse
 
 

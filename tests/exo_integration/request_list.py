@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
-from test_e2e_ring import Ring  # noqa: E402
+from exo_helpers import Ring  # noqa: E402
 
 MODEL = "smollm2-135m"
 QUESTION = "What is the capital of France?"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
-from test_e2e_ring import Ring  # noqa: E402
+from exo_helpers import Ring  # noqa: E402
 from test_ring_load_and_faults import ANSWER, MEMORY, ask, post, wait_healthy  # noqa: E402
 
 

@@ -94,7 +94,7 @@ def test_rk3588s_and_other_rockchips(tmp_path):
 def test_non_rockchip_report_is_sane(tmp_path):
     root = fake_root(tmp_path, None, None, total_kb=4_000_000)
     caps = detect("onnx", kv_budget_bytes=0, proc_root=root)
-    assert caps.chip == "Test CPU 3000" and "exo-rknpu, onnx" in caps.model
+    assert caps.chip == "Test CPU 3000" and "(exo-rknpu, rknpu/onnx; serves " in caps.model
     assert caps.int8 == caps.fp16 == caps.fp32 == 0.0
     assert caps.memory == 4_000_000 // 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["onnx"]
     assert rockchip_soc(root) is None
@@ -167,6 +167,10 @@ def test_exo_argv():
     assert exo_argv(["--inference-engine", "rknpu"]) == ["exo", "--inference-engine", "rknpu"]
     with pytest.raises(ValueError, match="tinygrad"):
         exo_argv(["--inference-engine=tinygrad"])
+    # `exo-rknpu node --engine tinygrad`: exo's own engine, named once
+    assert exo_argv(["--", "--disable-tui"], "tinygrad") == ["exo", "--disable-tui", "--inference-engine", "tinygrad"]
+    with pytest.raises(ValueError, match="exo-rknpu node --engine"):
+        exo_argv(["--inference-engine", "dummy"], "tinygrad")
 
 
 def test_failure_marker_fails_exos_unpacking():

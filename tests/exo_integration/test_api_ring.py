@@ -14,9 +14,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import Ring, needs_exo
 from request_list import KEY, chat_body, request
-from test_e2e_ring import Ring
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
 

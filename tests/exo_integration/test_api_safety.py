@@ -210,7 +210,7 @@ def test_a_plain_stock_node_that_samples_makes_non_default_parameters_a_400():
     from exo_rknpu.exo.ring import RingNode
     from exo_rknpu.runtime.sampling import SamplingParams
 
-    reports = {"rk": "Linux x86_64 (exo-rknpu, onnx)", "stock": "Linux Box (Device: CLANG)"}
+    reports = {"rk": "Linux x86_64 (exo-rknpu, rknpu/onnx; serves smollm2-135m)", "stock": "Linux Box (Device: CLANG)"}
 
     def view(order):
         parts = [types.SimpleNamespace(node_id=n) for n in order]
@@ -222,8 +222,8 @@ def test_a_plain_stock_node_that_samples_makes_non_default_parameters_a_400():
     plain = SamplingParams(stop=("x",), max_tokens=5)
     for params in (SamplingParams(temperature=0.7), SamplingParams(seed=1), SamplingParams(top_p=0.5),
                    SamplingParams(logprobs=True), SamplingParams(presence_penalty=1.0)):
-        problem = RingNode.stock_problem(view(["rk", "stock"]), params, False)
+        problem = RingNode.stock_problem(view(["rk", "stock"]), params, False, "smollm2-135m")
         assert problem is not None and "node stock" in problem and "stock exo" in problem
-        assert RingNode.stock_problem(view(["stock", "rk"]), params, False) is None  # rk samples
-    assert RingNode.stock_problem(view(["rk", "stock"]), plain, False) is None  # the API enforces these
-    assert "special-token" in RingNode.stock_problem(view(["stock", "rk"]), plain, True)
+        assert RingNode.stock_problem(view(["stock", "rk"]), params, False, "smollm2-135m") is None  # rk samples
+    assert RingNode.stock_problem(view(["rk", "stock"]), plain, False, "smollm2-135m") is None  # the API enforces these
+    assert "special-token" in RingNode.stock_problem(view(["stock", "rk"]), plain, True, "smollm2-135m")

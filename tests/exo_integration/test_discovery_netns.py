@@ -5,19 +5,21 @@ discovery (UDP broadcast, port 5678) and the API (port 52415); the namespaces ar
 test can reach. Specification:
 - two exo-rknpu nodes find each other, agree on one topology and on exo's memory-weighted partition, and answer a
   chat completion correctly through either node's API;
-- an exo-rknpu node beside a stock exo node (exo's dummy engine): both see each other with the capabilities each
-  reports, no engine is swapped, and smollm2-135m (which only exo-rknpu serves) is not given to the stock node,
-  although exo's own partitioner would give it layers;
+- an exo-rknpu node beside a plain stock exo node (exo's dummy engine): both see each other with the capabilities
+  each reports, no engine is swapped, both derive stock exo's partition, and a request for smollm2-135m (for which
+  stock exo has no card) through the exo-rknpu node's API fails at once, naming the stock node and the card;
+- an exo-rknpu node beside exo's stock tinygrad engine (`exo-rknpu node --engine tinygrad`) form one mixed ring by
+  UDP discovery: both compute layers, and both APIs answer as `exo-rknpu generate` alone does;
 - a node that is killed is dropped from the topology, the survivor serves alone, and once the node is back the
   ring is whole and answers correctly again.
 
-Skips without exo, without network namespaces (needs root and iproute2), and (stock-node test) without tinygrad,
-which stock exo imports on Linux to report its device. Needs the bundled smollm2-135m.
+Skips without exo and without network namespaces (needs root and iproute2). Stock exo imports tinygrad on Linux to
+report its device, and its tinygrad engine needs clang: CI installs tinygrad 0.10.2 and clang (.ci/run). Needs the
+bundled smollm2-135m.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -43,7 +45,7 @@ QUESTION = "What is the capital of France?"
 ANSWER = "The capital of France is Paris."
 DISCOVERY_TIMEOUT = 90
 REQUEST_TIMEOUT = 240
-RING_LINE = re.compile(r"\[exo-rknpu\] node (\S+): ring of exo-rknpu nodes: (.*?)(?:; stock exo nodes given no layers: (.*))?$")
+RING_LINE = re.compile(r"\[exo-rknpu\] node (\S+): ring for \S+: (.*?)(?: = layers [^;]*)?; (.*)$")
 
 
 @dataclass
@@ -61,6 +63,9 @@ class Cluster:
     def __init__(self, lab: NetnsLab, tmp: Path) -> None:
         self.lab, self.tmp, self.nodes = lab, tmp, {}
         self.env = dict(os.environ, EXO_HOME=str(tmp / "exo-home"), PYTHONUNBUFFERED="1")
+        # DEBUG=2 makes exo print every get_inference_engine call (the trace of an engine swap); tinygrad reads the
+        # same variable (every kernel), so rings with a tinygrad engine run with 0
+        self.debug = "2"
         self.topologies: dict[str, dict] = {}  # as first formed
         self.discovery_s = 0.0  # start of the processes -> every topology complete
 
@@ -70,6 +75,14 @@ class Cluster:
         # onnx backend answers the chat differently (as llama.cpp does on this GGUF), which is not what these test
         cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--api-host", addr, "--backend", backend,
                "--weights", "fp32", "--memory-mb", str(memory_mb), "--", "--node-id", node_id, "--node-host", addr,
+               "--node-port", str(GRPC_PORT), "--disable-tui"]
+        return self._add(Node(host, node_id, cmd, self.tmp / f"{node_id}.log"))
+
+    def add_tinygrad(self, host: str, node_id: str, memory_mb: int) -> Node:
+        """exo's stock tinygrad engine, started by the launcher (`exo-rknpu node --engine tinygrad`)."""
+        addr = self.lab.hosts[host].addr
+        cmd = [sys.executable, "-m", "exo_rknpu.cli.main", "node", "--engine", "tinygrad", "--api-host", addr,
+               "--memory-mb", str(memory_mb), "--", "--node-id", node_id, "--node-host", addr,
                "--node-port", str(GRPC_PORT), "--disable-tui"]
         return self._add(Node(host, node_id, cmd, self.tmp / f"{node_id}.log"))
 
@@ -85,8 +98,7 @@ class Cluster:
 
     def start(self, node_id: str) -> None:
         node = self.nodes[node_id]
-        # DEBUG=2 makes exo print every get_inference_engine call: the trace of an engine swap
-        node.proc = self.lab.popen(node.host, node.cmd, node.log, dict(self.env, DEBUG="2"))
+        node.proc = self.lab.popen(node.host, node.cmd, node.log, dict(self.env, DEBUG=self.debug))
 
     def kill(self, node_id: str) -> None:
         self.lab.kill(self.nodes[node_id].proc, signal.SIGKILL)
@@ -115,9 +127,9 @@ class Cluster:
 
         return wait_until(check, timeout, what=f"topologies {members}")
 
-    def chat(self, client: str, api_of: str, model: str = MODEL) -> tuple[int, object]:
+    def chat(self, client: str, api_of: str, model: str = MODEL, question: str = QUESTION) -> tuple[int, object]:
         """A chat completion sent from node `client`'s namespace to node `api_of`'s API."""
-        body = {"model": model, "messages": [{"role": "user", "content": QUESTION}]}
+        body = {"model": model, "messages": [{"role": "user", "content": question}]}
         reply = self.lab.request(self.nodes[client].host, "POST", self.addr(api_of), API_PORT,
                                  "/v1/chat/completions", body, timeout=REQUEST_TIMEOUT)
         return reply.status, reply.json()
@@ -140,18 +152,17 @@ def exo_partition(topology: dict, only: set[str] | None = None) -> list[tuple[st
     return [(p.node_id, p.start, p.end) for p in RingMemoryWeightedPartitioningStrategy().partition(topo)]
 
 
-def logged_ring(cluster: Cluster, node_id: str) -> tuple[list[tuple[str, float, float]], list[str]]:
-    """The last ring `node_id` logged: [(node id, start, end)] and the stock nodes it left out."""
+def logged_ring(cluster: Cluster, node_id: str) -> tuple[list[tuple[str, float, float]], str]:
+    """The last ring `node_id` logged for smollm2-135m: [(node id, start, end)] and how it was derived."""
     matches = [m for m in map(RING_LINE.search, cluster.log(node_id).splitlines()) if m and m.group(1) == node_id]
     if not matches:
-        return [], []
+        return [], ""
     last = matches[-1]
     split = []
     for part in split_ring_line(last.group(2)):
         nid, a, b = re.fullmatch(r"(\S+) \[(\S+), (\S+)\)", part).groups()
         split.append((nid, float(a), float(b)))
-    left_out = last.group(3).split(", ") if last.group(3) else []
-    return split, left_out
+    return split, last.group(3)
 
 
 def layer_ranges(split: list[tuple[str, float, float]]) -> dict[str, tuple[int, int]]:
@@ -224,7 +235,7 @@ def test_either_nodes_api_answers_and_both_use_exos_partition(rk_pair, api_of):
     # Both nodes used one partition, exo's own strategy on the reported capabilities (rings are logged when used).
     reference = exo_partition(rk_pair.topology(api_of))
     for nid in ("rk-a", "rk-b"):
-        assert logged_ring(rk_pair, nid) == (reference, [])
+        assert logged_ring(rk_pair, nid) == (reference, "exo's partition over every node")
         assert engine_swaps(rk_pair.log(nid)) == []
 
 
@@ -238,7 +249,7 @@ def test_a_killed_node_is_dropped_and_rejoins(rk_pair):
     status, body = rk_pair.chat("rk-a", "rk-a")
     alone_s = time.monotonic() - t
     assert_answer(status, body)
-    assert logged_ring(rk_pair, "rk-a") == ([("rk-a", 0.0, 1.0)], [])  # rk-a ran all 30 layers
+    assert logged_ring(rk_pair, "rk-a") == ([("rk-a", 0.0, 1.0)], "exo's partition over every node")  # all 30 layers
 
     t = time.monotonic()
     rk_pair.start("rk-b")
@@ -251,21 +262,14 @@ def test_a_killed_node_is_dropped_and_rejoins(rk_pair):
     reference = exo_partition(topos["rk-a"])
     assert len(reference) == 2
     for nid in ("rk-a", "rk-b"):
-        assert logged_ring(rk_pair, nid) == (reference, [])
+        assert logged_ring(rk_pair, nid) == (reference, "exo's partition over every node")
     status, body = rk_pair.chat("rk-b", "rk-a")
     assert_answer(status, body)
     print(f"\nkill -> dropped from rk-a's topology {dropped_s:.1f}s; rk-a alone answered in {alone_s:.1f}s; "
           f"restart -> both topologies whole {rejoin_s:.1f}s; first request after rejoin {again_s:.1f}s")
 
 
-needs_tinygrad = pytest.mark.skipif(
-    importlib.util.find_spec("tinygrad") is None,
-    reason="stock exo on Linux imports tinygrad to report its device (exo/topology/device_capabilities.py) even "
-           "with the dummy engine; pip install tinygrad to run the mixed-cluster test")
-
-
-@needs_tinygrad
-def test_rknpu_node_beside_a_stock_exo_node(tmp_path, smollm2):
+def test_rknpu_node_beside_a_plain_stock_exo_node(tmp_path, smollm2):
     lab = NetnsLab(2).create()
     try:
         cluster = Cluster(lab, tmp_path)
@@ -280,29 +284,28 @@ def test_rknpu_node_beside_a_stock_exo_node(tmp_path, smollm2):
         # Both see each other, each with the capabilities the other reports about itself.
         assert topos["rk"]["nodes"] == topos["stock"]["nodes"]
         rk_caps, stock_caps = topos["rk"]["nodes"]["rk"], topos["rk"]["nodes"]["stock"]
-        assert rk_caps["memory"] == 3000 and rk_caps["model"].endswith("(exo-rknpu, onnx)")
+        assert rk_caps["memory"] == 3000 and "(exo-rknpu, rknpu/onnx; serves " in rk_caps["model"]
         assert stock_caps["model"].startswith("Linux Box (Device: ")  # stock exo's Linux report (tinygrad device)
         import psutil
 
         assert stock_caps["memory"] == psutil.virtual_memory().total // 2**20  # stock reports total RAM
 
-        # What exo alone would do: give the stock node (more memory) the first layers of every model, smollm2 too.
+        # A plain stock node is in the ring: the exo-rknpu node derives exactly stock exo's partition, which gives
+        # the dummy node (more memory) the first layers of smollm2-135m. Stock exo has no card for it: the request
+        # through the exo-rknpu API fails at once, naming the node and the card (never a wrong answer or a wait).
         exo_ranges = layer_ranges(exo_partition(topos["rk"]))
         assert exo_ranges["stock"][0] == 0 and "rk" in exo_ranges
-        # What the exo-rknpu node does: a ring of exo-rknpu nodes only, split by exo's strategy among them.
-        # smollm2 through our API: served by exo-rknpu alone, correctly (the dummy would pass hidden states through)
+        t = time.monotonic()
         status, body = cluster.chat("stock", "rk")
-        assert_answer(status, body)
-        ring, left_out = logged_ring(cluster, "rk")
-        assert ring == exo_partition(topos["rk"], only={"rk"}) == [("rk", 0.0, 1.0)]
-        assert left_out == ["stock"]
-        print(f"exo's partition would give smollm2 layers {exo_ranges}; the exo-rknpu node's ring: {ring}, "
-              f"left out: {left_out}")
+        assert status == 503 and time.monotonic() - t < 10, body
+        assert "gives node stock layers 0-" in body["detail"] and "no card for smollm2-135m" in body["detail"], body
+        ring, how = logged_ring(cluster, "rk")
+        assert ring == exo_partition(topos["rk"]) and how.startswith("exo's partition over every node (plain stock")
         # the stock node has no card for smollm2 and says so
         status, body = cluster.chat("rk", "stock")
         assert status == 400 and "Unsupported model" in str(body), body
 
-        # The reverse direction is exo's: stock exo puts the exo-rknpu node into the dummy model's ring. Our node
+        # The other direction is exo's: stock exo puts the exo-rknpu node into the dummy model's ring. Our node
         # refuses its layers with a clear error; stock exo's API does not hear of it and times out (20 s here).
         t = time.monotonic()
         status, body = cluster.chat("rk", "stock", model="dummy")
@@ -314,8 +317,35 @@ def test_rknpu_node_beside_a_stock_exo_node(tmp_path, smollm2):
         # Neither node swapped its engine (exo swaps to tinygrad on peer changes unless stopped or dummy).
         assert engine_swaps(cluster.log("rk")) == [] and engine_swaps(cluster.log("stock")) == []
         assert "get_inference_engine called with: dummy" in cluster.log("stock")
-        # and our engine still serves after the peer change and the failed foreign request
-        status, body = cluster.chat("rk", "rk")
-        assert_answer(status, body)
+    finally:
+        lab.close()
+
+
+def test_a_mixed_ring_with_stock_tinygrad_forms_by_udp_discovery(tmp_path, smollm2, stock_home, references):
+    """exo-rknpu (onnx, fp32 weights, 2000 MB) and exo's tinygrad engine via the launcher (3000 MB: first layers)."""
+    lab = NetnsLab(2).create()
+    try:
+        cluster = Cluster(lab, tmp_path)
+        cluster.env, cluster.debug = stock_home.env(), "0"
+        cluster.add_rknpu("h1", "rk", "onnx", 2000)
+        cluster.add_tinygrad("h2", "tg", 3000)
+        t = time.monotonic()
+        cluster.start("rk")
+        cluster.start("tg")
+        topos = cluster.wait_for_members({"rk": {"rk", "tg"}, "tg": {"rk", "tg"}})
+        print(f"\nUDP discovery, exo-rknpu + stock tinygrad: {time.monotonic() - t:.1f}s")
+        assert [e["description"] for e in topos["rk"]["peer_graph"]["rk"]] == ["Ethernet (eth0)"]
+        assert "(exo-rknpu, tinygrad; serves " in topos["rk"]["nodes"]["tg"]["model"]
+        for api_of, client in [("rk", "tg"), ("tg", "rk")]:
+            for question in references:
+                t = time.monotonic()
+                status, body = cluster.chat(client, api_of, question=question)
+                assert status == 200, body
+                assert body["choices"][0]["message"]["content"] == references[question], (api_of, question)
+                print(f"{question!r} via {api_of}'s API: {time.monotonic() - t:.1f}s")
+        reference = exo_partition(topos["rk"])
+        assert layer_ranges(reference) == {"tg": (0, 17), "rk": (18, 29)}
+        for nid in ("rk", "tg"):
+            assert logged_ring(cluster, nid) == (reference, "exo's partition over every node")
     finally:
         lab.close()

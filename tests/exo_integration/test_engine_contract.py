@@ -33,13 +33,13 @@ def model_dir(tmp_path_factory):
     return root
 
 
-def make_engine(model_dir, backend="numpy", hidden_dtype="float32", downloader=None, weights="auto"):
+def make_engine(model_dir, backend="numpy", hidden_dtype="float32", downloader=None, weights="auto", prober=None):
     from exo_rknpu.engine import EngineConfig
     from exo_rknpu.exo.inference_engine import RKNPUInferenceEngine
     from exo_rknpu.exo.options import NodeOptions
 
     opts = NodeOptions(engine=EngineConfig(backend=backend, hidden_dtype=hidden_dtype, weights=weights), model_dir=model_dir)
-    return RKNPUInferenceEngine(downloader, opts)
+    return RKNPUInferenceEngine(downloader, opts, prober)
 
 
 def shard(start, end, model=MODEL, n=N):
@@ -178,8 +178,14 @@ async def test_downloads_through_exos_shard_downloader(model_dir, tmp_path):
     and exo's allow-patterns for that shard select only the files of its layers."""
     from exo.download.hf.hf_helpers import get_allow_patterns
 
+    from exo_rknpu.exo.availability import Prober
+
+    class Online(Prober):  # the fake downloader stands in for the hub: it answers
+        def _probe(self, url):
+            return True
+
     downloader = fake_shard_downloader(lambda s: model_dir / MODEL)
-    e = make_engine(None, downloader=downloader)
+    e = make_engine(None, downloader=downloader, prober=Online())
     try:
         out, _ = await e.infer_tensor("I", shard(8, N - 1), np.zeros((1, 2, 64), np.float32))
         assert out.shape == (1, 2, 320)
@@ -192,3 +198,22 @@ async def test_downloads_through_exos_shard_downloader(model_dir, tmp_path):
     # file 1 = embedding, 2+i = layer i, last = norm + head (tests/tiny_models.py layout)
     assert files == {f"model-{2 + i:05d}-of-{total:05d}.safetensors" for i in range(8, N)} | {
         f"model-{total:05d}-of-{total:05d}.safetensors"}
+
+
+async def test_a_model_neither_here_nor_fetchable_fails_at_once_without_asking_the_downloader(tmp_path, monkeypatch):
+    from exo_rknpu.errors import ModelUnavailableError
+    from exo_rknpu.exo.availability import Prober
+
+    class Offline(Prober):
+        def _probe(self, url):
+            return False
+
+    monkeypatch.setenv("EXO_HOME", str(tmp_path / "exo"))
+    downloader = fake_shard_downloader(lambda s: tmp_path)
+    e = make_engine(None, downloader=downloader, prober=Offline())
+    try:
+        with pytest.raises(ModelUnavailableError, match="--model-dir"):
+            await e.infer_tensor("J", shard(8, N - 1), np.zeros((1, 2, 64), np.float32))
+        assert downloader.calls == []  # no download was started, so none is retried after the client left
+    finally:
+        e.core.close()

@@ -135,7 +135,7 @@ def test_engine_is_not_swapped_for_tinygrad(patched):
 
 def test_capabilities_without_tinygrad(patched):
     assert patched["caps"]["memory"] == 1234
-    assert "exo-rknpu, numpy" in patched["caps"]["model"]
+    assert "(exo-rknpu, rknpu/numpy; serves " in patched["caps"]["model"] and "smollm2-135m" in patched["caps"]["model"]
     assert not patched["tinygrad_imported"]
 
 
@@ -203,7 +203,7 @@ SAMPLING_SCRIPT = textwrap.dedent(
         return types.SimpleNamespace(rknpu_ring=Ring(), buffered_token_output={}, outstanding_requests={},
                                      inference_engine=Engine(), trigger_on_token_callbacks=lambda *a: None,
                                      broadcast_result=broadcast_result, forward_tensor=forward_tensor,
-                                     get_partition_index=lambda offset=0: 0)
+                                     get_partition_index=lambda offset=0, model_id=None: 0)
 
     class Shard:
         model_id = "smollm2-135m"

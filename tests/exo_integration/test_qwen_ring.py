@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from exo_helpers import FP32, needs_exo
+from exo_helpers import FP32, QUESTION, Ring, chat, needs_exo
 from exo_rknpu.exo.api_tokenizer import encode_prompt
 from exo_rknpu.model.chat import render_chat
 from exo_rknpu.model.loader import load_tokenizer
 from exo_rknpu.model.zoo import resolve_model
 from helpers import greedy, ring as local_ring
-from test_e2e_ring import QUESTION, Ring, chat
 from tiny_models import make_tiny_hf
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]

@@ -20,8 +20,7 @@ import urllib.request
 
 import pytest
 
-from exo_helpers import FP32, needs_exo
-from test_e2e_ring import QUESTION, Ring, chat, get_json
+from exo_helpers import FP32, QUESTION, Ring, chat, get_json, needs_exo
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
 

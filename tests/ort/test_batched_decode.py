@@ -63,3 +63,26 @@ def test_a_batch_with_a_request_that_is_not_live_moves_no_request(tiny_llama):
     with pytest.raises(TensorContractError, match="exactly one token"):
         shard.forward_batch([("a", np.array([[3, 4]])), ("b", np.array([[4]]))])
     assert shard.requests.get("a").pos == 3
+
+
+def test_a_batch_that_fails_midway_moves_no_request_and_a_retry_gives_the_lone_answers(tiny_llama):
+    (lone,), (batch,) = _shards(tiny_llama, "onnx"), _shards(tiny_llama, "onnx")
+    for shard in (lone, batch):
+        for i, p in enumerate(PROMPTS):
+            shard.forward(f"r{i}", np.array([p]))
+
+    def fail(spec, inputs, outputs):
+        if spec.kind == "layers":  # after the first layer slice has written its caches' new rows
+            raise RuntimeError("device lost")
+
+    batch.on_slice = fail
+    calls = [(f"r{i}", np.array([[i + 3]])) for i in range(len(PROMPTS))]
+    with pytest.raises(RuntimeError, match="device lost"):
+        batch.forward_batch(calls)
+    assert [batch.requests.get(f"r{i}").pos for i in range(3)] == [len(p) for p in PROMPTS]
+    batch.on_slice = None
+    got = batch.forward_batch(calls)
+    want = [lone.forward(rid, x, start=False) for rid, x in calls]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert [batch.requests.get(f"r{i}").pos for i in range(3)] == [len(p) + 1 for p in PROMPTS]

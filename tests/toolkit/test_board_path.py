@@ -40,6 +40,7 @@ class SimulatedRKNNLite:
 
     loads: list[str] = []
     core_masks: list[int] = []
+    handed: list[tuple[str, str]] = []  # (data_type, data_format) of every input handed over
     sim = None  # RknnSimBackend
     weights = None  # ShardWeights of the intact model (the simulator builds from them)
 
@@ -58,8 +59,12 @@ class SimulatedRKNNLite:
         type(self).core_masks.append(core_mask)
         return 0
 
-    def inference(self, inputs, data_format=None, reuse_outputs=False):
-        key = tuple(tuple(a.shape) for a in inputs)  # positional, as RKNNLite receives them
+    def inference(self, inputs, data_type=None, data_format=None, reuse_outputs=False):
+        assert data_type == [a.dtype.name for a in inputs]  # what RKNNLite is told is what it gets: nothing to convert
+        type(self).handed += list(zip(data_type, data_format))
+        # positional, as RKNNLite receives them; an 'nhwc' array is (N, H, W, C) of the compiled (N, C, H, W)
+        key = tuple((a.shape[0], a.shape[3], a.shape[1], a.shape[2]) if f == "nhwc" else tuple(a.shape)
+                    for a, f in zip(inputs, data_format))
         mid = self.runner.models[key]
         head, outs = type(self).sim.worker().request({"op": "run", "id": mid, "data_format": data_format}, inputs)
         assert head.get("ok"), head
@@ -103,7 +108,7 @@ def _install(monkeypatch, cls: type) -> None:
     pkg.api = api
     monkeypatch.setitem(sys.modules, "rknnlite", pkg)
     monkeypatch.setitem(sys.modules, "rknnlite.api", api)
-    cls.loads, cls.core_masks = [], []
+    cls.loads, cls.core_masks, cls.handed = [], [], []
 
 
 @pytest.fixture
@@ -157,6 +162,8 @@ def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite, monkeypatch
         assert got_toks == want_toks
         for g, w in zip(got_logits, want_logits):
             assert cosine(g, w) >= 0.9999  # fp16 on the simulator vs float32 onnxruntime
+        # every input went over as the compiled files record it: float16 (the fp16 build's dtype); 4-D ones as NHWC
+        assert {t for t, _ in rknnlite.handed} == {"float16"} and "nhwc" in {f for _, f in rknnlite.handed}
     finally:
         for s in shards:
             s.close()
@@ -272,7 +279,7 @@ def test_resident_bytes_come_from_the_compiled_sizes(board):
     files = {name: (_entry(cache, name) / f"{name}.rknn").stat().st_size for name in ("layers.1", "head")}
     assert mem.rknn_bytes == files  # the .rknn files on disk, as the manifests record them
     assert mem.embed_bytes == 0  # not the first shard
-    kv_one = 2 * a.num_key_value_heads * 64 * a.head_dim * 4  # K and V, float32, one layer at context 64
+    kv_one = 2 * a.num_key_value_heads * 64 * a.head_dim * 2  # K and V, float16 (the NPU form), one layer at ctx 64
     assert mem.kv_bytes == 3 * kv_one
     assert mem.total == sum(files.values()) + 2 * mem.internal_bytes + 3 * kv_one and mem.internal_bytes > 0
     first = be.resident_bytes(ws.fingerprint, a, LayerRange(0, 1, N_LAYERS), max_context=64, kv_cap_bytes=0)
@@ -328,3 +335,22 @@ def test_compile_with_verify_reads_the_prefix_once(board, reads, tmp_path):
     assert all(r.verify["cos_" + ("logits" if r.name == "head" else "hidden_out")] >= 0.9999 for r in res)
     assert "model.embed_tokens.weight" in log and "model.layers.0.mlp.down_proj.weight" in log
     assert set(log.values()) == {1}
+
+
+def test_a_librknnrt_older_than_the_compiling_toolkit_is_refused_before_loading(board, load_only, monkeypatch):
+    """On a board whose /usr/lib/librknnrt.so is 2.3.2, files built by rknn-toolkit2 2.5.0 (manifest librknnrt_min)
+    are refused in one line naming both versions, before RKNNLite reads them (rknn_init would fail with "Invalid
+    RKNN model version")."""
+    from exo_rknpu.backends import board as board_facts
+    from exo_rknpu.errors import BackendUnavailableError
+    from exo_rknpu.rknn import npu
+
+    cache, on_board, _ = board
+    monkeypatch.setattr(npu, "board_problems", lambda *a: [])  # the rest of the board is fine
+    monkeypatch.setattr(board_facts, "librknnrt_version", lambda *a: "2.3.2 (429f97ae6b@2025-04-09T09:09:27)")
+    with pytest.raises(BackendUnavailableError) as e:
+        open_shard(resolve_model(str(on_board)), LayerRange(1, 2, N_LAYERS), "npu", BUCKETS,
+                   backend_options={"cache_dir": cache})
+    msg = str(e.value)
+    assert "\n" not in msg and "is librknnrt 2.3.2" in msg and "need 2.5.0 or newer" in msg, msg
+    assert load_only.loads == []

@@ -39,6 +39,7 @@ def test_tiny_slices_compile_and_verify(first, cache_dir):
             assert r.verify[k] >= 0.9999, (r.name, k, r.verify[k])
         m = json.loads((Path(r.folder) / "manifest.json").read_text())
         assert m["dtype"] == "fp16" and m["platform"] == "rk3588" and m["toolkit_version"] == "2.5.0"
+        assert m["librknnrt_min"] == "2.5.0"  # the board's runtime must be at least the compiling toolkit's version
         assert m["layers"] == [int(r.name.split(".")[1])]
         shapes = m["files"][0]["shapes"]
         assert {(s["seq"], s["ctx"]) for s in shapes} == {(1, 64), (16, 64), (1, 128), (16, 128)}  # one file, dynamic_input
@@ -102,7 +103,7 @@ def test_tampered_rknn_and_manifest_are_refused(first, tiny, cache_dir):
     src = resolve_model(str(tiny))
     ws = load_shard(src, LayerRange(0, 2, 4), weights="fp32")
     be = NpuBackend(cache_dir=cache_dir, check_board=False)
-    spec = SliceSpec("layers", 0, 1)
+    spec = SliceSpec("layers", 0, 1, kv_layout=NpuBackend.kv_layout)  # as the runtime asks for it
     folder, _ = be.locate(spec, ws, BUCKETS)  # intact: accepted
     rknn = next(folder.glob("*.rknn"))
     data = bytearray(rknn.read_bytes())
@@ -132,13 +133,27 @@ def test_bad_dtype_is_a_clear_error(tiny, cache_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_two_layers_compile_and_verify(tmp_path):
-    res = compile_range("smollm2-135m", "4-5", buckets=Buckets(seq=(1, 16), context=(256,)), verify=True,
-                        cache_dir=tmp_path, progress=False)
-    assert [r.name for r in res] == ["layers.4", "layers.5"]
-    for r in res:
-        # Known compiler limit, reported by the placement check: with seq > 1 the K transpose of [heads, C+S, 64]
-        # exceeds H*W <= 8192 and falls back to the CPU (seq 1, decode, stays on the NPU). See docs/compiler.md.
-        assert not r.cpu_ops
-        assert r.fallbacks and all("Transpose will fallback to CPU" in f and "(272)" in f for f in r.fallbacks)
-        assert min(v for k, v in r.verify.items() if k.startswith("cos_") and k != "cos_delta") >= 0.9999
+def test_smollm2_layer_runs_wholly_on_the_npu_at_every_default_bucket(tmp_path):
+    """The NPU form (slices/npu_form.py): no CPU op, fallback or compiler error in any of the 12 default buckets
+    (seq 1/16/32 x ctx 256..2048), inputs recorded as the host keeps them, and fp16-exact in the simulator."""
+    res = compile_range("smollm2-135m", "4-4", verify=True, strict=True, cache_dir=tmp_path, progress=False)
+    (r,) = res
+    assert set(r.per_bucket) == {f"s{s}c{c}" for s in (1, 16, 32) for c in (256, 512, 1024, 2048)}
+    assert r.cpu_count == 0 and r.error_count == 0 and not r.cpu_ops and not r.fallbacks
+    assert min(v for k, v in r.verify.items() if k.startswith("cos_") and k != "cos_delta") >= 0.9999
+    io = json.loads((Path(r.folder) / "manifest.json").read_text())["files"][0]["io"]["inputs"]
+    assert {n: (a["dtype"], a["layout"]) for n, a in io.items() if n in ("hidden", "past_k", "past_v")} == {
+        "hidden": ("float16", "UNDEFINED"), "past_k": ("float16", "UNDEFINED"), "past_v": ("float16", "UNDEFINED")}
+
+
+def test_strict_refuses_a_slice_with_cpu_ops_and_compile_counts_them_per_bucket(tmp_path):
+    """A prefill bucket of 64 makes the folded queries [3*64, 64] too big for the NPU's Transpose: counted in that
+    bucket only, and --strict refuses the slice, built or cached."""
+    buckets = Buckets(seq=(1, 64), context=(256,))
+    (r,) = compile_range("smollm2-135m", "4-4", buckets=buckets, cache_dir=tmp_path / "a", progress=False)
+    assert r.per_bucket["s1c256"] == {"cpu": 0, "errors": 0} and r.per_bucket["s64c256"]["cpu"] > 0
+    with pytest.raises(CompileError, match=r"--strict: slice layers.4 has CPU ops .*cached"):
+        compile_range("smollm2-135m", "4-4", buckets=buckets, cache_dir=tmp_path / "a", progress=False, strict=True)
+    with pytest.raises(CompileError, match="--strict: slice layers.4 has CPU ops"):
+        compile_range("smollm2-135m", "4-4", buckets=buckets, cache_dir=tmp_path / "b", progress=False, strict=True)
+    assert not list((tmp_path / "b").glob("slices/*/*/manifest.json"))  # nothing was cached

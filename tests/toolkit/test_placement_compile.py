@@ -18,7 +18,7 @@ pytestmark = NEEDS_TOOLKIT
 
 def test_attention_on_cpu_compiles_only_npu_blocks_without_context_buckets_and_verifies(tiny, tmp_path):
     args = load_args(resolve_model(str(tiny)))
-    plan = resolve(PlacementPlan.parse("0-3=npu;attention=cpu"), args, LayerRange(1, 2, 4), "onnx", BUCKETS)
+    plan = resolve(PlacementPlan.parse("0-3=npu;attention=cpu"), args, LayerRange(1, 2, 4), "onnx", BUCKETS, emulate=True)
     npu = plan.on_npu()
     assert [s.name for s in npu] == ["layers.1.attn_norm+qkv", "layers.1.o_proj+mlp"]
     results = compile_range(str(tiny), "1-1", buckets=BUCKETS, verify=True, cache_dir=tmp_path, progress=False,

@@ -91,6 +91,52 @@ def test_build_log_reports_cpu_ops_and_fallbacks():
     assert clean.on_npu
 
 
+def _table(mask: str, cpu: bool) -> str:
+    target = "CPU" if cpu else "NPU"
+    return f"""D RKNN: [0] Network Layer Information Table
+D RKNN: [0] ID   OpType             DataType Target InputShape                               OutputShape            Cycles(DDR/NPU/Total)    RW(KB)       FullName
+D RKNN: [0] 3    InputOperator      FLOAT16  CPU    \\                                        ({mask})             0/0/0                    0            InputOperator:mask
+D RKNN: [0] 30   Transpose          FLOAT16  {target}    (1,3,64,64)                              (3,64,1,64)            0/0/10                   64           Transpose:t_1
+D RKNN: [0] -----------------------------------------------------------------------------------------------------------
+"""
+
+
+def test_cpu_ops_and_errors_are_counted_per_bucket():
+    """Warnings and errors are printed while a shape set compiles, before its table; tables are matched to buckets
+    by their input shapes (a dynamic_input build prints them in its own order)."""
+    from exo_rknpu.rknn.compile import placement_per_bucket
+
+    log = ("W RKNN: [0] Transpose will fallback to CPU, because input shape has exceeded the max limit\n"
+           + _table("1,1,272,48", cpu=False)
+           + "E RKNN: [0] REGTASK: The bit width of field value exceeds the limit\n" + _table("1,1,257,3", cpu=True))
+    r = parse_build_log(log)
+    assert [(t.inputs["mask"], t.cpu_count, len(t.errors)) for t in r.per_table] == [((1, 1, 272, 48), 1, 0), ((1, 1, 257, 3), 1, 1)]
+    group = [{"seq": s, "ctx": 256, "inputs": {"mask": [1, 1, 256 + s, 3 * s]}} for s in (1, 16)]
+    assert placement_per_bucket([r], [group]) == {"s16c256": {"cpu": 1, "errors": 0}, "s1c256": {"cpu": 1, "errors": 1}}
+
+
+def test_pack_hands_inputs_over_as_the_compiled_file_records_them():
+    io = {"hidden": {"dtype": "float16", "layout": "UNDEFINED"}, "mask": {"dtype": "float16", "layout": "NHWC"},
+          "past_k": {"dtype": "float16", "layout": "NHWC"}}
+    cache = np.arange(24, dtype=np.float16).reshape(1, 2, 3, 4)
+    inputs = {"hidden": np.ones((1, 2, 4), np.float32), "mask": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
+              "past_k": cache}
+    arrays, fmt = rknn_io.pack_inputs("layers", inputs, names=list(io), io=io)
+    assert fmt == ["nchw", "nhwc", "nhwc"] and rknn_io.data_types(arrays) == ["float16"] * 3
+    # one channel: NHWC is the same bytes as NCHW, only the shape changes
+    assert arrays[1].shape == (1, 2, 3, 1) and arrays[1].tobytes() == inputs["mask"].astype(np.float16).tobytes()
+    assert np.array_equal(arrays[2], cache.transpose(0, 2, 3, 1))  # several channels: NHWC
+
+
+def test_read_io_finds_what_a_compiled_file_records():
+    blob = (b"\x00junk{\"hidden_out\": {\"dtype\": \"float16\", \"layout\": \"NCHW\"}}\x01"
+            b"{\"hidden\": {\"dtype\": \"float16\", \"layout\": \"UNDEFINED\"}, \"past_k\": {\"dtype\": \"float16\", \"layout\": \"UNDEFINED\"}}")
+    io = rknn_io.read_io(blob, ["hidden", "past_k"], ["hidden_out"])
+    assert io["inputs"]["past_k"] == {"dtype": "float16", "layout": "UNDEFINED"} and io["outputs"]["hidden_out"]["layout"] == "NCHW"
+    with pytest.raises(rknn_io.MarshalError, match="records no input/output attributes"):
+        rknn_io.read_io(blob, ["hidden", "mask"], ["hidden_out"])
+
+
 @pytest.mark.skipif(platform.machine() == "aarch64", reason="checks the refusal on machines without an NPU")
 def test_npu_backend_says_what_is_missing():
     with pytest.raises(BackendUnavailableError, match="not aarch64") as e:
@@ -110,21 +156,19 @@ def test_rknn_sim_without_toolkit_names_the_install_command(tmp_path):
         get_backend("rknn-sim", dtype="w8a8", python="/bin/false")
 
 
-def test_fallback_placement_puts_unsupported_slices_on_the_fallback():
-    from exo_rknpu.runtime.placement import fallback_placement
-    from exo_rknpu.slices.spec import SliceSpec
+def test_fallback_placement_puts_unsupported_slices_on_the_fallback(tiny_llama):
+    # the one planner's default plan: what the backend cannot run (the embedding lookup) goes to the host CPU
+    from exo_rknpu.model.base import LayerRange
+    from exo_rknpu.model.loader import load_args, resolve_model
+    from exo_rknpu.runtime.placement import resolve
+    from exo_rknpu.slices.spec import Buckets
 
-    class OnlyLayers:
-        name = "only-layers"
-
-        def supports(self, spec):
-            return spec.kind == "layers"
-
-    primary, fallback = OnlyLayers(), get_backend("numpy")
-    place = fallback_placement(primary, fallback)
-    assert place(SliceSpec("embed")) is fallback
-    assert place(SliceSpec("layers", 0, 1)) is primary
-    assert place(SliceSpec("head")) is fallback
+    args = load_args(resolve_model(str(tiny_llama)))
+    plan = resolve(None, args, LayerRange.full(args.num_hidden_layers), "rknn-sim", Buckets.up_to(256))
+    place = {s.spec.kind: s.backend for s in plan.slices}
+    assert place["embed"] == "onnx"
+    assert place["layers"] == "rknn-sim"
+    assert place["head"] == "rknn-sim"
 
 
 def test_sim_worker_framing_round_trips_arrays():

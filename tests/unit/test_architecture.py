@@ -68,3 +68,21 @@ def test_peer_libraries_are_imported_only_by_the_bench_worker():
             if mod.split(".")[0] in peers:
                 bad.append(f"{rel} imports {mod}")
     assert not bad, "\n".join(bad)
+
+
+def test_rknn_toolkit_and_runtime_are_imported_only_in_the_rknn_room():
+    """All RKNN code lives in rknn/; backends/board.py's probe child (init_runtime on one file) is the exception."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).as_posix()
+        if rel.startswith("rknn/") or rel == "backends/board.py":
+            continue
+        bad += [f"{rel} imports {mod}" for mod in imports(path) if mod.split(".")[0] in ("rknn", "rknnlite")]
+    assert not bad, "\n".join(bad)
+
+
+def test_request_records_are_bounded_by_the_one_helper():
+    """Maps that forget their oldest entries are runtime/requests.py::BoundedMap, not hand-written trimming loops."""
+    bad = [path.relative_to(PKG).as_posix() for path in PKG.rglob("*.py")
+           if "popitem(last=False)" in path.read_text() and path.relative_to(PKG).as_posix() != "runtime/requests.py"]
+    assert not bad, bad

@@ -8,7 +8,7 @@ import typing
 import pytest
 
 from exo_rknpu.backends.base import BACKENDS, Backend
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, KVLayout
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
@@ -22,6 +22,6 @@ def test_backend_class_declares_every_protocol_attribute(name):
     assert set(attributes) >= {"name", "static_shapes", "kv_layout", "layers_per_slice", "blocks"}
     for attr in attributes:
         assert hasattr(cls, attr), f"{info.cls} lacks {attr!r}"
-    assert cls.name == name and cls.kv_layout in ("seq", "dim")
+    assert cls.name == name and cls.kv_layout in typing.get_args(KVLayout)
     assert cls.layers_per_slice is None or cls.layers_per_slice >= 1
     assert cls.blocks <= set(PLACEMENT_BLOCKS) and {"attention", "projections", "mlp", "norm"} <= cls.blocks

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from exo_rknpu.backends import board
+from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.loader import resolve_model
 from exo_rknpu.rknn.npu import NpuRunner, librknnrt_needed
 from exo_rknpu.slices.spec import SliceSpec
 
@@ -56,7 +58,10 @@ def test_reuse_outputs_is_passed_only_to_a_lite2_that_has_it(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "rknnlite.api", api)
     cls.calls = []
     shapes = {"seq": 1, "ctx": None, "inputs": {"hidden": [1, 1, 4]}, "outputs": {"logits": [1, 1, 8]}}
-    runner = NpuRunner(SliceSpec("head"), tmp_path, {"files": [{"file": "head.rknn", "shapes": [shapes]}]}, 0)
+    io = {"inputs": {"hidden": {"dtype": "float32", "layout": "UNDEFINED"}}}  # as compile records a head's input
+    args = ModelArgs("llama", 4, 8, 1, 1, 1, 8, 4)
+    runner = NpuRunner(SliceSpec("head"), tmp_path, {"files": [{"file": "head.rknn", "shapes": [shapes], "io": io}]}, 0,
+                       args)
     out = runner.run({"hidden": np.zeros((1, 1, 4), np.float32)})  # 2.3.2 would raise TypeError on reuse_outputs
     runner.close()
     assert board.inference_options(cls) == options
@@ -126,3 +131,50 @@ def test_version_numbers_compare_as_numbers():
     assert board.version_tuple("2.10.0") > board.version_tuple("2.9.9")
     assert board.version_tuple("v0.9.8") == (0, 9, 8) and board.version_tuple("2.3.2 (429f97ae6b@...)") == (2, 3, 2)
     assert board.version_tuple("") == () and board.version_tuple("unknown") == ()
+
+
+# RKNNLite 2.5.0's output when init_runtime fails, as captured: in the arm64 emulation (no device tree), and on a
+# board with an old librknnrt (github.com/airockchip/rknn-toolkit2 issue 254, lite2 2.3.0, librknnrt 1.3.0)
+NO_DEVICE_TREE = """W rknn-toolkit-lite2 version: 2.5.0
+E Catch exception when init runtime!
+E Traceback (most recent call last):
+  File "/root/venv/lib/python3.11/site-packages/rknnlite/api/rknn_lite.py", line 168, in init_runtime
+    self.rknn_runtime = RKNNRuntime(root_dir=self.root_dir, target=target, device_id=device_id,
+  File "rknnlite/api/rknn_runtime.py", line 490, in rknnlite.api.rknn_runtime.RKNNRuntime._get_target_soc
+Exception: Please specify the target in init_runtime!"""
+OLD_RUNTIME = """W rknn-toolkit-lite2 version: 2.3.0
+I RKNN: [21:32:53.643] RKNN Runtime Information: librknnrt version: 1.3.0 (c193be371@2022-05-04T20:16:33)
+I RKNN: [21:32:53.643] RKNN Driver Information: version: 0.7.2
+E RKNN: [21:32:53.643] 6, 1
+E RKNN: [21:32:53.643] Invalid RKNN model version 6
+E RKNN: [21:32:53.643] rknn_init, load model failed!
+E Catch exception when init runtime!
+E Traceback (most recent call last):
+  File "/usr/local/lib/python3.8/dist-packages/rknnlite/api/rknn_lite.py", line 157, in init_runtime
+    self.rknn_runtime.build_graph(self.rknn_data, self.load_model_in_npu)
+  File "rknnlite/api/rknn_runtime.py", line 921, in rknnlite.api.rknn_runtime.RKNNRuntime.build_graph
+Exception: RKNN init failed. error code: RKNN_ERR_FAIL"""
+
+
+def test_the_probe_reports_rknnlites_cause_in_one_line():
+    assert board.rknnlite_reason(NO_DEVICE_TREE.splitlines()) == "Exception: Please specify the target in init_runtime!"
+    got = board.rknnlite_reason(OLD_RUNTIME.splitlines())
+    assert got == ("6, 1; Invalid RKNN model version 6; rknn_init, load model failed!; "
+                   "Exception: RKNN init failed. error code: RKNN_ERR_FAIL")
+    assert got.endswith("Exception: RKNN init failed. error code: RKNN_ERR_FAIL") and "\n" not in got
+
+
+@pytest.mark.parametrize("lr, layers", [((0, 3, 5), "0-2"), ((3, 5, 5), "3-4")])
+def test_missing_slices_name_the_one_compile_command_for_the_whole_shard(tiny_llama, tmp_path, lr, layers):
+    """Not `--layers 0-0` for the first slice found missing: every layer of the shard (and the head on the last)."""
+    from exo_rknpu.errors import ArtifactError
+    from exo_rknpu.model.base import LayerRange
+    from exo_rknpu.runtime.placement import open_shard
+    from exo_rknpu.slices.spec import Buckets
+
+    with pytest.raises(ArtifactError) as e:
+        open_shard(resolve_model(str(tiny_llama)), LayerRange(*lr), "npu", Buckets(seq=(1,), context=(64,)),
+                   backend_options={"cache_dir": tmp_path, "check_board": False})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(
+        f"run: exo-rknpu compile --model MODEL --layers {layers} --dtype fp16 --platform rk3588 --seq 1 --context 64"), msg

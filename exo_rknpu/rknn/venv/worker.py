@@ -162,9 +162,11 @@ def build_one(b: dict) -> dict:
         if b.get("verify"):
             _check(rk.init_runtime(), "init_runtime (simulator)")
             t1 = time.monotonic()
+            with open(b["out"], "rb") as f:  # inputs go in as the exported file records them, as on the board
+                io = rknn_io.read_io(f.read(), b["inputs"], list(b["out_shapes"][0]))["inputs"]
             for (inp, outp), shapes in zip(b["verify"], b["out_shapes"]):
                 with np.load(inp) as z:
-                    arrays, fmt = rknn_io.pack_inputs(b["kind"], {k: z[k] for k in z.files}, names=b.get("inputs"))
+                    arrays, fmt = rknn_io.pack_inputs(b["kind"], {k: z[k] for k in z.files}, names=b.get("inputs"), io=io)
                 outs = rk.inference(inputs=arrays, data_format=fmt)
                 if outs is None:
                     raise RuntimeError("simulator inference returned None (see the log)")
@@ -221,6 +223,13 @@ def build_for_simulator(b: dict) -> tuple:
         rk = build_rknn(b, res)
         t = time.monotonic()
         try:
+            out = os.path.join(b["workdir"], "model.rknn")  # exported only to read what it records for each input
+            _check(rk.export_rknn(out), "export_rknn")
+            from exo_rknpu.rknn import io as rknn_io
+
+            with open(out, "rb") as f:
+                res["io"] = rknn_io.read_io(f.read(), b["inputs"], b["outputs"])
+            os.unlink(out)
             _check(rk.init_runtime(), "init_runtime (simulator)")
         except BaseException:
             rk.release()
