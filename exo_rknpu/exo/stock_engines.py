@@ -216,10 +216,19 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
 
     original_init = Engine.__init__
     original_infer_prompt = Engine.infer_prompt
+    original_ensure_shard = Engine.ensure_shard
 
     def __init__(self: Any, shard_downloader: Any) -> None:
         original_init(self, shard_downloader)
         self.requests = TinygradRequests(max_requests)
+        self.shard_lock = asyncio.Lock()
+
+    async def ensure_shard(self: Any, shard: Any) -> None:
+        """exo's ensure_shard, one at a time: two overlapping calls for the same shard each built the model, and the
+        second model replaced the first under a request whose state was made against it (its next step then found
+        no state)."""
+        async with self.shard_lock:
+            await original_ensure_shard(self, shard)
 
     async def infer_prompt(self: Any, request_id: str, shard: Any, prompt: str,
                            inference_state: dict | None = None) -> tuple[np.ndarray, dict | None]:
@@ -268,6 +277,7 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
         return None  # no context bound is known here: exo's own token cap applies
 
     Engine.__init__ = __init__
+    Engine.ensure_shard = ensure_shard
     Engine.infer_prompt = infer_prompt
     Engine.infer_tensor = infer_tensor
     Engine.announce = announce
