@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from exo_rknpu.exo import exo_importable
+from exo_rknpu.exo.availability import Prober
 
 EXO_OK, EXO_WHY = exo_importable()
 needs_exo = pytest.mark.skipif(not EXO_OK, reason=EXO_WHY or "legacy exo is not importable")
@@ -176,3 +177,15 @@ def chat(url: str, stream: bool, model: str = "smollm2-135m", question: str = QU
     assert events and events[-1] == "[DONE]", raw[-500:]  # OpenAI's end-of-stream marker
     chunks = [json.loads(e) for e in events[:-1]]
     return status, chunks
+
+
+class FixedProber(Prober):
+    """A source prober with a fixed answer (a test's stand-in hub is "reachable"; an offline node's is not)."""
+
+    def __init__(self, online: bool) -> None:
+        super().__init__()
+        self.online, self.asked = online, []
+
+    def _probe(self, url: str) -> bool:
+        self.asked.append(url)
+        return self.online

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from exo_helpers import needs_exo
+from exo_helpers import FixedProber, needs_exo
 from exo_rknpu.exo.availability import Availability, Prober, complete_hf_folder, model_availability
 from exo_rknpu.exo.cards import CARDS
 from exo_rknpu.exo.http_guard import CorsShim, guard_middleware, turned_off
@@ -86,16 +86,6 @@ def test_a_template_that_rewrites_content_is_refused_not_guessed():
 
 
 # ---------------------------------------------------------------------- which models this node can serve
-
-
-class FixedProber(Prober):
-    def __init__(self, online: bool) -> None:
-        super().__init__()
-        self.online, self.asked = online, []
-
-    def _probe(self, url: str) -> bool:
-        self.asked.append(url)
-        return self.online
 
 
 def test_model_availability(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from exo_helpers import fake_shard_downloader, needs_exo
+from exo_helpers import FixedProber, fake_shard_downloader, needs_exo
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import resolve_model
 from exo_rknpu.runtime.placement import open_shard
@@ -60,7 +60,7 @@ async def run_last_shard(repo, target, start):
     from exo_rknpu.exo.options import NodeOptions
 
     downloader = fake_hub(repo, target)
-    engine = RKNPUInferenceEngine(downloader, NodeOptions(engine=EngineConfig(backend="numpy")))
+    engine = RKNPUInferenceEngine(downloader, NodeOptions(engine=EngineConfig(backend="numpy")), FixedProber(True))
     hidden = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
     try:
         out, state = await engine.infer_tensor("r", Shard(MODEL, start, N - 1, N), hidden)
@@ -95,7 +95,7 @@ async def test_whole_model_shard_also_fetches_the_final_norm_file(repo, tmp_path
 
     target = tmp_path / "downloads"
     downloader = fake_hub(repo, target)
-    engine = RKNPUInferenceEngine(downloader, NodeOptions(engine=EngineConfig(backend="numpy")))
+    engine = RKNPUInferenceEngine(downloader, NodeOptions(engine=EngineConfig(backend="numpy")), FixedProber(True))
     try:
         out, _ = await engine.infer_tensor("r", Shard(MODEL, 0, N - 1, N), np.array([[5, 6, 7]], np.int64))
     finally:
