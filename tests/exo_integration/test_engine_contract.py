@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pytest
 
-from exo_helpers import fake_shard_downloader, needs_exo
+from exo_helpers import FixedProber, fake_shard_downloader, needs_exo
 from tiny_models import make_tiny_hf
 
 pytestmark = [needs_exo, pytest.mark.exo]
@@ -178,14 +178,8 @@ async def test_downloads_through_exos_shard_downloader(model_dir, tmp_path):
     and exo's allow-patterns for that shard select only the files of its layers."""
     from exo.download.hf.hf_helpers import get_allow_patterns
 
-    from exo_rknpu.exo.availability import Prober
-
-    class Online(Prober):  # the fake downloader stands in for the hub: it answers
-        def _probe(self, url):
-            return True
-
     downloader = fake_shard_downloader(lambda s: model_dir / MODEL)
-    e = make_engine(None, downloader=downloader, prober=Online())
+    e = make_engine(None, downloader=downloader, prober=FixedProber(True))  # the fake downloader stands in for the hub
     try:
         out, _ = await e.infer_tensor("I", shard(8, N - 1), np.zeros((1, 2, 64), np.float32))
         assert out.shape == (1, 2, 320)
