@@ -31,10 +31,10 @@ from exo_rknpu.errors import CompileError
 from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.slices.npu_form import npu_kv_layout
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.slices.spec import Buckets, SliceSpec, bucket_shapes, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
-from exo_rknpu.rknn.npu import NpuBackend
 
 DTYPES = ("fp16", "w8a8")
 PLATFORMS = ("rk3588",)
@@ -483,7 +483,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     src = resolve_model(model, paths)
     args = load_args(src)
     lr = LayerRange.parse(layers, args.num_hidden_layers)
-    specs = _npu_specs(lr, specs, dtype)
+    specs = _npu_specs(lr, specs, dtype, npu_kv_layout(args))
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
     rc = _RangeCompiler(paths, cache, buckets or npu_buckets(Buckets(), args), dtype, platform, recipe, verify, min_cos, strict)
@@ -516,7 +516,7 @@ def _check_request(dtype: str, platform: str, recipe: QuantRecipe) -> None:
                            f"rotated embedding yet, so rotated slices are only measured (compile --agreement), not compiled")
 
 
-def _npu_specs(lr: LayerRange, specs: list[SliceSpec] | None, dtype: str) -> list[SliceSpec]:
+def _npu_specs(lr: LayerRange, specs: list[SliceSpec] | None, dtype: str, kv_layout: str) -> list[SliceSpec]:
     """The slices to compile (default: one per layer and the head; the embedding stays on the host), in the npu
     backend's cache layout."""
     if specs is None:
@@ -524,7 +524,7 @@ def _npu_specs(lr: LayerRange, specs: list[SliceSpec] | None, dtype: str) -> lis
     if dtype == "w8a8" and any(s.kind == "layers" and not s.whole for s in specs):
         raise CompileError("w8a8 compiles whole decoder layers (the recipe calibrates and smooths per layer); compile a "
                            "block-split placement with --dtype fp16")
-    return [replace(s, kv_layout=NpuBackend.kv_layout) if s.kind == "layers" else s for s in specs]
+    return [replace(s, kv_layout=kv_layout) if s.kind == "layers" else s for s in specs]
 
 
 @dataclass

@@ -27,6 +27,7 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
+from exo_rknpu.slices.npu_form import npu_kv_layout
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, to_npu_inputs
 
 def librknnrt_needed(m: dict[str, Any]) -> str:
@@ -160,7 +161,8 @@ class NpuBackend:
         `max_requests` live requests; `kv_cap_bytes` (RequestLimits.max_bytes) bounds the other requests, the current
         one may exceed it. ArtifactError (with the compile command) if a slice is not compiled.
         """
-        specs = [SliceSpec("layers", i, i + 1, kv_layout=self.kv_layout) for i in layer_range.layers]
+        layout = npu_kv_layout(args)
+        specs = [SliceSpec("layers", i, i + 1, kv_layout=layout) for i in layer_range.layers]
         if layer_range.is_last:
             specs.append(SliceSpec("head"))
         rknn: dict[str, int] = {}
@@ -172,7 +174,7 @@ class NpuBackend:
             internal = max(internal, int(float(m.get("build", {}).get("internal_kb") or 0.0) * 1024))
         if embed_bytes is None:
             embed_bytes = args.vocab_size * args.hidden_size * 4 if layer_range.is_first else 0
-        itemsize = 2 if self.kv_layout == "npu" else 4  # the NPU form keeps the cache in float16
+        itemsize = 2 if layout == "npu" else 4  # the NPU form keeps the cache in float16
         per_request = 2 * len(layer_range.layers) * args.num_key_value_heads * max_context * args.head_dim * itemsize
         kv = max_requests * per_request
         if kv_cap_bytes is not None:

@@ -20,6 +20,7 @@ from exo_rknpu.runtime.cache import BatchState, KVCache, RequestCache
 from exo_rknpu.runtime.inputs import RotaryTable
 from exo_rknpu.runtime.requests import RequestLimits, RequestStore
 from exo_rknpu.slices.graph import slice_weights
+from exo_rknpu.slices.npu_form import npu_kv_layout
 from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, plan_slices, state_name
 
 if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this module, not the other way
@@ -172,7 +173,8 @@ class ShardRunner:
         for s, b, device in placed:
             self.backends[s.name], self.devices[s.name] = b, device
             # the backend chooses how its layer slices lay out the KV cache (the NPU wants it transposed)
-            self.specs.append(replace(s, kv_layout=b.kv_layout) if s.kind == "layers" else s)
+            layout = npu_kv_layout(weights.args) if b.kv_layout == "npu" else b.kv_layout
+            self.specs.append(replace(s, kv_layout=layout) if s.kind == "layers" else s)
         check_covers(self.specs, lr)
         # attention slice name -> its cache's index in RequestCache.caches
         self.cache_index = {s.name: i for i, s in enumerate(s for s in self.layer_specs if s.has_attention)}
