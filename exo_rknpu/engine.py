@@ -31,6 +31,7 @@ from exo_rknpu.errors import (
     BackendUnavailableError,
     ExoRknpuError,
     RequestStateError,
+    ShardTooLargeError,
     TensorContractError,
     ToolkitMissingError,
     name_model,
@@ -73,6 +74,9 @@ class EngineConfig:
     weights: str = "auto"  # form of linear weights: auto | int4 | int8 | fp32 (model/quant.py)
     placement: str | None = None  # a placement plan (runtime/placement.py); each shard applies its own part
     emulate: bool = False  # the plan's NPU devices may run on the CPU backend where the NPU cannot run (else refused)
+    # bytes a shard may keep on this node (weights + KV budget, `Holding.total`); a shard that needs more is refused
+    # before its weights load (None: no check)
+    memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -131,6 +135,72 @@ def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig)
                      progress=lambda msg: log.info("%s", msg), args=args)
 
 
+@dataclass(frozen=True)
+class Holding:
+    """The bytes a shard keeps on this node: by the placement plan's estimates (runtime/placement.py spec_bytes at
+    bytes_per_weight, what `explain` prints), or on the npu backend from the compiled slices' manifests
+    (NpuBackend.resident_bytes: .rknn bytes and internal memory per slice, the host embedding, the KV cache)."""
+
+    layers: tuple[int, ...]  # each decoder layer of the range, in order
+    embed: int  # the embedding (first shard)
+    head: int  # the final norm and head (last shard)
+    kv: int  # the KV-cache budget
+    source: str  # "manifests" | "plan"
+
+    @property
+    def total(self) -> int:
+        return sum(self.layers) + self.embed + self.head + self.kv
+
+
+def holding(args: ModelArgs, layer_range: LayerRange, config: EngineConfig, fingerprint: str | None = None) -> Holding:
+    """What a shard of `layer_range` keeps on this node under `config`, known before anything loads. The npu
+    backend's figure comes from the manifests when `fingerprint` is given and the range is compiled; otherwise
+    (or on any other backend) from the plan the shard would open with."""
+    from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, plan_shards
+
+    buckets = default_buckets(args, config.max_context)
+    if config.backend == "npu" and fingerprint is not None and config.placement is None:
+        from exo_rknpu.rknn.npu import NpuBackend
+        from exo_rknpu.slices.spec import SliceSpec
+
+        opts = {k: v for k, v in config.backend_options.items() if k in ("dtype", "platform", "cache_dir")}
+        try:
+            m = NpuBackend(check_board=False, **opts).resident_bytes(
+                fingerprint, args, layer_range, buckets.max_context, config.limits.max_requests, config.limits.max_bytes)
+        except ArtifactError:
+            pass  # not compiled: the plan's estimate (opening the shard will name the compile command)
+        else:
+            layer = [m.rknn_bytes[SliceSpec("layers", i, i + 1).name] + m.internal_bytes for i in layer_range.layers]
+            head = m.rknn_bytes["head"] + m.internal_bytes if "head" in m.rknn_bytes else 0
+            return Holding(tuple(layer), m.embed_bytes, head, m.kv_bytes, "manifests")
+    plan, = plan_shards(PlacementPlan.load(config.placement) if config.placement else None, args, [layer_range],
+                        config.backend, buckets, layers_per_slice=config.layers_per_slice, weights=config.weights,
+                        npu_dtype=config.backend_options.get("dtype", "fp16"), emulate=config.emulate)
+    per_layer = dict.fromkeys(layer_range.layers, 0)
+    for s in plan.slices:
+        for i in range(s.spec.start, s.spec.stop):
+            per_layer[i] += s.weight_bytes // s.spec.n_layers
+    ends = {k: sum(s.weight_bytes for s in plan.slices if s.spec.kind == k) for k in ("embed", "head")}
+    return Holding(tuple(per_layer.values()), ends["embed"], ends["head"], config.limits.max_bytes, "plan")
+
+
+def check_fits(args: ModelArgs, src: ModelSource, key: ShardKey, config: EngineConfig) -> None:
+    """Refuse (one line, before any weight loads) a shard that would keep more than `config.memory_bytes`."""
+    if config.memory_bytes is None:
+        return
+    from exo_rknpu.model.loader import source_fingerprint
+
+    fingerprint = source_fingerprint(src, args) if config.backend == "npu" else None
+    need = holding(args, key.layer_range, config, fingerprint)
+    if need.total > config.memory_bytes:
+        mb = 1 << 20
+        raise ShardTooLargeError(
+            f"this shard needs {need.total // mb} MB here ({(need.total - need.kv) // mb} MB of weights "
+            f"by the {need.source}, {need.kv // mb} MB KV budget), more than the {config.memory_bytes // mb} MB this "
+            f"node has: the ring's reported memory is too small for this model; add memory or nodes to the ring, use "
+            f"compact weights (--weights int4) or a smaller --max-kv-mb")
+
+
 def check_npu(config: EngineConfig) -> None:
     """Refuse at start (one line, with the reason) what would fail at the first shard: the npu backend, or a plan
     naming NPU devices without --emulate, on a machine where the NPU cannot run."""
@@ -155,6 +225,7 @@ def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,
             f"{key.model_id}: the ring believes the model has {key.layer_range.n_layers} layers, but {src.path} "
             f"has {args.num_hidden_layers}; the model card is wrong"
         )
+    check_fits(args, src, key, config)
     tok = tokenizers.get(key.model_id) or load_tokenizer(src)
     runner = runner_factory(src, key.layer_range, config)
     return LoadedShard(key=key, source=src, args=args, runner=runner, tokenizer=tok)

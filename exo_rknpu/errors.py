@@ -65,6 +65,10 @@ class CapacityError(ExoRknpuError, RuntimeError):
     """A new request does not fit (live-request count or KV-memory budget): refused, nothing live is evicted."""
 
 
+class ShardTooLargeError(ExoRknpuError, RuntimeError):
+    """A shard's weights and KV budget need more memory than this node has: refused before anything loads."""
+
+
 class RequestStateError(ExoRknpuError, RuntimeError):
     """A request cannot continue here: this node holds no cache for it (released, never started, node restarted)."""
 

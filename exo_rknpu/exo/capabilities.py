@@ -1,13 +1,26 @@
-"""What this node tells exo's partitioner: board, chip, memory usable for weights, and TOPS.
+"""What this node tells exo's partitioner: board, chip, memory, and TOPS.
 
 exo's RingMemoryWeightedPartitioningStrategy splits layers in proportion to `memory` (MB) alone; FLOPS are only
-displayed. So `memory` is the RAM this node can give to weights, by a fixed rule that gives the same number on
-every start of the same machine (MemAvailable would not: it changes with page cache and other processes, and a
-restarted ring got a different partition):
+displayed. A stock node reports its RAM (or VRAM) and keeps its weights as its checkpoint stores them: float16 or
+bfloat16 for the Hugging Face repos exo's tinygrad cards name (tinygrad keeps them in 2 bytes on a GPU). So exo's
+`memory` is, in effect, "MB of float16 weights this node holds" (STOCK_BYTES_PER_WEIGHT). An exo-rknpu node keeps a
+different form (int4/int8/fp32 on a CPU, compiled fp16/int8 slices on the NPU), so it reports its memory in exo's
+unit: the float16 size of the layers it can really keep, for the models it serves (`MemoryRule`):
 
-    memory = MemTotal - the KV-cache budget (--max-kv-mb) - the backend's runtime reserve, capped by --memory-mb
+    budget   = MemTotal - 512 MB runtime reserve - the backend's reserve           (what a shard may use)
+    reported = min over served models of
+               (budget - KV budget - max(embedding, head) - one layer) x (float16 bytes of a layer / bytes it keeps of one)
+               capped by --memory-mb
 
-On the RK3588 the NPU works out of the same system RAM, so there is no separate NPU memory to add.
+What it keeps is engine.holding: the placement plan's estimates (runtime/placement.py spec_bytes at
+bytes_per_weight), or on the npu backend the compiled slices' manifests (NpuBackend.resident_bytes); the models are
+those it serves whose files are here at start (without any: the weight form's bytes per weight). Holding back the
+larger end slice and one layer is what makes exo's share fit: a node reporting R in a ring whose reported total
+covers the model's float16 size gets at most R/(float16 bytes of a layer) + 1 layers (exo rounds the split to
+whole layers), and whichever end it takes. A shard that still needs more than the budget (a ring too small for the
+model) is refused before it loads (engine.check_fits). The rule uses only fixed quantities, so the same machine
+reports the same number on every start (MemAvailable would not). On the RK3588 the NPU works out of the same
+system RAM, so there is no separate NPU memory to add.
 
 Every node started by `exo-rknpu node` (an exo-rknpu node, or a stock exo engine it starts) ends its reported
 `model` with the launcher's mark, `(exo-rknpu, <engine>; serves <model id>,<model id>,...)`: exo's topology says
@@ -25,10 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exo_rknpu.engine import Holding
+from exo_rknpu.errors import ExoRknpuError
+from exo_rknpu.exo.availability import local_model
+from exo_rknpu.exo.cards import CARDS
+from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.model.base import LayerRange
+
 RUNTIME_RESERVE_MB = 512  # python, exo, gRPC buffers, numpy scratch: any backend
 # What a backend's runtime adds on top (estimates, not measured on a board): onnxruntime's arenas; librknnrt's
 # DMA buffers for inputs/outputs plus the onnx fallback for the embedding.
 BACKEND_RESERVE_MB = {"numpy": 0, "onnx": 256, "npu": 512}
+STOCK_BYTES_PER_WEIGHT = 2.0  # float16/bfloat16: what a stock node keeps per weight of the repos exo's cards name
 RK3588_NPU_INT8_TOPS = 6.0  # Rockchip's figure: 3 NPU cores x 2 TOPS int8
 RK3588_NPU_FP16_TFLOPS = 1.5  # int8/4, the RKNPU2 fp16 rate commonly quoted; not measured by us
 
@@ -68,7 +89,7 @@ def with_mark(reported_model: str, mark: LauncherMark) -> str:
 class NodeCapabilities:
     model: str  # board
     chip: str
-    memory: int  # MB usable for weights
+    memory: int  # MB reported to exo's partitioner (MemoryRule)
     fp32: float = 0.0  # TFLOPS (display only in exo)
     fp16: float = 0.0
     int8: float = 0.0
@@ -110,19 +131,88 @@ def mem_total_mb(proc_root: Path = Path("/")) -> int:
     return 0
 
 
-def usable_memory_mb(total_mb: int, kv_budget_bytes: int, backend: str, memory_mb: int | None = None) -> int:
-    """The memory reported to exo (see the module docstring); at least 1 MB (exo divides by the ring's total)."""
-    rule = total_mb - kv_budget_bytes // (1 << 20) - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB.get(backend, 0)
-    if memory_mb is not None:
-        rule = min(rule, memory_mb) if total_mb > 0 else memory_mb
-    return max(1, rule)
+def budget_bytes(total_mb: int, backend: str) -> int:
+    """What a shard may keep on this node (weights and KV cache): MemTotal less the runtime's reserves."""
+    return max(0, total_mb - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB.get(backend, 0)) << 20
 
 
-def detect(backend: str, kv_budget_bytes: int, memory_mb: int | None = None,
-           proc_root: Path = Path("/"), models: tuple[str, ...] = ()) -> NodeCapabilities:
+@dataclass(frozen=True)
+class ModelKeeps:
+    """What this node keeps of one model it serves (engine.holding over every layer), and what a stock node keeps
+    of one of its decoder layers (placement.spec_bytes at STOCK_BYTES_PER_WEIGHT)."""
+
+    model_id: str
+    whole: Holding
+    stock_layer_bytes: int
+
+    def reported_bytes(self, budget: int) -> int:
+        """The float16 bytes of the layers this node can keep beside the KV budget, its larger end slice and one
+        layer of slack for exo's rounding (module docstring)."""
+        layer = max(self.whole.layers)
+        room = budget - self.whole.kv - max(self.whole.embed, self.whole.head) - layer
+        return max(0, room) * self.stock_layer_bytes // max(layer, 1)
+
+
+@dataclass(frozen=True)
+class MemoryRule:
+    """How this node derives the memory it reports (module docstring)."""
+
+    backend: str
+    kv_bytes: int  # the KV budget (--max-kv-mb), for the fallback
+    per_weight: float  # bytes per weight of its form on the default device, for the fallback (no model known)
+    models: tuple[ModelKeeps, ...] = ()
+    memory_mb: int | None = None  # --memory-mb: a cap
+
+    def reported_mb(self, total_mb: int) -> int:
+        """The memory reported to exo; at least 1 MB (exo divides by the ring's total)."""
+        budget = budget_bytes(total_mb, self.backend)
+        if self.models:
+            rule = min(m.reported_bytes(budget) for m in self.models) >> 20
+        else:
+            rule = int(max(0, budget - self.kv_bytes) * STOCK_BYTES_PER_WEIGHT / self.per_weight) >> 20
+        if self.memory_mb is not None:
+            rule = min(rule, self.memory_mb) if total_mb > 0 else self.memory_mb
+        return max(1, rule)
+
+    def explain(self, total_mb: int) -> str:
+        """One line: what is reported and from what."""
+        how = (f"from what it keeps of {', '.join(f'{m.model_id} ({m.whole.source})' for m in self.models)}"
+               if self.models else f"at {self.per_weight:g} bytes per weight (no served model's files are here)")
+        cap = f", capped by --memory-mb {self.memory_mb}" if self.memory_mb is not None else ""
+        return (f"reports {self.reported_mb(total_mb)} MB to exo's partitioner: float16 MB of layers it can keep in "
+                f"{budget_bytes(total_mb, self.backend) >> 20} MB, {how}{cap}")
+
+
+def memory_rule(options: NodeOptions, served: tuple[str, ...]) -> MemoryRule:
+    """This node's MemoryRule: engine.holding for every served model whose files are here (config and tensor table
+    only; nothing is loaded or downloaded)."""
+    from exo_rknpu.engine import holding
+    from exo_rknpu.model.loader import load_args, resolve_model, source_fingerprint
+    from exo_rknpu.runtime.placement import default_bytes_per_weight, spec_bytes
+    from exo_rknpu.slices.spec import SliceSpec
+
+    config = options.engine
+    keeps = []
+    for model_id in served:
+        path = local_model(CARDS[model_id], options.model_dir) if model_id in CARDS else None
+        if path is None:
+            continue
+        try:
+            src = resolve_model(str(path))
+            args = load_args(src)
+            fingerprint = source_fingerprint(src, args) if config.backend == "npu" else None
+            whole = holding(args, LayerRange(0, args.num_hidden_layers, args.num_hidden_layers), config, fingerprint)
+        except ExoRknpuError:
+            continue  # a model this node cannot plan is refused when asked for; it says nothing about the others
+        keeps.append(ModelKeeps(model_id, whole, spec_bytes(args, SliceSpec("layers", 0, 1), STOCK_BYTES_PER_WEIGHT)))
+    per_weight = default_bytes_per_weight(config.backend, config.weights, config.backend_options.get("dtype", "fp16"))
+    return MemoryRule(config.backend, config.limits.max_bytes, per_weight, tuple(keeps), options.memory_mb)
+
+
+def detect(rule: MemoryRule, proc_root: Path = Path("/"), models: tuple[str, ...] = ()) -> NodeCapabilities:
     """This machine's capabilities as exo should see them; `models`: the model ids this node serves (its mark)."""
-    mark = LauncherMark(f"rknpu/{backend}", tuple(models)).text()
-    memory = usable_memory_mb(mem_total_mb(proc_root), kv_budget_bytes, backend, memory_mb)
+    mark = LauncherMark(f"rknpu/{rule.backend}", tuple(models)).text()
+    memory = rule.reported_mb(mem_total_mb(proc_root))
     soc = rockchip_soc(proc_root)
     board = _read_dt(proc_root, "model").split("\n")[0]
     if soc is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,6 +38,7 @@ from exo_rknpu.errors import (
 from exo_rknpu.exo import ENGINE_CLASS, options as node_options
 from exo_rknpu.exo.api_tokenizer import encode_prompt
 from exo_rknpu.exo.availability import Prober, model_availability
+from exo_rknpu.exo.capabilities import budget_bytes, mem_total_mb
 from exo_rknpu.exo.cards import get_card, local_override
 from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.exo.shards import extra_ranges_to_download, range_to_shard, shard_to_range
@@ -69,7 +71,10 @@ class RKNPUInferenceEngine(InferenceEngine):
         self.shard: Optional[Shard] = None
         self.tokenizer = None  # exo_rknpu Tokenizer: eos_token_id, decode (Node and exo's TUI use these)
         self.session = {}  # exo's ABC has a class-level dict shared by every engine; keep ours separate
-        self.core = ShardEngine(self.options.engine, self._source)
+        config = self.options.engine
+        if config.memory_bytes is None and mem_total_mb() > 0:  # a shard that needs more is refused before it loads
+            config = replace(config, memory_bytes=budget_bytes(mem_total_mb(), config.backend))
+        self.core = ShardEngine(config, self._source)
         self._rng = np.random.default_rng()
         self._prober = prober or Prober()
 

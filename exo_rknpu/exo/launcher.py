@@ -61,7 +61,7 @@ def install_patches(options: NodeOptions) -> None:
     import exo.orchestration.node as node_mod
     import exo.topology.device_capabilities as dc
 
-    from exo_rknpu.exo.capabilities import detect
+    from exo_rknpu.exo.capabilities import detect, mem_total_mb, memory_rule
 
     # 1. engine registration
     original_get = ie.get_inference_engine
@@ -104,8 +104,9 @@ def install_patches(options: NodeOptions) -> None:
     else:
         async def linux_device_capabilities():
             opts = node_options.current()
-            return detect(opts.engine.backend, opts.engine.limits.max_bytes, opts.memory_mb,
-                          models=served_models(opts)).to_exo()
+            rule = await asyncio.to_thread(memory_rule, opts, served_models(opts))
+            print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
+            return detect(rule, models=served_models(opts)).to_exo()
 
         dc.linux_device_capabilities = linux_device_capabilities
 

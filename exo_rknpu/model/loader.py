@@ -22,7 +22,8 @@ from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.model.zoo import ModelSource, resolve_model
 
-__all__ = ["ModelSource", "resolve_model", "load_args", "load_shard", "load_tokenizer", "model_fingerprint"]
+__all__ = ["ModelSource", "resolve_model", "load_args", "load_shard", "load_tokenizer", "model_fingerprint",
+           "source_fingerprint"]
 
 
 def load_args(src: ModelSource) -> ModelArgs:
@@ -44,6 +45,12 @@ def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> 
     h.update(f"|{src_format}|".encode())
     h.update(table_digest)
     return h.hexdigest()
+
+
+def source_fingerprint(src: ModelSource, args: ModelArgs) -> str:
+    """The model's fingerprint (what load_shard sets) from its config and tensor table alone: no weights are read."""
+    digest = hf.source_digest(src.path) if src.format == "hf" else gguf_reader.GGUFFile(src.path).digest()
+    return model_fingerprint(args, src.format, digest)
 
 
 def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto", layers: bool = True,
@@ -68,14 +75,13 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto",
         args = args or hf.load_hf_args(src.path)
         _check_range(args, layer_range)
         shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report)
-        digest = hf.source_digest(src.path)
-    else:
-        g = gguf_reader.GGUFFile(src.path)
-        args = gguf_reader.args_from_gguf(g)
-        _check_range(args, layer_range)
-        shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers=layers, embed=embed, progress=report)
-        digest = g.digest()
-    shard.fingerprint = model_fingerprint(args, src.format, digest)
+        shard.fingerprint = source_fingerprint(src, args)
+        return shard
+    g = gguf_reader.GGUFFile(src.path)
+    args = gguf_reader.args_from_gguf(g)
+    _check_range(args, layer_range)
+    shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers=layers, embed=embed, progress=report)
+    shard.fingerprint = model_fingerprint(args, src.format, g.digest())  # the file is open already
     return shard
 
 

@@ -339,11 +339,17 @@ def part_params(args: ModelArgs, part: str) -> int:
 
 def bytes_per_weight(device: Device, weights: str, npu_dtype: str) -> float:
     """Bytes per linear weight on a device: fp16 or int8 on an NPU (or its simulator); the --weights form on the CPU
-    (int8/int4 carry one float32 scale per block of 32; auto is counted as float32, what it gives for Hugging Face
-    and most GGUF types; only GGUF Q4_0 stays 4-bit under auto)."""
+    (int8/int4 carry one float32 scale and at most one uint8 zero point per block of 32, model/quant.py QTensor:
+    an upper bound, measured 1.143 and 0.641 on smollm2-135m; auto is counted as float32, what it gives for Hugging
+    Face and most GGUF types; only GGUF Q4_0 stays 4-bit under auto)."""
     if device.npu or backend_class(device.backend).processor == "npu":
         return 1.0 if npu_dtype == "w8a8" else 2.0
-    return {"fp32": 4.0, "int8": 1.125, "int4": 0.625}.get(weights, 4.0)
+    return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32}.get(weights, 4.0)
+
+
+def default_bytes_per_weight(backend: str, weights: str, npu_dtype: str) -> float:
+    """bytes_per_weight on the default device of `backend`, in the form weights_for gives it."""
+    return bytes_per_weight(devices_here(backend, False)[backend], weights_for(weights, {backend}), npu_dtype)
 
 
 def spec_bytes(args: ModelArgs, spec: SliceSpec, per_weight: float) -> int:

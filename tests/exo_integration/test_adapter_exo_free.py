@@ -11,9 +11,10 @@ from exo_rknpu.errors import LayerRangeError, UnknownModelError
 from exo_rknpu.exo.api_tokenizer import ExoApiTokenizer, encode_prompt
 from exo_rknpu.exo.capabilities import (
     RK3588_NPU_INT8_TOPS,
-    detect,
     BACKEND_RESERVE_MB,
     RUNTIME_RESERVE_MB,
+    MemoryRule,
+    detect,
     mem_total_mb,
     rockchip_soc,
 )
@@ -75,45 +76,52 @@ def fake_root(tmp_path: Path, compatible: bytes | None, model: bytes | None, ava
     return tmp_path
 
 
+def rule(backend: str, kv_bytes: int = 0, per_weight: float = 2.0, memory_mb: int | None = None) -> MemoryRule:
+    """A node with no served model's files at hand: its weight form's bytes per weight decide (float16: 2.0, the
+    unit exo's memory is in). test_reported_memory.py covers the rule with models."""
+    return MemoryRule(backend, kv_bytes, per_weight, memory_mb=memory_mb)
+
+
 def test_rk3588_board_report(tmp_path):
     root = fake_root(tmp_path, b"radxa,rock-5b\x00rockchip,rk3588\x00", b"Radxa ROCK 5B\x00")
-    caps = detect("npu", kv_budget_bytes=1 << 30, proc_root=root)
+    caps = detect(rule("npu", kv_bytes=1 << 30), proc_root=root)
     assert caps.chip == "Rockchip RK3588"
     assert caps.model.startswith("Radxa ROCK 5B") and "npu" in caps.model
     assert caps.int8 == RK3588_NPU_INT8_TOPS == 6.0
-    # MemTotal - KV budget - runtime reserve - the npu runtime's reserve
-    assert caps.memory == 16_000_000 // 1024 - 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["npu"]
+    # MemTotal - runtime reserve - the npu runtime's reserve - KV budget, in float16 MB (its form is float16)
+    assert caps.memory == 16_000_000 // 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["npu"] - 1024
 
 
 def test_rk3588s_and_other_rockchips(tmp_path):
     root = fake_root(tmp_path, b"orangepi,orangepi-5\x00rockchip,rk3588s\x00", b"Orange Pi 5\x00")
     assert rockchip_soc(root) == "RK3588S"
-    assert detect("onnx", 0, proc_root=root).int8 == 6.0
+    assert detect(rule("onnx"), proc_root=root).int8 == 6.0
 
 
 def test_non_rockchip_report_is_sane(tmp_path):
     root = fake_root(tmp_path, None, None, total_kb=4_000_000)
-    caps = detect("onnx", kv_budget_bytes=0, proc_root=root)
+    caps = detect(rule("onnx", per_weight=4.0), proc_root=root)
     assert caps.chip == "Test CPU 3000" and "(exo-rknpu, rknpu/onnx; serves " in caps.model
     assert caps.int8 == caps.fp16 == caps.fp32 == 0.0
-    assert caps.memory == 4_000_000 // 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["onnx"]
+    # float32 weights: half as many float16 MB as it has
+    assert caps.memory == (4_000_000 // 1024 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["onnx"]) // 2
     assert rockchip_soc(root) is None
 
 
 def test_reported_memory_does_not_follow_what_is_free_at_start(tmp_path):
     # The same machine, once idle and once with most memory in use: the same report, so the same partition.
-    idle = detect("onnx", 2 << 30, proc_root=fake_root(tmp_path / "idle", None, None, avail_kb=15_000_000))
-    busy = detect("onnx", 2 << 30, proc_root=fake_root(tmp_path / "busy", None, None, avail_kb=900_000))
+    idle = detect(rule("onnx", 2 << 30), proc_root=fake_root(tmp_path / "idle", None, None, avail_kb=15_000_000))
+    busy = detect(rule("onnx", 2 << 30), proc_root=fake_root(tmp_path / "busy", None, None, avail_kb=900_000))
     assert idle.memory == busy.memory == 16_000_000 // 1024 - 2048 - RUNTIME_RESERVE_MB - BACKEND_RESERVE_MB["onnx"]
 
 
 def test_memory_override_caps_and_floor(tmp_path):
     root = fake_root(tmp_path, None, None, total_kb=1000)
-    assert detect("numpy", 2 << 30, proc_root=root).memory == 1  # never 0: exo divides by the total
+    assert detect(rule("numpy", 2 << 30), proc_root=root).memory == 1  # never 0: exo divides by the total
     big = fake_root(tmp_path / "big", None, None)
-    assert detect("numpy", 0, memory_mb=3000, proc_root=big).memory == 3000  # --memory-mb caps the rule
-    assert detect("numpy", 0, memory_mb=10**6, proc_root=big).memory == 16_000_000 // 1024 - RUNTIME_RESERVE_MB
-    assert detect("numpy", 0, memory_mb=3000, proc_root=tmp_path / "nowhere").memory == 3000  # no meminfo
+    assert detect(rule("numpy", memory_mb=3000), proc_root=big).memory == 3000  # --memory-mb caps the rule
+    assert detect(rule("numpy", memory_mb=10**6), proc_root=big).memory == 16_000_000 // 1024 - RUNTIME_RESERVE_MB
+    assert detect(rule("numpy", memory_mb=3000), proc_root=tmp_path / "nowhere").memory == 3000  # no meminfo
     assert mem_total_mb(tmp_path / "nowhere") == 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from exo_helpers import needs_exo
-from exo_rknpu.exo.capabilities import LauncherMark, detect, read_mark, with_mark
+from exo_rknpu.exo.capabilities import LauncherMark, MemoryRule, detect, read_mark, with_mark
 from exo_rknpu.exo.ring_members import layer_ranges, ring_members
 
 RK = LauncherMark("rknpu/onnx", ("smollm2-135m", "llama-3.2-1b")).text()
@@ -30,13 +30,14 @@ class Caps:  # the fields of exo's DeviceCapabilities that ring_members reads
 
 @pytest.mark.parametrize("backend", ["numpy", "onnx", "npu"])
 def test_every_report_of_an_exo_rknpu_node_carries_the_mark_with_its_models(backend, tmp_path: Path):
-    mark = read_mark(detect(backend, 0, memory_mb=100, models=("smollm2-135m", "qwen-3-0.6b")).model)  # this machine
+    rule = MemoryRule(backend, 0, 2.0, memory_mb=100)
+    mark = read_mark(detect(rule, models=("smollm2-135m", "qwen-3-0.6b")).model)  # this machine
     assert mark == LauncherMark(f"rknpu/{backend}", ("smollm2-135m", "qwen-3-0.6b"))
     board = tmp_path / "proc/device-tree"
     board.mkdir(parents=True)
     (board / "compatible").write_bytes(b"radxa,rock-5b\x00rockchip,rk3588\x00")
     (board / "model").write_bytes(b"Radxa ROCK 5B\x00")
-    caps = detect(backend, 0, memory_mb=100, proc_root=tmp_path, models=("smollm2-135m",))
+    caps = detect(rule, proc_root=tmp_path, models=("smollm2-135m",))
     assert caps.model.startswith("Radxa ROCK 5B (exo-rknpu, ") and read_mark(caps.model).serves("smollm2-135m")
 
 
