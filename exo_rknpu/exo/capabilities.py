@@ -43,7 +43,9 @@ from exo_rknpu.errors import ExoRknpuError
 from exo_rknpu.exo.availability import local_model
 from exo_rknpu.exo.cards import CARDS
 from exo_rknpu.exo.options import NodeOptions
-from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.base import LayerRange, ModelArgs
+from exo_rknpu.runtime.placement import spec_bytes
+from exo_rknpu.slices.spec import SliceSpec
 
 RUNTIME_RESERVE_MB = 512  # python, exo, gRPC buffers, numpy scratch: any backend
 # What a backend's runtime adds on top (estimates, not measured on a board): onnxruntime's arenas; librknnrt's
@@ -138,19 +140,28 @@ def budget_bytes(total_mb: int, backend: str) -> int:
 
 @dataclass(frozen=True)
 class ModelKeeps:
-    """What this node keeps of one model it serves (engine.holding over every layer), and what a stock node keeps
-    of one of its decoder layers (placement.spec_bytes at STOCK_BYTES_PER_WEIGHT)."""
+    """What this node keeps of one model it serves (engine.holding over every layer), and what exo's memory
+    weighting charges per layer of it (stock_bytes_per_layer)."""
 
     model_id: str
     whole: Holding
-    stock_layer_bytes: int
+    stock_per_layer: int
 
     def reported_bytes(self, budget: int) -> int:
-        """The float16 bytes of the layers this node can keep beside the KV budget, its larger end slice and one
-        layer of slack for exo's rounding (module docstring)."""
+        """exo's charge for the layers this node can keep beside the KV budget, its larger end slice and one layer
+        of slack for exo's rounding (module docstring)."""
         layer = max(self.whole.layers)
         room = budget - self.whole.kv - max(self.whole.embed, self.whole.head) - layer
-        return max(0, room) * self.stock_layer_bytes // max(layer, 1)
+        return max(0, room) * self.stock_per_layer // max(layer, 1)
+
+
+def stock_bytes_per_layer(args: ModelArgs) -> int:
+    """What exo's memory weighting charges a node per layer of a model: its float16 size (embedding, layers and
+    head, placement.spec_bytes at STOCK_BYTES_PER_WEIGHT) over its layers. A stock node reporting the model's
+    float16 size is given every layer; one reporting k times this, k layers of it."""
+    L = args.num_hidden_layers
+    specs = (SliceSpec("embed"), SliceSpec("layers", 0, L), SliceSpec("head"))
+    return -(-sum(spec_bytes(args, s, STOCK_BYTES_PER_WEIGHT) for s in specs) // L)
 
 
 @dataclass(frozen=True)
@@ -188,8 +199,7 @@ def memory_rule(options: NodeOptions, served: tuple[str, ...]) -> MemoryRule:
     only; nothing is loaded or downloaded)."""
     from exo_rknpu.engine import holding
     from exo_rknpu.model.loader import load_args, resolve_model, source_fingerprint
-    from exo_rknpu.runtime.placement import default_bytes_per_weight, spec_bytes
-    from exo_rknpu.slices.spec import SliceSpec
+    from exo_rknpu.runtime.placement import default_bytes_per_weight
 
     config = options.engine
     keeps = []
@@ -204,7 +214,7 @@ def memory_rule(options: NodeOptions, served: tuple[str, ...]) -> MemoryRule:
             whole = holding(args, LayerRange(0, args.num_hidden_layers, args.num_hidden_layers), config, fingerprint)
         except ExoRknpuError:
             continue  # a model this node cannot plan is refused when asked for; it says nothing about the others
-        keeps.append(ModelKeeps(model_id, whole, spec_bytes(args, SliceSpec("layers", 0, 1), STOCK_BYTES_PER_WEIGHT)))
+        keeps.append(ModelKeeps(model_id, whole, stock_bytes_per_layer(args)))
     per_weight = default_bytes_per_weight(config.backend, config.weights, config.backend_options.get("dtype", "fp16"))
     return MemoryRule(config.backend, config.limits.max_bytes, per_weight, tuple(keeps), options.memory_mb)
 
