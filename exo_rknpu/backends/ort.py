@@ -119,8 +119,7 @@ class OrtBackend:
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
         if spec.kind == "embed":
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
-        # the split form avoids copying the cache; a transposed ("dim") cache is written in the NPU's sdpa form
-        form = "split" if spec.kv_layout == "seq" else "sdpa"
+        form = "split"  # attention without copying the cache (the sdpa form is the NPU compiler's pattern)
         opts = session_options(self.threads)
         model_file = None
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size

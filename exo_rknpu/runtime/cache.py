@@ -18,12 +18,12 @@ from exo_rknpu.runtime.inputs import attention_mask
 
 # positions axis of (keys, values) per layout; "npu" keeps float16 keys [n*kv, hd, C] and values [n*kv, C, hd] as
 # the compiled NPU slice takes them (slices/npu_form.py), so they are handed over without a conversion
-_AXES = {"seq": (2, 2), "dim": (3, 3), "npu": (2, 1)}
+_AXES = {"seq": (2, 2), "npu": (2, 1)}
 
 
 @dataclass
 class KVCache:
-    keys: np.ndarray  # [n_layers, kv_heads, capacity, head_dim] ("seq"), [n_layers, kv_heads, head_dim, capacity] ("dim"),
+    keys: np.ndarray  # [n_layers, kv_heads, capacity, head_dim] ("seq"),
     values: np.ndarray  # or the NPU form ("npu": float16 keys [n*kv, hd, capacity], values [n*kv, capacity, hd])
     layout: str = "seq"
 
@@ -32,7 +32,7 @@ class KVCache:
         if layout == "npu":
             rows = n_layers * kv_heads
             return cls(np.zeros((rows, head_dim, capacity), np.float16), np.zeros((rows, capacity, head_dim), np.float16), layout)
-        shape = (n_layers, kv_heads, capacity, head_dim) if layout == "seq" else (n_layers, kv_heads, head_dim, capacity)
+        shape = (n_layers, kv_heads, capacity, head_dim)
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), layout)
 
     @property
