@@ -66,9 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-idle-s", type=positive_float, metavar="S", default=DEFAULT_IDLE_S,
                    help=f"release a request's cache when it has not advanced for this long (abandoned; default {DEFAULT_IDLE_S:g})")
     p.add_argument("--memory-mb", type=positive_int, metavar="MB", default=None,
-                   help="cap on the memory reported to exo's partitioner (default: total RAM minus the KV budget and "
-                        "the backend's reserve; docs/exo.md §3); with --engine tinygrad|mlx: replaces exo's own report "
-                        "(total RAM or VRAM), to order a mixed ring")
+                   help="cap on the memory reported to exo's partitioner (default: what this node can hold, in "
+                        "float16 MB of layers, printed at start; docs/exo.md §3); with --engine tinygrad|mlx: replaces "
+                        "exo's own report (total RAM or VRAM), to order a mixed ring")
     p.add_argument("--layers-per-slice", type=positive_int, default=None, metavar="N",
                    help="layers per graph, >= 1 (default: the whole shard in one graph; npu/rknn-sim: 1)")
     p.add_argument("--logits", choices=["all", "last"], default="all",
