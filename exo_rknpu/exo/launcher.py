@@ -102,10 +102,15 @@ def install_patches(options: NodeOptions) -> None:
 
         install_stock_engine(options)
     else:
+        rules: list[tuple[NodeOptions, Any]] = []  # exo asks at start and again from UDP discovery: derived once
+
         async def linux_device_capabilities():
             opts = node_options.current()
-            rule = await asyncio.to_thread(memory_rule, opts, served_models(opts))
-            print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
+            rule = next((r for o, r in rules if o == opts), None)
+            if rule is None:
+                rule = await asyncio.to_thread(memory_rule, opts, served_models(opts))
+                rules.append((opts, rule))
+                print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
             return detect(rule, models=served_models(opts)).to_exo()
 
         dc.linux_device_capabilities = linux_device_capabilities
