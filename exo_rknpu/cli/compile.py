@@ -67,7 +67,7 @@ def add_parser(subparsers) -> None:
                    help="w8a8 recipe: rknn's activation range algorithm (default: the recipe's)")
     p.add_argument("--calibration-text", type=Path, default=None, help="w8a8 recipe: UTF-8 text file to calibrate on (default: the project's)")
     p.add_argument("--agreement-text", type=Path, default=None, help="with --agreement: UTF-8 text file to measure on (default: the held-out text)")
-    p.add_argument("--agreement-seq", type=positive_int, default=64, metavar="N", help="with --agreement: tokens per call (64 = prefill chunks, 1 = decode)")
+    p.add_argument("--agreement-seq", type=positive_int, default=64, metavar="N", help="with --agreement: tokens per call (64 = prefill chunks, bounded by the NPU form's largest seq bucket; 1 = decode)")
     p.add_argument("--agreement-tokens", type=positive_int, default=None, metavar="N", help="with --agreement: use only the first N tokens of the text")
     p.set_defaults(func=run)
 
