@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from exo_rknpu.slices.recipe import ALGORITHMS, DEFAULT_RECIPE, POLICIES, QuantRecipe
+from exo_rknpu.slices.recipe import ALGORITHMS, NAMED_RECIPES, POLICIES, QuantRecipe, named_recipe
 from exo_rknpu.cli.options import placement_plan, positive_int, probability, unit_interval
 from exo_rknpu.cli.report import format_cpu, slice_order, worst_cos
 from exo_rknpu.errors import UsageError
@@ -54,6 +54,9 @@ def add_parser(subparsers) -> None:
                    help="instead of compiling: greedy top-1 agreement of the whole model in the simulator (--dtype) vs "
                         "fp32 onnxruntime, teacher-forced over the held-out text, with per-layer figures")
     # the w8a8 recipe (slices/recipe.py::QuantRecipe): the same flags for compiling and for --agreement
+    p.add_argument("--recipe", default=None, choices=list(NAMED_RECIPES),
+                   help="w8a8 recipe by name (default: default; the flags below change single fields of it): "
+                        + "; ".join(f"{r.name}: {r.measured}" for r in NAMED_RECIPES.values()))
     p.add_argument("--fp16-layers", default=None, help="w8a8 recipe: slices kept in fp16, e.g. 0,29,head or 0-2 (default: the recipe's)")
     p.add_argument("--quant-policy", default=None, choices=list(POLICIES), help="w8a8 recipe: which linears are int8 (default: the recipe's)")
     p.add_argument("--smooth-alpha", type=unit_interval, default=None, metavar="ALPHA",
@@ -64,7 +67,7 @@ def add_parser(subparsers) -> None:
                    help="w8a8 recipe: rknn's activation range algorithm (default: the recipe's)")
     p.add_argument("--calibration-text", type=Path, default=None, help="w8a8 recipe: UTF-8 text file to calibrate on (default: the project's)")
     p.add_argument("--agreement-text", type=Path, default=None, help="with --agreement: UTF-8 text file to measure on (default: the held-out text)")
-    p.add_argument("--agreement-seq", type=positive_int, default=64, metavar="N", help="with --agreement: tokens per call (64 = prefill chunks, 1 = decode)")
+    p.add_argument("--agreement-seq", type=positive_int, default=64, metavar="N", help="with --agreement: tokens per call (64 = prefill chunks, bounded by the NPU form's largest seq bucket; 1 = decode)")
     p.add_argument("--agreement-tokens", type=positive_int, default=None, metavar="N", help="with --agreement: use only the first N tokens of the text")
     p.set_defaults(func=run)
 
@@ -81,10 +84,19 @@ def _read_text(path: Path | None, flag: str) -> str | None:
     return text
 
 
+# the recipe flags -> their argparse destinations (refused without --dtype w8a8: an fp16 build has no recipe)
+RECIPE_FLAGS = {"--recipe": "recipe", "--fp16-layers": "fp16_layers", "--quant-policy": "quant_policy",
+                "--smooth-alpha": "smooth_alpha", "--rotation": "rotation", "--quant-algorithm": "quant_algorithm",
+                "--calibration-text": "calibration_text"}
+
+
 def recipe_from_args(args: argparse.Namespace, n_layers: int) -> QuantRecipe:
-    """The default w8a8 recipe with the recipe flags applied (a bad value exits with a one-line error)."""
+    """The named w8a8 recipe (--recipe) with the recipe flags applied (a bad value exits with a one-line error)."""
     from exo_rknpu.rknn.agreement import parse_fp16_slices
 
+    given = [flag for flag, value in RECIPE_FLAGS.items() if getattr(args, value) is not None]
+    if given and args.dtype != "w8a8":
+        raise UsageError(f"{given[0]} is a w8a8 recipe setting; add --dtype w8a8 (--dtype {args.dtype} has no recipe)")
     changes: dict = {}
     if args.quant_policy:
         changes["policy"] = args.quant_policy
@@ -101,7 +113,7 @@ def recipe_from_args(args: argparse.Namespace, n_layers: int) -> QuantRecipe:
         if args.fp16_layers is not None:
             layers, head = parse_fp16_slices(args.fp16_layers, n_layers)
             changes.update(fp16_layers=layers, head="fp16" if head else "w8a8")
-        return DEFAULT_RECIPE.but(**changes)
+        return named_recipe(args.recipe or "default", n_layers).but(**changes)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

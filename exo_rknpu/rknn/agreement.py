@@ -4,7 +4,8 @@ Teacher-forced: a text (default: the held-out text, slices/calibration_text.py::
 calibration) is fed in `seq`-token chunks through the whole model twice, once with every decoder layer and the
 head in the simulator (rknn-sim backend: fp16, or w8a8 built by the w8a8 recipe through rknn/recipe.py,
 exactly as `compile --dtype w8a8` builds it) and once in float32 on onnxruntime (the original weights); the
-argmax of the logits is compared at every position. seq 64 = prefill chunks, seq 1 = decode (one token per call).
+argmax of the logits is compared at every position. seq 64 = prefill chunks (bounded by the NPU form's largest seq
+bucket, slices/spec.py::npu_buckets: 32 for smollm2), seq 1 = decode (one token per call).
 
 Per-layer figures come along: for every simulated layer call, the same slice runs on onnxruntime on the *same*
 inputs (the simulated trajectory), giving the layer's own error (cos of the residual update, "cos_delta", and
@@ -32,7 +33,8 @@ from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.spec import Buckets, SliceSpec, npu_outputs_to_seq
+from exo_rknpu.slices.npu_form import npu_kv_layout
+from exo_rknpu.slices.spec import Buckets, SliceSpec, npu_buckets, npu_outputs_to_seq
 
 
 def parse_fp16_slices(text: str | None, n_layers: int) -> tuple[tuple[int, ...], bool]:
@@ -91,6 +93,11 @@ def measure_agreement(model: str = "smollm2-135m", dtype: str = "w8a8", *, text:
     while ctx < len(ids):
         ctx *= 2
     buckets = Buckets(seq=(1, seq) if seq > 1 else (1,), context=(ctx,))
+    if npu_kv_layout(full.args) == "npu":  # prefill in the chunks the npu backend runs (npu_buckets), not larger
+        bounded = npu_buckets(buckets, full.args)
+        if max(bounded.seq) < seq:
+            log(f"--agreement-seq {seq}: the NPU form runs prefill in chunks of at most {max(bounded.seq)}; measuring with those")
+            buckets, seq = bounded, max(bounded.seq)
     x = np.asarray(ids, np.int64)[None]
     ref_logits, ref_hidden = _reference(full, buckets, x, seq)
     log(f"fp32 reference: {len(ids)} tokens in {time.monotonic() - t0:.0f} s")

@@ -268,11 +268,15 @@ class SliceReport:
     build_seconds: float = 0.0
     per_bucket: dict[str, dict[str, int]] = field(default_factory=dict)  # CPU ops and compiler errors per bucket
     verify_per_bucket: dict[str, dict[str, float]] | None = None
+    # w8a8: weight shapes [out, in] of the Convs built int8 (the recipe's policy as the compiler applied it; every
+    # file of a slice gets the same policy), None for an fp16 slice
+    int8_convs: list[list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if self.verify_per_bucket is None:
-            d.pop("verify_per_bucket")
+        for k in ("verify_per_bucket", "int8_convs"):
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -327,6 +331,7 @@ def read_logs(exported: list[tuple[BuildJob, list[dict[str, Any]]]], results: li
         report.errors += r.errors[:5]
     (stage / "build.log").write_text("\n".join(log_text))
     report.build_seconds = sum(r.get("build_s", 0.0) for r in results)
+    report.int8_convs = next((r["int8_convs"] for r in results if "int8_convs" in r), None)
     report.per_bucket = placement_per_bucket(parsed, [group for _, group in exported])
     return report
 

@@ -300,7 +300,7 @@ def npu_outputs_to_seq(tensors: dict, args: ModelArgs) -> dict:
     for name in ("k_new", "v_new", "past_k", "past_v"):
         if name in out:
             a = out[name].swapaxes(-1, -2) if name in ("k_new", "past_k") else out[name]
-            out[name] = a.reshape(-1, args.num_key_value_heads, *a.shape[1:])
+            out[name] = np.ascontiguousarray(a.reshape(-1, args.num_key_value_heads, *a.shape[1:]))  # ort binds it by address
     return out
 
 

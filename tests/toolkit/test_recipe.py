@@ -20,7 +20,7 @@ from exo_rknpu.rknn import rotation as rot
 from exo_rknpu.rknn import toolkit
 from exo_rknpu.rknn.recipe import RecipeBuild, cache_text
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
+from exo_rknpu.slices.recipe import DEFAULT_RECIPE, INT8_LINEARS, NAMED_RECIPES, QuantRecipe, named_recipe
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 from tiny_models import make_tiny_hf
@@ -127,6 +127,26 @@ def test_every_recipe_field_is_in_the_cache_key_but_other_slices_precision_is_no
         assert cache_text(DEFAULT_RECIPE.but(**{k: v}), "layers.3") != base, k
     assert cache_text(DEFAULT_RECIPE.but(fp16_layers=(4,), head="fp16"), "layers.3") == base  # another slice's precision
     assert cache_text(DEFAULT_RECIPE.but(head="w8a8"), "head") != cache_text(DEFAULT_RECIPE, "head")
+
+
+def test_named_recipes_resolve_to_the_layers_they_state():
+    """`compile --recipe NAME`: each name is the default recipe with the stated layers in w8a8, the rest fp16."""
+    n = 30  # smollm2-135m, the model the named recipes were measured on
+    assert named_recipe("default", n) == DEFAULT_RECIPE
+    every = named_recipe("int8-layers", n)
+    assert every.fp16_layers == () and every.head == "w8a8" and every.policy == DEFAULT_RECIPE.policy
+    for r in NAMED_RECIPES.values():
+        got = r.resolve(n)
+        w8a8 = [i for i in range(n) if got.slice_dtype(f"layers.{i}") == "w8a8"]
+        want = list(r.int8_layers) if isinstance(r.int8_layers, tuple) else (
+            list(range(n)) if r.int8_layers == "all" else [i for i in range(n) if i not in DEFAULT_RECIPE.fp16_layers])
+        assert w8a8 == sorted(want), r.name
+        assert got.slice_dtype("head") == r.head and got.policy == DEFAULT_RECIPE.policy, r.name
+    with pytest.raises(ValueError, match="choose one of"):
+        named_recipe("best", n)
+    tight = next(r for r in NAMED_RECIPES.values() if isinstance(r.int8_layers, tuple) and r.int8_layers)
+    with pytest.raises(ValueError, match="has 2 layers"):  # a model without the recipe's layers: refused, not ignored
+        tight.resolve(2)
 
 
 def test_recipe_build_refuses_another_model(tmp_path):
@@ -256,3 +276,31 @@ def test_decode_calibration_starts_at_the_first_token_and_prefill_samples_are_re
     assert np.allclose(decode[1]["cos"], cos_sin(args, np.arange(16, 17))[0])
     for i, s in enumerate(prefill):
         assert np.allclose(s["cos"], cos_sin(args, np.arange(16 * i, 16 * i + 16))[0]), i
+
+
+@pytest.mark.toolkit
+@pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")
+def test_a_named_mix_builds_its_int8_layers_with_the_policys_linears_and_the_others_in_fp16(tmp_path):
+    """The compiler's step-1 graph, not the recipe, says which Convs went int8: their weight shapes must be exactly
+    the policy's linears (q/k/v/o/up for the default policy; tiny shapes q,o 64x64, k,v 32x64, up 128x64, gate 128x64,
+    down 64x128 tell them apart) in the recipe's w8a8 layer, and none in its fp16 neighbour."""
+    from exo_rknpu.rknn.compile import compile_range
+
+    mix = next(r for r in NAMED_RECIPES.values() if isinstance(r.int8_layers, tuple) and r.int8_layers)
+    i = mix.int8_layers[0]
+    j = i + 1 if i + 1 not in mix.int8_layers else i - 1  # an fp16 neighbour
+    n = max(mix.int8_layers) + 2
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=n, seed=11)
+    recipe = mix.resolve(n).but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2,
+                                decode_samples=3)
+    lo, hi = min(i, j), max(i, j)
+    got = {r.name: r for r in compile_range(str(tiny), f"{lo}-{hi}", buckets=Buckets(seq=(1,), context=(64,)), dtype="w8a8",
+                                            recipe=recipe, cache_dir=tmp_path / "c", progress=False)}
+    ws = RecipeBuild(tiny, recipe).runtime_weights()
+    want = sorted(list(getattr(ws.layers[i], name).shape) for name in INT8_LINEARS[recipe.policy])
+    m_int8 = json.loads((Path(got[f"layers.{i}"].folder) / "manifest.json").read_text())
+    m_fp16 = json.loads((Path(got[f"layers.{j}"].folder) / "manifest.json").read_text())
+    assert m_int8["quantization"]["slice_dtype"] == "w8a8" and m_fp16["quantization"]["slice_dtype"] == "fp16"
+    assert sorted(m_int8["build"]["int8_convs"]) == want, (m_int8["build"]["int8_convs"], want)
+    assert "int8_convs" not in m_fp16["build"]
+    assert m_int8["files"][0]["bytes"] < m_fp16["files"][0]["bytes"]  # int8 weights: the smaller file

@@ -86,12 +86,16 @@ def _int8_convs(m, policy: str) -> set[str]:
     return out
 
 
-def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str, policy: str) -> list[str]:
-    """Write step 2's config: every op output float16 except the int8 linear layers that `policy` picks."""
+def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str, policy: str) -> tuple[list[str], list[list[int]]]:
+    """Write step 2's config: every op output float16 except the int8 linear layers that `policy` picks.
+    Returns the tensors kept float16 and the weight shapes of the int8 Convs ([out, in], sorted: what the
+    manifest records, so a test can check the policy picked the recipe's linears)."""
     import onnx  # the toolkit venv has onnx (a toolkit dependency); the .model file of step 1 is ONNX
 
     m = onnx.load(model_path)
     int8 = _int8_convs(m, policy)
+    dims = {t.name: list(t.dims[:2]) for t in m.graph.initializer}
+    shapes = sorted(dims.get(n.input[1], []) for n in m.graph.node if n.name in int8)
     keep = [n.output[0] for n in m.graph.node if n.op_type != "exDataConvert" and n.name not in int8]
     text = open(cfg_path).read()
     head = "custom_quantize_layers: {}\n"
@@ -100,7 +104,7 @@ def _hybrid_cfg(model_path: str, cfg_path: str, out_path: str, policy: str) -> l
     body = "custom_quantize_layers:\n" + "".join(f"    '{n}': float16\n" for n in keep) if keep else head
     with open(out_path, "w") as f:
         f.write(text.replace(head, body, 1))
-    return keep
+    return keep, shapes
 
 
 def build_rknn(b: dict, res: dict):
@@ -108,7 +112,7 @@ def build_rknn(b: dict, res: dict):
     the compiler (build_one below) and by the rknn-sim backend's worker (rknn/venv/sim_server.py).
 
     Changes the cwd to b["workdir"] (hybrid_quantization_step1 writes there). Returns the RKNN object, built and
-    ready for export_rknn / init_runtime; fills res["build_s"] (and res["fp16_tensors"] for w8a8).
+    ready for export_rknn / init_runtime; fills res["build_s"] (and res["fp16_tensors"], res["int8_convs"] for w8a8).
     """
     from rknn.api import RKNN
 
@@ -133,7 +137,7 @@ def build_rknn(b: dict, res: dict):
             _check(rk.hybrid_quantization_step1(dataset=ds), "hybrid_quantization_step1")
             stem = os.path.splitext(os.path.basename(b["onnx"]))[0]
             policy = b["quant_policy"]  # from the w8a8 recipe
-            keep = _hybrid_cfg(f"{stem}.model", f"{stem}.quantization.cfg", "hybrid.cfg", policy)
+            keep, res["int8_convs"] = _hybrid_cfg(f"{stem}.model", f"{stem}.quantization.cfg", "hybrid.cfg", policy)
             res["fp16_tensors"], res["quant_policy"] = len(keep), policy
             rk.release()
             rk = RKNN(verbose=True)
