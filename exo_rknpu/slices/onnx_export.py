@@ -45,6 +45,8 @@ class _Graph:
     weight_names: dict[int, str] = field(default_factory=dict)
     external: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> array kept out of the proto
     stacked: dict[tuple, QTensor] = field(default_factory=dict)  # fused linears (kept alive: ids are their keys)
+    split_of: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # Split output -> (input, outputs)
+    add_of: dict[str, int] = field(default_factory=dict)  # compact: output of an Add -> index of its node
     counter: int = 0
 
     def fresh(self, prefix: str) -> str:
@@ -139,6 +141,9 @@ class OnnxOps:
         When the runner binds present_k.i to past_k.i's memory, that write is the only cache traffic."""
         a = self.args
         present_k, present_v = (n.replace("past_", "present_", 1) for n in (past_k, past_v))
+        packed, outs = self.g.split_of.get(q, ("", ()))
+        if outs == (q, k, v):  # q, k, v are one Split of one tensor: GroupQueryAttention takes it packed
+            q, k, v = packed, "", ""
         out = self.g.fresh("gqa")
         self.g.nodes.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, past_k, past_v, *GQA_INPUTS], [out, present_k, present_v], name=out,
@@ -180,28 +185,56 @@ class OnnxOps:
         return y if b is None else self._node("Add", [y, self._weight(b)])
 
     def linears(self, x, ws, bs):
-        """Several linears of one input. Compact and alike (same bits, block, zero-point kind): one MatMulNBits over
-        the stacked rows, then Split -- fewer, larger kernel calls per token. Otherwise one MatMul each (the
-        pattern the NPU compiler knows)."""
-        if not (self.compact and all(isinstance(w, QTensor) for w in ws) and len({stack_kind(w) for w in ws}) == 1):
+        """Several linears of one input. Compact (onnxruntime) and alike -- QTensors of one kind (same bits, block,
+        zero-point kind) or float32 matrices of one width -- one MatMulNBits / MatMul over the stacked rows, the
+        biases as one Add, then Split: fewer, larger kernel calls per token. Otherwise one MatMul each (the pattern
+        the NPU compiler knows)."""
+        if not self.compact:
             return [self.linear(x, w, b) for w, b in zip(ws, bs)]
-        key = tuple(id(w) for w in ws)
-        if key not in self.g.stacked:
-            self.g.stacked[key] = stack_rows(ws)
-        y = self._matmul_nbits(x, self.g.stacked[key])
+        if all(isinstance(w, QTensor) for w in ws) and len({stack_kind(w) for w in ws}) == 1:
+            key = tuple(id(w) for w in ws)
+            if key not in self.g.stacked:
+                self.g.stacked[key] = stack_rows(ws)
+            y = self._matmul_nbits(x, self.g.stacked[key])
+        elif all(isinstance(w, np.ndarray) for w in ws) and len({w.shape[1] for w in ws}) == 1:
+            # x @ [w0.T | w1.T | ...]: the transposed copy a MatMul of one weight would make, made once for all
+            stacked = np.empty((ws[0].shape[1], sum(w.shape[0] for w in ws)), np.float32)
+            np.concatenate([w.T for w in ws], axis=1, out=stacked)
+            y = self._node("MatMul", [x, self._initializer(stacked, "w")])
+        else:
+            return [self.linear(x, w, b) for w, b in zip(ws, bs)]
+        if any(b is not None for b in bs):
+            bias = [np.zeros(w.shape[0], np.float32) if b is None else b for w, b in zip(ws, bs)]
+            y = self._node("Add", [y, self._initializer(np.concatenate(bias).astype(np.float32), "b")])
         sizes = self._const(np.array([w.shape[0] for w in ws], np.int64))
         outs = [self.g.fresh("split") for _ in ws]
         self.g.nodes.append(helper.make_node("Split", [y, sizes], outs, name=outs[0], axis=-1))
-        return [o if b is None else self._node("Add", [o, self._weight(b)]) for o, b in zip(outs, bs)]
+        self.g.split_of.update({o: (y, tuple(outs)) for o in outs})
+        return outs
 
     def rms_norm(self, x, w, eps):
+        if x in self.g.add_of:  # onnxruntime: the residual Add and this norm as one SkipSimplifiedLayerNormalization
+            return self._skip_norm(x, w, eps)
         sq = self._node("Pow", [x, self._const(np.array(2.0, np.float32))])
         mean = self._node("ReduceMean", [sq], axes=[-1], keepdims=1)
         rms = self._node("Sqrt", [self._node("Add", [mean, self._const(np.array(eps, np.float32))])])
         return self._node("Mul", [self._node("Div", [x, rms]), self._weight(w)])
 
     def add(self, a, b):
-        return self._node("Add", [a, b])
+        out = self._node("Add", [a, b])
+        if self.compact:
+            self.g.add_of[out] = len(self.g.nodes) - 1
+        return out
+
+    def _skip_norm(self, x, w, eps):
+        """RMSNorm of x = a + b, where x is the output of our Add node: that node becomes onnxruntime's
+        SkipSimplifiedLayerNormalization, which still outputs the sum x (for the residual path) and the norm."""
+        i = self.g.add_of.pop(x)
+        a, b = self.g.nodes[i].input
+        out = self.g.fresh("skipnorm")
+        self.g.nodes[i] = helper.make_node("SkipSimplifiedLayerNormalization", [a, b, self._weight(w)], [out, "", "", x],
+                                           name=out, domain=MS_DOMAIN, epsilon=float(eps))
+        return out
 
     def mul(self, a, b):
         return self._node("Mul", [a, b])
@@ -333,6 +366,16 @@ def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
+def drop_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> None:
+    """Remove (in place) nodes none of whose outputs is read, e.g. a Split whose parts an op took packed."""
+    while True:
+        read = outputs | {i for n in nodes for i in n.input}
+        live = [n for n in nodes if any(o in read for o in n.output if o)]
+        if len(live) == len(nodes):
+            return
+        nodes[:] = live
+
+
 def gqa_supported(args: ModelArgs) -> bool:
     """Whether onnxruntime's GroupQueryAttention takes this model's heads with rope inside it (its CPU kernel wants
     head_dim a multiple of 16 and whole groups of query heads per kv head)."""
@@ -435,6 +478,8 @@ def _build(
     # Give outputs their public names with Identity nodes (an input may not double as an output).
     for name, _, _ in outs_named:
         ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
+    if compact:
+        drop_dead_nodes(ops.g.nodes, {name for name, _, _ in outs})
     graph = helper.make_graph(
         ops.g.nodes,
         f"exo_rknpu_{spec.name}",
