@@ -233,9 +233,7 @@ class OrtBackend:
     def attention_form(self, spec: SliceSpec, weights: ShardWeights) -> str:
         """How a slice's attention is written (slices/onnx_export.py ATTENTION_FORMS): GroupQueryAttention extending
         the cache in place where onnxruntime's kernel takes the model's heads; else the split form, which does not
-        copy the cache either but attends over the whole bucket; a transposed ("dim") cache in the NPU's sdpa form."""
-        if spec.kv_layout != "seq":
-            return "sdpa"
+        copy the cache either but attends over the whole bucket."""
         return "gqa" if self.fused_attention and spec.has_attention and gqa_supported(weights.args) else "split"
 
     def _rotary_tables(self, weights: ShardWeights, buckets: Buckets) -> tuple[np.ndarray, np.ndarray]:

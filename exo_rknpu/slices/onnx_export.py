@@ -283,29 +283,10 @@ class OnnxOps:
     def swap_last(self, x):
         return self._node("Transpose", [x], perm=[0, 1, 3, 2])
 
-    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep, kv_layout="seq"):
-        if kv_layout == "dim":
-            if self.attention_form != "sdpa":
-                raise ValueError("the transposed ('dim') cache layout is written for the sdpa attention form (NPU)")
-            return self._attention_sdpa_dim(q, past_k, k, past_v, v, mask, scale, n_rep)
+    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep):
         if self.attention_form == "sdpa":
             return self._attention_sdpa(q, past_k, k, past_v, v, mask, scale, n_rep)
         return self._attention_split(q, past_k, k, past_v, v, mask, scale, n_rep)
-
-    def _attention_sdpa_dim(self, q, past_kt, k, past_vt, v, mask, scale, n_rep):
-        """sdpa over a transposed cache [1,kv,hd,C]. Only the new S rows are transposed, and query heads are folded
-        onto their kv head ([1,kv,rep*S,hd], mask tiled) instead of repeating the cache: no Transpose or copy of a
-        [C+S, hd] tensor is left for rknn to put on the CPU, and it still fuses exSDPAttention (measured: 0 CPU
-        fallbacks at every bucket of smollm2 up to ctx 2048, where the "seq" form has one per prefill bucket)."""
-        a = self.args
-        keys_t = self._node("Concat", [past_kt, self.swap_last(k)], axis=3)  # [1,kv,hd,C+S]
-        values_t = self._node("Concat", [past_vt, self.swap_last(v)], axis=3)
-        qf = self._node("Reshape", [q, self._shape([1, a.num_key_value_heads, -1, a.head_dim])])  # [1,kv,rep*S,hd]
-        m = mask if n_rep == 1 else self._node("Tile", [mask, self._const(np.array([1, 1, n_rep, 1], np.int64))])
-        s = self._node("Mul", [self._node("MatMul", [qf, keys_t]), self._const(np.array(scale, np.float32))])
-        p = self._node("Softmax", [self._node("Add", [s, m])], axis=-1)
-        o = self._node("MatMul", [p, self.swap_last(values_t)])  # [1,kv,rep*S,hd]
-        return self._node("Reshape", [o, self._shape([1, a.num_attention_heads, -1, a.head_dim])])
 
     def _attention_sdpa(self, q, past_k, k, past_v, v, mask, scale, n_rep):
         """Concat + repeat + MatMul/Mul/Add/Softmax/MatMul: the pattern rknn-toolkit2 fuses into exSDPAttention."""
@@ -445,8 +426,7 @@ def _build(
         ins = [("hidden", (B, S, H), f32)]
         outs = [("logits", (B, S, a.vocab_size), f32)]
     else:
-        dim = spec.kv_layout == "dim"
-        cache, new = ((n, kv, hd, C), (NB, kv, hd, S)) if dim else ((n, kv, C, hd), (NB, kv, S, hd))
+        cache, new = (n, kv, C, hd), (NB, kv, S, hd)
         # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
         ins = [(state_name(k), (B, S, state_width(a, k)), f32) for k in spec.state_inputs()]
         outs = [(state_name(k, output=True), (B, S, state_width(a, k)), f32) for k in spec.state_outputs()]
