@@ -391,6 +391,40 @@ def build_onnx_compact(
     return model, ops.g.external
 
 
+def _signature(spec: SliceSpec, a: ModelArgs, seq: int | None, ctx: int | None, batched: bool, per_layer: bool,
+               gqa: bool) -> tuple[list[tuple], list[tuple]]:
+    """(name, shape, element type) of a slice's graph inputs and outputs. seq/ctx None -> symbolic "S"/"C";
+    batched: a batch dim "B" (onnxruntime's form; k_new/v_new [n*B,...] layer-major); per_layer: caches as
+    inputs past_k.i [B,kv,C,hd] instead of past_k [n,kv,C,hd]."""
+    S: int | str = seq if seq is not None else "S"
+    C: int | str = ctx if ctx is not None else "C"
+    CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
+    H, hd, kv, n = a.hidden_size, a.head_dim, a.num_key_value_heads, spec.n_layers
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    B: int | str = "B" if batched else 1
+    if spec.kind == "embed":
+        return [("token_ids", (B, S), i64)], [("hidden", (B, S, H), f32)]
+    if spec.kind == "head":
+        return [("hidden", (B, S, H), f32)], [("logits", (B, S, a.vocab_size), f32)]
+    # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
+    ins = [(state_name(k), (B, S, state_width(a, k)), f32) for k in spec.state_inputs()]
+    outs = [(state_name(k, output=True), (B, S, state_width(a, k)), f32) for k in spec.state_outputs()]
+    if not spec.has_attention:
+        return ins, outs
+    if gqa:
+        ins += [("seqlens_k", (B,), TensorProto.INT32), ("total_sequence_length", (), TensorProto.INT32),
+                ("cos_cache", ("P", hd // 2), f32), ("sin_cache", ("P", hd // 2), f32)]
+        outs += [(f"present_{x}.{i}", (B, kv, "T", hd), f32) for x in "kv" for i in range(n)]
+    else:
+        ins += [("cos", (B, 1, S, hd), f32), ("sin", (B, 1, S, hd), f32), ("mask", (B, 1, S, CS), f32)]
+        outs += [("k_new", ("NB" if batched else n, kv, S, hd), f32), ("v_new", ("NB" if batched else n, kv, S, hd), f32)]
+    if per_layer:
+        ins += [(nm, (B, kv, C, hd), f32) for x in ("past_k", "past_v") for nm in per_layer_cache_names(x, n)]
+    else:
+        ins += [(x, (n, kv, C, hd), f32) for x in ("past_k", "past_v")]
+    return ins, outs
+
+
 def _build(
     spec: SliceSpec,
     weights: ShardWeights,
@@ -411,53 +445,21 @@ def _build(
     a = weights.args
     ops = OnnxOps(attention_form, compact)
     ops.n_layers, ops.args = spec.n_layers, a
-    S: int | str = seq if seq is not None else "S"
-    C: int | str = ctx if ctx is not None else "C"
-    CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
-    H, hd, kv, n = a.hidden_size, a.head_dim, a.num_key_value_heads, spec.n_layers
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    # onnxruntime's form takes a batch of requests (see OnnxOps.batch): k_new/v_new are then [n*B,...], layer-major
-    B: int | str = "B" if compact and per_layer_cache else 1
-    NB: int | str = "NB" if B == "B" else n
-    if spec.kind == "embed":
-        ins = [("token_ids", (B, S), i64)]
-        outs = [("hidden", (B, S, H), f32)]
-    elif spec.kind == "head":
-        ins = [("hidden", (B, S, H), f32)]
-        outs = [("logits", (B, S, a.vocab_size), f32)]
-    else:
-        cache, new = (n, kv, C, hd), (NB, kv, S, hd)
-        # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
-        ins = [(state_name(k), (B, S, state_width(a, k)), f32) for k in spec.state_inputs()]
-        outs = [(state_name(k, output=True), (B, S, state_width(a, k)), f32) for k in spec.state_outputs()]
-        if spec.has_attention and attention_form == "gqa":
-            assert compact and per_layer_cache, "the gqa form is onnxruntime's, with per-layer caches"
-            ins += [("seqlens_k", (B,), TensorProto.INT32), ("total_sequence_length", (), TensorProto.INT32),
-                    ("cos_cache", ("P", hd // 2), f32), ("sin_cache", ("P", hd // 2), f32),
-                    ("past_k", cache, f32), ("past_v", cache, f32)]
-            outs += [(f"present_{kv_name}.{i}", (B, kv, "T", hd), f32) for kv_name in "kv" for i in range(n)]
-        elif spec.has_attention:
-            ins += [("cos", (B, 1, S, hd), f32), ("sin", (B, 1, S, hd), f32),
-                    ("mask", (B, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
-            outs += [("k_new", new, f32), ("v_new", new, f32)]
+    gqa = attention_form == "gqa" and spec.has_attention
+    assert not gqa or (compact and per_layer_cache), "the gqa form is onnxruntime's, with per-layer caches"
+    ins, outs = _signature(spec, a, seq, ctx, compact and per_layer_cache, per_layer_cache, gqa)
     names: dict[str, object] = {name: name for name, _, _ in ins}
-    if attention_form == "gqa":  # rope tables and positions are GroupQueryAttention's own inputs (GQA_INPUTS)
+    if gqa:  # rope tables and positions are GroupQueryAttention's own inputs (GQA_INPUTS)
         names.update(cos=None, sin=None, mask=None)
     if per_layer_cache and spec.has_attention:
-        kept = [i for i in ins if i[0] not in ("past_k", "past_v")]
         for cache_name in ("past_k", "past_v"):
-            names[cache_name] = per_layer_cache_names(cache_name, n)
-            kept += [(nm, (B, *cache[1:]), f32) for nm in names[cache_name]]  # type: ignore[union-attr]
-        ins = kept
+            names[cache_name] = per_layer_cache_names(cache_name, spec.n_layers)
     results = run_slice(ops, spec, weights, names)
-    if attention_form == "gqa" and spec.has_attention:  # GroupQueryAttention names its present_* outputs itself
-        results = {k: v for k, v in results.items() if k not in ("k_new", "v_new")}
-        outs_named = [o for o in outs if o[0] in results]
-    else:
-        outs_named = outs
-    # Give outputs their public names with Identity nodes (an input may not double as an output).
-    for name, _, _ in outs_named:
-        ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
+    # Give outputs their public names with Identity nodes (an input may not double as an output); the gqa form's
+    # present_* are GroupQueryAttention's own outputs (the runner binds them to the cache's memory)
+    for name, _, _ in outs:
+        if not name.startswith("present_"):
+            ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
     if compact:
         drop_dead_nodes(ops.g.nodes, {name for name, _, _ in outs})
     graph = helper.make_graph(
