@@ -45,6 +45,7 @@ class _Graph:
     weight_names: dict[int, str] = field(default_factory=dict)
     external: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> array kept out of the proto
     stacked: dict[tuple, QTensor] = field(default_factory=dict)  # fused linears (kept alive: ids are their keys)
+    split_of: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # Split output -> (input, outputs)
     counter: int = 0
 
     def fresh(self, prefix: str) -> str:
@@ -139,6 +140,9 @@ class OnnxOps:
         When the runner binds present_k.i to past_k.i's memory, that write is the only cache traffic."""
         a = self.args
         present_k, present_v = (n.replace("past_", "present_", 1) for n in (past_k, past_v))
+        packed, outs = self.g.split_of.get(q, ("", ()))
+        if outs == (q, k, v):  # q, k, v are one Split of one tensor: GroupQueryAttention takes it packed
+            q, k, v = packed, "", ""
         out = self.g.fresh("gqa")
         self.g.nodes.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, past_k, past_v, *GQA_INPUTS], [out, present_k, present_v], name=out,
@@ -180,19 +184,32 @@ class OnnxOps:
         return y if b is None else self._node("Add", [y, self._weight(b)])
 
     def linears(self, x, ws, bs):
-        """Several linears of one input. Compact and alike (same bits, block, zero-point kind): one MatMulNBits over
-        the stacked rows, then Split -- fewer, larger kernel calls per token. Otherwise one MatMul each (the
-        pattern the NPU compiler knows)."""
-        if not (self.compact and all(isinstance(w, QTensor) for w in ws) and len({stack_kind(w) for w in ws}) == 1):
+        """Several linears of one input. Compact (onnxruntime) and alike -- QTensors of one kind (same bits, block,
+        zero-point kind) or float32 matrices of one width -- one MatMulNBits / MatMul over the stacked rows, the
+        biases as one Add, then Split: fewer, larger kernel calls per token. Otherwise one MatMul each (the pattern
+        the NPU compiler knows)."""
+        if not self.compact:
             return [self.linear(x, w, b) for w, b in zip(ws, bs)]
-        key = tuple(id(w) for w in ws)
-        if key not in self.g.stacked:
-            self.g.stacked[key] = stack_rows(ws)
-        y = self._matmul_nbits(x, self.g.stacked[key])
+        if all(isinstance(w, QTensor) for w in ws) and len({stack_kind(w) for w in ws}) == 1:
+            key = tuple(id(w) for w in ws)
+            if key not in self.g.stacked:
+                self.g.stacked[key] = stack_rows(ws)
+            y = self._matmul_nbits(x, self.g.stacked[key])
+        elif all(isinstance(w, np.ndarray) for w in ws) and len({w.shape[1] for w in ws}) == 1:
+            # x @ [w0.T | w1.T | ...]: the transposed copy a MatMul of one weight would make, made once for all
+            stacked = np.empty((ws[0].shape[1], sum(w.shape[0] for w in ws)), np.float32)
+            np.concatenate([w.T for w in ws], axis=1, out=stacked)
+            y = self._node("MatMul", [x, self._initializer(stacked, "w")])
+        else:
+            return [self.linear(x, w, b) for w, b in zip(ws, bs)]
+        if any(b is not None for b in bs):
+            bias = [np.zeros(w.shape[0], np.float32) if b is None else b for w, b in zip(ws, bs)]
+            y = self._node("Add", [y, self._initializer(np.concatenate(bias).astype(np.float32), "b")])
         sizes = self._const(np.array([w.shape[0] for w in ws], np.int64))
         outs = [self.g.fresh("split") for _ in ws]
         self.g.nodes.append(helper.make_node("Split", [y, sizes], outs, name=outs[0], axis=-1))
-        return [o if b is None else self._node("Add", [o, self._weight(b)]) for o, b in zip(outs, bs)]
+        self.g.split_of.update({o: (y, tuple(outs)) for o in outs})
+        return outs
 
     def rms_norm(self, x, w, eps):
         sq = self._node("Pow", [x, self._const(np.array(2.0, np.float32))])
@@ -201,6 +218,9 @@ class OnnxOps:
         return self._node("Mul", [self._node("Div", [x, rms]), self._weight(w)])
 
     def add(self, a, b):
+        # (not fused with the next RMSNorm into SkipSimplifiedLayerNormalization: its reduction order differs from
+        # SimplifiedLayerNormalization's, so a layer after a slice boundary would differ in the last bits from the
+        # same layer in an unsplit graph; it saved ~1 us of CPU per layer)
         return self._node("Add", [a, b])
 
     def mul(self, a, b):
@@ -314,6 +334,16 @@ def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
+def drop_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> None:
+    """Remove (in place) nodes none of whose outputs is read, e.g. a Split whose parts an op took packed."""
+    while True:
+        read = outputs | {i for n in nodes for i in n.input}
+        live = [n for n in nodes if any(o in read for o in n.output if o)]
+        if len(live) == len(nodes):
+            return
+        nodes[:] = live
+
+
 def gqa_supported(args: ModelArgs) -> bool:
     """Whether onnxruntime's GroupQueryAttention takes this model's heads with rope inside it (its CPU kernel wants
     head_dim a multiple of 16 and whole groups of query heads per kv head)."""
@@ -348,6 +378,40 @@ def build_onnx_compact(
     return model, ops.g.external
 
 
+def _signature(spec: SliceSpec, a: ModelArgs, seq: int | None, ctx: int | None, batched: bool, per_layer: bool,
+               gqa: bool) -> tuple[list[tuple], list[tuple]]:
+    """(name, shape, element type) of a slice's graph inputs and outputs. seq/ctx None -> symbolic "S"/"C";
+    batched: a batch dim "B" (onnxruntime's form; k_new/v_new [n*B,...] layer-major); per_layer: caches as
+    inputs past_k.i [B,kv,C,hd] instead of past_k [n,kv,C,hd]."""
+    S: int | str = seq if seq is not None else "S"
+    C: int | str = ctx if ctx is not None else "C"
+    CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
+    H, hd, kv, n = a.hidden_size, a.head_dim, a.num_key_value_heads, spec.n_layers
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    B: int | str = "B" if batched else 1
+    if spec.kind == "embed":
+        return [("token_ids", (B, S), i64)], [("hidden", (B, S, H), f32)]
+    if spec.kind == "head":
+        return [("hidden", (B, S, H), f32)], [("logits", (B, S, a.vocab_size), f32)]
+    # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
+    ins = [(state_name(k), (B, S, state_width(a, k)), f32) for k in spec.state_inputs()]
+    outs = [(state_name(k, output=True), (B, S, state_width(a, k)), f32) for k in spec.state_outputs()]
+    if not spec.has_attention:
+        return ins, outs
+    if gqa:
+        ins += [("seqlens_k", (B,), TensorProto.INT32), ("total_sequence_length", (), TensorProto.INT32),
+                ("cos_cache", ("P", hd // 2), f32), ("sin_cache", ("P", hd // 2), f32)]
+        outs += [(f"present_{x}.{i}", (B, kv, "T", hd), f32) for x in "kv" for i in range(n)]
+    else:
+        ins += [("cos", (B, 1, S, hd), f32), ("sin", (B, 1, S, hd), f32), ("mask", (B, 1, S, CS), f32)]
+        outs += [("k_new", ("NB" if batched else n, kv, S, hd), f32), ("v_new", ("NB" if batched else n, kv, S, hd), f32)]
+    if per_layer:
+        ins += [(nm, (B, kv, C, hd), f32) for x in ("past_k", "past_v") for nm in per_layer_cache_names(x, n)]
+    else:
+        ins += [(x, (n, kv, C, hd), f32) for x in ("past_k", "past_v")]
+    return ins, outs
+
+
 def _build(
     spec: SliceSpec,
     weights: ShardWeights,
@@ -368,53 +432,23 @@ def _build(
     a = weights.args
     ops = OnnxOps(attention_form, compact)
     ops.n_layers, ops.args = spec.n_layers, a
-    S: int | str = seq if seq is not None else "S"
-    C: int | str = ctx if ctx is not None else "C"
-    CS: int | str = (seq + ctx) if (seq is not None and ctx is not None) else "CS"
-    H, hd, kv, n = a.hidden_size, a.head_dim, a.num_key_value_heads, spec.n_layers
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    # onnxruntime's form takes a batch of requests (see OnnxOps.batch): k_new/v_new are then [n*B,...], layer-major
-    B: int | str = "B" if compact and per_layer_cache else 1
-    NB: int | str = "NB" if B == "B" else n
-    if spec.kind == "embed":
-        ins = [("token_ids", (B, S), i64)]
-        outs = [("hidden", (B, S, H), f32)]
-    elif spec.kind == "head":
-        ins = [("hidden", (B, S, H), f32)]
-        outs = [("logits", (B, S, a.vocab_size), f32)]
-    else:
-        cache, new = (n, kv, C, hd), (NB, kv, S, hd)
-        # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
-        ins = [(state_name(k), (B, S, state_width(a, k)), f32) for k in spec.state_inputs()]
-        outs = [(state_name(k, output=True), (B, S, state_width(a, k)), f32) for k in spec.state_outputs()]
-        if spec.has_attention and attention_form == "gqa":
-            assert compact and per_layer_cache, "the gqa form is onnxruntime's, with per-layer caches"
-            ins += [("seqlens_k", (B,), TensorProto.INT32), ("total_sequence_length", (), TensorProto.INT32),
-                    ("cos_cache", ("P", hd // 2), f32), ("sin_cache", ("P", hd // 2), f32),
-                    ("past_k", cache, f32), ("past_v", cache, f32)]
-            outs += [(f"present_{kv_name}.{i}", (B, kv, "T", hd), f32) for kv_name in "kv" for i in range(n)]
-        elif spec.has_attention:
-            ins += [("cos", (B, 1, S, hd), f32), ("sin", (B, 1, S, hd), f32),
-                    ("mask", (B, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
-            outs += [("k_new", new, f32), ("v_new", new, f32)]
+    gqa = attention_form == "gqa" and spec.has_attention
+    assert not gqa or (compact and per_layer_cache), "the gqa form is onnxruntime's, with per-layer caches"
+    ins, outs = _signature(spec, a, seq, ctx, compact and per_layer_cache, per_layer_cache, gqa)
     names: dict[str, object] = {name: name for name, _, _ in ins}
-    if attention_form == "gqa":  # rope tables and positions are GroupQueryAttention's own inputs (GQA_INPUTS)
+    if gqa:  # rope tables and positions are GroupQueryAttention's own inputs (GQA_INPUTS)
         names.update(cos=None, sin=None, mask=None)
     if per_layer_cache and spec.has_attention:
-        kept = [i for i in ins if i[0] not in ("past_k", "past_v")]
         for cache_name in ("past_k", "past_v"):
-            names[cache_name] = per_layer_cache_names(cache_name, n)
-            kept += [(nm, (B, *cache[1:]), f32) for nm in names[cache_name]]  # type: ignore[union-attr]
-        ins = kept
+            names[cache_name] = per_layer_cache_names(cache_name, spec.n_layers)
     results = run_slice(ops, spec, weights, names)
-    if attention_form == "gqa" and spec.has_attention:  # GroupQueryAttention names its present_* outputs itself
-        results = {k: v for k, v in results.items() if k not in ("k_new", "v_new")}
-        outs_named = [o for o in outs if o[0] in results]
-    else:
-        outs_named = outs
-    # Give outputs their public names with Identity nodes (an input may not double as an output).
-    for name, _, _ in outs_named:
-        ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
+    # Give outputs their public names with Identity nodes (an input may not double as an output); the gqa form's
+    # present_* are GroupQueryAttention's own outputs (the runner binds them to the cache's memory)
+    for name, _, _ in outs:
+        if not name.startswith("present_"):
+            ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
+    if compact:
+        drop_dead_nodes(ops.g.nodes, {name for name, _, _ in outs})
     graph = helper.make_graph(
         ops.g.nodes,
         f"exo_rknpu_{spec.name}",

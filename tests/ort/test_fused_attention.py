@@ -47,7 +47,7 @@ def test_the_fused_form_runs_one_attention_op_per_layer_and_no_attention_matmul(
     assert {o.name for o in model.graph.output} == {"hidden_out"} | {f"present_{x}.{i}" for x in "kv" for i in range(5)}
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])  # plain, q/k/v biases, q/k norms
 def test_fused_and_split_forms_give_the_same_greedy_tokens_and_logits(model, request):
     path = request.getfixturevalue(model)
     fused, split = (ring(path, None, "onnx", backend_options={"fused_attention": f, "use_cache": False}) for f in (True, False))
