@@ -21,19 +21,14 @@ from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
-from exo_rknpu.model.quant import (QTensor, Weight, compact, cpu_independent, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8,
-                                   resolve_bits)
+from exo_rknpu.model.quant import (QTensor, Weight, compact, form_for, from_gguf_blocks, q4_1_exact, q4_1_to_int4,
+                                   q4_1_to_int8)
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 
 _MAGIC = b"GGUF"
 # GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-# What --weights auto keeps each GGUF type as: the file's own values, multiplied in float32 (the same answers on
-# every CPU). Q4_0 stays 4-bit blocks exactly (onnxruntime multiplies them with float32 activations); every
-# other type is widened to float32: onnxruntime has no float32-activation kernel for 8-bit blocks (its fallback
-# measured 20x slower than float32), and Q4_1, K-quants and floats have no exact integer-zero-point 4-bit form.
-AUTO_BITS = {"Q4_0": 4}
 _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
@@ -182,22 +177,25 @@ class GGUFFile:
         return np.memmap(self.path, np.uint8, "r", t.offset, (*shape[:-1], shape[-1] // block * size))
 
     def linear(self, name: str, mode: str) -> Weight:
-        """A [out, in] matrix in the form `mode` asks for (see quant.py): Q4_0/Q8_0 blocks are mapped when the mode
-        keeps their width, every other type is widened (one tensor at a time) and quantized, or kept float32."""
+        """A [out, in] matrix in the form `mode` asks for (quant.py; docs/design.md#weights): Q4_0, Q4_1 and Q8_0
+        blocks are kept exactly under auto (multiplied with float32 activations), and Q4_0/Q8_0 under the int
+        mode of their width; every other type is widened (a few rows at a time) and quantized, or kept float32."""
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
-        qname = t.qtype.name
-        bits = resolve_bits(mode, AUTO_BITS.get(qname))
-        shape = tuple(reversed(t.dims))
-        if len(shape) == 2 and (qname, bits) in (("Q4_0", 4), ("Q8_0", 8)):
-            return from_gguf_blocks(self.raw(name), qname, shape, cpu_independent(mode))  # type: ignore[arg-type]
-        if len(shape) == 2 and qname == "Q4_1" and bits in (4, 8):
-            return (q4_1_to_int4 if bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
-        if bits is None or len(shape) != 2:
+        qname, shape, form = t.qtype.name, tuple(reversed(t.dims)), form_for(mode)
+        if len(shape) != 2 or form.bits is None:
             return self.tensor(name)
+        if mode == "auto" and qname in ("Q4_0", "Q8_0"):
+            return from_gguf_blocks(self.raw(name), qname, shape, fp32_activations=True)  # type: ignore[arg-type]
+        if mode == "auto" and qname == "Q4_1":
+            return q4_1_exact(self.raw(name), shape)  # type: ignore[arg-type]
+        if (qname, form.bits) in (("Q4_0", 4), ("Q8_0", 8)):
+            return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
+        if qname == "Q4_1":
+            return (q4_1_to_int4 if form.bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
         # widened a few rows at a time while quantizing: no float32 copy of the whole matrix
-        return compact(_WidenedRows(self.raw(name), t.qtype, shape), bits, f"{qname} -> int{bits}")  # type: ignore[arg-type]
+        return compact(_WidenedRows(self.raw(name), t.qtype, shape), form, f"{qname} -> int{form.bits}")  # type: ignore[arg-type]
 
     def digest(self) -> bytes:
         """Cheap identity: the tensor table (name, dims, type, offset) -- no tensor bytes are hashed."""

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs, RopeScaling
-from exo_rknpu.model.quant import Weight, compact, resolve_bits
+from exo_rknpu.model.quant import Weight, compact, form_for
 from exo_rknpu.model.weights import LayerWeights, ShardWeights
 
 SINGLE_FILE = "model.safetensors"
@@ -319,9 +319,6 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 # LayerWeights fields that are linear weights [out, in] (compact under --weights int4/int8); the rest stay float32.
 LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# What --weights auto means for Hugging Face float checkpoints: float32 (the checkpoint's own values, multiplied in
-# float32: the same answers on every CPU; int4/int8 quantize, and let onnxruntime quantize activations too).
-HF_AUTO_BITS = None
 
 
 def check_shape(name: str, a: Any, shape: tuple[int, ...], where: object) -> np.ndarray:
@@ -346,18 +343,19 @@ def layer_fields(args: ModelArgs) -> list[str]:
 def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, weights: str = "fp32",
                   layers: bool = True, embed: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
     """Load only what `layer_range` needs from an HF folder, linear weights in the form `weights` asks for
-    (quant.py; auto = float32). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
+    (quant.py, `form_for`). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
     loader sets it). layers=False: the embedding only (first shard); no file holding only layer or head tensors
     is opened."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
     vh = (args.vocab_size, args.hidden_size)
-    bits = resolve_bits(weights, HF_AUTO_BITS)
+    form = form_for(weights)
 
     def linear(name: str, shape: tuple[int, ...]) -> Weight:
         # quantized a few rows at a time: a bf16 matrix never exists whole as float32 (the 1B embedding is 1 GB)
-        return compact(check_shape(name, src.get(name) if bits is None else src.rows(name), shape, folder), bits)
+        rows = src.get(name) if form.bits is None else src.rows(name)
+        return compact(check_shape(name, rows, shape, folder), form)
 
     with TensorSource(folder) as src:
         loaded: dict[int, LayerWeights] = {}
