@@ -54,8 +54,10 @@ def test_8_bit_blocks_split_into_4_bit_blocks_over_k_doubled_give_the_same_produ
     w4 = split8(w8)
     assert w4.bits == 4 and w4.shape == (96, 512) and w4.block_size == w8.block_size
     x = RNG.standard_normal((3, 256))
-    exact = x @ w8.dequantize().astype(np.float64).T
     nb = w8.n_blocks
+    z8 = 128.0 if w8.zero_points is None else w8.zero_points[..., None].astype(np.float64)
+    w8_64 = ((w8.blocks.astype(np.float64) - z8) * w8.scales[..., None].astype(np.float64)).reshape(96, -1)
+    exact = x @ w8_64.T
     codes = np.stack([w4.blocks & 15, w4.blocks >> 4], axis=-1).reshape(96, 2 * nb, -1).astype(np.float64)
     zp = np.stack([w4.zero_points & 15, w4.zero_points >> 4], axis=-1).reshape(96, -1)[:, : 2 * nb]
     w4_64 = ((codes - zp[..., None]) * w4.scales[..., None].astype(np.float64)).reshape(96, -1)
