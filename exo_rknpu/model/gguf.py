@@ -23,7 +23,7 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
 from exo_rknpu.model.quant import (QTensor, Weight, compact, form_for, from_gguf_blocks, q4_1_exact, q4_1_to_int4,
                                    q4_1_to_int8)
-from exo_rknpu.model.weights import LayerWeights, ShardWeights
+from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 
 
 _MAGIC = b"GGUF"
@@ -197,6 +197,21 @@ class GGUFFile:
         # widened a few rows at a time while quantizing: no float32 copy of the whole matrix
         return compact(_WidenedRows(self.raw(name), t.qtype, shape), form, f"{qname} -> int{form.bits}")  # type: ignore[arg-type]
 
+    def table(self, name: str) -> RowTable:
+        """A [rows, cols] tensor left in the mapped file; looked-up rows are widened by gguf's own dequantizer."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        qtype = t.qtype
+
+        def widen(rows: np.ndarray) -> np.ndarray:
+            try:
+                return dequantize(rows, qtype)
+            except NotImplementedError as e:
+                raise UnsupportedModelError(f"tensor {name!r} in {self.path}: {e}") from None
+
+        return RowTable(self.raw(name), widen, tuple(reversed(t.dims)), f"{qtype.name} (mapped)")  # type: ignore[arg-type]
+
     def digest(self) -> bytes:
         """Cheap identity: the tensor table (name, dims, type, offset) -- no tensor bytes are hashed."""
         h = hashlib.sha256()
@@ -317,12 +332,15 @@ def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelA
         if progress is not None:
             progress(i)
     want_embed, embed, norm, head = embed, None, None, None
+    mapped = form_for(weights).mapped_embedding
     if layer_range.is_first and want_embed:
-        embed = check_shape(registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path)
+        embed = check_shape(registry.GGUF_EMBED, g.table(registry.GGUF_EMBED) if mapped else
+                            g.linear(registry.GGUF_EMBED, weights), vh, g.path)
     if layer_range.is_last and layers:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
-            head = embed if embed is not None else check_shape(
+            # tied: the head is the embedding object, unless the embedding stays mapped (then the head is compact)
+            head = embed if embed is not None and not mapped else check_shape(
                 registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path
             )
         else:

@@ -33,6 +33,9 @@ BLOCK = 32  # block size for quantizing at load (GGUF's block size; MatMulNBits 
 # in onnxruntime's form (split8: two scales per block), against 1.27 at 32; an 8-bit step of a 64-element block is
 # still 1/255 of its range
 AUTO_BLOCK = 64
+# auto's largest form in onnxruntime: 8-bit blocks of 32 (GGUF Q8_0) split into two 4-bit blocks (split8): a byte of
+# codes, two float32 scales and two 4-bit zero points per 32 weights
+AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 32 + 2 * 0.5 / 32
 WEIGHT_MODES = ("auto", "int4", "int8", "fp32")
 _ROWS_PER_STEP = 1 << 22  # elements widened at a time (16 MB of float32): bounds temporaries while converting
 
@@ -297,20 +300,23 @@ def split8(w: QTensor) -> QTensor:
 @dataclass(frozen=True)
 class Form:
     """How a linear weight is stored: `bits` (None: float32), its block size, and whether it is multiplied with
-    float32 activations (QTensor.fp32_activations)."""
+    float32 activations (QTensor.fp32_activations); `mapped_embedding`: the embedding stays in the model file and
+    only looked-up rows are widened (weights.RowTable) instead of being loaded in this form."""
 
     bits: int | None
     block_size: int = BLOCK
     fp32_activations: bool = False
+    mapped_embedding: bool = False
 
 
 def form_for(mode: str) -> Form:
     """The form `mode` gives a source with no exact block form (HF floats, GGUF K-quants and floats; GGUF Q4_0,
     Q4_1 and Q8_0 keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
     multiplied with float32 activations -- the same answers on every CPU, within half an 8-bit step of the
-    source's values, at ~1.14 bytes per weight in onnxruntime."""
+    source's values, at ~1.14 bytes per weight in onnxruntime -- and the embedding left in the file (its rows
+    exact)."""
     return {"fp32": Form(None), "int4": Form(4), "int8": Form(8),
-            "auto": Form(8, AUTO_BLOCK, True)}[check_mode(mode)]
+            "auto": Form(8, AUTO_BLOCK, True, mapped_embedding=True)}[check_mode(mode)]
 
 
 def check_mode(mode: str) -> str:
