@@ -22,7 +22,7 @@ from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
 from exo_rknpu.model.quant import (QTensor, Weight, compact, form_for, from_gguf_blocks, q4_1_exact, q4_1_to_int4,
-                                   q4_1_to_int8)
+                                   q4_1_to_int8, q6_k_exact)
 from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 
 
@@ -177,8 +177,8 @@ class GGUFFile:
         return np.memmap(self.path, np.uint8, "r", t.offset, (*shape[:-1], shape[-1] // block * size))
 
     def linear(self, name: str, mode: str) -> Weight:
-        """A [out, in] matrix in the form `mode` asks for (quant.py; docs/design.md#weights): Q4_0, Q4_1 and Q8_0
-        blocks are kept exactly under auto (multiplied with float32 activations), and Q4_0/Q8_0 under the int
+        """A [out, in] matrix in the form `mode` asks for (quant.py; docs/design.md#weights): Q4_0, Q4_1, Q8_0 and
+        Q6_K blocks are kept exactly under auto (multiplied with float32 activations), and Q4_0/Q8_0 under the int
         mode of their width; every other type is widened (a few rows at a time) and quantized, or kept float32."""
         t = self.tensors.get(name)
         if t is None:
@@ -190,6 +190,8 @@ class GGUFFile:
             return from_gguf_blocks(self.raw(name), qname, shape, fp32_activations=True)  # type: ignore[arg-type]
         if mode == "auto" and qname == "Q4_1":
             return q4_1_exact(self.raw(name), shape)  # type: ignore[arg-type]
+        if mode == "auto" and qname == "Q6_K":
+            return q6_k_exact(self.raw(name), shape, lambda rows: dequantize(rows, t.qtype))  # type: ignore[arg-type]
         if (qname, form.bits) in (("Q4_0", 4), ("Q8_0", 8)):
             return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
         if qname == "Q4_1":

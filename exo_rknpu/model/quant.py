@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -33,9 +34,9 @@ BLOCK = 32  # block size for quantizing at load (GGUF's block size; MatMulNBits 
 # in onnxruntime's form (split8: two scales per block), against 1.27 at 32; an 8-bit step of a 64-element block is
 # still 1/255 of its range
 AUTO_BLOCK = 64
-# auto's largest form in onnxruntime: 8-bit blocks of 32 (GGUF Q8_0) split into two 4-bit blocks (split8): a byte of
-# codes, two float32 scales and two 4-bit zero points per 32 weights
-AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 32 + 2 * 0.5 / 32
+# auto's largest form in onnxruntime: GGUF Q6_K's 8-bit blocks of 16 split into two 4-bit blocks (split8): a byte of
+# codes, two float32 scales and two 4-bit zero points per 16 weights (Q8_0: 1.28 per weight, float sources 1.14)
+AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 16 + 2 * 0.5 / 16
 WEIGHT_MODES = ("auto", "int4", "int8", "fp32")
 _ROWS_PER_STEP = 1 << 22  # elements widened at a time (16 MB of float32): bounds temporaries while converting
 
@@ -267,6 +268,30 @@ def q4_1_exact(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
     n, nb = d.shape
     zeros = np.zeros((n, -(-nb // 2)), np.uint8)
     return QTensor(4, shape, 32, pack4(codes), d, zeros, "Q4_1 (exact)", True, m)
+
+
+def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndarray], np.ndarray]) -> QTensor:
+    """GGUF Q6_K rows -> 8-bit blocks of 16 holding exactly the stored values (what --weights auto does).
+
+    Q6_K: super-blocks of 256 = 16 sub-blocks of 16, value = d * sc_j * (q - 32) with q 6-bit, sc_j int8, d fp16:
+    code q, zero point 32, scale d*sc_j (exact in float32: 11 + 8 bits). The codes are read back from `widen` (the
+    format's reference decoder, a few rows at a time) and checked to reproduce its values exactly.
+    """
+    n, k = shape
+    nsb = k // 16
+    b = raw.reshape(n, k // 256, 210)  # ql[128], qh[64], int8 scales[16], fp16 d
+    scales = (b[..., 208:210].copy().view(np.float16).astype(np.float32) * b[..., 192:208].view(np.int8)).reshape(n, nsb)
+    codes = np.empty((n, nsb, 16), np.uint8)
+    step = max(1, _ROWS_PER_STEP // max(1, k))
+    for r in range(0, n, step):
+        v = np.asarray(widen(np.asarray(raw[r : r + step])), np.float32).reshape(-1, nsb, 16)
+        s = scales[r : r + step, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(s != 0, np.rint(v / s), 0)
+        if not np.array_equal(q * s, v) or q.min(initial=0) < -32 or q.max(initial=0) > 31:
+            raise ValueError("Q6_K blocks do not decode as d*sc*(q-32); cannot keep them exactly")
+        codes[r : r + step] = (q + 32).astype(np.uint8)
+    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 32, np.uint8), "Q6_K (exact)", True)
 
 
 def split8(w: QTensor) -> QTensor:

@@ -16,7 +16,7 @@ from exo_rknpu.backends.prepared import WEIGHTS_FILE
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
 from exo_rknpu.model.quant import QTensor
-from exo_rknpu.model.weights import LayerWeights, ShardWeights
+from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.slices.onnx_export import build_onnx_compact
@@ -61,6 +61,22 @@ def test_tied_head_is_the_embedding_and_stays_compact(tmp_path):
     path = make_tiny_gguf(tmp_path / "t.gguf", make_tiny_hf(tmp_path / "hf", tied=True), qtype="Q8_0")
     shard = load_shard(resolve_model(str(path)), LayerRange.full(3), "int8")
     assert isinstance(shard.embed_tokens, QTensor) and shard.lm_head is shard.embed_tokens
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_default_embedding_stays_in_the_file_and_the_tied_head_is_compact(tmp_path, qtype):
+    """auto: looked-up embedding rows are gguf's own dequantization of the stored rows (nothing widened up front);
+    the tied head is its own compact linear multiplied in float32."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = make_tiny_gguf(tmp_path / "t.gguf", make_tiny_hf(tmp_path / "hf", tied=True), qtype=qtype)
+    shard = load_shard(resolve_model(str(path)), LayerRange.full(3))
+    t = {t.name: t for t in GGUFReader(str(path)).tensors}["token_embd.weight"]
+    ids = np.array([[3, 0, 7, 3]])
+    assert isinstance(shard.embed_tokens, RowTable)
+    assert np.array_equal(shard.embed_tokens.rows(ids), dequantize(t.data, t.tensor_type)[ids])
+    assert isinstance(shard.lm_head, QTensor) and shard.lm_head.fp32_activations
 
 
 @pytest.mark.parametrize("model,weights", [("Q4_0", "int4"), ("Q8_0", "int8"), ("Q4_1", "int8"), ("hf", "int8"), ("hf", "int4")])

@@ -9,7 +9,7 @@ from gguf.constants import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_exact, q4_1_to_int4, q4_1_to_int8, quantize, split8
+from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_exact, q6_k_exact, q4_1_to_int4, q4_1_to_int8, quantize, split8
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((96, 256)).astype(np.float32)
@@ -45,6 +45,18 @@ def test_q4_1_kept_exactly_as_codes_scale_and_min():
     q = q4_1_exact(raw, reference.shape)
     assert q.bits == 4 and q.mins is not None and q.fp32_activations
     assert np.array_equal(q.dequantize(), reference)  # d*q + m, blocks of one sign and d == 0 included
+
+
+def test_q6_k_kept_exactly_as_8_bit_blocks_of_16():
+    # gguf-py cannot quantize Q6_K; any bytes are valid blocks (ql, qh, int8 scales, then a finite fp16 d)
+    raw = RNG.integers(0, 256, (8, 2, 210), dtype=np.uint8)
+    raw[..., 208:210] = RNG.uniform(-0.1, 0.1, (8, 2, 1)).astype(np.float16).view(np.uint8)
+    raw[0, 0, 192] = 0  # a sub-block with scale 0
+    raw = raw.reshape(8, 420)
+    reference = gguf_dequantize(raw, GT.Q6_K)
+    q = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
+    assert q.bits == 8 and q.block_size == 16 and q.fp32_activations
+    assert np.array_equal(q.dequantize(), reference)
 
 
 @pytest.mark.parametrize("source", ["Q8_0", "quantized"])
