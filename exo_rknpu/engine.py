@@ -40,7 +40,7 @@ from exo_rknpu.model.quant import check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits, RequestLog
-from exo_rknpu.runtime.shard import ShardRunner
+from exo_rknpu.runtime.shard import BatchStep, ShardRunner
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,14 @@ class _Step:
         else:
             self._deliver(out, None)
 
-    def settle_error(self, check: Callable[[], object]) -> bool:
-        """Worker thread: run `check()`; if it raises, the caller gets the error and this returns False."""
+    def admit(self) -> BatchStep | None:
+        """Worker thread: admit the step for a batch (ShardRunner.admit_step); if refused, the caller gets the
+        error and this returns None."""
         try:
-            check()
+            return self.loaded.runner.admit_step(self.request_id, self.x)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             self._deliver(None, e)
-            return False
-        return True
+            return None
 
     def _deliver(self, out: np.ndarray | None, error: BaseException | None) -> None:
         fut = self.future
@@ -353,18 +353,18 @@ class ShardEngine:
             else:
                 s.settle(lambda s=s: self._forward_job(s.loaded, s.request_id, s.x, s.start))
         # a step the batch could not admit (its context is full, a malformed input) fails alone; the others run
-        # together. `begin` is the admission check and changes nothing until its call commits.
-        ok = [s for s in batch
-              if s.settle_error(lambda s=s: s.loaded.runner.begin(s.request_id, s.x, self.config.logits, False))]
+        # together. Admission (`admit_step`) changes nothing; the batch runs the admitted steps as they are.
+        admitted = [(s, s.admit()) for s in batch]
+        ok = [(s, step) for s, step in admitted if step is not None]
         if not ok:
             return
         try:
-            outs = ok[0].loaded.runner.forward_batch([(s.request_id, s.x) for s in ok], self.config.logits)
+            outs = ok[0][0].loaded.runner.run_batch([step for _, step in ok], self.config.logits)
         except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
-            for s in ok:
+            for s, _ in ok:
                 s.settle(lambda e=e: _raise(e))
             return
-        for s, out in zip(ok, outs):
+        for (s, _), out in zip(ok, outs):
             s.settle(lambda out=out: out)
 
     def _end(self, loaded: LoadedShard | None, request_id: str, reason: str) -> None:

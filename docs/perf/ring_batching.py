@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-root = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(root / "tests" / "exo_integration"), str(root / "tests")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "tests" / "exo_integration")]
 
-from test_e2e_ring import Ring  # noqa: E402
-from test_ring_load_and_faults import MEMORY, post, wait_healthy  # noqa: E402
+from ring_figures import numpy_onnx_ring  # noqa: E402  (the ring docs/exo.md's figures use)
+from test_ring_load_and_faults import post  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name a large animal.", "What is 2 plus 2?", "Say hello.",
              "What colour is the sky?", "Name a fruit.", "What is water made of?", "Name a planet."]
@@ -42,28 +40,17 @@ def burst(url: str, together: bool, check: bool = True) -> tuple[float, list[dic
 
 
 def main() -> None:
-    from exo_rknpu.model.zoo import resolve_model
-
-    resolve_model("smollm2-135m")
-    with tempfile.TemporaryDirectory() as tmp:
-        ring = Ring(Path(tmp), {"node-a": {"backend": "numpy", "memory": MEMORY["node-a"]},
-                                "node-b": {"backend": "onnx", "memory": MEMORY["node-b"]}})
-        try:
-            ring.start()
-            wait_healthy(ring, MEMORY)
-            url = ring.url("node-a", "/v1/chat/completions")
-            # warm-up: sessions open; a ring still settling its partition may fail a request or two here
-            burst(url, together=False, check=False)
-            for together in (False, True, False, True):
-                wall, bodies = burst(url, together)
-                tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
-                answers = [b["choices"][0]["message"]["content"] for b in bodies]
-                if not together:
-                    alone = answers
-                print(f"{'8 at once     ' if together else 'one at a time '}: {tokens} tokens in {wall:.1f} s = "
-                      f"{tokens / wall:.1f} tok/s; answers as alone: {answers == alone}", flush=True)
-        finally:
-            ring.stop()
+    with numpy_onnx_ring() as url:
+        # warm-up: sessions open; a ring still settling its partition may fail a request or two here
+        burst(url, together=False, check=False)
+        for together in (False, True, False, True):
+            wall, bodies = burst(url, together)
+            tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
+            answers = [b["choices"][0]["message"]["content"] for b in bodies]
+            if not together:
+                alone = answers
+            print(f"{'8 at once     ' if together else 'one at a time '}: {tokens} tokens in {wall:.1f} s = "
+                  f"{tokens / wall:.1f} tok/s; answers as alone: {answers == alone}", flush=True)
 
 
 if __name__ == "__main__":

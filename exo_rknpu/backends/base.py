@@ -36,7 +36,7 @@ class Backend(Protocol):
     processor: Literal["cpu", "npu"]  # what its slices compute on (rknn-sim: the NPU's compiled graphs, simulated)
     static_shapes: bool  # True: may only be called with bucket shapes it was prepared for
     # Read by the runtime (runtime/shard.py, runtime/placement.py); docs/backends.md lists them.
-    kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [.., C, hd], "dim" [.., hd, C] or "npu" (float16 NPU form)
+    kv_layout: KVLayout  # how its layer slices take the KV cache: "seq" [n, kv, C, hd] or "npu" (float16 NPU form)
     layers_per_slice: int | None  # layers per graph when the user does not say (None: the whole shard in one graph)
     # False: prepare() runs layer and head slices from compiled files and never reads weights.layers,
     # final_norm or lm_head, so the loader leaves them out (load_shard(layers=False)). Default True.

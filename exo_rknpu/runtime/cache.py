@@ -1,8 +1,10 @@
-"""Host-side KV caches: `KVCache` for one layer slice, `RequestCache` for one request on one shard, and
-`BatchState`/`BatchCache` for the requests of one batched decode step.
+"""Host-side KV caches: `RequestCache` for one request on one shard, holding one cache per attention slice:
+its own `KVCache` arrays, or a slot of the shard's `KVPool` (`SlotKV`) on backends that batch requests; and
+`BatchState`/`BatchKV` for the requests of one batched decode step.
 
-Capacity grows in context-bucket steps (never per token) and the cache is always exactly one bucket long,
-so it is handed to backends as is: no per-call copy, and the NPU only sees compiled shapes.
+Caches are handed to backends as they are (no per-call copy). A KVCache grows in context-bucket steps (never
+per token) and is always exactly one bucket long, so the NPU only sees compiled shapes; a KVPool (onnxruntime,
+numpy: any shape) grows in small steps.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from exo_rknpu.runtime.inputs import attention_mask
 
 # positions axis of (keys, values) per layout; "npu" keeps float16 keys [n*kv, hd, C] and values [n*kv, C, hd] as
 # the compiled NPU slice takes them (slices/npu_form.py), so they are handed over without a conversion
-_AXES = {"seq": (2, 2), "dim": (3, 3), "npu": (2, 1)}
+_AXES = {"seq": (2, 2), "npu": (2, 1)}
 
 
 @dataclass
 class KVCache:
-    keys: np.ndarray  # [n_layers, kv_heads, capacity, head_dim] ("seq"), [n_layers, kv_heads, head_dim, capacity] ("dim"),
+    keys: np.ndarray  # [n_layers, kv_heads, capacity, head_dim] ("seq"),
     values: np.ndarray  # or the NPU form ("npu": float16 keys [n*kv, hd, capacity], values [n*kv, capacity, hd])
     layout: str = "seq"
 
@@ -30,7 +32,7 @@ class KVCache:
         if layout == "npu":
             rows = n_layers * kv_heads
             return cls(np.zeros((rows, head_dim, capacity), np.float16), np.zeros((rows, capacity, head_dim), np.float16), layout)
-        shape = (n_layers, kv_heads, capacity, head_dim) if layout == "seq" else (n_layers, kv_heads, head_dim, capacity)
+        shape = (n_layers, kv_heads, capacity, head_dim)
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), layout)
 
     @property
@@ -76,13 +78,22 @@ class RequestCache:
     """
 
     pos: int = 0
-    caches: list[KVCache] = field(default_factory=list)  # one per attention slice, allocated by the first call
+    # one per attention slice: own arrays allocated by the first call, or views of a KVPool slot
+    caches: list["KVCache | SlotKV"] = field(default_factory=list)
     touched: float = 0.0  # monotonic time of the last step (RequestStore's clock)
+    slot: int | None = None  # its slot of the shard's KVPool, if it holds one
+    pool: "KVPool | None" = field(default=None, repr=False)
     _template: tuple[tuple[int, int], np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
+
+    def release(self) -> None:
+        """The request ended: free its pool slot (own arrays are freed with it)."""
+        if self.pool is not None and self.slot is not None:
+            self.pool.release(self)
+        self.caches = []
 
     def advance(self, n: int) -> None:
         """A call of `n` tokens committed: they are part of the context from now on."""
@@ -105,42 +116,162 @@ class RequestCache:
         return m
 
 
-@dataclass
-class BatchCache:
-    """The caches of one layer slice for the requests of a batched decode step (row b = request b).
+class KVPool:
+    """The "seq" KV caches of every live request of one shard, in one buffer per attention slice: keys and values
+    [n_layers, slots, kv_heads, capacity, head_dim]. A request holds one slot (RequestCache.slot) of every buffer
+    and sees it through `SlotKV`; a batched step of requests in consecutive slots hands the backend
+    `keys[i][:, a:b]` as it is (each layer a contiguous [B, kv, C, hd] block): nothing is gathered or scattered
+    per step, and each request's new rows are written straight into its slot.
 
-    `keys`/`values` are [n_layers, B, kv_heads, span, head_dim]: what a batching backend takes (layer i of
-    the batch is the contiguous block keys[i]). They are a copy made for the step; `write` puts each request's
-    new row back into its own cache, which stays the only lasting copy.
+    Live requests keep consecutive slots: a released slot is filled with the last one's rows. Capacity is shared
+    by every slot and grows in `step` positions (at most `max_positions`); slots double as requests arrive. Both
+    re-allocate, so the pool is changed only between calls by the one thread that drives the shard (a driver
+    that runs several calls at once from different threads gives requests their own KVCache instead: see
+    ShardRunner.unpool). When the last request leaves, the buffers are freed.
     """
 
-    caches: list[KVCache]
-    span: int  # positions stacked: every position any request of the batch has written
+    def __init__(self, layers: list[int], kv_heads: int, head_dim: int, max_positions: int, step: int = 32) -> None:
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.max_positions, self.step = max_positions, step
+        self.owners: list[RequestCache] = []  # owners[s] holds slot s
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self._resize(0, 0)
 
-    def __post_init__(self) -> None:
-        if any(c.layout != "seq" for c in self.caches):
-            raise ValueError("batched steps take the 'seq' cache layout only")
-        self.keys = np.stack([c.keys[:, :, : self.span] for c in self.caches], axis=1)
-        self.values = np.stack([c.values[:, :, : self.span] for c in self.caches], axis=1)
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[1] if self.keys else len(self.owners)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[3] if self.keys else self.max_positions
+
+    def acquire(self, owner: "RequestCache") -> None:
+        """Give `owner` the next free slot and its caches (one SlotKV per attention slice)."""
+        assert owner.slot is None, "a request holds one slot"
+        if len(self.owners) == self.slots:
+            self._resize(max(1, 2 * self.slots), max(self.capacity, self.step) if self.keys else 0)
+        owner.slot, owner.pool = len(self.owners), self
+        self.owners.append(owner)
+        owner.caches = [SlotKV(self, i, owner) for i in range(len(self.layers))]
+
+    def release(self, owner: "RequestCache") -> None:
+        """Free `owner`'s slot; the request in the last slot moves into it (its rows are copied)."""
+        slot, last = owner.slot, len(self.owners) - 1
+        assert slot is not None and self.owners[slot] is owner, "release of a slot the request does not hold"
+        if slot != last:
+            moved = self.owners[last]
+            for arr in (*self.keys, *self.values):
+                arr[:, slot] = arr[:, last]
+            self.owners[slot], moved.slot = moved, slot
+        self.owners.pop()
+        owner.slot, owner.caches = None, []
+        if not self.owners:
+            self._resize(0, 0)
+
+    def reserve(self, positions: int) -> int:
+        """Grow every slot to hold `positions` positions (rounded up to `step`); returns the capacity."""
+        if positions > self.capacity or not self.keys:
+            self._resize(self.slots, min(-(-positions // self.step) * self.step, self.max_positions))
+        return self.capacity
+
+    def _resize(self, slots: int, capacity: int) -> None:
+        """New buffers of `slots` x `capacity`, keeping what the old ones hold."""
+        if not slots:
+            self.keys, self.values = [], []
+            return
+        capacity = max(capacity, self.capacity if self.keys else 0)
+        old_slots, old_cap = (self.keys[0].shape[1], self.keys[0].shape[3]) if self.keys else (0, 0)
+        for arrays in (self.keys, self.values):
+            for i, n in enumerate(self.layers):
+                new = np.zeros((n, slots, self.kv_heads, capacity, self.head_dim), np.float32)
+                if old_slots:
+                    new[:, :old_slots, :, :old_cap] = arrays[i]
+                if i < len(arrays):
+                    arrays[i] = new
+                else:
+                    arrays.append(new)
+
+    def batch(self, owners: list["RequestCache"]) -> list["BatchKV"]:
+        """The caches of a batched step of `owners` (in slot order for the no-copy view), one per attention slice."""
+        return [BatchKV(self, i, [o.slot for o in owners]) for i in range(len(self.layers))]
+
+
+class SlotKV:
+    """One request's cache of one attention slice in a KVPool: a "seq" KVCache's interface over its slot."""
+
+    layout = "seq"
+
+    def __init__(self, pool: KVPool, index: int, owner: "RequestCache") -> None:
+        self.pool, self.index, self.owner = pool, index, owner
+
+    @property
+    def keys(self) -> np.ndarray:  # [n_layers, kv, C, hd]; each layer a contiguous block
+        return self.pool.keys[self.index][:, self.owner.slot]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.pool.values[self.index][:, self.owner.slot]
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
 
     def grow(self, capacity: int) -> None:
-        """The batch's caches were grown before they were stacked (`capacity` is the span stacked)."""
-        if capacity > self.keys.shape[3]:
-            raise ValueError(f"batched caches hold {self.keys.shape[3]} positions, not {capacity}")
+        """The pool was grown when the call was admitted (ShardRunner.begin); a call sees one capacity throughout."""
+        if capacity != self.pool.capacity:
+            raise RuntimeError(f"the KV pool holds {self.pool.capacity} positions, the call was cut for {capacity}")
+
+    def write(self, pos: int, k_new: np.ndarray, v_new: np.ndarray, count: int) -> None:
+        """Store the first `count` new positions (k_new/v_new [n_layers, kv, S, hd])."""
+        self.keys[:, :, pos : pos + count] = k_new[:, :, :count]
+        self.values[:, :, pos : pos + count] = v_new[:, :, :count]
+
+
+class BatchKV:
+    """The caches of one attention slice for the requests of a batched decode step (row b = the request in
+    slot slots[b]): keys/values [n_layers, B, kv, C, hd], what a batching backend takes. Consecutive slots are
+    a view of the pool (no copy); others are gathered for the step. New rows go straight into the pool."""
+
+    def __init__(self, pool: KVPool, index: int, slots: list[int]) -> None:
+        self.pool, self.index, self.slots = pool, index, slots
+        a = slots[0]
+        self._range = slice(a, a + len(slots)) if slots == list(range(a, a + len(slots))) else np.array(slots)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._view(self.pool.keys[self.index])
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._view(self.pool.values[self.index])
+
+    def _view(self, pooled: np.ndarray) -> np.ndarray:
+        # gathered rows in C order (np.take), so each layer is one contiguous block like the no-copy view's
+        return pooled[:, self._range] if isinstance(self._range, slice) else np.take(pooled, self._range, axis=1)
+
+    def grow(self, capacity: int) -> None:
+        if capacity != self.pool.capacity:
+            raise RuntimeError(f"the KV pool holds {self.pool.capacity} positions, the step was cut for {capacity}")
 
     def write(self, positions: list[int], k_new: np.ndarray, v_new: np.ndarray, count: int) -> None:
-        """k_new/v_new [n_layers*B, kv, count, hd] (layer-major, as a batched slice returns them) -> each
-        request's cache at its own position."""
-        n, b = self.keys.shape[0], len(self.caches)
-        k_new = k_new.reshape(n, b, *k_new.shape[1:])
-        v_new = v_new.reshape(n, b, *v_new.shape[1:])
-        for i, (cache, pos) in enumerate(zip(self.caches, positions)):
-            cache.write(pos, k_new[:, i], v_new[:, i], count)
+        """k_new/v_new [n_layers*B, kv, 1, hd] (layer-major, as a batched slice returns them) -> row b into slot
+        slots[b] at positions[b], one scatter per tensor."""
+        assert count == 1, "a batched step writes one position per request"
+        slots, pos = np.array(self.slots), np.array(positions)
+        for pooled, new in ((self.pool.keys[self.index], k_new), (self.pool.values[self.index], v_new)):
+            n = pooled.shape[0]
+            # advanced indices on axes 1 and 3 (split by a slice) put their dim first: [B, n, kv, hd]
+            pooled[:, slots, :, pos] = new.reshape(n, len(slots), *new.shape[1:])[:, :, :, 0].swapaxes(0, 1)
 
 
 class BatchState:
-    """The requests of a batched decode step seen as one: `caches[i]` stacks their caches of attention slice i
+    """The requests of a batched decode step seen as one: `caches[i]` is their BatchKV of attention slice i
     (each RequestCache keeps its own position; the step's driver advances each one when the step commits)."""
 
-    def __init__(self, requests: list[RequestCache], span: int) -> None:
-        self.caches = [BatchCache([r.caches[i] for r in requests], span) for i in range(len(requests[0].caches))]
+    def __init__(self, pool: KVPool, requests: list[RequestCache]) -> None:
+        self.caches = pool.batch(requests)

@@ -106,9 +106,14 @@ class RequestStore:
         return [rid for rid, s in self._states.items() if s.touched < cutoff]
 
     def drop(self, request_id: str) -> None:
-        self._states.pop(request_id, None)
+        """Forget a request and free its cache (its pool slot goes back to the pool)."""
+        state = self._states.pop(request_id, None)
+        if state is not None:
+            state.release()
 
     def clear(self) -> None:
+        for state in self._states.values():
+            state.release()
         self._states.clear()
 
     @property

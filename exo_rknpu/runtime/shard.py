@@ -16,7 +16,7 @@ import numpy as np
 from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.runtime.cache import BatchState, KVCache, RequestCache
+from exo_rknpu.runtime.cache import BatchState, KVCache, KVPool, RequestCache
 from exo_rknpu.runtime.inputs import RotaryTable
 from exo_rknpu.runtime.requests import RequestLimits, RequestStore
 from exo_rknpu.slices.graph import slice_weights
@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this modul
 
 log = logging.getLogger(__name__)
 
-# A batched step reads the caches up to the furthest request's position rounded up to this (few distinct shapes
-# for onnxruntime, little copied for short contexts)
-BATCH_SPAN_STEP = 32
+# Pooled caches (backends that batch) grow by this many positions: few distinct shapes for onnxruntime, and
+# attention reads little past the furthest request's position
+KV_POOL_STEP = 32
 SliceObserver = Callable[[SliceSpec, dict[str, np.ndarray], dict[str, np.ndarray]], None]
 HIDDEN_DTYPES = (np.float16, np.float32)
 
@@ -71,6 +71,15 @@ class Chunk:
 
     def output(self) -> np.ndarray:
         return self.st["x"][:, : self.real]
+
+
+@dataclass
+class BatchStep:
+    """One admitted decode step of a live request for a batch (ShardRunner.admit_step): nothing has moved yet."""
+
+    request_id: str
+    cache: RequestCache
+    x: np.ndarray  # one token id [1,1] (first shard) or one hidden state [1,1,H], checked
 
 
 @dataclass
@@ -184,6 +193,13 @@ class ShardRunner:
             return_freed_memory()
         self.rotary = RotaryTable(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
+        # on backends that batch, every request's caches live in one pool (a batched step reads them in place)
+        can_batch = (all(b.batches for b in self.backends.values())
+                     and all(s.kv_layout == "seq" for s in self.layer_specs))
+        self.pool: KVPool | None = None
+        if can_batch:
+            self.pool = KVPool([s.n_layers for s in self.layer_specs if s.has_attention], self.args.num_key_value_heads,
+                               self.args.head_dim, buckets.max_context, KV_POOL_STEP)
         self.on_slice = on_slice
         self.stats = ShardStats()
 
@@ -261,9 +277,14 @@ class ShardRunner:
         self.buckets.context_for(at + seq)
         cache = self.requests.admit(request_id) if start else self.requests.get(request_id)
         try:
+            capacity = None
+            if self.pool is not None:  # the pool grows once for the whole call: every chunk sees one capacity
+                if start:
+                    self.pool.acquire(cache)
+                capacity = self.pool.reserve(at + seq)
             chunks, done = [], 0
             for real, bucket in self.buckets.chunks(seq):
-                chunks.append(self._chunk(cache, x[:, done : done + real], at + done, real, bucket))
+                chunks.append(self._chunk(cache, x[:, done : done + real], at + done, real, bucket, capacity))
                 done += real
         except BaseException:
             if start:
@@ -273,9 +294,17 @@ class ShardRunner:
 
     @property
     def batches(self) -> bool:
-        """Whether every slice's backend runs a batch of requests in one call (Backend.batches), on the "seq"
-        cache layout (the one batched caches are stacked in)."""
-        return all(b.batches for b in self.backends.values()) and all(s.kv_layout == "seq" for s in self.layer_specs)
+        """Whether this shard runs a batch of requests' steps in one call: every slice's backend batches
+        (Backend.batches) on the "seq" cache layout, so the requests' caches live in one KVPool."""
+        return self.pool is not None
+
+    def unpool(self) -> None:
+        """Give each request its own cache arrays instead of a pool slot (and run batched steps one call after
+        another): for drivers that run several requests' calls at once from different threads
+        (runtime/stages.py), where the pool's growth would move a cache under a running call. Before any request."""
+        if len(self.requests):
+            raise RuntimeError("unpool() must come before any request is live on the shard")
+        self.pool = None
 
     def forward_batch(self, calls: list[tuple[str, np.ndarray]], logits: Literal["all", "last"] = "all") -> list[np.ndarray]:
         """One decode step of several live requests at once: each call is (request_id, one token id [1,1] or one
@@ -284,49 +313,60 @@ class ShardRunner:
         The requests' steps run as one batch through every slice (every weight read once for all of them), each
         row with its own position, mask and KV cache, so each output equals that request's lone step up to
         float32 summation order. Backends that do not batch run the calls one after another. Admission is all or
-        nothing: each call is admitted by `begin` (as `forward` would be), and one it refuses (not live here,
-        context full, malformed), or a request twice, raises before any request moves. The step commits every
-        call on success and rolls every one back on an error.
+        nothing: each call is admitted once (`admit_step`), and one it refuses (not live here, context full,
+        malformed), or a request twice, raises before any request moves. The step commits every call on success
+        and moves none on an error.
         """
-        if len(calls) == 1 or not self.batches:
-            return [self.forward(rid, x, logits, start=False) for rid, x in calls]
         if len({rid for rid, _ in calls}) != len(calls):
             raise TensorContractError("a batch holds one step per request; a request id appears twice")
         if any(np.shape(x)[1:2] != (1,) for _, x in calls):
             raise TensorContractError("a batched step takes exactly one token (or hidden state) per request")
-        admitted = [self.begin(rid, x, logits, start=False) for rid, x in calls]
-        try:
-            chunk = self._batch_chunk(admitted)
-            self.run_steps(chunk, self.body_specs)
-            out = chunk.st["x"]
-            if self.layer_range.is_last:
-                out = self._run(self.specs[-1], {"hidden": out})["logits"]  # one row per request: "all" = "last"
-        except BaseException:
-            for call in admitted:
-                call.rollback()
-            raise
-        for call in admitted:
-            call.commit()
-        return [out[b : b + 1] for b in range(len(admitted))]
+        return self.run_batch([self.admit_step(rid, x) for rid, x in calls], logits)
 
-    def _batch_chunk(self, calls: list[ShardCall]) -> Chunk:
-        """The batched chunk of one decode step of admitted one-token calls: row b is call b at its own position,
-        with its request's mask (RequestCache.mask) hiding the cache rows it has not written. Every cache grows to
-        the context bucket of the furthest request; the batch reads only the first `span` rows of them (a
-        multiple of BATCH_SPAN_STEP past the furthest position), which are all that hold keys: the stacked copy
-        and the attention over it stay proportional to what is used."""
-        positions = [c.at for c in calls]
-        capacity = self.buckets.context_for(max(positions) + 1)
-        for c in calls:
-            for kv in c.cache.caches:
-                kv.grow(capacity)
-        span = min(capacity, -(-max(positions) // BATCH_SPAN_STEP) * BATCH_SPAN_STEP)
+    def admit_step(self, request_id: str, x: np.ndarray) -> "BatchStep":
+        """Check one decode step of a live request for a batch, changing nothing: a malformed input or not one
+        token (TensorContractError), a request this shard holds no cache for (RequestStateError), a full context
+        (ContextOverflowError)."""
+        x = self.check_input(x)
+        if x.shape[1] != 1:
+            raise TensorContractError("a batched step takes exactly one token (or hidden state) per request")
+        cache = self.requests.get(request_id)
+        self.buckets.context_for(cache.pos + 1)
+        return BatchStep(request_id, cache, x)
+
+    def run_batch(self, steps: list["BatchStep"], logits: Literal["all", "last"] = "all") -> list[np.ndarray]:
+        """Run admitted steps (`admit_step`, distinct requests) as one batch; outputs in the order of `steps`.
+        On an error no request moves (rows a failed step wrote lie past its position: never read, overwritten)."""
+        if len({s.request_id for s in steps}) != len(steps):
+            raise TensorContractError("a batch holds one step per request; a request id appears twice")
+        if len(steps) == 1 or self.pool is None:
+            return [self.forward(s.request_id, s.x, logits, start=False) for s in steps]
+        # in slot order: requests in consecutive slots are read from the pool in place
+        order = sorted(range(len(steps)), key=lambda i: steps[i].cache.slot)
+        chunk = self._batch_chunk([steps[i] for i in order])
+        self.run_steps(chunk, self.body_specs)
+        out = chunk.st["x"]
+        if self.layer_range.is_last:
+            out = self._run(self.specs[-1], {"hidden": out})["logits"]  # one row per request: "all" = "last"
+        for i in order:
+            steps[i].cache.advance(1)
+        rows = [0] * len(steps)
+        for row, i in enumerate(order):
+            rows[i] = row
+        return [out[r : r + 1] for r in rows]
+
+    def _batch_chunk(self, steps: list["BatchStep"]) -> Chunk:
+        """The batched chunk of one decode step: row b is step b at its own position, with its request's mask
+        (RequestCache.mask) hiding the pool rows it has not written; the pool holds the furthest position."""
+        assert self.pool is not None
+        positions = [s.cache.pos for s in steps]
+        capacity = self.pool.reserve(max(positions) + 1)
         rotary = [self.rotary(p, 1) for p in positions]
         common = {"cos": np.concatenate([r["cos"] for r in rotary]), "sin": np.concatenate([r["sin"] for r in rotary]),
-                  "mask": np.concatenate([c.cache.mask(p, 1, span) for c, p in zip(calls, positions)])}
+                  "mask": np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])}
         key = "ids" if self.layer_range.is_first else "x"
-        st = {key: np.concatenate([c.chunks[0].st[key][:, :1] for c in calls])}
-        return Chunk(BatchState([c.cache for c in calls], span), positions, 1, span, st, common)
+        st = {key: np.concatenate([s.x for s in steps])}
+        return Chunk(BatchState(self.pool, [s.cache for s in steps]), positions, 1, capacity, st, common)
 
     @property
     def request_reserve_bytes(self) -> int:
@@ -385,12 +425,14 @@ class ShardRunner:
             self.on_slice(spec, inputs, outputs)
         return outputs
 
-    def _chunk(self, cache: RequestCache, x: np.ndarray, pos: int, real: int, bucket: int) -> Chunk:
-        """A bucket-shaped chunk of `real` tokens starting at position `pos`; allocates the request's caches on its
-        first chunk."""
+    def _chunk(self, cache: RequestCache, x: np.ndarray, pos: int, real: int, bucket: int,
+               capacity: int | None) -> Chunk:
+        """A bucket-shaped chunk of `real` tokens starting at position `pos`, its past `capacity` positions long
+        (None: the context bucket it needs); allocates the request's own caches on its first chunk."""
         a = self.args
         pad = bucket - real
-        capacity = self.buckets.context_for(pos + real)
+        if capacity is None:
+            capacity = self.buckets.context_for(pos + real)
         if not cache.caches:
             cache.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout)
                             for s in self.layer_specs if s.has_attention]

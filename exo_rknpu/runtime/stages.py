@@ -80,6 +80,7 @@ class StagedShard:
     (one request each). Same contract as ShardRunner.forward; a request may have one call in flight at a time."""
 
     def __init__(self, runner: ShardRunner) -> None:
+        runner.unpool()  # calls of several requests run at once here: each keeps its own cache arrays
         self.runner = runner
         self.stages = device_stages(runner)
         self.lock = threading.Lock()  # the request store and positions

@@ -37,15 +37,12 @@ class Ops(Protocol):
     def rotate_half(self, x: T, head_dim: int) -> T: ...  # cat(-x2, x1) on the last axis
     def concat(self, xs: list[T], axis: int) -> T: ...
     def take_layer(self, x: T, i: int) -> T: ...  # x[i:i+1] on axis 0
-    def attention(self, q: T, past_k: T, k: T, past_v: T, v: T, mask: T, scale: float, n_rep: int, kv_layout: str = "seq") -> T:
+    def attention(self, q: T, past_k: T, k: T, past_v: T, v: T, mask: T, scale: float, n_rep: int) -> T:
         """softmax(q K^T * scale + mask) V over K = [past_k, k], V = [past_v, v]; q head h uses kv head h // n_rep.
 
-        q [1,nh,S,hd]; k, v [1,kv,S,hd]; mask [1,1,S,C+S]; past [1,kv,C,hd] ("seq") or [1,kv,hd,C] ("dim");
-        returns [1,nh,S,hd].
+        q [1,nh,S,hd]; k, v [1,kv,S,hd]; mask [1,1,S,C+S]; past [1,kv,C,hd]; returns [1,nh,S,hd].
         """
         ...
-
-    def swap_last(self, x: T) -> T: ...  # transpose of the last two axes
 
     def embed(self, table: Weight, ids: T) -> T: ...
 
@@ -60,11 +57,11 @@ def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
-def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T], attn_in: dict[str, T] | None = None,
-             kv_layout: str = "seq") -> dict[str, T]:
+def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T],
+             attn_in: dict[str, T] | None = None) -> dict[str, T]:
     """Apply one part of a decoder layer (slices/spec.py PARTS) to the layer state `st` (updated in place).
 
-    The attention part also takes cos/sin/mask/past_k/past_v (`attn_in`) and adds k_new/v_new (cache layout)."""
+    The attention part also takes cos/sin/mask/past_k/past_v (`attn_in`) and adds k_new/v_new."""
     hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
     if part == "attn_norm":
         st["h"] = ops.rms_norm(st["x"], w.input_norm, a.rms_norm_eps)
@@ -73,6 +70,10 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
         st["q"], st["k"], st["v"] = ops.linears(h, [w.q_proj, w.k_proj, w.v_proj], [w.q_bias, w.k_bias, w.v_bias])
     elif part == "attention":
         assert attn_in is not None, "the attention part needs cos, sin, mask and the cache"
+        fused = getattr(ops, "cached_attention", None)
+        if fused is not None:
+            st["o"], st["k_new"], st["v_new"] = _cached_attention(ops, fused, a, w, st, attn_in)
+            return st
         cos, sin = attn_in["cos"], attn_in["sin"]
         q, k = ops.split_heads(st["q"], nh, hd), ops.split_heads(st["k"], nkv, hd)
         if w.q_norm is not None:  # qwen3: RMSNorm over head_dim of each q and k head, before RoPE
@@ -81,10 +82,8 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
             k = ops.rms_norm(k, w.k_norm, a.rms_norm_eps)
         q, k = rope(ops, q, cos, sin, hd), rope(ops, k, cos, sin, hd)
         v = ops.split_heads(st["v"], nkv, hd)
-        o = ops.attention(q, attn_in["past_k"], k, attn_in["past_v"], v, attn_in["mask"], hd**-0.5, a.n_rep, kv_layout)
+        o = ops.attention(q, attn_in["past_k"], k, attn_in["past_v"], v, attn_in["mask"], hd**-0.5, a.n_rep)
         st["o"] = ops.merge_heads(o, nh, hd)
-        if kv_layout == "dim":
-            k, v = ops.swap_last(k), ops.swap_last(v)
         st["k_new"], st["v_new"] = k, v
     elif part == "o_proj":
         st["x"] = ops.add(st["x"], ops.linear(st["o"], w.o_proj))
@@ -98,14 +97,28 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
     return st
 
 
+def _cached_attention(ops: Ops, fused: Any, a: ModelArgs, w: LayerWeights, st: dict[str, T], attn_in: dict[str, T]) -> tuple[T, T, T]:
+    """The attention part as one op that also extends the cache (onnxruntime's GroupQueryAttention, see
+    slices/onnx_export.py OnnxOps.cached_attention): rope, softmax(q K^T * scale) V over the cached and new
+    positions, and the new k/v written into the cache buffer. q/k/v stay [B,S,heads*hd]; qwen3's per-head norms
+    go through the head layout and back. Returns (o [B,S,nh*hd], the layer's cache after the call, keys and values)."""
+    hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
+    q, k = st["q"], st["k"]
+    if w.q_norm is not None:
+        q = ops.merge_heads(ops.rms_norm(ops.split_heads(q, nh, hd), w.q_norm, a.rms_norm_eps), nh, hd)
+    if w.k_norm is not None:
+        k = ops.merge_heads(ops.rms_norm(ops.split_heads(k, nkv, hd), w.k_norm, a.rms_norm_eps), nkv, hd)
+    return fused(q, k, st["v"], attn_in["past_k"], attn_in["past_v"], hd**-0.5)
+
+
 def attention_block(
-    ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: T, mask: T, past_k: T, past_v: T, kv_layout: str = "seq"
+    ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: T, mask: T, past_k: T, past_v: T
 ) -> tuple[T, T, T]:
-    """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new) with k/v in the cache layout."""
+    """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new)."""
     st: dict[str, T] = {"x": x}
     attn_in = {"cos": cos, "sin": sin, "mask": mask, "past_k": past_k, "past_v": past_v}
     for part in PARTS[:4]:
-        run_part(ops, a, w, part, st, attn_in, kv_layout)
+        run_part(ops, a, w, part, st, attn_in)
     return st["x"], st["k_new"], st["v_new"]
 
 
@@ -118,16 +131,20 @@ def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
 
 
 def layers_slice(
-    ops: Ops, a: ModelArgs, ws: list[LayerWeights], hidden: T, cos: T, sin: T, mask: T, past_k: T, past_v: T, kv_layout: str = "seq"
+    ops: Ops, a: ModelArgs, ws: list[LayerWeights], hidden: T, cos: T, sin: T, mask: T, past_k: T, past_v: T
 ) -> tuple[T, T, T]:
-    """A group of consecutive decoder layers; past_k/past_v hold one cache row per layer on axis 0."""
+    """A group of consecutive decoder layers; past_k/past_v hold one cache row per layer on axis 0. Returns
+    (x, k_new, v_new) with the new rows of every layer stacked on axis 0, or, when the ops extend each layer's
+    cache in place (`cached_attention`), lists of each layer's cache after the call."""
     ks, vs = [], []
     x = hidden
     for i, w in enumerate(ws):
-        x, k, v = attention_block(ops, a, w, x, cos, sin, mask, ops.take_layer(past_k, i), ops.take_layer(past_v, i), kv_layout)
+        x, k, v = attention_block(ops, a, w, x, cos, sin, mask, ops.take_layer(past_k, i), ops.take_layer(past_v, i))
         x = mlp_block(ops, a, w, x)
         ks.append(k)
         vs.append(v)
+    if getattr(ops, "cached_attention", None) is not None:  # each layer's cache was extended in place: one per layer
+        return x, ks, vs
     k_new = ks[0] if len(ks) == 1 else ops.concat(ks, axis=0)
     v_new = vs[0] if len(vs) == 1 else ops.concat(vs, axis=0)
     return x, k_new, v_new
@@ -150,7 +167,7 @@ def run_slice(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dict[str
     if not spec.whole:
         return _partial_layer(ops, spec, weights, inputs)
     ws = [weights.layers[i] for i in range(spec.start, spec.stop)]
-    x, k, v = layers_slice(ops, a, ws, *(inputs[n] for n in ("hidden", "cos", "sin", "mask", "past_k", "past_v")), spec.kv_layout)
+    x, k, v = layers_slice(ops, a, ws, *(inputs[n] for n in ("hidden", "cos", "sin", "mask", "past_k", "past_v")))
     return {"hidden_out": x, "k_new": k, "v_new": v}
 
 
@@ -164,7 +181,7 @@ def _partial_layer(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dic
         attn_in.update({n: ops.take_layer(inputs[n], 0) for n in ("past_k", "past_v")})
     w = weights.layers[spec.start]
     for part in spec.parts:
-        run_part(ops, weights.args, w, part, st, attn_in, spec.kv_layout)
+        run_part(ops, weights.args, w, part, st, attn_in)
     out = {state_name(k, output=True): st[k] for k in spec.state_outputs()}
     if spec.has_attention:
         out.update({"k_new": st["k_new"], "v_new": st["v_new"]})
@@ -219,12 +236,7 @@ class NumpyOps:
     def take_layer(self, x, i):
         return x[i] if x.ndim == 5 else x[i : i + 1]  # [n,B,kv,C,hd]: a batch of requests' caches
 
-    def swap_last(self, x):
-        return np.swapaxes(x, -1, -2)
-
-    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep, kv_layout="seq"):
-        if kv_layout == "dim":
-            past_k, past_v = self.swap_last(past_k), self.swap_last(past_v)
+    def attention(self, q, past_k, k, past_v, v, mask, scale, n_rep):
         k = np.repeat(np.concatenate([past_k, k], axis=2), n_rep, axis=1)
         v = np.repeat(np.concatenate([past_v, v], axis=2), n_rep, axis=1)
         s = (q @ k.transpose(0, 1, 3, 2)) * np.float32(scale) + mask

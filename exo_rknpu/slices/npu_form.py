@@ -35,7 +35,7 @@ from exo_rknpu.slices.spec import PARTS, SliceSpec, npu_input_shapes, npu_output
 
 def compiler_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
     """The ONNX model the RKNN compiler gets for `spec`: the NPU form for layer slices in the "npu" KV layout,
-    slices/onnx_export.build_onnx otherwise (the embedding, the head, and the "seq"/"dim" layouts)."""
+    slices/onnx_export.build_onnx otherwise (the embedding, the head, and the "seq" layout)."""
     from exo_rknpu.slices.onnx_export import build_onnx
 
     if spec.kind == "layers" and spec.kv_layout == "npu":

@@ -11,9 +11,8 @@ The KV cache is an explicit input/output of layer slices, because the NPU only r
 
 S is a prefill/decode bucket, C a context bucket. The host owns the cache and writes k_new/v_new into it.
 
-kv_layout "dim" stores the cache transposed, past_k/past_v [n,kv,hd,C] and k_new/v_new [n,kv,hd,S]: the NPU's
-attention kernel wants keys and values that way, and rknn-toolkit2 puts a Transpose of a [C+S, hd] tensor on the
-CPU once C+S times hd passes 8192 (measured: every prefill bucket of a 64-wide head). CPUs use "seq".
+kv_layout "seq" is the form above (the CPU backends); "npu" is the NPU's own form (slices/npu_form.py: float16,
+keys transposed, the layers' caches stacked), which its compiled graphs take without a conversion.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ PART_WRITES: dict[str, tuple[str, ...]] = {"attn_norm": ("h",), "qkv": ("q", "k"
                                            "o_proj": ("x",), "mlp_norm": ("h",), "ffn": ("x",)}
 # cache rows [.., C, hd], transposed [.., hd, C], or the NPU form (slices/npu_form.py): float16 keys [n*kv, hd, C],
 # values [n*kv, C, hd], and the slice's other inputs as the compiled graph takes them
-KVLayout = Literal["seq", "dim", "npu"]
+KVLayout = Literal["seq", "npu"]
 NPU_DTYPE = "float16"  # the dtype of every input and output of a slice in the NPU form (what RKNN records)
 
 # Value used for masked attention positions: finite so fp16 graphs never see inf - inf.
@@ -213,7 +212,7 @@ class SliceSpec:
         if self.kv_layout == "npu":
             return npu_input_shapes(self, args, seq, ctx)
         n = self.n_layers
-        cache = (n, kv, ctx, hd) if self.kv_layout == "seq" else (n, kv, hd, ctx)
+        cache = (n, kv, ctx, hd)
         out = {state_name(k): (1, seq, state_width(args, k)) for k in self.state_inputs()}
         if self.has_attention:
             out.update({"cos": (1, 1, seq, hd), "sin": (1, 1, seq, hd), "mask": (1, 1, seq, ctx + seq),
@@ -229,7 +228,7 @@ class SliceSpec:
         if self.kv_layout == "npu":
             return npu_output_shapes(self, args, seq)
         n = self.n_layers
-        new = (n, kv, seq, hd) if self.kv_layout == "seq" else (n, kv, hd, seq)
+        new = (n, kv, seq, hd)
         out = {state_name(k, output=True): (1, seq, state_width(args, k)) for k in self.state_outputs()}
         if self.has_attention:
             out.update({"k_new": new, "v_new": new})
@@ -255,19 +254,16 @@ def state_width(args: ModelArgs, key: str) -> int:
 
 
 def to_kv_layout(inputs: dict, layout: KVLayout) -> dict:
-    """A layer slice's inputs (seq layout, as the CPU backends see them) in `layout`: past_k/past_v transposed for
-    "dim"; for "npu" the cache as the host keeps it in that form (float16 keys [n*kv, hd, C], values [n*kv, C, hd])."""
+    """A layer slice's inputs (seq layout, as the CPU backends see them) in `layout`: for "npu" the cache as the
+    host keeps it in that form (float16 keys [n*kv, hd, C], values [n*kv, C, hd])."""
     if layout == "seq" or "past_k" not in inputs:
         return inputs
     out = dict(inputs)
     for name in ("past_k", "past_v"):
         past = inputs[name]
-        if layout == "dim":
-            out[name] = past.swapaxes(-1, -2).copy()
-        else:
-            n, kv, c, hd = past.shape
-            rows = past.swapaxes(-1, -2) if name == "past_k" else past
-            out[name] = rows.reshape(n * kv, *rows.shape[2:]).astype(NPU_DTYPE)
+        n, kv, c, hd = past.shape
+        rows = past.swapaxes(-1, -2) if name == "past_k" else past
+        out[name] = rows.reshape(n * kv, *rows.shape[2:]).astype(NPU_DTYPE)
     return out
 
 

@@ -86,3 +86,36 @@ def test_a_batch_that_fails_midway_moves_no_request_and_a_retry_gives_the_lone_a
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     assert [batch.requests.get(f"r{i}").pos for i in range(3)] == [len(p) + 1 for p in PROMPTS]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "numpy"])
+def test_requests_keep_their_answers_when_others_end_and_batches_take_any_subset(tiny_llama, backend):
+    """The requests' caches share one pool (a slot each, consecutive slots read in place): a request that ends in
+    the middle hands its slot to the last one, and a batch of requests in slots that are not consecutive is read
+    through a gathered copy; every request still gets exactly its lone greedy tokens."""
+    (lone,), (batch,) = _shards(tiny_llama, backend), _shards(tiny_llama, backend)
+    prompts = PROMPTS + [[8, 8, 9], [300, 2]]
+    want, got = {}, {}
+    for shard, seqs in ((lone, want), (batch, got)):
+        for i, p in enumerate(prompts):
+            seqs[i] = [int(shard.forward(f"r{i}", np.array([p]))[0, -1].argmax())]
+
+    def step(which: list[int]) -> None:
+        for i in which:
+            want[i].append(int(lone.forward(f"r{i}", np.array([[want[i][-1]]]), start=False)[0, -1].argmax()))
+        outs = batch.forward_batch([(f"r{i}", np.array([[got[i][-1]]])) for i in which])
+        for i, out in zip(which, outs):
+            got[i].append(int(out[0, -1].argmax()))
+
+    step([0, 1, 2, 3, 4])
+    batch.drop("r1")  # the last request moves into r1's slot
+    lone.drop("r1")
+    assert sorted(batch.requests.get(f"r{i}").slot for i in (0, 2, 3, 4)) == [0, 1, 2, 3]
+    step([4, 2, 0, 3])  # every live request, in any order
+    step([0, 3])  # slots 0 and 2: not consecutive
+    step([3, 4, 2])
+    del want[1], got[1]
+    assert got == want
+    for i in (0, 2, 3, 4):
+        batch.drop(f"r{i}")
+    assert batch.pool.slots == 0  # the last request's end frees the pool

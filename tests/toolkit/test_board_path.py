@@ -223,7 +223,7 @@ def _one_line_with_command(e: pytest.ExceptionInfo, layers: str) -> None:
     ("weights_digest", "0" * 64, "content address"),
     ("model_fingerprint", "f" * 64, "another model"),
     ("exporter_version", "0123456789abcdef", "another version of the slice graph"),
-    ("slice", {"name": "layers.1", "kind": "layers", "start": 1, "stop": 2, "blocks": ["attn", "mlp"], "kv_layout": "dim"},
+    ("slice", {"name": "layers.1", "kind": "layers", "start": 1, "stop": 2, "blocks": ["attn", "mlp"], "kv_layout": "seq"},
      "kv_layout"),
 ])
 def test_edited_manifest_facts_are_refused_with_the_compile_command(board, load_only, field, value, match):
