@@ -11,7 +11,7 @@ from exo_rknpu.model.loader import load_args
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing
 from exo_rknpu.runtime.sampling import Sampler
-from exo_rknpu.runtime.session import open_shard
+from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.slices.spec import Buckets
 
 model, out = sys.argv[1], sys.argv[2]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import uuid
@@ -35,12 +34,16 @@ def prepared_key(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def sha256_mapped(path: Path) -> str:
-    """sha256 of a file through a read-only mapping: the bytes are hashed where they lie, never copied."""
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file read through one reused buffer: unlike hashing a mapping of it, the file's pages never count
+    in this process's resident memory (a prepared slice is hundreds of MB, checked while the shard's weights are
+    loaded: a mapping made the check the load's peak)."""
     h = hashlib.sha256()
-    if path.stat().st_size:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            h.update(m)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -74,7 +77,7 @@ class PreparedCache:
             raise ArtifactError(f"{folder} holds key {m.get('key')}, not {key}")
         for name, rec in m.get("files", {}).items():
             p = folder / name
-            if not p.is_file() or p.stat().st_size != rec.get("bytes") or sha256_mapped(p) != rec.get("sha256"):
+            if not p.is_file() or p.stat().st_size != rec.get("bytes") or sha256_file(p) != rec.get("sha256"):
                 raise ArtifactError(f"{p} does not match its manifest (modified, truncated or missing)")
         if set(m.get("files", {})) != {MODEL_FILE, WEIGHTS_FILE}:
             raise ArtifactError(f"{folder}: manifest lists {sorted(m.get('files', {}))}")

@@ -21,19 +21,14 @@ from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
-from exo_rknpu.model.quant import (QTensor, Weight, compact, cpu_independent, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8,
-                                   resolve_bits)
-from exo_rknpu.model.weights import LayerWeights, ShardWeights
+from exo_rknpu.model.quant import (QTensor, Weight, compact, form_for, from_gguf_blocks, q4_1_exact, q4_1_to_int4,
+                                   q4_1_to_int8, q6_k_exact)
+from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 
 
 _MAGIC = b"GGUF"
 # GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-# What --weights auto keeps each GGUF type as: the file's own values, multiplied in float32 (the same answers on
-# every CPU). Q4_0 stays 4-bit blocks exactly (onnxruntime multiplies them with float32 activations); every
-# other type is widened to float32: onnxruntime has no float32-activation kernel for 8-bit blocks (its fallback
-# measured 20x slower than float32), and Q4_1, K-quants and floats have no exact integer-zero-point 4-bit form.
-AUTO_BITS = {"Q4_0": 4}
 _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
@@ -182,22 +177,42 @@ class GGUFFile:
         return np.memmap(self.path, np.uint8, "r", t.offset, (*shape[:-1], shape[-1] // block * size))
 
     def linear(self, name: str, mode: str) -> Weight:
-        """A [out, in] matrix in the form `mode` asks for (see quant.py): Q4_0/Q8_0 blocks are mapped when the mode
-        keeps their width, every other type is widened (one tensor at a time) and quantized, or kept float32."""
+        """A [out, in] matrix in the form `mode` asks for (quant.py; docs/design.md#weights): Q4_0, Q4_1, Q8_0 and
+        Q6_K blocks are kept exactly under auto (multiplied with float32 activations), and Q4_0/Q8_0 under the int
+        mode of their width; every other type is widened (a few rows at a time) and quantized, or kept float32."""
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
-        qname = t.qtype.name
-        bits = resolve_bits(mode, AUTO_BITS.get(qname))
-        shape = tuple(reversed(t.dims))
-        if len(shape) == 2 and (qname, bits) in (("Q4_0", 4), ("Q8_0", 8)):
-            return from_gguf_blocks(self.raw(name), qname, shape, cpu_independent(mode))  # type: ignore[arg-type]
-        if len(shape) == 2 and qname == "Q4_1" and bits in (4, 8):
-            return (q4_1_to_int4 if bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
-        if bits is None or len(shape) != 2:
+        qname, shape, form = t.qtype.name, tuple(reversed(t.dims)), form_for(mode)
+        if len(shape) != 2 or form.bits is None:
             return self.tensor(name)
+        if mode == "auto" and qname in ("Q4_0", "Q8_0"):
+            return from_gguf_blocks(self.raw(name), qname, shape, fp32_activations=True)  # type: ignore[arg-type]
+        if mode == "auto" and qname == "Q4_1":
+            return q4_1_exact(self.raw(name), shape)  # type: ignore[arg-type]
+        if mode == "auto" and qname == "Q6_K":
+            return q6_k_exact(self.raw(name), shape, lambda rows: dequantize(rows, t.qtype))  # type: ignore[arg-type]
+        if (qname, form.bits) in (("Q4_0", 4), ("Q8_0", 8)):
+            return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
+        if qname == "Q4_1":
+            return (q4_1_to_int4 if form.bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
         # widened a few rows at a time while quantizing: no float32 copy of the whole matrix
-        return compact(_WidenedRows(self.raw(name), t.qtype, shape), bits, f"{qname} -> int{bits}")  # type: ignore[arg-type]
+        return compact(_WidenedRows(self.raw(name), t.qtype, shape), form, f"{qname} -> int{form.bits}")  # type: ignore[arg-type]
+
+    def table(self, name: str) -> RowTable:
+        """A [rows, cols] tensor left in the mapped file; looked-up rows are widened by gguf's own dequantizer."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        qtype = t.qtype
+
+        def widen(rows: np.ndarray) -> np.ndarray:
+            try:
+                return dequantize(rows, qtype)
+            except NotImplementedError as e:
+                raise UnsupportedModelError(f"tensor {name!r} in {self.path}: {e}") from None
+
+        return RowTable(self.raw(name), widen, tuple(reversed(t.dims)), f"{qtype.name} (mapped)")  # type: ignore[arg-type]
 
     def digest(self) -> bytes:
         """Cheap identity: the tensor table (name, dims, type, offset) -- no tensor bytes are hashed."""
@@ -319,12 +334,15 @@ def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelA
         if progress is not None:
             progress(i)
     want_embed, embed, norm, head = embed, None, None, None
+    mapped = form_for(weights).mapped_embedding
     if layer_range.is_first and want_embed:
-        embed = check_shape(registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path)
+        embed = check_shape(registry.GGUF_EMBED, g.table(registry.GGUF_EMBED) if mapped else
+                            g.linear(registry.GGUF_EMBED, weights), vh, g.path)
     if layer_range.is_last and layers:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
-            head = embed if embed is not None else check_shape(
+            # tied: the head is the embedding object, unless the embedding stays mapped (then the head is compact)
+            head = embed if embed is not None and not mapped else check_shape(
                 registry.GGUF_EMBED, g.linear(registry.GGUF_EMBED, weights), vh, g.path
             )
         else:

@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs, RopeScaling
-from exo_rknpu.model.quant import Weight, compact, resolve_bits
-from exo_rknpu.model.weights import LayerWeights, ShardWeights
+from exo_rknpu.model.quant import Weight, compact, form_for
+from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -248,7 +248,9 @@ class _MappedRows:
         self.data = np.memmap(path, dt, "r", header_len + begin, self.shape)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        a = np.asarray(self.data[rows])
+        return self.widen(np.asarray(self.data[rows]))
+
+    def widen(self, a: np.ndarray) -> np.ndarray:
         return bf16_to_f32(a) if self.bf16 else a.astype(np.float32)
 
 
@@ -280,6 +282,13 @@ class TensorSource:
             if info is not None and info.get("dtype") in _ROW_DTYPES and len(info.get("shape", ())) == 2:
                 return _MappedRows(f.path, f.header_len, info)
         return self.get(name)
+
+    def table(self, name: str) -> "RowTable | np.ndarray":
+        """A float matrix left in the mapped file, rows widened when looked up (else the tensor as float32)."""
+        rows = self.rows(name)
+        if isinstance(rows, _MappedRows):
+            return RowTable(rows.data, rows.widen, rows.shape, "mapped")  # type: ignore[arg-type]
+        return rows
 
     def get(self, name: str) -> np.ndarray:
         fname = self.map.get(name)
@@ -319,9 +328,6 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 # LayerWeights fields that are linear weights [out, in] (compact under --weights int4/int8); the rest stay float32.
 LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# What --weights auto means for Hugging Face float checkpoints: float32 (the checkpoint's own values, multiplied in
-# float32: the same answers on every CPU; int4/int8 quantize, and let onnxruntime quantize activations too).
-HF_AUTO_BITS = None
 
 
 def check_shape(name: str, a: Any, shape: tuple[int, ...], where: object) -> np.ndarray:
@@ -346,18 +352,19 @@ def layer_fields(args: ModelArgs) -> list[str]:
 def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, weights: str = "fp32",
                   layers: bool = True, embed: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
     """Load only what `layer_range` needs from an HF folder, linear weights in the form `weights` asks for
-    (quant.py; auto = float32). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
+    (quant.py, `form_for`). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
     loader sets it). layers=False: the embedding only (first shard); no file holding only layer or head tensors
     is opened."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
     vh = (args.vocab_size, args.hidden_size)
-    bits = resolve_bits(weights, HF_AUTO_BITS)
+    form = form_for(weights)
 
     def linear(name: str, shape: tuple[int, ...]) -> Weight:
         # quantized a few rows at a time: a bf16 matrix never exists whole as float32 (the 1B embedding is 1 GB)
-        return compact(check_shape(name, src.get(name) if bits is None else src.rows(name), shape, folder), bits)
+        rows = src.get(name) if form.bits is None else src.rows(name)
+        return compact(check_shape(name, rows, shape, folder), form)
 
     with TensorSource(folder) as src:
         loaded: dict[int, LayerWeights] = {}
@@ -371,12 +378,13 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
                 progress(i)
         want_embed, embed, norm, head = embed, None, None, None
         if layer_range.is_first and want_embed:
-            embed = linear(registry.HF_EMBED, vh)
+            embed = check_shape(registry.HF_EMBED, src.table(registry.HF_EMBED), vh, folder) if form.mapped_embedding \
+                else linear(registry.HF_EMBED, vh)
         if layer_range.is_last and layers:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
             if args.tie_word_embeddings:
-                # Tied: the head *is* the embedding; never keep two copies.
-                head = embed if embed is not None else linear(registry.HF_EMBED, vh)
+                # Tied: the head *is* the embedding (no second copy), unless the embedding stays mapped in the file
+                head = embed if embed is not None and not form.mapped_embedding else linear(registry.HF_EMBED, vh)
             else:
                 head = linear(registry.HF_HEAD, vh)
     return ShardWeights(args=args, layer_range=layer_range, layers=loaded, embed_tokens=embed,

@@ -8,21 +8,35 @@ the one onnxruntime's `MatMulNBits` (com.microsoft) takes, so the onnx backend h
   scales       float32 [N, K/block]
   zero_points  uint8 [N, ceil(K/block/2)] (4-bit, two per byte, low nibble first) or [N, K/block] (8-bit);
                None means the default 2**(bits-1) (8 for 4-bit, 128 for 8-bit)
+  mins         float32 [N, K/block] or None: a per-block offset, element = (code - zero_point) * scale + min
+               (GGUF Q4_1 kept exactly; the onnx export adds min . blocksum(x) to MatMulNBits' result)
 
 GGUF Q4_0 and Q8_0 blocks map onto this without re-quantizing (`from_gguf_blocks`): Q4_0 is value = d*(q-8) with
 q in 0..15, i.e. scale d, zero point 8 (only the nibble order is rearranged); Q8_0 is value = d*q with q an int8,
-i.e. code q+128 with zero point 128. The fp16 scale d widens to float32 exactly. Everything else is quantized
-from float32 by `quantize` (asymmetric min/max per block, zero always representable; see its docstring).
+i.e. code q+128 with zero point 128; Q4_1 is value = d*q + m, i.e. scale d, zero point 0, min m (`q4_1_exact`).
+The fp16 scale d widens to float32 exactly. Everything else is quantized from float32 by `quantize` (asymmetric
+min/max per block, zero always representable; see its docstring).
+
+What each `--weights` mode makes of each source is decided in one place, `form_for` (+ `from_gguf` for GGUF's
+exact block types); docs/design.md#weights has the table.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
 BLOCK = 32  # block size for quantizing at load (GGUF's block size; MatMulNBits accepts 16..256, powers of two)
+# auto's 8-bit blocks quantized from float sources: 64 elements per float32 scale keeps them at 1.14 bytes per weight
+# in onnxruntime's form (split8: two scales per block), against 1.27 at 32; an 8-bit step of a 64-element block is
+# still 1/255 of its range
+AUTO_BLOCK = 64
+# auto's largest form in onnxruntime: GGUF Q6_K's 8-bit blocks of 16 split into two 4-bit blocks (split8): a byte of
+# codes, two float32 scales and two 4-bit zero points per 16 weights (Q8_0: 1.28 per weight, float sources 1.14)
+AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 16 + 2 * 0.5 / 16
 WEIGHT_MODES = ("auto", "int4", "int8", "fp32")
 _ROWS_PER_STEP = 1 << 22  # elements widened at a time (16 MB of float32): bounds temporaries while converting
 
@@ -41,6 +55,7 @@ class QTensor:
     # Multiplied with float32 activations (the same answers on every CPU, up to float32 rounding) rather than
     # activations quantized to int8 inside the kernel (faster, but rounded differently per instruction set).
     fp32_activations: bool = False
+    mins: np.ndarray | None = None  # float32 [N, n_blocks]: element = (code - zero_point) * scale + min
 
     def __post_init__(self) -> None:
         n, k = self.shape
@@ -49,6 +64,8 @@ class QTensor:
             raise ValueError(f"blocks {self.blocks.shape} {self.blocks.dtype} do not fit a {self.bits}-bit {self.shape} matrix")
         if self.scales.shape != (n, nb) or self.scales.dtype != np.float32:
             raise ValueError(f"scales {self.scales.shape} {self.scales.dtype} do not fit {self.shape} in blocks of {self.block_size}")
+        if self.mins is not None and (self.mins.shape != self.scales.shape or self.mins.dtype != np.float32):
+            raise ValueError(f"mins {self.mins.shape} {self.mins.dtype} do not fit scales {self.scales.shape}")
 
     @property
     def n_blocks(self) -> int:
@@ -56,7 +73,7 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.blocks.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+        return sum(a.nbytes for a in (self.blocks, self.scales, self.zero_points, self.mins) if a is not None)
 
     @property
     def dtype(self) -> str:
@@ -77,6 +94,8 @@ class QTensor:
         b = self.blocks[rows]
         codes = np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], b.shape[1], -1) if self.bits == 4 else b
         w = (codes.astype(np.float32) - self._zeros(rows)[..., None]) * self.scales[rows][..., None]
+        if self.mins is not None:
+            w += self.mins[rows][..., None]
         return w.reshape(b.shape[0], -1)[:, : self.shape[1]]
 
     def dequantize(self) -> np.ndarray:
@@ -103,13 +122,14 @@ class QTensor:
     def take_rows(self, order: np.ndarray) -> "QTensor":
         """The same matrix with its rows reordered (a permutation of output features; codes are untouched)."""
         zp = None if self.zero_points is None else self.zero_points[order]
-        return replace(self, blocks=self.blocks[order], scales=self.scales[order], zero_points=zp)
+        mins = None if self.mins is None else self.mins[order]
+        return replace(self, blocks=self.blocks[order], scales=self.scales[order], zero_points=zp, mins=mins)
 
     def hash_into(self, h: "hashlib._Hash") -> None:
         """Feed layout and bytes to a hash without copying them."""
         h.update(f"q{self.bits}:{self.shape}:{self.block_size}:{self.zero_points is not None}:"
-                 f"{self.fp32_activations};".encode())
-        for a in (self.blocks, self.scales, self.zero_points):
+                 f"{self.fp32_activations}:{self.mins is not None};".encode())
+        for a in (self.blocks, self.scales, self.zero_points, self.mins):
             if a is not None:
                 h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
 
@@ -122,7 +142,7 @@ def pack4(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = "") -> QTensor:
+def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = "", fp32_activations: bool = False) -> QTensor:
     """Quantize float [N, K] (K a multiple of block_size) to `bits` (4 or 8), per block of `block_size` along K.
 
     Rule: lo = min(block, 0), hi = max(block, 0), scale = (hi - lo) / (2**bits - 1), zero point = round(-lo/scale),
@@ -152,7 +172,7 @@ def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = ""
         scales[r : r + step] = s
         zeros[r : r + step] = z
     zp = pack4(np.pad(zeros, ((0, 0), (0, nb % 2)))) if bits == 4 else zeros
-    return QTensor(bits, (n, k), block_size, blocks, scales, zp, origin or f"float -> int{bits}")
+    return QTensor(bits, (n, k), block_size, blocks, scales, zp, origin or f"float -> int{bits}", fp32_activations)
 
 
 def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int], fp32_activations: bool = False) -> QTensor:
@@ -240,16 +260,95 @@ def q4_1_to_int4(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
     return QTensor(4, shape, 32, pack4(codes), scales, zp, "Q4_1 -> int4 (codes and scales kept, zero point rounded)")
 
 
+def q4_1_exact(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
+    """GGUF Q4_1 rows -> 4-bit blocks holding exactly the stored values (what --weights auto does): codes and
+    scale d as stored, zero point 0, and the block's m as `mins` (value = d*q + m). Multiplied with float32
+    activations: MatMulNBits takes only integer zero points at full speed, so the export adds m . blocksum(x)."""
+    codes, d, m = _q4_1_parts(raw, shape)
+    n, nb = d.shape
+    zeros = np.zeros((n, -(-nb // 2)), np.uint8)
+    return QTensor(4, shape, 32, pack4(codes), d, zeros, "Q4_1 (exact)", True, m)
+
+
+def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndarray], np.ndarray]) -> QTensor:
+    """GGUF Q6_K rows -> 8-bit blocks of 16 holding exactly the stored values (what --weights auto does).
+
+    Q6_K: super-blocks of 256 = 16 sub-blocks of 16, value = d * sc_j * (q - 32) with q 6-bit, sc_j int8, d fp16:
+    code q, zero point 32, scale d*sc_j (exact in float32: 11 + 8 bits). The codes are read back from `widen` (the
+    format's reference decoder, a few rows at a time) and checked to reproduce its values exactly.
+    """
+    n, k = shape
+    nsb = k // 16
+    b = raw.reshape(n, k // 256, 210)  # ql[128], qh[64], int8 scales[16], fp16 d
+    scales = (b[..., 208:210].copy().view(np.float16).astype(np.float32) * b[..., 192:208].view(np.int8)).reshape(n, nsb)
+    codes = np.empty((n, nsb, 16), np.uint8)
+    step = max(1, _ROWS_PER_STEP // max(1, k))
+    for r in range(0, n, step):
+        v = np.asarray(widen(np.asarray(raw[r : r + step])), np.float32).reshape(-1, nsb, 16)
+        s = scales[r : r + step, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(s != 0, np.rint(v / s), 0)
+        if not np.array_equal(q * s, v) or q.min(initial=0) < -32 or q.max(initial=0) > 31:
+            raise ValueError("Q6_K blocks do not decode as d*sc*(q-32); cannot keep them exactly")
+        codes[r : r + step] = (q + 32).astype(np.uint8)
+    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 32, np.uint8), "Q6_K (exact)", True)
+
+
+def split8(w: QTensor) -> QTensor:
+    """An 8-bit QTensor as a 4-bit one over K doubled, equal in real arithmetic (for MatMulNBits' float32-activation
+    kernel, which onnxruntime 1.32 has for 4-bit blocks only: 8-bit ones dequantize the whole matrix per call).
+
+    Code c = 16h + l and zero point z = 16zh + zl give (c - z)s = (h - zh)(16s) + (l - zl)s, so
+    x @ W.T = concat(x, x) @ W4.T, W4's blocks being [high nibbles of every block | low nibbles] with scales
+    [16s | s] and zero points [zh | zl]. 16s is exact in float32. Made a bounded number of rows at a time.
+    """
+    if w.bits != 8 or w.mins is not None or w.shape[1] != w.n_blocks * w.block_size:
+        raise ValueError(f"split8 takes plain 8-bit blocks filling K, not {w.origin} ({w.bits}-bit {w.shape})")
+    n, k = w.shape
+    nb, half = w.n_blocks, w.block_size // 2
+    blocks = np.empty((n, 2 * nb, half), np.uint8)
+    scales = np.empty((n, 2 * nb), np.float32)
+    zeros = np.empty((n, nb), np.uint8)  # two 4-bit zero points per byte: [zh | zl] over 2*nb blocks
+    step = max(1, _ROWS_PER_STEP // max(1, k))
+    for r in range(0, n, step):
+        c = w.blocks[r : r + step]
+        blocks[r : r + step, :nb] = pack4(c >> 4)
+        blocks[r : r + step, nb:] = pack4(c & 15)
+        s = w.scales[r : r + step]
+        scales[r : r + step, :nb] = s * np.float32(16)
+        scales[r : r + step, nb:] = s
+        z = np.full(s.shape, 128, np.uint8) if w.zero_points is None else w.zero_points[r : r + step]
+        zeros[r : r + step] = pack4(np.concatenate([z >> 4, z & 15], axis=1))
+    return QTensor(4, (n, 2 * k), w.block_size, blocks, scales, zeros, f"{w.origin} as 4-bit over 2K", w.fp32_activations)
+
+
+@dataclass(frozen=True)
+class Form:
+    """How a linear weight is stored: `bits` (None: float32), its block size, and whether it is multiplied with
+    float32 activations (QTensor.fp32_activations); `mapped_embedding`: the embedding stays in the model file and
+    only looked-up rows are widened (weights.RowTable) instead of being loaded in this form."""
+
+    bits: int | None
+    block_size: int = BLOCK
+    fp32_activations: bool = False
+    mapped_embedding: bool = False
+
+
+def form_for(mode: str) -> Form:
+    """The form `mode` gives a source with no exact block form (HF floats, GGUF K-quants and floats; GGUF Q4_0,
+    Q4_1 and Q8_0 keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
+    multiplied with float32 activations -- the same answers on every CPU, within half an 8-bit step of the
+    source's values, at ~1.14 bytes per weight in onnxruntime -- and the embedding left in the file (its rows
+    exact)."""
+    return {"fp32": Form(None), "int4": Form(4), "int8": Form(8),
+            "auto": Form(8, AUTO_BLOCK, True, mapped_embedding=True)}[check_mode(mode)]
+
+
 def check_mode(mode: str) -> str:
     """Validate a --weights value (one-line error for anything else)."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weights mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
     return mode
-
-
-def resolve_bits(mode: str, auto_bits: int | None) -> int | None:
-    """Bits a linear weight is stored with under `mode` (None: float32); `auto_bits` is what 'auto' means for its source."""
-    return {"fp32": None, "int4": 4, "int8": 8}.get(check_mode(mode), auto_bits)
 
 
 def cpu_independent(mode: str) -> bool:
@@ -259,9 +358,9 @@ def cpu_independent(mode: str) -> bool:
     return check_mode(mode) in ("auto", "fp32")
 
 
-def compact(w: np.ndarray, bits: int | None, origin: str = "") -> Weight:
-    """float [N, K] -> QTensor with `bits`, or float32 if bits is None or K is not a multiple of the block size.
+def compact(w: np.ndarray, form: Form, origin: str = "") -> Weight:
+    """float [N, K] -> QTensor in `form`, or float32 if form.bits is None or K is not a multiple of its block size.
     `w` may be anything with .shape that yields float rows when sliced (read a few rows at a time)."""
-    if bits is None or w.shape[-1] % BLOCK:
+    if form.bits is None or w.shape[-1] % form.block_size:
         return np.asarray(w[:], dtype=np.float32)
-    return quantize(w, bits, BLOCK, origin)
+    return quantize(w, form.bits, form.block_size, origin, form.fp32_activations)

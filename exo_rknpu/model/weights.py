@@ -5,11 +5,44 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import QTensor, Weight
+
+
+@dataclass
+class RowTable:
+    """An embedding table left where it is stored (a read-only mapping of the model file): `rows` widens only the
+    gathered rows to float32 with the source format's own decoder, so a lookup gives exactly the stored values and
+    only the pages of the rows looked up become resident. What --weights auto keeps the embedding as (a tied head
+    is loaded as its own compact linear for onnxruntime)."""
+
+    stored: np.ndarray  # [V, bytes or elements per row]: the file's own bytes (np.memmap)
+    widen: Callable[[np.ndarray], np.ndarray]  # stored rows [n, ...] -> float32 [n, H]
+    shape: tuple[int, int]
+    origin: str = ""
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (any integer shape) as float32 [*ids.shape, H]."""
+        ids = np.asarray(ids)
+        flat = np.asarray(self.stored[ids.reshape(-1)])
+        return np.asarray(self.widen(flat), np.float32).reshape(*ids.shape, self.shape[1])
+
+    def dequantize(self) -> np.ndarray:
+        """The whole table as float32 (a new array; for the float paths that need one)."""
+        return self.rows(np.arange(self.shape[0]))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes mapped (resident only as far as rows are read)."""
+        return int(self.stored.nbytes)
+
+    def hash_into(self, h: "hashlib._Hash") -> None:
+        h.update(f"table:{self.shape}:{self.origin};".encode())
+        h.update(memoryview(np.ascontiguousarray(self.stored)).cast("B"))
 
 
 @dataclass
@@ -58,7 +91,7 @@ class ShardWeights:
     args: ModelArgs
     layer_range: LayerRange
     layers: dict[int, LayerWeights]  # global layer index -> weights
-    embed_tokens: Weight | None = None  # [V, H], first shard only
+    embed_tokens: Weight | RowTable | None = None  # [V, H], first shard only
     final_norm: np.ndarray | None = None  # [H], last shard only
     lm_head: Weight | None = None  # [V, H], last shard only
     fingerprint: str = ""  # identifies the model (config + source); set by the loader
@@ -74,9 +107,9 @@ class ShardWeights:
         return n
 
 
-def hash_weight(h: "hashlib._Hash", a: Weight) -> None:
+def hash_weight(h: "hashlib._Hash", a: Weight | RowTable) -> None:
     """Feed a tensor's layout and bytes to `h` without copying them (memoryview of the array)."""
-    if isinstance(a, QTensor):
+    if isinstance(a, (QTensor, RowTable)):
         a.hash_into(h)
         return
     h.update(f"{a.shape}:{a.dtype};".encode())

@@ -24,7 +24,7 @@ from exo_rknpu.backends.board import NPU_CORES, board_problems, host_memory
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_args, load_shard
-from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
@@ -340,11 +340,11 @@ def part_params(args: ModelArgs, part: str) -> int:
 def bytes_per_weight(device: Device, weights: str, npu_dtype: str) -> float:
     """Bytes per linear weight on a device: fp16 or int8 on an NPU (or its simulator); the --weights form on the CPU
     (int8/int4 carry one float32 scale and at most one uint8 zero point per block of 32, model/quant.py QTensor:
-    an upper bound, measured 1.143 and 0.641 on smollm2-135m; auto is counted as float32, what it gives for Hugging
-    Face and most GGUF types; only GGUF Q4_0 stays 4-bit under auto)."""
+    an upper bound, measured 1.143 and 0.641 on smollm2-135m; auto is counted at its largest form, an 8-bit block of
+    32 split into two 4-bit ones (quant.AUTO_MAX_BYTES_PER_WEIGHT): GGUF Q4_0 and Q4_1 files take about half that)."""
     if device.npu or backend_class(device.backend).processor == "npu":
         return 1.0 if npu_dtype == "w8a8" else 2.0
-    return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32}.get(weights, 4.0)
+    return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32, "auto": AUTO_MAX_BYTES_PER_WEIGHT}.get(weights, 4.0)
 
 
 def default_bytes_per_weight(backend: str, weights: str, npu_dtype: str) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 
 from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor, Weight
-from exo_rknpu.model.weights import LayerWeights, ShardWeights
+from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 from exo_rknpu.slices.spec import PARTS, SliceSpec, state_name
 
 T = Any  # a numpy array (eager) or a symbolic ONNX value
@@ -244,4 +244,4 @@ class NumpyOps:
         return (s / s.sum(axis=-1, keepdims=True)) @ v
 
     def embed(self, table, ids):
-        return table.rows(ids) if isinstance(table, QTensor) else table[ids]
+        return table.rows(ids) if isinstance(table, (QTensor, RowTable)) else table[ids]

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exo_rknpu.model.base import ModelArgs
-from exo_rknpu.model.quant import QTensor
+from exo_rknpu.model.quant import QTensor, split8
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
 from exo_rknpu.slices.spec import SliceSpec, state_name, state_width
@@ -31,7 +31,8 @@ MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
 # MatMulNBits accuracy_level: 4 quantizes activations to int8 per block inside the kernel (fast; rounded differently
 # per instruction set); 1 keeps them float32 (QTensor.fp32_activations: the same answers on every CPU). Measured
 # on onnxruntime 1.32 (x86 AVX2, CPU time of a decode step): 4-bit at level 1 is ~3x slower than at level 4 and
-# 8-bit at level 1 takes a dequantize-everything fallback (~20x slower), so only 4-bit blocks run at level 1.
+# 8-bit at level 1 takes a dequantize-everything fallback (~20x slower), so 8-bit blocks with float32 activations
+# run as 4-bit blocks over K doubled (quant.split8).
 ACCURACY_INT8, ACCURACY_FP32 = 4, 1
 EXTERNAL_MIN_BYTES = 1 << 10  # tensors at least this big are handed over outside the protobuf (no 2 GiB limit)
 MEMORY_LOCATION = "in-memory"  # external-data location of initializers handed to onnxruntime as OrtValues
@@ -42,10 +43,11 @@ class _Graph:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     consts: dict[tuple, str] = field(default_factory=dict)
-    weight_names: dict[int, str] = field(default_factory=dict)
+    weight_names: dict[object, str] = field(default_factory=dict)  # id(weight) (and a form) -> initializer name(s)
     external: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> array kept out of the proto
     stacked: dict[tuple, QTensor] = field(default_factory=dict)  # fused linears (kept alive: ids are their keys)
     split_of: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # Split output -> (input, outputs)
+    split: dict[int, tuple[QTensor, QTensor]] = field(default_factory=dict)  # id(8-bit) -> (it, its split8 form)
     counter: int = 0
 
     def fresh(self, prefix: str) -> str:
@@ -110,7 +112,13 @@ class OnnxOps:
         return name
 
     def _matmul_nbits(self, x: str, w: QTensor) -> str:
-        """x @ w.T with onnxruntime's weight-only kernel: the QTensor's arrays are its inputs as they are."""
+        """x @ w.T with onnxruntime's weight-only kernel: the QTensor's arrays are its inputs as they are. 8-bit
+        blocks with float32 activations run as 4-bit blocks over concat(x, x) (quant.split8); per-block mins
+        (exact Q4_1) add blocksum(x) @ mins.T."""
+        if w.bits == 8 and w.fp32_activations:
+            if id(w) not in self.g.split:
+                self.g.split[id(w)] = (w, split8(w))
+            w, x = self.g.split[id(w)][1], self._node("Concat", [x, x], axis=-1)
         key = id(w) * 2
         if key not in self.g.weight_names:
             names = [self._initializer(w.blocks, "qb"), self._initializer(w.scales, "qs")]
@@ -122,7 +130,14 @@ class OnnxOps:
             "MatMulNBits", [x, *self.g.weight_names[key].split(",")], [out], name=out, domain=MS_DOMAIN,
             K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=w.block_size,
             accuracy_level=ACCURACY_FP32 if w.fp32_activations else ACCURACY_INT8))
-        return out
+        if w.mins is None:
+            return out
+        sums = self._node("ReduceSum", [self._node("Reshape", [x, self._shape([0, 0, w.n_blocks, w.block_size])]),
+                                        self._const(np.array([-1], np.int64))], keepdims=0)  # [B, S, K/block]
+        mins_key = ("mins", id(w))
+        if mins_key not in self.g.weight_names:
+            self.g.weight_names[mins_key] = self._initializer(np.ascontiguousarray(w.mins.T), "qm")
+        return self._node("Add", [out, self._node("MatMul", [sums, self.g.weight_names[mins_key]])])
 
     def __getattr__(self, name: str):
         # `rotary` exists only in the compact (onnxruntime) form: the NPU compiler gets the plain op pattern;
@@ -309,15 +324,16 @@ class OnnxOps:
 
 def stack_kind(w: QTensor) -> tuple:
     """What must agree for QTensors to be stacked row-wise into one MatMulNBits."""
-    return (w.bits, w.block_size, w.shape[1], w.zero_points is None, w.fp32_activations)
+    return (w.bits, w.block_size, w.shape[1], w.zero_points is None, w.fp32_activations, w.mins is None)
 
 
 def stack_rows(ws: list[QTensor]) -> QTensor:
     """One QTensor holding the rows of `ws` in order (a copy of one layer's q/k/v or gate/up, made at export)."""
     zp = None if ws[0].zero_points is None else np.concatenate([w.zero_points for w in ws])
+    mins = None if ws[0].mins is None else np.concatenate([w.mins for w in ws])
     return QTensor(ws[0].bits, (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].block_size,
                    np.concatenate([w.blocks for w in ws]), np.concatenate([w.scales for w in ws]), zp,
-                   " + ".join(sorted({w.origin for w in ws})), ws[0].fp32_activations)
+                   " + ".join(sorted({w.origin for w in ws})), ws[0].fp32_activations, mins)
 
 
 def external_tensor(name: str, arr: np.ndarray, location: str, offset: int = 0) -> onnx.TensorProto:

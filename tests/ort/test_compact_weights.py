@@ -16,7 +16,7 @@ from exo_rknpu.backends.prepared import WEIGHTS_FILE
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
 from exo_rknpu.model.quant import QTensor
-from exo_rknpu.model.weights import LayerWeights, ShardWeights
+from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.slices.onnx_export import build_onnx_compact
@@ -39,7 +39,8 @@ def gguf_models(tmp_path_factory) -> dict[str, Path]:
     return {"hf": hf, **{q: make_tiny_gguf(d / f"{q}.gguf", hf, qtype=q) for q in ("Q4_0", "Q8_0", "Q4_1")}}
 
 
-@pytest.mark.parametrize("qtype,bits,weights", [("Q4_0", 4, "auto"), ("Q4_0", 4, "int4"), ("Q8_0", 8, "int8")])
+@pytest.mark.parametrize("qtype,bits,weights", [("Q4_0", 4, "auto"), ("Q4_0", 4, "int4"), ("Q8_0", 8, "int8"),
+                                                ("Q8_0", 8, "auto"), ("Q4_1", 4, "auto")])
 def test_gguf_q4_0_and_q8_0_layers_load_as_stored(gguf_models, qtype, bits, weights):
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -62,6 +63,22 @@ def test_tied_head_is_the_embedding_and_stays_compact(tmp_path):
     assert isinstance(shard.embed_tokens, QTensor) and shard.lm_head is shard.embed_tokens
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_default_embedding_stays_in_the_file_and_the_tied_head_is_compact(tmp_path, qtype):
+    """auto: looked-up embedding rows are gguf's own dequantization of the stored rows (nothing widened up front);
+    the tied head is its own compact linear multiplied in float32."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = make_tiny_gguf(tmp_path / "t.gguf", make_tiny_hf(tmp_path / "hf", tied=True), qtype=qtype)
+    shard = load_shard(resolve_model(str(path)), LayerRange.full(3))
+    t = {t.name: t for t in GGUFReader(str(path)).tensors}["token_embd.weight"]
+    ids = np.array([[3, 0, 7, 3]])
+    assert isinstance(shard.embed_tokens, RowTable)
+    assert np.array_equal(shard.embed_tokens.rows(ids), dequantize(t.data, t.tensor_type)[ids])
+    assert isinstance(shard.lm_head, QTensor) and shard.lm_head.fp32_activations
+
+
 @pytest.mark.parametrize("model,weights", [("Q4_0", "int4"), ("Q8_0", "int8"), ("Q4_1", "int8"), ("hf", "int8"), ("hf", "int4")])
 def test_onnx_and_numpy_agree_on_compact_weights(gguf_models, model, weights):
     path = gguf_models[model]
@@ -70,18 +87,22 @@ def test_onnx_and_numpy_agree_on_compact_weights(gguf_models, model, weights):
     assert nmse(onnx_logits, numpy_logits) <= ONNX_VS_NUMPY_COMPACT_NMSE
 
 
-def test_default_weights_compute_in_float32_so_answers_do_not_depend_on_the_cpu(gguf_models):
-    """auto keeps Q4_0 as 4-bit blocks but multiplies them with float32 activations: onnxruntime's logits match the
-    float numpy reference (which never quantizes activations) to float32 rounding, far closer than the int8
-    activations of --weights int4 on the very same blocks -- the rounding that differs between instruction sets."""
-    path = gguf_models["Q4_0"]
-    numpy_logits = ring(path, None, "numpy", weights="auto").forward("r", np.array([PROMPT]), logits="all")
+@pytest.mark.parametrize("model", ["Q4_0", "Q8_0", "Q4_1", "hf"])
+def test_default_weights_compute_in_float32_so_answers_do_not_depend_on_the_cpu(gguf_models, model):
+    """auto keeps every linear compact (Q4_0, Q4_1 and Q8_0 exactly as stored; float sources as 8-bit blocks) but
+    multiplies them with float32 activations: onnxruntime's logits match the float numpy reference on the same
+    weights (which never quantizes activations) to float32 rounding -- for the exact GGUF forms, the file's own
+    values widened to float32 too -- far closer than the int8 activations of --weights int4/int8 on the same
+    blocks, the rounding that differs between instruction sets."""
+    path = gguf_models[model]
+    shard = load_shard(resolve_model(str(path)), LayerRange.full(3))
+    linears = [w for lw in shard.layers.values() for w in lw.arrays().values() if len(w.shape) == 2]
+    assert all(isinstance(w, QTensor) and w.fp32_activations for w in linears), model
+    numpy_logits = ring(path, None, "numpy", weights="fp32" if model != "hf" else "auto").forward(
+        "r", np.array([PROMPT]), logits="all")
     fp32_arith = ring(path, "0-0,1-2", "onnx", weights="auto").forward("r", np.array([PROMPT]), logits="all")
-    int8_arith = ring(path, "0-0,1-2", "onnx", weights="int4").forward("r", np.array([PROMPT]), logits="all")
+    int8_arith = ring(path, "0-0,1-2", "onnx", weights="int8").forward("r", np.array([PROMPT]), logits="all")
     assert nmse(fp32_arith, numpy_logits) <= ONNX_VS_NUMPY_FP32_ARITHMETIC_NMSE < nmse(int8_arith, numpy_logits)
-    for model in ("Q8_0", "Q4_1", "hf"):  # no exact 4-bit form: auto runs them in float32
-        shard = load_shard(resolve_model(str(gguf_models[model])), LayerRange.full(3))
-        assert not any(isinstance(w, QTensor) for lw in shard.layers.values() for w in lw.arrays().values()), model
 
 
 def test_int8_and_int4_stay_close_to_float32(gguf_models):

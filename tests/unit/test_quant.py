@@ -9,7 +9,7 @@ from gguf.constants import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_to_int4, q4_1_to_int8, quantize
+from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_exact, q6_k_exact, q4_1_to_int4, q4_1_to_int8, quantize, split8
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((96, 256)).astype(np.float32)
@@ -38,6 +38,42 @@ def _q4_1_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     raw = gguf_quantize(w, GT.Q4_1)
     d = raw.reshape(96, 8, 20)[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # Q4_1's own steps
     return raw, gguf_dequantize(raw, GT.Q4_1), np.repeat(d, 32, axis=1)
+
+
+def test_q4_1_kept_exactly_as_codes_scale_and_min():
+    raw, reference, _ = _q4_1_case()
+    q = q4_1_exact(raw, reference.shape)
+    assert q.bits == 4 and q.mins is not None and q.fp32_activations
+    assert np.array_equal(q.dequantize(), reference)  # d*q + m, blocks of one sign and d == 0 included
+
+
+def test_q6_k_kept_exactly_as_8_bit_blocks_of_16():
+    # gguf-py cannot quantize Q6_K; any bytes are valid blocks (ql, qh, int8 scales, then a finite fp16 d)
+    raw = RNG.integers(0, 256, (8, 2, 210), dtype=np.uint8)
+    raw[..., 208:210] = RNG.uniform(-0.1, 0.1, (8, 2, 1)).astype(np.float16).view(np.uint8)
+    raw[0, 0, 192] = 0  # a sub-block with scale 0
+    raw = raw.reshape(8, 420)
+    reference = gguf_dequantize(raw, GT.Q6_K)
+    q = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
+    assert q.bits == 8 and q.block_size == 16 and q.fp32_activations
+    assert np.array_equal(q.dequantize(), reference)
+
+
+@pytest.mark.parametrize("source", ["Q8_0", "quantized"])
+def test_8_bit_blocks_split_into_4_bit_blocks_over_k_doubled_give_the_same_product(source):
+    """split8: x @ W.T == concat(x, x) @ W4.T, exact in real arithmetic (checked in float64)."""
+    w8 = from_gguf_blocks(gguf_quantize(W, GT.Q8_0), "Q8_0", W.shape) if source == "Q8_0" else quantize(W, 8, 64)
+    w4 = split8(w8)
+    assert w4.bits == 4 and w4.shape == (96, 512) and w4.block_size == w8.block_size
+    x = RNG.standard_normal((3, 256))
+    nb = w8.n_blocks
+    z8 = 128.0 if w8.zero_points is None else w8.zero_points[..., None].astype(np.float64)
+    w8_64 = ((w8.blocks.astype(np.float64) - z8) * w8.scales[..., None].astype(np.float64)).reshape(96, -1)
+    exact = x @ w8_64.T
+    codes = np.stack([w4.blocks & 15, w4.blocks >> 4], axis=-1).reshape(96, 2 * nb, -1).astype(np.float64)
+    zp = np.stack([w4.zero_points & 15, w4.zero_points >> 4], axis=-1).reshape(96, -1)[:, : 2 * nb]
+    w4_64 = ((codes - zp[..., None]) * w4.scales[..., None].astype(np.float64)).reshape(96, -1)
+    assert np.allclose(np.concatenate([x, x], axis=1) @ w4_64.T, exact, rtol=0, atol=1e-9)
 
 
 def test_q4_1_to_int8_moves_each_value_by_at_most_a_34th_of_its_step():
