@@ -8,6 +8,7 @@ drops its own copy (ShardRunner releases the weights after prepare), so the pack
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
-from exo_rknpu.slices.onnx_export import ACCURACY_FP32, ACCURACY_INT8, build_onnx_compact, per_layer_cache_names
+from exo_rknpu.model.rope import cos_sin
+from exo_rknpu.slices.onnx_export import (ACCURACY_FP32, ACCURACY_INT8, build_onnx_compact, gqa_supported,
+                                          per_layer_cache_names)
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
 
@@ -35,15 +38,28 @@ class OrtRunner:
 
     Opening late matters for memory: by then the shard has released its own copy of the weights (ShardRunner
     drops each slice's layers after prepare), so onnxruntime's packed copy is never made next to it.
+
+    In the "gqa" form (slices/onnx_export.py) each layer's GroupQueryAttention writes its new keys and values
+    straight into the request's cache: the runner binds present_k.i to the memory of past_k.i (IO binding, by
+    address, rebound only when the cache array changes), so a step copies no cache and allocates nothing but the
+    layer state it returns. The slice's public contract is unchanged: it takes cos/sin/mask/past_k/past_v and returns
+    k_new/v_new (the rows just written, which the shard stores again in place: a copy of a few rows).
     """
 
-    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1) -> None:
+    def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1,
+                 form: str = "split", rotary: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
         self.model_file = session if isinstance(session, Path) else None
         self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
         self.threads = threads
         self.n_cache_layers = n_cache_layers
         self.cache_names = {name: per_layer_cache_names(name, n_cache_layers) for name in ("past_k", "past_v")}
+        self.form = form
+        self.rotary = rotary  # the gqa form's cos/sin tables [P, hd/2] by position
+        self._binding: ort.IOBinding | None = None
+        self._bound: dict[str, tuple] = {}  # gqa: what each cache input/output is bound to (address, shape)
+        self._state_outputs: list[tuple[str, int]] = []  # gqa: the layer-state outputs [B,S,width]
+        self._lock = threading.Lock()  # one IO binding per runner: one call at a time
 
     def _open(self) -> "ort.InferenceSession":
         if self.session is None:
@@ -57,6 +73,9 @@ class OrtRunner:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._open()
+        if self.form == "gqa" and self.n_cache_layers:
+            with self._lock:
+                return self._run_gqa(session, inputs)
         if self.n_cache_layers:
             inputs = dict(inputs)
             for name, names in self.cache_names.items():
@@ -65,8 +84,76 @@ class OrtRunner:
                 inputs.update({n: stacked[i] if stacked.ndim == 5 else stacked[i : i + 1] for i, n in enumerate(names)})
         return dict(zip(self.output_names, session.run(None, inputs)))
 
+    def _run_gqa(self, session: "ort.InferenceSession", inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the gqa form: positions from the mask, caches extended in place when they hold the new rows."""
+        caches = {name: inputs[name] if inputs[name].ndim == 5 else inputs[name][:, None] for name in self.cache_names}
+        n, b, _, capacity, _ = caches["past_k"].shape
+        seq = inputs["mask"].shape[2]
+        past = cached_positions(inputs["mask"], capacity)
+        total = int(past.max()) + seq
+        io = self._io(session)
+        state = {k: v for k, v in inputs.items() if k not in ("cos", "sin", "mask", "past_k", "past_v")}
+        for name, arr in state.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        io.bind_cpu_input("seqlens_k", (past + (seq - 1)).astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        for name, stacked in caches.items():
+            if total > capacity:  # a padded chunk running past the bucket: in place in a grown copy, this call only
+                grown = np.zeros((n, b, stacked.shape[2], total, stacked.shape[4]), np.float32)
+                grown[:, :, :, :capacity] = stacked
+                caches[name] = stacked = grown
+            self._bind_cache(io, self.cache_names[name], stacked)
+        outputs = {name: np.empty((b, seq, width), np.float32) for name, width in self._state_outputs}
+        for name, arr in outputs.items():  # ours, not onnxruntime's (it would reuse one buffer for every call)
+            io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        session.run_with_iobinding(io)
+        for name, out in (("past_k", "k_new"), ("past_v", "v_new")):
+            outputs[out] = written_rows(caches[name], past, seq, batched=inputs[name].ndim == 5)
+        return outputs
+
+    def _io(self, session: "ort.InferenceSession") -> "ort.IOBinding":
+        if self._binding is None:
+            self._binding = session.io_binding()
+            self._state_outputs = [(o.name, o.shape[2]) for o in session.get_outputs() if not o.name.startswith("present_")]
+            assert self.rotary is not None, "the gqa form needs its rotary tables"
+            for name, table in zip(("cos_cache", "sin_cache"), self.rotary):
+                self._binding.bind_cpu_input(name, table)
+        return self._binding
+
+    def _bind_cache(self, io: "ort.IOBinding", names: list[str], stacked: np.ndarray) -> None:
+        """Bind layer i of `stacked` [n,B,kv,C,hd] as input names[i] and as its present_* output: the same memory,
+        which GroupQueryAttention then extends in place. By address, rebound only when the array changed."""
+        assert stacked[0].flags.c_contiguous and stacked.dtype == np.float32, "caches are contiguous float32 per layer"
+        shape, step = list(stacked.shape[1:]), stacked.strides[0]
+        for i, name in enumerate(names):
+            key = (stacked.ctypes.data + i * step, *shape)
+            if self._bound.get(name) != key:
+                io.bind_input(name, "cpu", 0, np.float32, shape, key[0])
+                io.bind_output(name.replace("past_", "present_", 1), "cpu", 0, np.float32, shape, key[0])
+                self._bound[name] = key
+
     def close(self) -> None:
-        self.session = self.model_file = None
+        self.session = self.model_file = self._binding = None
+        self._bound.clear()
+
+
+def cached_positions(mask: np.ndarray, capacity: int) -> np.ndarray:
+    """Cached positions each request of a call attends to, from its mask [B,1,S,C+S]: the runtime's masks
+    (RequestCache.mask) show a prefix of the cache, causal over the new rows. Other masks are refused."""
+    visible = mask[:, 0, 0, :capacity] == 0
+    past = visible.sum(axis=-1)
+    if not np.array_equal(visible, np.arange(capacity) < past[:, None]):
+        raise ValueError("the gqa attention form takes masks that show a prefix of the cache (RequestCache.mask)")
+    return past
+
+
+def written_rows(cache: np.ndarray, past: np.ndarray, seq: int, batched: bool) -> np.ndarray:
+    """The rows a call wrote into `cache` [n,B,kv,T,hd] at each request's positions past..past+seq, as a slice
+    returns k_new: [n,kv,seq,hd] (one request) or [n*B,kv,seq,hd] layer-major (a batch)."""
+    if not batched:
+        return cache[:, 0, :, past[0] : past[0] + seq]
+    rows = np.stack([cache[:, r, :, p : p + seq] for r, p in enumerate(past)], axis=1)
+    return rows.reshape(-1, *rows.shape[2:])
 
 
 def _slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:
@@ -106,12 +193,16 @@ class OrtBackend:
     max_slice_bytes = 32 << 20
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
-    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True) -> None:
+    def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True,
+                 fused_attention: bool = True) -> None:
+        """fused_attention False keeps the "split" attention form (the reference for the fused one in tests)."""
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
         self.threads = threads or usable_cpus()  # inter-op stays 1: the graph is a chain
         # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
         self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
+        self.fused_attention = fused_attention
+        self._tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
@@ -119,7 +210,8 @@ class OrtBackend:
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
         if spec.kind == "embed":
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
-        form = "split"  # attention without copying the cache (the sdpa form is the NPU compiler's pattern)
+        form = self.attention_form(spec, weights)
+        rotary = self._rotary_tables(weights, buckets) if form == "gqa" else None
         opts = session_options(self.threads)
         model_file = None
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
@@ -134,6 +226,22 @@ class OrtBackend:
                 if external:
                     opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                return OrtRunner(session, spec.cache_layers)
+                return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary)
             model_file = cache.store(key, model, external)
-        return OrtRunner(model_file, spec.cache_layers, self.threads)
+        return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary)
+
+    def attention_form(self, spec: SliceSpec, weights: ShardWeights) -> str:
+        """How a slice's attention is written (slices/onnx_export.py ATTENTION_FORMS): GroupQueryAttention extending
+        the cache in place where onnxruntime's kernel takes the model's heads; else the split form, which does not
+        copy the cache either but attends over the whole bucket."""
+        return "gqa" if self.fused_attention and spec.has_attention and gqa_supported(weights.args) else "split"
+
+    def _rotary_tables(self, weights: ShardWeights, buckets: Buckets) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin [P, hd/2] for every position a call can reach (the gqa form's tables), one pair per model."""
+        positions = buckets.max_context + buckets.seq[-1]
+        key = (weights.args, positions)
+        if key not in self._tables:
+            cos, sin = cos_sin(weights.args, np.arange(positions))
+            half = weights.args.head_dim // 2
+            self._tables[key] = tuple(np.ascontiguousarray(t[0, 0, :, :half]) for t in (cos, sin))  # type: ignore[assignment]
+        return self._tables[key]

@@ -244,11 +244,15 @@ class BatchKV:
 
     @property
     def keys(self) -> np.ndarray:
-        return self.pool.keys[self.index][:, self._range]
+        return self._view(self.pool.keys[self.index])
 
     @property
     def values(self) -> np.ndarray:
-        return self.pool.values[self.index][:, self._range]
+        return self._view(self.pool.values[self.index])
+
+    def _view(self, pooled: np.ndarray) -> np.ndarray:
+        # gathered rows in C order (np.take), so each layer is one contiguous block like the no-copy view's
+        return pooled[:, self._range] if isinstance(self._range, slice) else np.take(pooled, self._range, axis=1)
 
     def grow(self, capacity: int) -> None:
         if capacity != self.pool.capacity:

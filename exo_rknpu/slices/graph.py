@@ -70,6 +70,10 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
         st["q"], st["k"], st["v"] = ops.linears(h, [w.q_proj, w.k_proj, w.v_proj], [w.q_bias, w.k_bias, w.v_bias])
     elif part == "attention":
         assert attn_in is not None, "the attention part needs cos, sin, mask and the cache"
+        fused = getattr(ops, "cached_attention", None)
+        if fused is not None:
+            st["o"], st["k_new"], st["v_new"] = _cached_attention(ops, fused, a, w, st, attn_in)
+            return st
         cos, sin = attn_in["cos"], attn_in["sin"]
         q, k = ops.split_heads(st["q"], nh, hd), ops.split_heads(st["k"], nkv, hd)
         if w.q_norm is not None:  # qwen3: RMSNorm over head_dim of each q and k head, before RoPE
@@ -91,6 +95,20 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
     else:
         raise ValueError(f"unknown layer part {part!r}; parts are {PARTS}")
     return st
+
+
+def _cached_attention(ops: Ops, fused: Any, a: ModelArgs, w: LayerWeights, st: dict[str, T], attn_in: dict[str, T]) -> tuple[T, T, T]:
+    """The attention part as one op that also extends the cache (onnxruntime's GroupQueryAttention, see
+    slices/onnx_export.py OnnxOps.cached_attention): rope, softmax(q K^T * scale) V over the cached and new
+    positions, and the new k/v written into the cache buffer. q/k/v stay [B,S,heads*hd]; qwen3's per-head norms
+    go through the head layout and back. Returns (o [B,S,nh*hd], the layer's cache after the call, keys and values)."""
+    hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
+    q, k = st["q"], st["k"]
+    if w.q_norm is not None:
+        q = ops.merge_heads(ops.rms_norm(ops.split_heads(q, nh, hd), w.q_norm, a.rms_norm_eps), nh, hd)
+    if w.k_norm is not None:
+        k = ops.merge_heads(ops.rms_norm(ops.split_heads(k, nkv, hd), w.k_norm, a.rms_norm_eps), nkv, hd)
+    return fused(q, k, st["v"], attn_in["past_k"], attn_in["past_v"], hd**-0.5)
 
 
 def attention_block(
@@ -115,7 +133,9 @@ def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
 def layers_slice(
     ops: Ops, a: ModelArgs, ws: list[LayerWeights], hidden: T, cos: T, sin: T, mask: T, past_k: T, past_v: T
 ) -> tuple[T, T, T]:
-    """A group of consecutive decoder layers; past_k/past_v hold one cache row per layer on axis 0."""
+    """A group of consecutive decoder layers; past_k/past_v hold one cache row per layer on axis 0. Returns
+    (x, k_new, v_new) with the new rows of every layer stacked on axis 0, or, when the ops extend each layer's
+    cache in place (`cached_attention`), lists of each layer's cache after the call."""
     ks, vs = [], []
     x = hidden
     for i, w in enumerate(ws):
@@ -123,6 +143,8 @@ def layers_slice(
         x = mlp_block(ops, a, w, x)
         ks.append(k)
         vs.append(v)
+    if getattr(ops, "cached_attention", None) is not None:  # each layer's cache was extended in place: one per layer
+        return x, ks, vs
     k_new = ks[0] if len(ks) == 1 else ops.concat(ks, axis=0)
     v_new = vs[0] if len(vs) == 1 else ops.concat(vs, axis=0)
     return x, k_new, v_new

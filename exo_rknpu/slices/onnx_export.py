@@ -20,8 +20,13 @@ from exo_rknpu.slices.spec import SliceSpec, state_name, state_width
 
 OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and in current onnxruntime
 IR_VERSION = 8
-# "sdpa": the op pattern the RKNN compiler fuses (copies the cache: concat + repeat); "split": no cache copy, for CPUs.
-ATTENTION_FORMS = ("sdpa", "split")
+# "sdpa": the op pattern the RKNN compiler fuses (copies the cache: concat + repeat); "split": no cache copy, for CPUs;
+# "gqa": onnxruntime's GroupQueryAttention (com.microsoft), one op per layer doing rope, attention over the written
+# positions only and the cache write, in place in the cache buffer the runner binds (backends/ort.py). onnxruntime only.
+ATTENTION_FORMS = ("sdpa", "split", "gqa")
+# the "gqa" form's inputs besides the layer state and caches: per request the index of its last position
+# (cached + new - 1, int32 [B]), their maximum + 1 (int32 scalar), and rotary tables by position [P, hd/2]
+GQA_INPUTS = ("seqlens_k", "total_sequence_length", "cos_cache", "sin_cache")
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
 # MatMulNBits accuracy_level: 4 quantizes activations to int8 per block inside the kernel (fast; rounded differently
 # per instruction set); 1 keeps them float32 (QTensor.fp32_activations: the same answers on every CPU). Measured
@@ -53,6 +58,8 @@ class OnnxOps:
     def __init__(self, attention_form: str = "sdpa", compact: bool = False) -> None:
         if attention_form not in ATTENTION_FORMS:
             raise ValueError(f"attention_form must be one of {ATTENTION_FORMS}")
+        if attention_form == "gqa" and not compact:
+            raise ValueError("the 'gqa' attention form is onnxruntime's (compact) form only")
         self.g = _Graph()
         self.attention_form = attention_form
         # compact: QTensors become MatMulNBits and big tensors stay outside the proto (onnxruntime);
@@ -117,10 +124,27 @@ class OnnxOps:
         return out
 
     def __getattr__(self, name: str):
-        # `rotary` exists only in the compact (onnxruntime) form: the NPU compiler gets the plain op pattern
+        # `rotary` exists only in the compact (onnxruntime) form: the NPU compiler gets the plain op pattern;
+        # `cached_attention` only in its "gqa" form (slices/graph.py uses them when present)
         if name == "rotary" and self.__dict__.get("compact"):
             return self._rotary
+        if name == "cached_attention" and self.__dict__.get("compact") and self.__dict__.get("attention_form") == "gqa":
+            return self._gqa
         raise AttributeError(name)
+
+    def _gqa(self, q, k, v, past_k, past_v, scale):
+        """GroupQueryAttention over q [B,S,nh*hd], k/v [B,S,kv*hd] and one layer's cache input past_k.i
+        [B,kv,C,hd]: rope (from the cos/sin_cache tables at each request's positions), causal attention over the
+        first seqlens_k+1 positions, the new rows written at positions seqlens_k-S+1.. of the output present_k.i.
+        When the runner binds present_k.i to past_k.i's memory, that write is the only cache traffic."""
+        a = self.args
+        present_k, present_v = (n.replace("past_", "present_", 1) for n in (past_k, past_v))
+        out = self.g.fresh("gqa")
+        self.g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, *GQA_INPUTS], [out, present_k, present_v], name=out,
+            domain=MS_DOMAIN, num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads, scale=float(scale),
+            do_rotary=1, rotary_interleaved=0))
+        return out, present_k, present_v
 
     def _rotary(self, x, cos, sin, head_dim):
         """onnxruntime's RotaryEmbedding (com.microsoft, rotate-half): one node instead of seven per q/k. Its tables
@@ -290,6 +314,12 @@ def _value_info(name: str, shape: tuple, elem: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
+def gqa_supported(args: ModelArgs) -> bool:
+    """Whether onnxruntime's GroupQueryAttention takes this model's heads with rope inside it (its CPU kernel wants
+    head_dim a multiple of 16 and whole groups of query heads per kv head)."""
+    return args.head_dim % 16 == 0 and args.num_attention_heads % args.num_key_value_heads == 0
+
+
 def per_layer_cache_names(name: str, n: int) -> list[str]:
     """Input names of a per-layer cache: past_k -> past_k.0, past_k.1, ..."""
     return [f"{name}.{i}" for i in range(n)]
@@ -332,6 +362,8 @@ def _build(
     attention_form picks how `Ops.attention` is written out (same maths): "sdpa" for the NPU compiler, "split" for CPUs.
     per_layer_cache replaces past_k/past_v [n,kv,C,hd] by n inputs past_k.i [1,kv,C,hd]: runtimes without views
     (onnxruntime) would otherwise copy the whole cache to slice out each layer.
+    The "gqa" form (compact, per-layer caches) takes GQA_INPUTS instead of cos/sin/mask and returns each layer's
+    cache after the call (present_k.i, present_v.i [B,kv,T,hd]) instead of k_new/v_new.
     """
     a = weights.args
     ops = OnnxOps(attention_form, compact)
@@ -355,11 +387,19 @@ def _build(
         # layer state first (whole layers: hidden), then what the attention part reads (slices/spec.py)
         ins = [(state_name(k), (B, S, state_width(a, k)), f32) for k in spec.state_inputs()]
         outs = [(state_name(k, output=True), (B, S, state_width(a, k)), f32) for k in spec.state_outputs()]
-        if spec.has_attention:
+        if spec.has_attention and attention_form == "gqa":
+            assert compact and per_layer_cache, "the gqa form is onnxruntime's, with per-layer caches"
+            ins += [("seqlens_k", (B,), TensorProto.INT32), ("total_sequence_length", (), TensorProto.INT32),
+                    ("cos_cache", ("P", hd // 2), f32), ("sin_cache", ("P", hd // 2), f32),
+                    ("past_k", cache, f32), ("past_v", cache, f32)]
+            outs += [(f"present_{kv_name}.{i}", (B, kv, "T", hd), f32) for kv_name in "kv" for i in range(n)]
+        elif spec.has_attention:
             ins += [("cos", (B, 1, S, hd), f32), ("sin", (B, 1, S, hd), f32),
                     ("mask", (B, 1, S, CS), f32), ("past_k", cache, f32), ("past_v", cache, f32)]
             outs += [("k_new", new, f32), ("v_new", new, f32)]
     names: dict[str, object] = {name: name for name, _, _ in ins}
+    if attention_form == "gqa":  # rope tables and positions are GroupQueryAttention's own inputs (GQA_INPUTS)
+        names.update(cos=None, sin=None, mask=None)
     if per_layer_cache and spec.has_attention:
         kept = [i for i in ins if i[0] not in ("past_k", "past_v")]
         for cache_name in ("past_k", "past_v"):
@@ -367,8 +407,13 @@ def _build(
             kept += [(nm, (B, *cache[1:]), f32) for nm in names[cache_name]]  # type: ignore[union-attr]
         ins = kept
     results = run_slice(ops, spec, weights, names)
+    if attention_form == "gqa" and spec.has_attention:  # GroupQueryAttention names its present_* outputs itself
+        results = {k: v for k, v in results.items() if k not in ("k_new", "v_new")}
+        outs_named = [o for o in outs if o[0] in results]
+    else:
+        outs_named = outs
     # Give outputs their public names with Identity nodes (an input may not double as an output).
-    for name, _, _ in outs:
+    for name, _, _ in outs_named:
         ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
     graph = helper.make_graph(
         ops.g.nodes,
