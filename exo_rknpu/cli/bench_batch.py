@@ -2,11 +2,13 @@
 their one-token steps run as one batch (`ShardRunner.forward_batch`, what the engine does with steps that wait
 together), against the same requests decoded one after another.
 
-In this process, one shard: for each level n and round, the n requests (the bench prompt and variants of it one
-token longer each, so each is its own request) are prefilled untimed, then decode `gen_tokens` steps either one
-request after another (sequential) or all together (batched). Rounds alternate sequential and batched; figures are
-medians. Aggregate decode tok/s = n * gen_tokens / wall time of the decode steps; per-request latency = the time a
-request waits for each of its tokens (sequential: one lone step; batched: one batched step).
+In this process, one shard: for each level n and round, two sets of the n requests (the bench prompt and variants
+of it one token longer each, so each is its own request) are prefilled untimed, then decode `gen_tokens` steps
+interleaved step by step: each step, one set's n requests take their steps one after another (sequential) and the
+other set's take theirs as one batch, in alternating order. So both see the same machine at the same moment (a
+shared, busy host's load changes within seconds). Figures are medians over rounds. Aggregate decode tok/s = n *
+gen_tokens / decode seconds; per-request latency = the time a request waits for each of its tokens (sequential:
+one lone step; batched: one batched step).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from exo_rknpu.bench.harness import BenchPlan
 from exo_rknpu.errors import BenchError
 from exo_rknpu.runtime.placement import default_buckets, open_shard
+from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner
 
 
@@ -48,34 +51,41 @@ def levels(n: int) -> list[int]:
     return out + [n]
 
 
-def _prefill(shard: ShardRunner, prompts: list[list[int]]) -> tuple[list[str], list[int]]:
-    ids, first = [], []
+def _prefill(shard: ShardRunner, prompts: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+    ids, tokens = [], []
     for p in prompts:
         rid = uuid.uuid4().hex
         logits = shard.forward(rid, np.array([p]), logits="last")
         ids.append(rid)
-        first.append(int(logits[0, -1].argmax()))
-    return ids, first
+        tokens.append([int(logits[0, -1].argmax())])
+    return ids, tokens
 
 
-def decode(shard: ShardRunner, prompts: list[list[int]], steps: int, batched: bool) -> tuple[float, list[list[int]]]:
-    """Greedy `steps` tokens for every prompt, batched or one request after another; (decode seconds, tokens)."""
-    ids, first = _prefill(shard, prompts)
-    tokens = [[t] for t in first]
+def decode(shard: ShardRunner, prompts: list[list[int]], steps: int) -> tuple[float, float, bool]:
+    """Greedy `steps` tokens for every prompt, one set of requests one after another and another set batched,
+    interleaved step by step; (sequential seconds, batched seconds, whether both sets got the same tokens)."""
+    seq_ids, seq_tok = _prefill(shard, prompts)
+    bat_ids, bat_tok = _prefill(shard, prompts)
+    seconds = {"seq": 0.0, "batch": 0.0}
+
+    def sequential() -> None:
+        for rid, tok in zip(seq_ids, seq_tok):
+            tok.append(int(shard.forward(rid, np.array([[tok[-1]]]), "last", start=False)[0, -1].argmax()))
+
+    def batched() -> None:
+        outs = shard.forward_batch([(rid, np.array([[tok[-1]]])) for rid, tok in zip(bat_ids, bat_tok)], "last")
+        for tok, out in zip(bat_tok, outs):
+            tok.append(int(out[0, -1].argmax()))
+
     try:
-        t0 = time.perf_counter()
-        if batched:
-            for _ in range(steps):
-                outs = shard.forward_batch([(rid, np.array([[tok[-1]]])) for rid, tok in zip(ids, tokens)], "last")
-                for tok, out in zip(tokens, outs):
-                    tok.append(int(out[0, -1].argmax()))
-        else:
-            for rid, tok in zip(ids, tokens):
-                for _ in range(steps):
-                    tok.append(int(shard.forward(rid, np.array([[tok[-1]]]), "last", start=False)[0, -1].argmax()))
-        return time.perf_counter() - t0, tokens
+        for i in range(steps):
+            for name, fn in (("seq", sequential), ("batch", batched))[:: 1 if i % 2 == 0 else -1]:
+                t = time.perf_counter()
+                fn()
+                seconds[name] += time.perf_counter() - t
+        return seconds["seq"], seconds["batch"], seq_tok == bat_tok
     finally:
-        for rid in ids:
+        for rid in seq_ids + bat_ids:
             shard.drop(rid)
 
 
@@ -83,11 +93,10 @@ def measure_level(shard: ShardRunner, prompts: list[list[int]], steps: int, repe
     n = len(prompts)
     seq_s, bat_s, same = [], [], True
     for _ in range(repeats):
-        ts, tok_s = decode(shard, prompts, steps, batched=False)
-        tb, tok_b = decode(shard, prompts, steps, batched=True)
+        ts, tb, ok = decode(shard, prompts, steps)
         seq_s.append(ts)
         bat_s.append(tb)
-        same = same and tok_s == tok_b
+        same = same and ok
     ts, tb = statistics.median(seq_s), statistics.median(bat_s)
     lone_ms, batch_ms = ts / (n * steps) * 1e3, tb / steps * 1e3
     return Level(n, n * steps / ts, n * steps / tb, ts / tb, lone_ms, batch_ms, batch_ms / lone_ms, same)
@@ -101,12 +110,15 @@ def run_batching(p: BenchPlan, as_json: bool) -> int:
         raise BenchError("--concurrency batches the decode steps of one shard; drop --split")
     full = p.ranges[0]
     opts = {"threads": o.n_threads} if o.backend == "onnx" else {}
+    # two sets of up to N live requests at once (sequential and batched, interleaved); their KV memory is what
+    # they use (short prompts), not the budget a server reserves
+    limits = RequestLimits(max_requests=2 * o.concurrency, max_bytes=1 << 62)
     shard = open_shard(p.source, full, o.backend, default_buckets(load_args_of(p), o.max_context), o.layers_per_slice,
-                       backend_options=opts, weights=o.weights)
+                       limits=limits, backend_options=opts, weights=o.weights)
     try:
         if not shard.batches:
             raise BenchError(f"backend {o.backend!r} runs steps one at a time (it does not batch); use onnx or numpy")
-        decode(shard, [p.prompt_ids], 2, batched=False)  # sessions open before timing
+        decode(shard, [p.prompt_ids], 2)  # sessions open before timing
         prompts = [p.prompt_ids + [p.prompt_ids[-1]] * i for i in range(o.concurrency)]
         table = [measure_level(shard, prompts[:n], o.gen_tokens, o.repeat) for n in levels(o.concurrency)]
     finally:
@@ -118,7 +130,8 @@ def run_batching(p: BenchPlan, as_json: bool) -> int:
         print(json.dumps(report))
         return 0
     print(f"{p.source.name}, {o.backend} weights={o.weights}, {o.n_threads} thread(s), prompt {o.prompt_tokens} tokens, "
-          f"{o.gen_tokens} decode steps per request, medians of {o.repeat} alternating rounds")
+          f"{o.gen_tokens} decode steps per request (sequential and batched interleaved step by step), medians of "
+          f"{o.repeat} rounds")
     print(f"{'requests':>8s} {'sequential tok/s':>16s} {'batched tok/s':>13s} {'gain':>6s} "
           f"{'lone ms/token':>13s} {'batched ms/token':>16s} {'latency':>8s} {'same tokens':>11s}")
     for lv in table:

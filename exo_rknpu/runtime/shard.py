@@ -323,7 +323,7 @@ class ShardRunner:
             raise TensorContractError("a batched step takes exactly one token (or hidden state) per request")
         return self.run_batch([self.admit_step(rid, x) for rid, x in calls], logits)
 
-    def admit_step(self, request_id: str, x: np.ndarray) -> "BatchStep":
+    def admit_step(self, request_id: str, x: np.ndarray) -> BatchStep:
         """Check one decode step of a live request for a batch, changing nothing: a malformed input or not one
         token (TensorContractError), a request this shard holds no cache for (RequestStateError), a full context
         (ContextOverflowError)."""
@@ -334,12 +334,12 @@ class ShardRunner:
         self.buckets.context_for(cache.pos + 1)
         return BatchStep(request_id, cache, x)
 
-    def run_batch(self, steps: list["BatchStep"], logits: Literal["all", "last"] = "all") -> list[np.ndarray]:
+    def run_batch(self, steps: list[BatchStep], logits: Literal["all", "last"] = "all") -> list[np.ndarray]:
         """Run admitted steps (`admit_step`, distinct requests) as one batch; outputs in the order of `steps`.
         On an error no request moves (rows a failed step wrote lie past its position: never read, overwritten)."""
         if len({s.request_id for s in steps}) != len(steps):
             raise TensorContractError("a batch holds one step per request; a request id appears twice")
-        if len(steps) == 1 or self.pool is None:
+        if self.pool is None:
             return [self.forward(s.request_id, s.x, logits, start=False) for s in steps]
         # in slot order: requests in consecutive slots are read from the pool in place
         order = sorted(range(len(steps)), key=lambda i: steps[i].cache.slot)
@@ -355,7 +355,7 @@ class ShardRunner:
             rows[i] = row
         return [out[r : r + 1] for r in rows]
 
-    def _batch_chunk(self, steps: list["BatchStep"]) -> Chunk:
+    def _batch_chunk(self, steps: list[BatchStep]) -> Chunk:
         """The batched chunk of one decode step: row b is step b at its own position, with its request's mask
         (RequestCache.mask) hiding the pool rows it has not written; the pool holds the furthest position."""
         assert self.pool is not None
