@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "arm64-emulation.sh"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("EXO_RKNPU_ARM64_EMULATION") != "1",
-                       reason="arm64 emulation takes 30-50 min (docs/board.md): set EXO_RKNPU_ARM64_EMULATION=1 (root, network)"),
+                       reason="arm64 emulation takes 15-35 min (docs/board.md): set EXO_RKNPU_ARM64_EMULATION=1 (root, network)"),
 ]
 
 
