@@ -136,12 +136,12 @@ def run(args: argparse.Namespace) -> int:
     margs = load_args(resolve_model(args.model))
     d = npu_buckets(default_buckets(margs, args.max_context), margs)  # as the npu backend runs them
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context)
+    recipe = recipe_from_args(args, margs.num_hidden_layers)  # before --explain exits: a bad recipe flag is never ignored
     placed = {}
     if args.placement:
         placed = _placed_specs(args, margs, buckets)
         if placed is None:
             return 0
-    recipe = recipe_from_args(args, margs.num_hidden_layers)
     results = compile_range(args.model, args.layers, platform=args.platform, dtype=args.dtype, buckets=buckets,
                             verify=args.verify, cache_dir=args.cache, min_cos=args.min_cos, recipe=recipe,
                             strict=args.strict, **placed)
