@@ -18,6 +18,11 @@ Why each choice (rknn-toolkit2 2.5.0, rk3588, smollm2- and Llama-3.2-1B-shaped l
   while rep*S*hd <= 8192, which bounds the seq buckets (slices/spec.py::npu_max_seq: 32 for smollm2 and 1B shapes).
 * cos/sin/mask stay 4-D with one channel: NHWC and NCHW are the same bytes, so handing them over as NHWC is a view
   (3-D cos/sin made the compiler crash under dynamic_input, "reduce_tp_in_mesh: -1 is not in list").
+
+The head (final norm + lm_head) has an NPU form too: the lm_head as MatMuls of at most NPU_HEAD_ROWS vocabulary rows,
+concatenated. As one MatMul, the Transpose rknn puts after its Conv ((1, V, 1, S) -> (1, S, 1, V)) went to the CPU
+in every prefill bucket, with "channel is too large, may produce thousands of regtask" errors (smollm2 and the 1B
+shape, V = 49152); with pieces of 8192 rows the compiler concatenates them and transposes on the NPU.
 """
 
 from __future__ import annotations
@@ -33,14 +38,41 @@ from exo_rknpu.slices.onnx_export import IR_VERSION, OPSET, OnnxOps
 from exo_rknpu.slices.spec import PARTS, SliceSpec, npu_input_shapes, npu_output_shapes, state_name
 
 
+# Vocabulary rows per lm_head MatMul in the head's NPU form (module docstring): a head of V rows is ceil(V / 8192)
+# MatMuls, concatenated along the vocabulary.
+NPU_HEAD_ROWS = 8192
+
+
 def compiler_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
-    """The ONNX model the RKNN compiler gets for `spec`: the NPU form for layer slices in the "npu" KV layout,
-    slices/onnx_export.build_onnx otherwise (the embedding, the head, and the "seq" layout)."""
+    """The ONNX model the RKNN compiler gets for `spec`: the NPU form for the head and for layer slices in the "npu"
+    KV layout, slices/onnx_export.build_onnx otherwise (the embedding and the "seq" layout)."""
     from exo_rknpu.slices.onnx_export import build_onnx
 
     if spec.kind == "layers" and spec.kv_layout == "npu":
         return build_npu_onnx(spec, weights, seq, ctx)
+    if spec.kind == "head":
+        return build_npu_head_onnx(spec, weights, seq)
     return build_onnx(spec, weights, seq=seq, ctx=ctx)
+
+
+def build_npu_head_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None) -> onnx.ModelProto:
+    """ONNX model of the head in the NPU form: hidden [1, S, H] -> final norm -> logits [1, S, V] from MatMuls of at
+    most NPU_HEAD_ROWS vocabulary rows each, concatenated (float32 weights inside the proto). seq None: symbolic S."""
+    if spec.kind != "head":
+        raise ValueError(f"build_npu_head_onnx builds the head, not {spec.kind}")
+    assert weights.final_norm is not None and weights.lm_head is not None, "head slice needs norm + lm_head (last shard)"
+    a = weights.args
+    ops = OnnxOps("sdpa", compact=False)
+    ops.args = a
+    w = weights.lm_head if isinstance(weights.lm_head, np.ndarray) else weights.lm_head.dequantize()
+    # kept alive until the graph is made: OnnxOps names weights by their id()
+    pieces = [w[i : i + NPU_HEAD_ROWS] for i in range(0, w.shape[0], NPU_HEAD_ROWS)]
+    h = ops.rms_norm("hidden", weights.final_norm, a.rms_norm_eps)
+    parts = [ops.linear(h, p) for p in pieces]
+    logits = parts[0] if len(parts) == 1 else ops.concat(parts, axis=-1)
+    ops.g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="out_logits"))
+    S: int | str = seq if seq is not None else "S"
+    return _model(ops, f"exo_rknpu_npu_{spec.name}", {"hidden": [1, S, a.hidden_size]}, {"logits": [1, S, w.shape[0]]})
 
 
 def build_npu_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = None, ctx: int | None = None) -> onnx.ModelProto:
@@ -71,8 +103,13 @@ def build_npu_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = Non
             results[name] = parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
     for name in outs:
         ops.g.nodes.append(helper.make_node("Identity", [results[name]], [name], name=f"out_{name}"))
+    return _model(ops, f"exo_rknpu_npu_{spec.name}", ins, outs)
+
+
+def _model(ops: OnnxOps, name: str, ins: dict[str, list], outs: dict[str, list]) -> onnx.ModelProto:
+    """The recorded graph as an ONNX model with float32 inputs and outputs of these (named) shapes."""
     f32 = TensorProto.FLOAT
-    graph = helper.make_graph(ops.g.nodes, f"exo_rknpu_npu_{spec.name}",
+    graph = helper.make_graph(ops.g.nodes, name,
                               [helper.make_tensor_value_info(n, f32, list(sh)) for n, sh in ins.items()],
                               [helper.make_tensor_value_info(n, f32, list(sh)) for n, sh in outs.items()],
                               initializer=ops.g.initializers)

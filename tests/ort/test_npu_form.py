@@ -1,5 +1,6 @@
-"""The NPU form of a layer slice (slices/npu_form.py: its own graph, float16 inputs, the "npu" cache layout)
-computes what the CPU graph computes: both run in onnxruntime on the same (float16-rounded) inputs."""
+"""The NPU form of a layer slice (slices/npu_form.py: its own graph, float16 inputs, the "npu" cache layout) and of
+the head (the lm_head in vocabulary pieces) computes what the CPU graph computes: both run in onnxruntime on the same
+(float16-rounded) inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.cache import KVCache
-from exo_rknpu.slices.npu_form import build_npu_onnx
+from exo_rknpu.slices import npu_form
+from exo_rknpu.slices.npu_form import build_npu_head_onnx, build_npu_onnx
 from exo_rknpu.slices.onnx_export import build_onnx
 from exo_rknpu.slices.spec import MASK_VALUE, SliceSpec, compiled_inputs, npu_outputs_to_seq
 
@@ -76,3 +78,25 @@ def test_npu_cache_is_float16_in_the_compiled_shapes_and_grows_along_positions(t
     seq_k = npu_outputs_to_seq({"past_k": c.keys}, a)["past_k"]  # [n, kv, C, hd]
     assert seq_k[:, :, :, 0].sum(axis=(0, 1)).tolist()[:6] == [0, 0, 0, 4, 4, 0]
     assert c.values[:, 3:5].min() == 2 and c.values[:, 5:].max() == 0
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])  # qwen2: a tied head (the embedding table)
+@pytest.mark.parametrize("rows", [None, 128])  # 128: the tiny vocabulary (320) in 3 pieces, the last one shorter
+def test_npu_head_in_vocabulary_pieces_computes_the_cpu_heads_logits(request, monkeypatch, model, rows):
+    src = resolve_model(str(request.getfixturevalue(model)))
+    n = load_args(src).num_hidden_layers
+    w = load_shard(src, LayerRange(n - 1, n, n), weights="fp32")
+    if rows:
+        monkeypatch.setattr(npu_form, "NPU_HEAD_ROWS", rows)
+    vocab = w.lm_head.shape[0]
+    pieces = -(-vocab // npu_form.NPU_HEAD_ROWS)
+    assert pieces == (3 if rows else 1), vocab
+    spec = SliceSpec("head")
+    for seq in (1, 16):
+        x = {"hidden": np.random.default_rng(seq).standard_normal((1, seq, w.args.hidden_size)).astype(np.float32)}
+        want = _run(build_onnx(spec, w, seq=seq), x)["logits"]
+        for graph in (build_npu_head_onnx(spec, w, seq), build_npu_head_onnx(spec, w)):  # static and symbolic
+            assert sum(nd.op_type == "MatMul" for nd in graph.graph.node) == pieces
+            got = _run(graph, x)["logits"]
+            assert got.shape == want.shape == (1, seq, vocab)
+            assert nmse(got, want) <= 1e-12
