@@ -416,7 +416,7 @@ def make_manifest(job: SliceJob, files: list[dict[str, Any]], report: SliceRepor
         # the oldest board runtime that loads these files: librknnrt refuses files of a newer toolkit ("Invalid
         # RKNN model version"); the npu backend and doctor check it (backends/board.py)
         "librknnrt_min": tk,
-        "buckets": {"seq": list(job.buckets.seq), "context": list(job.buckets.context)},
+        "buckets": job.buckets.describe(),
         "files": files, "build": {"seconds": round(seconds, 2), **report.to_dict()},
         "verify": verified,
     }
