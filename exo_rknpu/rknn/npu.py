@@ -28,7 +28,8 @@ from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.npu_form import npu_kv_layout
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, to_npu_inputs
+from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, bucket_tag, shape_key,
+                                   to_npu_batch_inputs, to_npu_inputs)
 
 def librknnrt_needed(m: dict[str, Any]) -> str:
     """The oldest librknnrt a compiled slice runs on: recorded at compile time (older manifests: the toolkit's)."""
@@ -40,8 +41,7 @@ class NpuRunner:
         from rknnlite.api import RKNNLite
 
         self.spec, self.args = spec, args
-        # graph input order: the kind's fixed names, or the compiled shapes' order (a slice of some blocks of a layer)
-        self.names = rknn_io.slice_names(spec.kind, manifest["files"][0]["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)
+        self.input_names = frozenset(n for f in manifest["files"] for sh in f["shapes"] for n in sh["inputs"])
         self.files: list[tuple[dict[str, Any], Any]] = []
         self.by_shape: dict[tuple, tuple[Any, dict, dict]] = {}
         self.inference_options = board.inference_options(RKNNLite)  # reuse_outputs only where lite2 has it (2.5.0 on)
@@ -59,22 +59,23 @@ class NpuRunner:
                                                   f"(core_mask={core_mask}); RKNNLite's log above says why; "
                                                   "exo-rknpu doctor checks this board")
                 self.files.append((f, rk))
-                for sh in f["shapes"]:
-                    key = tuple(tuple(sh["inputs"][n]) for n in self.names)
-                    self.by_shape[key] = (rk, sh, f["io"]["inputs"])
+                for sh in f["shapes"]:  # each shape set's inputs in its graph's order (pack_inputs keeps it)
+                    self.by_shape[shape_key(sh["inputs"])] = (rk, sh, f["io"]["inputs"])
         except BaseException:
             self.close()
             raise
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = self.names
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One call: inputs as the runtime gives them (runtime/shard.py; a decode batch's caches as sequences)."""
         if self.spec.has_attention and self.spec.kv_layout == "npu":
-            inputs = to_npu_inputs(self.spec, self.args, inputs)  # float16; the cache already is (runtime/cache.py)
-        key = tuple(tuple(np.shape(inputs[n])) for n in names)
-        hit = self.by_shape.get(key)
+            # float16; the cache already is (runtime/cache.py); a decode batch: each request's cache in place
+            batched = isinstance(inputs["past_k"], (list, tuple))
+            inputs = (to_npu_batch_inputs if batched else to_npu_inputs)(self.spec, self.args, inputs)
+        given = {n: np.shape(v) for n, v in inputs.items() if n in self.input_names}
+        hit = self.by_shape.get(shape_key(given))
         if hit is None:
-            raise ArtifactError(f"slice {self.spec.name} was not compiled for input shapes {dict(zip(names, key))}; "
-                                f"compiled buckets: {[dict(zip(names, k)) for k in self.by_shape]}")
+            raise ArtifactError(f"slice {self.spec.name} was not compiled for input shapes {given}; "
+                                f"compiled buckets: {[dict(k) for k in self.by_shape]}")
         rk, sh, io = hit
         # each input in the dtype and layout the file records: no conversion left for RKNNLite to do on the host
         arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=io)
@@ -115,7 +116,7 @@ class NpuBackend:
     # only the embedding is loaded; float32 as the compiled slices were checked against (False would keep it compact:
     # GGUF Q8_0 exactly, float sources as int8, measured cosine 0.99985 against float32 on the tiny test model)
     float_weights = True
-    batches = False  # compiled for batch 1 (batch buckets are not built)
+    batches = True  # fp16: batch buckets are compiled (Buckets.batch, slices/npu_form.py); w8a8: not (set in __init__)
     max_slice_bytes = None
     # every block but the embedding (a row gather over the vocabulary table stays on the host); static shapes
     blocks = frozenset(PLACEMENT_BLOCKS) - {"embedding"}
@@ -125,6 +126,7 @@ class NpuBackend:
         if core_mask not in CORE_MASKS:
             raise BackendUnavailableError(f"unknown core_mask {core_mask!r}; choose one of {', '.join(CORE_MASKS)}")
         self.dtype, self.platform, self.core_mask = dtype, platform, CORE_MASKS[core_mask]
+        self.batches = dtype == "fp16"  # compile builds w8a8 without batch buckets
         self.cache = cc.SliceCache(Path(cache_dir) if cache_dir else Paths.from_env().compiled)
         self.check_board = check_board
         if check_board:
@@ -190,6 +192,7 @@ def shard_compile_command(lr: LayerRange, spec: SliceSpec, dtype: str, platform:
            + (" --placement PLAN" if spec.kind == "layers" and not spec.whole else ""))
     if buckets is not None:
         cmd += f" --seq {','.join(map(str, buckets.seq))} --context {','.join(map(str, buckets.context))}"
+        cmd += f" --batch {','.join(map(str, buckets.batch or (1,)))}"
     return cmd
 
 
@@ -229,14 +232,11 @@ def check_manifest(m: dict[str, Any], spec: SliceSpec, weights: ShardWeights, bu
         raise refuse("does not match its content address (its recorded facts were edited or it was moved)")
     if _has_tensors(spec, weights) and m.get("weights_digest") != cc.slice_digest(spec, weights):
         raise refuse(f"was compiled from other weights of {spec.name} than this model's")
-    have = set()
-    for f in m["files"]:
-        for sh in f["shapes"]:
-            have.add((sh["seq"], sh["ctx"]))
-    need = {(s, c if spec.has_attention else None) for s in buckets.seq for c in (buckets.context if spec.has_attention else (0,))}
-    missing = sorted(need - have, key=str)
+    have = {bucket_tag(sh) for f in m["files"] for sh in f["shapes"]}
+    need = [bucket_tag(sh) for sh in bucket_shapes(spec, weights.args, buckets)]
+    missing = [t for t in need if t not in have]
     if missing:
-        raise refuse(f"lacks buckets (seq, ctx) {missing}")
+        raise refuse(f"lacks buckets {missing} (s<seq>c<ctx>; b<B>c<ctx>: a decode batch of B requests)")
 
 
 def _has_tensors(spec: SliceSpec, weights: ShardWeights) -> bool:

@@ -28,7 +28,7 @@ from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
-from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, npu_buckets
+from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, NPU_BATCH, npu_buckets
 
 DEVICES = ("cpu", *NPU_CORES)  # what a plan may name: the host CPU and the board's NPU (backends/board.py)
 # Placement blocks -> the layer parts they cover (slices/spec.py): attention is rotary, scores, softmax and values
@@ -542,7 +542,8 @@ DEFAULT_MAX_CONTEXT = 2048
 
 
 def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
-    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit).
+    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit), and
+    the NPU form's decode batch buckets (NPU_BATCH; backends that batch any size ignore them).
 
     A max_context below 1 or beyond the model's limit (max_position_embeddings) is refused: past its limit a
     model's rotary positions are untrained, so the answers would be wrong.
@@ -551,7 +552,7 @@ def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
         raise UsageError(f"--max-context {max_context} is out of range; this model allows 1 to "
                          f"{args.max_position_embeddings} positions")
     limit = max_context or min(DEFAULT_MAX_CONTEXT, args.max_position_embeddings)
-    return Buckets.up_to(limit)
+    return replace(Buckets.up_to(limit), batch=NPU_BATCH)
 
 
 def device_backends(plan: ResolvedPlan, options: dict | None = None) -> dict[str, Backend]:

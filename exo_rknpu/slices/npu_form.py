@@ -97,19 +97,20 @@ def build_npu_batch_onnx(spec: SliceSpec, weights: ShardWeights, batch: int, ctx
     outs = {n: list(sh) for n, sh in npu_batch_output_shapes(spec, a, batch).items()}
     st = {k: state_name(k) for k in spec.state_inputs()}
     rows: list[list[_Cache]] = []  # [layer][request]
-    axis2 = ops._const(np.array([2], np.int64))
+    axis1, axis2 = ops._const(np.array([1], np.int64)), ops._const(np.array([2], np.int64))
     for i in range(spec.start, spec.stop):
         caches = [_layer_cache(ops, a, spec, i - spec.start, ctx, row=b) for b in range(batch)]
 
         def attend(w, st: dict, caches: list[_Cache] = caches) -> None:
-            qh, kh, vh = _heads(ops, a, w, st["q"], st["k"], st["v"])  # the B rows together: [1, heads, B, hd]
-            os = []
-            for b, cache in enumerate(caches):
-                row = [ops._const(np.array([b], np.int64)), ops._const(np.array([b + 1], np.int64)), axis2]
-                qb, kb, vb = (ops._node("Slice", [t, *row]) for t in (qh, kh, vh))
+            rows_o = []
+            for b, cache in enumerate(caches):  # request b: row b of q/k/v [1, B, width] and of cos/sin [1, 1, B, hd]
+                at = [ops._const(np.array([b], np.int64)), ops._const(np.array([b + 1], np.int64))]
+                q, k, v = (ops._node("Slice", [st[n], *at, axis1]) for n in ("q", "k", "v"))
+                cos, sin = (ops._node("Slice", [n, *at, axis2]) for n in ("cos", "sin"))
+                qb, kb, vb = _heads(ops, a, w, q, k, v, cos, sin, by_matmul=True)
                 o, cache["k_new"], cache["v_new"] = _attend(ops, a, qb, kb, vb, cache, batch_name("mask", b), 1)
-                os.append(o)
-            st["o"] = ops.concat(os, axis=1)  # [1, B, nh*hd]
+                rows_o.append(o)
+            st["o"] = ops.concat(rows_o, axis=1)  # [1, B, nh*hd]
 
         st = _run_layer(ops, a, weights, i, spec, st, attend)
         rows.append(caches)
@@ -199,17 +200,31 @@ def _attention(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str, cache: _Ca
     return _attend(ops, a, qh, kh, vh, cache, "mask", seq)
 
 
-def _heads(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str) -> tuple[str, str, str]:
-    """q [1,nh,S,hd], k and v [1,kv,S,hd] from the projections, q/k normed (qwen3) and rotated by cos/sin [1,1,S,hd]."""
+def _heads(ops: OnnxOps, a: ModelArgs, w, q: str, k: str, v: str, cos: str = "cos", sin: str = "sin",
+           by_matmul: bool = False) -> tuple[str, str, str]:
+    """q [1,nh,S,hd], k and v [1,kv,S,hd] from the projections, q/k normed (qwen3) and rotated by cos/sin [1,1,S,hd].
+    by_matmul: rotate_half as a matmul with its +-1 matrix (exact), not Slice/Neg/Concat: see build_npu_batch_onnx."""
     hd, nh, kv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
-    cos, sin = "cos", "sin"  # [1,1,S,hd]
     qh = ops.split_heads(q, nh, hd)  # [1,nh,S,hd]
     kh = ops.split_heads(k, kv, hd)
     if w.q_norm is not None:
         qh = ops.rms_norm(qh, w.q_norm, a.rms_norm_eps)
     if w.k_norm is not None:
         kh = ops.rms_norm(kh, w.k_norm, a.rms_norm_eps)
+    if by_matmul:
+        r = ops._const(_rotate_half_matrix(hd))
+        return tuple(ops.add(ops.mul(x, cos), ops.mul(ops._node("MatMul", [x, r]), sin)) for x in (qh, kh)) + (  # type: ignore[return-value]
+            ops.split_heads(v, kv, hd),)
     return rope(ops, qh, cos, sin, hd), rope(ops, kh, cos, sin, hd), ops.split_heads(v, kv, hd)
+
+
+def _rotate_half_matrix(hd: int) -> np.ndarray:
+    """R with x @ R == rotate_half(x) = cat(-x2, x1): one +-1 per column, so the product is exact in any precision."""
+    half = hd // 2
+    r = np.zeros((hd, hd), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
 
 
 def _attend(ops: OnnxOps, a: ModelArgs, qh: str, kh: str, vh: str, cache: _Cache, mask: str,

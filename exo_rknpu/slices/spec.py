@@ -405,21 +405,21 @@ def npu_max_seq(args: ModelArgs) -> int:
     return max(1, 8192 // (args.n_rep * args.head_dim))
 
 
-# Decode batch sizes compiled for the NPU form by default (docs/compiler.md, "Batch buckets", says why these)
+# Decode batch sizes the runtime's default buckets hold (runtime/placement.py::default_buckets), compiled for the NPU
+# form (docs/compiler.md, "Batch buckets", says why these)
 NPU_BATCH = (2, 4, 8)
 
 
 def npu_buckets(buckets: Buckets, args: ModelArgs) -> Buckets:
     """`buckets` for a backend running the NPU form: seq buckets above npu_max_seq are replaced by the largest power
-    of two under it (prefill then goes in smaller chunks); context buckets are kept; batch buckets are `buckets`'
-    own, or NPU_BATCH when it has none (none for a model whose layers keep the "seq" form: per-head q/k norms)."""
+    of two under it (prefill then goes in smaller chunks); context and batch buckets are kept, except that a model
+    whose layers keep the "seq" form (per-head q/k norms, slices/npu_form.py::npu_kv_layout) has no batch graph."""
     limit = npu_max_seq(args)
     seq = [b for b in buckets.seq if b <= limit]
     if len(seq) < len(buckets.seq):
         top = 1 << (limit.bit_length() - 1)
         seq = sorted(set(seq) | {top})
-    batch = buckets.batch or (() if args.qk_norm else NPU_BATCH)
-    return Buckets(seq=tuple(seq), context=buckets.context, batch=batch)
+    return Buckets(seq=tuple(seq), context=buckets.context, batch=() if args.qk_norm else buckets.batch)
 
 
 def bucket_shapes(spec: SliceSpec, args: ModelArgs, buckets: Buckets) -> list[dict[str, Any]]:
@@ -441,6 +441,18 @@ def bucket_shapes(spec: SliceSpec, args: ModelArgs, buckets: Buckets) -> list[di
                         "inputs": {k: list(v) for k, v in npu_batch_input_shapes(spec, args, b, ctx).items()},
                         "outputs": {k: list(v) for k, v in npu_batch_output_shapes(spec, args, b).items()}})
     return out
+
+
+def shape_key(shapes: dict[str, Any]) -> tuple:
+    """A hashable key of named input shapes, whatever their order: how static-shape runners find the compiled shape
+    set of a call (a batch graph's inputs differ from the seq graph's by name and number)."""
+    return tuple(sorted((n, tuple(int(d) for d in sh)) for n, sh in shapes.items()))
+
+
+def bucket_tag(sh: dict[str, Any]) -> str:
+    """The name of a bucket_shapes entry in reports and refusals: s<seq>c<ctx> (s<seq> for slices without a cache;
+    b<B>c<ctx> for a decode batch of B requests)."""
+    return (f"b{sh['batch']}" if sh.get("batch") else f"s{sh['seq']}") + (f"c{sh['ctx']}" if sh.get("ctx") else "")
 
 
 def plan_slices(start: int, stop: int, first: bool, last: bool, layers_per_slice: int | None) -> list[SliceSpec]:

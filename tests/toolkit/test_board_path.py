@@ -259,7 +259,7 @@ def test_tampered_rknn_and_missing_buckets_are_refused(board, load_only):
     finally:
         rknn.write_bytes(saved)
     bigger = Buckets(seq=(1, 16), context=(64, 128))
-    with pytest.raises(ArtifactError, match=r"lacks buckets \(seq, ctx\) \[\(1, 128\), \(16, 128\)\]") as e:
+    with pytest.raises(ArtifactError, match=r"lacks buckets \[.s1c128., .s16c128.\]") as e:
         open_shard(src, LayerRange(0, 1, N_LAYERS), "npu", bigger, backend_options=_npu(cache))
     assert "--seq 1,16 --context 64,128" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ArtifactError, match="no compiled w8a8 slice layers.0") as e:
