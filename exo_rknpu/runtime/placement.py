@@ -286,15 +286,21 @@ class ResolvedPlan:
 
     def npu_files(self, spec: SliceSpec) -> int:
         """Shape sets (one compiled file each under w8a8) a static-shape NPU slice needs: every seq bucket, and every
-        context bucket too when it reads the cache."""
-        return len(self.buckets.seq) * (len(self.buckets.context) if spec.has_attention else 1)
+        context bucket too when it reads the cache; fp16 batch buckets (slices/spec.py::bucket_shapes) add a batch
+        graph per (batch, context) to a slice reading the cache in the NPU form, and join the seq buckets of others."""
+        seq, ctx = len(self.buckets.seq), len(self.buckets.context)
+        batch = self.buckets.batch if self.npu_dtype == "fp16" else ()
+        if spec.has_attention:
+            return (seq + (len(batch) if spec.kv_layout == "npu" else 0)) * ctx
+        return len(set(self.buckets.seq) | set(batch))
 
     def bucket_text(self, s: PlacedSlice) -> str:
         if s.on.npu or backend_class(s.backend).static_shapes:
-            seq = len(self.buckets.seq)
+            seq, n = len(self.buckets.seq), self.npu_files(s.spec)
             if s.spec.has_attention:
-                return f"{seq} seq x {len(self.buckets.context)} ctx = {self.npu_files(s.spec)}"
-            return f"{seq} seq (no ctx) = {self.npu_files(s.spec)}"
+                batch = n // len(self.buckets.context) - seq
+                return f"{seq} seq" + (f" + {batch} batch" if batch else "") + f" x {len(self.buckets.context)} ctx = {n}"
+            return f"{seq} seq" + (f" + {n - seq} batch" if n > seq else "") + f" (no ctx) = {n}"
         return "dynamic S, C" if s.spec.has_attention else "dynamic S"
 
     def explain(self) -> str:
