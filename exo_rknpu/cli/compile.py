@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq", type=_ints, default=None, help="seq buckets, e.g. 1,16,64")
     p.add_argument("--context", type=_ints, default=None, help="context buckets, e.g. 256,512,1024,2048")
     p.add_argument("--batch", type=_ints, default=None,
-                   help="decode batch buckets (requests per call), e.g. 2,4,8 (the default for the NPU form); 1: none")
+                   help="decode batch buckets (requests per call), e.g. 2,4,8 (default: 4, the runtime's for the NPU form); 1: none")
     p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
                    help="context buckets doubling from 256 up to this (default: what generate/node use, 2048 or the model's limit)")
     p.add_argument("--strict", action="store_true",

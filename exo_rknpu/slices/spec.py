@@ -406,8 +406,9 @@ def npu_max_seq(args: ModelArgs) -> int:
 
 
 # Decode batch sizes the runtime's default buckets hold (runtime/placement.py::default_buckets), compiled for the NPU
-# form (docs/compiler.md, "Batch buckets", says why these)
-NPU_BATCH = (2, 4, 8)
+# form: one, 4, because each batch file costs more than the seq file (smollm2 layer, 4 context buckets: b2 32 MB,
+# b4 57 MB, b8 106 MB against 23 MB; docs/compiler.md, "Batch buckets"); 2-3 requests pad to 4, 8 run as two 4s
+NPU_BATCH = (4,)
 
 
 def npu_buckets(buckets: Buckets, args: ModelArgs) -> Buckets:
