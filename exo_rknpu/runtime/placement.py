@@ -289,7 +289,8 @@ class ResolvedPlan:
         context bucket too when it reads the cache; fp16 batch buckets (slices/spec.py::bucket_shapes) add a batch
         graph per (batch, context) to a slice reading the cache in the NPU form, and join the seq buckets of others."""
         seq, ctx = len(self.buckets.seq), len(self.buckets.context)
-        batch = self.buckets.batch if self.npu_dtype == "fp16" else ()
+        npu_form = all(s.spec.kv_layout == "npu" for s in self.slices if s.spec.kind == "layers")  # runtime/shard.py
+        batch = self.buckets.batch if self.npu_dtype == "fp16" and npu_form else ()
         if spec.has_attention:
             return (seq + (len(batch) if spec.kv_layout == "npu" else 0)) * ctx
         return len(set(self.buckets.seq) | set(batch))
@@ -415,8 +416,11 @@ def resolve(
     _check_memory(slices)
     check_emulation([s.on for s in slices], emulate, npu_unavailable)
     mode = weights_for(weights, {s.backend for s in slices})
-    if any(getattr(backend_class(s.backend), "kv_layout", "seq") == "npu" for s in slices):
+    layouts = [getattr(backend_class(s.backend), "kv_layout", "seq") for s in slices if s.spec.kind == "layers"]
+    if "npu" in layouts:
         buckets = npu_buckets(buckets, args)  # the NPU form bounds the prefill chunks (slices/spec.py); one set per shard
+        if "seq" in layouts:  # a batch graph needs every layer slice in the NPU form (runtime/shard.py::rows_batch)
+            buckets = replace(buckets, batch=())
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, mode,
                         default_backend)
 
