@@ -441,7 +441,9 @@ def compile_slice(job: SliceJob, cache: cc.SliceCache, py: Path) -> tuple[Path, 
         if job.verify:
             verified, report.verify_per_bucket = verify(job, builds)
         files = [{"file": Path(b.out).name, "sha256": sha256_file(Path(b.out)), "bytes": Path(b.out).stat().st_size,
-                  "shapes": group, "io": recorded_io(job.spec, b, group)} for b, group in exported if b.out]
+                  "shapes": group, "io": recorded_io(job.spec, b, group),
+                  # graph order (the manifest is written with sorted keys, so its shape dicts lose it)
+                  "inputs": list(b.inputs), "outputs": list(group[0]["outputs"])} for b, group in exported if b.out]
         manifest = make_manifest(job, files, report, verified, time.monotonic() - t0)
         shutil.rmtree(work, ignore_errors=True)
         return cache.commit(stage, manifest), manifest

@@ -43,7 +43,7 @@ class NpuRunner:
         self.spec, self.args = spec, args
         self.input_names = frozenset(n for f in manifest["files"] for sh in f["shapes"] for n in sh["inputs"])
         self.files: list[tuple[dict[str, Any], Any]] = []
-        self.by_shape: dict[tuple, tuple[Any, dict, dict]] = {}
+        self.by_shape: dict[tuple, tuple[Any, dict, dict, tuple[list[str], list[str]]]] = {}
         self.inference_options = board.inference_options(RKNNLite)  # reuse_outputs only where lite2 has it (2.5.0 on)
         try:
             for f in manifest["files"]:
@@ -59,8 +59,11 @@ class NpuRunner:
                                                   f"(core_mask={core_mask}); RKNNLite's log above says why; "
                                                   "exo-rknpu doctor checks this board")
                 self.files.append((f, rk))
-                for sh in f["shapes"]:  # each shape set's inputs in its graph's order (pack_inputs keeps it)
-                    self.by_shape[shape_key(sh["inputs"])] = (rk, sh, f["io"]["inputs"])
+                # the graph's input and output order, as compile recorded it (older manifests: the kind's fixed names)
+                order = (f.get("inputs") or list(rknn_io.slice_names(spec.kind, f["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)),
+                         f.get("outputs") or list(rknn_io.slice_names(spec.kind, f["shapes"][0]["outputs"], rknn_io.SLICE_OUTPUTS)))
+                for sh in f["shapes"]:
+                    self.by_shape[shape_key(sh["inputs"])] = (rk, sh, f["io"]["inputs"], order)
         except BaseException:
             self.close()
             raise
@@ -76,13 +79,14 @@ class NpuRunner:
         if hit is None:
             raise ArtifactError(f"slice {self.spec.name} was not compiled for input shapes {given}; "
                                 f"compiled buckets: {[dict(k) for k in self.by_shape]}")
-        rk, sh, io = hit
+        rk, sh, io, (ins, outs_order) = hit
         # each input in the dtype and layout the file records: no conversion left for RKNNLite to do on the host
-        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=io)
+        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, {n: sh["inputs"][n] for n in ins}, io=io)
         outs = rk.inference(inputs=arrays, data_type=rknn_io.data_types(arrays), data_format=fmt, **self.inference_options)
         if outs is None:
             raise BackendUnavailableError(f"RKNNLite inference failed for slice {self.spec.name}")
-        return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])  # copies (out of reused buffers on 2.5)
+        # copies (out of reused buffers on 2.5)
+        return rknn_io.unpack_outputs(self.spec.kind, outs, {n: sh["outputs"][n] for n in outs_order})
 
     def close(self) -> None:
         for _, rk in self.files:

@@ -65,7 +65,9 @@ class SimulatedRKNNLite:
         # positional, as RKNNLite receives them; an 'nhwc' array is (N, H, W, C) of the compiled (N, C, H, W)
         given = [(a.shape[0], a.shape[3], a.shape[1], a.shape[2]) if f == "nhwc" else tuple(a.shape)
                  for a, f in zip(inputs, data_format)]
-        sh = next(sh for sh in self.runner.shapes.values() if [tuple(v) for v in sh["inputs"].values()] == given)
+        found = [sh for sh in self.runner.shapes.values() if [tuple(v) for v in sh["inputs"].values()] == given]
+        assert found, f"no prepared shape set takes {given}: {[list(sh['inputs'].values()) for sh in self.runner.shapes.values()]}"
+        sh = found[0]
         mid = self.runner.models[shape_key(sh["inputs"])]
         head, outs = type(self).sim.worker().request({"op": "run", "id": mid, "data_format": data_format}, inputs)
         assert head.get("ok"), head

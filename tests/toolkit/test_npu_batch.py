@@ -84,3 +84,39 @@ def test_batch_buckets_compile_with_no_cpu_op_and_the_npu_backend_names_a_missin
     with pytest.raises(ArtifactError, match=r"lacks buckets \['b8c64', 'b8c128'\]") as e:
         be.locate(spec, ws, Buckets(seq=(1, 16), context=(64, 128), batch=(2, 4, 8)))
     assert "--batch 2,4,8" in str(e.value)
+
+
+def test_the_npu_backend_runs_a_batch_from_the_compiled_files(tiny, tmp_path, monkeypatch):
+    """The board path: a stand-in RKNNLite (tests/toolkit/test_board_path.py) hands each call, as the npu backend
+    marshals it, to the simulator. Each request's hidden state from one batched call equals its lone step's."""
+    from test_board_path import SimulatedRKNNLite, _install
+
+    from exo_rknpu.rknn.sim import RknnSimBackend
+
+    buckets = Buckets(seq=(1, 16), context=(64,), batch=(2,))
+
+    class BatchRKNNLite(SimulatedRKNNLite):
+        def load_rknn(self, path: str) -> int:
+            type(self).loads.append(path)
+            self.runner = type(self).sim.prepare(SliceSpec("layers", 0, 1, kv_layout="npu"), type(self).weights, buckets)
+            return 0
+
+    compile_range(str(tiny), "0-0", buckets=buckets, cache_dir=tmp_path, progress=False)
+    src = resolve_model(str(tiny))
+    _install(monkeypatch, BatchRKNNLite)
+    BatchRKNNLite.sim, BatchRKNNLite.weights = RknnSimBackend(), load_shard(src, LayerRange(0, 1, 4), weights="fp32")
+    shard = open_shard(src, LayerRange(0, 1, 4), "npu", buckets, backend_options={"cache_dir": tmp_path, "check_board": False})
+    try:
+        assert shard.batches and sorted(Path(p).name for p in BatchRKNNLite.loads) == ["layers.0.b2.rknn", "layers.0.rknn"]
+        lone = {}
+        for i, p in enumerate(PROMPTS[:2]):
+            for tag in ("lone", "batch"):
+                shard.forward(f"{tag}{i}", np.array([p]))
+            lone[i] = shard.forward(f"lone{i}", np.array([[p[-1]]]), start=False)
+        got = shard.forward_batch([(f"batch{i}", np.array([[p[-1]]])) for i, p in enumerate(PROMPTS[:2])])
+        for i in lone:
+            np.testing.assert_allclose(got[i], lone[i], rtol=0, atol=2e-3 * np.abs(lone[i]).max())
+        assert [shard.requests.get(f"batch{i}").pos for i in range(2)] == [len(p) + 1 for p in PROMPTS[:2]]
+    finally:
+        shard.close()
+        BatchRKNNLite.sim.close()
