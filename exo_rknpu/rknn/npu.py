@@ -99,13 +99,18 @@ class ShardMemory:
     """Host memory (bytes) a shard needs on the npu backend, from the compiled sizes recorded in the manifests."""
 
     rknn_bytes: dict[str, int]  # slice name -> its .rknn files' bytes (RKNNLite loads them into the board's DDR)
-    internal_bytes: int  # the largest "Total Internal Memory Size" of the build logs (activation buffers), per slice
+    internal_bytes: int  # the largest "Total Internal Memory Size" of the build logs (activation buffers), per context
     embed_bytes: int  # the embedding table on the host (first shard only)
     kv_bytes: int  # the host KV-cache budget
+    contexts: dict[str, int]  # slice name -> its files, each one RKNNLite context with its own internal memory
+
+    def slice_bytes(self, name: str) -> int:
+        """What one slice holds: its files and the internal memory of each file's context."""
+        return self.rknn_bytes[name] + self.internal_bytes * self.contexts[name]
 
     @property
     def total(self) -> int:
-        return sum(self.rknn_bytes.values()) + self.internal_bytes * len(self.rknn_bytes) + self.embed_bytes + self.kv_bytes
+        return sum(self.slice_bytes(n) for n in self.rknn_bytes) + self.embed_bytes + self.kv_bytes
 
 
 class NpuBackend:
@@ -161,8 +166,8 @@ class NpuBackend:
                        max_requests: int = 1, kv_cap_bytes: int | None = None, embed_bytes: int | None = None) -> ShardMemory:
         """Host memory this backend needs for `layer_range`, from the manifests alone (nothing is loaded or hashed).
 
-        .rknn bytes of every layer slice (+ the head on the last shard), each slice's internal (activation) memory
-        from its build log, the embedding on the first shard (`embed_bytes`; default: the float32 table the host
+        .rknn bytes of every layer slice (+ the head on the last shard), the internal (activation) memory of each
+        file's RKNNLite context (the largest of the build logs), the embedding on the first shard (`embed_bytes`; default: the float32 table the host
         loads today) and the KV cache: float32 K and V for the range's layers at `max_context`, for up to
         `max_requests` live requests; `kv_cap_bytes` (RequestLimits.max_bytes) bounds the other requests, the current
         one may exceed it. ArtifactError (with the compile command) if a slice is not compiled.
@@ -172,11 +177,13 @@ class NpuBackend:
         if layer_range.is_last:
             specs.append(SliceSpec("head"))
         rknn: dict[str, int] = {}
+        contexts: dict[str, int] = {}
         internal = 0
         for spec in specs:
             hint = shard_compile_command(layer_range, spec, self.dtype, self.platform, None)
             _, m = self.cache.find(fingerprint, self.dtype, self.platform, spec.name, check_files=False, hint=hint)
             rknn[spec.name] = sum(int(f["bytes"]) for f in m["files"])
+            contexts[spec.name] = len(m["files"])  # a batch bucket's file (or a w8a8 bucket's) is a context of its own
             internal = max(internal, int(float(m.get("build", {}).get("internal_kb") or 0.0) * 1024))
         if embed_bytes is None:
             embed_bytes = args.vocab_size * args.hidden_size * 4 if layer_range.is_first else 0
@@ -185,7 +192,7 @@ class NpuBackend:
         kv = max_requests * per_request
         if kv_cap_bytes is not None:
             kv = min(kv, kv_cap_bytes + per_request)
-        return ShardMemory(rknn, internal, embed_bytes, kv)
+        return ShardMemory(rknn, internal, embed_bytes, kv, contexts)
 
 
 def shard_compile_command(lr: LayerRange, spec: SliceSpec, dtype: str, platform: str, buckets: Buckets | None) -> str:
