@@ -18,6 +18,8 @@ Why each choice (rknn-toolkit2 2.5.0, rk3588, smollm2- and Llama-3.2-1B-shaped l
   while rep*S*hd <= 8192, which bounds the seq buckets (slices/spec.py::npu_max_seq: 32 for smollm2 and 1B shapes).
 * cos/sin/mask stay 4-D with one channel: NHWC and NCHW are the same bytes, so handing them over as NHWC is a view
   (3-D cos/sin made the compiler crash under dynamic_input, "reduce_tp_in_mesh: -1 is not in list").
+* Batch buckets (build_npu_batch_onnx): one decode step of B requests, the linears over the B rows together and one
+  attention block per request over its own cache inputs, so each request's cache stays as above.
 """
 
 from __future__ import annotations
@@ -83,11 +85,15 @@ def build_npu_onnx(spec: SliceSpec, weights: ShardWeights, seq: int | None = Non
 def build_npu_batch_onnx(spec: SliceSpec, weights: ShardWeights, batch: int, ctx: int | None = None) -> onnx.ModelProto:
     """The decode batch graph of a layer slice in the NPU form: one step of `batch` requests in one call.
 
-    The linears, norms and rotary take the requests' rows together, as the rows of one seq-`batch` chunk ([1, B,
-    width]: each weight is read once for all of them); attention is one block per request, the seq-1 decode
-    attention of the graph above over that request's own cache inputs (past_k_b, past_v_b: each request's cache
-    stays its own, handed over in place) and its own mask_b. No op is larger than in the seq-1 and seq-B graphs,
-    so the NPU form's limits hold. ctx None: symbolic C (one graph for dynamic_input)."""
+    The linears, norms and MLP take the requests' rows together, as the rows of one seq-`batch` chunk ([1, B,
+    width]: each weight is read once for all of them). Attention is one block per request: its row of q/k/v and of
+    cos/sin is cut out first, then it runs the seq-1 decode attention of the graph above over that request's own
+    cache inputs (past_k_b, past_v_b: each request's cache stays its own, handed over in place) and its own mask_b.
+    No op is larger than in the seq-1 and seq-B graphs, so the NPU form's limits hold. rotate_half is a matmul
+    with its +-1 matrix here: from four requests under dynamic_input, its Slice/Neg/Concat form made rknn-toolkit2
+    2.5.0's transpose reduction fail ("reduce_tp_in_mesh: -1 is not in list"), and so did rotating all rows before
+    cutting them, or cutting the rotated [1, heads, B, hd] heads (measured). ctx None: symbolic C (one graph for
+    dynamic_input)."""
     if spec.kind != "layers" or not spec.has_attention:
         raise ValueError(f"a batch graph is for slices reading the cache; {spec.name} runs a batch as seq {batch}")
     a = weights.args
