@@ -201,7 +201,8 @@ class ShardRunner:
         self.rotary = RotaryTable(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
         # on backends that batch, every request's caches live in one pool (a batched step reads them in place)
-        can_batch = (all(b.batches for b in self.backends.values())
+        # (a static-shape backend batches through its compiled batch buckets only: rows_batch above)
+        can_batch = (all(b.batches and not b.static_shapes for b in self.backends.values())
                      and all(s.kv_layout == "seq" for s in self.layer_specs))
         self.pool: KVPool | None = None
         if can_batch:
