@@ -13,9 +13,10 @@ from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.cache import KVCache
 from exo_rknpu.slices import npu_form
-from exo_rknpu.slices.npu_form import build_npu_head_onnx, build_npu_onnx
+from exo_rknpu.slices.npu_form import build_npu_batch_onnx, build_npu_head_onnx, build_npu_onnx
 from exo_rknpu.slices.onnx_export import build_onnx
-from exo_rknpu.slices.spec import MASK_VALUE, SliceSpec, compiled_inputs, npu_outputs_to_seq
+from exo_rknpu.slices.spec import (MASK_VALUE, SliceSpec, compiled_inputs, npu_batch_input_shapes, npu_outputs_to_seq,
+                                   to_npu_batch_inputs)
 
 from helpers import nmse
 
@@ -100,3 +101,35 @@ def test_npu_head_in_vocabulary_pieces_computes_the_cpu_heads_logits(request, mo
             got = _run(graph, x)["logits"]
             assert got.shape == want.shape == (1, seq, vocab)
             assert nmse(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("spec", [SliceSpec("layers", 1, 2, kv_layout="npu"), SliceSpec("layers", 0, 2, kv_layout="npu"),
+                                  SliceSpec("layers", 1, 2, blocks=("qkv", "attention"), kv_layout="npu")],
+                         ids=["one-layer", "two-layers", "qkv+attention"])
+def test_a_batch_graph_gives_each_request_what_its_lone_decode_step_gives(request, model, spec):
+    """B requests at their own positions with their own caches in one call of the batch graph: each request's
+    outputs (state row, new cache rows) are those of the seq-1 graph run on that request alone."""
+    src = resolve_model(str(request.getfixturevalue(model)))
+    w = load_shard(src, LayerRange(0, 2, load_args(src).num_hidden_layers), weights="fp32")
+    a, ctx, batch = w.args, 32, 3
+    rng = np.random.default_rng(7)
+    alone = [compiled_inputs(spec, a, _inputs(SliceSpec(spec.kind, spec.start, spec.stop, spec.blocks), a, 1, ctx, pos, rng))
+             for pos in (20, 3, 31)]
+    want = [_run(build_npu_onnx(spec, w, 1, ctx), x) for x in alone]
+    states = [n for n in alone[0] if n not in ("cos", "sin", "mask", "past_k", "past_v")]
+    runtime = {n: np.concatenate([x[n] for x in alone], axis=1 if n not in ("cos", "sin") else 2) for n in states + ["cos", "sin"]}
+    runtime["mask"] = np.concatenate([x["mask"][..., :1].swapaxes(2, 3) for x in alone])  # each request's [1,1,1,C+1] row
+    runtime["past_k"], runtime["past_v"] = [x["past_k"] for x in alone], [x["past_v"] for x in alone]
+    feed = to_npu_batch_inputs(spec, a, runtime)
+    assert {k: v.shape for k, v in feed.items()} == npu_batch_input_shapes(spec, a, batch, ctx)
+    assert all(v.dtype == np.float16 for v in feed.values())
+    for graph in (build_npu_batch_onnx(spec, w, batch, ctx), build_npu_batch_onnx(spec, w, batch)):  # static, symbolic
+        got = _run(graph, feed)
+        rows = got["k_new"].shape[0] // batch
+        for b, lone in enumerate(want):
+            mine = {n: got[n][:, b : b + 1] for n in got if n not in ("k_new", "v_new")}
+            mine.update({n: got[n][b * rows : (b + 1) * rows] for n in ("k_new", "v_new")})
+            assert set(mine) == set(lone)
+            for name in lone:
+                assert nmse(mine[name], lone[name]) <= 1e-10, (b, name)

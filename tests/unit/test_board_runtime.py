@@ -178,7 +178,7 @@ def test_missing_slices_name_the_one_compile_command_for_the_whole_shard(tiny_ll
                    backend_options={"cache_dir": tmp_path, "check_board": False})
     msg = str(e.value)
     assert "\n" not in msg and msg.endswith(
-        f"run: exo-rknpu compile --model MODEL --layers {layers} --dtype fp16 --platform rk3588 --seq 1 --context 64"), msg
+        f"run: exo-rknpu compile --model MODEL --layers {layers} --dtype fp16 --platform rk3588 --seq 1 --context 64 --batch 1"), msg
 
 
 # A stand-in rknnlite package for doctor's probe child process (python -m exo_rknpu.backends.board FILE MASK): its
