@@ -1,6 +1,8 @@
-"""Greedy tokens and logits of a model under --weights auto / int4 / fp32 on this CPU: run it on two machines (here:
-x86-64 AVX2, and aarch64 as a Cortex-A76 under qemu-user in the root scripts/arm64-emulation.sh makes) and compare
-the outputs (docs/performance.md, "Same answers on every CPU").
+"""Greedy tokens and logits of a model under --weights auto / int4 / fp32 on this CPU: run it on two machines and
+compare the outputs (docs/performance.md, "Same answers on every CPU"). Here: x86-64 natively (earlier sessions' was
+AVX2-only; this session's has AVX-512 and AMX), an AVX2-only x86-64 as `qemu-x86_64-static -cpu Haswell-noTSX
+PYTHON docs/perf/isa_check.py ...`, and aarch64 as a Cortex-A76 under qemu-user in the root
+scripts/arm64-emulation.sh makes.
 
     python docs/perf/isa_check.py MODEL.gguf OUT_PREFIX     # writes OUT_PREFIX.json and OUT_PREFIX-<weights>.npy
 """

@@ -5,7 +5,8 @@ shapes, one thread: MatMulNBits with float32 activations (accuracy_level 1: auto
 8-bit ones as 4-bit blocks over K doubled), the ReduceSum + MatMul of Q4_1's per-block mins, float32 MatMul with a
 constant (prepacked) and a computed right side (fp32 weights; attention), and the int8-activation forms (int4, int8)
 for contrast; M=1 is a decode step, M=7 a prefill. scripts/arm64-emulation.sh runs it on x86 and on the emulated
-Cortex-A76 and prints the comparison (docs/design.md#weights reads it).
+Cortex-A76 and prints the comparison (docs/design.md#weights reads it); an AVX2-only x86-64 is emulated on an
+AVX-512 machine by `qemu-x86_64-static -cpu Haswell-noTSX PYTHON docs/perf/isa_ops.py run OUT.npz`.
 
     python docs/perf/isa_ops.py run OUT.npz        # this machine's outputs
     python docs/perf/isa_ops.py compare A.npz B.npz
