@@ -170,8 +170,8 @@ def holding(args: ModelArgs, layer_range: LayerRange, config: EngineConfig, fing
         except ArtifactError:
             pass  # not compiled: the plan's estimate (opening the shard will name the compile command)
         else:
-            layer = [m.rknn_bytes[SliceSpec("layers", i, i + 1).name] + m.internal_bytes for i in layer_range.layers]
-            head = m.rknn_bytes["head"] + m.internal_bytes if "head" in m.rknn_bytes else 0
+            layer = [m.slice_bytes(SliceSpec("layers", i, i + 1).name) for i in layer_range.layers]
+            head = m.slice_bytes("head") if "head" in m.rknn_bytes else 0
             return Holding(tuple(layer), m.embed_bytes, head, m.kv_bytes, "manifests")
     plan, = plan_shards(PlacementPlan.load(config.placement) if config.placement else None, args, [layer_range],
                         config.backend, buckets, layers_per_slice=config.layers_per_slice, weights=config.weights,

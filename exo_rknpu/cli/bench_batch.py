@@ -119,7 +119,8 @@ def run_batching(p: BenchPlan, as_json: bool) -> int:
                        limits=limits, backend_options=opts, weights=o.weights)
     try:
         if not shard.batches:
-            raise BenchError(f"backend {o.backend!r} runs steps one at a time (it does not batch); use onnx or numpy")
+            raise BenchError(f"backend {o.backend!r} runs steps one at a time here (it does not batch, or has no batch "
+                             f"buckets: w8a8, or a model whose NPU layers keep the seq form); use fp16, onnx or numpy")
         decode(shard, [p.prompt_ids], 2)  # sessions open before timing
         prompts = [p.prompt_ids + [p.prompt_ids[-1]] * i for i in range(o.concurrency)]
         table = [measure_level(shard, prompts[:n], o.gen_tokens, o.repeat) for n in levels(o.concurrency)]

@@ -1,8 +1,8 @@
 """The exo adapter: the only package of exo-rknpu that imports legacy exo (commit 5f18faec).
 
 Modules that import exo (or its aiohttp) at import time: `inference_engine`, `launcher` and `ring`. The others
-(`shards`, `cards`, `capabilities`, `api_tokenizer`, `chat_request`, `options`) are exo-free so they can be tested
-without exo.
+(`shards`, `cards`, `capabilities`, `api_tokenizer`, `chat_request`, `options`, `patching`) are exo-free so they can
+be tested without exo.
 """
 
 EXO_COMMIT = "5f18faec1758ffa79d6db1d463b4b8bca211a0a8"

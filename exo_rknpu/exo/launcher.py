@@ -1,26 +1,9 @@
 """Start legacy exo with the rknpu engine plugged in (or one of exo's stock engines, fixed), without editing exo.
 
-Patches, all applied before `exo.main` is imported (it parses argv and builds the node at import):
-1. `get_inference_engine` in exo.inference.inference_engine and exo.orchestration.node (which bound the name at
-   import) returns RKNPUInferenceEngine for "rknpu"; `inference_engine_classes["rknpu"]` names the class.
-2. exo.models.model_cards gets our cards (smollm2-135m and qwen-3-* added; llama-3.2-*, qwen-2.5-* get our
-   class's repo; exo's wrong layer count for qwen-2.5-0.5b is corrected).
-3. Node.select_best_inference_engine becomes a no-op: otherwise exo replaces our engine with a fresh tinygrad one
-   whenever the peer set changes.
-4. exo.topology.device_capabilities.linux_device_capabilities reports the board (no tinygrad import, no pynvml);
-   a stock engine (`--engine tinygrad|mlx`, stock_engines.py) keeps exo's report and adds the launcher's mark.
-5. ChatGPTAPI.run binds to --api-host (exo hard-codes 0.0.0.0).
-6. exo's API resolves the tokenizer of our local models (smollm2-135m, --model-dir) with our tokenizer, offline;
-   for downloaded repos it keeps exo's own, and both render chat templates with our options (enable_thinking).
-7. The ring's request lifecycle and API (exo_rknpu/exo/ring.py): /v1/chat/completions is answered by
-   RingNode.handle_chat (validation -> 400, admission -> 429, dead neighbour -> 503 within seconds, client
-   disconnect stops generation, max_tokens); Node.process_inference_result finishes a request at its max_tokens,
-   EOS, or a full cache; a step addressed to a shard this node does not hold fails (the nodes disagree on the
-   partition) instead of running the wrong layers; a failed hop or an unreachable neighbour is broadcast as
-   {"type": "rknpu_request_failed"} so the API answers at once instead of waiting 900 s.
-8. and 9. The API's safety (http_guard.py) and routes (api_routes.py): see install_api_safety, install_api_routes.
-10. The mixed-ring partition (ring_members.py): exo's Node asks for the partition with the model at hand; a node
-   that takes no layers of the model hands its prompt to the ring's first node.
+Every change the launcher makes to exo is one entry of `PATCHES` (below; docs/exo.md §4 lists them in the same
+order), each applied in memory before `exo.main` is imported (it parses argv and builds the node at import), for
+the engines the entry names: "rknpu" (an exo-rknpu node) or a stock engine started with `--engine tinygrad|mlx`
+(stock_engines.py says why a stock engine needs its fixes). `install_patches` applies them in that order.
 """
 
 from __future__ import annotations
@@ -31,7 +14,8 @@ import logging
 import sys
 import traceback
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,29 +25,49 @@ from exo_rknpu.exo.api_tokenizer import TemplateOptionsTokenizer
 from exo_rknpu.exo.availability import downloaded_folder
 from exo_rknpu.exo.cards import CARDS, card_for_repo, local_override
 from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.exo.patching import replace_methods
 from exo_rknpu.exo.ring_members import node_partitions, patch_node_partitioning, use_mixed_ring
+from exo_rknpu.exo.stock_engines import STOCK_ENGINE_CLASSES, fix_tinygrad, report_stock_engine, stock_served_models
 from exo_rknpu.runtime.sampling import Choice, SamplingParams, choose, step_rng
 
 log = logging.getLogger(__name__)
 
 _installed = False
 
+RKNPU = (ENGINE_NAME,)
+STOCK = tuple(STOCK_ENGINE_CLASSES)
+EVERY = RKNPU + STOCK
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One change the launcher makes to exo, for the engines it names."""
+
+    what: str  # what it changes and why, in one line
+    engines: tuple[str, ...]  # "rknpu", or the stock engines ("tinygrad", "mlx")
+    apply: Callable[[NodeOptions], None]
+
 
 def install_patches(options: NodeOptions) -> None:
-    """Apply patches 1-7 (idempotent). Patch 7 acts only on a Node that has a RingNode attached (run_node does)."""
+    """Apply every entry of PATCHES for this node's engine, in order (idempotent: exo's modules change for good).
+    The request lifecycle acts only on a Node that has a RingNode attached (run_node does)."""
     global _installed
     node_options.set_current(options)
     if _installed:
         return
-    import exo.api.chatgpt_api as api_mod
+    engine = options.stock_engine or ENGINE_NAME
+    for patch in PATCHES:
+        if engine in patch.engines:
+            patch.apply(options)
+    _installed = True
+
+
+def register_engine(options: NodeOptions) -> None:
+    """`get_inference_engine`, in exo.inference.inference_engine and in exo.orchestration.node (which bound the name
+    at import), returns RKNPUInferenceEngine for "rknpu"; `inference_engine_classes["rknpu"]` names the class."""
     import exo.inference.inference_engine as ie
-    import exo.models as models
     import exo.orchestration.node as node_mod
-    import exo.topology.device_capabilities as dc
 
-    from exo_rknpu.exo.capabilities import detect, mem_total_mb, memory_rule
-
-    # 1. engine registration
     original_get = ie.get_inference_engine
 
     def get_inference_engine(inference_engine_name: str, shard_downloader: Any):
@@ -77,7 +81,12 @@ def install_patches(options: NodeOptions) -> None:
     node_mod.get_inference_engine = get_inference_engine
     ie.inference_engine_classes[ENGINE_NAME] = ENGINE_CLASS
 
-    # 2. model cards
+
+def add_cards(options: NodeOptions) -> None:
+    """exo-rknpu's cards in exo.models.model_cards: smollm2-135m and qwen-3-* added, llama-3.2-* and qwen-2.5-* get
+    the rknpu engine's repo; exo's wrong layer count for qwen-2.5-0.5b is corrected, any other difference stops."""
+    import exo.models as models
+
     for card in CARDS.values():
         entry = models.model_cards.setdefault(card.model_id, {"layers": card.n_layers, "repo": {}})
         if entry.get("layers") != card.n_layers and entry.get("layers") == card.exo_wrong_layers:
@@ -90,41 +99,58 @@ def install_patches(options: NodeOptions) -> None:
         entry["repo"][ENGINE_CLASS] = card.repo
         models.pretty_name.setdefault(card.model_id, card.pretty_name)
 
-    # 3. keep our engine
+
+def keep_engine(options: NodeOptions) -> None:
+    """Node.select_best_inference_engine does nothing: otherwise exo replaces the engine with a fresh tinygrad one
+    whenever the peer set changes."""
+    import exo.orchestration.node as node_mod
+
     async def select_best_inference_engine(self: Any) -> None:
         return None
 
-    node_mod.Node.select_best_inference_engine = select_best_inference_engine
+    replace_methods(node_mod.Node, select_best_inference_engine)
 
-    # 4. capabilities
-    if options.stock_engine is not None:
-        from exo_rknpu.exo.stock_engines import install_stock_engine
 
-        install_stock_engine(options)
-    else:
-        rules: list[tuple[NodeOptions, Any]] = []  # exo asks at start and again from UDP discovery: derived once
+def report_node(options: NodeOptions) -> None:
+    """linux_device_capabilities reports this node (capabilities.detect: no tinygrad import, no pynvml), its memory
+    by its MemoryRule, derived once per node options (exo asks at start and again from UDP discovery)."""
+    import exo.topology.device_capabilities as dc
 
-        async def linux_device_capabilities():
-            opts = node_options.current()
-            rule = next((r for o, r in rules if o == opts), None)
-            if rule is None:
-                rule = await asyncio.to_thread(memory_rule, opts, served_models(opts))
-                rules.append((opts, rule))
-                print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
-            return detect(rule, models=served_models(opts)).to_exo()
+    from exo_rknpu.exo.capabilities import detect, mem_total_mb, memory_rule
 
-        dc.linux_device_capabilities = linux_device_capabilities
+    rules: list[tuple[NodeOptions, Any]] = []
 
-    # 5. API bind host
+    async def linux_device_capabilities():
+        opts = node_options.current()
+        rule = next((r for o, r in rules if o == opts), None)
+        if rule is None:
+            rule = await asyncio.to_thread(memory_rule, opts, served_models(opts))
+            rules.append((opts, rule))
+            print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
+        return detect(rule, models=served_models(opts)).to_exo()
+
+    dc.linux_device_capabilities = linux_device_capabilities
+
+
+def bind_api_host(options: NodeOptions) -> None:
+    """ChatGPTAPI.run binds to --api-host (exo hard-codes 0.0.0.0); expected errors outside a request are one line."""
+    import exo.api.chatgpt_api as api_mod
+
     original_run = api_mod.ChatGPTAPI.run
 
     async def run(self: Any, host: str = "0.0.0.0", port: int = 52415) -> None:
         quiet_expected_errors(asyncio.get_running_loop())
         return await original_run(self, host=node_options.current().api_host, port=port)
 
-    api_mod.ChatGPTAPI.run = run
+    replace_methods(api_mod.ChatGPTAPI, run)
 
-    # 6. tokenizers of local models
+
+def resolve_api_tokenizers(options: NodeOptions) -> None:
+    """exo's API resolves the tokenizer of local models (smollm2-135m, --model-dir) with exo-rknpu's tokenizer,
+    offline; for downloaded repos it keeps exo's own; both render chat templates with the node's options
+    (enable_thinking), each loaded once and off the event loop."""
+    import exo.api.chatgpt_api as api_mod
+
     original_resolve = api_mod.resolve_tokenizer
     cache: dict[str, Any] = {}
 
@@ -146,10 +172,26 @@ def install_patches(options: NodeOptions) -> None:
 
     api_mod.resolve_tokenizer = resolve_tokenizer
 
-    # 7. the ring's request lifecycle and API (on top of 10: the model-aware partition)
-    install_state_wire()
+
+def mixed_ring_partition(options: NodeOptions) -> None:
+    """exo's Node asks its partitioning strategy with the model at hand (ring_members.py); run_node gives the node
+    the mixed-ring strategy."""
+    import exo.orchestration.node as node_mod
+
     patch_node_partitioning(node_mod.Node)
+
+
+def request_lifecycle(options: NodeOptions) -> None:
+    """The ring's requests (ring.py) on exo's Node and API: /v1/chat/completions answered by RingNode.handle_chat
+    (validation -> 400, admission -> 429, a dead neighbour -> 503 within seconds, a client that leaves stops
+    generation, max_tokens); the last shard samples under each request's parameters and finishes it at its
+    max_tokens, EOS or a full cache; a step addressed to a shard this node would not give itself fails, named,
+    instead of running the wrong layers; a failed hop is broadcast so the API answers at once, not after 900 s."""
+    import exo.api.chatgpt_api as api_mod
+    import exo.orchestration.node as node_mod
+
     _patch_node(node_mod.Node)
+    original_chat = api_mod.ChatGPTAPI.handle_post_chat_completions
 
     async def handle_post_chat_completions(self: Any, request: Any):
         ring = getattr(self.node, "rknpu_ring", None)
@@ -157,20 +199,18 @@ def install_patches(options: NodeOptions) -> None:
             return await original_chat(self, request)
         return await ring.handle_chat(request)
 
-    original_chat = api_mod.ChatGPTAPI.handle_post_chat_completions
-    api_mod.ChatGPTAPI.handle_post_chat_completions = handle_post_chat_completions
-    install_api_routes(api_mod)
-    install_api_safety(api_mod, node_options.current())
-    _installed = True
+    replace_methods(api_mod.ChatGPTAPI, handle_post_chat_completions)
 
 
 NODE_CONTROL_ROUTES = ("handle_quit", "handle_delete_model", "handle_post_download", "handle_post_image_generations",
                        "handle_create_animation")
 
 
-def install_api_safety(api_mod: Any, options: NodeOptions) -> None:
-    """Patch 8 (exo_rknpu/exo/http_guard.py): CORS only for --cors-origin, the API key, foreign origins and
-    non-JSON POST bodies refused, and the routes that change the node off unless --allow-node-control."""
+def install_api_safety(options: NodeOptions) -> None:
+    """exo's HTTP surface narrowed (exo_rknpu/exo/http_guard.py): CORS only for --cors-origin, the API key, foreign
+    origins and non-JSON POST bodies refused, and the routes that change the node off unless --allow-node-control."""
+    import exo.api.chatgpt_api as api_mod
+
     from exo_rknpu.exo.api_routes import json_body_first
     from exo_rknpu.exo.http_guard import CorsShim, guard_middleware, turned_off
 
@@ -189,12 +229,14 @@ def install_api_safety(api_mod: Any, options: NodeOptions) -> None:
         opts = node_options.current()
         self.app.middlewares.insert(0, guard_middleware(opts.api_key, opts.cors_origins))
 
-    api_mod.ChatGPTAPI.__init__ = __init__
+    replace_methods(api_mod.ChatGPTAPI, __init__)
 
 
-def install_api_routes(api_mod: Any) -> None:
-    """Patch 9 (exo_rknpu/exo/api_routes.py): /v1/models and /modelpool from what this node can serve now, and
+def install_api_routes(options: NodeOptions) -> None:
+    """exo_rknpu/exo/api_routes.py answers /v1/models and /modelpool from what this node can serve now, and
     token/encode validated like a chat request, on a node that has a RingNode attached."""
+    import exo.api.chatgpt_api as api_mod
+
     from exo_rknpu.exo import api_routes
 
     def routed(name: str, ours: Any) -> None:
@@ -214,10 +256,36 @@ def install_api_routes(api_mod: Any) -> None:
 def served_models(options: NodeOptions) -> tuple[str, ...]:
     """The model ids this node serves: exo-rknpu's cards, or what the stock engine can run (its launcher mark)."""
     if options.stock_engine is not None:
-        from exo_rknpu.exo.stock_engines import stock_served_models
-
         return stock_served_models(options.stock_engine)
     return tuple(sorted(CARDS))
+
+
+def install_state_wire(options: NodeOptions) -> None:
+    """exo's gRPC serializer of inference_state tests `isinstance(v, mx.array)`, and on Linux `mx` is numpy, whose
+    `array` is a function: any non-empty state raised TypeError. Serialize numpy arrays as exo's tensors and
+    everything else as JSON (exo's own format, read unchanged by exo's deserializer)."""
+    import json as _json
+
+    from exo.networking.grpc import grpc_peer_handle, node_service_pb2
+
+    def serialize_inference_state(self: Any, inference_state: dict) -> Any:
+        proto = node_service_pb2.InferenceState()
+        other = {}
+        for k, v in inference_state.items():
+            if isinstance(v, np.ndarray):
+                proto.tensor_data[k].CopyFrom(node_service_pb2.Tensor(
+                    tensor_data=np.ascontiguousarray(v).tobytes(), shape=list(v.shape), dtype=str(v.dtype)))
+            elif isinstance(v, list) and v and all(isinstance(t, np.ndarray) for t in v):
+                tensors = [node_service_pb2.Tensor(tensor_data=np.ascontiguousarray(t).tobytes(), shape=list(t.shape),
+                                                   dtype=str(t.dtype)) for t in v]
+                proto.tensor_list_data[k].CopyFrom(node_service_pb2.TensorList(tensors=tensors))
+            else:
+                other[k] = v
+        if other:
+            proto.other_data_json = _json.dumps(other)
+        return proto
+
+    replace_methods(grpc_peer_handle.GRPCPeerHandle, serialize_inference_state)
 
 
 def _ring(node: Any) -> Any:
@@ -225,12 +293,17 @@ def _ring(node: Any) -> Any:
 
 
 def _patch_node(Node: Any) -> None:
+    """exo's Node methods replaced for the request lifecycle; each acts as exo's own on a Node without a RingNode."""
+    _sample_on_the_last_shard(Node)
+    _check_tensor_steps(Node)
+    _check_prompts(Node)
+    _report_failed_hops(Node)
+
+
+def _sample_on_the_last_shard(Node: Any) -> None:
+    """The last shard samples under the request's own parameters (sample_next) and ends the request at its
+    max_tokens, EOS or a full cache (RingNode.finish_decision); a sampling failure fails the request at once."""
     original_result = Node.process_inference_result
-    original_process_tensor = Node.process_tensor
-    original_inner_tensor = Node._process_tensor
-    original_process_prompt = Node.process_prompt
-    original_forward_tensor = Node.forward_tensor
-    original_forward_prompt = Node.forward_prompt
 
     async def process_inference_result(self: Any, shard: Any, result: Any, request_id: str | None = None,
                                        inference_state: Any = None):
@@ -264,6 +337,15 @@ def _patch_node(Node: Any) -> None:
                                                     inference_state))
         return np.array(tokens)
 
+    replace_methods(Node, process_inference_result)
+
+
+def _check_tensor_steps(Node: Any) -> None:
+    """A tensor step for a shard this node would not give itself is refused (named, RingNode.shard_mismatch); an
+    engine's expected failure is reported to the ring once, in one line."""
+    original_process_tensor = Node.process_tensor
+    original_inner_tensor = Node._process_tensor
+
     async def process_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str | None = None,
                              inference_state: Any = None):
         ring = _ring(self)
@@ -293,6 +375,15 @@ def _patch_node(Node: Any) -> None:
         finally:
             await _report_engine_failure(self, request_id)
 
+    replace_methods(Node, process_tensor, _process_tensor)
+
+
+def _check_prompts(Node: Any) -> None:
+    """A prompt a peer sends for a shard this node would not give itself is refused (named); a prompt this node's
+    API took for a model the ring leaves this node out of goes to the ring's first node; an engine's expected
+    failure is reported to the ring, not raised as a traceback in exo's gRPC server."""
+    original_process_prompt = Node.process_prompt
+
     async def process_prompt(self: Any, base_shard: Any, prompt: str, request_id: str | None = None,
                              inference_state: Any = {}):
         ring = _ring(self)
@@ -311,6 +402,14 @@ def _patch_node(Node: Any) -> None:
             if ring is None or not isinstance(e, ExoRknpuError):
                 raise
             return None  # reported to the ring (the client hears of it); not a traceback in exo's gRPC server
+
+    replace_methods(Node, process_prompt)
+
+
+def _report_failed_hops(Node: Any) -> None:
+    """A hop to the next node that cannot be sent fails the request at once (exo would wait 900 s)."""
+    original_forward_tensor = Node.forward_tensor
+    original_forward_prompt = Node.forward_prompt
 
     async def forward_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str, target_index: int,
                              inference_state: Any = None):
@@ -334,12 +433,28 @@ def _patch_node(Node: Any) -> None:
                                                       f"{type(e).__name__}: {_short(e)}", "unavailable")
             raise
 
-    Node.process_inference_result = process_inference_result
-    Node.process_tensor = process_tensor
-    Node._process_tensor = _process_tensor
-    Node.process_prompt = process_prompt
-    Node.forward_tensor = forward_tensor
-    Node.forward_prompt = forward_prompt
+    replace_methods(Node, forward_tensor, forward_prompt)
+
+
+PATCHES = (  # in the order applied (docs/exo.md §4 lists them in this order)
+    Patch("register the rknpu engine with exo", EVERY, register_engine),
+    Patch("exo-rknpu's model cards (and exo's wrong qwen-2.5-0.5b layer count corrected)", EVERY, add_cards),
+    Patch("keep the node's engine (exo would swap in tinygrad when peers change)", EVERY, keep_engine),
+    Patch("report this node: what it can hold in exo's unit, and the launcher's mark", RKNPU, report_node),
+    Patch("fix exo's tinygrad engine: final norm, per-request caches, SmolLM2's card and shape (stock_engines.py)",
+          ("tinygrad",), fix_tinygrad),
+    Patch("report exo's own capabilities with the launcher's mark; --memory-mb replaces the memory", STOCK,
+          report_stock_engine),
+    Patch("bind the API to --api-host", EVERY, bind_api_host),
+    Patch("API tokenizers: local models offline, chat templates with the node's options", EVERY,
+          resolve_api_tokenizers),
+    Patch("exo's gRPC serializer of inference_state writes numpy arrays", EVERY, install_state_wire),
+    Patch("the mixed-ring partition, asked with the model at hand (ring_members.py)", EVERY, mixed_ring_partition),
+    Patch("the request lifecycle and /v1/chat/completions (ring.py)", EVERY, request_lifecycle),
+    Patch("/v1/models, /modelpool and token/encode from what this node serves (api_routes.py)", EVERY,
+          install_api_routes),
+    Patch("the API's safety: key, origins, JSON bodies, node control off (http_guard.py)", EVERY, install_api_safety),
+)
 
 
 async def sample_next(engine: Any, logits: Any, params: SamplingParams, generated: list[int],
@@ -353,34 +468,6 @@ async def sample_next(engine: Any, logits: Any, params: SamplingParams, generate
 
     row = logits_row(logits)
     return await asyncio.to_thread(choose, row, params, list(generated), step_rng(params, len(generated), rng))
-
-
-def install_state_wire() -> None:
-    """exo's gRPC serializer of inference_state tests `isinstance(v, mx.array)`, and on Linux `mx` is numpy, whose
-    `array` is a function: any non-empty state raised TypeError. Serialize numpy arrays as exo's tensors and
-    everything else as JSON (exo's own format, read unchanged by exo's deserializer)."""
-    import json as _json
-
-    from exo.networking.grpc import grpc_peer_handle, node_service_pb2
-
-    def serialize_inference_state(self: Any, inference_state: dict) -> Any:
-        proto = node_service_pb2.InferenceState()
-        other = {}
-        for k, v in inference_state.items():
-            if isinstance(v, np.ndarray):
-                proto.tensor_data[k].CopyFrom(node_service_pb2.Tensor(
-                    tensor_data=np.ascontiguousarray(v).tobytes(), shape=list(v.shape), dtype=str(v.dtype)))
-            elif isinstance(v, list) and v and all(isinstance(t, np.ndarray) for t in v):
-                tensors = [node_service_pb2.Tensor(tensor_data=np.ascontiguousarray(t).tobytes(), shape=list(t.shape),
-                                                   dtype=str(t.dtype)) for t in v]
-                proto.tensor_list_data[k].CopyFrom(node_service_pb2.TensorList(tensors=tensors))
-            else:
-                other[k] = v
-        if other:
-            proto.other_data_json = _json.dumps(other)
-        return proto
-
-    grpc_peer_handle.GRPCPeerHandle.serialize_inference_state = serialize_inference_state
 
 
 def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:

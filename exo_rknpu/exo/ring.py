@@ -79,6 +79,7 @@ class Outcome:
     stopped: bool = False  # at a stop string
     ended: str = ""  # why the API ended a request the ring had not finished
     text: str = ""  # decoded so far
+    visible: str = ""  # the text that may be shown so far (what could still become a stop string is held back)
     shown: str = ""  # streamed so far
     logprobs: list[Choice] = field(default_factory=list)
     error: tuple[int, str, str] | None = None  # (HTTP status, kind, message)
@@ -464,30 +465,15 @@ class RingNode:
             if isinstance(item, FailureMarker):
                 fail(HTTP_STATUS.get(item.kind, 500), item.kind, item.message)
                 break
-            tokens, is_finished = item
             stalled_since = time.monotonic()
-            tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
             first = len(outcome.tokens)
-            outcome.tokens.extend(tokens)
-            outcome.ring_finished = bool(is_finished)
-            if call.params.max_tokens is not None and len(outcome.tokens) >= call.params.max_tokens:
-                del outcome.tokens[call.params.max_tokens:]  # a last node that ignores max_tokens (stock exo) is cut here
-                is_finished = True
-            if call.params.logprobs:
-                missing = await self._collect_logprobs(call.request_id, first, len(outcome.tokens), outcome)
-                if missing:
-                    fail(500, "error", missing)
-                    break
-            outcome.text += decoder.add(tokens)
-            shown, stopped = visible_text(outcome.text, call.params.stop, final=bool(is_finished))
-            if stopped:
-                outcome.stopped, is_finished = True, True
-                if not outcome.ring_finished:
-                    outcome.ended = "a stop string was reached"
-            outcome.finished = bool(is_finished)
+            missing = await self._take_tokens(call, outcome, decoder, *item)
+            if missing:
+                fail(500, "error", missing)
+                break
             if call.chat.stream:
                 try:
-                    stream = await self._stream_step(request, stream, call, outcome, shown, first)
+                    stream = await self._stream_step(request, stream, call, outcome, outcome.visible, first)
                 except (ConnectionResetError, RuntimeError):
                     outcome.finished = False
                     fail(499, "cancelled", "the client disconnected")
@@ -495,6 +481,30 @@ class RingNode:
             if outcome.finished:
                 return stream
         return await self._fail_response(request, call.request_id, stream, outcome)
+
+    async def _take_tokens(self, call: "_Call", outcome: Outcome, decoder: IncrementalDecoder, tokens: Any,
+                           is_finished: bool) -> str | None:
+        """Add tokens from the ring to `outcome`: cut at the request's max_tokens, with their log-probabilities, and
+        its text (outcome.visible: up to a stop string). Returns why log-probabilities are missing, or None."""
+        tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)]
+        first = len(outcome.tokens)
+        outcome.tokens.extend(tokens)
+        outcome.ring_finished = bool(is_finished)
+        if call.params.max_tokens is not None and len(outcome.tokens) >= call.params.max_tokens:
+            del outcome.tokens[call.params.max_tokens:]  # a last node that ignores max_tokens (stock exo) is cut here
+            is_finished = True
+        if call.params.logprobs:
+            missing = await self._collect_logprobs(call.request_id, first, len(outcome.tokens), outcome)
+            if missing:
+                return missing
+        outcome.text += decoder.add(outcome.tokens[first:])
+        outcome.visible, stopped = visible_text(outcome.text, call.params.stop, final=bool(is_finished))
+        if stopped:
+            outcome.stopped, is_finished = True, True
+            if not outcome.ring_finished:
+                outcome.ended = "a stop string was reached"
+        outcome.finished = bool(is_finished)
+        return None
 
     async def _collect_logprobs(self, request_id: str, start: int, end: int, outcome: Outcome) -> str | None:
         """Move the log-probabilities of tokens [start, end) into outcome (sent before each token; waits only

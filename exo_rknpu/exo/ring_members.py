@@ -25,6 +25,7 @@ from typing import Any
 
 from exo_rknpu.exo.capabilities import read_mark
 from exo_rknpu.exo.cards import plain_stock_card_missing
+from exo_rknpu.exo.patching import replace_methods
 
 SETTLE_S = 15.0  # a disagreement this soon after the topology changed is the ring settling: retry helps
 
@@ -234,23 +235,24 @@ def patch_node_partitioning(Node: Any) -> None:
             raise ValueError(f"peer {target_id} (partition {target_index}) is not connected to node {self.id}")
         return found
 
-    async def forward_prompt(self: Any, base_shard: Any, prompt: str, request_id: str, target_index: int,
-                             inference_state: Any = None) -> None:
+    async def hand_on(self: Any, kind: str, base_shard: Any, data: Any, request_id: str, target_index: int,
+                      inference_state: Any) -> None:
+        """exo's forward_prompt / forward_tensor (kind "prompt" / "tensor"): to this node's own process_<kind>, or
+        to the target peer's send_<kind>."""
         target_id, next_shard = target(self, base_shard, target_index)
         if target_id == self.id:
-            await self.process_prompt(next_shard, prompt, request_id, inference_state)
+            await getattr(self, f"process_{kind}")(next_shard, data, request_id, inference_state)
         else:
-            await peer(self, target_id, target_index).send_prompt(next_shard, prompt, request_id=request_id,
-                                                                   inference_state=inference_state)
+            await getattr(peer(self, target_id, target_index), f"send_{kind}")(
+                next_shard, data, request_id=request_id, inference_state=inference_state)
+
+    async def forward_prompt(self: Any, base_shard: Any, prompt: str, request_id: str, target_index: int,
+                             inference_state: Any = None) -> None:
+        await hand_on(self, "prompt", base_shard, prompt, request_id, target_index, inference_state)
 
     async def forward_tensor(self: Any, base_shard: Any, tensor: Any, request_id: str, target_index: int,
                              inference_state: Any = None) -> None:
-        target_id, next_shard = target(self, base_shard, target_index)
-        if target_id == self.id:
-            await self.process_tensor(next_shard, tensor, request_id, inference_state)
-        else:
-            await peer(self, target_id, target_index).send_tensor(next_shard, tensor, request_id=request_id,
-                                                                   inference_state=inference_state)
+        await hand_on(self, "tensor", base_shard, tensor, request_id, target_index, inference_state)
 
     async def collect_topology(self: Any, visited: set, max_depth: int = 4) -> Any:
         topology = await original_collect(self, visited, max_depth)
@@ -258,11 +260,7 @@ def patch_node_partitioning(Node: Any) -> None:
             self.partitioning_strategy.observe(topology)
         return topology
 
-    Node.get_partition_index = get_partition_index
-    Node.get_current_shard = get_current_shard
-    Node.forward_prompt = forward_prompt
-    Node.forward_tensor = forward_tensor
-    Node.collect_topology = collect_topology
+    replace_methods(Node, get_partition_index, get_current_shard, forward_prompt, forward_tensor, collect_topology)
 
 
 def use_mixed_ring(node: Any) -> None:

@@ -39,6 +39,7 @@ from exo_rknpu.errors import CapacityError, ExoRknpuError, RequestStateError
 from exo_rknpu.exo.capabilities import LauncherMark, with_mark
 from exo_rknpu.exo.cards import CARDS
 from exo_rknpu.exo.options import NodeOptions
+from exo_rknpu.exo.patching import add_methods, replace_methods
 from exo_rknpu.exo.request_state import PROMPT_IDS_KEY, prompt_ids
 from exo_rknpu.runtime.requests import RequestLog
 
@@ -90,18 +91,21 @@ def check_engine_importable(engine: str) -> str | None:
     return None
 
 
-def install_stock_engine(options: NodeOptions) -> None:
-    """Patches 1-5 of the module docstring for `options.stock_engine` (called once, by launcher.install_patches)."""
+def fix_tinygrad(options: NodeOptions) -> None:
+    """Fixes 1-3 of the module docstring, and the prompt ids of 4, in exo's tinygrad engine (launcher.PATCHES)."""
     import exo.models as models
+
+    for model_id, (repo, _) in TINYGRAD_CARDS.items():
+        entry = models.model_cards.setdefault(model_id, {"layers": CARDS[model_id].n_layers, "repo": {}})
+        entry["repo"][STOCK_ENGINE_CLASSES["tinygrad"]] = repo
+    _patch_tinygrad(options)
+
+
+def report_stock_engine(options: NodeOptions) -> None:
+    """5 of the module docstring: exo's own capabilities with the launcher's mark (launcher.PATCHES)."""
     import exo.topology.device_capabilities as dc
 
-    engine = options.stock_engine
-    if engine == "tinygrad":
-        for model_id, (repo, _) in TINYGRAD_CARDS.items():
-            entry = models.model_cards.setdefault(model_id, {"layers": CARDS[model_id].n_layers, "repo": {}})
-            entry["repo"][STOCK_ENGINE_CLASSES["tinygrad"]] = repo
-        _patch_tinygrad(options)
-    mark = LauncherMark(engine, stock_served_models(engine))
+    mark = LauncherMark(options.stock_engine, stock_served_models(options.stock_engine))
 
     def marked(caps: Any) -> Any:
         update = {"model": with_mark(caps.model, mark)}
@@ -206,12 +210,12 @@ def _patch_transformer_shard(TransformerShard: Any) -> None:
             return self.forward_jit(x, start, **{f"cache{i:04d}": c for i, c in enumerate(cache)})
         return self.forward_base(x, start_pos, cache=cache)
 
-    TransformerShard.__init__ = __init__
-    TransformerShard.forward = forward
+    replace_methods(TransformerShard, __init__, forward)
 
 
 def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
-    """Fix 2's per-request state, and the request lifecycle ring.RingNode drives (ring.RequestEngine)."""
+    """Fix 2's per-request state, the prompt ids of 4, and the request lifecycle ring.RingNode drives
+    (ring.RequestEngine)."""
     from tinygrad import Tensor
 
     original_init = Engine.__init__
@@ -263,24 +267,26 @@ def _patch_tinygrad_requests(Engine: Any, max_requests: int) -> None:
             raise
         return out, inference_state
 
-    def announce(self: Any, request_id: str) -> None:
+    replace_methods(Engine, __init__, ensure_shard, infer_prompt, infer_tensor)
+    add_methods(Engine, _RequestLifecycle.announce, _RequestLifecycle.release, _RequestLifecycle.take_failure,
+                _RequestLifecycle.positions_left)
+
+
+class _RequestLifecycle:
+    """The request lifecycle ring.RingNode drives (ring.RequestEngine), added to exo's tinygrad engine: its records
+    are the engine's TinygradRequests."""
+
+    requests: TinygradRequests
+
+    def announce(self, request_id: str) -> None:
         self.requests.lifecycle.announce(request_id)
 
-    def release(self: Any, request_id: str, reason: str) -> None:
+    def release(self, request_id: str, reason: str) -> None:
         self.requests.lifecycle.unannounce(request_id)
         self.requests.states.pop(request_id, None)
 
-    def take_failure(self: Any, request_id: str) -> tuple[str, str] | None:
+    def take_failure(self, request_id: str) -> tuple[str, str] | None:
         return self.requests.lifecycle.take_failure(request_id)
 
-    def positions_left(self: Any, request_id: str) -> int | None:
+    def positions_left(self, request_id: str) -> int | None:
         return None  # no context bound is known here: exo's own token cap applies
-
-    Engine.__init__ = __init__
-    Engine.ensure_shard = ensure_shard
-    Engine.infer_prompt = infer_prompt
-    Engine.infer_tensor = infer_tensor
-    Engine.announce = announce
-    Engine.release = release
-    Engine.take_failure = take_failure
-    Engine.positions_left = positions_left

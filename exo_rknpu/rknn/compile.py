@@ -34,7 +34,7 @@ from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.npu_form import npu_kv_layout
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import Buckets, SliceSpec, bucket_shapes, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
+from exo_rknpu.slices.spec import NPU_BATCH, Buckets, SliceSpec, bucket_shapes, bucket_tag, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
 
 DTYPES = ("fp16", "w8a8")
 PLATFORMS = ("rk3588",)
@@ -160,15 +160,17 @@ class BuildJob:
 def export_graph(spec: SliceSpec, weights: ShardWeights, group: list[dict[str, Any]], buckets: Buckets, path: Path,
                  names: tuple[str, ...]) -> list[list[list[int]]] | None:
     """Write the ONNX graph one build compiles from: a static graph for one shape set (dynamic_input needs at least
-    two), else the symbolic graph; returns the dynamic_input listing each set's input shapes (None: static)."""
+    two), else the symbolic graph (a decode batch graph for a group of one batch bucket); returns the dynamic_input
+    listing each set's input shapes (None: static)."""
     from exo_rknpu.slices.npu_form import compiler_onnx
     import onnx
 
+    batch = group[0].get("batch", 1)
     if len(group) == 1:
         sh = group[0]
-        onnx.save(compiler_onnx(spec, weights, sh["seq"], sh["ctx"] or buckets.context[0]), str(path))
+        onnx.save(compiler_onnx(spec, weights, sh["seq"], sh["ctx"] or buckets.context[0], batch=batch), str(path))
         return None
-    onnx.save(compiler_onnx(spec, weights), str(path))
+    onnx.save(compiler_onnx(spec, weights, batch=batch), str(path))
     return [[sh["inputs"][n] for n in names] for sh in group]
 
 
@@ -238,11 +240,14 @@ class SliceJob:
         return self.recipe.slice_dtype(self.spec.name) if (self.dtype == "w8a8" and self.recipe is not None) else self.dtype
 
     def file_groups(self) -> list[tuple[str, list[dict[str, Any]]]]:
-        """(file name, the bucket shape sets it serves): fp16 one file for every bucket (dynamic_input); w8a8 one
-        static file per bucket (hybrid quantization only produces static shapes)."""
+        """(file name, the bucket shape sets it serves): fp16 one file for every bucket (dynamic_input), and one per
+        batch bucket of a slice reading the cache (its decode batch graph, every context: `.b<B>.rknn`); w8a8 one
+        static file per bucket (hybrid quantization only produces static shapes; no batch buckets)."""
         shapes = bucket_shapes(self.spec, self.weights.args, self.buckets)
         if self.dtype == "fp16":
-            return [(f"{self.spec.name}.rknn", shapes)]
+            batches = sorted({sh.get("batch", 1) for sh in shapes})
+            return [(f"{self.spec.name}" + (f".b{b}" if b > 1 else "") + ".rknn", [sh for sh in shapes if sh.get("batch", 1) == b])
+                    for b in batches]
         return [(f"{self.spec.name}.s{sh['seq']}" + (f".c{sh['ctx']}" if sh["ctx"] else "") + ".rknn", [sh]) for sh in shapes]
 
     def logical_at(self, sh: dict[str, Any]) -> list[dict[str, np.ndarray]]:
@@ -283,25 +288,19 @@ class SliceReport:
 def export(job: SliceJob, stage: Path, work: Path) -> list[tuple[BuildJob, list[dict[str, Any]]]]:
     """Write every graph, calibration set and verification input of `job` under `work`; the builds (each with
     the shape sets its file serves) whose files go to `stage`."""
-    spec, names = job.spec, tuple(bucket_shapes(job.spec, job.weights.args, job.buckets)[0]["inputs"])  # graph order
+    spec = job.spec
     out: list[tuple[BuildJob, list[dict[str, Any]]]] = []
-    fp16_graph: tuple[Path, list | None] | None = None
     for fname, group in job.file_groups():
-        if job.dtype == "fp16":  # one graph for the file (its several buckets)
-            if fp16_graph is None:
-                path = work / f"{spec.name}.onnx"
-                fp16_graph = (path, export_graph(spec, job.weights, group, job.buckets, path, names))
-            src, dyn = fp16_graph
-        else:
-            src = work / f"{fname[:-5]}.onnx"
-            dyn = export_graph(spec, job.build_weights or job.weights, group, job.buckets, src, names)
+        names = tuple(group[0]["inputs"])  # graph order (a batch graph has its own inputs)
+        src = work / f"{fname[:-5]}.onnx"  # fp16: one graph for the file's several buckets
+        dyn = export_graph(spec, job.build_weights or job.weights, group, job.buckets, src, names)
         b = BuildJob(f"{spec.name}/{fname}", spec.kind, str(src), str(work / f"{fname}.log"), str(work / f"wd-{fname}"),
                      job.platform, job.build_dtype, list(names), dyn, out=str(stage / fname))
         if job.build_dtype == "w8a8":
             assert job.recipe is not None
             quantize(b, job.recipe, job.samples_at(group[0]), work, f"{fname}-", group[0]["seq"])
         if job.verify:
-            for sh in group:
+            for sh in (sh for sh in group if "batch" not in sh):  # batch graphs: tests/toolkit/test_npu_batch.py
                 for i, s in enumerate(job.logical_at(sh)[:2]):
                     ip, op = (work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-{end}.npz" for end in ("in", "out"))
                     np.savez(ip, **compiled_inputs(spec, job.weights.args, s))
@@ -334,11 +333,6 @@ def read_logs(exported: list[tuple[BuildJob, list[dict[str, Any]]]], results: li
     report.int8_convs = next((r["int8_convs"] for r in results if "int8_convs" in r), None)
     report.per_bucket = placement_per_bucket(parsed, [group for _, group in exported])
     return report
-
-
-def bucket_tag(sh: dict[str, Any]) -> str:
-    """The name of a shape set in reports: s<seq>c<ctx> (s<seq> for slices without a cache)."""
-    return f"s{sh['seq']}" + (f"c{sh['ctx']}" if sh.get("ctx") else "")
 
 
 def placement_per_bucket(reports: list, groups: list[list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
@@ -416,7 +410,7 @@ def make_manifest(job: SliceJob, files: list[dict[str, Any]], report: SliceRepor
         # the oldest board runtime that loads these files: librknnrt refuses files of a newer toolkit ("Invalid
         # RKNN model version"); the npu backend and doctor check it (backends/board.py)
         "librknnrt_min": tk,
-        "buckets": {"seq": list(job.buckets.seq), "context": list(job.buckets.context)},
+        "buckets": job.buckets.describe(),
         "files": files, "build": {"seconds": round(seconds, 2), **report.to_dict()},
         "verify": verified,
     }
@@ -447,7 +441,9 @@ def compile_slice(job: SliceJob, cache: cc.SliceCache, py: Path) -> tuple[Path, 
         if job.verify:
             verified, report.verify_per_bucket = verify(job, builds)
         files = [{"file": Path(b.out).name, "sha256": sha256_file(Path(b.out)), "bytes": Path(b.out).stat().st_size,
-                  "shapes": group, "io": recorded_io(job.spec, b, group)} for b, group in exported if b.out]
+                  "shapes": group, "io": recorded_io(job.spec, b, group),
+                  # graph order (the manifest is written with sorted keys, so its shape dicts lose it)
+                  "inputs": list(b.inputs), "outputs": list(group[0]["outputs"])} for b, group in exported if b.out]
         manifest = make_manifest(job, files, report, verified, time.monotonic() - t0)
         shutil.rmtree(work, ignore_errors=True)
         return cache.commit(stage, manifest), manifest
@@ -480,7 +476,7 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     w8a8 builds follow `recipe` (slices/recipe.py; rknn/recipe.py applies it), which is part of each w8a8
     slice's cache key and manifest; w8a8 compiles whole decoder layers only. `strict`: refuse any slice (built or
     found in the cache) with a CPU op or a compiler error in any bucket. Default buckets: the runtime's for the npu
-    backend (`npu_buckets(Buckets())`)."""
+    backend (`npu_buckets(Buckets(batch=NPU_BATCH))`); w8a8 compiles no batch buckets."""
     from exo_rknpu.model.loader import load_args, resolve_model
 
     _check_request(dtype, platform, recipe)
@@ -491,7 +487,10 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     specs = _npu_specs(lr, specs, dtype, npu_kv_layout(args))
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
-    rc = _RangeCompiler(paths, cache, buckets or npu_buckets(Buckets(), args), dtype, platform, recipe, verify, min_cos, strict)
+    buckets = buckets or npu_buckets(Buckets(batch=NPU_BATCH), args)
+    if dtype == "w8a8":  # hybrid quantization builds static files calibrated per bucket: no batch graphs (yet)
+        buckets = replace(buckets, batch=())
+    rc = _RangeCompiler(paths, cache, buckets, dtype, platform, recipe, verify, min_cos, strict)
     capturing = verify or dtype == "w8a8"
     slices = rc.captured(src, lr, specs, cut) if capturing else _one_layer_at_a_time(src, lr, specs)
     bar = Progress(len(specs), enabled=progress)

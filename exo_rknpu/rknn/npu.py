@@ -28,7 +28,8 @@ from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.npu_form import npu_kv_layout
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, to_npu_inputs
+from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, bucket_tag, shape_key,
+                                   to_npu_batch_inputs, to_npu_inputs)
 
 def librknnrt_needed(m: dict[str, Any]) -> str:
     """The oldest librknnrt a compiled slice runs on: recorded at compile time (older manifests: the toolkit's)."""
@@ -40,10 +41,9 @@ class NpuRunner:
         from rknnlite.api import RKNNLite
 
         self.spec, self.args = spec, args
-        # graph input order: the kind's fixed names, or the compiled shapes' order (a slice of some blocks of a layer)
-        self.names = rknn_io.slice_names(spec.kind, manifest["files"][0]["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)
+        self.input_names = frozenset(n for f in manifest["files"] for sh in f["shapes"] for n in sh["inputs"])
         self.files: list[tuple[dict[str, Any], Any]] = []
-        self.by_shape: dict[tuple, tuple[Any, dict, dict]] = {}
+        self.by_shape: dict[tuple, tuple[Any, dict, dict, tuple[list[str], list[str]]]] = {}
         self.inference_options = board.inference_options(RKNNLite)  # reuse_outputs only where lite2 has it (2.5.0 on)
         try:
             for f in manifest["files"]:
@@ -59,29 +59,34 @@ class NpuRunner:
                                                   f"(core_mask={core_mask}); RKNNLite's log above says why; "
                                                   "exo-rknpu doctor checks this board")
                 self.files.append((f, rk))
+                # the graph's input and output order, as compile recorded it (older manifests: the kind's fixed names)
+                order = (f.get("inputs") or list(rknn_io.slice_names(spec.kind, f["shapes"][0]["inputs"], rknn_io.SLICE_INPUTS)),
+                         f.get("outputs") or list(rknn_io.slice_names(spec.kind, f["shapes"][0]["outputs"], rknn_io.SLICE_OUTPUTS)))
                 for sh in f["shapes"]:
-                    key = tuple(tuple(sh["inputs"][n]) for n in self.names)
-                    self.by_shape[key] = (rk, sh, f["io"]["inputs"])
+                    self.by_shape[shape_key(sh["inputs"])] = (rk, sh, f["io"]["inputs"], order)
         except BaseException:
             self.close()
             raise
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = self.names
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One call: inputs as the runtime gives them (runtime/shard.py; a decode batch's caches as sequences)."""
         if self.spec.has_attention and self.spec.kv_layout == "npu":
-            inputs = to_npu_inputs(self.spec, self.args, inputs)  # float16; the cache already is (runtime/cache.py)
-        key = tuple(tuple(np.shape(inputs[n])) for n in names)
-        hit = self.by_shape.get(key)
+            # float16; the cache already is (runtime/cache.py); a decode batch: each request's cache in place
+            batched = isinstance(inputs["past_k"], (list, tuple))
+            inputs = (to_npu_batch_inputs if batched else to_npu_inputs)(self.spec, self.args, inputs)
+        given = {n: np.shape(v) for n, v in inputs.items() if n in self.input_names}
+        hit = self.by_shape.get(shape_key(given))
         if hit is None:
-            raise ArtifactError(f"slice {self.spec.name} was not compiled for input shapes {dict(zip(names, key))}; "
-                                f"compiled buckets: {[dict(zip(names, k)) for k in self.by_shape]}")
-        rk, sh, io = hit
+            raise ArtifactError(f"slice {self.spec.name} was not compiled for input shapes {given}; "
+                                f"compiled buckets: {[dict(k) for k in self.by_shape]}")
+        rk, sh, io, (ins, outs_order) = hit
         # each input in the dtype and layout the file records: no conversion left for RKNNLite to do on the host
-        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=io)
+        arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, {n: sh["inputs"][n] for n in ins}, io=io)
         outs = rk.inference(inputs=arrays, data_type=rknn_io.data_types(arrays), data_format=fmt, **self.inference_options)
         if outs is None:
             raise BackendUnavailableError(f"RKNNLite inference failed for slice {self.spec.name}")
-        return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])  # copies (out of reused buffers on 2.5)
+        # copies (out of reused buffers on 2.5)
+        return rknn_io.unpack_outputs(self.spec.kind, outs, {n: sh["outputs"][n] for n in outs_order})
 
     def close(self) -> None:
         for _, rk in self.files:
@@ -94,13 +99,18 @@ class ShardMemory:
     """Host memory (bytes) a shard needs on the npu backend, from the compiled sizes recorded in the manifests."""
 
     rknn_bytes: dict[str, int]  # slice name -> its .rknn files' bytes (RKNNLite loads them into the board's DDR)
-    internal_bytes: int  # the largest "Total Internal Memory Size" of the build logs (activation buffers), per slice
+    internal_bytes: int  # the largest "Total Internal Memory Size" of the build logs (activation buffers), per context
     embed_bytes: int  # the embedding table on the host (first shard only)
     kv_bytes: int  # the host KV-cache budget
+    contexts: dict[str, int]  # slice name -> its files, each one RKNNLite context with its own internal memory
+
+    def slice_bytes(self, name: str) -> int:
+        """What one slice holds: its files and the internal memory of each file's context."""
+        return self.rknn_bytes[name] + self.internal_bytes * self.contexts[name]
 
     @property
     def total(self) -> int:
-        return sum(self.rknn_bytes.values()) + self.internal_bytes * len(self.rknn_bytes) + self.embed_bytes + self.kv_bytes
+        return sum(self.slice_bytes(n) for n in self.rknn_bytes) + self.embed_bytes + self.kv_bytes
 
 
 class NpuBackend:
@@ -115,7 +125,7 @@ class NpuBackend:
     # only the embedding is loaded; float32 as the compiled slices were checked against (False would keep it compact:
     # GGUF Q8_0 exactly, float sources as int8, measured cosine 0.99985 against float32 on the tiny test model)
     float_weights = True
-    batches = False  # compiled for batch 1 (batch buckets are not built)
+    batches = True  # fp16: batch buckets are compiled (Buckets.batch, slices/npu_form.py); w8a8: not (set in __init__)
     max_slice_bytes = None
     # every block but the embedding (a row gather over the vocabulary table stays on the host); static shapes
     blocks = frozenset(PLACEMENT_BLOCKS) - {"embedding"}
@@ -125,6 +135,7 @@ class NpuBackend:
         if core_mask not in CORE_MASKS:
             raise BackendUnavailableError(f"unknown core_mask {core_mask!r}; choose one of {', '.join(CORE_MASKS)}")
         self.dtype, self.platform, self.core_mask = dtype, platform, CORE_MASKS[core_mask]
+        self.batches = dtype == "fp16"  # compile builds w8a8 without batch buckets
         self.cache = cc.SliceCache(Path(cache_dir) if cache_dir else Paths.from_env().compiled)
         self.check_board = check_board
         if check_board:
@@ -155,8 +166,8 @@ class NpuBackend:
                        max_requests: int = 1, kv_cap_bytes: int | None = None, embed_bytes: int | None = None) -> ShardMemory:
         """Host memory this backend needs for `layer_range`, from the manifests alone (nothing is loaded or hashed).
 
-        .rknn bytes of every layer slice (+ the head on the last shard), each slice's internal (activation) memory
-        from its build log, the embedding on the first shard (`embed_bytes`; default: the float32 table the host
+        .rknn bytes of every layer slice (+ the head on the last shard), the internal (activation) memory of each
+        file's RKNNLite context (the largest of the build logs), the embedding on the first shard (`embed_bytes`; default: the float32 table the host
         loads today) and the KV cache: float32 K and V for the range's layers at `max_context`, for up to
         `max_requests` live requests; `kv_cap_bytes` (RequestLimits.max_bytes) bounds the other requests, the current
         one may exceed it. ArtifactError (with the compile command) if a slice is not compiled.
@@ -166,11 +177,13 @@ class NpuBackend:
         if layer_range.is_last:
             specs.append(SliceSpec("head"))
         rknn: dict[str, int] = {}
+        contexts: dict[str, int] = {}
         internal = 0
         for spec in specs:
             hint = shard_compile_command(layer_range, spec, self.dtype, self.platform, None)
             _, m = self.cache.find(fingerprint, self.dtype, self.platform, spec.name, check_files=False, hint=hint)
             rknn[spec.name] = sum(int(f["bytes"]) for f in m["files"])
+            contexts[spec.name] = len(m["files"])  # a batch bucket's file (or a w8a8 bucket's) is a context of its own
             internal = max(internal, int(float(m.get("build", {}).get("internal_kb") or 0.0) * 1024))
         if embed_bytes is None:
             embed_bytes = args.vocab_size * args.hidden_size * 4 if layer_range.is_first else 0
@@ -179,7 +192,7 @@ class NpuBackend:
         kv = max_requests * per_request
         if kv_cap_bytes is not None:
             kv = min(kv, kv_cap_bytes + per_request)
-        return ShardMemory(rknn, internal, embed_bytes, kv)
+        return ShardMemory(rknn, internal, embed_bytes, kv, contexts)
 
 
 def shard_compile_command(lr: LayerRange, spec: SliceSpec, dtype: str, platform: str, buckets: Buckets | None) -> str:
@@ -190,6 +203,7 @@ def shard_compile_command(lr: LayerRange, spec: SliceSpec, dtype: str, platform:
            + (" --placement PLAN" if spec.kind == "layers" and not spec.whole else ""))
     if buckets is not None:
         cmd += f" --seq {','.join(map(str, buckets.seq))} --context {','.join(map(str, buckets.context))}"
+        cmd += f" --batch {','.join(map(str, buckets.batch or (1,)))}"
     return cmd
 
 
@@ -229,14 +243,11 @@ def check_manifest(m: dict[str, Any], spec: SliceSpec, weights: ShardWeights, bu
         raise refuse("does not match its content address (its recorded facts were edited or it was moved)")
     if _has_tensors(spec, weights) and m.get("weights_digest") != cc.slice_digest(spec, weights):
         raise refuse(f"was compiled from other weights of {spec.name} than this model's")
-    have = set()
-    for f in m["files"]:
-        for sh in f["shapes"]:
-            have.add((sh["seq"], sh["ctx"]))
-    need = {(s, c if spec.has_attention else None) for s in buckets.seq for c in (buckets.context if spec.has_attention else (0,))}
-    missing = sorted(need - have, key=str)
+    have = {bucket_tag(sh) for f in m["files"] for sh in f["shapes"]}
+    need = [bucket_tag(sh) for sh in bucket_shapes(spec, weights.args, buckets)]
+    missing = [t for t in need if t not in have]
     if missing:
-        raise refuse(f"lacks buckets (seq, ctx) {missing}")
+        raise refuse(f"lacks buckets {missing} (s<seq>c<ctx>; b<B>c<ctx>: a decode batch of B requests)")
 
 
 def _has_tensors(spec: SliceSpec, weights: ShardWeights) -> bool:

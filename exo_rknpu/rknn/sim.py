@@ -45,7 +45,8 @@ from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedS
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, to_npu_inputs
+from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, shape_key, to_npu_batch_inputs,
+                                   to_npu_inputs)
 
 DTYPES = ("fp16", "w8a8")
 
@@ -170,26 +171,28 @@ class SimRunner:
 
     def __init__(self, backend: "RknnSimBackend", spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> None:
         self.backend, self.spec, self.weights, self.buckets = backend, spec, weights, buckets
-        self.names = tuple(spec.input_shapes(weights.args, 1, buckets.context[0]))  # graph order
-        self.shapes = {self._key(sh["inputs"]): sh for sh in bucket_shapes(spec, weights.args, buckets)}
+        every = bucket_shapes(spec, weights.args, buckets)
+        self.shapes = {shape_key(sh["inputs"]): sh for sh in every}
+        self.input_names = frozenset(n for sh in every for n in sh["inputs"])
         self.models: dict[tuple, str] = {}  # input-shape key -> model id in the worker
         self.io: dict[tuple, dict] = {}  # input-shape key -> what the built model records for each input
         self.build_info: dict[str, dict[str, Any]] = {}
         backend._open_runners += 1
         self._closed = False
         try:
-            if backend.dtype == "fp16":
-                self._build(list(self.shapes.values()))
+            if backend.dtype == "fp16":  # one build per graph: batch 1 (every seq bucket), then each batch bucket
+                for b in sorted({sh.get("batch", 1) for sh in every}):
+                    self._build([sh for sh in every if sh.get("batch", 1) == b])
         except BaseException:
             self.close()
             raise
 
-    def _key(self, shapes: dict[str, Any]) -> tuple:
-        return tuple(tuple(shapes[n]) for n in self.names)
-
     def _build(self, group: list[dict[str, Any]]) -> None:
         be, spec = self.backend, self.spec
-        tag = f"{spec.name}" + ("" if len(group) > 1 else f".s{group[0]['seq']}" + (f".c{group[0]['ctx']}" if group[0]["ctx"] else ""))
+        first = group[0]
+        tag = f"{spec.name}" + (f".b{first['batch']}" if "batch" in first else "") + (
+            "" if len(group) > 1 else f".s{first['seq']}" + (f".c{first['ctx']}" if first["ctx"] else ""))
+        names = tuple(first["inputs"])  # graph order (a batch graph has its own inputs)
         work = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=be.workdir))
         src = work / f"{tag}.onnx"
         rb = be.recipe_build
@@ -197,9 +200,9 @@ class SimRunner:
         weights = rb.build_weights(spec, self.weights) if rb is not None else self.weights
         dtype = rb.recipe.slice_dtype(spec.name) if rb is not None else be.dtype
         # the compiler's recipe (rknn/compile.py): fp16 one symbolic graph + dynamic_input listing every bucket
-        dyn = export_graph(spec, weights, group, self.buckets, src, self.names)
+        dyn = export_graph(spec, weights, group, self.buckets, src, names)
         b = BuildJob(f"{spec.name}/{tag}", spec.kind, str(src), str(work / "build.log"), str(work / "wd"), be.platform,
-                     dtype, list(self.names), dyn, outputs=list(group[0]["outputs"]))
+                     dtype, list(names), dyn, outputs=list(first["outputs"]))
         if dtype == "w8a8":
             assert rb is not None
             sh = group[0]
@@ -221,17 +224,20 @@ class SimRunner:
             shutil.rmtree(work / "wd", ignore_errors=True)
             src.unlink(missing_ok=True)
         for sh in group:
-            self.models[self._key(sh["inputs"])] = mid
-            self.io[self._key(sh["inputs"])] = res["io"]["inputs"]
+            self.models[shape_key(sh["inputs"])] = mid
+            self.io[shape_key(sh["inputs"])] = res["io"]["inputs"]
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One call: inputs as the runtime gives them (runtime/shard.py; a decode batch's caches as sequences)."""
         if self.spec.has_attention and self.spec.kv_layout == "npu":
-            inputs = to_npu_inputs(self.spec, self.weights.args, inputs)
-        key = tuple(tuple(np.shape(inputs[n])) if n in inputs else () for n in self.names)
+            batched = isinstance(inputs["past_k"], (list, tuple))
+            inputs = (to_npu_batch_inputs if batched else to_npu_inputs)(self.spec, self.weights.args, inputs)
+        given = {n: np.shape(v) for n, v in inputs.items() if n in self.input_names}
+        key = shape_key(given)
         sh = self.shapes.get(key)
         if sh is None:
             raise UnsupportedSliceError(f"rknn-sim slice {self.spec.name} was prepared for bucket shapes "
-                                        f"{[dict(zip(self.names, k)) for k in self.shapes]}, not {dict(zip(self.names, key))}")
+                                        f"{[sh['inputs'] for sh in self.shapes.values()]}, not {given}")
         if key not in self.models:
             self._build([sh])
         arrays, fmt = rknn_io.pack_inputs(self.spec.kind, inputs, sh["inputs"], io=self.io[key])
@@ -269,7 +275,7 @@ class RknnSimBackend:
     kv_layout = "npu"  # the npu backend's form (slices/npu_form.py), so the simulator runs what the board runs
     static_shapes = True
     float_weights = True  # compiled from the float32 graph; --weights auto loads fp32 so digests match compile's
-    batches = False  # compiled for batch 1 (batch buckets are not built)
+    batches = True  # fp16: batch buckets are built (Buckets.batch, slices/npu_form.py); w8a8: not (set in __init__)
     max_slice_bytes = None
     layers_per_slice = 1  # like the compiler and the npu backend: one graph per decoder layer
     # Unlike npu: the simulator cannot run a .rknn loaded from disk (init_runtime refuses a load_rknn model without a
@@ -288,6 +294,7 @@ class RknnSimBackend:
             raise BackendUnavailableError(f"rknn-sim: unsupported platform {platform!r}; supported: rk3588")
         self.python = Path(python) if python else toolkit.require(paths)[0]  # ToolkitMissingError names the install command
         self.dtype, self.platform = dtype, platform
+        self.batches = dtype == "fp16"  # w8a8 builds are static and calibrated per bucket: no batch graphs
         self.recipe_build = recipe_build if dtype == "w8a8" else None  # fp16 builds use the original weights
         if dtype == "w8a8" and recipe_build is None:
             raise BackendUnavailableError(

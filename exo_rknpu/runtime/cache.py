@@ -1,6 +1,7 @@
 """Host-side KV caches: `RequestCache` for one request on one shard, holding one cache per attention slice:
 its own `KVCache` arrays, or a slot of the shard's `KVPool` (`SlotKV`) on backends that batch requests; and
-`BatchState`/`BatchKV` for the requests of one batched decode step.
+`BatchState`/`BatchKV` for the requests of one batched decode step (`RowsState`/`RowsKV` on backends compiled
+with batch buckets, where each request keeps its own arrays).
 
 Caches are handed to backends as they are (no per-call copy). A KVCache grows in context-bucket steps (never
 per token) and is always exactly one bucket long, so the NPU only sees compiled shapes; a KVPool (onnxruntime,
@@ -275,3 +276,43 @@ class BatchState:
 
     def __init__(self, pool: KVPool, requests: list[RequestCache]) -> None:
         self.caches = pool.batch(requests)
+
+
+class RowsKV:
+    """The caches of one attention slice for the rows of a decode batch on a backend compiled with batch buckets
+    (the NPU form, slices/npu_form.py::build_npu_batch_onnx): each request's own KVCache, handed to the backend as
+    sequences of arrays (`keys`, `values`: row b's arrays), nothing gathered. Rows past `real` pad the batch to its
+    bucket: they repeat a real request's cache, are read only, and their new rows are dropped."""
+
+    def __init__(self, caches: list[KVCache], real: int) -> None:
+        self.caches, self.real = caches, real
+
+    @property
+    def keys(self) -> list[np.ndarray]:
+        return [c.keys for c in self.caches]
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        return [c.values for c in self.caches]
+
+    def grow(self, capacity: int) -> None:
+        """Every row's cache to `capacity` positions (one context bucket for the whole batch)."""
+        for c in self.caches[: self.real]:
+            c.grow(capacity)
+
+    def write(self, positions: list[int], k_new: np.ndarray, v_new: np.ndarray, count: int) -> None:
+        """k_new [B*n*kv, hd, 1], v_new [B*n*kv, 1, hd] (request-major, as the batch graph returns them): row b's
+        new position into its own cache at positions[b], for the real rows."""
+        assert count == 1, "a batched step writes one position per request"
+        rows = k_new.shape[0] // len(self.caches)
+        for b in range(self.real):
+            self.caches[b].write(positions[b], k_new[b * rows : (b + 1) * rows], v_new[b * rows : (b + 1) * rows], 1)
+
+
+class RowsState:
+    """The requests of a decode batch on a backend with batch buckets: `caches[i]` is their RowsKV of attention
+    slice i (padding rows last; each RequestCache keeps its own position, advanced when the step commits)."""
+
+    def __init__(self, requests: list[RequestCache], real: int) -> None:
+        slices = len(requests[0].caches)
+        self.caches = [RowsKV([r.caches[i] for r in requests], real) for i in range(slices)]  # type: ignore[misc]

@@ -28,7 +28,7 @@ from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
-from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, npu_buckets
+from exo_rknpu.slices.spec import PART_BLOCK, PARTS, PLACEMENT_BLOCKS, WHOLE_LAYER, Buckets, SliceSpec, NPU_BATCH, npu_buckets
 
 DEVICES = ("cpu", *NPU_CORES)  # what a plan may name: the host CPU and the board's NPU (backends/board.py)
 # Placement blocks -> the layer parts they cover (slices/spec.py): attention is rotary, scores, softmax and values
@@ -286,15 +286,22 @@ class ResolvedPlan:
 
     def npu_files(self, spec: SliceSpec) -> int:
         """Shape sets (one compiled file each under w8a8) a static-shape NPU slice needs: every seq bucket, and every
-        context bucket too when it reads the cache."""
-        return len(self.buckets.seq) * (len(self.buckets.context) if spec.has_attention else 1)
+        context bucket too when it reads the cache; fp16 batch buckets (slices/spec.py::bucket_shapes) add a batch
+        graph per (batch, context) to a slice reading the cache in the NPU form, and join the seq buckets of others."""
+        seq, ctx = len(self.buckets.seq), len(self.buckets.context)
+        npu_form = all(s.spec.kv_layout == "npu" for s in self.slices if s.spec.kind == "layers")  # runtime/shard.py
+        batch = self.buckets.batch if self.npu_dtype == "fp16" and npu_form else ()
+        if spec.has_attention:
+            return (seq + (len(batch) if spec.kv_layout == "npu" else 0)) * ctx
+        return len(set(self.buckets.seq) | set(batch))
 
     def bucket_text(self, s: PlacedSlice) -> str:
         if s.on.npu or backend_class(s.backend).static_shapes:
-            seq = len(self.buckets.seq)
+            seq, n = len(self.buckets.seq), self.npu_files(s.spec)
             if s.spec.has_attention:
-                return f"{seq} seq x {len(self.buckets.context)} ctx = {self.npu_files(s.spec)}"
-            return f"{seq} seq (no ctx) = {self.npu_files(s.spec)}"
+                batch = n // len(self.buckets.context) - seq
+                return f"{seq} seq" + (f" + {batch} batch" if batch else "") + f" x {len(self.buckets.context)} ctx = {n}"
+            return f"{seq} seq" + (f" + {n - seq} batch" if n > seq else "") + f" (no ctx) = {n}"
         return "dynamic S, C" if s.spec.has_attention else "dynamic S"
 
     def explain(self) -> str:
@@ -409,8 +416,11 @@ def resolve(
     _check_memory(slices)
     check_emulation([s.on for s in slices], emulate, npu_unavailable)
     mode = weights_for(weights, {s.backend for s in slices})
-    if any(getattr(backend_class(s.backend), "kv_layout", "seq") == "npu" for s in slices):
+    layouts = [getattr(backend_class(s.backend), "kv_layout", "seq") for s in slices if s.spec.kind == "layers"]
+    if "npu" in layouts:
         buckets = npu_buckets(buckets, args)  # the NPU form bounds the prefill chunks (slices/spec.py); one set per shard
+        if "seq" in layouts:  # a batch graph needs every layer slice in the NPU form (runtime/shard.py::rows_batch)
+            buckets = replace(buckets, batch=())
     return ResolvedPlan(plan if plan.ranges or plan.blocks else None, layer_range, slices, buckets, npu_dtype, mode,
                         default_backend)
 
@@ -542,7 +552,8 @@ DEFAULT_MAX_CONTEXT = 2048
 
 
 def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
-    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit).
+    """Context buckets doubling from 256 up to max_context (default: 2048, capped by the model's own limit), and
+    the NPU form's decode batch buckets (NPU_BATCH; backends that batch any size ignore them).
 
     A max_context below 1 or beyond the model's limit (max_position_embeddings) is refused: past its limit a
     model's rotary positions are untrained, so the answers would be wrong.
@@ -551,7 +562,7 @@ def default_buckets(args: ModelArgs, max_context: int | None = None) -> Buckets:
         raise UsageError(f"--max-context {max_context} is out of range; this model allows 1 to "
                          f"{args.max_position_embeddings} positions")
     limit = max_context or min(DEFAULT_MAX_CONTEXT, args.max_position_embeddings)
-    return Buckets.up_to(limit)
+    return replace(Buckets.up_to(limit), batch=NPU_BATCH)
 
 
 def device_backends(plan: ResolvedPlan, options: dict | None = None) -> dict[str, Backend]:

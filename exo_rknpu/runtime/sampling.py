@@ -128,7 +128,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits: [V], or any array whose last row along the last axis is the one to sample (x[..., -1, :])."""
-        row = np.asarray(logits, np.float64)
+        row = np.asarray(logits)  # float32 as the model gives it: choose widens where it computes
         if row.ndim > 1:
             row = row.reshape(-1, row.shape[-1])[-1]
         return sample_row(row, self.params, self.rng)
@@ -189,6 +189,8 @@ def step_rng(p: SamplingParams, step: int, fallback: np.random.Generator) -> np.
 
 def choose(row: np.ndarray, p: SamplingParams, generated: Sequence[int], rng: np.random.Generator) -> Choice:
     """The next token for a request that has generated `generated` so far, drawn with `rng`."""
+    if p.greedy and not p.logprobs and not p.logit_bias and not (generated and (p.presence_penalty or p.frequency_penalty)):
+        return Choice(greedy_token(row))  # nothing changes the logits: no float64 copy of the row per step
     probs = distribution(row, p, generated)
     if probs is None:
         token = int(np.argmax(adjusted_logits(row, p, generated)))
@@ -203,6 +205,15 @@ def choose(row: np.ndarray, p: SamplingParams, generated: Sequence[int], rng: np
         best = np.argsort(-lp, kind="stable")[: p.top_logprobs]
         top = tuple((int(t), float(lp[t])) for t in best)
     return Choice(token, float(lp[token]), top)
+
+
+def greedy_token(row: np.ndarray) -> int:
+    """argmax of a logits row as it is (widening to float64 is exact, so it picks the same token), refusing NaN or
+    infinite logits as adjusted_logits does."""
+    z = np.asarray(row).reshape(-1)
+    if not np.isfinite(z).all():
+        adjusted_logits(z, SamplingParams(), ())  # raises the SamplingError that names the bad values
+    return int(np.argmax(z))
 
 
 def log_softmax(row: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.runtime.cache import BatchState, KVCache, KVPool, RequestCache
+from exo_rknpu.runtime.cache import BatchState, KVCache, KVPool, RequestCache, RowsState
 from exo_rknpu.runtime.inputs import RotaryTable
 from exo_rknpu.runtime.requests import RequestLimits, RequestStore
 from exo_rknpu.slices.graph import slice_weights
@@ -62,7 +62,7 @@ class Chunk:
     """One bucket-shaped piece of a call on its way through a shard's slices (or one step of a batch of requests:
     cache is a BatchState, pos one position per request)."""
 
-    cache: RequestCache | BatchState
+    cache: RequestCache | BatchState | RowsState
     pos: int | list[int]  # position of its first token
     real: int  # tokens in it (the rest of the bucket is padding)
     capacity: int  # context bucket of every cache it touches
@@ -185,6 +185,13 @@ class ShardRunner:
             layout = npu_kv_layout(weights.args) if b.kv_layout == "npu" else b.kv_layout
             self.specs.append(replace(s, kv_layout=layout) if s.kind == "layers" else s)
         check_covers(self.specs, lr)
+        # backends compiled with batch buckets (the NPU form): a decode step of several requests is one call per
+        # slice, each request's cache handed over as it is; other static shards are prepared without batch buckets
+        self.rows_batch = (bool(buckets.batch) and all(b.batches for b in self.backends.values())
+                           and all(s.kv_layout == "npu" for s in self.layer_specs))
+        if not self.rows_batch:
+            buckets = replace(buckets, batch=())
+        self.buckets = buckets
         # attention slice name -> its cache's index in RequestCache.caches
         self.cache_index = {s.name: i for i, s in enumerate(s for s in self.layer_specs if s.has_attention)}
         self.runners: dict[str, Runner] = {}
@@ -194,7 +201,8 @@ class ShardRunner:
         self.rotary = RotaryTable(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
         # on backends that batch, every request's caches live in one pool (a batched step reads them in place)
-        can_batch = (all(b.batches for b in self.backends.values())
+        # (a static-shape backend batches through its compiled batch buckets only: rows_batch above)
+        can_batch = (all(b.batches and not b.static_shapes for b in self.backends.values())
                      and all(s.kv_layout == "seq" for s in self.layer_specs))
         self.pool: KVPool | None = None
         if can_batch:
@@ -295,8 +303,9 @@ class ShardRunner:
     @property
     def batches(self) -> bool:
         """Whether this shard runs a batch of requests' steps in one call: every slice's backend batches
-        (Backend.batches) on the "seq" cache layout, so the requests' caches live in one KVPool."""
-        return self.pool is not None
+        (Backend.batches), on the "seq" cache layout with the requests' caches in one KVPool, or on the NPU form
+        with batch buckets (Buckets.batch) and each request's own cache."""
+        return self.pool is not None or self.rows_batch
 
     def unpool(self) -> None:
         """Give each request its own cache arrays instead of a pool slot (and run batched steps one call after
@@ -304,7 +313,7 @@ class ShardRunner:
         (runtime/stages.py), where the pool's growth would move a cache under a running call. Before any request."""
         if len(self.requests):
             raise RuntimeError("unpool() must come before any request is live on the shard")
-        self.pool = None
+        self.pool, self.rows_batch = None, False
 
     def forward_batch(self, calls: list[tuple[str, np.ndarray]], logits: Literal["all", "last"] = "all") -> list[np.ndarray]:
         """One decode step of several live requests at once: each call is (request_id, one token id [1,1] or one
@@ -339,6 +348,8 @@ class ShardRunner:
         On an error no request moves (rows a failed step wrote lie past its position: never read, overwritten)."""
         if len({s.request_id for s in steps}) != len(steps):
             raise TensorContractError("a batch holds one step per request; a request id appears twice")
+        if self.rows_batch:
+            return self._run_rows(steps, logits)
         if self.pool is None:
             return [self.forward(s.request_id, s.x, logits, start=False) for s in steps]
         # in slot order: requests in consecutive slots are read from the pool in place
@@ -367,6 +378,45 @@ class ShardRunner:
         key = "ids" if self.layer_range.is_first else "x"
         st = {key: np.concatenate([s.x for s in steps])}
         return Chunk(BatchState(self.pool, [s.cache for s in steps]), positions, 1, capacity, st, common)
+
+    def _run_rows(self, steps: list[BatchStep], logits: Literal["all", "last"]) -> list[np.ndarray]:
+        """run_batch on backends with batch buckets: groups of at most the largest batch bucket, each padded to its
+        bucket by repeating its last step (read only, its outputs dropped); a lone step runs as itself. Requests
+        advance only when every group succeeded."""
+        out: list[np.ndarray] = []
+        top = self.buckets.batch[-1]
+        for i in range(0, len(steps), top):
+            group = steps[i : i + top]
+            if len(group) == 1:
+                s = group[0]
+                call = self.begin(s.request_id, s.x, logits, start=False)
+                call.run(call.chunks[0])
+                out.append(call.result([call.chunks[0].output()]))  # committed below with the others
+                continue
+            rows = group + [group[-1]] * (self.buckets.batch_for(len(group)) - len(group))
+            chunk = self._rows_chunk(rows, len(group))
+            self.run_steps(chunk, self.body_specs)
+            x = chunk.st["x"]
+            if self.layer_range.is_last:
+                x = self._run(self.specs[-1], {"hidden": x})["logits"]  # one row per request: "all" = "last"
+            out += [x[:, b : b + 1] for b in range(len(group))]
+        for s in steps:
+            s.cache.advance(1)
+        return out
+
+    def _rows_chunk(self, rows: list[BatchStep], real: int) -> Chunk:
+        """The chunk of a decode batch on backends with batch buckets: row b is rows[b]'s step at its own position
+        ([1, B, H] state, cos/sin [1, 1, B, hd], each request's mask row [B, 1, 1, C+1]), every cache at the context
+        bucket of the furthest request (a cache never shrinks, so it may be larger)."""
+        positions = [s.cache.pos for s in rows]
+        capacity = max([self.buckets.context_for(max(positions) + 1)] + [c.capacity for s in rows for c in s.cache.caches])
+        rotary = [self.rotary(p, 1) for p in positions]
+        common = {"cos": np.concatenate([r["cos"] for r in rotary], axis=2),
+                  "sin": np.concatenate([r["sin"] for r in rotary], axis=2),
+                  "mask": np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(rows, positions)])}
+        key = "ids" if self.layer_range.is_first else "x"
+        st = {key: np.concatenate([s.x for s in rows], axis=1)}
+        return Chunk(RowsState([s.cache for s in rows], real), positions, 1, capacity, st, common)
 
     @property
     def request_reserve_bytes(self) -> int:
@@ -431,8 +481,8 @@ class ShardRunner:
         (None: the context bucket it needs); allocates the request's own caches on its first chunk."""
         a = self.args
         pad = bucket - real
-        if capacity is None:
-            capacity = self.buckets.context_for(pos + real)
+        if capacity is None:  # a cache never shrinks (a batch may have grown it past this call's bucket)
+            capacity = max([self.buckets.context_for(pos + real)] + [c.capacity for c in cache.caches])
         if not cache.caches:
             cache.caches = [KVCache.empty(s.n_layers, a.num_key_value_heads, capacity, a.head_dim, s.kv_layout)
                             for s in self.layer_specs if s.has_attention]

@@ -64,12 +64,19 @@ def cache_key(*, weights_digest: str, fingerprint: str, spec: SliceSpec | dict[s
               dtype: str, platform: str, toolkit_version: str, exporter: str, calibration: str = "") -> str:
     payload = {
         "weights": weights_digest, "model": fingerprint, "slice": spec if isinstance(spec, dict) else spec_dict(spec),
-        "buckets": {"seq": list(buckets["seq"]), "context": list(buckets["context"])} if isinstance(buckets, dict)
-        else {"seq": list(buckets.seq), "context": list(buckets.context)},
+        "buckets": _bucket_facts(buckets) if isinstance(buckets, dict) else buckets.describe(),
         "dtype": dtype, "platform": platform, "toolkit": toolkit_version, "exporter": exporter,
         "calibration": calibration if dtype != "fp16" else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _bucket_facts(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's recorded buckets as Buckets.describe() gives them (batch only when there is one)."""
+    out = {"seq": list(recorded["seq"]), "context": list(recorded["context"])}
+    if recorded.get("batch"):
+        out["batch"] = list(recorded["batch"])
+    return out
 
 
 def manifest_key(m: dict[str, Any]) -> str:

@@ -4,8 +4,9 @@ Fields (format 1):
   format, key, created, slice {name, kind, start, stop, blocks}, layers [global indices],
   model_fingerprint, weights_digest (sha256 of the slice's tensors), model_args,
   dtype ("fp16" | "w8a8"), platform ("rk3588"), toolkit_version, exporter_version,
-  buckets {seq, context},
-  files [{file, sha256, bytes, shapes: [{seq, ctx, inputs {name: shape}, outputs {name: shape}}]}],
+  buckets {seq, context, batch (only when there are batch buckets)},
+  files [{file, sha256, bytes, shapes: [{seq, ctx, batch (batch graphs), inputs {name: shape}, outputs {name: shape}}],
+          io, inputs [graph order], outputs [graph order]}],
   build {seconds, cpu_ops, fallbacks, cycles, internal_kb, weight_kb, errors},
   quantization {recipe, slice_dtype, summary, recipe_key, calibration_sha256, samples_per_bucket} (w8a8 only),
   verify {cos_<output>: min over buckets, cos_delta: residual-update cosine, ...} (with --verify).

@@ -60,10 +60,14 @@ class Buckets:
 
     seq: token counts per call (1 is decode; larger ones are prefill chunks), ascending.
     context: KV-cache lengths (the C in past_k), ascending; the largest is the context limit.
+    batch: decode batch sizes a static-shape backend is compiled for (one step of B requests in one call, each
+    with its own cache; slices/npu_form.py), ascending, each >= 2; empty: one request per call. The CPU
+    backends take any batch and ignore it.
     """
 
     seq: tuple[int, ...] = (1, 16, 64)
     context: tuple[int, ...] = (256, 512, 1024, 2048)
+    batch: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name, b in (("seq", self.seq), ("context", self.context)):
@@ -71,6 +75,17 @@ class Buckets:
                 raise ValueError(f"{name} buckets must be ascending positive integers, got {b}")
         if self.seq[0] != 1:
             raise ValueError(f"seq buckets must include 1 (decode), got {self.seq}")
+        if list(self.batch) != sorted(set(self.batch)) or (self.batch and self.batch[0] < 2):
+            raise ValueError(f"batch buckets must be ascending integers of at least 2, got {self.batch}")
+
+    def batch_for(self, n: int) -> int:
+        """Smallest batch bucket holding `n` requests (1 for one request); ValueError beyond the largest."""
+        if n == 1:
+            return 1
+        for b in self.batch:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} requests exceed the largest batch bucket ({max(self.batch, default=1)})")
 
     @property
     def max_context(self) -> int:
@@ -107,6 +122,14 @@ class Buckets:
             c *= 2
         ctx.append(max_context)
         return cls(seq=seq, context=tuple(ctx))
+
+    def describe(self) -> dict[str, list[int]]:
+        """What manifests and cache keys record: seq and context, and batch when there are batch buckets (so
+        entries compiled without any keep their keys)."""
+        out = {"seq": list(self.seq), "context": list(self.context)}
+        if self.batch:
+            out["batch"] = list(self.batch)
+        return out
 
 
 @dataclass(frozen=True)
@@ -291,6 +314,22 @@ def to_npu_inputs(spec: "SliceSpec", args: ModelArgs, inputs: dict) -> dict:
     return out
 
 
+def to_npu_batch_inputs(spec: "SliceSpec", args: ModelArgs, inputs: dict) -> dict:
+    """A decode batch's runtime inputs -> what its batch graph takes (npu_batch_input_shapes), float16: the layer
+    state [1, B, width] and cos/sin [1, 1, B, hd] as they are, each request's mask row (`mask` [B, 1, 1, C+1])
+    tiled and transposed like to_npu_inputs' as mask_b, and its own cache (`past_k`/`past_v`: sequences of B
+    arrays in the NPU form) as past_k_b/past_v_b, passed on without a copy."""
+    import numpy as np
+
+    many = {"mask", "past_k", "past_v"}
+    out = to_npu_inputs(spec, args, {k: v for k, v in inputs.items() if k not in many})
+    masks = np.asarray(inputs["mask"])
+    for b, (keys, values) in enumerate(zip(inputs["past_k"], inputs["past_v"], strict=True)):
+        out[batch_name("mask", b)] = to_npu_inputs(spec, args, {"mask": masks[b : b + 1]})["mask"]
+        out[batch_name("past_k", b)], out[batch_name("past_v", b)] = keys, values
+    return out
+
+
 def npu_outputs_to_seq(tensors: dict, args: ModelArgs) -> dict:
     """NPU-form cache tensors (past_k/k_new [n*kv, hd, L], past_v/v_new [n*kv, L, hd]) in the "seq" form (float32,
     [n, kv, L, hd]); other tensors as float32. To compare with, or feed, the CPU graph."""
@@ -330,33 +369,91 @@ def npu_output_shapes(spec: "SliceSpec", args: ModelArgs, seq: int) -> dict[str,
     return out
 
 
+def batch_name(name: str, row: int) -> str:
+    """Graph input name of request `row`'s own tensor in a batch graph (mask_0, past_k_0, past_v_0, ...)."""
+    return f"{name}_{row}"
+
+
+def npu_batch_input_shapes(spec: "SliceSpec", args: ModelArgs, batch: int, ctx: int) -> dict[str, tuple[int, ...]]:
+    """Graph inputs of a layer slice's decode batch graph in the NPU form (slices/npu_form.py::build_npu_batch_onnx),
+    in graph order: the layer state [1, B, width] (row b = request b), cos/sin [1, 1, B, hd], then per request b its
+    mask_b [1, 1, C+1, rep] and its own cache past_k_b [n*kv, hd, C], past_v_b [n*kv, C, hd]."""
+    hd = args.head_dim
+    out = {state_name(k): (1, batch, state_width(args, k)) for k in spec.state_inputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers, ctx)
+        out.update({"cos": (1, 1, batch, hd), "sin": (1, 1, batch, hd)})
+        for b in range(batch):
+            out.update({batch_name("mask", b): (1, 1, ctx + 1, args.n_rep), batch_name("past_k", b): keys,
+                        batch_name("past_v", b): values})
+    return out
+
+
+def npu_batch_output_shapes(spec: "SliceSpec", args: ModelArgs, batch: int) -> dict[str, tuple[int, ...]]:
+    """Outputs of a decode batch graph: the live layer state [1, B, width], then every request's new cache row
+    stacked request-major: k_new [B*n*kv, hd, 1], v_new [B*n*kv, 1, hd] (rows of request b: b*n*kv ...)."""
+    out = {state_name(k, output=True): (1, batch, state_width(args, k)) for k in spec.state_outputs()}
+    if spec.has_attention:
+        keys, values = npu_cache_shapes(args, spec.n_layers * batch, 1)
+        out.update({"k_new": keys, "v_new": values})
+    return out
+
+
 def npu_max_seq(args: ModelArgs) -> int:
     """The largest seq bucket the NPU form compiles without a CPU op: its folded queries [rep*S, hd] are transposed
     on the NPU only while rep*S*hd <= 8192 (rknn's Transpose limit, measured)."""
     return max(1, 8192 // (args.n_rep * args.head_dim))
 
 
+# Decode batch sizes the runtime's default buckets hold (runtime/placement.py::default_buckets), compiled for the NPU
+# form: one, 4, because each batch file costs more than the seq file (smollm2 layer, 4 context buckets: b2 32 MB,
+# b4 57 MB, b8 106 MB against 23 MB; docs/compiler.md, "Batch buckets"); 2-3 requests pad to 4, 8 run as two 4s
+NPU_BATCH = (4,)
+
+
 def npu_buckets(buckets: Buckets, args: ModelArgs) -> Buckets:
     """`buckets` for a backend running the NPU form: seq buckets above npu_max_seq are replaced by the largest power
-    of two under it (prefill then goes in smaller chunks); context buckets are kept."""
+    of two under it (prefill then goes in smaller chunks); context and batch buckets are kept, except that a model
+    whose layers keep the "seq" form (per-head q/k norms, slices/npu_form.py::npu_kv_layout) has no batch graph."""
     limit = npu_max_seq(args)
     seq = [b for b in buckets.seq if b <= limit]
     if len(seq) < len(buckets.seq):
         top = 1 << (limit.bit_length() - 1)
         seq = sorted(set(seq) | {top})
-    return Buckets(seq=tuple(seq), context=buckets.context)
+    return Buckets(seq=tuple(seq), context=buckets.context, batch=() if args.qk_norm else buckets.batch)
 
 
 def bucket_shapes(spec: SliceSpec, args: ModelArgs, buckets: Buckets) -> list[dict[str, Any]]:
     """The shape sets a static-shape backend compiles a slice for (rknn/compile.py builds them, rknn/sim.py checks
-    calls against them): a slice reading the cache every (seq, ctx) pair, any other every seq."""
+    calls against them): a slice reading the cache every (seq, ctx) pair, any other every seq. Batch buckets: a
+    slice in the NPU form reading the cache gets a decode batch graph per (batch, ctx) (entries with "batch": B);
+    any other slice runs a batch of B one-token rows as seq B, so B joins its seq buckets. Slices reading the
+    cache in the "seq" form get no batch buckets (their backend runs steps one at a time)."""
     out = []
+    batched = spec.has_attention and spec.kv_layout == "npu"
+    seqs = buckets.seq if spec.has_attention else tuple(sorted(set(buckets.seq) | set(buckets.batch)))
     for ctx in (buckets.context if spec.has_attention else (buckets.context[0],)):  # only the cache needs ctx buckets
-        for seq in buckets.seq:
+        for seq in seqs:
             out.append({"seq": seq, "ctx": ctx if spec.has_attention else None,
                         "inputs": {k: list(v) for k, v in spec.input_shapes(args, seq, ctx).items()},
                         "outputs": {k: list(v) for k, v in spec.output_shapes(args, seq).items()}})
+        for b in buckets.batch if batched else ():
+            out.append({"seq": 1, "ctx": ctx, "batch": b,
+                        "inputs": {k: list(v) for k, v in npu_batch_input_shapes(spec, args, b, ctx).items()},
+                        "outputs": {k: list(v) for k, v in npu_batch_output_shapes(spec, args, b).items()}})
     return out
+
+
+def shape_key(shapes: dict[str, Any]) -> tuple:
+    """A hashable key of named input shapes, whatever their order: how static-shape runners find the compiled shape
+    set of a call (a batch graph's inputs differ from the seq graph's by name and number)."""
+    return tuple(sorted((n, tuple(int(d) for d in sh)) for n, sh in shapes.items()))
+
+
+def bucket_tag(sh: dict[str, Any]) -> str:
+    """The name of a bucket_shapes entry in reports and refusals: s<seq>c<ctx> (s<seq> for slices without a cache;
+    b<B>c<ctx> for a decode batch of B requests)."""
+    return (f"b{sh['batch']}" if sh.get("batch") else f"s{sh['seq']}") + (f"c{sh['ctx']}" if sh.get("ctx") else "")
 
 
 def plan_slices(start: int, stop: int, first: bool, last: bool, layers_per_slice: int | None) -> list[SliceSpec]:

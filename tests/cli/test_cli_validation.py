@@ -168,6 +168,7 @@ def test_node_model_dir_that_is_not_a_folder_is_refused_before_exo_is_imported(t
     (["--min-cos", "2"], "(0, 1]"),
     (["--smooth-alpha", "-0.5"], "[0, 1]"),
     (["--seq", "16,1"], "ascending"),
+    (["--batch", "8,4"], "ascending"),
     (["--platform", "rk3566"], "rk3588"),
 ])
 def test_compile_options_are_refused_before_the_toolkit_runs(option, fragment, capsys):

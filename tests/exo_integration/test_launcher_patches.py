@@ -251,3 +251,57 @@ def test_nan_logits_fail_the_request_at_once(sampling_patched):
     (rid, message, kind), = sampling_patched["nan_failures"]
     assert rid == "r2" and "NaN" in message and kind == "error"
     assert sampling_patched["nan_forwarded"] == 1  # nothing more was sent on
+
+
+STOCK_SCRIPT = textwrap.dedent(
+    r"""
+    import asyncio, json
+    import exo.topology.device_capabilities as dc
+    from exo_rknpu.engine import EngineConfig
+    from exo_rknpu.exo.options import NodeOptions
+    from exo_rknpu.exo.launcher import install_patches
+
+    exos = asyncio.run(dc.linux_device_capabilities())  # exo's own report, before any patch
+    install_patches(NodeOptions(engine=EngineConfig(backend="numpy"), stock_engine="tinygrad", memory_mb=1234))
+    import exo.models as models
+    import exo.orchestration.node as node_mod
+    from exo.inference.tinygrad.inference import TinygradDynamicShardInferenceEngine as Engine
+    from exo.inference.tinygrad.models.llama import TransformerShard
+
+    caps = asyncio.run(dc.device_capabilities())
+    print(json.dumps({
+        "exo_model": exos.model, "exo_chip": exos.chip, "caps": caps.model_dump(),
+        "smollm2_repo": models.get_repo("smollm2-135m", "TinygradDynamicShardInferenceEngine"),
+        "lifecycle": [callable(getattr(Engine, m, None)) for m in ("announce", "release", "take_failure", "positions_left")],
+        "shard_fixed_by": TransformerShard.forward.__module__,
+        "select_by": node_mod.Node.select_best_inference_engine.__module__,
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def stock_patched():
+    from exo_rknpu.exo.stock_engines import check_engine_importable
+
+    why = check_engine_importable("tinygrad")
+    if why is not None:
+        pytest.skip(why)
+    res = subprocess.run([sys.executable, "-c", STOCK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_a_stock_tinygrad_node_keeps_exos_report_with_the_mark(stock_patched):
+    caps = stock_patched["caps"]
+    assert caps["model"].startswith(stock_patched["exo_model"] + " (exo-rknpu, tinygrad; serves ")
+    assert "smollm2-135m" in caps["model"] and "llama-3.2-1b" in caps["model"]
+    assert caps["chip"] == stock_patched["exo_chip"]  # exo's report, not the board report of an exo-rknpu node
+    assert caps["memory"] == 1234  # --memory-mb replaces it
+
+
+def test_a_stock_tinygrad_node_gets_the_engine_fixes_and_the_shared_patches(stock_patched):
+    assert stock_patched["smollm2_repo"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert all(stock_patched["lifecycle"])
+    assert stock_patched["shard_fixed_by"] == "exo_rknpu.exo.stock_engines"
+    assert stock_patched["select_by"] == "exo_rknpu.exo.launcher"  # its engine is kept too

@@ -84,10 +84,12 @@ def test_every_node_reports_the_launcher_mark(mixed_ring):
 
 
 def test_requests_through_every_api_equal_generate_alone(mixed_ring, references):
-    """Several requests in a row through each node's API, streaming and not; both nodes compute layers."""
+    """Several requests in a row through each node's API, streaming and not; both nodes compute layers. Each is
+    printed (-s): the table of docs/exo.md §9."""
     for api in mixed_ring.nodes:
         for question, stream in [(QUESTIONS[0], False), (QUESTIONS[1], True), (QUESTIONS[1], False),
                                  (QUESTIONS[0], True)]:
+            t = time.perf_counter()
             status, body = chat(mixed_ring.url(api, "/v1/chat/completions"), stream=stream, question=question)
             if status == 503 and "left the ring" in str(body):
                 # exo dropped a peer whose health check timed out (a loaded machine): the request was refused, not
@@ -95,17 +97,25 @@ def test_requests_through_every_api_equal_generate_alone(mixed_ring, references)
                 print(f"\n{api}: {body['detail']}; retried once the ring was whole")
                 mixed_ring.wait_for_topology()
                 status, body = chat(mixed_ring.url(api, "/v1/chat/completions"), stream=stream, question=question)
-            assert answer(status, body, stream) == references[question], (api, question, stream)
+            got = answer(status, body, stream)
+            print(f"\n{first_node(mixed_ring)} first, {api} API, {question!r} stream={stream}: HTTP {status} in "
+                  f"{time.perf_counter() - t:.1f} s, equal to generate alone: {got == references[question]}")
+            assert got == references[question], (api, question, stream)
+
+
+def first_node(ring) -> str:
+    return max(ring.nodes, key=lambda n: ring.nodes[n]["memory"])
 
 
 def test_both_nodes_log_stock_exos_partition(mixed_ring):
     topology = get_json(mixed_ring.url("tg", "/v1/topology"))
     want = expected_layers(topology)
-    assert len(want) == 2 and list(want)[0] == max(mixed_ring.nodes, key=lambda n: mixed_ring.nodes[n]["memory"])
+    assert len(want) == 2 and list(want)[0] == first_node(mixed_ring)
     for nid in mixed_ring.nodes:
         lines = RING_LINE.findall(mixed_ring.log(nid))
         assert lines, mixed_ring.log(nid)[-3000:]
         logged_by, layers, how = lines[-1]
+        print(f"\n{first_node(mixed_ring)} first, logged by {nid}: layers {layers}; {how} (exo's strategy: {want})")
         got = {name: tuple(map(int, rng.split("-"))) for name, rng in (p.split(" ") for p in layers.split(", "))}
         assert logged_by == nid and got == want and how == "exo's partition over every node"
     assert "refuses the step" not in mixed_ring.log("rk") + mixed_ring.log("tg")
@@ -123,6 +133,7 @@ def test_plain_stock_node_without_a_card_is_named_at_once(tmp_path):
         t = time.perf_counter()
         status, body = chat(ring.url("rk", "/v1/chat/completions"), stream=False)
         elapsed = time.perf_counter() - t
+        print(f"\nplain stock node, rk API: HTTP {status} in {elapsed:.1f} s: {body}")
         assert status == 503, body
         detail = body["detail"]
         assert "gives node plain layers" in detail and "plain is a plain stock exo node" in detail and f"no card for {MODEL}" in detail, detail
@@ -131,7 +142,9 @@ def test_plain_stock_node_without_a_card_is_named_at_once(tmp_path):
         # through the stock node's API, exo's own behaviour: it has no card for smollm2-135m and silently substitutes
         # its --default-model (llama-3.2-1b), whose tokenizer it cannot fetch offline: HTTP 500 (online it would
         # answer with llama-3.2-1b, another model than the one asked for)
+        t = time.perf_counter()
         status, body = chat(ring.url("plain", "/v1/chat/completions"), stream=False)
+        print(f"\nplain stock node, its own API: HTTP {status} in {time.perf_counter() - t:.1f} s: {str(body)[:300]}")
         assert status == 500, (status, body)
         assert "Unsupported model: unsloth/Llama-3.2-1B-Instruct" in ring.log("plain")
     finally:

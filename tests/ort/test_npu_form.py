@@ -1,5 +1,6 @@
-"""The NPU form of a layer slice (slices/npu_form.py: its own graph, float16 inputs, the "npu" cache layout)
-computes what the CPU graph computes: both run in onnxruntime on the same (float16-rounded) inputs."""
+"""The NPU form of a layer slice (slices/npu_form.py: its own graph, float16 inputs, the "npu" cache layout) and of
+the head (the lm_head in vocabulary pieces) computes what the CPU graph computes: both run in onnxruntime on the same
+(float16-rounded) inputs."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.cache import KVCache
-from exo_rknpu.slices.npu_form import build_npu_onnx
+from exo_rknpu.slices import npu_form
+from exo_rknpu.slices.npu_form import build_npu_batch_onnx, build_npu_head_onnx, build_npu_onnx
 from exo_rknpu.slices.onnx_export import build_onnx
-from exo_rknpu.slices.spec import MASK_VALUE, SliceSpec, compiled_inputs, npu_outputs_to_seq
+from exo_rknpu.slices.spec import (MASK_VALUE, SliceSpec, compiled_inputs, npu_batch_input_shapes, npu_outputs_to_seq,
+                                   to_npu_batch_inputs)
 
 from helpers import nmse
 
@@ -76,3 +79,57 @@ def test_npu_cache_is_float16_in_the_compiled_shapes_and_grows_along_positions(t
     seq_k = npu_outputs_to_seq({"past_k": c.keys}, a)["past_k"]  # [n, kv, C, hd]
     assert seq_k[:, :, :, 0].sum(axis=(0, 1)).tolist()[:6] == [0, 0, 0, 4, 4, 0]
     assert c.values[:, 3:5].min() == 2 and c.values[:, 5:].max() == 0
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])  # qwen2: a tied head (the embedding table)
+@pytest.mark.parametrize("rows", [None, 128])  # 128: the tiny vocabulary (320) in 3 pieces, the last one shorter
+def test_npu_head_in_vocabulary_pieces_computes_the_cpu_heads_logits(request, monkeypatch, model, rows):
+    src = resolve_model(str(request.getfixturevalue(model)))
+    n = load_args(src).num_hidden_layers
+    w = load_shard(src, LayerRange(n - 1, n, n), weights="fp32")
+    if rows:
+        monkeypatch.setattr(npu_form, "NPU_HEAD_ROWS", rows)
+    vocab = w.lm_head.shape[0]
+    pieces = -(-vocab // npu_form.NPU_HEAD_ROWS)
+    assert pieces == (3 if rows else 1), vocab
+    spec = SliceSpec("head")
+    for seq in (1, 16):
+        x = {"hidden": np.random.default_rng(seq).standard_normal((1, seq, w.args.hidden_size)).astype(np.float32)}
+        want = _run(build_onnx(spec, w, seq=seq), x)["logits"]
+        for graph in (build_npu_head_onnx(spec, w, seq), build_npu_head_onnx(spec, w)):  # static and symbolic
+            assert sum(nd.op_type == "MatMul" for nd in graph.graph.node) == pieces
+            got = _run(graph, x)["logits"]
+            assert got.shape == want.shape == (1, seq, vocab)
+            assert nmse(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("spec", [SliceSpec("layers", 1, 2, kv_layout="npu"), SliceSpec("layers", 0, 2, kv_layout="npu"),
+                                  SliceSpec("layers", 1, 2, blocks=("qkv", "attention"), kv_layout="npu")],
+                         ids=["one-layer", "two-layers", "qkv+attention"])
+def test_a_batch_graph_gives_each_request_what_its_lone_decode_step_gives(request, model, spec):
+    """B requests at their own positions with their own caches in one call of the batch graph: each request's
+    outputs (state row, new cache rows) are those of the seq-1 graph run on that request alone."""
+    src = resolve_model(str(request.getfixturevalue(model)))
+    w = load_shard(src, LayerRange(0, 2, load_args(src).num_hidden_layers), weights="fp32")
+    a, ctx, batch = w.args, 32, 3
+    rng = np.random.default_rng(7)
+    alone = [compiled_inputs(spec, a, _inputs(SliceSpec(spec.kind, spec.start, spec.stop, spec.blocks), a, 1, ctx, pos, rng))
+             for pos in (20, 3, 31)]
+    want = [_run(build_npu_onnx(spec, w, 1, ctx), x) for x in alone]
+    states = [n for n in alone[0] if n not in ("cos", "sin", "mask", "past_k", "past_v")]
+    runtime = {n: np.concatenate([x[n] for x in alone], axis=1 if n not in ("cos", "sin") else 2) for n in states + ["cos", "sin"]}
+    runtime["mask"] = np.concatenate([x["mask"][..., :1].swapaxes(2, 3) for x in alone])  # each request's [1,1,1,C+1] row
+    runtime["past_k"], runtime["past_v"] = [x["past_k"] for x in alone], [x["past_v"] for x in alone]
+    feed = to_npu_batch_inputs(spec, a, runtime)
+    assert {k: v.shape for k, v in feed.items()} == npu_batch_input_shapes(spec, a, batch, ctx)
+    assert all(v.dtype == np.float16 for v in feed.values())
+    for graph in (build_npu_batch_onnx(spec, w, batch, ctx), build_npu_batch_onnx(spec, w, batch)):  # static, symbolic
+        got = _run(graph, feed)
+        rows = got["k_new"].shape[0] // batch
+        for b, lone in enumerate(want):
+            mine = {n: got[n][:, b : b + 1] for n in got if n not in ("k_new", "v_new")}
+            mine.update({n: got[n][b * rows : (b + 1) * rows] for n in ("k_new", "v_new")})
+            assert set(mine) == set(lone)
+            for name in lone:
+                assert nmse(mine[name], lone[name]) <= 1e-10, (b, name)

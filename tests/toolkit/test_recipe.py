@@ -3,12 +3,15 @@
 - rotation is an exact re-parametrisation: the rotated model's logits equal Hugging Face transformers' on the
   original tiny model (relative max error <= 1e-4; fp32 everywhere, float64 transforms);
 - the recipe round-trips through JSON and through a compiled manifest;
-- a changed recipe is a cache miss (and keeping another layer in fp16 is not).
+- a changed recipe is a cache miss (and keeping another layer in fp16 is not);
+- the named recipes (`compile --recipe`) select the layers, head and linears docs/compiler.md states, and the
+  compiler's own graph makes exactly those linears int8; recipe flags without `--dtype w8a8` are refused.
 Numpy tests need no toolkit; the compile test skips without it (one tiny layer, one bucket)."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from exo_rknpu.rknn import rotation as rot
 from exo_rknpu.rknn import toolkit
 from exo_rknpu.rknn.recipe import RecipeBuild, cache_text
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.recipe import DEFAULT_RECIPE, INT8_LINEARS, NAMED_RECIPES, QuantRecipe, named_recipe
+from exo_rknpu.slices.recipe import DEFAULT_RECIPE, NAMED_RECIPES, QuantRecipe, named_recipe
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
 from tiny_models import make_tiny_hf
@@ -129,24 +132,88 @@ def test_every_recipe_field_is_in_the_cache_key_but_other_slices_precision_is_no
     assert cache_text(DEFAULT_RECIPE.but(head="w8a8"), "head") != cache_text(DEFAULT_RECIPE, "head")
 
 
-def test_named_recipes_resolve_to_the_layers_they_state():
-    """`compile --recipe NAME`: each name is the default recipe with the stated layers in w8a8, the rest fp16."""
-    n = 30  # smollm2-135m, the model the named recipes were measured on
-    assert named_recipe("default", n) == DEFAULT_RECIPE
-    every = named_recipe("int8-layers", n)
-    assert every.fp16_layers == () and every.head == "w8a8" and every.policy == DEFAULT_RECIPE.policy
-    for r in NAMED_RECIPES.values():
-        got = r.resolve(n)
-        w8a8 = [i for i in range(n) if got.slice_dtype(f"layers.{i}") == "w8a8"]
-        want = list(r.int8_layers) if isinstance(r.int8_layers, tuple) else (
-            list(range(n)) if r.int8_layers == "all" else [i for i in range(n) if i not in DEFAULT_RECIPE.fp16_layers])
-        assert w8a8 == sorted(want), r.name
-        assert got.slice_dtype("head") == r.head and got.policy == DEFAULT_RECIPE.policy, r.name
+# The named recipes as docs/compiler.md ("Recipes to pick") states them for smollm2-135m (30 layers), the model they
+# were measured on: the decoder layers in w8a8 (the rest fp16) and the head's dtype. The specification the code and
+# the documentation are both checked against.
+DOCUMENTED_RECIPES = {
+    "default": (tuple(range(2, 30)), "fp16"),
+    "agree98": ((7, 14), "fp16"),
+    "int8-layers": (tuple(range(30)), "w8a8"),
+}
+# the default policy's int8 linears, as docs/compiler.md states them ("q/k/v/o/up int8, gate/down fp16")
+DOCUMENTED_INT8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")
+COMPILER_MD = Path(__file__).resolve().parents[2] / "docs" / "compiler.md"
+
+
+def _documented_table() -> dict[str, tuple[tuple[int, ...], str]]:
+    """docs/compiler.md's "Recipes to pick" table, column "w8a8 layers (rest fp16)", per `--recipe` name:
+    "7, 14; head fp16", "2–29; head fp16", "0–29 and the head" -> (layers, head dtype)."""
+    lines = COMPILER_MD.read_text().split("### Recipes to pick", 1)[1].splitlines()
+    top = next(k for k, line in enumerate(lines) if line.startswith("| recipe | w8a8 layers"))
+    rows: dict[str, tuple[tuple[int, ...], str]] = {}
+    for line in lines[top + 2:]:
+        if not line.startswith("|"):
+            break  # the end of the table
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name = re.search(r"`([a-z0-9-]+)`", cells[0])
+        if not name or "--dtype" in cells[0] or "64-token" in cells[0]:  # fp16 and a re-measure of default
+            continue
+        layers_text, _, head_text = cells[1].replace(" and the head", "; head w8a8").partition(";")
+        layers: list[int] = []
+        for a, b in re.findall(r"(\d+)(?:[–-](\d+))?", layers_text):
+            layers += range(int(a), int(b or a) + 1)
+        rows[name.group(1)] = (tuple(layers), head_text.split()[-1])
+    return rows
+
+
+def test_the_documented_recipes_table_states_the_recipes_this_test_specifies():
+    assert _documented_table() == DOCUMENTED_RECIPES
+    assert "q/k/v/o/up int8, gate/down fp16" in COMPILER_MD.read_text()
+
+
+def test_named_recipes_select_the_documented_layers_and_head():
+    """`compile --recipe NAME` on a 30-layer model: exactly the documented layers are w8a8 (with the documented
+    policy's linears int8), every other layer and the head as documented; the names offered are the documented ones."""
+    n = 30
+    assert set(NAMED_RECIPES) == set(DOCUMENTED_RECIPES)
+    for name, (int8_layers, head) in DOCUMENTED_RECIPES.items():
+        got = named_recipe(name, n)
+        assert tuple(i for i in range(n) if got.slice_dtype(f"layers.{i}") == "w8a8") == int8_layers, name
+        assert got.slice_dtype("head") == head, name
+        for i in range(n):
+            want = DOCUMENTED_INT8_LINEARS if i in int8_layers else ()
+            assert got.int8_linears(f"layers.{i}") == want, (name, i)
+        assert got.int8_linears("head") == (("lm_head",) if head == "w8a8" else ()), name
+    assert named_recipe("default", n) == DEFAULT_RECIPE  # --dtype w8a8 without --recipe builds the default recipe
     with pytest.raises(ValueError, match="choose one of"):
         named_recipe("best", n)
-    tight = next(r for r in NAMED_RECIPES.values() if isinstance(r.int8_layers, tuple) and r.int8_layers)
     with pytest.raises(ValueError, match="has 2 layers"):  # a model without the recipe's layers: refused, not ignored
-        tight.resolve(2)
+        named_recipe("agree98", 2)
+
+
+RECIPE_FLAG_VALUES = [["--recipe", "agree98"], ["--fp16-layers", "0,head"], ["--quant-policy", "linear"],
+                      ["--smooth-alpha", "0"], ["--rotation", "none"], ["--quant-algorithm", "mmse"],
+                      ["--calibration-text", "CAL"]]
+
+
+@pytest.mark.parametrize("mode", [["--layers", "0-0"], ["--layers", "0-0", "--dtype", "fp16"], ["--agreement"],
+                                  ["--placement", "0-1=npu", "--explain"]])
+@pytest.mark.parametrize("flag", RECIPE_FLAG_VALUES, ids=lambda f: f[0])
+def test_recipe_flags_without_dtype_w8a8_are_refused_before_anything_is_built(tmp_path, capsys, mode, flag):
+    """An fp16 build has no recipe: a recipe flag without --dtype w8a8 is a one-line error (exit 2), not ignored;
+    nothing is compiled or measured, and nothing is written to the cache."""
+    from exo_rknpu.cli.main import main
+
+    tiny = make_tiny_hf(tmp_path / "m", n_layers=2, seed=8)
+    (tmp_path / "cal.txt").write_text("The capital of France is Paris. " * 8)
+    flag = [str(tmp_path / "cal.txt") if v == "CAL" else v for v in flag]
+    cache = tmp_path / "cache"
+    assert main(["compile", "--model", str(tiny), "--cache", str(cache), *mode, *flag]) == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert err == [f"exo-rknpu: error: {flag[0]} is a w8a8 recipe setting; add --dtype w8a8 (--dtype fp16 has no recipe)"]
+    assert not cache.exists() or not any(cache.iterdir())
+    assert "layers." not in out.out  # no plan printed, no slice reported
 
 
 def test_recipe_build_refuses_another_model(tmp_path):
@@ -282,22 +349,22 @@ def test_decode_calibration_starts_at_the_first_token_and_prefill_samples_are_re
 @pytest.mark.skipif(not _st.ok, reason=f"rknn-toolkit2 environment missing ({_st.problem})")
 def test_a_named_mix_builds_its_int8_layers_with_the_policys_linears_and_the_others_in_fp16(tmp_path):
     """The compiler's step-1 graph, not the recipe, says which Convs went int8: their weight shapes must be exactly
-    the policy's linears (q/k/v/o/up for the default policy; tiny shapes q,o 64x64, k,v 32x64, up 128x64, gate 128x64,
-    down 64x128 tell them apart) in the recipe's w8a8 layer, and none in its fp16 neighbour."""
+    the documented linears (q/k/v/o/up for the default policy; tiny shapes q,o 64x64, k,v 32x64, up 128x64, gate 128x64,
+    down 64x128 tell them apart) in agree98's first w8a8 layer, and none in its fp16 neighbour."""
     from exo_rknpu.rknn.compile import compile_range
 
-    mix = next(r for r in NAMED_RECIPES.values() if isinstance(r.int8_layers, tuple) and r.int8_layers)
-    i = mix.int8_layers[0]
-    j = i + 1 if i + 1 not in mix.int8_layers else i - 1  # an fp16 neighbour
-    n = max(mix.int8_layers) + 2
+    int8_layers = DOCUMENTED_RECIPES["agree98"][0]
+    i = int8_layers[0]
+    j = i + 1 if i + 1 not in int8_layers else i - 1  # an fp16 neighbour
+    n = max(int8_layers) + 2
     tiny = make_tiny_hf(tmp_path / "m", n_layers=n, seed=11)
-    recipe = mix.resolve(n).but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2,
+    recipe = named_recipe("agree98", n).but(calibration_text="The capital of France is Paris. " * 12, calibration_samples=2,
                                 decode_samples=3)
     lo, hi = min(i, j), max(i, j)
     got = {r.name: r for r in compile_range(str(tiny), f"{lo}-{hi}", buckets=Buckets(seq=(1,), context=(64,)), dtype="w8a8",
                                             recipe=recipe, cache_dir=tmp_path / "c", progress=False)}
     ws = RecipeBuild(tiny, recipe).runtime_weights()
-    want = sorted(list(getattr(ws.layers[i], name).shape) for name in INT8_LINEARS[recipe.policy])
+    want = sorted(list(getattr(ws.layers[i], name).shape) for name in DOCUMENTED_INT8_LINEARS)
     m_int8 = json.loads((Path(got[f"layers.{i}"].folder) / "manifest.json").read_text())
     m_fp16 = json.loads((Path(got[f"layers.{j}"].folder) / "manifest.json").read_text())
     assert m_int8["quantization"]["slice_dtype"] == "w8a8" and m_fp16["quantization"]["slice_dtype"] == "fp16"

@@ -1,5 +1,6 @@
 """The board's runtime as it really is: rknn-toolkit-lite2 2.3.x and 2.5.x, the librknnrt the compiled files need,
-the SoC and driver facts doctor reports. The stand-in RKNNLite classes carry the exact `inference` signatures of the
+the SoC and driver facts doctor reports, and doctor's verdict: "ready" only after init_runtime succeeded on a compiled
+slice (the probe, in a child process running a stand-in rknnlite). The stand-in RKNNLite classes carry the exact `inference` signatures of the
 2.3.2 and 2.5.0 wheels (rknnlite/api/rknn_lite.py, read from the cp311 aarch64 wheels on PyPI)."""
 
 from __future__ import annotations
@@ -177,4 +178,95 @@ def test_missing_slices_name_the_one_compile_command_for_the_whole_shard(tiny_ll
                    backend_options={"cache_dir": tmp_path, "check_board": False})
     msg = str(e.value)
     assert "\n" not in msg and msg.endswith(
-        f"run: exo-rknpu compile --model MODEL --layers {layers} --dtype fp16 --platform rk3588 --seq 1 --context 64"), msg
+        f"run: exo-rknpu compile --model MODEL --layers {layers} --dtype fp16 --platform rk3588 --seq 1 --context 64 --batch 1"), msg
+
+
+# A stand-in rknnlite package for doctor's probe child process (python -m exo_rknpu.backends.board FILE MASK): its
+# RKNNLite returns what the env var says, and on failure prints RKNNLite 2.5.0's own output as captured (NO_DEVICE_TREE).
+STAND_IN_RKNNLITE = '''
+import os, sys
+OUTPUT = {output!r}
+
+
+class RKNNLite:
+    def __init__(self, verbose=False, verbose_file=None):
+        pass
+
+    def load_rknn(self, path, key_path=None):
+        assert os.path.exists(path), path
+        return 0 if os.environ["STAND_IN_LOAD"] == "ok" else -1
+
+    def init_runtime(self, target=None, device_id=None, async_mode=False, core_mask=0):
+        if os.environ["STAND_IN_INIT"] == "ok":
+            return 0
+        print(OUTPUT)
+        return -1
+
+    def release(self):
+        pass
+'''
+
+
+@pytest.fixture
+def board_here(tmp_path, monkeypatch):
+    """This machine as an RK3588 board with every fact right (aarch64, rk3588 in the device tree, driver 0.9.8,
+    librknnrt 2.5.0, lite2 2.5.0), a compiled slice in a cache, and the stand-in rknnlite on the probe's path."""
+    import functools
+
+    soc = tmp_path / "compatible"
+    soc.write_bytes(b"radxa,rock-5b\0rockchip,rk3588\0")
+    drv = tmp_path / "version"
+    drv.write_text("RKNPU driver: v0.9.8\n")
+    facts = functools.partial(board.board_facts, machine="aarch64", soc_path=soc, lib=_lib(tmp_path, "2.5.0 (abc@2025)"),
+                              driver_paths=(drv,))
+    monkeypatch.setattr(board, "board_facts", facts)
+    monkeypatch.setattr(board, "lite2_version", lambda: "2.5.0")
+    pkg = tmp_path / "site" / "rknnlite" / "api"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text(STAND_IN_RKNNLITE.format(output=NO_DEVICE_TREE))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'site'}:{':'.join(sys.path)}")
+    cache = tmp_path / "compiled"
+    folder = cache / "slices" / "layers.29" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "layers.29.s1.c256.rknn").write_bytes(b"RKNN" + bytes(64))
+    (folder / "manifest.json").write_text('{"librknnrt_min": "2.5.0", "toolkit_version": "2.5.0"}')
+    return cache
+
+
+def _doctor(cache, capsys) -> tuple[int, list[str]]:
+    from exo_rknpu.cli.main import main
+
+    code = main(["doctor", "--cache", str(cache)])
+    return code, capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("load, init, verdict", [
+    ("ok", "ok", "npu backend   ready"),
+    ("ok", "fail", "npu backend   unavailable: probe: init_runtime failed: Exception: Please specify the target in "
+                   "init_runtime!"),
+    ("fail", "ok", "npu backend   unavailable: probe: load_rknn failed: "),
+])
+def test_doctor_says_ready_only_when_init_runtime_succeeded_on_a_compiled_slice(board_here, capsys, monkeypatch, load,
+                                                                                  init, verdict):
+    """Every fact right is not enough: "ready" (exit 0) needs RKNNLite's load_rknn + init_runtime to succeed on a
+    compiled slice, run in a child process; otherwise exit 1 with RKNNLite's own reason in one line."""
+    monkeypatch.setenv("STAND_IN_LOAD", load)
+    monkeypatch.setenv("STAND_IN_INIT", init)
+    code, out = _doctor(board_here, capsys)
+    assert code == (0 if verdict.endswith("ready") else 1)
+    assert out[-1].startswith(verdict), out
+    assert [ln for ln in out if ln.startswith("probe")] == [
+        f"probe         init_runtime ok on {next(board_here.glob('slices/*/*/*.rknn'))}" if code == 0 else
+        f"probe         init_runtime on {next(board_here.glob('slices/*/*/*.rknn'))}: {out[-1].split('probe: ')[1]}"]
+
+
+def test_doctor_is_not_ready_without_a_compiled_slice_or_with_any_fact_wrong(board_here, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("STAND_IN_LOAD", "ok")
+    monkeypatch.setenv("STAND_IN_INIT", "ok")
+    code, out = _doctor(tmp_path / "empty", capsys)  # nothing to probe: the facts alone never say ready
+    assert code == 1 and out[-1] == (f"npu backend   unavailable: probe: no compiled slice in {tmp_path / 'empty'}: "
+                                     "compile one and copy it here (docs/board.md, step 3)")
+    (tmp_path / "compatible").write_bytes(b"rockchip,rk3568\0")  # init_runtime would succeed; the SoC is wrong
+    code, out = _doctor(board_here, capsys)
+    assert code == 1 and out[-1].startswith("npu backend   unavailable: the SoC is 'rockchip,rk3568'"), out

@@ -18,6 +18,14 @@ def test_greedy_takes_the_argmax_of_the_last_position():
     assert Sampler()(logits) == 7
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_greedy_on_the_model_dtype_picks_the_float64_argmax_ties_included(dtype):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        row = rng.integers(-4, 5, 257).astype(dtype)  # small integers: many ties for the maximum
+        assert Sampler()(row[None, None]) == int(np.argmax(row.astype(np.float64))) == int(np.flatnonzero(row == row.max())[0])
+
+
 def test_seeded_sampling_is_reproducible_and_respects_top_k():
     row = np.linspace(0, 1, 50)
     a = [Sampler(SamplingParams(temperature=1.0, seed=3))(row) for _ in range(5)]
