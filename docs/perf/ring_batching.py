@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "tests" / "exo_integration")]
 
-from exo_helpers import Ring  # noqa: E402
-from test_ring_load_and_faults import MEMORY, post, wait_healthy  # noqa: E402
+from ring_figures import two_node_ring  # noqa: E402
+from test_ring_load_and_faults import post  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name a large animal.", "What is 2 plus 2?", "Say hello.",
              "What colour is the sky?", "Name a fruit.", "What is water made of?", "Name a planet."]
@@ -42,23 +39,6 @@ def burst(url: str, together: bool, check: bool = True) -> tuple[float, list[dic
     wall = time.perf_counter() - t
     assert not check or all(s == 200 for s, _ in results), results
     return wall, [b for _, b in results]
-
-
-@contextlib.contextmanager
-def two_node_ring(backends: tuple[str, str]) -> Iterator[str]:
-    """A healthy two-node ring on this host (smollm2-135m, default weights), node-a and node-b on `backends`;
-    yields node-a's chat-completions URL and stops the ring afterwards."""
-    from exo_rknpu.model.zoo import resolve_model
-
-    resolve_model("smollm2-135m")
-    with tempfile.TemporaryDirectory() as tmp:
-        ring = Ring(Path(tmp), {nid: {"backend": b, "memory": MEMORY[nid]} for nid, b in zip(("node-a", "node-b"), backends)})
-        try:
-            ring.start()
-            wait_healthy(ring, MEMORY)
-            yield ring.url("node-a", "/v1/chat/completions")
-        finally:
-            ring.stop()
 
 
 def main() -> None:
