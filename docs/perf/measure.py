@@ -20,13 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's exo_rknpu, also when it is not the installed one
 
-from exo_rknpu.bench.options import runtime_weight_forms  # noqa: E402
+from exo_rknpu.bench.options import WEIGHTS  # noqa: E402
 
 
 def default_weights() -> str:
-    """Every weights form this build's runtime can run; without compact weights "auto" is fp32, so once."""
-    forms = runtime_weight_forms()
-    return "fp32" if set(forms) == {"auto", "fp32"} else ",".join(f for f in ("auto", "int4", "int8", "fp32") if f in forms)
+    """Every weights form the runtime accepts (--weights)."""
+    return ",".join(WEIGHTS)
 
 
 def main(argv: list[str] | None = None) -> int:

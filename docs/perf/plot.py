@@ -6,6 +6,9 @@
 Input: a file of bench reports, one JSON object per line (what docs/perf/measure.py writes). Output: decode.png
 (decode tok/s) and memory.png (peak resident MiB), one group of bars per report: our runtime and the peers
 measured in the same run. Bars are medians; the whiskers span the fastest and slowest run.
+
+`--concurrency FILE`: also draw throughput.png from `exo-rknpu bench --concurrency N --json` reports (one per line):
+batched against sequential aggregate decode, and per-request latency, by the number of requests in flight.
 """
 
 from __future__ import annotations
@@ -36,9 +39,14 @@ def load_reports(path: Path) -> list[dict]:
     return reports
 
 
+def model_name(r: dict) -> str:
+    """The model's short name: its alias, or the file / folder name without the extension."""
+    return Path(r["model"]).name.removesuffix(".gguf")
+
+
 def config_name(r: dict) -> str:
     split = "unsplit" if len(r["split"]) == 1 else f"{len(r['split'])} shards"
-    return f"{r['backend']} {r['weights']}\n{split}\n{r['threads']} thread{'s' * (r['threads'] > 1)}"
+    return f"{model_name(r)}\n{r['backend']} {r['weights']}, {split}\n{r['threads']} thread{'s' * (r['threads'] > 1)}"
 
 
 def median_load(r: dict) -> float | None:
@@ -73,11 +81,38 @@ def bars(reports: list[dict], metric: str, ylabel: str, title: str, out: Path) -
     ax.set_xticks(range(len(reports)), [f"{config_name(r)}\nload avg {fmt(median_load(r), '.1f')}" for r in reports],
                   fontsize=8)
     ax.set_ylabel(ylabel)
-    r0 = reports[0]
-    ax.set_title(f"{title} — {r0['model']}, prompt {r0['prompt_tokens']}, "
-                 f"{r0['gen_tokens']} decode steps", fontsize=9)
+    shapes = sorted({(r["prompt_tokens"], r["gen_tokens"]) for r in reports})
+    ax.set_title(f"{title} — prompt/decode tokens: {', '.join(f'{p}/{g}' for p, g in shapes)}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def throughput(reports: list[dict], out: Path) -> None:
+    """throughput.png: for each `bench --concurrency` report, aggregate decode of the requests batched as a multiple
+    of the same requests one after another (left), and batched per-request latency as a multiple of a lone step's
+    (right), by requests in flight; the issue's goals dotted."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=90)
+    for r in reports:
+        n = [lv["requests"] for lv in r["levels"]]
+        name = f"{model_name(r)} ({r['weights']}, load avg {fmt(r.get('load_1m'), '.1f')})"
+        left.plot(n, [lv["gain"] for lv in r["levels"]], "o-", label=name)
+        right.plot(n, [lv["latency_ratio"] for lv in r["levels"]], "o-", label=name)
+    left.axhline(3.0, color="grey", linestyle=":", label="goal at 8: at least 3x")
+    right.axhline(1.5, color="grey", linestyle=":", label="goal: at most 1.5x")
+    for ax, ylabel, title in (
+        (left, "aggregate decode tok/s, batched / one at a time", "Aggregate decode gain from batching"),
+        (right, "per-token latency / a lone request's", "Per-request latency while batched"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        ax.set_xlabel("requests in flight")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -89,12 +124,12 @@ def fmt(v: float | None, spec: str) -> str:
 
 def table(reports: list[dict]) -> str:
     """Markdown: one row per contender per report (medians), with ours/peer ratios."""
-    rows = ["| backend | weights | split | threads | load avg | bandwidth GB/s | contender | runs | decode tok/s "
+    rows = ["| model | backend | weights | split | threads | load avg | bandwidth GB/s | contender | runs | decode tok/s "
             "| prefill tok/s | TTFT s | load s | peak RSS MiB | MB read/token | roofline | ours/peer decode "
             "| ours/peer peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        cfg = (f"| {r['backend']} | {r['weights']} | {' '.join(r['split'])} | {r['threads']} | {fmt(median_load(r), '.1f')} "
+        cfg = (f"| {model_name(r)} | {r['backend']} | {r['weights']} | {' '.join(r['split'])} | {r['threads']} | {fmt(median_load(r), '.1f')} "
                f"| {r['machine']['bandwidth_gb_s']:.1f} ")
         entries = [(OURS, r, None)] + [(name, p, r["ratios"].get(name)) for name, p in r["peers"].items()]
         for name, f, rat in entries:
@@ -130,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DOCS / "perf", help="folder for the PNGs (default: docs/perf)")
     ap.add_argument("--doc", type=Path, default=DOCS / "performance.md", help="markdown file whose results table to rewrite")
     ap.add_argument("--no-doc", action="store_true", help="print the table instead of rewriting --doc")
+    ap.add_argument("--concurrency", type=Path, help="JSON-lines file of `bench --concurrency --json` reports")
     a = ap.parse_args(argv)
     reports = load_reports(a.results)
     a.out.mkdir(parents=True, exist_ok=True)
     bars(reports, "decode_tok_s", "decode tokens/s (higher is better)", "Decode speed", a.out / "decode.png")
     bars(reports, "peak_rss_mb", "peak resident MiB (lower is better)", "Peak memory", a.out / "memory.png")
+    if a.concurrency:
+        throughput(load_reports(a.concurrency), a.out / "throughput.png")
     md = table(reports)
     if a.no_doc:
         print(md)

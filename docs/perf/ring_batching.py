@@ -1,13 +1,15 @@
-"""Issue 19's ring figure: a two-node ring (node-a numpy, node-b onnx, smollm2-135m, default weights) answering 8
-chat requests sent one after another, then the same 8 sent at once (their decode steps batch on each node). Prints
+"""Issue 19's ring figure: a two-node ring (both nodes on the onnx backend, smollm2-135m, default weights) answering
+8 chat requests sent one after another, then the same 8 sent at once (their decode steps batch on each node). Prints
 completion tokens per wall second of each and checks every answer equals the one the request gets alone. Not a
 test (timings are not asserted); needs legacy exo.
 
     python docs/perf/ring_batching.py      (from the repository root, in the venv with exo)
+    python docs/perf/ring_batching.py --backends numpy,onnx     (node-a on the numpy reference: far slower)
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import sys
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "tests" / "exo_integration")]
 
-from ring_figures import numpy_onnx_ring  # noqa: E402  (the ring docs/exo.md's figures use)
+from ring_figures import two_node_ring  # noqa: E402
 from test_ring_load_and_faults import post  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name a large animal.", "What is 2 plus 2?", "Say hello.",
@@ -40,7 +42,10 @@ def burst(url: str, together: bool, check: bool = True) -> tuple[float, list[dic
 
 
 def main() -> None:
-    with numpy_onnx_ring() as url:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="onnx,onnx", help="node-a,node-b (default: onnx,onnx)")
+    a, b = ap.parse_args().backends.split(",")
+    with two_node_ring((a, b)) as url:
         # warm-up: sessions open; a ring still settling its partition may fail a request or two here
         burst(url, together=False, check=False)
         for together in (False, True, False, True):

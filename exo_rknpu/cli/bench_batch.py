@@ -14,6 +14,7 @@ one lone step; batched: one batched step).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 import uuid
@@ -113,6 +114,7 @@ def run_batching(p: BenchPlan, as_json: bool) -> int:
     # two sets of up to N live requests at once (sequential and batched, interleaved); their KV memory is what
     # they use (short prompts), not the budget a server reserves
     limits = RequestLimits(max_requests=2 * o.concurrency, max_bytes=1 << 62)
+    load_start = os.getloadavg()[0]  # the machine's load (other jobs on the same cores), reported with the figures
     shard = open_shard(p.source, full, o.backend, default_buckets(load_args_of(p), o.max_context), o.layers_per_slice,
                        limits=limits, backend_options=opts, weights=o.weights)
     try:
@@ -124,15 +126,16 @@ def run_batching(p: BenchPlan, as_json: bool) -> int:
         table = [measure_level(shard, prompts[:n], o.gen_tokens, o.repeat) for n in levels(o.concurrency)]
     finally:
         shard.close()
+    load_end = os.getloadavg()[0]
     report = {"model": p.source.name, "backend": o.backend, "weights": o.weights, "threads": o.n_threads,
               "prompt_tokens": o.prompt_tokens, "gen_tokens": o.gen_tokens, "repeat": o.repeat,
-              "levels": [asdict(level) for level in table]}
+              "load_1m": load_start, "load_1m_end": load_end, "levels": [asdict(level) for level in table]}
     if as_json:
         print(json.dumps(report))
         return 0
     print(f"{p.source.name}, {o.backend} weights={o.weights}, {o.n_threads} thread(s), prompt {o.prompt_tokens} tokens, "
           f"{o.gen_tokens} decode steps per request (sequential and batched interleaved step by step), medians of "
-          f"{o.repeat} rounds")
+          f"{o.repeat} rounds; load average {load_start:.1f} -> {load_end:.1f} on {os.cpu_count()} CPUs")
     print(f"{'requests':>8s} {'sequential tok/s':>16s} {'batched tok/s':>13s} {'gain':>6s} "
           f"{'lone ms/token':>13s} {'batched ms/token':>16s} {'latency':>8s} {'same tokens':>11s}")
     for lv in table:

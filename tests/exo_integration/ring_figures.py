@@ -1,7 +1,7 @@
 """Figures for docs/exo.md: a two-node ring (numpy + onnx, smollm2-135m, default --max-requests 8) under 8, 16 and
 32 concurrent chat requests: how many were served (each checked against the answer the prompt gets alone) and how
 many refused, and the wall time of each burst. Not a test (timings are not asserted); needs legacy exo.
-docs/perf/ring_batching.py measures in the same ring (`numpy_onnx_ring`).
+docs/perf/ring_batching.py measures in the same kind of ring (`two_node_ring`, both nodes on onnx there).
 
     python tests/exo_integration/ring_figures.py      (from the repository root, in the venv with exo)
 """
@@ -24,15 +24,14 @@ from test_ring_load_and_faults import ANSWER, MEMORY, ask, post, wait_healthy  #
 
 
 @contextlib.contextmanager
-def numpy_onnx_ring() -> Iterator[str]:
-    """A healthy two-node ring on this host (node-a numpy, node-b onnx; smollm2-135m, default weights) in a
+def two_node_ring(backends: tuple[str, str] = ("numpy", "onnx")) -> Iterator[str]:
+    """A healthy two-node ring on this host (smollm2-135m, default weights), node-a and node-b on `backends`, in a
     temporary folder; yields node-a's chat-completions URL and stops the ring afterwards."""
     from exo_rknpu.model.zoo import resolve_model
 
     resolve_model("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
-        ring = Ring(Path(tmp), {"node-a": {"backend": "numpy", "memory": MEMORY["node-a"]},
-                                "node-b": {"backend": "onnx", "memory": MEMORY["node-b"]}})
+        ring = Ring(Path(tmp), {nid: {"backend": b, "memory": MEMORY[nid]} for nid, b in zip(("node-a", "node-b"), backends)})
         try:
             ring.start()
             wait_healthy(ring, MEMORY)
@@ -42,7 +41,7 @@ def numpy_onnx_ring() -> Iterator[str]:
 
 
 def main() -> None:
-    with numpy_onnx_ring() as url:
+    with two_node_ring() as url:
         status, body = post(url, ask())
         assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER, body
         for n in (8, 16, 32):
