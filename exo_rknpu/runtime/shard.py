@@ -326,10 +326,8 @@ class ShardRunner:
         malformed), or a request twice, raises before any request moves. The step commits every call on success
         and moves none on an error.
         """
-        if len({rid for rid, _ in calls}) != len(calls):
+        if len({rid for rid, _ in calls}) != len(calls):  # before admission: its errors name one request
             raise TensorContractError("a batch holds one step per request; a request id appears twice")
-        if any(np.shape(x)[1:2] != (1,) for _, x in calls):
-            raise TensorContractError("a batched step takes exactly one token (or hidden state) per request")
         return self.run_batch([self.admit_step(rid, x) for rid, x in calls], logits)
 
     def admit_step(self, request_id: str, x: np.ndarray) -> BatchStep:
@@ -372,11 +370,7 @@ class ShardRunner:
         assert self.pool is not None
         positions = [s.cache.pos for s in steps]
         capacity = self.pool.reserve(max(positions) + 1)
-        rotary = [self.rotary(p, 1) for p in positions]
-        common = {"cos": np.concatenate([r["cos"] for r in rotary]), "sin": np.concatenate([r["sin"] for r in rotary]),
-                  "mask": np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])}
-        key = "ids" if self.layer_range.is_first else "x"
-        st = {key: np.concatenate([s.x for s in steps])}
+        st, common = self._step_rows(steps, positions, capacity, row_axis=0, rope_axis=0)
         return Chunk(BatchState(self.pool, [s.cache for s in steps]), positions, 1, capacity, st, common)
 
     def _run_rows(self, steps: list[BatchStep], logits: Literal["all", "last"]) -> list[np.ndarray]:
@@ -410,13 +404,20 @@ class ShardRunner:
         bucket of the furthest request (a cache never shrinks, so it may be larger)."""
         positions = [s.cache.pos for s in rows]
         capacity = max([self.buckets.context_for(max(positions) + 1)] + [c.capacity for s in rows for c in s.cache.caches])
-        rotary = [self.rotary(p, 1) for p in positions]
-        common = {"cos": np.concatenate([r["cos"] for r in rotary], axis=2),
-                  "sin": np.concatenate([r["sin"] for r in rotary], axis=2),
-                  "mask": np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(rows, positions)])}
-        key = "ids" if self.layer_range.is_first else "x"
-        st = {key: np.concatenate([s.x for s in rows], axis=1)}
+        st, common = self._step_rows(rows, positions, capacity, row_axis=1, rope_axis=2)
         return Chunk(RowsState([s.cache for s in rows], real), positions, 1, capacity, st, common)
+
+    def _step_rows(self, steps: list[BatchStep], positions: list[int], capacity: int, row_axis: int,
+                   rope_axis: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """A decode batch's inputs, row b = steps[b] at positions[b]: the state (ids or x, rows along `row_axis`)
+        and cos/sin (rows along `rope_axis`) as the batch's slices take them, each request's mask row over
+        `capacity` positions."""
+        rotary = [self.rotary(p, 1) for p in positions]
+        common = {"cos": np.concatenate([r["cos"] for r in rotary], axis=rope_axis),
+                  "sin": np.concatenate([r["sin"] for r in rotary], axis=rope_axis),
+                  "mask": np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])}
+        key = "ids" if self.layer_range.is_first else "x"
+        return {key: np.concatenate([s.x for s in steps], axis=row_axis)}, common
 
     @property
     def request_reserve_bytes(self) -> int:
