@@ -148,7 +148,9 @@ def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = ""
     Rule: lo = min(block, 0), hi = max(block, 0), scale = (hi - lo) / (2**bits - 1), zero point = round(-lo/scale),
     code = clip(round(x/scale) + zero point). Including 0 in the range keeps an exact zero and avoids a zero scale
     for constant blocks (an all-zero block gets scale 1). Error per element <= scale (<= scale/2 unless clipped at
-    the top code).
+    the top code). 8-bit blocks multiplied with float32 activations (run as `split8`) take zero points that are
+    multiples of 17 instead (`_pairable_scales`), which lets split8 keep one scale per block: each element within
+    half a step, the step at most 255/238 of the rule's.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -156,6 +158,7 @@ def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = ""
     if k % block_size:
         raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
     nb, qmax = k // block_size, 2**bits - 1
+    pairable = bits == 8 and fp32_activations
     blocks = np.empty((n, nb, block_size * bits // 8), np.uint8)
     scales = np.empty((n, nb), np.float32)
     zeros = np.empty((n, nb), np.uint8)
@@ -164,15 +167,39 @@ def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = ""
         x = np.asarray(w[r : r + step], dtype=np.float32).reshape(-1, nb, block_size)
         lo = np.minimum(x.min(axis=-1), 0.0)
         hi = np.maximum(x.max(axis=-1), 0.0)
-        s = ((hi - lo) / qmax).astype(np.float32)
-        s[s == 0] = 1.0
-        z = np.clip(np.rint(-lo / s), 0, qmax)
+        if pairable:
+            s, z = _pairable_scales(lo, hi)
+        else:
+            s = ((hi - lo) / qmax).astype(np.float32)
+            s[s == 0] = 1.0
+            z = np.clip(np.rint(-lo / s), 0, qmax)
         q = np.clip(np.rint(x / s[..., None]) + z[..., None], 0, qmax).astype(np.uint8)
         blocks[r : r + step] = pack4(q) if bits == 4 else q
         scales[r : r + step] = s
         zeros[r : r + step] = z
     zp = pack4(np.pad(zeros, ((0, 0), (0, nb % 2)))) if bits == 4 else zeros
     return QTensor(bits, (n, k), block_size, blocks, scales, zp, origin or f"float -> int{bits}", fp32_activations)
+
+
+def _pairable_scales(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit scales and zero points z = 17zz (zz 0..15) for blocks spanning [lo, hi] (lo <= 0 <= hi): of the two
+    multiples of 17 around the rule's zero point, the one giving the smaller scale that still covers the block
+    (lo >= -z.s, hi <= (255 - z).s). An all-zero block gets scale 1."""
+    z0 = np.where(hi > lo, -lo / np.where(hi > lo, hi - lo, 1) * 255, 0)
+    least = np.where(lo < 0, 1, 0)  # a negative value needs z > 0, a positive one z < 255
+    most = np.where(hi > 0, 14, 15)
+    best_s = best_z = None
+    for zz in (np.floor(z0 / 17), np.ceil(z0 / 17)):
+        z = np.clip(zz, least, most) * 17
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.maximum(np.where(lo < 0, -lo / z, 0), np.where(hi > 0, hi / (255 - z), 0)).astype(np.float32)
+        if best_s is None:
+            best_s, best_z = s, z
+        else:
+            better = s < best_s
+            best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
+    best_s[best_s == 0] = 1.0
+    return best_s, best_z
 
 
 def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int], fp32_activations: bool = False) -> QTensor:
@@ -274,7 +301,7 @@ def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndar
     """GGUF Q6_K rows -> 8-bit blocks of 16 holding exactly the stored values (what --weights auto does).
 
     Q6_K: super-blocks of 256 = 16 sub-blocks of 16, value = d * sc_j * (q - 32) with q 6-bit, sc_j int8, d fp16:
-    code q, zero point 32, scale d*sc_j (exact in float32: 11 + 8 bits). The codes are read back from `widen` (the
+    code q + 2, zero point 34, scale d*sc_j (exact in float32: 11 + 8 bits). The codes are read back from `widen` (the
     format's reference decoder, a few rows at a time) and checked to reproduce its values exactly.
     """
     n, k = shape
@@ -283,6 +310,7 @@ def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndar
     scales = (b[..., 208:210].copy().view(np.float16).astype(np.float32) * b[..., 192:208].view(np.int8)).reshape(n, nsb)
     codes = np.empty((n, nsb, 16), np.uint8)
     step = max(1, _ROWS_PER_STEP // max(1, k))
+    # codes q + 34 with zero point 34 = 2*17 rather than q + 32 and 32: split8 then keeps one scale per block
     for r in range(0, n, step):
         v = np.asarray(widen(np.asarray(raw[r : r + step])), np.float32).reshape(-1, nsb, 16)
         s = scales[r : r + step, :, None]
@@ -290,36 +318,53 @@ def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndar
             q = np.where(s != 0, np.rint(v / s), 0)
         if not np.array_equal(q * s, v) or q.min(initial=0) < -32 or q.max(initial=0) > 31:
             raise ValueError("Q6_K blocks do not decode as d*sc*(q-32); cannot keep them exactly")
-        codes[r : r + step] = (q + 32).astype(np.uint8)
-    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 32, np.uint8), "Q6_K (exact)", True)
+        codes[r : r + step] = (q + 34).astype(np.uint8)
+    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 34, np.uint8), "Q6_K (exact)", True)
 
 
 def split8(w: QTensor) -> QTensor:
     """An 8-bit QTensor as a 4-bit one over K doubled, equal in real arithmetic (for MatMulNBits' float32-activation
     kernel, which onnxruntime 1.32 has for 4-bit blocks only: 8-bit ones dequantize the whole matrix per call).
 
-    Code c = 16h + l and zero point z = 16zh + zl give (c - z)s = (h - zh)(16s) + (l - zl)s, so
-    x @ W.T = concat(x, x) @ W4.T, W4's blocks being [high nibbles of every block | low nibbles] with scales
-    [16s | s] and zero points [zh | zl]. 16s is exact in float32. Made a bounded number of rows at a time.
+    Code c = 16h + l and zero point z = 16zh + zl give (c - z)s = (h - zh)s.16 + (l - zl)s, so x @ W.T =
+    split8_input(x) @ W4.T: block j of the source (B codes) becomes 2B 4-bit codes [its high nibbles | its low
+    nibbles], multiplied with [16 x_j | x_j]. 16x is exact in float32, so (h - zh)s.(16x) is the float32 product
+    (h - zh)(16s).x. When every zero point is a multiple of 17 (z = 17zz, so zh = zl = zz: what `quantize` makes
+    for float32 activations, and Q6_K) the 2B codes are one 4-bit block with the source's one scale and zero point:
+    1 + 4.5/B bytes per weight. Otherwise (GGUF Q8_0: z = 128, zh = 8, zl = 0) they are two blocks of B, the scale
+    s stored twice and zero points zh, zl: 1 + 9/B. Made a bounded number of rows at a time.
     """
     if w.bits != 8 or w.mins is not None or w.shape[1] != w.n_blocks * w.block_size:
         raise ValueError(f"split8 takes plain 8-bit blocks filling K, not {w.origin} ({w.bits}-bit {w.shape})")
     n, k = w.shape
     nb, half = w.n_blocks, w.block_size // 2
-    blocks = np.empty((n, 2 * nb, half), np.uint8)
-    scales = np.empty((n, 2 * nb), np.float32)
-    zeros = np.empty((n, nb), np.uint8)  # two 4-bit zero points per byte: [zh | zl] over 2*nb blocks
+    paired = w.zero_points is not None and not np.any(w.zero_points % 17)
+    blocks = np.empty((n, nb, 2 * half), np.uint8)  # per source block: [high nibbles | low nibbles], 4-bit packed
+    scales = np.empty((n, nb) if paired else (n, 2 * nb), np.float32)
+    zeros = np.empty((n, -(-nb // 2)) if paired else (n, nb), np.uint8)
     step = max(1, _ROWS_PER_STEP // max(1, k))
     for r in range(0, n, step):
         c = w.blocks[r : r + step]
-        blocks[r : r + step, :nb] = pack4(c >> 4)
-        blocks[r : r + step, nb:] = pack4(c & 15)
+        blocks[r : r + step, :, :half] = pack4(c >> 4)
+        blocks[r : r + step, :, half:] = pack4(c & 15)
         s = w.scales[r : r + step]
-        scales[r : r + step, :nb] = s * np.float32(16)
-        scales[r : r + step, nb:] = s
         z = np.full(s.shape, 128, np.uint8) if w.zero_points is None else w.zero_points[r : r + step]
-        zeros[r : r + step] = pack4(np.concatenate([z >> 4, z & 15], axis=1))
-    return QTensor(4, (n, 2 * k), w.block_size, blocks, scales, zeros, f"{w.origin} as 4-bit over 2K", w.fp32_activations)
+        if paired:
+            scales[r : r + step] = s
+            zeros[r : r + step] = pack4(np.pad(z // 17, ((0, 0), (0, nb % 2))))
+        else:
+            scales[r : r + step] = np.repeat(s, 2, axis=1)
+            zeros[r : r + step] = pack4(np.stack([z >> 4, z & 15], axis=-1).reshape(len(z), 2 * nb))
+    size = 2 * w.block_size if paired else w.block_size
+    return QTensor(4, (n, 2 * k), size, blocks.reshape(n, -1, size // 2), scales, zeros,
+                   f"{w.origin} as 4-bit over 2K", w.fp32_activations)
+
+
+def split8_input(x: np.ndarray, block_size: int) -> np.ndarray:
+    """The input split8's 4-bit form multiplies: x [..., K] as [16 x_j | x_j] for each block j of `block_size`
+    (the exporter builds the same with Reshape, Mul, Concat)."""
+    xb = x.reshape(*x.shape[:-1], -1, block_size)
+    return np.concatenate([xb * np.float32(16), xb], axis=-1).reshape(*x.shape[:-1], 2 * x.shape[-1])
 
 
 @dataclass(frozen=True)

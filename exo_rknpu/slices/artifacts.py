@@ -27,7 +27,7 @@ from exo_rknpu.fileio import atomic_write_text
 from exo_rknpu.model.weights import ShardWeights, hash_weight
 from exo_rknpu.slices.spec import Buckets, SliceSpec
 
-_SOURCES = ("slices/graph.py", "slices/onnx_export.py", "slices/npu_form.py", "rknn/venv/worker.py", "rknn/io.py")
+_SOURCES = ("slices/graph.py", "slices/onnx_export.py", "model/quant.py", "slices/npu_form.py", "rknn/venv/worker.py", "rknn/io.py")
 
 
 def exporter_version() -> str:

@@ -113,12 +113,13 @@ class OnnxOps:
 
     def _matmul_nbits(self, x: str, w: QTensor) -> str:
         """x @ w.T with onnxruntime's weight-only kernel: the QTensor's arrays are its inputs as they are. 8-bit
-        blocks with float32 activations run as 4-bit blocks over concat(x, x) (quant.split8); per-block mins
-        (exact Q4_1) add blocksum(x) @ mins.T."""
+        blocks with float32 activations run as 4-bit blocks over K doubled, multiplied with [16 x_j | x_j] per block
+        (quant.split8, quant.split8_input); per-block mins (exact Q4_1) add blocksum(x) @ mins.T."""
         if w.bits == 8 and w.fp32_activations:
             if id(w) not in self.g.split:
                 self.g.split[id(w)] = (w, split8(w))
-            w, x = self.g.split[id(w)][1], self._node("Concat", [x, x], axis=-1)
+            x = self._split8_input(x, w.block_size)
+            w = self.g.split[id(w)][1]
         key = id(w) * 2
         if key not in self.g.weight_names:
             names = [self._initializer(w.blocks, "qb"), self._initializer(w.scales, "qs")]
@@ -138,6 +139,15 @@ class OnnxOps:
         if mins_key not in self.g.weight_names:
             self.g.weight_names[mins_key] = self._initializer(np.ascontiguousarray(w.mins.T), "qm")
         return self._node("Add", [out, self._node("MatMul", [sums, self.g.weight_names[mins_key]])])
+
+    def _split8_input(self, x: str, block_size: int) -> str:
+        """quant.split8_input in the graph: [B,S,K] -> [B,S,K/b,b] -> concat(16 x, x) -> [B,S,2K] (once per input)."""
+        key = ("split8_input", x, block_size)
+        if key not in self.g.weight_names:
+            xb = self._node("Reshape", [x, self._shape([0, 0, -1, block_size])])
+            both = self._node("Concat", [self._node("Mul", [xb, self._const(np.array(16, np.float32))]), xb], axis=-1)
+            self.g.weight_names[key] = self._node("Reshape", [both, self._shape([0, 0, -1])])
+        return self.g.weight_names[key]
 
     def __getattr__(self, name: str):
         # `rotary` exists only in the compact (onnxruntime) form: the NPU compiler gets the plain op pattern;

@@ -9,7 +9,8 @@ from gguf.constants import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from exo_rknpu.model.quant import check_mode, from_gguf_blocks, q4_1_exact, q6_k_exact, q4_1_to_int4, q4_1_to_int8, quantize, split8
+from exo_rknpu.model.quant import (check_mode, from_gguf_blocks, q4_1_exact, q6_k_exact, q4_1_to_int4, q4_1_to_int8,
+                                   quantize, split8, split8_input)
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((96, 256)).astype(np.float32)
@@ -48,32 +49,73 @@ def test_q4_1_kept_exactly_as_codes_scale_and_min():
 
 
 def test_q6_k_kept_exactly_as_8_bit_blocks_of_16():
-    # gguf-py cannot quantize Q6_K; any bytes are valid blocks (ql, qh, int8 scales, then a finite fp16 d)
-    raw = RNG.integers(0, 256, (8, 2, 210), dtype=np.uint8)
-    raw[..., 208:210] = RNG.uniform(-0.1, 0.1, (8, 2, 1)).astype(np.float16).view(np.uint8)
-    raw[0, 0, 192] = 0  # a sub-block with scale 0
-    raw = raw.reshape(8, 420)
+    raw, _ = _q6_k_rows()
+    raw[0, 192] = 0  # a sub-block with scale 0
     reference = gguf_dequantize(raw, GT.Q6_K)
     q = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
     assert q.bits == 8 and q.block_size == 16 and q.fp32_activations
     assert np.array_equal(q.dequantize(), reference)
 
 
-@pytest.mark.parametrize("source", ["Q8_0", "quantized"])
-def test_8_bit_blocks_split_into_4_bit_blocks_over_k_doubled_give_the_same_product(source):
-    """split8: x @ W.T == concat(x, x) @ W4.T, exact in real arithmetic (checked in float64)."""
-    w8 = from_gguf_blocks(gguf_quantize(W, GT.Q8_0), "Q8_0", W.shape) if source == "Q8_0" else quantize(W, 8, 64)
+def _widen64(q) -> np.ndarray:
+    """A QTensor's values in float64, decoded from its arrays by the module docstring's rule (not q.dequantize)."""
+    n, nb = q.scales.shape
+    codes = (np.stack([q.blocks & 15, q.blocks >> 4], axis=-1).reshape(n, nb, -1) if q.bits == 4 else q.blocks)
+    if q.zero_points is None:
+        zp = np.full((n, nb), 2 ** (q.bits - 1))
+    elif q.bits == 4:
+        zp = np.stack([q.zero_points & 15, q.zero_points >> 4], axis=-1).reshape(n, -1)[:, :nb]
+    else:
+        zp = q.zero_points
+    return ((codes - zp[..., None].astype(np.float64)) * q.scales[..., None].astype(np.float64)).reshape(n, -1)
+
+
+def _q6_k_rows() -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K rows [8, 420] for an [8, 512] matrix and gguf's decoding of them (gguf-py cannot quantize Q6_K; any
+    bytes are valid blocks: ql, qh, int8 scales, then a finite fp16 d)."""
+    raw = RNG.integers(0, 256, (8, 2, 210), dtype=np.uint8)
+    raw[..., 208:210] = RNG.uniform(-0.1, 0.1, (8, 2, 1)).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(8, 420)
+    return raw, gguf_dequantize(raw, GT.Q6_K)
+
+
+@pytest.mark.parametrize("source, paired", [("Q8_0", False), ("auto 8-bit", True), ("Q6_K", True), ("int8", False)])
+def test_8_bit_blocks_split_into_4_bit_blocks_over_k_doubled_give_the_same_product(source, paired):
+    """split8: x @ W.T == split8_input(x) @ W4.T, exact in real arithmetic (checked in float64). Zero points that are
+    multiples of 17 (auto's own 8-bit blocks, Q6_K) keep one scale per source block; others (Q8_0's 128) two."""
+    if source == "Q6_K":
+        raw, _ = _q6_k_rows()
+        w8 = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
+    elif source == "Q8_0":
+        w8 = from_gguf_blocks(gguf_quantize(W, GT.Q8_0), "Q8_0", W.shape, fp32_activations=True)
+    else:
+        w8 = quantize(W, 8, 64, fp32_activations=source == "auto 8-bit")
     w4 = split8(w8)
-    assert w4.bits == 4 and w4.shape == (96, 512) and w4.block_size == w8.block_size
-    x = RNG.standard_normal((3, 256))
-    nb = w8.n_blocks
-    z8 = 128.0 if w8.zero_points is None else w8.zero_points[..., None].astype(np.float64)
-    w8_64 = ((w8.blocks.astype(np.float64) - z8) * w8.scales[..., None].astype(np.float64)).reshape(96, -1)
-    exact = x @ w8_64.T
-    codes = np.stack([w4.blocks & 15, w4.blocks >> 4], axis=-1).reshape(96, 2 * nb, -1).astype(np.float64)
-    zp = np.stack([w4.zero_points & 15, w4.zero_points >> 4], axis=-1).reshape(96, -1)[:, : 2 * nb]
-    w4_64 = ((codes - zp[..., None]) * w4.scales[..., None].astype(np.float64)).reshape(96, -1)
-    assert np.allclose(np.concatenate([x, x], axis=1) @ w4_64.T, exact, rtol=0, atol=1e-9)
+    n, k = w8.shape
+    assert w4.bits == 4 and w4.shape == (n, 2 * k)
+    assert (w4.block_size, w4.n_blocks) == ((2 * w8.block_size, w8.n_blocks) if paired else (w8.block_size, 2 * w8.n_blocks))
+    x = RNG.standard_normal((3, k))
+    exact = x @ _widen64(w8).T
+    assert np.allclose(split8_input(x, w8.block_size) @ _widen64(w4).T, exact, rtol=0, atol=1e-9)
+
+
+def test_split8_input_is_each_block_times_16_then_itself():
+    x = np.arange(8, dtype=np.float32).reshape(1, 8)
+    assert split8_input(x, 4).tolist() == [[0, 16, 32, 48, 0, 1, 2, 3, 64, 80, 96, 112, 4, 5, 6, 7]]
+
+
+def test_auto_8_bit_blocks_keep_every_value_within_half_a_step_with_zero_points_pairable_by_split8():
+    w = W.copy()
+    w[0, :64] = np.abs(w[0, :64]) + 1.0  # all positive: zero point 0
+    w[1, :64] = -np.abs(w[1, :64]) - 1.0  # all negative: zero point 255
+    w[2, :64] = 0.0  # constant block
+    q = quantize(w, 8, 64, fp32_activations=True)
+    assert not np.any(q.zero_points % 17)
+    step = np.repeat(q.scales, 64, axis=1)
+    assert np.all(np.abs(q.dequantize() - w) <= step / 2 + 1e-7)
+    lo, hi = np.minimum(w.reshape(96, 4, 64).min(-1), 0), np.maximum(w.reshape(96, 4, 64).max(-1), 0)
+    assert np.all(q.scales <= np.maximum((hi - lo) / 238, 0) * (1 + 1e-6) + (hi == lo))  # at most 255/238 of the rule's
+    assert q.dequantize()[2, :64].tolist() == [0.0] * 64
 
 
 def test_q4_1_to_int8_moves_each_value_by_at_most_a_34th_of_its_step():
