@@ -30,13 +30,14 @@ from typing import Callable
 import numpy as np
 
 BLOCK = 32  # block size for quantizing at load (GGUF's block size; MatMulNBits accepts 16..256, powers of two)
-# auto's 8-bit blocks quantized from float sources: 64 elements per float32 scale keeps them at 1.14 bytes per weight
-# in onnxruntime's form (split8: two scales per block), against 1.27 at 32; an 8-bit step of a 64-element block is
-# still 1/255 of its range
+# auto's 8-bit blocks quantized from float sources: 64 elements per float32 scale keeps them at 1.07 bytes per weight
+# in onnxruntime's form (split8, one scale and a 4-bit zero point per block), against 1.14 at 32; an 8-bit step of
+# a 64-element block is still about 1/255 of its range
 AUTO_BLOCK = 64
-# auto's largest form in onnxruntime: GGUF Q6_K's 8-bit blocks of 16 split into two 4-bit blocks (split8): a byte of
-# codes, two float32 scales and two 4-bit zero points per 16 weights (Q8_0: 1.28 per weight, float sources 1.14)
-AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 16 + 2 * 0.5 / 16
+# auto's largest form in onnxruntime: GGUF Q8_0's blocks of 32 split into two 4-bit blocks (split8: zero point 128 is
+# not a multiple of 17): a byte of codes, two float32 scales and two 4-bit zero points per 32 weights. GGUF Q6_K's
+# blocks of 16 (one scale and zero point each in split8) take the same, 1.28 per weight; float sources 1.07
+AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 32 + 2 * 0.5 / 32
 WEIGHT_MODES = ("auto", "int4", "int8", "fp32")
 _ROWS_PER_STEP = 1 << 22  # elements widened at a time (16 MB of float32): bounds temporaries while converting
 
@@ -383,7 +384,7 @@ def form_for(mode: str) -> Form:
     """The form `mode` gives a source with no exact block form (HF floats, GGUF K-quants and floats; GGUF Q4_0,
     Q4_1 and Q8_0 keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
     multiplied with float32 activations -- the same answers on every CPU, within half an 8-bit step of the
-    source's values, at ~1.14 bytes per weight in onnxruntime -- and the embedding left in the file (its rows
+    source's values, at ~1.07 bytes per weight in onnxruntime -- and the embedding left in the file (its rows
     exact)."""
     return {"fp32": Form(None), "int4": Form(4), "int8": Form(8),
             "auto": Form(8, AUTO_BLOCK, True, mapped_embedding=True)}[check_mode(mode)]

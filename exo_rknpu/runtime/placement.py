@@ -347,8 +347,8 @@ def part_params(args: ModelArgs, part: str) -> int:
 def bytes_per_weight(device: Device, weights: str, npu_dtype: str) -> float:
     """Bytes per linear weight on a device: fp16 or int8 on an NPU (or its simulator); the --weights form on the CPU
     (int8/int4 carry one float32 scale and at most one uint8 zero point per block of 32, model/quant.py QTensor:
-    an upper bound, measured 1.143 and 0.641 on smollm2-135m; auto is counted at its largest form, an 8-bit block of
-    32 split into two 4-bit ones (quant.AUTO_MAX_BYTES_PER_WEIGHT): GGUF Q4_0 and Q4_1 files take about half that)."""
+    an upper bound, measured 1.143 and 0.641 on smollm2-135m; auto is counted at its largest form, GGUF Q8_0's 8-bit
+    blocks of 32 split into two 4-bit ones (quant.AUTO_MAX_BYTES_PER_WEIGHT): GGUF Q4_0 and Q4_1 files take about half that)."""
     if device.npu or backend_class(device.backend).processor == "npu":
         return 1.0 if npu_dtype == "w8a8" else 2.0
     return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32, "auto": AUTO_MAX_BYTES_PER_WEIGHT}.get(weights, 4.0)
