@@ -17,14 +17,13 @@ from exo_rknpu.backends.numpy_ref import NumpyRunner
 from exo_rknpu.backends.prepared import PreparedCache, prepared_key
 from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
+from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.model.rope import cos_sin
-from exo_rknpu.slices.onnx_export import (ACCURACY_FP32, ACCURACY_INT8, build_onnx_compact, gqa_supported,
-                                          per_layer_cache_names)
 from exo_rknpu.backends.base import declared_support
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, per_layer_cache_names
 
 try:
     import onnxruntime as ort
@@ -166,6 +165,12 @@ def _slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:
     return [weights.lm_head if spec.kind == "head" else weights.embed_tokens]
 
 
+def gqa_supported(args: ModelArgs) -> bool:
+    """Whether onnxruntime's GroupQueryAttention takes this model's heads with rope inside it (its CPU kernel wants
+    head_dim a multiple of 16 and whole groups of query heads per kv head)."""
+    return args.head_dim % 16 == 0 and args.num_attention_heads % args.num_key_value_heads == 0
+
+
 def session_options(threads: int) -> "ort.SessionOptions":
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -196,8 +201,10 @@ class OrtBackend:
     # prepared its compact weights and their onnx form (split8 copies) are in memory together, so this bounds the
     # load peak; sessions (which map the prepared weights and pack them one tensor at a time) open after every slice
     # is prepared. Fewer sessions cost less: each keeps its own arena of activations (measured ~5 MiB per session
-    # on the 1B shape) and its own call per token.
-    max_slice_bytes = 256 << 20
+    # on the 1B shape) and its own call per token. Counted at placement's bytes per weight (auto at its largest
+    # form, quant.AUTO_MAX_BYTES_PER_WEIGHT): 2 layers of the Llama-3.2-1B shape per slice; 3 (at 256 MiB) raised the
+    # first start's peak on its bf16 folder from 1440 to 1523 MiB.
+    max_slice_bytes = 192 << 20
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
     def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True,
@@ -224,10 +231,15 @@ class OrtBackend:
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
         cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
         if cache is not None:
+            # the exporter's version covers its sources, MatMulNBits' accuracy levels (onnx_export.py) included
             key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
-                               exporter=exporter_version(), accuracy=[ACCURACY_INT8, ACCURACY_FP32], onnxruntime=ort.__version__)
+                               exporter=exporter_version(), onnxruntime=ort.__version__)
             model_file = cache.lookup(key)
         if model_file is None:
+            # onnx is imported only to build a slice: a prepared one opens without it (~15 MiB resident and a
+            # second of start-up less)
+            from exo_rknpu.slices.onnx_export import build_onnx_compact
+
             model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
             if cache is None:
                 if external:

@@ -18,12 +18,15 @@ import shutil
 import uuid
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
 
 from exo_rknpu.errors import ArtifactError
 from exo_rknpu.fileio import atomic_write_text
-from exo_rknpu.slices.onnx_export import MEMORY_LOCATION, external_tensor
+
+if TYPE_CHECKING:  # onnx is imported only to store a slice (backends/ort.py)
+    import onnx
 
 MODEL_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.onnx", "weights.bin", "manifest.json"
 ALIGN = 4096  # page-aligned offsets let onnxruntime map each tensor
@@ -82,8 +85,10 @@ class PreparedCache:
         if set(m.get("files", {})) != {MODEL_FILE, WEIGHTS_FILE}:
             raise ArtifactError(f"{folder}: manifest lists {sorted(m.get('files', {}))}")
 
-    def store(self, key: str, model: onnx.ModelProto, external: dict[str, np.ndarray]) -> Path:
+    def store(self, key: str, model: "onnx.ModelProto", external: dict[str, np.ndarray]) -> Path:
         """Write `model` with its in-memory external initializers moved into weights.bin; returns the model file."""
+        from exo_rknpu.slices.onnx_export import MEMORY_LOCATION, external_tensor
+
         staging = self.root / "tmp" / f"{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:

@@ -31,10 +31,9 @@ from exo_rknpu.errors import CompileError
 from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
-from exo_rknpu.slices.npu_form import npu_kv_layout
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import NPU_BATCH, Buckets, SliceSpec, bucket_shapes, bucket_tag, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
+from exo_rknpu.slices.spec import npu_kv_layout, NPU_BATCH, Buckets, SliceSpec, bucket_shapes, bucket_tag, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
 
 DTYPES = ("fp16", "w8a8")
 PLATFORMS = ("rk3588",)

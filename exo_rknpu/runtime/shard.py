@@ -20,8 +20,7 @@ from exo_rknpu.runtime.cache import BatchState, KVCache, KVPool, RequestCache, R
 from exo_rknpu.runtime.inputs import RotaryTable
 from exo_rknpu.runtime.requests import RequestLimits, RequestStore
 from exo_rknpu.slices.graph import slice_weights
-from exo_rknpu.slices.npu_form import npu_kv_layout
-from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, plan_slices, state_name
+from exo_rknpu.slices.spec import npu_kv_layout, PARTS, Buckets, SliceSpec, plan_slices, state_name
 
 if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this module, not the other way
     from exo_rknpu.runtime.placement import ResolvedPlan

@@ -308,10 +308,3 @@ def _fold(ops: OnnxOps, qh: str, a: ModelArgs) -> str:
 def _unfold(ops: OnnxOps, o: str, a: ModelArgs) -> str:
     """Inverse of _fold: [1, kv, rep*S, hd] -> [1, kv*rep, S, hd]."""
     return o if a.n_rep == 1 else ops._node("Reshape", [o, ops._shape([1, a.num_attention_heads, -1, a.head_dim])])
-
-
-def npu_kv_layout(args: ModelArgs) -> str:
-    """The cache layout an NPU backend uses for this model's layer slices: the NPU form, except for per-head q/k
-    norms (qwen3), whose NPU-form graph rknn-toolkit2 2.5.0 cannot build (its reduce fusion fails with "-1 is not
-    in list"); those keep the "seq" graph they were built and verified with before."""
-    return "seq" if args.qk_norm else "npu"

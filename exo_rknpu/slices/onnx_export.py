@@ -16,7 +16,7 @@ from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor, split8
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
-from exo_rknpu.slices.spec import SliceSpec, state_name, state_width
+from exo_rknpu.slices.spec import SliceSpec, per_layer_cache_names, state_name, state_width
 
 OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and in current onnxruntime
 IR_VERSION = 8
@@ -368,17 +368,6 @@ def drop_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> None:
         if len(live) == len(nodes):
             return
         nodes[:] = live
-
-
-def gqa_supported(args: ModelArgs) -> bool:
-    """Whether onnxruntime's GroupQueryAttention takes this model's heads with rope inside it (its CPU kernel wants
-    head_dim a multiple of 16 and whole groups of query heads per kv head)."""
-    return args.head_dim % 16 == 0 and args.num_attention_heads % args.num_key_value_heads == 0
-
-
-def per_layer_cache_names(name: str, n: int) -> list[str]:
-    """Input names of a per-layer cache: past_k -> past_k.0, past_k.1, ..."""
-    return [f"{name}.{i}" for i in range(n)]
 
 
 def build_onnx(

@@ -414,7 +414,7 @@ NPU_BATCH = (4,)
 def npu_buckets(buckets: Buckets, args: ModelArgs) -> Buckets:
     """`buckets` for a backend running the NPU form: seq buckets above npu_max_seq are replaced by the largest power
     of two under it (prefill then goes in smaller chunks); context and batch buckets are kept, except that a model
-    whose layers keep the "seq" form (per-head q/k norms, slices/npu_form.py::npu_kv_layout) has no batch graph."""
+    whose layers keep the "seq" form (per-head q/k norms, slices/spec.py::npu_kv_layout) has no batch graph."""
     limit = npu_max_seq(args)
     seq = [b for b in buckets.seq if b <= limit]
     if len(seq) < len(buckets.seq):
@@ -468,3 +468,15 @@ def plan_slices(start: int, stop: int, first: bool, last: bool, layers_per_slice
     if last:
         out.append(SliceSpec("head"))
     return out
+
+
+def npu_kv_layout(args: ModelArgs) -> str:
+    """The cache layout an NPU backend uses for this model's layer slices: the NPU form, except for per-head q/k
+    norms (qwen3), whose NPU-form graph rknn-toolkit2 2.5.0 cannot build (its reduce fusion fails with "-1 is not
+    in list"); those keep the "seq" graph they were built and verified with before."""
+    return "seq" if args.qk_norm else "npu"
+
+
+def per_layer_cache_names(name: str, n: int) -> list[str]:
+    """Input names of a per-layer cache: past_k -> past_k.0, past_k.1, ..."""
+    return [f"{name}.{i}" for i in range(n)]
