@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from exo_rknpu.model.quant import quantize, split8
+from exo_rknpu.model.quant import quantize, split8, split8_input
 
 K, N, BLOCK = 576, 1536, 32  # smollm2-135m: hidden 576, intermediate 1536
 
@@ -46,9 +46,9 @@ def _run(nodes: list, inputs: dict[str, np.ndarray], consts: dict[str, np.ndarra
 
 
 def _nbits(x: np.ndarray, w: np.ndarray, bits: int, block: int, level: int, as_split8: bool = False) -> np.ndarray:
-    q = quantize(w, bits, block)
+    q = quantize(w, bits, block, fp32_activations=as_split8)  # auto's 8-bit blocks (zero points pairable by split8)
     if as_split8:
-        q, x = split8(q), np.concatenate([x, x], axis=-1)
+        q, x = split8(q), split8_input(x, block)
     consts = {"b": q.blocks, "s": q.scales, "z": q.zero_points}
     node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=q.shape[1],
                             N=q.shape[0], bits=q.bits, block_size=q.block_size, accuracy_level=level)

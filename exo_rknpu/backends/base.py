@@ -26,6 +26,11 @@ class Runner(Protocol):
         """Inputs as named in slices/spec.py (float32, token ids int64), shapes from one bucket."""
         ...
 
+    def open(self) -> None:
+        """Take now what the first call would take (onnx: its session). ShardRunner calls it on every runner once
+        each slice is prepared and the shard has let go of their weights, before any call."""
+        ...
+
     def close(self) -> None: ...
 
 

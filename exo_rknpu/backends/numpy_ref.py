@@ -20,6 +20,9 @@ class NumpyRunner:
         out = run_slice(self.ops, self.spec, self.weights, inputs)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
+    def open(self) -> None:
+        pass  # nothing to take: it runs from its weights
+
     def close(self) -> None:
         pass
 

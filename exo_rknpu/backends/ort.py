@@ -33,10 +33,14 @@ except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but 
 
 
 class OrtRunner:
-    """A session, or a prepared model file whose session opens on the first call.
+    """A session, or a prepared model file whose session opens when the shard calls `open` (or on the first call).
 
     Opening late matters for memory: by then the shard has released its own copy of the weights (ShardRunner
-    drops each slice's layers after prepare), so onnxruntime's packed copy is never made next to it.
+    drops each slice's layers after prepare), so onnxruntime's packed copy is never made next to it. Opening every
+    session before any runs matters too: onnxruntime packs a session's 4-bit codes while the mapped codes it reads
+    are resident, and a session that has run keeps the scales it read from its mapped file resident; opened one by
+    one on first use, the last session's packing added its codes on top of every earlier slice's scales (the peak
+    of `generate` on the 1B Q8_0 file: 1561 MiB, against 1470 opened together; docs/performance.md).
 
     In the "gqa" form (slices/onnx_export.py) each layer's GroupQueryAttention writes its new keys and values
     straight into the request's cache: the runner binds present_k.i to the memory of past_k.i (IO binding, by
@@ -69,6 +73,9 @@ class OrtRunner:
                                                 providers=["CPUExecutionProvider"])
             self.output_names = [o.name for o in self.session.get_outputs()]
         return self.session
+
+    def open(self) -> None:
+        self._open()
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._open()

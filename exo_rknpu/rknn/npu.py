@@ -87,6 +87,9 @@ class NpuRunner:
         # copies (out of reused buffers on 2.5)
         return rknn_io.unpack_outputs(self.spec.kind, outs, {n: sh["outputs"][n] for n in outs_order})
 
+    def open(self) -> None:
+        pass  # its compiled files were loaded by prepare
+
     def close(self) -> None:
         for _, rk in self.files:
             rk.release()

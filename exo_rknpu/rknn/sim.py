@@ -248,6 +248,9 @@ class SimRunner:
                                        f"(see {self.backend.workdir}/worker.log)")
         return rknn_io.unpack_outputs(self.spec.kind, outs, sh["outputs"])
 
+    def open(self) -> None:
+        pass  # its models are built in the simulator's worker on first use
+
     def close(self) -> None:
         w = self.backend._worker
         if w is not None and w.alive():

@@ -197,6 +197,8 @@ class ShardRunner:
         self._prepare(weights, buckets, release_weights, progress)
         if release_weights:
             return_freed_memory()
+        for runner in self.runners.values():  # every slice prepared and its weights let go of: before any call
+            runner.open()
         self.rotary = RotaryTable(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
         # on backends that batch, every request's caches live in one pool (a batched step reads them in place)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from exo_rknpu.backends.numpy_ref import NumpyBackend
-from exo_rknpu.backends.ort import OrtBackend
+from exo_rknpu.backends.ort import OrtBackend, OrtRunner
 from exo_rknpu.backends.prepared import WEIGHTS_FILE
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_shard
@@ -174,6 +174,20 @@ def test_prepared_slices_are_reused_and_tampered_or_stale_ones_rebuilt(gguf_mode
     manifest.write_text(json.dumps({**m, "key": "0" * 64}))
     assert np.array_equal(_prepare(path, root).forward("a", np.array([PROMPT]), logits="all"), expected)
     assert json.loads(manifest.read_text())["key"] == m["key"]
+
+
+def test_a_shard_opens_its_sessions_before_its_first_call_and_they_compute_what_a_late_open_does(gguf_models, tmp_path):
+    """Every onnx session of a shard opens once all its slices are prepared (so their packing never coincides with
+    scales a run has made resident); a runner left to open on its first call gives the same logits."""
+    path, root = gguf_models["hf"], tmp_path / "prepared"
+    shard = _prepare(path, root)
+    sessions = [r for r in shard.runners.values() if isinstance(r, OrtRunner)]
+    assert len(sessions) == 2 and all(r.session is not None for r in sessions)
+    expected = shard.forward("a", np.array([PROMPT]), logits="all")
+    for r in sessions:  # the same prepared files, opened again by the call itself
+        r.session, r.model_file, r._binding = None, r.model_file, None
+        r._bound.clear()
+    assert np.array_equal(shard.forward("b", np.array([PROMPT]), logits="all"), expected)
 
 
 def test_other_weights_modes_get_their_own_prepared_slices(gguf_models, tmp_path):

@@ -58,12 +58,12 @@ def test_isa_ops_cases_compute_what_they_name_and_the_comparison_tells_bits_apar
     exact = x1.astype(np.float64) @ w.T.astype(np.float64)
     # float32 activations: the quantized weights' product to float32 rounding; the fp32 MatMul the float one
     assert np.allclose(out["fp32 MatMul, constant weights, M=1"], exact, rtol=1e-5, atol=1e-4)
-    cases = {"auto 4-bit, float32 activations (level 1), M=1": (4, 32, 1e-5),
-             "auto 8-bit as split8 (level 1), M=1": (8, 64, 1e-5),
-             "int4 (int8 activations, level 4), M=1": (4, 32, 2e-2),
-             "int8 (int8 activations, level 4), M=1": (8, 32, 2e-2)}
-    for name, (bits, block, tol) in cases.items():  # against the quantized weights' exact product
-        ref = x1.astype(np.float64) @ quantize(w, bits, block).dequantize().astype(np.float64).T
+    cases = {"auto 4-bit, float32 activations (level 1), M=1": (4, 32, False, 1e-5),
+             "auto 8-bit as split8 (level 1), M=1": (8, 64, True, 1e-5),
+             "int4 (int8 activations, level 4), M=1": (4, 32, False, 2e-2),
+             "int8 (int8 activations, level 4), M=1": (8, 32, False, 2e-2)}
+    for name, (bits, block, fp32, tol) in cases.items():  # against the quantized weights' exact product
+        ref = x1.astype(np.float64) @ quantize(w, bits, block, fp32_activations=fp32).dequantize().astype(np.float64).T
         assert np.max(np.abs(out[name] - ref)) <= tol * np.max(np.abs(ref)), name
     same = ops.compare(out, out)
     assert all(line.startswith("identical bits") for line in same) and len(same) == len(out)
