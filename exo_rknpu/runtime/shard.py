@@ -232,6 +232,8 @@ class ShardRunner:
                     del part
                 else:
                     self.runners[s.name] = self.backends[s.name].prepare(s, weights, buckets)
+                    if release_weights and s.kind == "head":  # likewise: its runner keeps what it needs
+                        weights.lm_head = weights.final_norm = None
                 if progress is not None and (time.monotonic() - t > 1.0 or n == len(self.specs) - 1):
                     progress(f"prepared slice {s.name} on {self.backends[s.name].name} ({n + 1}/{len(self.specs)})")
         except BaseException:
