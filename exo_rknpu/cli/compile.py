@@ -8,7 +8,7 @@ from pathlib import Path
 
 from exo_rknpu.slices.recipe import ALGORITHMS, NAMED_RECIPES, POLICIES, QuantRecipe, named_recipe
 from exo_rknpu.cli.options import placement_plan, positive_int, probability, unit_interval
-from exo_rknpu.cli.report import format_cpu, slice_order, worst_cos
+from exo_rknpu.cli.report import format_cpu, slice_order, verified_buckets, worst_cos
 from exo_rknpu.errors import UsageError
 
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         for r in sorted(results, key=lambda r: slice_order(r.name)):
             print(f"{r.name:<12} {r.status:<7} {r.seconds:6.1f} s  {', '.join(Path(f).name for f in r.files)}  "
-                  f"min cos {worst_cos(r.verify)}  CPU ops: {r.cpu_count}, compiler errors: {r.error_count}  "
+                  f"min cos {worst_cos(r.verify)}{verified_buckets(r.verify_per_bucket)}  CPU ops: {r.cpu_count}, compiler errors: {r.error_count}  "
                   f"CPU-placed: {format_cpu(r.cpu_ops, r.fallbacks)}")
     if args.json:
         print(json.dumps({"model": args.model, "layers": args.layers, "dtype": args.dtype, "platform": args.platform,
