@@ -27,7 +27,7 @@ from exo_rknpu.rknn.buildlog import parse_build_log
 from exo_rknpu.rknn.calibration import capture, repad, text_digest
 from exo_rknpu.rknn.recipe import RecipeBuild, cache_text
 from exo_rknpu.config import Paths
-from exo_rknpu.errors import CompileError
+from exo_rknpu.errors import CompileError, UsageError
 from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
@@ -510,7 +510,8 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     w8a8 builds follow `recipe` (slices/recipe.py; rknn/recipe.py applies it), which is part of each w8a8
     slice's cache key and manifest; w8a8 compiles whole decoder layers only. `strict`: refuse any slice (built or
     found in the cache) with a CPU op or a compiler error in any bucket. Default buckets: the runtime's for the npu
-    backend (`npu_buckets(Buckets(batch=NPU_BATCH))`); w8a8 compiles no batch buckets."""
+    backend (`npu_buckets(Buckets(batch=NPU_BATCH))`); w8a8 and models whose layers keep the "seq" form (qwen3)
+    have no batch buckets: asking for them is refused (UsageError) before anything heavy."""
     from exo_rknpu.model.loader import load_args, resolve_model
 
     _check_request(dtype, platform, recipe)
@@ -521,9 +522,8 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     specs = _npu_specs(lr, specs, dtype, npu_kv_layout(args))
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
-    buckets = buckets or npu_buckets(Buckets(batch=NPU_BATCH), args)
-    if dtype == "w8a8":  # hybrid quantization builds static files calibrated per bucket: no batch graphs (yet)
-        buckets = replace(buckets, batch=())
+    buckets = buckets or npu_buckets(Buckets(batch=() if dtype == "w8a8" else NPU_BATCH), args)
+    _check_batch(buckets, dtype, args.qk_norm)
     rc = _RangeCompiler(paths, cache, buckets, dtype, platform, recipe, verify, min_cos, strict)
     capturing = verify or dtype == "w8a8"
     slices = rc.captured(src, lr, specs, cut) if capturing else _one_layer_at_a_time(src, lr, specs)
@@ -552,6 +552,19 @@ def _check_request(dtype: str, platform: str, recipe: QuantRecipe) -> None:
     if dtype == "w8a8" and recipe.rotation:
         raise CompileError(f"the w8a8 recipe rotates the residual stream ({recipe.rotation}): the runtime does not run a "
                            f"rotated embedding yet, so rotated slices are only measured (compile --agreement), not compiled")
+
+
+def _check_batch(buckets: Buckets, dtype: str, qk_norm: bool) -> None:
+    """Refuse decode batch buckets this form has no batch graph for, rather than record them unbuilt (the runtime
+    then runs those shards' concurrent decode steps one after another, and says so when it opens one)."""
+    if not buckets.batch:
+        return
+    why = ("w8a8 has none (hybrid quantization builds static files calibrated per bucket)" if dtype == "w8a8" else
+           "this model's layers keep the \"seq\" cache form (per-head q/k norms, e.g. qwen3), which has none" if qk_norm
+           else None)
+    if why is not None:
+        raise UsageError(f"--batch {','.join(map(str, buckets.batch))}: no decode batch graphs can be built: {why}; "
+                           f"compile without --batch (or --batch 1): its concurrent decode steps run one after another")
 
 
 def _npu_specs(lr: LayerRange, specs: list[SliceSpec] | None, dtype: str, kv_layout: str) -> list[SliceSpec]:

@@ -128,3 +128,28 @@ def test_the_npu_backend_runs_a_batch_from_the_compiled_files(tiny, tmp_path, mo
     finally:
         shard.close()
         BatchRKNNLite.sim.close()
+
+
+async def test_a_shard_without_batch_graphs_says_once_that_it_decodes_requests_one_after_another(tiny, caplog):
+    """w8a8 has no batch graphs: an engine opening a w8a8 shard on rknn-sim says so once, with the reason (the
+    shard then runs concurrent decode steps one call after another; docs/compiler.md, "Batch buckets")."""
+    from exo_rknpu.engine import EngineConfig, ShardEngine
+    from exo_rknpu.rknn.options import backend_options
+
+    src = resolve_model(str(tiny))
+
+    async def source(model_id, layer_range):
+        return src
+
+    engine = ShardEngine(EngineConfig(backend="rknn-sim", backend_options=backend_options("rknn-sim", dtype="w8a8", model=src)),
+                         source)
+    try:
+        with caplog.at_level("WARNING", logger="exo_rknpu.engine"):
+            loaded = await engine.ensure("tiny", LayerRange(0, 4, 4))
+            await engine.ensure("tiny", LayerRange(0, 4, 4))
+        assert not loaded.runner.batches
+        said = [r.getMessage() for r in caplog.records if "one after another" in r.getMessage()]
+        assert said == ["tiny layers 0-3 of 4 runs concurrent requests' decode steps one after another: backend "
+                        "rknn-sim has no batch graphs in this form (w8a8 builds none)"]
+    finally:
+        await engine.aclose()
