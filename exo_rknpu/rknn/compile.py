@@ -324,8 +324,9 @@ def verify_samples(job: SliceJob, sh: dict[str, Any]) -> Iterator[tuple[dict[str
             yield compiled_inputs(spec, args, s), s
         return
     steps = job.logical_at({"seq": 1, "ctx": sh["ctx"]})
-    if not steps:
-        return
+    if not steps:  # captures follow the seq buckets: without seq 1 there is no decode step to batch
+        raise CompileError(f"--verify: no decode step captured for {job.spec.name}'s batch bucket {bucket_tag(sh)}; "
+                           f"add seq bucket 1 (--seq 1,...)")
     rows = [steps[b % len(steps)] for b in range(sh["batch"])]
     cache = {k: [to_kv_layout(r, "npu")[k] for r in rows] for k in ("past_k", "past_v")}
     joined = {k: np.concatenate([r[k] for r in rows], axis={"cos": 2, "sin": 2, "mask": 0}.get(k, 1))
