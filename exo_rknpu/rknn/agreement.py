@@ -33,7 +33,7 @@ from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.spec import npu_kv_layout, Buckets, SliceSpec, npu_buckets, npu_outputs_to_seq
+from exo_rknpu.slices.spec import Buckets, SliceSpec, npu_buckets, npu_kv_layout, npu_outputs_to_seq
 
 
 def parse_fp16_slices(text: str | None, n_layers: int) -> tuple[tuple[int, ...], bool]:

@@ -27,8 +27,9 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
-from exo_rknpu.slices.spec import (npu_kv_layout, PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, bucket_tag, shape_key,
-                                   to_npu_batch_inputs, to_npu_inputs)
+from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, bucket_tag, npu_kv_layout,
+                                   shape_key, to_npu_batch_inputs, to_npu_inputs)
+
 
 def librknnrt_needed(m: dict[str, Any]) -> str:
     """The oldest librknnrt a compiled slice runs on: recorded at compile time (older manifests: the toolkit's)."""
