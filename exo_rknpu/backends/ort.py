@@ -63,6 +63,12 @@ class OrtRunner:
         self._bound: dict[str, tuple] = {}  # gqa: what each cache input/output is bound to (address, shape)
         self._state_outputs: list[tuple[str, int]] = []  # gqa: the layer-state outputs [B,S,width]
         self._lock = threading.Lock()  # one IO binding per runner: one call at a time
+        # onnxruntime's CPU arena keeps the largest workspace a call needed: MatMulNBits over more than one position
+        # widens the weights to float32 tiles (MLAS SQ4BitGemm_CompFp32), and a 32-token prefill left 119 MiB in the
+        # arenas of the 1B Q8_0 file for good. A call of several positions hands its arena's free chunks back when it
+        # ends; one-position (decode) calls keep theirs, so a step allocates nothing new.
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _open(self) -> "ort.InferenceSession":
         if self.session is None:
@@ -88,7 +94,7 @@ class OrtRunner:
                 # [n,kv,C,hd], or [n,B,kv,C,hd] for a batch of requests: layer i is a contiguous view, not copied
                 stacked = inputs.pop(name)
                 inputs.update({n: stacked[i] if stacked.ndim == 5 else stacked[i : i + 1] for i, n in enumerate(names)})
-        return dict(zip(self.output_names, session.run(None, inputs)))
+        return dict(zip(self.output_names, session.run(None, inputs, self._run_options(inputs))))
 
     def _run_gqa(self, session: "ort.InferenceSession", inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the gqa form: positions from the mask, caches extended in place when they hold the new rows."""
@@ -112,10 +118,14 @@ class OrtRunner:
         outputs = {name: np.empty((b, seq, width), np.float32) for name, width in self._state_outputs}
         for name, arr in outputs.items():  # ours, not onnxruntime's (it would reuse one buffer for every call)
             io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        session.run_with_iobinding(io)
+        session.run_with_iobinding(io, self._run_options(inputs))
         for name, out in (("past_k", "k_new"), ("past_v", "v_new")):
             outputs[out] = written_rows(caches[name], past, seq, batched=inputs[name].ndim == 5)
         return outputs
+
+    def _run_options(self, inputs: dict[str, np.ndarray]) -> "ort.RunOptions | None":
+        """Arena shrinkage for a call of more than one position (its layer-state inputs are [B, S, width])."""
+        return self._shrink if any(a.ndim == 3 and a.shape[1] > 1 for a in inputs.values()) else None
 
     def _io(self, session: "ort.InferenceSession") -> "ort.IOBinding":
         if self._binding is None:
