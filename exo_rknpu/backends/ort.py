@@ -36,10 +36,10 @@ except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but 
 # MatMulNBits accuracy level 1), runs as one call per row. onnxruntime 1.32 has a one-row kernel for those weights
 # that reads the 4-bit codes directly; from two rows on it widens the weights to float32 tile by tile and runs SGEMM
 # (SQ4BitBlkDequantBForSgemm_CompFp32), a fixed cost that only larger batches repay. Measured (CPU time, 1 thread,
-# docs/perf/batch_profile.py; MatMulNBits time of a step as a multiple of the lone step's): 1B shape Q4_0 layers
-# 2.36x at 2 rows, 2.57x at 4, 3.07x at 8, its head 1.95x, 2.10x, 2.35x; smollm2 layers 2.72x at 2, head 2.11x.
-# So 2 rows cost more than two lone calls, 3 rows already less than three. Other weights (int8 activations, float32)
-# batch from 2 rows on.
+# docs/perf/batch_profile.py; MatMulNBits time of a batched step as a multiple of the lone step's): 1B shape Q4_0
+# layers 2.37x at 2 rows, 2.59x at 4, 3.10x at 8, its head 1.95x, 2.09x, 2.39x; smollm2 layers 2.73x at 2, head
+# 2.12x. So 2 rows cost more than two lone calls, 3 rows already less than three. Other weights (int8 activations,
+# float32) batch from 2 rows on.
 ROWS_APART = 3
 
 
