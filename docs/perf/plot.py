@@ -98,7 +98,8 @@ def throughput(reports: list[dict], out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=90)
     for r in reports:
         n = [lv["requests"] for lv in r["levels"]]
-        name = f"{model_name(r)} ({r['weights']}, load avg {fmt(r.get('load_1m'), '.1f')})"
+        label = f"{r['label']}, " if "label" in r else ""  # e.g. which build, when a file compares two
+        name = f"{model_name(r)} ({label}{r['weights']}, load avg {fmt(r.get('load_1m'), '.1f')})"
         (line,) = left.plot(n, [lv["gain"] for lv in r["levels"]], "o-", label=name)
         right.plot(n, [lv["latency_ratio"] for lv in r["levels"]], "o-", label=name)
         if "cpu_gain" in r["levels"][0]:  # reports that also give CPU time: dashed, same colour
