@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_profile import open_shard  # noqa: E402
+from step_profile import open_shard, print_causes, profile_shares, timed  # noqa: E402
 
 
 def batch_steps(shard, n: int, steps: int, after_prefill=None, on_sample=None) -> list[list[int]]:
@@ -50,68 +49,12 @@ def batch_steps(shard, n: int, steps: int, after_prefill=None, on_sample=None) -
     return tokens
 
 
-def timed(shard, n: int, steps: int) -> dict:
-    import onnxruntime as ort
-
-    names = {id(r._open()): name for name, r in shard.runners.items() if hasattr(r, "_open")}
-    in_ort: dict[str, float] = collections.defaultdict(float)
-    patched = {}
-    for meth in ("run", "run_with_iobinding"):
-        plain = patched[meth] = getattr(ort.InferenceSession, meth)
-
-        def wrap(self, *a, plain=plain, **k):
-            t = time.perf_counter()
-            try:
-                return plain(self, *a, **k)
-            finally:
-                in_ort[names.get(id(self), "?")] += time.perf_counter() - t
-        setattr(ort.InferenceSession, meth, wrap)
-    sampling: list[float] = []
-    start = [0.0, 0.0]
-
-    def after_prefill() -> None:
-        in_ort.clear()
-        start[:] = time.perf_counter(), time.process_time()
-
-    try:
-        batch_steps(shard, n, steps, after_prefill, sampling.append)
-        wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
-    finally:
-        for meth, plain in patched.items():
-            setattr(ort.InferenceSession, meth, plain)
-    return {"wall": wall / steps, "cpu": cpu / steps, "sampling": sum(sampling) / steps,
-            "ort": {k: v / steps for k, v in in_ort.items()}}
-
-
 def profiled(model: str, threads: int, weights: str, n: int, steps: int) -> dict[str, collections.Counter]:
     shard = open_shard(model, threads, weights, profile=True)
-    marks = []
-    batch_steps(shard, n, steps, after_prefill=lambda: marks.append(time.time_ns() // 1000))
-    shares = {}
-    for name, runner in shard.runners.items():
-        session = getattr(runner, "session", None)
-        if session is None:
-            continue
-        path = Path(session.end_profiling())
-        events = json.loads(path.read_text())
-        path.unlink()
-        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-        decode_runs = runs[-steps:] if len(runs) >= steps else runs
-        first = decode_runs[0]["ts"]
-        by_op: collections.Counter = collections.Counter()
-        for e in events:
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
-                op = e["args"]["op_name"]
-                if op == "MatMulNBits":
-                    shape = e["args"].get("input_type_shape", [{}])[0]
-                    dims = next(iter(shape.values()), []) if shape else []
-                    rows = int(np.prod(dims[:-1])) if dims else "?"
-                    op = f"MatMulNBits M={rows}"
-                by_op[op] += e["dur"]
-        by_op["(onnxruntime between kernels)"] = max(0, sum(e["dur"] for e in decode_runs) - sum(by_op.values()))
-        shares[name] = by_op
-    shard.close()
-    return shares
+    batch_steps(shard, n, steps)
+    # the last `steps` runs of each session are decode steps (a batch of two split per row runs twice a step: its
+    # last `steps` runs are then the last steps/2 steps, the same shares)
+    return profile_shares(shard, -steps, rows=True)
 
 
 def main() -> None:
@@ -126,23 +69,11 @@ def main() -> None:
     summary = []
     for n in (int(s) for s in a.sizes.split(",")):
         load = os.getloadavg()[0]
-        t = timed(shard, n, a.steps)
+        t = timed(shard, lambda on_sample, after_prefill: batch_steps(shard, n, a.steps, after_prefill, on_sample), a.steps)
         shares = profiled(a.model, a.threads, a.weights, n, a.steps)
-        rows: list[tuple[str, float]] = []
-        for name, by_op in shares.items():
-            total = sum(by_op.values()) or 1
-            session_ms = t["ort"].get(name, 0.0) * 1000
-            for op, us in by_op.most_common():
-                rows.append((f"{name}: {op}", session_ms * us / total))
-        python = t["wall"] - sum(t["ort"].values()) - t["sampling"]
-        rows += [("sampling (greedy, per row)", t["sampling"] * 1000), ("Python (runtime, IO binding)", python * 1000)]
         print(f"\nN={n}: load average {load:.1f}; {a.threads} thread(s); {a.steps} batched steps")
         print(f"wall {t['wall'] * 1000:.1f} ms/step, CPU {t['cpu'] * 1000:.1f} ms/step ({t['cpu'] * 1000 / n:.1f} per request)\n")
-        print("| cause | wall ms/step | share | ≈ CPU ms/step |\n|---|---|---|---|")
-        for cause, ms in rows:
-            share = ms / (t["wall"] * 1000)
-            if ms >= 0.05:
-                print(f"| {cause} | {ms:.2f} | {100 * share:.0f} % | {share * t['cpu'] * 1000:.2f} |")
+        print_causes(t, shares, "sampling (greedy, per row)", "Python (runtime, IO binding)")
         summary.append((n, t["cpu"] * 1000, t["wall"] * 1000, load))
     shard.close()
     print("\n| N | CPU ms/step | x N=1 | CPU ms per request | wall ms/step | load |\n|---|---|---|---|---|---|")
