@@ -128,8 +128,9 @@ def report_node(options: NodeOptions) -> None:
             rules.append((opts, rule))
             print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
             for u in rule.unplanned:  # once per rule; RingNode.model_problem refuses its requests with the reason
-                print(f"[exo-rknpu] {u.reason}; it is left out of the memory this node reports, and requests for it "
-                      f"are refused with this reason", flush=True)
+                print(f"[exo-rknpu] {u.reason}; it is left out of the memory this node reports and of its mark (a "
+                      f"ring of exo-rknpu nodes gives its layers to the others), and requests for it are refused "
+                      f"with this reason", flush=True)
         return detect(rule, models=served_models(opts)).to_exo()
 
     dc.linux_device_capabilities = linux_device_capabilities
@@ -384,7 +385,9 @@ def _check_tensor_steps(Node: Any) -> None:
 def _check_prompts(Node: Any) -> None:
     """A prompt a peer sends for a shard this node would not give itself is refused (named); a prompt this node's
     API took for a model the ring leaves this node out of goes to the ring's first node; an engine's expected
-    failure is reported to the ring, not raised as a traceback in exo's gRPC server."""
+    failure is reported to the ring, not raised as a traceback in exo's gRPC server, and also raised, in one line,
+    for a request no exo-rknpu API announced (a plain stock node's API: its process_prompt then fails at once
+    instead of waiting for its response timeout)."""
     original_process_prompt = Node.process_prompt
 
     async def process_prompt(self: Any, base_shard: Any, prompt: str, request_id: str | None = None,
@@ -398,12 +401,15 @@ def _check_prompts(Node: Any) -> None:
         elif ring is not None and self.id not in {p.node_id for p in node_partitions(self, base_shard.model_id)}:
             # this node's API took a request for a model the ring leaves this node out of: the first node runs it
             return await self.forward_prompt(base_shard, prompt, request_id, 0, inference_state)
+        announced = ring is not None and ring.announced(request_id)
         try:
             return await original_process_prompt(self, base_shard, prompt, request_id, inference_state)
         except Exception as e:
             await _report_engine_failure(self, request_id)
             if ring is None or not isinstance(e, ExoRknpuError):
                 raise
+            if not announced:  # a plain stock node's API started it: it hears no report, only the sender's error
+                raise RuntimeError(f"node {self.id}: {type(e).__name__}: {e}") from None
             return None  # reported to the ring (the client hears of it); not a traceback in exo's gRPC server
 
     replace_methods(Node, process_prompt)
