@@ -382,6 +382,19 @@ def _check_tensor_steps(Node: Any) -> None:
     replace_methods(Node, process_tensor, _process_tensor)
 
 
+class SentBack(RuntimeError):
+    """A prompt this node refuses, raised back to the peer that sent it (exo's gRPC server hands the sender the
+    message). Already reported to the ring in one line: exo's gRPC server logs it without a traceback."""
+
+
+class _OneLineSentBack(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SentBack):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused a prompt from a peer, raised back to it: %s", (record.exc_info[1],), None, None)
+        return True
+
+
 def _check_prompts(Node: Any) -> None:
     """A prompt a peer sends for a shard this node would not give itself is refused (named); a prompt this node's
     API took for a model the ring leaves this node out of goes to the ring's first node; an engine's expected
@@ -397,7 +410,7 @@ def _check_prompts(Node: Any) -> None:
             problem = ring.shard_mismatch(base_shard)  # sent by a peer: the shard it believes this node holds
             if problem is not None:
                 await ring.report_failure(request_id, problem, "unavailable")
-                raise RuntimeError(problem)
+                raise SentBack(problem)
         elif ring is not None and self.id not in {p.node_id for p in node_partitions(self, base_shard.model_id)}:
             # this node's API took a request for a model the ring leaves this node out of: the first node runs it
             return await self.forward_prompt(base_shard, prompt, request_id, 0, inference_state)
@@ -409,7 +422,7 @@ def _check_prompts(Node: Any) -> None:
             if ring is None or not isinstance(e, ExoRknpuError):
                 raise
             if not announced:  # a plain stock node's API started it: it hears no report, only the sender's error
-                raise RuntimeError(f"node {self.id}: {type(e).__name__}: {e}") from None
+                raise SentBack(f"node {self.id}: {type(e).__name__}: {e}") from None
             return None  # reported to the ring (the client hears of it); not a traceback in exo's gRPC server
 
     replace_methods(Node, process_prompt)
@@ -482,10 +495,14 @@ async def sample_next(engine: Any, logits: Any, params: SamplingParams, generate
 def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:
     """One line, not a traceback, for expected conditions that surface outside a request's own path: a task of
     exo's that failed with one of exo-rknpu's errors (exo's preemptive shard load of a model that is not here),
-    and a malformed HTTP request (aiohttp logs "Error handling request" with a traceback)."""
+    a malformed HTTP request (aiohttp logs "Error handling request" with a traceback), and a prompt raised back
+    to its sender (SentBack: exo's gRPC server logs it with a traceback)."""
     from exo_rknpu.exo.http_guard import quiet_aiohttp_logs
 
     quiet_aiohttp_logs()
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _OneLineSentBack) for f in grpc_log.filters):
+        grpc_log.addFilter(_OneLineSentBack())
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         e = context.get("exception")
