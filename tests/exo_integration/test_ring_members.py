@@ -113,6 +113,22 @@ def test_with_a_plain_stock_node_every_launched_node_derives_stock_exos_partitio
         assert map_partitions_to_shards(ours, n_layers, model) == map_partitions_to_shards(stock, n_layers, model)
 
 
+def assert_every_node_leaves_out(nodes: dict, left_out: str, model: str, served_by_all: str) -> None:
+    """Whichever node computes it, the ring for `model` is exo's own strategy over every node but `left_out`, and
+    for `served_by_all` over every node."""
+    from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
+
+    from exo_rknpu.exo.ring_members import MixedRingPartitioning
+
+    exo = RingMemoryWeightedPartitioningStrategy()
+    for self_id in nodes:
+        ours = MixedRingPartitioning(exo, self_id)
+        assert ours.partition(topology(nodes), model) == exo.partition(
+            topology({k: v for k, v in nodes.items() if k != left_out}))
+        assert ours.partition(topology(nodes), served_by_all) == exo.partition(topology(nodes))
+        assert ours.unservable(topology(nodes), model, 30) is None
+
+
 @needs_exo
 @pytest.mark.exo
 def test_without_plain_nodes_the_ring_leaves_out_nodes_that_cannot_serve_the_model(capsys):
@@ -121,12 +137,8 @@ def test_without_plain_nodes_the_ring_leaves_out_nodes_that_cannot_serve_the_mod
     from exo_rknpu.exo.ring_members import MixedRingPartitioning
 
     nodes = {"rk-a": (RK, 7000), "tg": (TG_NO_SMOL, 24000), "rk-b": (RK, 3000)}
+    assert_every_node_leaves_out(nodes, "tg", "smollm2-135m", served_by_all="llama-3.2-1b")
     exo = RingMemoryWeightedPartitioningStrategy()
-    for self_id in nodes:
-        ours = MixedRingPartitioning(exo, self_id)
-        assert ours.partition(topology(nodes), "smollm2-135m") == exo.partition(
-            topology({k: v for k, v in nodes.items() if k != "tg"}))
-        assert ours.partition(topology(nodes), "llama-3.2-1b") == exo.partition(topology(nodes))
     smol_only = {"rk-a": (RK, 7000), "tg": (LauncherMark("tinygrad", ("smollm2-135m",)).text(), 24000), "rk-b": (RK, 3000)}
     ours = MixedRingPartitioning(exo, "rk-b")
     capsys.readouterr()
@@ -184,18 +196,8 @@ def test_a_model_the_node_cannot_plan_is_left_out_of_its_mark():
 @pytest.mark.exo
 def test_a_ring_of_marked_nodes_gives_a_model_one_cannot_plan_to_the_others():
     """The reference: exo's own strategy over the nodes that can plan it."""
-    from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
-
-    from exo_rknpu.exo.ring_members import MixedRingPartitioning
-
     nodes = {"rk-a": (unplannable_mark("smollm2-135m"), 7000), "rk-b": (RK, 3000), "tg": (TG, 2000)}
-    exo = RingMemoryWeightedPartitioningStrategy()
-    for self_id in nodes:
-        ours = MixedRingPartitioning(exo, self_id)
-        assert ours.partition(topology(nodes), "smollm2-135m") == exo.partition(
-            topology({k: v for k, v in nodes.items() if k != "rk-a"}))
-        assert ours.partition(topology(nodes), "llama-3.2-1b") == exo.partition(topology(nodes))
-        assert ours.unservable(topology(nodes), "smollm2-135m", 30) is None
+    assert_every_node_leaves_out(nodes, "rk-a", "smollm2-135m", served_by_all="llama-3.2-1b")
 
 
 @needs_exo
