@@ -359,6 +359,9 @@ class ShardEngine:
             self.current = loaded
             self.loads += 1
             log.info("loaded %s from %s", key, src.path)
+            if not loaded.runner.batches:  # documented (docs/compiler.md, "Batch buckets"), and said once per load
+                log.warning("%s runs concurrent requests' decode steps one after another: %s", key,
+                            loaded.runner.unbatched_reason)
             return loaded
 
     async def forward(self, request_id: str, model_id: str, layer_range: LayerRange, x: np.ndarray,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from exo_rknpu.slices.recipe import ALGORITHMS, NAMED_RECIPES, POLICIES, QuantRecipe, named_recipe
 from exo_rknpu.cli.options import placement_plan, positive_int, probability, unit_interval
-from exo_rknpu.cli.report import format_cpu, slice_order, worst_cos
+from exo_rknpu.cli.report import format_cpu, slice_order, verified_buckets, worst_cos
 from exo_rknpu.errors import UsageError
 
 
@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq", type=_ints, default=None, help="seq buckets, e.g. 1,16,64")
     p.add_argument("--context", type=_ints, default=None, help="context buckets, e.g. 256,512,1024,2048")
     p.add_argument("--batch", type=_ints, default=None,
-                   help="decode batch buckets (requests per call), e.g. 2,4,8 (default: 4, the runtime's for the NPU form); 1: none")
+                   help="decode batch buckets (requests per call), e.g. 2,4,8 (default: 4, the runtime's for the NPU form; none for w8a8 and qwen3, which have no batch graphs: asking is refused); 1: none")
     p.add_argument("--max-context", type=positive_int, default=None, metavar="N",
                    help="context buckets doubling from 256 up to this (default: what generate/node use, 2048 or the model's limit)")
     p.add_argument("--strict", action="store_true",
@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
     margs = load_args(resolve_model(args.model))
     d = npu_buckets(default_buckets(margs, args.max_context), margs)  # as the npu backend runs them
-    batch = d.batch if args.batch is None else tuple(b for b in args.batch if b > 1)
+    default_batch = () if args.dtype == "w8a8" else d.batch  # none for w8a8 (compile_range refuses any asked for)
+    batch = default_batch if args.batch is None else tuple(b for b in args.batch if b > 1)
     buckets = Buckets(seq=args.seq or d.seq, context=args.context or d.context, batch=batch)
     recipe = recipe_from_args(args, margs.num_hidden_layers)  # before --explain exits: a bad recipe flag is never ignored
     placed = {}
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         for r in sorted(results, key=lambda r: slice_order(r.name)):
             print(f"{r.name:<12} {r.status:<7} {r.seconds:6.1f} s  {', '.join(Path(f).name for f in r.files)}  "
-                  f"min cos {worst_cos(r.verify)}  CPU ops: {r.cpu_count}, compiler errors: {r.error_count}  "
+                  f"min cos {worst_cos(r.verify)}{verified_buckets(r.verify_per_bucket)}  CPU ops: {r.cpu_count}, compiler errors: {r.error_count}  "
                   f"CPU-placed: {format_cpu(r.cpu_ops, r.fallbacks)}")
     if args.json:
         print(json.dumps({"model": args.model, "layers": args.layers, "dtype": args.dtype, "platform": args.platform,

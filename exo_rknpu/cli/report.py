@@ -62,6 +62,15 @@ def worst_cos(figures: Mapping[str, float]) -> str:
     return f"{min(cos):.6f}" if cos else "-"
 
 
+def verified_buckets(per_bucket: Mapping[str, Mapping[str, float]]) -> str:
+    """Which buckets --verify ran and which was worst: "" if none, else " over 8 buckets (s1c64 ... b4c128), worst
+    b4c128"."""
+    if not per_bucket:
+        return ""
+    worst = min(per_bucket, key=lambda t: min((v for k, v in per_bucket[t].items() if k.startswith("cos")), default=2.0))
+    return f" over {len(per_bucket)} buckets ({' '.join(per_bucket)}), worst {worst}"
+
+
 def format_buckets(values: Iterable[int]) -> str:
     """Bucket sizes as "1,16,64"."""
     return ",".join(str(v) for v in values)

@@ -18,9 +18,10 @@ from exo_rknpu.exo.ring import RingNode, encode_chat, read_body
 
 async def servable_models(ring: RingNode) -> list[tuple[str, bool]]:
     """(model id, ready) of every model this node can serve now: ready = its files are here; not ready = it
-    would be downloaded first. Models neither here nor fetchable are left out."""
+    would be downloaded first. Models neither here nor fetchable, or here but not plannable, are left out."""
     found = await asyncio.gather(*(ring.availability(m) for m in sorted(CARDS)))
-    return [(a.model_id, a.local is not None) for a in found if a.servable]
+    return [(a.model_id, a.local is not None) for a in found
+            if a.servable and (a.local is None or await ring.plan_problem(a.model_id) is None)]
 
 
 async def handle_models(ring: RingNode, request: web.Request) -> web.Response:

@@ -14,7 +14,8 @@ unit: the float16 size of the layers it can really keep, for the models it serve
 
 What it keeps is engine.holding: the placement plan's estimates (runtime/placement.py spec_bytes at
 bytes_per_weight), or on the npu backend the compiled slices' manifests (NpuBackend.resident_bytes); the models are
-those it serves whose files are here at start (without any: the weight form's bytes per weight). Holding back the
+those it serves whose files are here at start (without any: the weight form's bytes per weight; one it cannot plan
+is left out and named, MemoryRule.unplanned, and its requests refused with that reason). Holding back the
 larger end slice and one layer is what makes exo's share fit: a node reporting R in a ring whose reported total
 covers the model's float16 size gets at most R/(float16 bytes of a layer) + 1 layers (exo rounds the split to
 whole layers), and whichever end it takes. A shard that still needs more than the budget (a ring too small for the
@@ -165,6 +166,15 @@ def stock_bytes_per_layer(args: ModelArgs) -> int:
 
 
 @dataclass(frozen=True)
+class Unplanned:
+    """A served model whose files are here but which this node cannot plan (an unsupported architecture, a broken
+    file, a placement that does not fit it): left out of the reported memory, and its requests refused with `reason`."""
+
+    model_id: str
+    reason: str  # one line, naming the model
+
+
+@dataclass(frozen=True)
 class MemoryRule:
     """How this node derives the memory it reports (module docstring)."""
 
@@ -173,6 +183,7 @@ class MemoryRule:
     per_weight: float  # bytes per weight of its form on the default device, for the fallback (no model known)
     models: tuple[ModelKeeps, ...] = ()
     memory_mb: int | None = None  # --memory-mb: a cap
+    unplanned: tuple[Unplanned, ...] = ()
 
     def reported_mb(self, total_mb: int) -> int:
         """The memory reported to exo; at least 1 MB (exo divides by the ring's total)."""
@@ -188,7 +199,8 @@ class MemoryRule:
     def explain(self, total_mb: int) -> str:
         """One line: what is reported and from what."""
         how = (f"from what it keeps of {', '.join(f'{m.model_id} ({m.whole.source})' for m in self.models)}"
-               if self.models else f"at {self.per_weight:g} bytes per weight (no served model's files are here)")
+               if self.models else f"at {self.per_weight:g} bytes per weight (no served model's files are here"
+               + (", or none it can plan)" if self.unplanned else ")"))
         cap = f", capped by --memory-mb {self.memory_mb}" if self.memory_mb is not None else ""
         return (f"reports {self.reported_mb(total_mb)} MB to exo's partitioner: float16 MB of layers it can keep in "
                 f"{budget_bytes(total_mb, self.backend) >> 20} MB, {how}{cap}")
@@ -196,27 +208,53 @@ class MemoryRule:
 
 def memory_rule(options: NodeOptions, served: tuple[str, ...]) -> MemoryRule:
     """This node's MemoryRule: engine.holding for every served model whose files are here (config and tensor table
-    only; nothing is loaded or downloaded)."""
-    from exo_rknpu.engine import holding
-    from exo_rknpu.model.loader import load_args, resolve_model, source_fingerprint
+    only; nothing is loaded or downloaded). A model it cannot plan is left out and named in `unplanned`."""
     from exo_rknpu.runtime.placement import default_bytes_per_weight
 
     config = options.engine
-    keeps = []
+    keeps, unplanned = [], []
     for model_id in served:
-        path = local_model(CARDS[model_id], options.model_dir) if model_id in CARDS else None
-        if path is None:
-            continue
         try:
-            src = resolve_model(str(path))
-            args = load_args(src)
-            fingerprint = source_fingerprint(src, args) if config.backend == "npu" else None
-            whole = holding(args, LayerRange(0, args.num_hidden_layers, args.num_hidden_layers), config, fingerprint)
-        except ExoRknpuError:
-            continue  # a model this node cannot plan is refused when asked for; it says nothing about the others
-        keeps.append(ModelKeeps(model_id, whole, stock_bytes_per_layer(args)))
+            kept = model_keeps(options, model_id)
+        except ExoRknpuError as e:
+            unplanned.append(Unplanned(model_id, cannot_plan(model_id, e)))
+            continue
+        if kept is not None:
+            keeps.append(kept)
     per_weight = default_bytes_per_weight(config.backend, config.weights, config.backend_options.get("dtype", "fp16"))
-    return MemoryRule(config.backend, config.limits.max_bytes, per_weight, tuple(keeps), options.memory_mb)
+    return MemoryRule(config.backend, config.limits.max_bytes, per_weight, tuple(keeps), options.memory_mb,
+                      tuple(unplanned))
+
+
+def model_keeps(options: NodeOptions, model_id: str) -> ModelKeeps | None:
+    """What this node keeps of `model_id` (engine.holding over every layer), None if its files are not here;
+    ExoRknpuError (what loading its shard would raise) if it cannot be planned."""
+    from exo_rknpu.engine import holding
+    from exo_rknpu.model.loader import load_args, resolve_model, source_fingerprint
+
+    path = local_model(CARDS[model_id], options.model_dir) if model_id in CARDS else None
+    if path is None:
+        return None
+    config = options.engine
+    src = resolve_model(str(path))
+    args = load_args(src)
+    fingerprint = source_fingerprint(src, args) if config.backend == "npu" else None
+    whole = holding(args, LayerRange(0, args.num_hidden_layers, args.num_hidden_layers), config, fingerprint)
+    return ModelKeeps(model_id, whole, stock_bytes_per_layer(args))
+
+
+def cannot_plan(model_id: str, error: ExoRknpuError) -> str:
+    """The one line that names a served model this node cannot plan, and why."""
+    return f"this node cannot serve {model_id}: {' '.join(str(error).split())}"
+
+
+def plan_problem(options: NodeOptions, model_id: str) -> str | None:
+    """Why this node cannot plan `model_id` (its files are here), or None (planned, or its files are not here)."""
+    try:
+        model_keeps(options, model_id)
+    except ExoRknpuError as e:
+        return cannot_plan(model_id, e)
+    return None
 
 
 def detect(rule: MemoryRule, proc_root: Path = Path("/"), models: tuple[str, ...] = ()) -> NodeCapabilities:

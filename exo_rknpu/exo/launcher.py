@@ -127,6 +127,9 @@ def report_node(options: NodeOptions) -> None:
             rule = await asyncio.to_thread(memory_rule, opts, served_models(opts))
             rules.append((opts, rule))
             print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
+            for u in rule.unplanned:  # once per rule; RingNode.model_problem refuses its requests with the reason
+                print(f"[exo-rknpu] {u.reason}; it is left out of the memory this node reports, and requests for it "
+                      f"are refused with this reason", flush=True)
         return detect(rule, models=served_models(opts)).to_exo()
 
     dc.linux_device_capabilities = linux_device_capabilities

@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from aiohttp import web
 
+from exo_rknpu.exo.capabilities import plan_problem
 from exo_rknpu.exo.cards import CARDS
 from exo_rknpu.exo.chat_request import (
     MAX_BODY_BYTES,
@@ -130,6 +131,7 @@ class RingNode:
         self._health: tuple[float, str | None] = (0.0, None)
         self._health_lock = asyncio.Lock()
         self._silent_since: dict[str, float] = {}
+        self._plan_problems: dict[str, str | None] = {}  # plan_problem's answers (models whose files are here)
         node.rknpu_ring = self
         node.on_opaque_status.register("exo-rknpu-requests").on_next(self._on_status)
         node.on_token.register("exo-rknpu-finished").on_next(self._on_token)
@@ -314,10 +316,21 @@ class RingNode:
         return await asyncio.to_thread(model_availability, CARDS[model], self.options.model_dir, self.prober)
 
     async def model_problem(self, model: str) -> str | None:
+        """Why this node's API refuses `model` at once (its files are neither here nor fetchable, or here but it
+        cannot plan them), or None."""
         if self.options.stock_engine is not None:
             return None  # exo's own engine: its files come through exo's downloader (docs/exo.md §9)
         found = await self.availability(model)
-        return None if found.servable else found.reason
+        if not found.servable:
+            return found.reason
+        return await self.plan_problem(model) if found.local is not None else None
+
+    async def plan_problem(self, model: str) -> str | None:
+        """Why this node cannot plan `model`, whose files are here (capabilities.plan_problem: the reason its start-up
+        log gave), or None; worked out once per model."""
+        if model not in self._plan_problems:
+            self._plan_problems[model] = await asyncio.to_thread(plan_problem, self.options, model)
+        return self._plan_problems[model]
 
     def stock_problem(self, params: SamplingParams, needs_prompt_ids: bool, model: str) -> str | None:
         """Why a node of the ring that does not run exo-rknpu's sampling would answer this request wrongly, or

@@ -27,14 +27,15 @@ from exo_rknpu.rknn.buildlog import parse_build_log
 from exo_rknpu.rknn.calibration import capture, repad, text_digest
 from exo_rknpu.rknn.recipe import RecipeBuild, cache_text
 from exo_rknpu.config import Paths
-from exo_rknpu.errors import CompileError
+from exo_rknpu.errors import CompileError, UsageError
 from exo_rknpu.fileio import sha256_file
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.npu_form import npu_kv_layout
 from exo_rknpu.slices.recipe import DEFAULT_RECIPE, QuantRecipe
 from exo_rknpu.model.zoo import ModelSource
-from exo_rknpu.slices.spec import NPU_BATCH, Buckets, SliceSpec, bucket_shapes, bucket_tag, compiled_inputs, npu_buckets, npu_outputs_to_seq, plan_slices
+from exo_rknpu.slices.spec import (NPU_BATCH, Buckets, SliceSpec, bucket_shapes, bucket_tag, compiled_inputs, npu_buckets,
+                                   npu_outputs_to_seq, plan_slices, to_kv_layout, to_npu_batch_inputs)
 
 DTYPES = ("fp16", "w8a8")
 PLATFORMS = ("rk3588",)
@@ -54,6 +55,7 @@ class SliceResult:
     fallbacks: list[str] = field(default_factory=list)
     verify: dict[str, float] = field(default_factory=dict)
     per_bucket: dict[str, dict[str, int]] = field(default_factory=dict)  # "s1c256" -> {"cpu": n, "errors": n}
+    verify_per_bucket: dict[str, dict[str, float]] = field(default_factory=dict)  # "b4c256" -> worst figures there
 
     @property
     def cpu_count(self) -> int:
@@ -300,15 +302,43 @@ def export(job: SliceJob, stage: Path, work: Path) -> list[tuple[BuildJob, list[
             assert job.recipe is not None
             quantize(b, job.recipe, job.samples_at(group[0]), work, f"{fname}-", group[0]["seq"])
         if job.verify:
-            for sh in (sh for sh in group if "batch" not in sh):  # batch graphs: tests/toolkit/test_npu_batch.py
-                for i, s in enumerate(job.logical_at(sh)[:2]):
-                    ip, op = (work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-{end}.npz" for end in ("in", "out"))
-                    np.savez(ip, **compiled_inputs(spec, job.weights.args, s))
-                    np.savez(work / f"v-{fname}-{sh['seq']}-{sh['ctx']}-{i}-ref.npz", **s)  # the reference's inputs
+            for sh in group:
+                for i, (compiled, logical) in enumerate(verify_samples(job, sh)):
+                    ip, op, rp = (work / f"v-{fname}-{bucket_tag(sh)}-{i}-{end}.npz" for end in ("in", "out", "ref"))
+                    np.savez(ip, **compiled)
+                    np.savez(rp, **logical)  # the reference's inputs ("seq" form; a batch's rows stacked on axis 0)
                     b.verify.append([str(ip), str(op)])
                     b.out_shapes.append(sh["outputs"])
         out.append((b, group))
     return out
+
+
+def verify_samples(job: SliceJob, sh: dict[str, Any]) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """What --verify runs in bucket `sh`: (the compiled graph's inputs, the reference's "seq"-form inputs). A seq
+    bucket: up to two captured calls. A decode batch bucket of B: one call whose row b is captured decode step b
+    (cycled when fewer were captured), marshalled as the runtime marshals a batch (slices/spec.py
+    to_npu_batch_inputs); the reference's inputs are the rows' own, stacked on a leading axis."""
+    spec, args = job.spec, job.weights.args
+    if "batch" not in sh:
+        for s in job.logical_at(sh)[:2]:
+            yield compiled_inputs(spec, args, s), s
+        return
+    steps = job.logical_at({"seq": 1, "ctx": sh["ctx"]})
+    if not steps:  # captures follow the seq buckets: without seq 1 there is no decode step to batch
+        raise CompileError(f"--verify: no decode step captured for {job.spec.name}'s batch bucket {bucket_tag(sh)}; "
+                           f"add seq bucket 1 (--seq 1,...)")
+    rows = [steps[b % len(steps)] for b in range(sh["batch"])]
+    cache = {k: [to_kv_layout(r, "npu")[k] for r in rows] for k in ("past_k", "past_v")}
+    joined = {k: np.concatenate([r[k] for r in rows], axis={"cos": 2, "sin": 2, "mask": 0}.get(k, 1))
+              for k in rows[0] if k not in cache}
+    yield to_npu_batch_inputs(spec, args, {**joined, **cache}), {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def batch_rows(got: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+    """A decode batch graph's outputs per request: row b of the layer state ([1, B, width]) and request b's block of
+    the new cache rows (stacked request-major: [B*n*kv, ...])."""
+    return [{k: v[b * (len(v) // batch):(b + 1) * (len(v) // batch)] if k in ("k_new", "v_new") else v[:, b:b + 1]
+             for k, v in got.items()} for b in range(batch)]
 
 
 def read_logs(exported: list[tuple[BuildJob, list[dict[str, Any]]]], results: list[dict[str, Any]], stage: Path) -> SliceReport:
@@ -368,13 +398,17 @@ def verify(job: SliceJob, builds: list[BuildJob]) -> tuple[dict[str, float], dic
                 sample = {k: z[k] for k in z.files}
             with np.load(op) as z:
                 got = {k: z[k] for k in z.files}
-            if spec.kind == "layers" and spec.kv_layout == "npu":
-                got = npu_outputs_to_seq(got, job.weights.args)
-            f = _figures(spec, sample, _ort_reference(spec, job.weights, [sample])[0], got)
-            figs.append(f)
-            seq = sample[b.inputs[0]].shape[1]
-            tag = f"s{seq}c{sample['mask'].shape[3] - seq if spec.has_attention else 0}"
-            per_bucket[tag] = _merge([per_bucket.get(tag, f), f])
+            batch = sample["mask"].shape[0] if "mask_0" in b.inputs else None  # a batch graph: rows stacked
+            rows = ([{k: v[r] for k, v in sample.items()} for r in range(batch)] if batch else [sample])
+            for sample, out in zip(rows, batch_rows(got, batch) if batch else [got]):
+                if spec.kind == "layers" and spec.kv_layout == "npu":
+                    out = npu_outputs_to_seq(out, job.weights.args)
+                f = _figures(spec, sample, _ort_reference(spec, job.weights, [sample])[0], out)
+                figs.append(f)
+                seq = sample[b.inputs[0]].shape[1] if not batch else 1
+                ctx = sample["mask"].shape[3] - seq if spec.has_attention else 0
+                tag = f"b{batch}c{ctx}" if batch else f"s{seq}c{ctx}"
+                per_bucket[tag] = _merge([per_bucket.get(tag, f), f])
     if not figs:
         raise CompileError(f"--verify: no activations captured for {spec.name}")
     worst = _merge(figs)
@@ -383,7 +417,8 @@ def verify(job: SliceJob, builds: list[BuildJob]) -> tuple[dict[str, float], dic
     if threshold is not None:
         bad = {k: v for k, v in worst.items() if k.startswith("cos_") and k != "cos_delta" and v < threshold}
         if bad:
-            raise CompileError(f"slice {spec.name} ({job.dtype}) failed verification: "
+            where = [t for t, f in per_bucket.items() if any(f.get(k, 1.0) < threshold for k in bad)]
+            raise CompileError(f"slice {spec.name} ({job.dtype}) failed verification in buckets {', '.join(where)}: "
                                + ", ".join(f"{k}={v:.6f}" for k, v in bad.items()) + f" < {threshold}")
     return worst, per_bucket
 
@@ -476,7 +511,8 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     w8a8 builds follow `recipe` (slices/recipe.py; rknn/recipe.py applies it), which is part of each w8a8
     slice's cache key and manifest; w8a8 compiles whole decoder layers only. `strict`: refuse any slice (built or
     found in the cache) with a CPU op or a compiler error in any bucket. Default buckets: the runtime's for the npu
-    backend (`npu_buckets(Buckets(batch=NPU_BATCH))`); w8a8 compiles no batch buckets."""
+    backend (`npu_buckets(Buckets(batch=NPU_BATCH))`); w8a8 and models whose layers keep the "seq" form (qwen3)
+    have no batch buckets: asking for them is refused (UsageError) before anything heavy."""
     from exo_rknpu.model.loader import load_args, resolve_model
 
     _check_request(dtype, platform, recipe)
@@ -487,9 +523,8 @@ def compile_range(model: str, layers: str, *, platform: str = "rk3588", dtype: s
     specs = _npu_specs(lr, specs, dtype, npu_kv_layout(args))
     cache = cc.SliceCache(cache_dir or paths.compiled)
     cache.clean_tmp()
-    buckets = buckets or npu_buckets(Buckets(batch=NPU_BATCH), args)
-    if dtype == "w8a8":  # hybrid quantization builds static files calibrated per bucket: no batch graphs (yet)
-        buckets = replace(buckets, batch=())
+    buckets = buckets or npu_buckets(Buckets(batch=() if dtype == "w8a8" else NPU_BATCH), args)
+    _check_batch(buckets, dtype, args.qk_norm)
     rc = _RangeCompiler(paths, cache, buckets, dtype, platform, recipe, verify, min_cos, strict)
     capturing = verify or dtype == "w8a8"
     slices = rc.captured(src, lr, specs, cut) if capturing else _one_layer_at_a_time(src, lr, specs)
@@ -518,6 +553,19 @@ def _check_request(dtype: str, platform: str, recipe: QuantRecipe) -> None:
     if dtype == "w8a8" and recipe.rotation:
         raise CompileError(f"the w8a8 recipe rotates the residual stream ({recipe.rotation}): the runtime does not run a "
                            f"rotated embedding yet, so rotated slices are only measured (compile --agreement), not compiled")
+
+
+def _check_batch(buckets: Buckets, dtype: str, qk_norm: bool) -> None:
+    """Refuse decode batch buckets this form has no batch graph for, rather than record them unbuilt (the runtime
+    then runs those shards' concurrent decode steps one after another, and says so when it opens one)."""
+    if not buckets.batch:
+        return
+    why = ("w8a8 has none (hybrid quantization builds static files calibrated per bucket)" if dtype == "w8a8" else
+           "this model's layers keep the \"seq\" cache form (per-head q/k norms, e.g. qwen3), which has none" if qk_norm
+           else None)
+    if why is not None:
+        raise UsageError(f"--batch {','.join(map(str, buckets.batch))}: no decode batch graphs can be built: {why}; "
+                           f"compile without --batch (or --batch 1): its concurrent decode steps run one after another")
 
 
 def _npu_specs(lr: LayerRange, specs: list[SliceSpec] | None, dtype: str, kv_layout: str) -> list[SliceSpec]:
@@ -608,7 +656,7 @@ class _RangeCompiler:
             check_strict(s.name, per_bucket, f"cached: {folder}/build.log")
         return SliceResult(s.name, key, status, str(folder), [str(folder / f["file"]) for f in m["files"]],
                            round(time.monotonic() - t, 2), m["build"].get("cpu_ops", []), m["build"].get("fallbacks", []),
-                           m.get("verify", {}), per_bucket)
+                           m.get("verify", {}), per_bucket, m["build"].get("verify_per_bucket") or {})
 
 
 def _one_layer_at_a_time(src: ModelSource, lr: LayerRange, specs: list[SliceSpec]) -> Iterator[tuple[SliceSpec, ShardWeights]]:

@@ -189,6 +189,7 @@ class ShardRunner:
         # slice, each request's cache handed over as it is; other static shards are prepared without batch buckets
         self.rows_batch = (bool(buckets.batch) and all(b.batches for b in self.backends.values())
                            and all(s.kv_layout == "npu" for s in self.layer_specs))
+        self._asked_batch = bool(buckets.batch)
         if not self.rows_batch:
             buckets = replace(buckets, batch=())
         self.buckets = buckets
@@ -306,6 +307,21 @@ class ShardRunner:
         (Backend.batches), on the "seq" cache layout with the requests' caches in one KVPool, or on the NPU form
         with batch buckets (Buckets.batch) and each request's own cache."""
         return self.pool is not None or self.rows_batch
+
+    @property
+    def unbatched_reason(self) -> str | None:
+        """Why this shard runs several requests' decode steps one call after another (None: it batches them)."""
+        if self.batches:
+            return None
+        static = sorted({b.name for b in self.backends.values() if b.static_shapes})
+        without = sorted({b.name for b in self.backends.values() if b.static_shapes and not b.batches})
+        if without:
+            return f"backend {', '.join(without)} has no batch graphs in this form (w8a8 builds none)"
+        if static and any(s.kv_layout == "seq" for s in self.layer_specs):
+            return "its layers keep the \"seq\" cache form (per-head q/k norms, e.g. qwen3), which has no batch graph"
+        if static and not self._asked_batch:
+            return f"backend {', '.join(static)} was opened without batch buckets"
+        return "its requests' caches are not pooled (per-device pipelining, runtime/stages.py)"
 
     def unpool(self) -> None:
         """Give each request its own cache arrays instead of a pool slot (and run batched steps one call after

@@ -176,6 +176,25 @@ def test_compile_options_are_refused_before_the_toolkit_runs(option, fragment, c
     assert_one_line_error(code, err, option[0], fragment)
 
 
+@pytest.mark.parametrize("arch, dtype, why", [
+    ("llama", "w8a8", "w8a8 has none"),
+    ("qwen3", "fp16", "per-head q/k norms"),
+])
+def test_compile_refuses_batch_buckets_a_form_has_no_batch_graph_for(arch, dtype, why, tmp_path, monkeypatch, capsys):
+    """w8a8 slices and qwen3's layers have no decode batch graph: asking for batch buckets is refused in one line,
+    before the toolkit is looked for or a weight is read (not recorded in the manifest and silently left unbuilt)."""
+    from exo_rknpu.model import loader
+    from exo_rknpu.rknn import toolkit
+
+    model = make_tiny_hf(tmp_path / "m", arch=arch, n_layers=2)
+    monkeypatch.setattr(toolkit, "status", lambda *a, **k: pytest.fail("the toolkit was looked for"))
+    monkeypatch.setattr(loader, "load_shard", lambda *a, **k: pytest.fail("weights were read"))
+    code, _, err = run_cli(["compile", "--model", str(model), "--layers", "0-0", "--dtype", dtype, "--batch", "2,4",
+                            "--cache", str(tmp_path / "c")], capsys)
+    assert_one_line_error(code, err, "--batch 2,4", why, "without --batch")
+    assert not list((tmp_path / "c").glob("slices/*/*/manifest.json"))
+
+
 def test_compile_without_layers_is_a_one_line_error(capsys):
     code, _, err = run_cli(["compile", "--model", "smollm2-135m"], capsys)
     assert_one_line_error(code, err, "--layers")

@@ -189,3 +189,14 @@ class FixedProber(Prober):
     def _probe(self, url: str) -> bool:
         self.asked.append(url)
         return self.online
+
+
+def write_unsupported_model(folder: Path) -> Path:
+    """A Hugging Face folder whose architecture exo-rknpu does not support (gemma): planning it fails."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 100,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 128}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder

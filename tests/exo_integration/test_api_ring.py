@@ -14,12 +14,13 @@ import urllib.request
 import numpy as np
 import pytest
 
-from exo_helpers import Ring, needs_exo
+from exo_helpers import Ring, needs_exo, write_unsupported_model
 from request_list import KEY, chat_body, request
 
 pytestmark = [needs_exo, pytest.mark.exo, pytest.mark.slow]
 
 ANSWER = "The capital of France is Paris."
+UNPLANNABLE = "qwen-2.5-0.5b"  # node-a's --model-dir holds it with an architecture exo-rknpu does not support
 LIMIT = 2
 MEMORY = {"node-a": 3000, "node-b": 2000}
 
@@ -29,9 +30,11 @@ def ring(tmp_path_factory):
     from exo_rknpu.model.zoo import resolve_model
 
     resolve_model("smollm2-135m")
-    r = Ring(tmp_path_factory.mktemp("api-ring"), {
+    tmp = tmp_path_factory.mktemp("api-ring")
+    write_unsupported_model(tmp / "models" / UNPLANNABLE)  # node-a's files of a model it cannot plan
+    r = Ring(tmp, {
         "node-a": {"backend": "onnx", "memory": MEMORY["node-a"], "api_host": None,
-                   "extra": ["--weights", "fp32", "--max-requests", str(LIMIT)]},
+                   "extra": ["--weights", "fp32", "--max-requests", str(LIMIT), "--model-dir", str(tmp / "models")]},
         "node-b": {"backend": "onnx", "memory": MEMORY["node-b"], "api_key": KEY, "extra": ["--weights", "fp32"]},
     })
     try:
@@ -152,6 +155,18 @@ def test_a_model_that_is_not_here_is_a_404_in_seconds(ring, model, path):
     t = time.perf_counter()
     status, body = post(ring, {**chat_body(), "model": model}, path=path, timeout=30)
     assert status == 404 and model in body["detail"] and "--model-dir" in body["detail"], body
+    assert time.perf_counter() - t < 5
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/chat/token/encode"])
+def test_a_model_whose_files_it_cannot_plan_is_named_once_at_start_and_refused_with_that_reason(ring, path):
+    said = [line for line in ring.log("node-a").splitlines()
+            if f"cannot serve {UNPLANNABLE}" in line and "left out of the memory this node reports" in line]
+    assert len(said) == 1 and "'gemma'" in said[0] and "refused with this reason" in said[0], said  # once, at start
+    reason = said[0].removeprefix("[exo-rknpu] ").split("; it is left out")[0]
+    t = time.perf_counter()
+    status, body = post(ring, {**chat_body(), "model": UNPLANNABLE}, path=path, timeout=30)
+    assert status == 404 and body["detail"] == reason, body
     assert time.perf_counter() - t < 5
 
 

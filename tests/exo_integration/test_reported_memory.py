@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from exo_helpers import needs_exo
+from exo_helpers import needs_exo, write_unsupported_model
 from exo_rknpu.engine import EngineConfig, ShardEngine, holding
-from exo_rknpu.errors import ShardTooLargeError
+from exo_rknpu.errors import ExoRknpuError, ShardTooLargeError
 from exo_rknpu.exo.capabilities import STOCK_BYTES_PER_WEIGHT, budget_bytes, detect, memory_rule
 from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.model.base import LayerRange
@@ -240,5 +240,28 @@ async def test_a_range_that_does_not_fit_is_refused_in_one_line_before_anything_
         engine.config = EngineConfig(backend="onnx", weights="fp32", limits=KV, memory_bytes=need.total)
         with pytest.raises(AssertionError, match="must not be opened"):  # it fits: the runner is opened
             await engine.ensure(MODEL, lr)
+    finally:
+        await engine.aclose()
+
+
+async def test_a_served_model_it_cannot_plan_is_named_with_the_reason_loading_its_shard_gives(tmp_path):
+    """Left out of the reported memory, but never silently: the rule names it with the error the engine raises
+    when exo gives this node a shard of it (the reference: ShardEngine.ensure on the same files)."""
+    path = write_unsupported_model(tmp_path / "models" / MODEL)
+    options = NodeOptions(engine=EngineConfig(backend="onnx", weights="fp32", limits=KV), model_dir=tmp_path / "models")
+    rule = memory_rule(options, (MODEL,))
+    assert rule.models == () and [u.model_id for u in rule.unplanned] == [MODEL]
+    reason = rule.unplanned[0].reason
+    assert "\n" not in reason and reason.startswith(f"this node cannot serve {MODEL}: ") and "'gemma'" in reason
+    assert "none it can plan" in rule.explain(4096)
+
+    async def source(model_id: str, layer_range: LayerRange):
+        return resolve_model(str(path))
+
+    engine = ShardEngine(options.engine, source)
+    try:
+        with pytest.raises(ExoRknpuError) as e:
+            await engine.ensure(MODEL, LayerRange(0, 30, 30))
+        assert reason.split(": ", 1)[1] in str(e.value)
     finally:
         await engine.aclose()

@@ -63,14 +63,22 @@ def test_each_request_of_an_npu_batch_gets_its_lone_greedy_tokens(tiny):
         shard.close()
 
 
-def test_batch_buckets_compile_with_no_cpu_op_and_the_npu_backend_names_a_missing_one(tiny, tmp_path):
+def test_batch_buckets_compile_with_no_cpu_op_verify_per_request_and_the_npu_backend_names_a_missing_one(tiny, tmp_path):
+    """--verify runs every batch bucket in the simulator too: each request's row of one batched call (its own
+    position, cache and mask) against onnxruntime's float32 run of that request alone, at the seq buckets' bound."""
     from exo_rknpu.rknn.npu import NpuBackend
 
-    res = compile_range(str(tiny), "0-0", buckets=BATCHED, cache_dir=tmp_path, progress=False, strict=True)
+    res = compile_range(str(tiny), "0-0", buckets=BATCHED, cache_dir=tmp_path, progress=False, strict=True, verify=True)
     (r,) = res
     assert sorted(Path(f).name for f in r.files) == ["layers.0.b2.rknn", "layers.0.b4.rknn", "layers.0.rknn"]
     assert {t for t in r.per_bucket if t.startswith("b")} == {"b2c64", "b2c128", "b4c64", "b4c128"}
     assert r.cpu_count == 0 and r.error_count == 0  # --strict refused any CPU op too
+    assert set(r.verify_per_bucket) == {f"{b}c{c}" for b in ("s1", "s16", "b2", "b4") for c in (64, 128)}
+    for tag, figures in r.verify_per_bucket.items():
+        for k in ("cos_hidden_out", "cos_k_new", "cos_v_new", "cos_delta"):
+            assert figures[k] >= 0.9999, (tag, k, figures[k])
+    # 2 samples per seq bucket (4 buckets) + one call per batch bucket, each of its rows a sample
+    assert r.verify["samples"] == 2 * 4 + (2 + 4) * 2
     m = json.loads((Path(r.folder) / "manifest.json").read_text())
     assert m["buckets"] == {"seq": [1, 16], "context": [64, 128], "batch": [2, 4]}
     b4 = next(f for f in m["files"] if f["file"] == "layers.0.b4.rknn")
@@ -120,3 +128,28 @@ def test_the_npu_backend_runs_a_batch_from_the_compiled_files(tiny, tmp_path, mo
     finally:
         shard.close()
         BatchRKNNLite.sim.close()
+
+
+async def test_a_shard_without_batch_graphs_says_once_that_it_decodes_requests_one_after_another(tiny, caplog):
+    """w8a8 has no batch graphs: an engine opening a w8a8 shard on rknn-sim says so once, with the reason (the
+    shard then runs concurrent decode steps one call after another; docs/compiler.md, "Batch buckets")."""
+    from exo_rknpu.engine import EngineConfig, ShardEngine
+    from exo_rknpu.rknn.options import backend_options
+
+    src = resolve_model(str(tiny))
+
+    async def source(model_id, layer_range):
+        return src
+
+    engine = ShardEngine(EngineConfig(backend="rknn-sim", backend_options=backend_options("rknn-sim", dtype="w8a8", model=src)),
+                         source)
+    try:
+        with caplog.at_level("WARNING", logger="exo_rknpu.engine"):
+            loaded = await engine.ensure("tiny", LayerRange(0, 4, 4))
+            await engine.ensure("tiny", LayerRange(0, 4, 4))
+        assert not loaded.runner.batches
+        said = [r.getMessage() for r in caplog.records if "one after another" in r.getMessage()]
+        assert said == ["tiny layers 0-3 of 4 runs concurrent requests' decode steps one after another: backend "
+                        "rknn-sim has no batch graphs in this form (w8a8 builds none)"]
+    finally:
+        await engine.aclose()

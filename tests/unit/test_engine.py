@@ -213,6 +213,9 @@ async def test_blocking_work_runs_on_one_worker_thread_and_the_loop_stays_respon
     threads: set[str] = set()
 
     class SlowRunner:
+        batches = False  # one call at a time (the engine says why once, at load)
+        unbatched_reason = "this test's runner runs one call at a time"
+
         def __init__(self, inner):
             self.inner = inner
             self.requests = inner.requests
