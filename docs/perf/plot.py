@@ -93,13 +93,19 @@ def bars(reports: list[dict], metric: str, ylabel: str, title: str, out: Path) -
 def throughput(reports: list[dict], out: Path) -> None:
     """throughput.png: for each `bench --concurrency` report, aggregate decode of the requests batched as a multiple
     of the same requests one after another (left), and batched per-request latency as a multiple of a lone step's
-    (right), by requests in flight; the issue's goals dotted."""
+    (right), by requests in flight, in wall time (and dashed in CPU time where the report has it); the issue's
+    goals dotted."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=90)
     for r in reports:
         n = [lv["requests"] for lv in r["levels"]]
-        name = f"{model_name(r)} ({r['weights']}, load avg {fmt(r.get('load_1m'), '.1f')})"
-        left.plot(n, [lv["gain"] for lv in r["levels"]], "o-", label=name)
+        label = f"{r['label']}, " if "label" in r else ""  # e.g. which build, when a file compares two
+        name = f"{model_name(r)} ({label}{r['weights']}, load avg {fmt(r.get('load_1m'), '.1f')})"
+        (line,) = left.plot(n, [lv["gain"] for lv in r["levels"]], "o-", label=name)
         right.plot(n, [lv["latency_ratio"] for lv in r["levels"]], "o-", label=name)
+        if "cpu_gain" in r["levels"][0]:  # reports that also give CPU time: dashed, same colour
+            left.plot(n, [lv["cpu_gain"] for lv in r["levels"]], "x--", color=line.get_color(), label=f"{name}, CPU time")
+            right.plot(n, [lv["cpu_latency_ratio"] for lv in r["levels"]], "x--", color=line.get_color(),
+                       label=f"{name}, CPU time")
     left.axhline(3.0, color="grey", linestyle=":", label="goal at 8: at least 3x")
     right.axhline(1.5, color="grey", linestyle=":", label="goal: at most 1.5x")
     for ax, ylabel, title in (

@@ -73,10 +73,12 @@ def decode(shard, steps: int, on_step=None, after_prefill=None) -> list[int]:
     return ids
 
 
-def timed_pass(model: str, threads: int, weights: str, steps: int) -> dict:
+def timed(shard, drive, steps: int) -> dict:
+    """Per-step wall and CPU time of `steps` decode steps, time inside each session's run calls, and sampling time.
+    drive(on_sample, after_prefill) runs them on `shard`, calling after_prefill once the prefill is done and
+    on_sample(seconds) after each step's sampling."""
     import onnxruntime as ort
 
-    shard = open_shard(model, threads, weights, profile=False)
     in_ort: dict[str, float] = collections.defaultdict(float)
     names = {}
     for name, runner in shard.runners.items():
@@ -101,36 +103,72 @@ def timed_pass(model: str, threads: int, weights: str, steps: int) -> dict:
         start[:] = time.perf_counter(), time.process_time()
 
     try:
-        decode(shard, steps, sampling.append, after_prefill)
+        drive(sampling.append, after_prefill)
         wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
     finally:
         for meth, plain in patched.items():
             setattr(ort.InferenceSession, meth, plain)
-    shard.close()
     return {"wall": wall / steps, "cpu": cpu / steps, "sampling": sum(sampling) / steps,
             "ort": {n: v / steps for n, v in in_ort.items()}}
+
+
+def timed_pass(model: str, threads: int, weights: str, steps: int) -> dict:
+    shard = open_shard(model, threads, weights, profile=False)
+    t = timed(shard, lambda on_sample, after_prefill: decode(shard, steps, on_sample, after_prefill), steps)
+    shard.close()
+    return t
+
+
+def print_causes(t: dict, shares: dict[str, collections.Counter], sampling: str, python: str) -> None:
+    """The markdown table of a step by cause: each session's time from the timed pass `t`, split by the profiled
+    pass's `shares`; then sampling and Python (the wall time left)."""
+    rows: list[tuple[str, float]] = []
+    for name, by_op in shares.items():
+        total = sum(by_op.values()) or 1
+        session_ms = t["ort"].get(name, 0.0) * 1000
+        for op, us in by_op.most_common():
+            rows.append((f"{name}: {op}", session_ms * us / total))
+    rest = t["wall"] - sum(t["ort"].values()) - t["sampling"]
+    rows += [(sampling, t["sampling"] * 1000), (python, rest * 1000)]
+    # on a loaded machine the wall time stretches; its shares times the CPU time estimate what a quiet core spends
+    print("| cause | wall ms/step | share | ≈ CPU ms/step |\n|---|---|---|---|")
+    for cause, ms in rows:
+        share = ms / (t["wall"] * 1000)
+        if ms >= 0.05:
+            print(f"| {cause} | {ms:.2f} | {100 * share:.0f} % | {share * t['cpu'] * 1000:.2f} |")
+
+
+def kernel_times(session, first_run: int, rows: bool = False) -> collections.Counter:
+    """Kernel time (µs) by op type over the session's runs from its `first_run`-th on (negative: from the end), and
+    the rest of those runs' time as "(onnxruntime between kernels)"; rows: MatMulNBits by its input's rows M."""
+    path = Path(session.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][first_run:]
+    by_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[0]["ts"]:
+            op = e["args"]["op_name"]
+            if rows and op == "MatMulNBits":
+                shape = next(iter(e["args"]["input_type_shape"][0].values()))
+                op = f"MatMulNBits M={int(np.prod(shape[:-1]))}"
+            by_op[op] += e["dur"]
+    by_op["(onnxruntime between kernels)"] = max(0, sum(r["dur"] for r in runs) - sum(by_op.values()))
+    return by_op
+
+
+def profile_shares(shard, first_run: int, rows: bool = False) -> dict[str, collections.Counter]:
+    """kernel_times of every session of a shard opened with profile=True, by slice name; closes the shard."""
+    shares = {name: kernel_times(r.session, first_run, rows) for name, r in shard.runners.items()
+              if getattr(r, "session", None) is not None}
+    shard.close()
+    return shares
 
 
 def profiled_pass(model: str, threads: int, weights: str, steps: int) -> dict[str, collections.Counter]:
     shard = open_shard(model, threads, weights, profile=True)
     decode(shard, steps)
-    shares = {}
-    for name, runner in shard.runners.items():
-        session = getattr(runner, "session", None)
-        if session is None:
-            continue
-        events = json.loads(Path(session.end_profiling()).read_text())
-        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-        after_prefill = runs[0]["ts"] + runs[0]["dur"]
-        by_op: collections.Counter = collections.Counter()
-        for e in events:
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > after_prefill:
-                by_op[e["args"]["op_name"]] += e["dur"]
-        run_total = sum(e["dur"] for e in runs[1:])
-        by_op["(onnxruntime between kernels)"] = max(0, run_total - sum(by_op.values()))
-        shares[name] = by_op
-    shard.close()
-    return shares
+    return profile_shares(shard, 1)  # the first run is the prefill
 
 
 def main() -> None:
@@ -142,24 +180,10 @@ def main() -> None:
     a = p.parse_args()
     t = timed_pass(a.model, a.threads, a.weights, a.steps)
     shares = profiled_pass(a.model, a.threads, a.weights, a.steps)
-    # each session's decode-step time from pass 1, split by the profile's decode-only shares of pass 2
-    rows: list[tuple[str, float]] = []
-    for name, by_op in shares.items():
-        total = sum(by_op.values()) or 1
-        session_ms = t["ort"].get(name, 0.0) * 1000
-        for op, us in by_op.most_common():
-            rows.append((f"{name}: {op}", session_ms * us / total))
-    python = t["wall"] - sum(t["ort"].values()) - t["sampling"]
-    rows += [("sampling (greedy)", t["sampling"] * 1000), ("Python (runtime, IO binding, embedding)", python * 1000)]
     print(f"load average {os.getloadavg()[0]:.1f}; {a.threads} thread(s); {a.steps} steps")
     print(f"wall {t['wall'] * 1000:.2f} ms/step ({1 / t['wall']:.1f} tok/s), CPU {t['cpu'] * 1000:.2f} ms/step\n")
-    # on a loaded machine the wall time stretches; its shares times the CPU time estimate what a quiet core spends
-    print("| cause | wall ms/step | share | ≈ CPU ms/step |\n|---|---|---|---|")
-    for cause, ms in rows:
-        share = ms / (t["wall"] * 1000)
-        if ms >= 0.05:
-            print(f"| {cause} | {ms:.2f} | {100 * share:.0f} % | {share * t['cpu'] * 1000:.2f} |")
-
+    # each session's decode-step time from pass 1, split by the profile's decode-only shares of pass 2
+    print_causes(t, shares, "sampling (greedy)", "Python (runtime, IO binding, embedding)")
 
 if __name__ == "__main__":
     main()

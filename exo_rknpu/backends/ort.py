@@ -32,6 +32,16 @@ except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but 
     ort = None
     _IMPORT_ERROR = e
 
+# A batched call of fewer rows than this, on a slice whose weights multiply float32 activations (--weights auto:
+# MatMulNBits accuracy level 1), runs as one call per row. onnxruntime 1.32 has a one-row kernel for those weights
+# that reads the 4-bit codes directly; from two rows on it widens the weights to float32 tile by tile and runs SGEMM
+# (SQ4BitBlkDequantBForSgemm_CompFp32), a fixed cost that only larger batches repay. Measured (CPU time, 1 thread,
+# docs/perf/batch_profile.py; MatMulNBits time of a batched step as a multiple of the lone step's): 1B shape Q4_0
+# layers 2.37x at 2 rows, 2.59x at 4, 3.10x at 8, its head 1.95x, 2.09x, 2.39x; smollm2 layers 2.73x at 2, head
+# 2.12x. So 2 rows cost more than two lone calls, 3 rows already less than three. Other weights (int8 activations,
+# float32) batch from 2 rows on.
+ROWS_APART = 3
+
 
 class OrtRunner:
     """A session, or a prepared model file whose session opens on the first call.
@@ -44,10 +54,14 @@ class OrtRunner:
     address, rebound only when the cache array changes), so a step copies no cache and allocates nothing but the
     layer state it returns. The slice's public contract is unchanged: it takes cos/sin/mask/past_k/past_v and returns
     k_new/v_new (the rows just written, which the shard stores again in place: a copy of a few rows).
+
+    A batched call (a decode step of B requests) with fewer than `rows_apart` rows runs as one call per row: see
+    ROWS_APART. Each row's call is then the lone call, bit for bit.
     """
 
     def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1,
-                 form: str = "split", rotary: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 form: str = "split", rotary: tuple[np.ndarray, np.ndarray] | None = None,
+                 rows_apart: int = 0) -> None:
         self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
         self.model_file = session if isinstance(session, Path) else None
         self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
@@ -60,6 +74,7 @@ class OrtRunner:
         self._bound: dict[str, tuple] = {}  # gqa: what each cache input/output is bound to (address, shape)
         self._state_outputs: list[tuple[str, int]] = []  # gqa: the layer-state outputs [B,S,width]
         self._lock = threading.Lock()  # one IO binding per runner: one call at a time
+        self.rows_apart = rows_apart
 
     def _open(self) -> "ort.InferenceSession":
         if self.session is None:
@@ -72,6 +87,12 @@ class OrtRunner:
         return self.session
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = batch_rows(inputs)
+        if 1 < rows < self.rows_apart:
+            return join_rows([self._run_call(row_of(inputs, b)) for b in range(rows)])
+        return self._run_call(inputs)
+
+    def _run_call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._open()
         if self.form == "gqa" and self.n_cache_layers:
             with self._lock:
@@ -139,6 +160,33 @@ class OrtRunner:
     def close(self) -> None:
         self.session = self.model_file = self._binding = None
         self._bound.clear()
+
+
+def batch_rows(inputs: dict[str, np.ndarray]) -> int:
+    """Requests in a call: a batched decode step's inputs hold one row per request on axis 0, its caches
+    [n,B,kv,C,hd] on axis 1; a lone call's are 1 and [n,kv,C,hd]."""
+    caches = inputs.get("past_k")
+    if caches is not None:
+        return caches.shape[1] if caches.ndim == 5 else 1
+    return min((a.shape[0] for a in inputs.values() if a.ndim), default=1)
+
+
+def row_of(inputs: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
+    """Row b of a batched call's inputs, still batched (B = 1): views, nothing copied."""
+    return {k: v[:, b : b + 1] if k in ("past_k", "past_v") else v[b : b + 1] for k, v in inputs.items()}
+
+
+def join_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The outputs of one call per row as the batched call returns them: rows on axis 0, the new cache rows
+    k_new/v_new [n*B,kv,S,hd] layer-major."""
+    out = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        if name in ("k_new", "v_new"):
+            out[name] = np.stack(arrays, axis=1).reshape(-1, *arrays[0].shape[1:])
+        else:
+            out[name] = np.concatenate(arrays, axis=0)
+    return out
 
 
 def cached_positions(mask: np.ndarray, capacity: int) -> np.ndarray:
@@ -220,6 +268,8 @@ class OrtBackend:
         form = self.attention_form(spec, weights)
         rotary = self._rotary_tables(weights, buckets) if form == "gqa" else None
         opts = session_options(self.threads)
+        fp32_activations = any(isinstance(w, QTensor) and w.fp32_activations for w in _slice_tensors(spec, weights))
+        rows_apart = ROWS_APART if fp32_activations else 0
         model_file = None
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
         cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
@@ -233,9 +283,9 @@ class OrtBackend:
                 if external:
                     opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary)
+                return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart)
             model_file = cache.store(key, model, external)
-        return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary)
+        return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart)
 
     def attention_form(self, spec: SliceSpec, weights: ShardWeights) -> str:
         """How a slice's attention is written (slices/onnx_export.py ATTENTION_FORMS): GroupQueryAttention extending

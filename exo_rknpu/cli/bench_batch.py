@@ -8,7 +8,8 @@ interleaved step by step: each step, one set's n requests take their steps one a
 other set's take theirs as one batch, in alternating order. So both see the same machine at the same moment (a
 shared, busy host's load changes within seconds). Figures are medians over rounds. Aggregate decode tok/s = n *
 gen_tokens / decode seconds; per-request latency = the time a request waits for each of its tokens (sequential:
-one lone step; batched: one batched step).
+one lone step; batched: one batched step). The same is reported in CPU time (time.process_time: every thread of
+this process), which other jobs on a shared machine stretch far less than wall time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class Level:
     batched_latency_ms: float
     latency_ratio: float  # batched / lone
     same_tokens: bool
+    sequential_cpu_ms: float  # CPU time per token of a lone step
+    batched_cpu_ms: float  # CPU time of a batched step
+    cpu_gain: float  # requests * sequential_cpu_ms / batched_cpu_ms
+    cpu_latency_ratio: float  # batched_cpu_ms / sequential_cpu_ms
 
 
 def levels(n: int) -> list[int]:
@@ -62,12 +67,14 @@ def _prefill(shard: ShardRunner, prompts: list[list[int]]) -> tuple[list[str], l
     return ids, tokens
 
 
-def decode(shard: ShardRunner, prompts: list[list[int]], steps: int) -> tuple[float, float, bool]:
+def decode(shard: ShardRunner, prompts: list[list[int]], steps: int) -> tuple[float, float, bool, float, float]:
     """Greedy `steps` tokens for every prompt, one set of requests one after another and another set batched,
-    interleaved step by step; (sequential seconds, batched seconds, whether both sets got the same tokens)."""
+    interleaved step by step; (sequential seconds, batched seconds, whether both sets got the same tokens,
+    sequential CPU seconds, batched CPU seconds)."""
     seq_ids, seq_tok = _prefill(shard, prompts)
     bat_ids, bat_tok = _prefill(shard, prompts)
     seconds = {"seq": 0.0, "batch": 0.0}
+    cpu = {"seq": 0.0, "batch": 0.0}
 
     def sequential() -> None:
         for rid, tok in zip(seq_ids, seq_tok):
@@ -81,10 +88,11 @@ def decode(shard: ShardRunner, prompts: list[list[int]], steps: int) -> tuple[fl
     try:
         for i in range(steps):
             for name, fn in (("seq", sequential), ("batch", batched))[:: 1 if i % 2 == 0 else -1]:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
                 seconds[name] += time.perf_counter() - t
-        return seconds["seq"], seconds["batch"], seq_tok == bat_tok
+                cpu[name] += time.process_time() - c
+        return seconds["seq"], seconds["batch"], seq_tok == bat_tok, cpu["seq"], cpu["batch"]
     finally:
         for rid in seq_ids + bat_ids:
             shard.drop(rid)
@@ -92,15 +100,19 @@ def decode(shard: ShardRunner, prompts: list[list[int]], steps: int) -> tuple[fl
 
 def measure_level(shard: ShardRunner, prompts: list[list[int]], steps: int, repeats: int) -> Level:
     n = len(prompts)
-    seq_s, bat_s, same = [], [], True
+    seq_s, bat_s, seq_c, bat_c, same = [], [], [], [], True
     for _ in range(repeats):
-        ts, tb, ok = decode(shard, prompts, steps)
+        ts, tb, ok, cs, cb = decode(shard, prompts, steps)
         seq_s.append(ts)
         bat_s.append(tb)
+        seq_c.append(cs)
+        bat_c.append(cb)
         same = same and ok
     ts, tb = statistics.median(seq_s), statistics.median(bat_s)
     lone_ms, batch_ms = ts / (n * steps) * 1e3, tb / steps * 1e3
-    return Level(n, n * steps / ts, n * steps / tb, ts / tb, lone_ms, batch_ms, batch_ms / lone_ms, same)
+    lone_cpu, batch_cpu = statistics.median(seq_c) / (n * steps) * 1e3, statistics.median(bat_c) / steps * 1e3
+    return Level(n, n * steps / ts, n * steps / tb, ts / tb, lone_ms, batch_ms, batch_ms / lone_ms, same,
+                 lone_cpu, batch_cpu, n * lone_cpu / batch_cpu, batch_cpu / lone_cpu)
 
 
 def run_batching(p: BenchPlan, as_json: bool) -> int:
@@ -137,11 +149,13 @@ def run_batching(p: BenchPlan, as_json: bool) -> int:
           f"{o.gen_tokens} decode steps per request (sequential and batched interleaved step by step), medians of "
           f"{o.repeat} rounds; load average {load_start:.1f} -> {load_end:.1f} on {os.cpu_count()} CPUs")
     print(f"{'requests':>8s} {'sequential tok/s':>16s} {'batched tok/s':>13s} {'gain':>6s} "
-          f"{'lone ms/token':>13s} {'batched ms/token':>16s} {'latency':>8s} {'same tokens':>11s}")
+          f"{'lone ms/token':>13s} {'batched ms/token':>16s} {'latency':>8s} {'same tokens':>11s} "
+          f"{'CPU: lone ms':>12s} {'batched ms':>10s} {'gain':>6s} {'latency':>8s}")
     for lv in table:
         print(f"{lv.requests:8d} {lv.sequential_tok_s:16.1f} {lv.batched_tok_s:13.1f} {lv.gain:5.2f}x "
               f"{lv.sequential_latency_ms:13.1f} {lv.batched_latency_ms:16.1f} {lv.latency_ratio:7.2f}x "
-              f"{'yes' if lv.same_tokens else 'NO':>11s}")
+              f"{'yes' if lv.same_tokens else 'NO':>11s} {lv.sequential_cpu_ms:12.1f} {lv.batched_cpu_ms:10.1f} "
+              f"{lv.cpu_gain:5.2f}x {lv.cpu_latency_ratio:7.2f}x")
     return 0
 
 

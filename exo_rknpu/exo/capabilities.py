@@ -15,12 +15,12 @@ unit: the float16 size of the layers it can really keep, for the models it serve
 What it keeps is engine.holding: the placement plan's estimates (runtime/placement.py spec_bytes at
 bytes_per_weight), or on the npu backend the compiled slices' manifests (NpuBackend.resident_bytes); the models are
 those it serves whose files are here at start (without any: the weight form's bytes per weight; one it cannot plan
-is left out and named, MemoryRule.unplanned, and its requests refused with that reason). Holding back the
-larger end slice and one layer is what makes exo's share fit: a node reporting R in a ring whose reported total
-covers the model's float16 size gets at most R/(float16 bytes of a layer) + 1 layers (exo rounds the split to
-whole layers), and whichever end it takes. A shard that still needs more than the budget (a ring too small for the
-model) is refused before it loads (engine.check_fits). The rule uses only fixed quantities, so the same machine
-reports the same number on every start (MemAvailable would not). On the RK3588 the NPU works out of the same
+is left out and named, MemoryRule.unplanned, left out of its mark, and its requests refused with that reason).
+Holding back the larger end slice and one layer is what makes exo's share fit: a node reporting R in a ring whose
+reported total covers the model's float16 size gets at most R/(float16 bytes of a layer) + 1 layers (exo rounds the
+split to whole layers), and whichever end it takes. A shard that still needs more than the budget (a ring too small
+for the model) is refused before it loads (engine.check_fits). The rule uses only fixed quantities, so the same
+machine reports the same number on every start (MemAvailable would not). On the RK3588 the NPU works out of the same
 system RAM, so there is no separate NPU memory to add.
 
 Every node started by `exo-rknpu node` (an exo-rknpu node, or a stock exo engine it starts) ends its reported
@@ -258,8 +258,11 @@ def plan_problem(options: NodeOptions, model_id: str) -> str | None:
 
 
 def detect(rule: MemoryRule, proc_root: Path = Path("/"), models: tuple[str, ...] = ()) -> NodeCapabilities:
-    """This machine's capabilities as exo should see them; `models`: the model ids this node serves (its mark)."""
-    mark = LauncherMark(f"rknpu/{rule.backend}", tuple(models)).text()
+    """This machine's capabilities as exo should see them; `models`: the model ids this node serves. Its mark lists
+    those it can plan: one in rule.unplanned is left out, so a ring of marked nodes gives its layers to the others
+    (ring_members.py) instead of to a node that would fail loading them."""
+    unplanned = {u.model_id for u in rule.unplanned}
+    mark = LauncherMark(f"rknpu/{rule.backend}", tuple(m for m in models if m not in unplanned)).text()
     memory = rule.reported_mb(mem_total_mb(proc_root))
     soc = rockchip_soc(proc_root)
     board = _read_dt(proc_root, "model").split("\n")[0]

@@ -128,8 +128,9 @@ def report_node(options: NodeOptions) -> None:
             rules.append((opts, rule))
             print(f"[exo-rknpu] this node {rule.explain(mem_total_mb())}", flush=True)
             for u in rule.unplanned:  # once per rule; RingNode.model_problem refuses its requests with the reason
-                print(f"[exo-rknpu] {u.reason}; it is left out of the memory this node reports, and requests for it "
-                      f"are refused with this reason", flush=True)
+                print(f"[exo-rknpu] {u.reason}; it is left out of the memory this node reports and of its mark (a "
+                      f"ring of exo-rknpu nodes gives its layers to the others), and requests for it are refused "
+                      f"with this reason", flush=True)
         return detect(rule, models=served_models(opts)).to_exo()
 
     dc.linux_device_capabilities = linux_device_capabilities
@@ -381,10 +382,25 @@ def _check_tensor_steps(Node: Any) -> None:
     replace_methods(Node, process_tensor, _process_tensor)
 
 
+class SentBack(RuntimeError):
+    """A prompt this node refuses, raised back to the peer that sent it (exo's gRPC server hands the sender the
+    message). Already reported to the ring in one line: exo's gRPC server logs it without a traceback."""
+
+
+class _OneLineSentBack(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SentBack):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused a prompt from a peer, raised back to it: %s", (record.exc_info[1],), None, None)
+        return True
+
+
 def _check_prompts(Node: Any) -> None:
     """A prompt a peer sends for a shard this node would not give itself is refused (named); a prompt this node's
     API took for a model the ring leaves this node out of goes to the ring's first node; an engine's expected
-    failure is reported to the ring, not raised as a traceback in exo's gRPC server."""
+    failure is reported to the ring, not raised as a traceback in exo's gRPC server, and also raised, in one line,
+    for a request no exo-rknpu API announced (a plain stock node's API: its process_prompt then fails at once
+    instead of waiting for its response timeout)."""
     original_process_prompt = Node.process_prompt
 
     async def process_prompt(self: Any, base_shard: Any, prompt: str, request_id: str | None = None,
@@ -394,16 +410,19 @@ def _check_prompts(Node: Any) -> None:
             problem = ring.shard_mismatch(base_shard)  # sent by a peer: the shard it believes this node holds
             if problem is not None:
                 await ring.report_failure(request_id, problem, "unavailable")
-                raise RuntimeError(problem)
+                raise SentBack(problem)
         elif ring is not None and self.id not in {p.node_id for p in node_partitions(self, base_shard.model_id)}:
             # this node's API took a request for a model the ring leaves this node out of: the first node runs it
             return await self.forward_prompt(base_shard, prompt, request_id, 0, inference_state)
+        announced = ring is not None and ring.announced(request_id)
         try:
             return await original_process_prompt(self, base_shard, prompt, request_id, inference_state)
         except Exception as e:
             await _report_engine_failure(self, request_id)
             if ring is None or not isinstance(e, ExoRknpuError):
                 raise
+            if not announced:  # a plain stock node's API started it: it hears no report, only the sender's error
+                raise SentBack(f"node {self.id}: {type(e).__name__}: {e}") from None
             return None  # reported to the ring (the client hears of it); not a traceback in exo's gRPC server
 
     replace_methods(Node, process_prompt)
@@ -476,10 +495,14 @@ async def sample_next(engine: Any, logits: Any, params: SamplingParams, generate
 def quiet_expected_errors(loop: asyncio.AbstractEventLoop) -> None:
     """One line, not a traceback, for expected conditions that surface outside a request's own path: a task of
     exo's that failed with one of exo-rknpu's errors (exo's preemptive shard load of a model that is not here),
-    and a malformed HTTP request (aiohttp logs "Error handling request" with a traceback)."""
+    a malformed HTTP request (aiohttp logs "Error handling request" with a traceback), and a prompt raised back
+    to its sender (SentBack: exo's gRPC server logs it with a traceback)."""
     from exo_rknpu.exo.http_guard import quiet_aiohttp_logs
 
     quiet_aiohttp_logs()
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _OneLineSentBack) for f in grpc_log.filters):
+        grpc_log.addFilter(_OneLineSentBack())
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         e = context.get("exception")

@@ -224,6 +224,11 @@ class RingNode:
         return (f"node {self.node.id} refuses the step: the sender expects it to hold layers {sent.start_layer}-"
                 f"{sent.end_layer} of {sent.model_id}, its own partition gives it {own}")
 
+    def announced(self, request_id: str | None) -> bool:
+        """True if an exo-rknpu API (of any node the launcher started) announced this live request: its API hears
+        of the ring's failure reports. A plain stock node's API announces nothing."""
+        return request_id in self.params
+
     def sampling(self, request_id: str, inference_state: Any) -> SamplingParams:
         """The request's parameters on the node that samples: those carried in inference_state, else those its
         API announced, else exo's defaults (--default-temp) for a request exo-rknpu's API did not start."""

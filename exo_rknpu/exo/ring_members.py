@@ -12,6 +12,8 @@ The rule applied by every node the launcher starts (exo-rknpu nodes, and stock e
   exo's own strategy over every node: stock exo's partition, the same on every node;
 * every node carries the mark -> exo's own strategy over the nodes whose mark says they serve the requested model
   (all of them if none does); every node reads the same marks from the same topology, so all derive the same ring.
+  An exo-rknpu node's mark lists only the models it can plan (capabilities.detect), so a model whose files it has
+  but cannot plan goes to the others.
 
 `MixedRingPartitioning` is that strategy (its `partition` takes the model id); `patch_node_partitioning` makes exo's
 Node ask it with the model of the shard at hand. The module imports exo only inside functions.
@@ -179,10 +181,14 @@ class MixedRingPartitioning:
                         f"`exo-rknpu node --engine tinygrad -- ...` (it adds the card), or keep it out of this ring "
                         f"(`--node-id-filter` with the other nodes' ids, on every node)")
             if mark is not None and not mark.serves(model_id):
-                return (f"{where} (plain stock exo node in the ring: {', '.join(plain)}; exo's partition then covers "
-                        f"every node), but {nid} ({mark.engine}) has no card for {model_id} (it serves "
-                        f"{', '.join(mark.models) or 'nothing'}). Fix: keep the plain stock node(s) out of this ring, "
-                        f"or start them with `exo-rknpu node`, so the ring can leave {nid} out")
+                why = (f"plain stock exo node in the ring: {', '.join(plain)}; exo's partition then covers every node"
+                       if plain else f"no node's mark lists {model_id}")
+                fix = (f"keep the plain stock node(s) out of this ring, or start them with `exo-rknpu node`, so the "
+                       f"ring can leave {nid} out" if plain else f"add a node that serves {model_id} to the ring")
+                return (f"{where} ({why}), but {nid} ({mark.engine}) does not serve {model_id}: its mark lists "
+                        f"{', '.join(mark.models) or 'nothing'} (a node leaves out a model it has no card for, or "
+                        f"whose files it has but cannot plan: it names the model and the reason at start, and its "
+                        f"API answers requests for it with that reason). Fix: {fix}")
         return None
 
 

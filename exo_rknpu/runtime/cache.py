@@ -6,6 +6,16 @@ with batch buckets, where each request keeps its own arrays).
 Caches are handed to backends as they are (no per-call copy). A KVCache grows in context-bucket steps (never
 per token) and is always exactly one bucket long, so the NPU only sees compiled shapes; a KVPool (onnxruntime,
 numpy: any shape) grows in small steps.
+
+Why two ways of holding a batch's caches: the two kinds of batch graph take them differently, and each way hands
+its graphs the caches as they are. onnxruntime's and numpy's graphs take one [B, kv, C, hd] float32 block per layer
+for the whole batch: the pool keeps the requests in consecutive slots so that block is a view, where per-request
+arrays would be gathered into a new block every step (every request's whole cache, per layer). The NPU's batch
+graph (slices/npu_form.py::build_npu_batch_onnx) takes each row's cache as an input of its own, float16 in the NPU
+form and exactly one context bucket long, and pads a batch to its compiled size by repeating a row: a request's
+own KVCache is that input already (and the one its lone steps take), so there is nothing to pool, and a pool's slot
+moves on release and shared growth would only add copies. Making them one would mean a pool with both layouts and
+per-row views; not done, as the NPU path is checked in the simulator only.
 """
 
 from __future__ import annotations

@@ -149,3 +149,46 @@ def test_plain_stock_node_without_a_card_is_named_at_once(tmp_path):
         assert "Unsupported model: unsloth/Llama-3.2-1B-Instruct" in ring.log("plain")
     finally:
         ring.stop()
+
+
+def test_beside_a_plain_stock_node_a_model_the_exo_rknpu_node_cannot_plan_fails_at_once_naming_it(tmp_path):
+    """exo's partition over every node gives the exo-rknpu node (it reports more memory: int4) the first layers of
+    llama-3.2-1b, a model stock exo has a card for but whose files in the node's --model-dir it cannot plan (its mark
+    leaves it out; a plain node ignores marks). The plain node has the model's tokenizer under its repo's name
+    (SmolLM2's: it never runs a layer). Through the plain node's API, which hears none of the ring's reports, the
+    request fails at once with the node's name and reason (it raises it back to the sender); through the exo-rknpu
+    node's API, 404 with the reason it gave at start."""
+    from transformers import AutoTokenizer
+
+    from exo_helpers import write_unsupported_model
+    from stock_exo import offline_env
+
+    from exo_rknpu.model.zoo import resolve_model
+
+    gguf = resolve_model(MODEL).path
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(
+        str(tmp_path / "exo-home" / "downloads" / "unsloth--Llama-3.2-1B-Instruct"))
+    write_unsupported_model(tmp_path / "models" / "llama-3.2-1b")
+    rk = {"engine": "rknpu", "backend": "onnx", "memory": 200000,
+          "extra": ["--weights", "int4", "--model-dir", str(tmp_path / "models")]}
+    ring = Ring(tmp_path, {"rk": rk, "plain": {"engine": "plain-tinygrad"}},
+                env=offline_env(tmp_path / "exo-home", tmp_path / "tmp"))
+    try:
+        ring.start()
+        said = [line.removeprefix("[exo-rknpu] ").split("; it is left out")[0] for line in ring.log("rk").splitlines()
+                if "cannot serve llama-3.2-1b" in line and "left out of the memory" in line]
+        assert len(said) == 1, ring.log("rk")[-3000:]
+        t = time.perf_counter()
+        status, body = chat(ring.url("plain", "/v1/chat/completions"), stream=False, model="llama-3.2-1b")
+        elapsed = time.perf_counter() - t
+        print(f"\nplain stock node's API, llama-3.2-1b that rk cannot plan: HTTP {status} in {elapsed:.1f} s: {body}")
+        detail = " ".join(str(body.get("detail") if isinstance(body, dict) else body).split())
+        reason = said[0].removeprefix("this node cannot serve llama-3.2-1b: ")
+        assert status == 500 and "node rk: UnsupportedModelError: " in detail and reason in detail, body
+        assert elapsed < 30
+        assert re.search(r"ring for llama-3\.2-1b: rk \[0, [0-9.]+\), plain .*exo's partition over every node "
+                         r"\(plain stock exo node in the ring: plain\)", ring.log("rk")), ring.log("rk")[-3000:]
+        status, body = chat(ring.url("rk", "/v1/chat/completions"), stream=False, model="llama-3.2-1b")
+        assert status == 404 and body["detail"] == said[0], body
+    finally:
+        ring.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from exo_helpers import needs_exo
-from exo_rknpu.exo.capabilities import LauncherMark, MemoryRule, detect, read_mark, with_mark
+from exo_rknpu.exo.capabilities import LauncherMark, MemoryRule, Unplanned, detect, read_mark, with_mark
 from exo_rknpu.exo.ring_members import layer_ranges, ring_members
 
 RK = LauncherMark("rknpu/onnx", ("smollm2-135m", "llama-3.2-1b")).text()
@@ -113,6 +113,22 @@ def test_with_a_plain_stock_node_every_launched_node_derives_stock_exos_partitio
         assert map_partitions_to_shards(ours, n_layers, model) == map_partitions_to_shards(stock, n_layers, model)
 
 
+def assert_every_node_leaves_out(nodes: dict, left_out: str, model: str, served_by_all: str) -> None:
+    """Whichever node computes it, the ring for `model` is exo's own strategy over every node but `left_out`, and
+    for `served_by_all` over every node."""
+    from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
+
+    from exo_rknpu.exo.ring_members import MixedRingPartitioning
+
+    exo = RingMemoryWeightedPartitioningStrategy()
+    for self_id in nodes:
+        ours = MixedRingPartitioning(exo, self_id)
+        assert ours.partition(topology(nodes), model) == exo.partition(
+            topology({k: v for k, v in nodes.items() if k != left_out}))
+        assert ours.partition(topology(nodes), served_by_all) == exo.partition(topology(nodes))
+        assert ours.unservable(topology(nodes), model, 30) is None
+
+
 @needs_exo
 @pytest.mark.exo
 def test_without_plain_nodes_the_ring_leaves_out_nodes_that_cannot_serve_the_model(capsys):
@@ -121,12 +137,8 @@ def test_without_plain_nodes_the_ring_leaves_out_nodes_that_cannot_serve_the_mod
     from exo_rknpu.exo.ring_members import MixedRingPartitioning
 
     nodes = {"rk-a": (RK, 7000), "tg": (TG_NO_SMOL, 24000), "rk-b": (RK, 3000)}
+    assert_every_node_leaves_out(nodes, "tg", "smollm2-135m", served_by_all="llama-3.2-1b")
     exo = RingMemoryWeightedPartitioningStrategy()
-    for self_id in nodes:
-        ours = MixedRingPartitioning(exo, self_id)
-        assert ours.partition(topology(nodes), "smollm2-135m") == exo.partition(
-            topology({k: v for k, v in nodes.items() if k != "tg"}))
-        assert ours.partition(topology(nodes), "llama-3.2-1b") == exo.partition(topology(nodes))
     smol_only = {"rk-a": (RK, 7000), "tg": (LauncherMark("tinygrad", ("smollm2-135m",)).text(), 24000), "rk-b": (RK, 3000)}
     ours = MixedRingPartitioning(exo, "rk-b")
     capsys.readouterr()
@@ -165,7 +177,49 @@ def test_a_plain_stock_node_without_a_card_is_named_before_the_request_runs():
                               "exo node") and "stock exo has no card for smollm2-135m" in problem
     assert ours.unservable(topo, "llama-3.2-1b", 16) is None  # stock exo has that card: its engine is not known
     marked = topology({"rk": (RK, 2000), "tg": (TG_NO_SMOL, 3000), "cpu": (PLAIN_CPU, 100)})
-    assert "but tg (tinygrad) has no card for smollm2-135m" in ours.unservable(marked, "smollm2-135m", 30)
+    assert "but tg (tinygrad) does not serve smollm2-135m: its mark lists llama-3.2-1b" in ours.unservable(
+        marked, "smollm2-135m", 30)
+
+
+def unplannable_mark(model_id: str) -> str:
+    """The mark of an exo-rknpu node that serves every card but has files of `model_id` it cannot plan."""
+    rule = MemoryRule("onnx", 0, 2.0, memory_mb=100,
+                      unplanned=(Unplanned(model_id, f"this node cannot serve {model_id}: model type 'gemma'"),))
+    return detect(rule, models=("llama-3.2-1b", "smollm2-135m")).model
+
+
+def test_a_model_the_node_cannot_plan_is_left_out_of_its_mark():
+    assert read_mark(unplannable_mark("smollm2-135m")) == LauncherMark("rknpu/onnx", ("llama-3.2-1b",))
+
+
+@needs_exo
+@pytest.mark.exo
+def test_a_ring_of_marked_nodes_gives_a_model_one_cannot_plan_to_the_others():
+    """The reference: exo's own strategy over the nodes that can plan it."""
+    nodes = {"rk-a": (unplannable_mark("smollm2-135m"), 7000), "rk-b": (RK, 3000), "tg": (TG, 2000)}
+    assert_every_node_leaves_out(nodes, "rk-a", "smollm2-135m", served_by_all="llama-3.2-1b")
+
+
+@needs_exo
+@pytest.mark.exo
+def test_beside_a_plain_stock_node_a_node_that_cannot_plan_the_model_is_named_before_the_request_runs():
+    """exo's partition over every node gives it layers (a model stock exo has a card for): refused at once, naming
+    the node and why; and with no node that serves the model, the same."""
+    from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
+
+    from exo_rknpu.exo.ring_members import MixedRingPartitioning
+
+    ours = MixedRingPartitioning(RingMemoryWeightedPartitioningStrategy(), "rk-b")
+    mixed = topology({"rk-a": (unplannable_mark("llama-3.2-1b"), 7000), "rk-b": (RK, 3000), "cpu": (PLAIN_CPU, 9000)})
+    problem = ours.unservable(mixed, "llama-3.2-1b", 16)
+    assert problem.startswith("exo's partition gives node rk-a layers 7-12 of llama-3.2-1b (plain stock exo node in "
+                              "the ring: cpu; exo's partition then covers every node), but rk-a (rknpu/onnx) does not "
+                              "serve llama-3.2-1b: its mark lists smollm2-135m"), problem
+    assert "whose files it has but cannot plan" in problem and "Fix: keep the plain stock node(s) out" in problem
+    alone = topology({"rk-a": (unplannable_mark("llama-3.2-1b"), 7000)})
+    problem = ours.unservable(alone, "llama-3.2-1b", 16)
+    assert "(no node's mark lists llama-3.2-1b), but rk-a (rknpu/onnx) does not serve" in problem
+    assert problem.endswith("Fix: add a node that serves llama-3.2-1b to the ring"), problem
 
 
 @needs_exo

@@ -119,3 +119,22 @@ def test_requests_keep_their_answers_when_others_end_and_batches_take_any_subset
     for i in (0, 2, 3, 4):
         batch.drop(f"r{i}")
     assert batch.pool.slots == 0  # the last request's end frees the pool
+
+
+def test_two_requests_at_float32_activation_weights_get_their_lone_outputs_bit_for_bit(tiny_llama):
+    """At `auto` (4-bit blocks times float32 activations) a batch of two runs as one call per row on the onnx
+    backend (backends/ort.py ROWS_APART: onnxruntime's two-row kernel costs more than two one-row calls, and sums
+    in another order): each request's hidden states and logits are exactly its lone step's, bit for bit."""
+    lone, batch = _shards(tiny_llama, "onnx", "0-1,2-4", "auto"), _shards(tiny_llama, "onnx", "0-1,2-4", "auto")
+    for shards in (lone, batch):
+        for i, p in enumerate(PROMPTS):
+            x = np.array([p])
+            for shard in shards:
+                x = shard.forward(f"r{i}", x)
+    xs = [("r0", np.array([[3]])), ("r1", np.array([[9]]))]
+    for s_lone, s_batch in zip(lone, batch):  # each shard fed the same inputs: its own outputs are compared
+        got = s_batch.forward_batch(xs)
+        want = [s_lone.forward(rid, x, start=False) for rid, x in xs]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+        xs = [(rid, out) for (rid, _), out in zip(xs, got)]
+    assert lone[-1].stats.calls["head"] - batch[-1].stats.calls["head"] == 1  # the shard ran one batched step

@@ -198,3 +198,7 @@ def test_concurrency_without_placement_measures_batched_against_sequential_decod
         assert lv["same_tokens"] is True  # each batched request decodes exactly its sequential tokens
         assert lv["gain"] == pytest.approx(lv["batched_tok_s"] / lv["sequential_tok_s"])
         assert lv["latency_ratio"] == pytest.approx(lv["batched_latency_ms"] / lv["sequential_latency_ms"])
+        # the same in CPU time (what a shared machine's other jobs stretch least)
+        assert lv["sequential_cpu_ms"] > 0 and lv["batched_cpu_ms"] > 0
+        assert lv["cpu_gain"] == pytest.approx(lv["requests"] * lv["sequential_cpu_ms"] / lv["batched_cpu_ms"])
+        assert lv["cpu_latency_ratio"] == pytest.approx(lv["batched_cpu_ms"] / lv["sequential_cpu_ms"])
