@@ -5,43 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
-import platform
 import sys
 
 from exo_rknpu import __version__
 from exo_rknpu.cli.options import Parser
 from exo_rknpu.errors import ExoRknpuError, UsageError
-
-# glibc's malloc backs its heap with transparent huge pages when this tunable is set at process start (glibc 2.35+):
-# onnxruntime packs the weights into that heap, and 2 MiB pages instead of 4 KiB ones spare the decode step most of
-# its TLB misses (smollm2 at 1 thread: 5-8 % less CPU per step, alternating processes; docs/performance.md).
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def huge_pages_env(environ: dict[str, str], libc: tuple[str, str]) -> dict[str, str] | None:
-    """The environment to re-run this program in so that glibc's heap uses huge pages, or None when there is
-    nothing to do: not glibc 2.35+, or GLIBC_TUNABLES already says how (the user's choice is kept)."""
-    name, version = libc
-    if name != "glibc" or tuple(int(v) for v in version.split(".")[:2] if v.isdigit()) < (2, 35):
-        return None
-    current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in current:
-        return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(t for t in (current, HUGE_PAGES_TUNABLE) if t)}
-
-
-def rerun_with_huge_pages() -> None:
-    """Replace this process by the same command with HUGE_PAGES_TUNABLE set (glibc reads tunables only at start);
-    returns where it cannot (other libc, exec refused). Nothing has been read or printed yet, so nothing is lost."""
-    env = huge_pages_env(dict(os.environ), platform.libc_ver()) if sys.platform == "linux" else None
-    if env is None:
-        return
-    try:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    except OSError:
-        return
-
 
 # Subcommand modules under exo_rknpu.cli; each defines add_parser(subparsers) and sets func=run.
 SUBCOMMANDS = ["generate", "bench", "compile", "toolkit", "inspect", "doctor", "node"]
@@ -64,10 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The program (argv None: this process's own command line, which it may re-run with huge pages first) or one
-    command given as `argv` (in-process callers: tests; the process is left as it is)."""
-    if argv is None:
-        rerun_with_huge_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
