@@ -13,7 +13,7 @@ the one onnxruntime's `MatMulNBits` (com.microsoft) takes, so the onnx backend h
 
 GGUF Q4_0 and Q8_0 blocks map onto this without re-quantizing (`from_gguf_blocks`): Q4_0 is value = d*(q-8) with
 q in 0..15, i.e. scale d, zero point 8 (only the nibble order is rearranged); Q8_0 is value = d*q with q an int8,
-i.e. code q+128 with zero point 128; Q4_1 is value = d*q + m, i.e. scale d, zero point 0, min m (`q4_1_exact`).
+i.e. code q+128 with zero point 128; Q4_1 is value = d*q + m, i.e. scale d, zero point 8, min m + 8d (`q4_1_exact`).
 The fp16 scale d widens to float32 exactly. Everything else is quantized from float32 by `quantize` (asymmetric
 min/max per block, zero always representable; see its docstring).
 
@@ -289,11 +289,19 @@ def q4_1_to_int4(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
 
 
 def q4_1_exact(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
-    """GGUF Q4_1 rows -> 4-bit blocks holding exactly the stored values (what --weights auto does): codes and
-    scale d as stored, zero point 0, and the block's m as `mins` (value = d*q + m). Multiplied with float32
-    activations: MatMulNBits takes only integer zero points at full speed, so the export adds m . blocksum(x)."""
+    """GGUF Q4_1 rows -> 4-bit blocks holding exactly the stored values (what --weights auto does), multiplied
+    with float32 activations; MatMulNBits takes only integer zero points at full speed, so the export adds
+    mins . blocksum(x).
+
+    Codes and scale d as stored, no zero-point array (MatMulNBits' default 8: its kernel without zero points runs
+    ~8 % faster) and mins m + 8d, so value = (q - 8)*d + (m + 8d) = d*q + m. That needs m + 8d exact in float32
+    (fp16 m and d: true unless their exponents are far apart); a tensor where it is not keeps zero point 0 and
+    mins m (value = (q - 0)*d + m). Either way the values are the stored ones, bit for bit."""
     codes, d, m = _q4_1_parts(raw, shape)
     n, nb = d.shape
+    shifted = m + np.float32(8) * d
+    if np.array_equal(shifted.astype(np.float64), m.astype(np.float64) + 8 * d.astype(np.float64)):
+        return QTensor(4, shape, 32, pack4(codes), d, None, "Q4_1 (exact)", True, shifted)
     zeros = np.zeros((n, -(-nb // 2)), np.uint8)
     return QTensor(4, shape, 32, pack4(codes), d, zeros, "Q4_1 (exact)", True, m)
 

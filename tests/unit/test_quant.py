@@ -46,6 +46,17 @@ def test_q4_1_kept_exactly_as_codes_scale_and_min():
     q = q4_1_exact(raw, reference.shape)
     assert q.bits == 4 and q.mins is not None and q.fp32_activations
     assert np.array_equal(q.dequantize(), reference)  # d*q + m, blocks of one sign and d == 0 included
+    # MatMulNBits' default zero point 8 (its faster kernel): the mins carry m + 8d
+    assert q.zero_points is None
+
+
+def test_q4_1_keeps_zero_point_0_where_m_plus_8d_is_not_a_float32():
+    raw, _, _ = _q4_1_case()
+    block = raw.reshape(96, 8, 20)
+    block[5, 3, 0:2] = np.array([2.0**-24], np.float16).view(np.uint8)  # d: fp16's smallest step
+    block[5, 3, 2:4] = np.array([1024.0], np.float16).view(np.uint8)  # m: 1024 + 8 * 2**-24 needs 32 bits
+    q = q4_1_exact(raw, (96, 256))
+    assert q.zero_points is not None and np.array_equal(q.dequantize(), gguf_dequantize(raw, GT.Q4_1))
 
 
 def test_q6_k_kept_exactly_as_8_bit_blocks_of_16():
