@@ -13,7 +13,6 @@ Prints one markdown table per N and a summary of CPU ms per step and per request
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_profile import open_shard, print_causes, profile_shares, timed  # noqa: E402
+from step_profile import open_shard, print_causes, profile_parser, profile_shares, timed  # noqa: E402
 
 
 def batch_steps(shard, n: int, steps: int, after_prefill=None, on_sample=None) -> list[list[int]]:
@@ -58,12 +57,8 @@ def profiled(model: str, threads: int, weights: str, n: int, steps: int) -> dict
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model", nargs="?", default="smollm2-135m")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=8)
+    p = profile_parser(__doc__, 8)
     p.add_argument("--sizes", default="1,2,4,8")
-    p.add_argument("--weights", default="auto")
     a = p.parse_args()
     shard = open_shard(a.model, a.threads, a.weights, profile=False)
     summary = []

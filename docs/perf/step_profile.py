@@ -171,13 +171,18 @@ def profiled_pass(model: str, threads: int, weights: str, steps: int) -> dict[st
     return profile_shares(shard, 1)  # the first run is the prefill
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def profile_parser(description: str, steps: int) -> argparse.ArgumentParser:
+    """The options every profile script here takes: model, threads, decode steps, weights form."""
+    p = argparse.ArgumentParser(description=description.split("\n")[0])
     p.add_argument("model", nargs="?", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--weights", default="auto")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = profile_parser(__doc__, 64).parse_args()
     t = timed_pass(a.model, a.threads, a.weights, a.steps)
     shares = profiled_pass(a.model, a.threads, a.weights, a.steps)
     print(f"load average {os.getloadavg()[0]:.1f}; {a.threads} thread(s); {a.steps} steps")
