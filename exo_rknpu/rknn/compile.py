@@ -333,7 +333,7 @@ def verify_samples(job: SliceJob, sh: dict[str, Any]) -> Iterator[tuple[dict[str
     yield to_npu_batch_inputs(spec, args, {**joined, **cache}), {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def batch_rows(got: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+def outputs_per_row(got: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
     """A decode batch graph's outputs per request: row b of the layer state ([1, B, width]) and request b's block of
     the new cache rows (stacked request-major: [B*n*kv, ...])."""
     return [{k: v[b * (len(v) // batch):(b + 1) * (len(v) // batch)] if k in ("k_new", "v_new") else v[:, b:b + 1]
@@ -399,7 +399,7 @@ def verify(job: SliceJob, builds: list[BuildJob]) -> tuple[dict[str, float], dic
                 got = {k: z[k] for k in z.files}
             batch = sample["mask"].shape[0] if "mask_0" in b.inputs else None  # a batch graph: rows stacked
             rows = ([{k: v[r] for k, v in sample.items()} for r in range(batch)] if batch else [sample])
-            for sample, out in zip(rows, batch_rows(got, batch) if batch else [got]):
+            for sample, out in zip(rows, outputs_per_row(got, batch) if batch else [got]):
                 if spec.kind == "layers" and spec.kv_layout == "npu":
                     out = npu_outputs_to_seq(out, job.weights.args)
                 f = _figures(spec, sample, _ort_reference(spec, job.weights, [sample])[0], out)
