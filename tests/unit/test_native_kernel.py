@@ -75,6 +75,15 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @pytest.mark.parametrize("isa", list(BUILDS))
+def test_each_build_compiles_the_code_path_it_is_named_for(builds, isa):
+    nat = build(builds, isa)
+    expected = BUILDS[isa][1]
+    if expected is None:
+        expected = "avx512vnni" if "avx512" in builds else "avx2" if "avx2" in builds else nat.isa
+    assert nat.isa == expected
+
+
+@pytest.mark.parametrize("isa", list(BUILDS))
 @pytest.mark.parametrize("fmt", list(FMTS))
 @pytest.mark.parametrize("M", [1, 2, 3, 8])
 @pytest.mark.parametrize("N,K", [(1, 32), (17, 64), (45, 96), (64, 256), (33, 1024)])
