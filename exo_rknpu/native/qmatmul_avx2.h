@@ -16,7 +16,7 @@ static inline __attribute__((always_inline)) void avx2_chunk(const int fmt, cons
                                                              const uint8_t* sg, int64_t nb, const void* qa, int64_t K,
                                                              int64_t m0, float* y, int64_t N, int64_t n0, int h,
                                                              int64_t rows) {
-    const int64_t cbb = fmt == EXO_Q8_0 ? 512 : 256, sbb = fmt == EXO_Q4_1 ? 64 : 32;
+    const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
     const int32_t bias = fmt == EXO_Q4_0 ? -8 : 0;
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones16 = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     act_row a[4];
@@ -81,27 +81,5 @@ static inline __attribute__((always_inline)) void avx2_chunk(const int fmt, cons
     }
 }
 
-#define AVX2_CHUNKS(F)                                                                      \
-    switch (mc) {                                                                           \
-        case 1: avx2_chunk(F, 1, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;        \
-        case 2: avx2_chunk(F, 2, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;        \
-        case 3: avx2_chunk(F, 3, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;        \
-        default: avx2_chunk(F, 4, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;       \
-    }
 
-static void group_avx2(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K,
-                       int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {
-    const uint8_t* cg = codes + g * nb * (fmt == EXO_Q8_0 ? 512 : 256);
-    const uint8_t* sg = scales + g * nb * (fmt == EXO_Q4_1 ? 64 : 32);
-    for (int h = 0; h < 2 && 8 * h < rows; h++)
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int mc = (int)(M - m0 < 4 ? M - m0 : 4);
-            if (fmt == EXO_Q4_0) {
-                AVX2_CHUNKS(EXO_Q4_0)
-            } else if (fmt == EXO_Q4_1) {
-                AVX2_CHUNKS(EXO_Q4_1)
-            } else {
-                AVX2_CHUNKS(EXO_Q8_0)
-            }
-        }
-}
+EXO_GROUP_FN(group_avx2, avx2_chunk, 8, 4)

@@ -24,7 +24,7 @@ static inline __attribute__((always_inline)) void neon_chunk(const int fmt, cons
                                                              const uint8_t* sg, int64_t nb, const void* qa, int64_t K,
                                                              int64_t m0, float* y, int64_t N, int64_t n0, int h,
                                                              int64_t rows) {
-    const int64_t cbb = fmt == EXO_Q8_0 ? 512 : 256, sbb = fmt == EXO_Q4_1 ? 64 : 32;
+    const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
     const int32_t bias = fmt == EXO_Q4_0 ? -8 : 0;
     const uint8x16_t low4 = vdupq_n_u8(0x0f), flip = vdupq_n_u8(0x80);
     act_row a[4];
@@ -89,27 +89,5 @@ static inline __attribute__((always_inline)) void neon_chunk(const int fmt, cons
     }
 }
 
-#define NEON_CHUNKS(F)                                                                      \
-    switch (mc) {                                                                           \
-        case 1: neon_chunk(F, 1, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;        \
-        case 2: neon_chunk(F, 2, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;        \
-        case 3: neon_chunk(F, 3, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;        \
-        default: neon_chunk(F, 4, cg, sg, nb, qa, K, m0, y, N, g * G, h, rows); break;       \
-    }
 
-static void group_neon(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K,
-                       int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {
-    const uint8_t* cg = codes + g * nb * (fmt == EXO_Q8_0 ? 512 : 256);
-    const uint8_t* sg = scales + g * nb * (fmt == EXO_Q4_1 ? 64 : 32);
-    for (int h = 0; h < 2 && 8 * h < rows; h++)
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int mc = (int)(M - m0 < 4 ? M - m0 : 4);
-            if (fmt == EXO_Q4_0) {
-                NEON_CHUNKS(EXO_Q4_0)
-            } else if (fmt == EXO_Q4_1) {
-                NEON_CHUNKS(EXO_Q4_1)
-            } else {
-                NEON_CHUNKS(EXO_Q8_0)
-            }
-        }
-}
+EXO_GROUP_FN(group_neon, neon_chunk, 8, 4)
