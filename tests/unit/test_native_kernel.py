@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,29 @@ def test_emulated_aarch64_builds_equal_the_reference_bit_for_bit(target, tmp_pat
     cases = [(1, 45, 576), (3, 17, 64), (8, 200, 2048)]
     lines = arm64.check(target, cases, tmp_path)
     assert len(lines) == 3 * len(cases)
+
+
+def test_calls_on_whole_row_groups_from_several_threads_fill_in_the_one_call_result(builds):
+    """How the onnxruntime op splits N: each thread its own whole row groups, all writing one y at once (ctypes
+    releases the GIL, so the calls really overlap)."""
+    nat = builds["native"]
+    rng = np.random.default_rng(11)
+    N, K, M = 16 * 37 + 5, 576, 8
+    d, codes, m = random_matrix(Q4_1, N, K, rng)
+    x = activations(M, K, rng)
+    packed = pack(Q4_1, d, codes, m)
+    qa = np.empty(nat.lib.exo_act_bytes(M, K), np.uint8)
+    nat.lib.exo_quantize_act(x.ctypes.data, M, K, qa.ctypes.data)
+    y = np.full((M, N), np.nan, np.float32)
+    cuts = [0, 16 * 5, 16 * 6, 16 * 20, 16 * 36, N]
+
+    def run(begin: int, end: int) -> None:
+        for _ in range(20):
+            nat.lib.exo_qmatmul_rows(Q4_1, packed.ctypes.data, N, K, qa.ctypes.data, M, y.ctypes.data, begin, end)
+
+    threads = [threading.Thread(target=run, args=(b, e)) for b, e in zip(cuts, cuts[1:])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert same_bits(y, qmatmul(Q4_1, packed, N, K, x, native=nat))
