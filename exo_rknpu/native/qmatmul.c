@@ -30,6 +30,9 @@
 #include <immintrin.h>
 #elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)
 #define EXO_AVX2 1
+#if defined(__AVXVNNI__)
+#define EXO_AVXVNNI 1
+#endif
 #include <immintrin.h>
 #elif !defined(EXO_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
 #define EXO_NEON 1
@@ -232,7 +235,11 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
 #elif defined(EXO_AVX2)
 #include "qmatmul_avx2.h"
 #define GROUP_FN group_avx2
+#if defined(EXO_AVXVNNI)
+#define ISA_NAME "avx2-vnni"
+#else
 #define ISA_NAME "avx2"
+#endif
 #elif defined(EXO_NEON)
 #include "qmatmul_neon.h"
 #define GROUP_FN group_neon
