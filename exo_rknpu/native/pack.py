@@ -45,10 +45,25 @@ def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
     return a.reshape((groups, ROW_GROUP) + a.shape[1:])
 
 
+def _half(name: str, s: np.ndarray | None, N: int, nb: int) -> np.ndarray:
+    """s as float16 [N, nb]: float16 as it is, float32 only when every value is a float16 (nothing is rounded)."""
+    if not isinstance(s, np.ndarray) or s.shape != (N, nb) or s.dtype not in (np.float16, np.float32):
+        got = None if s is None else (getattr(s, "dtype", type(s).__name__), getattr(s, "shape", None))
+        raise ValueError(f"native kernel: {name} must be float16 (or float32 holding float16 values) [N, K/32] = "
+                         f"[{N}, {nb}], got {got}")
+    with np.errstate(over="ignore"):
+        h = s.astype(np.float16)
+    if s.dtype != np.float16 and not np.array_equal(h.astype(np.float32), s, equal_nan=True):
+        raise ValueError(f"native kernel: {name} holds values that are not float16 (the formats' scales are fp16; "
+                         "re-quantize rather than round them)")
+    return h
+
+
 def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
     """The packed bytes (1-D uint8, packed_bytes(fmt, N, K) long) of an N x K block-quantized matrix.
 
-    d: float16 [N, K/32] block scales; m: float16 [N, K/32] block minimums (Q4_1 only); codes: [N, K] integers, one
+    d: float16 [N, K/32] block scales; m: float16 [N, K/32] block minimums (Q4_1 only) (float32 arrays are taken
+    when every value is a float16, e.g. GGUF scales widened); codes: [N, K] integers, one
     per weight: 0..15 for Q4_0 (weight = d * (q - 8)) and Q4_1 (weight = d * q + m), -128..127 for Q8_0 (d * q).
     Layout per group g of 16 rows and block b of 32 k: codes in 64-byte chunks c, byte c*64 + r*4 + j holding row
     16g+r's k = 32b+4c+j (Q8_0, as code + 128) or k = 32b+4c+j (low nibble) and 32b+16+4c+j (high nibble) (Q4_*);
@@ -64,13 +79,9 @@ def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None
     lo, hi = (-128, 127) if fmt == Q8_0 else (0, 15)
     if not np.issubdtype(codes.dtype, np.integer) or (codes.size and (codes.min() < lo or codes.max() > hi)):
         raise ValueError(f"native kernel: codes must be integers in {lo}..{hi} for this format")
-    scales = [("d", d)] + ([("m", m)] if fmt == Q4_1 else [])
     if fmt != Q4_1 and m is not None:
         raise ValueError("native kernel: m (block minimums) is only for Q4_1")
-    for name, s in scales:
-        if s is None or not isinstance(s, np.ndarray) or s.dtype != np.float16 or s.shape != (N, nb):
-            got = None if s is None else (getattr(s, "dtype", type(s)), getattr(s, "shape", None))
-            raise ValueError(f"native kernel: {name} must be float16 [N, K/32] = [{N}, {nb}], got {got}")
+    scales = [_half("d", d, N, nb)] + ([_half("m", m, N, nb)] if fmt == Q4_1 else [])
     groups = -(-N // ROW_GROUP)
     # [groups, 16 rows, nb, 32 k] -> per (g, b): [chunk, row, 4 k]
     c = _grouped(codes.astype(np.int16), groups).reshape(groups, ROW_GROUP, nb, BLOCK)
@@ -81,7 +92,7 @@ def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None
         u = c.astype(np.uint8)
         nib = u[..., :16] | (u[..., 16:] << 4)  # k and k + 16 share a byte
         code_bytes = nib.reshape(groups, ROW_GROUP, nb, 4, 4).transpose(0, 2, 3, 1, 4)
-    scale_bytes = np.stack([_grouped(s, groups).transpose(0, 2, 1) for _, s in scales], axis=2)  # g, b, which, row
+    scale_bytes = np.stack([_grouped(s, groups).transpose(0, 2, 1) for s in scales], axis=2)  # g, b, which, row
     out = np.concatenate([np.ascontiguousarray(code_bytes).reshape(-1),
                           np.ascontiguousarray(scale_bytes.astype("<f2")).view(np.uint8).reshape(-1)])
     assert out.size == packed_bytes(fmt, N, K)
