@@ -84,12 +84,12 @@ def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None
     scales = [_half("d", d, N, nb)] + ([_half("m", m, N, nb)] if fmt == Q4_1 else [])
     groups = -(-N // ROW_GROUP)
     # [groups, 16 rows, nb, 32 k] -> per (g, b): [chunk, row, 4 k]
-    c = _grouped(codes.astype(np.int16), groups).reshape(groups, ROW_GROUP, nb, BLOCK)
     if fmt == Q8_0:
-        u = (c + 128).astype(np.uint8).reshape(groups, ROW_GROUP, nb, 8, 4)
+        u = codes.astype(np.int8).view(np.uint8) ^ np.uint8(0x80)  # code + 128
+        u = _grouped(u, groups).reshape(groups, ROW_GROUP, nb, 8, 4)
         code_bytes = u.transpose(0, 2, 3, 1, 4)  # g, b, chunk, row, j
     else:
-        u = c.astype(np.uint8)
+        u = _grouped(codes.astype(np.uint8), groups).reshape(groups, ROW_GROUP, nb, BLOCK)
         nib = u[..., :16] | (u[..., 16:] << 4)  # k and k + 16 share a byte
         code_bytes = nib.reshape(groups, ROW_GROUP, nb, 4, 4).transpose(0, 2, 3, 1, 4)
     scale_bytes = np.stack([_grouped(s, groups).transpose(0, 2, 1) for s in scales], axis=2)  # g, b, which, row
