@@ -267,3 +267,15 @@ def test_calls_on_whole_row_groups_from_several_threads_fill_in_the_one_call_res
     for t in threads:
         t.join()
     assert same_bits(y, qmatmul(Q4_1, packed, N, K, x, native=nat))
+
+
+def test_pack_in_steps_of_row_groups_gives_the_bytes_of_one_step(monkeypatch):
+    """pack() bounds its temporaries by packing a few row groups at a time; the bytes do not depend on the step."""
+    pack_module = importlib.import_module("exo_rknpu.native.pack")  # the module (the package exports the function)
+    rng = np.random.default_rng(4)
+    for fmt in FMTS.values():
+        d, codes, m = random_matrix(fmt, 16 * 9 + 3, 128, rng)
+        whole = pack(fmt, d, codes, m)
+        monkeypatch.setattr(pack_module, "_ELEMENTS_PER_STEP", 16 * 128 * 2)  # two groups a step, five steps
+        assert np.array_equal(pack(fmt, d, codes, m), whole)
+        monkeypatch.undo()
