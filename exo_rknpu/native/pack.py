@@ -47,17 +47,12 @@ def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _half(name: str, s: np.ndarray | None, N: int, nb: int) -> np.ndarray:
-    """s as float16 [N, nb]: float16 as it is, float32 only when every value is a float16 (nothing is rounded)."""
-    if not isinstance(s, np.ndarray) or s.shape != (N, nb) or s.dtype not in (np.float16, np.float32):
+    """s, checked to be float16 [N, nb] (the formats' scales are fp16; a caller holding float32 converts exactly,
+    model/quant.py native_parts)."""
+    if not isinstance(s, np.ndarray) or s.shape != (N, nb) or s.dtype != np.float16:
         got = None if s is None else (getattr(s, "dtype", type(s).__name__), getattr(s, "shape", None))
-        raise ValueError(f"native kernel: {name} must be float16 (or float32 holding float16 values) [N, K/32] = "
-                         f"[{N}, {nb}], got {got}")
-    with np.errstate(over="ignore"):
-        h = s.astype(np.float16)
-    if s.dtype != np.float16 and not np.array_equal(h.astype(np.float32), s, equal_nan=True):
-        raise ValueError(f"native kernel: {name} holds values that are not float16 (the formats' scales are fp16; "
-                         "re-quantize rather than round them)")
-    return h
+        raise ValueError(f"native kernel: {name} must be float16 [N, K/32] = [{N}, {nb}], got {got}")
+    return s
 
 
 def _pack_groups(fmt: int, codes: np.ndarray, scales: list[np.ndarray], groups: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,8 +73,7 @@ def _pack_groups(fmt: int, codes: np.ndarray, scales: list[np.ndarray], groups: 
 def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
     """The packed bytes (1-D uint8, packed_bytes(fmt, N, K) long) of an N x K block-quantized matrix.
 
-    d: float16 [N, K/32] block scales; m: float16 [N, K/32] block minimums (Q4_1 only) (float32 arrays are taken
-    when every value is a float16, e.g. GGUF scales widened); codes: [N, K] integers, one per weight: 0..15 for Q4_0
+    d: float16 [N, K/32] block scales; m: float16 [N, K/32] block minimums (Q4_1 only); codes: [N, K] integers, one per weight: 0..15 for Q4_0
     (weight = d * (q - 8)) and Q4_1 (weight = d * q + m), -128..127 for Q8_0 (d * q).
     Layout per group g of 16 rows and block b of 32 k: codes in 64-byte chunks c, byte c*64 + r*4 + j holding row
     16g+r's k = 32b+4c+j (Q8_0, as code + 128) or k = 32b+4c+j (low nibble) and 32b+16+4c+j (high nibble) (Q4_*);
