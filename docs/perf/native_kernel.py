@@ -1,5 +1,8 @@
 """Microbenchmark of the native quantized matmul (exo_rknpu/native) against onnxruntime's MatMulNBits at accuracy
-level 1 (float32 activations: what --weights auto runs today), one thread each, the same weights, timed alternately.
+level 1 (float32 activations: what --weights auto runs today) and, when llama-cpp-python is installed, ggml's own
+mul_mat (llama.cpp's CPU library, called through ctypes on a plain context: the same GGUF blocks, its activations
+quantized to Q8_0/Q8_1; llama.cpp's model loader may repack Q4_0 for its GEMM, which this does not do), one thread
+each, the same weights, timed alternately.
 
     python docs/perf/native_kernel.py [--fmts Q4_0,Q4_1,Q8_0] [--rows 1,2,4,8] [--rounds 15] [--stream-mb 0]
 
@@ -14,9 +17,12 @@ is not a MatMulNBits zero point, so its row uses rounded zero points (the same w
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -89,11 +95,88 @@ def native_call(nat: Native, fmt: int, packed: list[np.ndarray], N: int, K: int,
 
 
 def ort_call(sessions: list[ort.InferenceSession], x: np.ndarray) -> Callable[[], None]:
+    return rotate([lambda s=s: s.run(None, {"x": x}) for s in sessions])
+
+
+GGML_TYPES = {0: 2, 1: 3, 2: 8}  # our fmt -> ggml_type (Q4_0, Q4_1, Q8_0)
+
+
+class GgmlParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def ggml_libs() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
+    """libggml-base and libggml-cpu from the llama_cpp package (not imported: its shared libraries only), or None."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    if not (lib / "libggml-base.so").exists() or not (lib / "libggml-cpu.so").exists():
+        return None
+    base = ctypes.CDLL(str(lib / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    cpu = ctypes.CDLL(str(lib / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    vp = ctypes.c_void_p
+    base.ggml_init.argtypes, base.ggml_init.restype = [GgmlParams], vp
+    base.ggml_new_tensor_2d.argtypes, base.ggml_new_tensor_2d.restype = [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], vp
+    base.ggml_mul_mat.argtypes, base.ggml_mul_mat.restype = [vp, vp, vp], vp
+    base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [vp], vp
+    base.ggml_build_forward_expand.argtypes, base.ggml_build_forward_expand.restype = [vp, vp], None
+    base.ggml_get_data.argtypes, base.ggml_get_data.restype = [vp], vp
+    base.ggml_free.argtypes, base.ggml_free.restype = [vp], None
+    cpu.ggml_graph_compute_with_ctx.argtypes, cpu.ggml_graph_compute_with_ctx.restype = [vp, vp, ctypes.c_int], ctypes.c_int
+    cpu.ggml_cpu_init.argtypes, cpu.ggml_cpu_init.restype = [], None
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+def gguf_blocks(w: Weights) -> np.ndarray:
+    """w as GGUF/ggml blocks [N, K/32, bytes]: fp16 d (+ fp16 m for Q4_1), then the codes (Q4: k and k+16 share a
+    byte, low nibble first; Q8_0: int8)."""
+    N, K = w.codes.shape
+    nb = K // 32
+    heads = [w.d] + ([w.m] if w.fmt == Q4_1 else [])
+    head = np.concatenate([h.astype("<f2").view(np.uint8).reshape(N, nb, 2) for h in heads], axis=2)
+    c = w.codes.reshape(N, nb, 32)
+    body = c.view(np.uint8) if w.fmt == Q8_0 else (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)
+    return np.concatenate([head, body], axis=2)
+
+
+class GgmlMatmul:
+    """One ggml context holding the weights, x [M, K] and y = mul_mat(w, x), computed on one thread."""
+
+    def __init__(self, libs: tuple[ctypes.CDLL, ctypes.CDLL], w: Weights, x: np.ndarray) -> None:
+        self.base, self.cpu = libs
+        blocks = gguf_blocks(w)
+        N, K = w.codes.shape
+        M = x.shape[0]
+        self.ctx = self.base.ggml_init(GgmlParams(blocks.nbytes + 4 * (M * K + M * N) + (16 << 20), None, False))
+        wt = self.base.ggml_new_tensor_2d(self.ctx, GGML_TYPES[w.fmt], K, N)
+        ctypes.memmove(self.base.ggml_get_data(wt), blocks.ctypes.data, blocks.nbytes)
+        xt = self.base.ggml_new_tensor_2d(self.ctx, 0, K, M)
+        ctypes.memmove(self.base.ggml_get_data(xt), np.ascontiguousarray(x).ctypes.data, x.nbytes)
+        self.y = self.base.ggml_mul_mat(self.ctx, wt, xt)
+        self.graph = self.base.ggml_new_graph(self.ctx)
+        self.base.ggml_build_forward_expand(self.graph, self.y)
+        self.shape = (M, N)
+
+    def __call__(self) -> None:
+        self.cpu.ggml_graph_compute_with_ctx(self.ctx, self.graph, 1)
+
+    def result(self) -> np.ndarray:
+        self()
+        out = ctypes.cast(self.base.ggml_get_data(self.y), ctypes.POINTER(ctypes.c_float))
+        return np.ctypeslib.as_array(out, self.shape).copy()
+
+    def close(self) -> None:
+        self.base.ggml_free(self.ctx)
+
+
+def rotate(calls: list[Callable[[], None]]) -> Callable[[], None]:
     turn = [0]
 
     def call() -> None:
-        sessions[turn[0]].run(None, {"x": x})
-        turn[0] = (turn[0] + 1) % len(sessions)
+        calls[turn[0]]()
+        turn[0] = (turn[0] + 1) % len(calls)
     return call
 
 
@@ -122,11 +205,13 @@ def main() -> None:
     a = p.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     nat = load()
-    print(f"native build: {nat.isa}; onnxruntime {ort.__version__} MatMulNBits accuracy level 1; 1 thread each; "
+    ggml = ggml_libs()
+    print(f"native build: {nat.isa}; onnxruntime {ort.__version__} MatMulNBits accuracy level 1; "
+          + ("ggml from llama-cpp-python; " if ggml else "no llama-cpp-python (no ggml column); ") + "1 thread each; "
           + (f"rotating over ~{a.stream_mb:.0f} MB of copies" if a.stream_mb else "one matrix, called repeatedly"))
-    print("| fmt | K × N | M | native ms | native GMAC/s | native GB/s | ORT ms | ORT GMAC/s | ORT / native |"
-          " max rel. diff vs reference |")
-    print("|---" * 10 + "|")
+    print("| fmt | K × N | M | native ms | native GMAC/s | native GB/s | ORT ms | ORT / native | ggml ms | ggml / native |"
+          " max rel. diff vs reference: ORT, ggml |")
+    print("|---" * 11 + "|")
     rng = np.random.default_rng(0)
     rows = [int(r) for r in a.rows.split(",")]
     for fmt_name in a.fmts.split(","):
@@ -140,16 +225,22 @@ def main() -> None:
             sessions = [ort_session(w) for _ in range(copies)]
             for M in rows:
                 x = rng.standard_normal((M, K)).astype(np.float32)
-                ours, theirs = native_call(nat, fmt, packed, N, K, x), ort_call(sessions, x)
+                calls = [native_call(nat, fmt, packed, N, K, x), ort_call(sessions, x)]
+                mats = [GgmlMatmul(ggml, w, x) for _ in range(copies)] if ggml else []
+                calls += [rotate(mats)] if mats else []
                 per_round = max(copies, int(2e-3 / max(1e-6, M * N * K / 50e9)))
-                t_ours, t_ort = alternate([ours, theirs], a.rounds, per_round)
+                times = alternate(calls, a.rounds, per_round)
                 ref = reference.qmatmul(fmt, w.d, w.codes, x, w.m)
-                y_ort = sessions[0].run(None, {"x": x})[0]
-                diff = float(np.abs(y_ort - ref).max() / np.abs(ref).max())
+                outs = [sessions[0].run(None, {"x": x})[0]] + ([mats[0].result()] if mats else [])
+                diffs = ", ".join(f"{float(np.abs(o - ref).max() / np.abs(ref).max()):.1e}" for o in outs)
+                for mat in mats:
+                    mat.close()
+                t_ours, t_ort = times[:2]
+                ggml_cols = f"{times[2] * 1e3:.3f} | {times[2] / t_ours:.2f}" if mats else "– | –"
                 macs = M * N * K
                 print(f"| {fmt_name} | {K} × {N} | {M} | {t_ours * 1e3:.3f} | {macs / t_ours / 1e9:.1f} | "
-                      f"{one.size / t_ours / 1e9:.1f} | {t_ort * 1e3:.3f} | {macs / t_ort / 1e9:.1f} | "
-                      f"{t_ort / t_ours:.2f} | {diff:.1e} |", flush=True)
+                      f"{one.size / t_ours / 1e9:.1f} | {t_ort * 1e3:.3f} | {t_ort / t_ours:.2f} | {ggml_cols} | "
+                      f"{diffs} |", flush=True)
             del sessions, packed
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
