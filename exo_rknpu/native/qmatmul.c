@@ -17,7 +17,7 @@
  *   AVX2 vectors (rows 0-7, 8-15) or four NEON vectors (rows 4i..4i+3: sdot).
  *
  * Quantized activations (exo_quantize_act), per row m: K int8 codes, then NB float32 d, then NB int32 s (sum of the
- * block's codes): ACT_ROW(K) = K + 8 * NB bytes.
+ * block's codes): ACT_ROW(K) = K + 8 * NB bytes (the buffer must be 4-byte aligned; malloc's and numpy's are).
  */
 #include "qmatmul.h"
 
@@ -168,8 +168,10 @@ static void store_rows(float* y, const float* acc, int64_t rows) {
 }
 
 /* One row group g (rows 16g .. 16g+rows-1), all M activation rows: the reference order, one lane at a time. */
-static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K,
-                         int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {
+/* (unused in SIMD builds, which have their own) */
+static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb,
+                                                 const void* qa, int64_t K, int64_t M, float* y, int64_t N, int64_t g,
+                                                 int64_t rows) {
     const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
     for (int64_t m = 0; m < M; m++) {
         act_row a = act_of(qa, K, m);

@@ -16,7 +16,7 @@ extern "C" {
 
 /* Size in bytes of the quantized-activation buffer for M rows of K (K % 32 == 0). */
 int64_t exo_act_bytes(int64_t M, int64_t K);
-/* Quantizes x [M, K] (float32, row-major) into qa (exo_act_bytes(M, K) bytes). */
+/* Quantizes x [M, K] (float32, row-major) into qa (exo_act_bytes(M, K) bytes, 4-byte aligned). */
 void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa);
 /* y[m, n] for m < M and n_begin <= n < n_end (y is [M, N] row-major; other entries untouched).
  * n_begin is a multiple of EXO_ROW_GROUP; reentrant (no global state, no allocation). */
