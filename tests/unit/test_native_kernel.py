@@ -273,3 +273,17 @@ def test_pack_in_steps_of_row_groups_gives_the_bytes_of_one_step(monkeypatch):
         monkeypatch.setattr(pack_module, "_ELEMENTS_PER_STEP", 16 * 128 * 2)  # two groups a step, five steps
         assert np.array_equal(pack(fmt, d, codes, m), whole)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("isa", list(BUILDS))
+def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_call(builds, isa):
+    """Batched decode: row m of an M-row call equals the one-row call on that row alone, bit for bit."""
+    nat = build(builds, isa)
+    rng = np.random.default_rng(12)
+    for fmt in FMTS.values():
+        d, codes, m = random_matrix(fmt, 100, 576, rng)
+        packed = pack(fmt, d, codes, m)
+        x = activations(13, 576, rng)
+        together = qmatmul(fmt, packed, 100, 576, x, native=nat)
+        for row in (0, 5, 12):
+            assert same_bits(together[row:row + 1], qmatmul(fmt, packed, 100, 576, x[row:row + 1], native=nat))
