@@ -224,10 +224,10 @@ def _arm64_script():
     return module
 
 
-@pytest.mark.parametrize("target", ["neon-dotprod", "neon", "scalar"])
+@pytest.mark.parametrize("target", ["neon-dotprod", "cortex-a76", "neon", "scalar"])
 def test_emulated_aarch64_builds_equal_the_reference_bit_for_bit(target, tmp_path):
-    """docs/perf/native_arm64.py: the sdot path (armv8.2-a+dotprod, the RK3588's Cortex-A76), the plain NEON path
-    and the scalar path, cross-compiled and run under qemu as a Cortex-A76."""
+    """docs/perf/native_arm64.py: the sdot path (armv8.2-a+dotprod, and -mcpu=cortex-a76 as the RK3588 builds it),
+    the plain NEON path and the scalar path, cross-compiled and run under qemu as a Cortex-A76."""
     arm64 = _arm64_script()
     why = arm64.missing_tools()
     if why:
