@@ -40,6 +40,9 @@
 #endif
 
 #define G EXO_ROW_GROUP
+/* Software prefetch distance in the code stream (bytes ahead of the block being read; the scale stream is prefetched
+ * proportionally). Measured on the Xeon (docs/native.md): streaming weights, one row +15 %, 8 rows -35 % time. */
+#define EXO_PREFETCH 2048
 
 static int64_t code_block_bytes(int fmt) { return fmt == EXO_Q8_0 ? 512 : 256; }
 static int64_t scale_block_bytes(int fmt) { return fmt == EXO_Q4_1 ? 64 : 32; }

@@ -33,6 +33,8 @@ static inline __attribute__((always_inline)) void avx2_chunk(const int fmt, cons
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t* cb = cg + b * cbb + 32 * h;
         const uint8_t* sb = sg + b * sbb + 16 * h;
+        for (int64_t o = 0; o < cbb; o += 64) _mm_prefetch((const char*)(cb + EXO_PREFETCH + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(sb + EXO_PREFETCH * sbb / cbb), _MM_HINT_T0);
         __m256i isum[4];
 #if defined(EXO_AVXVNNI)
         for (int i = 0; i < MC; i++) isum[i] = _mm256_set1_epi32(bias * a[i].s[b]);

@@ -27,6 +27,9 @@ static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, co
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t* cb = cg + b * cbb;
         const uint8_t* sb = sg + b * sbb;
+        /* prefetches never fault, so reading past the last group is harmless */
+        for (int64_t o = 0; o < cbb; o += 64) _mm_prefetch((const char*)(cb + EXO_PREFETCH + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(sb + EXO_PREFETCH * sbb / cbb), _MM_HINT_T0);
         __m512i isum[8];
         for (int i = 0; i < MC; i++) isum[i] = _mm512_set1_epi32(bias * a[i].s[b]);
         if (fmt == EXO_Q8_0) {
