@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from exo_rknpu.backends.base import BACKENDS, backends_taking, option_names
 from exo_rknpu.config import usable_cpus
 from exo_rknpu.errors import BenchError
+from exo_rknpu.model.quant import WEIGHT_MODES
 
 # Peers `--compare` knows, by the name the user types.
 PEERS = ("transformers", "llama.cpp")
-WEIGHTS = ("auto", "int4", "int8", "fp32")
+WEIGHTS = WEIGHT_MODES
 COMPILED_DTYPES = ("fp16", "w8a8")
 
 

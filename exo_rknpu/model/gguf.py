@@ -27,6 +27,7 @@ from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
 
 
 _MAGIC = b"GGUF"
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # GGUF float tensor types (quantized to Q8_0 under --weights native)
 # GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
@@ -178,16 +179,23 @@ class GGUFFile:
 
     def linear(self, name: str, mode: str) -> Weight:
         """A [out, in] matrix in the form `mode` asks for (quant.py; docs/design.md#weights): Q4_0, Q4_1, Q8_0 and
-        Q6_K blocks are kept exactly under auto (multiplied with float32 activations), and Q4_0/Q8_0 under the int
-        mode of their width; every other type is widened (a few rows at a time) and quantized, or kept float32."""
+        Q6_K blocks are kept exactly under auto (multiplied with float32 activations), Q4_0/Q8_0 under the int
+        mode of their width, Q4_0/Q4_1/Q8_0 under native (the native kernel; float types become Q8_0 for it, other
+        types take auto's form); every other type is widened (a few rows at a time) and quantized, or kept float32."""
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
         qname, shape, form = t.qtype.name, tuple(reversed(t.dims)), form_for(mode)
         if len(shape) != 2 or form.bits is None:
             return self.tensor(name)
+        if mode == "native" and qname in ("Q4_0", "Q8_0"):
+            return from_gguf_blocks(self.raw(name), qname, shape, kernel="native")  # type: ignore[arg-type]
+        if mode == "native" and qname == "Q4_1":
+            return q4_1_exact(self.raw(name), shape, kernel="native")  # type: ignore[arg-type]
+        if mode == "native" and qname not in _FLOAT_TYPES:  # K-quants and the rest: auto's MatMulNBits form
+            mode, form = "auto", form_for("auto")
         if mode == "auto" and qname in ("Q4_0", "Q8_0"):
-            return from_gguf_blocks(self.raw(name), qname, shape, fp32_activations=True)  # type: ignore[arg-type]
+            return from_gguf_blocks(self.raw(name), qname, shape, kernel="fp32")  # type: ignore[arg-type]
         if mode == "auto" and qname == "Q4_1":
             return q4_1_exact(self.raw(name), shape)  # type: ignore[arg-type]
         if mode == "auto" and qname == "Q6_K":
@@ -197,7 +205,8 @@ class GGUFFile:
         if qname == "Q4_1":
             return (q4_1_to_int4 if form.bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
         # widened a few rows at a time while quantizing: no float32 copy of the whole matrix
-        return compact(_WidenedRows(self.raw(name), t.qtype, shape), form, f"{qname} -> int{form.bits}")  # type: ignore[arg-type]
+        target = "Q8_0" if form.kernel == "native" else f"int{form.bits}"
+        return compact(_WidenedRows(self.raw(name), t.qtype, shape), form, f"{qname} -> {target}")  # type: ignore[arg-type]
 
     def table(self, name: str) -> RowTable:
         """A [rows, cols] tensor left in the mapped file; looked-up rows are widened by gguf's own dequantizer."""

@@ -328,10 +328,10 @@ def _mb(n: int) -> str:
 
 
 def weights_for(weights: str, backends: set[str]) -> str:
-    """The form linear weights load in: `weights` as asked, except that auto becomes fp32 when a compiled backend
-    (float_weights) is among `backends`: the float32 tensors, and digests, the compiler builds from."""
+    """The form linear weights load in: `weights` as asked, except that auto (or native) becomes fp32 when a compiled
+    backend (float_weights) is among `backends`: the float32 tensors, and digests, the compiler builds from."""
     check_mode(weights)
-    if weights == "auto" and any(backend_class(b).float_weights for b in backends):
+    if weights in ("auto", "native") and any(backend_class(b).float_weights for b in backends):
         return "fp32"
     return weights
 
@@ -351,7 +351,9 @@ def bytes_per_weight(device: Device, weights: str, npu_dtype: str) -> float:
     blocks of 32 split into two 4-bit ones (quant.AUTO_MAX_BYTES_PER_WEIGHT): GGUF Q4_0 and Q4_1 files take about half that)."""
     if device.npu or backend_class(device.backend).processor == "npu":
         return 1.0 if npu_dtype == "w8a8" else 2.0
-    return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32, "auto": AUTO_MAX_BYTES_PER_WEIGHT}.get(weights, 4.0)
+    # native: its own largest form is Q8_0 (34 bytes per 32), but K-quant files keep auto's forms there
+    return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32, "auto": AUTO_MAX_BYTES_PER_WEIGHT,
+            "native": AUTO_MAX_BYTES_PER_WEIGHT}.get(weights, 4.0)
 
 
 def default_bytes_per_weight(backend: str, weights: str, npu_dtype: str) -> float:

@@ -44,7 +44,7 @@ def _q4_1_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_q4_1_kept_exactly_as_codes_scale_and_min():
     raw, reference, _ = _q4_1_case()
     q = q4_1_exact(raw, reference.shape)
-    assert q.bits == 4 and q.mins is not None and q.fp32_activations
+    assert q.bits == 4 and q.mins is not None and q.kernel == "fp32"
     assert np.array_equal(q.dequantize(), reference)  # d*q + m, blocks of one sign and d == 0 included
     # MatMulNBits' default zero point 8 (its faster kernel): the mins carry m + 8d
     assert q.zero_points is None
@@ -64,7 +64,7 @@ def test_q6_k_kept_exactly_as_8_bit_blocks_of_16():
     raw[0, 192] = 0  # a sub-block with scale 0
     reference = gguf_dequantize(raw, GT.Q6_K)
     q = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
-    assert q.bits == 8 and q.block_size == 16 and q.fp32_activations
+    assert q.bits == 8 and q.block_size == 16 and q.kernel == "fp32"
     assert np.array_equal(q.dequantize(), reference)
 
 
@@ -98,9 +98,9 @@ def test_8_bit_blocks_split_into_4_bit_blocks_over_k_doubled_give_the_same_produ
         raw, _ = _q6_k_rows()
         w8 = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
     elif source == "Q8_0":
-        w8 = from_gguf_blocks(gguf_quantize(W, GT.Q8_0), "Q8_0", W.shape, fp32_activations=True)
+        w8 = from_gguf_blocks(gguf_quantize(W, GT.Q8_0), "Q8_0", W.shape, kernel="fp32")
     else:
-        w8 = quantize(W, 8, 64, fp32_activations=source == "auto 8-bit")
+        w8 = quantize(W, 8, 64, kernel="fp32" if source == "auto 8-bit" else "int8")
     w4 = split8(w8)
     n, k = w8.shape
     assert w4.bits == 4 and w4.shape == (n, 2 * k)
@@ -120,7 +120,7 @@ def test_auto_8_bit_blocks_keep_every_value_within_half_a_step_with_zero_points_
     w[0, :64] = np.abs(w[0, :64]) + 1.0  # all positive: zero point 0
     w[1, :64] = -np.abs(w[1, :64]) - 1.0  # all negative: zero point 255
     w[2, :64] = 0.0  # constant block
-    q = quantize(w, 8, 64, fp32_activations=True)
+    q = quantize(w, 8, 64, kernel="fp32")
     assert not np.any(q.zero_points % 17)
     step = np.repeat(q.scales, 64, axis=1)
     assert np.all(np.abs(q.dequantize() - w) <= step / 2 + 1e-7)
