@@ -1,0 +1,88 @@
+"""The packed weight layout of the native kernel (documented at the top of qmatmul.c; this is its one writer).
+
+Rows are interleaved in groups of ROW_GROUP = 16 so that one 64-byte load holds 4 consecutive k of 16 rows (one
+AVX-512 vpdpbusd, two AVX2 or four NEON sdot operands); tail rows are zero padding. Codes come first (every code
+block a multiple of 64 bytes), then the fp16 scales, so both are read as two sequential streams.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Q4_0, Q4_1, Q8_0 = 0, 1, 2
+FORMATS = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0}
+ROW_GROUP = 16  # EXO_ROW_GROUP in qmatmul.h
+BLOCK = 32
+
+
+def _check_fmt(fmt: int) -> None:
+    if fmt not in (Q4_0, Q4_1, Q8_0):
+        raise ValueError(f"native kernel: unknown format {fmt!r} (0 = Q4_0, 1 = Q4_1, 2 = Q8_0)")
+
+
+def _code_block(fmt: int) -> int:
+    return 512 if fmt == Q8_0 else 256
+
+
+def _scale_block(fmt: int) -> int:
+    return 64 if fmt == Q4_1 else 32
+
+
+def packed_bytes(fmt: int, N: int, K: int) -> int:
+    """Size in bytes of the packed N x K matrix (K a multiple of 32)."""
+    _check_fmt(fmt)
+    if K <= 0 or K % BLOCK or N <= 0:
+        raise ValueError(f"native kernel: shape N={N}, K={K}: need N > 0 and K a positive multiple of {BLOCK}")
+    groups = -(-N // ROW_GROUP)
+    return groups * (K // BLOCK) * (_code_block(fmt) + _scale_block(fmt))
+
+
+def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
+    """[N, ...] -> [groups, ROW_GROUP, ...] with zero rows appended."""
+    pad = groups * ROW_GROUP - a.shape[0]
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    return a.reshape((groups, ROW_GROUP) + a.shape[1:])
+
+
+def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """The packed bytes (1-D uint8, packed_bytes(fmt, N, K) long) of an N x K block-quantized matrix.
+
+    d: float16 [N, K/32] block scales; m: float16 [N, K/32] block minimums (Q4_1 only); codes: [N, K] integers, one
+    per weight: 0..15 for Q4_0 (weight = d * (q - 8)) and Q4_1 (weight = d * q + m), -128..127 for Q8_0 (d * q).
+    Layout per group g of 16 rows and block b of 32 k: codes in 64-byte chunks c, byte c*64 + r*4 + j holding row
+    16g+r's k = 32b+4c+j (Q8_0, as code + 128) or k = 32b+4c+j (low nibble) and 32b+16+4c+j (high nibble) (Q4_*);
+    after all codes, per (g, b) the 16 rows' fp16 d, then (Q4_1) their fp16 m.
+    """
+    _check_fmt(fmt)
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"native kernel: codes must be 2-D [N, K], got shape {codes.shape}")
+    N, K = codes.shape
+    packed_bytes(fmt, N, K)  # validates the shape
+    nb = K // BLOCK
+    lo, hi = (-128, 127) if fmt == Q8_0 else (0, 15)
+    if not np.issubdtype(codes.dtype, np.integer) or (codes.size and (codes.min() < lo or codes.max() > hi)):
+        raise ValueError(f"native kernel: codes must be integers in {lo}..{hi} for this format")
+    scales = [("d", d)] + ([("m", m)] if fmt == Q4_1 else [])
+    if fmt != Q4_1 and m is not None:
+        raise ValueError("native kernel: m (block minimums) is only for Q4_1")
+    for name, s in scales:
+        if s is None or not isinstance(s, np.ndarray) or s.dtype != np.float16 or s.shape != (N, nb):
+            got = None if s is None else (getattr(s, "dtype", type(s)), getattr(s, "shape", None))
+            raise ValueError(f"native kernel: {name} must be float16 [N, K/32] = [{N}, {nb}], got {got}")
+    groups = -(-N // ROW_GROUP)
+    # [groups, 16 rows, nb, 32 k] -> per (g, b): [chunk, row, 4 k]
+    c = _grouped(codes.astype(np.int16), groups).reshape(groups, ROW_GROUP, nb, BLOCK)
+    if fmt == Q8_0:
+        u = (c + 128).astype(np.uint8).reshape(groups, ROW_GROUP, nb, 8, 4)
+        code_bytes = u.transpose(0, 2, 3, 1, 4)  # g, b, chunk, row, j
+    else:
+        u = c.astype(np.uint8)
+        nib = u[..., :16] | (u[..., 16:] << 4)  # k and k + 16 share a byte
+        code_bytes = nib.reshape(groups, ROW_GROUP, nb, 4, 4).transpose(0, 2, 3, 1, 4)
+    scale_bytes = np.stack([_grouped(s, groups).transpose(0, 2, 1) for _, s in scales], axis=2)  # g, b, which, row
+    out = np.concatenate([np.ascontiguousarray(code_bytes).reshape(-1),
+                          np.ascontiguousarray(scale_bytes.astype("<f2")).view(np.uint8).reshape(-1)])
+    assert out.size == packed_bytes(fmt, N, K)
+    return out

@@ -1,0 +1,189 @@
+/* exo-rknpu native quantized matmul (see qmatmul.h for the interface, notes/native-spec.md for the arithmetic).
+ *
+ * Result: y[m, n] = sum over blocks b, in order, of (dw * da) * isum (+ mw * (da * sa) for Q4_1), float32, no FMA
+ * (built with -ffp-contract=off; SIMD code uses separate mul and add). isum is an exact int32 dot product of the
+ * weight codes with the int8 activation codes, so every code path below gives the same bits. SIMD runs across
+ * output rows (one lane per row n), never across K within a row, so each row's float order is the same everywhere.
+ *
+ * Packed weight layout (the same bytes on every machine; made by exo_rknpu/native/pack.py):
+ *   G = EXO_ROW_GROUP = 16 rows, NG = ceil(N / 16) row groups (rows >= N are zero padding), NB = K / 32 blocks.
+ *   Section 1, codes: for g < NG, for b < NB: one code block of CB bytes (CB = 256 for Q4_*, 512 for Q8_0) made of
+ *     64-byte chunks; chunk c holds 4 consecutive k of each of the 16 rows: byte [c*64 + r*4 + j] is row 16g+r.
+ *     Q4_*: chunk c (0..3), byte j: low nibble = code of k = 32b + 4c + j, high nibble = code of k = 32b + 16 + 4c + j.
+ *     Q8_0: chunk c (0..7), byte j: (uint8)(code + 128) of k = 32b + 4c + j (so it is the u8 operand of vpdpbusd).
+ *   Section 2, scales, right after section 1: for g < NG, for b < NB: the 16 rows' fp16 d (little-endian), then for
+ *     Q4_1 the 16 rows' fp16 m: SB = 32 bytes (64 for Q4_1).
+ *   Total: NG * NB * (CB + SB) bytes. One 64-byte chunk is one AVX-512 vector (16 lanes of 4 bytes: vpdpbusd), two
+ *   AVX2 vectors (rows 0-7, 8-15) or four NEON vectors (rows 4i..4i+3: sdot).
+ *
+ * Quantized activations (exo_quantize_act), per row m: K int8 codes, then NB float32 d, then NB int32 s (sum of the
+ * block's codes): ACT_ROW(K) = K + 8 * NB bytes.
+ */
+#include "qmatmul.h"
+
+#include <math.h>
+#include <string.h>
+
+#if !defined(EXO_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    defined(__F16C__)
+#define EXO_AVX512 1
+#include <immintrin.h>
+#elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)
+#define EXO_AVX2 1
+#include <immintrin.h>
+#elif !defined(EXO_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
+#define EXO_NEON 1
+#include <arm_neon.h>
+#endif
+
+#define G EXO_ROW_GROUP
+
+static int64_t code_block_bytes(int fmt) { return fmt == EXO_Q8_0 ? 512 : 256; }
+static int64_t scale_block_bytes(int fmt) { return fmt == EXO_Q4_1 ? 64 : 32; }
+static int64_t act_row_bytes(int64_t K) { return K + 8 * (K / EXO_BLOCK); }
+
+int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
+    if (fmt < EXO_Q4_0 || fmt > EXO_Q8_0) return -1;
+    return (N + G - 1) / G * (K / EXO_BLOCK) * (code_block_bytes(fmt) + scale_block_bytes(fmt));
+}
+
+int64_t exo_act_bytes(int64_t M, int64_t K) { return M * act_row_bytes(K); }
+
+/* Exact fp16 -> float32 (every fp16 value, subnormals included, is a float32). */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Per block of 32: amax exact; a non-finite amax makes d NaN (the output is NaN, as a float matmul's would be);
+ * a block so small that 127 / amax overflows is all zero codes (its contribution is below 1e-36 of the weights). */
+void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa) {
+    const int64_t nb = K / EXO_BLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        int8_t* q = (int8_t*)qa + m * act_row_bytes(K);
+        float* d = (float*)(q + K);
+        int32_t* s = (int32_t*)(d + nb);
+        for (int64_t b = 0; b < nb; b++) {
+            const float* xb = x + m * K + b * EXO_BLOCK;
+            float amax = 0.0f;
+            int finite = 1;
+            for (int i = 0; i < EXO_BLOCK; i++) {
+                float a = fabsf(xb[i]);
+                finite &= a <= 3.40282347e+38f;
+                amax = a > amax ? a : amax;
+            }
+            float id = 127.0f / amax;
+            int32_t sum = 0;
+            if (!finite || amax == 0.0f || !(id <= 3.40282347e+38f)) {
+                memset(q + b * EXO_BLOCK, 0, EXO_BLOCK);
+                d[b] = finite ? 0.0f : NAN;
+            } else {
+                for (int i = 0; i < EXO_BLOCK; i++) {
+                    int8_t v = (int8_t)rintf(xb[i] * id);
+                    q[b * EXO_BLOCK + i] = v;
+                    sum += v;
+                }
+                d[b] = amax / 127.0f;
+            }
+            s[b] = sum;
+        }
+    }
+}
+
+/* The activation codes, scales and sums of row m. */
+typedef struct {
+    const int8_t* q;
+    const float* d;
+    const int32_t* s;
+} act_row;
+
+static act_row act_of(const void* qa, int64_t K, int64_t m) {
+    act_row a;
+    a.q = (const int8_t*)qa + m * act_row_bytes(K);
+    a.d = (const float*)(a.q + K);
+    a.s = (const int32_t*)(a.d + K / EXO_BLOCK);
+    return a;
+}
+
+/* Integer dot products of the 16 rows of one code block with one block of activation codes (exact). */
+static void block_isums(int fmt, const uint8_t* cb, const int8_t* q, int32_t isum[G]) {
+    for (int r = 0; r < G; r++) isum[r] = 0;
+    if (fmt == EXO_Q8_0) {
+        for (int c = 0; c < 8; c++)
+            for (int r = 0; r < G; r++)
+                for (int j = 0; j < 4; j++) isum[r] += ((int32_t)cb[c * 64 + r * 4 + j] - 128) * q[4 * c + j];
+        return;
+    }
+    const int32_t off = fmt == EXO_Q4_0 ? 8 : 0;
+    for (int c = 0; c < 4; c++)
+        for (int r = 0; r < G; r++)
+            for (int j = 0; j < 4; j++) {
+                uint8_t v = cb[c * 64 + r * 4 + j];
+                isum[r] += ((int32_t)(v & 15) - off) * q[4 * c + j] + ((int32_t)(v >> 4) - off) * q[16 + 4 * c + j];
+            }
+}
+
+static void store_rows(float* y, const float* acc, int64_t rows) {
+    for (int64_t r = 0; r < rows; r++) y[r] = acc[r];
+}
+
+/* One row group g (rows 16g .. 16g+rows-1), all M activation rows: the reference order, one lane at a time. */
+static void group_scalar(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K,
+                         int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {
+    const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
+    for (int64_t m = 0; m < M; m++) {
+        act_row a = act_of(qa, K, m);
+        float acc[G] = {0};
+        int32_t isum[G];
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t* sb = scales + (g * nb + b) * sbb;
+            block_isums(fmt, codes + (g * nb + b) * cbb, a.q + b * EXO_BLOCK, isum);
+            const float da = a.d[b];
+            const float das = da * (float)a.s[b];
+            for (int r = 0; r < G; r++) {
+                uint16_t h;
+                memcpy(&h, sb + 2 * r, 2);
+                float t = half_to_float(h) * da;
+                acc[r] = acc[r] + t * (float)isum[r];
+                if (fmt == EXO_Q4_1) {
+                    memcpy(&h, sb + 32 + 2 * r, 2);
+                    acc[r] = acc[r] + half_to_float(h) * das;
+                }
+            }
+        }
+        store_rows(y + m * N + g * G, acc, rows);
+    }
+}
+
+typedef void (*group_fn)(int, const uint8_t*, const uint8_t*, int64_t, const void*, int64_t, int64_t, float*, int64_t,
+                         int64_t, int64_t);
+
+#define GROUP_FN group_scalar
+#define ISA_NAME "scalar"
+
+const char* exo_isa(void) { return ISA_NAME; }
+
+void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, const void* qa, int64_t M, float* y,
+                      int64_t n_begin, int64_t n_end) {
+    if (fmt < EXO_Q4_0 || fmt > EXO_Q8_0 || M <= 0 || K <= 0 || K % EXO_BLOCK || n_begin % G) return;
+    if (n_end > N) n_end = N;
+    const int64_t nb = K / EXO_BLOCK, ng = (N + G - 1) / G;
+    const uint8_t* scales = packed + ng * nb * code_block_bytes(fmt);
+    for (int64_t g = n_begin / G; g * G < n_end; g++) {
+        const int64_t rows = n_end - g * G < G ? n_end - g * G : G;
+        GROUP_FN(fmt, packed, scales, nb, qa, K, M, y, N, g, rows);
+    }
+}
