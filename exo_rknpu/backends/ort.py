@@ -8,6 +8,7 @@ drops its own copy (ShardRunner releases the weights after prepare), so the pack
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor
+from exo_rknpu.native import pack as native_pack
+from exo_rknpu.native.build import library as native_library
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.model.rope import cos_sin
@@ -239,6 +242,12 @@ def gqa_supported(args: ModelArgs) -> bool:
     """Whether onnxruntime's GroupQueryAttention takes this model's heads with rope inside it (its CPU kernel wants
     head_dim a multiple of 16 and whole groups of query heads per kv head)."""
     return args.head_dim % 16 == 0 and args.num_attention_heads % args.num_key_value_heads == 0
+
+
+def native_layout() -> str:
+    """Identity of the native kernel's packed layout, for the prepared-slice key: the source of its one writer
+    (exo_rknpu/native/pack.py; the library that reads it is rebuilt from its own sources, build.py)."""
+    return hashlib.sha256(Path(native_pack.__file__).read_bytes()).hexdigest()[:16]
 
 
 def session_options(threads: int, custom_ops: Path | None = None) -> "ort.SessionOptions":

@@ -413,8 +413,8 @@ NATIVE_FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # exo_rknpu.native's fmt num
 @dataclass(frozen=True)
 class NativeParts:
     """A native QTensor as the kernel's packer takes it (exo_rknpu.native.pack): fmt (NATIVE_FORMATS), per-block
-    fp16-exact scales d and (Q4_1) offsets m, float32 [N, K/32], and the codes [N, K] in element order (uint8 0..15
-    for Q4_0/Q4_1: weight d*(q-8) or d*q + m; int8 for Q8_0: weight d*q)."""
+    scales d and (Q4_1) offsets m, float16 [N, K/32], and the codes [N, K] in element order (uint8 0..15 for
+    Q4_0/Q4_1: weight d*(q-8) or d*q + m; int8 for Q8_0: weight d*q)."""
 
     fmt: int
     d: np.ndarray
@@ -429,20 +429,27 @@ def native_parts(w: QTensor) -> NativeParts:
     n, k = w.shape
     if w.kernel != "native" or w.block_size != BLOCK or k % BLOCK:
         raise ValueError(f"{w.origin} is not a native QTensor in blocks of {BLOCK}")
-    if not np.array_equal(w.scales.astype(np.float16).astype(np.float32), w.scales):
-        raise ValueError(f"{w.origin}: the native kernel takes fp16 scales; these are not fp16 values")
+    d = _fp16(w.scales, w.origin, "scales")
     if w.bits == 8 and w.zero_points is None and w.mins is None:
-        return NativeParts(NATIVE_FORMATS["Q8_0"], w.scales, (w.blocks ^ np.uint8(0x80)).view(np.int8).reshape(n, k))
+        return NativeParts(NATIVE_FORMATS["Q8_0"], d, (w.blocks ^ np.uint8(0x80)).view(np.int8).reshape(n, k))
     codes = np.stack([w.blocks & 15, w.blocks >> 4], axis=-1).reshape(n, k) if w.bits == 4 else None
     if codes is not None and w.zero_points is None and w.mins is None:
-        return NativeParts(NATIVE_FORMATS["Q4_0"], w.scales, codes)
+        return NativeParts(NATIVE_FORMATS["Q4_0"], d, codes)
     if codes is not None and w.mins is not None:
         zeros = w._zeros(slice(None))
         if np.all(zeros == 8):
-            return NativeParts(NATIVE_FORMATS["Q4_1"], w.scales, codes, w.mins - np.float32(8) * w.scales)
+            return NativeParts(NATIVE_FORMATS["Q4_1"], d, codes, _fp16(w.mins - np.float32(8) * w.scales, w.origin, "m"))
         if np.all(zeros == 0):
-            return NativeParts(NATIVE_FORMATS["Q4_1"], w.scales, codes, w.mins)
+            return NativeParts(NATIVE_FORMATS["Q4_1"], d, codes, _fp16(w.mins, w.origin, "m"))
     raise ValueError(f"{w.origin} ({w.bits}-bit) is not a Q4_0, Q4_1 or Q8_0 block form")
+
+
+def _fp16(a: np.ndarray, origin: str, what: str) -> np.ndarray:
+    """`a` as float16, refused unless every value is one (the native kernel's scales are GGUF's fp16 ones)."""
+    h = a.astype(np.float16)
+    if not np.array_equal(h.astype(np.float32), a):
+        raise ValueError(f"{origin}: the native kernel takes fp16 {what}; these are not all fp16 values")
+    return h
 
 
 @dataclass(frozen=True)
