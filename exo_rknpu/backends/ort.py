@@ -20,8 +20,7 @@ from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor
-from exo_rknpu.native import pack as native_pack
-from exo_rknpu.native.build import library as native_library
+from exo_rknpu.native.build import library as native_library, source_dir as native_sources
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.model.rope import cos_sin
@@ -247,7 +246,7 @@ def gqa_supported(args: ModelArgs) -> bool:
 def native_layout() -> str:
     """Identity of the native kernel's packed layout, for the prepared-slice key: the source of its one writer
     (exo_rknpu/native/pack.py; the library that reads it is rebuilt from its own sources, build.py)."""
-    return hashlib.sha256(Path(native_pack.__file__).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256((native_sources() / "pack.py").read_bytes()).hexdigest()[:16]
 
 
 def session_options(threads: int, custom_ops: Path | None = None) -> "ort.SessionOptions":

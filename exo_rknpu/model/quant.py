@@ -482,6 +482,16 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_available(mode: str) -> str:
+    """`mode` if this machine can run it, else one clear error before anything heavy loads: native needs the native
+    library, built on first use with the system C compiler (NativeUnavailableError naming the fix without one)."""
+    if check_mode(mode) == "native":
+        from exo_rknpu.native.build import library
+
+        library()
+    return mode
+
+
 def cpu_independent(mode: str) -> bool:
     """Whether `mode` gives the same answers on every CPU: auto and fp32 compute with float32 activations
     (auto's compact blocks included); native quantizes activations by one fixed recipe and sums in a fixed order
