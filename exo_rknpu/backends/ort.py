@@ -290,14 +290,17 @@ class OrtBackend:
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
     def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True,
-                 fused_attention: bool = True) -> None:
-        """fused_attention False keeps the "split" attention form (the reference for the fused one in tests)."""
+                 fused_attention: bool = True, native_isa: str = "native") -> None:
+        """fused_attention False keeps the "split" attention form (the reference for the fused one in tests);
+        native_isa: the build of the native kernel that runs QMatMul (exo_rknpu.native.build.library: "native" for
+        this CPU; tests pin narrower ones to show the answers do not depend on it)."""
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
         self.threads = threads or usable_cpus()  # inter-op stays 1: the graph is a chain
         # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
         self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
         self.fused_attention = fused_attention
+        self.native_isa = native_isa
         self._tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def supports(self, spec: SliceSpec) -> bool:
@@ -310,7 +313,7 @@ class OrtBackend:
         rotary = self._rotary_tables(weights, buckets) if form == "gqa" else None
         kernels = {w.kernel for w in _slice_tensors(spec, weights) if isinstance(w, QTensor)}
         rows_apart = ROWS_APART if "fp32" in kernels else 0
-        custom_ops = native_library() if "native" in kernels else None
+        custom_ops = native_library(self.native_isa) if "native" in kernels else None
         opts = session_options(self.threads, custom_ops)
         model_file = None
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
