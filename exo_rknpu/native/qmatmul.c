@@ -141,7 +141,7 @@ static void store_rows(float* y, const float* acc, int64_t rows) {
 }
 
 /* One row group g (rows 16g .. 16g+rows-1), all M activation rows: the reference order, one lane at a time. */
-static void group_scalar(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K,
+static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K,
                          int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {
     const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
     for (int64_t m = 0; m < M; m++) {
@@ -171,8 +171,26 @@ static void group_scalar(int fmt, const uint8_t* codes, const uint8_t* scales, i
 typedef void (*group_fn)(int, const uint8_t*, const uint8_t*, int64_t, const void*, int64_t, int64_t, float*, int64_t,
                          int64_t, int64_t);
 
+#if defined(EXO_AVX512)
+#include "qmatmul_avx512.h"
+#define GROUP_FN group_avx512
+#define ISA_NAME "avx512vnni"
+#elif defined(EXO_AVX2)
+#include "qmatmul_avx2.h"
+#define GROUP_FN group_avx2
+#define ISA_NAME "avx2"
+#elif defined(EXO_NEON)
+#include "qmatmul_neon.h"
+#define GROUP_FN group_neon
+#if defined(__ARM_FEATURE_DOTPROD)
+#define ISA_NAME "neon-dotprod"
+#else
+#define ISA_NAME "neon"
+#endif
+#else
 #define GROUP_FN group_scalar
 #define ISA_NAME "scalar"
+#endif
 
 const char* exo_isa(void) { return ISA_NAME; }
 

@@ -4,6 +4,10 @@ refused in Python before any C call."""
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +16,7 @@ from exo_rknpu.native import Q4_0, Q4_1, Q8_0, pack, packed_bytes, reference
 from exo_rknpu.native.build import X86
 from exo_rknpu.native.kernel import Native, load, qmatmul
 
+PERF = Path(__file__).resolve().parents[2] / "docs" / "perf"
 FMTS = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0}
 
 
@@ -72,6 +77,15 @@ def activations(M: int, K: int, rng: np.random.Generator) -> np.ndarray:
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("isa", list(BUILDS))
+def test_each_build_compiles_the_code_path_it_is_named_for(builds, isa):
+    nat = build(builds, isa)
+    expected = BUILDS[isa][1]
+    if expected is None:
+        expected = "avx512vnni" if "avx512" in builds else "avx2" if "avx2" in builds else nat.isa
+    assert nat.isa == expected
 
 
 @pytest.mark.parametrize("isa", list(BUILDS))
@@ -184,3 +198,36 @@ def test_no_compiler_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(NativeUnavailableError, match="no C compiler found .*apt-get install gcc"):
         load("scalar", tmp_path / "fresh")
+
+
+def test_a_clang_build_gives_the_same_bits(monkeypatch, tmp_path):
+    if not shutil.which("clang"):
+        pytest.skip("clang is not installed")
+    monkeypatch.setenv("CC", "clang")
+    nat = load("native", tmp_path)
+    rng = np.random.default_rng(9)
+    for fmt in FMTS.values():
+        d, codes, m = random_matrix(fmt, 70, 576, rng)
+        x = activations(5, 576, rng)
+        assert same_bits(qmatmul(fmt, pack(fmt, d, codes, m), 70, 576, x, native=nat),
+                         reference.qmatmul(fmt, d, codes, x, m))
+
+
+def _arm64_script():
+    spec = importlib.util.spec_from_file_location("native_arm64", PERF / "native_arm64.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("target", ["neon-dotprod", "neon", "scalar"])
+def test_emulated_aarch64_builds_equal_the_reference_bit_for_bit(target, tmp_path):
+    """docs/perf/native_arm64.py: the sdot path (armv8.2-a+dotprod, the RK3588's Cortex-A76), the plain NEON path
+    and the scalar path, cross-compiled and run under qemu as a Cortex-A76."""
+    arm64 = _arm64_script()
+    why = arm64.missing_tools()
+    if why:
+        pytest.skip(why)
+    cases = [(1, 45, 576), (3, 17, 64), (8, 200, 2048)]
+    lines = arm64.check(target, cases, tmp_path)
+    assert len(lines) == 3 * len(cases)
