@@ -15,7 +15,7 @@ from typing import NoReturn
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.rknn.options import backend_options
 from exo_rknpu.slices.spec import Buckets
@@ -121,7 +121,7 @@ def shard_plans(margs: ModelArgs, ranges: list[LayerRange], args: argparse.Names
 
 def add_weights_arg(p: argparse.ArgumentParser) -> None:
     """--weights: the form linear weights are kept in (model/quant.py)."""
-    p.add_argument("--weights", default="auto", type=weights_mode,
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, type=weights_mode,
                    help="auto | int4 | int8 | fp32 | native: form of the linear weights (default auto: compact "
                         "blocks multiplied in float32 arithmetic, the same answers on every CPU - GGUF Q4_0, Q4_1, "
                         "Q8_0 and Q6_K kept exactly, other sources as 8-bit blocks; native: GGUF Q4_0, Q4_1 and "

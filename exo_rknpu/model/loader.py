@@ -17,7 +17,7 @@ from exo_rknpu.errors import LayerRangeError
 from exo_rknpu.model import gguf as gguf_reader
 from exo_rknpu.model import hf
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.quant import check_available
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_available
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.model.zoo import ModelSource, resolve_model
@@ -53,7 +53,7 @@ def source_fingerprint(src: ModelSource, args: ModelArgs) -> str:
     return model_fingerprint(args, src.format, digest)
 
 
-def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto", layers: bool = True,
+def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT_WEIGHTS, layers: bool = True,
                embed: bool = True, progress: Callable[[str], None] | None = None,
                args: ModelArgs | None = None) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.

@@ -24,7 +24,7 @@ from exo_rknpu.backends.board import NPU_CORES, board_problems, host_memory
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import load_args, load_shard
-from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, check_mode
+from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, DEFAULT_WEIGHTS, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
@@ -254,7 +254,7 @@ class ResolvedPlan:
     slices: list[PlacedSlice]
     buckets: Buckets
     npu_dtype: str = "fp16"
-    weights: str = "auto"  # the form the loader gives linear weights (check_mode), after the rule of `weights_for`
+    weights: str = DEFAULT_WEIGHTS  # the form the loader gives linear weights (check_mode), after the rule of `weights_for`
     backend: str = "onnx"  # the default backend (the user's backend options are its)
 
     @property
@@ -378,7 +378,7 @@ def resolve(
     *,
     layers_per_slice: int | None = None,
     npu_available: bool = False,
-    weights: str = "auto",
+    weights: str = DEFAULT_WEIGHTS,
     npu_dtype: str = "fp16",
     emulate: bool = False,
     npu_unavailable: str = "",
@@ -538,7 +538,7 @@ def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) 
 
 
 def plan_shards(plan: PlacementPlan | None, args: ModelArgs, ranges: list[LayerRange], default_backend: str,
-                buckets: Buckets, *, layers_per_slice: int | None = None, weights: str = "auto", npu_dtype: str = "fp16",
+                buckets: Buckets, *, layers_per_slice: int | None = None, weights: str = DEFAULT_WEIGHTS, npu_dtype: str = "fp16",
                 emulate: bool = False) -> list[ResolvedPlan]:
     """Every shard's plan on this machine: `resolve` for each of `ranges`, with the board asked once whether its NPU
     can run (and why not)."""
@@ -602,7 +602,7 @@ def open_shard(
     limits: RequestLimits = RequestLimits(),
     on_slice: SliceObserver | None = None,
     backend_options: dict | None = None,
-    weights: str = "auto",
+    weights: str = DEFAULT_WEIGHTS,
     progress: Callable[[str], None] | None = None,
     placement: PlacementPlan | None = None,
     emulate: bool = False,
