@@ -336,7 +336,7 @@ class OrtBackend:
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 # the packed native weights are used in place (no kernel copy), so they live as long as the session
                 return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart,
-                                 keep=external if custom_ops else None)
+                                 custom_ops=custom_ops, keep=external if custom_ops else None)
             model_file = cache.store(key, model, external)
         return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart, custom_ops)
 

@@ -387,9 +387,10 @@ def split8_input(x: np.ndarray, block_size: int) -> np.ndarray:
 
 def quantize_q8_0(w: np.ndarray, origin: str = "float -> Q8_0") -> QTensor:
     """Float [N, K] (K a multiple of 32) -> GGUF Q8_0 blocks for the native kernel, llama.cpp's recipe
-    (quantize_row_q8_0_ref): per block of 32, amax = max |x|, d = amax / 127 (float32), q = round(x / d) (round half
-    to even, within -127..127; 0 where amax is 0), the scale stored as fp16(d). Kept as code q + 128 with the
-    default zero point 128, like a GGUF Q8_0 tensor (`from_gguf_blocks`). Made a bounded number of rows at a time."""
+    (quantize_row_q8_0_ref): per block of 32, amax = max |x|, d = amax / 127 (float32), q = roundf(x * (1 / d))
+    (half away from zero, as C's roundf; 0 where amax is 0), the scale stored as fp16(d) -- the bytes llama.cpp and
+    gguf-py write for the same values. Kept as code q + 128 with the default zero point 128, like a GGUF Q8_0 tensor
+    (`from_gguf_blocks`). Made a bounded number of rows at a time."""
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"K={k} is not a multiple of {BLOCK}")
@@ -402,7 +403,9 @@ def quantize_q8_0(w: np.ndarray, origin: str = "float -> Q8_0") -> QTensor:
         d = np.abs(x).max(axis=-1) / np.float32(127)
         with np.errstate(divide="ignore"):
             inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-        q = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)
+        a = np.abs(x * inv[..., None])  # <= 127
+        whole = np.floor(a)  # roundf without adding 0.5 (which rounds 0.49999997 up): every step below is exact
+        q = (np.sign(x) * (whole + np.floor(2 * (a - whole)))).astype(np.int8)
         blocks[r : r + step] = q.view(np.uint8) ^ np.uint8(0x80)
         scales[r : r + step] = d.astype(np.float16).astype(np.float32)
     return QTensor(8, (n, k), BLOCK, blocks, scales, None, origin, "native")
