@@ -13,6 +13,7 @@ Q4_0, Q4_1, Q8_0 = 0, 1, 2
 FORMATS = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0}
 ROW_GROUP = 16  # EXO_ROW_GROUP in qmatmul.h
 BLOCK = 32
+_ELEMENTS_PER_STEP = 1 << 20  # weights packed at a time (bounds pack's temporaries to ~10 MB)
 
 
 def _check_fmt(fmt: int) -> None:
@@ -45,6 +46,22 @@ def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
     return a.reshape((groups, ROW_GROUP) + a.shape[1:])
 
 
+def _pack_groups(fmt: int, codes: np.ndarray, scales: list[np.ndarray], groups: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """The code bytes and scale bytes of `groups` row groups (codes [<= 16*groups, K], scales [same rows, nb])."""
+    # [groups, 16 rows, nb, 32 k] -> per (g, b): [chunk, row, 4 k]
+    c = _grouped(codes.astype(np.int16), groups).reshape(groups, ROW_GROUP, nb, BLOCK)
+    if fmt == Q8_0:
+        u = (c + 128).astype(np.uint8).reshape(groups, ROW_GROUP, nb, 8, 4)
+        code_bytes = u.transpose(0, 2, 3, 1, 4)  # g, b, chunk, row, j
+    else:
+        u = c.astype(np.uint8)
+        nib = u[..., :16] | (u[..., 16:] << 4)  # k and k + 16 share a byte
+        code_bytes = nib.reshape(groups, ROW_GROUP, nb, 4, 4).transpose(0, 2, 3, 1, 4)
+    scale_bytes = np.stack([_grouped(s, groups).transpose(0, 2, 1) for s in scales], axis=2)  # g, b, which, row
+    return (np.ascontiguousarray(code_bytes).reshape(-1),
+            np.ascontiguousarray(scale_bytes.astype("<f2")).view(np.uint8).reshape(-1))
+
+
 def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
     """The packed bytes (1-D uint8, packed_bytes(fmt, N, K) long) of an N x K block-quantized matrix.
 
@@ -72,17 +89,16 @@ def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None
             got = None if s is None else (getattr(s, "dtype", type(s)), getattr(s, "shape", None))
             raise ValueError(f"native kernel: {name} must be float16 [N, K/32] = [{N}, {nb}], got {got}")
     groups = -(-N // ROW_GROUP)
-    # [groups, 16 rows, nb, 32 k] -> per (g, b): [chunk, row, 4 k]
-    c = _grouped(codes.astype(np.int16), groups).reshape(groups, ROW_GROUP, nb, BLOCK)
-    if fmt == Q8_0:
-        u = (c + 128).astype(np.uint8).reshape(groups, ROW_GROUP, nb, 8, 4)
-        code_bytes = u.transpose(0, 2, 3, 1, 4)  # g, b, chunk, row, j
-    else:
-        u = c.astype(np.uint8)
-        nib = u[..., :16] | (u[..., 16:] << 4)  # k and k + 16 share a byte
-        code_bytes = nib.reshape(groups, ROW_GROUP, nb, 4, 4).transpose(0, 2, 3, 1, 4)
-    scale_bytes = np.stack([_grouped(s, groups).transpose(0, 2, 1) for _, s in scales], axis=2)  # g, b, which, row
-    out = np.concatenate([np.ascontiguousarray(code_bytes).reshape(-1),
-                          np.ascontiguousarray(scale_bytes.astype("<f2")).view(np.uint8).reshape(-1)])
+    out = np.empty(packed_bytes(fmt, N, K), np.uint8)
+    code_size = groups * nb * _code_block(fmt)
+    # a bounded number of groups at a time: the temporaries below take ~9 bytes per weight, so a 49152 x 576 head
+    # packed at once cost ~250 MB on top of its source (packing is part of a slice's first start)
+    step = max(1, _ELEMENTS_PER_STEP // (ROW_GROUP * K))
+    for g0 in range(0, groups, step):
+        g1 = min(groups, g0 + step)
+        rows = slice(g0 * ROW_GROUP, g1 * ROW_GROUP)
+        code_bytes, scale_bytes = _pack_groups(fmt, codes[rows], [s[rows] for _, s in scales], g1 - g0, nb)
+        out[g0 * nb * _code_block(fmt) : g1 * nb * _code_block(fmt)] = code_bytes
+        out[code_size + g0 * nb * _scale_block(fmt) : code_size + g1 * nb * _scale_block(fmt)] = scale_bytes
     assert out.size == packed_bytes(fmt, N, K)
     return out

@@ -52,16 +52,17 @@ def test_qmatmul_op_equals_the_reference_bit_for_bit(name, threads, batch, seq):
     assert y.shape == want.shape and np.array_equal(y.view(np.uint32), want.view(np.uint32))
 
 
-def test_a_wide_matrix_splits_over_threads_with_the_same_bits():
-    """The head's shape (N much larger than K): many chunks, each row computed by exactly one of them."""
-    rng = np.random.default_rng(3)
-    n, k = 4099, 64
-    d, codes, m = random_weights(Q4_0, n, k, rng)
-    packed = pack(Q4_0, d, codes, m)
+@pytest.mark.parametrize("name,n,k", [("Q4_0", 4099, 64), ("Q4_1", 2100, 1024), ("Q8_0", 2100, 1024)])
+def test_a_large_matrix_packs_in_steps_and_splits_over_threads_with_the_same_bits(name, n, k):
+    """Large shapes (the head's N >> K; 2100 x 1024 packs in three steps of row groups): many chunks per call,
+    each row computed by exactly one of them."""
+    fmt, rng = FMTS[name], np.random.default_rng(3)
+    d, codes, m = random_weights(fmt, n, k, rng)
+    packed = pack(fmt, d, codes, m)
     x = rng.standard_normal((2, 1, k)).astype(np.float32)
-    one, two = (qmatmul_session(Q4_0, packed, n, k, t).run(None, {"x": x})[0] for t in (1, 2))
+    one, two = (qmatmul_session(fmt, packed, n, k, t).run(None, {"x": x})[0] for t in (1, 2))
     assert np.array_equal(one, two)
-    assert np.array_equal(one.reshape(2, n), reference.qmatmul(Q4_0, d, codes, x.reshape(2, k), m))
+    assert np.array_equal(one.reshape(2, n), reference.qmatmul(fmt, d, codes, x.reshape(2, k), m))
 
 
 def test_packed_weights_of_the_wrong_size_are_one_clear_error():
