@@ -68,38 +68,62 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-/* Per block of 32: amax exact; a non-finite amax makes d NaN (the output is NaN, as a float matmul's would be);
- * a block so small that 127 / amax overflows is all zero codes (its contribution is below 1e-36 of the weights). */
+/* One block of 32 activations: codes q, scale *d, returns the codes' sum. amax is exact; a non-finite amax makes d
+ * NaN (the output is NaN, as a float matmul's would be); a block so small that 127 / amax overflows is all zero
+ * codes (its contribution is below 1e-36 of the weights). */
+static int32_t quantize_block_scalar(const float* xb, int8_t* q, float* d) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int i = 0; i < EXO_BLOCK; i++) {
+        float a = fabsf(xb[i]);
+        finite &= a <= 3.40282347e+38f;
+        amax = a > amax ? a : amax;
+    }
+    const float id = 127.0f / amax;
+    if (!finite || amax == 0.0f || !(id <= 3.40282347e+38f)) {
+        memset(q, 0, EXO_BLOCK);
+        *d = finite ? 0.0f : NAN;
+        return 0;
+    }
+    int32_t sum = 0;
+    for (int i = 0; i < EXO_BLOCK; i++) {
+        q[i] = (int8_t)rintf(xb[i] * id);
+        sum += q[i];
+    }
+    *d = amax / 127.0f;
+    return sum;
+}
+
+#if defined(EXO_AVX512)
+/* The same block with AVX-512: max is exact in any order, vcvtps2dq rounds half to even (the default MXCSR mode,
+ * as rintf), and |x * id| <= 127 so the int8 narrowing keeps every code. */
+static int32_t quantize_block(const float* xb, int8_t* q, float* d) {
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    const __m512 a0 = _mm512_abs_ps(x0), a1 = _mm512_abs_ps(x1);
+    const __m512 big = _mm512_set1_ps(3.40282347e+38f);
+    const __mmask16 ok0 = _mm512_cmp_ps_mask(a0, big, _CMP_LE_OQ), ok1 = _mm512_cmp_ps_mask(a1, big, _CMP_LE_OQ);
+    if (ok0 != 0xffff || ok1 != 0xffff) return quantize_block_scalar(xb, q, d);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    const float id = 127.0f / amax;
+    if (amax == 0.0f || !(id <= 3.40282347e+38f)) return quantize_block_scalar(xb, q, d);
+    const __m512 vid = _mm512_set1_ps(id);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
+    _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(q1));
+    *d = amax / 127.0f;
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+}
+#else
+#define quantize_block quantize_block_scalar
+#endif
+
 void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa) {
     const int64_t nb = K / EXO_BLOCK;
     for (int64_t m = 0; m < M; m++) {
         int8_t* q = (int8_t*)qa + m * act_row_bytes(K);
         float* d = (float*)(q + K);
         int32_t* s = (int32_t*)(d + nb);
-        for (int64_t b = 0; b < nb; b++) {
-            const float* xb = x + m * K + b * EXO_BLOCK;
-            float amax = 0.0f;
-            int finite = 1;
-            for (int i = 0; i < EXO_BLOCK; i++) {
-                float a = fabsf(xb[i]);
-                finite &= a <= 3.40282347e+38f;
-                amax = a > amax ? a : amax;
-            }
-            float id = 127.0f / amax;
-            int32_t sum = 0;
-            if (!finite || amax == 0.0f || !(id <= 3.40282347e+38f)) {
-                memset(q + b * EXO_BLOCK, 0, EXO_BLOCK);
-                d[b] = finite ? 0.0f : NAN;
-            } else {
-                for (int i = 0; i < EXO_BLOCK; i++) {
-                    int8_t v = (int8_t)rintf(xb[i] * id);
-                    q[b * EXO_BLOCK + i] = v;
-                    sum += v;
-                }
-                d[b] = amax / 127.0f;
-            }
-            s[b] = sum;
-        }
+        for (int64_t b = 0; b < nb; b++) s[b] = quantize_block(x + m * K + b * EXO_BLOCK, q + b * EXO_BLOCK, d + b);
     }
 }
 
