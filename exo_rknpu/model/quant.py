@@ -217,19 +217,23 @@ def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int], k
 
     Q4_0 block: fp16 d, 16 bytes; byte j holds element j (low nibble) and element j+16 (high nibble); value = d*(q-8).
     Q8_0 block: fp16 d, 32 int8 q; value = d*q = d*((q+128) - 128).
+    `raw` may be anything that yields uint8 rows when sliced (gguf.StoredRows reads them from the file): a bounded
+    number of rows is converted at a time, so no more than that of the stored bytes is resident next to the result.
     """
     n, k = shape
-    if qtype_name == "Q4_0":
-        b = raw.reshape(n, k // 32, 18)
-        scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype_name not in ("Q4_0", "Q8_0"):
+        raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
+    bits, size = (4, 18) if qtype_name == "Q4_0" else (8, 34)
+    blocks = np.empty((n, k // 32, 32 * bits // 8), np.uint8)
+    scales = np.empty((n, k // 32), np.float32)
+    step = max(1, _ROWS_PER_STEP // max(1, k))
+    for r in range(0, n, step):
+        b = np.asarray(raw[r : r + step]).reshape(-1, k // 32, size)
+        scales[r : r + step] = b[..., :2].copy().view(np.float16)[..., 0]
         qs = b[..., 2:]
-        codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # elements 0..15 then 16..31
-        return QTensor(4, (n, k), 32, pack4(codes), scales, None, "Q4_0 (exact)", kernel)
-    if qtype_name == "Q8_0":
-        b = raw.reshape(n, k // 32, 34)
-        scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        return QTensor(8, (n, k), 32, b[..., 2:] ^ np.uint8(0x80), scales, None, "Q8_0 (exact)", kernel)
-    raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
+        # Q4_0: elements 0..15 then 16..31 (low nibbles, then high), repacked two per byte in element order
+        blocks[r : r + step] = pack4(np.concatenate([qs & 15, qs >> 4], axis=-1)) if bits == 4 else qs ^ np.uint8(0x80)
+    return QTensor(bits, (n, k), 32, blocks, scales, None, f"{qtype_name} (exact)", kernel)
 
 
 def _q4_1_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
