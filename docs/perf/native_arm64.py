@@ -66,7 +66,7 @@ def random_case(fmt: int, M: int, N: int, K: int, seed: int):
     return d, codes, m, x
 
 
-CASES = [(M, N, K) for M in (1, 3, 8) for N, K in ((17, 64), (45, 576), (200, 2048))]
+CASES = [(M, N, K) for M in (1, 3, 6, 8) for N, K in ((17, 64), (45, 576), (200, 2048))]
 
 
 def check(target: str, cases=CASES, folder: Path | None = None) -> list[str]:

@@ -30,6 +30,9 @@
 #include <immintrin.h>
 #elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)
 #define EXO_AVX2 1
+#if defined(__AVXVNNI__)
+#define EXO_AVXVNNI 1
+#endif
 #include <immintrin.h>
 #elif !defined(EXO_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
 #define EXO_NEON 1
@@ -192,8 +195,38 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
     }
 }
 
-typedef void (*group_fn)(int, const uint8_t*, const uint8_t*, int64_t, const void*, int64_t, int64_t, float*, int64_t,
-                         int64_t, int64_t);
+/* A SIMD path's group function: LANES rows of the group per pass h, up to MAXR activation rows per CHUNK call, each
+ * call specialized (always_inline, constant format and row count) so its row loops unroll into registers. */
+#define EXO_CHUNK(CHUNK, F, MAXR, MC) \
+    CHUNK(F, (MC) < (MAXR) ? (MC) : (MAXR), cg, sg, nb, qa, K, m0, y, N, g * G, h, rows)
+#define EXO_CHUNK_SWITCH(CHUNK, F, MAXR)                                 \
+    switch (mc) {                                                        \
+        case 1: EXO_CHUNK(CHUNK, F, MAXR, 1); break;                     \
+        case 2: EXO_CHUNK(CHUNK, F, MAXR, 2); break;                     \
+        case 3: EXO_CHUNK(CHUNK, F, MAXR, 3); break;                     \
+        case 4: EXO_CHUNK(CHUNK, F, MAXR, 4); break;                     \
+        case 5: EXO_CHUNK(CHUNK, F, MAXR, 5); break;                     \
+        case 6: EXO_CHUNK(CHUNK, F, MAXR, 6); break;                     \
+        case 7: EXO_CHUNK(CHUNK, F, MAXR, 7); break;                     \
+        default: EXO_CHUNK(CHUNK, F, MAXR, 8); break;                    \
+    }
+#define EXO_GROUP_FN(NAME, CHUNK, LANES, MAXR)                                                                  \
+    static void NAME(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K, \
+                     int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {                                  \
+        const uint8_t* cg = codes + g * nb * code_block_bytes(fmt);                                              \
+        const uint8_t* sg = scales + g * nb * scale_block_bytes(fmt);                                            \
+        for (int h = 0; h * (LANES) < rows; h++)                                                                 \
+            for (int64_t m0 = 0; m0 < M; m0 += (MAXR)) {                                                         \
+                const int mc = (int)(M - m0 < (MAXR) ? M - m0 : (MAXR));                                         \
+                if (fmt == EXO_Q4_0) {                                                                           \
+                    EXO_CHUNK_SWITCH(CHUNK, EXO_Q4_0, MAXR)                                                      \
+                } else if (fmt == EXO_Q4_1) {                                                                    \
+                    EXO_CHUNK_SWITCH(CHUNK, EXO_Q4_1, MAXR)                                                      \
+                } else {                                                                                         \
+                    EXO_CHUNK_SWITCH(CHUNK, EXO_Q8_0, MAXR)                                                      \
+                }                                                                                                \
+            }                                                                                                    \
+    }
 
 #if defined(EXO_AVX512)
 #include "qmatmul_avx512.h"
@@ -202,7 +235,11 @@ typedef void (*group_fn)(int, const uint8_t*, const uint8_t*, int64_t, const voi
 #elif defined(EXO_AVX2)
 #include "qmatmul_avx2.h"
 #define GROUP_FN group_avx2
+#if defined(EXO_AVXVNNI)
+#define ISA_NAME "avx2-vnni"
+#else
 #define ISA_NAME "avx2"
+#endif
 #elif defined(EXO_NEON)
 #include "qmatmul_neon.h"
 #define GROUP_FN group_neon

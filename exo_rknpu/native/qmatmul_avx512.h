@@ -13,8 +13,9 @@ static inline __m512i avx512_bcast4(const int8_t* q) {
 static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, const int MC, const uint8_t* cg,
                                                                const uint8_t* sg, int64_t nb, const void* qa,
                                                                int64_t K, int64_t m0, float* y, int64_t N,
-                                                               int64_t n0, int64_t rows) {
-    const int64_t cbb = fmt == EXO_Q8_0 ? 512 : 256, sbb = fmt == EXO_Q4_1 ? 64 : 32;
+                                                               int64_t n0, int h, int64_t rows) {
+    (void)h; /* 16 lanes: one pass */
+    const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
     const int32_t bias = fmt == EXO_Q4_0 ? -8 : fmt == EXO_Q8_0 ? -128 : 0;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     act_row a[8];
@@ -62,32 +63,5 @@ static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, co
     for (int i = 0; i < MC; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n0, keep, acc[i]);
 }
 
-#define AVX512_CHUNKS(F)                                                                      \
-    switch (mc) {                                                                             \
-        case 1: avx512_chunk(F, 1, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;           \
-        case 2: avx512_chunk(F, 2, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;           \
-        case 3: avx512_chunk(F, 3, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;           \
-        case 4: avx512_chunk(F, 4, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;           \
-        case 5: avx512_chunk(F, 5, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;           \
-        case 6: avx512_chunk(F, 6, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;           \
-        case 7: avx512_chunk(F, 7, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;           \
-        default: avx512_chunk(F, 8, cg, sg, nb, qa, K, m0, y, N, g * G, rows); break;          \
-    }
 
-#define AVX512_MAX_ROWS 8
-
-static void group_avx512(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K,
-                         int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {
-    const uint8_t* cg = codes + g * nb * (fmt == EXO_Q8_0 ? 512 : 256);
-    const uint8_t* sg = scales + g * nb * (fmt == EXO_Q4_1 ? 64 : 32);
-    for (int64_t m0 = 0; m0 < M; m0 += AVX512_MAX_ROWS) {
-        const int mc = (int)(M - m0 < AVX512_MAX_ROWS ? M - m0 : AVX512_MAX_ROWS);
-        if (fmt == EXO_Q4_0) {
-            AVX512_CHUNKS(EXO_Q4_0)
-        } else if (fmt == EXO_Q4_1) {
-            AVX512_CHUNKS(EXO_Q4_1)
-        } else {
-            AVX512_CHUNKS(EXO_Q8_0)
-        }
-    }
-}
+EXO_GROUP_FN(group_avx512, avx512_chunk, 16, 8)
