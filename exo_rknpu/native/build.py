@@ -19,6 +19,8 @@ from pathlib import Path
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import NativeUnavailableError
 
+# the kernel, and the onnxruntime custom op that calls it (ort_op.c: QMatMul, the runtime's entry point)
+SOURCES = ("qmatmul.c", "ort_op.c")
 COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {
@@ -77,7 +79,7 @@ def library(isa: str = "native", cache: Path | None = None) -> Path:
         return out
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{out.name}.{os.getpid()}.tmp"
-    cmd = cc + flags + ["-o", str(tmp), str(source_dir() / "qmatmul.c"), "-lm"]
+    cmd = cc + flags + ["-o", str(tmp), *(str(source_dir() / name) for name in SOURCES), "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except OSError as e:
