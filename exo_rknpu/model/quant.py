@@ -46,7 +46,7 @@ AUTO_BLOCK = 64
 # blocks of 16 (one scale and zero point each in split8) take the same, 1.28 per weight; float sources 1.07
 AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 32 + 2 * 0.5 / 32
 WEIGHT_MODES = ("auto", "int4", "int8", "fp32", "native")
-DEFAULT_WEIGHTS = "auto"  # the --weights mode when none is asked (CLI, engine, bench, loader, placement)
+DEFAULT_WEIGHTS = "native"  # the --weights mode when none is asked (CLI, engine, bench, loader, placement)
 KERNELS = ("int8", "fp32", "native")  # QTensor.kernel: what multiplies it (module docstring)
 _ROWS_PER_STEP = 1 << 22  # elements widened at a time (16 MB of float32): bounds temporaries while converting
 
