@@ -1,6 +1,6 @@
-"""The native kernel on emulated aarch64: cross-compiles docs/perf/native_arm64.c for armv8.2-a+dotprod (the sdot
-path), -mcpu=cortex-a76 (what -march=native gives on the RK3588's big cores), plain armv8-a (the smull path) and the
-scalar path, runs random cases under `qemu-aarch64-static -cpu cortex-a76` and compares y with
+"""The native kernel on emulated aarch64: cross-compiles docs/perf/native_arm64.c for armv8.2-a+dotprod,
+-mcpu=cortex-a76 (what -march=native gives on the RK3588's big cores), plain armv8-a (all three the NEON smlal path)
+and the scalar path, runs random cases under `qemu-aarch64-static -cpu cortex-a76` and compares y with
 exo_rknpu.native.reference bit for bit.
 
     python docs/perf/native_arm64.py            # all formats, several shapes; prints one line per case
@@ -23,8 +23,8 @@ HERE = Path(__file__).resolve().parent
 CROSS_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64-static"
 # build -> (flags, the code path it must compile); "cortex-a76" is what -march=native gives on the RK3588's big cores
-TARGETS = {"neon-dotprod": ("-march=armv8.2-a+dotprod", "neon-dotprod"), "neon": ("-march=armv8-a", "neon"),
-           "scalar": ("-march=armv8-a -DEXO_NO_SIMD", "scalar"), "cortex-a76": ("-mcpu=cortex-a76", "neon-dotprod")}
+TARGETS = {"armv8.2-dotprod": ("-march=armv8.2-a+dotprod", "neon"), "neon": ("-march=armv8-a", "neon"),
+           "scalar": ("-march=armv8-a -DEXO_NO_SIMD", "scalar"), "cortex-a76": ("-mcpu=cortex-a76", "neon")}
 
 
 def missing_tools() -> str | None:

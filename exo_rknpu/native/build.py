@@ -30,6 +30,7 @@ ISA_FLAGS = {
     "avx2": ("-march=haswell",),
     "avxvnni": ("-march=haswell", "-mavxvnni"),  # AVX2 with 256-bit vpdpbusd (CPUs with AVX-VNNI, no AVX-512)
     "avx512": ("-march=x86-64-v4", "-mavx512vnni"),
+    "avx512novnni": ("-march=x86-64-v4",),  # AVX-512 without VNNI (Skylake-X): vpmaddwd + vpaddd
 }
 
 
@@ -60,12 +61,12 @@ def _identity(cc: list[str], flags: list[str]) -> str:
 
 
 def library(isa: str = "native", cache: Path | None = None) -> Path:
-    """The path of the built shared library for `isa` ("native", "scalar", "avx2", "avxvnni", "avx512"), building it if needed.
+    """The path of the built shared library for `isa` (a key of ISA_FLAGS), building it if needed.
 
     cache defaults to the exo-rknpu cache's native/ folder. Raises NativeUnavailableError when no compiler is found
     or the compiler fails (its first error line is in the message).
     """
-    if isa not in ISA_FLAGS or (isa in ("avx2", "avxvnni", "avx512") and not X86):
+    if isa not in ISA_FLAGS or (isa in ("avx2", "avxvnni", "avx512", "avx512novnni") and not X86):
         raise ValueError(f"native kernel: isa {isa!r} is not one of {sorted(ISA_FLAGS)} for {platform.machine()}")
     cc = compiler()
     flags = list(COMMON_FLAGS) + list(ISA_FLAGS[isa])

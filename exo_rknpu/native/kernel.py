@@ -24,7 +24,7 @@ class Native:
 
     @property
     def isa(self) -> str:
-        """The code path this build compiled ("avx512vnni", "avx2-vnni", "avx2", "neon-dotprod", "neon", "scalar")."""
+        """The code path this build compiled ("avx512vnni", "avx512", "avx2-vnni", "avx2", "neon", "scalar")."""
         return self.lib.exo_isa().decode()
 
 

@@ -1,7 +1,8 @@
 """The packed weight layout of the native kernel (documented at the top of qmatmul.c; this is its one writer).
 
-Rows are interleaved in groups of ROW_GROUP = 16 so that one 64-byte load holds 4 consecutive k of 16 rows (one
-AVX-512 vpdpbusd, two AVX2 or four NEON sdot operands); tail rows are zero padding. Codes come first (every code
+Rows are interleaved in groups of ROW_GROUP = 16 so that one 32-byte unit holds 2 consecutive k of 16 rows (widened
+to 16-bit words: one AVX-512 vpdpwssd operand, two AVX2 vpmaddwd ones; NEON de-interleaves it with ld2); tail rows
+are zero padding. Codes come first (every code
 block a multiple of 64 bytes), then the fp16 scales, so both are read as two sequential streams.
 """
 
@@ -57,14 +58,14 @@ def _half(name: str, s: np.ndarray | None, N: int, nb: int) -> np.ndarray:
 
 def _pack_groups(fmt: int, codes: np.ndarray, scales: list[np.ndarray], groups: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
     """The code bytes and scale bytes of `groups` row groups (codes [<= 16*groups, K], scales [same rows, nb])."""
-    # [groups, 16 rows, nb, 32 k] -> per (g, b): [chunk, row, 4 k]
+    # [groups, 16 rows, nb, 32 k] -> per (g, b): [unit, row, 2 k]
     if fmt == Q8_0:
         u = codes.astype(np.int8).view(np.uint8) ^ np.uint8(0x80)  # code + 128
-        code_bytes = _grouped(u, groups).reshape(groups, ROW_GROUP, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+        code_bytes = _grouped(u, groups).reshape(groups, ROW_GROUP, nb, 16, 2).transpose(0, 2, 3, 1, 4)
     else:
         u = _grouped(codes.astype(np.uint8), groups).reshape(groups, ROW_GROUP, nb, BLOCK)
         nib = u[..., :16] | (u[..., 16:] << 4)  # k and k + 16 share a byte
-        code_bytes = nib.reshape(groups, ROW_GROUP, nb, 4, 4).transpose(0, 2, 3, 1, 4)  # g, b, chunk, row, j
+        code_bytes = nib.reshape(groups, ROW_GROUP, nb, 8, 2).transpose(0, 2, 3, 1, 4)  # g, b, unit, row, j
     scale_bytes = np.stack([_grouped(s, groups).transpose(0, 2, 1) for s in scales], axis=2)  # g, b, which, row
     return (np.ascontiguousarray(code_bytes).reshape(-1),
             np.ascontiguousarray(scale_bytes.astype("<f2")).view(np.uint8).reshape(-1))
@@ -75,8 +76,8 @@ def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None
 
     d: float16 [N, K/32] block scales; m: float16 [N, K/32] block minimums (Q4_1 only); codes: [N, K] integers, one per weight: 0..15 for Q4_0
     (weight = d * (q - 8)) and Q4_1 (weight = d * q + m), -128..127 for Q8_0 (d * q).
-    Layout per group g of 16 rows and block b of 32 k: codes in 64-byte chunks c, byte c*64 + r*4 + j holding row
-    16g+r's k = 32b+4c+j (Q8_0, as code + 128) or k = 32b+4c+j (low nibble) and 32b+16+4c+j (high nibble) (Q4_*);
+    Layout per group g of 16 rows and block b of 32 k: codes in 32-byte units u, byte u*32 + r*2 + j holding row
+    16g+r's k = 32b+2u+j (Q8_0, as code + 128) or k = 32b+2u+j (low nibble) and 32b+16+2u+j (high nibble) (Q4_*);
     after all codes, per (g, b) the 16 rows' fp16 d, then (Q4_1) their fp16 m.
     """
     _check_fmt(fmt)

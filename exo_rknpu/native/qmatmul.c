@@ -1,31 +1,36 @@
-/* exo-rknpu native quantized matmul (see qmatmul.h for the interface, notes/native-spec.md for the arithmetic).
+/* exo-rknpu native quantized matmul (see qmatmul.h for the interface, docs/native.md for the arithmetic).
  *
- * Result: y[m, n] = sum over blocks b, in order, of (dw * da) * isum (+ mw * (da * sa) for Q4_1), float32, no FMA
- * (built with -ffp-contract=off; SIMD code uses separate mul and add). isum is an exact int32 dot product of the
- * weight codes with the int8 activation codes, so every code path below gives the same bits. SIMD runs across
- * output rows (one lane per row n), never across K within a row, so each row's float order is the same everywhere.
+ * Activations are quantized per call to int16 per block of 32 (amax = max |x|, d = amax / 32767, codes
+ * q = rint(x * (32767 / amax)), s = sum q): one step is 3e-5 of the block's max, so a last-bit difference in the ops
+ * before the kernel (which differ per CPU) moves a code by at most one such step, as small as float32 rounding.
+ * Result: y[m, n] = sum over blocks b, in order, of (dw * da) * (float)isum (+ mw * (da * (float)sa) for Q4_1),
+ * float32, no FMA (built with -ffp-contract=off; SIMD code uses separate mul and add). isum is an exact int32 dot
+ * product of the weight codes with the int16 activation codes (|isum| <= 32 * 32767 * 128 < 2^31); (float)isum rounds
+ * to nearest even above 2^24, the same on every CPU. SIMD runs across output rows (one lane per row n), never across
+ * K within a row, so each row's float order is the same everywhere.
  *
  * Packed weight layout (the same bytes on every machine; made by exo_rknpu/native/pack.py):
  *   G = EXO_ROW_GROUP = 16 rows, NG = ceil(N / 16) row groups (rows >= N are zero padding), NB = K / 32 blocks.
  *   Section 1, codes: for g < NG, for b < NB: one code block of CB bytes (CB = 256 for Q4_*, 512 for Q8_0) made of
- *     64-byte chunks; chunk c holds 4 consecutive k of each of the 16 rows: byte [c*64 + r*4 + j] is row 16g+r.
- *     Q4_*: chunk c (0..3), byte j: low nibble = code of k = 32b + 4c + j, high nibble = code of k = 32b + 16 + 4c + j.
- *     Q8_0: chunk c (0..7), byte j: (uint8)(code + 128) of k = 32b + 4c + j (so it is the u8 operand of vpdpbusd).
+ *     32-byte units; unit u holds 2 consecutive k of each of the 16 rows: byte [u*32 + r*2 + j] is row 16g+r.
+ *     Q4_*: unit u (0..7), byte j: low nibble = code of k = 32b + 2u + j, high nibble = code of k = 32b + 16 + 2u + j.
+ *     Q8_0: unit u (0..15), byte j: (uint8)(code + 128) of k = 32b + 2u + j.
  *   Section 2, scales, right after section 1: for g < NG, for b < NB: the 16 rows' fp16 d (little-endian), then for
  *     Q4_1 the 16 rows' fp16 m: SB = 32 bytes (64 for Q4_1).
- *   Total: NG * NB * (CB + SB) bytes. One 64-byte chunk is one AVX-512 vector (16 lanes of 4 bytes: vpdpbusd), two
- *   AVX2 vectors (rows 0-7, 8-15) or four NEON vectors (rows 4i..4i+3: sdot).
+ *   Total: NG * NB * (CB + SB) bytes. A unit zero-extended to 16-bit words (vpmovzxbw) is one AVX-512 vpdpwssd /
+ *   vpmaddwd operand (16 lanes of 2 k), its halves two AVX2 ones (rows 0-7, 8-15); NEON de-interleaves it (ld2).
+ *   Codes are unsigned (Q4 nibbles 0..15, Q8_0 code + 128): every path starts the integer sum at -8 * s (Q4_0) or
+ *   -128 * s (Q8_0) to get the signed isum; partial sums stay below 32 * 255 * 32767 + 128 * 32 * 32767 < 2^31.
  *
- * Quantized activations (exo_quantize_act), per row m: K int8 codes, then NB float32 d, then NB int32 s (sum of the
- * block's codes): ACT_ROW(K) = K + 8 * NB bytes (the buffer must be 4-byte aligned; malloc's and numpy's are).
+ * Quantized activations (exo_quantize_act), per row m: K int16 codes, then NB float32 d, then NB int32 s (sum of the
+ * block's codes): ACT_ROW(K) = 2K + 8 * NB bytes (the buffer must be 4-byte aligned; malloc's and numpy's are).
  */
 #include "qmatmul.h"
 
 #include <math.h>
 #include <string.h>
 
-#if !defined(EXO_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
-    defined(__F16C__)
+#if !defined(EXO_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define EXO_AVX512 1
 #include <immintrin.h>
 #elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)
@@ -46,7 +51,7 @@
 
 static int64_t code_block_bytes(int fmt) { return fmt == EXO_Q8_0 ? 512 : 256; }
 static int64_t scale_block_bytes(int fmt) { return fmt == EXO_Q4_1 ? 64 : 32; }
-static int64_t act_row_bytes(int64_t K) { return K + 8 * (K / EXO_BLOCK); }
+static int64_t act_row_bytes(int64_t K) { return 2 * K + 8 * (K / EXO_BLOCK); }
 
 int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
     if (fmt < EXO_Q4_0 || fmt > EXO_Q8_0) return -1;
@@ -75,9 +80,9 @@ static float half_to_float(uint16_t h) {
 }
 
 /* One block of 32 activations: codes q, scale *d, returns the codes' sum. amax is exact; a non-finite amax makes d
- * NaN (the output is NaN, as a float matmul's would be); a block so small that 127 / amax overflows is all zero
- * codes (its contribution is below 1e-36 of the weights). */
-static int32_t quantize_block_scalar(const float* xb, int8_t* q, float* d) {
+ * NaN (the output is NaN, as a float matmul's would be); a block so small that 32767 / amax overflows is all zero
+ * codes (its contribution is below 1e-34 of the weights). */
+static int32_t quantize_block_scalar(const float* xb, int16_t* q, float* d) {
     float amax = 0.0f;
     int finite = 1;
     for (int i = 0; i < EXO_BLOCK; i++) {
@@ -85,38 +90,38 @@ static int32_t quantize_block_scalar(const float* xb, int8_t* q, float* d) {
         finite &= a <= 3.40282347e+38f;
         amax = a > amax ? a : amax;
     }
-    const float id = 127.0f / amax;
+    const float id = 32767.0f / amax;
     if (!finite || amax == 0.0f || !(id <= 3.40282347e+38f)) {
-        memset(q, 0, EXO_BLOCK);
+        memset(q, 0, EXO_BLOCK * sizeof(int16_t));
         *d = finite ? 0.0f : NAN;
         return 0;
     }
     int32_t sum = 0;
     for (int i = 0; i < EXO_BLOCK; i++) {
-        q[i] = (int8_t)rintf(xb[i] * id);
+        q[i] = (int16_t)rintf(xb[i] * id);
         sum += q[i];
     }
-    *d = amax / 127.0f;
+    *d = amax / 32767.0f;
     return sum;
 }
 
 #if defined(EXO_AVX512)
 /* The same block with AVX-512: max is exact in any order, vcvtps2dq rounds half to even (the default MXCSR mode,
- * as rintf), and |x * id| <= 127 so the int8 narrowing keeps every code. */
-static int32_t quantize_block(const float* xb, int8_t* q, float* d) {
+ * as rintf), and |x * id| < 32767.5 so the int16 narrowing keeps every code. */
+static int32_t quantize_block(const float* xb, int16_t* q, float* d) {
     const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
     const __m512 a0 = _mm512_abs_ps(x0), a1 = _mm512_abs_ps(x1);
     const __m512 big = _mm512_set1_ps(3.40282347e+38f);
     const __mmask16 ok0 = _mm512_cmp_ps_mask(a0, big, _CMP_LE_OQ), ok1 = _mm512_cmp_ps_mask(a1, big, _CMP_LE_OQ);
     if (ok0 != 0xffff || ok1 != 0xffff) return quantize_block_scalar(xb, q, d);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-    const float id = 127.0f / amax;
+    const float id = 32767.0f / amax;
     if (amax == 0.0f || !(id <= 3.40282347e+38f)) return quantize_block_scalar(xb, q, d);
     const __m512 vid = _mm512_set1_ps(id);
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
-    _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(q1));
-    *d = amax / 127.0f;
+    _mm256_storeu_si256((__m256i*)q, _mm512_cvtepi32_epi16(q0));
+    _mm256_storeu_si256((__m256i*)(q + 16), _mm512_cvtepi32_epi16(q1));
+    *d = amax / 32767.0f;
     return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 }
 #else
@@ -126,7 +131,7 @@ static int32_t quantize_block(const float* xb, int8_t* q, float* d) {
 void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa) {
     const int64_t nb = K / EXO_BLOCK;
     for (int64_t m = 0; m < M; m++) {
-        int8_t* q = (int8_t*)qa + m * act_row_bytes(K);
+        int16_t* q = (int16_t*)((uint8_t*)qa + m * act_row_bytes(K));
         float* d = (float*)(q + K);
         int32_t* s = (int32_t*)(d + nb);
         for (int64_t b = 0; b < nb; b++) s[b] = quantize_block(x + m * K + b * EXO_BLOCK, q + b * EXO_BLOCK, d + b);
@@ -135,34 +140,34 @@ void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa) {
 
 /* The activation codes, scales and sums of row m. */
 typedef struct {
-    const int8_t* q;
+    const int16_t* q;
     const float* d;
     const int32_t* s;
 } act_row;
 
 static act_row act_of(const void* qa, int64_t K, int64_t m) {
     act_row a;
-    a.q = (const int8_t*)qa + m * act_row_bytes(K);
+    a.q = (const int16_t*)((const uint8_t*)qa + m * act_row_bytes(K));
     a.d = (const float*)(a.q + K);
     a.s = (const int32_t*)(a.d + K / EXO_BLOCK);
     return a;
 }
 
 /* Integer dot products of the 16 rows of one code block with one block of activation codes (exact). */
-static void block_isums(int fmt, const uint8_t* cb, const int8_t* q, int32_t isum[G]) {
+static void block_isums(int fmt, const uint8_t* cb, const int16_t* q, int32_t isum[G]) {
     for (int r = 0; r < G; r++) isum[r] = 0;
     if (fmt == EXO_Q8_0) {
-        for (int c = 0; c < 8; c++)
+        for (int u = 0; u < 16; u++)
             for (int r = 0; r < G; r++)
-                for (int j = 0; j < 4; j++) isum[r] += ((int32_t)cb[c * 64 + r * 4 + j] - 128) * q[4 * c + j];
+                for (int j = 0; j < 2; j++) isum[r] += ((int32_t)cb[u * 32 + r * 2 + j] - 128) * q[2 * u + j];
         return;
     }
     const int32_t off = fmt == EXO_Q4_0 ? 8 : 0;
-    for (int c = 0; c < 4; c++)
+    for (int u = 0; u < 8; u++)
         for (int r = 0; r < G; r++)
-            for (int j = 0; j < 4; j++) {
-                uint8_t v = cb[c * 64 + r * 4 + j];
-                isum[r] += ((int32_t)(v & 15) - off) * q[4 * c + j] + ((int32_t)(v >> 4) - off) * q[16 + 4 * c + j];
+            for (int j = 0; j < 2; j++) {
+                uint8_t v = cb[u * 32 + r * 2 + j];
+                isum[r] += ((int32_t)(v & 15) - off) * q[2 * u + j] + ((int32_t)(v >> 4) - off) * q[16 + 2 * u + j];
             }
 }
 
@@ -236,7 +241,11 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
 #if defined(EXO_AVX512)
 #include "qmatmul_avx512.h"
 #define GROUP_FN group_avx512
+#if defined(__AVX512VNNI__)
 #define ISA_NAME "avx512vnni"
+#else
+#define ISA_NAME "avx512"
+#endif
 #elif defined(EXO_AVX2)
 #include "qmatmul_avx2.h"
 #define GROUP_FN group_avx2
@@ -248,11 +257,7 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
 #elif defined(EXO_NEON)
 #include "qmatmul_neon.h"
 #define GROUP_FN group_neon
-#if defined(__ARM_FEATURE_DOTPROD)
-#define ISA_NAME "neon-dotprod"
-#else
 #define ISA_NAME "neon"
-#endif
 #else
 #define GROUP_FN group_scalar
 #define ISA_NAME "scalar"

@@ -1,4 +1,4 @@
-/* exo-rknpu native quantized matmul: int8 activations x block-quantized weights (Q4_0, Q4_1, Q8_0).
+/* exo-rknpu native quantized matmul: int16 activations x block-quantized weights (Q4_0, Q4_1, Q8_0).
  * The result is bit-for-bit the same on every CPU: see docs at the top of qmatmul.c and notes/native-spec.md. */
 #ifndef EXO_QMATMUL_H
 #define EXO_QMATMUL_H
@@ -24,7 +24,7 @@ void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, cons
                       int64_t n_begin, int64_t n_end);
 /* Size in bytes of the packed weights of an N x K matrix in format fmt (-1 for an unknown fmt). */
 int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K);
-/* Which code path this build compiled: "avx512vnni", "avx2-vnni", "avx2", "neon-dotprod", "neon" or "scalar". */
+/* Which code path this build compiled: "avx512vnni", "avx512", "avx2-vnni", "avx2", "neon" or "scalar". */
 const char* exo_isa(void);
 
 #ifdef __cplusplus

@@ -1,15 +1,25 @@
-/* AVX-512 VNNI path of qmatmul.c (included there; needs AVX512F/BW/VNNI and F16C).
- * One zmm lane per output row: a 64-byte code chunk is 16 rows x 4 k, the u8 operand of vpdpbusd, and the s8
- * operand is 4 activation codes broadcast to all lanes. Codes are unsigned (Q4 nibbles 0..15, Q8_0 code + 128), so
- * the integer sum starts at -8 * s (Q4_0) or -128 * s (Q8_0) to give the signed isum exactly. */
+/* AVX-512 path of qmatmul.c (included there; needs AVX512F/BW and F16C; AVX512_VNNI for vpdpwssd).
+ * One zmm lane per output row: a 32-byte code unit (16 rows x 2 k) zero-extended to words (vpmovzxbw) holds in each
+ * 32-bit lane one row's 2 codes, the first operand of vpdpwssd (or vpmaddwd + vpaddd without VNNI); the second is
+ * the pair of int16 activation codes broadcast to all lanes. Codes are unsigned (Q4 nibbles 0..15, Q8_0 code + 128),
+ * so the integer sum starts at -8 * s (Q4_0) or -128 * s (Q8_0) to give the signed isum exactly. */
 
-static inline __m512i avx512_bcast4(const int8_t* q) {
+static inline __m512i avx512_bcast2(const int16_t* q) {
     int32_t v;
     memcpy(&v, q, 4);
     return _mm512_set1_epi32(v);
 }
 
-/* Rows m0 .. m0+MC-1 of one row group: each loaded code chunk feeds all MC activation rows. */
+/* acc + per lane w.lo16 * a.lo16 + w.hi16 * a.hi16 (exact: no pair reaches -32768 * -32768) */
+static inline __m512i avx512_dot2(__m512i acc, __m512i w, __m512i a) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, w, a);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, a));
+#endif
+}
+
+/* Rows m0 .. m0+MC-1 of one row group: each loaded code unit feeds all MC activation rows. */
 static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, const int MC, const uint8_t* cg,
                                                                const uint8_t* sg, int64_t nb, const void* qa,
                                                                int64_t K, int64_t m0, float* y, int64_t N,
@@ -17,7 +27,7 @@ static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, co
     (void)h; /* 16 lanes: one pass */
     const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
     const int32_t bias = fmt == EXO_Q4_0 ? -8 : fmt == EXO_Q8_0 ? -128 : 0;
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i low4 = _mm512_set1_epi16(0x0f);
     act_row a[8];
     __m512 acc[8];
     for (int i = 0; i < MC; i++) {
@@ -33,19 +43,19 @@ static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, co
         __m512i isum[8];
         for (int i = 0; i < MC; i++) isum[i] = _mm512_set1_epi32(bias * a[i].s[b]);
         if (fmt == EXO_Q8_0) {
-            for (int c = 0; c < 8; c++) {
-                const __m512i w = _mm512_loadu_si512((const void*)(cb + 64 * c));
+            for (int u = 0; u < 16; u++) {
+                const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cb + 32 * u)));
                 for (int i = 0; i < MC; i++)
-                    isum[i] = _mm512_dpbusd_epi32(isum[i], w, avx512_bcast4(a[i].q + 32 * b + 4 * c));
+                    isum[i] = avx512_dot2(isum[i], w, avx512_bcast2(a[i].q + 32 * b + 2 * u));
             }
         } else {
-            for (int c = 0; c < 4; c++) {
-                const __m512i v = _mm512_loadu_si512((const void*)(cb + 64 * c));
+            for (int u = 0; u < 8; u++) {
+                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cb + 32 * u)));
                 const __m512i lo = _mm512_and_si512(v, low4);
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                const __m512i hi = _mm512_srli_epi16(v, 4);
                 for (int i = 0; i < MC; i++) {
-                    isum[i] = _mm512_dpbusd_epi32(isum[i], lo, avx512_bcast4(a[i].q + 32 * b + 4 * c));
-                    isum[i] = _mm512_dpbusd_epi32(isum[i], hi, avx512_bcast4(a[i].q + 32 * b + 16 + 4 * c));
+                    isum[i] = avx512_dot2(isum[i], lo, avx512_bcast2(a[i].q + 32 * b + 2 * u));
+                    isum[i] = avx512_dot2(isum[i], hi, avx512_bcast2(a[i].q + 32 * b + 16 + 2 * u));
                 }
             }
         }

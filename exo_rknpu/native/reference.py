@@ -13,10 +13,10 @@ F32_MAX = np.float32(np.finfo(np.float32).max)
 
 
 def quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x float32 [M, K] -> (q int8 [M, K], d float32 [M, K/32], s int32 [M, K/32]).
+    """x float32 [M, K] -> (q int16 [M, K], d float32 [M, K/32], s int32 [M, K/32]).
 
-    Per block: d = amax / 127, q = rint(x * (127 / amax)); a block with a non-finite value has d = NaN and zero codes,
-    a block whose 127 / amax overflows (or amax == 0) has d = 0 and zero codes.
+    Per block: d = amax / 32767, q = rint(x * (32767 / amax)); a block with a non-finite value has d = NaN and zero
+    codes, a block whose 32767 / amax overflows (or amax == 0) has d = 0 and zero codes.
     """
     M, K = x.shape
     xb = x.astype(np.float32).reshape(M, K // BLOCK, BLOCK)
@@ -24,10 +24,10 @@ def quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     finite = (a <= F32_MAX).all(axis=-1)
     amax = np.where(finite, np.where(finite[..., None], a, 0).max(axis=-1), np.float32(0)).astype(np.float32)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        inv = np.float32(127.0) / amax
+        inv = np.float32(32767.0) / amax
         ok = finite & (amax != 0) & (inv <= F32_MAX)
-        q = np.where(ok[..., None], np.rint(xb * np.where(ok, inv, 0)[..., None]), 0).astype(np.int8)
-    d = np.where(ok, amax / np.float32(127.0), np.where(finite, np.float32(0), np.float32(np.nan))).astype(np.float32)
+        q = np.where(ok[..., None], np.rint(xb * np.where(ok, inv, 0)[..., None]), 0).astype(np.int16)
+    d = np.where(ok, amax / np.float32(32767.0), np.where(finite, np.float32(0), np.float32(np.nan))).astype(np.float32)
     s = q.astype(np.int32).sum(axis=-1, dtype=np.int32)
     return q.reshape(M, K), d, s
 
@@ -50,9 +50,9 @@ def qmatmul(fmt: int, d: np.ndarray, codes: np.ndarray, x: np.ndarray, m: np.nda
     acc = np.zeros((q.shape[0], N), np.float32)
     for b in range(K // BLOCK):
         sl = slice(b * BLOCK, (b + 1) * BLOCK)
-        isum = q[:, sl].astype(np.int64) @ w[:, sl].T.astype(np.int64)  # exact; |isum| < 2^24
+        isum = (q[:, sl].astype(np.int64) @ w[:, sl].T.astype(np.int64)).astype(np.int32)  # exact; |isum| < 2^31
         t = dw[None, :, b] * da[:, b, None]
-        acc = acc + t * isum.astype(np.float32)
+        acc = acc + t * isum.astype(np.float32)  # rounds to nearest even above 2^24, as the C conversion
         if fmt == Q4_1:
             acc = acc + mw[None, :, b] * (da[:, b] * sa[:, b].astype(np.float32))[:, None]
     return acc
