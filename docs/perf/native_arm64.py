@@ -65,6 +65,9 @@ def random_case(fmt: int, M: int, N: int, K: int, seed: int):
     m = (rng.standard_normal((N, K // 32)) * 0.05).astype(np.float16) if fmt == 1 else None
     x = rng.standard_normal((M, K)).astype(np.float32)
     x[:, rng.integers(0, K, max(1, K // 200))] *= 40
+    if fmt == 2:  # extreme codes and a row all at its block max: integer sums above 2^24 (rounded by (float)isum)
+        codes[::3] = np.where(codes[::3] < 0, -128, 127)
+        x[0] = np.where(x[0] < 0, -1.0, 1.0)
     return d, codes, m, x
 
 
