@@ -40,13 +40,25 @@ static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, co
         /* prefetches never fault, so reading past the last group is harmless */
         for (int64_t o = 0; o < cbb; o += 64) _mm_prefetch((const char*)(cb + EXO_PREFETCH + o), _MM_HINT_T0);
         _mm_prefetch((const char*)(sb + EXO_PREFETCH * sbb / cbb), _MM_HINT_T0);
-        __m512i isum[8];
-        for (int i = 0; i < MC; i++) isum[i] = _mm512_set1_epi32(bias * a[i].s[b]);
+        /* For one or two activation rows, two exact partial sums per row (halves the vpdpwssd dependency chain:
+         * M = 1 runs 3-4 % faster); more rows have enough independent chains, and 2 * MC sums would spill. */
+        const int split = MC <= 2;
+        __m512i isum[8], isum2[8];
+        for (int i = 0; i < MC; i++) {
+            isum[i] = _mm512_set1_epi32(bias * a[i].s[b]);
+            isum2[i] = _mm512_setzero_si512();
+        }
         if (fmt == EXO_Q8_0) {
-            for (int u = 0; u < 16; u++) {
-                const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cb + 32 * u)));
-                for (int i = 0; i < MC; i++)
-                    isum[i] = avx512_dot2(isum[i], w, avx512_bcast2(a[i].q + 32 * b + 2 * u));
+            for (int u = 0; u < 16; u += 2) {
+                const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cb + 32 * u)));
+                const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cb + 32 * u + 32)));
+                for (int i = 0; i < MC; i++) {
+                    isum[i] = avx512_dot2(isum[i], w0, avx512_bcast2(a[i].q + 32 * b + 2 * u));
+                    if (split)
+                        isum2[i] = avx512_dot2(isum2[i], w1, avx512_bcast2(a[i].q + 32 * b + 2 * u + 2));
+                    else
+                        isum[i] = avx512_dot2(isum[i], w1, avx512_bcast2(a[i].q + 32 * b + 2 * u + 2));
+                }
             }
         } else {
             for (int u = 0; u < 8; u++) {
@@ -55,10 +67,15 @@ static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, co
                 const __m512i hi = _mm512_srli_epi16(v, 4);
                 for (int i = 0; i < MC; i++) {
                     isum[i] = avx512_dot2(isum[i], lo, avx512_bcast2(a[i].q + 32 * b + 2 * u));
-                    isum[i] = avx512_dot2(isum[i], hi, avx512_bcast2(a[i].q + 32 * b + 16 + 2 * u));
+                    if (split)
+                        isum2[i] = avx512_dot2(isum2[i], hi, avx512_bcast2(a[i].q + 32 * b + 16 + 2 * u));
+                    else
+                        isum[i] = avx512_dot2(isum[i], hi, avx512_bcast2(a[i].q + 32 * b + 16 + 2 * u));
                 }
             }
         }
+        if (split)
+            for (int i = 0; i < MC; i++) isum[i] = _mm512_add_epi32(isum[i], isum2[i]);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sb));
         for (int i = 0; i < MC; i++) {
             const __m512 t = _mm512_mul_ps(dw, _mm512_set1_ps(a[i].d[b]));
