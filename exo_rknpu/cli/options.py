@@ -125,7 +125,7 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
                    help="auto | int4 | int8 | fp32 | native: form of the linear weights (default auto: compact "
                         "blocks multiplied in float32 arithmetic, the same answers on every CPU - GGUF Q4_0, Q4_1, "
                         "Q8_0 and Q6_K kept exactly, other sources as 8-bit blocks; native: GGUF Q4_0, Q4_1 and "
-                        "Q8_0 kept exactly, float sources as Q8_0, run by exo-rknpu's own kernel with int8 "
+                        "Q8_0 kept exactly, float sources as Q8_0, run by exo-rknpu's own kernel with int16 "
                         "activations, the same bits on every CPU (needs a C compiler; other GGUF types as auto); "
                         "int4/int8: faster, but answers depend on the CPU's instruction set; fp32 widens everything)")
 
