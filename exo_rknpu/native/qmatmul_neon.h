@@ -3,7 +3,9 @@
  * one int16 activation code (by-element smlal / smlal2 into two int32x4 of 4 rows: exact). Codes are unsigned (Q4
  * nibbles, Q8_0 code + 128), so the sum starts at -8 * s (Q4_0) or -128 * s (Q8_0) as on x86. */
 
-/* Activation rows per pass (the same register budget as the int8 path had). */
+/* Activation rows per pass. gcc 12 (-mcpu=cortex-a76) already spills some vector registers at 2 (42 reloads in the
+ * file, 10 at 1, 347 at 3): it hoists the ld2/uxtl of the unrolled block, and by-element smlal takes its int16
+ * activation from v0-v15 only. Whether 1 or 2 is faster on a Cortex-A76 needs a board (emulation has no timing). */
 #define NEON_MAX_ROWS 2
 
 /* acc[0..1] (rows 0-3, 4-7) + w (8 rows' int16 codes) * lane LANE of x (8 activation codes); LANE a literal. */
