@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from exo_rknpu.errors import BackendUnavailableError, UnsupportedSliceError
+from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, KVLayout, SliceSpec
 
@@ -58,6 +59,12 @@ class Backend(Protocol):
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all? Whole layers or a run of one layer's parts (SliceSpec.parts),
         the embedding, the head; every block the slice computes must be in `blocks` (see `declared_support`)."""
+        ...
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> Runner | None:
+        """What runs `spec`, found from a slice it prepared earlier from `source`'s files and weights mode, before
+        any weight is loaded; or None (then ShardRunner loads the slice's weights and calls `prepare`). The onnx
+        backend's prepared-slice cache answers it; the others answer None."""
         ...
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> Runner:

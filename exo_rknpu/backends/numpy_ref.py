@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import NumpyOps, run_slice, slice_weights
 from exo_rknpu.backends.base import declared_support
@@ -41,6 +42,9 @@ class NumpyBackend:
 
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
+        return None  # it keeps nothing prepared: its runners are the weights
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NumpyRunner:
         return NumpyRunner(spec, weights)

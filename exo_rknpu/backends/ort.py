@@ -18,6 +18,7 @@ from exo_rknpu.backends.prepared import PreparedCache, prepared_key
 from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
@@ -286,11 +287,29 @@ class OrtBackend:
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
 
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> OrtRunner | None:
+        """The runner of a slice prepared earlier from `source`'s files and mode (found by its source key,
+        backends/prepared.py), or None: then `prepare` builds it from the weights. The embedding is never found
+        (it is a host-side lookup of the loaded table)."""
+        if self.cache is None or spec.kind == "embed":
+            return None
+        form = self.attention_form(spec, source.args)
+        found = self.cache.recall(prepared_key(source=source.stamp.parts(), **self._key_parts(spec, form)))
+        if found is None:
+            return None
+        rotary = self._rotary_tables(source.args, buckets) if form == "gqa" else None
+        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, int(found.facts["rows_apart"]))
+
+    def _key_parts(self, spec: SliceSpec, form: str) -> dict[str, object]:
+        """Every part of a prepared slice's key but its weights (`prepare`'s digest, or `find_prepared`'s stamp)."""
+        # the exporter's version covers its sources, MatMulNBits' accuracy levels (onnx_export.py) included
+        return {"slice": spec_dict(spec), "form": form, "exporter": exporter_version(), "onnxruntime": ort.__version__}
+
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
         if spec.kind == "embed":
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
-        form = self.attention_form(spec, weights)
-        rotary = self._rotary_tables(weights, buckets) if form == "gqa" else None
+        form = self.attention_form(spec, weights.args)
+        rotary = self._rotary_tables(weights.args, buckets) if form == "gqa" else None
         opts = session_options(self.threads)
         fp32_activations = any(isinstance(w, QTensor) and w.fp32_activations for w in _slice_tensors(spec, weights))
         rows_apart = ROWS_APART if fp32_activations else 0
@@ -298,9 +317,7 @@ class OrtBackend:
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
         cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
         if cache is not None:
-            # the exporter's version covers its sources, MatMulNBits' accuracy levels (onnx_export.py) included
-            key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
-                               exporter=exporter_version(), onnxruntime=ort.__version__)
+            key = prepared_key(weights=slice_digest(spec, weights), **self._key_parts(spec, form))
             model_file = cache.lookup(key)
         if model_file is None:
             # onnx is imported only to build a slice: a prepared one opens without it (~15 MiB resident and a
@@ -314,20 +331,23 @@ class OrtBackend:
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart)
             model_file = cache.store(key, model, external)
+        if cache is not None and weights.stamp is not None:  # weights straight from their sources: found by them next
+            cache.remember(prepared_key(source=weights.stamp.parts(), **self._key_parts(spec, form)), key,
+                           {"rows_apart": rows_apart})
         return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart)
 
-    def attention_form(self, spec: SliceSpec, weights: ShardWeights) -> str:
+    def attention_form(self, spec: SliceSpec, args: ModelArgs) -> str:
         """How a slice's attention is written (slices/onnx_export.py ATTENTION_FORMS): GroupQueryAttention extending
         the cache in place where onnxruntime's kernel takes the model's heads; else the split form, which does not
         copy the cache either but attends over the whole bucket."""
-        return "gqa" if self.fused_attention and spec.has_attention and gqa_supported(weights.args) else "split"
+        return "gqa" if self.fused_attention and spec.has_attention and gqa_supported(args) else "split"
 
-    def _rotary_tables(self, weights: ShardWeights, buckets: Buckets) -> tuple[np.ndarray, np.ndarray]:
+    def _rotary_tables(self, args: ModelArgs, buckets: Buckets) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin [P, hd/2] for every position a call can reach (the gqa form's tables), one pair per model."""
         positions = buckets.max_context + buckets.seq[-1]
-        key = (weights.args, positions)
+        key = (args, positions)
         if key not in self._tables:
-            cos, sin = cos_sin(weights.args, np.arange(positions))
-            half = weights.args.head_dim // 2
+            cos, sin = cos_sin(args, np.arange(positions))
+            half = args.head_dim // 2
             self._tables[key] = tuple(np.ascontiguousarray(t[0, 0, :, :half]) for t in (cos, sin))  # type: ignore[assignment]
         return self._tables[key]

@@ -24,6 +24,7 @@ from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.base import LayerRange, ModelArgs
+from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
@@ -156,6 +157,9 @@ class NpuBackend:
         folder, m = self.cache.find(weights.fingerprint, self.dtype, self.platform, spec.name, hint=hint)
         check_manifest(m, spec, weights, buckets, self.dtype, self.platform, folder, hint)
         return folder, m
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
+        return None  # its compiled slices are found by `prepare`, which reads no layer weights (needs_layer_weights)
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NpuRunner:
         folder, m = self.locate(spec, weights, buckets)

@@ -42,6 +42,7 @@ from exo_rknpu.rknn.compile import BuildJob, export_graph, quantize
 from exo_rknpu.rknn.venv.sim_server import _LEN
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedSliceError
+from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
@@ -345,6 +346,9 @@ class RknnSimBackend:
     # -- Backend --------------------------------------------------------------------------------------------
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
+        return None  # it builds from the weights (or the compiled files `prepare` finds)
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> SimRunner:
         if not self.supports(spec):

@@ -15,7 +15,8 @@ import numpy as np
 
 from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
-from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.model.loader import ShardSource
+from exo_rknpu.model.weights import LeftOut, ShardWeights
 from exo_rknpu.runtime.cache import BatchState, KVCache, KVPool, RequestCache, RowsState
 from exo_rknpu.runtime.inputs import RotaryTable
 from exo_rknpu.runtime.requests import RequestLimits, RequestStore
@@ -140,6 +141,14 @@ def check_covers(specs: list[SliceSpec], lr) -> None:
         raise ValueError(f"slices {[s.name for s in specs]} do not cover layers {lr.start}-{lr.stop - 1} part by part in order")
 
 
+def left_out(specs: list[SliceSpec], found: Mapping[str, Runner]) -> LeftOut:
+    """What the loader need not build when the slices named in `found` are served prepared: every layer whose every
+    slice is found (a placement may cut one layer into several slices), and the head if its slice is."""
+    layers = {i for s in specs if s.kind == "layers" for i in range(s.start, s.stop)}
+    needed = {i for s in specs if s.kind == "layers" and s.name not in found for i in range(s.start, s.stop)}
+    return LeftOut(frozenset(layers - needed), head=any(s.kind == "head" and s.name in found for s in specs))
+
+
 class ShardRunner:
     """Layers [start, stop) of a model, its slices prepared on their backends, with per-request KV caches.
 
@@ -150,7 +159,7 @@ class ShardRunner:
 
     def __init__(
         self,
-        weights: ShardWeights,
+        weights: ShardWeights | ShardSource,
         backend: Backend | None = None,
         buckets: Buckets = Buckets(),
         layers_per_slice: int | None = None,
@@ -162,9 +171,12 @@ class ShardRunner:
         plan: ResolvedPlan | None = None,
         devices: Mapping[str, Backend] | None = None,
     ) -> None:
-        """`release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
+        """`weights`: the shard's weights, or its ShardSource (what open_plan passes): then each backend is asked
+        first for the slices it prepared earlier from those sources (`Backend.find_prepared`), and only what no found
+        slice covers is loaded (the embedding, at least), with `progress`; the runner owns what it loads.
+        `release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
         slice is prepared (open_plan sets it; callers that reuse a ShardWeights leave it off)."""
-        self.args, self.buckets, self.fingerprint = weights.args, buckets, weights.fingerprint
+        self.args, self.buckets = weights.args, buckets
         lr = weights.layer_range
         self.layer_range = lr
         self.placement = plan  # the ResolvedPlan it was opened with, if any
@@ -195,7 +207,20 @@ class ShardRunner:
         # attention slice name -> its cache's index in RequestCache.caches
         self.cache_index = {s.name: i for i, s in enumerate(s for s in self.layer_specs if s.has_attention)}
         self.runners: dict[str, Runner] = {}
-        self._prepare(weights, buckets, release_weights, progress)
+        found: dict[str, Runner] = {}
+        if isinstance(weights, ShardSource):
+            for s in self.specs:
+                runner = self.backends[s.name].find_prepared(s, weights, buckets)
+                if runner is not None:
+                    found[s.name] = runner
+            try:
+                weights = weights.load(left_out(self.specs, found), progress)
+            except BaseException:
+                for r in found.values():
+                    r.close()
+                raise
+        self.fingerprint = weights.fingerprint
+        self._prepare(weights, buckets, release_weights, progress, found)
         if release_weights:
             return_freed_memory()
         for runner in self.runners.values():  # every slice prepared and its weights let go of: before any call
@@ -214,13 +239,16 @@ class ShardRunner:
         self.stats = ShardStats()
 
     def _prepare(self, weights: ShardWeights, buckets: Buckets, release_weights: bool,
-                 progress: Callable[[str], None] | None) -> None:
-        """Prepare every slice on its backend, in order (closing what was prepared if one fails)."""
+                 progress: Callable[[str], None] | None, found: Mapping[str, Runner]) -> None:
+        """Prepare every slice on its backend, in order, but those `found` prepared already (closing every runner if
+        one fails)."""
         try:
             for n, s in enumerate(self.specs):
                 require_support(self.backends[s.name], s)
                 t = time.monotonic()
-                if release_weights and s.kind == "layers":
+                if s.name in found:
+                    self.runners[s.name] = found[s.name]
+                elif release_weights and s.kind == "layers":
                     # the backend gets this slice's layers on their own and the shard lets go of them: a runner
                     # that keeps them (numpy, a simulator building lazily) holds them, one that does not (onnx)
                     # frees them, so the next slice never sees two copies. A layer cut by a placement plan is let
@@ -238,6 +266,9 @@ class ShardRunner:
                 if progress is not None and (time.monotonic() - t > 1.0 or n == len(self.specs) - 1):
                     progress(f"prepared slice {s.name} on {self.backends[s.name].name} ({n + 1}/{len(self.specs)})")
         except BaseException:
+            for name, r in found.items():
+                if name not in self.runners:
+                    r.close()
             self.close()
             raise
 
