@@ -74,13 +74,15 @@ def loader_version() -> str:
 
 
 def source_files(src: ModelSource) -> list[Path]:
-    """Every file a shard's weights are read from: the GGUF file; or an HF folder's config, index and weight files."""
+    """Every file a shard's weights can be read from: the GGUF file; or an HF folder's config, index and the weight
+    files present (a node that downloaded only its shard's files has no others, and reads none)."""
     if src.format != "hf":
         return [Path(src.path)]
     folder = Path(src.path)
     index = folder / hf.INDEX_FILE
     weight_files = sorted(set(hf.weight_map(folder).values())) if index.exists() else [hf.SINGLE_FILE]
-    return [folder / "config.json", *([index] if index.exists() else []), *(folder / f for f in weight_files)]
+    present = [folder / f for f in weight_files if (folder / f).exists()]
+    return [folder / "config.json", *([index] if index.exists() else []), *present]
 
 
 def source_stamp(src: ModelSource, args: ModelArgs, weights: str) -> SourceStamp:
