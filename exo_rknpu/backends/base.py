@@ -10,14 +10,16 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
 from exo_rknpu.errors import BackendUnavailableError, UnsupportedSliceError
-from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, KVLayout, SliceSpec
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 
 class Runner(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,13 +19,15 @@ from exo_rknpu.backends.prepared import PreparedCache, prepared_key
 from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.base import ModelArgs
-from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.quant import QTensor
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.model.rope import cos_sin
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, per_layer_cache_names
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 try:
     import onnxruntime as ort
@@ -295,10 +298,10 @@ class OrtBackend:
             return None
         form = self.attention_form(spec, source.args)
         found = self.cache.recall(prepared_key(source=source.stamp.parts(), **self._key_parts(spec, form)))
-        if found is None:
+        if found is None or not isinstance(found.facts.get("rows_apart"), int):  # (a record of another format)
             return None
         rotary = self._rotary_tables(source.args, buckets) if form == "gqa" else None
-        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, int(found.facts["rows_apart"]))
+        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, found.facts["rows_apart"])
 
     def _key_parts(self, spec: SliceSpec, form: str) -> dict[str, object]:
         """Every part of a prepared slice's key but its weights (`prepare`'s digest, or `find_prepared`'s stamp)."""

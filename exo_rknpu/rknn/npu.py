@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,12 +24,14 @@ from exo_rknpu.slices import artifacts as cc
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import ArtifactError, BackendUnavailableError
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, bucket_tag, npu_kv_layout,
                                    shape_key, to_npu_batch_inputs, to_npu_inputs)
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 
 def librknnrt_needed(m: dict[str, Any]) -> str:

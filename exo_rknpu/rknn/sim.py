@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -42,12 +42,14 @@ from exo_rknpu.rknn.compile import BuildJob, export_graph, quantize
 from exo_rknpu.rknn.venv.sim_server import _LEN
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedSliceError
-from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
 from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, shape_key, to_npu_batch_inputs,
                                    to_npu_inputs)
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 DTYPES = ("fp16", "w8a8")
 
