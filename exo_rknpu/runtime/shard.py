@@ -91,6 +91,8 @@ def _resident_anonymous(smaps: list[str]) -> list[tuple[int, int]]:
     out, current = [], None
     for line in smaps:
         head = line.split()
+        if not head:
+            continue
         if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's first line
             lo, hi = (int(x, 16) for x in head[0].split("-"))
             anonymous = head[1].startswith("rw") and head[1].endswith("p") and head[4] == "0" and (len(head) == 5 or head[5] == "[heap]")
@@ -254,16 +256,7 @@ class ShardRunner:
         self.runners: dict[str, Runner] = {}
         found: dict[str, Runner] = {}
         if isinstance(weights, ShardSource):
-            for s in self.specs:
-                runner = self.backends[s.name].find_prepared(s, weights, buckets)
-                if runner is not None:
-                    found[s.name] = runner
-            try:
-                weights = weights.load(left_out(self.specs, found), progress)
-            except BaseException:
-                for r in found.values():
-                    r.close()
-                raise
+            weights, found = self._find_and_load(weights, buckets, progress)
         self.fingerprint = weights.fingerprint
         self._prepare(weights, buckets, release_weights, progress, found)
         if release_weights:
@@ -283,6 +276,22 @@ class ShardRunner:
                                self.args.head_dim, buckets.max_context, KV_POOL_STEP)
         self.on_slice = on_slice
         self.stats = ShardStats()
+
+    def _find_and_load(self, source: ShardSource, buckets: Buckets, progress: Callable[[str], None] | None
+                       ) -> tuple[ShardWeights, dict[str, Runner]]:
+        """The slices each backend finds prepared from `source` (by name), and the shard's weights without what they
+        cover."""
+        found: dict[str, Runner] = {}
+        for s in self.specs:
+            runner = self.backends[s.name].find_prepared(s, source, buckets)
+            if runner is not None:
+                found[s.name] = runner
+        try:
+            return source.load(left_out(self.specs, found), progress), found
+        except BaseException:
+            for r in found.values():
+                r.close()
+            raise
 
     def _prepare(self, weights: ShardWeights, buckets: Buckets, release_weights: bool,
                  progress: Callable[[str], None] | None, found: Mapping[str, Runner]) -> None:
