@@ -62,6 +62,11 @@ class Paths:
         return self.home / "prepared"
 
     @property
+    def native(self) -> Path:
+        """The native kernel's shared libraries, built on first use (exo_rknpu/native/build.py)."""
+        return self.home / "native"
+
+    @property
     def toolkit(self) -> Path:
         return self.home / "toolkit"
 

@@ -37,7 +37,7 @@ from exo_rknpu.errors import (
     name_model,
 )
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits, RequestLog
@@ -71,7 +71,7 @@ class EngineConfig:
     logits: Literal["all", "last"] = "all"
     backend_options: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # who is speaking in error messages (exo: the node id)
-    weights: str = "auto"  # form of linear weights: auto | int4 | int8 | fp32 (model/quant.py)
+    weights: str = DEFAULT_WEIGHTS  # form of linear weights: auto | int4 | int8 | fp32 | native (model/quant.py)
     placement: str | None = None  # a placement plan (runtime/placement.py); each shard applies its own part
     emulate: bool = False  # the plan's NPU devices may run on the CPU backend where the NPU cannot run (else refused)
     # bytes a shard may keep on this node (weights + KV budget, `Holding.total`); a shard that needs more is refused

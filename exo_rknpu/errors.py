@@ -83,3 +83,7 @@ class SamplingError(ExoRknpuError, RuntimeError):
 
 class ModelUnavailableError(ExoRknpuError, RuntimeError):
     """A model's files are not on this node and cannot be fetched here (offline, or no repository for this engine)."""
+
+
+class NativeUnavailableError(BackendUnavailableError):
+    """The native quantized-matmul library cannot be built here (no C compiler, or the compiler failed)."""

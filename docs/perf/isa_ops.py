@@ -46,7 +46,7 @@ def _run(nodes: list, inputs: dict[str, np.ndarray], consts: dict[str, np.ndarra
 
 
 def _nbits(x: np.ndarray, w: np.ndarray, bits: int, block: int, level: int, as_split8: bool = False) -> np.ndarray:
-    q = quantize(w, bits, block, fp32_activations=as_split8)  # auto's 8-bit blocks (zero points pairable by split8)
+    q = quantize(w, bits, block, kernel="fp32" if as_split8 else "int8")  # auto's 8-bit blocks (zero points pairable by split8)
     if as_split8:
         q, x = split8(q), split8_input(x, block)
     consts = {"b": q.blocks, "s": q.scales, "z": q.zero_points}

@@ -8,6 +8,7 @@ drops its own copy (ShardRunner releases the weights after prepare), so the pack
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor
+from exo_rknpu.native.build import library as native_library, source_dir as native_sources
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.model.rope import cos_sin
@@ -28,6 +30,7 @@ from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, per_laye
 
 if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
     from exo_rknpu.model.loader import ShardSource
+    from exo_rknpu.model.weights import SourceStamp
 
 try:
     import onnxruntime as ort
@@ -36,13 +39,14 @@ except ImportError as e:  # pragma: no cover - onnxruntime is a dependency, but 
     _IMPORT_ERROR = e
 
 # A batched call of fewer rows than this, on a slice whose weights multiply float32 activations (--weights auto:
-# MatMulNBits accuracy level 1), runs as one call per row. onnxruntime 1.32 has a one-row kernel for those weights
+# MatMulNBits accuracy level 1, QTensor.kernel "fp32"), runs as one call per row. onnxruntime 1.32 has a one-row kernel for those weights
 # that reads the 4-bit codes directly; from two rows on it widens the weights to float32 tile by tile and runs SGEMM
 # (SQ4BitBlkDequantBForSgemm_CompFp32), a fixed cost that only larger batches repay. Measured (CPU time, 1 thread,
 # docs/perf/batch_profile.py; MatMulNBits time of a batched step as a multiple of the lone step's): 1B shape Q4_0
 # layers 2.37x at 2 rows, 2.59x at 4, 3.10x at 8, its head 1.95x, 2.09x, 2.39x; smollm2 layers 2.73x at 2, head
 # 2.12x. So 2 rows cost more than two lone calls, 3 rows already less than three. Other weights (int8 activations,
-# float32) batch from 2 rows on.
+# float32, the native kernel: each row's result is its lone result, and several rows share one read of the weights)
+# batch from 2 rows on.
 ROWS_APART = 3
 
 
@@ -68,7 +72,9 @@ class OrtRunner:
 
     def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1,
                  form: str = "split", rotary: tuple[np.ndarray, np.ndarray] | None = None,
-                 rows_apart: int = 0) -> None:
+                 rows_apart: int = 0, custom_ops: Path | None = None, keep: object = None) -> None:
+        """custom_ops: the native library, registered with the session when it opens (a graph with QMatMul);
+        keep: what the session's in-memory initializers point into (held as long as the runner)."""
         self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
         self.model_file = session if isinstance(session, Path) else None
         self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
@@ -88,13 +94,15 @@ class OrtRunner:
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.rows_apart = rows_apart
+        self.custom_ops = custom_ops
+        self._keep = keep
 
     def _open(self) -> "ort.InferenceSession":
         if self.session is None:
             if self.model_file is None:
                 raise RuntimeError("this onnx runner is closed")
             # onnxruntime maps weights.bin and packs each weight for its kernel
-            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads),
+            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads, self.custom_ops),
                                                 providers=["CPUExecutionProvider"])
             self.output_names = [o.name for o in self.session.get_outputs()]
         return self.session
@@ -178,7 +186,7 @@ class OrtRunner:
                 self._bound[name] = key
 
     def close(self) -> None:
-        self.session = self.model_file = self._binding = None
+        self.session = self.model_file = self._binding = self._keep = None
         self._bound.clear()
 
 
@@ -240,8 +248,18 @@ def gqa_supported(args: ModelArgs) -> bool:
     return args.head_dim % 16 == 0 and args.num_attention_heads % args.num_key_value_heads == 0
 
 
-def session_options(threads: int) -> "ort.SessionOptions":
+def native_layout() -> str:
+    """Identity of the native kernel's packed layout, for the prepared-slice key: the source of its one writer
+    (exo_rknpu/native/pack.py; the library that reads it is rebuilt from its own sources, build.py)."""
+    return hashlib.sha256((native_sources() / "pack.py").read_bytes()).hexdigest()[:16]
+
+
+def session_options(threads: int, custom_ops: Path | None = None) -> "ort.SessionOptions":
+    """Our session options: `threads` intra-op threads, no spinning, and `custom_ops` (the native library, whose
+    QMatMul runs --weights native) registered when given."""
     opts = ort.SessionOptions()
+    if custom_ops is not None:
+        opts.register_custom_ops_library(str(custom_ops))
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -277,14 +295,17 @@ class OrtBackend:
     blocks = frozenset(PLACEMENT_BLOCKS)  # every block, whole layers or parts of one, any shape
 
     def __init__(self, threads: int | None = None, cache_dir: Path | None = None, use_cache: bool = True,
-                 fused_attention: bool = True) -> None:
-        """fused_attention False keeps the "split" attention form (the reference for the fused one in tests)."""
+                 fused_attention: bool = True, native_isa: str = "native") -> None:
+        """fused_attention False keeps the "split" attention form (the reference for the fused one in tests);
+        native_isa: the build of the native kernel that runs QMatMul (exo_rknpu.native.build.library: "native" for
+        this CPU; tests pin narrower ones to show the answers do not depend on it)."""
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
         self.threads = threads or usable_cpus()  # inter-op stays 1: the graph is a chain
         # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
         self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
         self.fused_attention = fused_attention
+        self.native_isa = native_isa
         self._tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def supports(self, spec: SliceSpec) -> bool:
@@ -297,30 +318,40 @@ class OrtBackend:
         if self.cache is None or spec.kind == "embed":
             return None
         form = self.attention_form(spec, source.args)
-        found = self.cache.recall(prepared_key(source=source.stamp.parts(), **self._key_parts(spec, form)))
-        if found is None or not isinstance(found.facts.get("rows_apart"), int):  # (a record of another format)
-            return None
+        found = self.cache.recall(self._source_key(spec, form, source.stamp))
+        facts = {} if found is None else found.facts
+        if found is None or not isinstance(facts.get("rows_apart"), int) or not isinstance(facts.get("native"), bool):
+            return None  # (nothing filed, or a record of another format)
         rotary = self._rotary_tables(source.args, buckets) if form == "gqa" else None
-        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, found.facts["rows_apart"])
+        custom_ops = native_library(self.native_isa) if facts["native"] else None
+        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, facts["rows_apart"], custom_ops)
 
     def _key_parts(self, spec: SliceSpec, form: str) -> dict[str, object]:
-        """Every part of a prepared slice's key but its weights (`prepare`'s digest, or `find_prepared`'s stamp)."""
+        """The parts of a prepared slice's key that do not depend on its weights (`prepare`'s full key adds the
+        weights digest and the native layout if its weights run on the native kernel; `_source_key` the stamp)."""
         # the exporter's version covers its sources, MatMulNBits' accuracy levels (onnx_export.py) included
         return {"slice": spec_dict(spec), "form": form, "exporter": exporter_version(), "onnxruntime": ort.__version__}
+
+    def _source_key(self, spec: SliceSpec, form: str, stamp: SourceStamp) -> str:
+        """The key a prepared slice is filed under by its sources (backends/prepared.py): the stamp instead of the
+        weights digest, and the native layout always (whether the slice runs natively is known from its weights)."""
+        return prepared_key(source=stamp.parts(), native=native_layout(), **self._key_parts(spec, form))
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
         if spec.kind == "embed":
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
         form = self.attention_form(spec, weights.args)
         rotary = self._rotary_tables(weights.args, buckets) if form == "gqa" else None
-        opts = session_options(self.threads)
-        fp32_activations = any(isinstance(w, QTensor) and w.fp32_activations for w in _slice_tensors(spec, weights))
-        rows_apart = ROWS_APART if fp32_activations else 0
+        kernels = {w.kernel for w in _slice_tensors(spec, weights) if isinstance(w, QTensor)}
+        rows_apart = ROWS_APART if "fp32" in kernels else 0
+        custom_ops = native_library(self.native_isa) if "native" in kernels else None
+        opts = session_options(self.threads, custom_ops)
         model_file = None
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
         cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
         if cache is not None:
-            key = prepared_key(weights=slice_digest(spec, weights), **self._key_parts(spec, form))
+            key = prepared_key(weights=slice_digest(spec, weights), native=native_layout() if custom_ops else None,
+                               **self._key_parts(spec, form))
             model_file = cache.lookup(key)
         if model_file is None:
             # onnx is imported only to build a slice: a prepared one opens without it (~15 MiB resident and a
@@ -332,12 +363,14 @@ class OrtBackend:
                 if external:
                     opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart)
+                # the packed native weights are used in place (no kernel copy), so they live as long as the session
+                return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart,
+                                 custom_ops=custom_ops, keep=external if custom_ops else None)
             model_file = cache.store(key, model, external)
         if cache is not None and weights.stamp is not None:  # weights straight from their sources: found by them next
-            cache.remember(prepared_key(source=weights.stamp.parts(), **self._key_parts(spec, form)), key,
-                           {"rows_apart": rows_apart})
-        return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart)
+            cache.remember(self._source_key(spec, form, weights.stamp), key,
+                           {"rows_apart": rows_apart, "native": custom_ops is not None})
+        return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart, custom_ops)
 
     def attention_form(self, spec: SliceSpec, args: ModelArgs) -> str:
         """How a slice's attention is written (slices/onnx_export.py ATTENTION_FORMS): GroupQueryAttention extending

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from exo_rknpu.backends.base import BACKENDS, backends_taking, option_names
 from exo_rknpu.config import usable_cpus
 from exo_rknpu.errors import BenchError
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, WEIGHT_MODES
 
 # Peers `--compare` knows, by the name the user types.
 PEERS = ("transformers", "llama.cpp")
-WEIGHTS = ("auto", "int4", "int8", "fp32")
+WEIGHTS = WEIGHT_MODES
 COMPILED_DTYPES = ("fp16", "w8a8")
 
 
@@ -21,7 +22,7 @@ class BenchOptions:
     model: str = "smollm2-135m"
     backend: str = "onnx"
     split: str | None = None
-    weights: str = "auto"
+    weights: str = DEFAULT_WEIGHTS
     prompt_tokens: int = 128
     gen_tokens: int = 64
     threads: int | None = None  # None: usable_cpus()

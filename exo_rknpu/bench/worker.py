@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from exo_rknpu.errors import ExoRknpuError
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS
 
 OURS = "exo-rknpu"
 EXIT_MISSING = 3
@@ -36,7 +37,7 @@ class Job:
     threads: int
     backend: str = "onnx"
     split: list[str] = field(default_factory=list)  # layer ranges as text, e.g. ["0-9", "10-29"]; [] = one shard
-    weights: str = "auto"
+    weights: str = DEFAULT_WEIGHTS
     backend_dtype: str | None = None
     max_context: int | None = None
     layers_per_slice: int | None = None

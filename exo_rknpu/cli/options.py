@@ -15,7 +15,7 @@ from typing import NoReturn
 from exo_rknpu.backends.base import BACKENDS
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.rknn.options import backend_options
 from exo_rknpu.slices.spec import Buckets
@@ -121,11 +121,13 @@ def shard_plans(margs: ModelArgs, ranges: list[LayerRange], args: argparse.Names
 
 def add_weights_arg(p: argparse.ArgumentParser) -> None:
     """--weights: the form linear weights are kept in (model/quant.py)."""
-    p.add_argument("--weights", default="auto", type=weights_mode,
-                   help="auto | int4 | int8 | fp32: form of the linear weights (default auto: compact blocks "
-                        "multiplied in float32 arithmetic, the same answers on every CPU - GGUF Q4_0, Q4_1, Q8_0 "
-                        "and Q6_K kept exactly, other sources as 8-bit blocks; int4/int8: faster, but answers "
-                        "depend on the CPU's instruction set; fp32 widens everything)")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, type=weights_mode,
+                   help="auto | int4 | int8 | fp32 | native: form of the linear weights (default auto: compact "
+                        "blocks multiplied in float32 arithmetic, the same answers on every CPU - GGUF Q4_0, Q4_1, "
+                        "Q8_0 and Q6_K kept exactly, other sources as 8-bit blocks; native: GGUF Q4_0, Q4_1 and "
+                        "Q8_0 kept exactly, float sources as Q8_0, run by exo-rknpu's own kernel with int8 "
+                        "activations, the same bits on every CPU (needs a C compiler; other GGUF types as auto); "
+                        "int4/int8: faster, but answers depend on the CPU's instruction set; fp32 widens everything)")
 
 
 def weights_mode(value: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from exo_rknpu.model.weights import LayerWeights, LeftOut, RowTable, ShardWeight
 
 
 _MAGIC = b"GGUF"
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # GGUF float tensor types (quantized to Q8_0 under --weights native)
 # GGUF value types -> struct format (little-endian); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
@@ -176,28 +178,46 @@ class GGUFFile:
         block, size = GGML_QUANT_SIZES[t.qtype]
         return np.memmap(self.path, np.uint8, "r", t.offset, (*shape[:-1], shape[-1] // block * size))
 
+    def stored_rows(self, name: str) -> "StoredRows":
+        """The tensor's stored bytes as rows read from the file when sliced (not mapped: converting a large tensor a
+        few rows at a time then keeps only those rows of it resident, where a mapping keeps every page it touched)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise WeightsError(f"tensor {name!r} is missing from {self.path}")
+        shape = tuple(reversed(t.dims))
+        block, size = GGML_QUANT_SIZES[t.qtype]
+        return StoredRows(self.path, t.offset, (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1] // block * size))
+
     def linear(self, name: str, mode: str) -> Weight:
         """A [out, in] matrix in the form `mode` asks for (quant.py; docs/design.md#weights): Q4_0, Q4_1, Q8_0 and
-        Q6_K blocks are kept exactly under auto (multiplied with float32 activations), and Q4_0/Q8_0 under the int
-        mode of their width; every other type is widened (a few rows at a time) and quantized, or kept float32."""
+        Q6_K blocks are kept exactly under auto (multiplied with float32 activations), Q4_0/Q8_0 under the int
+        mode of their width, Q4_0/Q4_1/Q8_0 under native (the native kernel; float types become Q8_0 for it, other
+        types take auto's form); every other type is widened (a few rows at a time) and quantized, or kept float32."""
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
         qname, shape, form = t.qtype.name, tuple(reversed(t.dims)), form_for(mode)
         if len(shape) != 2 or form.bits is None:
             return self.tensor(name)
+        if mode == "native" and qname in ("Q4_0", "Q8_0"):
+            return from_gguf_blocks(self.stored_rows(name), qname, shape, kernel="native")  # type: ignore[arg-type]
+        if mode == "native" and qname == "Q4_1":
+            return q4_1_exact(self.raw(name), shape, kernel="native")  # type: ignore[arg-type]
+        if mode == "native" and qname not in _FLOAT_TYPES:  # K-quants and the rest: auto's MatMulNBits form
+            mode, form = "auto", form_for("auto")
         if mode == "auto" and qname in ("Q4_0", "Q8_0"):
-            return from_gguf_blocks(self.raw(name), qname, shape, fp32_activations=True)  # type: ignore[arg-type]
+            return from_gguf_blocks(self.stored_rows(name), qname, shape, kernel="fp32")  # type: ignore[arg-type]
         if mode == "auto" and qname == "Q4_1":
             return q4_1_exact(self.raw(name), shape)  # type: ignore[arg-type]
         if mode == "auto" and qname == "Q6_K":
             return q6_k_exact(self.raw(name), shape, lambda rows: dequantize(rows, t.qtype))  # type: ignore[arg-type]
         if (qname, form.bits) in (("Q4_0", 4), ("Q8_0", 8)):
-            return from_gguf_blocks(self.raw(name), qname, shape)  # type: ignore[arg-type]
+            return from_gguf_blocks(self.stored_rows(name), qname, shape)  # type: ignore[arg-type]
         if qname == "Q4_1":
             return (q4_1_to_int4 if form.bits == 4 else q4_1_to_int8)(self.raw(name), shape)  # type: ignore[arg-type]
         # widened a few rows at a time while quantizing: no float32 copy of the whole matrix
-        return compact(_WidenedRows(self.raw(name), t.qtype, shape), form, f"{qname} -> int{form.bits}")  # type: ignore[arg-type]
+        target = "Q8_0" if form.kernel == "native" else f"int{form.bits}"
+        return compact(_WidenedRows(self.stored_rows(name), t.qtype, shape), form, f"{qname} -> {target}")  # type: ignore[arg-type]
 
     def table(self, name: str) -> RowTable:
         """A [rows, cols] tensor left in the mapped file; looked-up rows are widened by gguf's own dequantizer."""
@@ -222,10 +242,28 @@ class GGUFFile:
         return h.digest()
 
 
+class StoredRows:
+    """Rows [rows, row_bytes] of a tensor's stored bytes, read from the file (os.pread) when sliced."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, int]) -> None:
+        self.path, self.offset, self.shape = path, offset, shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("StoredRows reads contiguous rows only")
+        n = max(0, stop - start) * self.shape[1]
+        with open(self.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), n, self.offset + start * self.shape[1])
+        if len(data) != n:
+            raise WeightsError(f"{self.path} is truncated (a tensor's rows run past the end); re-download it")
+        return np.frombuffer(data, np.uint8).reshape(-1, self.shape[1])
+
+
 class _WidenedRows:
     """A GGUF matrix that widens to float32 only the rows sliced from it (what `quant.quantize` reads)."""
 
-    def __init__(self, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> None:
+    def __init__(self, raw: "np.ndarray | StoredRows", qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> None:
         self.raw, self.qtype, self.shape = raw, qtype, shape
 
     def __getitem__(self, rows: slice) -> np.ndarray:

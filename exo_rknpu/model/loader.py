@@ -22,7 +22,7 @@ from exo_rknpu.errors import LayerRangeError
 from exo_rknpu.model import gguf as gguf_reader
 from exo_rknpu.model import hf
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.quant import check_mode
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_available, check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.weights import LeftOut, ShardWeights, SourceStamp
 from exo_rknpu.model.zoo import ModelSource, resolve_model
@@ -120,14 +120,15 @@ class ShardSource:
         return shard
 
 
-def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto", layers: bool = True,
+def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT_WEIGHTS, layers: bool = True,
                embed: bool = True, progress: Callable[[str], None] | None = None,
                args: ModelArgs | None = None, left_out: LeftOut = LeftOut()) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
-    `weights` (auto | int4 | int8 | fp32) picks the form of linear weights and the embedding (model/quant.py):
-    auto keeps the source's own values, multiplied in float32 (the same answers on every CPU): GGUF Q4_0 as stored
-    (mapped exactly), everything else float32; int4/int8 quantize (compact, faster, CPU-dependent rounding); fp32
+    `weights` (auto | int4 | int8 | fp32 | native) picks the form of linear weights and the embedding
+    (model/quant.py, docs/design.md#weights): auto keeps compact blocks multiplied in float32 (the same answers on
+    every CPU up to float32 rounding); native keeps GGUF Q4_0/Q4_1/Q8_0 blocks (float sources as Q8_0) for the
+    native kernel (the same bits on every CPU); int4/int8 quantize (compact, faster, CPU-dependent rounding); fp32
     widens everything. Norms and biases are float32 always.
     layers=False: only the embedding (first shard). The decoder layers and the final norm + head are neither read
     nor dequantized: for a backend that runs them from compiled files (npu, `needs_layer_weights = False`).
@@ -137,7 +138,7 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = "auto",
     `args`: the model's config (load_args) when the caller has it, so config.json is not read again.
     `left_out`: layers (and the final norm + head) served from elsewhere: neither read nor built.
     """
-    check_mode(weights)
+    check_available(weights)  # native without a C compiler fails here, before any tensor is read
     report = _layer_progress(layer_range, progress)
     if src.format == "hf":
         args = args or hf.load_hf_args(src.path)

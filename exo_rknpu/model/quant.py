@@ -17,7 +17,14 @@ i.e. code q+128 with zero point 128; Q4_1 is value = d*q + m, i.e. scale d, zero
 The fp16 scale d widens to float32 exactly. Everything else is quantized from float32 by `quantize` (asymmetric
 min/max per block, zero always representable; see its docstring).
 
-What each `--weights` mode makes of each source is decided in one place, `form_for` (+ `from_gguf` for GGUF's
+`QTensor.kernel` says which kernel multiplies it (KERNELS): onnxruntime's MatMulNBits with activations quantized
+to int8 inside it ("int8": fast, rounded differently per instruction set) or kept float32 ("fp32": the same answers
+on every CPU up to float32 summation order), or our own QMatMul ("native", exo_rknpu.native: activations quantized
+to int8 by one fixed recipe, integer dot products, a fixed float order -- the same bits on every CPU). A native
+QTensor holds GGUF's Q4_0, Q4_1 or Q8_0 blocks of 32 with fp16 scales (`native_parts` hands them to the kernel's
+packer); it is still a valid MatMulNBits-layout QTensor, so every other path (dequantize, rows) reads it as usual.
+
+What each `--weights` mode makes of each source is decided in one place, `form_for` (+ `GGUFFile.linear` for GGUF's
 exact block types); docs/design.md#weights has the table.
 """
 
@@ -38,7 +45,9 @@ AUTO_BLOCK = 64
 # not a multiple of 17): a byte of codes, two float32 scales and two 4-bit zero points per 32 weights. GGUF Q6_K's
 # blocks of 16 (one scale and zero point each in split8) take the same, 1.28 per weight; float sources 1.07
 AUTO_MAX_BYTES_PER_WEIGHT = 1 + 2 * 4 / 32 + 2 * 0.5 / 32
-WEIGHT_MODES = ("auto", "int4", "int8", "fp32")
+WEIGHT_MODES = ("auto", "int4", "int8", "fp32", "native")
+DEFAULT_WEIGHTS = "native"  # the --weights mode when none is asked (CLI, engine, bench, loader, placement)
+KERNELS = ("int8", "fp32", "native")  # QTensor.kernel: what multiplies it (module docstring)
 _ROWS_PER_STEP = 1 << 22  # elements widened at a time (16 MB of float32): bounds temporaries while converting
 
 
@@ -53,12 +62,12 @@ class QTensor:
     scales: np.ndarray
     zero_points: np.ndarray | None = None
     origin: str = ""  # how it was made, e.g. "Q4_0 (exact)" or "Q4_1 -> int4": for messages and docs
-    # Multiplied with float32 activations (the same answers on every CPU, up to float32 rounding) rather than
-    # activations quantized to int8 inside the kernel (faster, but rounded differently per instruction set).
-    fp32_activations: bool = False
+    kernel: str = "int8"  # what multiplies it: one of KERNELS (module docstring)
     mins: np.ndarray | None = None  # float32 [N, n_blocks]: element = (code - zero_point) * scale + min
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel {self.kernel!r} is not one of {KERNELS}")
         n, k = self.shape
         nb = -(-k // self.block_size)
         if self.blocks.shape != (n, nb, self.block_size * self.bits // 8) or self.blocks.dtype != np.uint8:
@@ -129,7 +138,7 @@ class QTensor:
     def hash_into(self, h: "hashlib._Hash") -> None:
         """Feed layout and bytes to a hash without copying them."""
         h.update(f"q{self.bits}:{self.shape}:{self.block_size}:{self.zero_points is not None}:"
-                 f"{self.fp32_activations}:{self.mins is not None};".encode())
+                 f"{self.kernel}:{self.mins is not None};".encode())
         for a in (self.blocks, self.scales, self.zero_points, self.mins):
             if a is not None:
                 h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
@@ -143,13 +152,13 @@ def pack4(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
-def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = "", fp32_activations: bool = False) -> QTensor:
+def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = "", kernel: str = "int8") -> QTensor:
     """Quantize float [N, K] (K a multiple of block_size) to `bits` (4 or 8), per block of `block_size` along K.
 
     Rule: lo = min(block, 0), hi = max(block, 0), scale = (hi - lo) / (2**bits - 1), zero point = round(-lo/scale),
     code = clip(round(x/scale) + zero point). Including 0 in the range keeps an exact zero and avoids a zero scale
     for constant blocks (an all-zero block gets scale 1). Error per element <= scale (<= scale/2 unless clipped at
-    the top code). 8-bit blocks multiplied with float32 activations (run as `split8`) take zero points that are
+    the top code). 8-bit blocks multiplied with float32 activations (kernel "fp32", run as `split8`) take zero points that are
     multiples of 17 instead (`_pairable_scales`), which lets split8 keep one scale per block: each element within
     half a step, the step at most 255/238 of the rule's.
     """
@@ -159,7 +168,7 @@ def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = ""
     if k % block_size:
         raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
     nb, qmax = k // block_size, 2**bits - 1
-    pairable = bits == 8 and fp32_activations
+    pairable = bits == 8 and kernel == "fp32"
     blocks = np.empty((n, nb, block_size * bits // 8), np.uint8)
     scales = np.empty((n, nb), np.float32)
     zeros = np.empty((n, nb), np.uint8)
@@ -179,7 +188,7 @@ def quantize(w: np.ndarray, bits: int, block_size: int = BLOCK, origin: str = ""
         scales[r : r + step] = s
         zeros[r : r + step] = z
     zp = pack4(np.pad(zeros, ((0, 0), (0, nb % 2)))) if bits == 4 else zeros
-    return QTensor(bits, (n, k), block_size, blocks, scales, zp, origin or f"float -> int{bits}", fp32_activations)
+    return QTensor(bits, (n, k), block_size, blocks, scales, zp, origin or f"float -> int{bits}", kernel)
 
 
 def _pairable_scales(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,24 +212,28 @@ def _pairable_scales(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.nda
     return best_s, best_z
 
 
-def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int], fp32_activations: bool = False) -> QTensor:
+def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int], kernel: str = "int8") -> QTensor:
     """Q4_0 / Q8_0 rows (uint8 [N, n_blocks * block_bytes], as stored) -> QTensor without re-quantizing.
 
     Q4_0 block: fp16 d, 16 bytes; byte j holds element j (low nibble) and element j+16 (high nibble); value = d*(q-8).
     Q8_0 block: fp16 d, 32 int8 q; value = d*q = d*((q+128) - 128).
+    `raw` may be anything that yields uint8 rows when sliced (gguf.StoredRows reads them from the file): a bounded
+    number of rows is converted at a time, so no more than that of the stored bytes is resident next to the result.
     """
     n, k = shape
-    if qtype_name == "Q4_0":
-        b = raw.reshape(n, k // 32, 18)
-        scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype_name not in ("Q4_0", "Q8_0"):
+        raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
+    bits, size = (4, 18) if qtype_name == "Q4_0" else (8, 34)
+    blocks = np.empty((n, k // 32, 32 * bits // 8), np.uint8)
+    scales = np.empty((n, k // 32), np.float32)
+    step = max(1, _ROWS_PER_STEP // max(1, k))
+    for r in range(0, n, step):
+        b = np.asarray(raw[r : r + step]).reshape(-1, k // 32, size)
+        scales[r : r + step] = b[..., :2].copy().view(np.float16)[..., 0]
         qs = b[..., 2:]
-        codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # elements 0..15 then 16..31
-        return QTensor(4, (n, k), 32, pack4(codes), scales, None, "Q4_0 (exact)", fp32_activations)
-    if qtype_name == "Q8_0":
-        b = raw.reshape(n, k // 32, 34)
-        scales = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        return QTensor(8, (n, k), 32, b[..., 2:] ^ np.uint8(0x80), scales, None, "Q8_0 (exact)", fp32_activations)
-    raise ValueError(f"{qtype_name} blocks do not map onto MatMulNBits without re-quantizing")
+        # Q4_0: elements 0..15 then 16..31 (low nibbles, then high), repacked two per byte in element order
+        blocks[r : r + step] = pack4(np.concatenate([qs & 15, qs >> 4], axis=-1)) if bits == 4 else qs ^ np.uint8(0x80)
+    return QTensor(bits, (n, k), 32, blocks, scales, None, f"{qtype_name} (exact)", kernel)
 
 
 def _q4_1_parts(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -288,10 +301,10 @@ def q4_1_to_int4(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
     return QTensor(4, shape, 32, pack4(codes), scales, zp, "Q4_1 -> int4 (codes and scales kept, zero point rounded)")
 
 
-def q4_1_exact(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
-    """GGUF Q4_1 rows -> 4-bit blocks holding exactly the stored values (what --weights auto does), multiplied
-    with float32 activations; MatMulNBits takes only integer zero points at full speed, so the export adds
-    mins . blocksum(x).
+def q4_1_exact(raw: np.ndarray, shape: tuple[int, int], kernel: str = "fp32") -> QTensor:
+    """GGUF Q4_1 rows -> 4-bit blocks holding exactly the stored values (what --weights auto and native do),
+    multiplied with float32 activations by MatMulNBits (kernel "fp32": it takes only integer zero points at full
+    speed, so the export adds mins . blocksum(x)) or by the native kernel (which takes d and m: `native_parts`).
 
     Codes and scale d as stored, no zero-point array (MatMulNBits' default 8: its kernel without zero points runs
     ~8 % faster) and mins m + 8d, so value = (q - 8)*d + (m + 8d) = d*q + m. That needs m + 8d exact in float32
@@ -301,9 +314,9 @@ def q4_1_exact(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
     n, nb = d.shape
     shifted = m + np.float32(8) * d
     if np.array_equal(shifted.astype(np.float64), m.astype(np.float64) + 8 * d.astype(np.float64)):
-        return QTensor(4, shape, 32, pack4(codes), d, None, "Q4_1 (exact)", True, shifted)
+        return QTensor(4, shape, 32, pack4(codes), d, None, "Q4_1 (exact)", kernel, shifted)
     zeros = np.zeros((n, -(-nb // 2)), np.uint8)
-    return QTensor(4, shape, 32, pack4(codes), d, zeros, "Q4_1 (exact)", True, m)
+    return QTensor(4, shape, 32, pack4(codes), d, zeros, "Q4_1 (exact)", kernel, m)
 
 
 def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndarray], np.ndarray]) -> QTensor:
@@ -328,7 +341,7 @@ def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndar
         if not np.array_equal(q * s, v) or q.min(initial=0) < -32 or q.max(initial=0) > 31:
             raise ValueError("Q6_K blocks do not decode as d*sc*(q-32); cannot keep them exactly")
         codes[r : r + step] = (q + 34).astype(np.uint8)
-    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 34, np.uint8), "Q6_K (exact)", True)
+    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 34, np.uint8), "Q6_K (exact)", "fp32")
 
 
 def split8(w: QTensor) -> QTensor:
@@ -366,7 +379,7 @@ def split8(w: QTensor) -> QTensor:
             zeros[r : r + step] = pack4(np.stack([z >> 4, z & 15], axis=-1).reshape(len(z), 2 * nb))
     size = 2 * w.block_size if paired else w.block_size
     return QTensor(4, (n, 2 * k), size, blocks.reshape(n, -1, size // 2), scales, zeros,
-                   f"{w.origin} as 4-bit over 2K", w.fp32_activations)
+                   f"{w.origin} as 4-bit over 2K", w.kernel)
 
 
 def split8_input(x: np.ndarray, block_size: int) -> np.ndarray:
@@ -376,15 +389,86 @@ def split8_input(x: np.ndarray, block_size: int) -> np.ndarray:
     return np.concatenate([xb * np.float32(16), xb], axis=-1).reshape(*x.shape[:-1], 2 * x.shape[-1])
 
 
+def quantize_q8_0(w: np.ndarray, origin: str = "float -> Q8_0") -> QTensor:
+    """Float [N, K] (K a multiple of 32) -> GGUF Q8_0 blocks for the native kernel, llama.cpp's recipe
+    (quantize_row_q8_0_ref): per block of 32, amax = max |x|, d = amax / 127 (float32), q = roundf(x * (1 / d))
+    (half away from zero, as C's roundf; 0 where amax is 0), the scale stored as fp16(d) -- the bytes llama.cpp and
+    gguf-py write for the same values. Kept as code q + 128 with the default zero point 128, like a GGUF Q8_0 tensor
+    (`from_gguf_blocks`). Made a bounded number of rows at a time."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"K={k} is not a multiple of {BLOCK}")
+    nb = k // BLOCK
+    blocks = np.empty((n, nb, BLOCK), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    step = max(1, _ROWS_PER_STEP // k)
+    for r in range(0, n, step):
+        x = np.asarray(w[r : r + step], dtype=np.float32).reshape(-1, nb, BLOCK)
+        d = np.abs(x).max(axis=-1) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        a = np.abs(x * inv[..., None])  # <= 127
+        whole = np.floor(a)  # roundf without adding 0.5 (which rounds 0.49999997 up): every step below is exact
+        q = (np.sign(x) * (whole + np.floor(2 * (a - whole)))).astype(np.int8)
+        blocks[r : r + step] = q.view(np.uint8) ^ np.uint8(0x80)
+        scales[r : r + step] = d.astype(np.float16).astype(np.float32)
+    return QTensor(8, (n, k), BLOCK, blocks, scales, None, origin, "native")
+
+
+NATIVE_FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # exo_rknpu.native's fmt numbers (notes/native-spec.md)
+
+
+@dataclass(frozen=True)
+class NativeParts:
+    """A native QTensor as the kernel's packer takes it (exo_rknpu.native.pack): fmt (NATIVE_FORMATS), per-block
+    scales d and (Q4_1) offsets m, float16 [N, K/32], and the codes [N, K] in element order (uint8 0..15 for
+    Q4_0/Q4_1: weight d*(q-8) or d*q + m; int8 for Q8_0: weight d*q)."""
+
+    fmt: int
+    d: np.ndarray
+    codes: np.ndarray
+    m: np.ndarray | None = None
+
+
+def native_parts(w: QTensor) -> NativeParts:
+    """The GGUF block form of a native QTensor (one made by from_gguf_blocks, q4_1_exact or quantize_q8_0). Q4_1's
+    m comes back exactly: q4_1_exact stores mins = m + 8d only where that sum is exact in float32, so mins - 8d is m
+    (or mins = m itself with zero point 0). Anything else is refused (the native kernel has no other format)."""
+    n, k = w.shape
+    if w.kernel != "native" or w.block_size != BLOCK or k % BLOCK:
+        raise ValueError(f"{w.origin} is not a native QTensor in blocks of {BLOCK}")
+    d = _fp16(w.scales, w.origin, "scales")
+    if w.bits == 8 and w.zero_points is None and w.mins is None:
+        return NativeParts(NATIVE_FORMATS["Q8_0"], d, (w.blocks ^ np.uint8(0x80)).view(np.int8).reshape(n, k))
+    codes = np.stack([w.blocks & 15, w.blocks >> 4], axis=-1).reshape(n, k) if w.bits == 4 else None
+    if codes is not None and w.zero_points is None and w.mins is None:
+        return NativeParts(NATIVE_FORMATS["Q4_0"], d, codes)
+    if codes is not None and w.mins is not None:
+        zeros = w._zeros(slice(None))
+        if np.all(zeros == 8):
+            return NativeParts(NATIVE_FORMATS["Q4_1"], d, codes, _fp16(w.mins - np.float32(8) * w.scales, w.origin, "m"))
+        if np.all(zeros == 0):
+            return NativeParts(NATIVE_FORMATS["Q4_1"], d, codes, _fp16(w.mins, w.origin, "m"))
+    raise ValueError(f"{w.origin} ({w.bits}-bit) is not a Q4_0, Q4_1 or Q8_0 block form")
+
+
+def _fp16(a: np.ndarray, origin: str, what: str) -> np.ndarray:
+    """`a` as float16, refused unless every value is one (the native kernel's scales are GGUF's fp16 ones)."""
+    h = a.astype(np.float16)
+    if not np.array_equal(h.astype(np.float32), a):
+        raise ValueError(f"{origin}: the native kernel takes fp16 {what}; these are not all fp16 values")
+    return h
+
+
 @dataclass(frozen=True)
 class Form:
-    """How a linear weight is stored: `bits` (None: float32), its block size, and whether it is multiplied with
-    float32 activations (QTensor.fp32_activations); `mapped_embedding`: the embedding stays in the model file and
-    only looked-up rows are widened (weights.RowTable) instead of being loaded in this form."""
+    """How a linear weight is stored: `bits` (None: float32), its block size, and which kernel multiplies it
+    (QTensor.kernel); `mapped_embedding`: the embedding stays in the model file and only looked-up rows are widened
+    (weights.RowTable) instead of being loaded in this form."""
 
     bits: int | None
     block_size: int = BLOCK
-    fp32_activations: bool = False
+    kernel: str = "int8"
     mapped_embedding: bool = False
 
 
@@ -393,9 +477,10 @@ def form_for(mode: str) -> Form:
     Q4_1 and Q8_0 keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
     multiplied with float32 activations -- the same answers on every CPU, within half an 8-bit step of the
     source's values, at ~1.07 bytes per weight in onnxruntime -- and the embedding left in the file (its rows
-    exact)."""
+    exact). native: Q8_0 blocks of 32 (quantize_q8_0) for the native kernel, the embedding left in the file."""
     return {"fp32": Form(None), "int4": Form(4), "int8": Form(8),
-            "auto": Form(8, AUTO_BLOCK, True, mapped_embedding=True)}[check_mode(mode)]
+            "auto": Form(8, AUTO_BLOCK, "fp32", mapped_embedding=True),
+            "native": Form(8, BLOCK, "native", mapped_embedding=True)}[check_mode(mode)]
 
 
 def check_mode(mode: str) -> str:
@@ -405,11 +490,22 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_available(mode: str) -> str:
+    """`mode` if this machine can run it, else one clear error before anything heavy loads: native needs the native
+    library, built on first use with the system C compiler (NativeUnavailableError naming the fix without one)."""
+    if check_mode(mode) == "native":
+        from exo_rknpu.native.build import library
+
+        library()
+    return mode
+
+
 def cpu_independent(mode: str) -> bool:
     """Whether `mode` gives the same answers on every CPU: auto and fp32 compute with float32 activations
-    (auto's compact blocks included); int4 and int8 let onnxruntime quantize activations to int8, whose rounding
-    differs between instruction sets (AVX2, AVX-512 VNNI, AMX, aarch64 with or without i8mm)."""
-    return check_mode(mode) in ("auto", "fp32")
+    (auto's compact blocks included); native quantizes activations by one fixed recipe and sums in a fixed order
+    (its K-quant fallbacks are auto's float32 form); int4 and int8 let onnxruntime quantize activations to int8,
+    whose rounding differs between instruction sets (AVX2, AVX-512 VNNI, AMX, aarch64 with or without i8mm)."""
+    return check_mode(mode) in ("auto", "fp32", "native")
 
 
 def compact(w: np.ndarray, form: Form, origin: str = "") -> Weight:
@@ -417,4 +513,6 @@ def compact(w: np.ndarray, form: Form, origin: str = "") -> Weight:
     `w` may be anything with .shape that yields float rows when sliced (read a few rows at a time)."""
     if form.bits is None or w.shape[-1] % form.block_size:
         return np.asarray(w[:], dtype=np.float32)
-    return quantize(w, form.bits, form.block_size, origin, form.fp32_activations)
+    if form.kernel == "native":
+        return quantize_q8_0(w, origin or "float -> Q8_0")
+    return quantize(w, form.bits, form.block_size, origin, form.kernel)

@@ -24,7 +24,7 @@ from exo_rknpu.backends.board import NPU_CORES, board_problems, host_memory
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.loader import ShardSource, load_args
-from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, check_mode
+from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, DEFAULT_WEIGHTS, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.shard import ShardRunner, SliceObserver
@@ -254,7 +254,7 @@ class ResolvedPlan:
     slices: list[PlacedSlice]
     buckets: Buckets
     npu_dtype: str = "fp16"
-    weights: str = "auto"  # the form the loader gives linear weights (check_mode), after the rule of `weights_for`
+    weights: str = DEFAULT_WEIGHTS  # the form the loader gives linear weights (check_mode), after the rule of `weights_for`
     backend: str = "onnx"  # the default backend (the user's backend options are its)
 
     @property
@@ -328,10 +328,10 @@ def _mb(n: int) -> str:
 
 
 def weights_for(weights: str, backends: set[str]) -> str:
-    """The form linear weights load in: `weights` as asked, except that auto becomes fp32 when a compiled backend
-    (float_weights) is among `backends`: the float32 tensors, and digests, the compiler builds from."""
+    """The form linear weights load in: `weights` as asked, except that auto (or native) becomes fp32 when a compiled
+    backend (float_weights) is among `backends`: the float32 tensors, and digests, the compiler builds from."""
     check_mode(weights)
-    if weights == "auto" and any(backend_class(b).float_weights for b in backends):
+    if weights in ("auto", "native") and any(backend_class(b).float_weights for b in backends):
         return "fp32"
     return weights
 
@@ -351,7 +351,9 @@ def bytes_per_weight(device: Device, weights: str, npu_dtype: str) -> float:
     blocks of 32 split into two 4-bit ones (quant.AUTO_MAX_BYTES_PER_WEIGHT): GGUF Q4_0 and Q4_1 files take about half that)."""
     if device.npu or backend_class(device.backend).processor == "npu":
         return 1.0 if npu_dtype == "w8a8" else 2.0
-    return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32, "auto": AUTO_MAX_BYTES_PER_WEIGHT}.get(weights, 4.0)
+    # native: its own largest form is Q8_0 (34 bytes per 32), but K-quant files keep auto's forms there
+    return {"fp32": 4.0, "int8": 1 + 5 / 32, "int4": 0.5 + 5 / 32, "auto": AUTO_MAX_BYTES_PER_WEIGHT,
+            "native": AUTO_MAX_BYTES_PER_WEIGHT}.get(weights, 4.0)
 
 
 def default_bytes_per_weight(backend: str, weights: str, npu_dtype: str) -> float:
@@ -376,7 +378,7 @@ def resolve(
     *,
     layers_per_slice: int | None = None,
     npu_available: bool = False,
-    weights: str = "auto",
+    weights: str = DEFAULT_WEIGHTS,
     npu_dtype: str = "fp16",
     emulate: bool = False,
     npu_unavailable: str = "",
@@ -536,7 +538,7 @@ def _default_layers_per_slice(backend: str, args: ModelArgs, per_weight: float) 
 
 
 def plan_shards(plan: PlacementPlan | None, args: ModelArgs, ranges: list[LayerRange], default_backend: str,
-                buckets: Buckets, *, layers_per_slice: int | None = None, weights: str = "auto", npu_dtype: str = "fp16",
+                buckets: Buckets, *, layers_per_slice: int | None = None, weights: str = DEFAULT_WEIGHTS, npu_dtype: str = "fp16",
                 emulate: bool = False) -> list[ResolvedPlan]:
     """Every shard's plan on this machine: `resolve` for each of `ranges`, with the board asked once whether its NPU
     can run (and why not)."""
@@ -601,7 +603,7 @@ def open_shard(
     limits: RequestLimits = RequestLimits(),
     on_slice: SliceObserver | None = None,
     backend_options: dict | None = None,
-    weights: str = "auto",
+    weights: str = DEFAULT_WEIGHTS,
     progress: Callable[[str], None] | None = None,
     placement: PlacementPlan | None = None,
     emulate: bool = False,

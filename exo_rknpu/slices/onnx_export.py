@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exo_rknpu.model.base import ModelArgs
-from exo_rknpu.model.quant import QTensor, split8
+from exo_rknpu.model.quant import QTensor, native_parts, split8
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
 from exo_rknpu.slices.spec import SliceSpec, per_layer_cache_names, state_name, state_width
@@ -28,8 +28,11 @@ ATTENTION_FORMS = ("sdpa", "split", "gqa")
 # (cached + new - 1, int32 [B]), their maximum + 1 (int32 scalar), and rotary tables by position [P, hd/2]
 GQA_INPUTS = ("seqlens_k", "total_sequence_length", "cos_cache", "sin_cache")
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
+# the native kernel's op (exo_rknpu/native/ort_op.c): QMatMul(x, packed) with attributes fmt, K, N; sessions of a
+# graph holding it register the native library (backends/ort.py)
+NATIVE_DOMAIN, NATIVE_OP = "exo_rknpu", "QMatMul"
 # MatMulNBits accuracy_level: 4 quantizes activations to int8 per block inside the kernel (fast; rounded differently
-# per instruction set); 1 keeps them float32 (QTensor.fp32_activations: the same answers on every CPU). Measured
+# per instruction set); 1 keeps them float32 (QTensor.kernel "fp32": the same answers on every CPU). Measured
 # on onnxruntime 1.32 (x86 AVX2, CPU time of a decode step): 4-bit at level 1 is ~3x slower than at level 4 and
 # 8-bit at level 1 takes a dequantize-everything fallback (~20x slower), so 8-bit blocks with float32 activations
 # run as 4-bit blocks over K doubled (quant.split8).
@@ -111,11 +114,41 @@ class OnnxOps:
             self.g.initializers.append(numpy_helper.from_array(arr, name))
         return name
 
+    def _compact_linear(self, x: str, ws: list[QTensor]) -> str:
+        """x @ [ws stacked row-wise].T in onnxruntime's form, by the kernel the weights name (QTensor.kernel)."""
+        if ws[0].kernel == "native":
+            return self._qmatmul(x, ws)
+        if len(ws) == 1:
+            return self._matmul_nbits(x, ws[0])
+        key = tuple(id(w) for w in ws)
+        if key not in self.g.stacked:
+            self.g.stacked[key] = stack_rows(ws)
+        return self._matmul_nbits(x, self.g.stacked[key])
+
+    def _qmatmul(self, x: str, ws: list[QTensor]) -> str:
+        """x @ [ws stacked].T with the native kernel (NATIVE_OP): one initializer, the packed bytes
+        (exo_rknpu.native.pack of quant.native_parts), made once per tensor (a tied head packs its own, the embedding
+        stays a row table). A stacked copy of q/k/v or gate/up lives only while it is packed: the packed bytes
+        replace it, so a slice's export holds its weights once plus their packed form."""
+        from exo_rknpu import native
+
+        key = ("native", *(id(w) for w in ws))
+        if key not in self.g.weight_names:
+            w = ws[0] if len(ws) == 1 else stack_rows(ws)
+            p = native_parts(w)
+            packed = native.pack(p.fmt, p.d, p.codes, p.m)
+            self.g.weight_names[key] = f"{self._initializer(packed, 'qp')},{p.fmt},{w.shape[0]},{w.shape[1]}"
+        name, fmt, n, k = self.g.weight_names[key].split(",")
+        out = self.g.fresh("qmatmul")
+        self.g.nodes.append(helper.make_node(NATIVE_OP, [x, name], [out], name=out, domain=NATIVE_DOMAIN,
+                                             fmt=int(fmt), K=int(k), N=int(n)))
+        return out
+
     def _matmul_nbits(self, x: str, w: QTensor) -> str:
         """x @ w.T with onnxruntime's weight-only kernel: the QTensor's arrays are its inputs as they are. 8-bit
         blocks with float32 activations run as 4-bit blocks over K doubled, multiplied with [16 x_j | x_j] per block
         (quant.split8, quant.split8_input); per-block mins (exact Q4_1) add blocksum(x) @ mins.T."""
-        if w.bits == 8 and w.fp32_activations:
+        if w.bits == 8 and w.kernel == "fp32":
             if id(w) not in self.g.split:
                 self.g.split[id(w)] = (w, split8(w))
             x = self._split8_input(x, w.block_size)
@@ -130,7 +163,7 @@ class OnnxOps:
         self.g.nodes.append(helper.make_node(
             "MatMulNBits", [x, *self.g.weight_names[key].split(",")], [out], name=out, domain=MS_DOMAIN,
             K=w.shape[1], N=w.shape[0], bits=w.bits, block_size=w.block_size,
-            accuracy_level=ACCURACY_FP32 if w.fp32_activations else ACCURACY_INT8))
+            accuracy_level=ACCURACY_FP32 if w.kernel == "fp32" else ACCURACY_INT8))
         if w.mins is None:
             return out
         sums = self._node("ReduceSum", [self._node("Reshape", [x, self._shape([0, 0, w.n_blocks, w.block_size])]),
@@ -203,23 +236,20 @@ class OnnxOps:
     # -- Ops ------------------------------------------------------------------------------
     def linear(self, x, w, b=None):
         if self.compact and isinstance(w, QTensor):
-            y = self._matmul_nbits(x, w)
+            y = self._compact_linear(x, [w])
         else:
             y = self._node("MatMul", [x, self._weight(w, transpose=True)])
         return y if b is None else self._node("Add", [y, self._weight(b)])
 
     def linears(self, x, ws, bs):
         """Several linears of one input. Compact (onnxruntime) and alike -- QTensors of one kind (same bits, block,
-        zero-point kind) or float32 matrices of one width -- one MatMulNBits / MatMul over the stacked rows, the
-        biases as one Add, then Split: fewer, larger kernel calls per token. Otherwise one MatMul each (the pattern
-        the NPU compiler knows)."""
+        zero-point kind, kernel) or float32 matrices of one width -- one MatMulNBits / QMatMul / MatMul over the
+        stacked rows, the biases as one Add, then Split: fewer, larger kernel calls per token. Otherwise one MatMul
+        each (the pattern the NPU compiler knows)."""
         if not self.compact:
             return [self.linear(x, w, b) for w, b in zip(ws, bs)]
         if all(isinstance(w, QTensor) for w in ws) and len({stack_kind(w) for w in ws}) == 1:
-            key = tuple(id(w) for w in ws)
-            if key not in self.g.stacked:
-                self.g.stacked[key] = stack_rows(ws)
-            y = self._matmul_nbits(x, self.g.stacked[key])
+            y = self._compact_linear(x, ws)
         elif all(isinstance(w, np.ndarray) for w in ws) and len({w.shape[1] for w in ws}) == 1:
             # x @ [w0.T | w1.T | ...]: the transposed copy a MatMul of one weight would make, made once for all
             stacked = np.empty((ws[0].shape[1], sum(w.shape[0] for w in ws)), np.float32)
@@ -334,7 +364,7 @@ class OnnxOps:
 
 def stack_kind(w: QTensor) -> tuple:
     """What must agree for QTensors to be stacked row-wise into one MatMulNBits."""
-    return (w.bits, w.block_size, w.shape[1], w.zero_points is None, w.fp32_activations, w.mins is None)
+    return (w.bits, w.block_size, w.shape[1], w.zero_points is None, w.kernel, w.mins is None)
 
 
 def stack_rows(ws: list[QTensor]) -> QTensor:
@@ -343,7 +373,7 @@ def stack_rows(ws: list[QTensor]) -> QTensor:
     mins = None if ws[0].mins is None else np.concatenate([w.mins for w in ws])
     return QTensor(ws[0].bits, (sum(w.shape[0] for w in ws), ws[0].shape[1]), ws[0].block_size,
                    np.concatenate([w.blocks for w in ws]), np.concatenate([w.scales for w in ws]), zp,
-                   " + ".join(sorted({w.origin for w in ws})), ws[0].fp32_activations, mins)
+                   " + ".join(sorted({w.origin for w in ws})), ws[0].kernel, mins)
 
 
 def external_tensor(name: str, arr: np.ndarray, location: str, offset: int = 0) -> onnx.TensorProto:
@@ -472,6 +502,8 @@ def _build(
         initializer=ops.g.initializers,
     )
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if compact else [])
+    if any(n.domain == NATIVE_DOMAIN for n in ops.g.nodes):
+        opsets.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="exo-rknpu")
     model.ir_version = IR_VERSION
     return model, ops

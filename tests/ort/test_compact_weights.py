@@ -51,7 +51,7 @@ def test_gguf_q4_0_and_q8_0_layers_load_as_stored(gguf_models, qtype, bits, weig
     for field, name in (("v_proj", "blk.1.attn_v.weight"), ("gate_proj", "blk.2.ffn_gate.weight")):
         w = getattr(shard.layers[int(name.split(".")[1])], field)
         assert isinstance(w, QTensor) and w.bits == bits and w.origin == f"{qtype} (exact)"
-        assert w.fp32_activations == (weights == "auto")  # auto: multiplied in float32 (same answers on every CPU)
+        assert (w.kernel == "fp32") == (weights == "auto")  # auto: multiplied in float32 (same answers on every CPU)
         t = reader[name]
         assert np.array_equal(w.dequantize(), dequantize(t.data, t.tensor_type))
     assert shard.layers[0].input_norm.dtype == np.float32  # norms stay float32
@@ -76,7 +76,7 @@ def test_default_embedding_stays_in_the_file_and_the_tied_head_is_compact(tmp_pa
     ids = np.array([[3, 0, 7, 3]])
     assert isinstance(shard.embed_tokens, RowTable)
     assert np.array_equal(shard.embed_tokens.rows(ids), dequantize(t.data, t.tensor_type)[ids])
-    assert isinstance(shard.lm_head, QTensor) and shard.lm_head.fp32_activations
+    assert isinstance(shard.lm_head, QTensor) and shard.lm_head.kernel == "fp32"
 
 
 @pytest.mark.parametrize("model,weights", [("Q4_0", "int4"), ("Q8_0", "int8"), ("Q4_1", "int8"), ("hf", "int8"), ("hf", "int4")])
@@ -97,7 +97,7 @@ def test_default_weights_compute_in_float32_so_answers_do_not_depend_on_the_cpu(
     path = gguf_models[model]
     shard = load_shard(resolve_model(str(path)), LayerRange.full(3))
     linears = [w for lw in shard.layers.values() for w in lw.arrays().values() if len(w.shape) == 2]
-    assert all(isinstance(w, QTensor) and w.fp32_activations for w in linears), model
+    assert all(isinstance(w, QTensor) and w.kernel == "fp32" for w in linears), model
     numpy_logits = ring(path, None, "numpy", weights="fp32" if model != "hf" else "auto").forward(
         "r", np.array([PROMPT]), logits="all")
     fp32_arith = ring(path, "0-0,1-2", "onnx", weights="auto").forward("r", np.array([PROMPT]), logits="all")

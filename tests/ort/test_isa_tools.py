@@ -63,7 +63,7 @@ def test_isa_ops_cases_compute_what_they_name_and_the_comparison_tells_bits_apar
              "int4 (int8 activations, level 4), M=1": (4, 32, False, 2e-2),
              "int8 (int8 activations, level 4), M=1": (8, 32, False, 2e-2)}
     for name, (bits, block, fp32, tol) in cases.items():  # against the quantized weights' exact product
-        ref = x1.astype(np.float64) @ quantize(w, bits, block, fp32_activations=fp32).dequantize().astype(np.float64).T
+        ref = x1.astype(np.float64) @ quantize(w, bits, block, kernel="fp32" if fp32 else "int8").dequantize().astype(np.float64).T
         assert np.max(np.abs(out[name] - ref)) <= tol * np.max(np.abs(ref)), name
     same = ops.compare(out, out)
     assert all(line.startswith("identical bits") for line in same) and len(same) == len(out)

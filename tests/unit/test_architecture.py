@@ -1,4 +1,4 @@
-"""The dependency direction of the package: model -> slices -> backends -> runtime -> rknn -> engine -> exo -> bench -> cli.
+"""The dependency direction of the package: native -> model -> slices -> backends -> runtime -> rknn -> engine -> exo -> bench -> cli.
 
 Each module may import only from its own layer or layers to its left; only exo_rknpu/exo imports exo.
 """
@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "exo_rknpu"
-ORDER = ["errors", "config", "model", "slices", "backends", "runtime", "rknn", "engine", "exo", "bench", "cli"]
+ORDER = ["errors", "config", "native", "model", "slices", "backends", "runtime", "rknn", "engine", "exo", "bench", "cli"]
 SHARED = {"errors", "config", "fileio", "__init__"}
 
 

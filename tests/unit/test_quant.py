@@ -3,14 +3,16 @@ of ours: which GGUF blocks map without loss, and how far everything that is re-q
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from exo_rknpu.model.quant import (check_mode, from_gguf_blocks, q4_1_exact, q6_k_exact, q4_1_to_int4, q4_1_to_int8,
-                                   quantize, split8, split8_input)
+from exo_rknpu.model.quant import (NATIVE_FORMATS, check_mode, from_gguf_blocks, native_parts, q4_1_exact, q6_k_exact,
+                                   q4_1_to_int4, q4_1_to_int8, quantize, quantize_q8_0, split8, split8_input)
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((96, 256)).astype(np.float32)
@@ -44,7 +46,7 @@ def _q4_1_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_q4_1_kept_exactly_as_codes_scale_and_min():
     raw, reference, _ = _q4_1_case()
     q = q4_1_exact(raw, reference.shape)
-    assert q.bits == 4 and q.mins is not None and q.fp32_activations
+    assert q.bits == 4 and q.mins is not None and q.kernel == "fp32"
     assert np.array_equal(q.dequantize(), reference)  # d*q + m, blocks of one sign and d == 0 included
     # MatMulNBits' default zero point 8 (its faster kernel): the mins carry m + 8d
     assert q.zero_points is None
@@ -64,7 +66,7 @@ def test_q6_k_kept_exactly_as_8_bit_blocks_of_16():
     raw[0, 192] = 0  # a sub-block with scale 0
     reference = gguf_dequantize(raw, GT.Q6_K)
     q = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
-    assert q.bits == 8 and q.block_size == 16 and q.fp32_activations
+    assert q.bits == 8 and q.block_size == 16 and q.kernel == "fp32"
     assert np.array_equal(q.dequantize(), reference)
 
 
@@ -98,9 +100,9 @@ def test_8_bit_blocks_split_into_4_bit_blocks_over_k_doubled_give_the_same_produ
         raw, _ = _q6_k_rows()
         w8 = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K))
     elif source == "Q8_0":
-        w8 = from_gguf_blocks(gguf_quantize(W, GT.Q8_0), "Q8_0", W.shape, fp32_activations=True)
+        w8 = from_gguf_blocks(gguf_quantize(W, GT.Q8_0), "Q8_0", W.shape, kernel="fp32")
     else:
-        w8 = quantize(W, 8, 64, fp32_activations=source == "auto 8-bit")
+        w8 = quantize(W, 8, 64, kernel="fp32" if source == "auto 8-bit" else "int8")
     w4 = split8(w8)
     n, k = w8.shape
     assert w4.bits == 4 and w4.shape == (n, 2 * k)
@@ -120,7 +122,7 @@ def test_auto_8_bit_blocks_keep_every_value_within_half_a_step_with_zero_points_
     w[0, :64] = np.abs(w[0, :64]) + 1.0  # all positive: zero point 0
     w[1, :64] = -np.abs(w[1, :64]) - 1.0  # all negative: zero point 255
     w[2, :64] = 0.0  # constant block
-    q = quantize(w, 8, 64, fp32_activations=True)
+    q = quantize(w, 8, 64, kernel="fp32")
     assert not np.any(q.zero_points % 17)
     step = np.repeat(q.scales, 64, axis=1)
     assert np.all(np.abs(q.dequantize() - w) <= step / 2 + 1e-7)
@@ -169,3 +171,39 @@ def test_matmul_with_compact_weights_matches_float_reference_within_quantization
 def test_unknown_weights_mode_is_refused_in_one_line():
     with pytest.raises(ValueError, match="unknown weights mode 'int3'; choose one of auto, int4, int8, fp32"):
         check_mode("int3")
+
+
+def test_float_sources_become_the_q8_0_blocks_llama_cpp_writes():
+    """--weights native quantizes float sources to GGUF Q8_0 by llama.cpp's recipe: the same codes and fp16 scales
+    as gguf-py's quantizer (bit-exact with ggml-quants.c), ties at .5 and all-zero blocks included."""
+    w = W.copy()
+    w[0, :32] = 0.0  # amax 0: scale 0, codes 0
+    w[1, :32] = np.arange(32, dtype=np.float32) - 15.5  # every x/d lands near a .5 tie
+    q = quantize_q8_0(w)
+    reference = from_gguf_blocks(gguf_quantize(w, GT.Q8_0), "Q8_0", w.shape, kernel="native")
+    assert q.kernel == "native" and q.bits == 8 and q.block_size == 32 and q.zero_points is None
+    assert np.array_equal(q.blocks, reference.blocks) and np.array_equal(q.scales, reference.scales)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_native_parts_hand_the_kernel_the_gguf_values(qtype):
+    """What the native kernel's packer gets (fmt, fp16 d and m, codes) stands for exactly the stored values."""
+    raw = gguf_quantize(W, GT[qtype])
+    q = q4_1_exact(raw, W.shape, kernel="native") if qtype == "Q4_1" else from_gguf_blocks(raw, qtype, W.shape, "native")
+    p = native_parts(q)
+    assert p.fmt == NATIVE_FORMATS[qtype] and p.d.dtype == np.float16 and p.codes.shape == W.shape
+    ints = p.codes.astype(np.float64) - (8 if qtype == "Q4_0" else 0)
+    values = ints * np.repeat(p.d.astype(np.float64), 32, axis=1)
+    if p.m is not None:
+        values += np.repeat(p.m.astype(np.float64), 32, axis=1)
+    assert np.array_equal(values.astype(np.float32), gguf_dequantize(raw, GT[qtype]))
+
+
+def test_native_parts_refuse_what_the_kernel_cannot_take():
+    with pytest.raises(ValueError, match="not a native QTensor"):
+        native_parts(quantize(W, 8, 32, kernel="fp32"))
+    with pytest.raises(ValueError, match="takes fp16 scales"):
+        native_parts(replace(quantize(W, 8, 32), kernel="native"))  # float32 scales
+    q4 = from_gguf_blocks(gguf_quantize(W, GT.Q4_0), "Q4_0", W.shape, "native")
+    with pytest.raises(ValueError, match="not a Q4_0, Q4_1 or Q8_0"):  # a zero point the kernel has no format for
+        native_parts(replace(q4, zero_points=np.full((96, 4), 0x55, np.uint8)))

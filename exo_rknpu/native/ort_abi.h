@@ -1,0 +1,102 @@
+/* The part of onnxruntime's C ABI (include/onnxruntime/core/session/onnxruntime_c_api.h) that ort_op.c uses.
+ *
+ * The onnxruntime pip wheel ships libonnxruntime.so without headers, so this declares only what we call. The C API
+ * is append-only: an entry keeps its index in the OrtApi table in every later release, so the table below lists the
+ * entries we call at their indices and fills the rest with placeholders. Each index was checked against the
+ * official header: 0..99 against onnxruntime_c_api.h of API version 13 (microsoft/onnxruntime, counted entry by
+ * entry); KernelContext_ParallelFor (274; "since Version 1.17" in its documentation, which also says fn is called
+ * `total` times and num_batch 0 sets no limit on the batches) against generated bindings of a current header (their
+ * OrtApi offsets, 8 bytes per entry: 2192 / 8) and its declaration order in a current official header (after
+ * SetDeterministicCompute, before SessionOptionsAppendExecutionProvider_OpenVINO_V2). The tests run the op with one
+ * and two intra-op threads and with bad input, which calls every entry listed here.
+ *
+ * OrtCustomOp is declared up to the fields of version 16 (CreateKernelV2 / KernelComputeV2, which return a status):
+ * onnxruntime reads only the fields its `version` promises (custom_ops.cc: optional-io fields from 8, input memory
+ * type from 13, variadic arity from 14, compute v2 from 16, shape inference and op versions from 17). */
+#ifndef EXO_ORT_ABI_H
+#define EXO_ORT_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define EXO_ORT_API_VERSION 17 /* the API version we ask GetApi for: the first with KernelContext_ParallelFor */
+#define EXO_CUSTOM_OP_VERSION 16
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtCustomOp OrtCustomOp;
+
+typedef enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 } OrtErrorCode;  /* first entries only */
+typedef enum { ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 = 2 }
+    ONNXTensorElementDataType;  /* the two we use; values as in TensorProto.DataType */
+typedef enum { INPUT_OUTPUT_REQUIRED = 0 } OrtCustomOpInputOutputCharacteristic;
+typedef enum { OrtMemTypeDefault = 0 } OrtMemType;
+
+typedef struct OrtApi OrtApi;
+
+typedef struct OrtApiBase {
+  const OrtApi* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+#define EXO_ORT_GAP(from, to) void* unused_##from[(to) - (from)]
+
+struct OrtApi {
+  OrtStatus* (*CreateStatus)(OrtErrorCode code, const char* msg);                                      /* 0 */
+  EXO_ORT_GAP(1, 26);
+  OrtStatus* (*CreateCustomOpDomain)(const char* domain, OrtCustomOpDomain** out);                      /* 26 */
+  OrtStatus* (*CustomOpDomain_Add)(OrtCustomOpDomain* domain, const struct OrtCustomOp* op);            /* 27 */
+  OrtStatus* (*AddCustomOpDomain)(OrtSessionOptions* options, OrtCustomOpDomain* domain);               /* 28 */
+  EXO_ORT_GAP(29, 51);
+  OrtStatus* (*GetTensorMutableData)(OrtValue* value, void** out);                                      /* 51 */
+  EXO_ORT_GAP(52, 61);
+  OrtStatus* (*GetDimensionsCount)(const OrtTensorTypeAndShapeInfo* info, size_t* out);                 /* 61 */
+  OrtStatus* (*GetDimensions)(const OrtTensorTypeAndShapeInfo* info, int64_t* dims, size_t count);      /* 62 */
+  EXO_ORT_GAP(63, 65);
+  OrtStatus* (*GetTensorTypeAndShape)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out);          /* 65 */
+  EXO_ORT_GAP(66, 86);
+  OrtStatus* (*KernelInfoGetAttribute_int64)(const OrtKernelInfo* info, const char* name, int64_t* out); /* 86 */
+  EXO_ORT_GAP(87, 90);
+  OrtStatus* (*KernelContext_GetInput)(const OrtKernelContext* ctx, size_t index, const OrtValue** out); /* 90 */
+  OrtStatus* (*KernelContext_GetOutput)(OrtKernelContext* ctx, size_t index, const int64_t* dims,
+                                        size_t count, OrtValue** out);                                  /* 91 */
+  EXO_ORT_GAP(92, 99);
+  void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* info);                               /* 99 */
+  EXO_ORT_GAP(100, 274);
+  OrtStatus* (*KernelContext_ParallelFor)(const OrtKernelContext* ctx, void (*fn)(void*, size_t), size_t total,
+                                          size_t num_batch, void* usr_data);                            /* 274 */
+};
+
+struct OrtCustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info);
+  const char* (*GetName)(const struct OrtCustomOp* op);
+  const char* (*GetExecutionProviderType)(const struct OrtCustomOp* op);
+  ONNXTensorElementDataType (*GetInputType)(const struct OrtCustomOp* op, size_t index);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp* op);
+  ONNXTensorElementDataType (*GetOutputType)(const struct OrtCustomOp* op, size_t index);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp* op);
+  void (*KernelCompute)(void* kernel, OrtKernelContext* ctx);
+  void (*KernelDestroy)(void* kernel);
+  /* version 8 */
+  OrtCustomOpInputOutputCharacteristic (*GetInputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+  OrtCustomOpInputOutputCharacteristic (*GetOutputCharacteristic)(const struct OrtCustomOp* op, size_t index);
+  /* version 13 */
+  OrtMemType (*GetInputMemoryType)(const struct OrtCustomOp* op, size_t index);
+  /* version 14 */
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp* op);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp* op);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp* op);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp* op);
+  /* version 16 */
+  OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                               void** kernel);
+  OrtStatus* (*KernelComputeV2)(void* kernel, OrtKernelContext* ctx);
+};
+
+#endif

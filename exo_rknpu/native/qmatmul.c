@@ -1,0 +1,273 @@
+/* exo-rknpu native quantized matmul (see qmatmul.h for the interface, notes/native-spec.md for the arithmetic).
+ *
+ * Result: y[m, n] = sum over blocks b, in order, of (dw * da) * isum (+ mw * (da * sa) for Q4_1), float32, no FMA
+ * (built with -ffp-contract=off; SIMD code uses separate mul and add). isum is an exact int32 dot product of the
+ * weight codes with the int8 activation codes, so every code path below gives the same bits. SIMD runs across
+ * output rows (one lane per row n), never across K within a row, so each row's float order is the same everywhere.
+ *
+ * Packed weight layout (the same bytes on every machine; made by exo_rknpu/native/pack.py):
+ *   G = EXO_ROW_GROUP = 16 rows, NG = ceil(N / 16) row groups (rows >= N are zero padding), NB = K / 32 blocks.
+ *   Section 1, codes: for g < NG, for b < NB: one code block of CB bytes (CB = 256 for Q4_*, 512 for Q8_0) made of
+ *     64-byte chunks; chunk c holds 4 consecutive k of each of the 16 rows: byte [c*64 + r*4 + j] is row 16g+r.
+ *     Q4_*: chunk c (0..3), byte j: low nibble = code of k = 32b + 4c + j, high nibble = code of k = 32b + 16 + 4c + j.
+ *     Q8_0: chunk c (0..7), byte j: (uint8)(code + 128) of k = 32b + 4c + j (so it is the u8 operand of vpdpbusd).
+ *   Section 2, scales, right after section 1: for g < NG, for b < NB: the 16 rows' fp16 d (little-endian), then for
+ *     Q4_1 the 16 rows' fp16 m: SB = 32 bytes (64 for Q4_1).
+ *   Total: NG * NB * (CB + SB) bytes. One 64-byte chunk is one AVX-512 vector (16 lanes of 4 bytes: vpdpbusd), two
+ *   AVX2 vectors (rows 0-7, 8-15) or four NEON vectors (rows 4i..4i+3: sdot).
+ *
+ * Quantized activations (exo_quantize_act), per row m: K int8 codes, then NB float32 d, then NB int32 s (sum of the
+ * block's codes): ACT_ROW(K) = K + 8 * NB bytes (the buffer must be 4-byte aligned; malloc's and numpy's are).
+ */
+#include "qmatmul.h"
+
+#include <math.h>
+#include <string.h>
+
+#if !defined(EXO_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    defined(__F16C__)
+#define EXO_AVX512 1
+#include <immintrin.h>
+#elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)
+#define EXO_AVX2 1
+#if defined(__AVXVNNI__)
+#define EXO_AVXVNNI 1
+#endif
+#include <immintrin.h>
+#elif !defined(EXO_NO_SIMD) && defined(__aarch64__) && defined(__ARM_NEON)
+#define EXO_NEON 1
+#include <arm_neon.h>
+#endif
+
+#define G EXO_ROW_GROUP
+/* Software prefetch distance in the code stream (bytes ahead of the block being read; the scale stream is prefetched
+ * proportionally). Measured on the Xeon (docs/native.md): streaming weights, one row +15 %, 8 rows -35 % time. */
+#define EXO_PREFETCH 2048
+
+static int64_t code_block_bytes(int fmt) { return fmt == EXO_Q8_0 ? 512 : 256; }
+static int64_t scale_block_bytes(int fmt) { return fmt == EXO_Q4_1 ? 64 : 32; }
+static int64_t act_row_bytes(int64_t K) { return K + 8 * (K / EXO_BLOCK); }
+
+int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
+    if (fmt < EXO_Q4_0 || fmt > EXO_Q8_0) return -1;
+    return (N + G - 1) / G * (K / EXO_BLOCK) * (code_block_bytes(fmt) + scale_block_bytes(fmt));
+}
+
+int64_t exo_act_bytes(int64_t M, int64_t K) { return M * act_row_bytes(K); }
+
+/* Exact fp16 -> float32 (every fp16 value, subnormals included, is a float32). */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* One block of 32 activations: codes q, scale *d, returns the codes' sum. amax is exact; a non-finite amax makes d
+ * NaN (the output is NaN, as a float matmul's would be); a block so small that 127 / amax overflows is all zero
+ * codes (its contribution is below 1e-36 of the weights). */
+static int32_t quantize_block_scalar(const float* xb, int8_t* q, float* d) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int i = 0; i < EXO_BLOCK; i++) {
+        float a = fabsf(xb[i]);
+        finite &= a <= 3.40282347e+38f;
+        amax = a > amax ? a : amax;
+    }
+    const float id = 127.0f / amax;
+    if (!finite || amax == 0.0f || !(id <= 3.40282347e+38f)) {
+        memset(q, 0, EXO_BLOCK);
+        *d = finite ? 0.0f : NAN;
+        return 0;
+    }
+    int32_t sum = 0;
+    for (int i = 0; i < EXO_BLOCK; i++) {
+        q[i] = (int8_t)rintf(xb[i] * id);
+        sum += q[i];
+    }
+    *d = amax / 127.0f;
+    return sum;
+}
+
+#if defined(EXO_AVX512)
+/* The same block with AVX-512: max is exact in any order, vcvtps2dq rounds half to even (the default MXCSR mode,
+ * as rintf), and |x * id| <= 127 so the int8 narrowing keeps every code. */
+static int32_t quantize_block(const float* xb, int8_t* q, float* d) {
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    const __m512 a0 = _mm512_abs_ps(x0), a1 = _mm512_abs_ps(x1);
+    const __m512 big = _mm512_set1_ps(3.40282347e+38f);
+    const __mmask16 ok0 = _mm512_cmp_ps_mask(a0, big, _CMP_LE_OQ), ok1 = _mm512_cmp_ps_mask(a1, big, _CMP_LE_OQ);
+    if (ok0 != 0xffff || ok1 != 0xffff) return quantize_block_scalar(xb, q, d);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    const float id = 127.0f / amax;
+    if (amax == 0.0f || !(id <= 3.40282347e+38f)) return quantize_block_scalar(xb, q, d);
+    const __m512 vid = _mm512_set1_ps(id);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
+    _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(q1));
+    *d = amax / 127.0f;
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+}
+#else
+#define quantize_block quantize_block_scalar
+#endif
+
+void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa) {
+    const int64_t nb = K / EXO_BLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        int8_t* q = (int8_t*)qa + m * act_row_bytes(K);
+        float* d = (float*)(q + K);
+        int32_t* s = (int32_t*)(d + nb);
+        for (int64_t b = 0; b < nb; b++) s[b] = quantize_block(x + m * K + b * EXO_BLOCK, q + b * EXO_BLOCK, d + b);
+    }
+}
+
+/* The activation codes, scales and sums of row m. */
+typedef struct {
+    const int8_t* q;
+    const float* d;
+    const int32_t* s;
+} act_row;
+
+static act_row act_of(const void* qa, int64_t K, int64_t m) {
+    act_row a;
+    a.q = (const int8_t*)qa + m * act_row_bytes(K);
+    a.d = (const float*)(a.q + K);
+    a.s = (const int32_t*)(a.d + K / EXO_BLOCK);
+    return a;
+}
+
+/* Integer dot products of the 16 rows of one code block with one block of activation codes (exact). */
+static void block_isums(int fmt, const uint8_t* cb, const int8_t* q, int32_t isum[G]) {
+    for (int r = 0; r < G; r++) isum[r] = 0;
+    if (fmt == EXO_Q8_0) {
+        for (int c = 0; c < 8; c++)
+            for (int r = 0; r < G; r++)
+                for (int j = 0; j < 4; j++) isum[r] += ((int32_t)cb[c * 64 + r * 4 + j] - 128) * q[4 * c + j];
+        return;
+    }
+    const int32_t off = fmt == EXO_Q4_0 ? 8 : 0;
+    for (int c = 0; c < 4; c++)
+        for (int r = 0; r < G; r++)
+            for (int j = 0; j < 4; j++) {
+                uint8_t v = cb[c * 64 + r * 4 + j];
+                isum[r] += ((int32_t)(v & 15) - off) * q[4 * c + j] + ((int32_t)(v >> 4) - off) * q[16 + 4 * c + j];
+            }
+}
+
+static void store_rows(float* y, const float* acc, int64_t rows) {
+    for (int64_t r = 0; r < rows; r++) y[r] = acc[r];
+}
+
+/* One row group g (rows 16g .. 16g+rows-1), all M activation rows: the reference order, one lane at a time. */
+/* (unused in SIMD builds, which have their own) */
+static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb,
+                                                 const void* qa, int64_t K, int64_t M, float* y, int64_t N, int64_t g,
+                                                 int64_t rows) {
+    const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
+    for (int64_t m = 0; m < M; m++) {
+        act_row a = act_of(qa, K, m);
+        float acc[G] = {0};
+        int32_t isum[G];
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t* sb = scales + (g * nb + b) * sbb;
+            block_isums(fmt, codes + (g * nb + b) * cbb, a.q + b * EXO_BLOCK, isum);
+            const float da = a.d[b];
+            const float das = da * (float)a.s[b];
+            for (int r = 0; r < G; r++) {
+                uint16_t h;
+                memcpy(&h, sb + 2 * r, 2);
+                float t = half_to_float(h) * da;
+                acc[r] = acc[r] + t * (float)isum[r];
+                if (fmt == EXO_Q4_1) {
+                    memcpy(&h, sb + 32 + 2 * r, 2);
+                    acc[r] = acc[r] + half_to_float(h) * das;
+                }
+            }
+        }
+        store_rows(y + m * N + g * G, acc, rows);
+    }
+}
+
+/* A SIMD path's group function: LANES rows of the group per pass h, up to MAXR activation rows per CHUNK call, each
+ * call specialized (always_inline, constant format and row count) so its row loops unroll into registers. */
+#define EXO_CHUNK(CHUNK, F, MAXR, MC) \
+    CHUNK(F, (MC) < (MAXR) ? (MC) : (MAXR), cg, sg, nb, qa, K, m0, y, N, g * G, h, rows)
+#define EXO_CHUNK_SWITCH(CHUNK, F, MAXR)                                 \
+    switch (mc) {                                                        \
+        case 1: EXO_CHUNK(CHUNK, F, MAXR, 1); break;                     \
+        case 2: EXO_CHUNK(CHUNK, F, MAXR, 2); break;                     \
+        case 3: EXO_CHUNK(CHUNK, F, MAXR, 3); break;                     \
+        case 4: EXO_CHUNK(CHUNK, F, MAXR, 4); break;                     \
+        case 5: EXO_CHUNK(CHUNK, F, MAXR, 5); break;                     \
+        case 6: EXO_CHUNK(CHUNK, F, MAXR, 6); break;                     \
+        case 7: EXO_CHUNK(CHUNK, F, MAXR, 7); break;                     \
+        default: EXO_CHUNK(CHUNK, F, MAXR, 8); break;                    \
+    }
+#define EXO_GROUP_FN(NAME, CHUNK, LANES, MAXR)                                                                  \
+    static void NAME(int fmt, const uint8_t* codes, const uint8_t* scales, int64_t nb, const void* qa, int64_t K, \
+                     int64_t M, float* y, int64_t N, int64_t g, int64_t rows) {                                  \
+        const uint8_t* cg = codes + g * nb * code_block_bytes(fmt);                                              \
+        const uint8_t* sg = scales + g * nb * scale_block_bytes(fmt);                                            \
+        for (int h = 0; h * (LANES) < rows; h++)                                                                 \
+            for (int64_t m0 = 0; m0 < M; m0 += (MAXR)) {                                                         \
+                const int mc = (int)(M - m0 < (MAXR) ? M - m0 : (MAXR));                                         \
+                if (fmt == EXO_Q4_0) {                                                                           \
+                    EXO_CHUNK_SWITCH(CHUNK, EXO_Q4_0, MAXR)                                                      \
+                } else if (fmt == EXO_Q4_1) {                                                                    \
+                    EXO_CHUNK_SWITCH(CHUNK, EXO_Q4_1, MAXR)                                                      \
+                } else {                                                                                         \
+                    EXO_CHUNK_SWITCH(CHUNK, EXO_Q8_0, MAXR)                                                      \
+                }                                                                                                \
+            }                                                                                                    \
+    }
+
+#if defined(EXO_AVX512)
+#include "qmatmul_avx512.h"
+#define GROUP_FN group_avx512
+#define ISA_NAME "avx512vnni"
+#elif defined(EXO_AVX2)
+#include "qmatmul_avx2.h"
+#define GROUP_FN group_avx2
+#if defined(EXO_AVXVNNI)
+#define ISA_NAME "avx2-vnni"
+#else
+#define ISA_NAME "avx2"
+#endif
+#elif defined(EXO_NEON)
+#include "qmatmul_neon.h"
+#define GROUP_FN group_neon
+#if defined(__ARM_FEATURE_DOTPROD)
+#define ISA_NAME "neon-dotprod"
+#else
+#define ISA_NAME "neon"
+#endif
+#else
+#define GROUP_FN group_scalar
+#define ISA_NAME "scalar"
+#endif
+
+const char* exo_isa(void) { return ISA_NAME; }
+
+void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, const void* qa, int64_t M, float* y,
+                      int64_t n_begin, int64_t n_end) {
+    if (fmt < EXO_Q4_0 || fmt > EXO_Q8_0 || M <= 0 || K <= 0 || K % EXO_BLOCK || n_begin % G) return;
+    if (n_end > N) n_end = N;
+    const int64_t nb = K / EXO_BLOCK, ng = (N + G - 1) / G;
+    const uint8_t* scales = packed + ng * nb * code_block_bytes(fmt);
+    for (int64_t g = n_begin / G; g * G < n_end; g++) {
+        const int64_t rows = n_end - g * G < G ? n_end - g * G : G;
+        GROUP_FN(fmt, packed, scales, nb, qa, K, M, y, N, g, rows);
+    }
+}

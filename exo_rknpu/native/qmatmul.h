@@ -1,0 +1,34 @@
+/* exo-rknpu native quantized matmul: int8 activations x block-quantized weights (Q4_0, Q4_1, Q8_0).
+ * The result is bit-for-bit the same on every CPU: see docs at the top of qmatmul.c and notes/native-spec.md. */
+#ifndef EXO_QMATMUL_H
+#define EXO_QMATMUL_H
+
+#include <stdint.h>
+
+#define EXO_ROW_GROUP 16 /* rows interleaved together in `packed`; threads split N in whole groups */
+#define EXO_BLOCK 32     /* weights and activations are quantized in blocks of 32 along K */
+
+enum { EXO_Q4_0 = 0, EXO_Q4_1 = 1, EXO_Q8_0 = 2 };
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Size in bytes of the quantized-activation buffer for M rows of K (K % 32 == 0). */
+int64_t exo_act_bytes(int64_t M, int64_t K);
+/* Quantizes x [M, K] (float32, row-major) into qa (exo_act_bytes(M, K) bytes, 4-byte aligned). */
+void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa);
+/* y[m, n] for m < M and n_begin <= n < n_end (y is [M, N] row-major; other entries untouched).
+ * n_begin is a multiple of EXO_ROW_GROUP; reentrant (no global state, no allocation). */
+void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, const void* qa, int64_t M, float* y,
+                      int64_t n_begin, int64_t n_end);
+/* Size in bytes of the packed weights of an N x K matrix in format fmt (-1 for an unknown fmt). */
+int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K);
+/* Which code path this build compiled: "avx512vnni", "avx2-vnni", "avx2", "neon-dotprod", "neon" or "scalar". */
+const char* exo_isa(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

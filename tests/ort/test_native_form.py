@@ -1,0 +1,91 @@
+"""--weights native on tiny models (the bundled model's figures: test_native_weights.py): each GGUF block type the
+kernel has (and float sources as Q8_0) reaches onnxruntime as one QMatMul per stacked linear, the onnx backend's
+logits stay within the int8-activation error of the numpy reference on the same weights, a graph may mix QMatMul
+with MatMulNBits, and prepared slices are cached like the other compact forms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exo_rknpu.backends.numpy_ref import NumpyBackend
+from exo_rknpu.backends.ort import OrtBackend, OrtRunner
+from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.loader import load_shard
+from exo_rknpu.model.quant import quantize
+from exo_rknpu.model.zoo import resolve_model
+from exo_rknpu.runtime.shard import ShardRunner
+from exo_rknpu.slices.onnx_export import NATIVE_DOMAIN, NATIVE_OP, build_onnx_compact
+from exo_rknpu.slices.spec import SliceSpec
+from helpers import SMALL_BUCKETS, greedy, nmse, ring
+from tiny_models import make_tiny_gguf, make_tiny_hf
+
+PROMPT = [5, 17, 42, 7, 99, 3, 250, 11, 64, 8, 31]
+# the native kernel quantizes activations to int8 per block of 32: its logits differ from float arithmetic on the
+# same weights by that much at most (MatMulNBits' int8 activations: the same bound, test_compact_weights.py)
+NATIVE_VS_FLOAT_NMSE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("native")
+    hf = make_tiny_hf(d / "hf", n_layers=3, seed=11)
+    return {"hf": hf, **{q: make_tiny_gguf(d / f"{q}.gguf", hf, qtype=q) for q in ("Q4_0", "Q4_1", "Q8_0", "F32")}}
+
+
+@pytest.mark.parametrize("model,fmt", [("Q4_0", 0), ("Q4_1", 1), ("Q8_0", 2), ("F32", 2), ("hf", 2)])
+def test_each_linear_is_one_qmatmul_over_packed_bytes(models, model, fmt):
+    shard = load_shard(resolve_model(str(models[model])), LayerRange.full(3), "native")
+    graph, external = build_onnx_compact(SliceSpec("layers", 0, 3), shard)
+    nodes = [n for n in graph.graph.node if n.op_type == NATIVE_OP]
+    assert len(nodes) == 4 * 3 and not any(n.op_type == "MatMulNBits" for n in graph.graph.node)  # qkv, o, gate/up, down
+    assert all(n.domain == NATIVE_DOMAIN and {a.name: a.i for a in n.attribute}["fmt"] == fmt for n in nodes)
+    assert any(o.domain == NATIVE_DOMAIN for o in graph.opset_import)
+    packed = {n.input[1] for n in nodes}
+    assert all(external[name].dtype == np.uint8 and external[name].ndim == 1 for name in packed)
+
+
+@pytest.mark.parametrize("model", ["Q4_0", "Q4_1", "Q8_0", "hf"])
+def test_onnx_at_native_stays_within_the_int8_activation_error_of_float_arithmetic(models, model):
+    path = models[model]
+    float_logits = ring(path, None, "numpy", weights="native").forward("r", np.array([PROMPT]), logits="all")
+    native_logits = ring(path, "0-0,1-2", "onnx", weights="native").forward("r", np.array([PROMPT]), logits="all")
+    assert 0 < nmse(native_logits, float_logits) <= NATIVE_VS_FLOAT_NMSE
+
+
+def test_split_gives_the_same_tokens_as_unsplit_at_native(models):
+    expected = greedy(ring(models["Q4_1"], None, "onnx", weights="native"), PROMPT, 8)
+    assert greedy(ring(models["Q4_1"], "0-0,1-1,2-2", "onnx", weights="native"), PROMPT, 8) == expected
+
+
+def test_a_graph_mixes_qmatmul_with_matmulnbits(models):
+    """K-quant tensors keep auto's form under native: a layer of such weights next to native ones runs both kernels
+    in one graph, and the logits still match the numpy reference on the same weights."""
+    src = resolve_model(str(models["Q8_0"]))
+    shard = load_shard(src, LayerRange.full(3), "native")
+    layer = shard.layers[1]
+    for field in ("gate_proj", "up_proj", "down_proj"):  # as auto would hold a K-quant: 8-bit blocks, float32 activations
+        setattr(layer, field, quantize(getattr(layer, field).dequantize(), 8, 64, kernel="fp32"))
+    graph, _ = build_onnx_compact(SliceSpec("layers", 0, 3), shard)
+    assert {"MatMulNBits", NATIVE_OP} <= {n.op_type for n in graph.graph.node}
+    ids = np.array([PROMPT])
+    reference = ShardRunner(shard, NumpyBackend(), SMALL_BUCKETS).forward("r", ids, logits="all")
+    runner = ShardRunner(shard, OrtBackend(use_cache=False), SMALL_BUCKETS)
+    assert nmse(runner.forward("r", ids, logits="all"), reference) <= NATIVE_VS_FLOAT_NMSE
+    sessions = [r for r in runner.runners.values() if isinstance(r, OrtRunner)]
+    assert sessions and all(r.custom_ops is not None for r in sessions)
+
+
+def test_prepared_native_slices_are_cached_and_reopen_with_the_library(models, tmp_path):
+    src = resolve_model(str(models["Q4_0"]))
+    first = ShardRunner(load_shard(src, LayerRange.full(3), "native"), OrtBackend(cache_dir=tmp_path),
+                        SMALL_BUCKETS, release_weights=True)
+    expected = first.forward("a", np.array([PROMPT]), logits="all")
+    entries = sorted(p for p in tmp_path.glob("??/*") if p.is_dir())
+    assert len(entries) == 2  # layers + head
+    again = ShardRunner(load_shard(src, LayerRange.full(3), "native"), OrtBackend(cache_dir=tmp_path),
+                        SMALL_BUCKETS, release_weights=True)
+    assert sorted(p for p in tmp_path.glob("??/*") if p.is_dir()) == entries
+    assert np.array_equal(again.forward("a", np.array([PROMPT]), logits="all"), expected)
