@@ -15,6 +15,7 @@ from exo_rknpu.model import gguf as gguf_reader
 from exo_rknpu.model import hf as hf_reader
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import ShardSource
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS
 from exo_rknpu.model.weights import LeftOut
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.placement import open_shard
@@ -57,10 +58,10 @@ class Builds:
         self.matrices, self.loaded = 0, []
 
 
-def _logits(path: Path, root: Path) -> np.ndarray:
-    """Open the whole model as every command does (open_plan, --weights auto, 2 layers per slice) and run PROMPT."""
+def _logits(path: Path, root: Path, weights: str = DEFAULT_WEIGHTS) -> np.ndarray:
+    """Open the whole model as every command does (open_plan, 2 layers per slice) and run PROMPT."""
     shard = open_shard(resolve_model(str(path)), LayerRange.full(N_LAYERS), "onnx", SMALL_BUCKETS, layers_per_slice=2,
-                       backend_options={"cache_dir": root, "threads": 1})
+                       backend_options={"cache_dir": root, "threads": 1}, weights=weights)
     try:
         return shard.forward("a", PROMPT, logits="all")
     finally:
@@ -75,14 +76,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "Q8_0": make_tiny_gguf(d / "q8_0.gguf", hf, qtype="Q8_0")}
 
 
+@pytest.mark.parametrize("weights", sorted({"auto", DEFAULT_WEIGHTS}))
 @pytest.mark.parametrize("model", ["Q4_0", "Q8_0", "hf"])
-def test_a_warm_start_builds_no_weights_of_the_slices_it_finds_and_gives_the_cold_logits(models, model, tmp_path,
-                                                                                          monkeypatch):
+def test_a_warm_start_builds_no_weights_of_the_slices_it_finds_and_gives_the_cold_logits(models, model, weights,
+                                                                                          tmp_path, monkeypatch):
     builds, root = Builds(monkeypatch), tmp_path / "prepared"
-    cold = _logits(models[model], root)
+    cold = _logits(models[model], root, weights)
     assert builds.matrices > 0 and builds.loaded == [(N_LAYERS, True)]
     builds.reset()
-    warm = _logits(models[model], root)
+    warm = _logits(models[model], root, weights)
     assert builds.matrices == 0  # no layer matrix and no head was read into a compact form
     assert builds.loaded == [(0, False)]  # the embedding alone was loaded (it stays mapped in the file)
     assert np.array_equal(warm, cold)
@@ -118,7 +120,7 @@ def test_a_damaged_entry_is_rebuilt_and_found_by_its_sources_again(models, tmp_p
 
     builds = Builds(monkeypatch)
     assert np.array_equal(_logits(models["Q4_0"], root), expected)
-    assert builds.matrices > 0 and sum(n for n, _ in builds.loaded) > 0  # the damaged slice was built again
+    assert builds.matrices > 0 and builds.loaded != [(0, False)]  # the damaged slice's weights were built again
     assert (entries[0] / WEIGHTS_FILE).read_bytes() != bytes(data)
     builds.reset()
     assert np.array_equal(_logits(models["Q4_0"], root), expected)
