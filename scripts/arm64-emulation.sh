@@ -140,28 +140,34 @@ if [ "${SPLIT8:-1}" = 1 ]; then
   done
 fi
 
-# ---- 1c. native promises the same bits on every CPU: the logits of the prompt + x86's greedy ids, one prefill at
-# --weights native, as sha256 digests of the last position and of every position (docs/perf/logits_digest.py)
-digest() {  # $1 model path on x86, $2 the same in the root, $3 ids: "x86 | a76" lines, fails unless equal
+# ---- 1c. native promises the same bits on every CPU for its matmuls; the rest of the graph (attention, norms,
+# softmax) is onnxruntime's per-ISA kernels. The logits of the prompt + x86's greedy ids, one prefill at --weights
+# native (docs/perf/logits_digest.py: sha256 digests, the kernel path the build took), compared bit for bit: printed
+# with the largest difference, not a pass/fail condition (the greedy ids above are)
+digest() {  # $1 model path on x86, $2 the same in the root, $3 ids; prints both digests, sets LOGITS to the verdict
   local ids want got
   ids=$(echo "$3" | tr -d '[] ')
-  want=$(PYTHONPATH="$REPO" "$X86_PY" "$REPO/docs/perf/logits_digest.py" "$1" "$PROMPT" "$ids" native 2>/dev/null | tail -1)
-  got=$(arm "cd ~/exo-rknpu && python docs/perf/logits_digest.py $2 '$PROMPT' '$ids' native 2>/dev/null" | tail -1)
+  want=$(PYTHONPATH="$REPO" "$X86_PY" "$REPO/docs/perf/logits_digest.py" "$1" "$PROMPT" "$ids" native native "$WORK/logits-x86.npy" 2>/dev/null | tail -1)
+  got=$(arm "cd ~/exo-rknpu && python docs/perf/logits_digest.py $2 '$PROMPT' '$ids' native native /root/logits-a76.npy 2>/dev/null" | tail -1)
   say "native logits $(basename "$1")  x86: $want"
   say "native logits $(basename "$1")  a76: $got"
-  [ -n "$want" ] && [ "${want#* native }" = "${got#* native }" ] || return 1
+  [ -n "$want" ] && [ -n "$got" ] || return 1
   KERNEL=${got%%;*}; KERNEL=${KERNEL#isa }
+  LOGITS=$("$X86_PY" -c 'import sys, numpy as np; a, b = np.load(sys.argv[1]), np.load(sys.argv[2]); d = float(np.max(np.abs(a - b)))
+arg = "same" if (a.argmax(-1) == b.argmax(-1)).all() else "different"
+print("same bits" if a.tobytes() == b.tobytes() else f"differ by {d:.2e} ({d / float(np.ptp(a)):.1e} of the range), argmax {arg}")' \
+    "$WORK/logits-x86.npy" "$ROOT/root/logits-a76.npy")
 }
 if [ -n "${IDS[native]:-}" ]; then
   T0=$(date +%s)
-  digest "$GGUF" "$AGGUF" "${IDS[native]}" || fail "--weights native: aarch64 logits are not x86's bits (Q4_1)"
-  RESULT[logits]="same bits (Q4_1"
+  digest "$GGUF" "$AGGUF" "${IDS[native]}" || fail "logits_digest.py failed (Q4_1)"
+  RESULT[logits]="Q4_1 $LOGITS"
   if [ -n "${IDS[q8native]:-}" ]; then
-    digest "$Q8" "/root/models/$(basename "$Q8")" "${IDS[q8native]}" || fail "--weights native: aarch64 logits are not x86's bits (Q8_0)"
-    RESULT[logits]+=", Q8_0"
+    digest "$Q8" "/root/models/$(basename "$Q8")" "${IDS[q8native]}" || fail "logits_digest.py failed (Q8_0)"
+    RESULT[logits]+=", Q8_0 $LOGITS"
   fi
-  RESULT[logits]+=") on the $KERNEL kernel"
-  say "native logits compared ($(( $(date +%s) - T0 )) s)"
+  RESULT[logits]+=" (kernel $KERNEL)"
+  say "native logits x86 vs a76: ${RESULT[logits]} ($(( $(date +%s) - T0 )) s)"
 fi
 
 # ---- 1d. the onnxruntime kernels themselves, bit for bit: each op behind each form on fixed inputs (docs/perf/isa_ops.py);
