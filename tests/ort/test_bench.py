@@ -140,7 +140,7 @@ def test_the_plot_script_draws_pngs_and_the_table_from_bench_json(capsys, tmp_pa
     text = doc.read_text()
     assert "old" not in text and text.endswith("<!-- results:end -->\nafter\n")
     for r in reports:  # each report's median decode speed is in the table
-        assert f"| {r['backend']} | auto | 0-4 | 1 | " in text and f"| exo-rknpu | 2 | {r['decode_tok_s']:.1f} |" in text
+        assert f"| {r['backend']} | {r['weights']} | 0-4 | 1 | " in text and f"| exo-rknpu | 2 | {r['decode_tok_s']:.1f} |" in text
 
 
 def test_when_our_backend_cannot_run_the_report_still_comes_out(capsys, tiny_llama):

@@ -64,19 +64,20 @@ def test_tied_head_is_the_embedding_and_stays_compact(tmp_path):
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
-def test_default_embedding_stays_in_the_file_and_the_tied_head_is_compact(tmp_path, qtype):
-    """auto: looked-up embedding rows are gguf's own dequantization of the stored rows (nothing widened up front);
-    the tied head is its own compact linear multiplied in float32."""
+@pytest.mark.parametrize("weights,kernel", [("auto", "fp32"), ("native", "native")])
+def test_embedding_stays_in_the_file_and_the_tied_head_is_compact(tmp_path, qtype, weights, kernel):
+    """auto and native (the default): looked-up embedding rows are gguf's own dequantization of the stored rows
+    (nothing widened up front); the tied head is its own compact linear, multiplied by the form's kernel."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     path = make_tiny_gguf(tmp_path / "t.gguf", make_tiny_hf(tmp_path / "hf", tied=True), qtype=qtype)
-    shard = load_shard(resolve_model(str(path)), LayerRange.full(3))
+    shard = load_shard(resolve_model(str(path)), LayerRange.full(3), weights)
     t = {t.name: t for t in GGUFReader(str(path)).tensors}["token_embd.weight"]
     ids = np.array([[3, 0, 7, 3]])
     assert isinstance(shard.embed_tokens, RowTable)
     assert np.array_equal(shard.embed_tokens.rows(ids), dequantize(t.data, t.tensor_type)[ids])
-    assert isinstance(shard.lm_head, QTensor) and shard.lm_head.kernel == "fp32"
+    assert isinstance(shard.lm_head, QTensor) and shard.lm_head.kernel == kernel
 
 
 @pytest.mark.parametrize("model,weights", [("Q4_0", "int4"), ("Q8_0", "int8"), ("Q4_1", "int8"), ("hf", "int8"), ("hf", "int4")])
@@ -88,14 +89,14 @@ def test_onnx_and_numpy_agree_on_compact_weights(gguf_models, model, weights):
 
 
 @pytest.mark.parametrize("model", ["Q4_0", "Q8_0", "Q4_1", "hf"])
-def test_default_weights_compute_in_float32_so_answers_do_not_depend_on_the_cpu(gguf_models, model):
+def test_auto_weights_compute_in_float32_so_answers_do_not_depend_on_the_cpu(gguf_models, model):
     """auto keeps every linear compact (Q4_0, Q4_1 and Q8_0 exactly as stored; float sources as 8-bit blocks) but
     multiplies them with float32 activations: onnxruntime's logits match the float numpy reference on the same
     weights (which never quantizes activations) to float32 rounding -- for the exact GGUF forms, the file's own
     values widened to float32 too -- far closer than the int8 activations of --weights int4/int8 on the same
     blocks, the rounding that differs between instruction sets."""
     path = gguf_models[model]
-    shard = load_shard(resolve_model(str(path)), LayerRange.full(3))
+    shard = load_shard(resolve_model(str(path)), LayerRange.full(3), "auto")
     linears = [w for lw in shard.layers.values() for w in lw.arrays().values() if len(w.shape) == 2]
     assert all(isinstance(w, QTensor) and w.kernel == "fp32" for w in linears), model
     numpy_logits = ring(path, None, "numpy", weights="fp32" if model != "hf" else "auto").forward(
@@ -122,7 +123,7 @@ def test_split_gives_the_same_tokens_as_unsplit_on_compact_weights(gguf_models, 
 
 
 def test_onnx_graph_carries_no_weights_in_its_protobuf(gguf_models):
-    shard = load_shard(resolve_model(str(gguf_models["Q4_0"])), LayerRange.full(3))
+    shard = load_shard(resolve_model(str(gguf_models["Q4_0"])), LayerRange.full(3), "auto")
     model, external = build_onnx_compact(SliceSpec("layers", 0, 3), shard)
     ops = {n.op_type for n in model.graph.node}
     levels = {a.i for n in model.graph.node for a in n.attribute if a.name == "accuracy_level"}

@@ -7,6 +7,7 @@ import pytest
 
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_shard
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.inputs import layer_inputs
 from exo_rknpu.runtime.placement import PlacementPlan
@@ -92,7 +93,7 @@ PROMPTS = [PROMPT, [1, 2, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8, 7, 6, 5, 4, 3, 2
 def test_concurrent_requests_through_a_per_core_pipeline_give_the_sequential_tokens(tiny_llama, n, plan):
     import threading
 
-    want = [greedy(ring(tiny_llama, None, "onnx", weights="auto"), p, 8, f"s{i}") for i, p in enumerate(PROMPTS[:n])]
+    want = [greedy(ring(tiny_llama, None, "onnx", weights=DEFAULT_WEIGHTS), p, 8, f"s{i}") for i, p in enumerate(PROMPTS[:n])]
     staged, r = _staged(tiny_llama, plan)
     try:
         assert len(staged.devices) >= 3  # embedding host + at least two devices
@@ -128,7 +129,7 @@ def test_a_failed_pipelined_call_leaves_the_request_where_it_was(tiny_llama):
         boom.run = real_run
         assert runner.requests.get("a").pos == 5
         again = r.forward("a", np.array([PROMPT[5:]]))
-        want = ring(tiny_llama, None, "onnx", weights="auto")
+        want = ring(tiny_llama, None, "onnx", weights=DEFAULT_WEIGHTS)
         np.testing.assert_array_equal(first, want.forward("a", np.array([PROMPT[:5]])))
         np.testing.assert_allclose(again, want.forward("a", np.array([PROMPT[5:]])), rtol=1e-6, atol=1e-6)
     finally:
@@ -150,7 +151,7 @@ def test_a_pipelined_shard_admits_like_an_unpipelined_one(tiny_llama):
             staged.forward("c", np.array([PROMPT[5:]]), start=False)
         assert staged.runner.requests.ids() == ["a"] and staged.runner.requests.get("a").pos == 5
         again = staged.forward("a", np.array([PROMPT[5:]]), start=False)
-        want = ring(tiny_llama, None, "onnx", weights="auto").shards[0]  # unpipelined, every position's logits
+        want = ring(tiny_llama, None, "onnx", weights=DEFAULT_WEIGHTS).shards[0]  # unpipelined, every position's logits
         np.testing.assert_array_equal(first, want.forward("a", np.array([PROMPT[:5]])))
         np.testing.assert_allclose(again, want.forward("a", np.array([PROMPT[5:]])), rtol=1e-6, atol=1e-6)
     finally:
