@@ -3,8 +3,9 @@
 Each case is one op on fixed inputs (made from integers, so both machines build the same bits) at smollm2-135m's
 shapes, one thread: MatMulNBits with float32 activations (accuracy_level 1: auto's 4-bit blocks, and split8's
 8-bit ones as 4-bit blocks over K doubled), the ReduceSum + MatMul of Q4_1's per-block mins, float32 MatMul with a
-constant (prepacked) and a computed right side (fp32 weights; attention), and the int8-activation forms (int4, int8)
-for contrast; M=1 is a decode step, M=7 a prefill. scripts/arm64-emulation.sh runs it on x86 and on the emulated
+constant (prepacked) and a computed right side (fp32 weights; attention), the int8-activation forms (int4, int8)
+for contrast, and the float ops every form runs around them (the RMS norm's mean of squares, SiLU's Sigmoid,
+attention's Softmax: what feeds --weights native's int8 step); M=1 is a decode step, M=7 a prefill. scripts/arm64-emulation.sh runs it on x86 and on the emulated
 Cortex-A76 and prints the comparison (docs/design.md#weights reads it); an AVX2-only x86-64 is emulated on an
 AVX-512 machine by `qemu-x86_64-static -cpu Haswell-noTSX PYTHON docs/perf/isa_ops.py run OUT.npz`.
 
@@ -61,6 +62,7 @@ def cases() -> dict[str, Callable[[], np.ndarray]]:
     x1, x7 = _floats(rng, (1, K), 2.0), _floats(rng, (7, K), 2.0)
     kv = _floats(rng, (K, 300), 1.0)  # a computed right side: attention's keys over 300 positions
     mins = _floats(rng, (K // BLOCK, N), 0.01)
+    scores = _floats(rng, (7, 300), 8.0)  # attention scores of 7 queries over 300 positions
     mm = lambda x: _run([helper.make_node("MatMul", ["x", "w"], ["y"])], {"x": x}, {"w": np.ascontiguousarray(w.T)})
     return {
         "auto 4-bit, float32 activations (level 1), M=1": lambda: _nbits(x1, w, 4, BLOCK, 1),
@@ -77,6 +79,12 @@ def cases() -> dict[str, Callable[[], np.ndarray]]:
             [helper.make_node("MatMul", ["x", "k"], ["y"])], {"x": x1, "k": kv}, {}),
         "int4 (int8 activations, level 4), M=1": lambda: _nbits(x1, w, 4, BLOCK, 4),
         "int8 (int8 activations, level 4), M=1": lambda: _nbits(x1, w, 8, BLOCK, 4),
+        "norm: ReduceMean of Pow(x, 2), M=7": lambda: _run(
+            [helper.make_node("Pow", ["x", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["y"], axes=[-1], keepdims=1)],
+            {"x": x7}, {"two": np.array(2.0, np.float32)}),
+        "SiLU's Sigmoid, M=7": lambda: _run([helper.make_node("Sigmoid", ["x"], ["y"])], {"x": x7}, {}),
+        "attention's Softmax over 300 positions, M=7": lambda: _run(
+            [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], {"x": scores}, {}),
     }
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
 from exo_rknpu.errors import BackendUnavailableError, UnsupportedSliceError
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, KVLayout, SliceSpec
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 
 class Runner(Protocol):
@@ -58,6 +61,12 @@ class Backend(Protocol):
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all? Whole layers or a run of one layer's parts (SliceSpec.parts),
         the embedding, the head; every block the slice computes must be in `blocks` (see `declared_support`)."""
+        ...
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> Runner | None:
+        """What runs `spec`, found from a slice it prepared earlier from `source`'s files and weights mode, before
+        any weight is loaded; or None (then ShardRunner loads the slice's weights and calls `prepare`). The onnx
+        backend's prepared-slice cache answers it; the others answer None."""
         ...
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> Runner:

@@ -3,12 +3,17 @@ onnx export, so it is not an independent check of the maths (transformers is: te
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import NumpyOps, run_slice, slice_weights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 
 class NumpyRunner:
@@ -41,6 +46,9 @@ class NumpyBackend:
 
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
+        return None  # it keeps nothing prepared: its runners are the weights
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NumpyRunner:
         return NumpyRunner(spec, weights)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,10 @@ from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.model.rope import cos_sin
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, per_layer_cache_names
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
+    from exo_rknpu.model.weights import SourceStamp
 
 try:
     import onnxruntime as ort
@@ -306,11 +311,37 @@ class OrtBackend:
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
 
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> OrtRunner | None:
+        """The runner of a slice prepared earlier from `source`'s files and mode (found by its source key,
+        backends/prepared.py), or None: then `prepare` builds it from the weights. The embedding is never found
+        (it is a host-side lookup of the loaded table)."""
+        if self.cache is None or spec.kind == "embed":
+            return None
+        form = self.attention_form(spec, source.args)
+        found = self.cache.recall(self._source_key(spec, form, source.stamp))
+        facts = {} if found is None else found.facts
+        if found is None or not isinstance(facts.get("rows_apart"), int) or not isinstance(facts.get("native"), bool):
+            return None  # (nothing filed, or a record of another format)
+        rotary = self._rotary_tables(source.args, buckets) if form == "gqa" else None
+        custom_ops = native_library(self.native_isa) if facts["native"] else None
+        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, facts["rows_apart"], custom_ops)
+
+    def _key_parts(self, spec: SliceSpec, form: str) -> dict[str, object]:
+        """The parts of a prepared slice's key that do not depend on its weights (`prepare`'s full key adds the
+        weights digest and the native layout if its weights run on the native kernel; `_source_key` the stamp)."""
+        # the exporter's version covers its sources, MatMulNBits' accuracy levels (onnx_export.py) included
+        return {"slice": spec_dict(spec), "form": form, "exporter": exporter_version(), "onnxruntime": ort.__version__}
+
+    def _source_key(self, spec: SliceSpec, form: str, stamp: SourceStamp) -> str:
+        """The key a prepared slice is filed under by its sources (backends/prepared.py): the stamp instead of the
+        weights digest, and the native layout always (whether the slice runs natively is known from its weights)."""
+        return prepared_key(source=stamp.parts(), native=native_layout(), **self._key_parts(spec, form))
+
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> OrtRunner | NumpyRunner:
         if spec.kind == "embed":
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
-        form = self.attention_form(spec, weights)
-        rotary = self._rotary_tables(weights, buckets) if form == "gqa" else None
+        form = self.attention_form(spec, weights.args)
+        rotary = self._rotary_tables(weights.args, buckets) if form == "gqa" else None
         kernels = {w.kernel for w in _slice_tensors(spec, weights) if isinstance(w, QTensor)}
         rows_apart = ROWS_APART if "fp32" in kernels else 0
         custom_ops = native_library(self.native_isa) if "native" in kernels else None
@@ -319,10 +350,8 @@ class OrtBackend:
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
         cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
         if cache is not None:
-            # the exporter's version covers its sources, MatMulNBits' accuracy levels (onnx_export.py) included
-            key = prepared_key(weights=slice_digest(spec, weights), slice=spec_dict(spec), form=form,
-                               exporter=exporter_version(), onnxruntime=ort.__version__,
-                               native=native_layout() if custom_ops else None)
+            key = prepared_key(weights=slice_digest(spec, weights), native=native_layout() if custom_ops else None,
+                               **self._key_parts(spec, form))
             model_file = cache.lookup(key)
         if model_file is None:
             # onnx is imported only to build a slice: a prepared one opens without it (~15 MiB resident and a
@@ -338,20 +367,23 @@ class OrtBackend:
                 return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart,
                                  custom_ops=custom_ops, keep=external if custom_ops else None)
             model_file = cache.store(key, model, external)
+        if cache is not None and weights.stamp is not None:  # weights straight from their sources: found by them next
+            cache.remember(self._source_key(spec, form, weights.stamp), key,
+                           {"rows_apart": rows_apart, "native": custom_ops is not None})
         return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart, custom_ops)
 
-    def attention_form(self, spec: SliceSpec, weights: ShardWeights) -> str:
+    def attention_form(self, spec: SliceSpec, args: ModelArgs) -> str:
         """How a slice's attention is written (slices/onnx_export.py ATTENTION_FORMS): GroupQueryAttention extending
         the cache in place where onnxruntime's kernel takes the model's heads; else the split form, which does not
         copy the cache either but attends over the whole bucket."""
-        return "gqa" if self.fused_attention and spec.has_attention and gqa_supported(weights.args) else "split"
+        return "gqa" if self.fused_attention and spec.has_attention and gqa_supported(args) else "split"
 
-    def _rotary_tables(self, weights: ShardWeights, buckets: Buckets) -> tuple[np.ndarray, np.ndarray]:
+    def _rotary_tables(self, args: ModelArgs, buckets: Buckets) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin [P, hd/2] for every position a call can reach (the gqa form's tables), one pair per model."""
         positions = buckets.max_context + buckets.seq[-1]
-        key = (weights.args, positions)
+        key = (args, positions)
         if key not in self._tables:
-            cos, sin = cos_sin(weights.args, np.arange(positions))
-            half = weights.args.head_dim // 2
+            cos, sin = cos_sin(args, np.arange(positions))
+            half = args.head_dim // 2
             self._tables[key] = tuple(np.ascontiguousarray(t[0, 0, :, :half]) for t in (cos, sin))  # type: ignore[assignment]
         return self._tables[key]

@@ -7,6 +7,15 @@ key = sha256 of (the slice's weights digest -- which covers the compact bytes, s
 spec, the attention form, the exporter version, MatMulNBits' accuracy level, the onnxruntime version). An entry is
 used only if its manifest names the same key and every file has the recorded size and sha256; anything else is
 removed and rebuilt. onnxruntime maps weights.bin (its offsets are page-aligned) instead of reading it into memory.
+
+  ROOT/index/<source[:2]>/<source>.json   {"source": .., "key": .., "facts": {..}}
+
+The key needs the slice's compact weights (their digest), which are what a start wants not to build when a prepared
+slice already holds them. So each stored entry is also filed under its source key: sha256 of the same parts with
+the weights digest replaced by the stamp of the files and mode they were built from (model/weights.py SourceStamp).
+A start finds the key there (`recall`) and builds none of that slice's weights; the entry it names is checked as
+above, and a missing or damaged one sends the start back to building (which files it again). `facts` are what the
+runner needs to know of the weights it no longer sees.
 """
 
 from __future__ import annotations
@@ -16,9 +25,9 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +38,7 @@ if TYPE_CHECKING:  # onnx is imported only to store a slice (backends/ort.py)
     import onnx
 
 MODEL_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.onnx", "weights.bin", "manifest.json"
+INDEX_DIR = "index"
 ALIGN = 4096  # page-aligned offsets let onnxruntime map each tensor
 
 
@@ -50,9 +60,38 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Recalled:
+    """A checked entry found by its source key: its model file and the facts filed with it."""
+
+    model_file: Path
+    facts: dict[str, Any]
+
+
 class PreparedCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def _index_file(self, source_key: str) -> Path:
+        return self.root / INDEX_DIR / source_key[:2] / f"{source_key}.json"
+
+    def remember(self, source_key: str, key: str, facts: dict[str, Any]) -> None:
+        """File the entry `key` under `source_key` (replacing what was filed there), with `facts`."""
+        path = self._index_file(source_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"format": 1, "source": source_key, "key": key, "facts": facts}))
+
+    def recall(self, source_key: str) -> Recalled | None:
+        """The checked entry filed under `source_key`, or None (nothing filed, an unreadable record, or an entry
+        that is gone or fails `check`: `lookup` removes a damaged one, and building it again files it again)."""
+        try:
+            record = json.loads(self._index_file(source_key).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("source") != source_key or not isinstance(record.get("key"), str):
+            return None
+        model_file = self.lookup(record["key"])
+        return None if model_file is None else Recalled(model_file, dict(record.get("facts") or {}))
 
     def entry(self, key: str) -> Path:
         return self.root / key[:2] / key

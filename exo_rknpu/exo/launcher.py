@@ -428,6 +428,15 @@ def _check_prompts(Node: Any) -> None:
     replace_methods(Node, process_prompt)
 
 
+def _target_name(node: Any, target_index: int) -> str:
+    """" (node-b)": the id of the node at `target_index` of exo's partition, for a failed hop's message (the gRPC
+    error alone names only an address, or nothing: "Connection reset by peer"); "" if exo cannot say."""
+    try:
+        return f" ({node.partitioning_strategy.partition(node.topology)[target_index].node_id})"
+    except Exception:  # the topology may already have changed under a dead peer: the message goes out without it
+        return ""
+
+
 def _report_failed_hops(Node: Any) -> None:
     """A hop to the next node that cannot be sent fails the request at once (exo would wait 900 s)."""
     original_forward_tensor = Node.forward_tensor
@@ -441,8 +450,9 @@ def _report_failed_hops(Node: Any) -> None:
             ring = _ring(self)
             if ring is None:
                 raise
-            await ring.report_failure(request_id, f"could not hand the request to the next node: "
-                                                  f"{type(e).__name__}: {_short(e)}", "unavailable")
+            await ring.report_failure(request_id, f"could not hand the request to the next node"
+                                                  f"{_target_name(self, target_index)}: {type(e).__name__}: {_short(e)}",
+                                      "unavailable")
 
     async def forward_prompt(self: Any, base_shard: Any, prompt: str, request_id: str, target_index: int,
                              inference_state: Any = None):

@@ -24,7 +24,7 @@ from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.hf import LINEAR_FIELDS, check_shape, expected_shapes, layer_fields
 from exo_rknpu.model.quant import (QTensor, Weight, compact, form_for, from_gguf_blocks, q4_1_exact, q4_1_to_int4,
                                    q4_1_to_int8, q6_k_exact)
-from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
+from exo_rknpu.model.weights import LayerWeights, LeftOut, RowTable, ShardWeights
 
 
 _MAGIC = b"GGUF"
@@ -359,15 +359,18 @@ def _layer(g: GGUFFile, args: ModelArgs, i: int, weights: str = "fp32") -> Layer
 
 def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
                     weights: str = "fp32", layers: bool = True, embed: bool = True,
-                    progress: Callable[[int], None] | None = None) -> ShardWeights:
+                    progress: Callable[[int], None] | None = None, left_out: LeftOut = LeftOut()) -> ShardWeights:
     """Load only what `layer_range` needs from a GGUF file, linear weights in the form `weights` asks for
     (quant.py). `fingerprint` is left empty (the loader sets it).
-    layers=False: the embedding only (first shard); no layer or head tensor bytes are read."""
+    layers=False: the embedding only (first shard); no layer or head tensor bytes are read.
+    `left_out`: layers (and the head) neither read nor built."""
     g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     args = args or args_from_gguf(g)
     vh = (args.vocab_size, args.hidden_size)
     loaded: dict[int, LayerWeights] = {}
     for i in layer_range.layers if layers else ():
+        if i in left_out.layers:
+            continue
         loaded[i] = _layer(g, args, i, weights)
         if progress is not None:
             progress(i)
@@ -376,7 +379,7 @@ def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelA
     if layer_range.is_first and want_embed:
         embed = check_shape(registry.GGUF_EMBED, g.table(registry.GGUF_EMBED) if mapped else
                             g.linear(registry.GGUF_EMBED, weights), vh, g.path)
-    if layer_range.is_last and layers:
+    if layer_range.is_last and layers and not left_out.head:
         norm = check_shape(registry.GGUF_NORM, g.tensor(registry.GGUF_NORM), (args.hidden_size,), g.path)
         if args.tie_word_embeddings:
             # tied: the head is the embedding object, unless the embedding stays mapped (then the head is compact)

@@ -21,7 +21,7 @@ from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, ModelArgs, RopeScaling
 from exo_rknpu.model.quant import Weight, compact, form_for
-from exo_rknpu.model.weights import LayerWeights, RowTable, ShardWeights
+from exo_rknpu.model.weights import LayerWeights, LeftOut, RowTable, ShardWeights
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -370,11 +370,12 @@ def layer_fields(args: ModelArgs) -> list[str]:
 
 
 def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None = None, weights: str = "fp32",
-                  layers: bool = True, embed: bool = True, progress: Callable[[int], None] | None = None) -> ShardWeights:
+                  layers: bool = True, embed: bool = True, progress: Callable[[int], None] | None = None,
+                  left_out: LeftOut = LeftOut()) -> ShardWeights:
     """Load only what `layer_range` needs from an HF folder, linear weights in the form `weights` asks for
     (quant.py, `form_for`). Each matrix is quantized a few rows at a time. `fingerprint` is left empty (the
     loader sets it). layers=False: the embedding only (first shard); no file holding only layer or head tensors
-    is opened."""
+    is opened. `left_out`: layers (and the head) neither read nor built."""
     folder = Path(folder)
     args = args or load_hf_args(folder)
     shapes = expected_shapes(args)
@@ -389,6 +390,8 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
     with TensorSource(folder) as src:
         loaded: dict[int, LayerWeights] = {}
         for i in layer_range.layers if layers else ():
+            if i in left_out.layers:
+                continue
             kw: dict[str, Weight] = {}
             for field in layer_fields(args):
                 name = registry.hf_layer_name(i, field)
@@ -400,7 +403,7 @@ def load_hf_shard(folder: Path, layer_range: LayerRange, args: ModelArgs | None 
         if layer_range.is_first and want_embed:
             embed = check_shape(registry.HF_EMBED, src.table(registry.HF_EMBED), vh, folder) if form.mapped_embedding \
                 else linear(registry.HF_EMBED, vh)
-        if layer_range.is_last and layers:
+        if layer_range.is_last and layers and not left_out.head:
             norm = check_shape(registry.HF_NORM, src.get(registry.HF_NORM), (args.hidden_size,), folder)
             if args.tie_word_embeddings:
                 # Tied: the head *is* the embedding (no second copy), unless the embedding stays mapped in the file

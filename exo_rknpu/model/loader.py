@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
 from typing import Callable
 
 from exo_rknpu.errors import LayerRangeError
 from exo_rknpu.model import gguf as gguf_reader
 from exo_rknpu.model import hf
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_available
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_available, check_mode
 from exo_rknpu.model.tokenizer import Tokenizer
-from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.model.weights import LeftOut, ShardWeights, SourceStamp
 from exo_rknpu.model.zoo import ModelSource, resolve_model
 
 __all__ = ["ModelSource", "resolve_model", "load_args", "load_shard", "load_tokenizer", "model_fingerprint",
-           "source_fingerprint"]
+           "source_fingerprint", "source_stamp", "ShardSource"]
+
+# the modules that turn stored tensors into a shard's weights (their source is loader_version's input)
+_LOADER_SOURCES = ("model/loader.py", "model/gguf.py", "model/hf.py", "model/quant.py", "model/weights.py",
+                   "model/registry.py", "model/base.py")
 
 
 def load_args(src: ModelSource) -> ModelArgs:
@@ -53,9 +62,67 @@ def source_fingerprint(src: ModelSource, args: ModelArgs) -> str:
     return model_fingerprint(args, src.format, digest)
 
 
+def loader_version() -> str:
+    """Changes whenever the code that builds weights from stored tensors changes (its sources), or the gguf
+    package that widens the block types it does not decode itself."""
+    pkg = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(f"gguf {metadata.version('gguf')};".encode())
+    for rel in _LOADER_SOURCES:
+        h.update(rel.encode())
+        h.update((pkg / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def source_files(src: ModelSource) -> list[Path]:
+    """Every file a shard's weights can be read from: the GGUF file; or an HF folder's config, index and the weight
+    files present (a node that downloaded only its shard's files has no others, and reads none)."""
+    if src.format != "hf":
+        return [Path(src.path)]
+    folder = Path(src.path)
+    index = folder / hf.INDEX_FILE
+    weight_files = sorted(set(hf.weight_map(folder).values())) if index.exists() else [hf.SINGLE_FILE]
+    present = [folder / f for f in weight_files if (folder / f).exists()]
+    return [folder / "config.json", *([index] if index.exists() else []), *present]
+
+
+def source_stamp(src: ModelSource, args: ModelArgs, weights: str) -> SourceStamp:
+    """The stamp of `src`'s weights in mode `weights` (model/weights.py SourceStamp): file facts, no tensor read."""
+    files = []
+    for p in source_files(src):
+        st = os.stat(p)
+        files.append((str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return SourceStamp(tuple(files), source_fingerprint(src, args), check_mode(weights), loader_version())
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One shard as the loader would read it (`load_shard`'s arguments), named before anything is read: its config,
+    layer range and `stamp`. What opens a shard (runtime/shard.py ShardRunner) asks its backends for slices they
+    prepared earlier from this stamp and loads only the rest (`load`)."""
+
+    src: ModelSource
+    layer_range: LayerRange
+    weights: str
+    args: ModelArgs
+    layers: bool = True  # False: the embedding only (load_shard's `layers`)
+
+    @cached_property
+    def stamp(self) -> SourceStamp:
+        """Taken once, before anything is loaded."""
+        return source_stamp(self.src, self.args, self.weights)
+
+    def load(self, left_out: LeftOut = LeftOut(), progress: Callable[[str], None] | None = None) -> ShardWeights:
+        """The shard's weights without what `left_out` names, carrying `stamp` (ShardWeights.stamp)."""
+        stamp = self.stamp
+        shard = load_shard(self.src, self.layer_range, self.weights, layers=self.layers, progress=progress,
+                           args=self.args, left_out=left_out)
+        shard.stamp = stamp
+        return shard
+
+
 def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT_WEIGHTS, layers: bool = True,
                embed: bool = True, progress: Callable[[str], None] | None = None,
-               args: ModelArgs | None = None) -> ShardWeights:
+               args: ModelArgs | None = None, left_out: LeftOut = LeftOut()) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
     `weights` (auto | int4 | int8 | fp32 | native) picks the form of linear weights and the embedding
@@ -69,19 +136,22 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT
     on the last shard is still read (it is the embedding matrix).
     `progress` gets a one-line message now and then while layers load.
     `args`: the model's config (load_args) when the caller has it, so config.json is not read again.
+    `left_out`: layers (and the final norm + head) served from elsewhere: neither read nor built.
     """
     check_available(weights)  # native without a C compiler fails here, before any tensor is read
     report = _layer_progress(layer_range, progress)
     if src.format == "hf":
         args = args or hf.load_hf_args(src.path)
         _check_range(args, layer_range)
-        shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report)
+        shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report,
+                                 left_out=left_out)
         shard.fingerprint = source_fingerprint(src, args)
         return shard
     g = gguf_reader.GGUFFile(src.path)
     args = gguf_reader.args_from_gguf(g)
     _check_range(args, layer_range)
-    shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers=layers, embed=embed, progress=report)
+    shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers=layers, embed=embed, progress=report,
+                                        left_out=left_out)
     shard.fingerprint = model_fingerprint(args, src.format, g.digest())  # the file is open already
     return shard
 

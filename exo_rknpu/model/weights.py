@@ -4,8 +4,8 @@ compact `QTensor`s (model/quant.py) as `--weights` asks; norms and biases are al
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 import numpy as np
 
@@ -81,6 +81,33 @@ class LayerWeights:
         return sum(a.nbytes for a in self.arrays().values())
 
 
+@dataclass(frozen=True)
+class SourceStamp:
+    """What a shard's weights are built from, known without reading them (model/loader.py `source_stamp`): each
+    source file's path, size, modification and change times and inode; the model's fingerprint (config + tensor
+    table); the weights mode; and the version of the code that turns stored tensors into these weights. A file
+    rewritten in place changes its size or times (its change time cannot be set back), so it no longer matches."""
+
+    files: tuple[tuple[str, int, int, int, int], ...]  # (path, size, mtime_ns, ctime_ns, inode) of every source file
+    fingerprint: str
+    weights: str  # the --weights mode
+    loader: str  # model/loader.py loader_version()
+
+    def parts(self) -> dict[str, Any]:
+        """The stamp as JSON-ready parts of a cache key."""
+        return {"files": [list(f) for f in self.files], "fingerprint": self.fingerprint, "weights": self.weights,
+                "loader": self.loader}
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """Parts of a shard the loader leaves out because something else serves them (a slice prepared earlier from
+    the same sources): these decoder layers, and the final norm + head."""
+
+    layers: frozenset[int] = frozenset()
+    head: bool = False
+
+
 @dataclass
 class ShardWeights:
     """Only what a layer range needs: its layers, plus embedding (first) and final norm + head (last).
@@ -95,6 +122,9 @@ class ShardWeights:
     final_norm: np.ndarray | None = None  # [H], last shard only
     lm_head: Weight | None = None  # [V, H], last shard only
     fingerprint: str = ""  # identifies the model (config + source); set by the loader
+    # set only by ShardSource.load (model/loader.py), whose weights are exactly what the stamped sources give and
+    # are handed to nobody but the ShardRunner that asked: a backend may file what it prepares from them under it
+    stamp: SourceStamp | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from exo_rknpu.backends.base import declared_support
 from exo_rknpu.backends.board import CORE_MASKS, board_problems
 from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, bucket_tag, npu_kv_layout,
                                    shape_key, to_npu_batch_inputs, to_npu_inputs)
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 
 def librknnrt_needed(m: dict[str, Any]) -> str:
@@ -156,6 +159,9 @@ class NpuBackend:
         folder, m = self.cache.find(weights.fingerprint, self.dtype, self.platform, spec.name, hint=hint)
         check_manifest(m, spec, weights, buckets, self.dtype, self.platform, folder, hint)
         return folder, m
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
+        return None  # its compiled slices are found by `prepare`, which reads no layer weights (needs_layer_weights)
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> NpuRunner:
         folder, m = self.locate(spec, weights, buckets)

@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
 from exo_rknpu.slices.spec import (PLACEMENT_BLOCKS, Buckets, SliceSpec, bucket_shapes, shape_key, to_npu_batch_inputs,
                                    to_npu_inputs)
+
+if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
+    from exo_rknpu.model.loader import ShardSource
 
 DTYPES = ("fp16", "w8a8")
 
@@ -345,6 +348,9 @@ class RknnSimBackend:
     # -- Backend --------------------------------------------------------------------------------------------
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
+
+    def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
+        return None  # it builds from the weights (or the compiled files `prepare` finds)
 
     def prepare(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> SimRunner:
         if not self.supports(spec):

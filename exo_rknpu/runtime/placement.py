@@ -23,7 +23,7 @@ from exo_rknpu.backends.base import Backend, backend_class, declared_support, ge
 from exo_rknpu.backends.board import NPU_CORES, board_problems, host_memory
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.loader import load_args, load_shard
+from exo_rknpu.model.loader import ShardSource, load_args
 from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, DEFAULT_WEIGHTS, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
@@ -586,10 +586,11 @@ def open_plan(src: ModelSource, plan: ResolvedPlan, limits: RequestLimits = Requ
               on_slice: SliceObserver | None = None, backend_options: dict | None = None,
               progress: Callable[[str], None] | None = None, args: ModelArgs | None = None) -> ShardRunner:
     """The one opener: load `plan`'s weights from `src` (only its layer range, in the plan's form, leaving out what
-    runs from compiled files) and prepare every slice on its device's backend. `args`: the model's config when the
+    runs from compiled files and what slices prepared earlier from the same files hold) and prepare every slice on
+    its device's backend. `args`: the model's config when the
     caller has read it already (it is read once per command)."""
-    shard = load_shard(src, plan.layer_range, plan.weights, layers=plan.needs_layer_weights, progress=progress, args=args)
-    return ShardRunner(shard, None, plan.buckets, limits=limits, on_slice=on_slice, progress=progress,
+    source = ShardSource(src, plan.layer_range, plan.weights, args or load_args(src), layers=plan.needs_layer_weights)
+    return ShardRunner(source, None, plan.buckets, limits=limits, on_slice=on_slice, progress=progress,
                        release_weights=True, plan=plan, devices=device_backends(plan, backend_options))
 
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from exo_rknpu.backends.base import Backend, Runner, require_support
 from exo_rknpu.errors import TensorContractError
-from exo_rknpu.model.weights import ShardWeights
+from exo_rknpu.model.loader import ShardSource
+from exo_rknpu.model.weights import LeftOut, ShardWeights
 from exo_rknpu.runtime.cache import BatchState, KVCache, KVPool, RequestCache, RowsState
 from exo_rknpu.runtime.inputs import RotaryTable
 from exo_rknpu.runtime.requests import RequestLimits, RequestStore
@@ -54,6 +55,53 @@ def return_freed_memory() -> None:
     except OSError:  # not glibc: nothing to do
         return
     libc.malloc_trim(0)
+
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h; MADV_COLLAPSE since Linux 6.1
+
+
+def back_with_huge_pages() -> int:
+    """Move every fully resident private anonymous mapping of this process (the weights onnxruntime packed while
+    its sessions opened) onto 2 MiB pages, now, with MADV_COLLAPSE; returns the bytes moved. A decode step reads
+    every packed weight once, and on 4 KiB pages its time goes partly to TLB misses: measured 7.1 against 7.9
+    tokens per CPU second on the 1B Q4_0 file at 1 thread (docs/performance.md). Earlier starts got huge pages by
+    accident: the packed weights reused heap that numpy had marked MADV_HUGEPAGE for the compact weights the loader
+    built and freed, which a start that finds its slices prepared never builds. Only whole resident mappings are
+    moved, so no page is added (a pool reserved for KV caches, untouched yet, stays as it is). A hint: where the
+    kernel or the C library cannot (not Linux, an older kernel, huge pages off) nothing changes but the speed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    moved = 0
+    for start, end in _resident_anonymous(lines):
+        a, b = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+        if b - a >= HUGE_PAGE and libc.madvise(a, b - a, _MADV_HUGEPAGE) == 0 and libc.madvise(a, b - a, _MADV_COLLAPSE) == 0:
+            moved += b - a
+    return moved
+
+
+def _resident_anonymous(smaps: list[str]) -> list[tuple[int, int]]:
+    """[start, end) of every private writable anonymous mapping (the heap included) whose pages are all resident,
+    from /proc/self/smaps' lines."""
+    out, current = [], None
+    for line in smaps:
+        head = line.split()
+        if not head:
+            continue
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's first line
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            anonymous = head[1].startswith("rw") and head[1].endswith("p") and head[4] == "0" and (len(head) == 5 or head[5] == "[heap]")
+            current = (lo, hi) if anonymous else None
+        elif current is not None and head[0] == "Rss:":
+            if int(head[1]) * 1024 == current[1] - current[0]:
+                out.append(current)
+            current = None
+    return out
 
 
 @dataclass
@@ -140,6 +188,14 @@ def check_covers(specs: list[SliceSpec], lr) -> None:
         raise ValueError(f"slices {[s.name for s in specs]} do not cover layers {lr.start}-{lr.stop - 1} part by part in order")
 
 
+def left_out(specs: list[SliceSpec], found: Mapping[str, Runner]) -> LeftOut:
+    """What the loader need not build when the slices named in `found` are served prepared: every layer whose every
+    slice is found (a placement may cut one layer into several slices), and the head if its slice is."""
+    layers = {i for s in specs if s.kind == "layers" for i in range(s.start, s.stop)}
+    needed = {i for s in specs if s.kind == "layers" and s.name not in found for i in range(s.start, s.stop)}
+    return LeftOut(frozenset(layers - needed), head=any(s.kind == "head" and s.name in found for s in specs))
+
+
 class ShardRunner:
     """Layers [start, stop) of a model, its slices prepared on their backends, with per-request KV caches.
 
@@ -150,7 +206,7 @@ class ShardRunner:
 
     def __init__(
         self,
-        weights: ShardWeights,
+        weights: ShardWeights | ShardSource,
         backend: Backend | None = None,
         buckets: Buckets = Buckets(),
         layers_per_slice: int | None = None,
@@ -162,9 +218,12 @@ class ShardRunner:
         plan: ResolvedPlan | None = None,
         devices: Mapping[str, Backend] | None = None,
     ) -> None:
-        """`release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
+        """`weights`: the shard's weights, or its ShardSource (what open_plan passes): then each backend is asked
+        first for the slices it prepared earlier from those sources (`Backend.find_prepared`), and only what no found
+        slice covers is loaded (the embedding, at least), with `progress`; the runner owns what it loads.
+        `release_weights`: `weights` belongs to this runner; each slice's layers are dropped from it once that
         slice is prepared (open_plan sets it; callers that reuse a ShardWeights leave it off)."""
-        self.args, self.buckets, self.fingerprint = weights.args, buckets, weights.fingerprint
+        self.args, self.buckets = weights.args, buckets
         lr = weights.layer_range
         self.layer_range = lr
         self.placement = plan  # the ResolvedPlan it was opened with, if any
@@ -195,11 +254,16 @@ class ShardRunner:
         # attention slice name -> its cache's index in RequestCache.caches
         self.cache_index = {s.name: i for i, s in enumerate(s for s in self.layer_specs if s.has_attention)}
         self.runners: dict[str, Runner] = {}
-        self._prepare(weights, buckets, release_weights, progress)
+        found: dict[str, Runner] = {}
+        if isinstance(weights, ShardSource):
+            weights, found = self._find_and_load(weights, buckets, progress)
+        self.fingerprint = weights.fingerprint
+        self._prepare(weights, buckets, release_weights, progress, found)
         if release_weights:
             return_freed_memory()
         for runner in self.runners.values():  # every slice prepared and its weights let go of: before any call
             runner.open()
+        back_with_huge_pages()
         self.rotary = RotaryTable(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
         # on backends that batch, every request's caches live in one pool (a batched step reads them in place)
@@ -213,14 +277,33 @@ class ShardRunner:
         self.on_slice = on_slice
         self.stats = ShardStats()
 
+    def _find_and_load(self, source: ShardSource, buckets: Buckets, progress: Callable[[str], None] | None
+                       ) -> tuple[ShardWeights, dict[str, Runner]]:
+        """The slices each backend finds prepared from `source` (by name), and the shard's weights without what they
+        cover."""
+        found: dict[str, Runner] = {}
+        for s in self.specs:
+            runner = self.backends[s.name].find_prepared(s, source, buckets)
+            if runner is not None:
+                found[s.name] = runner
+        try:
+            return source.load(left_out(self.specs, found), progress), found
+        except BaseException:
+            for r in found.values():
+                r.close()
+            raise
+
     def _prepare(self, weights: ShardWeights, buckets: Buckets, release_weights: bool,
-                 progress: Callable[[str], None] | None) -> None:
-        """Prepare every slice on its backend, in order (closing what was prepared if one fails)."""
+                 progress: Callable[[str], None] | None, found: Mapping[str, Runner]) -> None:
+        """Prepare every slice on its backend, in order, but those `found` prepared already (closing every runner if
+        one fails)."""
         try:
             for n, s in enumerate(self.specs):
                 require_support(self.backends[s.name], s)
                 t = time.monotonic()
-                if release_weights and s.kind == "layers":
+                if s.name in found:
+                    self.runners[s.name] = found[s.name]
+                elif release_weights and s.kind == "layers":
                     # the backend gets this slice's layers on their own and the shard lets go of them: a runner
                     # that keeps them (numpy, a simulator building lazily) holds them, one that does not (onnx)
                     # frees them, so the next slice never sees two copies. A layer cut by a placement plan is let
@@ -238,6 +321,9 @@ class ShardRunner:
                 if progress is not None and (time.monotonic() - t > 1.0 or n == len(self.specs) - 1):
                     progress(f"prepared slice {s.name} on {self.backends[s.name].name} ({n + 1}/{len(self.specs)})")
         except BaseException:
+            for name, r in found.items():
+                if name not in self.runners:
+                    r.close()
             self.close()
             raise
 

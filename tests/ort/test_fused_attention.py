@@ -112,4 +112,4 @@ def test_masks_that_do_not_show_a_prefix_of_the_cache_are_refused():
 def test_models_whose_heads_the_kernel_does_not_take_keep_the_split_form(tmp_path):
     path = make_tiny_hf(tmp_path / "hd8", n_layers=1, hidden=32, heads=4, kv_heads=2)  # head_dim 8
     shard = load_shard(resolve_model(str(path)), LayerRange.full(1), "fp32")
-    assert OrtBackend(use_cache=False).attention_form(SliceSpec("layers", 0, 1), shard) == "split"
+    assert OrtBackend(use_cache=False).attention_form(SliceSpec("layers", 0, 1), shard.args) == "split"

@@ -73,3 +73,20 @@ def test_isa_ops_cases_compute_what_they_name_and_the_comparison_tells_bits_apar
     lines = ops.compare(out, nudged)
     assert [line for line in lines if not line.startswith("identical bits")] == \
            [f"differ ({float(np.max(np.abs(out[key] - nudged[key])) / np.max(np.abs(out[key]))):.1e}, {out[key].size}/{out[key].size})  {key}"]
+
+
+def test_isa_ops_float_cases_around_the_matmuls_compute_what_they_name():
+    ops = _script("isa_ops")
+    rng = np.random.default_rng(19)  # the inputs cases() draws, in its order
+    _w, _x1 = ops._floats(rng, (ops.N, ops.K), 0.05), ops._floats(rng, (1, ops.K), 2.0)
+    x7 = ops._floats(rng, (7, ops.K), 2.0).astype(np.float64)
+    _kv, _mins = ops._floats(rng, (ops.K, 300), 1.0), ops._floats(rng, (ops.K // ops.BLOCK, ops.N), 0.01)
+    scores = ops._floats(rng, (7, 300), 8.0).astype(np.float64)
+    cases = ops.cases()
+    softmax = np.exp(scores - scores.max(-1, keepdims=True))
+    want = {"norm: ReduceMean of Pow(x, 2), M=7": np.mean(x7**2, axis=-1, keepdims=True),
+            "SiLU's Sigmoid, M=7": 1 / (1 + np.exp(-x7)),
+            "attention's Softmax over 300 positions, M=7": softmax / softmax.sum(-1, keepdims=True)}
+    for name, ref in want.items():
+        got = cases[name]()
+        assert got.shape == ref.shape and np.allclose(got, ref, rtol=1e-5, atol=1e-7), name
