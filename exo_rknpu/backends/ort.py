@@ -356,10 +356,11 @@ class OrtBackend:
         if model_file is None:
             # onnx is imported only to build a slice: a prepared one opens without it (~15 MiB resident and a
             # second of start-up less)
-            from exo_rknpu.slices.onnx_export import build_onnx_compact
+            from exo_rknpu.slices.onnx_export import build_onnx_compact, materialize
 
             model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
             if cache is None:
+                external = {name: materialize(a) for name, a in external.items()}
                 if external:
                     opts.add_external_initializers(list(external), [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -37,6 +37,8 @@ from exo_rknpu.fileio import atomic_write_text
 if TYPE_CHECKING:  # onnx is imported only to store a slice (backends/ort.py)
     import onnx
 
+    from exo_rknpu.slices.onnx_export import PendingPack
+
 MODEL_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.onnx", "weights.bin", "manifest.json"
 INDEX_DIR = "index"
 ALIGN = 4096  # page-aligned offsets let onnxruntime map each tensor
@@ -124,9 +126,10 @@ class PreparedCache:
         if set(m.get("files", {})) != {MODEL_FILE, WEIGHTS_FILE}:
             raise ArtifactError(f"{folder}: manifest lists {sorted(m.get('files', {}))}")
 
-    def store(self, key: str, model: "onnx.ModelProto", external: dict[str, np.ndarray]) -> Path:
-        """Write `model` with its in-memory external initializers moved into weights.bin; returns the model file."""
-        from exo_rknpu.slices.onnx_export import MEMORY_LOCATION, external_tensor
+    def store(self, key: str, model: "onnx.ModelProto", external: "dict[str, np.ndarray | PendingPack]") -> Path:
+        """Write `model` with its in-memory external initializers moved into weights.bin; returns the model file.
+        A PendingPack is packed as it is written (one at a time: a slice's packed bytes are never all in memory)."""
+        from exo_rknpu.slices.onnx_export import MEMORY_LOCATION, external_tensor, materialize
 
         staging = self.root / "tmp" / f"{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
@@ -141,10 +144,11 @@ class PreparedCache:
                     wh.update(b"\0" * pad)
                     pos += pad
                     offsets[name] = pos
-                    view = memoryview(np.ascontiguousarray(arr)).cast("B")
+                    view = memoryview(np.ascontiguousarray(materialize(arr))).cast("B")
                     f.write(view)
                     wh.update(view)
                     pos += view.nbytes
+                    del view  # before the next tensor is packed
             inits = model.graph.initializer
             for i, t in enumerate(inits):
                 if t.name in offsets and any(e.key == "location" and e.value == MEMORY_LOCATION for e in t.external_data):

@@ -452,6 +452,14 @@ def native_parts(w: QTensor) -> NativeParts:
     raise ValueError(f"{w.origin} ({w.bits}-bit) is not a Q4_0, Q4_1 or Q8_0 block form")
 
 
+def native_format(w: QTensor) -> int:
+    """native_parts(w).fmt, without making the parts where the block form alone decides it (8-bit, and 4-bit
+    without mins); a Q4_1 candidate is checked whole (native_parts)."""
+    if w.kernel == "native" and w.zero_points is None and w.mins is None and w.bits in (4, 8):
+        return NATIVE_FORMATS["Q8_0" if w.bits == 8 else "Q4_0"]
+    return native_parts(w).fmt
+
+
 def _fp16(a: np.ndarray, origin: str, what: str) -> np.ndarray:
     """`a` as float16, refused unless every value is one (the native kernel's scales are GGUF's fp16 ones)."""
     h = a.astype(np.float16)

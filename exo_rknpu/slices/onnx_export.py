@@ -7,13 +7,14 @@ for concrete (seq, ctx) to get the static graphs the NPU needs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exo_rknpu.model.base import ModelArgs
-from exo_rknpu.model.quant import QTensor, native_parts, split8
+from exo_rknpu.model.quant import QTensor, native_format, native_parts, split8
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
 from exo_rknpu.slices.spec import SliceSpec, per_layer_cache_names, state_name, state_width
@@ -41,13 +42,48 @@ EXTERNAL_MIN_BYTES = 1 << 10  # tensors at least this big are handed over outsid
 MEMORY_LOCATION = "in-memory"  # external-data location of initializers handed to onnxruntime as OrtValues
 
 
+@dataclass(frozen=True)
+class PendingPack:
+    """The native kernel's packed bytes of `ws` stacked row-wise (format `fmt`), made only when read (`packed`,
+    `materialize`): a slice's store writes its tensors one at a time (backends/prepared.py), so a first start holds
+    one tensor's packed bytes beside the slice's weights, not all of them (measured on the 1B shape from bf16:
+    ~170 MB less at the load's peak)."""
+
+    ws: tuple[QTensor, ...]
+    fmt: int
+    dtype: ClassVar[np.dtype] = np.dtype(np.uint8)
+
+    @property
+    def shape(self) -> tuple[int]:
+        from exo_rknpu import native
+
+        return (native.packed_bytes(self.fmt, sum(w.shape[0] for w in self.ws), self.ws[0].shape[1]),)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0]
+
+    def packed(self) -> np.ndarray:
+        """The packed bytes (1-D uint8); a stacked copy of q/k/v or gate/up lives only while they are made."""
+        from exo_rknpu import native
+
+        w = self.ws[0] if len(self.ws) == 1 else stack_rows(list(self.ws))
+        p = native_parts(w)
+        return native.pack(p.fmt, p.d, p.codes, p.m)
+
+
+def materialize(a: "np.ndarray | PendingPack") -> np.ndarray:
+    """An external initializer's array (a PendingPack packed now)."""
+    return a.packed() if isinstance(a, PendingPack) else a
+
+
 @dataclass
 class _Graph:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     consts: dict[tuple, str] = field(default_factory=dict)
     weight_names: dict[object, str] = field(default_factory=dict)  # id(weight) (and a form) -> initializer name(s)
-    external: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> array kept out of the proto
+    external: dict[str, "np.ndarray | PendingPack"] = field(default_factory=dict)  # name -> array kept out of the proto
     stacked: dict[tuple, QTensor] = field(default_factory=dict)  # fused linears (kept alive: ids are their keys)
     split_of: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # Split output -> (input, outputs)
     split: dict[int, tuple[QTensor, QTensor]] = field(default_factory=dict)  # id(8-bit) -> (it, its split8 form)
@@ -105,13 +141,13 @@ class OnnxOps:
             self.g.weight_names[key] = self._initializer(arr, "w")
         return self.g.weight_names[key]
 
-    def _initializer(self, arr: np.ndarray, prefix: str) -> str:
+    def _initializer(self, arr: "np.ndarray | PendingPack", prefix: str) -> str:
         name = self.g.fresh(prefix)
         if self.compact and arr.nbytes >= EXTERNAL_MIN_BYTES:
             self.g.initializers.append(external_tensor(name, arr, MEMORY_LOCATION))
             self.g.external[name] = arr
         else:
-            self.g.initializers.append(numpy_helper.from_array(arr, name))
+            self.g.initializers.append(numpy_helper.from_array(materialize(arr), name))
         return name
 
     def _compact_linear(self, x: str, ws: list[QTensor]) -> str:
@@ -127,17 +163,14 @@ class OnnxOps:
 
     def _qmatmul(self, x: str, ws: list[QTensor]) -> str:
         """x @ [ws stacked].T with the native kernel (NATIVE_OP): one initializer, the packed bytes
-        (exo_rknpu.native.pack of quant.native_parts), made once per tensor (a tied head packs its own, the embedding
-        stays a row table). A stacked copy of q/k/v or gate/up lives only while it is packed: the packed bytes
-        replace it, so a slice's export holds its weights once plus their packed form."""
-        from exo_rknpu import native
-
+        (exo_rknpu.native.pack of quant.native_parts), one per tensor (a tied head packs its own, the embedding
+        stays a row table), left a PendingPack: packed when written, so a slice's export holds its weights once
+        plus one tensor's packed form."""
         key = ("native", *(id(w) for w in ws))
         if key not in self.g.weight_names:
-            w = ws[0] if len(ws) == 1 else stack_rows(ws)
-            p = native_parts(w)
-            packed = native.pack(p.fmt, p.d, p.codes, p.m)
-            self.g.weight_names[key] = f"{self._initializer(packed, 'qp')},{p.fmt},{w.shape[0]},{w.shape[1]}"
+            pending = PendingPack(tuple(ws), native_format(ws[0]))
+            n = sum(w.shape[0] for w in ws)
+            self.g.weight_names[key] = f"{self._initializer(pending, 'qp')},{pending.fmt},{n},{ws[0].shape[1]}"
         name, fmt, n, k = self.g.weight_names[key].split(",")
         out = self.g.fresh("qmatmul")
         self.g.nodes.append(helper.make_node(NATIVE_OP, [x, name], [out], name=out, domain=NATIVE_DOMAIN,
@@ -415,10 +448,11 @@ def build_onnx(
 
 def build_onnx_compact(
     spec: SliceSpec, weights: ShardWeights, attention_form: str = "split", per_layer_cache: bool = True
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+) -> tuple[onnx.ModelProto, dict[str, "np.ndarray | PendingPack"]]:
     """onnxruntime's form of `spec`: QTensor linears as MatMulNBits (com.microsoft), symbolic shapes, and every
     tensor over EXTERNAL_MIN_BYTES left out of the proto as an external initializer (location MEMORY_LOCATION).
-    Returns the model and {initializer name: array}; the arrays are the weights' own (no copy)."""
+    Returns the model and {initializer name: array}; the arrays are the weights' own (no copy), the native
+    kernel's packed bytes PendingPacks (`materialize` makes them)."""
     model, ops = _build(spec, weights, None, None, attention_form, per_layer_cache, compact=True)
     return model, ops.g.external
 
