@@ -430,16 +430,18 @@ class NativeParts:
     m: np.ndarray | None = None
 
 
-def native_parts(w: QTensor) -> NativeParts:
+def native_parts(w: QTensor, owned: bool = False) -> NativeParts:
     """The GGUF block form of a native QTensor (one made by from_gguf_blocks, q4_1_exact or quantize_q8_0). Q4_1's
     m comes back exactly: q4_1_exact stores mins = m + 8d only where that sum is exact in float32, so mins - 8d is m
-    (or mins = m itself with zero point 0). Anything else is refused (the native kernel has no other format)."""
+    (or mins = m itself with zero point 0). Anything else is refused (the native kernel has no other format).
+    `owned`: w is the caller's own copy (a stacked one), its Q8_0 blocks turned into codes in place (no second copy)."""
     n, k = w.shape
     if w.kernel != "native" or w.block_size != BLOCK or k % BLOCK:
         raise ValueError(f"{w.origin} is not a native QTensor in blocks of {BLOCK}")
     d = _fp16(w.scales, w.origin, "scales")
     if w.bits == 8 and w.zero_points is None and w.mins is None:
-        return NativeParts(NATIVE_FORMATS["Q8_0"], d, (w.blocks ^ np.uint8(0x80)).view(np.int8).reshape(n, k))
+        codes = np.bitwise_xor(w.blocks, np.uint8(0x80), out=w.blocks if owned else None)
+        return NativeParts(NATIVE_FORMATS["Q8_0"], d, codes.view(np.int8).reshape(n, k))
     codes = np.stack([w.blocks & 15, w.blocks >> 4], axis=-1).reshape(n, k) if w.bits == 4 else None
     if codes is not None and w.zero_points is None and w.mins is None:
         return NativeParts(NATIVE_FORMATS["Q4_0"], d, codes)

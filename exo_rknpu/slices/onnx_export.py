@@ -64,11 +64,13 @@ class PendingPack:
         return self.shape[0]
 
     def packed(self) -> np.ndarray:
-        """The packed bytes (1-D uint8); a stacked copy of q/k/v or gate/up lives only while they are made."""
+        """The packed bytes (1-D uint8); a stacked copy of q/k/v or gate/up lives only while they are made (and
+        becomes their codes in place)."""
         from exo_rknpu import native
 
         w = self.ws[0] if len(self.ws) == 1 else stack_rows(list(self.ws))
-        p = native_parts(w)
+        p = native_parts(w, owned=len(self.ws) > 1)
+        del w
         return native.pack(p.fmt, p.d, p.codes, p.m)
 
 

@@ -14,10 +14,11 @@ from exo_rknpu.backends.numpy_ref import NumpyBackend
 from exo_rknpu.backends.ort import OrtBackend, OrtRunner
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_shard
-from exo_rknpu.model.quant import quantize
+from exo_rknpu import native
+from exo_rknpu.model.quant import native_format, native_parts, quantize
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.onnx_export import NATIVE_DOMAIN, NATIVE_OP, PendingPack, build_onnx_compact, materialize
+from exo_rknpu.slices.onnx_export import NATIVE_DOMAIN, NATIVE_OP, PendingPack, build_onnx_compact, materialize, stack_rows
 from exo_rknpu.slices.spec import SliceSpec
 from helpers import SMALL_BUCKETS, greedy, nmse, ring
 from tiny_models import make_tiny_gguf, make_tiny_hf
@@ -48,6 +49,25 @@ def test_each_linear_is_one_qmatmul_over_packed_bytes(models, model, fmt):
     assert all(isinstance(external[name], PendingPack) for name in packed)
     made = {name: materialize(external[name]) for name in packed}
     assert all(a.dtype == np.uint8 and a.shape == external[name].shape for name, a in made.items())
+
+
+@pytest.mark.parametrize("model", ["Q4_0", "Q8_0", "hf"])
+def test_stacked_weights_pack_as_one_matrix_and_stay_as_they_were(models, model):
+    # the stacked copy of gate/up becomes its codes in place: the packed bytes are those of the rows stacked,
+    # dequantized by the reference packer's parts, and the layer's own blocks are untouched
+    shard = load_shard(resolve_model(str(models[model])), LayerRange.full(3), "native")
+    gate, up = shard.layers[0].gate_proj, shard.layers[0].up_proj
+    before = [gate.blocks.copy(), up.blocks.copy()]
+    p = PendingPack((gate, up), native_format(gate))
+    got = p.packed()
+    d = np.concatenate([gate.scales, up.scales]).astype(np.float16)
+    if gate.bits == 8:
+        codes = (np.concatenate([gate.blocks, up.blocks]).astype(np.int16) - 128).astype(np.int8)
+        want = native.pack(p.fmt, d, codes.reshape(-1, gate.shape[1]))
+    else:
+        want = native.pack(p.fmt, d, native_parts(stack_rows([gate, up])).codes)
+    assert got.shape == p.shape and np.array_equal(got, want)
+    assert np.array_equal(gate.blocks, before[0]) and np.array_equal(up.blocks, before[1])
 
 
 @pytest.mark.parametrize("model", ["Q4_0", "Q4_1", "Q8_0", "hf"])
