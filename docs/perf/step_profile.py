@@ -36,8 +36,8 @@ def open_shard(model: str, threads: int, weights: str, profile: bool):
 
     plain = ort_backend.session_options
 
-    def options(n: int):
-        opts = plain(n)
+    def options(n: int, custom_ops=None):
+        opts = plain(n, custom_ops)
         opts.enable_profiling = profile
         opts.profile_file_prefix = f"/tmp/step_profile_{os.getpid()}"
         return opts
