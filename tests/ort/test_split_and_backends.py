@@ -14,6 +14,7 @@ import pytest
 from exo_rknpu.errors import CapacityError, RequestStateError
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args, load_shard
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.runtime.sampling import Sampler
@@ -51,14 +52,19 @@ def test_onnx_matches_the_numpy_reference(model, request):
     assert np.array_equal(logits["onnx"].argmax(-1), logits["numpy"].argmax(-1))
 
 
-@pytest.mark.parametrize("backend", ["numpy", "onnx"])
-def test_chunked_prefill_and_decode_equal_one_uncached_pass(tiny_llama, backend):
+# float32 arithmetic: equal to rounding. The default native form quantizes activations to int16 per block, where a
+# last-bit difference between bucket shapes (attention over another context length) can move a value by one step
+# of 1/32767 of its block's largest: measured nmse 3.3e-10 on this model.
+@pytest.mark.parametrize("backend,weights,bound", [("numpy", "fp32", 1e-10), ("onnx", "fp32", 1e-10),
+                                                   ("numpy", DEFAULT_WEIGHTS, 1e-10), ("onnx", DEFAULT_WEIGHTS, 1e-8)])
+def test_chunked_prefill_and_decode_equal_one_uncached_pass(tiny_llama, backend, weights, bound):
     src = resolve_model(str(tiny_llama))
-    one_shot = open_shard(src, LayerRange.full(5), backend, Buckets(seq=(1, 16), context=(32,)))
+    one_shot = open_shard(src, LayerRange.full(5), backend, Buckets(seq=(1, 16), context=(32,)), weights=weights)
     reference = one_shot.forward("x", np.array([PROMPT + [4, 2]]))  # one 16-bucket call, no cache reuse
-    chunked = open_shard(src, LayerRange.full(5), backend, Buckets(seq=(1, 4), context=(8, 16, 32)), layers_per_slice=2)
+    chunked = open_shard(src, LayerRange.full(5), backend, Buckets(seq=(1, 4), context=(8, 16, 32)), layers_per_slice=2,
+                         weights=weights)
     parts = [chunked.forward("y", np.array([PROMPT])), chunked.forward("y", np.array([[4]])), chunked.forward("y", np.array([[2]]))]
-    assert nmse(np.concatenate(parts, axis=1), reference) <= 1e-10
+    assert nmse(np.concatenate(parts, axis=1), reference) <= bound
 
 
 def test_interleaved_requests_keep_separate_caches(tiny_qwen2):

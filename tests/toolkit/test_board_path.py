@@ -138,13 +138,13 @@ def _npu(cache: Path) -> dict:
 
 
 def test_npu_prepares_from_manifest_and_files_alone(board, rknnlite, monkeypatch):
-    from exo_rknpu.runtime import placement as session
+    from exo_rknpu.model import loader
 
     cache, on_board, intact = board
     src = resolve_model(str(on_board))
     loaded = []  # what open_shard loaded (a ShardRunner keeps only what its runners need, not the ShardWeights)
-    real_load = session.load_shard
-    monkeypatch.setattr(session, "load_shard", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    real_load = loader.load_shard  # ShardSource.load reads through it
+    monkeypatch.setattr(loader, "load_shard", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     shards = [open_shard(src, LayerRange(0, 1, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache)),
               open_shard(src, LayerRange(1, 2, N_LAYERS), "npu", BUCKETS, backend_options=_npu(cache))]
     ref = LocalRing([open_shard(resolve_model(str(intact)), LayerRange(0, 2, N_LAYERS), "onnx", BUCKETS, weights="fp32")])
