@@ -20,12 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's exo_rknpu, also when it is not the installed one
 
-from exo_rknpu.bench.options import WEIGHTS  # noqa: E402
+from exo_rknpu.model.quant import WEIGHT_MODES  # noqa: E402
 
 
 def default_weights() -> str:
     """Every weights form the runtime accepts (--weights)."""
-    return ",".join(WEIGHTS)
+    return ",".join(WEIGHT_MODES)
 
 
 def main(argv: list[str] | None = None) -> int:

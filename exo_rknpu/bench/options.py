@@ -11,7 +11,7 @@ from exo_rknpu.model.quant import DEFAULT_WEIGHTS, WEIGHT_MODES
 
 # Peers `--compare` knows, by the name the user types.
 PEERS = ("transformers", "llama.cpp")
-WEIGHTS = WEIGHT_MODES
+
 COMPILED_DTYPES = ("fp16", "w8a8")
 
 
@@ -59,8 +59,8 @@ def validate(o: BenchOptions) -> None:
     context) are checked by the harness right after reading the model's config."""
     if o.backend not in BACKENDS:
         raise BenchError(f"unknown backend {o.backend!r}; known backends: {', '.join(sorted(BACKENDS))}")
-    if o.weights not in WEIGHTS:
-        raise BenchError(f"unknown --weights {o.weights!r}; choose one of: {', '.join(WEIGHTS)}")
+    if o.weights not in WEIGHT_MODES:
+        raise BenchError(f"unknown --weights {o.weights!r}; choose one of: {', '.join(WEIGHT_MODES)}")
     if o.backend_dtype is not None:
         if o.backend_dtype not in COMPILED_DTYPES:
             raise BenchError(f"unknown --backend-dtype {o.backend_dtype!r}; choose one of: {', '.join(COMPILED_DTYPES)}")

@@ -13,8 +13,8 @@ import argparse
 import json
 
 from exo_rknpu.bench.harness import METRICS, Report, plan, run_bench
-from exo_rknpu.bench.options import WEIGHTS, BenchOptions, parse_compare
-from exo_rknpu.model.quant import DEFAULT_WEIGHTS
+from exo_rknpu.bench.options import BenchOptions, parse_compare
+from exo_rknpu.model.quant import DEFAULT_WEIGHTS, WEIGHT_MODES
 from exo_rknpu.bench.worker import OURS
 from exo_rknpu.cli.options import add_model_args, progress
 
@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--split", default=None, help="layer ranges to run as a local ring, e.g. 0-14,15-29 (default: one shard)")
     _add_unless_shared(p, "--weights", default=DEFAULT_WEIGHTS,
-                       help=f"{' | '.join(WEIGHTS)}: the form our runtime keeps weights in (default: {DEFAULT_WEIGHTS})")
+                       help=f"{' | '.join(WEIGHT_MODES)}: the form our runtime keeps weights in (default: {DEFAULT_WEIGHTS})")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default: 128)")
     p.add_argument("--gen-tokens", type=int, default=64, help="timed greedy decode steps, EOS ignored (default: 64)")
     _add_unless_shared(p, "--threads", type=int, default=None,
