@@ -67,56 +67,39 @@ static inline float32x4_t neon_q6k_scale(float32x4_t d, int16x4_t sc) {
     return vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(sc)));
 }
 
-/* Q6_K rows m0 .. m0+MC-1, lanes 8h .. 8h+7 of one row group: two exact sums per activation row (sub-blocks). */
-static inline __attribute__((always_inline)) void neon_chunk_q6k(const int MC, const uint8_t* cg, const uint8_t* sg,
-                                                                 int64_t nb, const void* qa, int64_t K, int64_t m0,
-                                                                 float* y, int64_t N, int64_t n0, int h, int64_t rows) {
+/* Q6_K's block b, lanes 8h .. 8h+7 (codes cb0 of the whole block, the group's scales sg) for activation rows
+ * a[0..MC-1] with codes x into acc: two exact sums per activation row (sub-blocks), signed code words. */
+static inline __attribute__((always_inline)) void neon_block_q6k(const int MC, const uint8_t* cb0, const uint8_t* sg,
+                                                                 int64_t b, int h, int16x8_t x[][4],
+                                                                 const act_row* a, float32x4_t acc[][2]) {
     const uint8x8_t low4 = vdup_n_u8(0x0f);
     const uint16x8_t low4w = vdupq_n_u16(0x0f);
-    act_row a[NEON_MAX_ROWS];
-    float32x4_t acc[NEON_MAX_ROWS][2];
-    for (int i = 0; i < MC; i++) {
-        a[i] = act_of(qa, K, m0 + i);
-        acc[i][0] = acc[i][1] = vdupq_n_f32(0.0f);
+    const uint8_t* cb = cb0 + 16 * h;
+    int16x8_t p[2][2]; /* plane words of rows 8h..8h+7: [sub-block][k parity] */
+    for (int t = 0; t < 2; t++) {
+        const uint16x8x2_t w = vld2q_u16((const uint16_t*)(cb0 + 256 + 64 * t + 32 * h));
+        p[t][0] = vreinterpretq_s16_u16(w.val[0]);
+        p[t][1] = vreinterpretq_s16_u16(w.val[1]);
     }
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* cb = cg + b * 384 + 16 * h;
-        int16x8_t p[2][2]; /* plane words of rows 8h..8h+7: [sub-block][k parity] */
-        for (int t = 0; t < 2; t++) {
-            const uint16x8x2_t w = vld2q_u16((const uint16_t*)(cg + b * 384 + 256 + 64 * t + 32 * h));
-            p[t][0] = vreinterpretq_s16_u16(w.val[0]);
-            p[t][1] = vreinterpretq_s16_u16(w.val[1]);
-        }
-        int32x4_t isum0[NEON_MAX_ROWS][2], isum1[NEON_MAX_ROWS][2];
-        for (int i = 0; i < MC; i++) isum0[i][0] = isum0[i][1] = isum1[i][0] = isum1[i][1] = vdupq_n_s32(0);
-        int16x8_t x[NEON_MAX_ROWS][4];
-        for (int i = 0; i < MC; i++)
-            for (int j = 0; j < 4; j++) x[i][j] = vld1q_s16(a[i].q + 32 * b + 8 * j);
-        NEON_Q6K_UNIT(0) NEON_Q6K_UNIT(1) NEON_Q6K_UNIT(2) NEON_Q6K_UNIT(3)
-        NEON_Q6K_UNIT(4) NEON_Q6K_UNIT(5) NEON_Q6K_UNIT(6) NEON_Q6K_UNIT(7)
-        const uint8_t* dp = q6k_d(sg, b) + 16 * h;
-        const float32x4_t d0 = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(dp)));
-        const float32x4_t d1 = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(dp + 8)));
-        const int16x8_t sc0 = vmovl_s8(vld1_s8((const int8_t*)q6k_sc(sg, b) + 8 * h));
-        const int16x8_t sc1 = vmovl_s8(vld1_s8((const int8_t*)q6k_sc(sg, b) + 16 + 8 * h));
-        const float32x4_t s00 = neon_q6k_scale(d0, vget_low_s16(sc0)), s01 = neon_q6k_scale(d1, vget_high_s16(sc0));
-        const float32x4_t s10 = neon_q6k_scale(d0, vget_low_s16(sc1)), s11 = neon_q6k_scale(d1, vget_high_s16(sc1));
-        for (int i = 0; i < MC; i++) {
-            const float32x4_t da = vdupq_n_f32(a[i].d[b]);
-            const float32x4_t t0 = vaddq_f32(vmulq_f32(s00, vcvtq_f32_s32(isum0[i][0])),
-                                             vmulq_f32(s10, vcvtq_f32_s32(isum1[i][0])));
-            const float32x4_t t1 = vaddq_f32(vmulq_f32(s01, vcvtq_f32_s32(isum0[i][1])),
-                                             vmulq_f32(s11, vcvtq_f32_s32(isum1[i][1])));
-            acc[i][0] = vaddq_f32(acc[i][0], vmulq_f32(da, t0));
-            acc[i][1] = vaddq_f32(acc[i][1], vmulq_f32(da, t1));
-        }
-    }
-    const int64_t lanes = rows - 8 * h;
+    int32x4_t isum0[NEON_MAX_ROWS][2], isum1[NEON_MAX_ROWS][2];
+    for (int i = 0; i < MC; i++) isum0[i][0] = isum0[i][1] = isum1[i][0] = isum1[i][1] = vdupq_n_s32(0);
+    NEON_Q6K_UNIT(0) NEON_Q6K_UNIT(1) NEON_Q6K_UNIT(2) NEON_Q6K_UNIT(3)
+    NEON_Q6K_UNIT(4) NEON_Q6K_UNIT(5) NEON_Q6K_UNIT(6) NEON_Q6K_UNIT(7)
+    const uint8_t* dp = q6k_d(sg, b) + 16 * h;
+    const float32x4_t d0 = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(dp)));
+    const float32x4_t d1 = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(dp + 8)));
+    const int16x8_t sc0 = vmovl_s8(vld1_s8((const int8_t*)q6k_sc(sg, b) + 8 * h));
+    const int16x8_t sc1 = vmovl_s8(vld1_s8((const int8_t*)q6k_sc(sg, b) + 16 + 8 * h));
+    const float32x4_t s00 = neon_q6k_scale(d0, vget_low_s16(sc0)), s01 = neon_q6k_scale(d1, vget_high_s16(sc0));
+    const float32x4_t s10 = neon_q6k_scale(d0, vget_low_s16(sc1)), s11 = neon_q6k_scale(d1, vget_high_s16(sc1));
     for (int i = 0; i < MC; i++) {
-        float tmp[8];
-        vst1q_f32(tmp, acc[i][0]);
-        vst1q_f32(tmp + 4, acc[i][1]);
-        store_rows(y + (m0 + i) * N + n0 + 8 * h, tmp, lanes < 8 ? lanes : 8);
+        const float32x4_t da = vdupq_n_f32(a[i].d[b]);
+        const float32x4_t t0 = vaddq_f32(vmulq_f32(s00, vcvtq_f32_s32(isum0[i][0])),
+                                         vmulq_f32(s10, vcvtq_f32_s32(isum1[i][0])));
+        const float32x4_t t1 = vaddq_f32(vmulq_f32(s01, vcvtq_f32_s32(isum0[i][1])),
+                                         vmulq_f32(s11, vcvtq_f32_s32(isum1[i][1])));
+        acc[i][0] = vaddq_f32(acc[i][0], vmulq_f32(da, t0));
+        acc[i][1] = vaddq_f32(acc[i][1], vmulq_f32(da, t1));
     }
 }
 
@@ -125,10 +108,6 @@ static inline __attribute__((always_inline)) void neon_chunk(const int fmt, cons
                                                              const uint8_t* sg, int64_t nb, const void* qa, int64_t K,
                                                              int64_t m0, float* y, int64_t N, int64_t n0, int h,
                                                              int64_t rows) {
-    if (fmt == EXO_Q6_K) {
-        neon_chunk_q6k(MC, cg, sg, nb, qa, K, m0, y, N, n0, h, rows);
-        return;
-    }
     const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
     const int32_t bias = fmt == EXO_Q4_0 ? -8 : fmt == EXO_Q8_0 ? -128 : 0;
     const uint8x8_t low4 = vdup_n_u8(0x0f);
@@ -146,6 +125,10 @@ static inline __attribute__((always_inline)) void neon_chunk(const int fmt, cons
         int16x8_t x[NEON_MAX_ROWS][4]; /* the block's 32 activation codes of each row */
         for (int i = 0; i < MC; i++)
             for (int j = 0; j < 4; j++) x[i][j] = vld1q_s16(a[i].q + 32 * b + 8 * j);
+        if (fmt == EXO_Q6_K) {
+            neon_block_q6k(MC, cg + b * cbb, sg, b, h, x, a, acc);
+            continue;
+        }
         if (fmt == EXO_Q8_0) {
             NEON_Q8_UNIT(0) NEON_Q8_UNIT(1) NEON_Q8_UNIT(2) NEON_Q8_UNIT(3)
             NEON_Q8_UNIT(4) NEON_Q8_UNIT(5) NEON_Q8_UNIT(6) NEON_Q8_UNIT(7)
