@@ -20,9 +20,10 @@ min/max per block, zero always representable; see its docstring).
 `QTensor.kernel` says which kernel multiplies it (KERNELS): onnxruntime's MatMulNBits with activations quantized
 to int8 inside it ("int8": fast, rounded differently per instruction set) or kept float32 ("fp32": the same answers
 on every CPU up to float32 summation order), or our own QMatMul ("native", exo_rknpu.native: activations quantized
-to int8 by one fixed recipe, integer dot products, a fixed float order -- the same bits on every CPU). A native
-QTensor holds GGUF's Q4_0, Q4_1 or Q8_0 blocks of 32 with fp16 scales (`native_parts` hands them to the kernel's
-packer); it is still a valid MatMulNBits-layout QTensor, so every other path (dequantize, rows) reads it as usual.
+to int16 by one fixed recipe, integer dot products, a fixed float order -- the same bits on every CPU). A native
+QTensor holds GGUF's Q4_0, Q4_1 or Q8_0 blocks of 32 with fp16 scales, or GGUF Q6_K as `q6_k_exact`'s 8-bit blocks
+of 16 (scales d*sc, exact; `native_parts` splits them back into fp16 d and int8 sc) and hands them to the kernel's
+packer; it is still a valid MatMulNBits-layout QTensor, so every other path (dequantize, rows) reads it as usual.
 
 What each `--weights` mode makes of each source is decided in one place, `form_for` (+ `GGUFFile.linear` for GGUF's
 exact block types); docs/design.md#weights has the table.
@@ -531,7 +532,7 @@ class Form:
 
 def form_for(mode: str) -> Form:
     """The form `mode` gives a source with no exact block form (HF floats, GGUF K-quants and floats; GGUF Q4_0,
-    Q4_1 and Q8_0 keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
+    Q4_1, Q8_0 and Q6_K keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
     multiplied with float32 activations -- the same answers on every CPU, within half an 8-bit step of the
     source's values, at ~1.07 bytes per weight in onnxruntime -- and the embedding left in the file (its rows
     exact). native: Q8_0 blocks of 32 (quantize_q8_0) for the native kernel, the embedding left in the file."""
