@@ -561,8 +561,9 @@ def check_available(mode: str) -> str:
 def cpu_independent(mode: str) -> bool:
     """Whether `mode` gives the same answers on every CPU: auto and fp32 compute with float32 activations
     (auto's compact blocks included); native quantizes activations by one fixed recipe and sums in a fixed order
-    (its fallbacks for K-quants other than Q6_K are auto's float32 form); int4 and int8 let onnxruntime quantize activations to int8,
-    whose rounding differs between instruction sets (AVX2, AVX-512 VNNI, AMX, aarch64 with or without i8mm)."""
+    (its fallbacks for K-quants other than Q6_K are auto's float32 form); int4 and int8 let onnxruntime quantize
+    activations to int8, whose rounding differs between instruction sets (AVX2, AVX-512 VNNI, AMX, aarch64 with or
+    without i8mm)."""
     return check_mode(mode) in ("auto", "fp32", "native")
 
 

@@ -65,7 +65,8 @@ def _scales(name: str, s: np.ndarray | None, dtype: type, N: int, per: int, K: i
     return s
 
 
-def _q6_k_groups(codes: np.ndarray, d: np.ndarray, sc: np.ndarray, groups: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+def _q6_k_groups(codes: np.ndarray, d: np.ndarray, sc: np.ndarray, groups: int,
+                 nb: int) -> tuple[np.ndarray, np.ndarray]:
     """Q6_K's code and scale bytes of `groups` row groups (layout: qmatmul.c). A code q (0..63) is stored as the
     6-bit two's complement of q - 32, t = q ^ 32: its low 4 bits in Q4's nibble units, its high 2 bits in two 64-byte
     planes per block (k < 16, k >= 16), where the 16-bit word 2r + j holds k = 2u + j of row r in bits 2u, 2u + 1."""
@@ -132,7 +133,8 @@ def pack(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None
     if fmt == Q6_K:
         scales = [_scales("d", d, np.float16, N, SUPER_BLOCK, K), _scales("sc", sc, np.int8, N, 16, K)]
     else:
-        scales = [_scales("d", d, np.float16, N, BLOCK, K)] + ([_scales("m", m, np.float16, N, BLOCK, K)] if fmt == Q4_1 else [])
+        scales = [_scales("d", d, np.float16, N, BLOCK, K)]
+        scales += [_scales("m", m, np.float16, N, BLOCK, K)] if fmt == Q4_1 else []
     groups = -(-N // ROW_GROUP)
     out = np.empty(packed_bytes(fmt, N, K), np.uint8)
     code_size = groups * nb * _code_block(fmt)
