@@ -41,8 +41,9 @@ def _scale_block(fmt: int) -> int:
 def packed_bytes(fmt: int, N: int, K: int) -> int:
     """Size in bytes of the packed N x K matrix (K a multiple of 32; of 256 for Q6_K)."""
     _check_fmt(fmt)
-    if K <= 0 or K % k_multiple(fmt) or N <= 0:
-        raise ValueError(f"native kernel: shape N={N}, K={K}: need N > 0 and K a positive multiple of {k_multiple(fmt)}")
+    step = k_multiple(fmt)
+    if K <= 0 or K % step or N <= 0:
+        raise ValueError(f"native kernel: shape N={N}, K={K}: need N > 0 and K a positive multiple of {step}")
     groups = -(-N // ROW_GROUP)
     return groups * (K // BLOCK) * (_code_block(fmt) + _scale_block(fmt))
 
