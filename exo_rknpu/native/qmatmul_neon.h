@@ -42,24 +42,25 @@
         }                                                                                       \
     }
 
-/* Q6_K's signed code word (see qmatmul.c): field F of plane words P moved to the top and back arithmetically, the
- * nibbles NIB (0..15) selected into its low 4 bits. */
-#define NEON_Q6K_WORD(P, F, NIB) vbslq_s16(low4w, NIB, vshrq_n_s16(vshlq_n_s16(P, 14 - 2 * (F)), 10))
+/* Q6_K's signed code word (see qmatmul.c): field F of plane words P moved to the top and back arithmetically, bits
+ * 0-3 taken from the bytes B widened (their low nibbles: bsl ignores the rest). */
+#define NEON_Q6K_WORD(P, F, B) \
+    vbslq_s16(low4w, vreinterpretq_s16_u16(vmovl_u8(B)), vshrq_n_s16(vshlq_n_s16(P, 14 - 2 * (F)), 10))
 /* Unit U of a Q6_K code block: low nibbles k = 2U, 2U+1 into isum0 (x[U/4]), high nibbles k = 16+2U, +1 into isum1
  * (x[2 + U/4]); p[h][j] the plane words of sub-block h, k parity j. */
-#define NEON_Q6K_UNIT(U)                                                                                    \
-    {                                                                                                       \
-        const uint8x8x2_t v = vld2_u8(cb + 32 * (U));                                                       \
-        const int16x8_t lo0 = NEON_Q6K_WORD(p[0][0], U, vreinterpretq_s16_u16(vmovl_u8(vand_u8(v.val[0], low4)))); \
-        const int16x8_t lo1 = NEON_Q6K_WORD(p[0][1], U, vreinterpretq_s16_u16(vmovl_u8(vand_u8(v.val[1], low4)))); \
-        const int16x8_t hi0 = NEON_Q6K_WORD(p[1][0], U, vreinterpretq_s16_u16(vmovl_u8(vshr_n_u8(v.val[0], 4)))); \
-        const int16x8_t hi1 = NEON_Q6K_WORD(p[1][1], U, vreinterpretq_s16_u16(vmovl_u8(vshr_n_u8(v.val[1], 4)))); \
-        for (int i = 0; i < MC; i++) {                                                                      \
-            NEON_MLA(isum0[i], lo0, x[i][(U) / 4], 2 * ((U) % 4))                                           \
-            NEON_MLA(isum0[i], lo1, x[i][(U) / 4], 2 * ((U) % 4) + 1)                                       \
-            NEON_MLA(isum1[i], hi0, x[i][2 + (U) / 4], 2 * ((U) % 4))                                       \
-            NEON_MLA(isum1[i], hi1, x[i][2 + (U) / 4], 2 * ((U) % 4) + 1)                                   \
-        }                                                                                                   \
+#define NEON_Q6K_UNIT(U)                                                                        \
+    {                                                                                           \
+        const uint8x8x2_t v = vld2_u8(cb + 32 * (U));                                           \
+        const int16x8_t lo0 = NEON_Q6K_WORD(p[0][0], U, v.val[0]);                              \
+        const int16x8_t lo1 = NEON_Q6K_WORD(p[0][1], U, v.val[1]);                              \
+        const int16x8_t hi0 = NEON_Q6K_WORD(p[1][0], U, vshr_n_u8(v.val[0], 4));                \
+        const int16x8_t hi1 = NEON_Q6K_WORD(p[1][1], U, vshr_n_u8(v.val[1], 4));                \
+        for (int i = 0; i < MC; i++) {                                                          \
+            NEON_MLA(isum0[i], lo0, x[i][(U) / 4], 2 * ((U) % 4))                               \
+            NEON_MLA(isum0[i], lo1, x[i][(U) / 4], 2 * ((U) % 4) + 1)                           \
+            NEON_MLA(isum1[i], hi0, x[i][2 + (U) / 4], 2 * ((U) % 4))                           \
+            NEON_MLA(isum1[i], hi1, x[i][2 + (U) / 4], 2 * ((U) % 4) + 1)                       \
+        }                                                                                       \
     }
 
 /* Float32 of 4 rows' int8 sub-block scales times their fp16 d: s = d * sc, exact. */
@@ -72,7 +73,6 @@ static inline float32x4_t neon_q6k_scale(float32x4_t d, int16x4_t sc) {
 static inline __attribute__((always_inline)) void neon_block_q6k(const int MC, const uint8_t* cb0, const uint8_t* sg,
                                                                  int64_t b, int h, int16x8_t x[][4],
                                                                  const act_row* a, float32x4_t acc[][2]) {
-    const uint8x8_t low4 = vdup_n_u8(0x0f);
     const uint16x8_t low4w = vdupq_n_u16(0x0f);
     const uint8_t* cb = cb0 + 16 * h;
     int16x8_t p[2][2]; /* plane words of rows 8h..8h+7: [sub-block][k parity] */
