@@ -10,7 +10,6 @@ import pytest
 
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import LayerRangeError, UnknownModelError, UnsupportedModelError, WeightsError
-from exo_rknpu.model import hf as hf_mod
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, RopeScaling
 from exo_rknpu.model.hf import args_from_config
@@ -190,9 +189,11 @@ def test_qwen3_without_its_qk_norms_is_a_clear_error(tmp_path, fmt):
 
 def test_partial_load_opens_only_the_files_of_its_range(tmp_path, monkeypatch):
     d = make_tiny_hf(tmp_path / "m", sharded=True)  # file 1 = embedding, 2+i = layer i, 5 = norm + head
+    import safetensors  # the loader imports safe_open from it where it opens a file
+
     opened: list[str] = []
-    real_open = hf_mod.safe_open
-    monkeypatch.setattr(hf_mod, "safe_open", lambda p, fw: (opened.append(Path(p).name), real_open(p, fw))[1])
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda p, fw: (opened.append(Path(p).name), real_open(p, fw))[1])
     load_shard(hf_src(d), LayerRange(1, 2, N), weights="fp32")
     assert opened == [shard_file_name(3, 5)]
 
