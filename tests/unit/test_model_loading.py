@@ -327,6 +327,32 @@ def test_gguf_tensors_are_read_as_gguf_reader_dequantizes_them(tmp_path, arch):
             np.testing.assert_array_equal(got, stored, err_msg=t.name)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16"])
+def test_a_mapped_gguf_embedding_gives_the_rows_gguf_reader_dequantizes_bit_for_bit(tmp_path, qtype):
+    # native and auto keep the embedding in the file and widen looked-up rows (Q4_0/Q8_0 without gguf-py)
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    g = make_tiny_gguf(tmp_path / "m.gguf", make_tiny_hf(tmp_path / "hf"), qtype=qtype)
+    table = load_shard(gguf_src(g), LayerRange(0, 1, N), weights="native").embed_tokens
+    t = next(t for t in GGUFReader(g).tensors if t.name == registry.GGUF_EMBED)
+    stored = dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+    ids = np.array([[0, 7, 7, stored.shape[0] - 1], [3, 1, 2, 9]])
+    got = table.rows(ids)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), stored[ids].view(np.uint32))
+
+
+def test_the_gguf_header_reader_knows_every_block_type_as_gguf_py_does():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from exo_rknpu.model.gguf import BlockType, block_type
+
+    for q in GGMLQuantizationType:
+        assert block_type(q.value) == BlockType(q.value, q.name, *GGML_QUANT_SIZES[q])
+    with pytest.raises(ValueError):
+        block_type(max(q.value for q in GGMLQuantizationType) + 1)
+
+
 def test_truncated_gguf_is_a_weights_error(tmp_path):
     g = make_tiny_gguf(tmp_path / "m.gguf", make_tiny_hf(tmp_path / "hf"))
     data = g.read_bytes()
