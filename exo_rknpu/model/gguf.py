@@ -260,7 +260,7 @@ class GGUFFile:
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
-        qtype, cols = t.qtype, t.dims[0]
+        qtype, cols, path = t.qtype, t.dims[0], self.path  # not self: its metadata (the vocabulary) would stay
 
         def widen(rows: np.ndarray) -> np.ndarray:
             if qtype.name in ("Q4_0", "Q8_0"):
@@ -268,7 +268,7 @@ class GGUFFile:
             try:
                 return dequantize(rows, qtype)
             except NotImplementedError as e:
-                raise UnsupportedModelError(f"tensor {name!r} in {self.path}: {e}") from None
+                raise UnsupportedModelError(f"tensor {name!r} in {path}: {e}") from None
 
         return RowTable(self.raw(name), widen, tuple(reversed(t.dims)), f"{qtype.name} (mapped)")  # type: ignore[arg-type]
 

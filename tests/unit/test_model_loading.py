@@ -342,6 +342,23 @@ def test_a_mapped_gguf_embedding_gives_the_rows_gguf_reader_dequantizes_bit_for_
     assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), stored[ids].view(np.uint32))
 
 
+def test_a_loaded_shard_keeps_no_gguf_metadata_alive(tmp_path):
+    # the metadata holds the vocabulary (smollm2: ~100k strings, 6 MiB resident): a mapped embedding must not keep it
+    import gc
+
+    from exo_rknpu.model.gguf import GGUFFile
+
+    def open_files() -> int:
+        gc.collect()
+        return sum(isinstance(o, GGUFFile) for o in gc.get_objects())
+
+    g = make_tiny_gguf(tmp_path / "m.gguf", make_tiny_hf(tmp_path / "hf"), qtype="Q8_0")
+    before = open_files()
+    shard = load_shard(gguf_src(g), LayerRange.full(N), weights="native")
+    assert shard.embed_tokens.rows(np.array([1])).shape == (1, shard.args.hidden_size)
+    assert open_files() == before
+
+
 def test_the_gguf_header_reader_knows_every_block_type_as_gguf_py_does():
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
