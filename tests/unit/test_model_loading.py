@@ -350,7 +350,7 @@ def test_a_loaded_shard_keeps_no_gguf_metadata_alive(tmp_path):
 
     def open_files() -> int:
         gc.collect()
-        return sum(isinstance(o, GGUFFile) for o in gc.get_objects())
+        return sum(type(o) is GGUFFile for o in gc.get_objects())
 
     g = make_tiny_gguf(tmp_path / "m.gguf", make_tiny_hf(tmp_path / "hf"), qtype="Q8_0")
     before = open_files()
