@@ -95,7 +95,8 @@ def host_memory() -> int | None:
 def lite2_version() -> str | None:
     """The installed rknn-toolkit-lite2's version, None if it is not installed (its module is looked for first:
     off the board every start plans shards, and importlib.metadata costs ~3 MiB resident)."""
-    if importlib.util.find_spec("rknnlite") is None:
+    # a module already imported (or set up by a caller) may carry no spec: find_spec would raise on it
+    if "rknnlite" not in sys.modules and importlib.util.find_spec("rknnlite") is None:
         return None
     from importlib.metadata import PackageNotFoundError, version
 
