@@ -10,6 +10,7 @@ import hashlib
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -97,6 +98,36 @@ class ArrayAt:
     etype: int
     count: int
     offset: int  # absolute file offset of the first element
+    end: int  # absolute file offset just past the last element
+
+
+class StringArray(Sequence[str]):
+    """A metadata array of strings kept as its bytes in the file's encoding (per element: u64 length, UTF-8), each
+    element decoded when it is read: the tokenizer's 49k merges pass through as short-lived strings one at a time
+    instead of existing all at once among the objects made meanwhile (~1 MiB less resident for the whole run of
+    smollm2's `generate`)."""
+
+    def __init__(self, data: bytes, count: int) -> None:
+        starts = np.empty(count + 1, np.int64)  # element i is data[starts[i] + 8 : starts[i + 1]]
+        pos = 0
+        for i in range(count):
+            starts[i] = pos
+            pos += 8 + struct.unpack_from("<Q", data, pos)[0]
+        if pos != len(data):
+            raise ValueError("a string array's lengths do not add up to its bytes")
+        starts[count] = pos
+        self._data, self._starts = data, starts
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]  # elements only, no slices
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("string array index out of range")
+        i %= n
+        start, stop = int(self._starts[i]) + 8, int(self._starts[i + 1])
+        return self._data[start:stop].decode("utf-8", errors="replace")
 
 
 class _Cursor:
@@ -136,7 +167,7 @@ class _Cursor:
                     self.take(self.scalar("<Q"))
             else:
                 self.take(count * np.dtype(_NP_TYPES[etype]).itemsize)
-            return ArrayAt(etype, count, start)
+            return ArrayAt(etype, count, start, self.pos)
         raise WeightsError(f"{self.path} is corrupt (unknown metadata value type {vtype})")
 
     def elements(self, etype: int, count: int) -> list[Any]:
@@ -147,8 +178,10 @@ class _Cursor:
             return np.frombuffer(self.buf, dtype=dt, count=count, offset=start).tolist()
         return [self.value(etype, lazy=False) for _ in range(count)]
 
-    def array(self, a: ArrayAt) -> list[Any]:
-        """The elements of `a`, decoded."""
+    def array(self, a: ArrayAt) -> list[Any] | StringArray:
+        """The elements of `a`: a `StringArray` of strings, a list of numbers."""
+        if a.etype == 8:
+            return StringArray(bytes(self.buf[a.offset : a.end]), a.count)
         self.pos = a.offset
         return self.elements(a.etype, a.count)
 
@@ -207,8 +240,8 @@ class GGUFFile:
         return meta, tensors
 
     def get(self, key: str, default: Any = None) -> Any:
-        """Metadata value (strings decoded, arrays as lists, read from the file now), or `default` if the key is
-        absent."""
+        """Metadata value, or `default` if the key is absent: strings decoded, arrays read from the file now (of
+        strings as a `StringArray`, decoding each element as it is read; of numbers as a list)."""
         value = self.metadata.get(key, default)
         return self._read(lambda c: c.array(value)) if isinstance(value, ArrayAt) else value
 

@@ -330,7 +330,7 @@ def tokenizer_from_gguf_metadata(get: Any, source: str = "GGUF") -> Tokenizer:
             "use the model's Hugging Face folder with tokenizer.json instead"
         )
     tokens: list[str] = list(get("tokenizer.ggml.tokens") or [])
-    merges_raw: list[str] = list(get("tokenizer.ggml.merges") or [])
+    merges_raw: Sequence[str] = get("tokenizer.ggml.merges") or []  # GGUFFile: read one at a time (StringArray)
     types: list[int] = list(get("tokenizer.ggml.token_type") or [1] * len(tokens))
     if not tokens:
         raise WeightsError(f"{source} has no tokenizer.ggml.tokens")
