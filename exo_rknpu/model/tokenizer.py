@@ -330,14 +330,13 @@ def tokenizer_from_gguf_metadata(get: Any, source: str = "GGUF") -> Tokenizer:
             "use the model's Hugging Face folder with tokenizer.json instead"
         )
     tokens: list[str] = list(get("tokenizer.ggml.tokens") or [])
-    merges_raw: list[str] = list(get("tokenizer.ggml.merges") or [])
+    merges_raw: Sequence[str] = get("tokenizer.ggml.merges") or []  # GGUFFile: read one at a time (StringArray)
     types: list[int] = list(get("tokenizer.ggml.token_type") or [1] * len(tokens))
     if not tokens:
         raise WeightsError(f"{source} has no tokenizer.ggml.tokens")
     pre_tok, ignore_merges = _gguf_pre_tokenizer(str(get("tokenizer.ggml.pre", "gpt-2") or "gpt-2"))
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    backend = tokenizers.Tokenizer(models.BPE(vocab, _MergePairs(merges_raw), ignore_merges=ignore_merges))
     backend.pre_tokenizer = pre_tok
     backend.decoder = decoders.ByteLevel()
     # token_type 3 (control) and 4 (user-defined) are matched whole, before BPE, and skipped when decoding.
@@ -354,6 +353,23 @@ def tokenizer_from_gguf_metadata(get: Any, source: str = "GGUF") -> Tokenizer:
     extra += gguf_end_of_generation_ids(tokens, types)
     return Tokenizer(backend, add_bos=bool(get("tokenizer.ggml.add_bos_token", False)), special_tokens=special,
                      extra_eos_ids=extra, chat_template=get("tokenizer.chat_template"))
+
+
+class _MergePairs(Sequence[tuple[str, str]]):
+    """GGUF's "a b" merge lines as the (a, b) pairs tokenizers' BPE takes, each made as it is read.
+
+    Not a list of tuples: CPython keeps up to 2000 freed 2-tuples for reuse, and ~49k of them made at once leave
+    those scattered over the memory the merges took, pinning it for the whole run (~2 MiB resident on smollm2).
+    """
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self._lines = lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i: int) -> tuple[str, ...]:  # type: ignore[override]  # no slices: BPE reads by index
+        return tuple(self._lines[i].split(" ", 1))
 
 
 # Control tokens llama.cpp treats as end-of-generation by their text (llama-vocab.cpp, special_eog_ids): a Qwen GGUF

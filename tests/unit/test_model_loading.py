@@ -359,6 +359,29 @@ def test_a_loaded_shard_keeps_no_gguf_metadata_alive(tmp_path):
     assert open_files() == before
 
 
+def test_gguf_metadata_reads_as_gguf_reader_reads_it(tmp_path):
+    # arrays stay in the file until read: strings come as a StringArray decoding each element when it is indexed
+    from gguf import GGUFReader
+
+    from exo_rknpu.model.gguf import GGUFFile, StringArray
+
+    g = make_tiny_gguf(tmp_path / "m.gguf", make_tiny_hf(tmp_path / "hf"))
+    ours = GGUFFile(g)
+    fields = {k: f.contents() for k, f in GGUFReader(g).fields.items() if not k.startswith("GGUF.")}
+    assert set(ours.metadata) == set(fields)
+    for key, expected in fields.items():
+        got = ours.get(key)
+        if isinstance(expected, list):
+            assert list(got) == expected and ours.length(key) == len(got) == len(expected), key
+        else:
+            assert got == expected and ours.length(key) is None, key
+    tokens = ours.get("tokenizer.ggml.tokens")
+    assert isinstance(tokens, StringArray) and tokens[-1] == fields["tokenizer.ggml.tokens"][-1]
+    with pytest.raises(IndexError):
+        tokens[len(tokens)]
+    assert ours.get("no.such.key", "absent") == "absent" and ours.length("no.such.key") is None
+
+
 def test_the_gguf_header_reader_knows_every_block_type_as_gguf_py_does():
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
