@@ -33,6 +33,9 @@
 #if !defined(EXO_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define EXO_AVX512 1
 #include <immintrin.h>
+#if !defined(EXO_NO_AMX) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__)
+#define EXO_AMX 1
+#endif
 #elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)
 #define EXO_AVX2 1
 #if defined(__AVXVNNI__)
@@ -58,7 +61,18 @@ int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
     return (N + G - 1) / G * (K / EXO_BLOCK) * (code_block_bytes(fmt) + scale_block_bytes(fmt));
 }
 
-int64_t exo_act_bytes(int64_t M, int64_t K) { return M * act_row_bytes(K); }
+#if defined(EXO_AMX)
+/* From this many activation rows a call takes the AMX path (qmatmul_amx.h; measured in docs/native.md). */
+#define EXO_AMX_MIN_M 2
+typedef struct act_row act_row;
+static act_row act_of(const void* qa, int64_t K, int64_t m);
+static int64_t amx_plane_bytes(int64_t M, int64_t K);
+static void amx_make_planes(void* qa, int64_t M, int64_t K);
+#else
+#define amx_plane_bytes(M, K) 0
+#endif
+
+int64_t exo_act_bytes(int64_t M, int64_t K) { return M * act_row_bytes(K) + amx_plane_bytes(M, K); }
 
 /* Exact fp16 -> float32 (every fp16 value, subnormals included, is a float32). */
 static float half_to_float(uint16_t h) {
@@ -136,10 +150,13 @@ void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa) {
         int32_t* s = (int32_t*)(d + nb);
         for (int64_t b = 0; b < nb; b++) s[b] = quantize_block(x + m * K + b * EXO_BLOCK, q + b * EXO_BLOCK, d + b);
     }
+#if defined(EXO_AMX)
+    amx_make_planes(qa, M, K);
+#endif
 }
 
 /* The activation codes, scales and sums of row m. */
-typedef struct {
+typedef struct act_row {
     const int16_t* q;
     const float* d;
     const int32_t* s;
@@ -241,7 +258,10 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
 #if defined(EXO_AVX512)
 #include "qmatmul_avx512.h"
 #define GROUP_FN group_avx512
-#if defined(__AVX512VNNI__)
+#if defined(EXO_AMX)
+#include "qmatmul_amx.h"
+#define ISA_NAME "avx512vnni-amx"
+#elif defined(__AVX512VNNI__)
 #define ISA_NAME "avx512vnni"
 #else
 #define ISA_NAME "avx512"
@@ -271,6 +291,12 @@ void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, cons
     if (n_end > N) n_end = N;
     const int64_t nb = K / EXO_BLOCK, ng = (N + G - 1) / G;
     const uint8_t* scales = packed + ng * nb * code_block_bytes(fmt);
+#if defined(EXO_AMX)
+    if (M >= EXO_AMX_MIN_M && (fmt == EXO_Q4_0 || fmt == EXO_Q4_1 || fmt == EXO_Q8_0) && amx_usable()) {
+        amx_rows(fmt, packed, N, K, qa, M, y, n_begin, n_end);
+        return;
+    }
+#endif
     for (int64_t g = n_begin / G; g * G < n_end; g++) {
         const int64_t rows = n_end - g * G < G ? n_end - g * G : G;
         GROUP_FN(fmt, packed, scales, nb, qa, K, M, y, N, g, rows);
