@@ -63,7 +63,7 @@ int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
 
 #if defined(EXO_AMX)
 /* From this many activation rows a call takes the AMX path (qmatmul_amx.h; measured in docs/native.md). */
-#define EXO_AMX_MIN_M 2
+#define EXO_AMX_MIN_M 3
 typedef struct act_row act_row;
 static act_row act_of(const void* qa, int64_t K, int64_t m);
 static int64_t amx_plane_bytes(int64_t M, int64_t K);
