@@ -43,13 +43,16 @@ static int amx_usable(void) {
 
 static int64_t amx_pairs(int64_t K) { return (K / EXO_BLOCK + 1) / 2; }
 
-static int64_t amx_plane_bytes(int64_t M, int64_t K) { return M >= EXO_AMX_MIN_M ? 256 * M * amx_pairs(K) : 0; }
+/* 64 bytes more than the planes: they start at the first 64-byte boundary after the rows (a tile row that
+ * straddles two cache lines loads slower; malloc gives 16-byte alignment) */
+static int64_t amx_plane_bytes(int64_t M, int64_t K) { return M >= EXO_AMX_MIN_M ? 256 * M * amx_pairs(K) + 64 : 0; }
 
 /* The activation planes after the M rows of qa: for each chunk of mc <= 8 rows from m0, for each pair p of blocks,
  * the A tiles lo then hi, each 2 * mc rows x 64 bytes: row i < mc is row m0 + i's 32 bytes of block 2p then 32
  * zeros, row mc + i is 32 zeros then its 32 bytes of block 2p + 1 (zeros if K has an odd number of blocks). */
 static uint8_t* amx_planes_of(const void* qa, int64_t M, int64_t K, int64_t m0) {
-    return (uint8_t*)qa + M * act_row_bytes(K) + 256 * m0 * amx_pairs(K);
+    const uintptr_t rows_end = (uintptr_t)qa + (uintptr_t)(M * act_row_bytes(K));
+    return (uint8_t*)((rows_end + 63) & ~(uintptr_t)63) + 256 * m0 * amx_pairs(K);
 }
 
 static void amx_make_planes(void* qa, int64_t M, int64_t K) {
