@@ -199,11 +199,12 @@ def alternate(calls: list[Callable[[], None]], rounds: int, per_round: int) -> l
 
 
 def compare_builds(builds: list[str], fmts: list[str], shapes: list[tuple[int, int]], rows: list[int],
-                   rounds: int) -> None:
-    """One table row per (fmt, shape, M): each build's ms per call (one matrix called repeatedly), timed alternately,
-    and its time over the first build's; the builds' outputs must be the same bits."""
+                   rounds: int, stream_mb: float) -> None:
+    """One table row per (fmt, shape, M): each build's ms per call, timed alternately, and its time over the first
+    build's; the builds' outputs must be the same bits."""
     nats = [load(b) for b in builds]
-    print(f"builds: {', '.join(f'{b} ({n.isa})' for b, n in zip(builds, nats))}; 1 thread; one matrix, called repeatedly")
+    print(f"builds: {', '.join(f'{b} ({n.isa})' for b, n in zip(builds, nats))}; 1 thread; "
+          + (f"rotating over ~{stream_mb:.0f} MB of copies" if stream_mb else "one matrix, called repeatedly"))
     print("| fmt | K × N | M | " + " | ".join(f"{b} ms" for b in builds) + " | "
           + " | ".join(f"{b} / {builds[0]}" for b in builds[1:]) + " |")
     print("|---" * (3 + 2 * len(builds) - 1) + "|")
@@ -212,11 +213,13 @@ def compare_builds(builds: list[str], fmts: list[str], shapes: list[tuple[int, i
         fmt = FORMATS[fmt_name]
         for K, N in shapes:
             w = random_weights(fmt, K, N, rng)
-            packed = [pack(fmt, w.d, w.codes, w.m)]
+            one = pack(fmt, w.d, w.codes, w.m)
+            copies = max(1, int(stream_mb * 1e6 // one.size)) if stream_mb else 1
+            packed = [one] + [one.copy() for _ in range(copies - 1)]
             for M in rows:
                 x = rng.standard_normal((M, K)).astype(np.float32)
                 calls = [native_call(nat, fmt, packed, N, K, x) for nat in nats]
-                times = alternate(calls, rounds, max(1, int(2e-3 / max(1e-6, M * N * K / 50e9))))
+                times = alternate(calls, rounds, max(copies, int(2e-3 / max(1e-6, M * N * K / 50e9))))
                 ref = reference.qmatmul(fmt, w.d, w.codes, x, w.m)
                 for nat in nats:
                     y = qmatmul(fmt, packed[0], N, K, x, native=nat)
@@ -237,7 +240,8 @@ def main() -> None:
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     if a.builds:
         shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-        compare_builds(a.builds.split(","), a.fmts.split(","), shapes, [int(r) for r in a.rows.split(",")], a.rounds)
+        compare_builds(a.builds.split(","), a.fmts.split(","), shapes, [int(r) for r in a.rows.split(",")], a.rounds,
+                       a.stream_mb)
         print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
         return
     nat = load()

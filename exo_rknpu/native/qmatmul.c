@@ -24,6 +24,13 @@
  *
  * Quantized activations (exo_quantize_act), per row m: K int16 codes, then NB float32 d, then NB int32 s (sum of the
  * block's codes): ACT_ROW(K) = 2K + 8 * NB bytes (the buffer must be 4-byte aligned; malloc's and numpy's are).
+ * The AMX build appends, for M >= EXO_AMX_MIN_M, each code split into its low byte and its signed high byte
+ * (q = 256 * hi + lo, exact), laid out as AMX A tiles (qmatmul_amx.h); exo_act_bytes counts them.
+ *
+ * Code paths: AVX-512 (qmatmul_avx512.h), AVX2 (qmatmul_avx2.h), NEON (qmatmul_neon.h), scalar (here), chosen at
+ * compile time; the AVX-512 build on a CPU with AMX-INT8 (-march=native on Sapphire Rapids and later) also has
+ * qmatmul_amx.h, taken from EXO_AMX_MIN_M activation rows (batched decode) when Linux grants tile data. Every path
+ * computes the same exact isum and the same float stage in the same order, so all give the reference's bits.
  */
 #include "qmatmul.h"
 
@@ -63,7 +70,7 @@ int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
 
 #if defined(EXO_AMX)
 /* From this many activation rows a call takes the AMX path (qmatmul_amx.h; measured in docs/native.md). */
-#define EXO_AMX_MIN_M 3
+#define EXO_AMX_MIN_M 4
 typedef struct act_row act_row;
 static act_row act_of(const void* qa, int64_t K, int64_t m);
 static int64_t amx_plane_bytes(int64_t M, int64_t K);

@@ -182,12 +182,12 @@ ARCH_GET_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1022, 18, 158
 
 
 def test_the_amx_build_multiplies_with_tiles_where_linux_grants_them(builds):
-    """From 3 rows the amx build asks Linux for AMX tile data and, granted, takes the tile path: afterwards the
+    """From 4 rows the amx build asks Linux for AMX tile data and, granted, takes the tile path: afterwards the
     process holds the permission (ARCH_GET_XCOMP_PERM), so the bit-exact tests above ran tiles, not the fallback."""
     nat = build(builds, "amx")
     rng = np.random.default_rng(3)
     d, codes, _ = random_matrix(Q4_0, 40, 96, rng)
-    x = activations(3, 96, rng)
+    x = activations(4, 96, rng)
     assert same_bits(qmatmul(Q4_0, pack(Q4_0, d, codes), 40, 96, x, native=nat), reference.qmatmul(Q4_0, d, codes, x))
     libc = ctypes.CDLL(None, use_errno=True)
     perm = ctypes.c_uint64(0)
