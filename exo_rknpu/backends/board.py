@@ -15,6 +15,7 @@ backend (rknn/npu.py), which uses them too.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -92,7 +93,10 @@ def host_memory() -> int | None:
 
 
 def lite2_version() -> str | None:
-    """The installed rknn-toolkit-lite2's version, None if it is not installed."""
+    """The installed rknn-toolkit-lite2's version, None if it is not installed (its module is looked for first:
+    off the board every start plans shards, and importlib.metadata costs ~3 MiB resident)."""
+    if importlib.util.find_spec("rknnlite") is None:
+        return None
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -75,9 +75,12 @@ class OrtRunner:
                  rows_apart: int = 0, custom_ops: Path | None = None, keep: object = None) -> None:
         """custom_ops: the native library, registered with the session when it opens (a graph with QMatMul);
         keep: what the session's in-memory initializers point into (held as long as the runner)."""
-        self.session: ort.InferenceSession | None = session if not isinstance(session, Path) else None
+        self.session: ort.InferenceSession | None = None
         self.model_file = session if isinstance(session, Path) else None
-        self.output_names = [] if self.session is None else [o.name for o in self.session.get_outputs()]
+        self.output_names: list[str] = []
+        self._state_inputs: tuple[str, ...] = ()  # the layer-state inputs [B, S, width] (`_run_options` reads S)
+        if not isinstance(session, Path):
+            self._adopt(session)
         self.threads = threads
         self.n_cache_layers = n_cache_layers
         self.cache_names = {name: per_layer_cache_names(name, n_cache_layers) for name in ("past_k", "past_v")}
@@ -102,10 +105,16 @@ class OrtRunner:
             if self.model_file is None:
                 raise RuntimeError("this onnx runner is closed")
             # onnxruntime maps weights.bin and packs each weight for its kernel
-            self.session = ort.InferenceSession(str(self.model_file), session_options(self.threads, self.custom_ops),
-                                                providers=["CPUExecutionProvider"])
-            self.output_names = [o.name for o in self.session.get_outputs()]
+            return self._adopt(ort.InferenceSession(str(self.model_file), session_options(self.threads, self.custom_ops),
+                                                    providers=["CPUExecutionProvider"]))
         return self.session
+
+    def _adopt(self, session: "ort.InferenceSession") -> "ort.InferenceSession":
+        """Run `session` from now on; what the calls read of its signature is read here, once."""
+        self.session = session
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._state_inputs = tuple(i.name for i in session.get_inputs() if len(i.shape) == 3)
+        return session
 
     def open(self) -> None:
         self._open()
@@ -157,8 +166,8 @@ class OrtRunner:
         return outputs
 
     def _run_options(self, inputs: dict[str, np.ndarray]) -> "ort.RunOptions | None":
-        """Arena shrinkage for a call of more than one position (its layer-state inputs are [B, S, width])."""
-        return self._shrink if any(a.ndim == 3 and a.shape[1] > 1 for a in inputs.values()) else None
+        """Arena shrinkage for a call of more than one position (its layer-state inputs [B, S, width] have S > 1)."""
+        return self._shrink if any(inputs[name].shape[1] > 1 for name in self._state_inputs if name in inputs) else None
 
     def _io(self, session: "ort.InferenceSession") -> "ort.IOBinding":
         if self._binding is None:

@@ -15,12 +15,14 @@ from exo_rknpu.errors import ExoRknpuError, UsageError
 SUBCOMMANDS = ["generate", "bench", "compile", "toolkit", "inspect", "doctor", "node"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. `command`: a subcommand named on the command line; only its module is imported
+    (each imports what it runs: `node` the engine and asyncio, `bench` the harness), else every one (for help)."""
     parser = Parser(prog="exo-rknpu", description="Layer-range LLM slices for RK3588 NPUs and CPUs, as exo nodes.")
     parser.add_argument("--version", action="version", version=f"exo-rknpu {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in [command] if command in SUBCOMMANDS else SUBCOMMANDS:
         try:
             module = importlib.import_module(f"exo_rknpu.cli.{name}")
         except ModuleNotFoundError as e:
@@ -32,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # the subcommand is the first word that is not an option (the top-level options take no value)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

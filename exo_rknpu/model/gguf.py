@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
 
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
@@ -35,19 +33,55 @@ _NP_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4
 
 
 @dataclass(frozen=True)
+class BlockType:
+    """A GGML tensor type: its id in the file, its name, and elements and bytes per block."""
+
+    id: int
+    name: str
+    block: int
+    size: int
+
+
+# The types the weights here usually come in, as the GGUF format defines them: a start that finds its slices
+# prepared reads the header with these alone and never imports gguf-py (~6 MiB resident with what it pulls in).
+# Any other id is looked up in gguf-py's table (`block_type`); tests check these entries against it.
+_TYPES = {t.id: t for t in (BlockType(0, "F32", 1, 4), BlockType(1, "F16", 1, 2), BlockType(2, "Q4_0", 32, 18),
+                            BlockType(3, "Q4_1", 32, 20), BlockType(8, "Q8_0", 32, 34),
+                            BlockType(14, "Q6_K", 256, 210), BlockType(30, "BF16", 1, 2))}
+
+
+def block_type(type_id: int) -> BlockType:
+    """The GGML type with id `type_id` (ValueError for an id gguf-py does not know)."""
+    known = _TYPES.get(type_id)
+    if known is not None:
+        return known
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qt = GGMLQuantizationType(type_id)
+    return BlockType(type_id, qt.name, *GGML_QUANT_SIZES[qt])
+
+
+def dequantize(rows: np.ndarray, qtype: BlockType) -> np.ndarray:
+    """Stored blocks widened by gguf-py's dequantizer (imported here, where a block type is widened by it)."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    return gguf_dequantize(rows, GGMLQuantizationType(qtype.id))
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """One entry of the GGUF tensor table. `dims` are GGUF order (innermost first)."""
 
     name: str
     dims: tuple[int, ...]
-    qtype: GGMLQuantizationType
+    qtype: BlockType
     offset: int  # absolute file offset of the data
 
     @property
     def nbytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.qtype]
         n = int(np.prod(self.dims, dtype=np.int64))
-        return n // block * size
+        return n // self.qtype.block * self.qtype.size
 
 
 class _Cursor:
@@ -126,7 +160,7 @@ class GGUFFile:
         tensors: dict[str, TensorInfo] = {}
         for name, dims, qtype, offset in raw:
             try:
-                qt = GGMLQuantizationType(qtype)
+                qt = block_type(qtype)
             except ValueError:
                 raise WeightsError(f"{self.path}: tensor {name!r} has unknown type {qtype}") from None
             info = TensorInfo(name, dims, qt, data_start + offset)
@@ -160,7 +194,7 @@ class GGUFFile:
         if len(buf) != t.nbytes:
             raise WeightsError(f"{self.path} is truncated (tensor {name!r} cut short); re-download it")
         shape = tuple(reversed(t.dims))
-        block, size = GGML_QUANT_SIZES[t.qtype]
+        block, size = t.qtype.block, t.qtype.size
         rows = np.frombuffer(buf, dtype=np.uint8).reshape(*shape[:-1], shape[-1] // block * size)
         try:
             a = dequantize(rows, t.qtype)
@@ -175,7 +209,7 @@ class GGUFFile:
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
         shape = tuple(reversed(t.dims))
-        block, size = GGML_QUANT_SIZES[t.qtype]
+        block, size = t.qtype.block, t.qtype.size
         return np.memmap(self.path, np.uint8, "r", t.offset, (*shape[:-1], shape[-1] // block * size))
 
     def stored_rows(self, name: str) -> "StoredRows":
@@ -185,7 +219,7 @@ class GGUFFile:
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
         shape = tuple(reversed(t.dims))
-        block, size = GGML_QUANT_SIZES[t.qtype]
+        block, size = t.qtype.block, t.qtype.size
         return StoredRows(self.path, t.offset, (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1] // block * size))
 
     def linear(self, name: str, mode: str) -> Weight:
@@ -220,17 +254,21 @@ class GGUFFile:
         return compact(_WidenedRows(self.stored_rows(name), t.qtype, shape), form, f"{qname} -> {target}")  # type: ignore[arg-type]
 
     def table(self, name: str) -> RowTable:
-        """A [rows, cols] tensor left in the mapped file; looked-up rows are widened by gguf's own dequantizer."""
+        """A [rows, cols] tensor left in the mapped file; looked-up rows are widened as the linear weights read
+        their blocks (Q4_0/Q8_0: `from_gguf_blocks`, the same values as gguf-py's dequantizer, bit for bit) or by
+        gguf-py's dequantizer (every other type)."""
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
-        qtype = t.qtype
+        qtype, cols, path = t.qtype, t.dims[0], self.path  # not self: its metadata (the vocabulary) would stay
 
         def widen(rows: np.ndarray) -> np.ndarray:
+            if qtype.name in ("Q4_0", "Q8_0"):
+                return from_gguf_blocks(rows, qtype.name, (rows.shape[0], cols)).dequantize()
             try:
                 return dequantize(rows, qtype)
             except NotImplementedError as e:
-                raise UnsupportedModelError(f"tensor {name!r} in {self.path}: {e}") from None
+                raise UnsupportedModelError(f"tensor {name!r} in {path}: {e}") from None
 
         return RowTable(self.raw(name), widen, tuple(reversed(t.dims)), f"{qtype.name} (mapped)")  # type: ignore[arg-type]
 
@@ -263,7 +301,7 @@ class StoredRows:
 class _WidenedRows:
     """A GGUF matrix that widens to float32 only the rows sliced from it (what `quant.quantize` reads)."""
 
-    def __init__(self, raw: "np.ndarray | StoredRows", qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> None:
+    def __init__(self, raw: "np.ndarray | StoredRows", qtype: BlockType, shape: tuple[int, ...]) -> None:
         self.raw, self.qtype, self.shape = raw, qtype, shape
 
     def __getitem__(self, rows: slice) -> np.ndarray:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model import registry
@@ -202,9 +201,12 @@ def _read_raw_bf16(path: Path, header_len: int, info: Mapping[str, Any]) -> np.n
 
 
 class _SafetensorsFile:
-    """One open safetensors file; yields float32 tensors one at a time."""
+    """One open safetensors file; yields float32 tensors one at a time. (The safetensors library is imported here,
+    where tensors are read: a start that finds its slices prepared never needs it.)"""
 
     def __init__(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
         self.path = path
         self.header_len, self.header = read_header(path)
         try:
@@ -217,6 +219,8 @@ class _SafetensorsFile:
         self._cm.__exit__(None, None, None)
 
     def get(self, name: str) -> np.ndarray:
+        from safetensors import SafetensorError
+
         info = self.header.get(name)
         if info is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")

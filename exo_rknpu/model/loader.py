@@ -9,23 +9,25 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from exo_rknpu.errors import LayerRangeError
 from exo_rknpu.model import gguf as gguf_reader
 from exo_rknpu.model import hf
 from exo_rknpu.model.base import LayerRange, ModelArgs
 from exo_rknpu.model.quant import DEFAULT_WEIGHTS, check_available, check_mode
-from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.weights import LeftOut, ShardWeights, SourceStamp
 from exo_rknpu.model.zoo import ModelSource, resolve_model
+
+if TYPE_CHECKING:  # the tokenizers library is imported where a tokenizer is loaded: a bench worker loads none
+    from exo_rknpu.model.tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "resolve_model", "load_args", "load_shard", "load_tokenizer", "model_fingerprint",
            "source_fingerprint", "source_stamp", "ShardSource"]
@@ -33,6 +35,8 @@ __all__ = ["ModelSource", "resolve_model", "load_args", "load_shard", "load_toke
 # the modules that turn stored tensors into a shard's weights (their source is loader_version's input)
 _LOADER_SOURCES = ("model/loader.py", "model/gguf.py", "model/hf.py", "model/quant.py", "model/weights.py",
                    "model/registry.py", "model/base.py")
+# gguf's block decoding (gguf.quants.dequantize) and the block sizes it reads
+_GGUF_SOURCES = ("quants.py", "constants.py")
 
 
 def load_args(src: ModelSource) -> ModelArgs:
@@ -64,12 +68,14 @@ def source_fingerprint(src: ModelSource, args: ModelArgs) -> str:
 
 def loader_version() -> str:
     """Changes whenever the code that builds weights from stored tensors changes (its sources), or the gguf
-    package that widens the block types it does not decode itself."""
+    package's dequantizer that widens the block types we do not decode ourselves (its sources, found without
+    importing gguf: a warm start that finds its slices prepared never imports it, nor importlib.metadata)."""
     pkg = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256(f"gguf {metadata.version('gguf')};".encode())
-    for rel in _LOADER_SOURCES:
+    gguf_dir = Path(importlib.util.find_spec("gguf").origin).parent  # type: ignore[union-attr, arg-type]
+    h = hashlib.sha256()
+    for base, rel in [*((pkg, r) for r in _LOADER_SOURCES), *((gguf_dir, r) for r in _GGUF_SOURCES)]:
         h.update(rel.encode())
-        h.update((pkg / rel).read_bytes())
+        h.update((base / rel).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -173,6 +179,8 @@ def _layer_progress(layer_range: LayerRange, progress: Callable[[str], None] | N
 
 def load_tokenizer(src: ModelSource) -> Tokenizer:
     """The model's tokenizer (tokenizer.json for HF folders, tokenizer.ggml.* metadata for GGUF)."""
+    from exo_rknpu.model.tokenizer import Tokenizer
+
     if src.format == "hf":
         return Tokenizer.from_hf_dir(src.path)
     return Tokenizer.from_gguf(src.path)

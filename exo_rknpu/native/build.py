@@ -14,6 +14,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from exo_rknpu.config import Paths
@@ -82,6 +83,9 @@ def library(isa: str = "native", cache: Path | None = None) -> Path:
     if out.exists():
         return out
     folder.mkdir(parents=True, exist_ok=True)
+    # once per machine and source change, 2-40 s: said, or a first `generate` looks hung (silent when built)
+    where = "this CPU" if isa == "native" else f"the {isa} code path"
+    print(f"exo-rknpu: building the native kernel for {where} (once, ~30 s) ...", file=sys.stderr, flush=True)
     tmp = folder / f".{out.name}.{os.getpid()}.tmp"
     cmd = cc + flags + ["-o", str(tmp), *(str(source_dir() / name) for name in SOURCES), "-lm"]
     try:

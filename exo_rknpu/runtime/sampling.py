@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -124,18 +125,23 @@ class Sampler:
 
     def __init__(self, params: SamplingParams = SamplingParams()) -> None:
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+
+    @cached_property
+    def rng(self) -> np.random.Generator:
+        """Made when first drawn from: greedy decoding never imports numpy.random (~2 MiB resident)."""
+        return np.random.default_rng(self.params.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits: [V], or any array whose last row along the last axis is the one to sample (x[..., -1, :])."""
         row = np.asarray(logits)  # float32 as the model gives it: choose widens where it computes
         if row.ndim > 1:
             row = row.reshape(-1, row.shape[-1])[-1]
-        return sample_row(row, self.params, self.rng)
+        return sample_row(row, self.params, None if self.params.greedy else self.rng)
 
 
-def sample_row(row: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from a logits row under temperature / top-k / top-p (no penalties: nothing generated yet)."""
+def sample_row(row: np.ndarray, p: SamplingParams, rng: np.random.Generator | None) -> int:
+    """One token from a logits row under temperature / top-k / top-p (no penalties: nothing generated yet);
+    `rng` may be None when `p` is greedy (nothing is drawn)."""
     return choose(row, p, (), rng).token
 
 
@@ -187,14 +193,17 @@ def step_rng(p: SamplingParams, step: int, fallback: np.random.Generator) -> np.
     return np.random.default_rng([p.seed, step]) if p.seed is not None else fallback
 
 
-def choose(row: np.ndarray, p: SamplingParams, generated: Sequence[int], rng: np.random.Generator) -> Choice:
-    """The next token for a request that has generated `generated` so far, drawn with `rng`."""
+def choose(row: np.ndarray, p: SamplingParams, generated: Sequence[int], rng: np.random.Generator | None) -> Choice:
+    """The next token for a request that has generated `generated` so far, drawn with `rng` (None: `p` is greedy
+    and nothing is drawn)."""
     if p.greedy and not p.logprobs and not p.logit_bias and not (generated and (p.presence_penalty or p.frequency_penalty)):
         return Choice(greedy_token(row))  # nothing changes the logits: no float64 copy of the row per step
     probs = distribution(row, p, generated)
     if probs is None:
         token = int(np.argmax(adjusted_logits(row, p, generated)))
     else:
+        if rng is None:
+            raise ValueError("sampling at a temperature above 0 needs a random generator")
         nonzero = np.flatnonzero(probs)
         token = int(nonzero[rng.choice(nonzero.size, p=probs[nonzero] / probs[nonzero].sum())])
     if not p.logprobs:

@@ -68,8 +68,9 @@ def back_with_huge_pages() -> int:
     tokens per CPU second on the 1B Q4_0 file at 1 thread (docs/performance.md). Earlier starts got huge pages by
     accident: the packed weights reused heap that numpy had marked MADV_HUGEPAGE for the compact weights the loader
     built and freed, which a start that finds its slices prepared never builds. Only whole resident mappings are
-    moved, so no page is added (a pool reserved for KV caches, untouched yet, stays as it is). A hint: where the
-    kernel or the C library cannot (not Linux, an older kernel, huge pages off) nothing changes but the speed."""
+    moved, so no page is added (a pool reserved for KV caches, untouched yet, stays as it is). A mapping is marked
+    MADV_HUGEPAGE (kept huge from then on) only once its collapse succeeded: where the kernel or the C library
+    refuses (not Linux, an older kernel, huge pages off, no free huge page) nothing changes but the speed."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         with open("/proc/self/smaps") as f:
@@ -80,7 +81,8 @@ def back_with_huge_pages() -> int:
     moved = 0
     for start, end in _resident_anonymous(lines):
         a, b = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-        if b - a >= HUGE_PAGE and libc.madvise(a, b - a, _MADV_HUGEPAGE) == 0 and libc.madvise(a, b - a, _MADV_COLLAPSE) == 0:
+        if b - a >= HUGE_PAGE and libc.madvise(a, b - a, _MADV_COLLAPSE) == 0:
+            libc.madvise(a, b - a, _MADV_HUGEPAGE)
             moved += b - a
     return moved
 

@@ -233,3 +233,18 @@ def test_node_help_lists_every_backend(capsys):
     help_text = " ".join(out.split())
     for name in BACKENDS:
         assert name in help_text.split("--backend BACKEND where slices run:", 1)[1].split("--model-dir", 1)[0], name
+
+
+def test_a_subcommand_imports_only_its_own_module():
+    """`generate` never imports what `node` (the engine, asyncio) or `bench` (the harness) run: ~3 MiB resident;
+    help with no subcommand still lists every one."""
+    import subprocess
+    import sys
+
+    others = ("exo_rknpu.cli.node", "exo_rknpu.cli.bench", "exo_rknpu.engine", "exo_rknpu.bench.harness", "asyncio")
+    code = ("import json, sys\nfrom exo_rknpu.cli.main import build_parser\n"
+            "build_parser('generate').parse_args(['generate', '--model', 'm', '--prompt', 'p'])\n"
+            f"print(json.dumps([m for m in {others!r} if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+    assert set(subparsers()) == {"generate", "bench", "compile", "toolkit", "inspect", "doctor", "node"}

@@ -191,6 +191,21 @@ def test_a_shard_opens_its_sessions_before_its_first_call_and_they_compute_what_
     assert np.array_equal(shard.forward("b", np.array([PROMPT]), logits="all"), expected)
 
 
+def test_calls_of_several_positions_hand_their_arena_back_and_decode_steps_keep_theirs(gguf_models, tmp_path):
+    """onnxruntime's arena shrinkage (OrtRunner's run options) goes with every call of more than one position, and
+    with no one-position call (a decode step then allocates nothing new)."""
+    shard = _prepare(gguf_models["hf"], tmp_path / "prepared")
+    shrunk: list[bool] = []
+    for r in (r for r in shard.runners.values() if isinstance(r, OrtRunner)):
+        for method in ("run", "run_with_iobinding"):  # run options are the last argument of either
+            real = getattr(r.session, method)
+            setattr(r.session, method, lambda *a, _real=real, _r=r: (shrunk.append(a[-1] is _r._shrink), _real(*a))[1])
+    shard.forward("a", np.array([PROMPT]))
+    prefill = len(shrunk)
+    shard.forward("a", np.array([PROMPT[-1:]]), start=False)
+    assert prefill and all(shrunk[:prefill]) and len(shrunk) > prefill and not any(shrunk[prefill:])
+
+
 def test_other_weights_modes_get_their_own_prepared_slices(gguf_models, tmp_path):
     root = tmp_path / "prepared"
     src = resolve_model(str(gguf_models["hf"]))

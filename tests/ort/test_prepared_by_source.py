@@ -4,7 +4,10 @@ a damaged entry is rebuilt and filed again."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +91,38 @@ def test_a_warm_start_builds_no_weights_of_the_slices_it_finds_and_gives_the_col
     assert builds.matrices == 0  # no layer matrix and no head was read into a compact form
     assert builds.loaded == [(0, False)]  # the embedding alone was loaded (it stays mapped in the file)
     assert np.array_equal(warm, cold)
+
+
+# What only a cold start needs (reading tensors, a tokenizer, package metadata, sampling at a temperature):
+# ~15 MiB resident together, a tenth of smollm2's whole peak, so a warm greedy start must not import them.
+COLD_ONLY = ("gguf", "sentencepiece", "yaml", "safetensors", "tokenizers", "importlib.metadata", "numpy.random")
+WARM_RUN = """
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from helpers import SMALL_BUCKETS
+from exo_rknpu.model.base import LayerRange
+from exo_rknpu.model.zoo import resolve_model
+from exo_rknpu.runtime.pipeline import LocalRing
+from exo_rknpu.runtime.placement import open_shard
+from exo_rknpu.runtime.sampling import Sampler
+shard = open_shard(resolve_model(sys.argv[1]), LayerRange.full(3), "onnx", SMALL_BUCKETS, layers_per_slice=2,
+                   backend_options={"cache_dir": sys.argv[2], "threads": 1})
+ids = list(LocalRing([shard]).generate("a", [5, 17, 42, 7], 4, Sampler(), frozenset()))
+print(json.dumps({"ids": ids, "imported": [m for m in sys.argv[4].split(",") if m in sys.modules]}))
+"""
+
+
+@pytest.mark.parametrize("model", ["Q4_0", "Q8_0"])
+def test_a_warm_greedy_start_imports_nothing_only_a_cold_start_needs(models, model, tmp_path):
+    root = tmp_path / "prepared"
+    _logits(models[model], root)  # cold: prepares and files the slices
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", WARM_RUN, str(models[model]), str(root),
+                           str(Path(__file__).resolve().parents[1]), ",".join(COLD_ONLY)],
+                          capture_output=True, text=True, env=env, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["ids"]) == 4 and out["imported"] == []
 
 
 def test_a_source_file_changed_in_place_is_not_served_from_the_index(models, tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ import pytest
 
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import LayerRangeError, UnknownModelError, UnsupportedModelError, WeightsError
-from exo_rknpu.model import hf as hf_mod
 from exo_rknpu.model import registry
 from exo_rknpu.model.base import LayerRange, RopeScaling
 from exo_rknpu.model.hf import args_from_config
@@ -190,9 +189,11 @@ def test_qwen3_without_its_qk_norms_is_a_clear_error(tmp_path, fmt):
 
 def test_partial_load_opens_only_the_files_of_its_range(tmp_path, monkeypatch):
     d = make_tiny_hf(tmp_path / "m", sharded=True)  # file 1 = embedding, 2+i = layer i, 5 = norm + head
+    import safetensors  # the loader imports safe_open from it where it opens a file
+
     opened: list[str] = []
-    real_open = hf_mod.safe_open
-    monkeypatch.setattr(hf_mod, "safe_open", lambda p, fw: (opened.append(Path(p).name), real_open(p, fw))[1])
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda p, fw: (opened.append(Path(p).name), real_open(p, fw))[1])
     load_shard(hf_src(d), LayerRange(1, 2, N), weights="fp32")
     assert opened == [shard_file_name(3, 5)]
 
@@ -324,6 +325,49 @@ def test_gguf_tensors_are_read_as_gguf_reader_dequantizes_them(tmp_path, arch):
             assert not np.array_equal(got, stored) and np.array_equal(np.sort(got, axis=0), np.sort(stored, axis=0)), t.name
         else:
             np.testing.assert_array_equal(got, stored, err_msg=t.name)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16"])
+def test_a_mapped_gguf_embedding_gives_the_rows_gguf_reader_dequantizes_bit_for_bit(tmp_path, qtype):
+    # native and auto keep the embedding in the file and widen looked-up rows (Q4_0/Q8_0 without gguf-py)
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    g = make_tiny_gguf(tmp_path / "m.gguf", make_tiny_hf(tmp_path / "hf"), qtype=qtype)
+    table = load_shard(gguf_src(g), LayerRange(0, 1, N), weights="native").embed_tokens
+    t = next(t for t in GGUFReader(g).tensors if t.name == registry.GGUF_EMBED)
+    stored = dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+    ids = np.array([[0, 7, 7, stored.shape[0] - 1], [3, 1, 2, 9]])
+    got = table.rows(ids)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), stored[ids].view(np.uint32))
+
+
+def test_a_loaded_shard_keeps_no_gguf_metadata_alive(tmp_path):
+    # the metadata holds the vocabulary (smollm2: ~100k strings, 6 MiB resident): a mapped embedding must not keep it
+    import gc
+
+    from exo_rknpu.model.gguf import GGUFFile
+
+    def open_files() -> int:
+        gc.collect()
+        return sum(type(o) is GGUFFile for o in gc.get_objects())
+
+    g = make_tiny_gguf(tmp_path / "m.gguf", make_tiny_hf(tmp_path / "hf"), qtype="Q8_0")
+    before = open_files()
+    shard = load_shard(gguf_src(g), LayerRange.full(N), weights="native")
+    assert shard.embed_tokens.rows(np.array([1])).shape == (1, shard.args.hidden_size)
+    assert open_files() == before
+
+
+def test_the_gguf_header_reader_knows_every_block_type_as_gguf_py_does():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from exo_rknpu.model.gguf import BlockType, block_type
+
+    for q in GGMLQuantizationType:
+        assert block_type(q.value) == BlockType(q.value, q.name, *GGML_QUANT_SIZES[q])
+    with pytest.raises(ValueError):
+        block_type(max(q.value for q in GGMLQuantizationType) + 1)
 
 
 def test_truncated_gguf_is_a_weights_error(tmp_path):

@@ -247,6 +247,14 @@ def test_no_compiler_is_one_clear_error(monkeypatch, tmp_path):
         load("scalar", tmp_path / "fresh")
 
 
+def test_a_build_says_so_on_stderr_once_and_a_built_library_is_silent(capfd, tmp_path):
+    from exo_rknpu.native.build import library
+
+    first = library("scalar", tmp_path)
+    assert capfd.readouterr().err == "exo-rknpu: building the native kernel for the scalar code path (once, ~30 s) ...\n"
+    assert library("scalar", tmp_path) == first and capfd.readouterr().err == ""
+
+
 def test_a_clang_build_gives_the_same_bits(monkeypatch, tmp_path):
     if not shutil.which("clang"):
         pytest.skip("clang is not installed")
