@@ -244,10 +244,43 @@ def read_hf_tensors(dir: Path) -> dict[str, np.ndarray]:
         return {name: src.get(name) for name in src.map}
 
 
-def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str = "F32") -> Path:
+def q6_k_blocks(d: np.ndarray, sc: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """GGUF Q6_K bytes [rows, K/256 * 210] of fp16 d [rows, K/256], int8 sc [rows, K/16] and 6-bit q [rows, K] (value
+    d * sc * (q - 32)), in ggml's block_q6_K layout (ql[128], qh[64], scales[16], d): per half of 128, l < 32, ql[l]
+    holds q[l] and q[l+64] (low nibbles), ql[l+32] q[l+32] and q[l+96], qh[l] the high 2 bits of q[l], q[l+32], q[l+64],
+    q[l+96]. gguf-py decodes but does not encode Q6_K; gguf.quants.dequantize checks these bytes in the tests."""
+    rows, k = q.shape
+    q = q.astype(np.uint8).reshape(rows, k // 256, 2, 4, 32)  # block, half, quarter (q[l + 32 * quarter]), l
+    ql = np.concatenate([(q[:, :, :, 0] & 15) | ((q[:, :, :, 2] & 15) << 4),
+                         (q[:, :, :, 1] & 15) | ((q[:, :, :, 3] & 15) << 4)], axis=-1)  # [rows, nb, 2, 64]
+    qh = (q[:, :, :, 0] >> 4) | ((q[:, :, :, 1] >> 4) << 2) | ((q[:, :, :, 2] >> 4) << 4) | ((q[:, :, :, 3] >> 4) << 6)
+    out = np.concatenate([ql.reshape(rows, -1, 128), qh.reshape(rows, -1, 64),
+                          sc.astype(np.int8).view(np.uint8).reshape(rows, -1, 16),
+                          d.astype("<f2").view(np.uint8).reshape(rows, -1, 2)], axis=-1)
+    return out.reshape(rows, -1)
+
+
+def quantize_q6_k(a: np.ndarray) -> np.ndarray:
+    """float32 [rows, K] (K a multiple of 256) -> Q6_K bytes, llama.cpp's way in outline: a scale per sub-block of
+    16 (its largest |value| / 31), an fp16 d per super-block with the largest scale's sc at -128, codes rounded."""
+    rows, k = a.shape
+    x = a.astype(np.float32).reshape(rows, k // 256, 16, 16)
+    scale = np.abs(x).max(-1) / np.float32(31)  # [rows, nb, 16]
+    d = (-scale.max(-1) / np.float32(128)).astype(np.float16)  # [rows, nb]
+    df = d.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.clip(np.where(df != 0, np.rint(scale / df), 0), -128, 127).astype(np.int8)
+        s = (df * sc)[..., None]
+        q = np.clip(np.where(s != 0, np.rint(x / s), 0) + 32, 0, 63).astype(np.uint8)
+    return q6_k_blocks(d, sc.reshape(rows, -1), q.reshape(rows, k))
+
+
+def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str = "F32",
+                   embed_qtype: str | None = None) -> Path:
     """Write a GGUF holding exactly the weights and tokenizer of the tiny HF model in `hf_dir`.
 
-    F32 tensors (or `qtype`, e.g. "Q8_0", quantized with gguf-py), llama.cpp names. Tensors are written as they
+    F32 tensors (or `qtype`, e.g. "Q8_0", quantized with gguf-py), llama.cpp names; `embed_qtype` for token_embd and
+    output (e.g. "Q6_K", as llama.cpp keeps them in a Q4_0 file: quantize_q6_k). Tensors are written as they
     are, Q/K rows included: a llama GGUF stores Q/K rows in llama.cpp's interleaved order, so for llama the GGUF
     is a *different* model from `hf_dir` (a reader un-permutes those rows). What a GGUF should load as comes from
     independent readers (transformers' `from_pretrained(gguf_file=...)`, gguf.GGUFReader), never from this
@@ -313,15 +346,16 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
     }
-    def add(name: str, a: np.ndarray) -> None:
+    def add(name: str, a: np.ndarray, kind: str = qtype) -> None:
         a = np.ascontiguousarray(a, dtype=np.float32)
-        if qtype == "F32" or a.ndim < 2:  # llama.cpp keeps norms and biases in F32
+        if kind == "F32" or a.ndim < 2:  # llama.cpp keeps norms and biases in F32
             writer.add_tensor(name, a)
         else:
-            q = gguf.GGMLQuantizationType[qtype]
-            writer.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+            q = gguf.GGMLQuantizationType[kind]
+            blocks = quantize_q6_k(a) if kind == "Q6_K" else gguf.quants.quantize(a, q)
+            writer.add_tensor(name, blocks, raw_dtype=q)
 
-    add("token_embd.weight", w["model.embed_tokens.weight"])
+    add("token_embd.weight", w["model.embed_tokens.weight"], embed_qtype or qtype)
     for i in range(cfg["num_hidden_layers"]):
         for hf_suffix, gg_suffix in names.items():
             a = w.get(f"model.layers.{i}.{hf_suffix}")
@@ -330,7 +364,7 @@ def make_tiny_gguf(path: Path, hf_dir: Path, arch: str | None = None, qtype: str
             add(f"blk.{i}.{gg_suffix}", a)
     add("output_norm.weight", w["model.norm.weight"])
     if "lm_head.weight" in w:
-        add("output.weight", w["lm_head.weight"])
+        add("output.weight", w["lm_head.weight"], embed_qtype or qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

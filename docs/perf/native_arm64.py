@@ -43,14 +43,15 @@ def build_driver(target: str, folder: Path) -> Path:
     return out
 
 
-def run_case(driver: Path, fmt: int, d, codes, m, x: np.ndarray, rows: tuple[int, int], folder: Path) -> tuple[str, np.ndarray]:
+def run_case(driver: Path, fmt: int, d, codes, m, sc, x: np.ndarray, rows: tuple[int, int],
+             folder: Path) -> tuple[str, np.ndarray]:
     """(the driver's code path, y[:, rows]) for one case, run under qemu as a Cortex-A76."""
     N, K = codes.shape
     M = x.shape[0]
     src, dst = folder / "in.bin", folder / "out.bin"
     with open(src, "wb") as f:
         f.write(np.array([fmt, N, K, M, *rows], np.int64).tobytes())
-        f.write(pack(fmt, d, codes, m).tobytes())
+        f.write(pack(fmt, d, codes, m, sc).tobytes())
         f.write(np.ascontiguousarray(x, np.float32).tobytes())
     done = subprocess.run([QEMU, "-cpu", "cortex-a76", str(driver), str(src), str(dst)], capture_output=True,
                           text=True, check=True, timeout=600)
@@ -58,17 +59,19 @@ def run_case(driver: Path, fmt: int, d, codes, m, x: np.ndarray, rows: tuple[int
 
 
 def random_case(fmt: int, M: int, N: int, K: int, seed: int):
+    """(d, codes, m, sc, x) of one case (Q6_K: K must be a multiple of 256; its d per 256, sc int8 per 16)."""
     rng = np.random.default_rng([fmt, M, N, K, seed])
-    lo, hi = (-128, 128) if fmt == 2 else (0, 16)
+    lo, hi = {2: (-128, 128), 3: (0, 64)}.get(fmt, (0, 16))
     codes = rng.integers(lo, hi, (N, K)).astype(np.int8 if fmt == 2 else np.uint8)
-    d = (rng.standard_normal((N, K // 32)) * 0.02).astype(np.float16)
+    d = (rng.standard_normal((N, K // (256 if fmt == 3 else 32))) * 0.02).astype(np.float16)
     m = (rng.standard_normal((N, K // 32)) * 0.05).astype(np.float16) if fmt == 1 else None
+    sc = rng.integers(-128, 128, (N, K // 16)).astype(np.int8) if fmt == 3 else None
     x = rng.standard_normal((M, K)).astype(np.float32)
     x[:, rng.integers(0, K, max(1, K // 200))] *= 40
-    if fmt == 2:  # extreme codes and a row all at its block max: integer sums above 2^24 (rounded by (float)isum)
-        codes[::3] = np.where(codes[::3] < 0, -128, 127)
+    if fmt in (2, 3):  # extreme codes and a row all at its block max (Q8_0: integer sums above 2^24)
+        codes[::3] = np.where(codes[::3] < (lo + hi) // 2, lo, hi - 1)
         x[0] = np.where(x[0] < 0, -1.0, 1.0)
-    return d, codes, m, x
+    return d, codes, m, sc, x
 
 
 CASES = [(M, N, K) for M in (1, 3, 6, 8) for N, K in ((17, 64), (45, 576), (200, 2048))]
@@ -80,13 +83,15 @@ def check(target: str, cases=CASES, folder: Path | None = None) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         work = folder or Path(tmp)
         driver = build_driver(target, work)
-        for fmt in (0, 1, 2):
+        for fmt in (0, 1, 2, 3):
             for M, N, K in cases:
-                d, codes, m, x = random_case(fmt, M, N, K, 0)
+                K = -(-K // 256) * 256 if fmt == 3 else K  # Q6_K: whole super-blocks
+                d, codes, m, sc, x = random_case(fmt, M, N, K, 0)
                 rows = (16, N) if N > 32 else (0, N)
-                isa, y = run_case(driver, fmt, d, codes, m, x, rows, work)
-                ref = reference.qmatmul(fmt, d[rows[0]:rows[1]], codes[rows[0]:rows[1]], x,
-                                        None if m is None else m[rows[0]:rows[1]])
+                isa, y = run_case(driver, fmt, d, codes, m, sc, x, rows, work)
+                part = slice(rows[0], rows[1])
+                ref = reference.qmatmul(fmt, d[part], codes[part], x, None if m is None else m[part],
+                                        None if sc is None else sc[part])
                 same = np.array_equal(y.view(np.uint32), ref.view(np.uint32))
                 lines.append(f"{target:13s} path={isa:13s} fmt={fmt} M={M} N={N} K={K} rows={rows}: "
                              f"{'identical bits' if same else 'DIFFERENT'}")

@@ -14,7 +14,11 @@ streams every weight from memory; ORT then holds one session per copy). Prints `
 --builds A,B,... instead times builds of the native kernel against each other (exo_rknpu.native.build ISA_FLAGS
 keys, e.g. the AMX path against the AVX-512 one), alternately, and gives each one's time over the first's.
 Q4_0 and Q8_0 are given to MatMulNBits exactly (4 or 8 bits, zero point 8 or 128, float32 scales); Q4_1's minimum
-is not a MatMulNBits zero point, so its row uses rounded zero points (the same work, not the same weights).
+is not a MatMulNBits zero point, so its row uses rounded zero points (the same work, not the same weights). Q6_K
+(`--fmts Q6_K`, K a multiple of 256, e.g. the 1B model's head `--shapes 2048x49152`) is given to MatMulNBits as
+`--weights native` gave it before the kernel had Q6_K and `auto` still does: exactly, as 8-bit blocks of 16 run as
+4-bit blocks over K doubled (quant.split8; its [16x | x] input is made outside the timed call); ggml gets the same
+GGUF Q6_K blocks (tests/tiny_models.q6_k_blocks) and quantizes activations to Q8_K.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import ctypes
 import importlib.util
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +35,13 @@ from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from exo_rknpu.native import FORMATS, Q4_1, Q8_0, pack, reference
+from exo_rknpu.model.quant import QTensor, split8, split8_input
+from exo_rknpu.native import FORMATS, Q4_1, Q6_K, Q8_0, pack, reference
 from exo_rknpu.native.kernel import Native, load, qmatmul
+
+TESTS = Path(__file__).resolve().parents[2] / "tests"
 
 SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048), (576, 1536), (576, 49152)]
 
@@ -44,19 +52,37 @@ class Weights:
     d: np.ndarray
     codes: np.ndarray
     m: np.ndarray | None
+    sc: np.ndarray | None = None  # Q6_K's int8 sub-block scales
 
 
 def random_weights(fmt: int, K: int, N: int, rng: np.random.Generator) -> Weights:
-    lo, hi = (-128, 128) if fmt == Q8_0 else (0, 16)
+    lo, hi = {Q8_0: (-128, 128), Q6_K: (0, 64)}.get(fmt, (0, 16))
     codes = rng.integers(lo, hi, (N, K)).astype(np.int8 if fmt == Q8_0 else np.uint8)
-    d = (rng.random((N, K // 32)) * 0.02 + 0.001).astype(np.float16)
+    d = (rng.random((N, K // (256 if fmt == Q6_K else 32))) * 0.02 + 0.001).astype(np.float16)
     m = (-(d.astype(np.float32) * rng.integers(4, 12, d.shape))).astype(np.float16) if fmt == Q4_1 else None
-    return Weights(fmt, d, codes, m)
+    sc = rng.integers(-128, 128, (N, K // 16)).astype(np.int8) if fmt == Q6_K else None
+    return Weights(fmt, d, codes, m, sc)
+
+
+def q6_k_split8(w: Weights) -> QTensor:
+    """Q6_K as the runtime gives it to MatMulNBits (quant.q6_k_exact's 8-bit blocks of 16, then split8)."""
+    N, K = w.codes.shape
+    scales = np.repeat(w.d.astype(np.float32), 16, axis=1) * w.sc.astype(np.float32)
+    q8 = QTensor(8, (N, K), 16, (w.codes + 2).reshape(N, K // 16, 16), scales, np.full((N, K // 16), 34, np.uint8),
+                 "Q6_K (exact)", "fp32")
+    return split8(q8)
 
 
 def ort_session(w: Weights) -> ort.InferenceSession:
-    """One MatMulNBits node at accuracy level 1 on w (block 32; see the module docstring for Q4_1)."""
+    """One MatMulNBits node at accuracy level 1 on w (block 32; see the module docstring for Q4_1 and Q6_K)."""
     N, K = w.codes.shape
+    if w.fmt == Q6_K:
+        q4 = q6_k_split8(w)
+        inits = [numpy_helper.from_array(q4.blocks, "B"), numpy_helper.from_array(q4.scales.reshape(-1), "S"),
+                 numpy_helper.from_array(q4.zero_points.reshape(-1), "Z")]
+        node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=2 * K, N=N,
+                                bits=4, block_size=q4.block_size, accuracy_level=1)
+        return one_node_session(node, 2 * K, N, inits)
     nb = K // 32
     bits = 8 if w.fmt == Q8_0 else 4
     if bits == 8:
@@ -73,6 +99,11 @@ def ort_session(w: Weights) -> ort.InferenceSession:
         inputs.append("Z")
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
                             block_size=32, accuracy_level=1)
+    return one_node_session(node, K, N, inits)
+
+
+def one_node_session(node: NodeProto, K: int, N: int, inits: list) -> ort.InferenceSession:
+    """A session running `node` on x [M, K] -> y [M, N], one thread."""
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
@@ -97,11 +128,16 @@ def native_call(nat: Native, fmt: int, packed: list[np.ndarray], N: int, K: int,
     return call
 
 
+def ort_input(w: Weights, x: np.ndarray) -> np.ndarray:
+    """What the MatMulNBits session of w takes for x (Q6_K: split8's [16x | x] per block of 16)."""
+    return split8_input(x, 16) if w.fmt == Q6_K else x
+
+
 def ort_call(sessions: list[ort.InferenceSession], x: np.ndarray) -> Callable[[], None]:
     return rotate([lambda s=s: s.run(None, {"x": x}) for s in sessions])
 
 
-GGML_TYPES = {0: 2, 1: 3, 2: 8}  # our fmt -> ggml_type (Q4_0, Q4_1, Q8_0)
+GGML_TYPES = {0: 2, 1: 3, 2: 8, 3: 14}  # our fmt -> ggml_type (Q4_0, Q4_1, Q8_0, Q6_K)
 
 
 class GgmlParams(ctypes.Structure):
@@ -136,6 +172,11 @@ def gguf_blocks(w: Weights) -> np.ndarray:
     """w as GGUF/ggml blocks [N, K/32, bytes]: fp16 d (+ fp16 m for Q4_1), then the codes (Q4: k and k+16 share a
     byte, low nibble first; Q8_0: int8)."""
     N, K = w.codes.shape
+    if w.fmt == Q6_K:
+        sys.path.insert(0, str(TESTS))
+        from tiny_models import q6_k_blocks
+
+        return q6_k_blocks(w.d, w.sc, w.codes)
     nb = K // 32
     heads = [w.d] + ([w.m] if w.fmt == Q4_1 else [])
     head = np.concatenate([h.astype("<f2").view(np.uint8).reshape(N, nb, 2) for h in heads], axis=2)
@@ -259,19 +300,19 @@ def main() -> None:
         for shape in a.shapes.split(","):
             K, N = (int(v) for v in shape.split("x"))
             w = random_weights(fmt, K, N, rng)
-            one = pack(fmt, w.d, w.codes, w.m)
+            one = pack(fmt, w.d, w.codes, w.m, w.sc)
             copies = max(1, int(a.stream_mb * 1e6 // one.size)) if a.stream_mb else 1
             packed = [one] + [one.copy() for _ in range(copies - 1)]
             sessions = [ort_session(w) for _ in range(copies)]
             for M in rows:
                 x = rng.standard_normal((M, K)).astype(np.float32)
-                calls = [native_call(nat, fmt, packed, N, K, x), ort_call(sessions, x)]
+                calls = [native_call(nat, fmt, packed, N, K, x), ort_call(sessions, ort_input(w, x))]
                 mats = [GgmlMatmul(ggml, w, x) for _ in range(copies)] if ggml else []
                 calls += [rotate(mats)] if mats else []
                 per_round = max(copies, int(2e-3 / max(1e-6, M * N * K / 50e9)))
                 times = alternate(calls, a.rounds, per_round)
-                ref = reference.qmatmul(fmt, w.d, w.codes, x, w.m)
-                outs = [sessions[0].run(None, {"x": x})[0]] + ([mats[0].result()] if mats else [])
+                ref = reference.qmatmul(fmt, w.d, w.codes, x, w.m, w.sc)
+                outs = [sessions[0].run(None, {"x": ort_input(w, x)})[0]] + ([mats[0].result()] if mats else [])
                 diffs = ", ".join(f"{float(np.abs(o - ref).max() / np.abs(ref).max()):.1e}" for o in outs)
                 for mat in mats:
                     mat.close()

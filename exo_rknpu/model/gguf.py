@@ -225,8 +225,9 @@ class GGUFFile:
     def linear(self, name: str, mode: str) -> Weight:
         """A [out, in] matrix in the form `mode` asks for (quant.py; docs/design.md#weights): Q4_0, Q4_1, Q8_0 and
         Q6_K blocks are kept exactly under auto (multiplied with float32 activations), Q4_0/Q8_0 under the int
-        mode of their width, Q4_0/Q4_1/Q8_0 under native (the native kernel; float types become Q8_0 for it, other
-        types take auto's form); every other type is widened (a few rows at a time) and quantized, or kept float32."""
+        mode of their width, Q4_0/Q4_1/Q8_0/Q6_K under native (the native kernel; float types become Q8_0 for it,
+        other types take auto's form); every other type is widened (a few rows at a time) and quantized, or kept
+        float32."""
         t = self.tensors.get(name)
         if t is None:
             raise WeightsError(f"tensor {name!r} is missing from {self.path}")
@@ -237,14 +238,14 @@ class GGUFFile:
             return from_gguf_blocks(self.stored_rows(name), qname, shape, kernel="native")  # type: ignore[arg-type]
         if mode == "native" and qname == "Q4_1":
             return q4_1_exact(self.raw(name), shape, kernel="native")  # type: ignore[arg-type]
+        if mode in ("auto", "native") and qname == "Q6_K":  # exact: MatMulNBits' form (auto) or the kernel's own
+            return q6_k_exact(self.raw(name), shape, lambda rows: dequantize(rows, t.qtype), form.kernel)  # type: ignore[arg-type]
         if mode == "native" and qname not in _FLOAT_TYPES:  # K-quants and the rest: auto's MatMulNBits form
             mode, form = "auto", form_for("auto")
         if mode == "auto" and qname in ("Q4_0", "Q8_0"):
             return from_gguf_blocks(self.stored_rows(name), qname, shape, kernel="fp32")  # type: ignore[arg-type]
         if mode == "auto" and qname == "Q4_1":
             return q4_1_exact(self.raw(name), shape)  # type: ignore[arg-type]
-        if mode == "auto" and qname == "Q6_K":
-            return q6_k_exact(self.raw(name), shape, lambda rows: dequantize(rows, t.qtype))  # type: ignore[arg-type]
         if (qname, form.bits) in (("Q4_0", 4), ("Q8_0", 8)):
             return from_gguf_blocks(self.stored_rows(name), qname, shape)  # type: ignore[arg-type]
         if qname == "Q4_1":

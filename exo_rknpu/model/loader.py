@@ -133,7 +133,7 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT
 
     `weights` (auto | int4 | int8 | fp32 | native) picks the form of linear weights and the embedding
     (model/quant.py, docs/design.md#weights): auto keeps compact blocks multiplied in float32 (the same answers on
-    every CPU up to float32 rounding); native keeps GGUF Q4_0/Q4_1/Q8_0 blocks (float sources as Q8_0) for the
+    every CPU up to float32 rounding); native keeps GGUF Q4_0/Q4_1/Q8_0/Q6_K blocks (float sources as Q8_0) for the
     native kernel (the same bits on every CPU); int4/int8 quantize (compact, faster, CPU-dependent rounding); fp32
     widens everything. Norms and biases are float32 always.
     layers=False: only the embedding (first shard). The decoder layers and the final norm + head are neither read

@@ -20,9 +20,10 @@ min/max per block, zero always representable; see its docstring).
 `QTensor.kernel` says which kernel multiplies it (KERNELS): onnxruntime's MatMulNBits with activations quantized
 to int8 inside it ("int8": fast, rounded differently per instruction set) or kept float32 ("fp32": the same answers
 on every CPU up to float32 summation order), or our own QMatMul ("native", exo_rknpu.native: activations quantized
-to int8 by one fixed recipe, integer dot products, a fixed float order -- the same bits on every CPU). A native
-QTensor holds GGUF's Q4_0, Q4_1 or Q8_0 blocks of 32 with fp16 scales (`native_parts` hands them to the kernel's
-packer); it is still a valid MatMulNBits-layout QTensor, so every other path (dequantize, rows) reads it as usual.
+to int16 by one fixed recipe, integer dot products, a fixed float order -- the same bits on every CPU). A native
+QTensor holds GGUF's Q4_0, Q4_1 or Q8_0 blocks of 32 with fp16 scales, or GGUF Q6_K as `q6_k_exact`'s 8-bit blocks
+of 16 (scales d*sc, exact; `native_parts` splits them back into fp16 d and int8 sc) and hands them to the kernel's
+packer; it is still a valid MatMulNBits-layout QTensor, so every other path (dequantize, rows) reads it as usual.
 
 What each `--weights` mode makes of each source is decided in one place, `form_for` (+ `GGUFFile.linear` for GGUF's
 exact block types); docs/design.md#weights has the table.
@@ -319,8 +320,11 @@ def q4_1_exact(raw: np.ndarray, shape: tuple[int, int], kernel: str = "fp32") ->
     return QTensor(4, shape, 32, pack4(codes), d, zeros, "Q4_1 (exact)", kernel, m)
 
 
-def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndarray], np.ndarray]) -> QTensor:
-    """GGUF Q6_K rows -> 8-bit blocks of 16 holding exactly the stored values (what --weights auto does).
+def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndarray], np.ndarray],
+               kernel: str = "fp32") -> QTensor:
+    """GGUF Q6_K rows -> 8-bit blocks of 16 holding exactly the stored values (what --weights auto and native do),
+    multiplied with float32 activations by MatMulNBits (kernel "fp32", as `split8`) or by the native kernel (its
+    Q6_K format: `native_parts` gives back GGUF's d and sc).
 
     Q6_K: super-blocks of 256 = 16 sub-blocks of 16, value = d * sc_j * (q - 32) with q 6-bit, sc_j int8, d fp16:
     code q + 2, zero point 34, scale d*sc_j (exact in float32: 11 + 8 bits). The codes are read back from `widen` (the
@@ -341,7 +345,7 @@ def q6_k_exact(raw: np.ndarray, shape: tuple[int, int], widen: Callable[[np.ndar
         if not np.array_equal(q * s, v) or q.min(initial=0) < -32 or q.max(initial=0) > 31:
             raise ValueError("Q6_K blocks do not decode as d*sc*(q-32); cannot keep them exactly")
         codes[r : r + step] = (q + 34).astype(np.uint8)
-    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 34, np.uint8), "Q6_K (exact)", "fp32")
+    return QTensor(8, shape, 16, codes, scales, np.full((n, nsb), 34, np.uint8), "Q6_K (exact)", kernel)
 
 
 def split8(w: QTensor) -> QTensor:
@@ -415,27 +419,67 @@ def quantize_q8_0(w: np.ndarray, origin: str = "float -> Q8_0") -> QTensor:
     return QTensor(8, (n, k), BLOCK, blocks, scales, None, origin, "native")
 
 
-NATIVE_FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # exo_rknpu.native's fmt numbers (notes/native-spec.md)
+NATIVE_FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q6_K": 3}  # exo_rknpu.native's fmt numbers (native/pack.py)
+Q6_K_SUPER = 256  # Q6_K: one fp16 d per 256 weights of a row, one int8 sc per sub-block of 16
 
 
 @dataclass(frozen=True)
 class NativeParts:
     """A native QTensor as the kernel's packer takes it (exo_rknpu.native.pack): fmt (NATIVE_FORMATS), per-block
     scales d and (Q4_1) offsets m, float16 [N, K/32], and the codes [N, K] in element order (uint8 0..15 for
-    Q4_0/Q4_1: weight d*(q-8) or d*q + m; int8 for Q8_0: weight d*q)."""
+    Q4_0/Q4_1: weight d*(q-8) or d*q + m; int8 for Q8_0: weight d*q). Q6_K: d float16 [N, K/256], sc int8
+    [N, K/16], codes uint8 0..63: weight d*sc*(q-32)."""
 
     fmt: int
     d: np.ndarray
     codes: np.ndarray
     m: np.ndarray | None = None
+    sc: np.ndarray | None = None
+
+
+def _q6_k_split(scales: np.ndarray, origin: str) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K's sub-block scales s = d*sc (float32 [N, K/16], q6_k_exact) -> (d float16 [N, K/256], sc int8): some fp16 d
+    per super-block and int8 sc with d*sc == s exactly, so the kernel's float32 d*sc is s bit for bit. Tried per
+    super-block: sc = v at its largest |s| for v = -128 (what llama.cpp's quantizer writes there), 127, -127, ... 1,
+    -1; the file's own (d, sc) is among the candidates, so a Q6_K tensor always splits (only -128 is tried unless
+    some super-block needs more)."""
+    n, nsub = scales.shape
+    sb = scales.reshape(n, nsub // 16, 16)
+    if not np.isfinite(sb).all():
+        raise ValueError(f"{origin}: Q6_K scales are not all finite; the native kernel cannot take them")
+    big = np.take_along_axis(sb, np.abs(sb).argmax(-1)[..., None], -1)[..., 0]  # the largest |s| of each
+    d = np.zeros(big.shape, np.float16)
+    sc = np.zeros(sb.shape, np.int8)
+    todo = np.nonzero(big != 0)  # an all-zero super-block is d = 0, sc = 0
+    for v in [-128] + [x for c in range(127, 0, -1) for x in (c, -c)]:
+        if not todo[0].size:
+            return d, sc.reshape(n, nsub)
+        s, cand = sb[todo], (big[todo] / np.float32(v)).astype(np.float32)
+        q = np.rint(s / cand[:, None]).astype(np.float32)
+        with np.errstate(over="ignore"):  # a candidate beyond fp16's range becomes inf: refused
+            fp16 = cand.astype(np.float16).astype(np.float32) == cand
+        ok = fp16 & ((q >= -128) & (q <= 127) & (cand[:, None] * q == s)).all(-1)
+        d[todo[0][ok], todo[1][ok]] = cand[ok]
+        sc[todo[0][ok], todo[1][ok]] = q[ok]
+        todo = (todo[0][~ok], todo[1][~ok])
+    if todo[0].size:
+        raise ValueError(f"{origin}: scales are not fp16 d times int8 sc; not a Q6_K form the native kernel takes")
+    return d, sc.reshape(n, nsub)
 
 
 def native_parts(w: QTensor, owned: bool = False) -> NativeParts:
-    """The GGUF block form of a native QTensor (one made by from_gguf_blocks, q4_1_exact or quantize_q8_0). Q4_1's
-    m comes back exactly: q4_1_exact stores mins = m + 8d only where that sum is exact in float32, so mins - 8d is m
-    (or mins = m itself with zero point 0). Anything else is refused (the native kernel has no other format).
-    `owned`: w is the caller's own copy (a stacked one), its Q8_0 blocks turned into codes in place (no second copy)."""
+    """The GGUF block form of a native QTensor (one made by from_gguf_blocks, q4_1_exact, q6_k_exact or
+    quantize_q8_0). Q4_1's m comes back exactly: q4_1_exact stores mins = m + 8d only where that sum is exact in
+    float32, so mins - 8d is m (or mins = m itself with zero point 0); Q6_K's d and sc from their exact products
+    (_q6_k_split). Anything else is refused (the native kernel has no other format).
+    `owned`: w is the caller's own copy (a stacked one), its Q8_0 / Q6_K blocks turned into codes in place (no second
+    copy)."""
     n, k = w.shape
+    if (w.kernel == "native" and w.bits == 8 and w.block_size == 16 and k % Q6_K_SUPER == 0 and w.mins is None
+            and w.zero_points is not None and np.all(w.zero_points == 34)):
+        d, sc = _q6_k_split(w.scales, w.origin)
+        codes = np.subtract(w.blocks, np.uint8(2), out=w.blocks if owned else None)  # q6_k_exact's q + 2 -> q
+        return NativeParts(NATIVE_FORMATS["Q6_K"], d, codes.reshape(n, k), sc=sc)
     if w.kernel != "native" or w.block_size != BLOCK or k % BLOCK:
         raise ValueError(f"{w.origin} is not a native QTensor in blocks of {BLOCK}")
     d = _fp16(w.scales, w.origin, "scales")
@@ -451,14 +495,18 @@ def native_parts(w: QTensor, owned: bool = False) -> NativeParts:
             return NativeParts(NATIVE_FORMATS["Q4_1"], d, codes, _fp16(w.mins - np.float32(8) * w.scales, w.origin, "m"))
         if np.all(zeros == 0):
             return NativeParts(NATIVE_FORMATS["Q4_1"], d, codes, _fp16(w.mins, w.origin, "m"))
-    raise ValueError(f"{w.origin} ({w.bits}-bit) is not a Q4_0, Q4_1 or Q8_0 block form")
+    raise ValueError(f"{w.origin} ({w.bits}-bit) is not a Q4_0, Q4_1, Q8_0 or Q6_K block form")
 
 
 def native_format(w: QTensor) -> int:
-    """native_parts(w).fmt, without making the parts where the block form alone decides it (8-bit, and 4-bit
-    without mins); a Q4_1 candidate is checked whole (native_parts)."""
-    if w.kernel == "native" and w.zero_points is None and w.mins is None and w.bits in (4, 8):
+    """native_parts(w).fmt, without making the parts where the block form alone decides it (8-bit blocks of 32 or
+    of 16 with zero point 34, and 4-bit without mins; native_parts checks them when it packs); a Q4_1 candidate is
+    checked whole."""
+    if w.kernel == "native" and w.zero_points is None and w.mins is None and w.bits in (4, 8) and w.block_size == BLOCK:
         return NATIVE_FORMATS["Q8_0" if w.bits == 8 else "Q4_0"]
+    if (w.kernel == "native" and w.bits == 8 and w.block_size == 16 and w.shape[1] % Q6_K_SUPER == 0
+            and w.mins is None and w.zero_points is not None and np.all(w.zero_points == 34)):
+        return NATIVE_FORMATS["Q6_K"]
     return native_parts(w).fmt
 
 
@@ -484,7 +532,7 @@ class Form:
 
 def form_for(mode: str) -> Form:
     """The form `mode` gives a source with no exact block form (HF floats, GGUF K-quants and floats; GGUF Q4_0,
-    Q4_1 and Q8_0 keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
+    Q4_1, Q8_0 and Q6_K keep their own blocks where the mode allows, see gguf.py). auto: 8-bit blocks of AUTO_BLOCK
     multiplied with float32 activations -- the same answers on every CPU, within half an 8-bit step of the
     source's values, at ~1.07 bytes per weight in onnxruntime -- and the embedding left in the file (its rows
     exact). native: Q8_0 blocks of 32 (quantize_q8_0) for the native kernel, the embedding left in the file."""
@@ -513,8 +561,9 @@ def check_available(mode: str) -> str:
 def cpu_independent(mode: str) -> bool:
     """Whether `mode` gives the same answers on every CPU: auto and fp32 compute with float32 activations
     (auto's compact blocks included); native quantizes activations by one fixed recipe and sums in a fixed order
-    (its K-quant fallbacks are auto's float32 form); int4 and int8 let onnxruntime quantize activations to int8,
-    whose rounding differs between instruction sets (AVX2, AVX-512 VNNI, AMX, aarch64 with or without i8mm)."""
+    (its fallbacks for K-quants other than Q6_K are auto's float32 form); int4 and int8 let onnxruntime quantize
+    activations to int8, whose rounding differs between instruction sets (AVX2, AVX-512 VNNI, AMX, aarch64 with or
+    without i8mm)."""
     return check_mode(mode) in ("auto", "fp32", "native")
 
 

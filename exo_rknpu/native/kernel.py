@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from exo_rknpu.native.build import library
-from exo_rknpu.native.pack import BLOCK, Q4_0, Q8_0, ROW_GROUP, packed_bytes
+from exo_rknpu.native.pack import FORMATS, ROW_GROUP, k_multiple, packed_bytes
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,10 @@ def load(isa: str = "native", cache: Path | None = None) -> Native:
 
 def check_args(fmt: int, packed: np.ndarray, N: int, K: int, x: np.ndarray) -> None:
     """Raises ValueError (one line) unless the arguments are what exo_qmatmul_rows trusts them to be."""
-    if fmt not in (Q4_0, 1, Q8_0):
-        raise ValueError(f"native qmatmul: unknown format {fmt!r} (0 = Q4_0, 1 = Q4_1, 2 = Q8_0)")
-    if N <= 0 or K <= 0 or K % BLOCK:
-        raise ValueError(f"native qmatmul: N={N}, K={K}: need N > 0 and K a positive multiple of {BLOCK}")
+    if fmt not in FORMATS.values():
+        raise ValueError(f"native qmatmul: unknown format {fmt!r} (0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q6_K)")
+    if N <= 0 or K <= 0 or K % k_multiple(fmt):
+        raise ValueError(f"native qmatmul: N={N}, K={K}: need N > 0 and K a positive multiple of {k_multiple(fmt)}")
     want = packed_bytes(fmt, N, K)
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != want:
         got = (getattr(packed, "dtype", type(packed).__name__), getattr(packed, "shape", None))

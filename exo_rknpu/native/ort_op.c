@@ -1,6 +1,6 @@
 /* onnxruntime custom op QMatMul (domain exo_rknpu): y = x @ W.T with the native kernel (qmatmul.h).
  *
- *   attributes  fmt (0 Q4_0, 1 Q4_1, 2 Q8_0), K, N
+ *   attributes  fmt (0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q6_K), K, N
  *   inputs      x float32 [..., K]; packed uint8 [exo_packed_bytes(fmt, N, K)] (an initializer: exo_rknpu.native.pack)
  *   output      y float32 [..., N]
  *
@@ -59,10 +59,10 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
       (st = api->KernelInfoGetAttribute_int64(info, "K", &K)) ||
       (st = api->KernelInfoGetAttribute_int64(info, "N", &N)))
     return st;
-  if (fmt < 0 || fmt > 2)
-    return fail(api, "exo_rknpu.QMatMul: attribute fmt must be 0 (Q4_0), 1 (Q4_1) or 2 (Q8_0)");
-  if (K <= 0 || K % EXO_BLOCK || N <= 0)
-    return fail(api, "exo_rknpu.QMatMul: K must be a positive multiple of 32 and N positive");
+  if (fmt < 0 || fmt > 3)
+    return fail(api, "exo_rknpu.QMatMul: attribute fmt must be 0 (Q4_0), 1 (Q4_1), 2 (Q8_0) or 3 (Q6_K)");
+  if (N <= 0 || exo_packed_bytes((int)fmt, N, K) < 0)
+    return fail(api, "exo_rknpu.QMatMul: K must be a positive multiple of 32 (of 256 for Q6_K) and N positive");
   QMatMulKernel* k = malloc(sizeof *k);
   if (!k) return api->CreateStatus(ORT_FAIL, "exo_rknpu.QMatMul: out of memory");
   k->api = api;

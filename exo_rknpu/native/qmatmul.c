@@ -22,6 +22,22 @@
  *   Codes are unsigned (Q4 nibbles 0..15, Q8_0 code + 128): every path starts the integer sum at -8 * s (Q4_0) or
  *   -128 * s (Q8_0) to get the signed isum; partial sums stay below 32 * 255 * 32767 + 128 * 32 * 32767 < 2^31.
  *
+ * Q6_K (EXO_Q6_K; K a multiple of 256): weight = d * sc * (q - 32), q 6-bit, sc int8 per sub-block of 16, d fp16 per
+ *   super-block of 256, as GGUF. Result: y[m, n] = sum over blocks b of 32, in order, of
+ *     da * (s0 * (float)isum0 + s1 * (float)isum1)
+ *   where s0, s1 = (float)d * (float)sc of the block's two sub-blocks (k < 16, k >= 16 of the block; exact: an 11-bit
+ *   by an 8-bit mantissa) and isum0, isum1 their exact integer dot products with signed codes q - 32 (|isum| <=
+ *   16 * 32 * 32767 < 2^24: (float)isum is exact), float32, no FMA, in this order (reference.py qmatmul_q6_k).
+ *   Codes, CB = 384 bytes per (g, b): a code is stored as t = q ^ 32, the 6-bit two's complement of q - 32.
+ *     Bytes 0..255: t's low 4 bits in Q4's units (byte u*32 + r*2 + j: low nibble k = 32b + 2u + j, high nibble
+ *     k = 32b + 16 + 2u + j). Bytes 256..383: t's high 2 bits in two 64-byte planes h (0: k < 16, 1: k >= 16): the
+ *     little-endian 16-bit word 2r + j of plane h (bytes 256 + 64h + 4r + 2j) holds in bits 2u, 2u+1 (u < 8) those of
+ *     k = 32b + 16h + 2u + j. Shifting a field to a word's top bits and back arithmetically (by 10) gives the signed
+ *     high part times 16, into which the nibble is merged: the signed code word in 3-4 operations, no bias sum.
+ *   Scales, per (g, super-block s of 8 blocks): the 16 rows' fp16 d (32 bytes), then per block b of s its 16 rows'
+ *     int8 sc of sub-block 2(b % 8), then of 2(b % 8) + 1 (32 bytes): 288 bytes, 36 per block on average.
+ *   Total NG * NB * 420 bytes: 0.82 bytes per weight, as GGUF's 210 per 256.
+ *
  * Quantized activations (exo_quantize_act), per row m: K int16 codes, then NB float32 d, then NB int32 s (sum of the
  * block's codes): ACT_ROW(K) = 2K + 8 * NB bytes (the buffer must be 4-byte aligned; malloc's and numpy's are).
  * The AMX build appends, for M >= EXO_AMX_MIN_M, each code split into its low byte and its signed high byte
@@ -59,14 +75,25 @@
  * proportionally). Measured on the Xeon (docs/native.md): streaming weights, one row +15 %, 8 rows -35 % time. */
 #define EXO_PREFETCH 2048
 
-static int64_t code_block_bytes(int fmt) { return fmt == EXO_Q8_0 ? 512 : 256; }
-static int64_t scale_block_bytes(int fmt) { return fmt == EXO_Q4_1 ? 64 : 32; }
+static int64_t code_block_bytes(int fmt) { return fmt == EXO_Q8_0 ? 512 : fmt == EXO_Q6_K ? 384 : 256; }
+/* per (group, block); Q6_K's 288 per super-block of 8 blocks are 36 per block (q6k_d, q6k_sc locate a block's) */
+static int64_t scale_block_bytes(int fmt) { return fmt == EXO_Q4_1 ? 64 : fmt == EXO_Q6_K ? 36 : 32; }
 static int64_t act_row_bytes(int64_t K) { return 2 * K + 8 * (K / EXO_BLOCK); }
 
+/* Whether fmt is a format and K a positive multiple of its block (of 256 for Q6_K). */
+static int valid_shape(int fmt, int64_t K) {
+    return fmt >= EXO_Q4_0 && fmt <= EXO_Q6_K && K > 0 && K % (fmt == EXO_Q6_K ? EXO_SUPER_BLOCK : EXO_BLOCK) == 0;
+}
+
 int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
-    if (fmt < EXO_Q4_0 || fmt > EXO_Q8_0) return -1;
+    if (!valid_shape(fmt, K)) return -1;
     return (N + G - 1) / G * (K / EXO_BLOCK) * (code_block_bytes(fmt) + scale_block_bytes(fmt));
 }
+
+/* Q6_K: the fp16 d of block b's super-block (16 rows) and the block's int8 sc (16 rows of sub-block 2(b%8), then 16
+ * of 2(b%8)+1), in the scales of one row group sg. */
+static inline const uint8_t* q6k_d(const uint8_t* sg, int64_t b) { return sg + (b >> 3) * 288; }
+static inline const uint8_t* q6k_sc(const uint8_t* sg, int64_t b) { return sg + (b >> 3) * 288 + 32 + (b & 7) * 32; }
 
 #if defined(EXO_AMX)
 /* From this many activation rows a call takes the AMX path (qmatmul_amx.h; measured in docs/native.md). */
@@ -195,8 +222,47 @@ static void block_isums(int fmt, const uint8_t* cb, const int16_t* q, int32_t is
             }
 }
 
+/* Q6_K: the two sub-block sums (k < 16, k >= 16) of the 16 rows of one code block, with signed codes (exact). */
+static void block_isums_q6k(const uint8_t* cb, const int16_t* q, int32_t isum0[G], int32_t isum1[G]) {
+    for (int r = 0; r < G; r++) isum0[r] = isum1[r] = 0;
+    for (int h = 0; h < 2; h++)
+        for (int u = 0; u < 8; u++)
+            for (int r = 0; r < G; r++)
+                for (int j = 0; j < 2; j++) {
+                    const int k = 16 * h + 2 * u + j;
+                    const uint8_t nib = cb[u * 32 + r * 2 + j];
+                    const int32_t lo4 = h ? nib >> 4 : nib & 15;
+                    const int32_t hi2 = (cb[256 + 64 * h + 4 * r + 2 * j + (u >> 2)] >> (2 * (u & 3))) & 3;
+                    const int32_t t = lo4 | hi2 << 4; /* q ^ 32 */
+                    const int32_t w = t >= 32 ? t - 64 : t; /* q - 32 */
+                    (h ? isum1 : isum0)[r] += w * q[k];
+                }
+}
+
 static void store_rows(float* y, const float* acc, int64_t rows) {
     for (int64_t r = 0; r < rows; r++) y[r] = acc[r];
+}
+
+/* Q6_K's group_scalar: cg, sg the group's codes and scales, y its first column. */
+static __attribute__((unused)) void group_scalar_q6k(const uint8_t* cg, const uint8_t* sg, int64_t nb, const void* qa,
+                                                     int64_t K, int64_t M, float* y, int64_t N, int64_t rows) {
+    for (int64_t m = 0; m < M; m++) {
+        act_row a = act_of(qa, K, m);
+        float acc[G] = {0};
+        int32_t isum0[G], isum1[G];
+        for (int64_t b = 0; b < nb; b++) {
+            block_isums_q6k(cg + b * 384, a.q + b * EXO_BLOCK, isum0, isum1);
+            const uint8_t *dp = q6k_d(sg, b), *sc = q6k_sc(sg, b);
+            for (int r = 0; r < G; r++) {
+                uint16_t h;
+                memcpy(&h, dp + 2 * r, 2);
+                const float d = half_to_float(h);
+                const float s0 = d * (float)(int8_t)sc[r], s1 = d * (float)(int8_t)sc[16 + r];
+                acc[r] = acc[r] + a.d[b] * (s0 * (float)isum0[r] + s1 * (float)isum1[r]);
+            }
+        }
+        store_rows(y + m * N, acc, rows);
+    }
 }
 
 /* One row group g (rows 16g .. 16g+rows-1), all M activation rows: the reference order, one lane at a time. */
@@ -205,6 +271,10 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
                                                  const void* qa, int64_t K, int64_t M, float* y, int64_t N, int64_t g,
                                                  int64_t rows) {
     const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
+    if (fmt == EXO_Q6_K) {
+        group_scalar_q6k(codes + g * nb * cbb, scales + g * nb * sbb, nb, qa, K, M, y + g * G, N, rows);
+        return;
+    }
     for (int64_t m = 0; m < M; m++) {
         act_row a = act_of(qa, K, m);
         float acc[G] = {0};
@@ -256,6 +326,8 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
                     EXO_CHUNK_SWITCH(CHUNK, EXO_Q4_0, MAXR)                                                      \
                 } else if (fmt == EXO_Q4_1) {                                                                    \
                     EXO_CHUNK_SWITCH(CHUNK, EXO_Q4_1, MAXR)                                                      \
+                } else if (fmt == EXO_Q6_K) {                                                                    \
+                    EXO_CHUNK_SWITCH(CHUNK, EXO_Q6_K, MAXR)                                                      \
                 } else {                                                                                         \
                     EXO_CHUNK_SWITCH(CHUNK, EXO_Q8_0, MAXR)                                                      \
                 }                                                                                                \
@@ -294,7 +366,7 @@ const char* exo_isa(void) { return ISA_NAME; }
 
 void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, const void* qa, int64_t M, float* y,
                       int64_t n_begin, int64_t n_end) {
-    if (fmt < EXO_Q4_0 || fmt > EXO_Q8_0 || M <= 0 || K <= 0 || K % EXO_BLOCK || n_begin % G) return;
+    if (!valid_shape(fmt, K) || M <= 0 || n_begin % G) return;
     if (n_end > N) n_end = N;
     const int64_t nb = K / EXO_BLOCK, ng = (N + G - 1) / G;
     const uint8_t* scales = packed + ng * nb * code_block_bytes(fmt);

@@ -19,6 +19,41 @@ static inline __m512i avx512_dot2(__m512i acc, __m512i w, __m512i a) {
 #endif
 }
 
+/* Q6_K's signed code words of one unit: the nibbles nib (0..15 in each word) merged under the 2-bit field F of the
+ * plane words p, moved to the top and back arithmetically: (signed high part) * 16 | nibble = q - 32. */
+#define AVX512_Q6K_WORD(p, F, nib) \
+    _mm512_ternarylogic_epi32(low4, nib, _mm512_srai_epi16(_mm512_slli_epi16(p, 14 - 2 * (F)), 10), 0xCA)
+
+/* Q6_K's block b (codes cb, the group's scales sg) for activation rows a[0..MC-1] into acc (the layout and order at
+ * the top of qmatmul.c): two exact integer sums per activation row, one per sub-block (the block's low nibbles are
+ * k < 16, its high nibbles k >= 16), no bias: the code words are signed. */
+static inline __attribute__((always_inline)) void avx512_block_q6k(const int MC, const uint8_t* cb, const uint8_t* sg,
+                                                                   int64_t b, const act_row* a, __m512* acc) {
+    const __m512i low4 = _mm512_set1_epi16(0x0f);
+    const __m512i p0 = _mm512_loadu_si512(cb + 256), p1 = _mm512_loadu_si512(cb + 320);
+    __m512i isum0[8], isum1[8];
+    for (int i = 0; i < MC; i++) isum0[i] = isum1[i] = _mm512_setzero_si512();
+    for (int u = 0; u < 8; u++) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(cb + 32 * u)));
+        const __m512i lo = AVX512_Q6K_WORD(p0, u, v);
+        const __m512i hi = AVX512_Q6K_WORD(p1, u, _mm512_srli_epi16(v, 4));
+        for (int i = 0; i < MC; i++) {
+            isum0[i] = avx512_dot2(isum0[i], lo, avx512_bcast2(a[i].q + 32 * b + 2 * u));
+            isum1[i] = avx512_dot2(isum1[i], hi, avx512_bcast2(a[i].q + 32 * b + 16 + 2 * u));
+        }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)q6k_d(sg, b)));
+    const uint8_t* sc = q6k_sc(sg, b);
+    const __m512 s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)sc))));
+    const __m512 s1 =
+        _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(sc + 16)))));
+    for (int i = 0; i < MC; i++) {
+        const __m512 t = _mm512_add_ps(_mm512_mul_ps(s0, _mm512_cvtepi32_ps(isum0[i])),
+                                       _mm512_mul_ps(s1, _mm512_cvtepi32_ps(isum1[i])));
+        acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_set1_ps(a[i].d[b]), t));
+    }
+}
+
 /* Rows m0 .. m0+MC-1 of one row group: each loaded code unit feeds all MC activation rows. */
 static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, const int MC, const uint8_t* cg,
                                                                const uint8_t* sg, int64_t nb, const void* qa,
@@ -40,6 +75,10 @@ static inline __attribute__((always_inline)) void avx512_chunk(const int fmt, co
         /* prefetches never fault, so reading past the last group is harmless */
         for (int64_t o = 0; o < cbb; o += 64) _mm_prefetch((const char*)(cb + EXO_PREFETCH + o), _MM_HINT_T0);
         _mm_prefetch((const char*)(sb + EXO_PREFETCH * sbb / cbb), _MM_HINT_T0);
+        if (fmt == EXO_Q6_K) {
+            avx512_block_q6k(MC, cb, sg, b, a, acc);
+            continue;
+        }
         /* For one or two activation rows, two exact partial sums per row (halves the vpdpwssd dependency chain:
          * M = 1 runs 3-4 % faster); more rows have enough independent chains, and 2 * MC sums would spill. */
         const int split = MC <= 2;

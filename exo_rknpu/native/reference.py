@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exo_rknpu.native.pack import BLOCK, Q4_0, Q4_1, Q8_0
+from exo_rknpu.native.pack import BLOCK, Q4_0, Q4_1, Q6_K, Q8_0, SUPER_BLOCK
 
 F32_MAX = np.float32(np.finfo(np.float32).max)
 
@@ -33,15 +33,42 @@ def quantize_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def weight_ints(fmt: int, codes: np.ndarray) -> np.ndarray:
-    """The integer weight of each code: q - 8 (Q4_0), q (Q4_1), the int8 (Q8_0)."""
+    """The integer weight of each code: q - 8 (Q4_0), q (Q4_1), the int8 (Q8_0), q - 32 (Q6_K)."""
     w = np.asarray(codes).astype(np.int32)
-    return w - 8 if fmt == Q4_0 else w
+    return w - 8 if fmt == Q4_0 else w - 32 if fmt == Q6_K else w
 
 
-def qmatmul(fmt: int, d: np.ndarray, codes: np.ndarray, x: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-    """y float32 [M, N] = x [M, K] times the block-quantized [N, K] weights (d float16 [N, K/32], codes [N, K])."""
-    if fmt not in (Q4_0, Q4_1, Q8_0):
+def sub_block_scales(d: np.ndarray, sc: np.ndarray) -> np.ndarray:
+    """Q6_K's float32 scale of each sub-block of 16, s = d * sc [N, K/16]: exact (an 11-bit by an 8-bit mantissa)."""
+    return np.repeat(d.astype(np.float32), SUPER_BLOCK // 16, axis=1) * sc.astype(np.float32)
+
+
+def qmatmul_q6_k(d: np.ndarray, sc: np.ndarray, codes: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Q6_K's y float32 [M, N] (d float16 [N, K/256], sc int8 [N, K/16], codes 0..63 [N, K]). Per block b of 32,
+    the sums of its two sub-blocks apart (each |isum| <= 16 * 32 * 32767 < 2^24, so (float)isum is exact):
+    acc = acc + da_b * (s_2b * (float)isum_2b + s_2b+1 * (float)isum_2b+1)."""
+    q, da, _ = quantize_act(np.asarray(x, np.float32))
+    w = weight_ints(Q6_K, codes)
+    s = sub_block_scales(d, sc)
+    acc = np.zeros((q.shape[0], w.shape[0]), np.float32)
+    for b in range(w.shape[1] // BLOCK):
+        part = []
+        for j in (2 * b, 2 * b + 1):
+            sl = slice(16 * j, 16 * j + 16)
+            isum = (q[:, sl].astype(np.int64) @ w[:, sl].T.astype(np.int64)).astype(np.int32)
+            part.append(s[None, :, j] * isum.astype(np.float32))
+        acc = acc + da[:, b, None] * (part[0] + part[1])
+    return acc
+
+
+def qmatmul(fmt: int, d: np.ndarray, codes: np.ndarray, x: np.ndarray, m: np.ndarray | None = None,
+            sc: np.ndarray | None = None) -> np.ndarray:
+    """y float32 [M, N] = x [M, K] times the block-quantized [N, K] weights (d float16 [N, K/32], codes [N, K];
+    Q6_K: d [N, K/256] and sc int8 [N, K/16], see qmatmul_q6_k)."""
+    if fmt not in (Q4_0, Q4_1, Q8_0, Q6_K):
         raise ValueError(f"unknown format {fmt}")
+    if fmt == Q6_K:
+        return qmatmul_q6_k(d, sc, codes, x)
     q, da, sa = quantize_act(np.asarray(x, np.float32))
     w = weight_ints(fmt, codes)
     N, K = w.shape
@@ -58,9 +85,12 @@ def qmatmul(fmt: int, d: np.ndarray, codes: np.ndarray, x: np.ndarray, m: np.nda
     return acc
 
 
-def dequantize(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+def dequantize(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None = None,
+               sc: np.ndarray | None = None) -> np.ndarray:
     """The float64 weights [N, K] the codes stand for (for sanity bounds, not for the kernel's bits)."""
     w = weight_ints(fmt, codes).astype(np.float64)
+    if fmt == Q6_K:
+        return w * np.repeat(sub_block_scales(d, sc).astype(np.float64), 16, axis=1)
     out = w * np.repeat(d.astype(np.float64), BLOCK, axis=1)
     if fmt == Q4_1:
         out += np.repeat(m.astype(np.float64), BLOCK, axis=1)

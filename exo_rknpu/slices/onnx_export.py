@@ -71,7 +71,7 @@ class PendingPack:
         w = self.ws[0] if len(self.ws) == 1 else stack_rows(list(self.ws))
         p = native_parts(w, owned=len(self.ws) > 1)
         del w
-        return native.pack(p.fmt, p.d, p.codes, p.m)
+        return native.pack(p.fmt, p.d, p.codes, p.m, p.sc)
 
 
 def materialize(a: "np.ndarray | PendingPack") -> np.ndarray:

@@ -15,7 +15,8 @@ from exo_rknpu.backends.ort import OrtBackend, OrtRunner
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_shard
 from exo_rknpu import native
-from exo_rknpu.model.quant import native_format, native_parts, quantize
+from exo_rknpu.model.quant import QTensor, native_format, native_parts, quantize
+from exo_rknpu.model.weights import RowTable
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.shard import ShardRunner
 from exo_rknpu.slices.onnx_export import NATIVE_DOMAIN, NATIVE_OP, PendingPack, build_onnx_compact, materialize, stack_rows
@@ -34,6 +35,40 @@ def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("native")
     hf = make_tiny_hf(d / "hf", n_layers=3, seed=11)
     return {"hf": hf, **{q: make_tiny_gguf(d / f"{q}.gguf", hf, qtype=q) for q in ("Q4_0", "Q4_1", "Q8_0", "F32")}}
+
+
+def q6_k_headed(folder: Path) -> Path:
+    """A tied model shaped for Q6_K (hidden 256: whole super-blocks; vocab 333: a partial row group) whose Q4_0 file
+    keeps token_embd at Q6_K, as llama.cpp's quantizer does."""
+    hf = make_tiny_hf(folder / "hf6", n_layers=2, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=333, tied=True,
+                      seed=13)
+    return make_tiny_gguf(folder / "q6k.gguf", hf, qtype="Q4_0", embed_qtype="Q6_K")
+
+
+def test_a_q6_k_head_is_one_qmatmul_in_the_kernels_q6_k_format(tmp_path):
+    """The tied Q6_K head packs its own copy for the kernel's Q6_K format (0.82 bytes per weight, as the file);
+    the embedding stays a table in the file, looked up by gguf's own decoder."""
+    shard = load_shard(resolve_model(str(q6_k_headed(tmp_path))), LayerRange.full(2), "native")
+    assert isinstance(shard.embed_tokens, RowTable) and isinstance(shard.lm_head, QTensor)
+    assert shard.lm_head.kernel == "native" and shard.lm_head.origin == "Q6_K (exact)"
+    graph, external = build_onnx_compact(SliceSpec("head"), shard)
+    nodes = [n for n in graph.graph.node if n.op_type == NATIVE_OP]
+    assert len(nodes) == 1 and not any(n.op_type == "MatMulNBits" for n in graph.graph.node)
+    assert {a.name: a.i for a in nodes[0].attribute} == {"fmt": native.Q6_K, "K": 256, "N": 333}
+    packed = materialize(external[nodes[0].input[1]])
+    assert packed.size == native.packed_bytes(native.Q6_K, 333, 256) == 21 * 8 * (384 + 36)
+
+
+def test_a_q6_k_head_at_native_stays_within_the_int16_activation_error_of_float_arithmetic(tmp_path):
+    """Against float32 arithmetic on the file's values (measured: nmse 3.3e-9, 1 - cosine 2.1e-9 at the worst
+    position)."""
+    path = q6_k_headed(tmp_path)
+    float_logits = ring(path, None, "numpy", weights="fp32").forward("r", np.array([PROMPT]), logits="all")
+    native_logits = ring(path, None, "onnx", weights="native").forward("r", np.array([PROMPT]), logits="all")
+    a, b = native_logits.astype(np.float64).reshape(-1, 333), float_logits.astype(np.float64).reshape(-1, 333)
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert 0 < nmse(native_logits, float_logits) <= NATIVE_VS_FLOAT_NMSE
+    assert cosine.min() >= 1 - 1e-6 and np.array_equal(a.argmax(-1), b.argmax(-1))
 
 
 @pytest.mark.parametrize("model,fmt", [("Q4_0", 0), ("Q4_1", 1), ("Q8_0", 2), ("F32", 2), ("hf", 2)])

@@ -1,6 +1,6 @@
 """The native kernel inside onnxruntime: the custom op QMatMul (exo_rknpu/native/ort_op.c) in a one-node graph gives
-exactly the bits of exo_rknpu.native.reference (notes/native-spec.md), for every format, one row and several, with
-one intra-op thread and two (the rows split over onnxruntime's threads); bad input is one clear error."""
+exactly the bits of exo_rknpu.native.reference (notes/native-spec.md), for every format (Q6_K included), one row and
+several, with one intra-op thread and two (the rows split over onnxruntime's threads); bad input is one clear error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exo_rknpu.backends.ort import session_options
-from exo_rknpu.native import Q4_0, Q4_1, Q8_0, pack, reference
+from exo_rknpu.native import Q4_0, Q4_1, Q6_K, Q8_0, pack, reference
 from exo_rknpu.native.build import library
 from exo_rknpu.slices.onnx_export import NATIVE_DOMAIN, NATIVE_OP
 
@@ -65,6 +65,21 @@ def test_a_large_matrix_packs_in_steps_and_splits_over_threads_with_the_same_bit
     assert np.array_equal(one.reshape(2, n), reference.qmatmul(fmt, d, codes, x.reshape(2, k), m))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,seq", [(1, 1), (8, 1), (1, 7)])
+def test_qmatmul_op_in_q6_k_equals_the_reference_bit_for_bit(threads, batch, seq):
+    rng = np.random.default_rng(6)
+    n, k = 2100, 512  # several chunks per call, a partial last row group
+    d = (rng.uniform(0.0002, 0.005, (n, k // 256)) * rng.choice([-1, 1], (n, k // 256))).astype(np.float16)
+    sc = rng.integers(-128, 128, (n, k // 16)).astype(np.int8)
+    codes = rng.integers(0, 64, (n, k)).astype(np.uint8)
+    session = qmatmul_session(Q6_K, pack(Q6_K, d, codes, sc=sc), n, k, threads)
+    x = rng.standard_normal((batch, seq, k)).astype(np.float32)
+    y = session.run(None, {"x": x})[0]
+    want = reference.qmatmul(Q6_K, d, codes, x.reshape(-1, k), sc=sc).reshape(batch, seq, n)
+    assert y.shape == want.shape and np.array_equal(y.view(np.uint32), want.view(np.uint32))
+
+
 def test_packed_weights_of_the_wrong_size_are_one_clear_error():
     rng = np.random.default_rng(0)
     d, codes, _ = random_weights(Q8_0, 32, 64, rng)
@@ -85,6 +100,8 @@ def test_bad_attributes_are_refused_when_the_session_is_made():
     packed = np.zeros(100, np.uint8)
     with pytest.raises(Exception, match="K must be a positive multiple of 32"):
         qmatmul_session(Q8_0, packed, 32, 48, 1)
+    with pytest.raises(Exception, match="of 256 for Q6_K"):
+        qmatmul_session(Q6_K, packed, 32, 96, 1)
     with pytest.raises(Exception, match="fmt must be 0"):
         qmatmul_session(7, packed, 32, 64, 1)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from exo_rknpu.errors import NativeUnavailableError
-from exo_rknpu.native import Q4_0, Q4_1, Q8_0, pack, packed_bytes, reference
+from exo_rknpu.native import Q4_0, Q4_1, Q6_K, Q8_0, pack, packed_bytes, reference
 from exo_rknpu.native.build import X86
 from exo_rknpu.native.kernel import Native, load, qmatmul
 
@@ -71,6 +71,20 @@ def random_matrix(fmt: int, N: int, K: int, rng: np.random.Generator):
     d = (rng.standard_normal((N, K // 32)) * 0.02).astype(np.float16)
     m = (rng.standard_normal((N, K // 32)) * 0.05).astype(np.float16) if fmt == Q4_1 else None
     return d, codes, m
+
+
+def random_q6_k(N: int, K: int, rng: np.random.Generator):
+    """Q6_K: fp16 d per 256 (some negative, one super-block 0), int8 sc per 16 over their whole range, codes 0..63."""
+    d = (rng.standard_normal((N, K // 256)) * 0.002).astype(np.float16)
+    d[N // 2, 0] = 0
+    sc = rng.integers(-128, 128, (N, K // 16)).astype(np.int8)
+    codes = rng.integers(0, 64, (N, K)).astype(np.uint8)
+    return d, sc, codes
+
+
+def q6_k_matmul(nat: Native, d, sc, codes, x: np.ndarray, n_range=None) -> np.ndarray:
+    N, K = codes.shape
+    return qmatmul(Q6_K, pack(Q6_K, d, codes, sc=sc), N, K, x, native=nat, n_range=n_range)
 
 
 def activations(M: int, K: int, rng: np.random.Generator) -> np.ndarray:
@@ -196,6 +210,78 @@ def test_the_amx_build_multiplies_with_tiles_where_linux_grants_them(builds):
     assert perm.value >> XFEATURE_XTILEDATA & 1, "the AMX build ran but tile data is not permitted"
 
 
+@pytest.mark.parametrize("isa", list(BUILDS))
+@pytest.mark.parametrize("M", range(1, 10))
+@pytest.mark.parametrize("N,K", [(1, 256), (17, 256), (45, 512), (64, 2048)])
+def test_q6_k_equals_the_reference_bit_for_bit(builds, isa, M, N, K):
+    nat = build(builds, isa)
+    rng = np.random.default_rng([Q6_K, M, N, K])
+    d, sc, codes = random_q6_k(N, K, rng)
+    x = activations(M, K, rng)
+    assert same_bits(q6_k_matmul(nat, d, sc, codes, x), reference.qmatmul(Q6_K, d, codes, x, sc=sc))
+
+
+@pytest.mark.parametrize("isa", list(BUILDS))
+def test_q6_k_extremes_and_a_threads_slice_equal_the_reference(builds, isa):
+    """Codes 0 and 63, sc -128 and 127, the largest and subnormal fp16 d, activations at their block max (the
+    largest sub-block sums, 16 * 32 * 32767), non-finite and tiny activation blocks; then a thread's rows of a head."""
+    nat = build(builds, isa)
+    rng = np.random.default_rng(63)
+    N, K, M = 37, 768, 6
+    d, sc, codes = random_q6_k(N, K, rng)
+    codes = np.where(rng.random((N, K)) < 0.5, 0, 63).astype(np.uint8)
+    sc[::2] = np.where(sc[::2] < 0, -128, 127)
+    d[0], d[1], d[2] = np.float16(65504), np.float16(6e-8), np.float16(-2.0**-14)
+    x = np.where(rng.random((M, K)) < 0.5, -1.0, 1.0).astype(np.float32) * np.float32(3.7)
+    x[1] = 1.0
+    x[3, 40], x[4, 300] = np.inf, np.nan
+    x[5, 256:288] = 1e-38
+    y = q6_k_matmul(nat, d, sc, codes, x)
+    assert same_bits(y, reference.qmatmul(Q6_K, d, codes, x, sc=sc))
+    assert np.isnan(y[3:5]).all() and np.isfinite(y[[0, 1, 2, 5]]).all()
+    N, K, M = 16 * 40 + 5, 2048, 3
+    d, sc, codes = random_q6_k(N, K, rng)
+    x = activations(M, K, rng)
+    y = q6_k_matmul(nat, d, sc, codes, x, n_range=(16 * 25, N))
+    assert same_bits(y, reference.qmatmul(Q6_K, d[400:], codes[400:], x, sc=sc[400:]))
+
+
+def test_q6_k_reference_is_a_matmul_within_the_int16_activation_error():
+    rng = np.random.default_rng(6)
+    N, K, M = 40, 512, 3
+    d, sc, codes = random_q6_k(N, K, rng)
+    x = activations(M, K, rng)
+    w = reference.dequantize(Q6_K, d, codes, sc=sc)
+    exact = x.astype(np.float64) @ w.T
+    step = np.abs(x).reshape(M, K // 32, 32).max(-1).astype(np.float64) / 32767
+    bound = (np.repeat(step, 32, axis=1) / 2) @ np.abs(w).T + 1e-5 * (np.abs(x) @ np.abs(w).T)
+    err = np.abs(reference.qmatmul(Q6_K, d, codes, x, sc=sc) - exact)
+    assert (err <= bound).all() and 0 < err.max() <= 1e-4 * np.abs(exact).max()
+
+
+def test_q6_k_pack_puts_each_code_and_scale_where_the_layout_says():
+    """Row 16g+r, k = 32b + 16h + 2u + j: t = q ^ 32; its low 4 bits in byte u*32 + r*2 + j of code block (g, b)
+    (low nibble for h = 0), its high 2 bits at bits 2u of the 16-bit word at byte 256 + 64h + 4r + 2j; per (g,
+    super-block s) 32 bytes of fp16 d, then per block 16 sc of sub-block 2(b%8) and 16 of 2(b%8)+1."""
+    N, K = 20, 512
+    rng = np.random.default_rng(3)
+    d, sc, codes = random_q6_k(N, K, rng)
+    p = pack(Q6_K, d, codes, sc=sc)
+    nb, ns = K // 32, K // 256
+    assert p.size == packed_bytes(Q6_K, N, K) == 2 * (nb * 384 + ns * 288)
+    scales = p[2 * nb * 384:]
+    for n, k in [(0, 0), (5, 17), (19, 511), (16, 300), (3, 46)]:
+        g, r, b, kk = n // 16, n % 16, k // 32, k % 32
+        h, u, j = kk // 16, kk % 16 // 2, kk % 2
+        block = p[(g * nb + b) * 384:(g * nb + b + 1) * 384]
+        low = block[u * 32 + r * 2 + j] >> (4 * h) & 15
+        word = int(block[256 + 64 * h + 4 * r + 2 * j]) | int(block[256 + 64 * h + 4 * r + 2 * j + 1]) << 8
+        assert (low | (word >> (2 * u) & 3) << 4) == codes[n, k] ^ 32
+        sup = scales[(g * ns + b // 8) * 288:]
+        assert sup[2 * r:2 * r + 2].view(np.float16)[0] == d[n, b // 8]
+        assert sup[32 + (b % 8) * 32 + 16 * h + r].astype(np.int8) == sc[n, k // 16]
+
+
 def test_pack_puts_each_code_where_the_layout_says():
     """Q4_0, row 16g+r, k = 32b + 2u + j: byte u*32 + r*2 + j of code block (g, b), low nibble for k%32 < 16."""
     N, K = 20, 64
@@ -221,6 +307,7 @@ def test_pack_puts_each_code_where_the_layout_says():
     (lambda p, x: qmatmul(Q4_0, p, 20, 64, x.astype(np.float64)), "x must be float32"),
     (lambda p, x: qmatmul(7, p, 20, 64, x), "unknown format 7"),
     (lambda p, x: qmatmul(Q4_0, p, 20, 64, x, n_range=(8, 20)), "begin a multiple of 16"),
+    (lambda p, x: qmatmul(Q6_K, p, 20, 64, x), "K a positive multiple of 256"),
 ])
 def test_bad_input_is_refused_before_the_c_call(call, message):
     rng = np.random.default_rng(1)
@@ -235,6 +322,12 @@ def test_bad_input_is_refused_before_the_c_call(call, message):
     ((Q8_0, np.zeros((2, 2), np.float32), np.zeros((2, 64), np.int8)), "d must be float16"),
     ((Q4_1, np.zeros((2, 2), np.float16), np.zeros((2, 64), np.uint8)), "m must be float16"),
     ((Q4_0, np.zeros((2, 1), np.float16), np.zeros((2, 48), np.uint8)), "K a positive multiple of 32"),
+    ((Q6_K, np.zeros((2, 2), np.float16), np.zeros((2, 64), np.uint8)), "K a positive multiple of 256"),
+    ((Q6_K, np.zeros((2, 1), np.float16), np.zeros((2, 256), np.uint8)), "sc must be int8 \\[N, K/16\\]"),
+    ((Q6_K, np.zeros((2, 1), np.float16), np.full((2, 256), 64, np.uint8), None, np.zeros((2, 16), np.int8)),
+     "codes must be integers in 0..63"),
+    ((Q4_0, np.zeros((2, 8), np.float16), np.zeros((2, 256), np.uint8), None, np.zeros((2, 16), np.int8)),
+     "sc \\(sub-block scales\\) is only for Q6_K"),
 ])
 def test_pack_refuses_what_the_format_cannot_hold(args, message):
     with pytest.raises(ValueError, match=message):
@@ -266,6 +359,9 @@ def test_a_clang_build_gives_the_same_bits(monkeypatch, tmp_path):
         x = activations(5, 576, rng)
         assert same_bits(qmatmul(fmt, pack(fmt, d, codes, m), 70, 576, x, native=nat),
                          reference.qmatmul(fmt, d, codes, x, m))
+    d, sc, codes = random_q6_k(70, 768, rng)
+    x = activations(5, 768, rng)
+    assert same_bits(q6_k_matmul(nat, d, sc, codes, x), reference.qmatmul(Q6_K, d, codes, x, sc=sc))
 
 
 def _arm64_script():
@@ -285,7 +381,7 @@ def test_emulated_aarch64_builds_equal_the_reference_bit_for_bit(target, tmp_pat
         pytest.skip(why)
     cases = [(1, 45, 576), (3, 17, 64), (6, 200, 2048)]
     lines = arm64.check(target, cases, tmp_path)
-    assert len(lines) == 3 * len(cases)
+    assert len(lines) == 4 * len(cases)  # Q4_0, Q4_1, Q8_0, Q6_K
 
 
 def test_calls_on_whole_row_groups_from_several_threads_fill_in_the_one_call_result(builds):
@@ -324,6 +420,10 @@ def test_pack_in_steps_of_row_groups_gives_the_bytes_of_one_step(monkeypatch):
         monkeypatch.setattr(pack_module, "_ELEMENTS_PER_STEP", 16 * 128 * 2)  # two groups a step, five steps
         assert np.array_equal(pack(fmt, d, codes, m), whole)
         monkeypatch.undo()
+    d, sc, codes = random_q6_k(16 * 9 + 3, 256, rng)
+    whole = pack(Q6_K, d, codes, sc=sc)
+    monkeypatch.setattr(pack_module, "_ELEMENTS_PER_STEP", 16 * 256 * 2)
+    assert np.array_equal(pack(Q6_K, d, codes, sc=sc), whole)
 
 
 @pytest.mark.parametrize("isa", list(BUILDS))
@@ -338,3 +438,9 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_call(builds, isa
         together = qmatmul(fmt, packed, 100, 576, x, native=nat)
         for row in (0, 5, 12):
             assert same_bits(together[row:row + 1], qmatmul(fmt, packed, 100, 576, x[row:row + 1], native=nat))
+    d, sc, codes = random_q6_k(100, 512, rng)
+    packed = pack(Q6_K, d, codes, sc=sc)
+    x = activations(13, 512, rng)
+    together = qmatmul(Q6_K, packed, 100, 512, x, native=nat)
+    for row in (0, 5, 12):
+        assert same_bits(together[row:row + 1], qmatmul(Q6_K, packed, 100, 512, x[row:row + 1], native=nat))

@@ -11,8 +11,12 @@ from gguf.constants import GGMLQuantizationType as GT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from exo_rknpu.model.quant import (NATIVE_FORMATS, check_mode, from_gguf_blocks, native_parts, q4_1_exact, q6_k_exact,
-                                   q4_1_to_int4, q4_1_to_int8, quantize, quantize_q8_0, split8, split8_input)
+from exo_rknpu.model.quant import (NATIVE_FORMATS, check_mode, from_gguf_blocks, native_format, native_parts,
+                                   q4_1_exact, q4_1_to_int4, q4_1_to_int8, q6_k_exact, quantize, quantize_q8_0, split8,
+                                   split8_input)
+from exo_rknpu.native import Q6_K, pack, reference
+from exo_rknpu.native.kernel import qmatmul
+from tiny_models import quantize_q6_k
 
 RNG = np.random.default_rng(3)
 W = RNG.standard_normal((96, 256)).astype(np.float32)
@@ -199,11 +203,46 @@ def test_native_parts_hand_the_kernel_the_gguf_values(qtype):
     assert np.array_equal(values.astype(np.float32), gguf_dequantize(raw, GT[qtype]))
 
 
+@pytest.mark.parametrize("source", ["llama.cpp-style", "any bytes"])
+def test_native_q6_k_parts_are_exactly_the_gguf_values(source):
+    """GGUF Q6_K reaches the native kernel as stored: its parts (fp16 d, int8 sc, 6-bit codes) stand for exactly
+    gguf-py's decoding of the bytes, and the kernel on their packed form equals the reference on those parts, bit for
+    bit. llama.cpp's quantizer puts sc = -128 at each super-block's largest scale (its d and sc come back as stored);
+    arbitrary bytes need another split of d*sc, which is found and exact too."""
+    raw = quantize_q6_k(RNG.standard_normal((8, 512)).astype(np.float32)) if source == "llama.cpp-style" \
+        else _q6_k_rows()[0]
+    raw[1, 192:208] = 0  # a super-block's scales all 0
+    stored = gguf_dequantize(raw, GT.Q6_K)
+    q = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K), kernel="native")
+    p = native_parts(q)
+    assert p.fmt == native_format(q) == NATIVE_FORMATS["Q6_K"] == Q6_K
+    assert p.d.dtype == np.float16 and p.sc.dtype == np.int8 and p.codes.max() <= 63
+    assert np.array_equal(reference.dequantize(Q6_K, p.d, p.codes, sc=p.sc).astype(np.float32), stored)
+    if source == "llama.cpp-style":
+        blocks = raw.reshape(8, 2, 210)
+        d = blocks[..., 208:210].copy().view(np.float16)[..., 0]
+        d[1, 0] = 0  # the all-zero super-block is d = 0
+        assert np.array_equal(p.d, d)
+        assert np.array_equal(p.sc, blocks[..., 192:208].view(np.int8).reshape(8, 32))
+    x = RNG.standard_normal((3, 512)).astype(np.float32)
+    y = qmatmul(Q6_K, pack(Q6_K, p.d, p.codes, sc=p.sc), 8, 512, x)
+    assert np.array_equal(y, reference.qmatmul(Q6_K, p.d, p.codes, x, sc=p.sc))
+
+
+def test_native_q6_k_refuses_scales_that_are_not_fp16_times_int8():
+    raw, _ = _q6_k_rows()
+    q = q6_k_exact(raw, (8, 512), lambda rows: gguf_dequantize(rows, GT.Q6_K), kernel="native")
+    scales = q.scales.copy()
+    scales[2, 3] = np.float32(1 / 3)  # no fp16 d and int8 sc make it
+    with pytest.raises(ValueError, match="not fp16 d times int8 sc"):
+        native_parts(replace(q, scales=scales))
+
+
 def test_native_parts_refuse_what_the_kernel_cannot_take():
     with pytest.raises(ValueError, match="not a native QTensor"):
         native_parts(quantize(W, 8, 32, kernel="fp32"))
     with pytest.raises(ValueError, match="takes fp16 scales"):
         native_parts(replace(quantize(W, 8, 32), kernel="native"))  # float32 scales
     q4 = from_gguf_blocks(gguf_quantize(W, GT.Q4_0), "Q4_0", W.shape, "native")
-    with pytest.raises(ValueError, match="not a Q4_0, Q4_1 or Q8_0"):  # a zero point the kernel has no format for
+    with pytest.raises(ValueError, match="not a Q4_0, Q4_1, Q8_0 or Q6_K"):  # a zero point the kernel has no format for
         native_parts(replace(q4, zero_points=np.full((96, 4), 0x55, np.uint8)))
