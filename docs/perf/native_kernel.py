@@ -264,7 +264,8 @@ def compare_builds(builds: list[str], fmts: list[str], shapes: list[tuple[int, i
                 ref = reference.qmatmul(fmt, w.d, w.codes, x, w.m)
                 for nat in nats:
                     y = qmatmul(fmt, packed[0], N, K, x, native=nat)
-                    assert np.array_equal(y.view(np.uint32), ref.view(np.uint32)), f"{nat.isa} differs from the reference"
+                    same = np.array_equal(y.view(np.uint32), ref.view(np.uint32))
+                    assert same, f"{nat.isa} differs from the reference"
                 print(f"| {fmt_name} | {K} × {N} | {M} | " + " | ".join(f"{t * 1e3:.3f}" for t in times) + " | "
                       + " | ".join(f"{t / times[0]:.2f}" for t in times[1:]) + " |", flush=True)
 

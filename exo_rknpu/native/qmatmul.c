@@ -96,8 +96,11 @@ static inline const uint8_t* q6k_d(const uint8_t* sg, int64_t b) { return sg + (
 static inline const uint8_t* q6k_sc(const uint8_t* sg, int64_t b) { return sg + (b >> 3) * 288 + 32 + (b & 7) * 32; }
 
 #if defined(EXO_AMX)
-/* From this many activation rows a call takes the AMX path (qmatmul_amx.h; measured in docs/native.md). */
+/* From this many activation rows a call may take the AMX path (qmatmul_amx.h), which quantization prepares for;
+ * Q4_0 takes it from 4 rows, Q4_1 and Q8_0 (more AVX-512 work per block besides the tiles) from 6: below, the
+ * AVX-512 path was as fast or faster on this Xeon (docs/native.md). */
 #define EXO_AMX_MIN_M 4
+#define EXO_AMX_MIN_M_Q4_1_Q8_0 6
 typedef struct act_row act_row;
 static act_row act_of(const void* qa, int64_t K, int64_t m);
 static int64_t amx_plane_bytes(int64_t M, int64_t K);
@@ -371,7 +374,8 @@ void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, cons
     const int64_t nb = K / EXO_BLOCK, ng = (N + G - 1) / G;
     const uint8_t* scales = packed + ng * nb * code_block_bytes(fmt);
 #if defined(EXO_AMX)
-    if (M >= EXO_AMX_MIN_M && (fmt == EXO_Q4_0 || fmt == EXO_Q4_1 || fmt == EXO_Q8_0) && amx_usable()) {
+    if ((fmt == EXO_Q4_0 ? M >= EXO_AMX_MIN_M : (fmt == EXO_Q4_1 || fmt == EXO_Q8_0) && M >= EXO_AMX_MIN_M_Q4_1_Q8_0)
+        && amx_usable()) {
         amx_rows(fmt, packed, N, K, qa, M, y, n_begin, n_end);
         return;
     }

@@ -27,7 +27,7 @@ void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, cons
 /* Size in bytes of the packed weights of an N x K matrix in format fmt (-1 for an unknown fmt, or a K that is not
  * a multiple of 32, of 256 for Q6_K). */
 int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K);
-/* Which code path this build compiled: "avx512vnni-amx" (AMX-INT8 from 4 activation rows where Linux grants tile
+/* Which code path this build compiled: "avx512vnni-amx" (AMX-INT8 for batched rows where Linux grants tile
  * data, else AVX-512 VNNI), "avx512vnni", "avx512", "avx2-vnni", "avx2", "neon" or "scalar". */
 const char* exo_isa(void);
 

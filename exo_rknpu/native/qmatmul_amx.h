@@ -1,5 +1,6 @@
-/* AMX-INT8 path of qmatmul.c for M >= EXO_AMX_MIN_M activation rows (included there after the AVX-512 path, whose
- * float stage it shares; needs AMX_TILE and AMX_INT8, and Linux's permission to use tile data).
+/* AMX-INT8 path of qmatmul.c for batched rows (Q4_0 from EXO_AMX_MIN_M = 4 activation rows, Q4_1 and Q8_0 from 6;
+ * included there after the AVX-512 path, whose float stage it shares; needs AMX_TILE and AMX_INT8, and Linux's
+ * permission to use tile data).
  *
  * Exactness. An int16 activation code q splits exactly into q = 256 * hi + lo with lo = q & 0xff (u8, 0..255) and
  * hi = q >> 8 (arithmetic, s8, -128..127). With signed weight codes w (s8: Q4_0 nibble - 8, Q4_1 nibble, Q8_0 code)
@@ -27,7 +28,8 @@ extern long syscall(long number, ...); /* unistd.h declares it only with _GNU_SO
 #define EXO_ARCH_REQ_XCOMP_PERM 0x1023
 #define EXO_XFEATURE_XTILEDATA 18
 
-static int amx_state; /* 0 not asked yet, 1 granted, -1 refused (threads racing on the first call ask twice: harmless) */
+/* 0 not asked yet, 1 granted, -1 refused (threads racing on the first call both ask: harmless) */
+static int amx_state;
 
 static int amx_usable(void) {
     int s = __atomic_load_n(&amx_state, __ATOMIC_RELAXED);
