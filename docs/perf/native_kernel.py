@@ -5,11 +5,14 @@ quantized to Q8_0/Q8_1; llama.cpp's model loader may repack Q4_0 for its GEMM, w
 each, the same weights, timed alternately.
 
     python docs/perf/native_kernel.py [--fmts Q4_0,Q4_1,Q8_0] [--rows 1,2,4,8] [--rounds 15] [--stream-mb 0]
+    python docs/perf/native_kernel.py --builds amx,avx512 [--shapes 2048x2048,...] [--rows 1,2,4,8]
 
 Shapes: the 1B model's (K=2048,N=2048; K=2048,N=8192; K=8192,N=2048) and smollm2-135m's (K=576,N=1536; the head
 K=576,N=49152). By default each contender calls one matrix again and again (it stays in L2/L3, like
 matmulnbits_rows.py); --stream-mb S rotates over copies totalling about S MB (more than the L3, as a decode step
 streams every weight from memory; ORT then holds one session per copy). Prints `uptime` before and after.
+--builds A,B,... instead times builds of the native kernel against each other (exo_rknpu.native.build ISA_FLAGS
+keys, e.g. the AMX path against the AVX-512 one), alternately, and gives each one's time over the first's.
 Q4_0 and Q8_0 are given to MatMulNBits exactly (4 or 8 bits, zero point 8 or 128, float32 scales); Q4_1's minimum
 is not a MatMulNBits zero point, so its row uses rounded zero points (the same work, not the same weights). Q6_K
 (`--fmts Q6_K`, K a multiple of 256, e.g. the 1B model's head `--shapes 2048x49152`) is given to MatMulNBits as
@@ -36,7 +39,7 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from exo_rknpu.model.quant import QTensor, split8, split8_input
 from exo_rknpu.native import FORMATS, Q4_1, Q6_K, Q8_0, pack, reference
-from exo_rknpu.native.kernel import Native, load
+from exo_rknpu.native.kernel import Native, load, qmatmul
 
 TESTS = Path(__file__).resolve().parents[2] / "tests"
 
@@ -236,6 +239,37 @@ def alternate(calls: list[Callable[[], None]], rounds: int, per_round: int) -> l
     return [float(np.median(t)) for t in times]
 
 
+def compare_builds(builds: list[str], fmts: list[str], shapes: list[tuple[int, int]], rows: list[int],
+                   rounds: int, stream_mb: float) -> None:
+    """One table row per (fmt, shape, M): each build's ms per call, timed alternately, and its time over the first
+    build's; the builds' outputs must be the same bits."""
+    nats = [load(b) for b in builds]
+    print(f"builds: {', '.join(f'{b} ({n.isa})' for b, n in zip(builds, nats))}; 1 thread; "
+          + (f"rotating over ~{stream_mb:.0f} MB of copies" if stream_mb else "one matrix, called repeatedly"))
+    print("| fmt | K × N | M | " + " | ".join(f"{b} ms" for b in builds) + " | "
+          + " | ".join(f"{b} / {builds[0]}" for b in builds[1:]) + " |")
+    print("|---" * (3 + 2 * len(builds) - 1) + "|")
+    rng = np.random.default_rng(0)
+    for fmt_name in fmts:
+        fmt = FORMATS[fmt_name]
+        for K, N in shapes:
+            w = random_weights(fmt, K, N, rng)
+            one = pack(fmt, w.d, w.codes, w.m)
+            copies = max(1, int(stream_mb * 1e6 // one.size)) if stream_mb else 1
+            packed = [one] + [one.copy() for _ in range(copies - 1)]
+            for M in rows:
+                x = rng.standard_normal((M, K)).astype(np.float32)
+                calls = [native_call(nat, fmt, packed, N, K, x) for nat in nats]
+                times = alternate(calls, rounds, max(copies, int(2e-3 / max(1e-6, M * N * K / 50e9))))
+                ref = reference.qmatmul(fmt, w.d, w.codes, x, w.m)
+                for nat in nats:
+                    y = qmatmul(fmt, packed[0], N, K, x, native=nat)
+                    same = np.array_equal(y.view(np.uint32), ref.view(np.uint32))
+                    assert same, f"{nat.isa} differs from the reference"
+                print(f"| {fmt_name} | {K} × {N} | {M} | " + " | ".join(f"{t * 1e3:.3f}" for t in times) + " | "
+                      + " | ".join(f"{t / times[0]:.2f}" for t in times[1:]) + " |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fmts", default="Q4_0,Q4_1,Q8_0")
@@ -243,8 +277,15 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,...")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--stream-mb", type=float, default=0.0, help="rotate over copies totalling this many MB")
+    p.add_argument("--builds", default="", help="time these native builds against each other instead (amx,avx512)")
     a = p.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    if a.builds:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+        compare_builds(a.builds.split(","), a.fmts.split(","), shapes, [int(r) for r in a.rows.split(",")], a.rounds,
+                       a.stream_mb)
+        print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+        return
     nat = load()
     ggml = ggml_libs()
     print(f"native build: {nat.isa}; onnxruntime {ort.__version__} MatMulNBits accuracy level 1; "

@@ -30,7 +30,11 @@ ISA_FLAGS = {
     "scalar": ("-march=x86-64" if X86 else "-march=armv8-a", "-DEXO_NO_SIMD"),
     "avx2": ("-march=haswell",),
     "avxvnni": ("-march=haswell", "-mavxvnni"),  # AVX2 with 256-bit vpdpbusd (CPUs with AVX-VNNI, no AVX-512)
-    "avx512": ("-march=x86-64-v4", "-mavx512vnni"),
+    "avx512": ("-march=x86-64-v4", "-mavx512vnni"),  # no AMX: the AVX-512 path alone, even on AMX CPUs
+    # AMX-INT8 for batched rows (Q4_0 from 4, Q4_1 / Q8_0 from 6), else AVX-512; tuned as -march=native tunes on an
+    # AMX CPU (with generic tuning the AMX path ran 5-15 % slower)
+    "amx": ("-march=x86-64-v4", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mtune=sapphirerapids"),
+    "native-noamx": ("-march=native", "-DEXO_NO_AMX"),  # this machine's build without its AMX path (benchmarks)
     "avx512novnni": ("-march=x86-64-v4",),  # AVX-512 without VNNI (Skylake-X): vpmaddwd + vpaddd
 }
 
@@ -67,7 +71,7 @@ def library(isa: str = "native", cache: Path | None = None) -> Path:
     cache defaults to the exo-rknpu cache's native/ folder. Raises NativeUnavailableError when no compiler is found
     or the compiler fails (its first error line is in the message).
     """
-    if isa not in ISA_FLAGS or (isa in ("avx2", "avxvnni", "avx512", "avx512novnni") and not X86):
+    if isa not in ISA_FLAGS or (isa in ("avx2", "avxvnni", "avx512", "avx512novnni", "amx") and not X86):
         raise ValueError(f"native kernel: isa {isa!r} is not one of {sorted(ISA_FLAGS)} for {platform.machine()}")
     cc = compiler()
     flags = list(COMMON_FLAGS) + list(ISA_FLAGS[isa])

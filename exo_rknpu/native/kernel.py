@@ -24,7 +24,8 @@ class Native:
 
     @property
     def isa(self) -> str:
-        """The code path this build compiled ("avx512vnni", "avx512", "avx2-vnni", "avx2", "neon", "scalar")."""
+        """The code path this build compiled ("avx512vnni-amx", "avx512vnni", "avx512", "avx2-vnni", "avx2",
+        "neon", "scalar")."""
         return self.lib.exo_isa().decode()
 
 

@@ -40,6 +40,13 @@
  *
  * Quantized activations (exo_quantize_act), per row m: K int16 codes, then NB float32 d, then NB int32 s (sum of the
  * block's codes): ACT_ROW(K) = 2K + 8 * NB bytes (the buffer must be 4-byte aligned; malloc's and numpy's are).
+ * The AMX build appends, for M >= EXO_AMX_MIN_M, each code split into its low byte and its signed high byte
+ * (q = 256 * hi + lo, exact), laid out as AMX A tiles (qmatmul_amx.h); exo_act_bytes counts them.
+ *
+ * Code paths: AVX-512 (qmatmul_avx512.h), AVX2 (qmatmul_avx2.h), NEON (qmatmul_neon.h), scalar (here), chosen at
+ * compile time; the AVX-512 build on a CPU with AMX-INT8 (-march=native on Sapphire Rapids and later) also has
+ * qmatmul_amx.h, taken from EXO_AMX_MIN_M activation rows (batched decode) when Linux grants tile data. Every path
+ * computes the same exact isum and the same float stage in the same order, so all give the reference's bits.
  */
 #include "qmatmul.h"
 
@@ -49,6 +56,9 @@
 #if !defined(EXO_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define EXO_AVX512 1
 #include <immintrin.h>
+#if !defined(EXO_NO_AMX) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__)
+#define EXO_AMX 1
+#endif
 #elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)
 #define EXO_AVX2 1
 #if defined(__AVXVNNI__)
@@ -85,7 +95,21 @@ int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K) {
 static inline const uint8_t* q6k_d(const uint8_t* sg, int64_t b) { return sg + (b >> 3) * 288; }
 static inline const uint8_t* q6k_sc(const uint8_t* sg, int64_t b) { return sg + (b >> 3) * 288 + 32 + (b & 7) * 32; }
 
-int64_t exo_act_bytes(int64_t M, int64_t K) { return M * act_row_bytes(K); }
+#if defined(EXO_AMX)
+/* From this many activation rows a call may take the AMX path (qmatmul_amx.h), which quantization prepares for;
+ * Q4_0 takes it from 4 rows, Q4_1 and Q8_0 (more AVX-512 work per block besides the tiles) from 6: below, the
+ * AVX-512 path was as fast or faster on this Xeon (docs/native.md). */
+#define EXO_AMX_MIN_M 4
+#define EXO_AMX_MIN_M_Q4_1_Q8_0 6
+typedef struct act_row act_row;
+static act_row act_of(const void* qa, int64_t K, int64_t m);
+static int64_t amx_plane_bytes(int64_t M, int64_t K);
+static void amx_make_planes(void* qa, int64_t M, int64_t K);
+#else
+#define amx_plane_bytes(M, K) 0
+#endif
+
+int64_t exo_act_bytes(int64_t M, int64_t K) { return M * act_row_bytes(K) + amx_plane_bytes(M, K); }
 
 /* Exact fp16 -> float32 (every fp16 value, subnormals included, is a float32). */
 static float half_to_float(uint16_t h) {
@@ -163,10 +187,13 @@ void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa) {
         int32_t* s = (int32_t*)(d + nb);
         for (int64_t b = 0; b < nb; b++) s[b] = quantize_block(x + m * K + b * EXO_BLOCK, q + b * EXO_BLOCK, d + b);
     }
+#if defined(EXO_AMX)
+    amx_make_planes(qa, M, K);
+#endif
 }
 
 /* The activation codes, scales and sums of row m. */
-typedef struct {
+typedef struct act_row {
     const int16_t* q;
     const float* d;
     const int32_t* s;
@@ -313,7 +340,10 @@ static __attribute__((unused)) void group_scalar(int fmt, const uint8_t* codes, 
 #if defined(EXO_AVX512)
 #include "qmatmul_avx512.h"
 #define GROUP_FN group_avx512
-#if defined(__AVX512VNNI__)
+#if defined(EXO_AMX)
+#include "qmatmul_amx.h"
+#define ISA_NAME "avx512vnni-amx"
+#elif defined(__AVX512VNNI__)
 #define ISA_NAME "avx512vnni"
 #else
 #define ISA_NAME "avx512"
@@ -343,6 +373,13 @@ void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, cons
     if (n_end > N) n_end = N;
     const int64_t nb = K / EXO_BLOCK, ng = (N + G - 1) / G;
     const uint8_t* scales = packed + ng * nb * code_block_bytes(fmt);
+#if defined(EXO_AMX)
+    if ((fmt == EXO_Q4_0 ? M >= EXO_AMX_MIN_M : (fmt == EXO_Q4_1 || fmt == EXO_Q8_0) && M >= EXO_AMX_MIN_M_Q4_1_Q8_0)
+        && amx_usable()) {
+        amx_rows(fmt, packed, N, K, qa, M, y, n_begin, n_end);
+        return;
+    }
+#endif
     for (int64_t g = n_begin / G; g * G < n_end; g++) {
         const int64_t rows = n_end - g * G < G ? n_end - g * G : G;
         GROUP_FN(fmt, packed, scales, nb, qa, K, M, y, N, g, rows);

@@ -20,13 +20,15 @@ int64_t exo_act_bytes(int64_t M, int64_t K);
 /* Quantizes x [M, K] (float32, row-major) into qa (exo_act_bytes(M, K) bytes, 4-byte aligned). */
 void exo_quantize_act(const float* x, int64_t M, int64_t K, void* qa);
 /* y[m, n] for m < M and n_begin <= n < n_end (y is [M, N] row-major; other entries untouched).
- * n_begin is a multiple of EXO_ROW_GROUP; reentrant (no global state, no allocation). */
+ * n_begin is a multiple of EXO_ROW_GROUP; reentrant, no allocation (the only process state: whether Linux granted
+ * AMX tile data, asked once by the AMX build). */
 void exo_qmatmul_rows(int fmt, const uint8_t* packed, int64_t N, int64_t K, const void* qa, int64_t M, float* y,
                       int64_t n_begin, int64_t n_end);
 /* Size in bytes of the packed weights of an N x K matrix in format fmt (-1 for an unknown fmt, or a K that is not
  * a multiple of 32, of 256 for Q6_K). */
 int64_t exo_packed_bytes(int fmt, int64_t N, int64_t K);
-/* Which code path this build compiled: "avx512vnni", "avx512", "avx2-vnni", "avx2", "neon" or "scalar". */
+/* Which code path this build compiled: "avx512vnni-amx" (AMX-INT8 for batched rows where Linux grants tile
+ * data, else AVX-512 VNNI), "avx512vnni", "avx512", "avx2-vnni", "avx2", "neon" or "scalar". */
 const char* exo_isa(void);
 
 #ifdef __cplusplus

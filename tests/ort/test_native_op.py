@@ -40,7 +40,7 @@ def qmatmul_session(fmt: int, packed: np.ndarray, n: int, k: int, threads: int) 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", list(FMTS))
-@pytest.mark.parametrize("batch,seq", [(1, 1), (3, 1), (1, 7)])
+@pytest.mark.parametrize("batch,seq", [(1, 1), (3, 1), (8, 1), (1, 7)])  # 8 x 1: a batched decode step (AMX)
 def test_qmatmul_op_equals_the_reference_bit_for_bit(name, threads, batch, seq):
     fmt, rng = FMTS[name], np.random.default_rng(7)
     n, k = 200, 576  # N not a multiple of the 16-row group, several chunks per call

@@ -4,6 +4,7 @@ refused in Python before any C call."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import shutil
 import threading
@@ -38,6 +39,8 @@ BUILDS = {
     "avxvnni": ({"avx2", "fma", "f16c", "avx_vnni"}, "avx2-vnni"),
     "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "f16c"}, "avx512vnni"),
     "avx512novnni": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "f16c"}, "avx512"),
+    "amx": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "f16c", "amx_tile", "amx_int8"},
+            "avx512vnni-amx"),
     "native": (set(), None),
 }
 
@@ -49,7 +52,7 @@ def builds(tmp_path_factory) -> dict[str, Native]:
     have = cpu_flags()
     out = {}
     for isa, (needs, _) in BUILDS.items():
-        if isa in ("avx2", "avxvnni", "avx512", "avx512novnni") and not X86 or not needs <= have:
+        if isa in ("avx2", "avxvnni", "avx512", "avx512novnni", "amx") and not X86 or not needs <= have:
             continue
         out[isa] = load(isa, cache)
     return out
@@ -101,13 +104,14 @@ def test_each_build_compiles_the_code_path_it_is_named_for(builds, isa):
     nat = build(builds, isa)
     expected = BUILDS[isa][1]
     if expected is None:
-        expected = "avx512vnni" if "avx512" in builds else "avx2" if "avx2" in builds else nat.isa
+        expected = ("avx512vnni-amx" if "amx" in builds else "avx512vnni" if "avx512" in builds
+                    else "avx2" if "avx2" in builds else nat.isa)
     assert nat.isa == expected
 
 
 @pytest.mark.parametrize("isa", list(BUILDS))
 @pytest.mark.parametrize("fmt", list(FMTS))
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 8, 13])  # every chunk size of 4 and 8 rows
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13])  # every chunk size and tail of 4 and 8 rows
 @pytest.mark.parametrize("N,K", [(1, 32), (17, 64), (45, 96), (64, 256), (33, 1024)])
 def test_library_equals_the_reference_bit_for_bit(builds, isa, fmt, M, N, K):
     nat = build(builds, isa)
@@ -186,6 +190,28 @@ def test_integer_sums_above_2_to_the_24_round_alike_in_every_build(builds, isa):
     q, _, _ = reference.quantize_act(x)
     isum = q[:, :32].astype(np.int64) @ codes[:, :32].T.astype(np.int64)
     assert np.abs(isum).max() > 2**24 and (isum.astype(np.float32).astype(np.int64) != isum).any()
+
+
+ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1022, 0x1023, 18, 158
+
+
+def test_the_amx_build_multiplies_with_tiles_where_linux_grants_them(builds):
+    """From 4 rows the amx build asks Linux for AMX tile data and, granted, takes the tile path: afterwards the
+    process holds the permission (ARCH_GET_XCOMP_PERM), so the bit-exact tests above ran tiles, not the fallback.
+    Where Linux refuses (asked again here), the build's AVX-512 fallback was right and there is nothing to check."""
+    nat = build(builds, "amx")
+    rng = np.random.default_rng(3)
+    d, codes, _ = random_matrix(Q4_0, 40, 96, rng)
+    x = activations(4, 96, rng)
+    assert same_bits(qmatmul(Q4_0, pack(Q4_0, d, codes), 40, 96, x, native=nat), reference.qmatmul(Q4_0, d, codes, x))
+    libc = ctypes.CDLL(None, use_errno=True)
+    perm = ctypes.c_uint64(0)
+    if libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(perm)) != 0:
+        pytest.skip(f"this kernel has no ARCH_GET_XCOMP_PERM (errno {ctypes.get_errno()}): AMX cannot be used")
+    if not perm.value >> XFEATURE_XTILEDATA & 1:
+        if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0:
+            pytest.skip(f"Linux refuses AMX tile data here (errno {ctypes.get_errno()}): the build fell back to AVX-512")
+        pytest.fail("Linux grants AMX tile data, but the amx build did not ask for it: its tile path never ran")
 
 
 @pytest.mark.parametrize("isa", list(BUILDS))
