@@ -241,8 +241,10 @@ def written_rows(cache: np.ndarray, past: np.ndarray, seq: int, batched: bool) -
     returns k_new: [n,kv,seq,hd] (one request) or [n*B,kv,seq,hd] layer-major (a batch)."""
     if not batched:
         return cache[:, 0, :, past[0] : past[0] + seq]
-    rows = np.stack([cache[:, r, :, p : p + seq] for r, p in enumerate(past)], axis=1)
-    return rows.reshape(-1, *rows.shape[2:])
+    n, b, kv, _, hd = cache.shape
+    # one gather for every row: advanced indices on axes 1 and 3 (split by a slice) put their dims [B, seq] first
+    rows = cache[:, np.arange(b)[:, None], :, past[:, None] + np.arange(seq)]  # [B, seq, n, kv, hd]
+    return rows.transpose(2, 0, 3, 1, 4).reshape(n * b, kv, seq, hd)
 
 
 def _slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exo_rknpu.backends.ort import OrtBackend, cached_positions
+from exo_rknpu.backends.ort import OrtBackend, cached_positions, written_rows
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.zoo import resolve_model
@@ -107,6 +107,18 @@ def test_masks_that_do_not_show_a_prefix_of_the_cache_are_refused():
     holey[..., 2] = -1e9
     with pytest.raises(ValueError, match="prefix of the cache"):
         cached_positions(holey, 16)
+
+
+def test_a_batched_call_returns_the_rows_each_request_wrote_at_its_own_position_layer_major():
+    n, b, kv, hd = 2, 3, 2, 4
+    cache = np.random.default_rng(0).standard_normal((n, b, kv, 12, hd)).astype(np.float32)
+    past = np.array([0, 7, 3])
+    for seq in (1, 2):
+        got = written_rows(cache, past, seq, batched=True)
+        assert got.shape == (n * b, kv, seq, hd)
+        for layer in range(n):
+            for row, p in enumerate(past):
+                assert np.array_equal(got[layer * b + row], cache[layer, row, :, p : p + seq])
 
 
 def test_models_whose_heads_the_kernel_does_not_take_keep_the_split_form(tmp_path):
