@@ -467,6 +467,12 @@ def _q6_k_split(scales: np.ndarray, origin: str) -> tuple[np.ndarray, np.ndarray
     return d, sc.reshape(n, nsub)
 
 
+def _is_q6_k(w: QTensor) -> bool:
+    """Whether w is q6_k_exact's form for the native kernel (8-bit blocks of 16, zero point 34, whole super-blocks)."""
+    return (w.kernel == "native" and w.bits == 8 and w.block_size == 16 and w.shape[1] % Q6_K_SUPER == 0
+            and w.mins is None and w.zero_points is not None and bool(np.all(w.zero_points == 34)))
+
+
 def native_parts(w: QTensor, owned: bool = False) -> NativeParts:
     """The GGUF block form of a native QTensor (one made by from_gguf_blocks, q4_1_exact, q6_k_exact or
     quantize_q8_0). Q4_1's m comes back exactly: q4_1_exact stores mins = m + 8d only where that sum is exact in
@@ -475,8 +481,7 @@ def native_parts(w: QTensor, owned: bool = False) -> NativeParts:
     `owned`: w is the caller's own copy (a stacked one), its Q8_0 / Q6_K blocks turned into codes in place (no second
     copy)."""
     n, k = w.shape
-    if (w.kernel == "native" and w.bits == 8 and w.block_size == 16 and k % Q6_K_SUPER == 0 and w.mins is None
-            and w.zero_points is not None and np.all(w.zero_points == 34)):
+    if _is_q6_k(w):
         d, sc = _q6_k_split(w.scales, w.origin)
         codes = np.subtract(w.blocks, np.uint8(2), out=w.blocks if owned else None)  # q6_k_exact's q + 2 -> q
         return NativeParts(NATIVE_FORMATS["Q6_K"], d, codes.reshape(n, k), sc=sc)
@@ -504,8 +509,7 @@ def native_format(w: QTensor) -> int:
     checked whole."""
     if w.kernel == "native" and w.zero_points is None and w.mins is None and w.bits in (4, 8) and w.block_size == BLOCK:
         return NATIVE_FORMATS["Q8_0" if w.bits == 8 else "Q4_0"]
-    if (w.kernel == "native" and w.bits == 8 and w.block_size == 16 and w.shape[1] % Q6_K_SUPER == 0
-            and w.mins is None and w.zero_points is not None and np.all(w.zero_points == 34)):
+    if _is_q6_k(w):
         return NATIVE_FORMATS["Q6_K"]
     return native_parts(w).fmt
 
