@@ -11,7 +11,6 @@ from exo_rknpu.model.quant import DEFAULT_WEIGHTS, WEIGHT_MODES
 
 # Peers `--compare` knows, by the name the user types.
 PEERS = ("transformers", "llama.cpp")
-
 COMPILED_DTYPES = ("fp16", "w8a8")
 
 

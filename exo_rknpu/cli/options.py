@@ -123,8 +123,8 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
     """--weights: the form linear weights are kept in (model/quant.py)."""
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, type=weights_mode,
                    help=f"native | auto | fp32 | int4 | int8: form of the linear weights (default {DEFAULT_WEIGHTS}). "
-                        "native: GGUF Q4_0, Q4_1 and Q8_0 kept exactly, float sources as Q8_0, other GGUF types as "
-                        "auto; multiplied by exo-rknpu's own kernel (int16 activations, the same kernel bits on "
+                        "native: GGUF Q4_0, Q4_1, Q8_0 and Q6_K kept exactly, float sources as Q8_0, other GGUF types "
+                        "as auto; multiplied by exo-rknpu's own kernel (int16 activations, the same kernel bits on "
                         "every CPU; built once with the system C compiler). auto: compact blocks multiplied in "
                         "float32 by onnxruntime (no compiler needed, slower). fp32: everything widened (the "
                         "reference). int4/int8: onnxruntime's int8 activations, whose answers depend on the CPU")

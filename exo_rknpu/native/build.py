@@ -38,6 +38,8 @@ ISA_FLAGS = {
     "avx512novnni": ("-march=x86-64-v4",),  # AVX-512 without VNNI (Skylake-X): vpmaddwd + vpaddd
 }
 
+X86_ONLY = frozenset({"avx2", "avxvnni", "avx512", "avx512novnni", "amx"})  # their -march values are x86-64's
+
 
 def source_dir() -> Path:
     return Path(__file__).resolve().parent
@@ -71,7 +73,7 @@ def library(isa: str = "native", cache: Path | None = None) -> Path:
     cache defaults to the exo-rknpu cache's native/ folder. Raises NativeUnavailableError when no compiler is found
     or the compiler fails (its first error line is in the message).
     """
-    if isa not in ISA_FLAGS or (isa in ("avx2", "avxvnni", "avx512", "avx512novnni", "amx") and not X86):
+    if isa not in ISA_FLAGS or (isa in X86_ONLY and not X86):
         raise ValueError(f"native kernel: isa {isa!r} is not one of {sorted(ISA_FLAGS)} for {platform.machine()}")
     cc = compiler()
     flags = list(COMMON_FLAGS) + list(ISA_FLAGS[isa])
