@@ -1,5 +1,5 @@
 /* exo-rknpu native quantized matmul: int16 activations x block-quantized weights (Q4_0, Q4_1, Q8_0, Q6_K).
- * The result is bit-for-bit the same on every CPU: see docs at the top of qmatmul.c and notes/native-spec.md. */
+ * The result is bit-for-bit the same on every CPU: see docs at the top of qmatmul.c and docs/native.md. */
 #ifndef EXO_QMATMUL_H
 #define EXO_QMATMUL_H
 

@@ -1,4 +1,4 @@
-"""The native kernel's arithmetic in numpy (notes/native-spec.md), the reference its C code paths must equal bit for
+"""The native kernel's arithmetic in numpy (docs/native.md), the reference its C code paths must equal bit for
 bit. float32 numpy elementwise operations are IEEE single operations, done here in the kernel's order: vectorized
 over rows n and m, a loop over blocks. Works on the unpacked (d, codes, m), so it also checks pack().
 """

@@ -1,5 +1,5 @@
 """The native kernel inside onnxruntime: the custom op QMatMul (exo_rknpu/native/ort_op.c) in a one-node graph gives
-exactly the bits of exo_rknpu.native.reference (notes/native-spec.md), for every format (Q6_K included), one row and
+exactly the bits of exo_rknpu.native.reference (docs/native.md), for every format (Q6_K included), one row and
 several, with one intra-op thread and two (the rows split over onnxruntime's threads); bad input is one clear error."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The native quantized matmul (exo_rknpu/native): every build this machine can run gives exactly the bits of the
-numpy reference (notes/native-spec.md), the reference is a matmul within the int16-activation error, and bad input is
+numpy reference (docs/native.md), the reference is a matmul within the int16-activation error, and bad input is
 refused in Python before any C call."""
 
 from __future__ import annotations
