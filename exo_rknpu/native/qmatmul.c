@@ -56,7 +56,7 @@
 #if !defined(EXO_NO_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define EXO_AVX512 1
 #include <immintrin.h>
-#if !defined(EXO_NO_AMX) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__)
+#if !defined(EXO_NO_AMX) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__) && defined(__GFNI__)
 #define EXO_AMX 1
 #endif
 #elif !defined(EXO_NO_SIMD) && defined(__AVX2__) && defined(__F16C__)

@@ -1,5 +1,5 @@
 /* AMX-INT8 path of qmatmul.c for batched rows (Q4_0 from EXO_AMX_MIN_M = 4 activation rows, Q4_1 and Q8_0 from 6;
- * included there after the AVX-512 path, whose float stage it shares; needs AMX_TILE and AMX_INT8, and Linux's
+ * included there after the AVX-512 path, whose float stage it shares; needs AMX_TILE, AMX_INT8 and GFNI, and Linux's
  * permission to use tile data).
  *
  * Exactness. An int16 activation code q splits exactly into q = 256 * hi + lo with lo = q & 0xff (u8, 0..255) and
@@ -107,7 +107,7 @@ static inline __attribute__((always_inline)) void amx_b_block(const int fmt, con
     /* word 2n of a B row = row n's 2 k of the first unit, word 2n + 1 = row n's 2 k of the second */
     const __m512i pair = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i low4 = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8), flip = _mm512_set1_epi8((char)0x80);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
     if (fmt == EXO_Q8_0) {
         for (int r = 0; r < 8; r++) {
             const __m512i v = _mm512_permutexvar_epi16(pair, _mm512_loadu_si512(cb + 64 * r));
@@ -115,15 +115,20 @@ static inline __attribute__((always_inline)) void amx_b_block(const int fmt, con
         }
         return;
     }
+    /* One GF(2) affine map per nibble (gf2p8affineqb: output bit i = parity(row i & byte) ^ bit i of the constant, row
+     * i = byte 7 - i of the matrix): Q4_0 bits 0..2 the nibble's, bits 3..7 its top bit flipped (nibble - 8 as s8);
+     * Q4_1 bits 0..3 the nibble's, 4..7 zero. */
+    const __m512i mlo = _mm512_set1_epi64(fmt == EXO_Q4_0 ? 0x0102040808080808ll : 0x0102040800000000ll);
+    const __m512i mhi = _mm512_set1_epi64(fmt == EXO_Q4_0 ? 0x1020408080808080ll : 0x1020408000000000ll);
     for (int r = 0; r < 4; r++) {  /* low nibbles: k 0..15, rows 0..3; high nibbles: k 16..31, rows 4..7 */
         const __m512i v = _mm512_permutexvar_epi16(pair, _mm512_loadu_si512(cb + 64 * r));
-        __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         if (fmt == EXO_Q4_0) {
-            lo = _mm512_sub_epi8(lo, eight);
-            hi = _mm512_sub_epi8(hi, eight);
+            _mm512_store_si512(bt + 64 * r, _mm512_gf2p8affine_epi64_epi8(v, mlo, 0xf8));
+            _mm512_store_si512(bt + 64 * (r + 4), _mm512_gf2p8affine_epi64_epi8(v, mhi, 0xf8));
+        } else {
+            _mm512_store_si512(bt + 64 * r, _mm512_gf2p8affine_epi64_epi8(v, mlo, 0));
+            _mm512_store_si512(bt + 64 * (r + 4), _mm512_gf2p8affine_epi64_epi8(v, mhi, 0));
         }
-        _mm512_store_si512(bt + 64 * r, lo);
-        _mm512_store_si512(bt + 64 * (r + 4), hi);
     }
 }
 

@@ -39,7 +39,8 @@ BUILDS = {
     "avxvnni": ({"avx2", "fma", "f16c", "avx_vnni"}, "avx2-vnni"),
     "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "f16c"}, "avx512vnni"),
     "avx512novnni": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "f16c"}, "avx512"),
-    "amx": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "f16c", "amx_tile", "amx_int8"},
+    "amx": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni", "f16c", "gfni", "amx_tile",
+             "amx_int8"},
             "avx512vnni-amx"),
     "native": (set(), None),
 }
