@@ -31,8 +31,8 @@ ISA_FLAGS = {
     "avx2": ("-march=haswell",),
     "avxvnni": ("-march=haswell", "-mavxvnni"),  # AVX2 with 256-bit vpdpbusd (CPUs with AVX-VNNI, no AVX-512)
     "avx512": ("-march=x86-64-v4", "-mavx512vnni"),  # no AMX: the AVX-512 path alone, even on AMX CPUs
-    # AMX-INT8 (with GFNI, as every AMX CPU has) for batched rows (Q4_0 from 4, Q4_1 / Q8_0 from 6), else AVX-512; tuned as -march=native tunes on an
-    # AMX CPU (with generic tuning the AMX path ran 5-15 % slower)
+    # AMX-INT8 (with GFNI, as every AMX CPU has) for batched rows (Q4_0 from 4, Q4_1 / Q8_0 from 6), else AVX-512;
+    # tuned as -march=native tunes on an AMX CPU (with generic tuning the AMX path ran 5-15 % slower)
     "amx": ("-march=x86-64-v4", "-mavx512vnni", "-mgfni", "-mamx-tile", "-mamx-int8", "-mtune=sapphirerapids"),
     "native-noamx": ("-march=native", "-DEXO_NO_AMX"),  # this machine's build without its AMX path (benchmarks)
     "avx512novnni": ("-march=x86-64-v4",),  # AVX-512 without VNNI (Skylake-X): vpmaddwd + vpaddd

@@ -244,11 +244,12 @@ def test_q6_k_extremes_and_a_threads_slice_equal_the_reference(builds, isa):
     y = q6_k_matmul(nat, d, sc, codes, x)
     assert same_bits(y, reference.qmatmul(Q6_K, d, codes, x, sc=sc))
     assert np.isnan(y[3:5]).all() and np.isfinite(y[[0, 1, 2, 5]]).all()
-    N, K, M = 16 * 40 + 5, 2048, 3
+    N, K = 16 * 40 + 5, 2048
     d, sc, codes = random_q6_k(N, K, rng)
-    x = activations(M, K, rng)
-    y = q6_k_matmul(nat, d, sc, codes, x, n_range=(16 * 25, N))
-    assert same_bits(y, reference.qmatmul(Q6_K, d[400:], codes[400:], x, sc=sc[400:]))
+    for M in (3, 8):  # fewer rows than AMX takes, and a batch
+        x = activations(M, K, rng)
+        y = q6_k_matmul(nat, d, sc, codes, x, n_range=(16 * 25, N))
+        assert same_bits(y, reference.qmatmul(Q6_K, d[400:], codes[400:], x, sc=sc[400:]))
 
 
 def test_q6_k_reference_is_a_matmul_within_the_int16_activation_error():
