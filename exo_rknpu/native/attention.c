@@ -33,8 +33,8 @@
 
 #define EXO_LANES 16
 #define EXO_MAX_DIMS 8
-/* multiply-adds of a call below which it runs on the calling thread: waking onnxruntime's pool costs more than
- * a small step's attention (a decode step of 8 requests at ~30 positions: ~1M) */
+/* multiply-adds of a call below which it runs on the calling thread: a decode step of 8 requests at ~30 positions
+ * (~1M on the 1B shape) took 72 us on one thread and 77-80 us over onnxruntime's two (a busy 2-vCPU machine) */
 #define EXO_PARALLEL_MACS (1 << 22)
 /* query rows per task of a long chunk (prefill): enough tasks for the threads, few enough to amortize a task */
 #define EXO_ROWS_PER_TASK 16
@@ -48,7 +48,7 @@ typedef struct {
 } AttentionKernel;
 
 typedef struct { /* one call's work, shared by its tasks */
-  int64_t S, nh, kv, hd, T, chunks, rows;
+  int64_t S, nh, kv, hd, T, chunks, rows, tasks;
   float scale;
   const float *qkv, *cos, *sin;
   const int32_t* seqlens;
@@ -364,11 +364,12 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     return st;
   if (B == 0 || S == 0) return NULL;
   const int64_t rows = S < EXO_ROWS_PER_TASK ? S : EXO_ROWS_PER_TASK;
-  AttentionCall c = {S, nh, kv, hd, T, (S + rows - 1) / rows, rows, k->scale, qkv, cos, sin, seqlens, pk, pv, out, 0};
+  const int64_t chunks = (S + rows - 1) / rows;
+  AttentionCall c = {S, nh, kv, hd, T, chunks, rows, B * kv * chunks, k->scale, qkv, cos, sin, seqlens, pk, pv, out, 0};
   if ((st = extend_caches(api, &c, past_k, past_v, B, C, cd[0]))) return st;
   double macs = 0; /* the call's multiply-adds, to decide whether to wake the pool */
   for (int64_t b = 0; b < B; b++) macs += (double)S * (c.seqlens[b] + 1) * nh * hd * 2;
-  size_t tasks = (size_t)(B * kv * c.chunks);
+  size_t tasks = (size_t)c.tasks;
   if (macs < EXO_PARALLEL_MACS || tasks == 1) {
     for (size_t i = 0; i < tasks; i++) run_task(&c, i);
   } else if ((st = api->KernelContext_ParallelFor(ctx, run_task, tasks, 0, &c))) {
