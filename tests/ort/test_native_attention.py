@@ -18,8 +18,12 @@ from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.native.build import X86, library
 from exo_rknpu.slices.onnx_export import MS_DOMAIN, NATIVE_ATTENTION_OP, NATIVE_DOMAIN, build_onnx_compact
 from exo_rknpu.slices.spec import SliceSpec
+from helpers import nmse, ring
+from tiny_models import make_tiny_hf
 
 TABLE = 600  # rope table rows (positions)
+PROMPT = [5, 17, 42, 7, 99, 3, 250, 11, 64, 8, 31]
+NATIVE_VS_FLOAT_NMSE = 1e-7  # the native kernel's int16 activations against float arithmetic (test_native_form.py)
 FLOAT32_ROUNDING = 2e-5  # a float32 computation against float64 / another float32 order, relative to the largest value
 
 
@@ -184,3 +188,19 @@ def test_slices_of_native_weights_run_the_native_attention_and_others_grouped_qu
         ops = [(n.domain, n.op_type) for n in model.graph.node]
         assert ops.count((NATIVE_DOMAIN if want == NATIVE_ATTENTION_OP else MS_DOMAIN, want)) == 5, weights
         assert ("", "Concat") not in ops  # q|k|v reach it packed (one Split of the fused projection)
+
+
+def test_qwen3s_normed_q_and_k_reach_the_op_packed_again_within_the_native_error(tmp_path):
+    """qwen3's per-head q/k norms sit between the projection's Split and the attention: q|k|v are concatenated
+    again (a copy of one row per position). Prefill and a decode step stay within the native kernel's error of the
+    numpy backend on the same weights (float arithmetic, test_native_form.py's bound)."""
+    path = make_tiny_hf(tmp_path / "qwen3", arch="qwen3", n_layers=2, head_dim=32, seed=3)
+    shard = load_shard(resolve_model(str(path)), LayerRange.full(2), "native")
+    model, _ = build_onnx_compact(SliceSpec("layers", 0, 2), shard, attention_form="gqa")
+    made_by = {out: n.op_type for n in model.graph.node for out in n.output}
+    ops = [n for n in model.graph.node if n.op_type == NATIVE_ATTENTION_OP]
+    assert len(ops) == 2 and all(made_by[n.input[0]] == "Concat" for n in ops)
+    rings = [ring(path, None, backend, weights="native") for backend in ("onnx", "numpy")]
+    prefill = [r.forward("r", np.array([PROMPT]), logits="all") for r in rings]
+    step = [r.forward("r", np.array([[int(prefill[1][0, -1].argmax())]]), logits="all") for r in rings]
+    assert 0 < nmse(*prefill) <= NATIVE_VS_FLOAT_NMSE and 0 < nmse(*step) <= NATIVE_VS_FLOAT_NMSE
