@@ -15,7 +15,7 @@
  *               runner's IO binding, backends/ort.py) that write is the only cache traffic
  *
  * Why not GroupQueryAttention: onnxruntime's CPU kernel runs two MLAS GEMM calls of one row per (request, query
- * head) and re-reads each kv head once per query head; on the 1B shape a decode step of 8 requests spent ~0.33 ms
+ * head) and re-reads each kv head once per query head; on the 1B shape a decode step of 8 requests spent ~0.35 ms
  * per layer in it (docs/performance.md). Here the query heads of one kv head share every key and value read.
  *
  * The arithmetic, per request b, kv head g and query row s at position p = seqlens_k[b] - S + 1 + s (L = p + 1
