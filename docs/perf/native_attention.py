@@ -10,7 +10,8 @@ median µs per call with the caches warm and evicted (a 16 MB copy before each c
 them), for one request, 8 at 20-35 positions, 8 at 100, and a 128-token prefill.
 `steps`: one process, two shards of MODEL at --weights native, the first with the native op (the default), the
 second with GroupQueryAttention (its own prepared-slice cache); batched decode steps of 1 and 8 requests (prompts
-of 16 + i tokens as batch_profile.py's, 16 steps) alternate between them, so both see the same machine. Wall and CPU ms per step.
+of 16 + i tokens as batch_profile.py's, 16 steps) alternate between them, so both see the same machine. Wall and
+CPU ms per step.
 `calls`: the attention op's kernel time per call inside MODEL at --weights native (onnxruntime's profiler, the last
 16 of batch_profile.py's batched steps of N requests): whichever op the build exports; run it on two builds
 alternately to compare them.
@@ -65,7 +66,8 @@ def bound_call(session, past: list[int], seq: int, capacity: int):
     b = len(past)
     ang = np.arange(2112)[:, None] * (10000.0 ** (-np.arange(HD // 2) / (HD // 2)))[None]
     keep = {"qkv": rng.standard_normal((b, seq, (NH + 2 * KV) * HD), np.float32),
-            "seqlens_k": np.array(past, np.int32) + seq - 1, "total_sequence_length": np.array(max(past) + seq, np.int32),
+            "seqlens_k": np.array(past, np.int32) + seq - 1,
+            "total_sequence_length": np.array(max(past) + seq, np.int32),
             "cos_cache": np.cos(ang).astype(np.float32), "sin_cache": np.sin(ang).astype(np.float32),
             "out": np.empty((b, seq, NH * HD), np.float32)}
     io = session.io_binding()
@@ -142,7 +144,8 @@ def time_steps(model: str, threads: int, rounds: int) -> None:
                     outs = shard.forward_batch([(rid, np.asarray([[t[-1]]])) for rid, t in zip(ids, tokens)], "last")
                     for t, out in zip(tokens, outs):
                         t.append(sampler(out))
-                times[(op, n)].append(((time.perf_counter() - wall) * 1000 / 16, (time.process_time() - cpu) * 1000 / 16))
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                times[(op, n)].append((wall * 1000 / 16, cpu * 1000 / 16))
                 for rid in ids:
                     shard.drop(rid)
     print(f"{model}: {threads} thread(s), {rounds} rounds, load {load:.1f} -> {os.getloadavg()[0]:.1f}")

@@ -350,7 +350,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (hd % EXO_LANES != 0) return fail(api, "exo_rknpu.Attention: head_dim must be a multiple of 16");
   if (kn != 4 || vn != 4 || !same_dims(kd, vd, 4) || kd[0] != B || kd[1] != kv || kd[3] != hd)
     return fail(api, "exo_rknpu.Attention: past_k/past_v are not both [B, kv_num_heads, C, head_dim]");
-  if (sn != 1 || sd[0] != B || tn != 0) return fail(api, "exo_rknpu.Attention: seqlens_k is not [B] or total not a scalar");
+  if (sn != 1 || sd[0] != B || tn != 0)
+    return fail(api, "exo_rknpu.Attention: seqlens_k is not [B] or total_sequence_length not a scalar");
   if (cn != 2 || nn != 2 || !same_dims(cd, nd, 2) || cd[1] != hd / 2)
     return fail(api, "exo_rknpu.Attention: cos_cache/sin_cache are not both [P, head_dim / 2]");
   const int64_t C = kd[2], T = *(const int32_t*)total > C ? *(const int32_t*)total : C;

@@ -5,11 +5,12 @@
  * is append-only: an entry keeps its index in the OrtApi table in every later release, so the table below lists the
  * entries we call at their indices and fills the rest with placeholders. Each index was checked against the
  * official header: 0..99 against onnxruntime_c_api.h of API version 13 (microsoft/onnxruntime, counted entry by
- * entry; KernelInfoGetAttribute_float is the entry before KernelInfoGetAttribute_int64 there); KernelContext_ParallelFor (274; "since Version 1.17" in its documentation, which also says fn is called
- * `total` times and num_batch 0 sets no limit on the batches) against generated bindings of a current header (their
+ * entry; KernelInfoGetAttribute_float is the entry before KernelInfoGetAttribute_int64 there);
+ * KernelContext_ParallelFor (274; "since Version 1.17" in its documentation, which also says fn is called `total` times and num_batch 0 sets no limit on the batches) against generated bindings of a current header (their
  * OrtApi offsets, 8 bytes per entry: 2192 / 8) and its declaration order in a current official header (after
  * SetDeterministicCompute, before SessionOptionsAppendExecutionProvider_OpenVINO_V2). The tests run the op with one
- * and two intra-op threads and with bad input, which calls every entry listed here.
+ * and two intra-op threads and with bad input, which calls every entry listed here (the attention op's tests read
+ * its float attribute `scale`: a wrong entry would fail them).
  *
  * OrtCustomOp is declared up to the fields of version 16 (CreateKernelV2 / KernelComputeV2, which return a status):
  * onnxruntime reads only the fields its `version` promises (custom_ops.cc: optional-io fields from 8, input memory

@@ -528,8 +528,8 @@ def _build(
     ops = OnnxOps(attention_form, compact)
     ops.n_layers, ops.args = spec.n_layers, a
     gqa = attention_form == "gqa" and spec.has_attention
-    ops.native_attention = gqa and any(isinstance(w, QTensor) and w.kernel == "native"
-                                       for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values())
+    layer_weights = (w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values())
+    ops.native_attention = gqa and any(isinstance(w, QTensor) and w.kernel == "native" for w in layer_weights)
     assert not gqa or (compact and per_layer_cache), "the gqa form is onnxruntime's, with per-layer caches"
     ins, outs = _signature(spec, a, seq, ctx, compact and per_layer_cache, per_layer_cache, gqa)
     names: dict[str, object] = {name: name for name, _, _ in ins}

@@ -27,20 +27,23 @@ NATIVE_VS_FLOAT_NMSE = 1e-7  # the native kernel's int16 activations against flo
 FLOAT32_ROUNDING = 2e-5  # a float32 computation against float64 / another float32 order, relative to the largest value
 
 
-def attention_session(op: str, nh: int, kv: int, scale: float, threads: int, isa: str = "native") -> ort.InferenceSession:
+def attention_session(op: str, nh: int, kv: int, scale: float, threads: int,
+                      isa: str = "native") -> ort.InferenceSession:
     """One attention node over qkv [B,S,(nh+2kv)*hd], past [B,kv,C,hd], seqlens_k, total, cos/sin [P,hd/2]:
     ours, or onnxruntime's GroupQueryAttention as the exporter writes it."""
     names = ["qkv", "past_k", "past_v", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
     if op == "gqa":
-        node = helper.make_node("GroupQueryAttention", names[:1] + ["", ""] + names[1:], ["out", "present_k", "present_v"],
-                                domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kv, scale=scale, do_rotary=1, rotary_interleaved=0)
+        node = helper.make_node("GroupQueryAttention", names[:1] + ["", ""] + names[1:],
+                                ["out", "present_k", "present_v"], domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kv,
+                                scale=scale, do_rotary=1, rotary_interleaved=0)
     else:
         node = helper.make_node(NATIVE_ATTENTION_OP, names, ["out", "present_k", "present_v"], domain=NATIVE_DOMAIN,
                                 num_heads=nh, kv_num_heads=kv, scale=scale)
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     ins = [helper.make_tensor_value_info("qkv", f32, ["B", "S", "W"])]
     ins += [helper.make_tensor_value_info(n, f32, ["B", kv, "C", "H"]) for n in names[1:3]]
-    ins += [helper.make_tensor_value_info("seqlens_k", i32, ["B"]), helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    ins += [helper.make_tensor_value_info("seqlens_k", i32, ["B"]),
+            helper.make_tensor_value_info("total_sequence_length", i32, [])]
     ins += [helper.make_tensor_value_info(n, f32, ["P", "R"]) for n in names[5:]]
     outs = [helper.make_tensor_value_info("out", f32, ["B", "S", "O"])]
     outs += [helper.make_tensor_value_info(n, f32, ["B", kv, "T", "H"]) for n in ("present_k", "present_v")]
@@ -182,7 +185,8 @@ def test_positions_outside_the_cache_or_the_tables_are_refused():
 
 
 def test_slices_of_native_weights_run_the_native_attention_and_others_grouped_query_attention(tiny_llama):
-    for weights, want in (("native", NATIVE_ATTENTION_OP), ("int4", "GroupQueryAttention"), ("fp32", "GroupQueryAttention")):
+    for weights, want in (("native", NATIVE_ATTENTION_OP), ("int4", "GroupQueryAttention"),
+                          ("fp32", "GroupQueryAttention")):
         shard = load_shard(resolve_model(str(tiny_llama)), LayerRange.full(5), weights)
         model, _ = build_onnx_compact(SliceSpec("layers", 0, 5), shard, attention_form="gqa")
         ops = [(n.domain, n.op_type) for n in model.graph.node]
