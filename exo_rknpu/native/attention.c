@@ -21,7 +21,7 @@
  * The arithmetic, per request b, kv head g and query row s at position p = seqlens_k[b] - S + 1 + s (L = p + 1
  * positions visible): q and the new k rotated as x1*c - x2*s, x2*c + x1*s (halves of the head); per visible
  * position t, score = dot(q, k_t) * scale with dot summed in 16 lanes (lane l takes elements l, l+16, ..) then the
- * lanes pairwise (l + 8, l + 4, l + 2, l + 1); softmax: e_t = exp(score_t - max) (exo_exp below), their sum in 16
+ * lanes pairwise (l + 8, l + 4, l + 2, l + 1); softmax: e_t = exp(score_t - max) (exp_row below), their sum in 16
  * lanes the same way, w_t = e_t * (1 / sum); out[d] = sum over t in order of w_t * v_t[d]. No FMA contraction
  * (-ffp-contract=off): every build rounds the same operations the same way. */
 #include <stddef.h>
