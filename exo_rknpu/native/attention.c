@@ -151,20 +151,21 @@ static void scores16(const float* q, const float* K, int64_t hd, float scale, fl
   _mm512_storeu_ps(sc, _mm512_mul_ps(_mm512_permutexvar_ps(to_key, r), _mm512_set1_ps(scale)));
 }
 
-/* o[j][d] = sum over t in order of w[j][t] * V[t][d] for four query heads j (their outputs `stride` apart), 64
- * elements of d at a time: 16 independent sums per key. */
-static void weighted4(float* o, int64_t stride, const float* w, int64_t L, const float* V, int64_t hd) {
+/* o[j][d] = sum over t in order of w[j][t] * V[t][d] for J <= 4 query heads j (their outputs `stride` apart), 64
+ * elements of d at a time: 4 J independent sums per key. J is a constant in each inlined copy (weighted_simd). */
+static inline __attribute__((always_inline)) void weighted_heads(float* o, int64_t stride, const float* w, int64_t L,
+                                                                 const float* V, int64_t hd, const int J) {
   int64_t d = 0;
   for (; d + 64 <= hd; d += 64) {
     __m512 a[4][4];
     for (int c = 0; c < 4; c++) {
       __m512 v = _mm512_loadu_ps(V + d + 16 * c);
-      for (int j = 0; j < 4; j++) a[j][c] = _mm512_mul_ps(_mm512_set1_ps(w[j * L]), v);
+      for (int j = 0; j < J; j++) a[j][c] = _mm512_mul_ps(_mm512_set1_ps(w[j * L]), v);
     }
     for (int64_t t = 1; t < L; t++) {
       __m512 v0 = _mm512_loadu_ps(V + t * hd + d), v1 = _mm512_loadu_ps(V + t * hd + d + 16);
       __m512 v2 = _mm512_loadu_ps(V + t * hd + d + 32), v3 = _mm512_loadu_ps(V + t * hd + d + 48);
-      for (int j = 0; j < 4; j++) {
+      for (int j = 0; j < J; j++) {
         __m512 wj = _mm512_set1_ps(w[j * L + t]);
         a[j][0] = _mm512_add_ps(a[j][0], _mm512_mul_ps(wj, v0));
         a[j][1] = _mm512_add_ps(a[j][1], _mm512_mul_ps(wj, v1));
@@ -172,17 +173,26 @@ static void weighted4(float* o, int64_t stride, const float* w, int64_t L, const
         a[j][3] = _mm512_add_ps(a[j][3], _mm512_mul_ps(wj, v3));
       }
     }
-    for (int j = 0; j < 4; j++)
+    for (int j = 0; j < J; j++)
       for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + j * stride + d + 16 * c, a[j][c]);
   }
   for (; d < hd; d += 16) {
     __m512 v = _mm512_loadu_ps(V + d), a[4];
-    for (int j = 0; j < 4; j++) a[j] = _mm512_mul_ps(_mm512_set1_ps(w[j * L]), v);
+    for (int j = 0; j < J; j++) a[j] = _mm512_mul_ps(_mm512_set1_ps(w[j * L]), v);
     for (int64_t t = 1; t < L; t++) {
       v = _mm512_loadu_ps(V + t * hd + d);
-      for (int j = 0; j < 4; j++) a[j] = _mm512_add_ps(a[j], _mm512_mul_ps(_mm512_set1_ps(w[j * L + t]), v));
+      for (int j = 0; j < J; j++) a[j] = _mm512_add_ps(a[j], _mm512_mul_ps(_mm512_set1_ps(w[j * L + t]), v));
     }
-    for (int j = 0; j < 4; j++) _mm512_storeu_ps(o + j * stride + d, a[j]);
+    for (int j = 0; j < J; j++) _mm512_storeu_ps(o + j * stride + d, a[j]);
+  }
+}
+
+static void weighted_simd(float* o, int64_t stride, const float* w, int64_t L, const float* V, int64_t hd, int64_t J) {
+  switch (J) {
+    case 4: weighted_heads(o, stride, w, L, V, hd, 4); break;
+    case 3: weighted_heads(o, stride, w, L, V, hd, 3); break;
+    case 2: weighted_heads(o, stride, w, L, V, hd, 2); break;
+    default: weighted_heads(o, stride, w, L, V, hd, 1);
   }
 }
 #define EXO_KEYS_AT_ONCE 16
@@ -210,11 +220,13 @@ static void scores(const float* q, const float* K, int64_t L, int64_t T, int64_t
   for (; t < L; t++) sc[t] = dot(q, K + t * hd, hd) * scale;
 }
 
+#if !EXO_HEADS_AT_ONCE
 static void weighted(float* o, const float* w, int64_t L, const float* V, int64_t hd) {
   for (int64_t d = 0; d < hd; d++) o[d] = w[0] * V[d];
   for (int64_t t = 1; t < L; t++)
     for (int64_t d = 0; d < hd; d++) o[d] += w[t] * V[t * hd + d];
 }
+#endif
 
 /* Query rows [s0, s1) of request b against kv head g: its nh / kv query heads share each key and value read.
  * scratch: G * hd (rotated queries) + G * (p + 1) (scores) floats for the last row's position p. */
@@ -233,11 +245,12 @@ static void attend(const AttentionCall* c, int64_t b, int64_t g, int64_t s0, int
       scores(q + j * hd, K, L, c->T, hd, c->scale, sc + j * L);
       softmax(sc + j * L, L);
     }
-    int64_t j = 0;
 #if EXO_HEADS_AT_ONCE
-    for (; j + EXO_HEADS_AT_ONCE <= G; j += EXO_HEADS_AT_ONCE) weighted4(o + j * hd, hd, sc + j * L, L, V, hd);
+    for (int64_t j = 0; j < G; j += EXO_HEADS_AT_ONCE)
+      weighted_simd(o + j * hd, hd, sc + j * L, L, V, hd, G - j < EXO_HEADS_AT_ONCE ? G - j : EXO_HEADS_AT_ONCE);
+#else
+    for (int64_t j = 0; j < G; j++) weighted(o + j * hd, sc + j * L, L, V, hd);
 #endif
-    for (; j < G; j++) weighted(o + j * hd, sc + j * L, L, V, hd);
   }
 }
 
