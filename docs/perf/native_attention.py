@@ -1,13 +1,13 @@
 """The native library's attention op (exo_rknpu.Attention, docs/native.md "Attention") against onnxruntime's
 GroupQueryAttention, timed alternately.
 
-    python docs/perf/native_attention.py op [--threads 2] [--rounds 8]
+    python docs/perf/native_attention.py op [--threads 2] [--rounds 8] [--prefill 128]
     python docs/perf/native_attention.py steps MODEL [--threads 2] [--rounds 6]
     python docs/perf/native_attention.py calls MODEL [--threads 2] [--sizes 1,8]
 
 `op`: one node of the 1B shape (32 heads, 8 kv heads, head_dim 64), caches bound in place as the runner binds them,
 median µs per call with the caches warm and evicted (a 16 MB copy before each call, as a decode step's matmuls evict
-them), for one request, 8 at 20-35 positions, 8 at 100, and a 128-token prefill.
+them), for one request, 8 at 20-35 positions, 8 at 100, and prefills of --prefill tokens (3 calls a round past 128).
 `steps`: one process, two shards of MODEL at --weights native, the first with the native op (the default), the
 second with GroupQueryAttention (its own prepared-slice cache); batched decode steps of 1 and 8 requests (prompts
 of 16 + i tokens as batch_profile.py's, 16 steps) alternate between them, so both see the same machine. Wall and
@@ -81,11 +81,12 @@ def bound_call(session, past: list[int], seq: int, capacity: int):
     return io, keep
 
 
-def time_op(threads: int, rounds: int) -> None:
+def time_op(threads: int, rounds: int, prefills: list[int]) -> None:
     sessions = {op: op_session(op, threads) for op in ("gqa", "native")}
     big, dst = np.ones(16 << 20, np.uint8), np.empty(16 << 20, np.uint8)
     cases = {"1 request at 28": ([28], 1, 64), "8 requests at 20-35": ([20, 28, 35, 22, 25, 30, 33, 27], 1, 64),
-             "8 requests at 100": ([100] * 8, 1, 128), "prefill of 128": ([0], 128, 512)}
+             "8 requests at 100": ([100] * 8, 1, 128)}
+    cases.update({f"prefill of {n}": ([0], n, max(n, 512)) for n in prefills})
     print(f"load {os.getloadavg()[0]:.1f}; {threads} thread(s); median µs per call, warm / caches evicted")
     for label, (past, seq, capacity) in cases.items():
         times: dict[str, dict[bool, list[float]]] = {op: {False: [], True: []} for op in sessions}
@@ -94,7 +95,7 @@ def time_op(threads: int, rounds: int) -> None:
                 io, keep = bound_call(session, past, seq, capacity)
                 for evict in (False, True):
                     ts = []
-                    for _ in range(20):
+                    for _ in range(20 if seq <= 128 else 3):
                         if evict:
                             np.copyto(dst, big)
                         t = time.perf_counter()
@@ -191,9 +192,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--sizes", default="1,8")
+    p.add_argument("--prefill", default="128")
     a = p.parse_args()
     if a.what == "op":
-        time_op(a.threads, a.rounds or 8)
+        time_op(a.threads, a.rounds or 8, [int(x) for x in a.prefill.split(",")])
     elif a.what == "steps":
         time_steps(a.model, a.threads, a.rounds or 6)
     else:
