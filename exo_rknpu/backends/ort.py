@@ -64,7 +64,9 @@ class OrtRunner:
     straight into the request's cache: the runner binds present_k.i to the memory of past_k.i (IO binding, by
     address, rebound only when the cache array changes), so a step copies no cache and allocates nothing but the
     layer state it returns. The slice's public contract is unchanged: it takes cos/sin/mask/past_k/past_v and returns
-    k_new/v_new (the rows just written, which the shard stores again in place: a copy of a few rows).
+    k_new/v_new (the rows just written), except to a caller that hands over its cache itself (`run(...,
+    cache_in_place=True)`, as the shard does): the rows are there already, and gathering them for the caller to
+    scatter back was ~1 ms of a batched step of 8 requests on the 1B shape (docs/performance.md).
 
     A batched call (a decode step of B requests) with fewer than `rows_apart` rows runs as one call per row: see
     ROWS_APART. Each row's call is then the lone call, bit for bit.
@@ -119,17 +121,17 @@ class OrtRunner:
     def open(self) -> None:
         self._open()
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
         rows = batch_rows(inputs)
         if 1 < rows < self.rows_apart:
-            return join_rows([self._run_call(row_of(inputs, b)) for b in range(rows)])
-        return self._run_call(inputs)
+            return join_rows([self._run_call(row_of(inputs, b), cache_in_place) for b in range(rows)])
+        return self._run_call(inputs, cache_in_place)
 
-    def _run_call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_call(self, inputs: dict[str, np.ndarray], cache_in_place: bool) -> dict[str, np.ndarray]:
         session = self._open()
         if self.form == "gqa" and self.n_cache_layers:
             with self._lock:
-                return self._run_gqa(session, inputs)
+                return self._run_gqa(session, inputs, cache_in_place)
         if self.n_cache_layers:
             inputs = dict(inputs)
             for name, names in self.cache_names.items():
@@ -138,8 +140,10 @@ class OrtRunner:
                 inputs.update({n: stacked[i] if stacked.ndim == 5 else stacked[i : i + 1] for i, n in enumerate(names)})
         return dict(zip(self.output_names, session.run(None, inputs, self._run_options(inputs))))
 
-    def _run_gqa(self, session: "ort.InferenceSession", inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One call of the gqa form: positions from the mask, caches extended in place when they hold the new rows."""
+    def _run_gqa(self, session: "ort.InferenceSession", inputs: dict[str, np.ndarray],
+                 cache_in_place: bool) -> dict[str, np.ndarray]:
+        """One call of the gqa form: positions from the mask, caches extended in place when they hold the new rows;
+        k_new/v_new returned unless those caches are the caller's own (`cache_in_place`)."""
         caches = {name: inputs[name] if inputs[name].ndim == 5 else inputs[name][:, None] for name in self.cache_names}
         n, b, _, capacity, _ = caches["past_k"].shape
         seq = inputs["mask"].shape[2]
@@ -151,16 +155,19 @@ class OrtRunner:
             io.bind_cpu_input(name, np.ascontiguousarray(arr))
         io.bind_cpu_input("seqlens_k", (past + (seq - 1)).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        grown = total > capacity  # a padded chunk running past the bucket: in place in a grown copy, this call only
         for name, stacked in caches.items():
-            if total > capacity:  # a padded chunk running past the bucket: in place in a grown copy, this call only
-                grown = np.zeros((n, b, stacked.shape[2], total, stacked.shape[4]), np.float32)
-                grown[:, :, :, :capacity] = stacked
-                caches[name] = stacked = grown
+            if grown:
+                copy = np.zeros((n, b, stacked.shape[2], total, stacked.shape[4]), np.float32)
+                copy[:, :, :, :capacity] = stacked
+                caches[name] = stacked = copy
             self._bind_cache(io, self.cache_names[name], stacked)
         outputs = {name: np.empty((b, seq, width), np.float32) for name, width in self._state_outputs}
         for name, arr in outputs.items():  # ours, not onnxruntime's (it would reuse one buffer for every call)
             io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
         session.run_with_iobinding(io, self._run_options(inputs))
+        if cache_in_place and not grown:  # the caller's cache holds the new rows already
+            return outputs
         for name, out in (("past_k", "k_new"), ("past_v", "v_new")):
             outputs[out] = written_rows(caches[name], past, seq, batched=inputs[name].ndim == 5)
         return outputs

@@ -46,6 +46,9 @@ class KVCache:
         shape = (n_layers, kv_heads, capacity, head_dim)
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), layout)
 
+    # `keys`/`values` are the cache itself: what a runner writes into them stays (Runner.run's cache_in_place)
+    in_place = True
+
     @property
     def axis(self) -> int:
         """The positions axis of the keys."""
@@ -212,6 +215,7 @@ class SlotKV:
     """One request's cache of one attention slice in a KVPool: a "seq" KVCache's interface over its slot."""
 
     layout = "seq"
+    in_place = True  # `keys`/`values` are views of the pool
 
     def __init__(self, pool: KVPool, index: int, owner: "RequestCache") -> None:
         self.pool, self.index, self.owner = pool, index, owner
@@ -254,6 +258,11 @@ class BatchKV:
         self._range = slice(a, a + len(slots)) if slots == list(range(a, a + len(slots))) else np.array(slots)
 
     @property
+    def in_place(self) -> bool:
+        """Whether `keys`/`values` are views of the pool (consecutive slots), not gathered copies."""
+        return isinstance(self._range, slice)
+
+    @property
     def keys(self) -> np.ndarray:
         return self._view(self.pool.keys[self.index])
 
@@ -293,6 +302,8 @@ class RowsKV:
     (the NPU form, slices/npu_form.py::build_npu_batch_onnx): each request's own KVCache, handed to the backend as
     sequences of arrays (`keys`, `values`: row b's arrays), nothing gathered. Rows past `real` pad the batch to its
     bucket: they repeat a real request's cache, are read only, and their new rows are dropped."""
+
+    in_place = False  # its rows repeat caches to pad the batch: the backend gets each row's own arrays, read only
 
     def __init__(self, caches: list[KVCache], real: int) -> None:
         self.caches, self.real = caches, real

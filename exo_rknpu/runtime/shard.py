@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # Pooled caches (backends that batch) grow by this many positions: few distinct shapes for onnxruntime, and
 # attention reads little past the furthest request's position
 KV_POOL_STEP = 32
+# (spec, inputs, outputs) of every slice call; an attention slice's outputs lack k_new/v_new where its runner wrote
+# them into the cache itself (Runner.run's cache_in_place)
 SliceObserver = Callable[[SliceSpec, dict[str, np.ndarray], dict[str, np.ndarray]], None]
 HIDDEN_DTYPES = (np.float16, np.float32)
 
@@ -575,9 +577,9 @@ class ShardRunner:
             )
         return x.astype(np.float32)  # copies: arrays from the wire are read-only
 
-    def _run(self, spec: SliceSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, spec: SliceSpec, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
         t = time.perf_counter()
-        outputs = self.runners[spec.name].run(inputs)
+        outputs = self.runners[spec.name].run(inputs, cache_in_place)
         self.stats.add(spec.name, time.perf_counter() - t)
         if self.on_slice is not None:
             self.on_slice(spec, inputs, outputs)
@@ -617,8 +619,8 @@ class ShardRunner:
                 cache.grow(chunk.capacity)
                 inputs.update(chunk.common)
                 inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
-            out = self._run(spec, inputs)
-            if cache is not None:
+            out = self._run(spec, inputs, cache is not None and cache.in_place)
+            if cache is not None and "k_new" in out:  # (left out: the runner wrote them into the cache itself)
                 cache.write(chunk.pos, out["k_new"], out["v_new"], chunk.real)
             st.update({k: out[state_name(k, output=True)] for k in spec.state_outputs()})
 
