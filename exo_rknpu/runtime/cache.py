@@ -122,11 +122,13 @@ class RequestCache:
     def mask(self, at: int, seq: int, ctx: int) -> np.ndarray:
         """Additive mask [1,1,seq,ctx+seq] of a `seq`-row chunk written at position `at`: row i sees the cached
         positions below `at` and the chunk's rows up to i. The causal part is kept from the last call of the same
-        shape, so a decode step copies one row instead of rebuilding it."""
+        shape, so a decode step copies one row instead of rebuilding it. Read-only: every slice of the call reads
+        the same array, and a backend may recognise it by identity (backends/ort.py MaskPositions)."""
         if self._template is None or self._template[0] != (seq, ctx):
             self._template = ((seq, ctx), attention_mask(seq, seq, ctx, 0))
         m = self._template[1].copy()
         m[..., :at] = 0.0
+        m.flags.writeable = False
         return m
 
 

@@ -522,9 +522,10 @@ class ShardRunner:
         and cos/sin (rows along `rope_axis`) as the batch's slices take them, each request's mask row over
         `capacity` positions."""
         rotary = [self.rotary(p, 1) for p in positions]
+        mask = np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])
+        mask.flags.writeable = False  # as RequestCache.mask's: read by every slice of the step, never changed
         common = {"cos": np.concatenate([r["cos"] for r in rotary], axis=rope_axis),
-                  "sin": np.concatenate([r["sin"] for r in rotary], axis=rope_axis),
-                  "mask": np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])}
+                  "sin": np.concatenate([r["sin"] for r in rotary], axis=rope_axis), "mask": mask}
         key = "ids" if self.layer_range.is_first else "x"
         return {key: np.concatenate([s.x for s in steps], axis=row_axis)}, common
 
@@ -579,7 +580,8 @@ class ShardRunner:
 
     def _run(self, spec: SliceSpec, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
         t = time.perf_counter()
-        outputs = self.runners[spec.name].run(inputs, cache_in_place)
+        runner = self.runners[spec.name]
+        outputs = runner.run(inputs, cache_in_place=True) if cache_in_place else runner.run(inputs)
         self.stats.add(spec.name, time.perf_counter() - t)
         if self.on_slice is not None:
             self.on_slice(spec, inputs, outputs)
