@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this modul
 
 log = logging.getLogger(__name__)
 
-# Pooled caches (backends that batch) grow by this many positions: few distinct shapes for onnxruntime, and
-# attention reads little past the furthest request's position
+# Pooled caches (backends that batch) grow by at least this many positions, and by at least a quarter of their
+# capacity (KVPool.reserve: a growth copies every request's rows): few distinct shapes for onnxruntime, and the
+# split attention form (which reads the whole capacity) reads little past the furthest request's position
 KV_POOL_STEP = 32
 # (spec, inputs, outputs) of every slice call; an attention slice's outputs lack k_new/v_new where its runner wrote
 # them into the cache itself (Runner.run's cache_in_place)
