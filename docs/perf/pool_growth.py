@@ -10,7 +10,8 @@ import time
 
 from exo_rknpu.runtime.cache import KVPool, RequestCache
 
-n, steps = (int(a) for a in (sys.argv[1:] + ["8", "1024"][len(sys.argv) - 1:])[:2])
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
 pool = KVPool([2] * 8, 8, 64, 4096, 32)
 owners = [RequestCache() for _ in range(n)]
 for o in owners:
