@@ -25,8 +25,14 @@ if TYPE_CHECKING:  # annotations only: the loader is not imported with the backe
 class Runner(Protocol):
     """A prepared slice."""
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Inputs as named in slices/spec.py (float32, token ids int64), shapes from one bucket."""
+    def run(self, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
+        """Inputs as named in slices/spec.py (float32, token ids int64), shapes from one bucket.
+
+        An attention slice returns its new cache rows as k_new/v_new, which the caller stores. cache_in_place: the
+        past_k/past_v handed over are the caller's cache itself (views, not copies; ShardRunner says so when they
+        are), which keeps what a call writes into them: a runner that wrote its new rows there at each request's
+        position may then leave k_new/v_new out (the onnx "gqa" form does; a step of 8 requests then gathers and
+        scatters no cache rows). Runners that do not write into their inputs ignore it."""
         ...
 
     def open(self) -> None:

@@ -21,7 +21,7 @@ class NumpyRunner:
         # keep only this slice's tensors, so the shard's other weights can be released after prepare
         self.spec, self.weights, self.ops = spec, slice_weights(spec, weights), NumpyOps()
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
         out = run_slice(self.ops, self.spec, self.weights, inputs)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 

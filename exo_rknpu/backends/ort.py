@@ -64,7 +64,9 @@ class OrtRunner:
     straight into the request's cache: the runner binds present_k.i to the memory of past_k.i (IO binding, by
     address, rebound only when the cache array changes), so a step copies no cache and allocates nothing but the
     layer state it returns. The slice's public contract is unchanged: it takes cos/sin/mask/past_k/past_v and returns
-    k_new/v_new (the rows just written, which the shard stores again in place: a copy of a few rows).
+    k_new/v_new (the rows just written), except to a caller that hands over its cache itself (`run(...,
+    cache_in_place=True)`, as the shard does): the rows are there already, and gathering them for the caller to
+    scatter back was ~1 ms of a batched step of 8 requests on the 1B shape (docs/performance.md).
 
     A batched call (a decode step of B requests) with fewer than `rows_apart` rows runs as one call per row: see
     ROWS_APART. Each row's call is then the lone call, bit for bit.
@@ -72,9 +74,11 @@ class OrtRunner:
 
     def __init__(self, session: "ort.InferenceSession | Path", n_cache_layers: int, threads: int = 1,
                  form: str = "split", rotary: tuple[np.ndarray, np.ndarray] | None = None,
-                 rows_apart: int = 0, custom_ops: Path | None = None, keep: object = None) -> None:
+                 rows_apart: int = 0, custom_ops: Path | None = None, keep: object = None,
+                 positions: "MaskPositions | None" = None) -> None:
         """custom_ops: the native library, registered with the session when it opens (a graph with QMatMul);
-        keep: what the session's in-memory initializers point into (held as long as the runner)."""
+        keep: what the session's in-memory initializers point into (held as long as the runner);
+        positions: the gqa form's reader of masks, shared by the backend's runners (MaskPositions)."""
         self.session: ort.InferenceSession | None = None
         self.model_file = session if isinstance(session, Path) else None
         self.output_names: list[str] = []
@@ -99,6 +103,7 @@ class OrtRunner:
         self.rows_apart = rows_apart
         self.custom_ops = custom_ops
         self._keep = keep
+        self.positions = positions if positions is not None else MaskPositions()
 
     def _open(self) -> "ort.InferenceSession":
         if self.session is None:
@@ -119,17 +124,17 @@ class OrtRunner:
     def open(self) -> None:
         self._open()
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
         rows = batch_rows(inputs)
         if 1 < rows < self.rows_apart:
-            return join_rows([self._run_call(row_of(inputs, b)) for b in range(rows)])
-        return self._run_call(inputs)
+            return join_rows([self._run_call(row_of(inputs, b), cache_in_place) for b in range(rows)])
+        return self._run_call(inputs, cache_in_place)
 
-    def _run_call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_call(self, inputs: dict[str, np.ndarray], cache_in_place: bool) -> dict[str, np.ndarray]:
         session = self._open()
         if self.form == "gqa" and self.n_cache_layers:
             with self._lock:
-                return self._run_gqa(session, inputs)
+                return self._run_gqa(session, inputs, cache_in_place)
         if self.n_cache_layers:
             inputs = dict(inputs)
             for name, names in self.cache_names.items():
@@ -138,29 +143,34 @@ class OrtRunner:
                 inputs.update({n: stacked[i] if stacked.ndim == 5 else stacked[i : i + 1] for i, n in enumerate(names)})
         return dict(zip(self.output_names, session.run(None, inputs, self._run_options(inputs))))
 
-    def _run_gqa(self, session: "ort.InferenceSession", inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One call of the gqa form: positions from the mask, caches extended in place when they hold the new rows."""
+    def _run_gqa(self, session: "ort.InferenceSession", inputs: dict[str, np.ndarray],
+                 cache_in_place: bool) -> dict[str, np.ndarray]:
+        """One call of the gqa form: positions from the mask, caches extended in place when they hold the new rows;
+        k_new/v_new returned unless those caches are the caller's own (`cache_in_place`)."""
         caches = {name: inputs[name] if inputs[name].ndim == 5 else inputs[name][:, None] for name in self.cache_names}
         n, b, _, capacity, _ = caches["past_k"].shape
         seq = inputs["mask"].shape[2]
-        past = cached_positions(inputs["mask"], capacity)
-        total = int(past.max()) + seq
+        past, seqlens, total_length = self.positions(inputs["mask"], capacity)
+        total = int(total_length)
         io = self._io(session)
         state = {k: v for k, v in inputs.items() if k not in ("cos", "sin", "mask", "past_k", "past_v")}
         for name, arr in state.items():
             io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        io.bind_cpu_input("seqlens_k", (past + (seq - 1)).astype(np.int32))
-        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_sequence_length", total_length)
+        grown = total > capacity  # a padded chunk running past the bucket: in place in a grown copy, this call only
         for name, stacked in caches.items():
-            if total > capacity:  # a padded chunk running past the bucket: in place in a grown copy, this call only
-                grown = np.zeros((n, b, stacked.shape[2], total, stacked.shape[4]), np.float32)
-                grown[:, :, :, :capacity] = stacked
-                caches[name] = stacked = grown
+            if grown:
+                copy = np.zeros((n, b, stacked.shape[2], total, stacked.shape[4]), np.float32)
+                copy[:, :, :, :capacity] = stacked
+                caches[name] = stacked = copy
             self._bind_cache(io, self.cache_names[name], stacked)
         outputs = {name: np.empty((b, seq, width), np.float32) for name, width in self._state_outputs}
         for name, arr in outputs.items():  # ours, not onnxruntime's (it would reuse one buffer for every call)
             io.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
         session.run_with_iobinding(io, self._run_options(inputs))
+        if cache_in_place and not grown:  # the caller's cache holds the new rows already
+            return outputs
         for name, out in (("past_k", "k_new"), ("past_v", "v_new")):
             outputs[out] = written_rows(caches[name], past, seq, batched=inputs[name].ndim == 5)
         return outputs
@@ -224,6 +234,31 @@ def join_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         else:
             out[name] = np.concatenate(arrays, axis=0)
     return out
+
+
+class MaskPositions:
+    """The gqa form's reading of a call's mask: each request's cached positions (`cached_positions`), its
+    seqlens_k and total_sequence_length inputs; the last mask's are kept. Every attention slice of a step gets the
+    same mask array (the shard's chunk), so a step of 8 slices reads it once instead of 8 times (each reading is a
+    few numpy calls, ~50 us apiece between products that leave the caches cold: ~0.4 ms of a step of 8 requests on
+    the 1B shape, docs/performance.md). Only a mask that cannot change is recognised by identity: a read-only array
+    owning its memory (the shard's are: RequestCache.mask, ShardRunner._step_rows); others are read every call.
+    One per backend, shared by its runners; a call reads `_last` once, so calls from several threads are safe."""
+
+    def __init__(self) -> None:
+        self._last: tuple | None = None  # (mask, capacity, past, seqlens_k, total_sequence_length)
+
+    def __call__(self, mask: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(past [B] int, seqlens_k [B] int32, total_sequence_length int32 scalar) of `mask` [B,1,S,C+S]."""
+        last = self._last
+        if last is not None and last[0] is mask and last[1] == capacity:
+            return last[2], last[3], last[4]
+        seq = mask.shape[2]
+        past = cached_positions(mask, capacity)
+        seqlens, total = (past + (seq - 1)).astype(np.int32), np.array(int(past.max()) + seq, np.int32)
+        if not mask.flags.writeable and mask.base is None:
+            self._last = (mask, capacity, past, seqlens, total)
+        return past, seqlens, total
 
 
 def cached_positions(mask: np.ndarray, capacity: int) -> np.ndarray:
@@ -318,6 +353,7 @@ class OrtBackend:
         self.fused_attention = fused_attention
         self.native_isa = native_isa
         self._tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._positions = MaskPositions()  # shared by the runners: a step's slices read its mask once
 
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
@@ -335,7 +371,8 @@ class OrtBackend:
             return None  # (nothing filed, or a record of another format)
         rotary = self._rotary_tables(source.args, buckets) if form == "gqa" else None
         custom_ops = native_library(self.native_isa) if facts["native"] else None
-        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, facts["rows_apart"], custom_ops)
+        return OrtRunner(found.model_file, spec.cache_layers, self.threads, form, rotary, facts["rows_apart"], custom_ops,
+                         positions=self._positions)
 
     def _key_parts(self, spec: SliceSpec, form: str) -> dict[str, object]:
         """The parts of a prepared slice's key that do not depend on its weights (`prepare`'s full key adds the
@@ -377,12 +414,13 @@ class OrtBackend:
                 session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 # the packed native weights are used in place (no kernel copy), so they live as long as the session
                 return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart,
-                                 custom_ops=custom_ops, keep=external if custom_ops else None)
+                                 custom_ops=custom_ops, keep=external if custom_ops else None, positions=self._positions)
             model_file = cache.store(key, model, external)
         if cache is not None and weights.stamp is not None:  # weights straight from their sources: found by them next
             cache.remember(self._source_key(spec, form, weights.stamp), key,
                            {"rows_apart": rows_apart, "native": custom_ops is not None})
-        return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart, custom_ops)
+        return OrtRunner(model_file, spec.cache_layers, self.threads, form, rotary, rows_apart, custom_ops,
+                         positions=self._positions)
 
     def attention_form(self, spec: SliceSpec, args: ModelArgs) -> str:
         """How a slice's attention is written (slices/onnx_export.py ATTENTION_FORMS): GroupQueryAttention extending

@@ -20,8 +20,9 @@ from pathlib import Path
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import NativeUnavailableError
 
-# the kernel, and the onnxruntime custom op that calls it (ort_op.c: QMatMul, the runtime's entry point)
-SOURCES = ("qmatmul.c", "ort_op.c")
+# the kernel, the onnxruntime custom op that calls it (ort_op.c: QMatMul, the runtime's entry point) and the
+# attention op (attention.c: Attention, registered by ort_op.c)
+SOURCES = ("qmatmul.c", "ort_op.c", "attention.c")
 COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {

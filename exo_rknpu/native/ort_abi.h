@@ -1,14 +1,16 @@
-/* The part of onnxruntime's C ABI (include/onnxruntime/core/session/onnxruntime_c_api.h) that ort_op.c uses.
+/* The part of onnxruntime's C ABI (include/onnxruntime/core/session/onnxruntime_c_api.h) that ort_op.c and
+ * attention.c use.
  *
  * The onnxruntime pip wheel ships libonnxruntime.so without headers, so this declares only what we call. The C API
  * is append-only: an entry keeps its index in the OrtApi table in every later release, so the table below lists the
  * entries we call at their indices and fills the rest with placeholders. Each index was checked against the
  * official header: 0..99 against onnxruntime_c_api.h of API version 13 (microsoft/onnxruntime, counted entry by
- * entry); KernelContext_ParallelFor (274; "since Version 1.17" in its documentation, which also says fn is called
- * `total` times and num_batch 0 sets no limit on the batches) against generated bindings of a current header (their
+ * entry; KernelInfoGetAttribute_float is the entry before KernelInfoGetAttribute_int64 there);
+ * KernelContext_ParallelFor (274; "since Version 1.17" in its documentation, which also says fn is called `total` times and num_batch 0 sets no limit on the batches) against generated bindings of a current header (their
  * OrtApi offsets, 8 bytes per entry: 2192 / 8) and its declaration order in a current official header (after
  * SetDeterministicCompute, before SessionOptionsAppendExecutionProvider_OpenVINO_V2). The tests run the op with one
- * and two intra-op threads and with bad input, which calls every entry listed here.
+ * and two intra-op threads and with bad input, which calls every entry listed here (the attention op's tests read
+ * its float attribute `scale`: a wrong entry would fail them).
  *
  * OrtCustomOp is declared up to the fields of version 16 (CreateKernelV2 / KernelComputeV2, which return a status):
  * onnxruntime reads only the fields its `version` promises (custom_ops.cc: optional-io fields from 8, input memory
@@ -32,8 +34,11 @@ typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 typedef struct OrtCustomOp OrtCustomOp;
 
 typedef enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 } OrtErrorCode;  /* first entries only */
-typedef enum { ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 = 2 }
-    ONNXTensorElementDataType;  /* the two we use; values as in TensorProto.DataType */
+typedef enum {
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 = 2,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 = 6
+} ONNXTensorElementDataType; /* the ones we use; values as in TensorProto.DataType */
 typedef enum { INPUT_OUTPUT_REQUIRED = 0 } OrtCustomOpInputOutputCharacteristic;
 typedef enum { OrtMemTypeDefault = 0 } OrtMemType;
 
@@ -59,7 +64,8 @@ struct OrtApi {
   OrtStatus* (*GetDimensions)(const OrtTensorTypeAndShapeInfo* info, int64_t* dims, size_t count);      /* 62 */
   EXO_ORT_GAP(63, 65);
   OrtStatus* (*GetTensorTypeAndShape)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out);          /* 65 */
-  EXO_ORT_GAP(66, 86);
+  EXO_ORT_GAP(66, 85);
+  OrtStatus* (*KernelInfoGetAttribute_float)(const OrtKernelInfo* info, const char* name, float* out);       /* 85 */
   OrtStatus* (*KernelInfoGetAttribute_int64)(const OrtKernelInfo* info, const char* name, int64_t* out); /* 86 */
   EXO_ORT_GAP(87, 90);
   OrtStatus* (*KernelContext_GetInput)(const OrtKernelContext* ctx, size_t index, const OrtValue** out); /* 90 */

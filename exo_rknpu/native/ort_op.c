@@ -16,6 +16,8 @@
 #include "ort_abi.h"
 #include "qmatmul.h"
 
+extern const OrtCustomOp exo_attention_op; /* attention.c */
+
 #define EXO_MAX_DIMS 8
 /* weights per chunk handed to one thread: large enough that the per-chunk overhead (a task of onnxruntime's
  * pool, the kernel's setup) is small, small enough that a 576-row matrix still splits over a few threads */
@@ -185,7 +187,8 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     return base->GetApi(1)->CreateStatus(ORT_FAIL, "exo_rknpu.QMatMul needs onnxruntime 1.17 or later");
   OrtCustomOpDomain* domain;
   OrtStatus* st;
-  if ((st = api->CreateCustomOpDomain("exo_rknpu", &domain)) || (st = api->CustomOpDomain_Add(domain, &qmatmul_op)))
+  if ((st = api->CreateCustomOpDomain("exo_rknpu", &domain)) || (st = api->CustomOpDomain_Add(domain, &qmatmul_op)) ||
+      (st = api->CustomOpDomain_Add(domain, &exo_attention_op)))
     return st;
   return api->AddCustomOpDomain(options, domain);
 }

@@ -71,8 +71,9 @@ class NpuRunner:
             self.close()
             raise
 
-    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        """One call: inputs as the runtime gives them (runtime/shard.py; a decode batch's caches as sequences)."""
+    def run(self, inputs: dict[str, Any], cache_in_place: bool = False) -> dict[str, np.ndarray]:
+        """One call: inputs as the runtime gives them (runtime/shard.py; a decode batch's caches as sequences).
+        It writes nothing into its inputs (cache_in_place is not used): k_new/v_new are always returned."""
         if self.spec.has_attention and self.spec.kv_layout == "npu":
             # float16; the cache already is (runtime/cache.py); a decode batch: each request's cache in place
             batched = isinstance(inputs["past_k"], (list, tuple))

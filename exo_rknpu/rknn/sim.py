@@ -230,8 +230,9 @@ class SimRunner:
             self.models[shape_key(sh["inputs"])] = mid
             self.io[shape_key(sh["inputs"])] = res["io"]["inputs"]
 
-    def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-        """One call: inputs as the runtime gives them (runtime/shard.py; a decode batch's caches as sequences)."""
+    def run(self, inputs: dict[str, Any], cache_in_place: bool = False) -> dict[str, np.ndarray]:
+        """One call: inputs as the runtime gives them (runtime/shard.py; a decode batch's caches as sequences).
+        It writes nothing into its inputs (cache_in_place is not used): k_new/v_new are always returned."""
         if self.spec.has_attention and self.spec.kv_layout == "npu":
             batched = isinstance(inputs["past_k"], (list, tuple))
             inputs = (to_npu_batch_inputs if batched else to_npu_inputs)(self.spec, self.weights.args, inputs)

@@ -46,6 +46,9 @@ class KVCache:
         shape = (n_layers, kv_heads, capacity, head_dim)
         return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32), layout)
 
+    # `keys`/`values` are the cache itself: what a runner writes into them stays (Runner.run's cache_in_place)
+    in_place = True
+
     @property
     def axis(self) -> int:
         """The positions axis of the keys."""
@@ -119,11 +122,13 @@ class RequestCache:
     def mask(self, at: int, seq: int, ctx: int) -> np.ndarray:
         """Additive mask [1,1,seq,ctx+seq] of a `seq`-row chunk written at position `at`: row i sees the cached
         positions below `at` and the chunk's rows up to i. The causal part is kept from the last call of the same
-        shape, so a decode step copies one row instead of rebuilding it."""
+        shape, so a decode step copies one row instead of rebuilding it. Read-only: every slice of the call reads
+        the same array, and a backend may recognise it by identity (backends/ort.py MaskPositions)."""
         if self._template is None or self._template[0] != (seq, ctx):
             self._template = ((seq, ctx), attention_mask(seq, seq, ctx, 0))
         m = self._template[1].copy()
         m[..., :at] = 0.0
+        m.flags.writeable = False
         return m
 
 
@@ -135,7 +140,10 @@ class KVPool:
     per step, and each request's new rows are written straight into its slot.
 
     Live requests keep consecutive slots: a released slot is filled with the last one's rows. Capacity is shared
-    by every slot and grows in `step` positions (at most `max_positions`); slots double as requests arrive. Both
+    by every slot and grows by a quarter of itself, at least `step` positions (at most `max_positions`): a growth
+    copies every slot's rows, so growing by a fixed step made a long batched decode copy the whole pool every
+    `step` tokens (8 requests of the 1B shape at 1024 positions: 135 ms every 32 steps, ~4 ms a step); only the
+    positions some request holds are copied. Slots double as requests arrive. Both
     re-allocate, so the pool is changed only between calls by the one thread that drives the shard (a driver
     that runs several calls at once from different threads gives requests their own KVCache instead: see
     ShardRunner.unpool). When the last request leaves, the buffers are freed.
@@ -181,23 +189,27 @@ class KVPool:
             self._resize(0, 0)
 
     def reserve(self, positions: int) -> int:
-        """Grow every slot to hold `positions` positions (rounded up to `step`); returns the capacity."""
+        """Grow every slot to hold `positions` positions (by at least a quarter of the capacity, rounded up to
+        `step`); returns the capacity."""
         if positions > self.capacity or not self.keys:
-            self._resize(self.slots, min(-(-positions // self.step) * self.step, self.max_positions))
+            wanted = max(positions, self.capacity + self.capacity // 4) if self.keys else positions
+            self._resize(self.slots, min(-(-wanted // self.step) * self.step, self.max_positions))
         return self.capacity
 
     def _resize(self, slots: int, capacity: int) -> None:
-        """New buffers of `slots` x `capacity`, keeping what the old ones hold."""
+        """New buffers of `slots` x `capacity`, keeping the positions the requests hold (rows past a request's
+        position are never read: the call that wrote them failed, or none did)."""
         if not slots:
             self.keys, self.values = [], []
             return
         capacity = max(capacity, self.capacity if self.keys else 0)
         old_slots, old_cap = (self.keys[0].shape[1], self.keys[0].shape[3]) if self.keys else (0, 0)
+        held = min(max((o.pos for o in self.owners), default=0), old_cap)
         for arrays in (self.keys, self.values):
             for i, n in enumerate(self.layers):
                 new = np.zeros((n, slots, self.kv_heads, capacity, self.head_dim), np.float32)
-                if old_slots:
-                    new[:, :old_slots, :, :old_cap] = arrays[i]
+                if old_slots and held:
+                    new[:, :old_slots, :, :held] = arrays[i][:, :, :, :held]
                 if i < len(arrays):
                     arrays[i] = new
                 else:
@@ -212,6 +224,7 @@ class SlotKV:
     """One request's cache of one attention slice in a KVPool: a "seq" KVCache's interface over its slot."""
 
     layout = "seq"
+    in_place = True  # `keys`/`values` are views of the pool
 
     def __init__(self, pool: KVPool, index: int, owner: "RequestCache") -> None:
         self.pool, self.index, self.owner = pool, index, owner
@@ -254,6 +267,11 @@ class BatchKV:
         self._range = slice(a, a + len(slots)) if slots == list(range(a, a + len(slots))) else np.array(slots)
 
     @property
+    def in_place(self) -> bool:
+        """Whether `keys`/`values` are views of the pool (consecutive slots), not gathered copies."""
+        return isinstance(self._range, slice)
+
+    @property
     def keys(self) -> np.ndarray:
         return self._view(self.pool.keys[self.index])
 
@@ -293,6 +311,8 @@ class RowsKV:
     (the NPU form, slices/npu_form.py::build_npu_batch_onnx): each request's own KVCache, handed to the backend as
     sequences of arrays (`keys`, `values`: row b's arrays), nothing gathered. Rows past `real` pad the batch to its
     bucket: they repeat a real request's cache, are read only, and their new rows are dropped."""
+
+    in_place = False  # its rows repeat caches to pad the batch: the backend gets each row's own arrays, read only
 
     def __init__(self, caches: list[KVCache], real: int) -> None:
         self.caches, self.real = caches, real

@@ -28,9 +28,12 @@ if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this modul
 
 log = logging.getLogger(__name__)
 
-# Pooled caches (backends that batch) grow by this many positions: few distinct shapes for onnxruntime, and
-# attention reads little past the furthest request's position
+# Pooled caches (backends that batch) grow by at least this many positions, and by at least a quarter of their
+# capacity (KVPool.reserve: a growth copies every request's rows): few distinct shapes for onnxruntime, and the
+# split attention form (which reads the whole capacity) reads little past the furthest request's position
 KV_POOL_STEP = 32
+# (spec, inputs, outputs) of every slice call; an attention slice's outputs lack k_new/v_new where its runner wrote
+# them into the cache itself (Runner.run's cache_in_place)
 SliceObserver = Callable[[SliceSpec, dict[str, np.ndarray], dict[str, np.ndarray]], None]
 HIDDEN_DTYPES = (np.float16, np.float32)
 
@@ -520,9 +523,10 @@ class ShardRunner:
         and cos/sin (rows along `rope_axis`) as the batch's slices take them, each request's mask row over
         `capacity` positions."""
         rotary = [self.rotary(p, 1) for p in positions]
+        mask = np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])
+        mask.flags.writeable = False  # as RequestCache.mask's: read by every slice of the step, never changed
         common = {"cos": np.concatenate([r["cos"] for r in rotary], axis=rope_axis),
-                  "sin": np.concatenate([r["sin"] for r in rotary], axis=rope_axis),
-                  "mask": np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])}
+                  "sin": np.concatenate([r["sin"] for r in rotary], axis=rope_axis), "mask": mask}
         key = "ids" if self.layer_range.is_first else "x"
         return {key: np.concatenate([s.x for s in steps], axis=row_axis)}, common
 
@@ -575,9 +579,10 @@ class ShardRunner:
             )
         return x.astype(np.float32)  # copies: arrays from the wire are read-only
 
-    def _run(self, spec: SliceSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, spec: SliceSpec, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
         t = time.perf_counter()
-        outputs = self.runners[spec.name].run(inputs)
+        runner = self.runners[spec.name]
+        outputs = runner.run(inputs, cache_in_place=True) if cache_in_place else runner.run(inputs)
         self.stats.add(spec.name, time.perf_counter() - t)
         if self.on_slice is not None:
             self.on_slice(spec, inputs, outputs)
@@ -617,8 +622,8 @@ class ShardRunner:
                 cache.grow(chunk.capacity)
                 inputs.update(chunk.common)
                 inputs["past_k"], inputs["past_v"] = cache.keys, cache.values
-            out = self._run(spec, inputs)
-            if cache is not None:
+            out = self._run(spec, inputs, cache is not None and cache.in_place)
+            if cache is not None and "k_new" in out:  # (left out: the runner wrote them into the cache itself)
                 cache.write(chunk.pos, out["k_new"], out["v_new"], chunk.real)
             st.update({k: out[state_name(k, output=True)] for k in spec.state_outputs()})
 

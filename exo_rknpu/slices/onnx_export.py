@@ -32,6 +32,10 @@ MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
 # the native kernel's op (exo_rknpu/native/ort_op.c): QMatMul(x, packed) with attributes fmt, K, N; sessions of a
 # graph holding it register the native library (backends/ort.py)
 NATIVE_DOMAIN, NATIVE_OP = "exo_rknpu", "QMatMul"
+# the native library's attention (exo_rknpu/native/attention.c): GroupQueryAttention's inputs and outputs for a packed
+# q|k|v (no separate k, v), written instead of it in graphs whose linears are native (the library is loaded for
+# them anyway): a request's result does not depend on the batch around it, and a batched decode step costs ~half
+NATIVE_ATTENTION_OP = "Attention"
 # MatMulNBits accuracy_level: 4 quantizes activations to int8 per block inside the kernel (fast; rounded differently
 # per instruction set); 1 keeps them float32 (QTensor.kernel "fp32": the same answers on every CPU). Measured
 # on onnxruntime 1.32 (x86 AVX2, CPU time of a decode step): 4-bit at level 1 is ~3x slower than at level 4 and
@@ -111,6 +115,7 @@ class OnnxOps:
         self.compact = compact
         self.n_layers = 0  # layers in the slice being recorded (set by build_onnx)
         self.args: ModelArgs | None = None  # the model's hyper-parameters (set by build_onnx)
+        self.native_attention = False  # the "gqa" form as NATIVE_ATTENTION_OP (set by build_onnx: native weights)
 
     @property
     def batch(self) -> int:
@@ -230,13 +235,22 @@ class OnnxOps:
         """GroupQueryAttention over q [B,S,nh*hd], k/v [B,S,kv*hd] and one layer's cache input past_k.i
         [B,kv,C,hd]: rope (from the cos/sin_cache tables at each request's positions), causal attention over the
         first seqlens_k+1 positions, the new rows written at positions seqlens_k-S+1.. of the output present_k.i.
-        When the runner binds present_k.i to past_k.i's memory, that write is the only cache traffic."""
+        When the runner binds present_k.i to past_k.i's memory, that write is the only cache traffic.
+        With `native_attention` the native library's NATIVE_ATTENTION_OP does the same over q|k|v packed."""
         a = self.args
         present_k, present_v = (n.replace("past_", "present_", 1) for n in (past_k, past_v))
         packed, outs = self.g.split_of.get(q, ("", ()))
+        out = self.g.fresh("gqa")
+        if self.native_attention:
+            if outs != (q, k, v):  # (q/k norms or biases between the split and here) packed again: a small copy
+                packed = self._node("Concat", [q, k, v], axis=-1)
+            self.g.nodes.append(helper.make_node(
+                NATIVE_ATTENTION_OP, [packed, past_k, past_v, *GQA_INPUTS], [out, present_k, present_v], name=out,
+                domain=NATIVE_DOMAIN, num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads,
+                scale=float(scale)))
+            return out, present_k, present_v
         if outs == (q, k, v):  # q, k, v are one Split of one tensor: GroupQueryAttention takes it packed
             q, k, v = packed, "", ""
-        out = self.g.fresh("gqa")
         self.g.nodes.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, past_k, past_v, *GQA_INPUTS], [out, present_k, present_v], name=out,
             domain=MS_DOMAIN, num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads, scale=float(scale),
@@ -514,6 +528,8 @@ def _build(
     ops = OnnxOps(attention_form, compact)
     ops.n_layers, ops.args = spec.n_layers, a
     gqa = attention_form == "gqa" and spec.has_attention
+    layer_weights = (w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values())
+    ops.native_attention = gqa and any(isinstance(w, QTensor) and w.kernel == "native" for w in layer_weights)
     assert not gqa or (compact and per_layer_cache), "the gqa form is onnxruntime's, with per-layer caches"
     ins, outs = _signature(spec, a, seq, ctx, compact and per_layer_cache, per_layer_cache, gqa)
     names: dict[str, object] = {name: name for name, _, _ in ins}

@@ -18,6 +18,7 @@ keys transposed, the layers' caches stacked), which its compiled graphs take wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from exo_rknpu.errors import ContextOverflowError
@@ -146,7 +147,9 @@ class SliceSpec:
     blocks: tuple[Block, ...] = ("attn", "mlp")
     kv_layout: KVLayout = "seq"
 
-    @property
+    # name, parts and the state names are worked out once per spec (cached_property: frozen fields, and the runtime
+    # reads them for every slice of every step)
+    @cached_property
     def name(self) -> str:
         """Stable name used by placement rules and artefact files: embed, head, layers.4, layers.4-7."""
         if self.kind != "layers":
@@ -163,7 +166,7 @@ class SliceSpec:
         """True for whole decoder layers (or a non-layer slice)."""
         return self.blocks == WHOLE_LAYER
 
-    @property
+    @cached_property
     def parts(self) -> tuple[Part, ...]:
         """The layer parts this slice runs, in order."""
         if self.kind != "layers":
@@ -180,7 +183,7 @@ class SliceSpec:
             return frozenset({"embedding" if self.kind == "embed" else "head"})
         return frozenset(PART_BLOCK[p] for p in self.parts)
 
-    @property
+    @cached_property
     def has_attention(self) -> bool:
         """Reads the KV cache (and so is built per context bucket on static-shape backends)."""
         return "attention" in self.parts
@@ -192,6 +195,10 @@ class SliceSpec:
 
     def state_inputs(self) -> tuple[str, ...]:
         """Layer-state tensors a partial slice reads before writing them (whole layers: x only)."""
+        return self._state_inputs
+
+    @cached_property
+    def _state_inputs(self) -> tuple[str, ...]:
         seen: list[str] = []
         written: set[str] = set()
         for p in self.parts:
@@ -201,6 +208,10 @@ class SliceSpec:
 
     def state_outputs(self) -> tuple[str, ...]:
         """Layer-state tensors a later part reads before it writes them again (the live ones at the slice's end)."""
+        return self._state_outputs
+
+    @cached_property
+    def _state_outputs(self) -> tuple[str, ...]:
         parts = self.parts
         if not parts:
             return ()

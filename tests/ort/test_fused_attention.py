@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exo_rknpu.backends.ort import OrtBackend, cached_positions, written_rows
+from exo_rknpu.backends.ort import MaskPositions, OrtBackend, cached_positions, written_rows
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.loader import load_args, load_shard
 from exo_rknpu.model.zoo import resolve_model
-from exo_rknpu.runtime.inputs import attention_mask
+from exo_rknpu.runtime.cache import RequestCache
+from exo_rknpu.runtime.inputs import attention_mask, layer_inputs
 from exo_rknpu.runtime.placement import open_shard
 from exo_rknpu.slices.onnx_export import build_onnx_compact
 from exo_rknpu.slices.spec import SliceSpec
@@ -107,6 +108,38 @@ def test_masks_that_do_not_show_a_prefix_of_the_cache_are_refused():
     holey[..., 2] = -1e9
     with pytest.raises(ValueError, match="prefix of the cache"):
         cached_positions(holey, 16)
+
+
+def test_a_mask_that_can_change_is_read_again_at_every_call_and_the_runtime_hands_out_masks_that_cannot():
+    read = MaskPositions()
+    mask = attention_mask(1, 1, 16, 5)
+    assert read(mask, 16)[0].tolist() == [5]
+    mask[..., 5:9] = 0.0  # the same array, changed in place: its positions are read again
+    past, seqlens, total = read(mask, 16)
+    assert past.tolist() == [9] and seqlens.tolist() == [9] and int(total) == 10
+    frozen = RequestCache(pos=3).mask(3, 1, 16)
+    assert not frozen.flags.writeable and frozen.base is None  # what MaskPositions may recognise by identity
+    assert read(frozen, 16)[0].tolist() == [3] and read(frozen, 16)[0].tolist() == [3]
+
+
+def test_handed_its_cache_in_place_the_fused_form_returns_no_new_rows_and_the_cache_holds_the_split_forms(tiny_llama):
+    """What the shard relies on to skip storing k_new/v_new: the rows are in its cache after the call, as the split
+    form (which writes nothing into its inputs) returns them."""
+    shard = load_shard(resolve_model(str(tiny_llama)), LayerRange.full(5), "fp32")
+    a, spec, pos, ctx = shard.args, SliceSpec("layers", 0, 2), 6, 16
+    rng = np.random.default_rng(0)
+    past = rng.standard_normal((2, 2, a.num_key_value_heads, ctx, a.head_dim)).astype(np.float32)  # keys, values
+    inputs = layer_inputs(a, rng.standard_normal((1, 1, a.hidden_size)).astype(np.float32), 1, pos, ctx)
+    split = OrtBackend(use_cache=False, fused_attention=False).prepare(spec, shard, SMALL_BUCKETS)
+    want = split.run({**inputs, "past_k": past[0].copy(), "past_v": past[1].copy()})
+    keys, values = past[0].copy(), past[1].copy()
+    fused = OrtBackend(use_cache=False).prepare(spec, shard, SMALL_BUCKETS)
+    got = fused.run({**inputs, "past_k": keys, "past_v": values}, cache_in_place=True)
+    assert "k_new" not in got and "v_new" not in got
+    np.testing.assert_allclose(got["hidden_out"], want["hidden_out"], rtol=1e-5, atol=1e-5)
+    for cache, new in ((keys, want["k_new"]), (values, want["v_new"])):
+        np.testing.assert_allclose(cache[:, :, pos : pos + 1], new, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(keys[:, :, :pos], past[0][:, :, :pos])  # the rows before are untouched
 
 
 def test_a_batched_call_returns_the_rows_each_request_wrote_at_its_own_position_layer_major():

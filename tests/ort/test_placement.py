@@ -123,7 +123,7 @@ def test_a_failed_pipelined_call_leaves_the_request_where_it_was(tiny_llama):
         runner = staged.runner
         boom = runner.runners["layers.2"]
         real_run = boom.run
-        boom.run = lambda inputs: (_ for _ in ()).throw(TensorContractError("injected"))
+        boom.run = lambda inputs, **_: (_ for _ in ()).throw(TensorContractError("injected"))
         with pytest.raises(TensorContractError, match="injected"):
             r.forward("a", np.array([PROMPT[5:]]))
         boom.run = real_run
