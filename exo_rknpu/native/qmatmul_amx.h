@@ -173,7 +173,7 @@ static inline __attribute__((always_inline)) void amx_groups(const int fmt, cons
                                                              const void* qa, const uint8_t* planes, int64_t K,
                                                              int64_t m0, float* y, int64_t N, int64_t g,
                                                              int64_t n_end) {
-    const int64_t cbb = code_block_bytes(fmt), sbb = scale_block_bytes(fmt);
+    const int64_t sbb = scale_block_bytes(fmt);
     _Alignas(64) int8_t bt[2][2][16 * 64];      /* pair parity, group: B */
     _Alignas(64) int32_t cs[2][2][2][16 * 16];  /* pair parity, group, lo / hi: C, 2 MC rows x 16 */
     act_row a[EXO_AMX_ROWS];
