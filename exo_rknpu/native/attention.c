@@ -393,7 +393,6 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 }
 
 static const char* op_name(const OrtCustomOp* op) { (void)op; return "Attention"; }
-static const char* op_provider(const OrtCustomOp* op) { (void)op; return NULL; /* CPU */ }
 static ONNXTensorElementDataType input_type(const OrtCustomOp* op, size_t i) {
   (void)op;
   return i == 3 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -404,31 +403,7 @@ static ONNXTensorElementDataType output_type(const OrtCustomOp* op, size_t i) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 3; }
-static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp* op, size_t i) {
-  (void)op; (void)i;
-  return INPUT_OUTPUT_REQUIRED;
-}
-static OrtMemType default_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return OrtMemTypeDefault; }
-static int one(const OrtCustomOp* op) { (void)op; return 1; }
 
-const OrtCustomOp exo_attention_op = {
-    .version = EXO_CUSTOM_OP_VERSION,
-    .CreateKernel = NULL, /* onnxruntime calls CreateKernelV2 from version 16 on */
-    .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = input_type,
-    .GetInputTypeCount = input_count,
-    .GetOutputType = output_type,
-    .GetOutputTypeCount = output_count,
-    .KernelCompute = NULL,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = required,
-    .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory,
-    .GetVariadicInputMinArity = one,
-    .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one,
-    .GetVariadicOutputHomogeneity = one,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-};
+const OrtCustomOp exo_attention_op =
+    EXO_CPU_OP(op_name, input_type, input_count, output_type, output_count, create_kernel, compute,
+               destroy_kernel);

@@ -105,4 +105,27 @@ struct OrtCustomOp {
   OrtStatus* (*KernelComputeV2)(void* kernel, OrtKernelContext* ctx);
 };
 
+/* What every op of this library answers alike: it runs on the CPU, every input and output is required and in CPU
+ * memory, none is variadic. */
+static inline const char* exo_op_cpu(const OrtCustomOp* op) { (void)op; return NULL; }
+static inline OrtCustomOpInputOutputCharacteristic exo_op_required(const OrtCustomOp* op, size_t i) {
+  (void)op; (void)i;
+  return INPUT_OUTPUT_REQUIRED;
+}
+static inline OrtMemType exo_op_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return OrtMemTypeDefault; }
+static inline int exo_op_one(const OrtCustomOp* op) { (void)op; return 1; }
+
+/* An op of this library from its own parts: name, input / output types and counts, kernel create, run, destroy. */
+#define EXO_CPU_OP(name, in_type, in_count, out_type, out_count, create, run, destroy)                       \
+  {                                                                                                       \
+    .version = EXO_CUSTOM_OP_VERSION, .CreateKernel = NULL, /* onnxruntime calls CreateKernelV2 from 16 */ \
+        .GetName = name, .GetExecutionProviderType = exo_op_cpu, .GetInputType = in_type,                 \
+        .GetInputTypeCount = in_count, .GetOutputType = out_type, .GetOutputTypeCount = out_count,        \
+        .KernelCompute = NULL, .KernelDestroy = destroy, .GetInputCharacteristic = exo_op_required,        \
+        .GetOutputCharacteristic = exo_op_required, .GetInputMemoryType = exo_op_memory,                  \
+        .GetVariadicInputMinArity = exo_op_one, .GetVariadicInputHomogeneity = exo_op_one,                \
+        .GetVariadicOutputMinArity = exo_op_one, .GetVariadicOutputHomogeneity = exo_op_one,              \
+        .CreateKernelV2 = create, .KernelComputeV2 = run,                                                  \
+  }
+
 #endif

@@ -138,7 +138,6 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 }
 
 static const char* op_name(const OrtCustomOp* op) { (void)op; return "QMatMul"; }
-static const char* op_provider(const OrtCustomOp* op) { (void)op; return NULL; /* CPU */ }
 static ONNXTensorElementDataType input_type(const OrtCustomOp* op, size_t i) {
   (void)op;
   return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
@@ -149,34 +148,10 @@ static ONNXTensorElementDataType output_type(const OrtCustomOp* op, size_t i) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
-static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp* op, size_t i) {
-  (void)op; (void)i;
-  return INPUT_OUTPUT_REQUIRED;
-}
-static OrtMemType default_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return OrtMemTypeDefault; }
-static int one(const OrtCustomOp* op) { (void)op; return 1; }
 
-static const OrtCustomOp qmatmul_op = {
-    .version = EXO_CUSTOM_OP_VERSION,
-    .CreateKernel = NULL,  /* onnxruntime calls CreateKernelV2 from version 16 on */
-    .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = input_type,
-    .GetInputTypeCount = input_count,
-    .GetOutputType = output_type,
-    .GetOutputTypeCount = output_count,
-    .KernelCompute = NULL,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = required,
-    .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory,
-    .GetVariadicInputMinArity = one,
-    .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one,
-    .GetVariadicOutputHomogeneity = one,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-};
+static const OrtCustomOp qmatmul_op =
+    EXO_CPU_OP(op_name, input_type, input_count, output_type, output_count, create_kernel, compute,
+               destroy_kernel);
 
 /* The entry point onnxruntime looks up in a custom op library. The domain object is not released: onnxruntime
  * needs it for as long as any session made with these options lives, which the library cannot know. */
