@@ -581,8 +581,7 @@ class ShardRunner:
 
     def _run(self, spec: SliceSpec, inputs: dict[str, np.ndarray], cache_in_place: bool = False) -> dict[str, np.ndarray]:
         t = time.perf_counter()
-        runner = self.runners[spec.name]
-        outputs = runner.run(inputs, cache_in_place=True) if cache_in_place else runner.run(inputs)
+        outputs = self.runners[spec.name].run(inputs, cache_in_place=cache_in_place)
         self.stats.add(spec.name, time.perf_counter() - t)
         if self.on_slice is not None:
             self.on_slice(spec, inputs, outputs)
