@@ -63,7 +63,7 @@ def test_a_failing_backend_call_rolls_the_request_back(tiny_llama):
     ref.forward("r", np.array([PROMPT]))
     head = shard.runners["head"]
     real_run = head.run
-    head.run = lambda inputs: (_ for _ in ()).throw(RuntimeError("device lost"))  # a backend that fails mid-call
+    head.run = lambda inputs, **_: (_ for _ in ()).throw(RuntimeError("device lost"))  # a backend that fails mid-call
     with pytest.raises(RuntimeError, match="device lost"):
         shard.forward("r", np.array([[9]]))
     head.run = real_run
