@@ -33,9 +33,12 @@
 
 #define EXO_LANES 16
 #define EXO_MAX_DIMS 8
-/* multiply-adds of a call below which it runs on the calling thread: a decode step of 8 requests at ~30 positions
- * (~1M on the 1B shape) took 72 us on one thread and 77-80 us over onnxruntime's two (a busy 2-vCPU machine) */
-#define EXO_PARALLEL_MACS (1 << 22)
+/* multiply-adds of a call below which it runs on the calling thread. In the 1B model (session 7; 2 threads, the
+ * host's other load ~2, docs/native.md "Attention") a decode step of 8 requests at ~28 positions (~0.9M) took
+ * 151-154 us per call split over both threads against 226-235 on the calling thread; 4 requests (~0.46M) 92-116
+ * against 112-113 (even); 2 requests 63-70 against 56-61 (a loss). On a host whose second core is busy the split
+ * loses at every size (8 requests: 258-316 against 223-247 us): waking the second thread waits for a core. */
+#define EXO_PARALLEL_MACS (1 << 19)
 /* query rows per task of a long chunk (prefill): enough tasks for the threads, few enough to amortize a task */
 #define EXO_ROWS_PER_TASK 16
 
@@ -266,30 +269,14 @@ static void write_rows(const AttentionCall* c, int64_t b, int64_t g) {
   }
 }
 
-/* Start reading the keys and values the (request, kv head) bg attends to (its visible positions). In the model a
- * decode step's products stream every weight between two attention calls, so the caches come from memory; one
- * (request, kv head) at a time, each block's first reads waited on memory. Fetched while the previous pair is
- * computed: 8 requests at ~28 positions on the 1B shape took 169-193 us per call in the model against 217-237
- * without (timed inside the op, 3 alternate runs on a busy host; onnxruntime's profiler, noisier: medians 198-214
- * against 213-221; docs/native.md "Attention"). Changes no arithmetic. */
-static void prefetch_task(const AttentionCall* c, int64_t bg) {
-  const int64_t b = bg / c->kv, g = bg % c->kv, bytes = (int64_t)sizeof(float) * (c->seqlens[b] + 1) * c->hd;
-  const char* k = (const char*)(c->pk + (b * c->kv + g) * c->T * c->hd);
-  const char* v = (const char*)(c->pv + (b * c->kv + g) * c->T * c->hd);
-  for (int64_t off = 0; off < bytes; off += 64) {
-    __builtin_prefetch(k + off, 0, 3);
-    __builtin_prefetch(v + off, 0, 3);
-  }
-}
-
 static void run_task(void* data, size_t i) {
   AttentionCall* c = data;
   const int64_t chunk = (int64_t)i % c->chunks, bg = (int64_t)i / c->chunks;
   const int64_t b = bg / c->kv, g = bg % c->kv;
-  /* one task per (request, kv head): its own rows, written where they are read next (the rows of a call cut into
-   * several chunks are written before any task starts: a later chunk reads an earlier one's) */
+  /* one task per (request, kv head): its own new rows, written by the thread that reads them next, so a decode call
+   * split over threads extends the caches in parallel too (the rows of a call cut into several chunks are written
+   * before any task starts: a later chunk reads an earlier one's) */
   if (c->chunks == 1) write_rows(c, b, g);
-  if (c->chunks == 1 && (int64_t)i + 1 < c->tasks) prefetch_task(c, bg + 1);
   const int64_t s0 = chunk * c->rows, s1 = s0 + c->rows < c->S ? s0 + c->rows : c->S;
   const int64_t L = c->seqlens[b] - c->S + s1 + 1; /* the last row's visible positions */
   float* scratch = malloc(sizeof(float) * (size_t)((c->nh / c->kv) * (c->hd + L)));
