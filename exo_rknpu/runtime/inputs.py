@@ -21,15 +21,6 @@ def attention_mask(seq: int, real: int, ctx: int, n_past: int) -> np.ndarray:
     return m[None, None]
 
 
-def step_masks(positions: np.ndarray, ctx: int) -> np.ndarray:
-    """Additive masks [B,1,1,ctx+1] of one decode step of B requests, row b's token at positions[b]: row b sees the
-    cached positions below positions[b] and the new one, as RequestCache.mask(positions[b], 1, ctx) shows them;
-    built at once (one array owning its memory) instead of one per request and a concatenation."""
-    m = np.where((np.arange(ctx + 1) < positions[:, None])[:, None, None], np.float32(0.0), np.float32(MASK_VALUE))
-    m[..., ctx] = 0.0
-    return m
-
-
 def layer_inputs(args: ModelArgs, hidden: np.ndarray, real: int, n_past: int, ctx: int) -> dict[str, np.ndarray]:
     """Everything but the cache for a chunk of `hidden` [1,S,H] whose first `real` rows are tokens at n_past..."""
     seq = hidden.shape[1]
@@ -52,10 +43,3 @@ class RotaryTable:
             return {"cos": cos, "sin": sin}
         rows = slice(at, at + seq)
         return {"cos": self.cos[None, None, rows], "sin": self.sin[None, None, rows]}
-
-    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin [B, hd] of one row per position (a decode step of B requests), gathered at once."""
-        if positions.max() >= len(self.cos):  # beyond the table (not reached via buckets)
-            cos, sin = cos_sin(self.args, positions)
-            return cos[0, 0], sin[0, 0]
-        return self.cos[positions], self.sin[positions]

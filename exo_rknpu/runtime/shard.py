@@ -18,7 +18,7 @@ from exo_rknpu.errors import TensorContractError
 from exo_rknpu.model.loader import ShardSource
 from exo_rknpu.model.weights import LeftOut, ShardWeights
 from exo_rknpu.runtime.cache import BatchState, KVCache, KVPool, RequestCache, RowsState
-from exo_rknpu.runtime.inputs import RotaryTable, step_masks
+from exo_rknpu.runtime.inputs import RotaryTable
 from exo_rknpu.runtime.requests import RequestLimits, RequestStore
 from exo_rknpu.slices.graph import slice_weights
 from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, npu_kv_layout, plan_slices, state_name
@@ -522,13 +522,11 @@ class ShardRunner:
         """A decode batch's inputs, row b = steps[b] at positions[b]: the state (ids or x, rows along `row_axis`)
         and cos/sin (rows along `rope_axis`) as the batch's slices take them, each request's mask row over
         `capacity` positions."""
-        at = np.array(positions)
-        cos, sin = self.rotary.rows(at)
-        rope_shape = [1, 1, 1, cos.shape[-1]]
-        rope_shape[rope_axis] = len(positions)
-        mask = step_masks(at, capacity)
+        rotary = [self.rotary(p, 1) for p in positions]
+        mask = np.concatenate([s.cache.mask(p, 1, capacity) for s, p in zip(steps, positions)])
         mask.flags.writeable = False  # as RequestCache.mask's: read by every slice of the step, never changed
-        common = {"cos": cos.reshape(rope_shape), "sin": sin.reshape(rope_shape), "mask": mask}
+        common = {"cos": np.concatenate([r["cos"] for r in rotary], axis=rope_axis),
+                  "sin": np.concatenate([r["sin"] for r in rotary], axis=rope_axis), "mask": mask}
         key = "ids" if self.layer_range.is_first else "x"
         return {key: np.concatenate([s.x for s in steps], axis=row_axis)}, common
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from exo_rknpu.model.base import ModelArgs
-from exo_rknpu.model.rope import cos_sin
 from exo_rknpu.runtime.cache import KVCache, KVPool, RequestCache
-from exo_rknpu.runtime.inputs import RotaryTable, step_masks
 from exo_rknpu.slices.spec import SliceSpec, to_kv_layout
 
 
@@ -57,21 +55,3 @@ def test_a_pool_grows_by_a_quarter_of_its_capacity_keeping_every_requests_rows()
         for c, r in zip(o.caches, rows):
             assert np.array_equal(c.keys[:, :, : o.pos], r) and np.array_equal(c.values[:, :, : o.pos], -r)
             assert not c.keys[:, :, o.pos :].any()  # past its position: zeros, nothing carried over
-
-
-def test_a_decode_steps_masks_and_rotary_rows_are_each_requests_own_bit_for_bit():
-    """ShardRunner._step_rows builds a batch's masks and cos/sin rows at once: each row equals what that request's
-    lone step takes (RequestCache.mask, the rotary table's row at its position), past the table's end too."""
-    args = ModelArgs("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=32, head_dim=16)
-    table = RotaryTable(args, 48)
-    for ctx in (32, 96):
-        at = np.array([0, 1, 5, 31, 17, 3] + ([47, 60] if ctx == 96 else []))
-        masks = step_masks(at, ctx)
-        assert masks.base is None  # owns its memory: backends/ort.py MaskPositions recognises it by identity
-        lone = np.concatenate([RequestCache(pos=int(p)).mask(int(p), 1, ctx) for p in at])
-        assert masks.dtype == lone.dtype and masks.shape == lone.shape and masks.tobytes() == lone.tobytes()
-        cos, sin = table.rows(at)
-        for b, p in enumerate(at):
-            want = table(int(p), 1) if p < 48 else dict(zip(("cos", "sin"), cos_sin(args, np.array([p]))))
-            assert cos[b].tobytes() == want["cos"][0, 0, 0].tobytes() and sin[b].tobytes() == want["sin"][0, 0, 0].tobytes()
