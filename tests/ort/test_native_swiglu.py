@@ -39,7 +39,7 @@ def session(op: str, fmt: int, packed: np.ndarray, n: int, k: int, threads: int 
 
 def gate_up(fmt: int, n: int, k: int, rng: np.random.Generator, wide: bool = False) -> np.ndarray:
     """Packed random gate|up rows (n of them, gate first) in `fmt`. wide: scales over 1e-4 .. 1e2, so the products
-    reach past +-87 (where the exp saturates) and, at times, the float32 range."""
+    reach past +-87 (where the exp saturates)."""
     per = 256 if fmt == Q6_K else 32
     if wide:
         d = (10 ** rng.uniform(-4, 2, (n, k // per)) * rng.choice([-1, 1], (n, k // per))).astype(np.float16)
