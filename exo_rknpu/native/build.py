@@ -21,8 +21,8 @@ from exo_rknpu.config import Paths
 from exo_rknpu.errors import NativeUnavailableError
 
 # the kernel, the onnxruntime custom op that calls it (ort_op.c: QMatMul, the runtime's entry point) and the
-# attention op (attention.c: Attention, registered by ort_op.c)
-SOURCES = ("qmatmul.c", "ort_op.c", "attention.c")
+# ops it registers besides: attention (attention.c: Attention) and the norms (norm.c: RMSNorm, AddRMSNorm)
+SOURCES = ("qmatmul.c", "ort_op.c", "attention.c", "norm.c")
 COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {

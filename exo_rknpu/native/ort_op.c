@@ -25,7 +25,8 @@
 #include "ort_abi.h"
 #include "qmatmul.h"
 
-extern const OrtCustomOp exo_attention_op; /* attention.c */
+extern const OrtCustomOp exo_attention_op;                         /* attention.c */
+extern const OrtCustomOp exo_rms_norm_op, exo_add_rms_norm_op; /* norm.c */
 
 #define EXO_MAX_DIMS 8
 /* weights per chunk handed to one thread: large enough that the per-chunk overhead (a task of onnxruntime's
@@ -206,7 +207,8 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   OrtStatus* st;
   if ((st = api->CreateCustomOpDomain("exo_rknpu", &domain)) || (st = api->CustomOpDomain_Add(domain, &qmatmul_op)) ||
       (st = api->CustomOpDomain_Add(domain, &qmatmul_swiglu_op)) ||
-      (st = api->CustomOpDomain_Add(domain, &exo_attention_op)))
+      (st = api->CustomOpDomain_Add(domain, &exo_attention_op)) || (st = api->CustomOpDomain_Add(domain, &exo_rms_norm_op)) ||
+      (st = api->CustomOpDomain_Add(domain, &exo_add_rms_norm_op)))
     return st;
   return api->AddCustomOpDomain(options, domain);
 }

@@ -39,6 +39,10 @@ NATIVE_SWIGLU_OP = "QMatMulSwiGLU"
 # q|k|v (no separate k, v), written instead of it in graphs whose linears are native (the library is loaded for
 # them anyway): a request's result does not depend on the batch around it, and a batched decode step costs ~half
 NATIVE_ATTENTION_OP = "Attention"
+# the native library's norms (exo_rknpu/native/norm.c), written in graphs whose linears are native: RMSNorm, and
+# AddRMSNorm for a residual Add whose sum is normed next (outputs the norm and the sum); one fixed order on the
+# calling thread, where onnxruntime's SimplifiedLayerNormalization and Add wake its pool at several rows
+NATIVE_NORM_OP, NATIVE_ADD_NORM_OP = "RMSNorm", "AddRMSNorm"
 # MatMulNBits accuracy_level: 4 quantizes activations to int8 per block inside the kernel (fast; rounded differently
 # per instruction set); 1 keeps them float32 (QTensor.kernel "fp32": the same answers on every CPU). Measured
 # on onnxruntime 1.32 (x86 AVX2, CPU time of a decode step): 4-bit at level 1 is ~3x slower than at level 4 and
@@ -119,6 +123,8 @@ class OnnxOps:
         self.n_layers = 0  # layers in the slice being recorded (set by build_onnx)
         self.args: ModelArgs | None = None  # the model's hyper-parameters (set by build_onnx)
         self.native_attention = False  # the "gqa" form as NATIVE_ATTENTION_OP (set by build_onnx: native weights)
+        self.native_norms = False  # norms as NATIVE_NORM_OP / NATIVE_ADD_NORM_OP (set by build_onnx: native weights)
+        self._adds: dict[str, onnx.NodeProto] = {}  # Add output -> its node, for fusing with a norm that reads it
 
     @property
     def batch(self) -> int:
@@ -332,16 +338,36 @@ class OnnxOps:
         return self._qmatmul(x, ws, NATIVE_SWIGLU_OP)
 
     def rms_norm(self, x, w, eps):
+        if self.native_norms and w.shape[-1] % 16 == 0:
+            return self._native_norm(x, w, eps)
         sq = self._node("Pow", [x, self._const(np.array(2.0, np.float32))])
         mean = self._node("ReduceMean", [sq], axes=[-1], keepdims=1)
         rms = self._node("Sqrt", [self._node("Add", [mean, self._const(np.array(eps, np.float32))])])
         return self._node("Mul", [self._node("Div", [x, rms]), self._weight(w)])
 
+    def _native_norm(self, x, w, eps):
+        """NATIVE_NORM_OP over x, or NATIVE_ADD_NORM_OP in place of the Add that made x (same shapes: a residual),
+        which then outputs x itself as its sum. Both norm alike, so a slice boundary changes no bit."""
+        y = self.g.fresh("rmsnorm")
+        add = self._adds.pop(x, None)
+        if add is None:
+            self.g.nodes.append(helper.make_node(NATIVE_NORM_OP, [x, self._weight(w)], [y], name=y,
+                                                 domain=NATIVE_DOMAIN, epsilon=float(eps)))
+            return y
+        fused = helper.make_node(NATIVE_ADD_NORM_OP, [*add.input, self._weight(w)], [y, x], name=y,
+                                 domain=NATIVE_DOMAIN, epsilon=float(eps))
+        self.g.nodes[self.g.nodes.index(add)] = fused  # where the Add was: its inputs exist, its readers follow
+        return y
+
     def add(self, a, b):
         # (not fused with the next RMSNorm into SkipSimplifiedLayerNormalization: its reduction order differs from
         # SimplifiedLayerNormalization's, so a layer after a slice boundary would differ in the last bits from the
-        # same layer in an unsplit graph; it saved ~1 us of CPU per layer)
-        return self._node("Add", [a, b])
+        # same layer in an unsplit graph; it saved ~1 us of CPU per layer. The native AddRMSNorm has no such
+        # difference: _native_norm)
+        out = self._node("Add", [a, b])
+        if self.native_norms:
+            self._adds[out] = self.g.nodes[-1]
+        return out
 
     def mul(self, a, b):
         return self._node("Mul", [a, b])
@@ -545,7 +571,10 @@ def _build(
     ops.n_layers, ops.args = spec.n_layers, a
     gqa = attention_form == "gqa" and spec.has_attention
     layer_weights = (w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values())
-    ops.native_attention = gqa and any(isinstance(w, QTensor) and w.kernel == "native" for w in layer_weights)
+    head_weights = (weights.lm_head,) if spec.kind == "head" else ()
+    native = any(isinstance(w, QTensor) and w.kernel == "native" for w in (*layer_weights, *head_weights))
+    ops.native_attention = gqa and native
+    ops.native_norms = compact and native
     assert not gqa or (compact and per_layer_cache), "the gqa form is onnxruntime's, with per-layer caches"
     ins, outs = _signature(spec, a, seq, ctx, compact and per_layer_cache, per_layer_cache, gqa)
     names: dict[str, object] = {name: name for name, _, _ in ins}
