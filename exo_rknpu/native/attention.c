@@ -21,7 +21,7 @@
  * The arithmetic, per request b, kv head g and query row s at position p = seqlens_k[b] - S + 1 + s (L = p + 1
  * positions visible): q and the new k rotated as x1*c - x2*s, x2*c + x1*s (halves of the head); per visible
  * position t, score = dot(q, k_t) * scale with dot summed in 16 lanes (lane l takes elements l, l+16, ..) then the
- * lanes pairwise (l + 8, l + 4, l + 2, l + 1); softmax: e_t = exp(score_t - max) (exp_row below), their sum in 16
+ * lanes pairwise (l + 8, l + 4, l + 2, l + 1); softmax: e_t = exp(score_t - max) (expf.h), their sum in 16
  * lanes the same way, w_t = e_t * (1 / sum); out[d] = sum over t in order of w_t * v_t[d]. No FMA contraction
  * (-ffp-contract=off): every build rounds the same operations the same way. */
 #include <stddef.h>
@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "expf.h"
 #include "ort_abi.h"
 
 #define EXO_LANES 16
@@ -73,27 +74,9 @@ static float dot(const float* a, const float* b, int64_t n) { /* n: a multiple o
   return lanes_sum(acc);
 }
 
-/* e^x for x <= 0 (a score minus its row's maximum): Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2,
- * n rounded to nearest by the 1.5 * 2^23 trick (exact, and vectorizes without SSE4.1's round); results below
- * e^-87 are e^-87 (softmax weights ~1e-38 of the largest). Relative error ~2e-7. */
+/* e^(x - max) of a row's scores, in place (expf.h) */
 static void exp_row(float* x, int64_t n, float max) {
-  for (int64_t t = 0; t < n; t++) {
-    float v = x[t] - max;
-    v = v < -87.0f ? -87.0f : v;
-    float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = v - k * 0.693359375f;
-    r = r - k * -2.12194440e-4f;
-    float z = r * r;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * z + r + 1.0f;
-    union { int32_t i; float f; } p2 = {.i = ((int32_t)k + 127) << 23};
-    x[t] = y * p2.f;
-  }
+  for (int64_t t = 0; t < n; t++) x[t] = exo_exp_nonpos(x[t] - max);
 }
 
 static void softmax(float* x, int64_t n) {

@@ -95,3 +95,32 @@ def dequantize(fmt: int, d: np.ndarray, codes: np.ndarray, m: np.ndarray | None 
     if fmt == Q4_1:
         out += np.repeat(m.astype(np.float64), BLOCK, axis=1)
     return out
+
+
+def _f32(v: float) -> np.float32:
+    return np.float32(v)
+
+
+def exp_nonpos(v: np.ndarray) -> np.ndarray:
+    """expf.h's e^v for v <= 0 (float32 [...]): below -87 as -87, n = v / ln2 rounded by the 1.5 * 2^23 trick, the
+    polynomial in r = v - n ln2 (two parts), times 2^n built in the exponent bits."""
+    v = np.where(v < _f32(-87.0), _f32(-87.0), v).astype(np.float32)
+    k = (v * _f32(1.44269504088896341) + _f32(12582912.0)) - _f32(12582912.0)
+    r = v - k * _f32(0.693359375)
+    r = r - k * _f32(-2.12194440e-4)
+    z = r * r
+    y = np.full_like(r, _f32(1.9875691500e-4))
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        y = y * r + _f32(c)
+    y = y * z + r + _f32(1.0)
+    with np.errstate(invalid="ignore"):  # (a NaN's n: its bits do not matter, y is NaN)
+        n = np.where(np.isnan(k), 0, k).astype(np.int32)
+    return y * ((n + 127) << 23).astype(np.int32).view(np.float32)
+
+
+def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """QMatMulSwiGLU's activation of the products g, u (float32, same shape): silu(g) * u = g * s * u, the sigmoid s
+    from e = e^-|g| (exp_nonpos) as e / (1 + e) where g's sign bit is set, else 1 / (1 + e)."""
+    e = exp_nonpos(-np.abs(g))
+    s = np.where(np.signbit(g), e, _f32(1.0)) / (_f32(1.0) + e)
+    return g * s * u

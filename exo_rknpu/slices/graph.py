@@ -57,6 +57,18 @@ def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
+def swiglu(ops: Ops, x: T, gate: Weight, up: Weight) -> T:
+    """silu(x @ gate.T) * (x @ up.T), the MLP's activation. An Ops may provide a fused `fused_swiglu(x, gate, up)`
+    computing the same, which returns None for weights it does not fuse (onnxruntime's form with native weights:
+    one op, slices/onnx_export.py)."""
+    fused = getattr(ops, "fused_swiglu", None)
+    y = fused(x, gate, up) if fused is not None else None
+    if y is None:
+        g, u = ops.linears(x, [gate, up], [None, None])
+        y = ops.mul(ops.silu(g), u)
+    return y
+
+
 def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T],
              attn_in: dict[str, T] | None = None) -> dict[str, T]:
     """Apply one part of a decoder layer (slices/spec.py PARTS) to the layer state `st` (updated in place).
@@ -90,8 +102,7 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
     elif part == "mlp_norm":
         st["h"] = ops.rms_norm(st["x"], w.post_norm, a.rms_norm_eps)
     elif part == "ffn":
-        gate, up = ops.linears(st["h"], [w.gate_proj, w.up_proj], [None, None])
-        st["x"] = ops.add(st["x"], ops.linear(ops.mul(ops.silu(gate), up), w.down_proj))
+        st["x"] = ops.add(st["x"], ops.linear(swiglu(ops, st["h"], w.gate_proj, w.up_proj), w.down_proj))
     else:
         raise ValueError(f"unknown layer part {part!r}; parts are {PARTS}")
     return st

@@ -32,6 +32,9 @@ MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits)
 # the native kernel's op (exo_rknpu/native/ort_op.c): QMatMul(x, packed) with attributes fmt, K, N; sessions of a
 # graph holding it register the native library (backends/ort.py)
 NATIVE_DOMAIN, NATIVE_OP = "exo_rknpu", "QMatMul"
+# QMatMul over gate|up stacked with the MLP's activation after it: silu(x @ gate.T) * (x @ up.T) [..., N/2] in one op
+# (ort_op.c), written for native gate/up (no Split, Sigmoid, Mul between kernels: ~40 us each at 8 rows)
+NATIVE_SWIGLU_OP = "QMatMulSwiGLU"
 # the native library's attention (exo_rknpu/native/attention.c): GroupQueryAttention's inputs and outputs for a packed
 # q|k|v (no separate k, v), written instead of it in graphs whose linears are native (the library is loaded for
 # them anyway): a request's result does not depend on the batch around it, and a batched decode step costs ~half
@@ -174,7 +177,7 @@ class OnnxOps:
             self.g.stacked[key] = stack_rows(ws)
         return self._matmul_nbits(x, self.g.stacked[key])
 
-    def _qmatmul(self, x: str, ws: list[QTensor]) -> str:
+    def _qmatmul(self, x: str, ws: list[QTensor], op: str = NATIVE_OP) -> str:
         """x @ [ws stacked].T with the native kernel (NATIVE_OP): one initializer, the packed bytes
         (exo_rknpu.native.pack of quant.native_parts), one per tensor (a tied head packs its own, the embedding
         stays a row table), left a PendingPack: packed when written, so a slice's export holds its weights once
@@ -185,8 +188,8 @@ class OnnxOps:
             n = sum(w.shape[0] for w in ws)
             self.g.weight_names[key] = f"{self._initializer(pending, 'qp')},{pending.fmt},{n},{ws[0].shape[1]}"
         name, fmt, n, k = self.g.weight_names[key].split(",")
-        out = self.g.fresh("qmatmul")
-        self.g.nodes.append(helper.make_node(NATIVE_OP, [x, name], [out], name=out, domain=NATIVE_DOMAIN,
+        out = self.g.fresh(op.lower())
+        self.g.nodes.append(helper.make_node(op, [x, name], [out], name=out, domain=NATIVE_DOMAIN,
                                              fmt=int(fmt), K=int(k), N=int(n)))
         return out
 
@@ -320,6 +323,19 @@ class OnnxOps:
         self.g.nodes.append(helper.make_node("Split", [y, sizes], outs, name=outs[0], axis=-1))
         self.g.split_of.update({o: (y, tuple(outs)) for o in outs})
         return outs
+
+    def fused_swiglu(self, x, gate, up):
+        """silu(x @ gate.T) * (x @ up.T) as one NATIVE_SWIGLU_OP over gate|up packed as QMatMul's, for native
+        weights of one kind (onnxruntime's form) whose rows fill whole row groups (the op's chunks take gate and up
+        rows alike); None otherwise (graph.swiglu composes it)."""
+        from exo_rknpu.native.pack import ROW_GROUP
+
+        ws = [gate, up]
+        if not (self.compact and all(isinstance(w, QTensor) and w.kernel == "native" for w in ws)
+                and len({stack_kind(w) for w in ws}) == 1 and gate.shape[0] == up.shape[0]
+                and gate.shape[0] % ROW_GROUP == 0):
+            return None
+        return self._qmatmul(x, ws, NATIVE_SWIGLU_OP)
 
     def rms_norm(self, x, w, eps):
         if self.native_norms and w.shape[-1] % 16 == 0:

@@ -19,7 +19,8 @@ from exo_rknpu.model.quant import QTensor, native_format, native_parts, quantize
 from exo_rknpu.model.weights import RowTable
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.shard import ShardRunner
-from exo_rknpu.slices.onnx_export import NATIVE_DOMAIN, NATIVE_OP, PendingPack, build_onnx_compact, materialize, stack_rows
+from exo_rknpu.slices.onnx_export import (NATIVE_DOMAIN, NATIVE_OP, NATIVE_SWIGLU_OP, PendingPack, build_onnx_compact,
+                                          materialize, stack_rows)
 from exo_rknpu.slices.spec import SliceSpec
 from helpers import SMALL_BUCKETS, greedy, nmse, ring
 from tiny_models import make_tiny_gguf, make_tiny_hf
@@ -75,8 +76,10 @@ def test_a_q6_k_head_at_native_stays_within_the_int16_activation_error_of_float_
 def test_each_linear_is_one_qmatmul_over_packed_bytes(models, model, fmt):
     shard = load_shard(resolve_model(str(models[model])), LayerRange.full(3), "native")
     graph, external = build_onnx_compact(SliceSpec("layers", 0, 3), shard)
-    nodes = [n for n in graph.graph.node if n.op_type == NATIVE_OP]
-    assert len(nodes) == 4 * 3 and not any(n.op_type == "MatMulNBits" for n in graph.graph.node)  # qkv, o, gate/up, down
+    nodes = [n for n in graph.graph.node if n.op_type in (NATIVE_OP, NATIVE_SWIGLU_OP)]
+    # qkv, o, down; gate/up with the activation (test_native_swiglu.py)
+    assert [n.op_type for n in nodes].count(NATIVE_SWIGLU_OP) == 3 and len(nodes) == 4 * 3
+    assert not any(n.op_type == "MatMulNBits" for n in graph.graph.node)
     assert all(n.domain == NATIVE_DOMAIN and {a.name: a.i for a in n.attribute}["fmt"] == fmt for n in nodes)
     assert any(o.domain == NATIVE_DOMAIN for o in graph.opset_import)
     packed = {n.input[1] for n in nodes}
