@@ -20,13 +20,12 @@ from exo_rknpu.backends.prepared import PreparedCache, prepared_key
 from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.base import ModelArgs
-from exo_rknpu.model.quant import QTensor
 from exo_rknpu.native.build import library as native_library, source_dir as native_sources
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.artifacts import exporter_version, slice_digest, spec_dict
 from exo_rknpu.model.rope import cos_sin
 from exo_rknpu.backends.base import declared_support
-from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, per_layer_cache_names
+from exo_rknpu.slices.spec import PLACEMENT_BLOCKS, Buckets, SliceSpec, per_layer_cache_names, slice_kernels
 
 if TYPE_CHECKING:  # annotations only: the loader is not imported with the backend
     from exo_rknpu.model.loader import ShardSource
@@ -282,12 +281,6 @@ def written_rows(cache: np.ndarray, past: np.ndarray, seq: int, batched: bool) -
     return rows.transpose(2, 0, 3, 1, 4).reshape(n * b, kv, seq, hd)
 
 
-def _slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:
-    if spec.kind == "layers":
-        return [w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values()]
-    return [weights.lm_head if spec.kind == "head" else weights.embed_tokens]
-
-
 def gqa_supported(args: ModelArgs) -> bool:
     """Whether onnxruntime's GroupQueryAttention takes this model's heads with rope inside it (its CPU kernel wants
     head_dim a multiple of 16 and whole groups of query heads per kv head)."""
@@ -390,13 +383,13 @@ class OrtBackend:
             return NumpyRunner(spec, weights)  # a row gather: nothing for a session to do
         form = self.attention_form(spec, weights.args)
         rotary = self._rotary_tables(weights.args, buckets) if form == "gqa" else None
-        kernels = {w.kernel for w in _slice_tensors(spec, weights) if isinstance(w, QTensor)}
+        kernels = slice_kernels(spec, weights)
         rows_apart = ROWS_APART if "fp32" in kernels else 0
         custom_ops = native_library(self.native_isa) if "native" in kernels else None
         opts = session_options(self.threads, custom_ops)
         model_file = None
         # float32 slices (--weights fp32, the reference) are not written to disk: they would be 8x the compact size
-        cache = self.cache if any(isinstance(w, QTensor) for w in _slice_tensors(spec, weights)) else None
+        cache = self.cache if kernels else None
         if cache is not None:
             key = prepared_key(weights=slice_digest(spec, weights), native=native_layout() if custom_ops else None,
                                **self._key_parts(spec, form))

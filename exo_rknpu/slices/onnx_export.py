@@ -17,7 +17,7 @@ from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.quant import QTensor, native_format, native_parts, split8
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import run_slice
-from exo_rknpu.slices.spec import SliceSpec, per_layer_cache_names, state_name, state_width
+from exo_rknpu.slices.spec import SliceSpec, per_layer_cache_names, slice_kernels, state_name, state_width
 
 OPSET = 17  # rknn-toolkit2 2.5 pins onnx<=1.18; opset 17 / IR 8 loads there and in current onnxruntime
 IR_VERSION = 8
@@ -570,9 +570,7 @@ def _build(
     ops = OnnxOps(attention_form, compact)
     ops.n_layers, ops.args = spec.n_layers, a
     gqa = attention_form == "gqa" and spec.has_attention
-    layer_weights = (w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values())
-    head_weights = (weights.lm_head,) if spec.kind == "head" else ()
-    native = any(isinstance(w, QTensor) and w.kernel == "native" for w in (*layer_weights, *head_weights))
+    native = "native" in slice_kernels(spec, weights)
     ops.native_attention = gqa and native
     ops.native_norms = compact and native
     assert not gqa or (compact and per_layer_cache), "the gqa form is onnxruntime's, with per-layer caches"

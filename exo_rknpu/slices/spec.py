@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from exo_rknpu.errors import ContextOverflowError
 from exo_rknpu.model.base import ModelArgs
+from exo_rknpu.model.quant import QTensor
+from exo_rknpu.model.weights import ShardWeights
 
 SliceKind = Literal["embed", "layers", "head"]
 # A decoder layer is six parts in this order (block "attn" = the first four, "mlp" = the last two); a slice runs all of them ("attn", "mlp": the whole layer) or a
@@ -491,3 +493,16 @@ def npu_kv_layout(args: ModelArgs) -> str:
 def per_layer_cache_names(name: str, n: int) -> list[str]:
     """Input names of a per-layer cache: past_k -> past_k.0, past_k.1, ..."""
     return [f"{name}.{i}" for i in range(n)]
+
+
+def slice_tensors(spec: SliceSpec, weights: ShardWeights) -> list:
+    """The weight tensors a slice runs: its layers' (a layers slice), the head's or the embedding's."""
+    if spec.kind == "layers":
+        return [w for i in range(spec.start, spec.stop) for w in weights.layers[i].arrays().values()]
+    return [weights.lm_head if spec.kind == "head" else weights.embed_tokens]
+
+
+def slice_kernels(spec: SliceSpec, weights: ShardWeights) -> frozenset[str]:
+    """The kernels its compact tensors run on (QTensor.kernel: "native", "fp32", "int8", ...): whether a slice is
+    native (the exporter writes the native library's ops, the backend registers the library) is read here only."""
+    return frozenset(w.kernel for w in slice_tensors(spec, weights) if isinstance(w, QTensor))
