@@ -34,9 +34,12 @@
 
 #define EXO_LANES 16
 #define EXO_MAX_DIMS 8
-/* multiply-adds of a call below which it runs on the calling thread: a decode step of 8 requests at ~30 positions
- * (~1M on the 1B shape) took 72 us on one thread and 77-80 us over onnxruntime's two (a busy 2-vCPU machine) */
-#define EXO_PARALLEL_MACS (1 << 22)
+/* multiply-adds of a call below which it runs on the calling thread. In the 1B model (session 7; 2 threads, the
+ * host's other load ~2, docs/native.md "Attention") a decode step of 8 requests at ~28 positions (~0.9M) took
+ * 151-154 us per call split over both threads against 226-235 on the calling thread; 4 requests (~0.46M) 92-116
+ * against 112-113 (even); 2 requests 63-70 against 56-61 (a loss). On a host whose second core is busy the split
+ * loses at every size (8 requests: 258-316 against 223-247 us): waking the second thread waits for a core. */
+#define EXO_PARALLEL_MACS (1 << 19)
 /* query rows per task of a long chunk (prefill): enough tasks for the threads, few enough to amortize a task */
 #define EXO_ROWS_PER_TASK 16
 
@@ -237,10 +240,26 @@ static void attend(const AttentionCall* c, int64_t b, int64_t g, int64_t s0, int
   }
 }
 
+/* Request b's S new rows of kv head g into the caches at their positions (k rotated). */
+static void write_rows(const AttentionCall* c, int64_t b, int64_t g) {
+  const int64_t hd = c->hd, width = (c->nh + 2 * c->kv) * hd;
+  for (int64_t s = 0; s < c->S; s++) {
+    const int64_t p = c->seqlens[b] - c->S + 1 + s;
+    const float* row = c->qkv + (b * c->S + s) * width;
+    rope(c->pk + ((b * c->kv + g) * c->T + p) * hd, row + (c->nh + g) * hd, c->cos + p * (hd / 2),
+         c->sin + p * (hd / 2), hd);
+    memcpy(c->pv + ((b * c->kv + g) * c->T + p) * hd, row + (c->nh + c->kv + g) * hd, sizeof(float) * (size_t)hd);
+  }
+}
+
 static void run_task(void* data, size_t i) {
   AttentionCall* c = data;
   const int64_t chunk = (int64_t)i % c->chunks, bg = (int64_t)i / c->chunks;
   const int64_t b = bg / c->kv, g = bg % c->kv;
+  /* one task per (request, kv head): its own new rows, written by the thread that reads them next, so a decode call
+   * split over threads extends the caches in parallel too (the rows of a call cut into several chunks are written
+   * before any task starts: a later chunk reads an earlier one's) */
+  if (c->chunks == 1) write_rows(c, b, g);
   const int64_t s0 = chunk * c->rows, s1 = s0 + c->rows < c->S ? s0 + c->rows : c->S;
   const int64_t L = c->seqlens[b] - c->S + s1 + 1; /* the last row's visible positions */
   float* scratch = malloc(sizeof(float) * (size_t)((c->nh / c->kv) * (c->hd + L)));
@@ -294,11 +313,12 @@ static int same_dims(const int64_t* a, const int64_t* b, size_t n) {
   return 1;
 }
 
-/* The caches into present_k/v: past rows copied (unless bound to the same memory), the rest zero; then each
- * request's new rows (k rotated) at their positions. Checks every position against the cache and the tables. */
+/* The caches into present_k/v: past rows copied (unless bound to the same memory), the rest zero; then, for a call
+ * cut into several chunks per (request, kv head), each request's new rows (k rotated) at their positions (a call of
+ * one chunk each has its tasks write them: run_task). Checks every position against the cache and the tables. */
 static OrtStatus* extend_caches(const OrtApi* api, AttentionCall* c, const float* past_k, const float* past_v,
                                 int64_t B, int64_t C, int64_t P) {
-  const int64_t hd = c->hd, width = (c->nh + 2 * c->kv) * hd;
+  const int64_t hd = c->hd;
   for (int64_t b = 0; b < B; b++) {
     int64_t first = (int64_t)c->seqlens[b] - c->S + 1;
     if (first < 0 || c->seqlens[b] >= c->T || c->seqlens[b] >= P)
@@ -313,16 +333,8 @@ static OrtStatus* extend_caches(const OrtApi* api, AttentionCall* c, const float
       memset(present + (r * c->T + C) * hd, 0, sizeof(float) * (size_t)((c->T - C) * hd));
     }
   }
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t s = 0; s < c->S; s++) {
-      const int64_t p = c->seqlens[b] - c->S + 1 + s;
-      const float* row = c->qkv + (b * c->S + s) * width;
-      for (int64_t g = 0; g < c->kv; g++) {
-        float* k = c->pk + ((b * c->kv + g) * c->T + p) * hd;
-        rope(k, row + (c->nh + g) * hd, c->cos + p * (hd / 2), c->sin + p * (hd / 2), hd);
-        memcpy(c->pv + ((b * c->kv + g) * c->T + p) * hd, row + (c->nh + c->kv + g) * hd, sizeof(float) * (size_t)hd);
-      }
-    }
+  if (c->chunks > 1)
+    for (int64_t bg = 0; bg < B * c->kv; bg++) write_rows(c, bg / c->kv, bg % c->kv);
   return NULL;
 }
 

@@ -124,7 +124,9 @@ def test_attention_equals_the_float64_reference_and_grouped_query_attention(nh, 
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("past", [[3, 0, 40, 17, 29, 8, 16, 31], [300, 280, 310, 290]])  # one thread; over the pool
+# a decode step on the calling thread (below EXO_PARALLEL_MACS), one split over the pool by (request, kv head) where
+# each lone call stays on the calling thread (~0.6M multiply-adds, each request under 0.2M), and longer ones
+@pytest.mark.parametrize("past", [[3, 0, 9, 5], [3, 0, 40, 17, 29, 8, 16, 31], [300, 280, 310, 290]])
 def test_each_request_of_a_batch_gets_its_lone_result_bit_for_bit(past, threads):
     nh, kv, hd = 32, 8, 64  # the 1B shape
     session = attention_session("exo", nh, kv, 0.125, threads)
