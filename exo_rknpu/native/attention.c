@@ -293,18 +293,9 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
 
 static void destroy_kernel(void* kernel) { free(kernel); }
 
-/* Input i's dims (at most `most`) into dims[], their count into *n, its data into *data. */
 static OrtStatus* input(const OrtApi* api, OrtKernelContext* ctx, size_t i, int64_t* dims, size_t* n, size_t most,
                         void** data) {
-  const OrtValue* v;
-  OrtTensorTypeAndShapeInfo* info;
-  OrtStatus* st;
-  if ((st = api->KernelContext_GetInput(ctx, i, &v)) || (st = api->GetTensorTypeAndShape(v, &info))) return st;
-  if (!(st = api->GetDimensionsCount(info, n)))
-    st = *n > most ? fail(api, "exo_rknpu.Attention: an input has too many dimensions")
-                   : api->GetDimensions(info, dims, *n);
-  api->ReleaseTensorTypeAndShapeInfo(info);
-  return st ? st : api->GetTensorMutableData((OrtValue*)v, data);
+  return exo_input(api, ctx, i, dims, n, most, data, "exo_rknpu.Attention: an input has too many dimensions");
 }
 
 static int same_dims(const int64_t* a, const int64_t* b, size_t n) {

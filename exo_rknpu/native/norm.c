@@ -94,17 +94,8 @@ static OrtStatus* create_add_norm(const OrtCustomOp* op, const OrtApi* api, cons
 
 static void destroy_kernel(void* kernel) { free(kernel); }
 
-/* Input i's dims (at most EXO_MAX_DIMS) into dims[], their count into *n, its data into *data. */
 static OrtStatus* input(const OrtApi* api, OrtKernelContext* ctx, size_t i, int64_t* dims, size_t* n, void** data) {
-  const OrtValue* v;
-  OrtTensorTypeAndShapeInfo* info;
-  OrtStatus* st;
-  if ((st = api->KernelContext_GetInput(ctx, i, &v)) || (st = api->GetTensorTypeAndShape(v, &info))) return st;
-  if (!(st = api->GetDimensionsCount(info, n)))
-    st = *n > EXO_MAX_DIMS ? fail(api, "exo_rknpu.RMSNorm: an input has too many dimensions")
-                           : api->GetDimensions(info, dims, *n);
-  api->ReleaseTensorTypeAndShapeInfo(info);
-  return st ? st : api->GetTensorMutableData((OrtValue*)v, data);
+  return exo_input(api, ctx, i, dims, n, EXO_MAX_DIMS, data, "exo_rknpu.RMSNorm: an input has too many dimensions");
 }
 
 static OrtStatus* output(const OrtApi* api, OrtKernelContext* ctx, size_t i, const int64_t* dims, size_t n,

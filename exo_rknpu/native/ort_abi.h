@@ -115,6 +115,20 @@ static inline OrtCustomOpInputOutputCharacteristic exo_op_required(const OrtCust
 static inline OrtMemType exo_op_memory(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return OrtMemTypeDefault; }
 static inline int exo_op_one(const OrtCustomOp* op) { (void)op; return 1; }
 
+/* Input i of a call: its dims (at most `most`; more is refused with the message `too_many`) into dims[], their
+ * count into *n, its data into *data. */
+static inline OrtStatus* exo_input(const OrtApi* api, OrtKernelContext* ctx, size_t i, int64_t* dims, size_t* n,
+                                   size_t most, void** data, const char* too_many) {
+  const OrtValue* v;
+  OrtTensorTypeAndShapeInfo* info;
+  OrtStatus* st;
+  if ((st = api->KernelContext_GetInput(ctx, i, &v)) || (st = api->GetTensorTypeAndShape(v, &info))) return st;
+  if (!(st = api->GetDimensionsCount(info, n)))
+    st = *n > most ? api->CreateStatus(ORT_INVALID_ARGUMENT, too_many) : api->GetDimensions(info, dims, *n);
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  return st ? st : api->GetTensorMutableData((OrtValue*)v, data);
+}
+
 /* An op of this library from its own parts: name, input / output types and counts, kernel create, run, destroy. */
 #define EXO_CPU_OP(name, in_type, in_count, out_type, out_count, create, run, destroy)                       \
   {                                                                                                       \
