@@ -161,6 +161,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   void* qa = malloc((size_t)exo_act_bytes(M, k->K));
   float* gu = k->swiglu ? malloc(sizeof(float) * (size_t)(M * k->N)) : NULL;
   if (!qa || (k->swiglu && !gu)) {
+    free(gu);
     free(qa);
     return api->CreateStatus(ORT_FAIL, "exo_rknpu.QMatMul: out of memory for the activations");
   }

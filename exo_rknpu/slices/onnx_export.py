@@ -354,9 +354,11 @@ class OnnxOps:
             self.g.nodes.append(helper.make_node(NATIVE_NORM_OP, [x, self._weight(w)], [y], name=y,
                                                  domain=NATIVE_DOMAIN, epsilon=float(eps)))
             return y
-        fused = helper.make_node(NATIVE_ADD_NORM_OP, [*add.input, self._weight(w)], [y, x], name=y,
-                                 domain=NATIVE_DOMAIN, epsilon=float(eps))
-        self.g.nodes[self.g.nodes.index(add)] = fused  # where the Add was: its inputs exist, its readers follow
+        # the Add node becomes the fused one where it stands: its inputs exist there, its readers follow
+        add.op_type, add.domain, add.name = NATIVE_ADD_NORM_OP, NATIVE_DOMAIN, y
+        add.input.append(self._weight(w))
+        add.output.insert(0, y)  # outputs (y, x): x keeps its name for the residual's readers
+        add.attribute.append(helper.make_attribute("epsilon", float(eps)))
         return y
 
     def add(self, a, b):
