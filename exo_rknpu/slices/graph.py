@@ -155,6 +155,7 @@ def run_layer(ops: Ops, a: ModelArgs, w: LayerWeights, parts: tuple[str, ...], s
         elif part == "ffn" and next_layer is not None:
             norm_next = next_layer.input_norm
         run_part(ops, a, w, part, st, attn_in, norm_next)
+    assert next_layer is not None or "dx" not in st, "a residual sum was left to a norm outside the slice"
     return st
 
 
