@@ -507,13 +507,14 @@ def build_onnx(
 
 
 def build_onnx_compact(
-    spec: SliceSpec, weights: ShardWeights, attention_form: str = "split", per_layer_cache: bool = True
+    spec: SliceSpec, weights: ShardWeights, attention_form: str = "split"
 ) -> tuple[onnx.ModelProto, dict[str, "np.ndarray | PendingPack"]]:
     """onnxruntime's form of `spec`: QTensor linears as MatMulNBits (com.microsoft), symbolic shapes, and every
     tensor over EXTERNAL_MIN_BYTES left out of the proto as an external initializer (location MEMORY_LOCATION).
     Returns the model and {initializer name: array}; the arrays are the weights' own (no copy), the native
-    kernel's packed bytes PendingPacks (`materialize` makes them)."""
-    model, ops = _build(spec, weights, None, None, attention_form, per_layer_cache, compact=True)
+    kernel's packed bytes PendingPacks (`materialize` makes them). Each layer's cache is an input of its own
+    (onnxruntime binds each to its slot of the pool: backends/ort.py)."""
+    model, ops = _build(spec, weights, None, None, attention_form, True, compact=True)
     return model, ops.g.external
 
 
