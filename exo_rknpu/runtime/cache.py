@@ -4,8 +4,11 @@ its own `KVCache` arrays, or a slot of the shard's `KVPool` (`SlotKV`) on backen
 with batch buckets, where each request keeps its own arrays).
 
 Caches are handed to backends as they are (no per-call copy). A KVCache grows in context-bucket steps (never
-per token) and is always exactly one bucket long, so the NPU only sees compiled shapes; a KVPool (onnxruntime,
-numpy: any shape) grows in small steps.
+per token) and is always exactly one bucket long, so the NPU only sees compiled shapes. A KVPool (onnxruntime,
+numpy: any shape) either reserves its every slot at the largest context up front, as address space the OS backs
+only where it is written, and never grows (backends whose attention reads only the written positions:
+Backend.reads_written_cache), or grows in small steps, copying what its requests hold (backends whose attention
+cost grows with the capacity).
 
 Why two ways of holding a batch's caches: the two kinds of batch graph take them differently, and each way hands
 its graphs the caches as they are. onnxruntime's and numpy's graphs take one [B, kv, C, hd] float32 block per layer
@@ -20,6 +23,7 @@ per-row views; not done, as the NPU path is checked in the simulator only.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,24 +141,37 @@ class KVPool:
     [n_layers, slots, kv_heads, capacity, head_dim]. A request holds one slot (RequestCache.slot) of every buffer
     and sees it through `SlotKV`; a batched step of requests in consecutive slots hands the backend
     `keys[i][:, a:b]` as it is (each layer a contiguous [B, kv, C, hd] block): nothing is gathered or scattered
-    per step, and each request's new rows are written straight into its slot.
+    per step, and each request's new rows are written straight into its slot. Live requests keep consecutive
+    slots: a released slot is filled with the positions the last one holds.
 
-    Live requests keep consecutive slots: a released slot is filled with the last one's rows. Capacity is shared
-    by every slot and grows by a quarter of itself, at least `step` positions (at most `max_positions`): a growth
-    copies every slot's rows, so growing by a fixed step made a long batched decode copy the whole pool every
-    `step` tokens (8 requests of the 1B shape at 1024 positions: 135 ms every 32 steps, ~4 ms a step); only the
-    positions some request holds are copied. Slots double as requests arrive. Both
-    re-allocate, so the pool is changed only between calls by the one thread that drives the shard (a driver
-    that runs several calls at once from different threads gives requests their own KVCache instead: see
-    ShardRunner.unpool). When the last request leaves, the buffers are freed.
+    Reserved (`slots` > 0; backends whose attention reads only each request's written positions,
+    Backend.reads_written_cache): the buffers are mapped once, `slots` slots of `max_positions` each (the shard's
+    admission bound: RequestLimits admits no more requests than it could hold at the largest context), so the pool
+    never grows and never copies to grow. That is address space: the mapping is anonymous, so the OS backs a page
+    (zero-filled) only when a request first writes into it, and `nbytes` counts those. Huge pages are refused on
+    it (MADV_NOHUGEPAGE: with THP "always" one written position would back 2 MiB of a row), and a released slot's
+    pages go back to the OS (MADV_DONTNEED), so a long request that ends leaves nothing resident.
+
+    Growing (`slots` 0; backends whose attention reads the whole capacity, where a reserved one would cost every
+    step): capacity is shared by every slot and grows by a quarter of itself, at least `step` positions (at most
+    `max_positions`), copying the positions some request holds (growing by a fixed step made a long batched decode
+    copy the whole pool every `step` tokens: 8 requests of the 1B shape at 1024 positions, 135 ms every 32 steps).
+    Slots double as requests arrive. Both re-allocate, so the pool is changed only between calls by the one thread
+    that drives the shard (a driver that runs several calls at once from different threads gives requests their own
+    KVCache instead: see ShardRunner.unpool).
+
+    When the last request leaves, the buffers are freed (unmapped).
     """
 
-    def __init__(self, layers: list[int], kv_heads: int, head_dim: int, max_positions: int, step: int = 32) -> None:
+    def __init__(self, layers: list[int], kv_heads: int, head_dim: int, max_positions: int, step: int = 32,
+                 slots: int = 0) -> None:
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.max_positions, self.step = max_positions, step
+        self.reserved = slots  # slots mapped up front (0: the growing pool)
         self.owners: list[RequestCache] = []  # owners[s] holds slot s
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
+        self._maps: list[mmap.mmap] = []  # reserved: the mapping under each of keys + values
         self._resize(0, 0)
 
     @property
@@ -165,32 +182,42 @@ class KVPool:
     def capacity(self) -> int:
         return self.keys[0].shape[3] if self.keys else self.max_positions
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Address space the pool holds (reserved: mapped, mostly not resident; growing: allocated)."""
+        return sum(a.nbytes for a in (*self.keys, *self.values))
+
     def acquire(self, owner: "RequestCache") -> None:
         """Give `owner` the next free slot and its caches (one SlotKV per attention slice)."""
         assert owner.slot is None, "a request holds one slot"
         if len(self.owners) == self.slots:
+            if self.reserved and self.keys:  # admission (RequestLimits) admits no more requests than reserved
+                raise RuntimeError(f"the KV pool reserved {self.reserved} request slots and every one is held")
             self._resize(max(1, 2 * self.slots), max(self.capacity, self.step) if self.keys else 0)
         owner.slot, owner.pool = len(self.owners), self
         self.owners.append(owner)
         owner.caches = [SlotKV(self, i, owner) for i in range(len(self.layers))]
 
     def release(self, owner: "RequestCache") -> None:
-        """Free `owner`'s slot; the request in the last slot moves into it (its rows are copied)."""
+        """Free `owner`'s slot; the request in the last slot moves into it (the positions it holds are copied)."""
         slot, last = owner.slot, len(self.owners) - 1
         assert slot is not None and self.owners[slot] is owner, "release of a slot the request does not hold"
         if slot != last:
             moved = self.owners[last]
+            held = min(moved.pos, self.capacity)  # rows past a request's position are never read
+            self._discard(slot)  # then only the moved rows are resident in it
             for arr in (*self.keys, *self.values):
-                arr[:, slot] = arr[:, last]
+                arr[:, slot, :, :held] = arr[:, last, :, :held]
             self.owners[slot], moved.slot = moved, slot
+        self._discard(last)
         self.owners.pop()
         owner.slot, owner.caches = None, []
         if not self.owners:
             self._resize(0, 0)
 
     def reserve(self, positions: int) -> int:
-        """Grow every slot to hold `positions` positions (by at least a quarter of the capacity, rounded up to
-        `step`); returns the capacity."""
+        """Make every slot hold `positions` positions and return the capacity. Reserved: the capacity is
+        `max_positions` already. Growing: by at least a quarter of the capacity, rounded up to `step`."""
         if positions > self.capacity or not self.keys:
             wanted = max(positions, self.capacity + self.capacity // 4) if self.keys else positions
             self._resize(self.slots, min(-(-wanted // self.step) * self.step, self.max_positions))
@@ -198,9 +225,14 @@ class KVPool:
 
     def _resize(self, slots: int, capacity: int) -> None:
         """New buffers of `slots` x `capacity`, keeping the positions the requests hold (rows past a request's
-        position are never read: the call that wrote them failed, or none did)."""
+        position are never read: the call that wrote them failed, or none did). Reserved: map the buffers once,
+        at their reserved size."""
         if not slots:
-            self.keys, self.values = [], []
+            self.keys, self.values, self._maps = [], [], []
+            return
+        if self.reserved:
+            if not self.keys:
+                self._map()
             return
         capacity = max(capacity, self.capacity if self.keys else 0)
         old_slots, old_cap = (self.keys[0].shape[1], self.keys[0].shape[3]) if self.keys else (0, 0)
@@ -214,6 +246,45 @@ class KVPool:
                     arrays[i] = new
                 else:
                     arrays.append(new)
+
+    def _map(self) -> None:
+        """The reserved buffers: private anonymous mappings (zero pages until written), no huge pages."""
+        for arrays in (self.keys, self.values):
+            for n in self.layers:
+                shape = (n, self.reserved, self.kv_heads, self.max_positions, self.head_dim)
+                m = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE)
+                if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+                    m.madvise(mmap.MADV_NOHUGEPAGE)
+                self._maps.append(m)
+                arrays.append(np.frombuffer(m, np.float32).reshape(shape))
+
+    def _discard(self, slot: int) -> None:
+        """Reserved: hand the pages of `slot` back to the OS (they read as zeros when next written). Only whole pages
+        inside the slot's rows: a page it shares with the next slot's rows stays."""
+        if not self._maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        block = self.kv_heads * self.max_positions * self.head_dim * 4  # one layer's rows of one slot, in bytes
+        for m, n in zip(self._maps, self.layers * 2):
+            for layer in range(n):
+                start = (layer * self.reserved + slot) * block
+                a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + block) // mmap.PAGESIZE * mmap.PAGESIZE
+                if b > a:
+                    m.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+    def slot_nbytes(self, index: int, slot: int) -> int:
+        """Memory slot `slot` of attention slice `index` takes. Growing: its share of the buffers. Reserved: the
+        pages its held positions fill (what is resident; a failed call's rows past them may add a page a row until
+        the slot is released)."""
+        n, row = self.layers[index], self.head_dim * 4
+        if not self.reserved:
+            return 2 * n * self.kv_heads * self.capacity * row
+        held = min(self.owners[slot].pos, self.capacity) * row
+        return 2 * n * self.kv_heads * -(-held // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the live requests' caches take (reserved: resident, not the reservation; see slot_nbytes)."""
+        return sum(self.slot_nbytes(i, s) for i in range(len(self.layers)) for s in range(len(self.owners)))
 
     def batch(self, owners: list["RequestCache"]) -> list["BatchKV"]:
         """The caches of a batched step of `owners` (in slot order for the no-copy view), one per attention slice."""
@@ -243,7 +314,7 @@ class SlotKV:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.pool.slot_nbytes(self.index, self.owner.slot)
 
     def grow(self, capacity: int) -> None:
         """The pool was grown when the call was admitted (ShardRunner.begin); a call sees one capacity throughout."""
