@@ -235,9 +235,9 @@ async def test_blocking_work_runs_on_one_worker_thread_and_the_loop_stays_respon
     async def source(model_id, lr):
         return resolve_model(str(tiny))
 
-    def factory(src, lr, cfg):
+    def factory(header, lr, cfg):
         threads.add(threading.current_thread().name)
-        return SlowRunner(open_runner(src, lr, cfg))
+        return SlowRunner(open_runner(header, lr, cfg))
 
     e = ShardEngine(EngineConfig(backend="numpy"), source, runner_factory=factory)
     ticks = 0
