@@ -27,7 +27,8 @@ runner needs to know of the weights it no longer sees.
 
 Pruning (`prune_if_due`, once a day at most, when a backend is made): an entry's folder mtime is its last use (a
 start that uses it sets it). Removed: entries written by another version (exporter, onnxruntime or native layout:
-its keys can never be asked for by this one) or of no readable version, once unused for STALE_AFTER_S -- so two
+its keys can never be asked for by this one) or of no readable version (a format-1 entry this version uses is
+recorded as its own), once unused for STALE_AFTER_S -- so two
 versions sharing the cache keep each other's entries that are in use; ROOT/tmp leftovers older than TMP_AFTER_S;
 index records naming no entry. The current version's entries are kept. Never followed or removed: symlinks, and
 any name the layout above does not define.
@@ -240,19 +241,20 @@ class PreparedCache:
             pass  # a read-only cache is used as it is (and pruned by whoever may write it)
         return folder / MODEL_FILE
 
-    @staticmethod
-    def check(folder: Path, key: str) -> None:
+    def check(self, folder: Path, key: str) -> None:
         """ArtifactError unless the manifest names `key` and every file holds the bytes it records (`verify_file`:
-        hashed only if its stat differs from the one recorded; the stats of a full check are recorded)."""
+        hashed only if its stat differs from the one recorded; the stats of a full check are recorded). An entry of
+        no recorded version (format 1) that this version asked for by its key is recorded as this version's (with
+        the native layout, which such a manifest cannot say it does not depend on)."""
         m = Manifest.read(folder)
         if m.key != key:
             raise ArtifactError(f"{folder} holds key {m.key}, not {key}")
         if set(m.files) != {MODEL_FILE, WEIGHTS_FILE}:
             raise ArtifactError(f"{folder}: manifest lists {sorted(m.files)}")
         files = {name: replace(rec, verified=verify_file(folder / name, rec)) for name, rec in m.files.items()}
-        if files != m.files:
+        if files != m.files or m.version is None:
             try:
-                replace(m, files=files).write(folder)
+                replace(m, files=files, version=m.version or self.version).write(folder)
             except OSError:
                 pass  # a read-only cache: the next start hashes again
 

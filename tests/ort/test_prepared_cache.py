@@ -296,3 +296,21 @@ def test_a_copied_entry_is_hashed_once_then_trusted(model, tmp_path, monkeypatch
     hashes.files.clear()
     assert np.array_equal(_logits(model, root), expected)
     assert hashes.files == []
+
+
+def test_an_entry_of_no_recorded_version_that_a_start_uses_becomes_its_own(model, tmp_path):
+    """An entry written before versions were recorded (format 1) and asked for by this version's key is checked in
+    full once and recorded as this version's: pruning keeps it however long it then goes unused."""
+    root = tmp_path / "prepared"
+    expected = _logits(model, root)
+    for entry in _entries(root):
+        m = json.loads((entry / MANIFEST_FILE).read_text())
+        files = {name: {"bytes": r["bytes"], "sha256": r["sha256"]} for name, r in m["files"].items()}
+        (entry / MANIFEST_FILE).write_text(json.dumps({"format": 1, "key": m["key"], "files": files}))
+    assert np.array_equal(_logits(model, root), expected)
+    version = CacheVersion(exporter_version(), onnxruntime.__version__, native_layout())
+    now = time.time()
+    for entry in _entries(root):
+        assert json.loads((entry / MANIFEST_FILE).read_text())["version"]["exporter"] == version.exporter
+        _age(entry, 10 * STALE_AFTER_S, now)
+    assert PreparedCache(root, version).prune(now).entries == 0
