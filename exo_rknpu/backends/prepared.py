@@ -28,10 +28,9 @@ runner needs to know of the weights it no longer sees.
 Pruning (`prune_if_due`, once a day at most, when a backend is made): an entry's folder mtime is its last use (a
 start that uses it sets it). Removed: entries written by another version (exporter, onnxruntime or native layout:
 its keys can never be asked for by this one) or of no readable version (a format-1 entry this version uses is
-recorded as its own), once unused for STALE_AFTER_S -- so two
-versions sharing the cache keep each other's entries that are in use; ROOT/tmp leftovers older than TMP_AFTER_S;
-index records naming no entry. The current version's entries are kept. Never followed or removed: symlinks, and
-any name the layout above does not define.
+recorded as its own), once unused for STALE_AFTER_S -- so two versions sharing the cache keep each other's entries
+that are in use; ROOT/tmp leftovers older than TMP_AFTER_S; index records naming no entry. The current version's
+entries are kept. Never followed or removed: symlinks, and any name the layout above does not define.
 """
 
 from __future__ import annotations
