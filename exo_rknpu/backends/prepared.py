@@ -70,7 +70,11 @@ STALE_AFTER_S = 7 * 86400
 TMP_AFTER_S = 6 * 3600  # a staging folder untouched this long was left by a crash (a 1B slice is written in seconds)
 INDEX_AFTER_S = 600  # a record naming no entry is removed once this old (not one being filed while its entry is rebuilt)
 PRUNE_EVERY_S = 86400  # a start prunes at most this often (every start checks one stamp's mtime)
-PRUNE_BUDGET = 2048  # names examined by one pruning: a huge cache is pruned over several starts, each bounded
+# What one pruning may cost: a huge cache is pruned over several starts, each bounded. Names examined (each a stat,
+# an old entry also a small read: ~0.1 ms), and bytes removed (dropping a file's cached pages is what an unlink
+# costs: 61 ms for 200 MB just written, measured here; 2 GiB is ~3 versions of a 1B model's slices per start).
+PRUNE_BUDGET = 2048
+PRUNE_BYTES = 2 << 30
 _HEX2, _KEY = re.compile(r"[0-9a-f]{2}"), re.compile(r"[0-9a-f]{64}")
 
 
@@ -336,24 +340,32 @@ class PreparedCache:
         return self.prune(now, start)
 
     def prune(self, now: float | None = None, start: int = 0) -> "Pruned":
-        """Remove what no start of this version can use (module docstring, "Pruning"), examining at most
-        PRUNE_BUDGET names from the `start`-th folder on (ROOT/tmp, the entry folders, the index folders); records
-        in ROOT/prune.json where the next pruning goes on (0: this one finished the round)."""
+        """Remove what no start of this version can use (module docstring, "Pruning"), from the `start`-th folder
+        on (ROOT/tmp, the entry folders, the index folders), examining at most PRUNE_BUDGET names and removing at
+        most about PRUNE_BYTES; records in ROOT/prune.json where the next pruning goes on (0: this one finished the
+        round; a folder it stopped in is examined again from its start)."""
         now = time.time() if now is None else now
         units = ([(self.root / TMP_DIR, self._prune_tmp, "tmp")]
                  + [(self.root / f"{i:02x}", self._prune_entry, "entries") for i in range(256)]
                  + [(self.root / INDEX_DIR / f"{i:02x}", self._prune_record, "index") for i in range(256)])
         pruned, budget, i = Pruned(), PRUNE_BUDGET, start
-        while i < len(units) and budget > 0:
+        while i < len(units) and budget > 0 and pruned.bytes < PRUNE_BYTES:
             folder, judge, kind = units[i]
             for e in _scan(folder, budget):
                 budget -= 1
                 try:
-                    if judge(e, now):
-                        setattr(pruned, kind, getattr(pruned, kind) + 1)
+                    freed = judge(e, now)
                 except OSError:
-                    pass  # (removed by another process meanwhile, or not ours to remove: left as it is)
-            i += 1
+                    continue  # (removed by another process meanwhile, or not ours to remove: left as it is)
+                if freed is not None:
+                    setattr(pruned, kind, getattr(pruned, kind) + 1)
+                    pruned.bytes += freed
+                if pruned.bytes >= PRUNE_BYTES:
+                    break
+            # a folder stopped in (budget or bytes spent) is examined again next time, unless this pruning began
+            # there: always moving on, so a folder too full for one budget cannot hold the round up
+            if (budget > 0 and pruned.bytes < PRUNE_BYTES) or i == start:
+                i += 1
         pruned.next = i % len(units)
         try:
             atomic_write_text(self.root / PRUNE_STAMP, json.dumps({"next": pruned.next}))
@@ -361,49 +373,54 @@ class PreparedCache:
             pass  # a read-only cache is never pruned by this process
         return pruned
 
-    def _prune_entry(self, e: os.DirEntry, now: float) -> bool:
+    def _prune_entry(self, e: os.DirEntry, now: float) -> int | None:
         """Remove an entry of another version (or of none readable: a format-1 or damaged one) unused for
-        STALE_AFTER_S. The current version's entries stay: any of them may be asked for again."""
+        STALE_AFTER_S; the bytes it held, or None if kept. The current version's entries stay: any of them may be
+        asked for again."""
         if not (_KEY.fullmatch(e.name) and e.is_dir(follow_symlinks=False)):
-            return False
+            return None
         if now - e.stat(follow_symlinks=False).st_mtime < STALE_AFTER_S:
-            return False  # used lately (by whichever version): kept, so versions sharing the cache never ping-pong
+            return None  # used lately (by whichever version): kept, so versions sharing the cache never ping-pong
         try:
             version = Manifest.read(Path(e.path)).version
         except ArtifactError:
             version = None
         if self.version.asks_for(version):
-            return False
+            return None
+        freed = _bytes_in(e)
         self._discard(Path(e.path))
-        return True
+        return freed
 
-    def _prune_tmp(self, e: os.DirEntry, now: float) -> bool:
-        """Remove a staging (or discarded) folder, or a stray file, nothing in which changed for TMP_AFTER_S: what
-        a crashed or killed process left."""
+    def _prune_tmp(self, e: os.DirEntry, now: float) -> int | None:
+        """Remove a staging (or discarded) folder, or a stray file, nothing in which changed for TMP_AFTER_S (what a
+        crashed or killed process left); the bytes it held, or None if kept."""
         if e.is_symlink() or now - _newest_mtime(e) < TMP_AFTER_S:
-            return False
+            return None
+        freed = _bytes_in(e)
         if e.is_dir(follow_symlinks=False):
             shutil.rmtree(e.path, ignore_errors=True)
         else:
             os.unlink(e.path)
-        return True
+        return freed
 
-    def _prune_record(self, e: os.DirEntry, now: float) -> bool:
+    def _prune_record(self, e: os.DirEntry, now: float) -> int | None:
         """Remove an index record naming no entry (pruned, or damaged and not rebuilt) or unreadable, once
         INDEX_AFTER_S old (a younger one may be filed right now for an entry being rebuilt), and a leftover of an
-        interrupted atomic write once TMP_AFTER_S old."""
+        interrupted atomic write once TMP_AFTER_S old; the bytes it held, or None if kept."""
         if not e.is_file(follow_symlinks=False):
-            return False
-        age = now - e.stat(follow_symlinks=False).st_mtime
+            return None
+        st = e.stat(follow_symlinks=False)
+        age = now - st.st_mtime
         if e.name.startswith(".") and e.name.endswith(".tmp"):  # fileio.atomic_write_text's temp files
             gone = age >= TMP_AFTER_S
         elif e.name.endswith(".json") and _KEY.fullmatch(e.name[: -len(".json")]):
             gone = age >= INDEX_AFTER_S and not self._names_entry(Path(e.path))
         else:
-            return False
-        if gone:
-            os.unlink(e.path)
-        return gone
+            return None
+        if not gone:
+            return None
+        os.unlink(e.path)
+        return st.st_size
 
     def _names_entry(self, record: Path) -> bool:
         """Whether the index record at `record` names an entry that is there."""
@@ -421,6 +438,7 @@ class Pruned:
     entries: int = 0
     tmp: int = 0
     index: int = 0
+    bytes: int = 0
     next: int = 0
 
 
@@ -433,6 +451,14 @@ def _scan(folder: Path, limit: int) -> list[os.DirEntry]:
             return list(itertools.islice(it, limit))
     except OSError:
         return []
+
+
+def _bytes_in(e: os.DirEntry) -> int:
+    """The bytes of a file, or of the files directly in a folder (entries and staging folders are flat)."""
+    if not e.is_dir(follow_symlinks=False):
+        return e.stat(follow_symlinks=False).st_size
+    return sum(c.stat(follow_symlinks=False).st_size for c in _scan(Path(e.path), PRUNE_BUDGET)
+               if c.is_file(follow_symlinks=False))
 
 
 def _newest_mtime(e: os.DirEntry) -> float:

@@ -188,6 +188,22 @@ def test_pruning_runs_at_most_once_a_day_and_a_huge_cache_is_pruned_over_several
     assert json.loads((tmp_path / PRUNE_STAMP).read_text()) == {"next": 0}
 
 
+def test_one_pruning_removes_a_bounded_number_of_bytes_and_the_next_start_goes_on(tmp_path, monkeypatch):
+    now = time.time()
+    older = PreparedCache(tmp_path, OLDER)
+    stale = [_store(older, f"stale-{i}") for i in range(6)]
+    size = sum(f.stat().st_size for f in stale[0].iterdir())
+    for entry in stale:
+        _age(entry, STALE_AFTER_S + DAY, now)
+    monkeypatch.setattr(prepared, "PRUNE_BYTES", 2 * size)  # two entries' worth
+    cache, removed = PreparedCache(tmp_path, OURS), []
+    while (pruned := cache.prune_if_due(now)) is not None:
+        removed.append(pruned.entries)
+        assert pruned.bytes <= 2 * size
+    assert removed == [2, 2, 2, 0]  # the last one finds nothing left and finishes the round
+    assert not any(e.exists() for e in stale)
+
+
 def test_a_missing_cache_is_not_made_by_pruning(tmp_path):
     assert PreparedCache(tmp_path / "never-used", OURS).prune_if_due() is None
     assert not (tmp_path / "never-used").exists()
