@@ -61,21 +61,21 @@ if TYPE_CHECKING:  # onnx is imported only to store a slice (backends/ort.py)
 MODEL_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.onnx", "weights.bin", "manifest.json"
 INDEX_DIR, TMP_DIR, PRUNE_STAMP = "index", "tmp", "prune.json"
 ALIGN = 4096  # page-aligned offsets let onnxruntime map each tensor
-MANIFEST_FORMAT = 2  # 1: no version, no verified stats (such entries are checked in full and kept while used)
+MANIFEST_FORMAT = 2  # 1: no version, no verified stats (hashed in full once, then recorded as the user's version)
 
 # Another version's entry unused this long is removed: long enough that two versions installed side by side (a
 # venv per release) keep the entries each of them uses; short enough that an upgrade's leftovers (a 1B model's
 # slices are ~0.6 GB per version) go within days.
 STALE_AFTER_S = 7 * 86400
 TMP_AFTER_S = 6 * 3600  # a staging folder untouched this long was left by a crash (a 1B slice is written in seconds)
-INDEX_AFTER_S = 600  # a record naming no entry is removed once this old (not one being filed while its entry is rebuilt)
+INDEX_AFTER_S = 600  # a record naming no entry goes once this old (not one filed while its entry is rebuilt)
 PRUNE_EVERY_S = 86400  # a start prunes at most this often (every start checks one stamp's mtime)
 # What one pruning may cost: a huge cache is pruned over several starts, each bounded. Names examined (each a stat,
 # an old entry also a small read: ~0.1 ms), and bytes removed (dropping a file's cached pages is what an unlink
 # costs: 61 ms for 200 MB just written, measured here; 2 GiB is ~3 versions of a 1B model's slices per start).
 PRUNE_BUDGET = 2048
 PRUNE_BYTES = 2 << 30
-_HEX2, _KEY = re.compile(r"[0-9a-f]{2}"), re.compile(r"[0-9a-f]{64}")
+_KEY = re.compile(r"[0-9a-f]{64}")  # an entry folder's or an index record's name
 
 
 def prepared_key(**parts: object) -> str:
@@ -169,9 +169,10 @@ class Manifest:
             raise ArtifactError(f"{folder}: unreadable manifest ({e!r})") from None
 
     def write(self, folder: Path) -> None:
+        version = None if self.version is None else asdict(self.version)
+        files = {name: asdict(r) for name, r in self.files.items()}
         atomic_write_text(folder / MANIFEST_FILE, json.dumps(
-            {"format": MANIFEST_FORMAT, "key": self.key, "version": None if self.version is None else asdict(self.version),
-             "files": {name: asdict(r) for name, r in self.files.items()}}, indent=1))
+            {"format": MANIFEST_FORMAT, "key": self.key, "version": version, "files": files}, indent=1))
 
 
 def verify_file(path: Path, rec: FileRecord) -> FileStat:
