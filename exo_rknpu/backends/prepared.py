@@ -151,6 +151,8 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class Manifest:
+    """An entry's manifest.json: the key it was stored under, its files, and the version that wrote it."""
+
     key: str
     files: dict[str, FileRecord]
     version: CacheVersion | None  # None: written before versions were recorded (format 1)
