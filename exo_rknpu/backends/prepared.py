@@ -328,8 +328,8 @@ class PreparedCache:
 
     def prune_if_due(self, now: float | None = None) -> "Pruned | None":
         """`prune`, unless the last pruning finished its round less than PRUNE_EVERY_S ago (then: one stat and one
-        small read) or the cache does not exist yet or cannot be written. Called once when a backend is made, before any slice is
-        looked up (never while a shard runs)."""
+        small read), or the cache does not exist yet or cannot be written. Called once when a backend is made,
+        before any slice is looked up (never while a shard runs)."""
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
             return None  # (a read-only cache is pruned by whoever may write it, not tried on every start)
         now = time.time() if now is None else now
