@@ -404,7 +404,7 @@ class OrtBackend:
             # second of start-up less)
             from exo_rknpu.slices.onnx_export import build_onnx_compact, materialize
 
-            model, external = build_onnx_compact(spec, weights, attention_form=form, per_layer_cache=True)
+            model, external = build_onnx_compact(spec, weights, attention_form=form)
             if cache is None:
                 external = {name: materialize(a) for name, a in external.items()}
                 if external:

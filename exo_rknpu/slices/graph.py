@@ -10,7 +10,7 @@ MatMul/Mul/Add/Softmax/MatMul -> exSDPAttention, Sigmoid*x -> exSwish, constant-
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -22,8 +22,22 @@ from exo_rknpu.slices.spec import PARTS, SliceSpec, state_name
 T = Any  # a numpy array (eager) or a symbolic ONNX value
 
 
+# The fused forms: steps an Ops may write as one op each. graph.py asks `Ops.fuses` before each use and calls the
+# method of that name where the answer is True; otherwise it composes the step from the plain ops, which stays the
+# reference (each fused form computes what its composition computes):
+#   rotary(x, cos, sin, head_dim)                 rope(): x * cos + rotate_half(x) * sin
+#   swiglu(x, gate, up)                           swiglu(): silu(x @ gate.T) * (x @ up.T)
+#   add_rms_norm(a, b, w, eps) -> (h, a + b)      a residual sum and the norm read right after it (run_layer)
+#   cached_attention(q, k, v, past_k, past_v, scale) -> (o, cache_k, cache_v)
+#                                                 the attention part, extending each layer's cache (_cached_attention)
+Fused = Literal["rotary", "swiglu", "add_rms_norm", "cached_attention"]
+
+
 class Ops(Protocol):
-    """The operations slices are written in. Weights are in HF layout: float32 arrays, or QTensors for linears."""
+    """The operations slices are written in. Weights are in HF layout: float32 arrays, or QTensors for linears.
+
+    The fused forms (`Fused`, last below) are called only where `fuses` answers True: an Ops that fuses nothing
+    (NumpyOps) answers False throughout and need not have them."""
 
     def linear(self, x: T, w: Weight, b: np.ndarray | None = None) -> T: ...  # x @ w.T + b
     def linears(self, x: T, ws: list[Weight], bs: list[np.ndarray | None]) -> list[T]: ...  # several linears of one x
@@ -46,45 +60,50 @@ class Ops(Protocol):
 
     def embed(self, table: Weight, ids: T) -> T: ...
 
+    def fuses(self, form: Fused, *weights: Weight) -> bool:
+        """Whether this Ops writes the fused form `form` as one op, for these weights where that depends on them
+        (swiglu: gate, up; add_rms_norm: the norm's weight; the others: none). Asked before every use (as ggml asks
+        a backend's supports_op), so the answer may differ from layer to layer."""
+        ...
+
+    def rotary(self, x: T, cos: T, sin: T, head_dim: int) -> T: ...
+    def swiglu(self, x: T, gate: Weight, up: Weight) -> T: ...
+    def add_rms_norm(self, a: T, b: T, w: np.ndarray, eps: float) -> tuple[T, T]: ...  # (rms_norm(a + b), a + b)
+    def cached_attention(self, q: T, k: T, v: T, past_k: T, past_v: T, scale: float) -> tuple[T, T, T]: ...
+
 
 def rope(ops: Ops, x: T, cos: T, sin: T, head_dim: int) -> T:
-    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position.
-
-    An Ops may provide a fused `rotary(x, cos, sin, head_dim)` computing the same thing (onnxruntime's contrib op)."""
-    fused = getattr(ops, "rotary", None)
-    if fused is not None:
-        return fused(x, cos, sin, head_dim)
+    """Rotary embedding, HF rotate-half convention; cos/sin come from the host per position (fused: `rotary`)."""
+    if ops.fuses("rotary"):
+        return ops.rotary(x, cos, sin, head_dim)
     return ops.add(ops.mul(x, cos), ops.mul(ops.rotate_half(x, head_dim), sin))
 
 
 def swiglu(ops: Ops, x: T, gate: Weight, up: Weight) -> T:
-    """silu(x @ gate.T) * (x @ up.T), the MLP's activation. An Ops may provide a fused `fused_swiglu(x, gate, up)`
-    computing the same, which returns None for weights it does not fuse (onnxruntime's form with native weights:
-    one op, slices/onnx_export.py)."""
-    fused = getattr(ops, "fused_swiglu", None)
-    y = fused(x, gate, up) if fused is not None else None
-    if y is None:
-        g, u = ops.linears(x, [gate, up], [None, None])
-        y = ops.mul(ops.silu(g), u)
-    return y
+    """silu(x @ gate.T) * (x @ up.T), the MLP's activation (fused: `swiglu`)."""
+    if ops.fuses("swiglu", gate, up):
+        return ops.swiglu(x, gate, up)
+    g, u = ops.linears(x, [gate, up], [None, None])
+    return ops.mul(ops.silu(g), u)
 
 
 def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T],
-             attn_in: dict[str, T] | None = None) -> dict[str, T]:
+             attn_in: dict[str, T] | None = None, norm_next: np.ndarray | None = None) -> dict[str, T]:
     """Apply one part of a decoder layer (slices/spec.py PARTS) to the layer state `st` (updated in place).
 
-    The attention part also takes cos/sin/mask/past_k/past_v (`attn_in`) and adds k_new/v_new."""
+    The attention part also takes cos/sin/mask/past_k/past_v (`attn_in`) and adds k_new/v_new. `norm_next`: after
+    a residual part (o_proj, ffn), the weight of the norm the slice applies right after it (run_layer); where the
+    ops fuse that norm with the sum (`add_rms_norm`), the sum is left to the norm (st["dx"]), which makes both."""
     hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
     if part == "attn_norm":
-        st["h"] = ops.rms_norm(st["x"], w.input_norm, a.rms_norm_eps)
+        _norm(ops, a, st, w.input_norm)
     elif part == "qkv":
         h = st["h"]
         st["q"], st["k"], st["v"] = ops.linears(h, [w.q_proj, w.k_proj, w.v_proj], [w.q_bias, w.k_bias, w.v_bias])
     elif part == "attention":
         assert attn_in is not None, "the attention part needs cos, sin, mask and the cache"
-        fused = getattr(ops, "cached_attention", None)
-        if fused is not None:
-            st["o"], st["k_new"], st["v_new"] = _cached_attention(ops, fused, a, w, st, attn_in)
+        if ops.fuses("cached_attention"):
+            st["o"], st["k_new"], st["v_new"] = _cached_attention(ops, a, w, st, attn_in)
             return st
         cos, sin = attn_in["cos"], attn_in["sin"]
         q, k = ops.split_heads(st["q"], nh, hd), ops.split_heads(st["k"], nkv, hd)
@@ -98,47 +117,61 @@ def run_part(ops: Ops, a: ModelArgs, w: LayerWeights, part: str, st: dict[str, T
         st["o"] = ops.merge_heads(o, nh, hd)
         st["k_new"], st["v_new"] = k, v
     elif part == "o_proj":
-        st["x"] = ops.add(st["x"], ops.linear(st["o"], w.o_proj))
+        _residual(ops, st, ops.linear(st["o"], w.o_proj), norm_next)
     elif part == "mlp_norm":
-        st["h"] = ops.rms_norm(st["x"], w.post_norm, a.rms_norm_eps)
+        _norm(ops, a, st, w.post_norm)
     elif part == "ffn":
-        st["x"] = ops.add(st["x"], ops.linear(swiglu(ops, st["h"], w.gate_proj, w.up_proj), w.down_proj))
+        _residual(ops, st, ops.linear(swiglu(ops, st["h"], w.gate_proj, w.up_proj), w.down_proj), norm_next)
     else:
         raise ValueError(f"unknown layer part {part!r}; parts are {PARTS}")
     return st
 
 
-def _cached_attention(ops: Ops, fused: Any, a: ModelArgs, w: LayerWeights, st: dict[str, T], attn_in: dict[str, T]) -> tuple[T, T, T]:
-    """The attention part as one op that also extends the cache (onnxruntime's GroupQueryAttention, see
-    slices/onnx_export.py OnnxOps.cached_attention): rope, softmax(q K^T * scale) V over the cached and new
-    positions, and the new k/v written into the cache buffer. q/k/v stay [B,S,heads*hd]; qwen3's per-head norms
-    go through the head layout and back. Returns (o [B,S,nh*hd], the layer's cache after the call, keys and values)."""
+def _residual(ops: Ops, st: dict[str, T], dx: T, norm_next: np.ndarray | None) -> None:
+    """x + dx: added now, or left to the norm applied next (its weight `norm_next`) where the ops fuse the two."""
+    if norm_next is not None and ops.fuses("add_rms_norm", norm_next):
+        st["dx"] = dx
+    else:
+        st["x"] = ops.add(st["x"], dx)
+
+
+def _norm(ops: Ops, a: ModelArgs, st: dict[str, T], w: np.ndarray) -> None:
+    """h = rms_norm(x), after adding the residual branch left to it (st["dx"], `_residual`) in the same op."""
+    if "dx" in st:
+        st["h"], st["x"] = ops.add_rms_norm(st["x"], st.pop("dx"), w, a.rms_norm_eps)
+    else:
+        st["h"] = ops.rms_norm(st["x"], w, a.rms_norm_eps)
+
+
+def run_layer(ops: Ops, a: ModelArgs, w: LayerWeights, parts: tuple[str, ...], st: dict[str, T],
+              attn_in: dict[str, T] | None = None, next_layer: LayerWeights | None = None) -> dict[str, T]:
+    """Apply a contiguous run of PARTS of one layer to `st` (run_part each). o_proj's residual sum goes to mlp_norm
+    when that runs next, ffn's to `next_layer`'s attn_norm (the next layer of the same slice), so an Ops that fuses
+    `add_rms_norm` writes each sum and the norm after it as one op."""
+    for part in parts:
+        norm_next = None
+        if part == "o_proj" and "mlp_norm" in parts:
+            norm_next = w.post_norm
+        elif part == "ffn" and next_layer is not None:
+            norm_next = next_layer.input_norm
+        run_part(ops, a, w, part, st, attn_in, norm_next)
+    assert next_layer is not None or "dx" not in st, "a residual sum was left to a norm outside the slice"
+    return st
+
+
+def _cached_attention(ops: Ops, a: ModelArgs, w: LayerWeights, st: dict[str, T], attn_in: dict[str, T]) -> tuple[T, T, T]:
+    """The attention part as one op that also extends the cache (`cached_attention`: onnxruntime's
+    GroupQueryAttention or the native library's, slices/onnx_export.py): rope, softmax(q K^T * scale) V over the
+    cached and new positions, and the new k/v written into the cache buffer. q/k/v stay [B,S,heads*hd]; qwen3's
+    per-head norms go through the head layout and back. Returns (o [B,S,nh*hd], the layer's cache after the call,
+    keys and values)."""
     hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
     q, k = st["q"], st["k"]
     if w.q_norm is not None:
         q = ops.merge_heads(ops.rms_norm(ops.split_heads(q, nh, hd), w.q_norm, a.rms_norm_eps), nh, hd)
     if w.k_norm is not None:
         k = ops.merge_heads(ops.rms_norm(ops.split_heads(k, nkv, hd), w.k_norm, a.rms_norm_eps), nkv, hd)
-    return fused(q, k, st["v"], attn_in["past_k"], attn_in["past_v"], hd**-0.5)
-
-
-def attention_block(
-    ops: Ops, a: ModelArgs, w: LayerWeights, x: T, cos: T, sin: T, mask: T, past_k: T, past_v: T
-) -> tuple[T, T, T]:
-    """x + attn(norm(x)) over [past, new]; returns (x, k_new, v_new)."""
-    st: dict[str, T] = {"x": x}
-    attn_in = {"cos": cos, "sin": sin, "mask": mask, "past_k": past_k, "past_v": past_v}
-    for part in PARTS[:4]:
-        run_part(ops, a, w, part, st, attn_in)
-    return st["x"], st["k_new"], st["v_new"]
-
-
-def mlp_block(ops: Ops, a: ModelArgs, w: LayerWeights, x: T) -> T:
-    """x + down(silu(gate(norm(x))) * up(norm(x)))."""
-    st: dict[str, T] = {"x": x}
-    for part in PARTS[4:]:
-        run_part(ops, a, w, part, st)
-    return st["x"]
+    return ops.cached_attention(q, k, st["v"], attn_in["past_k"], attn_in["past_v"], hd**-0.5)
 
 
 def layers_slice(
@@ -148,17 +181,18 @@ def layers_slice(
     (x, k_new, v_new) with the new rows of every layer stacked on axis 0, or, when the ops extend each layer's
     cache in place (`cached_attention`), lists of each layer's cache after the call."""
     ks, vs = [], []
-    x = hidden
+    st: dict[str, T] = {"x": hidden}
     for i, w in enumerate(ws):
-        x, k, v = attention_block(ops, a, w, x, cos, sin, mask, ops.take_layer(past_k, i), ops.take_layer(past_v, i))
-        x = mlp_block(ops, a, w, x)
-        ks.append(k)
-        vs.append(v)
-    if getattr(ops, "cached_attention", None) is not None:  # each layer's cache was extended in place: one per layer
-        return x, ks, vs
+        attn_in = {"cos": cos, "sin": sin, "mask": mask,
+                   "past_k": ops.take_layer(past_k, i), "past_v": ops.take_layer(past_v, i)}
+        run_layer(ops, a, w, PARTS, st, attn_in, ws[i + 1] if i + 1 < len(ws) else None)
+        ks.append(st["k_new"])
+        vs.append(st["v_new"])
+    if ops.fuses("cached_attention"):  # each layer's cache was extended in place: one per layer
+        return st["x"], ks, vs
     k_new = ks[0] if len(ks) == 1 else ops.concat(ks, axis=0)
     v_new = vs[0] if len(vs) == 1 else ops.concat(vs, axis=0)
-    return x, k_new, v_new
+    return st["x"], k_new, v_new
 
 
 def head_slice(ops: Ops, a: ModelArgs, final_norm: np.ndarray, lm_head: Weight, hidden: T) -> T:
@@ -190,9 +224,7 @@ def _partial_layer(ops: Ops, spec: SliceSpec, weights: ShardWeights, inputs: dic
     if spec.has_attention:
         attn_in = {n: inputs[n] for n in ("cos", "sin", "mask")}
         attn_in.update({n: ops.take_layer(inputs[n], 0) for n in ("past_k", "past_v")})
-    w = weights.layers[spec.start]
-    for part in spec.parts:
-        run_part(ops, weights.args, w, part, st, attn_in)
+    run_layer(ops, weights.args, weights.layers[spec.start], spec.parts, st, attn_in)
     out = {state_name(k, output=True): st[k] for k in spec.state_outputs()}
     if spec.has_attention:
         out.update({"k_new": st["k_new"], "v_new": st["v_new"]})
@@ -256,3 +288,6 @@ class NumpyOps:
 
     def embed(self, table, ids):
         return table.rows(ids) if isinstance(table, (QTensor, RowTable)) else table[ids]
+
+    def fuses(self, form, *weights):
+        return False  # the reference: graph.py composes every fused form from the ops above

@@ -124,7 +124,6 @@ class OnnxOps:
         self.args: ModelArgs | None = None  # the model's hyper-parameters (set by build_onnx)
         self.native_attention = False  # the "gqa" form as NATIVE_ATTENTION_OP (set by build_onnx: native weights)
         self.native_norms = False  # norms as NATIVE_NORM_OP / NATIVE_ADD_NORM_OP (set by build_onnx: native weights)
-        self._adds: dict[str, onnx.NodeProto] = {}  # Add output -> its node, for fusing with a norm that reads it
 
     @property
     def batch(self) -> int:
@@ -231,16 +230,31 @@ class OnnxOps:
             self.g.weight_names[key] = self._node("Reshape", [both, self._shape([0, 0, -1])])
         return self.g.weight_names[key]
 
-    def __getattr__(self, name: str):
-        # `rotary` exists only in the compact (onnxruntime) form: the NPU compiler gets the plain op pattern;
-        # `cached_attention` only in its "gqa" form (slices/graph.py uses them when present)
-        if name == "rotary" and self.__dict__.get("compact"):
-            return self._rotary
-        if name == "cached_attention" and self.__dict__.get("compact") and self.__dict__.get("attention_form") == "gqa":
-            return self._gqa
-        raise AttributeError(name)
+    def _shape(self, dims: list[int]) -> str:
+        return self._const(np.array(dims, dtype=np.int64), "shape")
 
-    def _gqa(self, q, k, v, past_k, past_v, scale):
+    # -- fused forms (graph.Fused): written where `fuses` says so -----------------------------------
+    def fuses(self, form, *weights):
+        """rotary: in onnxruntime's (compact) form (the NPU compiler gets the plain op pattern); cached_attention:
+        in its "gqa" form; swiglu: native gate/up of one kind whose rows fill whole row groups (the op's chunks take
+        gate and up rows alike); add_rms_norm: where the norms are native and the norm's width fits them."""
+        if form == "rotary":
+            return self.compact
+        if form == "cached_attention":
+            return self.compact and self.attention_form == "gqa"
+        if form == "swiglu":
+            from exo_rknpu.native.pack import ROW_GROUP
+
+            gate, up = weights
+            return (self.compact and all(isinstance(w, QTensor) and w.kernel == "native" for w in weights)
+                    and len({stack_kind(w) for w in weights}) == 1 and gate.shape[0] == up.shape[0]
+                    and gate.shape[0] % ROW_GROUP == 0)
+        if form == "add_rms_norm":
+            (w,) = weights
+            return self._native_norm_fits(w)
+        raise ValueError(f"unknown fused form {form!r}")
+
+    def cached_attention(self, q, k, v, past_k, past_v, scale):
         """GroupQueryAttention over q [B,S,nh*hd], k/v [B,S,kv*hd] and one layer's cache input past_k.i
         [B,kv,C,hd]: rope (from the cos/sin_cache tables at each request's positions), causal attention over the
         first seqlens_k+1 positions, the new rows written at positions seqlens_k-S+1.. of the output present_k.i.
@@ -266,7 +280,7 @@ class OnnxOps:
             do_rotary=1, rotary_interleaved=0))
         return out, present_k, present_v
 
-    def _rotary(self, x, cos, sin, head_dim):
+    def rotary(self, x, cos, sin, head_dim):
         """onnxruntime's RotaryEmbedding (com.microsoft, rotate-half): one node instead of seven per q/k. Its tables
         are the first halves of the host's cos/sin rows ([S, hd/2]), indexed by positions 0..S-1."""
         key = ("rotary", cos, sin)
@@ -288,8 +302,18 @@ class OnnxOps:
                                              interleaved=0))
         return out
 
-    def _shape(self, dims: list[int]) -> str:
-        return self._const(np.array(dims, dtype=np.int64), "shape")
+    def swiglu(self, x, gate, up):
+        """silu(x @ gate.T) * (x @ up.T) as one NATIVE_SWIGLU_OP over gate|up packed as QMatMul's."""
+        return self._qmatmul(x, [gate, up], NATIVE_SWIGLU_OP)
+
+    def add_rms_norm(self, a, b, w, eps):
+        """(NATIVE_NORM_OP of a + b, a + b) as one NATIVE_ADD_NORM_OP: the norm is RMSNorm's, so a slice boundary
+        between a residual sum and its norm changes no bit. The sum is named as an Add would be, before the norm's
+        name: the graph bytes are those the exporter made when it rewrote the residual Add in place."""
+        s, y = self.g.fresh("add"), self.g.fresh("rmsnorm")
+        self.g.nodes.append(helper.make_node(NATIVE_ADD_NORM_OP, [a, b, self._weight(w)], [y, s], name=y,
+                                             domain=NATIVE_DOMAIN, epsilon=float(eps)))
+        return y, s
 
     # -- Ops ------------------------------------------------------------------------------
     def linear(self, x, w, b=None):
@@ -324,52 +348,28 @@ class OnnxOps:
         self.g.split_of.update({o: (y, tuple(outs)) for o in outs})
         return outs
 
-    def fused_swiglu(self, x, gate, up):
-        """silu(x @ gate.T) * (x @ up.T) as one NATIVE_SWIGLU_OP over gate|up packed as QMatMul's, for native
-        weights of one kind (onnxruntime's form) whose rows fill whole row groups (the op's chunks take gate and up
-        rows alike); None otherwise (graph.swiglu composes it)."""
-        from exo_rknpu.native.pack import ROW_GROUP
-
-        ws = [gate, up]
-        if not (self.compact and all(isinstance(w, QTensor) and w.kernel == "native" for w in ws)
-                and len({stack_kind(w) for w in ws}) == 1 and gate.shape[0] == up.shape[0]
-                and gate.shape[0] % ROW_GROUP == 0):
-            return None
-        return self._qmatmul(x, ws, NATIVE_SWIGLU_OP)
-
     def rms_norm(self, x, w, eps):
-        if self.native_norms and w.shape[-1] % 16 == 0:
-            return self._native_norm(x, w, eps)
+        if self._native_norm_fits(w):
+            y = self.g.fresh("rmsnorm")
+            self.g.nodes.append(helper.make_node(NATIVE_NORM_OP, [x, self._weight(w)], [y], name=y,
+                                                 domain=NATIVE_DOMAIN, epsilon=float(eps)))
+            return y
         sq = self._node("Pow", [x, self._const(np.array(2.0, np.float32))])
         mean = self._node("ReduceMean", [sq], axes=[-1], keepdims=1)
         rms = self._node("Sqrt", [self._node("Add", [mean, self._const(np.array(eps, np.float32))])])
         return self._node("Mul", [self._node("Div", [x, rms]), self._weight(w)])
 
-    def _native_norm(self, x, w, eps):
-        """NATIVE_NORM_OP over x, or NATIVE_ADD_NORM_OP in place of the Add that made x (same shapes: a residual),
-        which then outputs x itself as its sum. Both norm alike, so a slice boundary changes no bit."""
-        y = self.g.fresh("rmsnorm")
-        add = self._adds.pop(x, None)
-        if add is None:
-            self.g.nodes.append(helper.make_node(NATIVE_NORM_OP, [x, self._weight(w)], [y], name=y,
-                                                 domain=NATIVE_DOMAIN, epsilon=float(eps)))
-            return y
-        # the Add node becomes the fused one where it stands: its inputs exist there, its readers follow
-        add.op_type, add.domain, add.name = NATIVE_ADD_NORM_OP, NATIVE_DOMAIN, y
-        add.input.append(self._weight(w))
-        add.output.insert(0, y)  # outputs (y, x): x keeps its name for the residual's readers
-        add.attribute.append(helper.make_attribute("epsilon", float(eps)))
-        return y
+    def _native_norm_fits(self, w: np.ndarray) -> bool:
+        """Norms over `w`'s width are the native library's (NATIVE_NORM_OP; after a residual sum NATIVE_ADD_NORM_OP):
+        in graphs of native weights, for widths of whole 16-lane groups."""
+        return self.native_norms and w.shape[-1] % 16 == 0
 
     def add(self, a, b):
-        # (not fused with the next RMSNorm into SkipSimplifiedLayerNormalization: its reduction order differs from
-        # SimplifiedLayerNormalization's, so a layer after a slice boundary would differ in the last bits from the
-        # same layer in an unsplit graph; it saved ~1 us of CPU per layer. The native AddRMSNorm has no such
-        # difference: _native_norm)
-        out = self._node("Add", [a, b])
-        if self.native_norms:
-            self._adds[out] = self.g.nodes[-1]
-        return out
+        # (a residual sum is not fused with the next RMSNorm into SkipSimplifiedLayerNormalization: its reduction
+        # order differs from SimplifiedLayerNormalization's, so a layer after a slice boundary would differ in the
+        # last bits from the same layer in an unsplit graph; it saved ~1 us of CPU per layer. The native AddRMSNorm
+        # has no such difference: add_rms_norm)
+        return self._node("Add", [a, b])
 
     def mul(self, a, b):
         return self._node("Mul", [a, b])
@@ -507,13 +507,14 @@ def build_onnx(
 
 
 def build_onnx_compact(
-    spec: SliceSpec, weights: ShardWeights, attention_form: str = "split", per_layer_cache: bool = True
+    spec: SliceSpec, weights: ShardWeights, attention_form: str = "split"
 ) -> tuple[onnx.ModelProto, dict[str, "np.ndarray | PendingPack"]]:
     """onnxruntime's form of `spec`: QTensor linears as MatMulNBits (com.microsoft), symbolic shapes, and every
     tensor over EXTERNAL_MIN_BYTES left out of the proto as an external initializer (location MEMORY_LOCATION).
     Returns the model and {initializer name: array}; the arrays are the weights' own (no copy), the native
-    kernel's packed bytes PendingPacks (`materialize` makes them)."""
-    model, ops = _build(spec, weights, None, None, attention_form, per_layer_cache, compact=True)
+    kernel's packed bytes PendingPacks (`materialize` makes them). Each layer's cache is an input of its own
+    (onnxruntime binds each to its slot of the pool: backends/ort.py)."""
+    model, ops = _build(spec, weights, None, None, attention_form, True, compact=True)
     return model, ops.g.external
 
 
