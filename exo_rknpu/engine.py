@@ -22,7 +22,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits, RequestLog
 from exo_rknpu.runtime.shard import BatchStep, ShardRunner
+
+if TYPE_CHECKING:  # the loader is imported where a shard loads
+    from exo_rknpu.model.loader import ModelHeader
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +124,18 @@ def _model_ref(src: ModelSource | None) -> str | None:
     return src.name if src.name in ZOO else str(src.path)
 
 
-def open_runner(src: ModelSource, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
-    """Default loader: only `layer_range`'s weights, prepared as the configured backend and placement say (blocking)."""
-    from exo_rknpu.model.loader import load_args
+def open_runner(header: ModelHeader, layer_range: LayerRange, config: EngineConfig) -> ShardRunner:
+    """Default loader: only `layer_range`'s weights, prepared as the configured backend and placement say (blocking).
+    `header`: the model's, read once by the load (load_header)."""
     from exo_rknpu.runtime.placement import PlacementPlan, default_buckets, open_plan, plan_shards
 
-    args = load_args(src)
+    args = header.args
     plan, = plan_shards(PlacementPlan.load(config.placement) if config.placement else None, args, [layer_range],
                         config.backend, default_buckets(args, config.max_context),
                         layers_per_slice=config.layers_per_slice, weights=config.weights,
                         npu_dtype=config.backend_options.get("dtype", "fp16"), emulate=config.emulate)
-    return open_plan(src, plan, config.limits, backend_options=config.backend_options,
-                     progress=lambda msg: log.info("%s", msg), args=args)
+    return open_plan(header.src, plan, config.limits, backend_options=config.backend_options,
+                     progress=lambda msg: log.info("%s", msg), header=header)
 
 
 @dataclass(frozen=True)
@@ -184,14 +187,14 @@ def holding(args: ModelArgs, layer_range: LayerRange, config: EngineConfig, fing
     return Holding(tuple(per_layer.values()), ends["embed"], ends["head"], config.limits.max_bytes, "plan")
 
 
-def check_fits(args: ModelArgs, src: ModelSource, key: ShardKey, config: EngineConfig) -> None:
+def check_fits(header: ModelHeader, key: ShardKey, config: EngineConfig) -> None:
     """Refuse (one line, before any weight loads) a shard that would keep more than `config.memory_bytes`."""
     if config.memory_bytes is None:
         return
     from exo_rknpu.model.loader import source_fingerprint
 
-    fingerprint = source_fingerprint(src, args) if config.backend == "npu" else None
-    need = holding(args, key.layer_range, config, fingerprint)
+    fingerprint = source_fingerprint(header) if config.backend == "npu" else None
+    need = holding(header.args, key.layer_range, config, fingerprint)
     if need.total > config.memory_bytes:
         mb = 1 << 20
         raise ShardTooLargeError(
@@ -215,19 +218,20 @@ def check_npu(config: EngineConfig) -> None:
 
 
 def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,
-                   runner_factory: Callable[[ModelSource, LayerRange, EngineConfig], ShardRunner],
+                   runner_factory: Callable[[ModelHeader, LayerRange, EngineConfig], ShardRunner],
                    tokenizers: dict[str, Tokenizer]) -> LoadedShard:
-    from exo_rknpu.model.loader import load_args, load_tokenizer
+    from exo_rknpu.model.loader import load_header, load_tokenizer
 
-    args = load_args(src)
+    header = load_header(src)  # parsed once for the whole load: the tokenizer and the runner read it from here
+    args = header.args
     if args.num_hidden_layers != key.layer_range.n_layers:
         raise ExoRknpuError(
             f"{key.model_id}: the ring believes the model has {key.layer_range.n_layers} layers, but {src.path} "
             f"has {args.num_hidden_layers}; the model card is wrong"
         )
-    check_fits(args, src, key, config)
-    tok = tokenizers.get(key.model_id) or load_tokenizer(src)
-    runner = runner_factory(src, key.layer_range, config)
+    check_fits(header, key, config)
+    tok = tokenizers.get(key.model_id) or load_tokenizer(src, header)
+    runner = runner_factory(header, key.layer_range, config)
     return LoadedShard(key=key, source=src, args=args, runner=runner, tokenizer=tok)
 
 
@@ -281,7 +285,7 @@ class ShardEngine:
         self,
         config: EngineConfig,
         source_provider: SourceProvider,
-        runner_factory: Callable[[ModelSource, LayerRange, EngineConfig], ShardRunner] = open_runner,
+        runner_factory: Callable[[ModelHeader, LayerRange, EngineConfig], ShardRunner] = open_runner,
     ) -> None:
         self.config = config
         self.source_provider = source_provider

@@ -109,16 +109,17 @@ def time_op(threads: int, rounds: int, prefills: list[int]) -> None:
 
 def open_native(model: str, threads: int, cache_dir: str | None):
     from exo_rknpu.model.base import LayerRange
-    from exo_rknpu.model.loader import load_args
+    from exo_rknpu.model.loader import load_header
     from exo_rknpu.model.zoo import resolve_model
     from exo_rknpu.runtime.placement import default_buckets, open_plan, plan_shards
 
     src = resolve_model(model)
-    args = load_args(src)
+    header = load_header(src)
+    args = header.args
     plan = plan_shards(None, args, [LayerRange.full(args.num_hidden_layers)], "onnx", default_buckets(args),
                        weights="native")[0]
     opts = {"threads": threads} | ({"cache_dir": cache_dir} if cache_dir else {})
-    return open_plan(src, plan, backend_options=opts, args=args)
+    return open_plan(src, plan, backend_options=opts, header=header)
 
 
 def time_steps(model: str, threads: int, rounds: int) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 def open_shard(model: str, threads: int, weights: str, profile: bool):
     import exo_rknpu.backends.ort as ort_backend
     from exo_rknpu.model.base import LayerRange
-    from exo_rknpu.model.loader import load_args
+    from exo_rknpu.model.loader import load_header
     from exo_rknpu.model.zoo import resolve_model
     from exo_rknpu.rknn.options import backend_options
     from exo_rknpu.runtime.placement import default_buckets, open_plan, plan_shards
@@ -44,9 +44,10 @@ def open_shard(model: str, threads: int, weights: str, profile: bool):
 
     ort_backend.session_options = options
     src = resolve_model(model)
-    args = load_args(src)
+    header = load_header(src)
+    args = header.args
     plans = plan_shards(None, args, [LayerRange.full(args.num_hidden_layers)], "onnx", default_buckets(args), weights=weights)
-    shard = open_plan(src, plans[0], backend_options=backend_options("onnx", threads=threads), args=args)
+    shard = open_plan(src, plans[0], backend_options=backend_options("onnx", threads=threads), header=header)
     for runner in shard.runners.values():  # sessions open on their first call: open them with these options
         if hasattr(runner, "_open"):
             runner._open()

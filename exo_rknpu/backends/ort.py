@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from exo_rknpu.backends.numpy_ref import NumpyRunner
-from exo_rknpu.backends.prepared import PreparedCache, prepared_key
+from exo_rknpu.backends.prepared import CacheVersion, PreparedCache, prepared_key
 from exo_rknpu.config import Paths, usable_cpus
 from exo_rknpu.errors import BackendUnavailableError
 from exo_rknpu.model.base import ModelArgs
@@ -341,8 +341,13 @@ class OrtBackend:
         if ort is None:
             raise BackendUnavailableError(f"onnxruntime is not installed ({_IMPORT_ERROR}); pip install onnxruntime")
         self.threads = threads or usable_cpus()  # inter-op stays 1: the graph is a chain
-        # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start
-        self.cache = PreparedCache(cache_dir or Paths.from_env().prepared) if use_cache else None
+        # prepared slices are kept on disk (backends/prepared.py) and mapped on the next start; what no start of
+        # this version can use is pruned here, before any slice is looked up (at most once a day: one stat mostly)
+        self.cache = None
+        if use_cache:
+            version = CacheVersion(exporter_version(), ort.__version__, native_layout())
+            self.cache = PreparedCache(cache_dir or Paths.from_env().prepared, version)
+            self.cache.prune_if_due()
         self.fused_attention = fused_attention
         self.native_isa = native_isa
         self._tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -413,7 +418,7 @@ class OrtBackend:
                 # the packed native weights are used in place (no kernel copy), so they live as long as the session
                 return OrtRunner(session, spec.cache_layers, form=form, rotary=rotary, rows_apart=rows_apart,
                                  custom_ops=custom_ops, keep=external if custom_ops else None, positions=self._positions)
-            model_file = cache.store(key, model, external)
+            model_file = cache.store(key, model, external, native=custom_ops is not None)
         if cache is not None and weights.stamp is not None:  # weights straight from their sources: found by them next
             cache.remember(self._source_key(spec, form, weights.stamp), key,
                            {"rows_apart": rows_apart, "native": custom_ops is not None})

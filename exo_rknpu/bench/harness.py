@@ -20,7 +20,7 @@ from exo_rknpu.bench.options import BenchOptions, validate
 from exo_rknpu.bench.worker import EXIT_MISSING, OURS, Job, RunFigures
 from exo_rknpu.errors import BenchError, LayerRangeError
 from exo_rknpu.model.base import LayerRange, parse_split
-from exo_rknpu.model.loader import load_args, load_tokenizer
+from exo_rknpu.model.loader import load_header, load_tokenizer
 from exo_rknpu.model.tokenizer import Tokenizer
 from exo_rknpu.model.zoo import ModelSource, resolve_model
 from exo_rknpu.runtime.placement import PlacementPlan, ResolvedPlan, default_buckets, plan_shards
@@ -75,7 +75,8 @@ def plan(o: BenchOptions, progress: Progress) -> BenchPlan:
     """Validate `o` (options first, then against the model's config and tokenizer); nothing heavy is loaded."""
     validate(o)
     src = resolve_model(o.model, progress=progress)
-    margs = load_args(src)
+    header = load_header(src)
+    margs = header.args
     n = margs.num_hidden_layers
     try:
         ranges = parse_split(o.split, n) if o.split else [LayerRange.full(n)]
@@ -91,7 +92,7 @@ def plan(o: BenchOptions, progress: Progress) -> BenchPlan:
         buckets = default_buckets(margs, o.max_context)
         placements = plan_shards(plan_, margs, ranges, o.backend, buckets, layers_per_slice=o.layers_per_slice,
                                  weights=o.weights, npu_dtype=o.backend_dtype or "fp16", emulate=o.emulate)
-    return BenchPlan(o, src, ranges, prompt_ids(load_tokenizer(src), o.prompt_tokens), placements)
+    return BenchPlan(o, src, ranges, prompt_ids(load_tokenizer(src, header), o.prompt_tokens), placements)
 
 
 @dataclass

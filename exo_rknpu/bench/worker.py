@@ -120,7 +120,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     import uuid
 
     from exo_rknpu.model.base import LayerRange, parse_split
-    from exo_rknpu.model.loader import load_args
+    from exo_rknpu.model.loader import load_header
     from exo_rknpu.model.zoo import ModelSource
     from exo_rknpu.rknn.options import backend_options
     from exo_rknpu.runtime.pipeline import LocalRing, Timings
@@ -129,7 +129,8 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     from exo_rknpu.backends.base import option_names
 
     src = ModelSource(Path(job.model_path).name, Path(job.model_path), job.model_format)  # type: ignore[arg-type]
-    margs = load_args(src)
+    header = load_header(src)
+    margs = header.args
     n = margs.num_hidden_layers
     ranges = parse_split(",".join(job.split), n) if job.split else [LayerRange.full(n)]
     # --threads is every contender's CPU thread count: it goes to our backend when that one takes threads
@@ -139,7 +140,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     buckets = default_buckets(margs, job.max_context)
     plans = plan_shards(rules, margs, ranges, job.backend, buckets, layers_per_slice=job.layers_per_slice,
                         weights=job.weights, npu_dtype=job.backend_dtype or "fp16", emulate=job.emulate)
-    ring = LocalRing([open_plan(src, p, backend_options=opts, args=margs) for p in plans])
+    ring = LocalRing([open_plan(src, p, backend_options=opts, header=header) for p in plans])
     t_ready = time.perf_counter()
     timings = Timings()
     try:

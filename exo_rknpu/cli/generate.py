@@ -13,7 +13,7 @@ from exo_rknpu.cli.options import (add_model_args, check_emulate, cli_backend_op
 from exo_rknpu.errors import ArtifactError, UsageError, name_model
 from exo_rknpu.model.base import LayerRange, parse_split
 from exo_rknpu.model.chat import render_chat
-from exo_rknpu.model.loader import load_args, load_tokenizer
+from exo_rknpu.model.loader import load_header, load_tokenizer
 from exo_rknpu.model.tokenizer import IncrementalDecoder, encode_prompt
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.pipeline import LocalRing, Timings
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     check_options(args)
     t0 = time.perf_counter()
     src = resolve_model(args.model, progress=progress)
-    margs = load_args(src)  # config only: no weights yet
+    header = load_header(src)  # config (and a GGUF file's header, parsed once for the whole start): no weights yet
+    margs = header.args
     ranges = parse_split(args.split, margs.num_hidden_layers) if args.split else [LayerRange.full(margs.num_hidden_layers)]
     buckets = default_buckets(margs, args.max_context)
     plans = shard_plans(margs, ranges, args, buckets)
@@ -102,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if emulated:
         progress("placement emulated: no NPU here, NPU slices run on the CPU backend (no NPU speed is claimed)")
     opts = cli_backend_options(args, src)  # one recipe build: calibrated and smoothed once, shared by the shards
-    tok = load_tokenizer(src)
+    tok = load_tokenizer(src, header)
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     prompt_ids = encode_prompt(tok, _prompt_text(args, tok))
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
     try:
-        shards = [open_plan(src, plan, backend_options=opts, progress=progress, args=margs) for plan in plans]
+        shards = [open_plan(src, plan, backend_options=opts, progress=progress, header=header) for plan in plans]
     except ArtifactError as e:
         raise ArtifactError(name_model(str(e), args.model)) from e
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)

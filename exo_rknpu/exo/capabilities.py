@@ -230,15 +230,16 @@ def model_keeps(options: NodeOptions, model_id: str) -> ModelKeeps | None:
     """What this node keeps of `model_id` (engine.holding over every layer), None if its files are not here;
     ExoRknpuError (what loading its shard would raise) if it cannot be planned."""
     from exo_rknpu.engine import holding
-    from exo_rknpu.model.loader import load_args, resolve_model, source_fingerprint
+    from exo_rknpu.model.loader import load_header, resolve_model, source_fingerprint
 
     path = local_model(CARDS[model_id], options.model_dir) if model_id in CARDS else None
     if path is None:
         return None
     config = options.engine
     src = resolve_model(str(path))
-    args = load_args(src)
-    fingerprint = source_fingerprint(src, args) if config.backend == "npu" else None
+    header = load_header(src)
+    args = header.args
+    fingerprint = source_fingerprint(header) if config.backend == "npu" else None
     whole = holding(args, LayerRange(0, args.num_hidden_layers, args.num_hidden_layers), config, fingerprint)
     return ModelKeeps(model_id, whole, stock_bytes_per_layer(args))
 

@@ -194,8 +194,19 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightsError(f"GGUF file {self.path} not found")
-        self.size = self.path.stat().st_size
+        st = self.path.stat()
+        self.size, self._identity = st.st_size, (st.st_size, st.st_mtime_ns, st.st_ino)
         self.metadata, self.tensors = self._read(self._parse)
+
+    def check_unchanged(self) -> None:
+        """WeightsError if the file on disk is no longer the one parsed (replaced or rewritten since): a header is
+        parsed once per start and handed down, so its tensor table must not be applied to other bytes."""
+        try:
+            st = self.path.stat()
+        except OSError as e:
+            raise WeightsError(f"{self.path} is gone ({e})") from None
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
+            raise WeightsError(f"{self.path} changed while the model was being opened; start again")
 
     def _read(self, read: Callable[[_Cursor], T]) -> T:
         """`read` applied to a cursor over the file's bytes; a file that is not readable GGUF raises WeightsError."""
@@ -447,11 +458,6 @@ def args_from_gguf(g: GGUFFile) -> ModelArgs:
     )
 
 
-def load_gguf_args(path: Path) -> ModelArgs:
-    """ModelArgs of a GGUF file."""
-    return args_from_gguf(GGUFFile(path))
-
-
 def _layer(g: GGUFFile, args: ModelArgs, i: int, weights: str = "fp32") -> LayerWeights:
     shapes = expected_shapes(args)
     # llama.cpp permutes Q/K rows only for the llama family: its Qwen2Model/Qwen3Model converters
@@ -472,15 +478,14 @@ def _layer(g: GGUFFile, args: ModelArgs, i: int, weights: str = "fp32") -> Layer
     return LayerWeights(**kw)
 
 
-def load_gguf_shard(path: Path | GGUFFile, layer_range: LayerRange, args: ModelArgs | None = None,
+def load_gguf_shard(g: GGUFFile, layer_range: LayerRange, args: ModelArgs,
                     weights: str = "fp32", layers: bool = True, embed: bool = True,
                     progress: Callable[[int], None] | None = None, left_out: LeftOut = LeftOut()) -> ShardWeights:
     """Load only what `layer_range` needs from a GGUF file, linear weights in the form `weights` asks for
     (quant.py). `fingerprint` is left empty (the loader sets it).
     layers=False: the embedding only (first shard); no layer or head tensor bytes are read.
     `left_out`: layers (and the head) neither read nor built."""
-    g = path if isinstance(path, GGUFFile) else GGUFFile(path)
-    args = args or args_from_gguf(g)
+    g.check_unchanged()  # `g` may have been parsed a while ago, at the start (loader.load_header)
     vh = (args.vocab_size, args.hidden_size)
     loaded: dict[int, LayerWeights] = {}
     for i in layer_range.layers if layers else ():

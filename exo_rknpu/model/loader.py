@@ -1,9 +1,9 @@
 """Public model-loading API: args, one shard's weights, and the tokenizer of a ModelSource (HF folder or GGUF).
 
     src = resolve_model("smollm2-135m")                  # or an HF folder / .gguf path
-    args = load_args(src)
-    shard = load_shard(src, LayerRange(0, 10, args.num_hidden_layers))
-    tok = load_tokenizer(src)
+    header = load_header(src)                            # config (+ a GGUF file's parsed header), read once
+    shard = load_shard(src, LayerRange(0, 10, header.args.num_hidden_layers), header=header)
+    tok = load_tokenizer(src, header)
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from exo_rknpu.model.zoo import ModelSource, resolve_model
 if TYPE_CHECKING:  # the tokenizers library is imported where a tokenizer is loaded: a bench worker loads none
     from exo_rknpu.model.tokenizer import Tokenizer
 
-__all__ = ["ModelSource", "resolve_model", "load_args", "load_shard", "load_tokenizer", "model_fingerprint",
-           "source_fingerprint", "source_stamp", "ShardSource"]
+__all__ = ["ModelSource", "resolve_model", "ModelHeader", "load_header", "load_args", "load_shard", "load_tokenizer",
+           "model_fingerprint", "source_fingerprint", "source_stamp", "ShardSource"]
 
 # the modules that turn stored tensors into a shard's weights (their source is loader_version's input)
 _LOADER_SOURCES = ("model/loader.py", "model/gguf.py", "model/hf.py", "model/quant.py", "model/weights.py",
@@ -39,11 +39,28 @@ _LOADER_SOURCES = ("model/loader.py", "model/gguf.py", "model/hf.py", "model/qua
 _GGUF_SOURCES = ("quants.py", "constants.py")
 
 
-def load_args(src: ModelSource) -> ModelArgs:
-    """The model's normalised hyper-parameters."""
+@dataclass(frozen=True)
+class ModelHeader:
+    """What a start reads of a model before any weight, once (`load_header`), and hands to everything that needs it:
+    its config and, for a GGUF file, the parsed header (metadata and tensor table: ~30 ms on a 1B file), which the
+    tokenizer, the fingerprint and the loader read instead of parsing the file again."""
+
+    src: ModelSource
+    args: ModelArgs
+    gguf: gguf_reader.GGUFFile | None = None  # None for an HF folder
+
+
+def load_header(src: ModelSource) -> ModelHeader:
+    """`src`'s config (and GGUF header): no weights are read."""
     if src.format == "hf":
-        return hf.load_hf_args(src.path)
-    return gguf_reader.load_gguf_args(src.path)
+        return ModelHeader(src, hf.load_hf_args(src.path))
+    g = gguf_reader.GGUFFile(src.path)
+    return ModelHeader(src, gguf_reader.args_from_gguf(g), g)
+
+
+def load_args(src: ModelSource) -> ModelArgs:
+    """The model's normalised hyper-parameters (for a caller that needs nothing else of the header)."""
+    return load_header(src).args
 
 
 def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> str:
@@ -60,10 +77,10 @@ def model_fingerprint(args: ModelArgs, src_format: str, table_digest: bytes) -> 
     return h.hexdigest()
 
 
-def source_fingerprint(src: ModelSource, args: ModelArgs) -> str:
+def source_fingerprint(header: ModelHeader) -> str:
     """The model's fingerprint (what load_shard sets) from its config and tensor table alone: no weights are read."""
-    digest = hf.source_digest(src.path) if src.format == "hf" else gguf_reader.GGUFFile(src.path).digest()
-    return model_fingerprint(args, src.format, digest)
+    digest = hf.source_digest(header.src.path) if header.gguf is None else header.gguf.digest()
+    return model_fingerprint(header.args, header.src.format, digest)
 
 
 def loader_version() -> str:
@@ -91,44 +108,51 @@ def source_files(src: ModelSource) -> list[Path]:
     return [folder / "config.json", *([index] if index.exists() else []), *present]
 
 
-def source_stamp(src: ModelSource, args: ModelArgs, weights: str) -> SourceStamp:
-    """The stamp of `src`'s weights in mode `weights` (model/weights.py SourceStamp): file facts, no tensor read."""
+def source_stamp(header: ModelHeader, weights: str) -> SourceStamp:
+    """The stamp of the model's weights in mode `weights` (model/weights.py SourceStamp): file facts, no tensor read."""
     files = []
-    for p in source_files(src):
+    for p in source_files(header.src):
         st = os.stat(p)
         files.append((str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-    return SourceStamp(tuple(files), source_fingerprint(src, args), check_mode(weights), loader_version())
+    return SourceStamp(tuple(files), source_fingerprint(header), check_mode(weights), loader_version())
 
 
 @dataclass(frozen=True)
 class ShardSource:
-    """One shard as the loader would read it (`load_shard`'s arguments), named before anything is read: its config,
-    layer range and `stamp`. What opens a shard (runtime/shard.py ShardRunner) asks its backends for slices they
-    prepared earlier from this stamp and loads only the rest (`load`)."""
+    """One shard as the loader would read it (`load_shard`'s arguments), named before anything is read: its model's
+    header, layer range and `stamp`. What opens a shard (runtime/shard.py ShardRunner) asks its backends for slices
+    they prepared earlier from this stamp and loads only the rest (`load`)."""
 
-    src: ModelSource
+    header: ModelHeader
     layer_range: LayerRange
     weights: str
-    args: ModelArgs
     layers: bool = True  # False: the embedding only (load_shard's `layers`)
+
+    @property
+    def src(self) -> ModelSource:
+        return self.header.src
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.header.args
 
     @cached_property
     def stamp(self) -> SourceStamp:
         """Taken once, before anything is loaded."""
-        return source_stamp(self.src, self.args, self.weights)
+        return source_stamp(self.header, self.weights)
 
     def load(self, left_out: LeftOut = LeftOut(), progress: Callable[[str], None] | None = None) -> ShardWeights:
         """The shard's weights without what `left_out` names, carrying `stamp` (ShardWeights.stamp)."""
         stamp = self.stamp
         shard = load_shard(self.src, self.layer_range, self.weights, layers=self.layers, progress=progress,
-                           args=self.args, left_out=left_out)
+                           header=self.header, left_out=left_out)
         shard.stamp = stamp
         return shard
 
 
 def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT_WEIGHTS, layers: bool = True,
                embed: bool = True, progress: Callable[[str], None] | None = None,
-               args: ModelArgs | None = None, left_out: LeftOut = LeftOut()) -> ShardWeights:
+               header: ModelHeader | None = None, left_out: LeftOut = LeftOut()) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
     `weights` (auto | int4 | int8 | fp32 | native) picks the form of linear weights and the embedding
@@ -141,24 +165,21 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT
     embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head
     on the last shard is still read (it is the embedding matrix).
     `progress` gets a one-line message now and then while layers load.
-    `args`: the model's config (load_args) when the caller has it, so config.json is not read again.
+    `header`: the model's header (load_header) when the caller has it, so neither config.json nor the GGUF header
+    is read again.
     `left_out`: layers (and the final norm + head) served from elsewhere: neither read nor built.
     """
     check_available(weights)  # native without a C compiler fails here, before any tensor is read
     report = _layer_progress(layer_range, progress)
-    if src.format == "hf":
-        args = args or hf.load_hf_args(src.path)
-        _check_range(args, layer_range)
-        shard = hf.load_hf_shard(src.path, layer_range, args, weights, layers=layers, embed=embed, progress=report,
-                                 left_out=left_out)
-        shard.fingerprint = source_fingerprint(src, args)
-        return shard
-    g = gguf_reader.GGUFFile(src.path)
-    args = gguf_reader.args_from_gguf(g)
-    _check_range(args, layer_range)
-    shard = gguf_reader.load_gguf_shard(g, layer_range, args, weights, layers=layers, embed=embed, progress=report,
-                                        left_out=left_out)
-    shard.fingerprint = model_fingerprint(args, src.format, g.digest())  # the file is open already
+    header = header or load_header(src)
+    _check_range(header.args, layer_range)
+    if header.gguf is None:
+        shard = hf.load_hf_shard(src.path, layer_range, header.args, weights, layers=layers, embed=embed,
+                                 progress=report, left_out=left_out)
+    else:
+        shard = gguf_reader.load_gguf_shard(header.gguf, layer_range, header.args, weights, layers=layers, embed=embed,
+                                            progress=report, left_out=left_out)
+    shard.fingerprint = source_fingerprint(header)
     return shard
 
 
@@ -177,13 +198,14 @@ def _layer_progress(layer_range: LayerRange, progress: Callable[[str], None] | N
     return report
 
 
-def load_tokenizer(src: ModelSource) -> Tokenizer:
-    """The model's tokenizer (tokenizer.json for HF folders, tokenizer.ggml.* metadata for GGUF)."""
+def load_tokenizer(src: ModelSource, header: ModelHeader | None = None) -> Tokenizer:
+    """The model's tokenizer (tokenizer.json for HF folders, tokenizer.ggml.* metadata for GGUF). `header`: the
+    model's header when the caller has it (a GGUF file's is not parsed again)."""
     from exo_rknpu.model.tokenizer import Tokenizer
 
     if src.format == "hf":
         return Tokenizer.from_hf_dir(src.path)
-    return Tokenizer.from_gguf(src.path)
+    return Tokenizer.from_gguf(header.gguf if header is not None and header.gguf is not None else src.path)
 
 
 def _check_range(args: ModelArgs, layer_range: LayerRange) -> None:

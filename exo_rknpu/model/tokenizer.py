@@ -12,13 +12,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from exo_rknpu.errors import UnsupportedModelError, WeightsError
 from exo_rknpu.model.hf import all_ids, read_json
+
+if TYPE_CHECKING:  # the GGUF reader is imported where a GGUF tokenizer is built
+    from exo_rknpu.model.gguf import GGUFFile
 
 # Pre-tokenizer regexes, as in llama.cpp's llama-vocab.cpp and the models' tokenizer.json files.
 QWEN2_RE = (
@@ -81,8 +84,9 @@ class Tokenizer:
                    chat_template=_hf_chat_template(folder, tc))
 
     @classmethod
-    def from_gguf(cls, path: Path) -> "Tokenizer":
-        """Build a byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata."""
+    def from_gguf(cls, path: "Path | GGUFFile") -> "Tokenizer":
+        """Build a byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata (of a file, or of its header
+        parsed already)."""
         from exo_rknpu.model.gguf import GGUFFile
 
         g = path if isinstance(path, GGUFFile) else GGUFFile(Path(path))

@@ -22,7 +22,7 @@ from exo_rknpu.errors import ExoRknpuError, ShardTooLargeError
 from exo_rknpu.exo.capabilities import STOCK_BYTES_PER_WEIGHT, budget_bytes, detect, memory_rule
 from exo_rknpu.exo.options import NodeOptions
 from exo_rknpu.model.base import LayerRange
-from exo_rknpu.model.loader import load_args, load_shard, resolve_model, source_fingerprint
+from exo_rknpu.model.loader import load_args, load_header, load_shard, resolve_model, source_fingerprint
 from exo_rknpu.runtime.placement import default_buckets, part_params, spec_bytes
 from exo_rknpu.runtime.requests import RequestLimits
 from exo_rknpu.slices.spec import PARTS, SliceSpec
@@ -40,7 +40,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def fingerprint(smollm2):
-    return source_fingerprint(*smollm2)
+    return source_fingerprint(load_header(smollm2[0]))
 
 
 def fp16_model_mb(args) -> int:

@@ -180,3 +180,36 @@ def test_a_layer_is_left_out_only_when_every_slice_reading_it_is_found():
     found = {specs[1].name: object(), attention.name: object()}
     assert left_out(specs, found) == LeftOut(frozenset({0}), head=False)
     assert left_out(specs, {**found, mlp.name: object(), "head": object()}) == LeftOut(frozenset({0, 1}), head=True)
+
+
+def test_a_start_parses_its_gguf_header_once(models, tmp_path, monkeypatch, capsys):
+    """`generate` reads the config, the tokenizer, the fingerprint and the weights from one parse of the header
+    (loader.ModelHeader, handed down), on a cold start and on a warm one."""
+    from exo_rknpu.cli.main import main
+
+    monkeypatch.setenv("EXO_RKNPU_HOME", str(tmp_path / "home"))
+    parses: list[Path] = []
+    parse = gguf_reader.GGUFFile._parse
+    monkeypatch.setattr(gguf_reader.GGUFFile, "_parse", lambda g, c: parses.append(g.path) or parse(g, c))
+    argv = ["generate", "--model", str(models["Q4_0"]), "--prompt", "hello", "--max-tokens", "2", "--max-context", "64",
+            "--layers-per-slice", "2", "--json"]
+    for start in ("cold", "warm"):
+        parses.clear()
+        assert main(argv) == 0
+        assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 2
+        assert parses == [models["Q4_0"]], start
+
+
+def test_a_gguf_file_replaced_after_its_header_was_parsed_is_refused(models, tmp_path):
+    """The header parsed at the start is applied only to the file it was parsed from."""
+    from exo_rknpu.errors import WeightsError
+    from exo_rknpu.model.loader import load_header
+
+    path = tmp_path / "model.gguf"
+    make_tiny_gguf(path, models["hf"], qtype="Q4_0")
+    src = resolve_model(str(path))
+    header = load_header(src)
+    make_tiny_gguf(tmp_path / "other.gguf", make_tiny_hf(tmp_path / "hf2", n_layers=N_LAYERS, seed=6), qtype="Q8_0")
+    os.replace(tmp_path / "other.gguf", path)
+    with pytest.raises(WeightsError, match="changed while the model was being opened"):
+        ShardSource(header, LayerRange.full(N_LAYERS), DEFAULT_WEIGHTS).load()

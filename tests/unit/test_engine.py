@@ -14,7 +14,7 @@ from exo_rknpu.errors import BackendUnavailableError, CapacityError, ExoRknpuErr
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.requests import RequestLimits
-from tiny_models import make_tiny_hf
+from tiny_models import make_tiny_gguf, make_tiny_hf
 
 N_LAYERS = 4
 HIDDEN = 64
@@ -93,6 +93,26 @@ async def test_split_vs_full_float16_wire(tiny):
     np.testing.assert_allclose(next2, next_full, atol=5e-2, rtol=5e-2)
     assert np.argmax(resp2[0, -1]) == np.argmax(resp_full[0, -1])
     assert not np.array_equal(resp_full, resp2)  # the option really changed the wire dtype
+
+
+async def test_loading_a_shard_of_a_gguf_file_parses_its_header_once(tiny, tmp_path, monkeypatch):
+    """The config, the tokenizer and the shard's weights come from one parse (loader.ModelHeader, handed down)."""
+    from exo_rknpu.model import gguf as gguf_reader
+
+    path = make_tiny_gguf(tmp_path / "tiny.gguf", tiny)
+    parses: list = []
+    parse = gguf_reader.GGUFFile._parse
+    monkeypatch.setattr(gguf_reader.GGUFFile, "_parse", lambda g, c: parses.append(g.path) or parse(g, c))
+
+    async def source(model_id, layer_range):
+        return resolve_model(str(path))
+
+    e = ShardEngine(EngineConfig(label="node-a", backend="onnx", backend_options={"cache_dir": tmp_path / "p"}), source)
+    try:
+        assert (await e.forward("A", "tiny", full(), PROMPT)).shape == (1, PROMPT.shape[1], 320)
+        assert parses == [path]
+    finally:
+        e.close()
 
 
 async def test_ensure_is_idempotent_under_concurrency(make):
@@ -235,9 +255,9 @@ async def test_blocking_work_runs_on_one_worker_thread_and_the_loop_stays_respon
     async def source(model_id, lr):
         return resolve_model(str(tiny))
 
-    def factory(src, lr, cfg):
+    def factory(header, lr, cfg):
         threads.add(threading.current_thread().name)
-        return SlowRunner(open_runner(src, lr, cfg))
+        return SlowRunner(open_runner(header, lr, cfg))
 
     e = ShardEngine(EngineConfig(backend="numpy"), source, runner_factory=factory)
     ticks = 0
