@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.inputs import attention_mask
 
 
@@ -145,12 +146,14 @@ class KVPool:
     slots: a released slot is filled with the positions the last one holds.
 
     Reserved (`slots` > 0; backends whose attention reads only each request's written positions,
-    Backend.reads_written_cache): the buffers are mapped once, `slots` slots of `max_positions` each (the shard's
-    admission bound: RequestLimits admits no more requests than it could hold at the largest context), so the pool
-    never grows and never copies to grow. That is address space: the mapping is anonymous, so the OS backs a page
-    (zero-filled) only when a request first writes into it, and `nbytes` counts those. Huge pages are refused on
-    it (MADV_NOHUGEPAGE: with THP "always" one written position would back 2 MiB of a row), and a released slot's
-    pages go back to the OS (MADV_DONTNEED), so a long request that ends leaves nothing resident.
+    Backend.reads_written_cache): the buffers are mapped when the pool is made, `slots` slots of `max_positions`
+    each (the shard's admission bound: RequestLimits admits no more requests than it could hold at the largest
+    context), and kept: the pool never grows and never copies to grow, and a budget the machine cannot map is
+    refused when the shard opens, not at some later request. That is address space: the mapping is anonymous, so
+    the OS backs a page (zero-filled) only when a request first writes into it, and `nbytes` counts those. Huge
+    pages are refused on it (MADV_NOHUGEPAGE: with THP "always" one written position would back 2 MiB of a row),
+    and a released slot's pages go back to the OS (MADV_DONTNEED), so a long request that ends leaves nothing
+    resident.
 
     Growing (`slots` 0; backends whose attention reads the whole capacity, where a reserved one would cost every
     step): capacity is shared by every slot and grows by a quarter of itself, at least `step` positions (at most
@@ -158,9 +161,7 @@ class KVPool:
     copy the whole pool every `step` tokens: 8 requests of the 1B shape at 1024 positions, 135 ms every 32 steps).
     Slots double as requests arrive. Both re-allocate, so the pool is changed only between calls by the one thread
     that drives the shard (a driver that runs several calls at once from different threads gives requests their own
-    KVCache instead: see ShardRunner.unpool).
-
-    When the last request leaves, the buffers are freed (unmapped).
+    KVCache instead: see ShardRunner.unpool). When the last request leaves, the buffers are freed.
     """
 
     def __init__(self, layers: list[int], kv_heads: int, head_dim: int, max_positions: int, step: int = 32,
@@ -172,10 +173,13 @@ class KVPool:
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self._maps: list[mmap.mmap] = []  # reserved: the mapping under each of keys + values
-        self._resize(0, 0)
+        if slots:
+            self._map()
 
     @property
     def slots(self) -> int:
+        if self.reserved:
+            return self.reserved
         return self.keys[0].shape[1] if self.keys else len(self.owners)
 
     @property
@@ -191,7 +195,7 @@ class KVPool:
         """Give `owner` the next free slot and its caches (one SlotKV per attention slice)."""
         assert owner.slot is None, "a request holds one slot"
         if len(self.owners) == self.slots:
-            if self.reserved and self.keys:  # admission (RequestLimits) admits no more requests than reserved
+            if self.reserved:  # admission (RequestLimits) admits no more requests than reserved
                 raise RuntimeError(f"the KV pool reserved {self.reserved} request slots and every one is held")
             self._resize(max(1, 2 * self.slots), max(self.capacity, self.step) if self.keys else 0)
         owner.slot, owner.pool = len(self.owners), self
@@ -212,27 +216,22 @@ class KVPool:
         self._discard(last)
         self.owners.pop()
         owner.slot, owner.caches = None, []
-        if not self.owners:
+        if not self.owners and not self.reserved:
             self._resize(0, 0)
 
     def reserve(self, positions: int) -> int:
         """Make every slot hold `positions` positions and return the capacity. Reserved: the capacity is
         `max_positions` already. Growing: by at least a quarter of the capacity, rounded up to `step`."""
-        if positions > self.capacity or not self.keys:
+        if not self.reserved and (positions > self.capacity or not self.keys):
             wanted = max(positions, self.capacity + self.capacity // 4) if self.keys else positions
             self._resize(self.slots, min(-(-wanted // self.step) * self.step, self.max_positions))
         return self.capacity
 
     def _resize(self, slots: int, capacity: int) -> None:
         """New buffers of `slots` x `capacity`, keeping the positions the requests hold (rows past a request's
-        position are never read: the call that wrote them failed, or none did). Reserved: map the buffers once,
-        at their reserved size."""
+        position are never read: the call that wrote them failed, or none did). The growing pool only."""
         if not slots:
-            self.keys, self.values, self._maps = [], [], []
-            return
-        if self.reserved:
-            if not self.keys:
-                self._map()
+            self.keys, self.values = [], []
             return
         capacity = max(capacity, self.capacity if self.keys else 0)
         old_slots, old_cap = (self.keys[0].shape[1], self.keys[0].shape[3]) if self.keys else (0, 0)
@@ -248,11 +247,19 @@ class KVPool:
                     arrays.append(new)
 
     def _map(self) -> None:
-        """The reserved buffers: private anonymous mappings (zero pages until written), no huge pages."""
+        """The reserved buffers: private anonymous mappings (zero pages until written), no huge pages; UsageError if
+        the OS refuses the address space (e.g. a KV budget beyond its memory, where it refuses obvious overcommits)."""
         for arrays in (self.keys, self.values):
             for n in self.layers:
                 shape = (n, self.reserved, self.kv_heads, self.max_positions, self.head_dim)
-                m = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE)
+                try:
+                    m = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE)
+                except (OSError, OverflowError) as e:
+                    total = 8 * sum(self.layers) * self.reserved * self.kv_heads * self.max_positions * self.head_dim
+                    raise UsageError(
+                        f"cannot reserve {total >> 20} MiB of address space for the KV caches of {self.reserved} "
+                        f"requests at {self.max_positions} positions ({e}); lower --max-kv-mb, --max-requests or "
+                        f"--max-context") from e
                 if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
                     m.madvise(mmap.MADV_NOHUGEPAGE)
                 self._maps.append(m)

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.cache import KVPool, RequestCache
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
@@ -140,3 +141,10 @@ def test_a_released_slot_gives_its_pages_back_to_the_os():
     assert pool.nbytes == 2 * short
     owners[0].release()  # the last slot is freed in place
     assert short <= resident(pool) < 2 * short
+
+
+def test_a_reservation_the_os_refuses_is_refused_when_the_pool_is_made():
+    """A KV budget the machine cannot map (here 2 PiB, past any 48-bit address space) is a clear error when the shard
+    opens, not a failure at some later request."""
+    with pytest.raises(UsageError, match="cannot reserve .* of address space .* lower --max-kv-mb"):
+        KVPool([1], kv_heads=1, head_dim=1024, max_positions=1 << 20, slots=1 << 18)
