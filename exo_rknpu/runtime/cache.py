@@ -293,9 +293,17 @@ class KVPool:
         """Memory the live requests' caches take (reserved: resident, not the reservation; see slot_nbytes)."""
         return sum(self.slot_nbytes(i, s) for i in range(len(self.layers)) for s in range(len(self.owners)))
 
-    def batch(self, owners: list["RequestCache"]) -> list["BatchKV"]:
-        """The caches of a batched step of `owners` (in slot order for the no-copy view), one per attention slice."""
-        return [BatchKV(self, i, [o.slot for o in owners]) for i in range(len(self.layers))]
+    def batch(self, owners: list["RequestCache"], positions: int) -> list["BatchKV"]:
+        """The caches of a batched step of `owners` (in slot order for the no-copy view), one per attention slice,
+        holding `positions` positions (`reserve`d already). Slots that are not consecutive are gathered into a copy;
+        in a reserved pool, of the positions the step reads only (rounded up to `step`; its attention reads no
+        more): the whole capacity would copy every request's largest context (the 1B shape, 7 of 8 requests at 100
+        positions: 155 ms a step against 5). A growing pool's copy keeps its capacity, the lone calls' C."""
+        slots = [o.slot for o in owners]
+        capacity = self.capacity
+        if self.reserved and slots != list(range(slots[0], slots[0] + len(slots))):
+            capacity = min(-(-positions // self.step) * self.step, capacity)
+        return [BatchKV(self, i, slots, capacity) for i in range(len(self.layers))]
 
 
 class SlotKV:
@@ -337,12 +345,14 @@ class SlotKV:
 class BatchKV:
     """The caches of one attention slice for the requests of a batched decode step (row b = the request in
     slot slots[b]): keys/values [n_layers, B, kv, C, hd], what a batching backend takes. Consecutive slots are
-    a view of the pool (no copy); others are gathered for the step. New rows go straight into the pool."""
+    a view of the pool (no copy, C its capacity); others are gathered for the step, their first `capacity`
+    positions (KVPool.batch). New rows go straight into the pool."""
 
-    def __init__(self, pool: KVPool, index: int, slots: list[int]) -> None:
-        self.pool, self.index, self.slots = pool, index, slots
+    def __init__(self, pool: KVPool, index: int, slots: list[int], capacity: int) -> None:
+        self.pool, self.index, self.slots, self.capacity = pool, index, slots, capacity
         a = slots[0]
         self._range = slice(a, a + len(slots)) if slots == list(range(a, a + len(slots))) else np.array(slots)
+        assert isinstance(self._range, np.ndarray) or capacity == pool.capacity, "a view holds the pool's capacity"
 
     @property
     def in_place(self) -> bool:
@@ -359,11 +369,13 @@ class BatchKV:
 
     def _view(self, pooled: np.ndarray) -> np.ndarray:
         # gathered rows in C order (np.take), so each layer is one contiguous block like the no-copy view's
-        return pooled[:, self._range] if isinstance(self._range, slice) else np.take(pooled, self._range, axis=1)
+        if isinstance(self._range, slice):
+            return pooled[:, self._range]
+        return np.take(pooled[:, :, :, : self.capacity], self._range, axis=1)
 
     def grow(self, capacity: int) -> None:
-        if capacity != self.pool.capacity:
-            raise RuntimeError(f"the KV pool holds {self.pool.capacity} positions, the step was cut for {capacity}")
+        if capacity != self.capacity:
+            raise RuntimeError(f"the KV pool holds {self.capacity} positions, the step was cut for {capacity}")
 
     def write(self, positions: list[int], k_new: np.ndarray, v_new: np.ndarray, count: int) -> None:
         """k_new/v_new [n_layers*B, kv, 1, hd] (layer-major, as a batched slice returns them) -> row b into slot
@@ -380,8 +392,10 @@ class BatchState:
     """The requests of a batched decode step seen as one: `caches[i]` is their BatchKV of attention slice i
     (each RequestCache keeps its own position; the step's driver advances each one when the step commits)."""
 
-    def __init__(self, pool: KVPool, requests: list[RequestCache]) -> None:
-        self.caches = pool.batch(requests)
+    def __init__(self, pool: KVPool, requests: list[RequestCache], positions: int) -> None:
+        """`positions`: what the step holds, the furthest request's position + 1 (`KVPool.reserve`d already)."""
+        self.caches = pool.batch(requests, positions)
+        self.capacity = self.caches[0].capacity if self.caches else pool.capacity  # what the step is cut for
 
 
 class RowsKV:

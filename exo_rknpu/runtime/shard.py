@@ -483,9 +483,10 @@ class ShardRunner:
         (RequestCache.mask) hiding the pool rows it has not written; the pool holds the furthest position."""
         assert self.pool is not None
         positions = [s.cache.pos for s in steps]
-        capacity = self.pool.reserve(max(positions) + 1)
-        st, common = self._step_rows(steps, positions, capacity, row_axis=0, rope_axis=0)
-        return Chunk(BatchState(self.pool, [s.cache for s in steps]), positions, 1, capacity, st, common)
+        self.pool.reserve(max(positions) + 1)
+        state = BatchState(self.pool, [s.cache for s in steps], max(positions) + 1)
+        st, common = self._step_rows(steps, positions, state.capacity, row_axis=0, rope_axis=0)
+        return Chunk(state, positions, 1, state.capacity, st, common)
 
     def _run_rows(self, steps: list[BatchStep], logits: Literal["all", "last"]) -> list[np.ndarray]:
         """run_batch on backends with batch buckets: groups of at most the largest batch bucket, each padded to its

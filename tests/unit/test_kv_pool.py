@@ -148,3 +148,23 @@ def test_a_reservation_the_os_refuses_is_refused_when_the_pool_is_made():
     opens, not a failure at some later request."""
     with pytest.raises(UsageError, match="cannot reserve .* of address space .* lower --max-kv-mb"):
         KVPool([1], kv_heads=1, head_dim=1024, max_positions=1 << 20, slots=1 << 18)
+
+
+def test_a_batch_of_slots_apart_gathers_only_the_positions_the_step_reads():
+    """Consecutive slots are read in place (the reserved capacity, no copy); slots apart are gathered, and from a
+    reserved pool only the step's positions rounded up to the step (its attention reads no more), so a gathered
+    step does not copy every request's largest context."""
+    pool = KVPool([2, 1], kv_heads=2, head_dim=4, max_positions=300, step=32, slots=4)
+    owners = [RequestCache() for _ in range(4)]
+    for i, o in enumerate(owners):
+        pool.acquire(o)
+        write(o, range(0, 10 + i), float(i + 1))
+    together = pool.batch(owners[1:3], 13)
+    assert all(np.shares_memory(b.keys, pool.keys[b.index]) and b.keys.shape[3] == 300 for b in together)
+    apart = pool.batch([owners[0], owners[3]], 14)
+    for b in apart:
+        assert b.keys.shape == (pool.layers[b.index], 2, 2, 32, 4) and not np.shares_memory(b.keys, pool.keys[b.index])
+        assert np.array_equal(b.keys, pool.keys[b.index][:, [0, 3], :, :32])
+        assert np.array_equal(b.values, pool.values[b.index][:, [0, 3], :, :32])
+        with pytest.raises(RuntimeError, match="holds 32 positions, the step was cut for 300"):
+            b.grow(300)
