@@ -281,8 +281,12 @@ class ShardRunner:
             # attention that reads only the written positions costs the same over a reserved largest context: the
             # pool then never grows (never copies); else it grows with the requests
             reads_written = all(self.backends[s.name].reads_written_cache(s, self.args) for s in attention)
-            self.pool = KVPool([s.n_layers for s in attention], self.args.num_key_value_heads, self.args.head_dim,
-                               buckets.max_context, KV_POOL_STEP, self.pool_slots(limits) if reads_written else 0)
+            try:  # a reservation the OS refuses (UsageError) closes what is open
+                self.pool = KVPool([s.n_layers for s in attention], self.args.num_key_value_heads, self.args.head_dim,
+                                   buckets.max_context, KV_POOL_STEP, self.pool_slots(limits) if reads_written else 0)
+            except BaseException:
+                self.close()
+                raise
         self.on_slice = on_slice
         self.stats = ShardStats()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exo_rknpu.errors import CapacityError, RequestStateError, TensorContractError
+from exo_rknpu.errors import CapacityError, RequestStateError, TensorContractError, UsageError
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.placement import open_shard
@@ -176,3 +176,12 @@ def test_the_pool_is_reserved_up_front_where_attention_reads_only_the_written_po
     assert got == want
     assert ([a.ctypes.data for a in (*pool.keys, *pool.values)] == buffers) == reserved  # never re-allocated
     assert pool.capacity == 64
+
+
+def test_a_kv_budget_the_os_cannot_map_is_refused_when_the_shard_opens(tiny_llama):
+    """The reserved pool maps its slots when the shard opens: a budget past any address space (here 2^60 bytes for
+    2^40 requests) is a one-line error then, not a failure at some later request."""
+    limits = RequestLimits(max_requests=1 << 40, max_bytes=1 << 60)
+    with pytest.raises(UsageError, match="cannot reserve .* of address space .* lower --max-kv-mb"):
+        open_shard(resolve_model(str(tiny_llama)), LayerRange.full(5), "onnx", SMALL_BUCKETS, weights="fp32",
+                   limits=limits)
