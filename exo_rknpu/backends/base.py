@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 
 from exo_rknpu.errors import BackendUnavailableError, UnsupportedSliceError
+from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.spec import Buckets, KVLayout, SliceSpec
 
@@ -67,6 +68,13 @@ class Backend(Protocol):
     def supports(self, spec: SliceSpec) -> bool:
         """Can this backend run this slice at all? Whole layers or a run of one layer's parts (SliceSpec.parts),
         the embedding, the head; every block the slice computes must be in `blocks` (see `declared_support`)."""
+        ...
+
+    def reads_written_cache(self, spec: SliceSpec, args: ModelArgs) -> bool:
+        """Whether attention slice `spec` reads only the cache positions each request has written, so its cost does
+        not grow with the cache's capacity: then the shard's KV pool reserves the largest context up front and never
+        grows (runtime/cache.py KVPool). False: it attends over the whole capacity (masked), and the pool grows with
+        its requests (a reserved one would make every step attend over the largest context)."""
         ...
 
     def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> Runner | None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.slices.graph import NumpyOps, run_slice, slice_weights
 from exo_rknpu.backends.base import declared_support
@@ -46,6 +47,9 @@ class NumpyBackend:
 
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
+
+    def reads_written_cache(self, spec: SliceSpec, args: ModelArgs) -> bool:
+        return False  # NumpyOps.attention masks over the whole capacity
 
     def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
         return None  # it keeps nothing prepared: its runners are the weights

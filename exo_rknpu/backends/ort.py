@@ -356,6 +356,11 @@ class OrtBackend:
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
 
+    def reads_written_cache(self, spec: SliceSpec, args: ModelArgs) -> bool:
+        """The gqa form does (GroupQueryAttention and the native Attention op attend over each request's seqlens_k + 1
+        positions, in place: backends/ort.py OrtRunner); the split form attends over the whole capacity."""
+        return self.attention_form(spec, args) == "gqa"
+
     def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> OrtRunner | None:
         """The runner of a slice prepared earlier from `source`'s files and mode (found by its source key,
         backends/prepared.py), or None: then `prepare` builds it from the weights. The embedding is never found

@@ -153,6 +153,9 @@ class NpuBackend:
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
 
+    def reads_written_cache(self, spec: SliceSpec, args: ModelArgs) -> bool:
+        return False  # its graphs attend over their compiled context bucket (static shapes: never pooled)
+
     def locate(self, spec: SliceSpec, weights: ShardWeights, buckets: Buckets) -> tuple[Path, dict[str, Any]]:
         """Find and check the compiled slice from its manifest and files alone (no layer weights are read);
         ArtifactError gives the reason for a refusal and the compile command to run."""

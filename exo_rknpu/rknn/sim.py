@@ -42,6 +42,7 @@ from exo_rknpu.rknn.compile import BuildJob, export_graph, quantize
 from exo_rknpu.rknn.venv.sim_server import _LEN
 from exo_rknpu.config import Paths
 from exo_rknpu.errors import BackendUnavailableError, CompileError, UnsupportedSliceError
+from exo_rknpu.model.base import ModelArgs
 from exo_rknpu.model.weights import ShardWeights
 from exo_rknpu.backends.base import declared_support
 from exo_rknpu.slices.recipe import QuantRecipe
@@ -349,6 +350,9 @@ class RknnSimBackend:
     # -- Backend --------------------------------------------------------------------------------------------
     def supports(self, spec: SliceSpec) -> bool:
         return declared_support(self.blocks, spec)
+
+    def reads_written_cache(self, spec: SliceSpec, args: ModelArgs) -> bool:
+        return False  # its graphs attend over their compiled context bucket (static shapes: never pooled)
 
     def find_prepared(self, spec: SliceSpec, source: ShardSource, buckets: Buckets) -> None:
         return None  # it builds from the weights (or the compiled files `prepare` finds)

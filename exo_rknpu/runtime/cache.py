@@ -4,8 +4,11 @@ its own `KVCache` arrays, or a slot of the shard's `KVPool` (`SlotKV`) on backen
 with batch buckets, where each request keeps its own arrays).
 
 Caches are handed to backends as they are (no per-call copy). A KVCache grows in context-bucket steps (never
-per token) and is always exactly one bucket long, so the NPU only sees compiled shapes; a KVPool (onnxruntime,
-numpy: any shape) grows in small steps.
+per token) and is always exactly one bucket long, so the NPU only sees compiled shapes. A KVPool (onnxruntime,
+numpy: any shape) either reserves its every slot at the largest context up front, as address space the OS backs
+only where it is written, and never grows (backends whose attention reads only the written positions:
+Backend.reads_written_cache), or grows in small steps, copying what its requests hold (backends whose attention
+cost grows with the capacity).
 
 Why two ways of holding a batch's caches: the two kinds of batch graph take them differently, and each way hands
 its graphs the caches as they are. onnxruntime's and numpy's graphs take one [B, kv, C, hd] float32 block per layer
@@ -20,10 +23,12 @@ per-row views; not done, as the NPU path is checked in the simulator only.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from exo_rknpu.errors import UsageError
 from exo_rknpu.runtime.inputs import attention_mask
 
 
@@ -137,68 +142,94 @@ class KVPool:
     [n_layers, slots, kv_heads, capacity, head_dim]. A request holds one slot (RequestCache.slot) of every buffer
     and sees it through `SlotKV`; a batched step of requests in consecutive slots hands the backend
     `keys[i][:, a:b]` as it is (each layer a contiguous [B, kv, C, hd] block): nothing is gathered or scattered
-    per step, and each request's new rows are written straight into its slot.
+    per step, and each request's new rows are written straight into its slot. Live requests keep consecutive
+    slots: a released slot is filled with the positions the last one holds.
 
-    Live requests keep consecutive slots: a released slot is filled with the last one's rows. Capacity is shared
-    by every slot and grows by a quarter of itself, at least `step` positions (at most `max_positions`): a growth
-    copies every slot's rows, so growing by a fixed step made a long batched decode copy the whole pool every
-    `step` tokens (8 requests of the 1B shape at 1024 positions: 135 ms every 32 steps, ~4 ms a step); only the
-    positions some request holds are copied. Slots double as requests arrive. Both
-    re-allocate, so the pool is changed only between calls by the one thread that drives the shard (a driver
-    that runs several calls at once from different threads gives requests their own KVCache instead: see
-    ShardRunner.unpool). When the last request leaves, the buffers are freed.
+    Reserved (`slots` > 0; backends whose attention reads only each request's written positions,
+    Backend.reads_written_cache): the buffers are mapped when the pool is made, `slots` slots of `max_positions`
+    each (the shard's admission bound: RequestLimits admits no more requests than it could hold at the largest
+    context), and kept: the pool never grows and never copies to grow, and a budget the machine cannot map is
+    refused when the shard opens, not at some later request. That is address space: the mapping is anonymous, so
+    the OS backs a page (zero-filled) only when a request first writes into it, and `nbytes` counts those. Huge
+    pages are refused on it (MADV_NOHUGEPAGE: with THP "always" one written position would back 2 MiB of a row),
+    and a released slot's pages go back to the OS (MADV_DONTNEED), so a long request that ends leaves nothing
+    resident.
+
+    Growing (`slots` 0; backends whose attention reads the whole capacity, where a reserved one would cost every
+    step): capacity is shared by every slot and grows by a quarter of itself, at least `step` positions (at most
+    `max_positions`), copying the positions some request holds (growing by a fixed step made a long batched decode
+    copy the whole pool every `step` tokens: 8 requests of the 1B shape at 1024 positions, 135 ms every 32 steps).
+    Slots double as requests arrive. Both re-allocate, so the pool is changed only between calls by the one thread
+    that drives the shard (a driver that runs several calls at once from different threads gives requests their own
+    KVCache instead: see ShardRunner.unpool). When the last request leaves, the buffers are freed.
     """
 
-    def __init__(self, layers: list[int], kv_heads: int, head_dim: int, max_positions: int, step: int = 32) -> None:
+    def __init__(self, layers: list[int], kv_heads: int, head_dim: int, max_positions: int, step: int = 32,
+                 slots: int = 0) -> None:
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.max_positions, self.step = max_positions, step
+        self.reserved = slots  # slots mapped up front (0: the growing pool)
         self.owners: list[RequestCache] = []  # owners[s] holds slot s
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
-        self._resize(0, 0)
+        self._maps: list[mmap.mmap] = []  # reserved: the mapping under each of keys + values
+        if slots:
+            self._map()
 
     @property
     def slots(self) -> int:
+        if self.reserved:
+            return self.reserved
         return self.keys[0].shape[1] if self.keys else len(self.owners)
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[3] if self.keys else self.max_positions
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Address space the pool holds (reserved: mapped, mostly not resident; growing: allocated)."""
+        return sum(a.nbytes for a in (*self.keys, *self.values))
+
     def acquire(self, owner: "RequestCache") -> None:
         """Give `owner` the next free slot and its caches (one SlotKV per attention slice)."""
         assert owner.slot is None, "a request holds one slot"
         if len(self.owners) == self.slots:
+            if self.reserved:  # admission (RequestLimits) admits no more requests than reserved
+                raise RuntimeError(f"the KV pool reserved {self.reserved} request slots and every one is held")
             self._resize(max(1, 2 * self.slots), max(self.capacity, self.step) if self.keys else 0)
         owner.slot, owner.pool = len(self.owners), self
         self.owners.append(owner)
         owner.caches = [SlotKV(self, i, owner) for i in range(len(self.layers))]
 
     def release(self, owner: "RequestCache") -> None:
-        """Free `owner`'s slot; the request in the last slot moves into it (its rows are copied)."""
+        """Free `owner`'s slot; the request in the last slot moves into it (the positions it holds are copied)."""
         slot, last = owner.slot, len(self.owners) - 1
         assert slot is not None and self.owners[slot] is owner, "release of a slot the request does not hold"
         if slot != last:
             moved = self.owners[last]
+            held = min(moved.pos, self.capacity)  # rows past a request's position are never read
+            self._discard(slot)  # then only the moved rows are resident in it
             for arr in (*self.keys, *self.values):
-                arr[:, slot] = arr[:, last]
+                arr[:, slot, :, :held] = arr[:, last, :, :held]
             self.owners[slot], moved.slot = moved, slot
+        self._discard(last)
         self.owners.pop()
         owner.slot, owner.caches = None, []
-        if not self.owners:
+        if not self.owners and not self.reserved:
             self._resize(0, 0)
 
     def reserve(self, positions: int) -> int:
-        """Grow every slot to hold `positions` positions (by at least a quarter of the capacity, rounded up to
-        `step`); returns the capacity."""
-        if positions > self.capacity or not self.keys:
+        """Make every slot hold `positions` positions and return the capacity. Reserved: the capacity is
+        `max_positions` already. Growing: by at least a quarter of the capacity, rounded up to `step`."""
+        if not self.reserved and (positions > self.capacity or not self.keys):
             wanted = max(positions, self.capacity + self.capacity // 4) if self.keys else positions
             self._resize(self.slots, min(-(-wanted // self.step) * self.step, self.max_positions))
         return self.capacity
 
     def _resize(self, slots: int, capacity: int) -> None:
         """New buffers of `slots` x `capacity`, keeping the positions the requests hold (rows past a request's
-        position are never read: the call that wrote them failed, or none did)."""
+        position are never read: the call that wrote them failed, or none did). The growing pool only."""
         if not slots:
             self.keys, self.values = [], []
             return
@@ -215,9 +246,64 @@ class KVPool:
                 else:
                     arrays.append(new)
 
-    def batch(self, owners: list["RequestCache"]) -> list["BatchKV"]:
-        """The caches of a batched step of `owners` (in slot order for the no-copy view), one per attention slice."""
-        return [BatchKV(self, i, [o.slot for o in owners]) for i in range(len(self.layers))]
+    def _map(self) -> None:
+        """The reserved buffers: private anonymous mappings (zero pages until written), no huge pages; UsageError if
+        the OS refuses the address space (e.g. a KV budget beyond its memory, where it refuses obvious overcommits)."""
+        for arrays in (self.keys, self.values):
+            for n in self.layers:
+                shape = (n, self.reserved, self.kv_heads, self.max_positions, self.head_dim)
+                try:
+                    m = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE)
+                except (OSError, OverflowError) as e:
+                    total = 8 * sum(self.layers) * self.reserved * self.kv_heads * self.max_positions * self.head_dim
+                    raise UsageError(
+                        f"cannot reserve {total >> 20} MiB of address space for the KV caches of {self.reserved} "
+                        f"requests at {self.max_positions} positions ({e}); lower --max-kv-mb, --max-requests or "
+                        f"--max-context") from e
+                if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+                    m.madvise(mmap.MADV_NOHUGEPAGE)
+                self._maps.append(m)
+                arrays.append(np.frombuffer(m, np.float32).reshape(shape))
+
+    def _discard(self, slot: int) -> None:
+        """Reserved: hand the pages of `slot` back to the OS (they read as zeros when next written). Only whole pages
+        inside the slot's rows: a page it shares with the next slot's rows stays."""
+        if not self._maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        block = self.kv_heads * self.max_positions * self.head_dim * 4  # one layer's rows of one slot, in bytes
+        for m, n in zip(self._maps, self.layers * 2):
+            for layer in range(n):
+                start = (layer * self.reserved + slot) * block
+                a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + block) // mmap.PAGESIZE * mmap.PAGESIZE
+                if b > a:
+                    m.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+    def slot_nbytes(self, index: int, slot: int) -> int:
+        """Memory slot `slot` of attention slice `index` takes. Growing: its share of the buffers. Reserved: the
+        pages its held positions fill (what is resident; a failed call's rows past them may add a page a row until
+        the slot is released)."""
+        n, row = self.layers[index], self.head_dim * 4
+        if not self.reserved:
+            return 2 * n * self.kv_heads * self.capacity * row
+        held = min(self.owners[slot].pos, self.capacity) * row
+        return 2 * n * self.kv_heads * -(-held // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the live requests' caches take (reserved: resident, not the reservation; see slot_nbytes)."""
+        return sum(self.slot_nbytes(i, s) for i in range(len(self.layers)) for s in range(len(self.owners)))
+
+    def batch(self, owners: list["RequestCache"], positions: int) -> list["BatchKV"]:
+        """The caches of a batched step of `owners` (in slot order for the no-copy view), one per attention slice,
+        holding `positions` positions (`reserve`d already). Slots that are not consecutive are gathered into a copy;
+        in a reserved pool, of the positions the step reads only (rounded up to `step`; its attention reads no
+        more): the whole capacity would copy every request's largest context (the 1B shape, 7 of 8 requests at 100
+        positions: 155 ms a step against 5). A growing pool's copy keeps its capacity, the lone calls' C."""
+        slots = [o.slot for o in owners]
+        capacity = self.capacity
+        if self.reserved and slots != list(range(slots[0], slots[0] + len(slots))):
+            capacity = min(-(-positions // self.step) * self.step, capacity)
+        return [BatchKV(self, i, slots, capacity) for i in range(len(self.layers))]
 
 
 class SlotKV:
@@ -243,7 +329,7 @@ class SlotKV:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.pool.slot_nbytes(self.index, self.owner.slot)
 
     def grow(self, capacity: int) -> None:
         """The pool was grown when the call was admitted (ShardRunner.begin); a call sees one capacity throughout."""
@@ -259,12 +345,14 @@ class SlotKV:
 class BatchKV:
     """The caches of one attention slice for the requests of a batched decode step (row b = the request in
     slot slots[b]): keys/values [n_layers, B, kv, C, hd], what a batching backend takes. Consecutive slots are
-    a view of the pool (no copy); others are gathered for the step. New rows go straight into the pool."""
+    a view of the pool (no copy, C its capacity); others are gathered for the step, their first `capacity`
+    positions (KVPool.batch). New rows go straight into the pool."""
 
-    def __init__(self, pool: KVPool, index: int, slots: list[int]) -> None:
-        self.pool, self.index, self.slots = pool, index, slots
+    def __init__(self, pool: KVPool, index: int, slots: list[int], capacity: int) -> None:
+        self.pool, self.index, self.slots, self.capacity = pool, index, slots, capacity
         a = slots[0]
         self._range = slice(a, a + len(slots)) if slots == list(range(a, a + len(slots))) else np.array(slots)
+        assert isinstance(self._range, np.ndarray) or capacity == pool.capacity, "a view holds the pool's capacity"
 
     @property
     def in_place(self) -> bool:
@@ -281,11 +369,13 @@ class BatchKV:
 
     def _view(self, pooled: np.ndarray) -> np.ndarray:
         # gathered rows in C order (np.take), so each layer is one contiguous block like the no-copy view's
-        return pooled[:, self._range] if isinstance(self._range, slice) else np.take(pooled, self._range, axis=1)
+        if isinstance(self._range, slice):
+            return pooled[:, self._range]
+        return np.take(pooled[:, :, :, : self.capacity], self._range, axis=1)
 
     def grow(self, capacity: int) -> None:
-        if capacity != self.pool.capacity:
-            raise RuntimeError(f"the KV pool holds {self.pool.capacity} positions, the step was cut for {capacity}")
+        if capacity != self.capacity:
+            raise RuntimeError(f"the KV pool holds {self.capacity} positions, the step was cut for {capacity}")
 
     def write(self, positions: list[int], k_new: np.ndarray, v_new: np.ndarray, count: int) -> None:
         """k_new/v_new [n_layers*B, kv, 1, hd] (layer-major, as a batched slice returns them) -> row b into slot
@@ -302,8 +392,10 @@ class BatchState:
     """The requests of a batched decode step seen as one: `caches[i]` is their BatchKV of attention slice i
     (each RequestCache keeps its own position; the step's driver advances each one when the step commits)."""
 
-    def __init__(self, pool: KVPool, requests: list[RequestCache]) -> None:
-        self.caches = pool.batch(requests)
+    def __init__(self, pool: KVPool, requests: list[RequestCache], positions: int) -> None:
+        """`positions`: what the step holds, the furthest request's position + 1 (`KVPool.reserve`d already)."""
+        self.caches = pool.batch(requests, positions)
+        self.capacity = self.caches[0].capacity if self.caches else pool.capacity  # what the step is cut for
 
 
 class RowsKV:

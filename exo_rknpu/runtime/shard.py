@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this modul
 
 log = logging.getLogger(__name__)
 
-# Pooled caches (backends that batch) grow by at least this many positions, and by at least a quarter of their
-# capacity (KVPool.reserve: a growth copies every request's rows): few distinct shapes for onnxruntime, and the
-# split attention form (which reads the whole capacity) reads little past the furthest request's position
+# Pooled caches that grow (backends whose attention reads the whole capacity: numpy, onnxruntime's split form) grow
+# by at least this many positions, and by at least a quarter of their capacity (KVPool.reserve: a growth copies
+# every request's rows): few distinct shapes, and attention reads little past the furthest request's position
 KV_POOL_STEP = 32
 # (spec, inputs, outputs) of every slice call; an attention slice's outputs lack k_new/v_new where its runner wrote
 # them into the cache itself (Runner.run's cache_in_place)
@@ -277,8 +277,16 @@ class ShardRunner:
                      and all(s.kv_layout == "seq" for s in self.layer_specs))
         self.pool: KVPool | None = None
         if can_batch:
-            self.pool = KVPool([s.n_layers for s in self.layer_specs if s.has_attention], self.args.num_key_value_heads,
-                               self.args.head_dim, buckets.max_context, KV_POOL_STEP)
+            attention = [s for s in self.layer_specs if s.has_attention]
+            # attention that reads only the written positions costs the same over a reserved largest context: the
+            # pool then never grows (never copies); else it grows with the requests
+            reads_written = all(self.backends[s.name].reads_written_cache(s, self.args) for s in attention)
+            try:  # a reservation the OS refuses (UsageError) closes what is open
+                self.pool = KVPool([s.n_layers for s in attention], self.args.num_key_value_heads, self.args.head_dim,
+                                   buckets.max_context, KV_POOL_STEP, self.pool_slots(limits) if reads_written else 0)
+            except BaseException:
+                self.close()
+                raise
         self.on_slice = on_slice
         self.stats = ShardStats()
 
@@ -479,9 +487,10 @@ class ShardRunner:
         (RequestCache.mask) hiding the pool rows it has not written; the pool holds the furthest position."""
         assert self.pool is not None
         positions = [s.cache.pos for s in steps]
-        capacity = self.pool.reserve(max(positions) + 1)
-        st, common = self._step_rows(steps, positions, capacity, row_axis=0, rope_axis=0)
-        return Chunk(BatchState(self.pool, [s.cache for s in steps]), positions, 1, capacity, st, common)
+        self.pool.reserve(max(positions) + 1)
+        state = BatchState(self.pool, [s.cache for s in steps], max(positions) + 1)
+        st, common = self._step_rows(steps, positions, state.capacity, row_axis=0, rope_axis=0)
+        return Chunk(state, positions, 1, state.capacity, st, common)
 
     def _run_rows(self, steps: list[BatchStep], logits: Literal["all", "last"]) -> list[np.ndarray]:
         """run_batch on backends with batch buckets: groups of at most the largest batch bucket, each padded to its
@@ -536,6 +545,12 @@ class ShardRunner:
         a, ctx = self.args, self.buckets.max_context
         return sum(2 * s.n_layers * a.num_key_value_heads * ctx * a.head_dim * (2 if s.kv_layout == "npu" else 4)
                    for s in self.layer_specs)
+
+    def pool_slots(self, limits: RequestLimits) -> int:
+        """Requests the admission bounds let live at once on this shard, each at the largest context: the slots a
+        reserved KV pool maps (RequestStore.admit refuses the next one)."""
+        one = self.request_reserve_bytes
+        return min(limits.max_requests, limits.max_bytes // one) if one else limits.max_requests
 
     def drop(self, request_id: str) -> None:
         """Forget a request's cache."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exo_rknpu.errors import RequestStateError, TensorContractError
+from exo_rknpu.errors import CapacityError, RequestStateError, TensorContractError, UsageError
 from exo_rknpu.model.base import LayerRange
 from exo_rknpu.model.zoo import resolve_model
 from exo_rknpu.runtime.placement import open_shard
+from exo_rknpu.runtime.requests import RequestLimits
 from helpers import SMALL_BUCKETS
 
 # different lengths: the requests sit at different positions and, past 16, in different context buckets
@@ -118,7 +119,8 @@ def test_requests_keep_their_answers_when_others_end_and_batches_take_any_subset
     assert got == want
     for i in (0, 2, 3, 4):
         batch.drop(f"r{i}")
-    assert batch.pool.slots == 0  # the last request's end frees the pool
+    # the last request's end frees the pool: a growing one's buffers, a reserved one's pages (its address space stays)
+    assert batch.pool.nbytes == 0 and (batch.pool.reserved_bytes == 0) == (not batch.pool.reserved)
 
 
 def test_two_requests_at_float32_activation_weights_get_their_lone_outputs_bit_for_bit(tiny_llama):
@@ -138,3 +140,48 @@ def test_two_requests_at_float32_activation_weights_get_their_lone_outputs_bit_f
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
         xs = [(rid, out) for (rid, _), out in zip(xs, got)]
     assert lone[-1].stats.calls["head"] - batch[-1].stats.calls["head"] == 1  # the shard ran one batched step
+
+
+@pytest.mark.parametrize("backend,options,reserved", [
+    ("onnx", {}, True),  # the gqa form: attention over each request's written positions
+    ("onnx", {"fused_attention": False}, False),  # the split form attends over the whole capacity
+    ("numpy", {}, False),  # so does numpy's
+])
+def test_the_pool_is_reserved_up_front_where_attention_reads_only_the_written_positions(
+        tiny_llama, backend, options, reserved):
+    """Where every attention slice reads only what its requests wrote, the shard's pool maps as many slots as
+    admission admits requests (here the KV budget holds three at the largest context, 64 positions), each at that
+    context, and never grows or moves while they decode; elsewhere it starts small and grows. Each request gets its
+    lone greedy tokens either way."""
+    src, full = resolve_model(str(tiny_llama)), LayerRange.full(5)
+    one = open_shard(src, full, backend, SMALL_BUCKETS, weights="fp32").request_reserve_bytes
+    limits = RequestLimits(max_requests=8, max_bytes=3 * one + one // 2)
+    batch = open_shard(src, full, backend, SMALL_BUCKETS, weights="fp32", limits=limits, backend_options=options)
+    lone = open_shard(src, full, backend, SMALL_BUCKETS, weights="fp32", backend_options=options)
+    want, got = {}, {}
+    for shard, seqs in ((lone, want), (batch, got)):
+        for i, p in enumerate(PROMPTS):
+            seqs[i] = [int(shard.forward(f"r{i}", np.array([p]))[0, -1].argmax())]
+    with pytest.raises(CapacityError):
+        batch.forward("r3", np.array([[1]]))
+    pool = batch.pool
+    assert (pool.slots, pool.capacity) == ((3, 64) if reserved else (4, 32))
+    buffers = [a.ctypes.data for a in (*pool.keys, *pool.values)]
+    for _ in range(40):  # the longest request reaches 54 positions
+        for i in want:
+            want[i].append(int(lone.forward(f"r{i}", np.array([[want[i][-1]]]), start=False)[0, -1].argmax()))
+        outs = batch.forward_batch([(f"r{i}", np.array([[got[i][-1]]])) for i in got])
+        for i, out in zip(got, outs):
+            got[i].append(int(out[0, -1].argmax()))
+    assert got == want
+    assert ([a.ctypes.data for a in (*pool.keys, *pool.values)] == buffers) == reserved  # never re-allocated
+    assert pool.capacity == 64
+
+
+def test_a_kv_budget_the_os_cannot_map_is_refused_when_the_shard_opens(tiny_llama):
+    """The reserved pool maps its slots when the shard opens: a budget past any address space (here 2^60 bytes for
+    2^40 requests) is a one-line error then, not a failure at some later request."""
+    limits = RequestLimits(max_requests=1 << 40, max_bytes=1 << 60)
+    with pytest.raises(UsageError, match="cannot reserve .* of address space .* lower --max-kv-mb"):
+        open_shard(resolve_model(str(tiny_llama)), LayerRange.full(5), "onnx", SMALL_BUCKETS, weights="fp32",
+                   limits=limits)

@@ -22,7 +22,7 @@ def test_backend_class_declares_every_protocol_attribute(name):
     assert set(attributes) >= {"name", "static_shapes", "kv_layout", "layers_per_slice", "blocks"}
     for attr in attributes:
         assert hasattr(cls, attr), f"{info.cls} lacks {attr!r}"
-    for method in ("supports", "find_prepared", "prepare"):
+    for method in ("supports", "reads_written_cache", "find_prepared", "prepare"):
         assert callable(getattr(cls, method, None)), f"{info.cls} lacks {method}()"
     assert cls.name == name and cls.kv_layout in typing.get_args(KVLayout)
     assert cls.layers_per_slice is None or cls.layers_per_slice >= 1
