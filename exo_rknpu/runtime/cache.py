@@ -368,10 +368,16 @@ class BatchKV:
         return self._view(self.pool.values[self.index])
 
     def _view(self, pooled: np.ndarray) -> np.ndarray:
-        # gathered rows in C order (np.take), so each layer is one contiguous block like the no-copy view's
+        # gathered rows in C order, so each layer is one contiguous block like the no-copy view's; slot by slot: np.take
+        # first makes its whole input contiguous, which from a reserved pool's strided view copied every slot
+        # (smollm2, 8 requests in slots apart: 24 steps 324 ms against 272 with the growing pool)
         if isinstance(self._range, slice):
             return pooled[:, self._range]
-        return np.take(pooled[:, :, :, : self.capacity], self._range, axis=1)
+        out = np.empty((pooled.shape[0], len(self.slots), *pooled.shape[2:3], self.capacity, pooled.shape[4]),
+                       pooled.dtype)
+        for b, s in enumerate(self.slots):
+            out[:, b] = pooled[:, s, :, : self.capacity]
+        return out
 
     def grow(self, capacity: int) -> None:
         if capacity != self.capacity:

@@ -164,6 +164,7 @@ def test_a_batch_of_slots_apart_gathers_only_the_positions_the_step_reads():
     apart = pool.batch([owners[0], owners[3]], 14)
     for b in apart:
         assert b.keys.shape == (pool.layers[b.index], 2, 2, 32, 4) and not np.shares_memory(b.keys, pool.keys[b.index])
+        assert b.keys.flags.c_contiguous and b.values.flags.c_contiguous  # each layer one block, as a view's
         assert np.array_equal(b.keys, pool.keys[b.index][:, [0, 3], :, :32])
         assert np.array_equal(b.values, pool.values[b.index][:, [0, 3], :, :32])
         with pytest.raises(RuntimeError, match="holds 32 positions, the step was cut for 300"):
