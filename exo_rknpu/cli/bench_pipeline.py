@@ -80,8 +80,10 @@ class PipelineFigures:
     emulated: bool
 
 
-def measure(serial: ShardRunner, pipelined: ShardRunner, prompts: list[list[int]], tokens: int, repeats: int) -> PipelineFigures:
-    """Alternate serial and pipelined runs of the same requests; medians of each and their ratio."""
+def measure(serial: ShardRunner, pipelined: ShardRunner, prompts: list[list[int]], tokens: int, repeats: int,
+            emulated: bool) -> PipelineFigures:
+    """Alternate serial and pipelined runs of the same requests; medians of each and their ratio. `emulated`: the
+    plan both were opened from has NPU slices on the CPU (the figures then say nothing of NPU speed)."""
     s_shard, p_shard = SerialShard(serial), StagedShard(pipelined)
     try:
         concurrent_tokens_per_s(s_shard, prompts, 2)  # open sessions before timing
@@ -93,11 +95,10 @@ def measure(serial: ShardRunner, pipelined: ShardRunner, prompts: list[list[int]
             s_rates.append(rs)
             p_rates.append(rp)
             same = same and ids_s == ids_p
-        plan = pipelined.placement
         return PipelineFigures(statistics.median(s_rates), statistics.median(p_rates),
                                statistics.median(p_rates) / statistics.median(s_rates), same,
                                [f"{st.device}:{st.specs[0].name}..{st.specs[-1].name}" for st in p_shard.stages],
-                               bool(plan and plan.emulated))
+                               emulated)
     finally:
         s_shard.close()
         p_shard.close()
@@ -141,7 +142,7 @@ def run_pipelining(p: BenchPlan, as_json: bool) -> int:
         raise BenchError("--concurrency runs the whole model as one shard; drop --split")
     open_ = lambda: open_plan(p.source, p.placements[0])  # the plan resolved (and checked) by bench's plan()
     prompts = [p.prompt_ids + [p.prompt_ids[-1]] * i for i in range(o.concurrency)]
-    figs = measure(open_(), open_(), prompts, o.gen_tokens, o.repeat)
+    figs = measure(open_(), open_(), prompts, o.gen_tokens, o.repeat, p.placements[0].emulated)
     board = board_estimate(p.placements[0])
     report = {"model": p.source.name, "placement": o.placement, "concurrency": o.concurrency,
               "prompt_tokens": o.prompt_tokens, "gen_tokens": o.gen_tokens, "repeat": o.repeat, **figs.__dict__,

@@ -197,7 +197,8 @@ def _simulate(figures: _LayerFigures, dtype: str, rb: Any, x: np.ndarray, seq: i
     plan = resolve(None, weights.args, weights.layer_range, "rknn-sim", figures.buckets, layers_per_slice=1)
     devices = {name: main if backend == "rknn-sim" else figures.onnx for name, backend in plan.backends.items()}
     t1 = time.monotonic()
-    sim = ShardRunner(weights, buckets=figures.buckets, on_slice=figures.on_slice, plan=plan, devices=devices)
+    sim = ShardRunner(weights, buckets=figures.buckets, on_slice=figures.on_slice,
+                      placed=[(s.spec, s.device, devices[s.device]) for s in plan.slices])
     try:
         log(f"simulator ready ({dtype}{', fp16: ' + ','.join(fp16_slices) if fp16_slices else ''}) in {time.monotonic() - t1:.0f} s")
         t2 = time.monotonic()

@@ -590,8 +590,9 @@ def open_plan(src: ModelSource, plan: ResolvedPlan, limits: RequestLimits = Requ
     its device's backend. `header`: the model's header (load_header) when the caller has read it already: it is
     read once per start, and the tokenizer, the fingerprint and the loader all take it from there."""
     source = ShardSource(header or load_header(src), plan.layer_range, plan.weights, layers=plan.needs_layer_weights)
+    devices = device_backends(plan, backend_options)
     return ShardRunner(source, None, plan.buckets, limits=limits, on_slice=on_slice, progress=progress,
-                       release_weights=True, plan=plan, devices=device_backends(plan, backend_options))
+                       release_weights=True, placed=[(s.spec, s.device, devices[s.device]) for s in plan.slices])
 
 
 def open_shard(

@@ -9,7 +9,7 @@ import ctypes
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -23,8 +23,6 @@ from exo_rknpu.runtime.requests import RequestLimits, RequestStore
 from exo_rknpu.slices.graph import slice_weights
 from exo_rknpu.slices.spec import PARTS, Buckets, SliceSpec, npu_kv_layout, plan_slices, state_name
 
-if TYPE_CHECKING:  # runtime/placement.py opens shards, so it imports this module, not the other way
-    from exo_rknpu.runtime.placement import ResolvedPlan
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +202,9 @@ def left_out(specs: list[SliceSpec], found: Mapping[str, Runner]) -> LeftOut:
 class ShardRunner:
     """Layers [start, stop) of a model, its slices prepared on their backends, with per-request KV caches.
 
-    Either one `backend` runs every slice (cut by `layers_per_slice`, or as `specs` lists them), or a resolved
-    placement `plan` (runtime/placement.py) names each slice's device and `devices` holds the backend instance of
-    each device (what `open_plan` passes).
+    Either one `backend` runs every slice (cut by `layers_per_slice`, or as `specs` lists them), or `placed` names
+    each slice with its device and that device's backend instance (what runtime/placement.py's `open_plan` passes
+    for a resolved plan).
     """
 
     def __init__(
@@ -220,8 +218,7 @@ class ShardRunner:
         progress: Callable[[str], None] | None = None,
         release_weights: bool = False,
         specs: list[SliceSpec] | None = None,
-        plan: ResolvedPlan | None = None,
-        devices: Mapping[str, Backend] | None = None,
+        placed: Sequence[tuple[SliceSpec, str, Backend]] | None = None,
     ) -> None:
         """`weights`: the shard's weights, or its ShardSource (what open_plan passes): then each backend is asked
         first for the slices it prepared earlier from those sources (`Backend.find_prepared`), and only what no found
@@ -231,18 +228,16 @@ class ShardRunner:
         self.args, self.buckets = weights.args, buckets
         lr = weights.layer_range
         self.layer_range = lr
-        self.placement = plan  # the ResolvedPlan it was opened with, if any
-        if plan is not None:
-            assert devices is not None and backend is None and specs is None, "a plan comes with its device backends"
-            placed = [(s.spec, devices[s.device], s.device) for s in plan.slices]
-        else:
-            assert backend is not None, "a ShardRunner needs a backend or a plan"
+        if placed is None:
+            assert backend is not None, "a ShardRunner needs a backend or its placed slices"
             cut = specs if specs is not None else plan_slices(lr.start, lr.stop, lr.is_first, lr.is_last, layers_per_slice)
-            placed = [(s, backend, "default") for s in cut]
+            placed = [(s, "default", backend) for s in cut]
+        else:
+            assert backend is None and specs is None, "placed slices come with their devices' backends"
         self.backends: dict[str, Backend] = {}
         self.devices: dict[str, str] = {}  # slice name -> device name (runtime/stages.py runs one stage per device)
         self.specs: list[SliceSpec] = []
-        for s, b, device in placed:
+        for s, device, b in placed:
             self.backends[s.name], self.devices[s.name] = b, device
             # the backend chooses how its layer slices lay out the KV cache (the NPU wants it transposed)
             layout = npu_kv_layout(weights.args) if b.kv_layout == "npu" else b.kv_layout
