@@ -266,24 +266,27 @@ class ShardRunner:
         back_with_huge_pages()
         self.rotary = RotaryTable(self.args, buckets.max_context + buckets.seq[-1])
         self.requests = RequestStore(limits, reserve_bytes=self.request_reserve_bytes)
-        # on backends that batch, every request's caches live in one pool (a batched step reads them in place)
-        # (a static-shape backend batches through its compiled batch buckets only: rows_batch above)
-        can_batch = (all(b.batches and not b.static_shapes for b in self.backends.values())
-                     and all(s.kv_layout == "seq" for s in self.layer_specs))
-        self.pool: KVPool | None = None
-        if can_batch:
-            attention = [s for s in self.layer_specs if s.has_attention]
-            # attention that reads only the written positions costs the same over a reserved largest context: the
-            # pool then never grows (never copies); else it grows with the requests
-            reads_written = all(self.backends[s.name].reads_written_cache(s, self.args) for s in attention)
-            try:  # a reservation the OS refuses (UsageError) closes what is open
-                self.pool = KVPool([s.n_layers for s in attention], self.args.num_key_value_heads, self.args.head_dim,
-                                   buckets.max_context, KV_POOL_STEP, self.pool_slots(limits) if reads_written else 0)
-            except BaseException:
-                self.close()
-                raise
+        try:  # a reservation the OS refuses (UsageError) closes what is open
+            self.pool = self._kv_pool(limits)
+        except BaseException:
+            self.close()
+            raise
         self.on_slice = on_slice
         self.stats = ShardStats()
+
+    def _kv_pool(self, limits: RequestLimits) -> KVPool | None:
+        """The pool every request's caches live in on backends that batch (a batched step reads them in place); None
+        elsewhere (a static-shape backend batches through its compiled batch buckets only: `rows_batch`)."""
+        can_batch = (all(b.batches and not b.static_shapes for b in self.backends.values())
+                     and all(s.kv_layout == "seq" for s in self.layer_specs))
+        if not can_batch:
+            return None
+        attention = [s for s in self.layer_specs if s.has_attention]
+        # attention that reads only the written positions costs the same over a reserved largest context: the pool
+        # then never grows (never copies); else it grows with the requests
+        reads_written = all(self.backends[s.name].reads_written_cache(s, self.args) for s in attention)
+        return KVPool([s.n_layers for s in attention], self.args.num_key_value_heads, self.args.head_dim,
+                      self.buckets.max_context, KV_POOL_STEP, self.pool_slots(limits) if reads_written else 0)
 
     def _find_and_load(self, source: ShardSource, buckets: Buckets, progress: Callable[[str], None] | None
                        ) -> tuple[ShardWeights, dict[str, Runner]]:
