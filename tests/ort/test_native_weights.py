@@ -1,15 +1,18 @@
 """--weights native end to end on the bundled SmolLM2-135M (Q4_1 layers, Q8_0 head): the GGUF blocks reach the
 native kernel as stored, its logits stay close to float32 arithmetic on the same weights, greedy decoding answers
-"Paris", the token ids are the same with every build of the kernel this CPU runs (the answers do not depend on the
-instruction set), each request of a batched decode step gets its lone tokens, and a machine that cannot build the
+"Paris", the token ids are the same with every build of the kernel this CPU runs and the logits the same bit for bit
+on an emulated AVX2-only x86-64 (the answers do not depend on the instruction set), each request of a batched decode step gets its lone tokens, and a machine that cannot build the
 kernel is told so in one line before any weight loads."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +33,8 @@ pytestmark = pytest.mark.slow
 
 PROMPT_IDS = [504, 3575, 282, 4649, 314]  # "The capital of France is"
 BUCKETS = Buckets(seq=(1, 16), context=(256,))
+PERF = Path(__file__).resolve().parents[2] / "docs" / "perf"
+QEMU_X86 = "qemu-x86_64-static"
 # native against float32 arithmetic on the same (Q4_1) weights, per position's logits: cosine measured 1 - 5.5e-8 and
 # largest difference 0.0074 (of a 54 range) on this prompt with int16 activations (int8 ones gave 0.993 and 1.29);
 # the bounds say how far they may move at most
@@ -103,6 +108,21 @@ def test_greedy_ids_are_the_same_with_every_build_of_the_kernel(smollm2, tmp_pat
     assert first_ids[:2] == [7042, 30]  # " Paris"
     for name, (ids, logits) in runs.items():
         assert ids == first_ids and np.array_equal(logits, first_logits), name
+
+
+def test_an_emulated_avx2_only_cpu_gives_this_cpus_logits_bit_for_bit(smollm2):
+    """Item 1 on an x86-64 with AVX2 and no AVX-512: the whole forward pass (docs/perf/logits_digest.py, prompt + "
+    Paris.") run by qemu-user as a Haswell, where numpy and onnxruntime take their AVX2 paths and the kernel its avx2
+    build (pinned: qemu-user shows the host's /proc/cpuinfo), prints the digests this CPU's own build prints."""
+    if platform.machine() != "x86_64" or not shutil.which(QEMU_X86):
+        pytest.skip(f"{QEMU_X86} on x86-64 needed (apt-get install qemu-user-static)")
+    script = [str(PERF / "logits_digest.py"), "smollm2-135m", "The capital of France is", "7042,30", "native"]
+    here = subprocess.run([sys.executable, *script], capture_output=True, text=True, timeout=300, check=True)
+    emulated = subprocess.run([QEMU_X86, "-cpu", "Haswell-noTSX", sys.executable, *script, "avx2"],
+                              capture_output=True, text=True, timeout=900, check=True)
+    (here_isa, here_digests), (emu_isa, emu_digests) = (r.stdout.strip().splitlines()[-1].split("; ") for r in (here, emulated))
+    assert emu_isa == "isa avx2" and here_digests.startswith("native logits (7, 49152): last ")
+    assert emu_digests == here_digests, (here_isa, here_digests, emu_digests)
 
 
 @pytest.mark.parametrize("batch", [2, 8])
