@@ -134,8 +134,8 @@ def open_runner(header: ModelHeader, layer_range: LayerRange, config: EngineConf
                         config.backend, default_buckets(args, config.max_context),
                         layers_per_slice=config.layers_per_slice, weights=config.weights,
                         npu_dtype=config.backend_options.get("dtype", "fp16"), emulate=config.emulate)
-    return open_plan(header.src, plan, config.limits, backend_options=config.backend_options,
-                     progress=lambda msg: log.info("%s", msg), header=header)
+    return open_plan(header, plan, config.limits, backend_options=config.backend_options,
+                     progress=lambda msg: log.info("%s", msg))
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def _load_blocking(src: ModelSource, key: ShardKey, config: EngineConfig,
             f"has {args.num_hidden_layers}; the model card is wrong"
         )
     check_fits(header, key, config)
-    tok = tokenizers.get(key.model_id) or load_tokenizer(src, header)
+    tok = tokenizers.get(key.model_id) or load_tokenizer(header)
     runner = runner_factory(header, key.layer_range, config)
     return LoadedShard(key=key, source=src, args=args, runner=runner, tokenizer=tok)
 

@@ -119,7 +119,7 @@ def open_native(model: str, threads: int, cache_dir: str | None):
     plan = plan_shards(None, args, [LayerRange.full(args.num_hidden_layers)], "onnx", default_buckets(args),
                        weights="native")[0]
     opts = {"threads": threads} | ({"cache_dir": cache_dir} if cache_dir else {})
-    return open_plan(src, plan, backend_options=opts, header=header)
+    return open_plan(header, plan, backend_options=opts)
 
 
 def time_steps(model: str, threads: int, rounds: int) -> None:

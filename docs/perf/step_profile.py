@@ -47,7 +47,7 @@ def open_shard(model: str, threads: int, weights: str, profile: bool):
     header = load_header(src)
     args = header.args
     plans = plan_shards(None, args, [LayerRange.full(args.num_hidden_layers)], "onnx", default_buckets(args), weights=weights)
-    shard = open_plan(src, plans[0], backend_options=backend_options("onnx", threads=threads), header=header)
+    shard = open_plan(header, plans[0], backend_options=backend_options("onnx", threads=threads))
     for runner in shard.runners.values():  # sessions open on their first call: open them with these options
         if hasattr(runner, "_open"):
             runner._open()

@@ -96,8 +96,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-
-
 @dataclass(frozen=True)
 class CacheVersion:
     """What decides, besides the slice itself, which keys a version of exo-rknpu asks for: the exporter's version,

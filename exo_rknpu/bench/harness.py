@@ -92,7 +92,7 @@ def plan(o: BenchOptions, progress: Progress) -> BenchPlan:
         buckets = default_buckets(margs, o.max_context)
         placements = plan_shards(plan_, margs, ranges, o.backend, buckets, layers_per_slice=o.layers_per_slice,
                                  weights=o.weights, npu_dtype=o.backend_dtype or "fp16", emulate=o.emulate)
-    return BenchPlan(o, src, ranges, prompt_ids(load_tokenizer(src, header), o.prompt_tokens), placements)
+    return BenchPlan(o, src, ranges, prompt_ids(load_tokenizer(header), o.prompt_tokens), placements)
 
 
 @dataclass

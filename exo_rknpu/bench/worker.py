@@ -140,7 +140,7 @@ def run_ours(job: Job, t0: float) -> RunFigures:
     buckets = default_buckets(margs, job.max_context)
     plans = plan_shards(rules, margs, ranges, job.backend, buckets, layers_per_slice=job.layers_per_slice,
                         weights=job.weights, npu_dtype=job.backend_dtype or "fp16", emulate=job.emulate)
-    ring = LocalRing([open_plan(src, p, backend_options=opts, header=header) for p in plans])
+    ring = LocalRing([open_plan(header, p, backend_options=opts) for p in plans])
     t_ready = time.perf_counter()
     timings = Timings()
     try:

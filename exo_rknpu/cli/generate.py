@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import uuid
 
@@ -103,12 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if emulated:
         progress("placement emulated: no NPU here, NPU slices run on the CPU backend (no NPU speed is claimed)")
     opts = cli_backend_options(args, src)  # one recipe build: calibrated and smoothed once, shared by the shards
-    tok = load_tokenizer(src, header)
+    tok = load_tokenizer(header)
     sampler = Sampler(SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     prompt_ids = encode_prompt(tok, _prompt_text(args, tok))
     check_prompt_fits(len(prompt_ids), args.max_tokens, buckets.max_context, margs.max_position_embeddings)
     try:
-        shards = [open_plan(src, plan, backend_options=opts, progress=progress, header=header) for plan in plans]
+        shards = [open_plan(header, plan, backend_options=opts, progress=progress) for plan in plans]
     except ArtifactError as e:
         raise ArtifactError(name_model(str(e), args.model)) from e
     ring = LocalRing(shards, wire_dtype=args.wire_dtype)

@@ -2,8 +2,8 @@
 
     src = resolve_model("smollm2-135m")                  # or an HF folder / .gguf path
     header = load_header(src)                            # config (+ a GGUF file's parsed header), read once
-    shard = load_shard(src, LayerRange(0, 10, header.args.num_hidden_layers), header=header)
-    tok = load_tokenizer(src, header)
+    shard = load_shard(header, LayerRange(0, 10, header.args.num_hidden_layers))  # (src works too: read again)
+    tok = load_tokenizer(header)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from exo_rknpu.model.zoo import ModelSource, resolve_model
 if TYPE_CHECKING:  # the tokenizers library is imported where a tokenizer is loaded: a bench worker loads none
     from exo_rknpu.model.tokenizer import Tokenizer
 
-__all__ = ["ModelSource", "resolve_model", "ModelHeader", "load_header", "load_args", "load_shard", "load_tokenizer",
+__all__ = ["ModelSource", "resolve_model", "ModelHeader", "load_header", "header_of", "load_args", "load_shard", "load_tokenizer",
            "model_fingerprint", "source_fingerprint", "source_stamp", "ShardSource"]
 
 # the modules that turn stored tensors into a shard's weights (their source is loader_version's input)
@@ -56,6 +56,11 @@ def load_header(src: ModelSource) -> ModelHeader:
         return ModelHeader(src, hf.load_hf_args(src.path))
     g = gguf_reader.GGUFFile(src.path)
     return ModelHeader(src, gguf_reader.args_from_gguf(g), g)
+
+
+def header_of(model: ModelSource | ModelHeader) -> ModelHeader:
+    """`model`'s header: read now for a ModelSource, as it is for a header read earlier (load_header)."""
+    return model if isinstance(model, ModelHeader) else load_header(model)
 
 
 def load_args(src: ModelSource) -> ModelArgs:
@@ -144,15 +149,15 @@ class ShardSource:
     def load(self, left_out: LeftOut = LeftOut(), progress: Callable[[str], None] | None = None) -> ShardWeights:
         """The shard's weights without what `left_out` names, carrying `stamp` (ShardWeights.stamp)."""
         stamp = self.stamp
-        shard = load_shard(self.src, self.layer_range, self.weights, layers=self.layers, progress=progress,
-                           header=self.header, left_out=left_out)
+        shard = load_shard(self.header, self.layer_range, self.weights, layers=self.layers, progress=progress,
+                           left_out=left_out)
         shard.stamp = stamp
         return shard
 
 
-def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT_WEIGHTS, layers: bool = True,
-               embed: bool = True, progress: Callable[[str], None] | None = None,
-               header: ModelHeader | None = None, left_out: LeftOut = LeftOut()) -> ShardWeights:
+def load_shard(model: ModelSource | ModelHeader, layer_range: LayerRange, weights: str = DEFAULT_WEIGHTS,
+               layers: bool = True, embed: bool = True, progress: Callable[[str], None] | None = None,
+               left_out: LeftOut = LeftOut()) -> ShardWeights:
     """Weights for `layer_range` only (+ embedding if first, final norm + head if last), HF layout.
 
     `weights` (auto | int4 | int8 | fp32 | native) picks the form of linear weights and the embedding
@@ -165,16 +170,16 @@ def load_shard(src: ModelSource, layer_range: LayerRange, weights: str = DEFAULT
     embed=False: no embedding even on the first shard (the compiler, which builds no embed slice). A tied head
     on the last shard is still read (it is the embedding matrix).
     `progress` gets a one-line message now and then while layers load.
-    `header`: the model's header (load_header) when the caller has it, so neither config.json nor the GGUF header
-    is read again.
+    `model`: the model's source, or its header (load_header) when the caller has read it, so neither config.json
+    nor the GGUF header is read again.
     `left_out`: layers (and the final norm + head) served from elsewhere: neither read nor built.
     """
     check_available(weights)  # native without a C compiler fails here, before any tensor is read
     report = _layer_progress(layer_range, progress)
-    header = header or load_header(src)
+    header = header_of(model)
     _check_range(header.args, layer_range)
     if header.gguf is None:
-        shard = hf.load_hf_shard(src.path, layer_range, header.args, weights, layers=layers, embed=embed,
+        shard = hf.load_hf_shard(header.src.path, layer_range, header.args, weights, layers=layers, embed=embed,
                                  progress=report, left_out=left_out)
     else:
         shard = gguf_reader.load_gguf_shard(header.gguf, layer_range, header.args, weights, layers=layers, embed=embed,
@@ -198,14 +203,16 @@ def _layer_progress(layer_range: LayerRange, progress: Callable[[str], None] | N
     return report
 
 
-def load_tokenizer(src: ModelSource, header: ModelHeader | None = None) -> Tokenizer:
-    """The model's tokenizer (tokenizer.json for HF folders, tokenizer.ggml.* metadata for GGUF). `header`: the
-    model's header when the caller has it (a GGUF file's is not parsed again)."""
+def load_tokenizer(model: ModelSource | ModelHeader) -> Tokenizer:
+    """The model's tokenizer (tokenizer.json for HF folders, tokenizer.ggml.* metadata for GGUF). `model`: its
+    source, or its header when the caller has read it (a GGUF file's header is then not parsed again)."""
     from exo_rknpu.model.tokenizer import Tokenizer
 
-    if src.format == "hf":
-        return Tokenizer.from_hf_dir(src.path)
-    return Tokenizer.from_gguf(header.gguf if header is not None and header.gguf is not None else src.path)
+    if isinstance(model, ModelHeader):
+        return Tokenizer.from_hf_dir(model.src.path) if model.gguf is None else Tokenizer.from_gguf(model.gguf)
+    if model.format == "hf":
+        return Tokenizer.from_hf_dir(model.path)
+    return Tokenizer.from_gguf(model.path)
 
 
 def _check_range(args: ModelArgs, layer_range: LayerRange) -> None:

@@ -23,7 +23,7 @@ from exo_rknpu.backends.base import Backend, backend_class, declared_support, ge
 from exo_rknpu.backends.board import NPU_CORES, board_problems, host_memory
 from exo_rknpu.errors import UsageError
 from exo_rknpu.model.base import LayerRange, ModelArgs
-from exo_rknpu.model.loader import ModelHeader, ShardSource, load_header
+from exo_rknpu.model.loader import ModelHeader, ShardSource, header_of, load_header
 from exo_rknpu.model.quant import AUTO_MAX_BYTES_PER_WEIGHT, DEFAULT_WEIGHTS, check_mode
 from exo_rknpu.model.zoo import ModelSource
 from exo_rknpu.runtime.requests import RequestLimits
@@ -582,14 +582,14 @@ def device_backends(plan: ResolvedPlan, options: dict | None = None) -> dict[str
     return out
 
 
-def open_plan(src: ModelSource, plan: ResolvedPlan, limits: RequestLimits = RequestLimits(),
+def open_plan(model: ModelSource | ModelHeader, plan: ResolvedPlan, limits: RequestLimits = RequestLimits(),
               on_slice: SliceObserver | None = None, backend_options: dict | None = None,
-              progress: Callable[[str], None] | None = None, header: ModelHeader | None = None) -> ShardRunner:
-    """The one opener: load `plan`'s weights from `src` (only its layer range, in the plan's form, leaving out what
-    runs from compiled files and what slices prepared earlier from the same files hold) and prepare every slice on
-    its device's backend. `header`: the model's header (load_header) when the caller has read it already: it is
-    read once per start, and the tokenizer, the fingerprint and the loader all take it from there."""
-    source = ShardSource(header or load_header(src), plan.layer_range, plan.weights, layers=plan.needs_layer_weights)
+              progress: Callable[[str], None] | None = None) -> ShardRunner:
+    """The one opener: load `plan`'s weights from `model` (only its layer range, in the plan's form, leaving out
+    what runs from compiled files and what slices prepared earlier from the same files hold) and prepare every slice
+    on its device's backend. `model`: its source, or its header (load_header) when the caller has read it: a start
+    reads it once, and the tokenizer, the fingerprint and the loader all take it from there."""
+    source = ShardSource(header_of(model), plan.layer_range, plan.weights, layers=plan.needs_layer_weights)
     devices = device_backends(plan, backend_options)
     return ShardRunner(source, None, plan.buckets, limits=limits, on_slice=on_slice, progress=progress,
                        release_weights=True, placed=[(s.spec, s.device, devices[s.device]) for s in plan.slices])
@@ -617,4 +617,4 @@ def open_shard(
     plan, = plan_shards(placement, args, [layer_range], backend, buckets or default_buckets(args),
                         layers_per_slice=layers_per_slice, weights=weights,
                         npu_dtype=(backend_options or {}).get("dtype", "fp16"), emulate=emulate)
-    return open_plan(src, plan, limits, on_slice, backend_options, progress, header)
+    return open_plan(header, plan, limits, on_slice, backend_options, progress)
